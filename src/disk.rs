@@ -1,0 +1,1 @@
+//! Disk provisioning with `qemu-img` (placeholder, being written).

@@ -1,0 +1,1 @@
+//! Fetching the VM repository with git2 (placeholder, being written).
