@@ -1,0 +1,169 @@
+//! The command line: flags, subcommands, logging setup, and the mapping from results to
+//! exit statuses (DESIGN.md). `main` only calls [`run`].
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::error;
+
+use crate::config::{self, Overrides};
+use crate::sync::{self, SyncError};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmsync",
+    version,
+    about = "Git-ops pull agent for libvirt hosts"
+)]
+pub struct Cli {
+    /// Run one sync and exit (without it, and without a command: daemon mode).
+    #[arg(long)]
+    pub once: bool,
+    /// Agent config file [default: /etc/vmsync/config.toml, if it exists].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// VM repository: ssh://, https://, file:// or a local path ([source] url).
+    #[arg(long, global = true)]
+    pub url: Option<String>,
+    /// Branch to follow ([source] branch) [default: main].
+    #[arg(long, global = true)]
+    pub branch: Option<String>,
+    /// SSH private key for ssh:// URLs ([source] ssh_key).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ssh_key: Option<PathBuf>,
+    /// File holding an HTTPS token ([source] token_file).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// libvirt URI ([libvirt] uri) [default: qemu:///system].
+    #[arg(long, global = true, value_name = "URI")]
+    pub connect: Option<String>,
+    /// State directory: clone, record, lock ([agent] state_dir) [default: /var/lib/vmsync].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// This host's name for a VM's `hosts` ([agent] host) [default: hostname].
+    #[arg(long, global = true)]
+    pub host: Option<String>,
+    /// Allowed root for disks and directories; repeat for several ([policy] disk_roots).
+    #[arg(long = "disk-root", global = true, value_name = "DIR")]
+    pub disk_roots: Vec<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fetch, validate and print what a sync would do; changes nothing.
+    Plan,
+    /// Show the last applied commit and each managed VM's state.
+    Status {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a VM repository checkout offline (for the VM repo's own CI); exit 0 or 3.
+    Validate {
+        /// The checkout [default: .].
+        dir: Option<PathBuf>,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        // Under journald the journal stamps each line itself.
+        LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
+            builder.without_time().init()
+        }
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Logs an error's whole chain once: `error: …` then ` -> cause` lines.
+fn report(e: &SyncError) -> u8 {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        message += &format!("\n -> {cause}");
+        source = cause.source();
+    }
+    error!("{message}");
+    e.exit_code()
+}
+
+/// Parses the arguments, runs the command and returns the exit status.
+pub fn run() -> u8 {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let flags = Overrides {
+        config: cli.config.clone(),
+        url: cli.url.clone(),
+        branch: cli.branch.clone(),
+        ssh_key: cli.ssh_key.clone(),
+        token_file: cli.token_file.clone(),
+        connect: cli.connect.clone(),
+        state_dir: cli.state_dir.clone(),
+        host: cli.host.clone(),
+        disk_roots: cli.disk_roots.clone(),
+    };
+    let settings = match config::load(&flags) {
+        Ok(s) => s,
+        Err(e) => return report(&e.into()),
+    };
+    let result = match (&cli.command, cli.once) {
+        (None, true) => sync::once(&settings).map(|r| {
+            if r.outcome.changes() == 0 && r.plan.create_directories.is_empty() {
+                println!("nothing to do: commit {} is applied and every vm is converged", r.commit);
+            } else {
+                println!("applied commit {}: {} change(s)", r.commit, r.outcome.changes() + r.plan.create_directories.len());
+                for vm in r.outcome.vms.iter().filter(|vm| !vm.done.is_empty()) {
+                    println!("  {}: {}", vm.name, vm.done.join(", "));
+                }
+            }
+            for vm in r.outcome.vms.iter().filter(|vm| vm.pending_restart) {
+                println!("  {}: pending restart (running with an older definition)", vm.name);
+            }
+        }),
+        (None, false) => Err(SyncError::Config(config::ConfigError(
+            "daemon mode is not available yet; run `vmsync --once` (for example from a systemd timer)".into(),
+        ))),
+        (Some(_), true) => Err(SyncError::Config(config::ConfigError("--once cannot be combined with a command".into()))),
+        (Some(Command::Plan), false) => sync::plan_only(&settings).map(|plan| print!("{}", crate::plan::render(&plan))),
+        (Some(Command::Validate { dir }), false) => {
+            let dir = dir.clone().unwrap_or_else(|| PathBuf::from("."));
+            sync::validate_dir(&settings, &dir).map(|d| {
+                println!("{}: valid ({} vm(s), {} directory(ies))", dir.display(), d.vms.len(), d.directories.len())
+            })
+        }
+        (Some(Command::Status { json }), false) => crate::state::load(&settings.state_dir)
+            .map(|record| {
+                let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri);
+                let hv_ref = hv.as_ref().map(|h| h as &dyn crate::hypervisor::Hypervisor).map_err(|e| e.to_string());
+                let status = crate::status::status(&record, hv_ref);
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(&status).expect("status serializes"));
+                } else {
+                    print!("{}", crate::status::render_text(&status));
+                }
+            })
+            .map_err(SyncError::Other),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => report(&e),
+    }
+}

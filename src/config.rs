@@ -1,0 +1,272 @@
+//! The agent's settings: `/etc/vmsync/config.toml` (or `--config PATH`) merged with
+//! command-line flags (flags win), then defaults, then checked once into [`Settings`].
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::source::SourceSettings;
+
+/// Where the config file is read from when `--config` is not given (it may be absent).
+pub const DEFAULT_CONFIG: &str = "/etc/vmsync/config.toml";
+
+/// An agent configuration problem: exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    source: RawSource,
+    #[serde(default)]
+    libvirt: RawLibvirt,
+    #[serde(default)]
+    agent: RawAgent,
+    #[serde(default)]
+    policy: RawPolicy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    url: Option<String>,
+    branch: Option<String>,
+    ssh_key: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLibvirt {
+    uri: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    state_dir: Option<PathBuf>,
+    host: Option<String>,
+    schedule: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    disk_roots: Option<Vec<PathBuf>>,
+}
+
+/// Values given on the command line; each overrides the config file's key.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub url: Option<String>,
+    pub branch: Option<String>,
+    pub ssh_key: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub connect: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub host: Option<String>,
+    pub disk_roots: Vec<PathBuf>,
+}
+
+/// The checked settings every command runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `[source] url` / `--url`: the VM repository; no default (required to sync).
+    pub url: Option<String>,
+    /// `[source] branch` / `--branch`; default "main".
+    pub branch: String,
+    /// `[source] ssh_key` / `--ssh-key`: private key for `ssh://` URLs; default: ssh-agent.
+    pub ssh_key: Option<PathBuf>,
+    /// `[source] token_file` / `--token-file`: HTTPS token; default none.
+    pub token_file: Option<PathBuf>,
+    /// `[libvirt] uri` / `--connect`; default "qemu:///system".
+    pub libvirt_uri: String,
+    /// `[agent] state_dir` / `--state-dir`; default "/var/lib/vmsync".
+    pub state_dir: PathBuf,
+    /// `[agent] host` / `--host`: the name matched against a VM's `hosts`; default: the hostname.
+    pub host: String,
+    /// `[agent] schedule`: daemon cron schedule (with seconds); default "0 */5 * * * *".
+    pub schedule: String,
+    /// `[policy] disk_roots` / `--disk-root`: disks and directories must live below one
+    /// of these; default ["/var/lib/libvirt/images"].
+    pub disk_roots: Vec<PathBuf>,
+}
+
+impl Settings {
+    /// Source settings for fetching; an error if no URL is configured.
+    pub fn source(&self) -> Result<SourceSettings, ConfigError> {
+        let url = self.url.clone().ok_or_else(|| {
+            ConfigError(format!(
+                "no VM repository configured: set [source] url in {DEFAULT_CONFIG} or pass --url"
+            ))
+        })?;
+        Ok(SourceSettings {
+            url,
+            branch: self.branch.clone(),
+            ssh_key: self.ssh_key.clone(),
+            token_file: self.token_file.clone(),
+        })
+    }
+}
+
+/// Reads the config file (explicit path must exist; the default one may be absent) and
+/// merges the flags over it.
+pub fn load(flags: &Overrides) -> Result<Settings, ConfigError> {
+    let raw = match &flags.config {
+        Some(path) => read(path)?,
+        None if Path::new(DEFAULT_CONFIG).exists() => read(Path::new(DEFAULT_CONFIG))?,
+        None => RawConfig::default(),
+    };
+    merge(raw, flags)
+}
+
+fn read(path: &Path) -> Result<RawConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("failed to read config '{}': {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|s| crate::manifest::line_of(&text, s.start));
+        let at = line.map(|l| format!(":{l}")).unwrap_or_default();
+        ConfigError(format!(
+            "invalid config '{}{at}': {}",
+            path.display(),
+            e.message().trim()
+        ))
+    })
+}
+
+fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
+    let host = match flags.host.clone().or(raw.agent.host) {
+        Some(host) => host,
+        None => gethostname::gethostname().into_string().map_err(|_| {
+            ConfigError("the hostname is not valid UTF-8; set [agent] host or pass --host".into())
+        })?,
+    };
+    if host.is_empty() {
+        return Err(ConfigError(
+            "the host name is empty; set [agent] host or pass --host".into(),
+        ));
+    }
+    let disk_roots = if flags.disk_roots.is_empty() {
+        raw.policy
+            .disk_roots
+            .unwrap_or_else(|| vec![PathBuf::from("/var/lib/libvirt/images")])
+    } else {
+        flags.disk_roots.clone()
+    };
+    for root in &disk_roots {
+        crate::manifest::absolute_path(&root.to_string_lossy())
+            .map_err(|e| ConfigError(format!("invalid policy.disk_roots entry: {e}")))?;
+    }
+    let state_dir = flags
+        .state_dir
+        .clone()
+        .or(raw.agent.state_dir)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/vmsync"));
+    let url = flags.url.clone().or(raw.source.url);
+    if url.as_deref() == Some("") {
+        return Err(ConfigError("the source url is empty".into()));
+    }
+    Ok(Settings {
+        url,
+        branch: flags
+            .branch
+            .clone()
+            .or(raw.source.branch)
+            .unwrap_or_else(|| "main".into()),
+        ssh_key: flags.ssh_key.clone().or(raw.source.ssh_key),
+        token_file: flags.token_file.clone().or(raw.source.token_file),
+        libvirt_uri: flags
+            .connect
+            .clone()
+            .or(raw.libvirt.uri)
+            .unwrap_or_else(|| "qemu:///system".into()),
+        state_dir,
+        host,
+        schedule: raw.agent.schedule.unwrap_or_else(|| "0 */5 * * * *".into()),
+        disk_roots,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "[source]\nurl = \"ssh://git@example.org/vms.git\"\nbranch = \"prod\"\n[libvirt]\nuri = \"qemu:///system\"\n[agent]\nhost = \"hv1\"\n",
+        )
+        .unwrap();
+        let flags = Overrides {
+            config: Some(path),
+            branch: Some("test".into()),
+            ..Default::default()
+        };
+        let s = load(&flags).unwrap();
+        assert_eq!(s.url.as_deref(), Some("ssh://git@example.org/vms.git"));
+        assert_eq!(s.branch, "test");
+        assert_eq!(s.host, "hv1");
+        assert_eq!(s.state_dir, PathBuf::from("/var/lib/vmsync"));
+        assert_eq!(s.disk_roots, vec![PathBuf::from("/var/lib/libvirt/images")]);
+        assert_eq!(s.schedule, "0 */5 * * * *");
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[source]\nurl = \"x\"\nbrnach = \"main\"\n").unwrap();
+        let err = load(&Overrides {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.0.contains(":3") && err.0.contains("brnach"), "{err}");
+        let err = load(&Overrides {
+            config: Some(dir.path().join("nope.toml")),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.0.contains("failed to read config"), "{err}");
+        let err = load(&Overrides {
+            config: Some(path),
+            disk_roots: vec!["relative/dir".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.0.contains("brnach"));
+    }
+
+    #[test]
+    fn relative_disk_roots_are_refused() {
+        let err = merge(
+            RawConfig::default(),
+            &Overrides {
+                disk_roots: vec!["images".into()],
+                host: Some("h".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.0.contains("must be absolute"), "{err}");
+    }
+
+    #[test]
+    fn source_needs_a_url() {
+        let s = merge(
+            RawConfig::default(),
+            &Overrides {
+                host: Some("h".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(s.source().unwrap_err().0.contains("--url"));
+    }
+}

@@ -1,0 +1,508 @@
+//! The VM repository's manifest, `vmsync.toml`: parsing and per-field checks.
+//!
+//! Parsing is strict (`deny_unknown_fields`): a mistyped key is an error naming the file,
+//! the line, the VM and the key, never a silent default. Values are turned into meaningful
+//! types here, once: sizes into bytes, formats into [`DiskFormat`], paths into absolute,
+//! normalized [`PathBuf`]s. Checks that need more than one VM, the XML or the host policy
+//! live in `validate`.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::disk::{DiskFormat, DiskSpec, parse_size};
+
+/// The manifest's file name at the root of the VM repository.
+pub const MANIFEST_FILE: &str = "vmsync.toml";
+
+/// One thing wrong with a commit: where it is (file, line), which VM and field, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    pub line: Option<usize>,
+    pub vm: Option<String>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(vm) = &self.vm {
+            write!(f, ": vm '{vm}'")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field '{field}'")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    version: Spanned<i64>,
+    #[serde(default)]
+    directory: Vec<RawDirectory>,
+    #[serde(default)]
+    vm: Vec<RawVm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDirectory {
+    path: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVm {
+    name: Spanned<String>,
+    xml: Option<Spanned<String>>,
+    xml_inline: Option<Spanned<String>>,
+    #[serde(default)]
+    autostart: bool,
+    hosts: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    disk: Vec<RawDisk>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisk {
+    path: Spanned<String>,
+    size: Spanned<String>,
+    #[serde(default = "default_format")]
+    format: DiskFormat,
+    backing: Option<Spanned<String>>,
+    backing_format: Option<DiskFormat>,
+}
+
+fn default_format() -> DiskFormat {
+    DiskFormat::Qcow2
+}
+
+/// Where a VM's domain XML comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XmlSource {
+    /// A file in the repository (path relative to the repository root).
+    File(String),
+    /// Inline in the manifest (`xml_inline`).
+    Inline(String),
+}
+
+/// One `[[vm]]` entry, with its values checked and typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmEntry {
+    pub name: String,
+    /// Line of the entry's `name` key in `vmsync.toml`.
+    pub line: usize,
+    pub xml: XmlSource,
+    /// Set libvirt's autostart flag and start the domain if it is not running (default false).
+    pub autostart: bool,
+    /// Hosts that apply this VM; `None` means every host.
+    pub hosts: Option<Vec<String>>,
+    pub disks: Vec<DiskSpec>,
+}
+
+impl VmEntry {
+    /// Whether the host named `host` applies this VM.
+    pub fn targets(&self, host: &str) -> bool {
+        self.hosts
+            .as_ref()
+            .is_none_or(|hosts| hosts.iter().any(|h| h == host))
+    }
+
+    /// The file the domain XML is read from, for messages.
+    pub fn xml_file(&self) -> &str {
+        match &self.xml {
+            XmlSource::File(path) => path,
+            XmlSource::Inline(_) => MANIFEST_FILE,
+        }
+    }
+}
+
+/// The parsed manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub directories: Vec<PathBuf>,
+    pub vms: Vec<VmEntry>,
+}
+
+/// 1-based line of byte offset `pos` in `text`.
+pub fn line_of(text: &str, pos: usize) -> usize {
+    text[..pos.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
+}
+
+/// The `name` of the `[[vm]]` table that contains `line`, found textually (used only to
+/// name the VM in a message when the TOML could not be deserialized).
+fn vm_name_around(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let upto = line.min(lines.len());
+    let start = (0..upto)
+        .rev()
+        .find(|i| lines[*i].trim_start().starts_with('['))?;
+    if lines[start].trim() != "[[vm]]" {
+        // Inside a [[vm.disk]] table: look further up for its [[vm]].
+        let vm_start = (0..start).rev().find(|i| lines[*i].trim() == "[[vm]]")?;
+        return name_in_table(&lines[vm_start + 1..]);
+    }
+    name_in_table(&lines[start + 1..])
+}
+
+fn name_in_table(lines: &[&str]) -> Option<String> {
+    for line in lines {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            return None;
+        }
+        if let Some(rest) = trimmed.strip_prefix("name") {
+            let value = rest.trim_start().strip_prefix('=')?.trim();
+            return Some(value.trim_matches(|c| c == '"' || c == '\'').to_string());
+        }
+    }
+    None
+}
+
+/// Checks that `raw` is an absolute path without `.`/`..` components and returns it.
+pub fn absolute_path(raw: &str) -> Result<PathBuf, String> {
+    let path = Path::new(raw);
+    if !path.is_absolute() {
+        return Err(format!("path '{raw}' must be absolute"));
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        || raw.contains("/./")
+        || raw.ends_with("/.")
+    {
+        return Err(format!("path '{raw}' must not contain '.' or '..'"));
+    }
+    Ok(path.components().collect())
+}
+
+/// Parses `vmsync.toml`. Returns every problem found, not just the first.
+pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
+    let raw: RawManifest = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        let vm = line.and_then(|l| vm_name_around(text, l));
+        let message = e.message().trim().to_string();
+        let field = message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_string);
+        vec![Problem {
+            file: MANIFEST_FILE.into(),
+            line,
+            vm,
+            field,
+            message,
+        }]
+    })?;
+
+    let mut problems = Vec::new();
+    let problem =
+        |span: std::ops::Range<usize>, vm: Option<&str>, field: &str, message: String| Problem {
+            file: MANIFEST_FILE.into(),
+            line: Some(line_of(text, span.start)),
+            vm: vm.map(str::to_string),
+            field: Some(field.to_string()),
+            message,
+        };
+
+    if *raw.version.get_ref() != 1 {
+        problems.push(problem(
+            raw.version.span(),
+            None,
+            "version",
+            format!(
+                "unsupported manifest version {}; this vmsync reads version 1",
+                raw.version.get_ref()
+            ),
+        ));
+    }
+
+    let mut directories = Vec::new();
+    for (i, dir) in raw.directory.iter().enumerate() {
+        match absolute_path(dir.path.get_ref()) {
+            Ok(path) => directories.push(path),
+            Err(msg) => problems.push(problem(
+                dir.path.span(),
+                None,
+                &format!("directory[{i}].path"),
+                msg,
+            )),
+        }
+    }
+
+    let mut vms = Vec::new();
+    for raw_vm in raw.vm {
+        let name = raw_vm.name.get_ref().clone();
+        let line = line_of(text, raw_vm.name.span().start);
+        let vm = Some(name.as_str());
+        if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
+            problems.push(problem(
+                raw_vm.name.span(),
+                vm,
+                "name",
+                "a vm name must be non-empty and contain no '/' or control characters".into(),
+            ));
+        }
+        let xml = match (raw_vm.xml, raw_vm.xml_inline) {
+            (Some(file), None) => Some(XmlSource::File(file.into_inner())),
+            (None, Some(inline)) => Some(XmlSource::Inline(inline.into_inner())),
+            (Some(file), Some(_)) => {
+                problems.push(problem(
+                    file.span(),
+                    vm,
+                    "xml",
+                    "set either 'xml' or 'xml_inline', not both".into(),
+                ));
+                None
+            }
+            (None, None) => {
+                problems.push(problem(
+                    raw_vm.name.span(),
+                    vm,
+                    "xml",
+                    "missing 'xml' (a file in the repository) or 'xml_inline'".into(),
+                ));
+                None
+            }
+        };
+        let hosts = match raw_vm.hosts {
+            Some(hosts)
+                if hosts.get_ref().is_empty() || hosts.get_ref().iter().any(|h| h.is_empty()) =>
+            {
+                problems.push(problem(
+                    hosts.span(),
+                    vm,
+                    "hosts",
+                    "'hosts' must list at least one non-empty host name (omit it for every host)"
+                        .into(),
+                ));
+                None
+            }
+            hosts => hosts.map(Spanned::into_inner),
+        };
+        let mut disks = Vec::new();
+        for (i, disk) in raw_vm.disk.into_iter().enumerate() {
+            let field = |f: &str| format!("disk[{i}].{f}");
+            let path = absolute_path(disk.path.get_ref())
+                .map_err(|msg| problems.push(problem(disk.path.span(), vm, &field("path"), msg)))
+                .ok();
+            let size = parse_size(disk.size.get_ref())
+                .map_err(|msg| problems.push(problem(disk.size.span(), vm, &field("size"), msg)))
+                .ok();
+            let backing = match &disk.backing {
+                None => Some(None),
+                Some(b) => absolute_path(b.get_ref())
+                    .map(Some)
+                    .map_err(|msg| problems.push(problem(b.span(), vm, &field("backing"), msg)))
+                    .ok(),
+            };
+            if disk.format == DiskFormat::Raw && disk.backing.is_some() {
+                problems.push(problem(
+                    disk.path.span(),
+                    vm,
+                    &field("backing"),
+                    "a raw image cannot have a backing file; use format = \"qcow2\"".into(),
+                ));
+            }
+            if disk.backing.is_none() && disk.backing_format.is_some() {
+                problems.push(problem(
+                    disk.path.span(),
+                    vm,
+                    &field("backing_format"),
+                    "'backing_format' needs 'backing'".into(),
+                ));
+            }
+            if let (Some(path), Some(size_bytes), Some(backing)) = (path, size, backing) {
+                let spec = DiskSpec {
+                    path,
+                    size_bytes,
+                    format: disk.format,
+                    backing,
+                    backing_format: disk.backing_format,
+                };
+                // Raw+backing and a lone backing_format were reported above.
+                let reported = (disk.format == DiskFormat::Raw && disk.backing.is_some())
+                    || (disk.backing.is_none() && disk.backing_format.is_some());
+                match spec.validate() {
+                    Ok(()) => disks.push(spec),
+                    Err(_) if reported => {}
+                    Err(e) => {
+                        problems.push(problem(disk.size.span(), vm, &field("size"), e.to_string()))
+                    }
+                }
+            }
+        }
+        if let Some(xml) = xml {
+            vms.push(VmEntry {
+                name,
+                line,
+                xml,
+                autostart: raw_vm.autostart,
+                hosts,
+                disks,
+            });
+        }
+    }
+
+    if problems.is_empty() {
+        Ok(Manifest { directories, vms })
+    } else {
+        Err(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+version = 1
+
+[[directory]]
+path = "/var/lib/libvirt/images/ISOs"
+
+[[vm]]
+name = "web"
+xml = "vms/web.xml"
+autostart = true
+hosts = ["hv1"]
+
+  [[vm.disk]]
+  path = "/var/lib/libvirt/images/web.qcow2"
+  size = "20G"
+
+  [[vm.disk]]
+  path = "/var/lib/libvirt/images/web-data.img"
+  size = "512M"
+  format = "raw"
+
+[[vm]]
+name = "db"
+xml_inline = '''<domain type="kvm"><name>db</name></domain>'''
+"#;
+
+    #[test]
+    fn parses_a_full_manifest() {
+        let m = parse(GOOD).unwrap();
+        assert_eq!(
+            m.directories,
+            vec![PathBuf::from("/var/lib/libvirt/images/ISOs")]
+        );
+        assert_eq!(m.vms.len(), 2);
+        let web = &m.vms[0];
+        assert_eq!(web.name, "web");
+        assert_eq!(web.line, 8);
+        assert_eq!(web.xml, XmlSource::File("vms/web.xml".into()));
+        assert!(web.autostart);
+        assert!(web.targets("hv1"));
+        assert!(!web.targets("hv2"));
+        assert_eq!(web.disks[0].size_bytes, 20 << 30);
+        assert_eq!(web.disks[0].format, DiskFormat::Qcow2);
+        assert_eq!(web.disks[1].format, DiskFormat::Raw);
+        let db = &m.vms[1];
+        assert!(!db.autostart, "autostart defaults to false");
+        assert!(db.targets("anything"), "no hosts means every host");
+        assert!(matches!(db.xml, XmlSource::Inline(_)));
+        assert_eq!(db.xml_file(), MANIFEST_FILE);
+    }
+
+    fn one_problem(text: &str) -> Problem {
+        let problems = parse(text).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        problems.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_vm_and_key() {
+        let text = GOOD.replace("autostart = true", "autostrat = true");
+        let p = one_problem(&text);
+        assert_eq!(p.file, "vmsync.toml");
+        assert_eq!(p.line, Some(10));
+        assert_eq!(p.vm.as_deref(), Some("web"));
+        assert_eq!(p.field.as_deref(), Some("autostrat"));
+        assert!(
+            p.to_string()
+                .starts_with("vmsync.toml:10: vm 'web': field 'autostrat': unknown field"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_in_a_disk_names_the_vm() {
+        let text = GOOD.replace("format = \"raw\"", "fromat = \"raw\"");
+        let p = one_problem(&text);
+        assert_eq!(p.vm.as_deref(), Some("web"));
+        assert_eq!(p.field.as_deref(), Some("fromat"));
+    }
+
+    #[test]
+    fn wrong_types_and_bad_values_are_problems() {
+        let p = one_problem(&GOOD.replace("autostart = true", "autostart = \"yes\""));
+        assert_eq!(p.line, Some(10));
+        assert!(p.message.contains("invalid type"), "{p}");
+
+        let p = one_problem(&GOOD.replace("format = \"raw\"", "format = \"vmdk\""));
+        assert!(p.message.contains("unknown variant"), "{p}");
+
+        let p = one_problem(&GOOD.replace("size = \"20G\"", "size = \"20X\""));
+        assert_eq!(p.field.as_deref(), Some("disk[0].size"));
+        assert_eq!(p.vm.as_deref(), Some("web"));
+        assert_eq!(p.line, Some(15));
+
+        let p = one_problem(&GOOD.replace("/var/lib/libvirt/images/web.qcow2", "images/web.qcow2"));
+        assert_eq!(p.field.as_deref(), Some("disk[0].path"));
+        assert!(p.message.contains("must be absolute"));
+
+        let p = one_problem(&GOOD.replace(
+            "/var/lib/libvirt/images/web.qcow2",
+            "/var/lib/libvirt/../x.qcow2",
+        ));
+        assert!(p.message.contains("'..'"));
+
+        let p = one_problem(&GOOD.replace("size = \"20G\"", "size = \"1000\""));
+        assert_eq!(p.field.as_deref(), Some("disk[0].size"));
+        assert!(p.message.contains("512"), "{p}");
+
+        let p = one_problem(&GOOD.replace("version = 1", "version = 2"));
+        assert_eq!(p.field.as_deref(), Some("version"));
+
+        let p = one_problem(&GOOD.replace("hosts = [\"hv1\"]", "hosts = []"));
+        assert_eq!(p.field.as_deref(), Some("hosts"));
+
+        let p = one_problem(&GOOD.replace("xml = \"vms/web.xml\"", ""));
+        assert_eq!(p.field.as_deref(), Some("xml"));
+
+        let p = one_problem(&GOOD.replace(
+            "format = \"raw\"",
+            "format = \"raw\"\n  backing = \"/var/lib/libvirt/images/b.qcow2\"",
+        ));
+        assert_eq!(p.field.as_deref(), Some("disk[1].backing"));
+    }
+
+    #[test]
+    fn several_problems_are_all_reported() {
+        let text = GOOD
+            .replace("size = \"20G\"", "size = \"big\"")
+            .replace("size = \"512M\"", "size = \"0x\"");
+        assert_eq!(parse(&text).unwrap_err().len(), 2);
+    }
+
+    #[test]
+    fn malformed_toml_has_a_line() {
+        let p = one_problem("version = 1\n[[vm]\nname = 'x'\n");
+        assert_eq!(p.line, Some(2));
+    }
+}

@@ -1,0 +1,192 @@
+//! What vmsync remembers between runs, in its state directory: the record of the last
+//! applied and last attempted commit with per-VM results (`state.json`, written
+//! atomically: temp file, fsync, rename, fsync of the directory), and the lock that keeps
+//! two vmsync processes from syncing at once.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const STATE_FILE: &str = "state.json";
+pub const LOCK_FILE: &str = "lock";
+
+/// How the last sync attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncResult {
+    /// Every VM converged; the commit is the last applied one.
+    Converged,
+    /// Some action failed; see the VMs' errors.
+    Failed,
+    /// The commit did not validate; nothing was applied.
+    Invalid,
+    /// The source could not be fetched.
+    FetchFailed,
+}
+
+/// Per-VM record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The last commit this VM converged to.
+    pub applied_commit: Option<String>,
+    /// Fingerprint of the definition applied.
+    pub fingerprint: Option<String>,
+    /// The autostart setting applied.
+    pub autostart: bool,
+    /// Whether the last attempt for this VM succeeded.
+    pub ok: bool,
+    /// The last attempt's error, if it failed.
+    pub last_error: Option<String>,
+    /// The domain was running with an older definition at the last sync.
+    pub pending_restart: bool,
+}
+
+/// The record in `state.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub last_applied_commit: Option<String>,
+    /// RFC 3339 time the last applied commit converged.
+    pub last_applied_at: Option<String>,
+    pub last_attempted_commit: Option<String>,
+    pub last_attempt_at: Option<String>,
+    pub last_result: Option<SyncResult>,
+    /// The last attempt's error summary (invalid commit, fetch failure, failed VMs).
+    pub last_error: Option<String>,
+    pub vms: BTreeMap<String, VmRecord>,
+}
+
+/// Now, as RFC 3339 (UTC, seconds).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Reads the record; a missing file is an empty record.
+pub fn load(state_dir: &Path) -> anyhow::Result<Record> {
+    let path = state_dir.join(STATE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow::anyhow!("state file '{}' is corrupt: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Record::default()),
+        Err(e) => Err(anyhow::anyhow!(
+            "failed to read state file '{}': {e}",
+            path.display()
+        )),
+    }
+}
+
+/// Writes the record atomically: a reader (or a crash) sees the old or the new file.
+pub fn save(state_dir: &Path, record: &Record) -> anyhow::Result<()> {
+    let path = state_dir.join(STATE_FILE);
+    let context =
+        |e: std::io::Error| anyhow::anyhow!("failed to write state file '{}': {e}", path.display());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".state.json.")
+        .tempfile_in(state_dir)
+        .map_err(context)?;
+    let mut json = serde_json::to_vec_pretty(record)?;
+    json.push(b'\n');
+    tmp.write_all(&json).map_err(context)?;
+    tmp.as_file().sync_all().map_err(context)?;
+    tmp.persist(&path).map_err(|e| context(e.error))?;
+    File::open(state_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(context)?;
+    Ok(())
+}
+
+/// Another vmsync holds the lock (exit status 75).
+#[derive(Debug, thiserror::Error)]
+#[error("another vmsync is running (lock '{}' is held)", .0.display())]
+pub struct LockHeld(pub PathBuf);
+
+/// The state directory's lock, held until dropped.
+#[derive(Debug)]
+pub struct Lock {
+    _file: File,
+}
+
+/// Creates the state directory if needed and takes its lock without waiting.
+pub fn lock(state_dir: &Path) -> anyhow::Result<Lock> {
+    std::fs::create_dir_all(state_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "failed to create state directory '{}': {e}",
+            state_dir.display()
+        )
+    })?;
+    let path = state_dir.join(LOCK_FILE);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("failed to open lock '{}': {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Lock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LockHeld(path).into()),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::anyhow!("failed to lock '{}': {e}", path.display()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_and_missing_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Record::default());
+        let mut record = Record {
+            last_applied_commit: Some("a".repeat(40)),
+            last_result: Some(SyncResult::Converged),
+            ..Default::default()
+        };
+        record.vms.insert(
+            "web".into(),
+            VmRecord {
+                ok: true,
+                autostart: true,
+                ..Default::default()
+            },
+        );
+        save(dir.path(), &record).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), record);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from(STATE_FILE)],
+            "no temp file left behind"
+        );
+        let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        assert!(text.contains("\"last_result\": \"converged\""), "{text}");
+    }
+
+    #[test]
+    fn corrupt_state_is_an_error_not_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), "{not json").unwrap();
+        assert!(
+            load(dir.path())
+                .unwrap_err()
+                .to_string()
+                .contains("corrupt")
+        );
+    }
+
+    #[test]
+    fn second_lock_is_refused_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock(dir.path()).unwrap();
+        let err = lock(dir.path()).unwrap_err();
+        assert!(err.downcast_ref::<LockHeld>().is_some(), "{err}");
+        drop(first);
+        lock(dir.path()).unwrap();
+    }
+}

@@ -1,0 +1,188 @@
+//! `vmsync status`: the record joined with what libvirt says now about each managed VM.
+
+use serde::Serialize;
+
+use crate::domain_xml;
+use crate::hypervisor::Hypervisor;
+use crate::state::{Record, SyncResult};
+
+/// One managed VM in the status view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmStatus {
+    pub name: String,
+    /// `None` when libvirt could not be asked.
+    pub defined: Option<bool>,
+    pub active: Option<bool>,
+    pub autostart: Option<bool>,
+    pub applied_commit: Option<String>,
+    pub pending_restart: bool,
+    /// What differs between the host and the last applied definition (empty: none).
+    pub drift: Vec<String>,
+    pub last_error: Option<String>,
+}
+
+/// The whole status view (`vmsync status --json` prints it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    pub last_applied_commit: Option<String>,
+    pub last_applied_at: Option<String>,
+    pub last_attempted_commit: Option<String>,
+    pub last_attempt_at: Option<String>,
+    pub last_result: Option<SyncResult>,
+    pub last_error: Option<String>,
+    /// Set when libvirt could not be reached; VM fields from libvirt are then null.
+    pub libvirt_error: Option<String>,
+    pub vms: Vec<VmStatus>,
+}
+
+/// Builds the status view; `hv` is `Err` when libvirt could not be reached.
+pub fn status(record: &Record, hv: Result<&dyn Hypervisor, String>) -> Status {
+    let (listing, libvirt_error) =
+        match hv.and_then(|hv| hv.list().map(|l| (hv, l)).map_err(|e| e.to_string())) {
+            Ok((hv, listing)) => (Some((hv, listing)), None),
+            Err(e) => (None, Some(e)),
+        };
+    let vms = record
+        .vms
+        .iter()
+        .map(|(name, rec)| {
+            let mut vm = VmStatus {
+                name: name.clone(),
+                defined: None,
+                active: None,
+                autostart: None,
+                applied_commit: rec.applied_commit.clone(),
+                pending_restart: rec.pending_restart,
+                drift: Vec::new(),
+                last_error: rec.last_error.clone(),
+            };
+            if let Some((hv, listing)) = &listing {
+                let seen = listing.iter().find(|d| &d.name == name);
+                vm.defined = Some(seen.is_some());
+                vm.active = Some(seen.is_some_and(|d| d.active));
+                vm.autostart = Some(seen.is_some_and(|d| d.autostart));
+                match seen {
+                    None if rec.applied_commit.is_some() => {
+                        vm.drift.push("domain is not defined".into())
+                    }
+                    None => {}
+                    Some(d) => {
+                        if rec.applied_commit.is_some() && d.autostart != rec.autostart {
+                            vm.drift.push(format!(
+                                "autostart is {}, committed {}",
+                                on_off(d.autostart),
+                                on_off(rec.autostart)
+                            ));
+                        }
+                        let tag = hv
+                            .xml(name, true)
+                            .ok()
+                            .and_then(|xml| domain_xml::read_tag(&xml));
+                        match (tag, &rec.fingerprint) {
+                            (None, _) => vm.drift.push("domain has no vmsync metadata".into()),
+                            (Some(tag), Some(fp)) if &tag.fingerprint != fp => vm
+                                .drift
+                                .push("definition differs from the last applied one".into()),
+                            _ => {}
+                        }
+                        if d.active {
+                            let live = hv
+                                .xml(name, false)
+                                .ok()
+                                .and_then(|xml| domain_xml::read_tag(&xml));
+                            vm.pending_restart = live
+                                .zip(rec.fingerprint.as_ref())
+                                .is_none_or(|(t, fp)| &t.fingerprint != fp);
+                        } else {
+                            vm.pending_restart = false;
+                        }
+                    }
+                }
+            }
+            vm
+        })
+        .collect();
+    Status {
+        last_applied_commit: record.last_applied_commit.clone(),
+        last_applied_at: record.last_applied_at.clone(),
+        last_attempted_commit: record.last_attempted_commit.clone(),
+        last_attempt_at: record.last_attempt_at.clone(),
+        last_result: record.last_result,
+        last_error: record.last_error.clone(),
+        libvirt_error,
+        vms,
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+fn opt(v: &Option<String>) -> &str {
+    v.as_deref().unwrap_or("-")
+}
+
+fn yes_no(v: Option<bool>) -> &'static str {
+    match v {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "?",
+    }
+}
+
+/// The human-readable status.
+pub fn render_text(s: &Status) -> String {
+    let mut out = String::new();
+    out += &format!(
+        "last applied commit: {} (at {})\n",
+        opt(&s.last_applied_commit),
+        opt(&s.last_applied_at)
+    );
+    let result = s.last_result.map(|r| {
+        serde_json::to_value(r)
+            .unwrap()
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    });
+    out += &format!(
+        "last attempt:        {} (at {}): {}\n",
+        opt(&s.last_attempted_commit),
+        opt(&s.last_attempt_at),
+        opt(&result)
+    );
+    if let Some(e) = &s.last_error {
+        out += &format!("last error:          {e}\n");
+    }
+    if let Some(e) = &s.libvirt_error {
+        out += &format!("libvirt:             unreachable: {e}\n");
+    }
+    out += &format!(
+        "\n{:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
+        "VM", "DEFINED", "ACTIVE", "AUTOSTART", "APPLIED", "PENDING-RESTART", "DRIFT / ERROR"
+    );
+    for vm in &s.vms {
+        let applied = vm
+            .applied_commit
+            .as_deref()
+            .map(|c| &c[..c.len().min(12)])
+            .unwrap_or("-");
+        let mut notes = vm.drift.clone();
+        notes.extend(vm.last_error.iter().map(|e| format!("error: {e}")));
+        out += &format!(
+            "{:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
+            vm.name,
+            yes_no(vm.defined),
+            yes_no(vm.active),
+            yes_no(vm.autostart),
+            applied,
+            if vm.pending_restart { "yes" } else { "no" },
+            if notes.is_empty() {
+                "-".to_string()
+            } else {
+                notes.join("; ")
+            }
+        );
+    }
+    out
+}

@@ -1,0 +1,268 @@
+//! One sync, stage after stage: lock → fetch → validate → observe → plan → apply →
+//! record. Also the read-only `plan` and `validate` runs, and the errors that decide the
+//! exit status.
+
+use std::collections::BTreeMap;
+
+use tracing::{error, info};
+
+use crate::apply::{self, Outcome};
+use crate::config::{ConfigError, Settings};
+use crate::disk::DiskProvisioner;
+use crate::files::RepoFiles;
+use crate::hypervisor::{Hypervisor, SchemaChecker, TestDriverSchema};
+use crate::manifest::Problem;
+use crate::observe;
+use crate::plan::{self, Plan};
+use crate::source::{self, FetchError};
+use crate::state::{self, LockHeld, Record, SyncResult, VmRecord};
+use crate::validate::{self, Desired, Policy};
+
+/// Why a run did not converge; each kind has its exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("commit {commit} is invalid; nothing was applied:\n{}", list(.problems))]
+    Invalid {
+        commit: String,
+        problems: Vec<Problem>,
+    },
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Locked(#[from] LockHeld),
+    #[error(
+        "{failed} of {total} vms failed at commit {commit}; the last applied commit is unchanged"
+    )]
+    ActionsFailed {
+        commit: String,
+        failed: usize,
+        total: usize,
+    },
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl SyncError {
+    /// The documented exit status (DESIGN.md).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SyncError::Config(_) => 2,
+            SyncError::Invalid { .. } => 3,
+            SyncError::Fetch(_) => 4,
+            SyncError::Locked(_) => 75,
+            SyncError::ActionsFailed { .. } | SyncError::Other(_) => 1,
+        }
+    }
+}
+
+/// Maps an anyhow error from locking to `Locked` when it is one.
+fn lock(settings: &Settings) -> Result<state::Lock, SyncError> {
+    state::lock(&settings.state_dir).map_err(|e| match e.downcast::<LockHeld>() {
+        Ok(held) => SyncError::Locked(held),
+        Err(e) => SyncError::Other(e),
+    })
+}
+
+fn policy(settings: &Settings) -> Policy {
+    Policy {
+        host: Some(settings.host.clone()),
+        disk_roots: settings.disk_roots.clone(),
+    }
+}
+
+fn schema() -> Result<TestDriverSchema, SyncError> {
+    TestDriverSchema::new().map_err(|e| SyncError::Other(anyhow::anyhow!("{e}")))
+}
+
+/// Validates the files of one revision for this host.
+pub fn validate_commit(
+    files: &dyn RepoFiles,
+    commit: &str,
+    policy: &Policy,
+    schema: &dyn SchemaChecker,
+) -> Result<Desired, SyncError> {
+    validate::validate(files, policy, schema).map_err(|problems| SyncError::Invalid {
+        commit: commit.to_string(),
+        problems,
+    })
+}
+
+/// What a finished sync did.
+#[derive(Debug)]
+pub struct Report {
+    pub commit: String,
+    pub plan: Plan,
+    pub outcome: Outcome,
+}
+
+/// `vmsync --once`: fetches, validates and applies with the real libvirt and qemu-img.
+pub fn once(settings: &Settings) -> Result<Report, SyncError> {
+    let _lock = lock(settings)?;
+    let mut record = state::load(&settings.state_dir)?;
+    let source = settings.source()?;
+    let fetched = match source::fetch(&source, &settings.state_dir) {
+        Ok(fetched) => fetched,
+        Err(e) => {
+            record_failure(
+                settings,
+                &mut record,
+                None,
+                SyncResult::FetchFailed,
+                &e.to_string(),
+            );
+            return Err(e.into());
+        }
+    };
+    let commit = fetched.id();
+    let result = (|| {
+        let desired = validate_commit(&fetched, &commit, &policy(settings), &schema()?)?;
+        let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        apply_commit(
+            settings,
+            &mut record,
+            &commit,
+            &desired,
+            &hv,
+            &crate::disk::QemuImg::default(),
+        )
+    })();
+    if let Err(e) = &result
+        && !matches!(e, SyncError::ActionsFailed { .. })
+    {
+        let kind = if matches!(e, SyncError::Invalid { .. }) {
+            SyncResult::Invalid
+        } else {
+            SyncResult::Failed
+        };
+        record_failure(settings, &mut record, Some(&commit), kind, &e.to_string());
+    }
+    result
+}
+
+/// Records a failed attempt; the last applied commit and the VMs' records stay.
+fn record_failure(
+    settings: &Settings,
+    record: &mut Record,
+    commit: Option<&str>,
+    result: SyncResult,
+    message: &str,
+) {
+    if let Some(commit) = commit {
+        record.last_attempted_commit = Some(commit.to_string());
+    }
+    record.last_attempt_at = Some(state::now_rfc3339());
+    record.last_result = Some(result);
+    record.last_error = Some(message.to_string());
+    if let Err(e) = state::save(&settings.state_dir, record) {
+        error!(error = %e, "failed to record the failed attempt");
+    }
+}
+
+/// Observe → plan → apply → record, for a validated commit. Exposed for tests that
+/// bring their own hypervisor and provisioner.
+pub fn apply_commit(
+    settings: &Settings,
+    record: &mut Record,
+    commit: &str,
+    desired: &Desired,
+    hv: &dyn Hypervisor,
+    disks: &dyn DiskProvisioner,
+) -> Result<Report, SyncError> {
+    let short = &commit[..commit.len().min(12)];
+    let observed = observe::observe(desired, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plan = plan::plan(desired, &observed, commit);
+    if plan.is_noop() && plan.vms.iter().all(|vm| vm.error.is_none()) {
+        info!(commit = %short, vms = plan.vms.len(), "nothing to do: every vm is converged");
+    }
+    let outcome = apply::apply(&plan, hv, disks);
+
+    let now = state::now_rfc3339();
+    let mut vms = BTreeMap::new();
+    for vm in &outcome.vms {
+        let old = record.vms.get(&vm.name).cloned().unwrap_or_default();
+        let entry = if vm.error.is_none() {
+            VmRecord {
+                applied_commit: Some(commit.to_string()),
+                fingerprint: Some(vm.fingerprint.clone()),
+                autostart: vm.autostart,
+                ok: true,
+                last_error: None,
+                pending_restart: vm.pending_restart,
+            }
+        } else {
+            VmRecord {
+                ok: false,
+                last_error: vm.error.clone(),
+                ..old
+            }
+        };
+        vms.insert(vm.name.clone(), entry);
+    }
+    record.vms = vms;
+    record.last_attempted_commit = Some(commit.to_string());
+    record.last_attempt_at = Some(now.clone());
+    let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count();
+    let result = if outcome.all_ok() {
+        record.last_applied_commit = Some(commit.to_string());
+        record.last_applied_at = Some(now);
+        record.last_result = Some(SyncResult::Converged);
+        record.last_error = None;
+        info!(commit = %short, changes = outcome.changes(), "converged");
+        Ok(())
+    } else {
+        record.last_result = Some(SyncResult::Failed);
+        let mut errors = outcome.directory_errors.clone();
+        errors.extend(
+            outcome
+                .vms
+                .iter()
+                .filter_map(|vm| vm.error.as_ref().map(|e| format!("vm '{}': {e}", vm.name))),
+        );
+        record.last_error = Some(errors.join("; "));
+        Err(SyncError::ActionsFailed {
+            commit: commit.to_string(),
+            failed: failed.max(1),
+            total: outcome.vms.len(),
+        })
+    };
+    state::save(&settings.state_dir, record)?;
+    result.map(|()| Report {
+        commit: commit.to_string(),
+        plan,
+        outcome,
+    })
+}
+
+/// `vmsync plan`: fetch, validate, observe and plan; changes nothing on the host.
+pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
+    let _lock = lock(settings)?;
+    let fetched = source::fetch(&settings.source()?, &settings.state_dir)?;
+    let commit = fetched.id();
+    let desired = validate_commit(&fetched, &commit, &policy(settings), &schema()?)?;
+    let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let observed = observe::observe(&desired, &hv, &crate::disk::QemuImg::default())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(plan::plan(&desired, &observed, &commit))
+}
+
+/// `vmsync validate DIR`: validates a checkout on disk for every host, offline.
+pub fn validate_dir(settings: &Settings, dir: &std::path::Path) -> Result<Desired, SyncError> {
+    let files = crate::files::DirFiles::new(dir);
+    let policy = Policy {
+        host: None,
+        disk_roots: settings.disk_roots.clone(),
+    };
+    validate_commit(&files, &dir.display().to_string(), &policy, &schema()?)
+}

@@ -1,0 +1,453 @@
+//! Whole-commit validation: every VM this host applies must be valid before anything on
+//! the host changes. Produces the desired state, or every problem found.
+//!
+//! Checks: the manifest (see `manifest`), each targeted VM's XML (readable inside the
+//! repository, well-formed, `<name>` equal to the manifest's `name`, accepted by libvirt's
+//! schema), unique VM names, UUIDs and disk paths, and disk, backing and directory paths
+//! under `policy.disk_roots`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::disk::DiskSpec;
+use crate::domain_xml::{self, DomainSummary};
+use crate::files::RepoFiles;
+use crate::hypervisor::SchemaChecker;
+use crate::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
+
+/// What this host's policy allows and which VMs it applies.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// This host's name, matched against a VM's `hosts`; `None` validates every VM.
+    pub host: Option<String>,
+    pub disk_roots: Vec<PathBuf>,
+}
+
+/// One VM as this host should have it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredVm {
+    pub name: String,
+    /// The file its XML came from (for messages).
+    pub xml_file: String,
+    /// The domain XML as committed.
+    pub xml: String,
+    pub summary: DomainSummary,
+    pub fingerprint: String,
+    pub autostart: bool,
+    pub disks: Vec<DiskSpec>,
+}
+
+/// The validated desired state of this host.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Desired {
+    pub directories: Vec<PathBuf>,
+    pub vms: Vec<DesiredVm>,
+}
+
+fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
+    roots
+        .iter()
+        .any(|root| path.starts_with(root) && path != root)
+}
+
+/// Validates the commit in `files`. Returns all problems, so one run shows every mistake.
+pub fn validate(
+    files: &dyn RepoFiles,
+    policy: &Policy,
+    schema: &dyn SchemaChecker,
+) -> Result<Desired, Vec<Problem>> {
+    let text = files.read_text(MANIFEST_FILE).map_err(|e| {
+        vec![Problem {
+            file: MANIFEST_FILE.into(),
+            line: None,
+            vm: None,
+            field: None,
+            message: e.to_string(),
+        }]
+    })?;
+    let manifest = manifest::parse(&text)?;
+    let mut problems = Vec::new();
+    let roots_text = || {
+        policy
+            .disk_roots
+            .iter()
+            .map(|r| format!("'{}'", r.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+
+    for (i, dir) in manifest.directories.iter().enumerate() {
+        if !under_roots(dir, &policy.disk_roots) {
+            problems.push(Problem {
+                file: MANIFEST_FILE.into(),
+                line: None,
+                vm: None,
+                field: Some(format!("directory[{i}].path")),
+                message: format!(
+                    "'{}' is not below a disk root ({})",
+                    dir.display(),
+                    roots_text()
+                ),
+            });
+        }
+    }
+
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    for vm in &manifest.vms {
+        if let Some(first) = names.insert(&vm.name, vm.line) {
+            problems.push(Problem {
+                file: MANIFEST_FILE.into(),
+                line: Some(vm.line),
+                vm: Some(vm.name.clone()),
+                field: Some("name".into()),
+                message: format!("duplicate vm name (first used on line {first})"),
+            });
+        }
+    }
+
+    let mut uuids: BTreeMap<String, String> = BTreeMap::new();
+    let mut disk_paths: BTreeMap<PathBuf, String> = BTreeMap::new();
+    let mut vms = Vec::new();
+    for vm in manifest
+        .vms
+        .iter()
+        .filter(|vm| policy.host.as_deref().is_none_or(|h| vm.targets(h)))
+    {
+        let at = |file: &str, line: Option<usize>, field: &str, message: String| Problem {
+            file: file.to_string(),
+            line,
+            vm: Some(vm.name.clone()),
+            field: Some(field.to_string()),
+            message,
+        };
+        let before = problems.len();
+
+        for (i, disk) in vm.disks.iter().enumerate() {
+            if !under_roots(&disk.path, &policy.disk_roots) {
+                problems.push(at(
+                    MANIFEST_FILE,
+                    Some(vm.line),
+                    &format!("disk[{i}].path"),
+                    format!(
+                        "'{}' is not below a disk root ({})",
+                        disk.path.display(),
+                        roots_text()
+                    ),
+                ));
+            }
+            if let Some(backing) = &disk.backing
+                && !under_roots(backing, &policy.disk_roots)
+            {
+                problems.push(at(
+                    MANIFEST_FILE,
+                    Some(vm.line),
+                    &format!("disk[{i}].backing"),
+                    format!(
+                        "'{}' is not below a disk root ({})",
+                        backing.display(),
+                        roots_text()
+                    ),
+                ));
+            }
+            if let Some(other) = disk_paths.insert(disk.path.clone(), vm.name.clone()) {
+                problems.push(at(
+                    MANIFEST_FILE,
+                    Some(vm.line),
+                    &format!("disk[{i}].path"),
+                    format!("'{}' is also a disk of vm '{other}'", disk.path.display()),
+                ));
+            }
+        }
+
+        let (xml_file, xml) = match &vm.xml {
+            XmlSource::Inline(xml) => (MANIFEST_FILE.to_string(), xml.clone()),
+            XmlSource::File(path) => match files.read_text(path) {
+                Ok(xml) => (path.clone(), xml),
+                Err(e) => {
+                    problems.push(at(MANIFEST_FILE, Some(vm.line), "xml", e.to_string()));
+                    continue;
+                }
+            },
+        };
+        // Lines inside inline XML are not lines of vmsync.toml: report the entry's line.
+        let xml_line = |line: Option<usize>| {
+            if matches!(vm.xml, XmlSource::Inline(_)) {
+                Some(vm.line)
+            } else {
+                line
+            }
+        };
+        let summary = match domain_xml::summarize(&xml) {
+            Ok(summary) => summary,
+            Err(e) => {
+                problems.push(at(
+                    &xml_file,
+                    xml_line(e.line),
+                    e.field.as_deref().unwrap_or("xml"),
+                    e.message,
+                ));
+                continue;
+            }
+        };
+        if summary.name != vm.name {
+            problems.push(at(
+                &xml_file,
+                None,
+                "name",
+                format!(
+                    "the xml's <name> is '{}' but the manifest says '{}'",
+                    summary.name, vm.name
+                ),
+            ));
+        }
+        if let Some(uuid) = &summary.uuid
+            && let Some(other) = uuids.insert(uuid.clone(), vm.name.clone())
+        {
+            problems.push(at(
+                &xml_file,
+                None,
+                "uuid",
+                format!("uuid {uuid} is also used by vm '{other}'"),
+            ));
+        }
+        if problems.len() == before
+            && let Err(message) = schema.check(&xml)
+        {
+            problems.push(at(
+                &xml_file,
+                None,
+                "xml",
+                format!("rejected by libvirt: {message}"),
+            ));
+        }
+        if problems.len() == before {
+            vms.push(DesiredVm {
+                name: vm.name.clone(),
+                fingerprint: domain_xml::fingerprint(&xml),
+                xml_file,
+                xml,
+                summary,
+                autostart: vm.autostart,
+                disks: vm.disks.clone(),
+            });
+        }
+    }
+
+    if problems.is_empty() {
+        Ok(Desired {
+            directories: manifest.directories,
+            vms,
+        })
+    } else {
+        Err(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::FileError;
+
+    /// An in-memory repository.
+    struct Files(BTreeMap<String, String>);
+
+    impl RepoFiles for Files {
+        fn read_text(&self, path: &str) -> Result<String, FileError> {
+            crate::files::check_repo_path(path)?;
+            self.0
+                .get(path)
+                .cloned()
+                .ok_or_else(|| FileError::NotFound(path.into()))
+        }
+        fn revision(&self) -> String {
+            "test".into()
+        }
+    }
+
+    /// Rejects XML containing "<bogus", as libvirt's schema would.
+    struct Schema;
+    impl SchemaChecker for Schema {
+        fn check(&self, xml: &str) -> Result<(), String> {
+            if xml.contains("<bogus") {
+                Err("Element domain has extra content: bogus".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn xml(name: &str, extra: &str) -> String {
+        format!("<domain type='kvm'><name>{name}</name>{extra}<memory>1</memory></domain>")
+    }
+
+    fn repo(manifest: &str, xmls: &[(&str, String)]) -> Files {
+        let mut map: BTreeMap<String, String> = xmls
+            .iter()
+            .map(|(p, x)| (p.to_string(), x.clone()))
+            .collect();
+        map.insert(MANIFEST_FILE.into(), manifest.into());
+        Files(map)
+    }
+
+    const MANIFEST: &str = r#"version = 1
+[[directory]]
+path = "/srv/images/ISOs"
+[[vm]]
+name = "a"
+xml = "vms/a.xml"
+autostart = true
+  [[vm.disk]]
+  path = "/srv/images/a.qcow2"
+  size = "1G"
+[[vm]]
+name = "b"
+xml = "vms/b.xml"
+hosts = ["hv2"]
+"#;
+
+    fn policy() -> Policy {
+        Policy {
+            host: Some("hv1".into()),
+            disk_roots: vec!["/srv/images".into()],
+        }
+    }
+
+    fn run(manifest: &str, xmls: &[(&str, String)]) -> Result<Desired, Vec<Problem>> {
+        validate(&repo(manifest, xmls), &policy(), &Schema)
+    }
+
+    #[test]
+    fn valid_commit_gives_this_hosts_vms() {
+        let d = run(
+            MANIFEST,
+            &[("vms/a.xml", xml("a", "")), ("vms/b.xml", xml("b", ""))],
+        )
+        .unwrap();
+        assert_eq!(d.directories, vec![PathBuf::from("/srv/images/ISOs")]);
+        assert_eq!(d.vms.len(), 1, "b is for hv2 only");
+        assert_eq!(d.vms[0].name, "a");
+        assert!(d.vms[0].autostart);
+        assert_eq!(d.vms[0].fingerprint, domain_xml::fingerprint(&xml("a", "")));
+        // Another host's VM is not even read: a broken b does not stop hv1.
+        run(MANIFEST, &[("vms/a.xml", xml("a", ""))]).unwrap();
+    }
+
+    fn single(result: Result<Desired, Vec<Problem>>) -> Problem {
+        let problems = result.unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        problems.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn each_kind_of_problem_names_file_vm_and_field() {
+        let p = single(run(MANIFEST, &[]));
+        assert_eq!(
+            (p.file.as_str(), p.vm.as_deref(), p.field.as_deref()),
+            ("vmsync.toml", Some("a"), Some("xml"))
+        );
+        assert!(p.message.contains("does not exist"), "{p}");
+
+        let p = single(run(MANIFEST, &[("vms/a.xml", xml("other", ""))]));
+        assert_eq!(
+            (p.file.as_str(), p.field.as_deref()),
+            ("vms/a.xml", Some("name"))
+        );
+        assert!(
+            p.to_string().contains("vm 'a'") && p.message.contains("'other'"),
+            "{p}"
+        );
+
+        let p = single(run(
+            MANIFEST,
+            &[(
+                "vms/a.xml",
+                "<domain><name>a</name>\n<devices></domain>".into(),
+            )],
+        ));
+        assert_eq!((p.file.as_str(), p.line), ("vms/a.xml", Some(2)));
+
+        let p = single(run(MANIFEST, &[("vms/a.xml", xml("a", "<bogus/>"))]));
+        assert_eq!(p.field.as_deref(), Some("xml"));
+        assert!(
+            p.message.contains("rejected by libvirt") && p.message.contains("bogus"),
+            "{p}"
+        );
+
+        let p = single(run(
+            &MANIFEST.replace("/srv/images/a.qcow2", "/etc/a.qcow2"),
+            &[("vms/a.xml", xml("a", ""))],
+        ));
+        assert_eq!(p.field.as_deref(), Some("disk[0].path"));
+        assert!(p.message.contains("not below a disk root"), "{p}");
+
+        let p = single(run(
+            &MANIFEST.replace("/srv/images/ISOs", "/tmp/ISOs"),
+            &[("vms/a.xml", xml("a", ""))],
+        ));
+        assert_eq!(p.field.as_deref(), Some("directory[0].path"));
+
+        let p = single(run(&MANIFEST.replace("vms/a.xml", "../a.xml"), &[]));
+        assert!(p.message.contains("inside the repository"), "{p}");
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let m = MANIFEST
+            .replace("name = \"b\"", "name = \"a\"")
+            .replace("hosts = [\"hv2\"]\n", "");
+        let problems = run(
+            &m,
+            &[("vms/a.xml", xml("a", "")), ("vms/b.xml", xml("a", ""))],
+        )
+        .unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.field.as_deref() == Some("name") && p.message.contains("duplicate")),
+            "{problems:#?}"
+        );
+
+        let m = MANIFEST.replace("hosts = [\"hv2\"]\n", "");
+        let uuid = "<uuid>11111111-2222-3333-4444-555555555555</uuid>";
+        let p = single(run(
+            &m,
+            &[("vms/a.xml", xml("a", uuid)), ("vms/b.xml", xml("b", uuid))],
+        ));
+        assert_eq!(
+            (p.vm.as_deref(), p.field.as_deref()),
+            (Some("b"), Some("uuid"))
+        );
+
+        let m = format!(
+            "{}  [[vm.disk]]\n  path = \"/srv/images/a.qcow2\"\n  size = \"1G\"\n",
+            MANIFEST.replace("hosts = [\"hv2\"]\n", "")
+        );
+        let p = single(run(
+            &m,
+            &[("vms/a.xml", xml("a", "")), ("vms/b.xml", xml("b", ""))],
+        ));
+        assert!(p.message.contains("also a disk of vm 'a'"), "{p}");
+    }
+
+    #[test]
+    fn inline_xml_is_validated_too() {
+        let m =
+            "version = 1\n[[vm]]\nname = \"c\"\nxml_inline = \"<domain><name>d</name></domain>\"\n";
+        let p = single(run(m, &[]));
+        assert_eq!(
+            (p.file.as_str(), p.field.as_deref()),
+            ("vmsync.toml", Some("name"))
+        );
+    }
+
+    #[test]
+    fn validating_for_every_host_reads_every_vm() {
+        let files = repo(MANIFEST, &[("vms/a.xml", xml("a", ""))]);
+        let all = Policy {
+            host: None,
+            ..policy()
+        };
+        let p = single(validate(&files, &all, &Schema));
+        assert_eq!(p.vm.as_deref(), Some("b"));
+    }
+}
