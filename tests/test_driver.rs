@@ -1,0 +1,468 @@
+//! Tier 2: the real binary and the real pipeline against libvirt's in-process
+//! `test:///default` driver (no daemon), real git repositories and real `qemu-img`.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Repo, bios_xml, sha256_file, vmsync};
+use vmsync::config::Settings;
+use vmsync::hypervisor::{Hypervisor, Libvirt, TestDriverSchema};
+use vmsync::state;
+use vmsync::sync::{self, SyncError};
+use vmsync::validate::Policy;
+
+fn manifest(images: &Path, names: &[&str]) -> String {
+    let mut m = format!(
+        "version = 1\n\n[[directory]]\npath = \"{}/ISOs\"\n",
+        images.display()
+    );
+    for name in names {
+        m += &format!(
+            "\n[[vm]]\nname = \"{name}\"\nxml = \"vms/{name}.xml\"\nautostart = true\n\n  [[vm.disk]]\n  path = \"{}/{name}.qcow2\"\n  size = \"64M\"\n",
+            images.display()
+        );
+    }
+    m
+}
+
+fn repo_with(images: &Path, names: &[&str]) -> Repo {
+    let repo = Repo::new();
+    repo.write("vmsync.toml", &manifest(images, names));
+    for name in names {
+        repo.write(
+            &format!("vms/{name}.xml"),
+            &bios_xml(name, "kvm", &images.join(format!("{name}.qcow2")), 128),
+        );
+    }
+    repo.commit("initial");
+    repo
+}
+
+struct Env {
+    repo: Repo,
+    images: tempfile::TempDir,
+    state: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(names: &[&str]) -> Self {
+        let images = tempfile::tempdir().unwrap();
+        let repo = repo_with(images.path(), names);
+        Env {
+            repo,
+            images,
+            state: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--url".into(),
+            self.repo.path().display().to_string(),
+            "--state-dir".into(),
+            self.state.path().display().to_string(),
+            "--connect".into(),
+            "test:///default".into(),
+            "--disk-root".into(),
+            self.images.path().display().to_string(),
+            "--host".into(),
+            "hv1".into(),
+        ]
+    }
+
+    fn run(&self, extra: &[&str]) -> common::Run {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        args.extend(self.args());
+        vmsync(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn settings(&self) -> Settings {
+        Settings {
+            url: Some(self.repo.path().display().to_string()),
+            branch: "main".into(),
+            ssh_key: None,
+            token_file: None,
+            libvirt_uri: "test:///default".into(),
+            state_dir: self.state.path().to_path_buf(),
+            host: "hv1".into(),
+            schedule: "0 */5 * * * *".into(),
+            disk_roots: vec![self.images.path().to_path_buf()],
+        }
+    }
+}
+
+#[test]
+fn first_sync_creates_disks_defines_and_records() {
+    let env = Env::new(&["t2-web", "t2-db"]);
+    let head = env.repo.git(&["rev-parse", "HEAD"]).trim().to_string();
+    let run = env.run(&["--once"]).expect(0);
+    assert!(
+        run.stdout.contains(&format!("applied commit {head}")),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("t2-web: create qcow2 disk"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("define, set autostart, start"),
+        "{}",
+        run.stdout
+    );
+    assert!(env.images.path().join("ISOs").is_dir());
+    for name in ["t2-web", "t2-db"] {
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(env.images.path().join(format!("{name}.qcow2")))
+            .output()
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["format"], "qcow2");
+        assert_eq!(info["virtual-size"], 64 << 20);
+    }
+    let record = state::load(env.state.path()).unwrap();
+    assert_eq!(record.last_applied_commit.as_deref(), Some(head.as_str()));
+    assert_eq!(record.vms.len(), 2);
+    assert!(record.vms["t2-web"].ok && record.vms["t2-web"].autostart);
+
+    // status: the record's fields (the test driver of a new process has no domains).
+    let mut args = vec!["status", "--json"];
+    let common = env.args();
+    args.extend(common.iter().map(String::as_str));
+    let status: serde_json::Value = serde_json::from_str(&vmsync(&args).expect(0).stdout).unwrap();
+    assert_eq!(status["last_applied_commit"], head.as_str());
+    assert_eq!(status["last_attempted_commit"], head.as_str());
+    assert_eq!(status["last_result"], "converged");
+    let names: Vec<_> = status["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["t2-db", "t2-web"]);
+    for key in [
+        "defined",
+        "active",
+        "autostart",
+        "applied_commit",
+        "pending_restart",
+        "drift",
+    ] {
+        assert!(status["vms"][0].get(key).is_some(), "missing {key}");
+    }
+}
+
+#[test]
+fn invalid_commit_exits_3_names_the_problem_and_changes_nothing() {
+    let env = Env::new(&["t2-inv"]);
+    env.run(&["--once"]).expect(0);
+    let before = state::load(env.state.path()).unwrap();
+    let disk = env.images.path().join("t2-inv.qcow2");
+    let disk_hash = sha256_file(&disk);
+
+    // A typo in a key, and a second VM whose XML names another domain.
+    let mut m = manifest(env.images.path(), &["t2-inv", "t2-new"]).replacen(
+        "autostart = true",
+        "autostrat = true",
+        1,
+    );
+    env.repo.write("vmsync.toml", &m);
+    env.repo.write(
+        "vms/t2-new.xml",
+        &bios_xml(
+            "t2-other",
+            "kvm",
+            &env.images.path().join("t2-new.qcow2"),
+            128,
+        ),
+    );
+    let bad = env.repo.commit("typo");
+    let run = env.run(&["--once"]).expect(3);
+    assert!(
+        run.stderr
+            .contains("vmsync.toml:9: vm 't2-inv': field 'autostrat': unknown field `autostrat`"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains(&format!("commit {bad} is invalid; nothing was applied")),
+        "{}",
+        run.stderr
+    );
+
+    // Fix the typo: now the mismatched <name> is the problem.
+    m = manifest(env.images.path(), &["t2-inv", "t2-new"]);
+    env.repo.write("vmsync.toml", &m);
+    env.repo.commit("name mismatch");
+    let run = env.run(&["--once"]).expect(3);
+    assert!(
+        run.stderr.contains("vms/t2-new.xml: vm 't2-new': field 'name': the xml's <name> is 't2-other' but the manifest says 't2-new'"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !env.images.path().join("t2-new.qcow2").exists(),
+        "no disk of an invalid commit is created"
+    );
+    assert_eq!(sha256_file(&disk), disk_hash);
+
+    let after = state::load(env.state.path()).unwrap();
+    assert_eq!(after.last_applied_commit, before.last_applied_commit);
+    assert_eq!(after.vms, before.vms);
+    assert_eq!(after.last_result, Some(state::SyncResult::Invalid));
+}
+
+#[test]
+fn lock_held_exits_75_at_once() {
+    let env = Env::new(&["t2-lock"]);
+    let _held = state::lock(env.state.path()).unwrap();
+    let started = std::time::Instant::now();
+    let run = env.run(&["--once"]).expect(75);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert!(
+        run.stderr.contains("another vmsync is running"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        state::load(env.state.path())
+            .unwrap()
+            .last_attempted_commit
+            .is_none()
+    );
+}
+
+#[test]
+fn fetch_and_config_errors_have_their_exit_codes() {
+    let env = Env::new(&["t2-err"]);
+    let state = env.state.path().display().to_string();
+    let run = vmsync(&[
+        "--once",
+        "--url",
+        "/nonexistent/vms",
+        "--state-dir",
+        &state,
+        "--connect",
+        "test:///default",
+    ])
+    .expect(4);
+    assert!(run.stderr.contains("/nonexistent/vms"), "{}", run.stderr);
+    assert_eq!(
+        state::load(env.state.path()).unwrap().last_result,
+        Some(state::SyncResult::FetchFailed)
+    );
+
+    let run = env.run(&["--once", "--branch", "nope"]).expect(4);
+    assert!(run.stderr.contains("branch 'nope'"), "{}", run.stderr);
+
+    vmsync(&["--once", "--state-dir", &state]).expect(2);
+    let run = vmsync(&["--once", "--config", "/nonexistent/config.toml"]).expect(2);
+    assert!(
+        run.stderr.contains("failed to read config"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn validate_dir_checks_every_host_offline() {
+    let images = tempfile::tempdir().unwrap();
+    let repo = repo_with(images.path(), &["t2-val"]);
+    let root = images.path().display().to_string();
+    let dir = repo.path().display().to_string();
+    let run = vmsync(&["validate", &dir, "--disk-root", &root]).expect(0);
+    assert!(run.stdout.contains("valid (1 vm(s)"), "{}", run.stdout);
+
+    repo.write(
+        "vms/t2-val.xml",
+        &bios_xml("t2-val", "kvm", Path::new("/x.qcow2"), 128)
+            .replace("<vcpu>", "<vcpus>")
+            .replace("</vcpu>", "</vcpus>"),
+    );
+    let run = vmsync(&["validate", &dir, "--disk-root", &root]).expect(3);
+    assert!(
+        run.stderr
+            .contains("vms/t2-val.xml: vm 't2-val': field 'xml': rejected by libvirt"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("vcpus"), "{}", run.stderr);
+
+    let run = vmsync(&["validate", &dir, "--disk-root", "/srv/elsewhere"]).expect(3);
+    assert!(
+        run.stderr
+            .contains("is not below a disk root ('/srv/elsewhere')"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// In one process the test driver keeps its domains, so a whole life cycle runs here.
+#[test]
+fn second_sync_is_a_noop_and_a_change_redefines_only_that_domain() {
+    let env = Env::new(&["t2-cyc-a", "t2-cyc-b"]);
+    let settings = env.settings();
+    let hv = Libvirt::connect("test:///default").unwrap();
+    let disks = vmsync::disk::QemuImg::default();
+    let schema = TestDriverSchema::new().unwrap();
+    let policy = Policy {
+        host: Some("hv1".into()),
+        disk_roots: settings.disk_roots.clone(),
+    };
+    let sync_head = |record: &mut state::Record| {
+        let fetched =
+            vmsync::source::fetch(&settings.source().unwrap(), &settings.state_dir).unwrap();
+        let commit = fetched.id();
+        let desired = sync::validate_commit(&fetched, &commit, &policy, &schema)?;
+        sync::apply_commit(&settings, record, &commit, &desired, &hv, &disks)
+    };
+    let mut record = state::Record::default();
+
+    let first = sync_head(&mut record).unwrap();
+    assert_eq!(first.outcome.changes(), 8);
+    let uuid_a = hv
+        .list()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.name == "t2-cyc-a")
+        .unwrap()
+        .uuid;
+    let xml_b = hv.xml("t2-cyc-b", true).unwrap();
+
+    let second = sync_head(&mut record).unwrap();
+    assert_eq!(second.outcome.changes(), 0, "{:?}", second.outcome);
+    assert!(second.plan.is_noop());
+
+    env.repo.write(
+        "vms/t2-cyc-a.xml",
+        &bios_xml(
+            "t2-cyc-a",
+            "kvm",
+            &env.images.path().join("t2-cyc-a.qcow2"),
+            256,
+        ),
+    );
+    let c3 = env.repo.commit("more memory for a");
+    let third = sync_head(&mut record).unwrap();
+    let done: Vec<_> = third
+        .outcome
+        .vms
+        .iter()
+        .map(|vm| (vm.name.as_str(), vm.done.clone()))
+        .collect();
+    assert_eq!(
+        done,
+        vec![
+            ("t2-cyc-a", vec!["redefine in place".to_string()]),
+            ("t2-cyc-b", vec![])
+        ]
+    );
+    assert!(
+        third.outcome.vms[0].pending_restart,
+        "a is running with the old definition"
+    );
+    let a = hv
+        .list()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.name == "t2-cyc-a")
+        .unwrap();
+    assert_eq!(a.uuid, uuid_a);
+    assert!(a.active);
+    let xml_a = hv.xml("t2-cyc-a", true).unwrap();
+    assert!(xml_a.contains("262144"), "new memory applied");
+    assert_eq!(vmsync::domain_xml::read_tag(&xml_a).unwrap().commit, c3);
+    assert_eq!(hv.xml("t2-cyc-b", true).unwrap(), xml_b, "b untouched");
+    assert_eq!(
+        record.vms["t2-cyc-b"].applied_commit.as_deref(),
+        Some(c3.as_str())
+    );
+
+    // A domain made by hand with a managed name is never touched: that VM fails.
+    env.repo.write(
+        "vmsync.toml",
+        &manifest(env.images.path(), &["t2-cyc-a", "t2-cyc-b", "t2-cyc-hand"]),
+    );
+    env.repo.write(
+        "vms/t2-cyc-hand.xml",
+        &bios_xml(
+            "t2-cyc-hand",
+            "kvm",
+            &env.images.path().join("t2-cyc-hand.qcow2"),
+            128,
+        ),
+    );
+    env.repo.commit("adopt a hand-made domain?");
+    let by_hand = "<domain type='test'><name>t2-cyc-hand</name><memory>131072</memory><os><type>hvm</type></os></domain>";
+    hv.define(by_hand).unwrap();
+    let hand_xml = hv.xml("t2-cyc-hand", true).unwrap();
+    let err = sync_head(&mut record).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SyncError::ActionsFailed {
+                failed: 1,
+                total: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), 1);
+    assert_eq!(hv.xml("t2-cyc-hand", true).unwrap(), hand_xml);
+    assert!(!env.images.path().join("t2-cyc-hand.qcow2").exists());
+    assert!(
+        record.vms["t2-cyc-hand"]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("not defined by vmsync")
+    );
+    assert_eq!(
+        record.last_applied_commit.as_deref(),
+        Some(c3.as_str()),
+        "failed commit not recorded as applied"
+    );
+    assert!(record.vms["t2-cyc-a"].ok, "the others were still applied");
+}
+
+#[test]
+fn vms_for_other_hosts_are_left_alone() {
+    let images = tempfile::tempdir().unwrap();
+    let repo = Repo::new();
+    let m = manifest(images.path(), &["t2-here", "t2-there"]).replacen(
+        "name = \"t2-there\"",
+        "name = \"t2-there\"\nhosts = [\"hv2\"]",
+        1,
+    );
+    repo.write("vmsync.toml", &m);
+    repo.write(
+        "vms/t2-here.xml",
+        &bios_xml("t2-here", "kvm", &images.path().join("t2-here.qcow2"), 128),
+    );
+    // hv2's XML is broken, which hv1 does not care about.
+    repo.write("vms/t2-there.xml", "<domain>");
+    repo.commit("two hosts");
+    let state = tempfile::tempdir().unwrap();
+    let run = vmsync(&[
+        "--once",
+        "--url",
+        &repo.path().display().to_string(),
+        "--state-dir",
+        &state.path().display().to_string(),
+        "--connect",
+        "test:///default",
+        "--disk-root",
+        &images.path().display().to_string(),
+        "--host",
+        "hv1",
+    ])
+    .expect(0);
+    assert!(run.stdout.contains("t2-here"), "{}", run.stdout);
+    assert!(!run.stdout.contains("t2-there"), "{}", run.stdout);
+    assert!(!images.path().join("t2-there.qcow2").exists());
+}
