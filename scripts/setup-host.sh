@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# Prepare a Debian/Ubuntu host (or CI container) to build and test vmsync:
+#   - build and runtime packages (libvirt, QEMU, OVMF, swtpm, qemu-img, ssh, git)
+#   - a Rust toolchain (rustup, only if no cargo is found)
+#   - a reachable libvirtd at qemu:///system (started only if none answers)
+#
+# Run as root. Safe to run any number of times: every step checks first and
+# says what it did or why it did nothing. It never restarts or reconfigures a
+# libvirtd that is already reachable.
+#
+# Environment:
+#   SETUP_SKIP_APT=1   skip apt-get update/install (offline re-runs)
+set -euo pipefail
+
+log() { printf '[setup-host] %s\n' "$*"; }
+die() { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (try: sudo $0)"
+
+LIBVIRT_URI=qemu:///system
+
+BUILD_PKGS=(libvirt-dev pkg-config libssl-dev zlib1g-dev git ca-certificates curl)
+RUNTIME_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+  qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf
+  openssh-server openssh-client)
+
+# ---------------------------------------------------------------- packages --
+
+installed_version() {
+  dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null |
+    awk '$3 == "installed" { print $4 }'
+}
+
+is_debian_bookworm() {
+  [ -r /etc/os-release ] || return 1
+  # shellcheck disable=SC1091
+  (. /etc/os-release && [ "${ID:-}" = debian ] && [ "${VERSION_CODENAME:-}" = bookworm ])
+}
+
+install_packages() {
+  if [ "${SETUP_SKIP_APT:-0}" = 1 ]; then
+    log "apt: skipped (SETUP_SKIP_APT=1)"
+    return
+  fi
+  local pkgs=("${BUILD_PKGS[@]}" "${RUNTIME_PKGS[@]}")
+  local extra_opts=()
+
+  # GOTCHA: on Debian 12 hosts that pulled qemu-utils from bookworm-backports
+  # (10.x), that qemu-utils "Breaks: qemu-system-common" from bookworm (7.2),
+  # so installing qemu-system-x86 fails. Pin the qemu packages that came from
+  # backports to the bookworm release (a downgrade). Only on Debian bookworm:
+  # Ubuntu and other Debian releases have no "bookworm" release to select.
+  if is_debian_bookworm; then
+    local i name ver pinned=()
+    for i in "${!pkgs[@]}"; do
+      name=${pkgs[$i]}
+      case $name in qemu-*) ;; *) continue ;; esac
+      ver=$(installed_version "$name")
+      if [[ $ver == *bpo* ]]; then
+        pkgs[i]="$name/bookworm"
+        pinned+=("$name ($ver)")
+      fi
+    done
+    # qemu-block-extra is version-locked to qemu-utils; move it along if present.
+    ver=$(installed_version qemu-block-extra)
+    if [[ $ver == *bpo* ]]; then
+      pkgs+=("qemu-block-extra/bookworm")
+      pinned+=("qemu-block-extra ($ver)")
+    fi
+    if [ "${#pinned[@]}" -gt 0 ]; then
+      log "apt: backports qemu found, downgrading to bookworm: ${pinned[*]}"
+      extra_opts+=(--allow-downgrades)
+    fi
+  fi
+
+  log "apt: apt-get update"
+  apt-get update -q
+  log "apt: installing ${pkgs[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "${extra_opts[@]}" "${pkgs[@]}"
+}
+
+# -------------------------------------------------------------------- rust --
+
+ensure_rust() {
+  if command -v cargo >/dev/null 2>&1; then
+    log "rust: cargo found at $(command -v cargo), nothing to do"
+  elif [ -x "$HOME/.cargo/bin/cargo" ]; then
+    log "rust: cargo found at $HOME/.cargo/bin/cargo (not on PATH; scripts add it)"
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+  else
+    log "rust: no cargo found, installing rustup (minimal profile)"
+    curl --proto '=https' --tlsv1.2 https://sh.rustup.rs -sSf | sh -s -- -y --profile minimal
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+  fi
+  # The minimal profile has no rustfmt/clippy; scripts/test.sh needs both.
+  # Only ask rustup (network) when one is actually missing.
+  if command -v rustup >/dev/null 2>&1; then
+    local missing=()
+    cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
+    cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
+    if [ "${#missing[@]}" -gt 0 ]; then
+      log "rust: adding components ${missing[*]}"
+      rustup component add "${missing[@]}"
+    fi
+  fi
+  log "rust: $(cargo --version)"
+}
+
+# ----------------------------------------------------------------- libvirt --
+
+libvirt_reachable() {
+  virsh -c "$LIBVIRT_URI" uri >/dev/null 2>&1
+}
+
+wait_for_libvirt() {
+  local i
+  for i in $(seq 1 30); do
+    if libvirt_reachable; then
+      log "libvirt: $LIBVIRT_URI reachable after ${i}s"
+      return 0
+    fi
+    sleep 1
+  done
+  die "libvirt: $LIBVIRT_URI still not reachable after 30s (see /var/log/libvirt/, journalctl -u libvirtd)"
+}
+
+unit_exists() {
+  [ -n "$(systemctl list-unit-files --no-legend "$1" 2>/dev/null)" ]
+}
+
+# Set `key = value` in a libvirt config file: drop any active line for the
+# key, then append ours. Comments and other settings are kept.
+set_conf_key() {
+  local file=$1 key=$2 value=$3
+  if grep -Eq "^[[:space:]]*${key}[[:space:]]*=[[:space:]]*${value}[[:space:]]*$" "$file" 2>/dev/null &&
+    [ "$(grep -Ec "^[[:space:]]*${key}[[:space:]]*=" "$file")" -eq 1 ]; then
+    return 0
+  fi
+  if [ -f "$file" ]; then
+    sed -i -E "/^[[:space:]]*${key}[[:space:]]*=/d" "$file"
+  fi
+  printf '%s = %s\n' "$key" "$value" >>"$file"
+  log "libvirt: set ${key} = ${value} in ${file}"
+}
+
+start_libvirt_systemd() {
+  if unit_exists libvirtd.service; then
+    log "libvirt: systemctl start virtlogd libvirtd"
+    systemctl start virtlogd libvirtd
+  elif unit_exists virtqemud.socket || unit_exists virtqemud.service; then
+    # Modular daemons (no monolithic libvirtd unit on this system).
+    log "libvirt: no libvirtd unit; systemctl start virtlogd.socket virtqemud.socket virtqemud"
+    systemctl start virtlogd.socket virtqemud.socket
+    systemctl start virtqemud.service || true
+  else
+    die "libvirt: neither libvirtd.service nor virtqemud units exist; is libvirt-daemon installed?"
+  fi
+}
+
+start_libvirt_container() {
+  log "libvirt: no systemd (container); starting virtlogd and libvirtd by hand"
+  mkdir -p /var/log/libvirt /run/libvirt /var/lib/libvirt/images
+  getent group libvirt >/dev/null || { groupadd --system libvirt && log "libvirt: created group libvirt"; }
+  getent group libvirt-qemu >/dev/null || { groupadd --system libvirt-qemu && log "libvirt: created group libvirt-qemu"; }
+  if ! getent passwd libvirt-qemu >/dev/null; then
+    useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt \
+      --no-create-home --shell /usr/sbin/nologin libvirt-qemu
+    log "libvirt: created user libvirt-qemu"
+  fi
+
+  # Containers usually cannot switch QEMU/swtpm to unprivileged users (no
+  # working user/group switching, no DAC relabel of bind mounts), so run them
+  # as root. WARNING: never do this to a host whose libvirtd is already
+  # running or managed by systemd: it weakens isolation of every guest. This
+  # branch is only reached when no libvirtd answers and systemd is not PID 1.
+  mkdir -p /etc/libvirt
+  local conf=/etc/libvirt/qemu.conf
+  set_conf_key "$conf" user '"root"'
+  set_conf_key "$conf" group '"root"'
+  set_conf_key "$conf" swtpm_user '"root"'
+  set_conf_key "$conf" swtpm_group '"root"'
+
+  if pgrep -x virtlogd >/dev/null 2>&1; then
+    log "libvirt: virtlogd already running"
+  else
+    log "libvirt: virtlogd -d"
+    virtlogd -d
+  fi
+  if pgrep -x libvirtd >/dev/null 2>&1; then
+    log "libvirt: a libvirtd process exists but does not answer; waiting for it"
+  else
+    log "libvirt: libvirtd -d"
+    libvirtd -d
+  fi
+}
+
+ensure_libvirt() {
+  if libvirt_reachable; then
+    log "libvirt: $LIBVIRT_URI already reachable; leaving the running daemon alone"
+    return
+  fi
+  if [ -d /run/systemd/system ]; then
+    start_libvirt_systemd
+  else
+    start_libvirt_container
+  fi
+  wait_for_libvirt
+}
+
+ensure_sshd_dir() {
+  if [ -d /run/sshd ]; then
+    log "ssh: /run/sshd exists"
+  else
+    mkdir -p /run/sshd
+    chmod 0755 /run/sshd
+    log "ssh: created /run/sshd"
+  fi
+}
+
+install_packages
+ensure_rust
+ensure_libvirt
+ensure_sshd_dir
+log "done: $(virsh -c "$LIBVIRT_URI" version --daemon 2>/dev/null | sed -n 's/^Running against daemon: *//p' | sed 's/^/libvirtd /')"
