@@ -23,6 +23,7 @@ pub struct VmOutcome {
 /// How applying a plan went.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Outcome {
+    pub directories_created: usize,
     pub directory_errors: Vec<String>,
     pub vms: Vec<VmOutcome>,
 }
@@ -31,8 +32,9 @@ impl Outcome {
     pub fn all_ok(&self) -> bool {
         self.directory_errors.is_empty() && self.vms.iter().all(|vm| vm.error.is_none())
     }
+    /// Directories created plus actions done.
     pub fn changes(&self) -> usize {
-        self.vms.iter().map(|vm| vm.done.len()).sum()
+        self.directories_created + self.vms.iter().map(|vm| vm.done.len()).sum::<usize>()
     }
 }
 
@@ -42,7 +44,10 @@ pub fn apply(plan: &Plan, hv: &dyn Hypervisor, disks: &dyn DiskProvisioner) -> O
     let mut outcome = Outcome::default();
     for dir in &plan.create_directories {
         match disks.ensure_dir(dir) {
-            Ok(_) => info!(directory = %dir.display(), commit = %short, "created directory"),
+            Ok(_) => {
+                info!(directory = %dir.display(), commit = %short, "created directory");
+                outcome.directories_created += 1;
+            }
             Err(e) => {
                 error!(directory = %dir.display(), error = %e, "failed to create directory");
                 outcome.directory_errors.push(e.to_string());

@@ -126,10 +126,10 @@ pub fn run() -> u8 {
     };
     let result = match (&cli.command, cli.once) {
         (None, true) => sync::once(&settings).map(|r| {
-            if r.outcome.changes() == 0 && r.plan.create_directories.is_empty() {
+            if r.outcome.changes() == 0 {
                 println!("nothing to do: commit {} is applied and every vm is converged", r.commit);
             } else {
-                println!("applied commit {}: {} change(s)", r.commit, r.outcome.changes() + r.plan.create_directories.len());
+                println!("applied commit {}: {} change(s)", r.commit, r.outcome.changes());
                 for vm in r.outcome.vms.iter().filter(|vm| !vm.done.is_empty()) {
                     println!("  {}: {}", vm.name, vm.done.join(", "));
                 }

@@ -414,7 +414,7 @@ impl DiskProvisioner for QemuImg {
             .mode(0o755)
             .create(path)
             .map_err(|err| DiskError::io("create directory", path, &err))?;
-        info!(dir = %path.display(), "created directory");
+        debug!(dir = %path.display(), "created directory");
         Ok(true)
     }
 

@@ -323,7 +323,11 @@ fn second_sync_is_a_noop_and_a_change_redefines_only_that_domain() {
     let mut record = state::Record::default();
 
     let first = sync_head(&mut record).unwrap();
-    assert_eq!(first.outcome.changes(), 8);
+    assert_eq!(
+        first.outcome.changes(),
+        9,
+        "1 directory + 2 x (disk, define, autostart, start)"
+    );
     let uuid_a = hv
         .list()
         .unwrap()
