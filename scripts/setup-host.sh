@@ -156,7 +156,9 @@ start_libvirt_systemd() {
     systemctl start virtlogd.socket virtqemud.socket
     systemctl start virtqemud.service || true
   else
-    die "libvirt: neither libvirtd.service nor virtqemud units exist; is libvirt-daemon installed?"
+    # libvirt-daemon (without libvirt-daemon-system) ships no units: start it by hand.
+    log "libvirt: no libvirtd/virtqemud units installed; starting the daemons by hand"
+    start_libvirt_container
   fi
 }
 
@@ -175,7 +177,8 @@ start_libvirt_container() {
   # working user/group switching, no DAC relabel of bind mounts), so run them
   # as root. WARNING: never do this to a host whose libvirtd is already
   # running or managed by systemd: it weakens isolation of every guest. This
-  # branch is only reached when no libvirtd answers and systemd is not PID 1.
+  # branch is only reached when no libvirtd answers and either systemd is not
+  # PID 1 or no libvirt units are installed.
   mkdir -p /etc/libvirt
   local conf=/etc/libvirt/qemu.conf
   set_conf_key "$conf" user '"root"'

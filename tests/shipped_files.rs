@@ -1,0 +1,55 @@
+//! Every file we ship for users is checked: the example VM repository validates, and the
+//! example agent config parses with the values it documents.
+
+mod common;
+
+use std::path::Path;
+
+use vmsync::config::{self, Overrides};
+
+#[test]
+fn example_repo_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("example-repo");
+    let run = common::vmsync(&["validate", &dir.display().to_string()]).expect(0);
+    assert!(
+        run.stdout.contains("valid (2 vm(s), 1 directory(ies))"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn example_repo_xml_files_are_all_used() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("example-repo");
+    let manifest = std::fs::read_to_string(dir.join("vmsync.toml")).unwrap();
+    for entry in std::fs::read_dir(dir.join("vms")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(
+            manifest.contains(&format!("vms/{name}")),
+            "example-repo/vms/{name} is not in vmsync.toml"
+        );
+    }
+}
+
+#[test]
+fn deploy_config_parses_with_documented_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config.toml");
+    let s = config::load(&Overrides {
+        config: Some(path),
+        host: Some("hv1".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        s.url.as_deref(),
+        Some("ssh://git@git.example.org/infra/vms.git")
+    );
+    assert_eq!(s.branch, "main");
+    assert_eq!(s.libvirt_uri, "qemu:///system");
+    assert_eq!(s.state_dir, Path::new("/var/lib/vmsync"));
+    assert_eq!(s.schedule, "0 */5 * * * *");
+    assert_eq!(
+        s.disk_roots,
+        vec![Path::new("/var/lib/libvirt/images").to_path_buf()]
+    );
+}
