@@ -2,6 +2,8 @@
 //! starts domains, through the `Hypervisor` and `DiskProvisioner` seams. One VM failing
 //! does not stop the others; within a VM, the first failed action stops that VM.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tracing::{error, info, warn};
 
 use crate::disk::DiskProvisioner;
@@ -18,6 +20,10 @@ pub struct VmOutcome {
     pub done: Vec<String>,
     pub error: Option<String>,
     pub pending_restart: bool,
+    /// Running after the actions (was running, or was started).
+    pub up: bool,
+    /// Kinds of the actions done (see `Action::kind`).
+    pub kinds: Vec<&'static str>,
 }
 
 /// How applying a plan went.
@@ -38,8 +44,17 @@ impl Outcome {
     }
 }
 
-/// Applies `plan`.
-pub fn apply(plan: &Plan, hv: &dyn Hypervisor, disks: &dyn DiskProvisioner) -> Outcome {
+/// The error a VM gets when vmsync stops before doing its actions.
+pub const INTERRUPTED: &str = "interrupted: vmsync is stopping; the next run continues";
+
+/// Applies `plan`. When `cancel` becomes true, the action in flight finishes and no
+/// further action starts (those VMs are recorded as interrupted).
+pub fn apply(
+    plan: &Plan,
+    hv: &dyn Hypervisor,
+    disks: &dyn DiskProvisioner,
+    cancel: &AtomicBool,
+) -> Outcome {
     let short = &plan.commit[..plan.commit.len().min(12)];
     let mut outcome = Outcome::default();
     for dir in &plan.create_directories {
@@ -62,6 +77,8 @@ pub fn apply(plan: &Plan, hv: &dyn Hypervisor, disks: &dyn DiskProvisioner) -> O
             done: Vec::new(),
             error: vm.error.clone(),
             pending_restart: vm.pending_restart,
+            up: vm.active,
+            kinds: Vec::new(),
         };
         for warning in &vm.warnings {
             warn!(vm = %vm.name, "{warning}");
@@ -78,6 +95,11 @@ pub fn apply(plan: &Plan, hv: &dyn Hypervisor, disks: &dyn DiskProvisioner) -> O
             .into_iter()
             .flatten()
         {
+            if cancel.load(Ordering::SeqCst) {
+                warn!(vm = %vm.name, commit = %short, "stopping before the next action");
+                result.error = Some(INTERRUPTED.to_string());
+                break;
+            }
             let what = action.describe();
             let done = match action {
                 Action::CreateDisk(spec) => disks.create(spec).map_err(|e| e.to_string()),
@@ -95,6 +117,10 @@ pub fn apply(plan: &Plan, hv: &dyn Hypervisor, disks: &dyn DiskProvisioner) -> O
                 Ok(()) => {
                     info!(vm = %vm.name, commit = %short, action = %what, "done");
                     result.done.push(what);
+                    result.kinds.push(action.kind());
+                    if matches!(action, Action::Start) {
+                        result.up = true;
+                    }
                 }
                 Err(e) => {
                     error!(vm = %vm.name, commit = %short, action = %what, error = %e, "action failed");

@@ -127,35 +127,58 @@ pub fn run() -> u8 {
     let result = match (&cli.command, cli.once) {
         (None, true) => sync::once(&settings).map(|r| {
             if r.outcome.changes() == 0 {
-                println!("nothing to do: commit {} is applied and every vm is converged", r.commit);
+                println!(
+                    "nothing to do: commit {} is applied and every vm is converged",
+                    r.commit
+                );
             } else {
-                println!("applied commit {}: {} change(s)", r.commit, r.outcome.changes());
+                println!(
+                    "applied commit {}: {} change(s)",
+                    r.commit,
+                    r.outcome.changes()
+                );
                 for vm in r.outcome.vms.iter().filter(|vm| !vm.done.is_empty()) {
                     println!("  {}: {}", vm.name, vm.done.join(", "));
                 }
             }
             for vm in r.outcome.vms.iter().filter(|vm| vm.pending_restart) {
-                println!("  {}: pending restart (running with an older definition)", vm.name);
+                println!(
+                    "  {}: pending restart (running with an older definition)",
+                    vm.name
+                );
             }
         }),
-        (None, false) => Err(SyncError::Config(config::ConfigError(
-            "daemon mode is not available yet; run `vmsync --once` (for example from a systemd timer)".into(),
+        (None, false) => return crate::daemon::run(flags, settings),
+        (Some(_), true) => Err(SyncError::Config(config::ConfigError(
+            "--once cannot be combined with a command".into(),
         ))),
-        (Some(_), true) => Err(SyncError::Config(config::ConfigError("--once cannot be combined with a command".into()))),
-        (Some(Command::Plan), false) => sync::plan_only(&settings).map(|plan| print!("{}", crate::plan::render(&plan))),
+        (Some(Command::Plan), false) => {
+            sync::plan_only(&settings).map(|plan| print!("{}", crate::plan::render(&plan)))
+        }
         (Some(Command::Validate { dir }), false) => {
             let dir = dir.clone().unwrap_or_else(|| PathBuf::from("."));
             sync::validate_dir(&settings, &dir).map(|d| {
-                println!("{}: valid ({} vm(s), {} directory(ies))", dir.display(), d.vms.len(), d.directories.len())
+                println!(
+                    "{}: valid ({} vm(s), {} directory(ies))",
+                    dir.display(),
+                    d.vms.len(),
+                    d.directories.len()
+                )
             })
         }
         (Some(Command::Status { json }), false) => crate::state::load(&settings.state_dir)
             .map(|record| {
                 let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri);
-                let hv_ref = hv.as_ref().map(|h| h as &dyn crate::hypervisor::Hypervisor).map_err(|e| e.to_string());
+                let hv_ref = hv
+                    .as_ref()
+                    .map(|h| h as &dyn crate::hypervisor::Hypervisor)
+                    .map_err(|e| e.to_string());
                 let status = crate::status::status(&record, hv_ref);
                 if *json {
-                    println!("{}", serde_json::to_string_pretty(&status).expect("status serializes"));
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&status).expect("status serializes")
+                    );
                 } else {
                     print!("{}", crate::status::render_text(&status));
                 }

@@ -10,6 +10,18 @@ use crate::source::SourceSettings;
 /// Where the config file is read from when `--config` is not given (it may be absent).
 pub const DEFAULT_CONFIG: &str = "/etc/vmsync/config.toml";
 
+/// The daemon's default schedule: every five minutes, at second 0.
+pub const DEFAULT_SCHEDULE: &str = "0 */5 * * * *";
+
+/// Parses a cron schedule with a seconds field (`sec min hour dom month dow [year]`).
+pub fn parse_schedule(text: &str) -> Result<cron::Schedule, ConfigError> {
+    text.parse().map_err(|e| {
+        ConfigError(format!(
+            "invalid [agent] schedule '{text}': {e} (cron with seconds: \"0 */5 * * * *\")"
+        ))
+    })
+}
+
 /// An agent configuration problem: exit status 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -49,6 +61,10 @@ struct RawAgent {
     state_dir: Option<PathBuf>,
     host: Option<String>,
     schedule: Option<String>,
+    jitter_seconds: Option<u64>,
+    max_attempts: Option<u32>,
+    backoff_max_seconds: Option<u64>,
+    metrics_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,7 +105,17 @@ pub struct Settings {
     /// `[agent] host` / `--host`: the name matched against a VM's `hosts`; default: the hostname.
     pub host: String,
     /// `[agent] schedule`: daemon cron schedule (with seconds); default "0 */5 * * * *".
-    pub schedule: String,
+    pub schedule: cron::Schedule,
+    /// `[agent] jitter_seconds`: the daemon delays each tick by a per-host amount in
+    /// 0..=jitter_seconds, so a fleet does not fetch at the same second; default 30.
+    pub jitter_seconds: u64,
+    /// `[agent] max_attempts`: the daemon stops retrying a commit that failed this many
+    /// times in a row until a newer commit arrives; default 5.
+    pub max_attempts: u32,
+    /// `[agent] backoff_max_seconds`: cap of the daemon's retry backoff; default 3600.
+    pub backoff_max_seconds: u64,
+    /// `[agent] metrics_file`: Prometheus textfile written after every sync; default none.
+    pub metrics_file: Option<PathBuf>,
     /// `[policy] disk_roots` / `--disk-root`: disks and directories must live below one
     /// of these; default ["/var/lib/libvirt/images"].
     pub disk_roots: Vec<PathBuf>,
@@ -185,7 +211,18 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
             .unwrap_or_else(|| "qemu:///system".into()),
         state_dir,
         host,
-        schedule: raw.agent.schedule.unwrap_or_else(|| "0 */5 * * * *".into()),
+        schedule: parse_schedule(raw.agent.schedule.as_deref().unwrap_or(DEFAULT_SCHEDULE))?,
+        jitter_seconds: raw.agent.jitter_seconds.unwrap_or(30),
+        max_attempts: match raw.agent.max_attempts {
+            Some(0) => {
+                return Err(ConfigError(
+                    "invalid [agent] max_attempts 0: must be at least 1".into(),
+                ));
+            }
+            other => other.unwrap_or(5),
+        },
+        backoff_max_seconds: raw.agent.backoff_max_seconds.unwrap_or(3600),
+        metrics_file: raw.agent.metrics_file,
         disk_roots,
     })
 }
@@ -214,7 +251,46 @@ mod tests {
         assert_eq!(s.host, "hv1");
         assert_eq!(s.state_dir, PathBuf::from("/var/lib/vmsync"));
         assert_eq!(s.disk_roots, vec![PathBuf::from("/var/lib/libvirt/images")]);
-        assert_eq!(s.schedule, "0 */5 * * * *");
+        assert_eq!(s.schedule.source(), "0 */5 * * * *");
+        assert_eq!(
+            (s.jitter_seconds, s.max_attempts, s.backoff_max_seconds),
+            (30, 5, 3600)
+        );
+        assert_eq!(s.metrics_file, None);
+    }
+
+    #[test]
+    fn schedule_and_attempts_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[agent]\nschedule = \"*/5 * * * *\"\n").unwrap();
+        let err = load(&Overrides {
+            config: Some(path.clone()),
+            host: Some("h".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.0.contains("invalid [agent] schedule '*/5 * * * *'"),
+            "{err}"
+        );
+        std::fs::write(&path, "[agent]\nmax_attempts = 0\n").unwrap();
+        let err = load(&Overrides {
+            config: Some(path.clone()),
+            host: Some("h".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.0.contains("max_attempts"), "{err}");
+        std::fs::write(&path, "[agent]\nschedule = \"*/2 * * * * *\"\njitter_seconds = 0\nmetrics_file = \"/tmp/v.prom\"\n").unwrap();
+        let s = load(&Overrides {
+            config: Some(path),
+            host: Some("h".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.jitter_seconds, 0);
+        assert_eq!(s.metrics_file, Some(PathBuf::from("/tmp/v.prom")));
     }
 
     #[test]

@@ -70,6 +70,11 @@ impl Libvirt {
         &self.uri
     }
 
+    /// Whether the connection still works (libvirtd may have restarted).
+    pub fn alive(&self) -> bool {
+        self.conn.is_alive().unwrap_or(false)
+    }
+
     fn lookup(&self, name: &str) -> Result<Domain, HvError> {
         Ok(self.conn.lookup_domain_by_name(name)?)
     }

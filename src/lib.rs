@@ -9,11 +9,13 @@
 pub mod apply;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod disk;
 pub mod domain_xml;
 pub mod files;
 pub mod hypervisor;
 pub mod manifest;
+pub mod metrics;
 pub mod observe;
 pub mod plan;
 pub mod source;

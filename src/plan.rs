@@ -33,6 +33,19 @@ pub enum Action {
 }
 
 impl Action {
+    /// The action's kind, for metrics (`vmsync_last_sync_actions{kind=…}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::CreateDisk(_) => "create_disk",
+            Action::Define {
+                redefine: false, ..
+            } => "define",
+            Action::Define { redefine: true, .. } => "redefine",
+            Action::SetAutostart(_) => "set_autostart",
+            Action::Start => "start",
+        }
+    }
+
     /// Short description for logs and plans.
     pub fn describe(&self) -> String {
         match self {
@@ -68,6 +81,8 @@ pub struct VmPlan {
     pub warnings: Vec<String>,
     /// Running with an older definition, after this plan is applied.
     pub pending_restart: bool,
+    /// The domain is running now (before the plan is applied).
+    pub active: bool,
 }
 
 /// The whole plan for one commit.
@@ -114,6 +129,7 @@ fn plan_vm(vm: &DesiredVm, observed: &Observed, commit: &str) -> VmPlan {
         error: None,
         warnings: Vec::new(),
         pending_restart: false,
+        active: false,
     };
     let seen = observed.domains.get(&vm.name);
     if let Some(seen) = seen {
@@ -192,6 +208,7 @@ fn plan_vm(vm: &DesiredVm, observed: &Observed, commit: &str) -> VmPlan {
     }
 
     let active = seen.is_some_and(|s| s.listing.active);
+    out.active = active;
     let autostart_now = seen.is_some_and(|s| s.listing.autostart);
     if vm.autostart != autostart_now {
         out.actions.push(Action::SetAutostart(vm.autostart));

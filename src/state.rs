@@ -55,7 +55,21 @@ pub struct Record {
     pub last_result: Option<SyncResult>,
     /// The last attempt's error summary (invalid commit, fetch failure, failed VMs).
     pub last_error: Option<String>,
+    /// Consecutive attempts of `last_attempted_commit` that did not converge.
+    #[serde(default)]
+    pub failed_attempts: u32,
     pub vms: BTreeMap<String, VmRecord>,
+}
+
+impl Record {
+    /// Notes an attempt of `commit` that did not converge.
+    pub fn count_failure(&mut self, commit: &str) {
+        if self.last_attempted_commit.as_deref() == Some(commit) {
+            self.failed_attempts = self.failed_attempts.saturating_add(1);
+        } else {
+            self.failed_attempts = 1;
+        }
+    }
 }
 
 /// Now, as RFC 3339 (UTC, seconds).
@@ -79,19 +93,32 @@ pub fn load(state_dir: &Path) -> anyhow::Result<Record> {
 
 /// Writes the record atomically: a reader (or a crash) sees the old or the new file.
 pub fn save(state_dir: &Path, record: &Record) -> anyhow::Result<()> {
-    let path = state_dir.join(STATE_FILE);
-    let context =
-        |e: std::io::Error| anyhow::anyhow!("failed to write state file '{}': {e}", path.display());
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".state.json.")
-        .tempfile_in(state_dir)
-        .map_err(context)?;
     let mut json = serde_json::to_vec_pretty(record)?;
     json.push(b'\n');
-    tmp.write_all(&json).map_err(context)?;
+    write_atomic(&state_dir.join(STATE_FILE), &json)
+}
+
+/// Writes `bytes` to `path` atomically: temp file in the same directory, write, fsync,
+/// rename over `path`, fsync of the directory. A reader (or a crash) sees the old or the
+/// new content, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let context = |e: std::io::Error| anyhow::anyhow!("failed to write '{}': {e}", path.display());
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .tempfile_in(dir)
+        .map_err(context)?;
+    tmp.write_all(bytes).map_err(context)?;
     tmp.as_file().sync_all().map_err(context)?;
-    tmp.persist(&path).map_err(|e| context(e.error))?;
-    File::open(state_dir)
+    tmp.persist(path).map_err(|e| context(e.error))?;
+    File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(context)?;
     Ok(())

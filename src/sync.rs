@@ -3,14 +3,16 @@
 //! exit status.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::apply::{self, Outcome};
 use crate::config::{ConfigError, Settings};
 use crate::disk::DiskProvisioner;
 use crate::files::RepoFiles;
-use crate::hypervisor::{Hypervisor, SchemaChecker, TestDriverSchema};
+use crate::hypervisor::{HvError, Hypervisor, Libvirt, SchemaChecker, TestDriverSchema};
 use crate::manifest::Problem;
 use crate::observe;
 use crate::plan::{self, Plan};
@@ -40,6 +42,12 @@ pub enum SyncError {
         failed: usize,
         total: usize,
     },
+    #[error(
+        "commit {commit} failed {attempts} times in a row; not retrying it until a newer commit arrives (`vmsync --once` retries it now)"
+    )]
+    GaveUp { commit: String, attempts: u32 },
+    #[error(transparent)]
+    Libvirt(#[from] HvError),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -60,7 +68,10 @@ impl SyncError {
             SyncError::Invalid { .. } => 3,
             SyncError::Fetch(_) => 4,
             SyncError::Locked(_) => 75,
-            SyncError::ActionsFailed { .. } | SyncError::Other(_) => 1,
+            SyncError::ActionsFailed { .. }
+            | SyncError::GaveUp { .. }
+            | SyncError::Libvirt(_)
+            | SyncError::Other(_) => 1,
         }
     }
 }
@@ -105,8 +116,83 @@ pub struct Report {
     pub outcome: Outcome,
 }
 
-/// `vmsync --once`: fetches, validates and applies with the real libvirt and qemu-img.
+/// A libvirt connection kept across syncs (by the daemon), reopened when it died.
+pub struct Connection {
+    uri: String,
+    conn: Option<Libvirt>,
+}
+
+impl Connection {
+    pub fn new(uri: &str) -> Self {
+        Self {
+            uri: uri.to_string(),
+            conn: None,
+        }
+    }
+
+    /// Switches to `uri` (after a config reload), dropping the old connection if it differs.
+    pub fn set_uri(&mut self, uri: &str) {
+        if self.uri != uri {
+            self.uri = uri.to_string();
+            self.conn = None;
+        }
+    }
+
+    /// The open connection, (re)connecting if there is none or it is dead.
+    pub fn get(&mut self) -> Result<&Libvirt, HvError> {
+        if !self.conn.as_ref().is_some_and(Libvirt::alive) {
+            self.conn = Some(Libvirt::connect(&self.uri)?);
+        }
+        Ok(self.conn.as_ref().expect("just connected"))
+    }
+}
+
+/// How a sync runs.
+pub struct Options<'a> {
+    /// Refuse a commit that already failed this many times in a row (the daemon).
+    pub give_up_after: Option<u32>,
+    /// Set to stop after the action in flight.
+    pub cancel: &'a AtomicBool,
+}
+
+/// `vmsync --once`: one sync with a fresh connection.
 pub fn once(settings: &Settings) -> Result<Report, SyncError> {
+    let cancel = AtomicBool::new(false);
+    run(
+        settings,
+        &mut Connection::new(&settings.libvirt_uri),
+        &Options {
+            give_up_after: None,
+            cancel: &cancel,
+        },
+    )
+}
+
+/// One sync: lock, fetch, validate, observe, plan, apply, record, then the metrics file.
+pub fn run(
+    settings: &Settings,
+    conn: &mut Connection,
+    options: &Options,
+) -> Result<Report, SyncError> {
+    let started = Instant::now();
+    let result = run_locked(settings, conn, options);
+    if let Some(path) = &settings.metrics_file
+        && !matches!(result, Err(SyncError::Locked(_)))
+    {
+        let record = state::load(&settings.state_dir).unwrap_or_default();
+        let text = crate::metrics::render(&record, result.as_ref().ok(), started.elapsed());
+        if let Err(e) = state::write_atomic(path, text.as_bytes()) {
+            warn!(error = %e, "failed to write the metrics file");
+        }
+    }
+    result
+}
+
+fn run_locked(
+    settings: &Settings,
+    conn: &mut Connection,
+    options: &Options,
+) -> Result<Report, SyncError> {
     let _lock = lock(settings)?;
     let mut record = state::load(&settings.state_dir)?;
     let source = settings.source()?;
@@ -124,17 +210,27 @@ pub fn once(settings: &Settings) -> Result<Report, SyncError> {
         }
     };
     let commit = fetched.id();
+    if let Some(max) = options.give_up_after
+        && record.last_attempted_commit.as_deref() == Some(commit.as_str())
+        && record.last_result != Some(SyncResult::Converged)
+        && record.failed_attempts >= max
+    {
+        return Err(SyncError::GaveUp {
+            commit,
+            attempts: record.failed_attempts,
+        });
+    }
     let result = (|| {
         let desired = validate_commit(&fetched, &commit, &policy(settings), &schema()?)?;
-        let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let hv = conn.get()?;
         apply_commit(
             settings,
             &mut record,
             &commit,
             &desired,
-            &hv,
+            hv,
             &crate::disk::QemuImg::default(),
+            options.cancel,
         )
     })();
     if let Err(e) = &result
@@ -159,6 +255,7 @@ fn record_failure(
     message: &str,
 ) {
     if let Some(commit) = commit {
+        record.count_failure(commit);
         record.last_attempted_commit = Some(commit.to_string());
     }
     record.last_attempt_at = Some(state::now_rfc3339());
@@ -178,6 +275,7 @@ pub fn apply_commit(
     desired: &Desired,
     hv: &dyn Hypervisor,
     disks: &dyn DiskProvisioner,
+    cancel: &AtomicBool,
 ) -> Result<Report, SyncError> {
     let short = &commit[..commit.len().min(12)];
     let observed = observe::observe(desired, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -185,7 +283,7 @@ pub fn apply_commit(
     if plan.is_noop() && plan.vms.iter().all(|vm| vm.error.is_none()) {
         info!(commit = %short, vms = plan.vms.len(), "nothing to do: every vm is converged");
     }
-    let outcome = apply::apply(&plan, hv, disks);
+    let outcome = apply::apply(&plan, hv, disks, cancel);
 
     let now = state::now_rfc3339();
     let mut vms = BTreeMap::new();
@@ -210,6 +308,11 @@ pub fn apply_commit(
         vms.insert(vm.name.clone(), entry);
     }
     record.vms = vms;
+    if !outcome.all_ok() {
+        record.count_failure(commit);
+    } else {
+        record.failed_attempts = 0;
+    }
     record.last_attempted_commit = Some(commit.to_string());
     record.last_attempt_at = Some(now.clone());
     let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count();

@@ -47,7 +47,7 @@ fn deploy_config_parses_with_documented_defaults() {
     assert_eq!(s.branch, "main");
     assert_eq!(s.libvirt_uri, "qemu:///system");
     assert_eq!(s.state_dir, Path::new("/var/lib/vmsync"));
-    assert_eq!(s.schedule, "0 */5 * * * *");
+    assert_eq!(s.schedule.source(), "0 */5 * * * *");
     assert_eq!(
         s.disk_roots,
         vec![Path::new("/var/lib/libvirt/images").to_path_buf()]

@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 
 use common::{Repo, bios_xml, sha256_file, vmsync};
 use vmsync::config::Settings;
@@ -86,7 +87,11 @@ impl Env {
             libvirt_uri: "test:///default".into(),
             state_dir: self.state.path().to_path_buf(),
             host: "hv1".into(),
-            schedule: "0 */5 * * * *".into(),
+            schedule: vmsync::config::parse_schedule(vmsync::config::DEFAULT_SCHEDULE).unwrap(),
+            jitter_seconds: 0,
+            max_attempts: 5,
+            backoff_max_seconds: 3600,
+            metrics_file: None,
             disk_roots: vec![self.images.path().to_path_buf()],
         }
     }
@@ -318,7 +323,15 @@ fn second_sync_is_a_noop_and_a_change_redefines_only_that_domain() {
             vmsync::source::fetch(&settings.source().unwrap(), &settings.state_dir).unwrap();
         let commit = fetched.id();
         let desired = sync::validate_commit(&fetched, &commit, &policy, &schema)?;
-        sync::apply_commit(&settings, record, &commit, &desired, &hv, &disks)
+        sync::apply_commit(
+            &settings,
+            record,
+            &commit,
+            &desired,
+            &hv,
+            &disks,
+            &AtomicBool::new(false),
+        )
     };
     let mut record = state::Record::default();
 

@@ -1,0 +1,255 @@
+//! Daemon mode (`vmsync` without `--once`): sync at start, then on `[agent] schedule`
+//! plus a per-host jitter, with capped backoff after failures; SIGHUP reloads the config
+//! and syncs now; SIGTERM/SIGINT let the action in flight finish, then exit 0.
+//!
+//! The sync itself (git2, libvirt, qemu-img) runs on a blocking thread, off the async
+//! runtime; between ticks the process sleeps in the kernel (no CPU). The libvirt
+//! connection is kept across syncs and reopened when it died. Scheduling is a pure
+//! function of the clock ([`next_attempt`]), tested with fixed times.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::config::{self, Overrides, Settings};
+use crate::sync::{self, Connection, Options, SyncError};
+
+/// The per-host delay added to every tick: stable for a host, spread over the fleet.
+pub fn jitter(host: &str, max_seconds: u64) -> Duration {
+    if max_seconds == 0 {
+        return Duration::ZERO;
+    }
+    let digest = Sha256::digest(host.as_bytes());
+    let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    Duration::from_secs(n % (max_seconds + 1))
+}
+
+/// Backoff after `failures` consecutive failed syncs: 10 s, 20 s, 40 s … capped.
+pub fn backoff(failures: u32, max: Duration) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let secs = 10u64.saturating_mul(1u64 << (failures - 1).min(30));
+    Duration::from_secs(secs).min(max)
+}
+
+/// When to sync next: the first tick of `schedule` at or after `now + backoff`, plus the
+/// host's jitter. `None` if the schedule has no future tick.
+pub fn next_attempt(
+    schedule: &cron::Schedule,
+    now: DateTime<Utc>,
+    jitter: Duration,
+    failures: u32,
+    backoff_max: Duration,
+) -> Option<DateTime<Utc>> {
+    let earliest = now + chrono::Duration::from_std(backoff(failures, backoff_max)).ok()?;
+    // Strictly after: a sync that ran at a tick's second is not repeated at that tick.
+    let tick = schedule.after(&earliest).next()?;
+    Some(tick + chrono::Duration::from_std(jitter).ok()?)
+}
+
+fn notify(status: &str) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(status)]);
+}
+
+/// Runs the daemon until SIGTERM/SIGINT; returns the exit status.
+pub fn run(flags: Overrides, settings: Settings) -> u8 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("failed to start the async runtime: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(run_async(flags, settings))
+}
+
+async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
+    let (mut hup, mut term, mut int) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
+        _ => {
+            error!("failed to install signal handlers");
+            return 1;
+        }
+    };
+    let mut conn = Some(Connection::new(&settings.libvirt_uri));
+    let mut failures: u32 = 0;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    info!(schedule = %settings.schedule.source(), host = %settings.host, "daemon started");
+    let mut due = Utc::now();
+    loop {
+        let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = hup.recv() => {
+                match config::load(&flags) {
+                    Ok(new) => {
+                        info!("SIGHUP: reloaded the config; syncing now");
+                        settings = new;
+                    }
+                    Err(e) => error!(error = %e, "SIGHUP: keeping the old config; syncing now"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut connection = conn
+            .take()
+            .expect("connection is returned after every sync");
+        connection.set_uri(&settings.libvirt_uri);
+        let (job_settings, job_cancel) = (settings.clone(), cancel.clone());
+        let max_attempts = settings.max_attempts;
+        let job = tokio::task::spawn_blocking(move || {
+            let options = Options {
+                give_up_after: Some(max_attempts),
+                cancel: &job_cancel,
+            };
+            let result = sync::run(&job_settings, &mut connection, &options);
+            (connection, result)
+        });
+        tokio::pin!(job);
+        let mut stopping = false;
+        let (connection, result) = loop {
+            tokio::select! {
+                done = &mut job => break done.expect("the sync thread does not panic"),
+                _ = term.recv() => { stopping = true; cancel.store(true, Ordering::SeqCst); info!("stopping after the action in flight"); }
+                _ = int.recv() => { stopping = true; cancel.store(true, Ordering::SeqCst); info!("stopping after the action in flight"); }
+            }
+        };
+        conn = Some(connection);
+        let status = match &result {
+            Ok(report) => {
+                failures = 0;
+                format!(
+                    "converged at {} ({} change(s))",
+                    &report.commit[..12.min(report.commit.len())],
+                    report.outcome.changes()
+                )
+            }
+            Err(SyncError::Locked(e)) => {
+                info!("{e}; trying again at the next tick");
+                "skipped: another vmsync is running".to_string()
+            }
+            Err(e @ SyncError::GaveUp { .. }) => {
+                warn!("{e}");
+                e.to_string()
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                error!(failures, "sync failed: {e}");
+                format!("failed: {e}")
+            }
+        };
+        notify(&status);
+        if stopping {
+            break;
+        }
+        let now = Utc::now();
+        let jitter = jitter(&settings.host, settings.jitter_seconds);
+        match next_attempt(
+            &settings.schedule,
+            now,
+            jitter,
+            failures,
+            Duration::from_secs(settings.backoff_max_seconds),
+        ) {
+            Some(next) => {
+                info!(next = %next.to_rfc3339(), "next sync");
+                due = next;
+            }
+            None => {
+                warn!("the schedule has no future tick; waiting for SIGHUP or SIGTERM");
+                due = now + chrono::Duration::days(365 * 100);
+            }
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    info!("daemon stopped");
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(h: u32, m: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 25, h, m, s).unwrap()
+    }
+
+    #[test]
+    fn next_tick_follows_the_schedule_plus_jitter() {
+        let every5 = config::parse_schedule("0 */5 * * * *").unwrap();
+        let max = Duration::from_secs(3600);
+        assert_eq!(
+            next_attempt(&every5, at(10, 1, 30), Duration::ZERO, 0, max),
+            Some(at(10, 5, 0))
+        );
+        assert_eq!(
+            next_attempt(&every5, at(10, 1, 30), Duration::from_secs(7), 0, max),
+            Some(at(10, 5, 7))
+        );
+        // A sync that ran at 10:05:00 is not repeated at 10:05:00.
+        assert_eq!(
+            next_attempt(&every5, at(10, 5, 0), Duration::ZERO, 0, max),
+            Some(at(10, 10, 0))
+        );
+    }
+
+    #[test]
+    fn failures_back_off_to_later_ticks_with_a_cap() {
+        let every_second = config::parse_schedule("* * * * * *").unwrap();
+        let max = Duration::from_secs(60);
+        let now = at(10, 0, 0);
+        assert_eq!(
+            next_attempt(&every_second, now, Duration::ZERO, 1, max),
+            Some(at(10, 0, 11))
+        );
+        assert_eq!(
+            next_attempt(&every_second, now, Duration::ZERO, 3, max),
+            Some(at(10, 0, 41))
+        );
+        assert_eq!(
+            next_attempt(&every_second, now, Duration::ZERO, 9, max),
+            Some(at(10, 1, 1)),
+            "capped"
+        );
+        assert_eq!(
+            next_attempt(&every_second, now, Duration::ZERO, 40, max),
+            Some(at(10, 1, 1)),
+            "no overflow"
+        );
+        let every5 = config::parse_schedule("0 */5 * * * *").unwrap();
+        assert_eq!(
+            next_attempt(&every5, at(10, 4, 55), Duration::ZERO, 1, max),
+            Some(at(10, 10, 0))
+        );
+    }
+
+    #[test]
+    fn jitter_is_stable_per_host_and_bounded() {
+        assert_eq!(jitter("hv1", 30), jitter("hv1", 30));
+        assert_eq!(jitter("hv1", 0), Duration::ZERO);
+        let spread: std::collections::BTreeSet<_> =
+            (0..50).map(|i| jitter(&format!("hv{i}"), 30)).collect();
+        assert!(
+            spread.len() > 10,
+            "hosts spread over the window: {spread:?}"
+        );
+        assert!(spread.iter().all(|j| *j <= Duration::from_secs(30)));
+    }
+}

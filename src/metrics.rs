@@ -1,0 +1,207 @@
+//! Prometheus metrics in the node_exporter textfile format, rendered from the record and
+//! the last sync's report, and written atomically (`state::write_atomic`) to
+//! `[agent] metrics_file` after every sync, by `--once` and the daemon alike.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::Duration;
+
+use crate::state::{Record, SyncResult};
+use crate::sync::Report;
+
+/// Escapes a label value (backslash, double quote, newline).
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn parse_time(text: &Option<String>) -> Option<f64> {
+    let t = humantime::parse_rfc3339(text.as_deref()?).ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64())
+}
+
+/// Renders the metrics. `report` is the last sync's, when it got as far as applying.
+pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> String {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let attempt = parse_time(&record.last_attempt_at).unwrap_or(0.0);
+    gauge(
+        "vmsync_last_sync_timestamp_seconds",
+        "When the last sync attempt ended.",
+        &[(String::new(), attempt)],
+    );
+    let converged = record.last_result == Some(SyncResult::Converged);
+    gauge(
+        "vmsync_last_sync_success",
+        "1 if the last sync converged, 0 otherwise.",
+        &[(String::new(), if converged { 1.0 } else { 0.0 })],
+    );
+    let results = ["converged", "failed", "invalid", "fetch-failed"];
+    let current = record
+        .last_result
+        .and_then(|r| serde_json::to_value(r).ok());
+    let samples: Vec<_> = results
+        .iter()
+        .map(|r| {
+            let on = current.as_ref().and_then(|v| v.as_str()) == Some(r);
+            (format!("{{result=\"{r}\"}}"), if on { 1.0 } else { 0.0 })
+        })
+        .collect();
+    gauge(
+        "vmsync_last_sync_result",
+        "The last sync's result (1 for the current one).",
+        &samples,
+    );
+    gauge(
+        "vmsync_last_sync_duration_seconds",
+        "How long the last sync took.",
+        &[(
+            String::new(),
+            (duration.as_secs_f64() * 1000.0).round() / 1000.0,
+        )],
+    );
+    gauge(
+        "vmsync_failed_attempts",
+        "Consecutive attempts of the last attempted commit that did not converge.",
+        &[(String::new(), f64::from(record.failed_attempts))],
+    );
+    let applied: Vec<_> = record
+        .last_applied_commit
+        .iter()
+        .map(|c| (format!("{{commit=\"{}\"}}", label(c)), 1.0))
+        .collect();
+    gauge(
+        "vmsync_last_applied_commit_info",
+        "The last applied commit, as a label.",
+        &applied,
+    );
+    gauge(
+        "vmsync_last_applied_timestamp_seconds",
+        "When the last applied commit converged.",
+        &[(
+            String::new(),
+            parse_time(&record.last_applied_at).unwrap_or(0.0),
+        )],
+    );
+
+    let vm_label = |name: &str| format!("{{vm=\"{}\"}}", label(name));
+    let up: Vec<_> = report
+        .map(|r| {
+            r.outcome
+                .vms
+                .iter()
+                .map(|vm| (vm_label(&vm.name), if vm.up { 1.0 } else { 0.0 }))
+                .collect()
+        })
+        .unwrap_or_default();
+    gauge(
+        "vmsync_vm_up",
+        "1 if the managed domain is running after the last sync.",
+        &up,
+    );
+    let pending: Vec<_> = record
+        .vms
+        .iter()
+        .map(|(name, vm)| (vm_label(name), if vm.pending_restart { 1.0 } else { 0.0 }))
+        .collect();
+    gauge(
+        "vmsync_vm_pending_restart",
+        "1 if the domain runs an older definition.",
+        &pending,
+    );
+    let failed: Vec<_> = record
+        .vms
+        .iter()
+        .map(|(name, vm)| (vm_label(name), if vm.ok { 0.0 } else { 1.0 }))
+        .collect();
+    gauge(
+        "vmsync_vm_failed",
+        "1 if the last sync failed for this vm.",
+        &failed,
+    );
+
+    let mut kinds: BTreeMap<&str, f64> = [
+        "create_directory",
+        "create_disk",
+        "define",
+        "redefine",
+        "set_autostart",
+        "start",
+    ]
+    .iter()
+    .map(|k| (*k, 0.0))
+    .collect();
+    if let Some(r) = report {
+        *kinds.entry("create_directory").or_default() += r.outcome.directories_created as f64;
+        for kind in r.outcome.vms.iter().flat_map(|vm| vm.kinds.iter()) {
+            *kinds.entry(kind).or_default() += 1.0;
+        }
+    }
+    let samples: Vec<_> = kinds
+        .iter()
+        .map(|(k, v)| (format!("{{kind=\"{k}\"}}"), *v))
+        .collect();
+    gauge(
+        "vmsync_last_sync_actions",
+        "Actions done by the last sync, by kind.",
+        &samples,
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::VmRecord;
+
+    #[test]
+    fn renders_the_record_in_textfile_format() {
+        let mut record = Record {
+            last_applied_commit: Some("ab\"c".into()),
+            last_attempt_at: Some("2026-11-25T20:00:00Z".into()),
+            last_result: Some(SyncResult::Failed),
+            failed_attempts: 2,
+            ..Default::default()
+        };
+        record.vms.insert(
+            "web".into(),
+            VmRecord {
+                ok: false,
+                pending_restart: true,
+                ..Default::default()
+            },
+        );
+        let text = render(&record, None, Duration::from_millis(1500));
+        for line in [
+            "vmsync_last_sync_timestamp_seconds 1795636800",
+            "vmsync_last_sync_success 0",
+            "vmsync_last_sync_result{result=\"failed\"} 1",
+            "vmsync_last_sync_result{result=\"converged\"} 0",
+            "vmsync_last_sync_duration_seconds 1.5",
+            "vmsync_failed_attempts 2",
+            "vmsync_last_applied_commit_info{commit=\"ab\\\"c\"} 1",
+            "vmsync_vm_pending_restart{vm=\"web\"} 1",
+            "vmsync_vm_failed{vm=\"web\"} 1",
+            "vmsync_last_sync_actions{kind=\"define\"} 0",
+            "# TYPE vmsync_vm_up gauge",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Every sample line is "name{labels} value" with a numeric value.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = l.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{l}");
+        }
+    }
+}
