@@ -483,3 +483,56 @@ fn vms_for_other_hosts_are_left_alone() {
     assert!(!run.stdout.contains("t2-there"), "{}", run.stdout);
     assert!(!images.path().join("t2-there.qcow2").exists());
 }
+
+#[test]
+fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
+    let env = Env::new(&["t2-stop"]);
+    let settings = env.settings();
+    let hv = Libvirt::connect("test:///default").unwrap();
+    let fetched = vmsync::source::fetch(&settings.source().unwrap(), &settings.state_dir).unwrap();
+    let commit = fetched.id();
+    let policy = Policy {
+        host: Some("hv1".into()),
+        disk_roots: settings.disk_roots.clone(),
+    };
+    let desired = sync::validate_commit(
+        &fetched,
+        &commit,
+        &policy,
+        &TestDriverSchema::new().unwrap(),
+    )
+    .unwrap();
+    let mut record = state::Record::default();
+    let cancel = AtomicBool::new(true);
+    let err = sync::apply_commit(
+        &settings,
+        &mut record,
+        &commit,
+        &desired,
+        &hv,
+        &vmsync::disk::QemuImg::default(),
+        &cancel,
+    )
+    .unwrap_err();
+    assert!(matches!(err, SyncError::ActionsFailed { .. }), "{err}");
+    assert_eq!(record.last_applied_commit, None);
+    assert_eq!(
+        record.vms["t2-stop"].last_error.as_deref(),
+        Some(vmsync::apply::INTERRUPTED)
+    );
+    assert!(!hv.list().unwrap().iter().any(|d| d.name == "t2-stop"));
+    assert!(!env.images.path().join("t2-stop.qcow2").exists());
+    // The next run (not stopping) converges.
+    let report = sync::apply_commit(
+        &settings,
+        &mut record,
+        &commit,
+        &desired,
+        &hv,
+        &vmsync::disk::QemuImg::default(),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(report.outcome.all_ok());
+    assert_eq!(record.last_applied_commit.as_deref(), Some(commit.as_str()));
+}

@@ -1,0 +1,279 @@
+//! The daemon as users run it: the real binary, a temp VM repository, libvirt's
+//! `test:///default` driver (the daemon keeps its connection, so the driver keeps its
+//! domains across syncs), signals sent with `kill`.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Repo, bios_xml};
+
+struct Daemon {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &Path, log: std::path::PathBuf) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_vmsync"))
+            .args(["--config", &config.display().to_string()])
+            .env("NO_COLOR", "1")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn record(state: &Path) -> serde_json::Value {
+    std::fs::read(state.join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until `check` holds for the record, or fails with the daemon's log.
+fn wait_for(daemon: &Daemon, state: &Path, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if check(&record(state)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "timed out waiting for: {what}\nrecord: {}\nlog:\n{}",
+        record(state),
+        daemon.log()
+    );
+}
+
+fn config(url: &Path, state: &Path, images: &Path, uri: &str, metrics: &Path) -> String {
+    format!(
+        "[source]\nurl = \"{}\"\n[libvirt]\nuri = \"{uri}\"\n[agent]\nstate_dir = \"{}\"\nhost = \"hv1\"\n\
+         # 1 January at midnight: in the test only SIGHUP triggers syncs after the first.\n\
+         schedule = \"0 0 0 1 1 *\"\njitter_seconds = 0\nmetrics_file = \"{}\"\n[policy]\ndisk_roots = [\"{}\"]\n",
+        url.display(),
+        state.display(),
+        metrics.display(),
+        images.display()
+    )
+}
+
+#[test]
+fn daemon_syncs_on_start_and_sighup_survives_failures_and_stops_on_sigterm() {
+    let images = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let etc = tempfile::tempdir().unwrap();
+    let repo = Repo::new();
+    let disk = images.path().join("d-web.qcow2");
+    repo.write(
+        "vmsync.toml",
+        &format!(
+            "version = 1\n[[vm]]\nname = \"d-web\"\nxml = \"web.xml\"\nautostart = true\n  [[vm.disk]]\n  path = \"{}\"\n  size = \"64M\"\n",
+            disk.display()
+        ),
+    );
+    repo.write("web.xml", &bios_xml("d-web", "kvm", &disk, 128));
+    let c1 = repo.commit("one vm");
+    let metrics = state.path().join("vmsync.prom");
+    let config_path = etc.path().join("config.toml");
+    let good = config(
+        repo.path(),
+        state.path(),
+        images.path(),
+        "test:///default",
+        &metrics,
+    );
+    std::fs::write(&config_path, &good).unwrap();
+
+    let mut daemon = Daemon::start(&config_path, etc.path().join("daemon.log"));
+    wait_for(&daemon, state.path(), "first sync at start", |r| {
+        r["last_applied_commit"] == c1.as_str()
+    });
+    assert!(disk.exists());
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        text.contains(&format!(
+            "vmsync_last_applied_commit_info{{commit=\"{c1}\"}} 1"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l == "vmsync_last_sync_success 1"),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l == "vmsync_vm_up{vm=\"d-web\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "vmsync_last_sync_actions{kind=\"define\"} 1"),
+        "{text}"
+    );
+
+    // A new commit is applied on SIGHUP (the schedule would wait until January).
+    repo.write("web.xml", &bios_xml("d-web", "kvm", &disk, 256));
+    let c2 = repo.commit("more memory");
+    daemon.signal("-HUP");
+    wait_for(
+        &daemon,
+        state.path(),
+        "sync of the new commit on SIGHUP",
+        |r| r["last_applied_commit"] == c2.as_str(),
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == "vmsync_last_sync_actions{kind=\"redefine\"} 1"),
+        "{text}"
+    );
+
+    // libvirt unreachable: the sync fails, the daemon lives on.
+    let bad = config(
+        repo.path(),
+        state.path(),
+        images.path(),
+        "qemu+unix:///system?socket=/nonexistent/sock",
+        &metrics,
+    );
+    std::fs::write(&config_path, bad).unwrap();
+    let c3 = repo.commit("empty commit");
+    daemon.signal("-HUP");
+    wait_for(&daemon, state.path(), "failed sync with a bad uri", |r| {
+        r["last_attempted_commit"] == c3.as_str() && r["last_result"] == "failed"
+    });
+    assert!(
+        record(state.path())["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/sock")
+    );
+    assert_eq!(record(state.path())["last_applied_commit"], c2.as_str());
+    assert!(
+        daemon.alive(),
+        "the daemon survives a failed sync:\n{}",
+        daemon.log()
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        text.lines().any(|l| l == "vmsync_last_sync_success 0"),
+        "{text}"
+    );
+
+    // Fixed config: recovers on the next SIGHUP.
+    std::fs::write(&config_path, &good).unwrap();
+    daemon.signal("-HUP");
+    wait_for(&daemon, state.path(), "recovery", |r| {
+        r["last_applied_commit"] == c3.as_str() && r["last_result"] == "converged"
+    });
+
+    // A manual --once while the daemon idles shares the lock and works.
+    let run = common::vmsync(&["--once", "--config", &config_path.display().to_string()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    daemon.signal("-TERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while daemon.alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = daemon
+        .child
+        .try_wait()
+        .unwrap()
+        .expect("daemon exits on SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+    assert!(daemon.log().contains("daemon stopped"));
+}
+
+#[test]
+fn daemon_gives_up_on_a_commit_that_keeps_failing() {
+    let images = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let etc = tempfile::tempdir().unwrap();
+    let repo = Repo::new();
+    repo.write(
+        "vmsync.toml",
+        "version = 1\n[[vm]]\nname = \"d-bad\"\nxml = \"missing.xml\"\n",
+    );
+    let c1 = repo.commit("broken");
+    let config_path = etc.path().join("config.toml");
+    let metrics = state.path().join("vmsync.prom");
+    let text = config(
+        repo.path(),
+        state.path(),
+        images.path(),
+        "test:///default",
+        &metrics,
+    )
+    .replace("jitter_seconds = 0", "jitter_seconds = 0\nmax_attempts = 2");
+    std::fs::write(&config_path, text).unwrap();
+    let daemon = Daemon::start(&config_path, etc.path().join("daemon.log"));
+    wait_for(&daemon, state.path(), "first invalid attempt", |r| {
+        r["failed_attempts"] == 1
+    });
+    daemon.signal("-HUP");
+    wait_for(&daemon, state.path(), "second invalid attempt", |r| {
+        r["failed_attempts"] == 2
+    });
+    daemon.signal("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon
+        .log()
+        .contains("not retrying it until a newer commit arrives")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        daemon
+            .log()
+            .contains(&format!("commit {c1} failed 2 times in a row")),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        record(state.path())["failed_attempts"],
+        2,
+        "not attempted a third time"
+    );
+
+    // A newer commit is attempted again.
+    repo.write("vmsync.toml", "version = 1\n");
+    let c2 = repo.commit("fixed");
+    daemon.signal("-HUP");
+    wait_for(&daemon, state.path(), "newer commit applied", |r| {
+        r["last_applied_commit"] == c2.as_str()
+    });
+    assert_eq!(record(state.path())["failed_attempts"], 0);
+}
