@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""vmsync benchmark against a real libvirtd, rerunnable by anyone (as root).
+
+For each N (default 100 500 1000) it generates a VM repository of N domains, then in
+the same run measures:
+  - baseline: a shell loop of `virsh define` + `virsh autostart` over the same XML files;
+  - vmsync --once: first sync (all new), no-op sync (same commit, applied), one VM
+    changed, and a new commit that changes nothing for this host;
+  - the floor of a no-op sync: one list call plus one inactive-XML read per domain, by a
+    bare libvirt client (examples/floor.rs);
+  - wall time, CPU time (user+sys) and peak RSS of each vmsync run, and the libvirt
+    calls vmsync reports per sync;
+  - for the largest N: the daemon's idle CPU over 10 s and its peak RSS.
+Prints a markdown report (also written to bench/results.md) with ratios to the
+baseline and to the floor.
+
+Usage: sudo bench/run.py [N ...]   (needs libvirtd at qemu:///system, see scripts/setup-host.sh)
+Test domains are named vmsyncbench-<N>-<i> and removed at the end.
+"""
+
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+URI = "qemu:///system"
+VMSYNC = ROOT / "target/release/vmsync"
+FLOOR = ROOT / "target/release/examples/floor"
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
+
+
+def domain_xml(name, memory=128):
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <interface type='user'><model type='virtio'/></interface>
+    <graphics type='vnc' listen='127.0.0.1'/>
+  </devices>
+</domain>
+"""
+
+
+def git(repo, *args):
+    sh(["git", "-c", "user.name=bench", "-c", "user.email=bench@vmsync.invalid", "-c",
+        "commit.gpgsign=false", *args], cwd=repo)
+
+
+def make_repo(base, n):
+    repo = base / f"repo-{n}"
+    (repo / "vms").mkdir(parents=True)
+    lines = ["version = 1\n"]
+    for i in range(n):
+        name = f"vmsyncbench-{n}-{i}"
+        (repo / "vms" / f"{name}.xml").write_text(domain_xml(name))
+        # autostart = false: vmsync would start autostart domains, and N running QEMUs
+        # would measure QEMU, not vmsync. The baseline still sets the autostart flag.
+        lines.append(f'[[vm]]\nname = "{name}"\nxml = "vms/{name}.xml"\n')
+    (repo / "vmsync.toml").write_text("\n".join(lines))
+    (repo / "README.md").write_text("bench repo\n")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "bench")
+    return repo
+
+
+def remove_domains(prefix):
+    names = [l.strip() for l in sh(["virsh", "-c", URI, "list", "--all", "--name"]).splitlines()
+             if l.strip().startswith(prefix)]
+    for chunk in range(0, len(names), 200):
+        cmds = "; ".join(f"undefine {n}" for n in names[chunk:chunk + 200])
+        subprocess.run(["virsh", "-c", URI, cmds], capture_output=True, text=True)
+
+
+def timed(cmd, **kw):
+    """Runs cmd under /usr/bin/time; returns (wall s, cpu s, max rss MiB, stderr)."""
+    fmt = "BENCH %e %U %S %M"
+    p = subprocess.run(["/usr/bin/time", "-f", fmt, *cmd], text=True, capture_output=True, **kw)
+    m = re.search(r"BENCH ([\d.]+) ([\d.]+) ([\d.]+) (\d+)", p.stderr)
+    if p.returncode != 0 or not m:
+        raise SystemExit(f"{cmd[:3]} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-3000:]}")
+    wall, user, sys_, rss = float(m[1]), float(m[2]), float(m[3]), int(m[4])
+    return wall, user + sys_, rss / 1024, p.stderr
+
+
+def calls(stderr):
+    m = re.findall(r"libvirt_calls=(\d+)", stderr)
+    return int(m[-1]) if m else None
+
+
+def vmsync_once(repo, state):
+    return timed([str(VMSYNC), "--config", "/dev/null", "--once", "--url", str(repo), "--state-dir",
+                  str(state), "--connect", URI, "--host", "bench"],
+                 env={**os.environ, "NO_COLOR": "1"})
+
+
+def daemon_idle(repo, state, n):
+    cfg = state.parent / f"daemon-{n}.toml"
+    cfg.write_text(f'[source]\nurl = "{repo}"\n[libvirt]\nuri = "{URI}"\n[agent]\nstate_dir = "{state}"\n'
+                   f'host = "bench"\nschedule = "0 0 0 1 1 *"\n')
+    p = subprocess.Popen([str(VMSYNC), "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            rec = state / "state.json"
+            if rec.exists() and json.loads(rec.read_text()).get("last_result") == "converged":
+                break
+            time.sleep(0.2)
+        time.sleep(1)
+        def ticks():
+            f = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return int(f[11]) + int(f[12])
+        t0 = ticks()
+        time.sleep(10)
+        idle_ticks = ticks() - t0
+        status = Path(f"/proc/{p.pid}/status").read_text()
+        hwm = int(re.search(r"VmHWM:\s+(\d+)", status)[1]) / 1024
+        rss = int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024
+        return idle_ticks, hwm, rss
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read())[1]) // 1024 // 1024
+    libvirt = sh(["virsh", "-c", URI, "version"]).strip().splitlines()
+    kvm = "yes" if os.path.exists("/dev/kvm") else "no"
+    return (f"{os.cpu_count()} x {cpu}, {mem} GiB RAM, {platform.system()} {platform.release()}, "
+            f"/dev/kvm: {kvm}; " + "; ".join(l.strip() for l in libvirt if l.strip()))
+
+
+def main():
+    ns = [int(a) for a in sys.argv[1:]] or [100, 500, 1000]
+    sh(["cargo", "build", "--release", "--bin", "vmsync", "--example", "floor"], cwd=ROOT)
+    rows, extra = [], []
+    base = Path(tempfile.mkdtemp(prefix="vmsync-bench-"))
+    try:
+        for n in ns:
+            prefix = f"vmsyncbench-{n}-"
+            remove_domains(prefix)
+            repo = make_repo(base, n)
+            xml_dir = repo / "vms"
+            loop = (f'for f in {xml_dir}/*.xml; do n=$(basename "$f" .xml); '
+                    f'virsh -c {URI} define "$f" >/dev/null && virsh -c {URI} autostart "$n" >/dev/null || exit 1; done')
+            b_wall, b_cpu, _, _ = timed(["bash", "-c", loop])
+            remove_domains(prefix)
+
+            state = base / f"state-{n}"
+            first = vmsync_once(repo, state)
+            noop = min((vmsync_once(repo, state) for _ in range(3)), key=lambda r: r[0])
+            floor_ms = float(sh([str(FLOOR), URI, prefix, "5"]).split()[0])
+
+            (xml_dir / f"{prefix}0.xml").write_text(domain_xml(f"{prefix}0", memory=256))
+            git(repo, "commit", "-q", "-am", "one vm changed")
+            one = vmsync_once(repo, state)
+            with open(repo / "README.md", "a") as f:
+                f.write("unrelated change\n")
+            git(repo, "commit", "-q", "-am", "nothing for this host")
+            unrelated = vmsync_once(repo, state)
+            if n == max(ns):
+                extra.append((n, daemon_idle(repo, base / f"daemon-state-{n}", n)))
+            remove_domains(prefix)
+
+            for label, r in [("first sync", first), ("no-op sync", noop), ("one VM changed", one),
+                             ("unrelated commit", unrelated)]:
+                wall, cpu, rss, err = r
+                rows.append((n, label, wall, cpu, rss, calls(err), b_wall / wall,
+                             wall * 1000 / floor_ms if label == "no-op sync" else None))
+            rows.append((n, "baseline: virsh define + autostart loop", b_wall, b_cpu, None, None, 1.0, None))
+            rows.append((n, "floor: 1 list + N inactive XML reads", floor_ms / 1000, None, None, 1 + n, None, 1.0))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+    out = [f"Machine: {machine()}", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+           "| N | run | wall s | CPU s | peak RSS MiB | libvirt calls | baseline / run | run / floor |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for n, label, wall, cpu, rss, c, ratio, vs_floor in rows:
+        f = lambda v, fmt: "" if v is None else fmt.format(v)
+        out.append(f"| {n} | {label} | {wall:.3f} | {f(cpu, '{:.2f}')} | {f(rss, '{:.1f}')} | {f(c, '{}')} | "
+                   f"{f(ratio, '{:.1f}x')} | {f(vs_floor, '{:.2f}x')} |")
+    for n, (ticks, hwm, rss) in extra:
+        out.append("")
+        out.append(f"Daemon with {n} applied domains: {ticks} CPU ticks (1/100 s) in 10 s idle; "
+                   f"peak RSS {hwm:.1f} MiB, RSS {rss:.1f} MiB.")
+    report = "\n".join(out)
+    print(report)
+    (ROOT / "bench" / "results.md").write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+//! The floor for a no-op sync, measured with a bare libvirt client: one
+//! `virConnectListAllDomains` plus one inactive-XML read per domain whose name starts
+//! with PREFIX. Used by `bench/run.sh`; prints the wall time in milliseconds.
+//!
+//! Usage: `floor URI PREFIX [ROUNDS]` (best of ROUNDS, default 5).
+
+use std::time::Instant;
+
+use virt::connect::Connect;
+use virt::sys;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (uri, prefix) = (args.get(1).expect("URI"), args.get(2).expect("PREFIX"));
+    let rounds: usize = args.get(3).map(|r| r.parse().expect("ROUNDS")).unwrap_or(5);
+    let conn = Connect::open(Some(uri)).expect("connect");
+    let mut best = f64::MAX;
+    let mut count = 0;
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let domains = conn.list_all_domains(0).expect("list");
+        count = 0;
+        for d in &domains {
+            if d.name().expect("name").starts_with(prefix.as_str()) {
+                let xml = d.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE).expect("xml");
+                assert!(!xml.is_empty());
+                count += 1;
+            }
+        }
+        best = best.min(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    println!("{best:.1} ms for 1 list + {count} inactive xml reads");
+}
