@@ -20,6 +20,10 @@ die() { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
 LIBVIRT_URI=qemu:///system
 
 BUILD_PKGS=(libvirt-dev pkg-config libssl-dev zlib1g-dev git ca-certificates curl)
+# Test tools for tests/deploy_files.rs: nix-instantiate (nix-bin) parses the
+# NixOS module; systemd-analyze (package systemd on Debian 12/Ubuntu) verifies
+# the units. Minimal container images ship neither.
+BUILD_PKGS+=(nix-bin systemd)
 RUNTIME_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf
   openssh-server openssh-client)
