@@ -4,11 +4,11 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::disk::DiskProvisioner;
 use crate::hypervisor::Hypervisor;
-use crate::plan::{Action, Plan};
+use crate::plan::{Action, Plan, VmPlan};
 
 /// How one VM's actions went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +44,9 @@ impl Outcome {
     }
 }
 
+/// VMs converged at the same time.
+pub const THREADS: usize = 4;
+
 /// The error a VM gets when vmsync stops before doing its actions.
 pub const INTERRUPTED: &str = "interrupted: vmsync is stopping; the next run continues";
 
@@ -69,70 +72,83 @@ pub fn apply(
             }
         }
     }
-    for vm in &plan.vms {
-        let mut result = VmOutcome {
-            name: vm.name.clone(),
-            fingerprint: vm.fingerprint.clone(),
-            autostart: vm.autostart,
-            done: Vec::new(),
-            error: vm.error.clone(),
-            pending_restart: vm.pending_restart,
-            up: vm.active,
-            kinds: Vec::new(),
+    // VMs are independent: their actions run on a few threads (libvirt serves
+    // concurrent calls on one connection; disk creations are separate processes).
+    // Within a VM, actions stay in order.
+    let vms: Vec<&VmPlan> = plan.vms.iter().collect();
+    outcome.vms = crate::par::map(vms, THREADS, |vm| apply_vm(vm, hv, disks, cancel, short));
+    outcome
+}
+
+/// Runs one VM's actions in order, stopping at the first failure or when `cancel` is set.
+fn apply_vm(
+    vm: &VmPlan,
+    hv: &dyn Hypervisor,
+    disks: &dyn DiskProvisioner,
+    cancel: &AtomicBool,
+    short: &str,
+) -> VmOutcome {
+    let mut result = VmOutcome {
+        name: vm.name.clone(),
+        fingerprint: vm.fingerprint.clone(),
+        autostart: vm.autostart,
+        done: Vec::new(),
+        error: vm.error.clone(),
+        pending_restart: vm.pending_restart,
+        up: vm.active,
+        kinds: Vec::new(),
+    };
+    for warning in &vm.warnings {
+        warn!(vm = %vm.name, "{warning}");
+    }
+    if let Some(e) = &vm.error {
+        error!(vm = %vm.name, commit = %short, error = %e, "vm not converged");
+    } else if vm.actions.is_empty() {
+        debug!(vm = %vm.name, commit = %short, pending_restart = vm.pending_restart, "unchanged");
+    }
+    for action in vm
+        .error
+        .is_none()
+        .then_some(&vm.actions)
+        .into_iter()
+        .flatten()
+    {
+        if cancel.load(Ordering::SeqCst) {
+            warn!(vm = %vm.name, commit = %short, "stopping before the next action");
+            result.error = Some(INTERRUPTED.to_string());
+            break;
+        }
+        let what = action.describe();
+        let done = match action {
+            Action::CreateDisk(spec) => disks.create(spec).map_err(|e| e.to_string()),
+            Action::Define { xml, .. } => hv
+                .define(xml)
+                .map_err(|e| format!("failed to define domain: {e}")),
+            Action::SetAutostart(on) => hv
+                .set_autostart(&vm.name, *on)
+                .map_err(|e| format!("failed to set autostart: {e}")),
+            Action::Start => hv
+                .start(&vm.name)
+                .map_err(|e| format!("failed to start domain: {e}")),
         };
-        for warning in &vm.warnings {
-            warn!(vm = %vm.name, "{warning}");
-        }
-        if let Some(e) = &vm.error {
-            error!(vm = %vm.name, commit = %short, error = %e, "vm not converged");
-        } else if vm.actions.is_empty() {
-            info!(vm = %vm.name, commit = %short, pending_restart = vm.pending_restart, "unchanged");
-        }
-        for action in vm
-            .error
-            .is_none()
-            .then_some(&vm.actions)
-            .into_iter()
-            .flatten()
-        {
-            if cancel.load(Ordering::SeqCst) {
-                warn!(vm = %vm.name, commit = %short, "stopping before the next action");
-                result.error = Some(INTERRUPTED.to_string());
+        match done {
+            Ok(()) => {
+                info!(vm = %vm.name, commit = %short, action = %what, "done");
+                result.done.push(what);
+                result.kinds.push(action.kind());
+                if matches!(action, Action::Start) {
+                    result.up = true;
+                }
+            }
+            Err(e) => {
+                error!(vm = %vm.name, commit = %short, action = %what, error = %e, "action failed");
+                result.error = Some(e);
                 break;
             }
-            let what = action.describe();
-            let done = match action {
-                Action::CreateDisk(spec) => disks.create(spec).map_err(|e| e.to_string()),
-                Action::Define { xml, .. } => hv
-                    .define(xml)
-                    .map_err(|e| format!("failed to define domain: {e}")),
-                Action::SetAutostart(on) => hv
-                    .set_autostart(&vm.name, *on)
-                    .map_err(|e| format!("failed to set autostart: {e}")),
-                Action::Start => hv
-                    .start(&vm.name)
-                    .map_err(|e| format!("failed to start domain: {e}")),
-            };
-            match done {
-                Ok(()) => {
-                    info!(vm = %vm.name, commit = %short, action = %what, "done");
-                    result.done.push(what);
-                    result.kinds.push(action.kind());
-                    if matches!(action, Action::Start) {
-                        result.up = true;
-                    }
-                }
-                Err(e) => {
-                    error!(vm = %vm.name, commit = %short, action = %what, error = %e, "action failed");
-                    result.error = Some(e);
-                    break;
-                }
-            }
         }
-        if result.pending_restart {
-            warn!(vm = %vm.name, commit = %short, "running with an older definition: pending restart");
-        }
-        outcome.vms.push(result);
     }
-    outcome
+    if result.pending_restart {
+        warn!(vm = %vm.name, commit = %short, "running with an older definition: pending restart");
+    }
+    result
 }

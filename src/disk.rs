@@ -217,7 +217,7 @@ impl DiskError {
 }
 
 /// The seam: the real one shells out to qemu-img; tests of other modules use a fake.
-pub trait DiskProvisioner {
+pub trait DiskProvisioner: Sync {
     /// Creates `path` and parents (mode 0755) if missing; Ok(true) if it created it. A
     /// non-directory at `path` is an error.
     fn ensure_dir(&self, path: &Path) -> Result<bool, DiskError>;

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 pub const NAMESPACE: &str = "https://github.com/vmsync/vmsync/xmlns/domain/1";
 
 /// What vmsync records in a domain it defines.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Tag {
     /// Full id of the commit that defined this definition.
     pub commit: String,
@@ -22,7 +22,7 @@ pub struct Tag {
 }
 
 /// What vmsync reads from a domain definition.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DomainSummary {
     pub name: String,
     pub uuid: Option<String>,

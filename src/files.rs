@@ -31,6 +31,11 @@ pub trait RepoFiles {
     fn read_text(&self, path: &str) -> Result<String, FileError>;
     /// A short label for messages: the commit id, or the directory.
     fn revision(&self) -> String;
+    /// An id that changes whenever the file's content changes (a git blob id), if the
+    /// source has one; lets validation skip files it has already checked.
+    fn content_id(&self, _path: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Checks that `path` is a plain relative path that stays inside the repository and

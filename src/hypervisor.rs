@@ -5,6 +5,10 @@
 //! Also the schema checker used by validation: libvirt's own RNG validation, run by
 //! defining the domain into a private, empty test-driver connection (never the host's).
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
@@ -30,8 +34,9 @@ pub struct Listing {
     pub persistent: bool,
 }
 
-/// What vmsync asks of a hypervisor.
-pub trait Hypervisor {
+/// What vmsync asks of a hypervisor. `Sync`: observation reads domains from several
+/// threads at once.
+pub trait Hypervisor: Sync {
     /// Every domain, with state and autostart flag.
     fn list(&self) -> Result<Vec<Listing>, HvError>;
     /// The definition libvirt holds: the persistent (inactive) one, or the live one.
@@ -40,12 +45,20 @@ pub trait Hypervisor {
     fn define(&self, xml: &str) -> Result<(), HvError>;
     fn set_autostart(&self, name: &str, autostart: bool) -> Result<(), HvError>;
     fn start(&self, name: &str) -> Result<(), HvError>;
+    /// libvirt calls made so far (0 when not counted).
+    fn call_count(&self) -> u64 {
+        0
+    }
 }
 
 /// A libvirt connection.
 pub struct Libvirt {
     conn: Connect,
     uri: String,
+    /// Domain handles from the last `list`, so later calls skip the by-name lookup RPC.
+    handles: Mutex<HashMap<String, Domain>>,
+    /// libvirt API calls that go to the daemon (RPCs), for the benchmark and logs.
+    calls: AtomicU64,
 }
 
 impl Libvirt {
@@ -63,7 +76,19 @@ impl Libvirt {
         Ok(Self {
             conn,
             uri: uri.to_string(),
+            handles: Mutex::new(HashMap::new()),
+            calls: AtomicU64::new(0),
         })
+    }
+
+    /// libvirt calls made so far on this connection (each one a round trip to the daemon
+    /// for remote drivers).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, n: u64) {
+        self.calls.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn uri(&self) -> &str {
@@ -76,25 +101,50 @@ impl Libvirt {
     }
 
     fn lookup(&self, name: &str) -> Result<Domain, HvError> {
-        Ok(self.conn.lookup_domain_by_name(name)?)
+        if let Some(domain) = self.handles.lock().expect("handles lock").get(name) {
+            return Ok(domain.clone());
+        }
+        self.count(1);
+        let domain = self.conn.lookup_domain_by_name(name)?;
+        self.handles
+            .lock()
+            .expect("handles lock")
+            .insert(name.to_string(), domain.clone());
+        Ok(domain)
+    }
+
+    /// Names of the domains matching `flags` (one call).
+    fn names(&self, flags: sys::virConnectListAllDomainsFlags) -> Result<HashSet<String>, HvError> {
+        self.count(1);
+        let domains = self.conn.list_all_domains(flags)?;
+        domains.iter().map(|d| Ok(d.name()?)).collect()
     }
 }
 
 impl Hypervisor for Libvirt {
+    /// Four calls whatever the number of domains: all, then the active, autostart and
+    /// persistent ones by filter (a domain's name and UUID are known locally).
     fn list(&self) -> Result<Vec<Listing>, HvError> {
+        self.count(1);
         let domains = self.conn.list_all_domains(0)?;
-        domains
-            .iter()
-            .map(|d| {
-                Ok(Listing {
-                    name: d.name()?,
-                    uuid: d.uuid_string()?,
-                    active: d.is_active()?,
-                    autostart: d.autostart()?,
-                    persistent: d.is_persistent()?,
-                })
-            })
-            .collect()
+        let active = self.names(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?;
+        let autostart = self.names(sys::VIR_CONNECT_LIST_DOMAINS_AUTOSTART)?;
+        let persistent = self.names(sys::VIR_CONNECT_LIST_DOMAINS_PERSISTENT)?;
+        let mut handles = self.handles.lock().expect("handles lock");
+        handles.clear();
+        let mut out = Vec::with_capacity(domains.len());
+        for d in domains {
+            let name = d.name()?;
+            out.push(Listing {
+                uuid: d.uuid_string()?,
+                active: active.contains(&name),
+                autostart: autostart.contains(&name),
+                persistent: persistent.contains(&name),
+                name: name.clone(),
+            });
+            handles.insert(name, d);
+        }
+        Ok(out)
     }
 
     fn xml(&self, name: &str, inactive: bool) -> Result<String, HvError> {
@@ -103,29 +153,43 @@ impl Hypervisor for Libvirt {
         } else {
             0
         };
+        self.count(1);
         Ok(self.lookup(name)?.xml_desc(flags)?)
     }
 
     fn define(&self, xml: &str) -> Result<(), HvError> {
+        self.count(1);
         self.conn
             .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)?;
         Ok(())
     }
 
     fn set_autostart(&self, name: &str, autostart: bool) -> Result<(), HvError> {
+        self.count(1);
         self.lookup(name)?.set_autostart(autostart)?;
         Ok(())
     }
 
     fn start(&self, name: &str) -> Result<(), HvError> {
+        self.count(1);
         self.lookup(name)?.create()?;
         Ok(())
+    }
+
+    fn call_count(&self) -> u64 {
+        self.calls()
     }
 }
 
 /// Checks a domain XML against libvirt's schema without touching any host.
 pub trait SchemaChecker {
     fn check(&self, xml: &str) -> Result<(), String>;
+    /// The summary of a file already validated, by `RepoFiles::content_id` (a cache).
+    fn known(&self, _content_id: &str) -> Option<crate::domain_xml::DomainSummary> {
+        None
+    }
+    /// Remembers that the file with `content_id` validated, with its summary.
+    fn remember(&self, _content_id: &str, _summary: &crate::domain_xml::DomainSummary) {}
 }
 
 /// libvirt's schema validation through a private, empty `test:///` driver connection:
@@ -167,10 +231,20 @@ impl TestDriverSchema {
 }
 
 impl SchemaChecker for TestDriverSchema {
+    /// libvirt's RNG schema (compiled once, see `rng`), then libvirt's own parser: the
+    /// XML is defined into the private test driver without re-validating, and undefined.
+    /// Without the schema file, libvirt validates (slower, same result).
     fn check(&self, xml: &str) -> Result<(), String> {
+        let flags = match crate::rng::domain_schema() {
+            Ok(schema) => {
+                schema.validate(xml)?;
+                0
+            }
+            Err(_) => sys::VIR_DOMAIN_DEFINE_VALIDATE,
+        };
         let domain = self
             .conn
-            .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
+            .define_domain_xml_flags(xml, flags)
             .map_err(|e| e.message().trim().to_string())?;
         domain
             .undefine()

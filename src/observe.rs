@@ -30,6 +30,9 @@ pub struct Observed {
     pub directories: BTreeMap<PathBuf, bool>,
 }
 
+/// Parallel libvirt calls while observing.
+pub const THREADS: usize = 4;
+
 /// Observes the host for `desired`. Fails only if libvirt cannot be asked at all.
 pub fn observe(
     desired: &Desired,
@@ -41,11 +44,14 @@ pub fn observe(
         .iter()
         .map(|vm| (vm.name.as_str(), ()))
         .collect();
-    let mut domains = BTreeMap::new();
-    for listing in hv.list()? {
-        if !wanted.contains_key(listing.name.as_str()) {
-            continue;
-        }
+    let listed: Vec<Listing> = hv
+        .list()?
+        .into_iter()
+        .filter(|l| wanted.contains_key(l.name.as_str()))
+        .collect();
+    // One inactive-XML read per managed domain (and the live XML of running ones), on a
+    // few threads: libvirt serves concurrent calls on one connection.
+    let seen = crate::par::map(listed, THREADS, |listing| {
         let inactive = hv
             .xml(&listing.name, true)
             .ok()
@@ -57,15 +63,16 @@ pub fn observe(
         } else {
             None
         };
-        domains.insert(
-            listing.name.clone(),
-            SeenDomain {
-                listing,
-                inactive,
-                live_tag,
-            },
-        );
-    }
+        SeenDomain {
+            listing,
+            inactive,
+            live_tag,
+        }
+    });
+    let domains = seen
+        .into_iter()
+        .map(|d| (d.listing.name.clone(), d))
+        .collect();
     let disks = desired
         .vms
         .iter()

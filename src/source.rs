@@ -164,8 +164,10 @@ const MODE_TREE: i32 = 0o040000;
 const MODE_BLOB: i32 = 0o100644;
 const MODE_BLOB_EXECUTABLE: i32 = 0o100755;
 
-impl RepoFiles for FetchedCommit {
-    fn read_text(&self, path: &str) -> Result<String, FileError> {
+impl FetchedCommit {
+    /// The id of the blob at `path`, walking the tree without following symlinks or
+    /// submodules and without reading the blob.
+    fn blob_id(&self, path: &str) -> Result<git2::Oid, FileError> {
         let parts = check_repo_path(path)?;
         let (last, dirs) = parts
             .split_last()
@@ -196,6 +198,18 @@ impl RepoFiles for FetchedCommit {
         if mode != MODE_BLOB && mode != MODE_BLOB_EXECUTABLE {
             return Err(FileError::NotAFile(path.to_string()));
         }
+        Ok(oid)
+    }
+}
+
+impl RepoFiles for FetchedCommit {
+    /// The blob id: equal ids mean equal content, so validation can skip unchanged files.
+    fn content_id(&self, path: &str) -> Option<String> {
+        self.blob_id(path).ok().map(|oid| format!("blob:{oid}"))
+    }
+
+    fn read_text(&self, path: &str) -> Result<String, FileError> {
+        let oid = self.blob_id(path)?;
         // Check the size from the object header before loading the content.
         let odb = self.repo.odb().map_err(|e| git_file_error(path, &e))?;
         let (size, _) = odb.read_header(oid).map_err(|e| git_file_error(path, &e))?;

@@ -12,10 +12,11 @@ use crate::apply::{self, Outcome};
 use crate::config::{ConfigError, Settings};
 use crate::disk::DiskProvisioner;
 use crate::files::RepoFiles;
-use crate::hypervisor::{HvError, Hypervisor, Libvirt, SchemaChecker, TestDriverSchema};
+use crate::hypervisor::{HvError, Hypervisor, Libvirt, SchemaChecker};
 use crate::manifest::Problem;
 use crate::observe;
 use crate::plan::{self, Plan};
+use crate::schema_cache::CachedSchema;
 use crate::source::{self, FetchError};
 use crate::state::{self, LockHeld, Record, SyncResult, VmRecord};
 use crate::validate::{self, Desired, Policy};
@@ -91,8 +92,18 @@ fn policy(settings: &Settings) -> Policy {
     }
 }
 
-fn schema() -> Result<TestDriverSchema, SyncError> {
-    TestDriverSchema::new().map_err(|e| SyncError::Other(anyhow::anyhow!("{e}")))
+/// Validates with the schema cache of `state_dir` and saves what it learned.
+fn validate_cached(
+    files: &dyn RepoFiles,
+    commit: &str,
+    policy: &Policy,
+    state_dir: Option<&std::path::Path>,
+) -> Result<Desired, SyncError> {
+    // Anything that changes what validation accepts invalidates the cache.
+    let schema = CachedSchema::load(state_dir, &format!("{policy:?}"));
+    let result = validate_commit(files, commit, policy, &schema);
+    schema.save();
+    result
 }
 
 /// Validates the files of one revision for this host.
@@ -188,12 +199,32 @@ pub fn run(
     result
 }
 
+/// libgit2 settings for reading many files of one commit, once per process:
+/// - objects enter the local clone only through fetch, where libgit2's indexer hashes
+///   each one; hashing them again on every read (with the collision-detecting SHA-1) was
+///   the largest CPU cost of a no-op sync, so read-time verification is off;
+/// - trees larger than 4 KiB (a `vms/` directory of hundreds of files) are not cached by
+///   default, so every file lookup inflated that tree again: trees up to 16 MiB are cached.
+fn tune_git_reads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        git2::opts::strict_hash_verification(false);
+        // SAFETY: called once, before any repository is opened by this process's syncs.
+        if let Err(e) =
+            unsafe { git2::opts::set_cache_object_limit(git2::ObjectType::Tree, 16 << 20) }
+        {
+            warn!(error = %e, "failed to raise libgit2's tree cache limit");
+        }
+    });
+}
+
 fn run_locked(
     settings: &Settings,
     conn: &mut Connection,
     options: &Options,
 ) -> Result<Report, SyncError> {
     let _lock = lock(settings)?;
+    tune_git_reads();
     let mut record = state::load(&settings.state_dir)?;
     let source = settings.source()?;
     let fetched = match source::fetch(&source, &settings.state_dir) {
@@ -221,7 +252,12 @@ fn run_locked(
         });
     }
     let result = (|| {
-        let desired = validate_commit(&fetched, &commit, &policy(settings), &schema()?)?;
+        let desired = validate_cached(
+            &fetched,
+            &commit,
+            &policy(settings),
+            Some(&settings.state_dir),
+        )?;
         let hv = conn.get()?;
         apply_commit(
             settings,
@@ -278,6 +314,7 @@ pub fn apply_commit(
     cancel: &AtomicBool,
 ) -> Result<Report, SyncError> {
     let short = &commit[..commit.len().min(12)];
+    let calls_before = hv.call_count();
     let observed = observe::observe(desired, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
     let plan = plan::plan(desired, &observed, commit);
     if plan.is_noop() && plan.vms.iter().all(|vm| vm.error.is_none()) {
@@ -321,7 +358,13 @@ pub fn apply_commit(
         record.last_applied_at = Some(now);
         record.last_result = Some(SyncResult::Converged);
         record.last_error = None;
-        info!(commit = %short, changes = outcome.changes(), "converged");
+        info!(
+            commit = %short,
+            vms = outcome.vms.len(),
+            changes = outcome.changes(),
+            libvirt_calls = hv.call_count() - calls_before,
+            "converged"
+        );
         Ok(())
     } else {
         record.last_result = Some(SyncResult::Failed);
@@ -352,7 +395,12 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let _lock = lock(settings)?;
     let fetched = source::fetch(&settings.source()?, &settings.state_dir)?;
     let commit = fetched.id();
-    let desired = validate_commit(&fetched, &commit, &policy(settings), &schema()?)?;
+    let desired = validate_cached(
+        &fetched,
+        &commit,
+        &policy(settings),
+        Some(&settings.state_dir),
+    )?;
     let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let observed = observe::observe(&desired, &hv, &crate::disk::QemuImg::default())
@@ -367,5 +415,5 @@ pub fn validate_dir(settings: &Settings, dir: &std::path::Path) -> Result<Desire
         host: None,
         disk_roots: settings.disk_roots.clone(),
     };
-    validate_commit(&files, &dir.display().to_string(), &policy, &schema()?)
+    validate_cached(&files, &dir.display().to_string(), &policy, None)
 }

@@ -177,7 +177,18 @@ pub fn validate(
                 line
             }
         };
-        let summary = match domain_xml::summarize(&xml) {
+        // A file validated before (same blob id, same policy) is not parsed or checked
+        // against libvirt's schema again.
+        let content_id = match &vm.xml {
+            XmlSource::File(path) => files.content_id(path),
+            XmlSource::Inline(_) => None,
+        };
+        let cached = content_id.as_deref().and_then(|id| schema.known(id));
+        let was_cached = cached.is_some();
+        let summary = match cached
+            .map(Ok)
+            .unwrap_or_else(|| domain_xml::summarize(&xml))
+        {
             Ok(summary) => summary,
             Err(e) => {
                 problems.push(at(
@@ -211,6 +222,7 @@ pub fn validate(
             ));
         }
         if problems.len() == before
+            && !was_cached
             && let Err(message) = schema.check(&xml)
         {
             problems.push(at(
@@ -221,6 +233,9 @@ pub fn validate(
             ));
         }
         if problems.len() == before {
+            if let (Some(id), false) = (&content_id, was_cached) {
+                schema.remember(id, &summary);
+            }
             vms.push(DesiredVm {
                 name: vm.name.clone(),
                 fingerprint: domain_xml::fingerprint(&xml),

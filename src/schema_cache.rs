@@ -1,0 +1,192 @@
+//! A cache of libvirt schema checks, so an unchanged domain XML is not validated again
+//! on every sync (libvirt's RNG validation costs milliseconds per domain; a no-op sync
+//! of hundreds of domains would spend most of its time there).
+//!
+//! Two maps: schema passes keyed by the sha256 of the XML text, and summaries of whole
+//! files that validated, keyed by their git blob id (so an unchanged file is not even
+//! parsed). The cache is tied to the libvirt library version (a new libvirt may bring a
+//! new schema) and to a context string (the validation policy: a file that passed under
+//! one policy is checked again under another), and kept in
+//! `<state_dir>/schema-cache.json`. Only successes are cached, so a rejected XML is always
+//! checked again. The test-driver connection is opened only on a miss.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::domain_xml::DomainSummary;
+use crate::hypervisor::{SchemaChecker, TestDriverSchema};
+
+pub const CACHE_FILE: &str = "schema-cache.json";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CacheFile {
+    libvirt_version: u32,
+    #[serde(default)]
+    context: String,
+    valid: BTreeSet<String>,
+    #[serde(default)]
+    files: BTreeMap<String, DomainSummary>,
+}
+
+/// A [`SchemaChecker`] that remembers what passed.
+pub struct CachedSchema {
+    path: Option<PathBuf>,
+    version: u32,
+    context: String,
+    valid: RefCell<BTreeSet<String>>,
+    files: RefCell<BTreeMap<String, DomainSummary>>,
+    added: RefCell<usize>,
+    inner: RefCell<Option<TestDriverSchema>>,
+}
+
+fn key(xml: &str) -> String {
+    hex::encode(Sha256::digest(xml.as_bytes()))
+}
+
+impl CachedSchema {
+    /// Loads the cache from `state_dir` (`None`: no cache file, e.g. `vmsync validate`).
+    /// A missing, unreadable, other-version or other-context cache starts empty.
+    pub fn load(state_dir: Option<&Path>, context: &str) -> Self {
+        let version = virt::connect::Connect::version().unwrap_or(0);
+        let path = state_dir.map(|d| d.join(CACHE_FILE));
+        let file = path
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|bytes| serde_json::from_slice::<CacheFile>(&bytes).ok())
+            .filter(|c| c.libvirt_version == version && c.context == context)
+            .unwrap_or_default();
+        Self {
+            path,
+            version,
+            context: context.to_string(),
+            valid: RefCell::new(file.valid),
+            files: RefCell::new(file.files),
+            added: RefCell::new(0),
+            inner: RefCell::new(None),
+        }
+    }
+
+    /// Writes the cache back if it learned something (atomically; failures only logged).
+    pub fn save(&self) {
+        let (Some(path), true) = (&self.path, *self.added.borrow() > 0) else {
+            return;
+        };
+        let file = CacheFile {
+            libvirt_version: self.version,
+            context: self.context.clone(),
+            valid: self.valid.borrow().clone(),
+            files: self.files.borrow().clone(),
+        };
+        let result = serde_json::to_vec(&file)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| crate::state::write_atomic(path, &bytes));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "failed to save the schema cache");
+        }
+    }
+
+    /// How many checks ran against libvirt (misses) since load.
+    pub fn misses(&self) -> usize {
+        *self.added.borrow()
+    }
+}
+
+impl SchemaChecker for CachedSchema {
+    fn check(&self, xml: &str) -> Result<(), String> {
+        let key = key(xml);
+        if self.valid.borrow().contains(&key) {
+            return Ok(());
+        }
+        let mut inner = self.inner.borrow_mut();
+        if inner.is_none() {
+            *inner = Some(TestDriverSchema::new().map_err(|e| e.to_string())?);
+        }
+        inner.as_ref().expect("just created").check(xml)?;
+        self.valid.borrow_mut().insert(key);
+        *self.added.borrow_mut() += 1;
+        Ok(())
+    }
+
+    fn known(&self, content_id: &str) -> Option<DomainSummary> {
+        self.files.borrow().get(content_id).cloned()
+    }
+
+    fn remember(&self, content_id: &str, summary: &DomainSummary) {
+        self.files
+            .borrow_mut()
+            .insert(content_id.to_string(), summary.clone());
+        *self.added.borrow_mut() += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "<domain type='kvm'><name>c</name><memory>131072</memory><os><type>hvm</type></os></domain>";
+
+    #[test]
+    fn passes_are_remembered_across_loads_and_failures_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CachedSchema::load(Some(dir.path()), "policy");
+        cache.check(GOOD).unwrap();
+        let bad = GOOD
+            .replace("<memory>", "<memroy>")
+            .replace("</memory>", "</memroy>");
+        assert!(cache.check(&bad).is_err());
+        assert_eq!(cache.misses(), 1);
+        cache.save();
+
+        let again = CachedSchema::load(Some(dir.path()), "policy");
+        again.check(GOOD).unwrap();
+        assert_eq!(again.misses(), 0, "served from the cache");
+        assert!(
+            again.inner.borrow().is_none(),
+            "no libvirt connection needed"
+        );
+        assert!(
+            again.check(&bad).is_err(),
+            "a failure is checked again, never cached"
+        );
+    }
+
+    #[test]
+    fn file_summaries_are_remembered_per_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = crate::domain_xml::summarize(GOOD).unwrap();
+        let cache = CachedSchema::load(Some(dir.path()), "policy");
+        assert_eq!(cache.known("blob:1"), None);
+        cache.remember("blob:1", &summary);
+        cache.save();
+        assert_eq!(
+            CachedSchema::load(Some(dir.path()), "policy").known("blob:1"),
+            Some(summary)
+        );
+        assert_eq!(
+            CachedSchema::load(Some(dir.path()), "other policy").known("blob:1"),
+            None
+        );
+    }
+
+    #[test]
+    fn another_libvirt_version_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = CacheFile {
+            libvirt_version: 1,
+            valid: [key(GOOD)].into(),
+            ..Default::default()
+        };
+        std::fs::write(
+            dir.path().join(CACHE_FILE),
+            serde_json::to_vec(&stale).unwrap(),
+        )
+        .unwrap();
+        let cache = CachedSchema::load(Some(dir.path()), "policy");
+        cache.check(GOOD).unwrap();
+        assert_eq!(cache.misses(), 1);
+    }
+}
