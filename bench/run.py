@@ -7,7 +7,11 @@ the same run measures:
   - vmsync --once: first sync (all new), no-op sync (same commit, applied), one VM
     changed, and a new commit that changes nothing for this host;
   - the floor of a no-op sync: one list call plus one inactive-XML read per domain, by a
-    bare libvirt client (examples/floor.rs);
+    bare libvirt client (examples/floor.rs), as a whole process (start, connect, calls:
+    what `vmsync --once` pays too) and inside a warm process;
+  - the same no-op sync with the repository served by `git daemon` on loopback
+    (git:// protocol), and the objects each fetch received (the other syncs fetch from
+    a local path, so that the server's process start does not blur vmsync's figures);
   - wall time, CPU time (user+sys) and peak RSS of each vmsync run, and the libvirt
     calls vmsync reports per sync;
   - for the largest N: the daemon's idle CPU over 10 s and its peak RSS.
@@ -88,11 +92,14 @@ def remove_domains(prefix):
 def timed(cmd, **kw):
     """Runs cmd under /usr/bin/time; returns (wall s, cpu s, max rss MiB, stderr)."""
     fmt = "BENCH %e %U %S %M"
+    started = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-f", fmt, *cmd], text=True, capture_output=True, **kw)
+    elapsed = time.perf_counter() - started
     m = re.search(r"BENCH ([\d.]+) ([\d.]+) ([\d.]+) (\d+)", p.stderr)
     if p.returncode != 0 or not m:
         raise SystemExit(f"{cmd[:3]} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-3000:]}")
-    wall, user, sys_, rss = float(m[1]), float(m[2]), float(m[3]), int(m[4])
+    # Wall time from a monotonic clock (time's %e has 10 ms steps); CPU and RSS from time.
+    wall, user, sys_, rss = elapsed, float(m[2]), float(m[3]), int(m[4])
     return wall, user + sys_, rss / 1024, p.stderr
 
 
@@ -101,15 +108,25 @@ def calls(stderr):
     return int(m[-1]) if m else None
 
 
-def vmsync_once(repo, state):
-    return timed([str(VMSYNC), "--config", "/dev/null", "--once", "--url", str(repo), "--state-dir",
+def received(stderr):
+    m = re.findall(r"received_objects=(\d+) received_bytes=(\d+)", stderr)
+    return f"{m[-1][0]} obj / {m[-1][1]} B" if m else ""
+
+
+def floor_process(prefix):
+    """Best of 5 whole-process runs of the bare client (one list + N XML reads)."""
+    return min(timed([str(FLOOR), URI, prefix, "1"])[0] for _ in range(5))
+
+
+def vmsync_once(url, state):
+    return timed([str(VMSYNC), "--config", "/dev/null", "--once", "--url", str(url), "--state-dir",
                   str(state), "--connect", URI, "--host", "bench"],
                  env={**os.environ, "NO_COLOR": "1"})
 
 
-def daemon_idle(repo, state, n):
+def daemon_idle(url, state, n):
     cfg = state.parent / f"daemon-{n}.toml"
-    cfg.write_text(f'[source]\nurl = "{repo}"\n[libvirt]\nuri = "{URI}"\n[agent]\nstate_dir = "{state}"\n'
+    cfg.write_text(f'[source]\nurl = "{url}"\n[libvirt]\nuri = "{URI}"\n[agent]\nstate_dir = "{state}"\n'
                    f'host = "bench"\nschedule = "0 0 0 1 1 *"\n')
     p = subprocess.Popen([str(VMSYNC), "--config", str(cfg)], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
@@ -150,11 +167,16 @@ def main():
     sh(["cargo", "build", "--release", "--bin", "vmsync", "--example", "floor"], cwd=ROOT)
     rows, extra = [], []
     base = Path(tempfile.mkdtemp(prefix="vmsync-bench-"))
+    port = 19418
+    daemon = subprocess.Popen(["git", "daemon", "--export-all", "--reuseaddr", "--listen=127.0.0.1",
+                               f"--port={port}", f"--base-path={base}", str(base)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for n in ns:
             prefix = f"vmsyncbench-{n}-"
             remove_domains(prefix)
             repo = make_repo(base, n)
+            url = f"git://127.0.0.1:{port}/{repo.name}"
             xml_dir = repo / "vms"
             loop = (f'for f in {xml_dir}/*.xml; do n=$(basename "$f" .xml); '
                     f'virsh -c {URI} define "$f" >/dev/null && virsh -c {URI} autostart "$n" >/dev/null || exit 1; done')
@@ -163,8 +185,10 @@ def main():
 
             state = base / f"state-{n}"
             first = vmsync_once(repo, state)
-            noop = min((vmsync_once(repo, state) for _ in range(3)), key=lambda r: r[0])
+            noop = min((vmsync_once(repo, state) for _ in range(5)), key=lambda r: r[0])
+            noop_git = min((vmsync_once(url, state) for _ in range(5)), key=lambda r: r[0])
             floor_ms = float(sh([str(FLOOR), URI, prefix, "5"]).split()[0])
+            floor_wall = floor_process(prefix)
 
             (xml_dir / f"{prefix}0.xml").write_text(domain_xml(f"{prefix}0", memory=256))
             git(repo, "commit", "-q", "-am", "one vm changed")
@@ -174,26 +198,31 @@ def main():
             git(repo, "commit", "-q", "-am", "nothing for this host")
             unrelated = vmsync_once(repo, state)
             if n == max(ns):
-                extra.append((n, daemon_idle(repo, base / f"daemon-state-{n}", n)))
+                extra.append((n, daemon_idle(url, base / f"daemon-state-{n}", n)))
             remove_domains(prefix)
 
-            for label, r in [("first sync", first), ("no-op sync", noop), ("one VM changed", one),
-                             ("unrelated commit", unrelated)]:
+            for label, r in [("first sync", first), ("no-op sync", noop),
+                             ("no-op sync, fetch over git:// (git daemon)", noop_git),
+                             ("one VM changed", one), ("unrelated commit", unrelated)]:
                 wall, cpu, rss, err = r
                 rows.append((n, label, wall, cpu, rss, calls(err), b_wall / wall,
-                             wall * 1000 / floor_ms if label == "no-op sync" else None))
-            rows.append((n, "baseline: virsh define + autostart loop", b_wall, b_cpu, None, None, 1.0, None))
-            rows.append((n, "floor: 1 list + N inactive XML reads", floor_ms / 1000, None, None, 1 + n, None, 1.0))
+                             wall / floor_wall if label == "no-op sync" else None, received(err)))
+            rows.append((n, "baseline: virsh define + autostart loop", b_wall, b_cpu, None, 2 * n, 1.0, None, ""))
+            rows.append((n, "floor process: connect, 1 list + N XML reads", floor_wall, None, None, 1 + n, None,
+                         1.0, ""))
+            rows.append((n, "floor in a warm process (no start, no connect)", floor_ms / 1000, None, None, 1 + n,
+                         None, None, ""))
     finally:
+        daemon.terminate()
         shutil.rmtree(base, ignore_errors=True)
 
     out = [f"Machine: {machine()}", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-           "| N | run | wall s | CPU s | peak RSS MiB | libvirt calls | baseline / run | run / floor |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for n, label, wall, cpu, rss, c, ratio, vs_floor in rows:
+           "| N | run | wall s | CPU s | peak RSS MiB | libvirt calls | baseline / run | run / floor | fetched |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for n, label, wall, cpu, rss, c, ratio, vs_floor, fetched in rows:
         f = lambda v, fmt: "" if v is None else fmt.format(v)
         out.append(f"| {n} | {label} | {wall:.3f} | {f(cpu, '{:.2f}')} | {f(rss, '{:.1f}')} | {f(c, '{}')} | "
-                   f"{f(ratio, '{:.1f}x')} | {f(vs_floor, '{:.2f}x')} |")
+                   f"{f(ratio, '{:.1f}x')} | {f(vs_floor, '{:.2f}x')} | {fetched} |")
     for n, (ticks, hwm, rss) in extra:
         out.append("")
         out.append(f"Daemon with {n} applied domains: {ticks} CPU ticks (1/100 s) in 10 s idle; "

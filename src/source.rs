@@ -287,6 +287,9 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
         return Err(error);
     }
     drop(options);
+    // What the fetch transferred: nothing when the branch did not move.
+    let received_objects = remote.stats().received_objects();
+    let received_bytes = remote.stats().received_bytes();
 
     // The advertisement says whether the branch still exists on the remote; without
     // this, a branch deleted upstream would leave a stale tracking ref behind.
@@ -323,7 +326,14 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
         });
     }
     let fetched = FetchedCommit { repo, commit, tree };
-    info!(url = %shown, branch = %branch, commit = %fetched.short(), "fetched");
+    info!(
+        url = %shown,
+        branch = %branch,
+        commit = %fetched.short(),
+        received_objects,
+        received_bytes,
+        "fetched"
+    );
     Ok(fetched)
 }
 

@@ -536,3 +536,48 @@ fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
     assert!(report.outcome.all_ok());
     assert_eq!(record.last_applied_commit.as_deref(), Some(commit.as_str()));
 }
+
+#[test]
+fn cached_validation_still_checks_names_and_sees_changed_files() {
+    let env = Env::new(&["t2-cache"]);
+    env.run(&["--once"]).expect(0);
+    let cache = env.state.path().join(vmsync::schema_cache::CACHE_FILE);
+    let text = std::fs::read_to_string(&cache).unwrap();
+    assert!(
+        text.contains("\"blob:"),
+        "validated files are remembered by blob id: {text}"
+    );
+
+    // Same XML blob, but the manifest now calls the VM something else: still refused.
+    let m = manifest(env.images.path(), &["t2-cache"])
+        .replace("name = \"t2-cache\"", "name = \"t2-renamed\"");
+    env.repo.write("vmsync.toml", &m);
+    env.repo.commit("rename in the manifest only");
+    let run = env.run(&["--once"]).expect(3);
+    assert!(
+        run.stderr
+            .contains("the xml's <name> is 't2-cache' but the manifest says 't2-renamed'"),
+        "{}",
+        run.stderr
+    );
+
+    // A changed file is a new blob: checked against the schema again.
+    env.repo
+        .write("vmsync.toml", &manifest(env.images.path(), &["t2-cache"]));
+    let xml = bios_xml(
+        "t2-cache",
+        "kvm",
+        &env.images.path().join("t2-cache.qcow2"),
+        128,
+    )
+    .replace("<vcpu>", "<vcpux>")
+    .replace("</vcpu>", "</vcpux>");
+    env.repo.write("vms/t2-cache.xml", &xml);
+    env.repo.commit("schema error");
+    let run = env.run(&["--once"]).expect(3);
+    assert!(
+        run.stderr.contains("rejected by libvirt") && run.stderr.contains("vcpux"),
+        "{}",
+        run.stderr
+    );
+}
