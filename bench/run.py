@@ -125,7 +125,7 @@ def vmsync_once(url, state):
 
 
 def daemon_idle(url, state, n):
-    cfg = state.parent / f"daemon-{n}.toml"
+    cfg = state.parent / f"daemon-{n}-{state.name}.toml"
     cfg.write_text(f'[source]\nurl = "{url}"\n[libvirt]\nuri = "{URI}"\n[agent]\nstate_dir = "{state}"\n'
                    f'host = "bench"\nschedule = "0 0 0 1 1 *"\n')
     p = subprocess.Popen([str(VMSYNC), "--config", str(cfg)], stdout=subprocess.DEVNULL,
@@ -198,7 +198,11 @@ def main():
             git(repo, "commit", "-q", "-am", "nothing for this host")
             unrelated = vmsync_once(repo, state)
             if n == max(ns):
-                extra.append((n, daemon_idle(url, base / f"daemon-state-{n}", n)))
+                # A daemon (re)started on a host where this commit is applied: its state
+                # dir is the --once runs' (schema cache warm) ...
+                extra.append((n, "state dir of the runs above (warm cache)", daemon_idle(url, state, n)))
+                # ... and one with an empty state dir, which validates every file again.
+                extra.append((n, "empty state dir (validates all files)", daemon_idle(url, base / f"daemon-state-{n}", n)))
             remove_domains(prefix)
 
             for label, r in [("first sync", first), ("no-op sync", noop),
@@ -223,9 +227,9 @@ def main():
         f = lambda v, fmt: "" if v is None else fmt.format(v)
         out.append(f"| {n} | {label} | {wall:.3f} | {f(cpu, '{:.2f}')} | {f(rss, '{:.1f}')} | {f(c, '{}')} | "
                    f"{f(ratio, '{:.1f}x')} | {f(vs_floor, '{:.2f}x')} | {fetched} |")
-    for n, (ticks, hwm, rss) in extra:
-        out.append("")
-        out.append(f"Daemon with {n} applied domains: {ticks} CPU ticks (1/100 s) in 10 s idle; "
+    out.append("")
+    for n, how, (ticks, hwm, rss) in extra:
+        out.append(f"- Daemon with {n} applied domains, {how}: {ticks} CPU ticks (1/100 s) in 10 s idle; "
                    f"peak RSS {hwm:.1f} MiB, RSS {rss:.1f} MiB.")
     report = "\n".join(out)
     print(report)
