@@ -130,13 +130,18 @@ def daemon_idle(url, state, n):
                    f'host = "bench"\nschedule = "0 0 0 1 1 *"\n')
     p = subprocess.Popen([str(VMSYNC), "--config", str(cfg)], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
+    started = time.time()
     try:
-        deadline = time.time() + 120
+        deadline = started + 300
+        rec = state / "state.json"
+        # Wait for this daemon's first sync to be recorded.
         while time.time() < deadline:
-            rec = state / "state.json"
-            if rec.exists() and json.loads(rec.read_text()).get("last_result") == "converged":
+            if rec.exists() and rec.stat().st_mtime > started and \
+                    json.loads(rec.read_text()).get("last_result") == "converged":
                 break
             time.sleep(0.2)
+        else:
+            raise SystemExit(f"daemon did not converge within 300 s: {p.stderr.read()[-3000:]}")
         time.sleep(1)
         def ticks():
             f = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
