@@ -128,8 +128,8 @@ def daemon_idle(url, state, n):
     cfg = state.parent / f"daemon-{n}-{state.name}.toml"
     cfg.write_text(f'[source]\nurl = "{url}"\n[libvirt]\nuri = "{URI}"\n[agent]\nstate_dir = "{state}"\n'
                    f'host = "bench"\nschedule = "0 0 0 1 1 *"\n')
-    p = subprocess.Popen([str(VMSYNC), "--config", str(cfg)], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+    log = open(state.parent / f"daemon-{n}-{state.name}.log", "w")
+    p = subprocess.Popen([str(VMSYNC), "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=log)
     started = time.time()
     try:
         deadline = started + 300
@@ -141,7 +141,7 @@ def daemon_idle(url, state, n):
                 break
             time.sleep(0.2)
         else:
-            raise SystemExit(f"daemon did not converge within 300 s: {p.stderr.read()[-3000:]}")
+            raise SystemExit(f"daemon did not converge within 300 s; see {log.name}")
         time.sleep(1)
         def ticks():
             f = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
