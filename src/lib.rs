@@ -9,8 +9,10 @@
 pub mod apply;
 pub mod cli;
 pub mod config;
+pub mod diff;
 pub mod disk;
 pub mod domain_xml;
+pub mod drift;
 pub mod files;
 pub mod hypervisor;
 pub mod manifest;

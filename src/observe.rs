@@ -1,6 +1,7 @@
 //! Observation: what the host has now, for the VMs, disks and directories the desired
-//! state names. Read-only; one `list` call plus one inactive-XML read per named domain
-//! (and a live-XML read for running ones, to tell a pending restart).
+//! state names, and every other domain carrying vmsync's tag (for renames and pruning).
+//! Read-only; one `list` call plus one inactive-XML read per domain (and a live-XML read
+//! for running desired ones, to tell a pending restart).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,12 +19,18 @@ pub struct SeenDomain {
     pub inactive: Option<DomainSummary>,
     /// vmsync's tag in the running definition (only for active domains).
     pub live_tag: Option<Tag>,
+    /// libvirt's inactive XML as read.
+    pub inactive_xml: Option<String>,
+    /// `domain_xml::definition_hash` of it (the drift comparison).
+    pub definition_hash: Option<String>,
 }
 
 /// What exists on the host.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
     pub domains: BTreeMap<String, SeenDomain>,
+    /// Domains with vmsync's tag that no desired VM names (rename sources, prunable).
+    pub others: BTreeMap<String, SeenDomain>,
     /// Per disk path: `Ok(None)` missing, `Ok(Some(info))` present, `Err` could not inspect.
     pub disks: BTreeMap<PathBuf, Result<Option<ImageInfo>, String>>,
     /// Per directory: whether it exists.
@@ -42,14 +49,17 @@ pub fn observe(
         .map(|vm| (vm.name.as_str(), ()))
         .collect();
     let mut domains = BTreeMap::new();
+    let mut others = BTreeMap::new();
     for listing in hv.list()? {
-        if !wanted.contains_key(listing.name.as_str()) {
+        let is_wanted = wanted.contains_key(listing.name.as_str());
+        let inactive_xml = hv.xml(&listing.name, true).ok();
+        let inactive = inactive_xml
+            .as_deref()
+            .and_then(|xml| domain_xml::summarize(xml).ok());
+        if !is_wanted && inactive.as_ref().is_none_or(|s| s.tag.is_none()) {
+            // Not vmsync's: never touched, not even listed.
             continue;
         }
-        let inactive = hv
-            .xml(&listing.name, true)
-            .ok()
-            .and_then(|xml| domain_xml::summarize(&xml).ok());
         let live_tag = if listing.active {
             hv.xml(&listing.name, false)
                 .ok()
@@ -57,14 +67,17 @@ pub fn observe(
         } else {
             None
         };
-        domains.insert(
-            listing.name.clone(),
-            SeenDomain {
-                listing,
-                inactive,
-                live_tag,
-            },
-        );
+        let seen = SeenDomain {
+            definition_hash: inactive_xml
+                .as_deref()
+                .and_then(domain_xml::definition_hash),
+            listing,
+            inactive,
+            live_tag,
+            inactive_xml,
+        };
+        let into = if is_wanted { &mut domains } else { &mut others };
+        into.insert(seen.listing.name.clone(), seen);
     }
     let disks = desired
         .vms
@@ -84,6 +97,7 @@ pub fn observe(
         .collect();
     Ok(Observed {
         domains,
+        others,
         disks,
         directories,
     })

@@ -25,6 +25,8 @@ pub enum SyncResult {
     Invalid,
     /// The source could not be fetched.
     FetchFailed,
+    /// The commit would prune too many domains; nothing was applied.
+    Refused,
 }
 
 /// Per-VM record.
@@ -42,6 +44,16 @@ pub struct VmRecord {
     pub last_error: Option<String>,
     /// The domain was running with an older definition at the last sync.
     pub pending_restart: bool,
+    /// Drift baseline: `domain_xml::definition_hash` of libvirt's inactive XML right
+    /// after vmsync defined it (or when first seen converged).
+    #[serde(default)]
+    pub definition_hash: Option<String>,
+    /// The power state applied (`state` in the manifest).
+    #[serde(default)]
+    pub state: Option<crate::manifest::PowerState>,
+    /// What differed from the last applied state at the last sync (empty: none).
+    #[serde(default)]
+    pub drift: Vec<String>,
 }
 
 /// The record in `state.json`.
@@ -56,6 +68,10 @@ pub struct Record {
     /// The last attempt's error summary (invalid commit, fetch failure, failed VMs).
     pub last_error: Option<String>,
     pub vms: BTreeMap<String, VmRecord>,
+    /// Disks of domains vmsync pruned: path → the domain they belonged to. vmsync never
+    /// deletes them; they are listed until the file is gone.
+    #[serde(default)]
+    pub orphaned_disks: BTreeMap<String, String>,
 }
 
 /// Now, as RFC 3339 (UTC, seconds).

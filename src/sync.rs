@@ -40,6 +40,8 @@ pub enum SyncError {
         failed: usize,
         total: usize,
     },
+    #[error("commit {commit} is refused; nothing was applied: {message}")]
+    Refused { commit: String, message: String },
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -57,7 +59,7 @@ impl SyncError {
     pub fn exit_code(&self) -> u8 {
         match self {
             SyncError::Config(_) => 2,
-            SyncError::Invalid { .. } => 3,
+            SyncError::Invalid { .. } | SyncError::Refused { .. } => 3,
             SyncError::Fetch(_) => 4,
             SyncError::Locked(_) => 75,
             SyncError::ActionsFailed { .. } | SyncError::Other(_) => 1,
@@ -140,10 +142,10 @@ pub fn once(settings: &Settings) -> Result<Report, SyncError> {
     if let Err(e) = &result
         && !matches!(e, SyncError::ActionsFailed { .. })
     {
-        let kind = if matches!(e, SyncError::Invalid { .. }) {
-            SyncResult::Invalid
-        } else {
-            SyncResult::Failed
+        let kind = match e {
+            SyncError::Invalid { .. } => SyncResult::Invalid,
+            SyncError::Refused { .. } => SyncResult::Refused,
+            _ => SyncResult::Failed,
         };
         record_failure(settings, &mut record, Some(&commit), kind, &e.to_string());
     }
@@ -181,7 +183,18 @@ pub fn apply_commit(
 ) -> Result<Report, SyncError> {
     let short = &commit[..commit.len().min(12)];
     let observed = observe::observe(desired, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let plan = plan::plan(desired, &observed, commit);
+    let ctx = plan::Context {
+        policy: &settings.changes,
+        record,
+    };
+    let plan = plan::plan(desired, &observed, commit, &ctx);
+    if let Some(message) = &plan.refused {
+        // Nothing of the commit is applied; `once` records the refusal.
+        return Err(SyncError::Refused {
+            commit: commit.to_string(),
+            message: message.clone(),
+        });
+    }
     if plan.is_noop() && plan.vms.iter().all(|vm| vm.error.is_none()) {
         info!(commit = %short, vms = plan.vms.len(), "nothing to do: every vm is converged");
     }
@@ -199,20 +212,41 @@ pub fn apply_commit(
                 ok: true,
                 last_error: None,
                 pending_restart: vm.pending_restart,
+                // The new baseline; else the old one (kept while drift is only
+                // reported); else, first seen converged, the definition as it is.
+                definition_hash: vm
+                    .definition_hash
+                    .clone()
+                    .or(old.definition_hash.clone())
+                    .or(vm.previous_hash.clone()),
+                state: Some(vm.state),
+                drift: vm.drift.clone(),
             }
         } else {
             VmRecord {
                 ok: false,
                 last_error: vm.error.clone(),
+                drift: vm.drift.clone(),
                 ..old
             }
         };
         vms.insert(vm.name.clone(), entry);
     }
     record.vms = vms;
+    for p in &outcome.pruned {
+        for disk in &p.orphaned_disks {
+            record
+                .orphaned_disks
+                .insert(disk.display().to_string(), p.name.clone());
+        }
+    }
+    record
+        .orphaned_disks
+        .retain(|path, _| std::path::Path::new(path).exists());
     record.last_attempted_commit = Some(commit.to_string());
     record.last_attempt_at = Some(now.clone());
-    let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count();
+    let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count()
+        + outcome.pruned.iter().filter(|p| p.error.is_some()).count();
     let result = if outcome.all_ok() {
         record.last_applied_commit = Some(commit.to_string());
         record.last_applied_at = Some(now);
@@ -229,6 +263,12 @@ pub fn apply_commit(
                 .iter()
                 .filter_map(|vm| vm.error.as_ref().map(|e| format!("vm '{}': {e}", vm.name))),
         );
+        errors.extend(
+            outcome
+                .pruned
+                .iter()
+                .filter_map(|p| p.error.as_ref().map(|e| format!("prune '{}': {e}", p.name))),
+        );
         record.last_error = Some(errors.join("; "));
         Err(SyncError::ActionsFailed {
             commit: commit.to_string(),
@@ -244,17 +284,38 @@ pub fn apply_commit(
     })
 }
 
-/// `vmsync plan`: fetch, validate, observe and plan; changes nothing on the host.
+/// `vmsync plan` and `vmsync --once --dry-run`: fetch, validate, observe and plan, with
+/// a diff per definition; changes nothing on the host (nor the record).
 pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let _lock = lock(settings)?;
+    let record = state::load(&settings.state_dir)?;
     let fetched = source::fetch(&settings.source()?, &settings.state_dir)?;
     let commit = fetched.id();
-    let desired = validate_commit(&fetched, &commit, &policy(settings), &schema()?)?;
+    let schema = schema()?;
+    let desired = validate_commit(&fetched, &commit, &policy(settings), &schema)?;
     let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let observed = observe::observe(&desired, &hv, &crate::disk::QemuImg::default())
+    plan_commit(settings, &record, &commit, &desired, &hv, &schema)
+}
+
+/// Observe → plan → diffs, for a validated commit; changes nothing. Exposed for tests.
+pub fn plan_commit(
+    settings: &Settings,
+    record: &Record,
+    commit: &str,
+    desired: &Desired,
+    hv: &dyn Hypervisor,
+    normalizer: &dyn crate::hypervisor::Normalizer,
+) -> Result<Plan, SyncError> {
+    let observed = observe::observe(desired, hv, &crate::disk::QemuImg::default())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(plan::plan(&desired, &observed, &commit))
+    let ctx = plan::Context {
+        policy: &settings.changes,
+        record,
+    };
+    let mut plan = plan::plan(desired, &observed, commit, &ctx);
+    crate::diff::annotate(&mut plan, normalizer);
+    Ok(plan)
 }
 
 /// `vmsync validate DIR`: validates a checkout on disk for every host, offline.

@@ -88,6 +88,7 @@ impl Env {
             host: "hv1".into(),
             schedule: "0 */5 * * * *".into(),
             disk_roots: vec![self.images.path().to_path_buf()],
+            changes: Default::default(),
         }
     }
 }
