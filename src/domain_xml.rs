@@ -457,8 +457,9 @@ fn shown_children<'a, 'i, 's, 't>(
             }
             Projection::Top => out.push((c, None, Projection::Off)),
             Projection::Device => {
-                // Addresses and MACs libvirt assigns where the source gives none.
-                if matches!(cname, "address" | "mac") && !has_child(src, cname) {
+                // Addresses, MACs and interface target devices libvirt assigns where
+                // the source gives none.
+                if matches!(cname, "address" | "mac" | "target") && !has_child(src, cname) {
                     continue;
                 }
                 out.push((c, None, Projection::Off));

@@ -89,18 +89,26 @@ impl Libvirt {
 impl Hypervisor for Libvirt {
     fn list(&self) -> Result<Vec<Listing>, HvError> {
         let domains = self.conn.list_all_domains(0)?;
-        domains
-            .iter()
-            .map(|d| {
-                Ok(Listing {
+        let mut out = Vec::with_capacity(domains.len());
+        for d in &domains {
+            let listing = (|| {
+                Ok::<_, virt::error::Error>(Listing {
                     name: d.name()?,
                     uuid: d.uuid_string()?,
                     active: d.is_active()?,
                     autostart: d.autostart()?,
                     persistent: d.is_persistent()?,
                 })
-            })
-            .collect()
+            })();
+            match listing {
+                Ok(listing) => out.push(listing),
+                // Undefined between the listing and the question (someone else is
+                // changing the host): it is not there any more.
+                Err(e) if e.code() == virt::error::ErrorNumber::NoDomain.into() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
     }
 
     fn xml(&self, name: &str, inactive: bool) -> Result<String, HvError> {

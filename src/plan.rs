@@ -166,6 +166,9 @@ pub struct Plan {
     pub prune: Vec<PrunePlan>,
     /// Set when the commit is refused by the prune guards; nothing may be applied.
     pub refused: Option<String>,
+    /// Domains with vmsync's tag that this agent never applied (another repository or
+    /// state directory made them): never pruned, only counted.
+    pub foreign_tagged: usize,
 }
 
 impl Plan {
@@ -201,12 +204,19 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         .collect();
     let prune = plan_prune(observed, ctx, &claimed);
     let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count();
+    let foreign_tagged = observed
+        .others
+        .keys()
+        .filter(|name| !ctx.record.vms.contains_key(*name) && !claimed.contains(name))
+        .count();
+    // This agent's domains on the host: the desired ones it tagged, and the others its
+    // record says it applied.
     let managed = observed
         .domains
         .values()
         .filter(|d| d.inactive.as_ref().is_some_and(|s| s.tag.is_some()))
         .count()
-        + observed.others.len();
+        + prune.len();
     let refused = (pruning > 0
         && !ctx.policy.allow_mass_prune
         && (pruning == managed || pruning > ctx.policy.max_prune))
@@ -229,6 +239,7 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         vms,
         prune,
         refused,
+        foreign_tagged,
     }
 }
 
@@ -237,6 +248,9 @@ fn plan_prune(observed: &Observed, ctx: &Context, claimed: &[String]) -> Vec<Pru
         .others
         .values()
         .filter(|d| !claimed.contains(&d.listing.name))
+        // Only what this agent applied: a domain tagged by another vmsync (another
+        // repository or state directory) is never pruned.
+        .filter(|d| ctx.record.vms.contains_key(&d.listing.name))
         .map(|d| {
             let disks = d
                 .inactive_xml
@@ -526,6 +540,12 @@ pub fn render(plan: &Plan) -> String {
             out += &format!("    {note}: {}\n", disk.display());
         }
     }
+    if plan.foreign_tagged > 0 {
+        out += &format!(
+            "  ({} other domain(s) carry vmsync's tag but were not applied by this agent; left alone)\n",
+            plan.foreign_tagged
+        );
+    }
     if let Some(why) = &plan.refused {
         out += &format!("REFUSED: {why}\n");
     } else if plan.is_noop() {
@@ -544,6 +564,7 @@ pub struct PlanJson<'a> {
     /// Disks of the domains pruned by this plan; never deleted.
     pub orphaned_disks: Vec<&'a PathBuf>,
     pub refused: Option<&'a str>,
+    pub foreign_tagged: usize,
     pub noop: bool,
 }
 
@@ -635,6 +656,7 @@ impl Plan {
                 .flat_map(|p| p.disks.iter())
                 .collect(),
             refused: self.refused.as_deref(),
+            foreign_tagged: self.foreign_tagged,
             noop: self.is_noop(),
         }
     }
@@ -1152,7 +1174,11 @@ mod tests {
     }
 
     fn plan_with(desired: &Desired, obs: &Observed, policy: &ChangePolicy) -> Plan {
-        let record = Record::default();
+        // The agent applied every domain observed.
+        let mut record = Record::default();
+        for name in obs.domains.keys().chain(obs.others.keys()) {
+            record.vms.insert(name.clone(), VmRecord::default());
+        }
         plan(
             desired,
             obs,
@@ -1244,6 +1270,36 @@ mod tests {
                 .refused
                 .is_none()
         );
+
+        // A tagged domain this agent never applied (another repository or state
+        // directory) is never pruned, nor counted.
+        let obs = observed(
+            vec![seen("web", 1024, false, false, true)],
+            vec![gone("old-a", false), gone("foreign", false)],
+            vec![],
+        );
+        let mut record = Record::default();
+        record.vms.insert("web".into(), VmRecord::default());
+        record.vms.insert("old-a".into(), VmRecord::default());
+        let policy = prune_ctx(true, 5, false);
+        let p = plan(
+            &desired,
+            &obs,
+            "new",
+            &Context {
+                policy: &policy,
+                record: &record,
+            },
+        );
+        assert_eq!(p.prune.len(), 1);
+        assert_eq!(p.prune[0].name, "old-a");
+        assert_eq!(p.foreign_tagged, 1);
+        assert!(
+            p.refused.is_none(),
+            "1 of 2 managed domains: {:?}",
+            p.refused
+        );
+        assert!(render(&p).contains("1 other domain(s) carry vmsync's tag"));
 
         // A renamed domain is claimed, not pruned.
         let renamed = Desired {

@@ -232,6 +232,17 @@ pub fn apply_commit(
         };
         vms.insert(vm.name.clone(), entry);
     }
+    // Managed domains left in place (pruning off, or failed) stay in the record: they
+    // are still this agent's, and may be pruned later.
+    for p in &plan.prune {
+        let pruned = outcome
+            .pruned
+            .iter()
+            .any(|o| o.name == p.name && o.error.is_none());
+        if !pruned && let Some(old) = record.vms.get(&p.name) {
+            vms.insert(p.name.clone(), old.clone());
+        }
+    }
     record.vms = vms;
     for p in &outcome.pruned {
         for disk in &p.orphaned_disks {
