@@ -185,6 +185,23 @@ mod tests {
     }
 
     #[test]
+    fn records_of_an_older_vmsync_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            r#"{"last_applied_commit":null,"last_applied_at":null,"last_attempted_commit":null,
+               "last_attempt_at":null,"last_result":"converged","last_error":null,
+               "vms":{"web":{"applied_commit":"c","fingerprint":"f","autostart":true,"ok":true,
+               "last_error":null,"pending_restart":false}}}"#,
+        )
+        .unwrap();
+        let record = load(dir.path()).unwrap();
+        assert_eq!(record.vms["web"].definition_hash, None);
+        assert_eq!(record.vms["web"].state, None);
+        assert!(record.orphaned_disks.is_empty());
+    }
+
+    #[test]
     fn corrupt_state_is_an_error_not_a_reset() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(STATE_FILE), "{not json").unwrap();
