@@ -49,6 +49,28 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// With --once: print the plan (like `vmsync plan`) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --once --dry-run: print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// With --once: apply a commit that prunes every managed domain, or more than
+    /// `policy.max_prune` of them.
+    #[arg(long)]
+    pub allow_mass_prune: bool,
+    /// Put drifted domains back to the commit ([policy] self_heal) [default: true].
+    #[arg(long, global = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub self_heal: Option<bool>,
+    /// Undefine tagged domains no longer in the manifest ([policy] prune) [default: false].
+    #[arg(long, global = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub prune: Option<bool>,
+    /// Refuse a commit pruning more domains than this ([policy] max_prune) [default: 5].
+    #[arg(long, global = true, value_name = "N")]
+    pub max_prune: Option<usize>,
+    /// Default graceful-shutdown timeout ([policy] shutdown_timeout) [default: 120s].
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub shutdown_timeout: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -62,7 +84,11 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Fetch, validate and print what a sync would do; changes nothing.
-    Plan,
+    Plan {
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the last applied commit and each managed VM's state.
     Status {
         /// Print one JSON object.
@@ -119,12 +145,27 @@ pub fn run() -> u8 {
         state_dir: cli.state_dir.clone(),
         host: cli.host.clone(),
         disk_roots: cli.disk_roots.clone(),
+        self_heal: cli.self_heal,
+        prune: cli.prune,
+        max_prune: cli.max_prune,
+        shutdown_timeout: cli.shutdown_timeout.clone(),
+        allow_mass_prune: cli.allow_mass_prune,
     };
     let settings = match config::load(&flags) {
         Ok(s) => s,
         Err(e) => return report(&e.into()),
     };
     let result = match (&cli.command, cli.once) {
+        _ if (cli.dry_run || cli.allow_mass_prune) && !(cli.once && cli.command.is_none()) => {
+            Err(SyncError::Config(config::ConfigError(
+                "--dry-run and --allow-mass-prune go with --once".into(),
+            )))
+        }
+        _ if cli.json && !(cli.once && cli.dry_run) => Err(SyncError::Config(config::ConfigError(
+            "--json goes with --once --dry-run (or use `vmsync plan --json`)".into(),
+        ))),
+        (None, true) if cli.dry_run => sync::plan_only(&settings)
+            .map(|plan| print!("{}", crate::plan::output(&plan, cli.json))),
         (None, true) => sync::once(&settings).map(|r| {
             if r.outcome.changes() == 0 {
                 println!(
@@ -147,13 +188,14 @@ pub fn run() -> u8 {
                     vm.name
                 );
             }
+            print!("{}", crate::apply::render_extra(&r.outcome));
         }),
         (None, false) => return crate::daemon::run(flags, settings),
         (Some(_), true) => Err(SyncError::Config(config::ConfigError(
             "--once cannot be combined with a command".into(),
         ))),
-        (Some(Command::Plan), false) => {
-            sync::plan_only(&settings).map(|plan| print!("{}", crate::plan::render(&plan)))
+        (Some(Command::Plan { json }), false) => {
+            sync::plan_only(&settings).map(|plan| print!("{}", crate::plan::output(&plan, *json)))
         }
         (Some(Command::Validate { dir }), false) => {
             let dir = dir.clone().unwrap_or_else(|| PathBuf::from("."));

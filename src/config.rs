@@ -71,6 +71,10 @@ struct RawAgent {
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     disk_roots: Option<Vec<PathBuf>>,
+    self_heal: Option<bool>,
+    prune: Option<bool>,
+    max_prune: Option<usize>,
+    shutdown_timeout: Option<String>,
 }
 
 /// Values given on the command line; each overrides the config file's key.
@@ -85,6 +89,43 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     pub host: Option<String>,
     pub disk_roots: Vec<PathBuf>,
+    pub self_heal: Option<bool>,
+    pub prune: Option<bool>,
+    pub max_prune: Option<usize>,
+    pub shutdown_timeout: Option<String>,
+    /// `--allow-mass-prune` (flag only, with `--once`).
+    pub allow_mass_prune: bool,
+}
+
+/// How changes, drift and pruning are handled (`[policy]`, see README "Safe changes").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangePolicy {
+    /// `[policy] self_heal` / `--self-heal`: put drifted domains back to the commit
+    /// (definition, autostart flag, power state); false only reports. Default true.
+    pub self_heal: bool,
+    /// `[policy] prune` / `--prune`: shut down and undefine (keeping NVRAM and TPM state,
+    /// never disks) tagged domains no longer in the manifest for this host. Default false.
+    pub prune: bool,
+    /// `[policy] max_prune` / `--max-prune`: more prunes than this in one commit are
+    /// refused without `--allow-mass-prune`. Default 5.
+    pub max_prune: usize,
+    /// `[policy] shutdown_timeout` / `--shutdown-timeout`: default graceful-shutdown
+    /// timeout before a destroy (VMs override it with `shutdown_timeout`). Default "120s".
+    pub shutdown_timeout: std::time::Duration,
+    /// `--allow-mass-prune` (with `--once` only): lift the prune guards for this run.
+    pub allow_mass_prune: bool,
+}
+
+impl Default for ChangePolicy {
+    fn default() -> Self {
+        Self {
+            self_heal: true,
+            prune: false,
+            max_prune: 5,
+            shutdown_timeout: crate::manifest::DEFAULT_SHUTDOWN_TIMEOUT,
+            allow_mass_prune: false,
+        }
+    }
 }
 
 /// The checked settings every command runs with.
@@ -119,6 +160,8 @@ pub struct Settings {
     /// `[policy] disk_roots` / `--disk-root`: disks and directories must live below one
     /// of these; default ["/var/lib/libvirt/images"].
     pub disk_roots: Vec<PathBuf>,
+    /// `[policy]` change handling: self-heal, pruning and its guards, shutdown timeout.
+    pub changes: ChangePolicy,
 }
 
 impl Settings {
@@ -191,6 +234,29 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         .clone()
         .or(raw.agent.state_dir)
         .unwrap_or_else(|| PathBuf::from("/var/lib/vmsync"));
+    let defaults = ChangePolicy::default();
+    let shutdown_timeout = match flags
+        .shutdown_timeout
+        .clone()
+        .or(raw.policy.shutdown_timeout.clone())
+    {
+        None => defaults.shutdown_timeout,
+        Some(text) => crate::manifest::parse_timeout(&text)
+            .map_err(|e| ConfigError(format!("invalid policy.shutdown_timeout: {e}")))?,
+    };
+    let changes = ChangePolicy {
+        self_heal: flags
+            .self_heal
+            .or(raw.policy.self_heal)
+            .unwrap_or(defaults.self_heal),
+        prune: flags.prune.or(raw.policy.prune).unwrap_or(defaults.prune),
+        max_prune: flags
+            .max_prune
+            .or(raw.policy.max_prune)
+            .unwrap_or(defaults.max_prune),
+        shutdown_timeout,
+        allow_mass_prune: flags.allow_mass_prune,
+    };
     let url = flags.url.clone().or(raw.source.url);
     if url.as_deref() == Some("") {
         return Err(ConfigError("the source url is empty".into()));
@@ -224,6 +290,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         backoff_max_seconds: raw.agent.backoff_max_seconds.unwrap_or(3600),
         metrics_file: raw.agent.metrics_file,
         disk_roots,
+        changes,
     })
 }
 
@@ -331,6 +398,62 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.0.contains("must be absolute"), "{err}");
+    }
+
+    #[test]
+    fn change_policy_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "[agent]\nhost = \"h\"\n[policy]\nself_heal = false\nprune = true\nmax_prune = 2\nshutdown_timeout = \"30s\"\n",
+        )
+        .unwrap();
+        let s = load(&Overrides {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            s.changes,
+            ChangePolicy {
+                self_heal: false,
+                prune: true,
+                max_prune: 2,
+                shutdown_timeout: std::time::Duration::from_secs(30),
+                allow_mass_prune: false,
+            }
+        );
+        let s = load(&Overrides {
+            config: Some(path),
+            self_heal: Some(true),
+            prune: Some(false),
+            shutdown_timeout: Some("2m".into()),
+            allow_mass_prune: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(s.changes.self_heal && !s.changes.prune && s.changes.allow_mass_prune);
+        assert_eq!(s.changes.shutdown_timeout.as_secs(), 120);
+        let defaults = merge(
+            RawConfig::default(),
+            &Overrides {
+                host: Some("h".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(defaults.changes, ChangePolicy::default());
+        let err = merge(
+            RawConfig::default(),
+            &Overrides {
+                host: Some("h".into()),
+                shutdown_timeout: Some("never".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.0.contains("policy.shutdown_timeout"), "{err}");
     }
 
     #[test]

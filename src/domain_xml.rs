@@ -263,6 +263,307 @@ fn insert_first_child(
     (pos..pos, element.to_string())
 }
 
+/// Top-level elements libvirt adds with defaults; ignored in diffs when the source has none.
+const GENERATED_TOP: &[&str] = &[
+    "uuid",
+    "currentMemory",
+    "resource",
+    "seclabel",
+    "on_poweroff",
+    "on_reboot",
+    "on_crash",
+    "clock",
+    "cpu",
+    "pm",
+    "sysinfo",
+    "idmap",
+];
+
+/// `<os>` children libvirt adds (boot order, NVRAM path); ignored when the source has none.
+const GENERATED_OS: &[&str] = &["boot", "nvram", "loader"];
+
+/// Devices libvirt's QEMU driver adds by itself; ignored when the source has none of
+/// the kind (controllers are matched by type and index).
+const GENERATED_DEVICES: &[&str] = &[
+    "emulator",
+    "controller",
+    "input",
+    "audio",
+    "video",
+    "memballoon",
+    "console",
+    "serial",
+    "channel",
+    "watchdog",
+];
+
+/// Machine type aliases libvirt expands on define (`pc` → `pc-i440fx-7.2`).
+const MACHINE_ALIASES: &[(&str, &str)] = &[("pc", "pc-i440fx-"), ("q35", "pc-q35-")];
+
+/// libvirt's inactive XML pretty-printed, with vmsync's tag removed: what the drift
+/// baseline is taken of. `None` if it does not parse.
+pub fn canonical(libvirt_xml: &str) -> Option<String> {
+    let doc = parse_doc(libvirt_xml).ok()?;
+    let mut out = String::new();
+    write_node(doc.root_element(), None, 0, Projection::Off, &mut out);
+    Some(out)
+}
+
+/// The hash of [`canonical`]: equal before and after a sync unless someone changed the
+/// definition outside vmsync (`virsh edit`, `virsh define`).
+pub fn definition_hash(libvirt_xml: &str) -> Option<String> {
+    let text = canonical(libvirt_xml)?;
+    let mut hasher = Sha256::new();
+    hasher.update(b"vmsync-definition-v1\0");
+    hasher.update(text.as_bytes());
+    Some(hex::encode(hasher.finalize()))
+}
+
+/// libvirt's XML pretty-printed for a readable diff against the committed `source`:
+/// vmsync's tag removed, and what libvirt generates where the source gives none left
+/// out (UUID, MACs, device addresses, aliases, default controllers and devices, the
+/// expanded machine type, `<os>` defaults, top-level defaults). Both sides of a diff
+/// go through this with the same source. Unparsable input is returned as is.
+pub fn normalize_for_diff(libvirt_xml: &str, source: &str) -> String {
+    let Ok(doc) = parse_doc(libvirt_xml) else {
+        return libvirt_xml.to_string();
+    };
+    let Ok(src) = parse_doc(source) else {
+        return canonical(libvirt_xml).unwrap_or_else(|| libvirt_xml.to_string());
+    };
+    let mut out = String::new();
+    write_node(
+        doc.root_element(),
+        Some(src.root_element()),
+        0,
+        Projection::Root,
+        &mut out,
+    );
+    out
+}
+
+/// The image files and block devices of a definition's `<disk device='disk'>` elements
+/// (not CD-ROMs or floppies), for reporting orphaned disks.
+pub fn disk_sources(xml: &str) -> Vec<std::path::PathBuf> {
+    let Ok(doc) = parse_doc(xml) else {
+        return Vec::new();
+    };
+    child(doc.root_element(), "devices")
+        .into_iter()
+        .flat_map(|d| d.children())
+        .filter(|d| d.is_element() && d.tag_name().name() == "disk")
+        .filter(|d| d.attribute("device").is_none_or(|v| v == "disk"))
+        .filter_map(|d| child(d, "source"))
+        .filter_map(|s| s.attribute("file").or(s.attribute("dev")))
+        .map(std::path::PathBuf::from)
+        .collect()
+}
+
+/// Where in the document the printer is, for the diff projection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Projection {
+    /// Print everything except vmsync's tag and aliases.
+    Off,
+    /// The `<domain>` element.
+    Root,
+    /// A direct child of `<domain>` (its source counterpart known).
+    Top,
+    /// A device in `<devices>` (its source counterpart, if any, known).
+    Device,
+}
+
+fn is_vmsync_tag(node: roxmltree::Node) -> bool {
+    node.is_element() && node.tag_name().namespace() == Some(NAMESPACE)
+}
+
+fn elements<'a, 'i>(
+    node: roxmltree::Node<'a, 'i>,
+) -> impl Iterator<Item = roxmltree::Node<'a, 'i>> {
+    node.children().filter(|c| c.is_element())
+}
+
+fn has_child(node: Option<roxmltree::Node>, name: &str) -> bool {
+    node.is_some_and(|n| child(n, name).is_some())
+}
+
+/// The source counterpart of a libvirt device: controllers by type and index, other
+/// devices by position among the devices of the same kind.
+fn device_counterpart<'a, 'i>(
+    device: roxmltree::Node,
+    position: usize,
+    src_devices: Option<roxmltree::Node<'a, 'i>>,
+) -> Option<roxmltree::Node<'a, 'i>> {
+    let src_devices = src_devices?;
+    let name = device.tag_name().name();
+    let mut same = elements(src_devices).filter(|c| c.tag_name().name() == name);
+    if name == "controller" {
+        return same.find(|c| {
+            c.attribute("type") == device.attribute("type")
+                && c.attribute("index").unwrap_or("0") == device.attribute("index").unwrap_or("0")
+        });
+    }
+    same.nth(position)
+}
+
+/// Which children of `node` (in libvirt's XML) the diff shows, each with its source
+/// counterpart and the projection to print it with.
+fn shown_children<'a, 'i, 's, 't>(
+    node: roxmltree::Node<'a, 'i>,
+    src: Option<roxmltree::Node<'s, 't>>,
+    projection: Projection,
+) -> Vec<(
+    roxmltree::Node<'a, 'i>,
+    Option<roxmltree::Node<'s, 't>>,
+    Projection,
+)> {
+    let name = node.tag_name().name();
+    let mut out = Vec::new();
+    let mut positions: std::collections::BTreeMap<String, usize> = Default::default();
+    for c in elements(node) {
+        let cname = c.tag_name().name();
+        if cname == "alias" || is_vmsync_tag(c) {
+            continue;
+        }
+        match projection {
+            Projection::Off => out.push((c, None, Projection::Off)),
+            Projection::Root => {
+                if c.tag_name().namespace().is_some() {
+                    continue;
+                }
+                if GENERATED_TOP.contains(&cname) && !has_child(src, cname) {
+                    continue;
+                }
+                if cname == "metadata" && !elements(c).any(|m| !is_vmsync_tag(m)) {
+                    continue;
+                }
+                out.push((c, src.and_then(|s| child(s, cname)), Projection::Top));
+            }
+            Projection::Top if name == "os" => {
+                if GENERATED_OS.contains(&cname) && !has_child(src, cname) {
+                    continue;
+                }
+                out.push((c, src.and_then(|s| child(s, cname)), Projection::Off));
+            }
+            Projection::Top if name == "devices" => {
+                let position = positions.entry(cname.to_string()).or_default();
+                let counterpart = device_counterpart(c, *position, src);
+                *position += 1;
+                if GENERATED_DEVICES.contains(&cname)
+                    && (!has_child(src, cname) || (cname == "controller" && counterpart.is_none()))
+                {
+                    continue;
+                }
+                out.push((c, counterpart, Projection::Device));
+            }
+            Projection::Top => out.push((c, None, Projection::Off)),
+            Projection::Device => {
+                // Addresses, MACs and interface target devices libvirt assigns where
+                // the source gives none.
+                if matches!(cname, "address" | "mac" | "target") && !has_child(src, cname) {
+                    continue;
+                }
+                out.push((c, None, Projection::Off));
+            }
+        }
+    }
+    out
+}
+
+fn qualified(node: roxmltree::Node, name: &str, ns: Option<&str>) -> String {
+    match ns.and_then(|uri| node.lookup_prefix(uri)) {
+        Some(prefix) if !prefix.is_empty() => format!("{prefix}:{name}"),
+        _ => name.to_string(),
+    }
+}
+
+fn escape(text: &str, attribute: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' if !attribute => out.push_str("&gt;"),
+            '\'' if attribute => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Pretty-prints `node` (two spaces per level, attributes as libvirt orders them).
+fn write_node(
+    node: roxmltree::Node,
+    src: Option<roxmltree::Node>,
+    depth: usize,
+    projection: Projection,
+    out: &mut String,
+) {
+    let indent = "  ".repeat(depth);
+    let name = qualified(node, node.tag_name().name(), node.tag_name().namespace());
+    out.push_str(&format!("{indent}<{name}"));
+    if let Some(uri) = node.tag_name().namespace()
+        && node
+            .parent_element()
+            .is_none_or(|p| p.lookup_prefix(uri).is_none())
+    {
+        match node.lookup_prefix(uri) {
+            Some(prefix) if !prefix.is_empty() => {
+                out.push_str(&format!(" xmlns:{prefix}='{}'", escape(uri, true)))
+            }
+            _ => out.push_str(&format!(" xmlns='{}'", escape(uri, true))),
+        }
+    }
+    let is_os_type = projection == Projection::Off
+        && node.tag_name().name() == "type"
+        && node
+            .parent_element()
+            .is_some_and(|p| p.tag_name().name() == "os");
+    for attr in node.attributes() {
+        let mut value = attr.value().to_string();
+        if is_os_type && src.is_some() {
+            // Attributes the source leaves to libvirt (arch, machine) are left out; an
+            // expanded machine alias is shown as the source wrote it.
+            let Some(given) = src.and_then(|s| s.attribute(attr.name())) else {
+                continue;
+            };
+            if attr.name() == "machine"
+                && MACHINE_ALIASES
+                    .iter()
+                    .any(|(alias, prefix)| given == *alias && value.starts_with(prefix))
+            {
+                value = given.to_string();
+            }
+        }
+        let attr_name = qualified(node, attr.name(), attr.namespace());
+        out.push_str(&format!(" {attr_name}='{}'", escape(&value, true)));
+    }
+    let children = shown_children(node, src, projection);
+    let text: String = node
+        .children()
+        .filter(|c| c.is_text())
+        .filter_map(|c| c.text())
+        .collect::<String>()
+        .trim()
+        .to_string();
+    if children.is_empty() && text.is_empty() {
+        out.push_str("/>\n");
+    } else if children.is_empty() {
+        out.push_str(&format!(">{}</{name}>\n", escape(&text, false)));
+    } else {
+        out.push_str(">\n");
+        for (c, csrc, cprojection) in children {
+            // `os/type` needs its source counterpart for the machine alias.
+            let csrc = if c.tag_name().name() == "type" && node.tag_name().name() == "os" {
+                src.and_then(|s| child(s, "type"))
+            } else {
+                csrc
+            };
+            write_node(c, csrc, depth + 1, cprojection, out);
+        }
+        out.push_str(&format!("{indent}</{name}>\n"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

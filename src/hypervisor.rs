@@ -49,6 +49,17 @@ pub trait Hypervisor: Sync {
     fn call_count(&self) -> u64 {
         0
     }
+    /// Whether the domain runs now.
+    fn is_active(&self, name: &str) -> Result<bool, HvError>;
+    /// Asks the guest to shut down (ACPI power button); returns at once.
+    fn shutdown(&self, name: &str) -> Result<(), HvError>;
+    /// Powers the domain off at once (the hard way; only after a shutdown timed out).
+    fn destroy(&self, name: &str) -> Result<(), HvError>;
+    /// Undefines a shut-off domain, keeping its UEFI NVRAM and TPM state (and its disks:
+    /// libvirt never deletes those on undefine).
+    fn undefine_keep_state(&self, name: &str) -> Result<(), HvError>;
+    /// Renames a shut-off domain; UUID, NVRAM and TPM state stay.
+    fn rename(&self, name: &str, new_name: &str) -> Result<(), HvError>;
 }
 
 /// A libvirt connection.
@@ -111,6 +122,14 @@ impl Libvirt {
             .expect("handles lock")
             .insert(name.to_string(), domain.clone());
         Ok(domain)
+    }
+
+    /// Drops cached handles (after a rename or undefine).
+    fn forget(&self, names: &[&str]) {
+        let mut handles = self.handles.lock().expect("handles lock");
+        for name in names {
+            handles.remove(*name);
+        }
     }
 
     /// Names of the domains matching `flags` (one call).
@@ -179,6 +198,45 @@ impl Hypervisor for Libvirt {
     fn call_count(&self) -> u64 {
         self.calls()
     }
+
+    fn is_active(&self, name: &str) -> Result<bool, HvError> {
+        self.count(1);
+        Ok(self.lookup(name)?.is_active()?)
+    }
+
+    fn shutdown(&self, name: &str) -> Result<(), HvError> {
+        self.count(1);
+        self.lookup(name)?.shutdown()?;
+        Ok(())
+    }
+
+    fn destroy(&self, name: &str) -> Result<(), HvError> {
+        self.count(1);
+        self.lookup(name)?.destroy()?;
+        Ok(())
+    }
+
+    fn undefine_keep_state(&self, name: &str) -> Result<(), HvError> {
+        // Both flags exist since libvirt 8.9 (KEEP_TPM); an older libvirt refuses the
+        // call instead of deleting anything. libvirt's test driver keeps no NVRAM files
+        // or TPM state and rejects both flags: only there are they left out.
+        let flags = if self.uri.starts_with("test:") {
+            0
+        } else {
+            sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | sys::VIR_DOMAIN_UNDEFINE_KEEP_TPM
+        };
+        self.count(1);
+        self.lookup(name)?.undefine_flags(flags)?;
+        self.forget(&[name]);
+        Ok(())
+    }
+
+    fn rename(&self, name: &str, new_name: &str) -> Result<(), HvError> {
+        self.count(1);
+        self.lookup(name)?.rename(new_name, 0)?;
+        self.forget(&[name, new_name]);
+        Ok(())
+    }
 }
 
 /// Checks a domain XML against libvirt's schema without touching any host.
@@ -190,6 +248,12 @@ pub trait SchemaChecker {
     }
     /// Remembers that the file with `content_id` validated, with its summary.
     fn remember(&self, _content_id: &str, _summary: &crate::domain_xml::DomainSummary) {}
+}
+
+/// Turns a domain XML into the inactive XML libvirt makes of it, without touching any
+/// host (for plan diffs of definitions not applied yet).
+pub trait Normalizer {
+    fn normalize(&self, xml: &str) -> Result<String, String>;
 }
 
 /// libvirt's schema validation through a private, empty `test:///` driver connection:
@@ -253,6 +317,24 @@ impl SchemaChecker for TestDriverSchema {
     }
 }
 
+/// Defines the XML in the private test driver, reads its inactive XML back, undefines it.
+/// The test driver fills in libvirt's generic defaults (units, placement, on_* actions)
+/// but not the QEMU driver's (machine type, controllers, PCI addresses), which the diff
+/// normalization in `domain_xml` ignores where the source gives none.
+impl Normalizer for TestDriverSchema {
+    fn normalize(&self, xml: &str) -> Result<String, String> {
+        let domain = self
+            .conn
+            .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
+            .map_err(|e| e.message().trim().to_string())?;
+        let out = domain.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE);
+        let undefined = domain.undefine();
+        let out = out.map_err(|e| e.message().trim().to_string())?;
+        undefined.map_err(|e| e.message().trim().to_string())?;
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,5 +376,28 @@ mod tests {
                 .contains("<name>vmsync-unit</name>")
         );
         assert!(hv.xml("nope", true).is_err());
+
+        // Graceful shutdown works at once on the test driver; rename and undefine too.
+        assert!(hv.is_active("vmsync-unit").unwrap());
+        hv.shutdown("vmsync-unit").unwrap();
+        assert!(!hv.is_active("vmsync-unit").unwrap());
+        hv.start("vmsync-unit").unwrap();
+        hv.destroy("vmsync-unit").unwrap();
+        assert!(!hv.is_active("vmsync-unit").unwrap());
+        hv.rename("vmsync-unit", "vmsync-unit2").unwrap();
+        assert!(hv.xml("vmsync-unit", true).is_err());
+        hv.undefine_keep_state("vmsync-unit2").unwrap();
+        assert!(hv.xml("vmsync-unit2", true).is_err());
+    }
+
+    #[test]
+    fn normalizer_returns_libvirts_xml_and_leaves_nothing_defined() {
+        let schema = TestDriverSchema::new().unwrap();
+        let xml = "<domain type='kvm'><name>n</name><memory unit='MiB'>128</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>";
+        let out = schema.normalize(xml).unwrap();
+        assert!(out.contains("<memory unit='KiB'>131072</memory>"), "{out}");
+        assert!(out.contains("<vcpu placement='static'>1</vcpu>"), "{out}");
+        schema.normalize(xml).unwrap();
+        schema.check(xml).unwrap();
     }
 }

@@ -67,8 +67,58 @@ struct RawVm {
     #[serde(default)]
     autostart: bool,
     hosts: Option<Spanned<Vec<String>>>,
+    on_change: Option<OnChange>,
+    state: Option<Spanned<PowerState>>,
+    shutdown_timeout: Option<Spanned<String>>,
+    self_heal: Option<bool>,
     #[serde(default)]
     disk: Vec<RawDisk>,
+}
+
+/// What to do with a running domain whose definition changes (`on_change`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnChange {
+    /// Keep it running; report it as pending restart until it is power-cycled (default).
+    #[default]
+    Defer,
+    /// Graceful ACPI shutdown (destroy only after the shutdown timeout), then start.
+    Restart,
+}
+
+/// The power state vmsync keeps a domain in (`state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerState {
+    /// Started when not running.
+    Running,
+    /// Shut down gracefully when running.
+    Stopped,
+    /// Defined only; vmsync neither starts nor stops it.
+    Defined,
+}
+
+impl PowerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PowerState::Running => "running",
+            PowerState::Stopped => "stopped",
+            PowerState::Defined => "defined",
+        }
+    }
+}
+
+/// The default graceful-shutdown timeout of a VM.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Parses a timeout like "120s", "2m" or "90" (seconds).
+pub fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("'{text}' is not a duration like \"120s\" or \"2m\": {e}"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +157,15 @@ pub struct VmEntry {
     /// Hosts that apply this VM; `None` means every host.
     pub hosts: Option<Vec<String>>,
     pub disks: Vec<DiskSpec>,
+    /// `on_change`: what a definition change does to a running domain (default "defer").
+    pub on_change: OnChange,
+    /// `state`: the power state kept (default "running" with autostart, else "defined").
+    pub state: PowerState,
+    /// `shutdown_timeout`: how long a graceful shutdown may take before the domain is
+    /// destroyed (default: the agent's `policy.shutdown_timeout`, itself 120 s).
+    pub shutdown_timeout: Option<std::time::Duration>,
+    /// `self_heal`: overrides the agent's `policy.self_heal` for this VM.
+    pub self_heal: Option<bool>,
 }
 
 impl VmEntry {
@@ -293,6 +352,34 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
             }
             hosts => hosts.map(Spanned::into_inner),
         };
+        let state = match &raw_vm.state {
+            None if raw_vm.autostart => PowerState::Running,
+            None => PowerState::Defined,
+            Some(state) => {
+                if raw_vm.autostart && *state.get_ref() != PowerState::Running {
+                    problems.push(problem(
+                        state.span(),
+                        vm,
+                        "state",
+                        format!(
+                            "autostart = true starts the domain, so state must be \"running\", not \"{}\"",
+                            state.get_ref().as_str()
+                        ),
+                    ));
+                }
+                *state.get_ref()
+            }
+        };
+        let shutdown_timeout = match &raw_vm.shutdown_timeout {
+            None => None,
+            Some(t) => match parse_timeout(t.get_ref()) {
+                Ok(d) => Some(d),
+                Err(msg) => {
+                    problems.push(problem(t.span(), vm, "shutdown_timeout", msg));
+                    None
+                }
+            },
+        };
         let mut disks = Vec::new();
         for (i, disk) in raw_vm.disk.into_iter().enumerate() {
             let field = |f: &str| format!("disk[{i}].{f}");
@@ -353,6 +440,10 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
                 autostart: raw_vm.autostart,
                 hosts,
                 disks,
+                on_change: raw_vm.on_change.unwrap_or_default(),
+                state,
+                shutdown_timeout,
+                self_heal: raw_vm.self_heal,
             });
         }
     }
@@ -498,6 +589,43 @@ xml_inline = '''<domain type="kvm"><name>db</name></domain>'''
             .replace("size = \"20G\"", "size = \"big\"")
             .replace("size = \"512M\"", "size = \"0x\"");
         assert_eq!(parse(&text).unwrap_err().len(), 2);
+    }
+
+    #[test]
+    fn change_handling_keys_parse_with_defaults_and_checks() {
+        let m = parse(GOOD).unwrap();
+        assert_eq!(
+            m.vms[0].state,
+            PowerState::Running,
+            "autostart implies running"
+        );
+        assert_eq!(m.vms[1].state, PowerState::Defined);
+        assert_eq!(m.vms[0].on_change, OnChange::Defer);
+        assert_eq!(m.vms[0].shutdown_timeout, None);
+        assert_eq!(m.vms[0].self_heal, None);
+
+        let text = GOOD.replace(
+            "name = \"db\"",
+            "name = \"db\"\non_change = \"restart\"\nstate = \"stopped\"\nshutdown_timeout = \"3s\"\nself_heal = false",
+        );
+        let db = &parse(&text).unwrap().vms[1];
+        assert_eq!(db.on_change, OnChange::Restart);
+        assert_eq!(db.state, PowerState::Stopped);
+        assert_eq!(db.shutdown_timeout, Some(std::time::Duration::from_secs(3)));
+        assert_eq!(db.self_heal, Some(false));
+
+        let p =
+            one_problem(&GOOD.replace("autostart = true", "autostart = true\nstate = \"stopped\""));
+        assert_eq!(
+            (p.vm.as_deref(), p.field.as_deref()),
+            (Some("web"), Some("state"))
+        );
+        let p = one_problem(&GOOD.replace("autostart = true", "shutdown_timeout = \"soon\""));
+        assert_eq!(p.field.as_deref(), Some("shutdown_timeout"));
+        let p = one_problem(&GOOD.replace("autostart = true", "on_change = \"reboot\""));
+        assert!(p.message.contains("unknown variant"), "{p}");
+        assert_eq!(parse_timeout("90").unwrap().as_secs(), 90);
+        assert_eq!(parse_timeout("2m").unwrap().as_secs(), 120);
     }
 
     #[test]

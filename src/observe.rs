@@ -1,6 +1,8 @@
 //! Observation: what the host has now, for the VMs, disks and directories the desired
-//! state names. Read-only; one `list` call plus one inactive-XML read per named domain
-//! (and a live-XML read for running ones, to tell a pending restart).
+//! state names, plus the tagged domains that matter for renames (a desired VM's UUID)
+//! and pruning (domains this agent's record says it applied). Read-only; one listing
+//! (four calls) plus one inactive-XML read per such domain (and a live-XML read for
+//! running ones, to tell a pending restart). Other domains are never read.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,12 +20,18 @@ pub struct SeenDomain {
     pub inactive: Option<DomainSummary>,
     /// vmsync's tag in the running definition (only for active domains).
     pub live_tag: Option<Tag>,
+    /// libvirt's inactive XML as read.
+    pub inactive_xml: Option<String>,
+    /// `domain_xml::definition_hash` of it (the drift comparison).
+    pub definition_hash: Option<String>,
 }
 
 /// What exists on the host.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
     pub domains: BTreeMap<String, SeenDomain>,
+    /// Domains with vmsync's tag that no desired VM names (rename sources, prunable).
+    pub others: BTreeMap<String, SeenDomain>,
     /// Per disk path: `Ok(None)` missing, `Ok(Some(info))` present, `Err` could not inspect.
     pub disks: BTreeMap<PathBuf, Result<Option<ImageInfo>, String>>,
     /// Per directory: whether it exists.
@@ -36,6 +44,7 @@ pub const THREADS: usize = 4;
 /// Observes the host for `desired`. Fails only if libvirt cannot be asked at all.
 pub fn observe(
     desired: &Desired,
+    applied: &std::collections::BTreeSet<String>,
     hv: &dyn Hypervisor,
     disks: &dyn DiskProvisioner,
 ) -> Result<Observed, HvError> {
@@ -44,18 +53,36 @@ pub fn observe(
         .iter()
         .map(|vm| (vm.name.as_str(), ()))
         .collect();
-    let listed: Vec<Listing> = hv
+    let uuids: std::collections::BTreeSet<String> = desired
+        .vms
+        .iter()
+        .filter_map(|vm| vm.summary.uuid.as_ref().map(|u| u.to_ascii_lowercase()))
+        .collect();
+    // Read only what can matter: the desired domains, the ones this agent applied before
+    // (prune candidates) and tagged domains with a desired VM's UUID (renames). Other
+    // domains are never read.
+    let listed: Vec<(bool, Listing)> = hv
         .list()?
         .into_iter()
-        .filter(|l| wanted.contains_key(l.name.as_str()))
+        .filter_map(|l| {
+            let is_wanted = wanted.contains_key(l.name.as_str());
+            let relevant = is_wanted
+                || applied.contains(&l.name)
+                || uuids.contains(&l.uuid.to_ascii_lowercase());
+            relevant.then_some((is_wanted, l))
+        })
         .collect();
-    // One inactive-XML read per managed domain (and the live XML of running ones), on a
+    // One inactive-XML read per such domain (and the live XML of running ones), on a
     // few threads: libvirt serves concurrent calls on one connection.
-    let seen = crate::par::map(listed, THREADS, |listing| {
-        let inactive = hv
-            .xml(&listing.name, true)
-            .ok()
-            .and_then(|xml| domain_xml::summarize(&xml).ok());
+    let seen = crate::par::map(listed, THREADS, |(is_wanted, listing)| {
+        let inactive_xml = hv.xml(&listing.name, true).ok();
+        let inactive = inactive_xml
+            .as_deref()
+            .and_then(|xml| domain_xml::summarize(xml).ok());
+        if !is_wanted && inactive.as_ref().is_none_or(|s| s.tag.is_none()) {
+            // Not vmsync's: never touched, not even listed.
+            return None;
+        }
         let live_tag = if listing.active {
             hv.xml(&listing.name, false)
                 .ok()
@@ -63,16 +90,25 @@ pub fn observe(
         } else {
             None
         };
-        SeenDomain {
-            listing,
-            inactive,
-            live_tag,
-        }
+        Some((
+            is_wanted,
+            SeenDomain {
+                definition_hash: inactive_xml
+                    .as_deref()
+                    .and_then(domain_xml::definition_hash),
+                listing,
+                inactive,
+                live_tag,
+                inactive_xml,
+            },
+        ))
     });
-    let domains = seen
-        .into_iter()
-        .map(|d| (d.listing.name.clone(), d))
-        .collect();
+    let mut domains = BTreeMap::new();
+    let mut others = BTreeMap::new();
+    for (is_wanted, seen) in seen.into_iter().flatten() {
+        let into = if is_wanted { &mut domains } else { &mut others };
+        into.insert(seen.listing.name.clone(), seen);
+    }
     let disks = desired
         .vms
         .iter()
@@ -91,6 +127,7 @@ pub fn observe(
         .collect();
     Ok(Observed {
         domains,
+        others,
         disks,
         directories,
     })

@@ -1,28 +1,49 @@
-//! Planning: a pure function from the desired state and what was observed to the actions
-//! that converge the host. No I/O; table-tested.
+//! Planning: a pure function from the desired state, what was observed and the record
+//! of the last sync to the actions that converge the host. No I/O; table-tested.
 //!
-//! Rules (DESIGN.md):
+//! Rules (DESIGN.md, README "Safe changes"):
 //! - a domain with a desired VM's name but without vmsync's tag belongs to someone else:
 //!   the VM fails with a conflict and nothing of it is touched;
 //! - missing disks are created; an existing disk of another format fails the VM; an
 //!   existing disk is never changed;
-//! - a domain is (re)defined only if it is missing or its tag's fingerprint differs; the
-//!   XML keeps the existing domain's UUID and MACs where the source gives none;
-//! - a running domain whose definition changes keeps running: pending restart;
-//! - `autostart = true`: flag set, domain started if not running; `false`: flag cleared,
-//!   never started or stopped.
+//! - a domain is (re)defined if it is missing, its tag's fingerprint differs from the
+//!   commit's, or its definition drifted and self-heal is on; the XML keeps the existing
+//!   domain's UUID and MACs where the source gives none;
+//! - drift (definition, autostart flag, power state changed outside vmsync since the last
+//!   sync) is healed when `self_heal` is on, else only reported; a change the commit
+//!   makes is always applied;
+//! - a running domain whose definition changes keeps running (pending restart) with
+//!   `on_change = "defer"`, and is shut down gracefully and started again with
+//!   `on_change = "restart"`; `state = "stopped"` shuts it down the same way;
+//! - a desired VM whose `<uuid>` belongs to a tagged domain of another name renames it
+//!   (shut off first with `on_change = "restart"`; an error for a running "defer" VM);
+//! - tagged domains no longer in the manifest for this host are pruned (graceful
+//!   shutdown, undefine keeping NVRAM and TPM state, disks kept) only with
+//!   `policy.prune`; pruning every managed domain or more than `policy.max_prune` is
+//!   refused without `--allow-mass-prune`. Untagged domains are never touched.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use serde::Serialize;
+
+use crate::config::ChangePolicy;
 use crate::disk::{DiskSpec, check_existing};
 use crate::domain_xml::{self, Tag};
-use crate::observe::Observed;
+use crate::drift::{self, Drift};
+use crate::manifest::{OnChange, PowerState};
+use crate::observe::{Observed, SeenDomain};
+use crate::state::Record;
 use crate::validate::{Desired, DesiredVm};
 
 /// One step of converging a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     CreateDisk(DiskSpec),
+    /// Rename the (shut-off) domain `from` to the VM's name.
+    Rename {
+        from: String,
+    },
     /// Define a new domain, or redefine an existing one in place.
     Define {
         xml: String,
@@ -30,22 +51,19 @@ pub enum Action {
     },
     SetAutostart(bool),
     Start,
+    /// Graceful shutdown (destroy after `timeout`), then start with the new definition.
+    Restart {
+        timeout: Duration,
+    },
+    /// Graceful shutdown (destroy after `timeout`).
+    Stop {
+        timeout: Duration,
+    },
+    /// Undefine, keeping NVRAM, TPM state and disks (pruning only).
+    Undefine,
 }
 
 impl Action {
-    /// The action's kind, for metrics (`vmsync_last_sync_actions{kind=…}`).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Action::CreateDisk(_) => "create_disk",
-            Action::Define {
-                redefine: false, ..
-            } => "define",
-            Action::Define { redefine: true, .. } => "redefine",
-            Action::SetAutostart(_) => "set_autostart",
-            Action::Start => "start",
-        }
-    }
-
     /// Short description for logs and plans.
     pub fn describe(&self) -> String {
         match self {
@@ -57,6 +75,7 @@ impl Action {
                     crate::disk::human_size(spec.size_bytes)
                 )
             }
+            Action::Rename { from } => format!("rename from '{from}'"),
             Action::Define {
                 redefine: false, ..
             } => "define".into(),
@@ -64,6 +83,33 @@ impl Action {
             Action::SetAutostart(true) => "set autostart".into(),
             Action::SetAutostart(false) => "clear autostart".into(),
             Action::Start => "start".into(),
+            Action::Restart { timeout } => format!(
+                "restart (graceful shutdown, destroy after {})",
+                humantime::format_duration(*timeout)
+            ),
+            Action::Stop { timeout } => format!(
+                "stop (graceful shutdown, destroy after {})",
+                humantime::format_duration(*timeout)
+            ),
+            Action::Undefine => "undefine (keeping NVRAM, TPM state and disks)".into(),
+        }
+    }
+
+    /// The action's kind for machines (`vmsync plan --json`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::CreateDisk(_) => "create_disk",
+            Action::Rename { .. } => "rename",
+            Action::Define {
+                redefine: false, ..
+            } => "define",
+            Action::Define { redefine: true, .. } => "redefine",
+            Action::SetAutostart(true) => "set_autostart",
+            Action::SetAutostart(false) => "clear_autostart",
+            Action::Start => "start",
+            Action::Restart { .. } => "restart",
+            Action::Stop { .. } => "stop",
+            Action::Undefine => "undefine",
         }
     }
 }
@@ -74,6 +120,7 @@ pub struct VmPlan {
     pub name: String,
     pub fingerprint: String,
     pub autostart: bool,
+    pub state: PowerState,
     pub actions: Vec<Action>,
     /// The VM cannot be converged (conflict, disk format mismatch); nothing of it is done.
     pub error: Option<String>,
@@ -83,6 +130,33 @@ pub struct VmPlan {
     pub pending_restart: bool,
     /// The domain is running now (before the plan is applied).
     pub active: bool,
+    /// What differs from the last applied state (healed or only reported).
+    pub drift: Vec<String>,
+    /// Whether drift is left as is (self-heal off).
+    pub drift_reported_only: bool,
+    /// The committed XML (reference for the diff normalization).
+    pub source_xml: String,
+    /// The XML vmsync defines (or would define, when drift is only reported).
+    pub rendered_xml: Option<String>,
+    /// libvirt's inactive XML of the existing domain now.
+    pub current_xml: Option<String>,
+    /// `domain_xml::definition_hash` of `current_xml`.
+    pub current_hash: Option<String>,
+    /// Unified diff of the definition (filled in by `diff::annotate` for `vmsync plan`).
+    pub diff: Option<String>,
+}
+
+/// A tagged domain that is no longer in the manifest for this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrunePlan {
+    pub name: String,
+    pub active: bool,
+    /// Stop (if running) and undefine; empty when pruning is off.
+    pub actions: Vec<Action>,
+    /// Its disks, which are never deleted: orphaned once it is undefined.
+    pub disks: Vec<PathBuf>,
+    /// Why it is left alone (pruning off, transient).
+    pub skipped: Option<String>,
 }
 
 /// The whole plan for one commit.
@@ -91,53 +165,175 @@ pub struct Plan {
     pub commit: String,
     pub create_directories: Vec<PathBuf>,
     pub vms: Vec<VmPlan>,
+    pub prune: Vec<PrunePlan>,
+    /// Set when the commit is refused by the prune guards; nothing may be applied.
+    pub refused: Option<String>,
+    /// Domains with vmsync's tag that this agent never applied (another repository or
+    /// state directory made them): never pruned, only counted.
+    pub foreign_tagged: usize,
 }
 
 impl Plan {
     /// Whether applying the plan changes nothing.
     pub fn is_noop(&self) -> bool {
-        self.create_directories.is_empty() && self.vms.iter().all(|vm| vm.actions.is_empty())
+        self.create_directories.is_empty()
+            && self.vms.iter().all(|vm| vm.actions.is_empty())
+            && self.prune.iter().all(|p| p.actions.is_empty())
     }
 }
 
+/// What the planner needs besides the desired and observed state.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub policy: &'a ChangePolicy,
+    /// The record of the last sync (the drift baseline).
+    pub record: &'a Record,
+}
+
 /// Plans the actions that bring the host from `observed` to `desired` at `commit`.
-pub fn plan(desired: &Desired, observed: &Observed, commit: &str) -> Plan {
+pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context) -> Plan {
     let create_directories = desired
         .directories
         .iter()
         .filter(|d| !observed.directories.get(*d).copied().unwrap_or(false))
         .cloned()
         .collect();
+    let mut claimed = Vec::new();
     let vms = desired
         .vms
         .iter()
-        .map(|vm| plan_vm(vm, observed, commit))
+        .map(|vm| plan_vm(vm, observed, commit, ctx, &mut claimed))
         .collect();
+    let prune = plan_prune(observed, ctx, &claimed);
+    let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count();
+    let foreign_tagged = observed
+        .others
+        .keys()
+        .filter(|name| !ctx.record.vms.contains_key(*name) && !claimed.contains(name))
+        .count();
+    // This agent's domains on the host: the desired ones it tagged, and the others its
+    // record says it applied.
+    let managed = observed
+        .domains
+        .values()
+        .filter(|d| d.inactive.as_ref().is_some_and(|s| s.tag.is_some()))
+        .count()
+        + prune.len();
+    let refused = (pruning > 0
+        && !ctx.policy.allow_mass_prune
+        && (pruning == managed || pruning > ctx.policy.max_prune))
+        .then(|| {
+            let why = if pruning == managed {
+                format!("every managed domain on this host ({managed})")
+            } else {
+                format!(
+                    "{pruning} domains, more than policy.max_prune = {}",
+                    ctx.policy.max_prune
+                )
+            };
+            format!(
+                "the commit would prune {why}; refused (check the manifest, or run `vmsync --once --allow-mass-prune`)"
+            )
+        });
     Plan {
         commit: commit.to_string(),
         create_directories,
         vms,
+        prune,
+        refused,
+        foreign_tagged,
     }
 }
 
-fn plan_vm(vm: &DesiredVm, observed: &Observed, commit: &str) -> VmPlan {
+fn plan_prune(observed: &Observed, ctx: &Context, claimed: &[String]) -> Vec<PrunePlan> {
+    observed
+        .others
+        .values()
+        .filter(|d| !claimed.contains(&d.listing.name))
+        // Only what this agent applied: a domain tagged by another vmsync (another
+        // repository or state directory) is never pruned.
+        .filter(|d| ctx.record.vms.contains_key(&d.listing.name))
+        .map(|d| {
+            let disks = d
+                .inactive_xml
+                .as_deref()
+                .map(domain_xml::disk_sources)
+                .unwrap_or_default();
+            let skipped = if !d.listing.persistent {
+                Some("transient domain; vmsync only prunes persistent domains".to_string())
+            } else if !ctx.policy.prune {
+                Some("not in the manifest for this host; left alone (policy.prune is off)".into())
+            } else {
+                None
+            };
+            let mut actions = Vec::new();
+            if skipped.is_none() {
+                if d.listing.active {
+                    actions.push(Action::Stop {
+                        timeout: ctx.policy.shutdown_timeout,
+                    });
+                }
+                actions.push(Action::Undefine);
+            }
+            PrunePlan {
+                name: d.listing.name.clone(),
+                active: d.listing.active,
+                actions,
+                disks,
+                skipped,
+            }
+        })
+        .collect()
+}
+
+fn plan_vm(
+    vm: &DesiredVm,
+    observed: &Observed,
+    commit: &str,
+    ctx: &Context,
+    claimed: &mut Vec<String>,
+) -> VmPlan {
     let mut out = VmPlan {
         name: vm.name.clone(),
         fingerprint: vm.fingerprint.clone(),
         autostart: vm.autostart,
+        state: vm.state,
         actions: Vec::new(),
         error: None,
         warnings: Vec::new(),
         pending_restart: false,
         active: false,
+        drift: Vec::new(),
+        drift_reported_only: false,
+        source_xml: vm.xml.clone(),
+        rendered_xml: None,
+        current_xml: None,
+        current_hash: None,
+        diff: None,
     };
-    let seen = observed.domains.get(&vm.name);
+    let heal = vm.self_heal.unwrap_or(ctx.policy.self_heal);
+    let timeout = vm.shutdown_timeout.unwrap_or(ctx.policy.shutdown_timeout);
+
+    // The domain by name, or a tagged domain of another name with the VM's UUID.
+    let mut seen: Option<&SeenDomain> = observed.domains.get(&vm.name);
+    let mut rename_from = None;
+    if seen.is_none()
+        && let Some(uuid) = &vm.summary.uuid
+        && let Some(other) = observed
+            .others
+            .values()
+            .find(|o| o.listing.uuid.eq_ignore_ascii_case(uuid))
+    {
+        claimed.push(other.listing.name.clone());
+        rename_from = Some(other.listing.name.clone());
+        seen = Some(other);
+    }
     if let Some(seen) = seen {
         match &seen.inactive {
             None => {
                 out.error = Some(format!(
                     "could not read the definition of existing domain '{}'; not touching it",
-                    vm.name
+                    seen.listing.name
                 ));
                 return out;
             }
@@ -151,12 +347,36 @@ fn plan_vm(vm: &DesiredVm, observed: &Observed, commit: &str) -> VmPlan {
             Some(_) if !seen.listing.persistent => {
                 out.error = Some(format!(
                     "domain '{}' is transient; refusing to touch it",
-                    vm.name
+                    seen.listing.name
                 ));
                 return out;
             }
             Some(_) => {}
         }
+        out.current_xml = seen.inactive_xml.clone();
+        out.current_hash = seen.definition_hash.clone();
+    }
+    let summary = seen.and_then(|s| s.inactive.as_ref());
+    let current = summary.and_then(|s| s.tag.as_ref());
+
+    // Drift against the record of the last sync (not for a domain being renamed: its
+    // record is under its old name).
+    let drift = match ctx.record.vms.get(&vm.name) {
+        Some(rec) if rename_from.is_none() => drift::detect(
+            rec,
+            drift::Now {
+                listing: seen.map(|s| &s.listing),
+                tag_fingerprint: current.map(|t| t.fingerprint.as_str()),
+                definition_hash: seen.and_then(|s| s.definition_hash.as_deref()),
+            },
+        ),
+        _ => Vec::new(),
+    };
+    out.drift = drift.iter().map(ToString::to_string).collect();
+    out.drift_reported_only = !drift.is_empty() && !heal;
+    let has = |pred: fn(&Drift) -> bool| drift.iter().any(pred);
+    if has(|d| matches!(d, Drift::Undefined)) && !heal {
+        return out;
     }
 
     for disk in &vm.disks {
@@ -165,29 +385,39 @@ fn plan_vm(vm: &DesiredVm, observed: &Observed, commit: &str) -> VmPlan {
             Some(Ok(Some(info))) => match check_existing(disk, info) {
                 Ok(None) => {}
                 Ok(Some(warning)) => out.warnings.push(warning),
-                Err(e) => {
-                    out.error = Some(e.to_string());
-                    out.actions.clear();
-                    return out;
-                }
+                Err(e) => return fail(out, e.to_string()),
             },
-            Some(Err(e)) => {
-                out.error = Some(e.clone());
-                out.actions.clear();
-                return out;
-            }
+            Some(Err(e)) => return fail(out, e.clone()),
             None => {
-                out.error = Some(format!("disk '{}' was not observed", disk.path.display()));
-                out.actions.clear();
-                return out;
+                let e = format!("disk '{}' was not observed", disk.path.display());
+                return fail(out, e);
             }
         }
     }
 
-    let summary = seen.and_then(|s| s.inactive.as_ref());
-    let current = summary.and_then(|s| s.tag.as_ref());
+    let mut active = seen.is_some_and(|s| s.listing.active);
+    let was_active = active;
+    let restart = vm.on_change == OnChange::Restart;
+    if let Some(from) = &rename_from {
+        if active && !restart {
+            return fail(
+                out,
+                format!(
+                    "domain '{from}' has this vm's uuid and is running; libvirt renames only shut-off domains: shut it down, or set on_change = \"restart\""
+                ),
+            );
+        }
+        if active {
+            out.actions.push(Action::Stop { timeout });
+            active = false;
+        }
+        out.actions.push(Action::Rename { from: from.clone() });
+    }
+
+    let definition_drift = has(|d| matches!(d, Drift::Definition | Drift::Untagged));
     let changed = current.is_none_or(|tag| tag.fingerprint != vm.fingerprint);
-    if changed {
+    let redefine = changed || rename_from.is_some() || (definition_drift && heal);
+    if redefine || definition_drift {
         let tag = Tag {
             commit: commit.to_string(),
             fingerprint: vm.fingerprint.clone(),
@@ -195,31 +425,66 @@ fn plan_vm(vm: &DesiredVm, observed: &Observed, commit: &str) -> VmPlan {
         let uuid = summary.and_then(|s| s.uuid.as_deref());
         let macs = summary.map(|s| s.macs.clone()).unwrap_or_default();
         match domain_xml::render(&vm.xml, uuid, &macs, &tag) {
-            Ok(xml) => out.actions.push(Action::Define {
-                xml,
-                redefine: seen.is_some(),
-            }),
+            Ok(xml) => {
+                out.rendered_xml = Some(xml.clone());
+                if redefine {
+                    out.actions.push(Action::Define {
+                        xml,
+                        redefine: seen.is_some(),
+                    });
+                }
+            }
             Err(e) => {
-                out.error = Some(format!("failed to render the domain xml: {}", e.message));
-                out.actions.clear();
-                return out;
+                return fail(
+                    out,
+                    format!("failed to render the domain xml: {}", e.message),
+                );
             }
         }
     }
 
-    let active = seen.is_some_and(|s| s.listing.active);
-    out.active = active;
     let autostart_now = seen.is_some_and(|s| s.listing.autostart);
-    if vm.autostart != autostart_now {
+    let autostart_drift = has(|d| matches!(d, Drift::Autostart { .. }));
+    if vm.autostart != autostart_now && (heal || !autostart_drift) {
         out.actions.push(Action::SetAutostart(vm.autostart));
     }
-    if vm.autostart && !active {
-        out.actions.push(Action::Start);
+
+    out.active = active;
+    let power_drift = has(|d| matches!(d, Drift::Power { .. }));
+    // The running definition is older than the commit's.
+    let live_differs = active
+        && seen
+            .and_then(|s| s.live_tag.as_ref())
+            .is_none_or(|tag| tag.fingerprint != vm.fingerprint);
+    match vm.state {
+        // Drift in the power state is only reported when self-heal is off.
+        PowerState::Running if !active && (heal || !power_drift) => {
+            out.actions.push(Action::Start);
+        }
+        PowerState::Stopped if active && (heal || !power_drift) => {
+            out.actions.push(Action::Stop { timeout });
+            active = false;
+        }
+        PowerState::Running if !active => {}
+        PowerState::Stopped if active => {}
+        PowerState::Defined if !active && was_active && rename_from.is_some() => {
+            // Shut down only to be renamed: back up as it was.
+            out.actions.push(Action::Start);
+        }
+        PowerState::Running | PowerState::Defined if live_differs && restart => {
+            out.actions.push(Action::Restart { timeout });
+            active = false;
+        }
+        _ => {}
     }
-    if active {
-        let live = seen.and_then(|s| s.live_tag.as_ref());
-        out.pending_restart = live.is_none_or(|tag| tag.fingerprint != vm.fingerprint);
-    }
+    out.pending_restart = active && live_differs;
+    out
+}
+
+/// Marks the VM failed: nothing of it is done.
+fn fail(mut out: VmPlan, error: String) -> VmPlan {
+    out.error = Some(error);
+    out.actions.clear();
     out
 }
 
@@ -245,14 +510,171 @@ pub fn render(plan: &Plan) -> String {
             out += " (pending restart)";
         }
         out += "\n";
+        for d in &vm.drift {
+            let how = if vm.drift_reported_only {
+                "reported only, self_heal is off"
+            } else {
+                "healed"
+            };
+            out += &format!("    drift: {d} ({how})\n");
+        }
         for w in &vm.warnings {
             out += &format!("    warning: {w}\n");
         }
+        if let Some(diff) = &vm.diff {
+            for line in diff.lines() {
+                out += &format!("    {line}\n");
+            }
+        }
     }
-    if plan.is_noop() {
+    for p in &plan.prune {
+        match &p.skipped {
+            Some(why) => out += &format!("  {}: {why}\n", p.name),
+            None => {
+                let what: Vec<_> = p.actions.iter().map(Action::describe).collect();
+                out += &format!("  {}: prune: {}\n", p.name, what.join(", "));
+            }
+        }
+        for disk in &p.disks {
+            let note = if p.skipped.is_some() {
+                "disk"
+            } else {
+                "orphaned disk (kept)"
+            };
+            out += &format!("    {note}: {}\n", disk.display());
+        }
+    }
+    if plan.foreign_tagged > 0 {
+        out += &format!(
+            "  ({} other domain(s) carry vmsync's tag but were not applied by this agent; left alone)\n",
+            plan.foreign_tagged
+        );
+    }
+    if let Some(why) = &plan.refused {
+        out += &format!("REFUSED: {why}\n");
+    } else if plan.is_noop() {
         out += "nothing to do\n";
     }
     out
+}
+
+/// The plan as JSON for machines (`vmsync plan --json`).
+#[derive(Debug, Serialize)]
+pub struct PlanJson<'a> {
+    pub commit: &'a str,
+    pub create_directories: &'a [PathBuf],
+    pub vms: Vec<VmJson<'a>>,
+    pub prune: Vec<PruneJson<'a>>,
+    /// Disks of the domains pruned by this plan; never deleted.
+    pub orphaned_disks: Vec<&'a PathBuf>,
+    pub refused: Option<&'a str>,
+    pub foreign_tagged: usize,
+    pub noop: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ActionJson {
+    pub kind: &'static str,
+    pub description: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VmJson<'a> {
+    pub name: &'a str,
+    pub actions: Vec<ActionJson>,
+    pub diff: Option<&'a str>,
+    pub pending_restart: bool,
+    pub drift: &'a [String],
+    pub drift_healed: bool,
+    pub error: Option<&'a str>,
+    pub warnings: &'a [String],
+}
+
+#[derive(Debug, Serialize)]
+pub struct PruneJson<'a> {
+    pub name: &'a str,
+    pub active: bool,
+    pub actions: Vec<ActionJson>,
+    pub disks: &'a [PathBuf],
+    pub skipped: Option<&'a str>,
+}
+
+fn action_json(a: &Action) -> ActionJson {
+    let (timeout_seconds, from, path) = match a {
+        Action::Restart { timeout } | Action::Stop { timeout } => {
+            (Some(timeout.as_secs()), None, None)
+        }
+        Action::Rename { from } => (None, Some(from.clone()), None),
+        Action::CreateDisk(spec) => (None, None, Some(spec.path.clone())),
+        _ => (None, None, None),
+    };
+    ActionJson {
+        kind: a.kind(),
+        description: a.describe(),
+        timeout_seconds,
+        from,
+        path,
+    }
+}
+
+impl Plan {
+    pub fn to_json(&self) -> PlanJson<'_> {
+        PlanJson {
+            commit: &self.commit,
+            create_directories: &self.create_directories,
+            vms: self
+                .vms
+                .iter()
+                .map(|vm| VmJson {
+                    name: &vm.name,
+                    actions: vm.actions.iter().map(action_json).collect(),
+                    diff: vm.diff.as_deref(),
+                    pending_restart: vm.pending_restart,
+                    drift: &vm.drift,
+                    drift_healed: !vm.drift.is_empty() && !vm.drift_reported_only,
+                    error: vm.error.as_deref(),
+                    warnings: &vm.warnings,
+                })
+                .collect(),
+            prune: self
+                .prune
+                .iter()
+                .map(|p| PruneJson {
+                    name: &p.name,
+                    active: p.active,
+                    actions: p.actions.iter().map(action_json).collect(),
+                    disks: &p.disks,
+                    skipped: p.skipped.as_deref(),
+                })
+                .collect(),
+            orphaned_disks: self
+                .prune
+                .iter()
+                .filter(|p| p.skipped.is_none())
+                .flat_map(|p| p.disks.iter())
+                .collect(),
+            refused: self.refused.as_deref(),
+            foreign_tagged: self.foreign_tagged,
+            noop: self.is_noop(),
+        }
+    }
+}
+
+/// The plan as text, or as one JSON object.
+pub fn output(plan: &Plan, json: bool) -> String {
+    if json {
+        let mut s = serde_json::to_string_pretty(&plan.to_json()).expect("plan serializes");
+        s.push('\n');
+        s
+    } else {
+        render(plan)
+    }
 }
 
 #[cfg(test)]
@@ -262,8 +684,10 @@ mod tests {
     use crate::domain_xml::fingerprint;
     use crate::hypervisor::Listing;
     use crate::observe::SeenDomain;
+    use crate::state::VmRecord;
 
     const UUID: &str = "6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b";
+    const OTHER_UUID: &str = "11111111-2222-3333-4444-555555555555";
 
     fn source(name: &str, memory: u32) -> String {
         format!(
@@ -281,7 +705,36 @@ mod tests {
             xml,
             autostart,
             disks,
+            on_change: OnChange::Defer,
+            state: if autostart {
+                PowerState::Running
+            } else {
+                PowerState::Defined
+            },
+            shutdown_timeout: None,
+            self_heal: None,
         }
+    }
+
+    /// A desired VM whose XML gives `uuid`.
+    fn with_uuid(mut vm: DesiredVm, uuid: &str) -> DesiredVm {
+        vm.xml = vm
+            .xml
+            .replace("</name>", &format!("</name><uuid>{uuid}</uuid>"));
+        vm.summary = domain_xml::summarize(&vm.xml).unwrap();
+        vm.fingerprint = fingerprint(&vm.xml);
+        vm
+    }
+
+    fn restart(mut vm: DesiredVm) -> DesiredVm {
+        vm.on_change = OnChange::Restart;
+        vm.shutdown_timeout = Some(Duration::from_secs(3));
+        vm
+    }
+
+    fn state(mut vm: DesiredVm, state: PowerState) -> DesiredVm {
+        vm.state = state;
+        vm
     }
 
     fn disk(path: &str) -> DiskSpec {
@@ -296,14 +749,28 @@ mod tests {
 
     /// A domain as libvirt would report it after vmsync defined `memory` at "old".
     fn seen(name: &str, memory: u32, active: bool, autostart: bool, tagged: bool) -> SeenDomain {
+        seen_with(name, UUID, memory, active, autostart, tagged)
+    }
+
+    fn seen_with(
+        name: &str,
+        uuid: &str,
+        memory: u32,
+        active: bool,
+        autostart: bool,
+        tagged: bool,
+    ) -> SeenDomain {
         let tag = Tag {
             commit: "old".into(),
             fingerprint: fingerprint(&source(name, memory)),
         };
         let xml = if tagged {
             domain_xml::render(
-                &source(name, memory),
-                Some(UUID),
+                &source(name, memory).replace(
+                    "<interface type='user'/>",
+                    "<disk type='file' device='disk'><source file='/srv/images/old.qcow2'/></disk><interface type='user'/>",
+                ),
+                Some(uuid),
                 &[Some("52:54:00:12:34:56".into())],
                 &tag,
             )
@@ -318,22 +785,47 @@ mod tests {
         SeenDomain {
             listing: Listing {
                 name: name.into(),
-                uuid: UUID.into(),
+                uuid: uuid.into(),
                 active,
                 autostart,
                 persistent: true,
             },
             live_tag: if active { summary.tag.clone() } else { None },
             inactive: Some(summary),
+            definition_hash: Some("baseline".into()),
+            inactive_xml: Some(xml),
         }
     }
 
-    fn observed(domains: Vec<SeenDomain>, disks: Vec<(&str, Option<&str>)>) -> Observed {
+    /// `seen` after someone edited the definition (`virsh edit` keeps the tag).
+    fn edited(mut d: SeenDomain) -> SeenDomain {
+        d.definition_hash = Some("edited".into());
+        d
+    }
+
+    /// The record of a sync that applied `vm` as it is now.
+    fn applied(vm: &DesiredVm) -> VmRecord {
+        VmRecord {
+            applied_commit: Some("old".into()),
+            fingerprint: Some(vm.fingerprint.clone()),
+            autostart: vm.autostart,
+            ok: true,
+            definition_hash: Some("baseline".into()),
+            state: Some(vm.state),
+            ..Default::default()
+        }
+    }
+
+    fn observed(
+        domains: Vec<SeenDomain>,
+        others: Vec<SeenDomain>,
+        disks: Vec<(&str, Option<&str>)>,
+    ) -> Observed {
+        let by_name =
+            |v: Vec<SeenDomain>| v.into_iter().map(|d| (d.listing.name.clone(), d)).collect();
         Observed {
-            domains: domains
-                .into_iter()
-                .map(|d| (d.listing.name.clone(), d))
-                .collect(),
+            domains: by_name(domains),
+            others: by_name(others),
             disks: disks
                 .into_iter()
                 .map(|(p, fmt)| {
@@ -349,26 +841,49 @@ mod tests {
         }
     }
 
-    fn kinds(plan: &VmPlan) -> Vec<String> {
-        plan.actions.iter().map(Action::describe).collect()
+    fn kinds(actions: &[Action]) -> Vec<String> {
+        actions.iter().map(Action::describe).collect()
+    }
+
+    struct Case {
+        what: &'static str,
+        want: DesiredVm,
+        have: Vec<SeenDomain>,
+        others: Vec<SeenDomain>,
+        disks: Vec<(&'static str, Option<&'static str>)>,
+        /// Whether the record says the VM was applied as wanted, but at "old".
+        record: Option<VmRecord>,
+        self_heal: bool,
+        actions: Vec<&'static str>,
+        pending_restart: bool,
+        drift: Vec<&'static str>,
+        error: Option<&'static str>,
+    }
+
+    fn case(what: &'static str, want: DesiredVm) -> Case {
+        Case {
+            what,
+            want,
+            have: vec![],
+            others: vec![],
+            disks: vec![],
+            record: None,
+            self_heal: true,
+            actions: vec![],
+            pending_restart: false,
+            drift: vec![],
+            error: None,
+        }
     }
 
     #[test]
     fn planner_table() {
-        struct Case {
-            what: &'static str,
-            want: DesiredVm,
-            have: Vec<SeenDomain>,
-            disks: Vec<(&'static str, Option<&'static str>)>,
-            actions: Vec<&'static str>,
-            pending_restart: bool,
-            error: Option<&'static str>,
-        }
         let d = "/srv/images/web.qcow2";
+        let stop3 = "stop (graceful shutdown, destroy after 3s)";
+        let restart3 = "restart (graceful shutdown, destroy after 3s)";
+        let web = |memory, autostart| desired_vm("web", memory, autostart, vec![]);
         let cases = vec![
             Case {
-                what: "new vm, autostart: disk, define, autostart, start",
-                want: desired_vm("web", 1024, true, vec![disk(d)]),
                 have: vec![],
                 disks: vec![(d, None)],
                 actions: vec![
@@ -377,80 +892,236 @@ mod tests {
                     "set autostart",
                     "start",
                 ],
-                pending_restart: false,
-                error: None,
+                ..case(
+                    "new vm, autostart: disk, define, autostart, start",
+                    desired_vm("web", 1024, true, vec![disk(d)]),
+                )
             },
             Case {
-                what: "new vm without autostart: define only",
-                want: desired_vm("web", 1024, false, vec![]),
-                have: vec![],
-                disks: vec![],
                 actions: vec!["define"],
-                pending_restart: false,
-                error: None,
+                ..case("new vm without autostart: define only", web(1024, false))
             },
             Case {
-                what: "unchanged and running: nothing",
-                want: desired_vm("web", 1024, true, vec![disk(d)]),
+                actions: vec!["define", "start"],
+                ..case(
+                    "new vm, state running without autostart: define, start",
+                    state(web(1024, false), PowerState::Running),
+                )
+            },
+            Case {
+                actions: vec!["define"],
+                ..case(
+                    "new vm, state stopped: define only",
+                    state(web(1024, false), PowerState::Stopped),
+                )
+            },
+            Case {
                 have: vec![seen("web", 1024, true, true, true)],
                 disks: vec![(d, Some("qcow2"))],
-                actions: vec![],
-                pending_restart: false,
-                error: None,
+                ..case(
+                    "unchanged and running: nothing",
+                    desired_vm("web", 1024, true, vec![disk(d)]),
+                )
             },
             Case {
-                what: "changed while running: redefine, pending restart, no start",
-                want: desired_vm("web", 2048, true, vec![]),
                 have: vec![seen("web", 1024, true, true, true)],
-                disks: vec![],
                 actions: vec!["redefine in place"],
                 pending_restart: true,
-                error: None,
+                ..case(
+                    "changed while running, defer: redefine, pending restart",
+                    web(2048, true),
+                )
             },
             Case {
-                what: "changed while stopped, autostart: redefine then start",
-                want: desired_vm("web", 2048, true, vec![]),
-                have: vec![seen("web", 1024, false, true, true)],
-                disks: vec![],
-                actions: vec!["redefine in place", "start"],
-                pending_restart: false,
-                error: None,
-            },
-            Case {
-                what: "autostart turned off: clear flag, never stop",
-                want: desired_vm("web", 1024, false, vec![]),
                 have: vec![seen("web", 1024, true, true, true)],
-                disks: vec![],
-                actions: vec!["clear autostart"],
-                pending_restart: false,
-                error: None,
+                actions: vec!["redefine in place", restart3],
+                ..case(
+                    "changed while running, restart: redefine, graceful restart",
+                    restart(web(2048, true)),
+                )
             },
             Case {
-                what: "stopped by hand, autostart: start again",
-                want: desired_vm("web", 1024, true, vec![]),
+                have: vec![seen("web", 1024, true, false, true)],
+                actions: vec!["redefine in place", restart3],
+                ..case(
+                    "changed while running, state defined, restart: restart too",
+                    restart(web(2048, false)),
+                )
+            },
+            Case {
                 have: vec![seen("web", 1024, false, true, true)],
-                disks: vec![],
-                actions: vec!["start"],
-                pending_restart: false,
-                error: None,
+                actions: vec!["redefine in place", "start"],
+                ..case(
+                    "changed while stopped, autostart: redefine then start",
+                    restart(web(2048, true)),
+                )
             },
             Case {
-                what: "domain made by hand with the same name: conflict, nothing done",
-                want: desired_vm("web", 1024, true, vec![disk(d)]),
+                have: vec![seen("web", 1024, true, true, true)],
+                actions: vec!["clear autostart"],
+                ..case(
+                    "autostart turned off: clear flag, never stop",
+                    web(1024, false),
+                )
+            },
+            Case {
+                have: vec![seen("web", 1024, false, false, true)],
+                actions: vec!["set autostart", "start"],
+                ..case("autostart turned on: set flag, start", web(1024, true))
+            },
+            Case {
+                have: vec![seen("web", 1024, true, false, true)],
+                actions: vec![stop3],
+                ..case(
+                    "state stopped while running: graceful stop",
+                    restart(state(web(1024, false), PowerState::Stopped)),
+                )
+            },
+            Case {
+                have: vec![seen("web", 2048, true, false, true)],
+                actions: vec!["redefine in place", stop3],
+                ..case(
+                    "changed and state stopped: redefine, stop (no restart)",
+                    restart(state(web(1024, false), PowerState::Stopped)),
+                )
+            },
+            Case {
+                have: vec![seen("web", 1024, false, true, true)],
+                actions: vec!["start"],
+                ..case("stopped, never applied before: start", web(1024, true))
+            },
+            Case {
+                have: vec![seen("web", 1024, false, true, true)],
+                record: Some(applied(&web(1024, true))),
+                actions: vec!["start"],
+                drift: vec!["domain is shut off, committed state running"],
+                ..case("stopped by hand, self-heal: start again", web(1024, true))
+            },
+            Case {
+                have: vec![seen("web", 1024, false, true, true)],
+                record: Some(applied(&web(1024, true))),
+                self_heal: false,
+                drift: vec!["domain is shut off, committed state running"],
+                ..case(
+                    "stopped by hand, no self-heal: report only",
+                    web(1024, true),
+                )
+            },
+            Case {
+                have: vec![seen("web", 1024, true, false, true)],
+                record: Some(applied(&web(1024, true))),
+                self_heal: false,
+                drift: vec!["autostart is off, committed on"],
+                ..case(
+                    "autostart cleared by hand, no self-heal: report",
+                    web(1024, true),
+                )
+            },
+            Case {
+                have: vec![seen("web", 1024, true, false, true)],
+                record: Some(applied(&web(1024, true))),
+                actions: vec!["set autostart"],
+                drift: vec!["autostart is off, committed on"],
+                ..case(
+                    "autostart cleared by hand, self-heal: set again",
+                    web(1024, true),
+                )
+            },
+            Case {
+                have: vec![edited(seen("web", 1024, true, true, true))],
+                record: Some(applied(&web(1024, true))),
+                actions: vec!["redefine in place"],
+                drift: vec!["definition changed outside vmsync"],
+                ..case(
+                    "virsh edit, self-heal: redefine (running one keeps the committed live definition)",
+                    web(1024, true),
+                )
+            },
+            Case {
+                have: vec![edited(seen("web", 1024, true, true, true))],
+                record: Some(applied(&web(1024, true))),
+                self_heal: false,
+                drift: vec!["definition changed outside vmsync"],
+                ..case("virsh edit, no self-heal: report only", web(1024, true))
+            },
+            Case {
+                have: vec![edited(seen("web", 1024, true, true, true))],
+                record: Some(applied(&web(1024, true))),
+                self_heal: false,
+                actions: vec!["redefine in place"],
+                pending_restart: true,
+                drift: vec!["definition changed outside vmsync"],
+                ..case(
+                    "virsh edit and a new commit, no self-heal: the commit still applies",
+                    web(2048, true),
+                )
+            },
+            Case {
+                record: Some(applied(&web(1024, true))),
+                actions: vec!["define", "set autostart", "start"],
+                drift: vec!["domain is not defined"],
+                ..case(
+                    "undefined by hand, self-heal: define again",
+                    web(1024, true),
+                )
+            },
+            Case {
+                record: Some(applied(&web(1024, true))),
+                self_heal: false,
+                drift: vec!["domain is not defined"],
+                ..case(
+                    "undefined by hand, no self-heal: report only",
+                    web(1024, true),
+                )
+            },
+            Case {
+                others: vec![seen_with("old-web", UUID, 1024, false, false, true)],
+                actions: vec!["rename from 'old-web'", "redefine in place"],
+                ..case(
+                    "renamed in the manifest, same uuid, shut off: rename, redefine",
+                    with_uuid(web(1024, false), UUID),
+                )
+            },
+            Case {
+                others: vec![seen_with("old-web", UUID, 1024, true, true, true)],
+                actions: vec![stop3, "rename from 'old-web'", "redefine in place", "start"],
+                ..case(
+                    "renamed while running, restart: stop, rename, redefine, start",
+                    restart(with_uuid(web(1024, true), UUID)),
+                )
+            },
+            Case {
+                others: vec![seen_with("old-web", UUID, 1024, true, true, true)],
+                error: Some("libvirt renames only shut-off domains"),
+                ..case(
+                    "renamed while running, defer: error, nothing done",
+                    with_uuid(web(1024, true), UUID),
+                )
+            },
+            Case {
+                others: vec![seen_with("old-web", OTHER_UUID, 1024, false, false, true)],
+                actions: vec!["define"],
+                ..case(
+                    "another uuid: not a rename, a new domain",
+                    with_uuid(web(1024, false), UUID),
+                )
+            },
+            Case {
                 have: vec![seen("web", 1024, false, false, false)],
                 disks: vec![(d, None)],
-                actions: vec![],
-                pending_restart: false,
                 error: Some("not defined by vmsync"),
+                ..case(
+                    "domain made by hand with the same name: conflict, nothing done",
+                    desired_vm("web", 1024, true, vec![disk(d)]),
+                )
             },
             Case {
-                what: "existing disk of another format: error, nothing done",
-                want: desired_vm("web", 1024, true, vec![disk(d)]),
-                have: vec![],
                 disks: vec![(d, Some("raw"))],
-                actions: vec![],
-                pending_restart: false,
                 error: Some("is raw, but the manifest says qcow2"),
+                ..case(
+                    "existing disk of another format: error, nothing done",
+                    desired_vm("web", 1024, true, vec![disk(d)]),
+                )
             },
         ];
         for case in cases {
@@ -458,10 +1129,24 @@ mod tests {
                 directories: vec![],
                 vms: vec![case.want],
             };
-            let p = plan(&desired, &observed(case.have, case.disks), "new");
+            let mut record = Record::default();
+            if let Some(rec) = case.record {
+                record.vms.insert("web".into(), rec);
+            }
+            let policy = ChangePolicy {
+                self_heal: case.self_heal,
+                ..Default::default()
+            };
+            let ctx = Context {
+                policy: &policy,
+                record: &record,
+            };
+            let obs = observed(case.have, case.others, case.disks);
+            let p = plan(&desired, &obs, "new", &ctx);
             let vm = &p.vms[0];
-            assert_eq!(kinds(vm), case.actions, "{}", case.what);
+            assert_eq!(kinds(&vm.actions), case.actions, "{}", case.what);
             assert_eq!(vm.pending_restart, case.pending_restart, "{}", case.what);
+            assert_eq!(vm.drift, case.drift, "{}", case.what);
             match case.error {
                 None => assert_eq!(vm.error, None, "{}", case.what),
                 Some(text) => assert!(
@@ -471,7 +1156,167 @@ mod tests {
                     vm.error
                 ),
             }
+            assert!(p.refused.is_none(), "{}", case.what);
+            if !p.prune.is_empty() {
+                assert!(
+                    p.prune.iter().all(|p| p.actions.is_empty()),
+                    "{}",
+                    case.what
+                );
+            }
         }
+    }
+
+    fn prune_ctx(prune: bool, max_prune: usize, allow: bool) -> ChangePolicy {
+        ChangePolicy {
+            prune,
+            max_prune,
+            allow_mass_prune: allow,
+            shutdown_timeout: Duration::from_secs(3),
+            ..Default::default()
+        }
+    }
+
+    fn plan_with(desired: &Desired, obs: &Observed, policy: &ChangePolicy) -> Plan {
+        // The agent applied every domain observed.
+        let mut record = Record::default();
+        for name in obs.domains.keys().chain(obs.others.keys()) {
+            record.vms.insert(name.clone(), VmRecord::default());
+        }
+        plan(
+            desired,
+            obs,
+            "new",
+            &Context {
+                policy,
+                record: &record,
+            },
+        )
+    }
+
+    #[test]
+    fn pruning_only_tagged_domains_with_guards() {
+        let desired = Desired {
+            directories: vec![],
+            vms: vec![desired_vm("web", 1024, false, vec![])],
+        };
+        let gone = |name: &str, active| seen_with(name, OTHER_UUID, 512, active, false, true);
+        let obs = observed(
+            vec![seen("web", 1024, false, false, true)],
+            vec![gone("old-a", true), gone("old-b", false)],
+            vec![],
+        );
+
+        // Off (the default): listed, left alone.
+        let p = plan_with(&desired, &obs, &prune_ctx(false, 5, false));
+        assert!(p.is_noop() && p.refused.is_none());
+        assert_eq!(p.prune.len(), 2);
+        assert!(
+            p.prune[0]
+                .skipped
+                .as_deref()
+                .unwrap()
+                .contains("policy.prune is off")
+        );
+
+        // On: running ones stopped gracefully first; disks reported, never deleted.
+        let p = plan_with(&desired, &obs, &prune_ctx(true, 5, false));
+        assert_eq!(p.refused, None);
+        assert_eq!(
+            kinds(&p.prune[0].actions),
+            vec![
+                "stop (graceful shutdown, destroy after 3s)",
+                "undefine (keeping NVRAM, TPM state and disks)"
+            ]
+        );
+        assert_eq!(p.prune[0].actions[1].kind(), "undefine");
+        assert_eq!(
+            kinds(&p.prune[1].actions),
+            vec!["undefine (keeping NVRAM, TPM state and disks)"]
+        );
+        assert_eq!(
+            p.prune[1].disks,
+            vec![PathBuf::from("/srv/images/old.qcow2")]
+        );
+        let json = serde_json::to_value(p.to_json()).unwrap();
+        assert_eq!(json["orphaned_disks"].as_array().unwrap().len(), 2);
+        assert_eq!(json["prune"][0]["actions"][0]["kind"], "stop");
+        assert_eq!(json["prune"][0]["actions"][0]["timeout_seconds"], 3);
+
+        // More than max_prune: refused unless allowed.
+        let p = plan_with(&desired, &obs, &prune_ctx(true, 1, false));
+        assert!(
+            p.refused.as_deref().unwrap().contains("max_prune = 1"),
+            "{:?}",
+            p.refused
+        );
+        assert!(render(&p).contains("REFUSED"));
+        assert!(
+            plan_with(&desired, &obs, &prune_ctx(true, 1, true))
+                .refused
+                .is_none()
+        );
+
+        // Every managed domain: refused even under max_prune.
+        let empty = Desired::default();
+        let obs = observed(vec![], vec![gone("old-a", false)], vec![]);
+        let p = plan_with(&empty, &obs, &prune_ctx(true, 5, false));
+        assert!(
+            p.refused
+                .as_deref()
+                .unwrap()
+                .contains("every managed domain"),
+            "{:?}",
+            p.refused
+        );
+        assert!(
+            plan_with(&empty, &obs, &prune_ctx(true, 5, true))
+                .refused
+                .is_none()
+        );
+
+        // A tagged domain this agent never applied (another repository or state
+        // directory) is never pruned, nor counted.
+        let obs = observed(
+            vec![seen("web", 1024, false, false, true)],
+            vec![gone("old-a", false), gone("foreign", false)],
+            vec![],
+        );
+        let mut record = Record::default();
+        record.vms.insert("web".into(), VmRecord::default());
+        record.vms.insert("old-a".into(), VmRecord::default());
+        let policy = prune_ctx(true, 5, false);
+        let p = plan(
+            &desired,
+            &obs,
+            "new",
+            &Context {
+                policy: &policy,
+                record: &record,
+            },
+        );
+        assert_eq!(p.prune.len(), 1);
+        assert_eq!(p.prune[0].name, "old-a");
+        assert_eq!(p.foreign_tagged, 1);
+        assert!(
+            p.refused.is_none(),
+            "1 of 2 managed domains: {:?}",
+            p.refused
+        );
+        assert!(render(&p).contains("1 other domain(s) carry vmsync's tag"));
+
+        // A renamed domain is claimed, not pruned.
+        let renamed = Desired {
+            directories: vec![],
+            vms: vec![with_uuid(
+                desired_vm("web", 1024, false, vec![]),
+                OTHER_UUID,
+            )],
+        };
+        let obs = observed(vec![], vec![gone("old-a", false)], vec![]);
+        let p = plan_with(&renamed, &obs, &prune_ctx(true, 5, false));
+        assert!(p.prune.is_empty());
+        assert_eq!(p.vms[0].actions[0].kind(), "rename");
     }
 
     #[test]
@@ -480,10 +1325,10 @@ mod tests {
             directories: vec![],
             vms: vec![desired_vm("web", 2048, false, vec![])],
         };
-        let p = plan(
+        let p = plan_with(
             &desired,
-            &observed(vec![seen("web", 1024, false, false, true)], vec![]),
-            "c2",
+            &observed(vec![seen("web", 1024, false, false, true)], vec![], vec![]),
+            &ChangePolicy::default(),
         );
         let Action::Define {
             xml,
@@ -492,13 +1337,14 @@ mod tests {
         else {
             panic!("{:?}", p.vms[0].actions)
         };
+        assert_eq!(p.vms[0].actions[0].kind(), "redefine");
         let s = domain_xml::summarize(xml).unwrap();
         assert_eq!(s.uuid.as_deref(), Some(UUID));
         assert_eq!(s.macs, vec![Some("52:54:00:12:34:56".to_string())]);
         assert_eq!(
             s.tag,
             Some(Tag {
-                commit: "c2".into(),
+                commit: "new".into(),
                 fingerprint: desired.vms[0].fingerprint.clone()
             })
         );
@@ -510,14 +1356,65 @@ mod tests {
             directories: vec!["/srv/images/ISOs".into()],
             vms: vec![desired_vm("web", 1024, false, vec![])],
         };
-        let mut obs = observed(vec![seen("web", 1024, false, false, true)], vec![]);
-        let p = plan(&desired, &obs, "c");
+        let mut obs = observed(vec![seen("web", 1024, false, false, true)], vec![], vec![]);
+        let p = plan_with(&desired, &obs, &ChangePolicy::default());
         assert_eq!(
             p.create_directories,
             vec![PathBuf::from("/srv/images/ISOs")]
         );
         assert!(!p.is_noop());
         obs.directories.insert("/srv/images/ISOs".into(), true);
-        assert!(plan(&desired, &obs, "c").is_noop());
+        let p = plan_with(&desired, &obs, &ChangePolicy::default());
+        assert!(p.is_noop());
+        assert!(render(&p).contains("web: nothing to do"));
+        let json = serde_json::to_value(p.to_json()).unwrap();
+        assert_eq!(json["noop"], true);
+        assert_eq!(json["vms"][0]["actions"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn every_action_kind_has_a_json_kind() {
+        let all = [
+            Action::CreateDisk(disk("/srv/images/x.qcow2")),
+            Action::Rename { from: "a".into() },
+            Action::Define {
+                xml: String::new(),
+                redefine: false,
+            },
+            Action::Define {
+                xml: String::new(),
+                redefine: true,
+            },
+            Action::SetAutostart(true),
+            Action::SetAutostart(false),
+            Action::Start,
+            Action::Restart {
+                timeout: Duration::from_secs(120),
+            },
+            Action::Stop {
+                timeout: Duration::from_secs(120),
+            },
+            Action::Undefine,
+        ];
+        let kinds: Vec<_> = all.iter().map(Action::kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                "create_disk",
+                "rename",
+                "define",
+                "redefine",
+                "set_autostart",
+                "clear_autostart",
+                "start",
+                "restart",
+                "stop",
+                "undefine"
+            ]
+        );
+        assert_eq!(
+            all[7].describe(),
+            "restart (graceful shutdown, destroy after 2m)"
+        );
     }
 }

@@ -25,6 +25,8 @@ pub enum SyncResult {
     Invalid,
     /// The source could not be fetched.
     FetchFailed,
+    /// The commit would prune too many domains; nothing was applied.
+    Refused,
 }
 
 /// Per-VM record.
@@ -42,6 +44,16 @@ pub struct VmRecord {
     pub last_error: Option<String>,
     /// The domain was running with an older definition at the last sync.
     pub pending_restart: bool,
+    /// Drift baseline: `domain_xml::definition_hash` of libvirt's inactive XML right
+    /// after vmsync defined it (or when first seen converged).
+    #[serde(default)]
+    pub definition_hash: Option<String>,
+    /// The power state applied (`state` in the manifest).
+    #[serde(default)]
+    pub state: Option<crate::manifest::PowerState>,
+    /// What differed from the last applied state at the last sync (empty: none).
+    #[serde(default)]
+    pub drift: Vec<String>,
 }
 
 /// The record in `state.json`.
@@ -59,6 +71,10 @@ pub struct Record {
     #[serde(default)]
     pub failed_attempts: u32,
     pub vms: BTreeMap<String, VmRecord>,
+    /// Disks of domains vmsync pruned: path → the domain they belonged to. vmsync never
+    /// deletes them; they are listed until the file is gone.
+    #[serde(default)]
+    pub orphaned_disks: BTreeMap<String, String>,
 }
 
 impl Record {
@@ -193,6 +209,23 @@ mod tests {
         );
         let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
         assert!(text.contains("\"last_result\": \"converged\""), "{text}");
+    }
+
+    #[test]
+    fn records_of_an_older_vmsync_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            r#"{"last_applied_commit":null,"last_applied_at":null,"last_attempted_commit":null,
+               "last_attempt_at":null,"last_result":"converged","last_error":null,
+               "vms":{"web":{"applied_commit":"c","fingerprint":"f","autostart":true,"ok":true,
+               "last_error":null,"pending_restart":false}}}"#,
+        )
+        .unwrap();
+        let record = load(dir.path()).unwrap();
+        assert_eq!(record.vms["web"].definition_hash, None);
+        assert_eq!(record.vms["web"].state, None);
+        assert!(record.orphaned_disks.is_empty());
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct Status {
     /// Set when libvirt could not be reached; VM fields from libvirt are then null.
     pub libvirt_error: Option<String>,
     pub vms: Vec<VmStatus>,
+    /// Disks of pruned domains (never deleted by vmsync), path → former domain.
+    pub orphaned_disks: std::collections::BTreeMap<String, String>,
 }
 
 /// Builds the status view; `hv` is `Err` when libvirt could not be reached.
@@ -62,29 +64,36 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, String>) -> Status {
                 vm.active = Some(seen.is_some_and(|d| d.active));
                 vm.autostart = Some(seen.is_some_and(|d| d.autostart));
                 match seen {
-                    None if rec.applied_commit.is_some() => {
-                        vm.drift.push("domain is not defined".into())
+                    None => {
+                        vm.drift = crate::drift::detect(
+                            rec,
+                            crate::drift::Now {
+                                listing: None,
+                                tag_fingerprint: None,
+                                definition_hash: None,
+                            },
+                        )
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect()
                     }
-                    None => {}
                     Some(d) => {
-                        if rec.applied_commit.is_some() && d.autostart != rec.autostart {
-                            vm.drift.push(format!(
-                                "autostart is {}, committed {}",
-                                on_off(d.autostart),
-                                on_off(rec.autostart)
-                            ));
-                        }
-                        let tag = hv
-                            .xml(name, true)
-                            .ok()
-                            .and_then(|xml| domain_xml::read_tag(&xml));
-                        match (tag, &rec.fingerprint) {
-                            (None, _) => vm.drift.push("domain has no vmsync metadata".into()),
-                            (Some(tag), Some(fp)) if &tag.fingerprint != fp => vm
-                                .drift
-                                .push("definition differs from the last applied one".into()),
-                            _ => {}
-                        }
+                        let xml = hv.xml(name, true).ok();
+                        let tag = xml.as_deref().and_then(domain_xml::read_tag);
+                        vm.drift = crate::drift::detect(
+                            rec,
+                            crate::drift::Now {
+                                listing: Some(d),
+                                tag_fingerprint: tag.as_ref().map(|t| t.fingerprint.as_str()),
+                                definition_hash: xml
+                                    .as_deref()
+                                    .and_then(domain_xml::definition_hash)
+                                    .as_deref(),
+                            },
+                        )
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
                         if d.active {
                             let live = hv
                                 .xml(name, false)
@@ -111,11 +120,13 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, String>) -> Status {
         last_error: record.last_error.clone(),
         libvirt_error,
         vms,
+        orphaned_disks: record
+            .orphaned_disks
+            .iter()
+            .filter(|(path, _)| std::path::Path::new(path).exists())
+            .map(|(p, v)| (p.clone(), v.clone()))
+            .collect(),
     }
-}
-
-fn on_off(b: bool) -> &'static str {
-    if b { "on" } else { "off" }
 }
 
 fn opt(v: &Option<String>) -> &str {
@@ -183,6 +194,9 @@ pub fn render_text(s: &Status) -> String {
                 notes.join("; ")
             }
         );
+    }
+    for (disk, vm) in &s.orphaned_disks {
+        out += &format!("orphaned disk (kept): {disk} (was vm '{vm}')\n");
     }
     out
 }

@@ -49,6 +49,8 @@ pub enum SyncError {
     GaveUp { commit: String, attempts: u32 },
     #[error(transparent)]
     Libvirt(#[from] HvError),
+    #[error("commit {commit} is refused; nothing was applied: {message}")]
+    Refused { commit: String, message: String },
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -66,7 +68,7 @@ impl SyncError {
     pub fn exit_code(&self) -> u8 {
         match self {
             SyncError::Config(_) => 2,
-            SyncError::Invalid { .. } => 3,
+            SyncError::Invalid { .. } | SyncError::Refused { .. } => 3,
             SyncError::Fetch(_) => 4,
             SyncError::Locked(_) => 75,
             SyncError::ActionsFailed { .. }
@@ -272,10 +274,10 @@ fn run_locked(
     if let Err(e) = &result
         && !matches!(e, SyncError::ActionsFailed { .. })
     {
-        let kind = if matches!(e, SyncError::Invalid { .. }) {
-            SyncResult::Invalid
-        } else {
-            SyncResult::Failed
+        let kind = match e {
+            SyncError::Invalid { .. } => SyncResult::Invalid,
+            SyncError::Refused { .. } => SyncResult::Refused,
+            _ => SyncResult::Failed,
         };
         record_failure(settings, &mut record, Some(&commit), kind, &e.to_string());
     }
@@ -315,8 +317,21 @@ pub fn apply_commit(
 ) -> Result<Report, SyncError> {
     let short = &commit[..commit.len().min(12)];
     let calls_before = hv.call_count();
-    let observed = observe::observe(desired, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let plan = plan::plan(desired, &observed, commit);
+    let applied = record.vms.keys().cloned().collect();
+    let observed =
+        observe::observe(desired, &applied, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ctx = plan::Context {
+        policy: &settings.changes,
+        record,
+    };
+    let plan = plan::plan(desired, &observed, commit, &ctx);
+    if let Some(message) = &plan.refused {
+        // Nothing of the commit is applied; `once` records the refusal.
+        return Err(SyncError::Refused {
+            commit: commit.to_string(),
+            message: message.clone(),
+        });
+    }
     if plan.is_noop() && plan.vms.iter().all(|vm| vm.error.is_none()) {
         info!(commit = %short, vms = plan.vms.len(), "nothing to do: every vm is converged");
     }
@@ -334,15 +349,36 @@ pub fn apply_commit(
                 ok: true,
                 last_error: None,
                 pending_restart: vm.pending_restart,
+                // The new baseline; else the old one (kept while drift is only
+                // reported); else, first seen converged, the definition as it is.
+                definition_hash: vm
+                    .definition_hash
+                    .clone()
+                    .or(old.definition_hash.clone())
+                    .or(vm.previous_hash.clone()),
+                state: Some(vm.state),
+                drift: vm.drift.clone(),
             }
         } else {
             VmRecord {
                 ok: false,
                 last_error: vm.error.clone(),
+                drift: vm.drift.clone(),
                 ..old
             }
         };
         vms.insert(vm.name.clone(), entry);
+    }
+    // Managed domains left in place (pruning off, or failed) stay in the record: they
+    // are still this agent's, and may be pruned later.
+    for p in &plan.prune {
+        let pruned = outcome
+            .pruned
+            .iter()
+            .any(|o| o.name == p.name && o.error.is_none());
+        if !pruned && let Some(old) = record.vms.get(&p.name) {
+            vms.insert(p.name.clone(), old.clone());
+        }
     }
     record.vms = vms;
     if !outcome.all_ok() {
@@ -350,9 +386,20 @@ pub fn apply_commit(
     } else {
         record.failed_attempts = 0;
     }
+    for p in &outcome.pruned {
+        for disk in &p.orphaned_disks {
+            record
+                .orphaned_disks
+                .insert(disk.display().to_string(), p.name.clone());
+        }
+    }
+    record
+        .orphaned_disks
+        .retain(|path, _| std::path::Path::new(path).exists());
     record.last_attempted_commit = Some(commit.to_string());
     record.last_attempt_at = Some(now.clone());
-    let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count();
+    let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count()
+        + outcome.pruned.iter().filter(|p| p.error.is_some()).count();
     let result = if outcome.all_ok() {
         record.last_applied_commit = Some(commit.to_string());
         record.last_applied_at = Some(now);
@@ -375,6 +422,12 @@ pub fn apply_commit(
                 .iter()
                 .filter_map(|vm| vm.error.as_ref().map(|e| format!("vm '{}': {e}", vm.name))),
         );
+        errors.extend(
+            outcome
+                .pruned
+                .iter()
+                .filter_map(|p| p.error.as_ref().map(|e| format!("prune '{}': {e}", p.name))),
+        );
         record.last_error = Some(errors.join("; "));
         Err(SyncError::ActionsFailed {
             commit: commit.to_string(),
@@ -390,9 +443,11 @@ pub fn apply_commit(
     })
 }
 
-/// `vmsync plan`: fetch, validate, observe and plan; changes nothing on the host.
+/// `vmsync plan` and `vmsync --once --dry-run`: fetch, validate, observe and plan, with
+/// a diff per definition; changes nothing on the host (nor the record).
 pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let _lock = lock(settings)?;
+    let record = state::load(&settings.state_dir)?;
     let fetched = source::fetch(&settings.source()?, &settings.state_dir)?;
     let commit = fetched.id();
     let desired = validate_cached(
@@ -403,9 +458,29 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     )?;
     let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let observed = observe::observe(&desired, &hv, &crate::disk::QemuImg::default())
+    let normalizer = crate::hypervisor::TestDriverSchema::new()?;
+    plan_commit(settings, &record, &commit, &desired, &hv, &normalizer)
+}
+
+/// Observe → plan → diffs, for a validated commit; changes nothing. Exposed for tests.
+pub fn plan_commit(
+    settings: &Settings,
+    record: &Record,
+    commit: &str,
+    desired: &Desired,
+    hv: &dyn Hypervisor,
+    normalizer: &dyn crate::hypervisor::Normalizer,
+) -> Result<Plan, SyncError> {
+    let applied = record.vms.keys().cloned().collect();
+    let observed = observe::observe(desired, &applied, hv, &crate::disk::QemuImg::default())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(plan::plan(&desired, &observed, &commit))
+    let ctx = plan::Context {
+        policy: &settings.changes,
+        record,
+    };
+    let mut plan = plan::plan(desired, &observed, commit, &ctx);
+    crate::diff::annotate(&mut plan, normalizer);
+    Ok(plan)
 }
 
 /// `vmsync validate DIR`: validates a checkout on disk for every host, offline.

@@ -35,6 +35,12 @@ pub struct DesiredVm {
     pub fingerprint: String,
     pub autostart: bool,
     pub disks: Vec<DiskSpec>,
+    pub on_change: manifest::OnChange,
+    pub state: manifest::PowerState,
+    /// `None`: the agent's default.
+    pub shutdown_timeout: Option<std::time::Duration>,
+    /// `None`: the agent's `policy.self_heal`.
+    pub self_heal: Option<bool>,
 }
 
 /// The validated desired state of this host.
@@ -244,6 +250,10 @@ pub fn validate(
                 summary,
                 autostart: vm.autostart,
                 disks: vm.disks.clone(),
+                on_change: vm.on_change,
+                state: vm.state,
+                shutdown_timeout: vm.shutdown_timeout,
+                self_heal: vm.self_heal,
             });
         }
     }

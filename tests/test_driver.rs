@@ -93,6 +93,7 @@ impl Env {
             backoff_max_seconds: 3600,
             metrics_file: None,
             disk_roots: vec![self.images.path().to_path_buf()],
+            changes: Default::default(),
         }
     }
 }

@@ -179,3 +179,90 @@ pub fn prefix(test: &str) -> String {
 pub fn images_dir(prefix: &str) -> PathBuf {
     PathBuf::from("/var/lib/libvirt/images").join(prefix)
 }
+
+/// Whether a real libvirtd answers at `qemu:///system`; panics when it must
+/// (`VMSYNC_REQUIRE_LIBVIRTD` set) and does not, else prints a skip message.
+pub fn libvirtd_available() -> bool {
+    let ok = Command::new("virsh")
+        .args(["-c", "qemu:///system", "uri"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var_os("VMSYNC_REQUIRE_LIBVIRTD").is_some() {
+            panic!(
+                "VMSYNC_REQUIRE_LIBVIRTD is set but qemu:///system is not reachable (run scripts/setup-host.sh)"
+            );
+        }
+        eprintln!(
+            "SKIPPED: no libvirtd at qemu:///system (set VMSYNC_REQUIRE_LIBVIRTD=1 to make this a failure)"
+        );
+    }
+    ok
+}
+
+/// `virsh -c qemu:///system ARGS`: success and stdout+stderr.
+pub fn virsh_system(args: &[&str]) -> (bool, String) {
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Like [`virsh_system`], asserting success; trimmed output.
+pub fn virsh_system_ok(args: &[&str]) -> String {
+    let (ok, out) = virsh_system(args);
+    assert!(ok, "virsh {args:?}: {out}");
+    out.trim().to_string()
+}
+
+/// Removes, when dropped, every `qemu:///system` domain with the prefix (with NVRAM and
+/// TPM state), the images directory and any extra paths (NVRAM/TPM state that pruning
+/// deliberately kept).
+pub struct SystemCleanup {
+    pub prefix: String,
+    pub images: PathBuf,
+    pub extra: std::cell::RefCell<Vec<PathBuf>>,
+}
+
+impl SystemCleanup {
+    pub fn new(prefix: &str, images: &Path) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            images: images.to_path_buf(),
+            extra: Default::default(),
+        }
+    }
+
+    pub fn also_remove(&self, path: PathBuf) {
+        self.extra.borrow_mut().push(path);
+    }
+}
+
+impl Drop for SystemCleanup {
+    fn drop(&mut self) {
+        let (_, names) = virsh_system(&["list", "--all", "--name"]);
+        for name in names
+            .lines()
+            .map(str::trim)
+            .filter(|n| n.starts_with(&self.prefix))
+        {
+            virsh_system(&["destroy", name]);
+            virsh_system(&["undefine", name, "--nvram", "--tpm"]);
+        }
+        let _ = std::fs::remove_dir_all(&self.images);
+        for path in self.extra.borrow().iter() {
+            let _ = std::fs::remove_dir_all(path);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
