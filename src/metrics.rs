@@ -131,10 +131,15 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
     let mut kinds: BTreeMap<&str, f64> = [
         "create_directory",
         "create_disk",
+        "rename",
         "define",
         "redefine",
         "set_autostart",
+        "clear_autostart",
         "start",
+        "restart",
+        "stop",
+        "undefine",
     ]
     .iter()
     .map(|k| (*k, 0.0))
@@ -143,6 +148,10 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         *kinds.entry("create_directory").or_default() += r.outcome.directories_created as f64;
         for kind in r.outcome.vms.iter().flat_map(|vm| vm.kinds.iter()) {
             *kinds.entry(kind).or_default() += 1.0;
+        }
+        for p in &r.outcome.pruned {
+            *kinds.entry("undefine").or_default() +=
+                p.done.iter().filter(|d| d.starts_with("undefine")).count() as f64;
         }
     }
     let samples: Vec<_> = kinds

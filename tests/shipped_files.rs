@@ -53,3 +53,41 @@ fn deploy_config_parses_with_documented_defaults() {
         vec![Path::new("/var/lib/libvirt/images").to_path_buf()]
     );
 }
+
+#[test]
+fn every_commented_key_in_deploy_config_is_a_real_setting() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let key = regex_free_key;
+    let mut uncommented = 0;
+    let all: String = text
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(rest) if key(rest) => {
+                uncommented += 1;
+                format!("{rest}\n")
+            }
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    assert!(
+        uncommented >= 8,
+        "found only {uncommented} commented settings"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("config.toml");
+    std::fs::write(&full, all).unwrap();
+    config::load(&Overrides {
+        config: Some(full),
+        ..Default::default()
+    })
+    .unwrap();
+}
+
+/// `name = value` with a lowercase snake_case name.
+fn regex_free_key(line: &str) -> bool {
+    let Some((name, _)) = line.split_once(" = ") else {
+        return false;
+    };
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+}
