@@ -105,6 +105,7 @@ pub fn apply(
                 Action::CreateDisk(spec) => disks.create(spec).map_err(|e| e.to_string()),
                 Action::Define { xml, .. } => hv
                     .define(xml)
+                    .inspect(|()| crate::crash_point("after-define"))
                     .map_err(|e| format!("failed to define domain: {e}")),
                 Action::SetAutostart(on) => hv
                     .set_autostart(&vm.name, *on)

@@ -18,6 +18,7 @@ use crate::observe;
 use crate::plan::{self, Plan};
 use crate::source::{self, FetchError};
 use crate::state::{self, LockHeld, Record, SyncResult, VmRecord};
+use crate::trust::{self, Floor, TrustError};
 use crate::validate::{self, Desired, Policy};
 
 /// Why a run did not converge; each kind has its exit status.
@@ -34,6 +35,10 @@ pub enum SyncError {
     Fetch(#[from] FetchError),
     #[error(transparent)]
     Locked(#[from] LockHeld),
+    /// The commit is not trusted: unsigned, badly signed, or not descending from what
+    /// this host already applied. Nothing was applied.
+    #[error("{0}; nothing was applied")]
+    Untrusted(#[from] TrustError),
     #[error(
         "{failed} of {total} vms failed at commit {commit}; the last applied commit is unchanged"
     )]
@@ -67,6 +72,7 @@ impl SyncError {
             SyncError::Config(_) => 2,
             SyncError::Invalid { .. } => 3,
             SyncError::Fetch(_) => 4,
+            SyncError::Untrusted(_) => 5,
             SyncError::Locked(_) => 75,
             SyncError::ActionsFailed { .. }
             | SyncError::GaveUp { .. }
@@ -88,6 +94,7 @@ fn policy(settings: &Settings) -> Policy {
     Policy {
         host: Some(settings.host.clone()),
         disk_roots: settings.disk_roots.clone(),
+        host_policy: settings.host_policy.clone(),
     }
 }
 
@@ -153,10 +160,18 @@ pub struct Options<'a> {
     pub give_up_after: Option<u32>,
     /// Set to stop after the action in flight.
     pub cancel: &'a AtomicBool,
+    /// Accept a commit that does not descend from what this host applied
+    /// (`vmsync --once --allow-rewind`); the signature is still checked.
+    pub allow_rewind: bool,
 }
 
 /// `vmsync --once`: one sync with a fresh connection.
 pub fn once(settings: &Settings) -> Result<Report, SyncError> {
+    once_with(settings, false)
+}
+
+/// `vmsync --once [--allow-rewind]`.
+pub fn once_with(settings: &Settings, allow_rewind: bool) -> Result<Report, SyncError> {
     let cancel = AtomicBool::new(false);
     run(
         settings,
@@ -164,8 +179,72 @@ pub fn once(settings: &Settings) -> Result<Report, SyncError> {
         &Options {
             give_up_after: None,
             cancel: &cancel,
+            allow_rewind,
         },
     )
+}
+
+/// Refuses an untrusted commit before anything else looks at it: the signature (when
+/// `[trust] allowed_signers` is set) and ancestry from the last applied commit.
+fn check_commit(
+    settings: &Settings,
+    record: &Record,
+    fetched: &source::FetchedCommit,
+    allow_rewind: bool,
+) -> Result<(), SyncError> {
+    if let Some(path) = &settings.allowed_signers {
+        let signers = trust::AllowedSigners::load(path)
+            .map_err(|e| SyncError::Config(ConfigError(e.to_string())))?;
+        let signer = trust::verify_commit(fetched.repository(), fetched.oid(), &signers)?;
+        info!(commit = %fetched.short(), principals = %signer.principals, key = %signer.fingerprint, "signature verified");
+    }
+    let floors: Vec<Floor> = record
+        .last_applied_commit
+        .iter()
+        .map(|commit| Floor {
+            commit: commit.clone(),
+            source: "the last applied commit in state.json".into(),
+        })
+        .collect();
+    check_floors(fetched, &floors, allow_rewind)
+}
+
+/// The commits the managed domains of `desired` were defined from (their ownership
+/// tags): what survives the loss of state.json.
+fn tag_floors(desired: &Desired, hv: &dyn Hypervisor) -> Result<Vec<Floor>, HvError> {
+    let existing: std::collections::BTreeSet<String> =
+        hv.list()?.into_iter().map(|d| d.name).collect();
+    let mut floors: Vec<Floor> = Vec::new();
+    for vm in desired.vms.iter().filter(|vm| existing.contains(&vm.name)) {
+        let Ok(xml) = hv.xml(&vm.name, true) else {
+            continue; // observe reports it
+        };
+        if let Some(tag) = crate::domain_xml::read_tag(&xml)
+            && !tag.commit.is_empty()
+            && !floors.iter().any(|f| f.commit == tag.commit)
+        {
+            floors.push(Floor {
+                commit: tag.commit,
+                source: format!("the commit domain '{}' was defined from", vm.name),
+            });
+        }
+    }
+    Ok(floors)
+}
+
+fn check_floors(
+    fetched: &source::FetchedCommit,
+    floors: &[Floor],
+    allow_rewind: bool,
+) -> Result<(), SyncError> {
+    match trust::check_ancestry(fetched.repository(), fetched.oid(), floors) {
+        Ok(()) => Ok(()),
+        Err(e) if allow_rewind => {
+            warn!(commit = %fetched.short(), reason = %e, "accepting a commit that does not descend from what was applied (--allow-rewind)");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// One sync: lock, fetch, validate, observe, plan, apply, record, then the metrics file.
@@ -221,8 +300,10 @@ fn run_locked(
         });
     }
     let result = (|| {
+        check_commit(settings, &record, &fetched, options.allow_rewind)?;
         let desired = validate_commit(&fetched, &commit, &policy(settings), &schema()?)?;
         let hv = conn.get()?;
+        check_floors(&fetched, &tag_floors(&desired, hv)?, options.allow_rewind)?;
         apply_commit(
             settings,
             &mut record,
@@ -236,10 +317,10 @@ fn run_locked(
     if let Err(e) = &result
         && !matches!(e, SyncError::ActionsFailed { .. })
     {
-        let kind = if matches!(e, SyncError::Invalid { .. }) {
-            SyncResult::Invalid
-        } else {
-            SyncResult::Failed
+        let kind = match e {
+            SyncError::Invalid { .. } => SyncResult::Invalid,
+            SyncError::Untrusted(_) => SyncResult::Untrusted,
+            _ => SyncResult::Failed,
         };
         record_failure(settings, &mut record, Some(&commit), kind, &e.to_string());
     }
@@ -352,9 +433,16 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let _lock = lock(settings)?;
     let fetched = source::fetch(&settings.source()?, &settings.state_dir)?;
     let commit = fetched.id();
+    check_commit(
+        settings,
+        &state::load(&settings.state_dir)?,
+        &fetched,
+        false,
+    )?;
     let desired = validate_commit(&fetched, &commit, &policy(settings), &schema()?)?;
     let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    check_floors(&fetched, &tag_floors(&desired, &hv)?, false)?;
     let observed = observe::observe(&desired, &hv, &crate::disk::QemuImg::default())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(plan::plan(&desired, &observed, &commit))
@@ -366,6 +454,7 @@ pub fn validate_dir(settings: &Settings, dir: &std::path::Path) -> Result<Desire
     let policy = Policy {
         host: None,
         disk_roots: settings.disk_roots.clone(),
+        host_policy: settings.host_policy.clone(),
     };
     validate_commit(&files, &dir.display().to_string(), &policy, &schema()?)
 }
