@@ -211,13 +211,12 @@ fn check_commit(
 
 /// The commits the managed domains of `desired` were defined from (their ownership
 /// tags): what survives the loss of state.json.
-fn tag_floors(desired: &Desired, hv: &dyn Hypervisor) -> Result<Vec<Floor>, HvError> {
-    let existing: std::collections::BTreeSet<String> =
-        hv.list()?.into_iter().map(|d| d.name).collect();
+fn tag_floors(desired: &Desired, hv: &dyn Hypervisor) -> Vec<Floor> {
     let mut floors: Vec<Floor> = Vec::new();
-    for vm in desired.vms.iter().filter(|vm| existing.contains(&vm.name)) {
+    for vm in &desired.vms {
+        // No domain (or one libvirt cannot show): no floor from it; observe reports errors.
         let Ok(xml) = hv.xml(&vm.name, true) else {
-            continue; // observe reports it
+            continue;
         };
         if let Some(tag) = crate::domain_xml::read_tag(&xml)
             && !tag.commit.is_empty()
@@ -229,7 +228,7 @@ fn tag_floors(desired: &Desired, hv: &dyn Hypervisor) -> Result<Vec<Floor>, HvEr
             });
         }
     }
-    Ok(floors)
+    floors
 }
 
 fn check_floors(
@@ -303,7 +302,7 @@ fn run_locked(
         check_commit(settings, &record, &fetched, options.allow_rewind)?;
         let desired = validate_commit(&fetched, &commit, &policy(settings), &schema()?)?;
         let hv = conn.get()?;
-        check_floors(&fetched, &tag_floors(&desired, hv)?, options.allow_rewind)?;
+        check_floors(&fetched, &tag_floors(&desired, hv), options.allow_rewind)?;
         apply_commit(
             settings,
             &mut record,
@@ -442,7 +441,7 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let desired = validate_commit(&fetched, &commit, &policy(settings), &schema()?)?;
     let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    check_floors(&fetched, &tag_floors(&desired, &hv)?, false)?;
+    check_floors(&fetched, &tag_floors(&desired, &hv), false)?;
     let observed = observe::observe(&desired, &hv, &crate::disk::QemuImg::default())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(plan::plan(&desired, &observed, &commit))
