@@ -27,6 +27,7 @@ cargo fmt --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+cargo test --features failpoints --test faults && scripts/fuzz.sh  # crash points, then a brief fuzz run
 log "cargo test --all-targets"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT

@@ -276,6 +276,7 @@ fn apply_vm(
                 .map_err(|e| format!("failed to rename domain '{from}': {e}")),
             Action::Define { xml, .. } => hv
                 .define(xml)
+                .inspect(|()| crate::crash_point("after-define"))
                 .map_err(|e| format!("failed to define domain: {e}"))
                 .map(|()| match hv.xml(&vm.name, true) {
                     Ok(after) => {

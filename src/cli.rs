@@ -46,6 +46,14 @@ pub struct Cli {
     /// Allowed root for disks and directories; repeat for several ([policy] disk_roots).
     #[arg(long = "disk-root", global = true, value_name = "DIR")]
     pub disk_roots: Vec<PathBuf>,
+    /// Only apply commits signed by a key in this file (git's allowedSignersFile format)
+    /// ([trust] allowed_signers).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub allowed_signers: Option<PathBuf>,
+    /// With --once: accept a commit that does not descend from the last applied one (a
+    /// force-push that rewound or replaced history). The signature is still checked.
+    #[arg(long)]
+    pub allow_rewind: bool,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -150,7 +158,13 @@ pub fn run() -> u8 {
         max_prune: cli.max_prune,
         shutdown_timeout: cli.shutdown_timeout.clone(),
         allow_mass_prune: cli.allow_mass_prune,
+        allowed_signers: cli.allowed_signers.clone(),
     };
+    if cli.allow_rewind && !(cli.once && cli.command.is_none()) {
+        return report(&SyncError::Config(config::ConfigError(
+            "--allow-rewind is only accepted with --once".into(),
+        )));
+    }
     let settings = match config::load(&flags) {
         Ok(s) => s,
         Err(e) => return report(&e.into()),
@@ -166,7 +180,7 @@ pub fn run() -> u8 {
         ))),
         (None, true) if cli.dry_run => sync::plan_only(&settings)
             .map(|plan| print!("{}", crate::plan::output(&plan, cli.json))),
-        (None, true) => sync::once(&settings).map(|r| {
+        (None, true) => sync::once_with(&settings, cli.allow_rewind).map(|r| {
             if r.outcome.changes() == 0 {
                 println!(
                     "nothing to do: commit {} is applied and every vm is converged",

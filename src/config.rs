@@ -38,6 +38,14 @@ struct RawConfig {
     agent: RawAgent,
     #[serde(default)]
     policy: RawPolicy,
+    #[serde(default)]
+    trust: RawTrust,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrust {
+    allowed_signers: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,6 +83,12 @@ struct RawPolicy {
     prune: Option<bool>,
     max_prune: Option<usize>,
     shutdown_timeout: Option<String>,
+    allowed_paths: Option<Vec<PathBuf>>,
+    allow_hostdev: Option<bool>,
+    allow_direct_interfaces: Option<bool>,
+    allow_block_devices: Option<bool>,
+    allow_qemu_commandline: Option<bool>,
+    allow_unconfined: Option<bool>,
 }
 
 /// Values given on the command line; each overrides the config file's key.
@@ -95,6 +109,7 @@ pub struct Overrides {
     pub shutdown_timeout: Option<String>,
     /// `--allow-mass-prune` (flag only, with `--once`).
     pub allow_mass_prune: bool,
+    pub allowed_signers: Option<PathBuf>,
 }
 
 /// How changes, drift and pruning are handled (`[policy]`, see README "Safe changes").
@@ -162,6 +177,13 @@ pub struct Settings {
     pub disk_roots: Vec<PathBuf>,
     /// `[policy]` change handling: self-heal, pruning and its guards, shutdown timeout.
     pub changes: ChangePolicy,
+    /// `[policy] allow_*` and `allowed_paths`: what domain XML may ask of this host
+    /// (see `host_policy`); default: nothing beyond disk images under `disk_roots`.
+    pub host_policy: crate::host_policy::HostPolicy,
+    /// `[trust] allowed_signers` / `--allowed-signers`: when set, only commits with a valid
+    /// SSH signature by a key in this file (git's `gpg.ssh.allowedSignersFile` format) are
+    /// applied; default none (signatures are not checked).
+    pub allowed_signers: Option<PathBuf>,
 }
 
 impl Settings {
@@ -229,6 +251,25 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         crate::manifest::absolute_path(&root.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.disk_roots entry: {e}")))?;
     }
+    let allowed_paths = raw.policy.allowed_paths.unwrap_or_default();
+    for path in &allowed_paths {
+        crate::manifest::absolute_path(&path.to_string_lossy())
+            .map_err(|e| ConfigError(format!("invalid policy.allowed_paths entry: {e}")))?;
+    }
+    let host_policy = crate::host_policy::HostPolicy {
+        allow_hostdev: raw.policy.allow_hostdev.unwrap_or(false),
+        allow_direct_interfaces: raw.policy.allow_direct_interfaces.unwrap_or(false),
+        allow_block_devices: raw.policy.allow_block_devices.unwrap_or(false),
+        allow_qemu_commandline: raw.policy.allow_qemu_commandline.unwrap_or(false),
+        allow_unconfined: raw.policy.allow_unconfined.unwrap_or(false),
+        allowed_paths,
+    };
+    let allowed_signers = flags.allowed_signers.clone().or(raw.trust.allowed_signers);
+    if let Some(path) = &allowed_signers {
+        // Checked now so a broken file is a config error at start (and on SIGHUP), and
+        // read again at every sync so edits take effect without a restart.
+        crate::trust::AllowedSigners::load(path).map_err(|e| ConfigError(e.to_string()))?;
+    }
     let state_dir = flags
         .state_dir
         .clone()
@@ -291,6 +332,8 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         metrics_file: raw.agent.metrics_file,
         disk_roots,
         changes,
+        host_policy,
+        allowed_signers,
     })
 }
 

@@ -117,6 +117,7 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
             let options = Options {
                 give_up_after: Some(max_attempts),
                 cancel: &job_cancel,
+                allow_rewind: false,
             };
             let result = sync::run(&job_settings, &mut connection, &options);
             (connection, result)

@@ -465,6 +465,7 @@ impl DiskProvisioner for QemuImg {
             discard_tmp(&tmp);
             return Err(err);
         }
+        crate::crash_point("disk-temp-created");
 
         // Link into place: fails instead of replacing anything that appeared meanwhile.
         if let Err(err) = fs::hard_link(&tmp, path) {
@@ -478,6 +479,7 @@ impl DiskProvisioner for QemuImg {
                 &err,
             ));
         }
+        crate::crash_point("disk-linked");
         // The image is complete at the real path from here on; cleanup failures are reported
         // so the operator knows, but the image stays (the next run sees it exists).
         fs::remove_file(&tmp)

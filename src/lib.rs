@@ -15,6 +15,7 @@ pub mod disk;
 pub mod domain_xml;
 pub mod drift;
 pub mod files;
+pub mod host_policy;
 pub mod hypervisor;
 pub mod manifest;
 pub mod metrics;
@@ -27,4 +28,19 @@ pub mod source;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod trust;
 pub mod validate;
+
+/// A named crash point for the fault tests (tests/faults.rs). Built with the `failpoints`
+/// feature and run with `FAILPOINTS=<name>=return`, the process aborts right there, like
+/// a power cut: no destructor, no cleanup, no record. Without the feature it is nothing.
+#[inline(always)]
+pub fn crash_point(name: &str) {
+    #[cfg(feature = "failpoints")]
+    if fail::eval(name, |_| ()).is_some() {
+        eprintln!("fail point '{name}' reached: aborting");
+        std::process::abort();
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}

@@ -231,6 +231,17 @@ fn name_in_table(lines: &[&str]) -> Option<String> {
     None
 }
 
+/// The key of a `key = value` line (for type errors, whose span is the value).
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let (key, _) = text.lines().nth(line.checked_sub(1)?)?.split_once('=')?;
+    let key = key.trim();
+    (!key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+    .then(|| key.to_string())
+}
+
 /// Checks that `raw` is an absolute path without `.`/`..` components and returns it.
 pub fn absolute_path(raw: &str) -> Result<PathBuf, String> {
     let path = Path::new(raw);
@@ -257,7 +268,8 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
         let field = message
             .strip_prefix("unknown field `")
             .and_then(|rest| rest.split('`').next())
-            .map(str::to_string);
+            .map(str::to_string)
+            .or_else(|| line.and_then(|l| key_on_line(text, l)));
         vec![Problem {
             file: MANIFEST_FILE.into(),
             line,

@@ -112,6 +112,16 @@ impl FetchedCommit {
         self.commit.to_string()
     }
 
+    /// The commit's object id.
+    pub fn oid(&self) -> Oid {
+        self.commit
+    }
+
+    /// The local clone the commit is in (for signature and ancestry checks).
+    pub fn repository(&self) -> &Repository {
+        &self.repo
+    }
+
     /// The first 12 hex digits of the commit id, for messages.
     pub fn short(&self) -> String {
         let mut id = self.id();

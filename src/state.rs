@@ -27,6 +27,8 @@ pub enum SyncResult {
     FetchFailed,
     /// The commit would prune too many domains; nothing was applied.
     Refused,
+    /// The commit is not trusted (signature, history rewrite); nothing was applied.
+    Untrusted,
 }
 
 /// Per-VM record.
@@ -133,6 +135,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .map_err(context)?;
     tmp.write_all(bytes).map_err(context)?;
     tmp.as_file().sync_all().map_err(context)?;
+    crate::crash_point("before-rename");
     tmp.persist(path).map_err(|e| context(e.error))?;
     File::open(dir)
         .and_then(|d| d.sync_all())

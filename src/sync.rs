@@ -19,6 +19,7 @@ use crate::plan::{self, Plan};
 use crate::schema_cache::CachedSchema;
 use crate::source::{self, FetchError};
 use crate::state::{self, LockHeld, Record, SyncResult, VmRecord};
+use crate::trust::{self, Floor, TrustError};
 use crate::validate::{self, Desired, Policy};
 
 /// Why a run did not converge; each kind has its exit status.
@@ -35,6 +36,10 @@ pub enum SyncError {
     Fetch(#[from] FetchError),
     #[error(transparent)]
     Locked(#[from] LockHeld),
+    /// The commit is not trusted: unsigned, badly signed, or not descending from what
+    /// this host already applied. Nothing was applied.
+    #[error("{0}; nothing was applied")]
+    Untrusted(#[from] TrustError),
     #[error(
         "{failed} of {total} vms failed at commit {commit}; the last applied commit is unchanged"
     )]
@@ -70,6 +75,7 @@ impl SyncError {
             SyncError::Config(_) => 2,
             SyncError::Invalid { .. } | SyncError::Refused { .. } => 3,
             SyncError::Fetch(_) => 4,
+            SyncError::Untrusted(_) => 5,
             SyncError::Locked(_) => 75,
             SyncError::ActionsFailed { .. }
             | SyncError::GaveUp { .. }
@@ -91,6 +97,7 @@ fn policy(settings: &Settings) -> Policy {
     Policy {
         host: Some(settings.host.clone()),
         disk_roots: settings.disk_roots.clone(),
+        host_policy: settings.host_policy.clone(),
     }
 }
 
@@ -166,10 +173,18 @@ pub struct Options<'a> {
     pub give_up_after: Option<u32>,
     /// Set to stop after the action in flight.
     pub cancel: &'a AtomicBool,
+    /// Accept a commit that does not descend from what this host applied
+    /// (`vmsync --once --allow-rewind`); the signature is still checked.
+    pub allow_rewind: bool,
 }
 
 /// `vmsync --once`: one sync with a fresh connection.
 pub fn once(settings: &Settings) -> Result<Report, SyncError> {
+    once_with(settings, false)
+}
+
+/// `vmsync --once [--allow-rewind]`.
+pub fn once_with(settings: &Settings, allow_rewind: bool) -> Result<Report, SyncError> {
     let cancel = AtomicBool::new(false);
     run(
         settings,
@@ -177,8 +192,88 @@ pub fn once(settings: &Settings) -> Result<Report, SyncError> {
         &Options {
             give_up_after: None,
             cancel: &cancel,
+            allow_rewind,
         },
     )
+}
+
+/// Refuses an untrusted commit before anything else looks at it: the signature (when
+/// `[trust] allowed_signers` is set) and ancestry from the last applied commit.
+fn check_commit(
+    settings: &Settings,
+    record: &Record,
+    fetched: &source::FetchedCommit,
+    allow_rewind: bool,
+) -> Result<(), SyncError> {
+    if let Some(path) = &settings.allowed_signers {
+        let signers = trust::AllowedSigners::load(path)
+            .map_err(|e| SyncError::Config(ConfigError(e.to_string())))?;
+        let signer = trust::verify_commit(fetched.repository(), fetched.oid(), &signers)?;
+        info!(commit = %fetched.short(), principals = %signer.principals, key = %signer.fingerprint, "signature verified");
+    }
+    let floors: Vec<Floor> = record
+        .last_applied_commit
+        .iter()
+        .map(|commit| Floor {
+            commit: commit.clone(),
+            source: "the last applied commit in state.json".into(),
+        })
+        .collect();
+    check_floors(fetched, &floors, allow_rewind)
+}
+
+/// The commits the managed domains of `desired` were defined from (their ownership
+/// tags): what survives the loss of state.json.
+fn tag_floors(desired: &Desired, hv: &dyn Hypervisor) -> Vec<Floor> {
+    let mut floors: Vec<Floor> = Vec::new();
+    for vm in &desired.vms {
+        // No domain (or one libvirt cannot show): no floor from it; observe reports errors.
+        let Ok(xml) = hv.xml(&vm.name, true) else {
+            continue;
+        };
+        if let Some(tag) = crate::domain_xml::read_tag(&xml)
+            && !tag.commit.is_empty()
+            && !floors.iter().any(|f| f.commit == tag.commit)
+        {
+            floors.push(Floor {
+                commit: tag.commit,
+                source: format!("the commit domain '{}' was defined from", vm.name),
+            });
+        }
+    }
+    floors
+}
+
+/// The same floors as [`tag_floors`], from the tags observation already read.
+fn observed_floors(observed: &observe::Observed) -> Vec<Floor> {
+    let mut floors: Vec<Floor> = Vec::new();
+    for (name, seen) in &observed.domains {
+        if let Some(tag) = seen.inactive.as_ref().and_then(|s| s.tag.as_ref())
+            && !tag.commit.is_empty()
+            && !floors.iter().any(|f| f.commit == tag.commit)
+        {
+            floors.push(Floor {
+                commit: tag.commit.clone(),
+                source: format!("the commit domain '{name}' was defined from"),
+            });
+        }
+    }
+    floors
+}
+
+fn check_floors(
+    fetched: &source::FetchedCommit,
+    floors: &[Floor],
+    allow_rewind: bool,
+) -> Result<(), SyncError> {
+    match trust::check_ancestry(fetched.repository(), fetched.oid(), floors) {
+        Ok(()) => Ok(()),
+        Err(e) if allow_rewind => {
+            warn!(commit = %fetched.short(), reason = %e, "accepting a commit that does not descend from what was applied (--allow-rewind)");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// One sync: lock, fetch, validate, observe, plan, apply, record, then the metrics file.
@@ -254,6 +349,7 @@ fn run_locked(
         });
     }
     let result = (|| {
+        check_commit(settings, &record, &fetched, options.allow_rewind)?;
         let desired = validate_cached(
             &fetched,
             &commit,
@@ -261,7 +357,7 @@ fn run_locked(
             Some(&settings.state_dir),
         )?;
         let hv = conn.get()?;
-        apply_commit(
+        apply_commit_checked(
             settings,
             &mut record,
             &commit,
@@ -269,6 +365,7 @@ fn run_locked(
             hv,
             &crate::disk::QemuImg::default(),
             options.cancel,
+            &|observed| check_floors(&fetched, &observed_floors(observed), options.allow_rewind),
         )
     })();
     if let Err(e) = &result
@@ -277,6 +374,7 @@ fn run_locked(
         let kind = match e {
             SyncError::Invalid { .. } => SyncResult::Invalid,
             SyncError::Refused { .. } => SyncResult::Refused,
+            SyncError::Untrusted(_) => SyncResult::Untrusted,
             _ => SyncResult::Failed,
         };
         record_failure(settings, &mut record, Some(&commit), kind, &e.to_string());
@@ -315,11 +413,38 @@ pub fn apply_commit(
     disks: &dyn DiskProvisioner,
     cancel: &AtomicBool,
 ) -> Result<Report, SyncError> {
+    apply_commit_checked(
+        settings,
+        record,
+        commit,
+        desired,
+        hv,
+        disks,
+        cancel,
+        &|_| Ok(()),
+    )
+}
+
+/// [`apply_commit`] with a check of what was observed before anything is planned or
+/// applied (the sync checks the commits in the managed domains' tags there: the
+/// ancestry floor that survives a lost state file, without reading any domain twice).
+#[allow(clippy::too_many_arguments)]
+pub fn apply_commit_checked(
+    settings: &Settings,
+    record: &mut Record,
+    commit: &str,
+    desired: &Desired,
+    hv: &dyn Hypervisor,
+    disks: &dyn DiskProvisioner,
+    cancel: &AtomicBool,
+    check: &dyn Fn(&observe::Observed) -> Result<(), SyncError>,
+) -> Result<Report, SyncError> {
     let short = &commit[..commit.len().min(12)];
     let calls_before = hv.call_count();
     let applied = record.vms.keys().cloned().collect();
     let observed =
         observe::observe(desired, &applied, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
+    check(&observed)?;
     let ctx = plan::Context {
         policy: &settings.changes,
         record,
@@ -450,6 +575,7 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let record = state::load(&settings.state_dir)?;
     let fetched = source::fetch(&settings.source()?, &settings.state_dir)?;
     let commit = fetched.id();
+    check_commit(settings, &record, &fetched, false)?;
     let desired = validate_cached(
         &fetched,
         &commit,
@@ -458,6 +584,7 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     )?;
     let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    check_floors(&fetched, &tag_floors(&desired, &hv), false)?;
     let normalizer = crate::hypervisor::TestDriverSchema::new()?;
     plan_commit(settings, &record, &commit, &desired, &hv, &normalizer)
 }
@@ -489,6 +616,7 @@ pub fn validate_dir(settings: &Settings, dir: &std::path::Path) -> Result<Desire
     let policy = Policy {
         host: None,
         disk_roots: settings.disk_roots.clone(),
+        host_policy: settings.host_policy.clone(),
     };
     validate_cached(&files, &dir.display().to_string(), &policy, None)
 }

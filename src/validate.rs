@@ -4,7 +4,7 @@
 //! Checks: the manifest (see `manifest`), each targeted VM's XML (readable inside the
 //! repository, well-formed, `<name>` equal to the manifest's `name`, accepted by libvirt's
 //! schema), unique VM names, UUIDs and disk paths, and disk, backing and directory paths
-//! under `policy.disk_roots`.
+//! under `policy.disk_roots`, and what each XML asks of the host (`host_policy`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,11 +16,13 @@ use crate::hypervisor::SchemaChecker;
 use crate::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
 
 /// What this host's policy allows and which VMs it applies.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Policy {
     /// This host's name, matched against a VM's `hosts`; `None` validates every VM.
     pub host: Option<String>,
     pub disk_roots: Vec<PathBuf>,
+    /// What domain XML may ask of the host beyond disk images (see `host_policy`).
+    pub host_policy: crate::host_policy::HostPolicy,
 }
 
 /// One VM as this host should have it.
@@ -227,6 +229,9 @@ pub fn validate(
                 format!("uuid {uuid} is also used by vm '{other}'"),
             ));
         }
+        for v in crate::host_policy::check(&xml, &policy.host_policy, &policy.disk_roots) {
+            problems.push(at(&xml_file, xml_line(v.line), &v.field, v.message));
+        }
         if problems.len() == before
             && !was_cached
             && let Err(message) = schema.check(&xml)
@@ -334,6 +339,7 @@ hosts = ["hv2"]
         Policy {
             host: Some("hv1".into()),
             disk_roots: vec!["/srv/images".into()],
+            ..Default::default()
         }
     }
 

@@ -270,7 +270,6 @@ fn real_libvirtd_sync_life_cycle() {
     // Edit only the running UEFI guest: redefined in place, UUID/MAC/NVRAM/TPM kept,
     // still running (pending restart); the others are not touched.
     let nvram_ino = std::fs::metadata(&nvram).unwrap().ino();
-    let nvram_hash = sha256_file(&nvram);
     repo.write(
         "vms/uefi.xml",
         &uefi_tpm_xml(&uefi, &disk(&uefi)).replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>"),
@@ -303,7 +302,8 @@ fn real_libvirtd_sync_life_cycle() {
         nvram_ino,
         "NVRAM file kept"
     );
-    assert_eq!(sha256_file(&nvram), nvram_hash);
+    // (Its content is the running firmware's to change; that the same file is still
+    // there, not a fresh copy of the template, is what "kept" means.)
     assert!(tpm_dir.is_dir(), "TPM state kept");
     assert_eq!(inactive(&bios), bios_xml_1);
     assert_eq!(inactive(&keep), keep_xml_1);

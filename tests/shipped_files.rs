@@ -75,6 +75,21 @@ fn every_commented_key_in_deploy_config_is_a_real_setting() {
         "found only {uncommented} commented settings"
     );
     let dir = tempfile::tempdir().unwrap();
+    // The documented allowed_signers path must hold a real key for the config to load.
+    let key = dir.path().join("key");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let signers = dir.path().join("allowed_signers");
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    std::fs::write(&signers, format!("ops@example.org {public}")).unwrap();
+    let all = all.replace(
+        "/etc/vmsync/allowed_signers",
+        &signers.display().to_string(),
+    );
     let full = dir.path().join("config.toml");
     std::fs::write(&full, all).unwrap();
     config::load(&Overrides {

@@ -94,6 +94,8 @@ impl Env {
             metrics_file: None,
             disk_roots: vec![self.images.path().to_path_buf()],
             changes: Default::default(),
+            host_policy: Default::default(),
+            allowed_signers: None,
         }
     }
 }
@@ -285,7 +287,7 @@ fn validate_dir_checks_every_host_offline() {
 
     repo.write(
         "vms/t2-val.xml",
-        &bios_xml("t2-val", "kvm", Path::new("/x.qcow2"), 128)
+        &bios_xml("t2-val", "kvm", &images.path().join("t2-val.qcow2"), 128)
             .replace("<vcpu>", "<vcpus>")
             .replace("</vcpu>", "</vcpus>"),
     );
@@ -318,6 +320,7 @@ fn second_sync_is_a_noop_and_a_change_redefines_only_that_domain() {
     let policy = Policy {
         host: Some("hv1".into()),
         disk_roots: settings.disk_roots.clone(),
+        ..Default::default()
     };
     let sync_head = |record: &mut state::Record| {
         let fetched =
@@ -495,6 +498,7 @@ fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
     let policy = Policy {
         host: Some("hv1".into()),
         disk_roots: settings.disk_roots.clone(),
+        ..Default::default()
     };
     let desired = sync::validate_commit(
         &fetched,

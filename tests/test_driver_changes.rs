@@ -67,6 +67,8 @@ impl Env {
             metrics_file: None,
             disk_roots: vec![self.images.path().to_path_buf()],
             changes: self.changes.clone(),
+            host_policy: Default::default(),
+            allowed_signers: None,
         }
     }
 
@@ -78,6 +80,7 @@ impl Env {
         let policy = Policy {
             host: Some("hv1".into()),
             disk_roots: settings.disk_roots.clone(),
+            host_policy: settings.host_policy.clone(),
         };
         let desired = sync::validate_commit(
             &fetched,

@@ -266,3 +266,103 @@ impl Drop for SystemCleanup {
         }
     }
 }
+
+/// An SSH key pair made with `ssh-keygen` for signing commits.
+pub struct SigningKey {
+    pub dir: tempfile::TempDir,
+    /// The private key file (`user.signingKey`).
+    pub private: PathBuf,
+    /// The public key line (`ssh-ed25519 AAAA… comment`).
+    pub public: String,
+}
+
+impl SigningKey {
+    /// `kind`: "ed25519", "ecdsa" or "rsa".
+    pub fn new(kind: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("key");
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", kind, "-N", "", "-C", "signer", "-f"])
+            .arg(&private)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ssh-keygen: {out:?}");
+        let public = std::fs::read_to_string(private.with_extension("pub"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Self {
+            dir,
+            private,
+            public,
+        }
+    }
+
+    /// Writes an allowed signers file with `lines` and returns its path.
+    pub fn allowed_signers(dir: &Path, lines: &[String]) -> PathBuf {
+        let path = dir.join("allowed_signers");
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        path
+    }
+}
+
+impl Repo {
+    /// Commits everything with an SSH signature by `key` (`git commit -S`,
+    /// `gpg.format=ssh`) and returns the full commit id.
+    pub fn commit_signed(&self, message: &str, key: &SigningKey) -> String {
+        self.git(&["add", "-A"]);
+        let signing_key = format!("user.signingKey={}", key.private.display());
+        self.git(&[
+            "-c",
+            "gpg.format=ssh",
+            "-c",
+            &signing_key,
+            "commit",
+            "-q",
+            "-S",
+            "--allow-empty",
+            "-m",
+            message,
+        ]);
+        self.git(&["rev-parse", "HEAD"]).trim().to_string()
+    }
+}
+
+/// `virsh -c qemu:///system ARGS`: (success, stdout+stderr).
+pub fn virsh(args: &[&str]) -> (bool, String) {
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Removes every `qemu:///system` domain whose name starts with `prefix` (with NVRAM and
+/// TPM state) and the directory `images`, when dropped.
+pub struct DomainCleanup {
+    pub prefix: String,
+    pub images: PathBuf,
+}
+
+impl Drop for DomainCleanup {
+    fn drop(&mut self) {
+        let (_, names) = virsh(&["list", "--all", "--name"]);
+        for name in names
+            .lines()
+            .map(str::trim)
+            .filter(|n| n.starts_with(&self.prefix))
+        {
+            virsh(&["destroy", name]);
+            virsh(&["undefine", name, "--nvram", "--tpm"]);
+        }
+        let _ = std::fs::remove_dir_all(&self.images);
+    }
+}

@@ -1,0 +1,32 @@
+//! Fuzzes the domain XML reader, renderer and host policy: any text is summarized or
+//! refused without a panic; what is summarized renders, and the rendered XML reads back
+//! with the same name and uuid and vmsync's tag.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vmsync::domain_xml::{Tag, fingerprint, render, summarize};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(xml) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = vmsync::host_policy::check(
+        xml,
+        &vmsync::host_policy::HostPolicy::default(),
+        &["/var/lib/libvirt/images".into()],
+    );
+    let Ok(summary) = summarize(xml) else {
+        return;
+    };
+    let tag = Tag {
+        commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        fingerprint: fingerprint(xml),
+    };
+    let uuid = "0f7e1b9c-4a44-4a8e-9b0e-2b1f4a3c5d6e";
+    let macs = vec![Some("52:54:00:00:00:01".to_string()); summary.macs.len()];
+    let out = render(xml, Some(uuid), &macs, &tag).expect("a summarized XML renders");
+    let again = summarize(&out).expect("rendered XML reads back");
+    assert_eq!(again.name, summary.name);
+    assert_eq!(again.uuid.as_deref(), Some(summary.uuid.as_deref().unwrap_or(uuid)));
+    assert_eq!(again.tag, Some(tag));
+});

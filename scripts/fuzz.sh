@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# A brief fuzz run of the VM repository loaders, as CI does it: the manifest parser and
+# the domain XML reader/renderer/host policy (targets in fuzz/), seeded with the bad-input
+# corpus and the example repository.
+#
+# cargo-fuzz passes nightly-only rustc flags (-Zsanitizer=address and sanitizer
+# coverage); vmsync builds with stable Rust only, so RUSTC_BOOTSTRAP=1 lets stable rustc
+# accept them (the sanitizer runtime ships with the stable x86_64 Linux toolchain).
+#
+# Usage: scripts/fuzz.sh [SECONDS_PER_TARGET]   (default 20; or VMSYNC_FUZZ_SECONDS)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+root=$(pwd)
+seconds=${1:-${VMSYNC_FUZZ_SECONDS:-20}}
+
+log() { printf '[fuzz] %s\n' "$*"; }
+
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  log "installing cargo-fuzz from crates.io"
+  cargo install --locked cargo-fuzz
+fi
+
+seeds=$(mktemp -d)
+trap 'rm -rf "$seeds"' EXIT
+mkdir -p "$seeds/manifest" "$seeds/domain_xml"
+i=0
+for f in tests/corpus/*/vmsync.toml example-repo/vmsync.toml; do
+  cp "$f" "$seeds/manifest/seed$((i++))"
+done
+for f in tests/corpus/*/vms/*.xml example-repo/vms/*.xml; do
+  [ -f "$f" ] && cp "$f" "$seeds/domain_xml/seed$((i++))"
+done
+
+cd fuzz
+export RUSTC_BOOTSTRAP=1
+for target in manifest domain_xml; do
+  mkdir -p "corpus/$target"
+  log "cargo fuzz run $target for ${seconds}s"
+  cargo fuzz run "$target" "corpus/$target" "$seeds/$target" -- \
+    -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=65536
+done
+log "OK (crashes would be in $root/fuzz/artifacts/)"

@@ -1,0 +1,256 @@
+//! A corpus of bad VM repositories (`tests/corpus/<case>/`: the repository's files plus
+//! `expected`, the exact problem lines), and generated ones that cannot sit in a corpus
+//! well (huge files, symlinks, bytes that are not UTF-8). Each is run through
+//! `vmsync validate DIR` and through `vmsync --once` from a real git commit against
+//! `test:///default`: exit 3, exactly the expected problems, nothing made on the host
+//! (the disk root does not even exist afterwards), the record says "invalid".
+//!
+//! Also the agent config (exit 2): unknown keys, wrong types, bad paths.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Repo, vmsync};
+use vmsync::state::{self, SyncResult};
+
+/// The disk root every corpus manifest uses; it must never be created.
+const ROOT: &str = "/srv/vmsync-corpus";
+
+fn corpus_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus")
+}
+
+/// The problem lines of a run's stderr (indented under "… is invalid; nothing was applied:").
+fn problems(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("  "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name == "expected" {
+            continue;
+        }
+        let target = to.join(&name);
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Runs a bad repository both ways; returns the problems of each.
+fn check_repo(name: &str, repo: &Repo, expected: &[String]) {
+    assert!(
+        !Path::new(ROOT).exists(),
+        "{ROOT} must not exist on the test host"
+    );
+    let dir = repo.path().display().to_string();
+    let run = vmsync(&["validate", &dir, "--disk-root", ROOT]);
+    assert_eq!(run.code, 3, "{name}: validate\n{}", run.stderr);
+    assert_eq!(problems(&run.stderr), expected, "{name}: validate");
+
+    let commit = repo.commit("bad input");
+    let state = tempfile::tempdir().unwrap();
+    let state_arg = state.path().display().to_string();
+    let run = vmsync(&[
+        "--once",
+        "--url",
+        &dir,
+        "--state-dir",
+        &state_arg,
+        "--connect",
+        "test:///default",
+        "--disk-root",
+        ROOT,
+        "--host",
+        "hv1",
+    ]);
+    assert_eq!(run.code, 3, "{name}: --once\n{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("commit {commit} is invalid; nothing was applied:")),
+        "{name}: {}",
+        run.stderr
+    );
+    assert_eq!(problems(&run.stderr), expected, "{name}: --once");
+    let record = state::load(state.path()).unwrap();
+    assert_eq!(record.last_result, Some(SyncResult::Invalid), "{name}");
+    assert_eq!(record.last_applied_commit, None, "{name}");
+    assert!(record.vms.is_empty(), "{name}");
+    assert!(!Path::new(ROOT).exists(), "{name}: the host was touched");
+}
+
+#[test]
+fn corpus_of_bad_repositories() {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(corpus_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 30, "the corpus is incomplete: {cases:?}");
+    for case in cases {
+        let name = case.file_name().unwrap().to_string_lossy().into_owned();
+        let expected: Vec<String> = std::fs::read_to_string(case.join("expected"))
+            .unwrap_or_else(|e| panic!("{name}: expected: {e}"))
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert!(!expected.is_empty(), "{name}: empty expected file");
+        let repo = Repo::new();
+        copy_tree(&case, repo.path());
+        check_repo(&name, &repo, &expected);
+    }
+}
+
+const MANIFEST: &str = "version = 1\n\n[[vm]]\nname = \"a\"\nxml = \"vms/a.xml\"\n";
+
+fn small_xml() -> String {
+    "<domain type='kvm'>\n  <name>a</name>\n  <memory unit='MiB'>128</memory>\n  <os><type arch='x86_64' machine='pc'>hvm</type></os>\n</domain>\n".into()
+}
+
+#[test]
+fn huge_files_are_refused_before_they_are_read() {
+    let repo = Repo::new();
+    repo.write("vmsync.toml", MANIFEST);
+    // A comment that takes the XML past 1 MiB.
+    let huge = small_xml().replace(
+        "</domain>",
+        &format!("<!--{}--></domain>", "x".repeat(1 << 20)),
+    );
+    let size = huge.len();
+    repo.write("vms/a.xml", &huge);
+    check_repo(
+        "huge xml",
+        &repo,
+        &[format!(
+            "vmsync.toml:4: vm 'a': field 'xml': 'vms/a.xml' is {size} bytes, more than the limit of 1048576"
+        )],
+    );
+
+    let repo = Repo::new();
+    let manifest = format!("{MANIFEST}# {}\n", "x".repeat(1 << 20));
+    let size = manifest.len();
+    repo.write("vmsync.toml", &manifest);
+    check_repo(
+        "huge manifest",
+        &repo,
+        &[format!(
+            "vmsync.toml: 'vmsync.toml' is {size} bytes, more than the limit of 1048576"
+        )],
+    );
+}
+
+#[test]
+fn symlinks_in_the_tree_are_refused() {
+    // The XML itself is a symlink to a file outside the repository.
+    let repo = Repo::new();
+    repo.write("vmsync.toml", MANIFEST);
+    std::fs::create_dir_all(repo.path().join("vms")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", repo.path().join("vms/a.xml")).unwrap();
+    check_repo(
+        "symlinked xml",
+        &repo,
+        &["vmsync.toml:4: vm 'a': field 'xml': 'vms/a.xml' is not a regular file (symlinks and directories are refused)".into()],
+    );
+
+    // A directory on the way is a symlink (to a directory with a valid XML).
+    let repo = Repo::new();
+    repo.write("vmsync.toml", MANIFEST);
+    repo.write("real/a.xml", &small_xml());
+    std::os::unix::fs::symlink("real", repo.path().join("vms")).unwrap();
+    check_repo(
+        "symlinked directory",
+        &repo,
+        &["vmsync.toml:4: vm 'a': field 'xml': 'vms/a.xml' is not a regular file (symlinks and directories are refused)".into()],
+    );
+
+    // The manifest is a symlink.
+    let repo = Repo::new();
+    repo.write("real.toml", MANIFEST);
+    std::os::unix::fs::symlink("real.toml", repo.path().join("vmsync.toml")).unwrap();
+    check_repo(
+        "symlinked manifest",
+        &repo,
+        &["vmsync.toml: 'vmsync.toml' is not a regular file (symlinks and directories are refused)".into()],
+    );
+}
+
+#[test]
+fn text_that_is_not_utf8_is_refused() {
+    let repo = Repo::new();
+    repo.write("vmsync.toml", MANIFEST);
+    std::fs::create_dir_all(repo.path().join("vms")).unwrap();
+    let mut bytes = small_xml().into_bytes();
+    bytes.splice(30..30, [0xff, 0xfe, 0x80]);
+    std::fs::write(repo.path().join("vms/a.xml"), bytes).unwrap();
+    check_repo(
+        "latin-1 xml",
+        &repo,
+        &["vmsync.toml:4: vm 'a': field 'xml': 'vms/a.xml' is not valid UTF-8".into()],
+    );
+
+    let repo = Repo::new();
+    std::fs::write(
+        repo.path().join("vmsync.toml"),
+        [b"version = 1\n# caf\xe9\n".as_slice()].concat(),
+    )
+    .unwrap();
+    check_repo(
+        "latin-1 manifest",
+        &repo,
+        &["vmsync.toml: 'vmsync.toml' is not valid UTF-8".into()],
+    );
+}
+
+#[test]
+fn bad_agent_configs_exit_2_with_the_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str)] = &[
+        (
+            "[policy]\nallow_hostdev = true\nallow_hostdevs = true\n",
+            ":3': unknown field `allow_hostdevs`",
+        ),
+        (
+            "[policy]\nallow_hostdev = \"yes\"\n",
+            ":2': invalid type: string \"yes\", expected a boolean",
+        ),
+        (
+            "[trust]\nallowed_signer = \"/x\"\n",
+            ":2': unknown field `allowed_signer`",
+        ),
+        (
+            "[policy]\nallowed_paths = [\"relative\"]\n",
+            "invalid policy.allowed_paths entry: path 'relative' must be absolute",
+        ),
+        (
+            "[policy]\ndisk_roots = [\"/srv/../etc\"]\n",
+            "invalid policy.disk_roots entry: path '/srv/../etc' must not contain '.' or '..'",
+        ),
+        ("[source\nurl = 1\n", ":1': "),
+    ];
+    for (i, (text, message)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("config{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let run = vmsync(&[
+            "--once",
+            "--config",
+            path.to_str().unwrap(),
+            "--host",
+            "hv1",
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+        ]);
+        assert_eq!(run.code, 2, "{text}\n{}", run.stderr);
+        assert!(run.stderr.contains(message), "{text}\n{}", run.stderr);
+    }
+}
