@@ -27,7 +27,12 @@ cargo fmt --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
-cargo test --features failpoints --test faults && scripts/fuzz.sh  # crash points, then a brief fuzz run
+# Crash points (a build with the failpoints feature), then a brief fuzz run. Separate
+# commands: under `set -e` a failure on the left of `&&` would not stop the script.
+log "cargo test --features failpoints --test faults"
+cargo test --features failpoints --test faults
+log "scripts/fuzz.sh"
+scripts/fuzz.sh
 log "cargo test --all-targets"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
