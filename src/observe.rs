@@ -44,14 +44,15 @@ pub const THREADS: usize = 4;
 /// Observes the host for `desired`. Fails only if libvirt cannot be asked at all.
 pub fn observe(
     desired: &Desired,
-    applied: &std::collections::BTreeSet<String>,
+    applied: &BTreeMap<String, Option<String>>,
     hv: &dyn Hypervisor,
     disks: &dyn DiskProvisioner,
 ) -> Result<Observed, HvError> {
-    let wanted: BTreeMap<&str, ()> = desired
+    // Desired VMs by name, with the fingerprint they should carry.
+    let wanted: BTreeMap<&str, &str> = desired
         .vms
         .iter()
-        .map(|vm| (vm.name.as_str(), ()))
+        .map(|vm| (vm.name.as_str(), vm.fingerprint.as_str()))
         .collect();
     let uuids: std::collections::BTreeSet<String> = desired
         .vms
@@ -67,7 +68,7 @@ pub fn observe(
         .filter_map(|l| {
             let is_wanted = wanted.contains_key(l.name.as_str());
             let relevant = is_wanted
-                || applied.contains(&l.name)
+                || applied.contains_key(&l.name)
                 || uuids.contains(&l.uuid.to_ascii_lowercase());
             relevant.then_some((is_wanted, l))
         })
@@ -90,16 +91,29 @@ pub fn observe(
         } else {
             None
         };
+        let definition_hash = inactive_xml
+            .as_deref()
+            .and_then(domain_xml::definition_hash);
+        // Keep the XML text only where it is used (diffs of a changed or drifted
+        // definition, disks of a prune candidate): a thousand converged domains would
+        // otherwise hold megabytes for nothing.
+        let converged = is_wanted
+            && inactive
+                .as_ref()
+                .and_then(|s| s.tag.as_ref())
+                .map(|t| t.fingerprint.as_str())
+                == wanted.get(listing.name.as_str()).copied()
+            && applied
+                .get(&listing.name)
+                .is_some_and(|h| h.is_some() && *h == definition_hash);
         Some((
             is_wanted,
             SeenDomain {
-                definition_hash: inactive_xml
-                    .as_deref()
-                    .and_then(domain_xml::definition_hash),
+                definition_hash,
                 listing,
                 inactive,
                 live_tag,
-                inactive_xml,
+                inactive_xml: if converged { None } else { inactive_xml },
             },
         ))
     });

@@ -441,7 +441,11 @@ pub fn apply_commit_checked(
 ) -> Result<Report, SyncError> {
     let short = &commit[..commit.len().min(12)];
     let calls_before = hv.call_count();
-    let applied = record.vms.keys().cloned().collect();
+    let applied = record
+        .vms
+        .iter()
+        .map(|(name, vm)| (name.clone(), vm.definition_hash.clone()))
+        .collect();
     let observed =
         observe::observe(desired, &applied, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
     check(&observed)?;
@@ -598,7 +602,11 @@ pub fn plan_commit(
     hv: &dyn Hypervisor,
     normalizer: &dyn crate::hypervisor::Normalizer,
 ) -> Result<Plan, SyncError> {
-    let applied = record.vms.keys().cloned().collect();
+    let applied = record
+        .vms
+        .iter()
+        .map(|(name, vm)| (name.clone(), vm.definition_hash.clone()))
+        .collect();
     let observed = observe::observe(desired, &applied, hv, &crate::disk::QemuImg::default())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let ctx = plan::Context {
