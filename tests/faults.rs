@@ -386,10 +386,7 @@ mod crashes {
         let prefix = common::prefix("faults");
         let images = common::images_dir(&prefix);
         std::fs::create_dir_all(&images).unwrap();
-        let _cleanup = common::DomainCleanup {
-            prefix: prefix.clone(),
-            images: images.clone(),
-        };
+        let _cleanup = common::SystemCleanup::new(&prefix, &images);
         let dir = tempfile::tempdir().unwrap();
         let env = Env::at(&format!("{prefix}-vm"), dir, images, "qemu:///system");
         env.recovers();
@@ -397,7 +394,7 @@ mod crashes {
         env.write_vm(256);
         let new = env.repo.commit("more memory");
         crash_at(&env, "after-define");
-        let (_, xml) = common::virsh(&["dumpxml", "--inactive", &env.name]);
+        let (_, xml) = common::virsh_system(&["dumpxml", "--inactive", &env.name]);
         assert!(xml.contains(&new), "defined before the crash");
         assert_eq!(env.record(), old, "the record is the old one");
         env.recovers();

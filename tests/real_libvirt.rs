@@ -14,69 +14,6 @@ use std::process::Command;
 
 use common::{Repo, bios_xml, sha256_file, uefi_tpm_xml, vmsync};
 
-/// Whether the tier can run; panics when it must run and cannot.
-fn libvirtd_available() -> bool {
-    let ok = Command::new("virsh")
-        .args(["-c", "qemu:///system", "uri"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var_os("VMSYNC_REQUIRE_LIBVIRTD").is_some() {
-            panic!(
-                "VMSYNC_REQUIRE_LIBVIRTD is set but qemu:///system is not reachable (run scripts/setup-host.sh)"
-            );
-        }
-        eprintln!(
-            "SKIPPED: no libvirtd at qemu:///system (set VMSYNC_REQUIRE_LIBVIRTD=1 to make this a failure)"
-        );
-    }
-    ok
-}
-
-fn virsh(args: &[&str]) -> (bool, String) {
-    let out = Command::new("virsh")
-        .args(["-c", "qemu:///system"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn virsh_ok(args: &[&str]) -> String {
-    let (ok, out) = virsh(args);
-    assert!(ok, "virsh {args:?}: {out}");
-    out.trim().to_string()
-}
-
-/// Removes every domain with the prefix (with NVRAM and TPM state) and the images dir.
-struct Cleanup {
-    prefix: String,
-    images: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let (_, names) = virsh(&["list", "--all", "--name"]);
-        for name in names
-            .lines()
-            .map(str::trim)
-            .filter(|n| n.starts_with(&self.prefix))
-        {
-            virsh(&["destroy", name]);
-            virsh(&["undefine", name, "--nvram", "--tpm"]);
-        }
-        let _ = std::fs::remove_dir_all(&self.images);
-    }
-}
-
 fn qemu_img_info(path: &Path) -> serde_json::Value {
     let out = Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
@@ -131,15 +68,12 @@ xml = "vms/keep.xml"
 
 #[test]
 fn real_libvirtd_sync_life_cycle() {
-    if !libvirtd_available() {
+    if !common::libvirtd_available() {
         return;
     }
     let p = common::prefix("life");
     let images = common::images_dir(&p);
-    let _cleanup = Cleanup {
-        prefix: p.clone(),
-        images: images.clone(),
-    };
+    let _cleanup = common::SystemCleanup::new(&p, &images);
     std::fs::create_dir_all(&images).unwrap();
     let kvm = if Path::new("/dev/kvm").exists() {
         "kvm"
@@ -220,29 +154,29 @@ fn real_libvirtd_sync_life_cycle() {
         run.stderr
     );
 
-    assert_eq!(virsh_ok(&["domstate", &uefi]), "running");
-    assert_eq!(virsh_ok(&["domstate", &bios]), "shut off");
+    assert_eq!(common::virsh_system_ok(&["domstate", &uefi]), "running");
+    assert_eq!(common::virsh_system_ok(&["domstate", &bios]), "shut off");
     assert!(
-        virsh_ok(&["dominfo", &uefi])
+        common::virsh_system_ok(&["dominfo", &uefi])
             .lines()
             .any(|l| l.starts_with("Autostart:") && l.ends_with("enable"))
     );
     assert!(
-        virsh_ok(&["dominfo", &bios])
+        common::virsh_system_ok(&["dominfo", &bios])
             .lines()
             .any(|l| l.starts_with("Autostart:") && l.ends_with("disable"))
     );
-    let uuid = virsh_ok(&["domuuid", &uefi]);
+    let uuid = common::virsh_system_ok(&["domuuid", &uefi]);
     let nvram = PathBuf::from(format!("/var/lib/libvirt/qemu/nvram/{uefi}_VARS.fd"));
     let tpm_dir = PathBuf::from(format!("/var/lib/libvirt/swtpm/{uuid}"));
     assert!(nvram.is_file(), "OVMF NVRAM created at {}", nvram.display());
     assert!(tpm_dir.is_dir(), "swtpm state at {}", tpm_dir.display());
-    let live = virsh_ok(&["dumpxml", &uefi]);
+    let live = common::virsh_system_ok(&["dumpxml", &uefi]);
     assert!(
         live.contains("<tpm model='tpm-crb'>") && live.contains("secure='yes'"),
         "{live}"
     );
-    let inactive = |name: &str| virsh_ok(&["dumpxml", "--inactive", name]);
+    let inactive = |name: &str| common::virsh_system_ok(&["dumpxml", "--inactive", name]);
     let uefi_xml_1 = inactive(&uefi);
     assert!(
         uefi_xml_1.contains(&format!("<vmsync:commit>{c1}</vmsync:commit>")),
@@ -293,10 +227,10 @@ fn real_libvirtd_sync_life_cycle() {
         "{uefi_xml_2}"
     );
     assert!(uefi_xml_2.contains(&format!("<vmsync:commit>{c2}</vmsync:commit>")));
-    assert_eq!(virsh_ok(&["domuuid", &uefi]), uuid);
+    assert_eq!(common::virsh_system_ok(&["domuuid", &uefi]), uuid);
     assert_eq!(mac(&uefi), uefi_mac);
     assert_eq!(mac(&bios), bios_mac);
-    assert_eq!(virsh_ok(&["domstate", &uefi]), "running");
+    assert_eq!(common::virsh_system_ok(&["domstate", &uefi]), "running");
     assert_eq!(
         std::fs::metadata(&nvram).unwrap().ino(),
         nvram_ino,
@@ -350,7 +284,7 @@ fn real_libvirtd_sync_life_cycle() {
         keep_xml_1,
         "the valid VM of an invalid commit is not applied either"
     );
-    assert_eq!(virsh_ok(&["domstate", &uefi]), "running");
+    assert_eq!(common::virsh_system_ok(&["domstate", &uefi]), "running");
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(state.path().join("state.json")).unwrap())
             .unwrap();
@@ -363,23 +297,20 @@ fn real_libvirtd_sync_life_cycle() {
 
 #[test]
 fn real_libvirtd_never_touches_a_hand_made_domain() {
-    if !libvirtd_available() {
+    if !common::libvirtd_available() {
         return;
     }
     let p = common::prefix("hand");
     let images = common::images_dir(&p);
-    let _cleanup = Cleanup {
-        prefix: p.clone(),
-        images: images.clone(),
-    };
+    let _cleanup = common::SystemCleanup::new(&p, &images);
     std::fs::create_dir_all(&images).unwrap();
     let name = format!("{p}-vm");
     let disk = images.join("vm.qcow2");
     // Defined by an operator, by hand, without vmsync's tag.
     let by_hand = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(by_hand.path(), bios_xml(&name, "qemu", &disk, 96)).unwrap();
-    virsh_ok(&["define", &by_hand.path().display().to_string()]);
-    let before = virsh_ok(&["dumpxml", "--inactive", &name]);
+    common::virsh_system_ok(&["define", &by_hand.path().display().to_string()]);
+    let before = common::virsh_system_ok(&["dumpxml", "--inactive", &name]);
 
     let repo = Repo::new();
     repo.write(
@@ -406,8 +337,11 @@ fn real_libvirtd_never_touches_a_hand_made_domain() {
         "{}",
         run.stderr
     );
-    assert_eq!(virsh_ok(&["dumpxml", "--inactive", &name]), before);
-    assert_eq!(virsh_ok(&["domstate", &name]), "shut off");
+    assert_eq!(
+        common::virsh_system_ok(&["dumpxml", "--inactive", &name]),
+        before
+    );
+    assert_eq!(common::virsh_system_ok(&["domstate", &name]), "shut off");
     assert!(
         !disk.exists(),
         "no disk created for a VM that is not converged"

@@ -52,23 +52,15 @@ impl Env {
     }
 
     fn settings(&self) -> Settings {
+        let base = common::settings(
+            self.repo.path(),
+            self.state.path(),
+            self.images.path(),
+            "test:///default",
+        );
         Settings {
-            url: Some(self.repo.path().display().to_string()),
-            branch: "main".into(),
-            ssh_key: None,
-            token_file: None,
-            libvirt_uri: "test:///default".into(),
-            state_dir: self.state.path().to_path_buf(),
-            host: "hv1".into(),
-            schedule: vmsync::config::parse_schedule(vmsync::config::DEFAULT_SCHEDULE).unwrap(),
-            jitter_seconds: 0,
-            max_attempts: 5,
-            backoff_max_seconds: 3600,
-            metrics_file: None,
-            disk_roots: vec![self.images.path().to_path_buf()],
             changes: self.changes.clone(),
-            host_policy: Default::default(),
-            allowed_signers: None,
+            ..base
         }
     }
 

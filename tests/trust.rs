@@ -92,24 +92,12 @@ impl Env {
     }
 
     fn settings(&self) -> Settings {
-        Settings {
-            url: Some(self.repo.path().display().to_string()),
-            branch: "main".into(),
-            ssh_key: None,
-            token_file: None,
-            libvirt_uri: self.uri.clone(),
-            state_dir: self.state.path().to_path_buf(),
-            host: "hv1".into(),
-            schedule: vmsync::config::parse_schedule(vmsync::config::DEFAULT_SCHEDULE).unwrap(),
-            jitter_seconds: 0,
-            max_attempts: 5,
-            backoff_max_seconds: 3600,
-            metrics_file: None,
-            disk_roots: vec![self.images.path().to_path_buf()],
-            host_policy: Default::default(),
-            allowed_signers: None,
-            changes: Default::default(),
-        }
+        common::settings(
+            self.repo.path(),
+            self.state.path(),
+            self.images.path(),
+            &self.uri,
+        )
     }
 }
 
@@ -410,10 +398,7 @@ fn real_libvirtd_state_loss_and_rewind() {
     let prefix = common::prefix("trust");
     let images_path = common::images_dir(&prefix);
     std::fs::create_dir_all(&images_path).unwrap();
-    let _cleanup = common::DomainCleanup {
-        prefix: prefix.clone(),
-        images: images_path.clone(),
-    };
+    let _cleanup = common::SystemCleanup::new(&prefix, &images_path);
     // A temp dir object that does not delete the images dir (the guard does).
     let images = tempfile::Builder::new()
         .prefix("imgs")
@@ -438,10 +423,10 @@ fn real_libvirtd_state_loss_and_rewind() {
         "{}",
         run.stderr
     );
-    let (_, xml) = common::virsh(&["dumpxml", "--inactive", &name]);
+    let (_, xml) = common::virsh_system(&["dumpxml", "--inactive", &name]);
     assert!(xml.contains(&b), "the domain still has b's definition");
     env.run(&["--once", "--allow-rewind"]).expect(0);
-    let (_, xml) = common::virsh(&["dumpxml", "--inactive", &name]);
+    let (_, xml) = common::virsh_system(&["dumpxml", "--inactive", &name]);
     assert!(
         xml.contains(&format!("<vmsync:commit>{a}</vmsync:commit>")),
         "{xml}"

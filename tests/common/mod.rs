@@ -328,41 +328,17 @@ impl Repo {
     }
 }
 
-/// `virsh -c qemu:///system ARGS`: (success, stdout+stderr).
-pub fn virsh(args: &[&str]) -> (bool, String) {
-    let out = Command::new("virsh")
-        .args(["-c", "qemu:///system"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-/// Removes every `qemu:///system` domain whose name starts with `prefix` (with NVRAM and
-/// TPM state) and the directory `images`, when dropped.
-pub struct DomainCleanup {
-    pub prefix: String,
-    pub images: PathBuf,
-}
-
-impl Drop for DomainCleanup {
-    fn drop(&mut self) {
-        let (_, names) = virsh(&["list", "--all", "--name"]);
-        for name in names
-            .lines()
-            .map(str::trim)
-            .filter(|n| n.starts_with(&self.prefix))
-        {
-            virsh(&["destroy", name]);
-            virsh(&["undefine", name, "--nvram", "--tpm"]);
-        }
-        let _ = std::fs::remove_dir_all(&self.images);
-    }
+/// Agent settings as the flags `--url --state-dir --connect --host hv1 --disk-root` give
+/// them (through the real config loader, with an empty config file).
+pub fn settings(url: &Path, state: &Path, images: &Path, uri: &str) -> vmsync::config::Settings {
+    vmsync::config::load(&vmsync::config::Overrides {
+        config: Some("/dev/null".into()),
+        url: Some(url.display().to_string()),
+        state_dir: Some(state.to_path_buf()),
+        connect: Some(uri.to_string()),
+        host: Some("hv1".into()),
+        disk_roots: vec![images.to_path_buf()],
+        ..Default::default()
+    })
+    .unwrap()
 }
