@@ -37,7 +37,7 @@ log "cargo test --all-targets"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 set +e
-cargo test --all-targets 2>&1 | tee "$out"
+cargo test --all-targets --no-fail-fast 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}
 set -e
 

@@ -77,6 +77,23 @@ fn wait_for(daemon: &Daemon, state: &Path, what: &str, check: impl Fn(&serde_jso
     );
 }
 
+/// The metrics file once it has a line `line` (it is written right after the record).
+fn metrics_with(daemon: &Daemon, path: &Path, line: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().any(|l| l == line) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never had {line:?}:\n{text}\nlog:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn config(url: &Path, state: &Path, images: &Path, uri: &str, metrics: &Path) -> String {
     format!(
         "[source]\nurl = \"{}\"\n[libvirt]\nuri = \"{uri}\"\n[agent]\nstate_dir = \"{}\"\nhost = \"hv1\"\n\
@@ -121,7 +138,11 @@ fn daemon_syncs_on_start_and_sighup_survives_failures_and_stops_on_sigterm() {
         r["last_applied_commit"] == c1.as_str()
     });
     assert!(disk.exists());
-    let text = std::fs::read_to_string(&metrics).unwrap();
+    let text = metrics_with(
+        &daemon,
+        &metrics,
+        &format!("vmsync_last_applied_commit_info{{commit=\"{c1}\"}} 1"),
+    );
     assert!(
         text.contains(&format!(
             "vmsync_last_applied_commit_info{{commit=\"{c1}\"}} 1"
@@ -152,7 +173,11 @@ fn daemon_syncs_on_start_and_sighup_survives_failures_and_stops_on_sigterm() {
         "sync of the new commit on SIGHUP",
         |r| r["last_applied_commit"] == c2.as_str(),
     );
-    let text = std::fs::read_to_string(&metrics).unwrap();
+    let text = metrics_with(
+        &daemon,
+        &metrics,
+        &format!("vmsync_last_applied_commit_info{{commit=\"{c2}\"}} 1"),
+    );
     assert!(
         text.lines()
             .any(|l| l == "vmsync_last_sync_actions{kind=\"redefine\"} 1"),
@@ -185,7 +210,7 @@ fn daemon_syncs_on_start_and_sighup_survives_failures_and_stops_on_sigterm() {
         "the daemon survives a failed sync:\n{}",
         daemon.log()
     );
-    let text = std::fs::read_to_string(&metrics).unwrap();
+    let text = metrics_with(&daemon, &metrics, "vmsync_last_sync_success 0");
     assert!(
         text.lines().any(|l| l == "vmsync_last_sync_success 0"),
         "{text}"
