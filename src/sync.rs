@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::apply::{self, Outcome};
 use crate::config::{ConfigError, Settings};
@@ -111,7 +111,9 @@ fn validate_cached(
     // Anything that changes what validation accepts invalidates the cache.
     let schema = CachedSchema::load(state_dir, &format!("{policy:?}"));
     let result = validate_commit(files, commit, policy, &schema);
+    debug!(schema_checks = schema.misses(), "validated");
     schema.save();
+    debug!("schema cache saved");
     result
 }
 
@@ -448,6 +450,7 @@ pub fn apply_commit_checked(
         .collect();
     let observed =
         observe::observe(desired, &applied, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
+    debug!(domains = observed.domains.len(), "observed");
     check(&observed)?;
     let ctx = plan::Context {
         policy: &settings.changes,
@@ -464,7 +467,9 @@ pub fn apply_commit_checked(
     if plan.is_noop() && plan.vms.iter().all(|vm| vm.error.is_none()) {
         info!(commit = %short, vms = plan.vms.len(), "nothing to do: every vm is converged");
     }
+    debug!("planned");
     let outcome = apply::apply(&plan, hv, disks, cancel);
+    debug!("applied");
 
     let now = state::now_rfc3339();
     let mut vms = BTreeMap::new();
