@@ -102,10 +102,6 @@ impl Libvirt {
         self.calls.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub fn uri(&self) -> &str {
-        &self.uri
-    }
-
     /// Whether the connection still works (libvirtd may have restarted).
     pub fn alive(&self) -> bool {
         self.conn.is_alive().unwrap_or(false)

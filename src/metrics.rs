@@ -128,22 +128,10 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         &failed,
     );
 
-    let mut kinds: BTreeMap<&str, f64> = [
-        "create_directory",
-        "create_disk",
-        "rename",
-        "define",
-        "redefine",
-        "set_autostart",
-        "clear_autostart",
-        "start",
-        "restart",
-        "stop",
-        "undefine",
-    ]
-    .iter()
-    .map(|k| (*k, 0.0))
-    .collect();
+    let mut kinds: BTreeMap<&str, f64> = std::iter::once(&"create_directory")
+        .chain(crate::plan::ACTION_KINDS)
+        .map(|k| (*k, 0.0))
+        .collect();
     if let Some(r) = report {
         *kinds.entry("create_directory").or_default() += r.outcome.directories_created as f64;
         for kind in r.outcome.vms.iter().flat_map(|vm| vm.kinds.iter()) {

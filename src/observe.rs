@@ -123,17 +123,17 @@ pub fn observe(
         let into = if is_wanted { &mut domains } else { &mut others };
         into.insert(seen.listing.name.clone(), seen);
     }
-    let disks = desired
+    // One `qemu-img info` process per existing disk: on the same threads as the reads.
+    let paths: Vec<&PathBuf> = desired
         .vms
         .iter()
-        .flat_map(|vm| vm.disks.iter())
-        .map(|disk| {
-            (
-                disk.path.clone(),
-                disks.inspect(&disk.path).map_err(|e| e.to_string()),
-            )
-        })
+        .flat_map(|vm| vm.disks.iter().map(|d| &d.path))
         .collect();
+    let disks = crate::par::map(paths, THREADS, |path| {
+        (path.clone(), disks.inspect(path).map_err(|e| e.to_string()))
+    })
+    .into_iter()
+    .collect();
     let directories = desired
         .directories
         .iter()

@@ -63,6 +63,20 @@ pub enum Action {
     Undefine,
 }
 
+/// Every value of [`Action::kind`], in plan order (metrics list each, even at 0).
+pub const ACTION_KINDS: &[&str] = &[
+    "create_disk",
+    "rename",
+    "define",
+    "redefine",
+    "set_autostart",
+    "clear_autostart",
+    "start",
+    "restart",
+    "stop",
+    "undefine",
+];
+
 impl Action {
     /// Short description for logs and plans.
     pub fn describe(&self) -> String {

@@ -129,10 +129,6 @@ impl Schema {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Validates `xml`; the error lists libxml2's messages, like libvirt's own
     /// "XML document failed to validate against schema" error.
     pub fn validate(&self, xml: &str) -> Result<(), String> {

@@ -224,29 +224,8 @@ fn check_commit(
     check_floors(fetched, &floors, allow_rewind)
 }
 
-/// The commits the managed domains of `desired` were defined from (their ownership
-/// tags): what survives the loss of state.json.
-fn tag_floors(desired: &Desired, hv: &dyn Hypervisor) -> Vec<Floor> {
-    let mut floors: Vec<Floor> = Vec::new();
-    for vm in &desired.vms {
-        // No domain (or one libvirt cannot show): no floor from it; observe reports errors.
-        let Ok(xml) = hv.xml(&vm.name, true) else {
-            continue;
-        };
-        if let Some(tag) = crate::domain_xml::read_tag(&xml)
-            && !tag.commit.is_empty()
-            && !floors.iter().any(|f| f.commit == tag.commit)
-        {
-            floors.push(Floor {
-                commit: tag.commit,
-                source: format!("the commit domain '{}' was defined from", vm.name),
-            });
-        }
-    }
-    floors
-}
-
-/// The same floors as [`tag_floors`], from the tags observation already read.
+/// The commits the managed domains were defined from (their ownership tags, as
+/// observation read them): the ancestry floor that survives the loss of state.json.
 fn observed_floors(observed: &observe::Observed) -> Vec<Floor> {
     let mut floors: Vec<Floor> = Vec::new();
     for (name, seen) in &observed.domains {
@@ -443,13 +422,7 @@ pub fn apply_commit_checked(
 ) -> Result<Report, SyncError> {
     let short = &commit[..commit.len().min(12)];
     let calls_before = hv.call_count();
-    let applied = record
-        .vms
-        .iter()
-        .map(|(name, vm)| (name.clone(), vm.definition_hash.clone()))
-        .collect();
-    let observed =
-        observe::observe(desired, &applied, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let observed = observe_commit(record, desired, hv, disks)?;
     debug!(domains = observed.domains.len(), "observed");
     check(&observed)?;
     let ctx = plan::Context {
@@ -593,9 +566,17 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     )?;
     let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    check_floors(&fetched, &tag_floors(&desired, &hv), false)?;
+    let observed = observe_commit(&record, &desired, &hv, &crate::disk::QemuImg::default())?;
+    check_floors(&fetched, &observed_floors(&observed), false)?;
     let normalizer = crate::hypervisor::TestDriverSchema::new()?;
-    plan_commit(settings, &record, &commit, &desired, &hv, &normalizer)
+    Ok(plan_observed(
+        settings,
+        &record,
+        &commit,
+        &desired,
+        &observed,
+        &normalizer,
+    ))
 }
 
 /// Observe → plan → diffs, for a validated commit; changes nothing. Exposed for tests.
@@ -607,20 +588,44 @@ pub fn plan_commit(
     hv: &dyn Hypervisor,
     normalizer: &dyn crate::hypervisor::Normalizer,
 ) -> Result<Plan, SyncError> {
+    let observed = observe_commit(record, desired, hv, &crate::disk::QemuImg::default())?;
+    Ok(plan_observed(
+        settings, record, commit, desired, &observed, normalizer,
+    ))
+}
+
+/// Observes the host for `desired`, with this agent's record (prune candidates and
+/// their drift baselines).
+fn observe_commit(
+    record: &Record,
+    desired: &Desired,
+    hv: &dyn Hypervisor,
+    disks: &dyn DiskProvisioner,
+) -> Result<observe::Observed, SyncError> {
     let applied = record
         .vms
         .iter()
         .map(|(name, vm)| (name.clone(), vm.definition_hash.clone()))
         .collect();
-    let observed = observe::observe(desired, &applied, hv, &crate::disk::QemuImg::default())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    observe::observe(desired, &applied, hv, disks).map_err(|e| anyhow::anyhow!("{e}").into())
+}
+
+/// Plan → diffs for what was observed; changes nothing.
+fn plan_observed(
+    settings: &Settings,
+    record: &Record,
+    commit: &str,
+    desired: &Desired,
+    observed: &observe::Observed,
+    normalizer: &dyn crate::hypervisor::Normalizer,
+) -> Plan {
     let ctx = plan::Context {
         policy: &settings.changes,
         record,
     };
-    let mut plan = plan::plan(desired, &observed, commit, &ctx);
+    let mut plan = plan::plan(desired, observed, commit, &ctx);
     crate::diff::annotate(&mut plan, normalizer);
-    Ok(plan)
+    plan
 }
 
 /// `vmsync validate DIR`: validates a checkout on disk for every host, offline.

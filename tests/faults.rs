@@ -383,10 +383,7 @@ mod crashes {
         if !common::libvirtd_available() {
             return;
         }
-        let prefix = common::prefix("faults");
-        let images = common::images_dir(&prefix);
-        std::fs::create_dir_all(&images).unwrap();
-        let _cleanup = common::SystemCleanup::new(&prefix, &images);
+        let (prefix, images, _cleanup) = common::scratch("faults");
         let dir = tempfile::tempdir().unwrap();
         let env = Env::at(&format!("{prefix}-vm"), dir, images, "qemu:///system");
         env.recovers();

@@ -110,10 +110,7 @@ fn libvirtd_gone_mid_sync_fails_cleanly_and_the_next_run_converges() {
     if !common::libvirtd_available() {
         return;
     }
-    let p = common::prefix("outage");
-    let images = common::images_dir(&p);
-    let _cleanup = common::SystemCleanup::new(&p, &images);
-    std::fs::create_dir_all(&images).unwrap();
+    let (p, images, _cleanup) = common::scratch("outage");
     let names: Vec<String> = (0..40).map(|i| format!("{p}-{i:02}")).collect();
     let repo = Repo::new();
     let mut manifest = String::from("version = 1\n");

@@ -71,10 +71,7 @@ fn real_libvirtd_sync_life_cycle() {
     if !common::libvirtd_available() {
         return;
     }
-    let p = common::prefix("life");
-    let images = common::images_dir(&p);
-    let _cleanup = common::SystemCleanup::new(&p, &images);
-    std::fs::create_dir_all(&images).unwrap();
+    let (p, images, _cleanup) = common::scratch("life");
     let kvm = if Path::new("/dev/kvm").exists() {
         "kvm"
     } else {
@@ -300,10 +297,7 @@ fn real_libvirtd_never_touches_a_hand_made_domain() {
     if !common::libvirtd_available() {
         return;
     }
-    let p = common::prefix("hand");
-    let images = common::images_dir(&p);
-    let _cleanup = common::SystemCleanup::new(&p, &images);
-    std::fs::create_dir_all(&images).unwrap();
+    let (p, images, _cleanup) = common::scratch("hand");
     let name = format!("{p}-vm");
     let disk = images.join("vm.qcow2");
     // Defined by an operator, by hand, without vmsync's tag.

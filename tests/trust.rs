@@ -395,10 +395,7 @@ fn real_libvirtd_state_loss_and_rewind() {
     if !common::libvirtd_available() {
         return;
     }
-    let prefix = common::prefix("trust");
-    let images_path = common::images_dir(&prefix);
-    std::fs::create_dir_all(&images_path).unwrap();
-    let _cleanup = common::SystemCleanup::new(&prefix, &images_path);
+    let (prefix, images_path, _cleanup) = common::scratch("trust");
     // A temp dir object that does not delete the images dir (the guard does).
     let images = tempfile::Builder::new()
         .prefix("imgs")

@@ -176,6 +176,16 @@ pub fn prefix(test: &str) -> String {
     format!("vmsynctest-{}-{test}", std::process::id())
 }
 
+/// A unique name prefix for `test`, its images directory (created) and the guard that
+/// removes both the prefixed `qemu:///system` domains and the directory.
+pub fn scratch(test: &str) -> (String, PathBuf, SystemCleanup) {
+    let prefix = prefix(test);
+    let images = images_dir(&prefix);
+    let cleanup = SystemCleanup::new(&prefix, &images);
+    std::fs::create_dir_all(&images).unwrap();
+    (prefix, images, cleanup)
+}
+
 pub fn images_dir(prefix: &str) -> PathBuf {
     PathBuf::from("/var/lib/libvirt/images").join(prefix)
 }
