@@ -13,9 +13,12 @@ the same run measures:
   - the same no-op sync with the repository served by `git daemon` on loopback
     (git:// protocol), and the objects each fetch received (the other syncs fetch from
     a local path, so that the server's process start does not blur vmsync's figures);
+    once more through a counting TCP proxy: connections, round trips (a client request
+    answered by the server) and bytes of a fetch with nothing new;
   - wall time, CPU time (user+sys) and peak RSS of each vmsync run, and the libvirt
     calls vmsync reports per sync;
-  - for the largest N: the daemon's idle CPU over 10 s and its peak RSS.
+  - for the largest N: the daemon's idle CPU over 10 s, its peak RSS (VmHWM) and its
+    RSS and PSS after the sync.
 Prints a markdown report (also written to bench/results.md) with ratios to the
 baseline and to the floor.
 
@@ -29,9 +32,11 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -125,6 +130,56 @@ def vmsync_once(url, state):
                  env={**os.environ, "NO_COLOR": "1"})
 
 
+class CountingProxy:
+    """A TCP proxy on 127.0.0.1 in front of `port` that records, per connection, the
+    bursts of bytes each way. A round trip is a client burst answered by a server burst."""
+
+    def __init__(self, port):
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            client, _ = self.listener.accept()
+            server = socket.create_connection(("127.0.0.1", self.target))
+            events, lock = [], threading.Lock()
+            self.connections.append(events)
+            for a, b, way in ((client, server, "c"), (server, client, "s")):
+                threading.Thread(target=self._pump, args=(a, b, way, events, lock), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, way, events, lock):
+        try:
+            while data := src.recv(65536):
+                with lock:
+                    events.append((way, len(data)))
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the other side closed or reset: the fetch is over
+
+    def report(self):
+        """(connections, round trips, bytes client to server, bytes server to client)."""
+        trips = sent = got = 0
+        for events in self.connections:
+            bursts = [way for i, (way, _) in enumerate(events) if i == 0 or events[i - 1][0] != way]
+            trips += sum(1 for i, way in enumerate(bursts) if way == "s" and i > 0 and bursts[i - 1] == "c")
+            sent += sum(n for way, n in events if way == "c")
+            got += sum(n for way, n in events if way == "s")
+        return len(self.connections), trips, sent, got
+
+
+def fetch_round_trips(port, repo_name, state):
+    """A no-op `vmsync --once` fetching through a CountingProxy."""
+    proxy = CountingProxy(port)
+    r = vmsync_once(f"git://127.0.0.1:{proxy.port}/{repo_name}", state)
+    time.sleep(0.2)
+    return (*proxy.report(), received(r[3]))
+
+
 def daemon_idle(url, state, n):
     cfg = state.parent / f"daemon-{n}-{state.name}.toml"
     cfg.write_text(f'[source]\nurl = "{url}"\n[libvirt]\nuri = "{URI}"\n[agent]\nstate_dir = "{state}"\n'
@@ -153,7 +208,10 @@ def daemon_idle(url, state, n):
         status = Path(f"/proc/{p.pid}/status").read_text()
         hwm = int(re.search(r"VmHWM:\s+(\d+)", status)[1]) / 1024
         rss = int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024
-        return idle_ticks, hwm, rss
+        # PSS: shared library pages (libvirt's own libraries, used by libvirtd too) are
+        # divided among the processes that map them.
+        pss = int(re.search(r"Pss:\s+(\d+)", Path(f"/proc/{p.pid}/smaps_rollup").read_text())[1]) / 1024
+        return idle_ticks, hwm, rss, pss
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=30)
@@ -193,6 +251,7 @@ def main():
             first = vmsync_once(repo, state)
             noop = min((vmsync_once(repo, state) for _ in range(5)), key=lambda r: r[0])
             noop_git = min((vmsync_once(url, state) for _ in range(5)), key=lambda r: r[0])
+            trips = fetch_round_trips(port, repo.name, state)
             floor_ms = float(sh([str(FLOOR), URI, prefix, "5"]).split()[0])
             floor_wall = floor_process(prefix)
 
@@ -211,6 +270,7 @@ def main():
                 git(repo, "commit", "-q", "-am", "nothing for this host")
                 unrelateds.append(vmsync_once(repo, state))
             unrelated = min(unrelateds, key=lambda r: r[0])
+            extra.append((n, "trips", trips))
             if n == max(ns):
                 # A daemon (re)started on a host where this commit is applied: its state
                 # dir is the --once runs' (schema cache warm) ...
@@ -242,9 +302,16 @@ def main():
         out.append(f"| {n} | {label} | {wall:.3f} | {f(cpu, '{:.2f}')} | {f(rss, '{:.1f}')} | {f(c, '{}')} | "
                    f"{f(ratio, '{:.1f}x')} | {f(vs_floor, '{:.2f}x')} | {fetched} |")
     out.append("")
-    for n, how, (ticks, hwm, rss) in extra:
+    for n, how, figures in extra:
+        if how == "trips":
+            conns, trips, sent, got, fetched = figures
+            out.append(f"- N = {n}, no-op fetch over git:// through a counting proxy: {conns} connection(s), "
+                       f"{trips} round trip(s), {sent} B sent, {got} B received; fetched {fetched}.")
+            continue
+        ticks, hwm, rss, pss = figures
         out.append(f"- Daemon with {n} applied domains, {how}: {ticks} CPU ticks (1/100 s) in 10 s idle; "
-                   f"peak RSS {hwm:.1f} MiB, RSS {rss:.1f} MiB.")
+                   f"peak RSS {hwm:.1f} MiB ({hwm * 1.048576:.1f} MB); after the sync RSS {rss:.1f} MiB, "
+                   f"PSS {pss:.1f} MiB.")
     report = "\n".join(out)
     print(report)
     (ROOT / "bench" / "results.md").write_text(report + "\n")

@@ -111,20 +111,29 @@ pub enum Command {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMSYNC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::prelude::*;
+    let filter = log_filter(std::env::var("VMSYNC_LOG").ok().as_deref());
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
+    let registry = tracing_subscriber::registry();
     match format {
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => registry.with(layer.json().with_filter(filter)).init(),
         // Under journald the journal stamps each line itself.
-        LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
-            builder.without_time().init()
-        }
-        LogFormat::Text => builder.init(),
+        LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => registry
+            .with(layer.without_time().with_filter(filter))
+            .init(),
+        LogFormat::Text => registry.with(layer.with_filter(filter)).init(),
     }
+}
+
+/// `VMSYNC_LOG`: comma-separated `level` or `target=level` directives (`debug`,
+/// `info,vmsync::source=trace`); unset or unparsable means `info`. (A plain target
+/// filter: no regular-expression engine in the agent, see README "Performance".)
+fn log_filter(spec: Option<&str>) -> tracing_subscriber::filter::Targets {
+    spec.and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+    })
 }
 
 /// Logs an error's whole chain once: `error: …` then ` -> cause` lines.
@@ -244,5 +253,32 @@ pub fn run() -> u8 {
     match result {
         Ok(()) => 0,
         Err(e) => report(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn log_filter_takes_levels_and_targets_and_defaults_to_info() {
+        let default = log_filter(None);
+        assert!(default.would_enable("vmsync::sync", &Level::INFO));
+        assert!(!default.would_enable("vmsync::sync", &Level::DEBUG));
+
+        let debug = log_filter(Some("debug"));
+        assert!(debug.would_enable("vmsync::sync", &Level::DEBUG));
+        assert!(!debug.would_enable("vmsync::sync", &Level::TRACE));
+
+        let per_target = log_filter(Some("warn,vmsync::source=trace"));
+        assert!(per_target.would_enable("vmsync::source", &Level::TRACE));
+        assert!(!per_target.would_enable("vmsync::sync", &Level::INFO));
+        assert!(per_target.would_enable("vmsync::sync", &Level::WARN));
+
+        // Unparsable: the default, not silence.
+        let bad = log_filter(Some("vmsync=loud"));
+        assert!(bad.would_enable("vmsync::sync", &Level::INFO));
+        assert!(!bad.would_enable("vmsync::sync", &Level::DEBUG));
     }
 }

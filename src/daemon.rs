@@ -132,6 +132,8 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
             }
         };
         conn = Some(connection);
+        // What the sync freed goes back to the kernel while the daemon sleeps.
+        crate::memory::release_free();
         let status = match &result {
             Ok(report) => {
                 failures = 0;

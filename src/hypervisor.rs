@@ -257,6 +257,9 @@ pub trait Normalizer {
 pub struct TestDriverSchema {
     conn: Connect,
     _node_file: tempfile::NamedTempFile,
+    /// libvirt's RNG schema compiled on the first check (`None` until then; `Some(Err)`
+    /// without the schema file, and libvirt validates instead).
+    schema: std::sync::OnceLock<Result<crate::rng::Schema, String>>,
 }
 
 impl TestDriverSchema {
@@ -286,6 +289,7 @@ impl TestDriverSchema {
         Ok(Self {
             conn,
             _node_file: node_file,
+            schema: std::sync::OnceLock::new(),
         })
     }
 }
@@ -295,7 +299,7 @@ impl SchemaChecker for TestDriverSchema {
     /// XML is defined into the private test driver without re-validating, and undefined.
     /// Without the schema file, libvirt validates (slower, same result).
     fn check(&self, xml: &str) -> Result<(), String> {
-        let flags = match crate::rng::domain_schema() {
+        let flags = match self.schema.get_or_init(crate::rng::domain_schema) {
             Ok(schema) => {
                 schema.validate(xml)?;
                 0

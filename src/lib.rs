@@ -18,6 +18,7 @@ pub mod files;
 pub mod host_policy;
 pub mod hypervisor;
 pub mod manifest;
+pub mod memory;
 pub mod metrics;
 pub mod observe;
 pub mod par;

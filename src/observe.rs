@@ -94,18 +94,17 @@ pub fn observe(
         let definition_hash = inactive_xml
             .as_deref()
             .and_then(domain_xml::definition_hash);
-        // Keep the XML text only where it is used (diffs of a changed or drifted
-        // definition, disks of a prune candidate): a thousand converged domains would
-        // otherwise hold megabytes for nothing.
-        let converged = is_wanted
-            && inactive
-                .as_ref()
-                .and_then(|s| s.tag.as_ref())
-                .map(|t| t.fingerprint.as_str())
-                == wanted.get(listing.name.as_str()).copied()
-            && applied
-                .get(&listing.name)
-                .is_some_and(|h| h.is_some() && *h == definition_hash);
+        // Keep the XML text only where it is used: the diff of a definition the plan
+        // renders (the tag's fingerprint differs, or the definition drifted from the
+        // recorded baseline) and the disks of a prune candidate. A thousand converged
+        // domains would otherwise hold megabytes for nothing.
+        let fingerprint_matches = inactive
+            .as_ref()
+            .and_then(|s| s.tag.as_ref())
+            .map(|t| t.fingerprint.as_str())
+            == wanted.get(listing.name.as_str()).copied();
+        let drifted = matches!(applied.get(&listing.name), Some(Some(base)) if Some(base) != definition_hash.as_ref());
+        let converged = is_wanted && fingerprint_matches && !drifted;
         Some((
             is_wanted,
             SeenDomain {
@@ -145,4 +144,118 @@ pub fn observe(
         disks,
         directories,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain_xml::{definition_hash, fingerprint, render};
+    use crate::manifest::{OnChange, PowerState};
+    use crate::validate::DesiredVm;
+
+    /// Domains by name with their inactive XML; only listing and reads are asked for.
+    struct Host(Vec<(Listing, String)>);
+
+    impl Hypervisor for Host {
+        fn list(&self) -> Result<Vec<Listing>, HvError> {
+            Ok(self.0.iter().map(|(l, _)| l.clone()).collect())
+        }
+        fn xml(&self, name: &str, _inactive: bool) -> Result<String, HvError> {
+            let found = self.0.iter().find(|(l, _)| l.name == name);
+            Ok(found.expect("only listed domains are read").1.clone())
+        }
+        fn define(&self, _: &str) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+        fn set_autostart(&self, _: &str, _: bool) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+        fn start(&self, _: &str) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+        fn is_active(&self, _: &str) -> Result<bool, HvError> {
+            unreachable!("observation uses the listing")
+        }
+        fn shutdown(&self, _: &str) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+        fn destroy(&self, _: &str) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+        fn undefine_keep_state(&self, _: &str) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+        fn rename(&self, _: &str, _: &str) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+    }
+
+    fn committed(name: &str, vcpus: u32) -> String {
+        format!(
+            "<domain type='qemu'><name>{name}</name><memory>1024</memory><vcpu>{vcpus}</vcpu></domain>"
+        )
+    }
+
+    fn wanted(name: &str) -> DesiredVm {
+        let xml = committed(name, 1);
+        DesiredVm {
+            name: name.into(),
+            xml_file: format!("{name}.xml"),
+            summary: domain_xml::summarize(&xml).unwrap(),
+            fingerprint: fingerprint(&xml),
+            xml,
+            autostart: false,
+            disks: Vec::new(),
+            on_change: OnChange::Defer,
+            state: PowerState::Defined,
+            shutdown_timeout: None,
+            self_heal: None,
+        }
+    }
+
+    /// `name` as defined by vmsync from `committed(name, vcpus)`.
+    fn defined(name: &str, vcpus: u32) -> (Listing, String) {
+        let source = committed(name, vcpus);
+        let tag = Tag {
+            commit: "c1".into(),
+            fingerprint: fingerprint(&source),
+        };
+        let listing = Listing {
+            name: name.into(),
+            uuid: format!("00000000-0000-4000-8000-00000000000{vcpus}"),
+            active: false,
+            autostart: false,
+            persistent: true,
+        };
+        (listing, render(&source, None, &[], &tag).unwrap())
+    }
+
+    #[test]
+    fn keeps_the_xml_only_where_a_definition_will_be_rendered() {
+        let (same, changed, drifted) = (
+            defined("same", 1),
+            defined("changed", 2),
+            defined("drifted", 1),
+        );
+        let host = Host(vec![same, changed, drifted]);
+        let desired = Desired {
+            directories: Vec::new(),
+            vms: ["same", "changed", "drifted"].map(wanted).into(),
+        };
+        let disks = crate::disk::QemuImg::default();
+
+        // A cold state (no record): only the domain whose tag differs needs its XML.
+        let cold = observe(&desired, &BTreeMap::new(), &host, &disks).unwrap();
+        let kept = |o: &Observed, name: &str| o.domains[name].inactive_xml.is_some();
+        assert!(!kept(&cold, "same") && kept(&cold, "changed") && !kept(&cold, "drifted"));
+        assert!(cold.domains.values().all(|d| d.definition_hash.is_some()));
+
+        // With a record whose baseline differs from the definition now (a `virsh edit`).
+        let applied = BTreeMap::from([
+            ("same".to_string(), definition_hash(&host.0[0].1)),
+            ("drifted".to_string(), Some("an older baseline".to_string())),
+        ]);
+        let warm = observe(&desired, &applied, &host, &disks).unwrap();
+        assert!(!kept(&warm, "same") && kept(&warm, "changed") && kept(&warm, "drifted"));
+    }
 }

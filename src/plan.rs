@@ -148,11 +148,12 @@ pub struct VmPlan {
     pub drift: Vec<String>,
     /// Whether drift is left as is (self-heal off).
     pub drift_reported_only: bool,
-    /// The committed XML (reference for the diff normalization).
+    /// The committed XML (reference for the diff normalization); empty unless a
+    /// definition is rendered.
     pub source_xml: String,
     /// The XML vmsync defines (or would define, when drift is only reported).
     pub rendered_xml: Option<String>,
-    /// libvirt's inactive XML of the existing domain now.
+    /// libvirt's inactive XML of the existing domain now, when a definition is rendered.
     pub current_xml: Option<String>,
     /// `domain_xml::definition_hash` of `current_xml`.
     pub current_hash: Option<String>,
@@ -319,7 +320,7 @@ fn plan_vm(
         active: false,
         drift: Vec::new(),
         drift_reported_only: false,
-        source_xml: vm.xml.clone(),
+        source_xml: String::new(),
         rendered_xml: None,
         current_xml: None,
         current_hash: None,
@@ -367,7 +368,6 @@ fn plan_vm(
             }
             Some(_) => {}
         }
-        out.current_xml = seen.inactive_xml.clone();
         out.current_hash = seen.definition_hash.clone();
     }
     let summary = seen.and_then(|s| s.inactive.as_ref());
@@ -440,6 +440,9 @@ fn plan_vm(
         let macs = summary.map(|s| s.macs.clone()).unwrap_or_default();
         match domain_xml::render(&vm.xml, uuid, &macs, &tag) {
             Ok(xml) => {
+                // The diff's inputs, only for a definition that is rendered.
+                out.source_xml = vm.xml.clone();
+                out.current_xml = seen.and_then(|s| s.inactive_xml.clone());
                 out.rendered_xml = Some(xml.clone());
                 if redefine {
                     out.actions.push(Action::Define {
