@@ -108,6 +108,9 @@ pub enum Command {
         /// The checkout [default: .].
         dir: Option<PathBuf>,
     },
+    /// Internal: libvirt's schema checks for a sync (JSON on stdin and stdout).
+    #[command(name = "schema-check", hide = true)]
+    SchemaCheck,
 }
 
 fn init_logging(format: LogFormat) {
@@ -152,6 +155,10 @@ fn report(e: &SyncError) -> u8 {
 pub fn run() -> u8 {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if matches!(cli.command, Some(Command::SchemaCheck)) {
+        // The child of a sync (see `schema_check`): no config, no state, no libvirtd.
+        return crate::schema_check::serve();
+    }
     let flags = Overrides {
         config: cli.config.clone(),
         url: cli.url.clone(),
@@ -249,6 +256,7 @@ pub fn run() -> u8 {
                 }
             })
             .map_err(SyncError::Other),
+        (Some(Command::SchemaCheck), false) => unreachable!("served before the config is read"),
     };
     match result {
         Ok(()) => 0,

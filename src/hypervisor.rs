@@ -244,6 +244,10 @@ pub trait SchemaChecker {
     }
     /// Remembers that the file with `content_id` validated, with its summary.
     fn remember(&self, _content_id: &str, _summary: &crate::domain_xml::DomainSummary) {}
+    /// Whether this exact XML passed `check` before (a cache), so it needs no new check.
+    fn passed(&self, _xml: &str) -> bool {
+        false
+    }
 }
 
 /// Turns a domain XML into the inactive XML libvirt makes of it, without touching any

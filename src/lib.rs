@@ -25,6 +25,7 @@ pub mod par;
 pub mod plan;
 pub mod rng;
 pub mod schema_cache;
+pub mod schema_check;
 pub mod source;
 pub mod state;
 pub mod status;

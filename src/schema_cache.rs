@@ -89,6 +89,16 @@ impl CachedSchema {
         }
     }
 
+    /// Records that `xml` passed a check made elsewhere (`schema_check`), and the
+    /// summary of its file.
+    pub fn record_pass(&self, xml: &str, content_id: Option<&str>, summary: &DomainSummary) {
+        self.valid.borrow_mut().insert(key(xml));
+        *self.added.borrow_mut() += 1;
+        if let Some(id) = content_id {
+            self.remember(id, summary);
+        }
+    }
+
     /// How many checks ran against libvirt (misses) since load.
     pub fn misses(&self) -> usize {
         *self.added.borrow()
@@ -109,6 +119,10 @@ impl SchemaChecker for CachedSchema {
         self.valid.borrow_mut().insert(key);
         *self.added.borrow_mut() += 1;
         Ok(())
+    }
+
+    fn passed(&self, xml: &str) -> bool {
+        self.valid.borrow().contains(&key(xml))
     }
 
     fn known(&self, content_id: &str) -> Option<DomainSummary> {

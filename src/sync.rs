@@ -17,6 +17,7 @@ use crate::manifest::Problem;
 use crate::observe;
 use crate::plan::{self, Plan};
 use crate::schema_cache::CachedSchema;
+use crate::schema_check;
 use crate::source::{self, FetchError};
 use crate::state::{self, LockHeld, Record, SyncResult, VmRecord};
 use crate::trust::{self, Floor, TrustError};
@@ -117,6 +118,85 @@ fn validate_cached(
     result
 }
 
+/// Validation for a sync whose libvirt schema checks run in a child ([`schema_check`])
+/// while the host is observed; [`SchemaChecks::finish`] has the verdict before anything
+/// is planned.
+struct SchemaChecks {
+    cache: CachedSchema,
+    unchecked: Vec<validate::Unchecked>,
+    running: Option<schema_check::Running>,
+}
+
+impl SchemaChecks {
+    fn start(&mut self, exe: &std::path::Path) -> Result<(), SyncError> {
+        if !self.unchecked.is_empty() {
+            let xmls = self.unchecked.iter().map(|u| u.xml.clone()).collect();
+            let running = schema_check::spawn(exe, xmls).map_err(|e| anyhow::anyhow!(e))?;
+            debug!(xmls = self.unchecked.len(), "schema checks started");
+            self.running = Some(running);
+        }
+        Ok(())
+    }
+
+    /// Waits for the child, remembers what passed, returns libvirt's rejections.
+    fn finish(&mut self) -> Result<Vec<Problem>, SyncError> {
+        let Some(running) = self.running.take() else {
+            return Ok(Vec::new());
+        };
+        let verdicts = running.wait().map_err(|e| anyhow::anyhow!(e))?;
+        let mut problems = Vec::new();
+        for (unchecked, verdict) in self.unchecked.iter().zip(verdicts) {
+            match verdict {
+                Some(message) => problems.push(unchecked.rejected(&message)),
+                None => self.cache.record_pass(
+                    &unchecked.xml,
+                    unchecked.content_id.as_deref(),
+                    &unchecked.summary,
+                ),
+            }
+        }
+        self.cache.save();
+        debug!(rejected = problems.len(), "schema checks done");
+        Ok(problems)
+    }
+}
+
+/// Validates the files of one revision for this host, and starts libvirt's schema checks
+/// of the XML not seen before in a child (`exe schema-check`).
+fn validate_started(
+    files: &dyn RepoFiles,
+    commit: &str,
+    policy: &Policy,
+    state_dir: &std::path::Path,
+    exe: &std::path::Path,
+) -> Result<(Desired, SchemaChecks), SyncError> {
+    let invalid = |problems| SyncError::Invalid {
+        commit: commit.to_string(),
+        problems,
+    };
+    // Anything that changes what validation accepts invalidates the cache.
+    let cache = CachedSchema::load(Some(state_dir), &format!("{policy:?}"));
+    let outcome = validate::validate_deferred(files, policy, &cache).map_err(invalid)?;
+    let mut checks = SchemaChecks {
+        cache,
+        unchecked: outcome.unchecked,
+        running: None,
+    };
+    checks.start(exe)?;
+    debug!(unchecked = checks.unchecked.len(), "validated");
+    if !outcome.problems.is_empty() {
+        // Invalid anyway; the schema's verdict on the rest too, so one run shows every
+        // mistake.
+        let mut problems = outcome.problems;
+        problems.extend(checks.finish()?);
+        return Err(invalid(problems));
+    }
+    if checks.running.is_none() {
+        checks.cache.save();
+    }
+    Ok((outcome.desired, checks))
+}
+
 /// Validates the files of one revision for this host.
 pub fn validate_commit(
     files: &dyn RepoFiles,
@@ -178,6 +258,10 @@ pub struct Options<'a> {
     /// Accept a commit that does not descend from what this host applied
     /// (`vmsync --once --allow-rewind`); the signature is still checked.
     pub allow_rewind: bool,
+    /// Run libvirt's schema checks in this program as a child
+    /// ([`schema_check::SELF_EXE`]), in parallel with observing the host; `None`: in
+    /// this process, before observing.
+    pub schema_checker: Option<&'a std::path::Path>,
 }
 
 /// `vmsync --once`: one sync with a fresh connection.
@@ -195,6 +279,7 @@ pub fn once_with(settings: &Settings, allow_rewind: bool) -> Result<Report, Sync
             give_up_after: None,
             cancel: &cancel,
             allow_rewind,
+            schema_checker: Some(std::path::Path::new(schema_check::SELF_EXE)),
         },
     )
 }
@@ -331,12 +416,19 @@ fn run_locked(
     }
     let result = (|| {
         check_commit(settings, &record, &fetched, options.allow_rewind)?;
-        let desired = validate_cached(
-            &fetched,
-            &commit,
-            &policy(settings),
-            Some(&settings.state_dir),
-        )?;
+        let policy = policy(settings);
+        let (desired, checks) = match options.schema_checker {
+            Some(exe) => {
+                let (desired, checks) =
+                    validate_started(&fetched, &commit, &policy, &settings.state_dir, exe)?;
+                (desired, Some(checks))
+            }
+            None => (
+                validate_cached(&fetched, &commit, &policy, Some(&settings.state_dir))?,
+                None,
+            ),
+        };
+        let checks = std::cell::RefCell::new(checks);
         let hv = conn.get()?;
         apply_commit_checked(
             settings,
@@ -346,7 +438,19 @@ fn run_locked(
             hv,
             &crate::disk::QemuImg::default(),
             options.cancel,
-            &|observed| check_floors(&fetched, &observed_floors(observed), options.allow_rewind),
+            &|observed| {
+                // Observation changed nothing; the schema's verdict comes before any plan.
+                if let Some(checks) = checks.borrow_mut().as_mut() {
+                    let problems = checks.finish()?;
+                    if !problems.is_empty() {
+                        return Err(SyncError::Invalid {
+                            commit: commit.clone(),
+                            problems,
+                        });
+                    }
+                }
+                check_floors(&fetched, &observed_floors(observed), options.allow_rewind)
+            },
         )
     })();
     if let Err(e) = &result

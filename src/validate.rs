@@ -58,12 +58,71 @@ fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
         .any(|root| path.starts_with(root) && path != root)
 }
 
+/// A domain XML whose libvirt schema check [`validate_deferred`] left to the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unchecked {
+    pub file: String,
+    pub vm: String,
+    pub xml: String,
+    /// The file's blob id, for the cache once it passed.
+    pub content_id: Option<String>,
+    pub summary: DomainSummary,
+}
+
+impl Unchecked {
+    /// The problem for libvirt's rejection of this XML.
+    pub fn rejected(&self, message: &str) -> Problem {
+        Problem {
+            file: self.file.clone(),
+            line: None,
+            vm: Some(self.vm.clone()),
+            field: Some("xml".into()),
+            message: format!("rejected by libvirt: {message}"),
+        }
+    }
+}
+
+/// What [`validate_deferred`] found.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Every VM without a problem (the unchecked ones included).
+    pub desired: Desired,
+    pub problems: Vec<Problem>,
+    /// XML still to be checked against libvirt's schema (not cached, no other problem).
+    pub unchecked: Vec<Unchecked>,
+}
+
 /// Validates the commit in `files`. Returns all problems, so one run shows every mistake.
 pub fn validate(
     files: &dyn RepoFiles,
     policy: &Policy,
     schema: &dyn SchemaChecker,
 ) -> Result<Desired, Vec<Problem>> {
+    let outcome = validate_inner(files, policy, schema, false)?;
+    match outcome.problems.is_empty() {
+        true => Ok(outcome.desired),
+        false => Err(outcome.problems),
+    }
+}
+
+/// [`validate`] without libvirt's schema check of XML that `schema` has not seen pass:
+/// those come back as [`Outcome::unchecked`], for the caller to check (and report, and
+/// remember in `schema`) before anything changes. `Err` only when the manifest itself
+/// cannot be read or parsed.
+pub fn validate_deferred(
+    files: &dyn RepoFiles,
+    policy: &Policy,
+    schema: &dyn SchemaChecker,
+) -> Result<Outcome, Vec<Problem>> {
+    validate_inner(files, policy, schema, true)
+}
+
+fn validate_inner(
+    files: &dyn RepoFiles,
+    policy: &Policy,
+    schema: &dyn SchemaChecker,
+    defer: bool,
+) -> Result<Outcome, Vec<Problem>> {
     let text = files.read_text(MANIFEST_FILE).map_err(|e| {
         vec![Problem {
             file: MANIFEST_FILE.into(),
@@ -116,6 +175,7 @@ pub fn validate(
     let mut uuids: BTreeMap<String, String> = BTreeMap::new();
     let mut disk_paths: BTreeMap<PathBuf, String> = BTreeMap::new();
     let mut vms = Vec::new();
+    let mut unchecked = Vec::new();
     for vm in manifest
         .vms
         .iter()
@@ -229,22 +289,35 @@ pub fn validate(
                 format!("uuid {uuid} is also used by vm '{other}'"),
             ));
         }
-        for v in crate::host_policy::check(&xml, &policy.host_policy, &policy.disk_roots) {
-            problems.push(at(&xml_file, xml_line(v.line), &v.field, v.message));
+        // A cached file passed the host policy too: the cache is keyed by the policy.
+        if !was_cached {
+            for v in crate::host_policy::check(&xml, &policy.host_policy, &policy.disk_roots) {
+                problems.push(at(&xml_file, xml_line(v.line), &v.field, v.message));
+            }
         }
-        if problems.len() == before
-            && !was_cached
-            && let Err(message) = schema.check(&xml)
-        {
-            problems.push(at(
-                &xml_file,
-                None,
-                "xml",
-                format!("rejected by libvirt: {message}"),
-            ));
+        let mut deferred = false;
+        if problems.len() == before && !was_cached {
+            if defer && !schema.passed(&xml) {
+                deferred = true;
+            } else if let Err(message) = schema.check(&xml) {
+                problems.push(at(
+                    &xml_file,
+                    None,
+                    "xml",
+                    format!("rejected by libvirt: {message}"),
+                ));
+            }
         }
         if problems.len() == before {
-            if let (Some(id), false) = (&content_id, was_cached) {
+            if deferred {
+                unchecked.push(Unchecked {
+                    file: xml_file.clone(),
+                    vm: vm.name.clone(),
+                    xml: xml.clone(),
+                    content_id: content_id.clone(),
+                    summary: summary.clone(),
+                });
+            } else if let (Some(id), false) = (&content_id, was_cached) {
                 schema.remember(id, &summary);
             }
             vms.push(DesiredVm {
@@ -263,14 +336,14 @@ pub fn validate(
         }
     }
 
-    if problems.is_empty() {
-        Ok(Desired {
+    Ok(Outcome {
+        desired: Desired {
             directories: manifest.directories,
             vms,
-        })
-    } else {
-        Err(problems)
-    }
+        },
+        problems,
+        unchecked,
+    })
 }
 
 #[cfg(test)]
@@ -480,5 +553,80 @@ hosts = ["hv2"]
         };
         let p = single(validate(&files, &all, &Schema));
         assert_eq!(p.vm.as_deref(), Some("b"));
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use crate::files::FileError;
+    use std::cell::{Cell, RefCell};
+
+    /// One file whose content id is its text's length (stands in for a git blob id).
+    struct OneFile(String);
+
+    impl RepoFiles for OneFile {
+        fn read_text(&self, path: &str) -> Result<String, FileError> {
+            match path {
+                MANIFEST_FILE => Ok("version = 1\n[[vm]]\nname = \"a\"\nxml = \"a.xml\"\n".into()),
+                "a.xml" => Ok(self.0.clone()),
+                _ => Err(FileError::NotFound(path.into())),
+            }
+        }
+        fn revision(&self) -> String {
+            "test".into()
+        }
+        fn content_id(&self, _path: &str) -> Option<String> {
+            Some(self.0.len().to_string())
+        }
+    }
+
+    /// Remembers summaries by content id and counts schema checks.
+    #[derive(Default)]
+    struct Remembering {
+        checks: Cell<usize>,
+        files: RefCell<BTreeMap<String, DomainSummary>>,
+    }
+
+    impl SchemaChecker for Remembering {
+        fn check(&self, _xml: &str) -> Result<(), String> {
+            self.checks.set(self.checks.get() + 1);
+            Ok(())
+        }
+        fn known(&self, id: &str) -> Option<DomainSummary> {
+            self.files.borrow().get(id).cloned()
+        }
+        fn remember(&self, id: &str, summary: &DomainSummary) {
+            self.files.borrow_mut().insert(id.into(), summary.clone());
+        }
+    }
+
+    #[test]
+    fn a_file_validated_before_under_this_policy_is_not_checked_again() {
+        let strict = Policy::default();
+        let permissive = Policy {
+            host_policy: crate::host_policy::HostPolicy {
+                allow_hostdev: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let hostdev = OneFile(
+            "<domain type='kvm'><name>a</name><memory>1</memory><devices><hostdev mode='subsystem' type='pci'/></devices></domain>".into(),
+        );
+        // Not cached: the host policy refuses it.
+        assert!(validate(&hostdev, &strict, &Remembering::default()).is_err());
+        // Passed once under the permissive policy: remembered, then neither parsed,
+        // policy-checked nor schema-checked again (a cache is only ever loaded for the
+        // policy it was filled under, see `schema_cache`).
+        let cache = Remembering::default();
+        validate(&hostdev, &permissive, &cache).unwrap();
+        assert_eq!(cache.checks.get(), 1);
+        let again = validate(&hostdev, &permissive, &cache).unwrap();
+        assert_eq!(cache.checks.get(), 1);
+        assert_eq!(again.vms[0].name, "a");
+        // Nothing of the file is looked at again, not even by a stricter policy: that is
+        // why `CachedSchema::load` starts empty for any other policy.
+        assert!(validate(&hostdev, &strict, &cache).is_ok());
     }
 }

@@ -574,3 +574,29 @@ fn cached_validation_still_checks_names_and_sees_changed_files() {
         run.stderr
     );
 }
+
+/// The child a sync starts for libvirt's schema checks (`vmsync schema-check`): libvirt's
+/// verdict per XML, in order, with libvirt's message for a rejected one.
+#[test]
+fn schema_check_child_gives_libvirts_verdict_per_xml() {
+    let good = "<domain type='qemu'><name>sc-good</name><memory>131072</memory><os><type arch='x86_64'>hvm</type></os></domain>";
+    let unknown_element = good.replace("<memory>", "<vcpux>1</vcpux><memory>");
+    let bad_value = good.replace("131072", "lots");
+    let verdicts = vmsync::schema_check::spawn(
+        Path::new(env!("CARGO_BIN_EXE_vmsync")),
+        vec![
+            good.to_string(),
+            unknown_element,
+            bad_value,
+            good.to_string(),
+        ],
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
+    assert_eq!(verdicts.len(), 4);
+    assert_eq!((&verdicts[0], &verdicts[3]), (&None, &None), "{verdicts:?}");
+    let first = verdicts[1].as_deref().unwrap_or_default();
+    assert!(first.contains("vcpux"), "{first}");
+    assert!(verdicts[2].is_some(), "{verdicts:?}");
+}
