@@ -180,7 +180,10 @@ def fetch_round_trips(port, repo_name, state):
     return (*proxy.report(), received(r[3]))
 
 
-def daemon_idle(url, state, n):
+def daemon_idle(url, state, n, repo=None):
+    """Starts the daemon, waits for its first sync, then measures 10 s of idle CPU, its peak
+    RSS, RSS and PSS. With `repo`: then three commits that each change one VM, each
+    applied on SIGHUP, and the peak RSS after them (a daemon that applies changes)."""
     cfg = state.parent / f"daemon-{n}-{state.name}.toml"
     cfg.write_text(f'[source]\nurl = "{url}"\n[libvirt]\nuri = "{URI}"\n[agent]\nstate_dir = "{state}"\n'
                    f'host = "bench"\nschedule = "0 0 0 1 1 *"\n')
@@ -211,7 +214,22 @@ def daemon_idle(url, state, n):
         # PSS: shared library pages (libvirt's own libraries, used by libvirtd too) are
         # divided among the processes that map them.
         pss = int(re.search(r"Pss:\s+(\d+)", Path(f"/proc/{p.pid}/smaps_rollup").read_text())[1]) / 1024
-        return idle_ticks, hwm, rss, pss
+        changed_hwm = None
+        if repo is not None:
+            for k in range(3):
+                (repo / "vms" / f"vmsyncbench-{n}-{k}.xml").write_text(
+                    domain_xml(f"vmsyncbench-{n}-{k}", memory=300 + k))
+                git(repo, "commit", "-q", "-am", f"daemon: vm {k} changed")
+                head = sh(["git", "rev-parse", "HEAD"], cwd=repo).strip()
+                p.send_signal(signal.SIGHUP)
+                while json.loads(rec.read_text()).get("last_applied_commit") != head:
+                    if time.time() > deadline + 120:
+                        raise SystemExit(f"daemon did not apply {head}; see {log.name}")
+                    time.sleep(0.1)
+            time.sleep(1)
+            status = Path(f"/proc/{p.pid}/status").read_text()
+            changed_hwm = int(re.search(r"VmHWM:\s+(\d+)", status)[1]) / 1024
+        return idle_ticks, hwm, rss, pss, changed_hwm
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=30)
@@ -274,7 +292,7 @@ def main():
             if n == max(ns):
                 # A daemon (re)started on a host where this commit is applied: its state
                 # dir is the --once runs' (schema cache warm) ...
-                extra.append((n, "state dir of the runs above (warm cache)", daemon_idle(url, state, n)))
+                extra.append((n, "state dir of the runs above (warm cache)", daemon_idle(url, state, n, repo)))
                 # ... and one with an empty state dir, which validates every file again.
                 extra.append((n, "empty state dir (validates all files)", daemon_idle(url, base / f"daemon-state-{n}", n)))
             remove_domains(prefix)
@@ -308,10 +326,12 @@ def main():
             out.append(f"- N = {n}, no-op fetch over git:// through a counting proxy: {conns} connection(s), "
                        f"{trips} round trip(s), {sent} B sent, {got} B received; fetched {fetched}.")
             continue
-        ticks, hwm, rss, pss = figures
+        ticks, hwm, rss, pss, changed_hwm = figures
         out.append(f"- Daemon with {n} applied domains, {how}: {ticks} CPU ticks (1/100 s) in 10 s idle; "
                    f"peak RSS {hwm:.1f} MiB ({hwm * 1.048576:.1f} MB); after the sync RSS {rss:.1f} MiB, "
-                   f"PSS {pss:.1f} MiB.")
+                   f"PSS {pss:.1f} MiB." + ("" if changed_hwm is None else
+                   f" Then 3 commits that each change one VM, applied on SIGHUP: peak RSS "
+                   f"{changed_hwm:.1f} MiB ({changed_hwm * 1.048576:.1f} MB)."))
     report = "\n".join(out)
     print(report)
     (ROOT / "bench" / "results.md").write_text(report + "\n")

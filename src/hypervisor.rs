@@ -298,6 +298,13 @@ impl TestDriverSchema {
     }
 }
 
+impl TestDriverSchema {
+    /// Compiles libvirt's schema now rather than at the first check.
+    pub fn prepare(&self) {
+        let _ = self.schema.get_or_init(crate::rng::domain_schema);
+    }
+}
+
 impl SchemaChecker for TestDriverSchema {
     /// libvirt's RNG schema (compiled once, see `rng`), then libvirt's own parser: the
     /// XML is defined into the private test driver without re-validating, and undefined.

@@ -8,7 +8,8 @@
 //! new schema) and to a context string (the validation policy: a file that passed under
 //! one policy is checked again under another), and kept in
 //! `<state_dir>/schema-cache.json`. Only successes are cached, so a rejected XML is always
-//! checked again. The test-driver connection is opened only on a miss.
+//! checked again. A save keeps only the entries the last validation used, so the cache
+//! holds one commit's files, not every version of them. The test-driver connection is opened only on a miss.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,6 +41,9 @@ pub struct CachedSchema {
     valid: RefCell<BTreeSet<String>>,
     files: RefCell<BTreeMap<String, DomainSummary>>,
     added: RefCell<usize>,
+    /// Keys of `valid` and `files` that this validation looked up or added.
+    used_valid: RefCell<BTreeSet<String>>,
+    used_files: RefCell<BTreeSet<String>>,
     inner: RefCell<Option<TestDriverSchema>>,
 }
 
@@ -66,6 +70,8 @@ impl CachedSchema {
             valid: RefCell::new(file.valid),
             files: RefCell::new(file.files),
             added: RefCell::new(0),
+            used_valid: RefCell::default(),
+            used_files: RefCell::default(),
             inner: RefCell::new(None),
         }
     }
@@ -78,12 +84,25 @@ impl CachedSchema {
         let file = CacheFile {
             libvirt_version: self.version,
             context: self.context.clone(),
-            valid: self.valid.borrow().clone(),
-            files: self.files.borrow().clone(),
+            valid: self
+                .valid
+                .borrow()
+                .intersection(&self.used_valid.borrow())
+                .cloned()
+                .collect(),
+            files: self
+                .files
+                .borrow()
+                .iter()
+                .filter(|(id, _)| self.used_files.borrow().contains(*id))
+                .map(|(id, summary)| (id.clone(), summary.clone()))
+                .collect(),
         };
-        let result = serde_json::to_vec(&file)
-            .map_err(anyhow::Error::from)
-            .and_then(|bytes| crate::state::write_atomic(path, &bytes));
+        let result = crate::state::write_atomic_with(path, |out| {
+            let mut out = std::io::BufWriter::new(out);
+            serde_json::to_writer(&mut out, &file)?;
+            std::io::Write::flush(&mut out)
+        });
         if let Err(e) = result {
             tracing::warn!(error = %e, "failed to save the schema cache");
         }
@@ -93,6 +112,7 @@ impl CachedSchema {
     /// summary of its file.
     pub fn record_pass(&self, xml: &str, content_id: Option<&str>, summary: &DomainSummary) {
         self.valid.borrow_mut().insert(key(xml));
+        self.used_valid.borrow_mut().insert(key(xml));
         *self.added.borrow_mut() += 1;
         if let Some(id) = content_id {
             self.remember(id, summary);
@@ -108,6 +128,7 @@ impl CachedSchema {
 impl SchemaChecker for CachedSchema {
     fn check(&self, xml: &str) -> Result<(), String> {
         let key = key(xml);
+        self.used_valid.borrow_mut().insert(key.clone());
         if self.valid.borrow().contains(&key) {
             return Ok(());
         }
@@ -122,14 +143,18 @@ impl SchemaChecker for CachedSchema {
     }
 
     fn passed(&self, xml: &str) -> bool {
-        self.valid.borrow().contains(&key(xml))
+        let key = key(xml);
+        self.used_valid.borrow_mut().insert(key.clone());
+        self.valid.borrow().contains(&key)
     }
 
     fn known(&self, content_id: &str) -> Option<DomainSummary> {
+        self.used_files.borrow_mut().insert(content_id.to_string());
         self.files.borrow().get(content_id).cloned()
     }
 
     fn remember(&self, content_id: &str, summary: &DomainSummary) {
+        self.used_files.borrow_mut().insert(content_id.to_string());
         self.files
             .borrow_mut()
             .insert(content_id.to_string(), summary.clone());
@@ -184,6 +209,37 @@ mod tests {
             CachedSchema::load(Some(dir.path()), "other policy").known("blob:1"),
             None
         );
+    }
+
+    #[test]
+    fn a_save_keeps_only_what_this_validation_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = crate::domain_xml::summarize(GOOD).unwrap();
+        let first = CachedSchema::load(Some(dir.path()), "policy");
+        for id in ["blob:old", "blob:kept"] {
+            assert_eq!(first.known(id), None);
+            first.remember(id, &summary);
+        }
+        first.record_pass(GOOD, None, &summary);
+        first.save();
+
+        // The next commit changed one file: "blob:old" is gone, "blob:new" arrived.
+        let second = CachedSchema::load(Some(dir.path()), "policy");
+        assert!(second.known("blob:kept").is_some());
+        assert_eq!(second.known("blob:new"), None);
+        second.remember("blob:new", &summary);
+        assert!(!second.passed("<domain/>"), "looked up, never passed");
+        second.save();
+
+        let third = CachedSchema::load(Some(dir.path()), "policy");
+        let saved: CacheFile =
+            serde_json::from_slice(&std::fs::read(dir.path().join(CACHE_FILE)).unwrap()).unwrap();
+        assert_eq!(
+            saved.files.keys().collect::<Vec<_>>(),
+            ["blob:kept", "blob:new"]
+        );
+        assert!(saved.valid.is_empty(), "GOOD was not looked up: {saved:?}");
+        assert!(third.known("blob:old").is_none());
     }
 
     #[test]

@@ -27,13 +27,16 @@ pub const SUBCOMMAND: &str = "schema-check";
 /// The child's side: stdin → checks → stdout. Exit status 0 when it answered.
 pub fn serve() -> u8 {
     let answer = (|| -> Result<Vec<Option<String>>, String> {
+        // Ready before the request arrives: a sync may start this child while it is
+        // still validating the rest of the commit.
+        let schema = TestDriverSchema::new().map_err(|e| e.to_string())?;
+        schema.prepare();
         let mut input = Vec::new();
         std::io::stdin()
             .read_to_end(&mut input)
             .map_err(|e| format!("failed to read the XML to check: {e}"))?;
         let xmls: Vec<String> = serde_json::from_slice(&input)
             .map_err(|e| format!("malformed request from vmsync: {e}"))?;
-        let schema = TestDriverSchema::new().map_err(|e| e.to_string())?;
         Ok(xmls.iter().map(|xml| schema.check(xml).err()).collect())
     })();
     match answer.and_then(|a| serde_json::to_vec(&a).map_err(|e| e.to_string())) {
@@ -57,31 +60,44 @@ pub struct Running {
     count: usize,
 }
 
-/// Starts `exe schema-check` on `xmls`.
-pub fn spawn(exe: &Path, xmls: Vec<String>) -> Result<Running, String> {
-    let mut child = Command::new(exe)
+/// Starts `exe schema-check`; it prepares libvirt's schema while the caller gets the
+/// XML to [`Running::send`] ready.
+pub fn start(exe: &Path) -> Result<Running, String> {
+    let child = Command::new(exe)
         .arg(SUBCOMMAND)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("failed to start '{} {SUBCOMMAND}': {e}", exe.display()))?;
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    let count = xmls.len();
-    // On a thread: the child reads all of stdin before it answers, so this never blocks
-    // on a full stdout pipe.
-    let writer = std::thread::spawn(move || {
-        let bytes = serde_json::to_vec(&xmls).map_err(std::io::Error::other)?;
-        stdin.write_all(&bytes)
-    });
     Ok(Running {
         child: Some(child),
-        writer: Some(writer),
-        count,
+        writer: None,
+        count: 0,
     })
 }
 
+/// Starts `exe schema-check` on `xmls`.
+pub fn spawn(exe: &Path, xmls: Vec<String>) -> Result<Running, String> {
+    let mut running = start(exe)?;
+    running.send(xmls);
+    Ok(running)
+}
+
 impl Running {
+    /// Hands the child the XML to check (once; none is a valid request).
+    pub fn send(&mut self, xmls: Vec<String>) {
+        let child = self.child.as_mut().expect("not waited yet");
+        let mut stdin = child.stdin.take().expect("sent once");
+        self.count = xmls.len();
+        // On a thread: the child reads all of stdin before it answers, so this never
+        // blocks on a full stdout pipe.
+        self.writer = Some(std::thread::spawn(move || {
+            let bytes = serde_json::to_vec(&xmls).map_err(std::io::Error::other)?;
+            stdin.write_all(&bytes)
+        }));
+    }
+
     /// The verdict per XML, in the order given: `None` passed, `Some(message)` rejected.
     pub fn wait(mut self) -> Result<Vec<Option<String>>, String> {
         let child = self.child.take().expect("waited once");
@@ -91,7 +107,7 @@ impl Running {
         let written = self
             .writer
             .take()
-            .expect("waited once")
+            .expect("sent before waiting")
             .join()
             .map_err(|_| "the schema checker's writer panicked".to_string())?;
         if !output.status.success() {

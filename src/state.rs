@@ -110,16 +110,28 @@ pub fn load(state_dir: &Path) -> anyhow::Result<Record> {
 }
 
 /// Writes the record atomically: a reader (or a crash) sees the old or the new file.
+/// Streamed into the file: a thousand VMs' records are not held a second time as text.
 pub fn save(state_dir: &Path, record: &Record) -> anyhow::Result<()> {
-    let mut json = serde_json::to_vec_pretty(record)?;
-    json.push(b'\n');
-    write_atomic(&state_dir.join(STATE_FILE), &json)
+    write_atomic_with(&state_dir.join(STATE_FILE), |file| {
+        let mut out = std::io::BufWriter::new(file);
+        serde_json::to_writer_pretty(&mut out, record)?;
+        out.write_all(b"\n")?;
+        out.flush()
+    })
 }
 
 /// Writes `bytes` to `path` atomically: temp file in the same directory, write, fsync,
 /// rename over `path`, fsync of the directory. A reader (or a crash) sees the old or the
 /// new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    write_atomic_with(path, |file| file.write_all(bytes))
+}
+
+/// [`write_atomic`] with the content written by `write` into the temporary file.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
     let context = |e: std::io::Error| anyhow::anyhow!("failed to write '{}': {e}", path.display());
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -133,7 +145,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .prefix(&format!(".{name}."))
         .tempfile_in(dir)
         .map_err(context)?;
-    tmp.write_all(bytes).map_err(context)?;
+    write(tmp.as_file_mut()).map_err(context)?;
     tmp.as_file().sync_all().map_err(context)?;
     crate::crash_point("before-rename");
     tmp.persist(path).map_err(|e| context(e.error))?;
