@@ -5,11 +5,15 @@ For each N (default 100 500 1000) it generates a VM repository of N domains, the
 the same run measures:
   - baseline: a shell loop of `virsh define` + `virsh autostart` over the same XML files;
   - vmsync --once: first sync (all new), no-op sync (same commit, applied), one VM
-    changed, and a new commit that changes nothing for this host (the last three: best
-    of 5 runs; the one-VM and unrelated runs each on a new commit);
+    changed, and a new commit that changes nothing for this host (the last three: RUNS
+    runs of each, interleaved, best and median; the one-VM and unrelated runs each on a
+    new commit);
   - the floor of a no-op sync: one list call plus one inactive-XML read per domain, by a
     bare libvirt client (examples/floor.rs), as a whole process (start, connect, calls:
-    what `vmsync --once` pays too) and inside a warm process;
+    what `vmsync --once` pays too) and inside a warm process; and one validated define
+    by that client (what "plus one define" is measured against);
+  - the CPU of the schema-check child a sync starts for changed XML, and of starting
+    a process linked with libvirt;
   - the same no-op sync with the repository served by `git daemon` on loopback
     (git:// protocol), and the objects each fetch received (the other syncs fetch from
     a local path, so that the server's process start does not blur vmsync's figures);
@@ -18,7 +22,8 @@ the same run measures:
   - wall time, CPU time (user+sys) and peak RSS of each vmsync run, and the libvirt
     calls vmsync reports per sync;
   - for the largest N: the daemon's idle CPU over 10 s, its peak RSS (VmHWM) and its
-    RSS and PSS after the sync.
+    RSS and PSS after the sync, then its peak RSS after three commits that each change
+    one VM (applied on SIGHUP); and the same daemon started on an empty state dir.
 Prints a markdown report (also written to bench/results.md) with ratios to the
 baseline and to the floor.
 
@@ -32,6 +37,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -44,6 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 URI = "qemu:///system"
 VMSYNC = ROOT / "target/release/vmsync"
 FLOOR = ROOT / "target/release/examples/floor"
+# Runs of each repeated sync kind (no-op, one VM changed, unrelated commit), interleaved.
+RUNS = 9
 
 
 def sh(cmd, **kw):
@@ -235,6 +243,24 @@ def daemon_idle(url, state, n, repo=None):
         p.wait(timeout=30)
 
 
+def child_cost(n=20):
+    """CPU and wall per process, averaged over n runs: the schema-check child on one
+    domain XML (what a sync starts for a changed file) and `vmsync --version` (the cost of
+    starting a process linked with libvirt)."""
+    import resource
+    xml = json.dumps([domain_xml("vmsyncbench-child")]).encode()
+    out = []
+    for args, stdin in (([str(VMSYNC), "schema-check"], xml), ([str(VMSYNC), "--version"], None)):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        for _ in range(n):
+            subprocess.run(args, input=stdin, capture_output=True, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / n
+        out.append((cpu * 1000, (time.perf_counter() - started) / n * 1000))
+    return out
+
+
 def machine():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem = int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read())[1]) // 1024 // 1024
@@ -267,27 +293,28 @@ def main():
 
             state = base / f"state-{n}"
             first = vmsync_once(repo, state)
-            noop = min((vmsync_once(repo, state) for _ in range(5)), key=lambda r: r[0])
             noop_git = min((vmsync_once(url, state) for _ in range(5)), key=lambda r: r[0])
             trips = fetch_round_trips(port, repo.name, state)
             floor_ms = float(sh([str(FLOOR), URI, prefix, "5"]).split()[0])
             floor_wall = floor_process(prefix)
+            # One validated define by a bare client, of a scratch domain vmsync never sees.
+            scratch = base / f"define-{n}.xml"
+            scratch.write_text(domain_xml(f"{prefix}floor-define").replace(
+                "</name>", "</name>\n  <uuid>6f1c2a3b-0000-4000-8000-00000000beef</uuid>"))
+            define_ms = float(sh([str(FLOOR), URI, prefix, "5", str(scratch)]).splitlines()[1].split()[0])
 
-            # Best of 5 like the no-op, each on a new commit: one VM's memory changed ...
-            ones = []
-            for k in range(5):
-                (xml_dir / f"{prefix}{k}.xml").write_text(domain_xml(f"{prefix}{k}", memory=256))
+            # Interleaved, RUNS of each: the no-op (same commit, applied), a new commit that
+            # changes one VM's memory, a new commit that changes nothing for this host.
+            noops, ones, unrelateds = [], [], []
+            for k in range(RUNS):
+                noops.append(vmsync_once(repo, state))
+                (xml_dir / f"{prefix}{k}.xml").write_text(domain_xml(f"{prefix}{k}", memory=256 + k))
                 git(repo, "commit", "-q", "-am", f"vm {k} changed")
                 ones.append(vmsync_once(repo, state))
-            one = min(ones, key=lambda r: r[0])
-            # ... and a commit that changes nothing for this host.
-            unrelateds = []
-            for k in range(5):
                 with open(repo / "README.md", "a") as f:
                     f.write(f"unrelated change {k}\n")
                 git(repo, "commit", "-q", "-am", "nothing for this host")
                 unrelateds.append(vmsync_once(repo, state))
-            unrelated = min(unrelateds, key=lambda r: r[0])
             extra.append((n, "trips", trips))
             if n == max(ns):
                 # A daemon (re)started on a host where this commit is applied: its state
@@ -297,30 +324,45 @@ def main():
                 extra.append((n, "empty state dir (validates all files)", daemon_idle(url, base / f"daemon-state-{n}", n)))
             remove_domains(prefix)
 
-            for label, r in [("first sync", first), ("no-op sync", noop),
-                             ("no-op sync, fetch over git:// (git daemon)", noop_git),
-                             ("one VM changed", one), ("unrelated commit", unrelated)]:
-                wall, cpu, rss, err = r
-                rows.append((n, label, wall, cpu, rss, calls(err), b_wall / wall,
+            for label, runs in [("first sync", [first]), ("no-op sync", noops),
+                                ("no-op sync, fetch over git:// (git daemon)", [noop_git]),
+                                ("one VM changed", ones), ("unrelated commit", unrelateds)]:
+                wall, cpu, rss, err = min(runs, key=lambda r: r[0])
+                med = statistics.median(r[0] for r in runs)
+                rows.append((n, label, wall, med if len(runs) > 1 else None, cpu, rss, calls(err), b_wall / wall,
                              wall / floor_wall if label == "no-op sync" else None, received(err)))
-            rows.append((n, "baseline: virsh define + autostart loop", b_wall, b_cpu, None, 2 * n, 1.0, None, ""))
-            rows.append((n, "floor process: connect, 1 list + N XML reads", floor_wall, None, None, 1 + n, None,
-                         1.0, ""))
-            rows.append((n, "floor in a warm process (no start, no connect)", floor_ms / 1000, None, None, 1 + n,
-                         None, None, ""))
+            best = lambda runs: min(r[0] for r in runs)
+            extra.append((n, "one", (best(ones) - best(noops), statistics.median(r[0] for r in ones)
+                                     - statistics.median(r[0] for r in noops), define_ms)))
+            rows.append((n, "baseline: virsh define + autostart loop", b_wall, None, b_cpu, None, 2 * n, 1.0, None,
+                         ""))
+            rows.append((n, "floor process: connect, 1 list + N XML reads", floor_wall, None, None, None, 1 + n,
+                         None, 1.0, ""))
+            rows.append((n, "floor in a warm process (no start, no connect)", floor_ms / 1000, None, None, None,
+                         1 + n, None, None, ""))
+            rows.append((n, "one validated define, bare client in a warm process", define_ms / 1000, None, None,
+                         None, 1, None, None, ""))
     finally:
         daemon.terminate()
         shutil.rmtree(base, ignore_errors=True)
 
     out = [f"Machine: {machine()}", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-           "| N | run | wall s | CPU s | peak RSS MiB | libvirt calls | baseline / run | run / floor | fetched |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-    for n, label, wall, cpu, rss, c, ratio, vs_floor, fetched in rows:
+           f"| N | run | wall s (best of {RUNS} where a median is given) | median s | CPU s | peak RSS MiB | "
+           "libvirt calls | baseline / run | run / floor | fetched |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for n, label, wall, med, cpu, rss, c, ratio, vs_floor, fetched in rows:
         f = lambda v, fmt: "" if v is None else fmt.format(v)
-        out.append(f"| {n} | {label} | {wall:.3f} | {f(cpu, '{:.2f}')} | {f(rss, '{:.1f}')} | {f(c, '{}')} | "
-                   f"{f(ratio, '{:.1f}x')} | {f(vs_floor, '{:.2f}x')} | {fetched} |")
+        out.append(f"| {n} | {label} | {wall:.3f} | {f(med, '{:.3f}')} | {f(cpu, '{:.2f}')} | "
+                   f"{f(rss, '{:.1f}')} | {f(c, '{}')} | {f(ratio, '{:.1f}x')} | {f(vs_floor, '{:.2f}x')} | "
+                   f"{fetched} |")
     out.append("")
     for n, how, figures in extra:
+        if how == "one":
+            d_best, d_med, define_ms = figures
+            out.append(f"- N = {n}, one VM changed minus no-op: {d_best * 1000:.1f} ms (best against best), "
+                       f"{d_med * 1000:.1f} ms (median against median); one validated define by a bare client: "
+                       f"{define_ms:.1f} ms.")
+            continue
         if how == "trips":
             conns, trips, sent, got, fetched = figures
             out.append(f"- N = {n}, no-op fetch over git:// through a counting proxy: {conns} connection(s), "
@@ -332,6 +374,10 @@ def main():
                    f"PSS {pss:.1f} MiB." + ("" if changed_hwm is None else
                    f" Then 3 commits that each change one VM, applied on SIGHUP: peak RSS "
                    f"{changed_hwm:.1f} MiB ({changed_hwm * 1.048576:.1f} MB)."))
+    (check_cpu, check_wall), (start_cpu, start_wall) = child_cost()
+    out.append(f"- The schema-check child on one domain XML: {check_cpu:.1f} ms CPU, {check_wall:.1f} ms wall "
+               f"per run, of which starting a process linked with libvirt (`vmsync --version`): "
+               f"{start_cpu:.1f} ms CPU, {start_wall:.1f} ms wall (mean of 20 runs each).")
     report = "\n".join(out)
     print(report)
     (ROOT / "bench" / "results.md").write_text(report + "\n")

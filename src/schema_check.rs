@@ -27,8 +27,7 @@ pub const SUBCOMMAND: &str = "schema-check";
 /// The child's side: stdin → checks → stdout. Exit status 0 when it answered.
 pub fn serve() -> u8 {
     let answer = (|| -> Result<Vec<Option<String>>, String> {
-        // Ready before the request arrives: a sync may start this child while it is
-        // still validating the rest of the commit.
+        // The schema is prepared first; the request waits in the pipe meanwhile.
         let schema = TestDriverSchema::new().map_err(|e| e.to_string())?;
         schema.prepare();
         let mut input = Vec::new();
@@ -39,9 +38,14 @@ pub fn serve() -> u8 {
             .map_err(|e| format!("malformed request from vmsync: {e}"))?;
         Ok(xmls.iter().map(|xml| schema.check(xml).err()).collect())
     })();
-    match answer.and_then(|a| serde_json::to_vec(&a).map_err(|e| e.to_string())) {
-        Ok(bytes) if std::io::stdout().write_all(&bytes).is_ok() => 0,
-        Ok(_) => 1,
+    let written = answer.and_then(|a| {
+        let bytes = serde_json::to_vec(&a).map_err(|e| e.to_string())?;
+        std::io::stdout()
+            .write_all(&bytes)
+            .map_err(|e| format!("failed to answer: {e}"))
+    });
+    match written {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("vmsync {SUBCOMMAND}: {e}");
             1
@@ -60,9 +64,8 @@ pub struct Running {
     count: usize,
 }
 
-/// Starts `exe schema-check`; it prepares libvirt's schema while the caller gets the
-/// XML to [`Running::send`] ready.
-pub fn start(exe: &Path) -> Result<Running, String> {
+/// Starts `exe schema-check`, to be given its XML with [`Running::send`].
+fn start(exe: &Path) -> Result<Running, String> {
     let child = Command::new(exe)
         .arg(SUBCOMMAND)
         .stdin(Stdio::piped())
@@ -86,7 +89,7 @@ pub fn spawn(exe: &Path, xmls: Vec<String>) -> Result<Running, String> {
 
 impl Running {
     /// Hands the child the XML to check (once; none is a valid request).
-    pub fn send(&mut self, xmls: Vec<String>) {
+    fn send(&mut self, xmls: Vec<String>) {
         let child = self.child.as_mut().expect("not waited yet");
         let mut stdin = child.stdin.take().expect("sent once");
         self.count = xmls.len();

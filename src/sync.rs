@@ -187,15 +187,17 @@ fn validate_started(
     };
     checks.start(exe)?;
     debug!(unchecked = checks.unchecked.len(), "validated");
+    if checks.running.is_none() {
+        // Nothing left to check: what this validation learned is saved now (else by
+        // `finish`).
+        checks.cache.save();
+    }
     if !outcome.problems.is_empty() {
         // Invalid anyway; the schema's verdict on the rest too, so one run shows every
         // mistake.
         let mut problems = outcome.problems;
         problems.extend(checks.finish()?);
         return Err(invalid(problems));
-    }
-    if checks.running.is_none() {
-        checks.cache.save();
     }
     Ok((outcome.desired, checks))
 }

@@ -600,3 +600,49 @@ fn schema_check_child_gives_libvirts_verdict_per_xml() {
     assert!(first.contains("vcpux"), "{first}");
     assert!(verdicts[2].is_some(), "{verdicts:?}");
 }
+
+/// The schema checks run in a child while the host is observed: their verdict still
+/// comes before anything changes, and with other mistakes all are reported at once.
+#[test]
+fn schema_rejection_in_the_child_changes_nothing() {
+    let env = Env::new(&["t2-mixa", "t2-mixb"]);
+    let images = env.images.path();
+    let schema_bad = bios_xml("t2-mixa", "kvm", &images.join("t2-mixa.qcow2"), 128)
+        .replace("<vcpu>", "<vcpux>")
+        .replace("</vcpu>", "</vcpux>");
+    env.repo.write("vms/t2-mixa.xml", &schema_bad);
+    env.repo.write(
+        "vms/t2-mixb.xml",
+        &bios_xml("t2-other", "kvm", &images.join("t2-mixb.qcow2"), 128),
+    );
+    env.repo.commit("two mistakes");
+    let run = env.run(&["--once"]).expect(3);
+    assert!(
+        run.stderr
+            .contains("vms/t2-mixa.xml: vm 't2-mixa': field 'xml': rejected by libvirt")
+            && run.stderr.contains("vcpux"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("the xml's <name> is 't2-other' but the manifest says 't2-mixb'"),
+        "{}",
+        run.stderr
+    );
+
+    // Only the schema mistake left: t2-mixb is valid, but nothing is applied, not even
+    // its disk, because the child's verdict is awaited before planning.
+    env.repo.write(
+        "vms/t2-mixb.xml",
+        &bios_xml("t2-mixb", "kvm", &images.join("t2-mixb.qcow2"), 128),
+    );
+    env.repo.commit("one mistake");
+    let run = env.run(&["--once"]).expect(3);
+    assert!(run.stderr.contains("vcpux"), "{}", run.stderr);
+    assert!(!images.join("t2-mixa.qcow2").exists());
+    assert!(!images.join("t2-mixb.qcow2").exists());
+    let record = state::load(env.state.path()).unwrap();
+    assert_eq!(record.last_applied_commit, None);
+    assert_eq!(record.last_result, Some(state::SyncResult::Invalid));
+}
