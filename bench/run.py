@@ -23,7 +23,8 @@ the same run measures:
     calls vmsync reports per sync;
   - for the largest N: the daemon's idle CPU over 10 s, its peak RSS (VmHWM) and its
     RSS and PSS after the sync, then its peak RSS after three commits that each change
-    one VM (applied on SIGHUP); and the same daemon started on an empty state dir.
+    one VM (applied on SIGHUP); the same daemon started on an empty state dir; and one
+    started on an empty state dir with none of the domains defined (first deployment).
 Prints a markdown report (also written to bench/results.md) with ratios to the
 baseline and to the floor.
 
@@ -322,6 +323,10 @@ def main():
                 extra.append((n, "state dir of the runs above (warm cache)", daemon_idle(url, state, n, repo)))
                 # ... and one with an empty state dir, which validates every file again.
                 extra.append((n, "empty state dir (validates all files)", daemon_idle(url, base / f"daemon-state-{n}", n)))
+                # ... and a first deployment: empty state dir, none of the domains defined.
+                remove_domains(prefix)
+                extra.append((n, "empty state dir, no domain defined (first deployment: defines all)",
+                              daemon_idle(url, base / f"daemon-first-{n}", n)))
             remove_domains(prefix)
 
             for label, runs in [("first sync", [first]), ("no-op sync", noops),

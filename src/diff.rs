@@ -39,12 +39,12 @@ pub fn definition_diff(name: &str, before: Option<&str>, after: &str, source: &s
 /// same way as on the host, the QEMU driver's own ones are left out of both sides.
 pub fn annotate(plan: &mut Plan, normalizer: &dyn Normalizer) {
     for vm in &mut plan.vms {
-        let Some(rendered) = &vm.rendered_xml else {
+        let Some(rendered) = vm.rendered() else {
             continue;
         };
         let after = normalizer
             .normalize(rendered)
-            .unwrap_or_else(|_| rendered.clone());
+            .unwrap_or_else(|_| rendered.to_string());
         let text = definition_diff(&vm.name, vm.current_xml.as_deref(), &after, &vm.source_xml);
         vm.diff = (!text.is_empty()).then_some(text);
     }

@@ -151,7 +151,8 @@ pub struct VmPlan {
     /// The committed XML (reference for the diff normalization); empty unless a
     /// definition is rendered.
     pub source_xml: String,
-    /// The XML vmsync defines (or would define, when drift is only reported).
+    /// The XML vmsync would define when drift is only reported (a planned define
+    /// carries its XML in the action; [`VmPlan::rendered`] gives either).
     pub rendered_xml: Option<String>,
     /// libvirt's inactive XML of the existing domain now, when a definition is rendered.
     pub current_xml: Option<String>,
@@ -159,6 +160,19 @@ pub struct VmPlan {
     pub current_hash: Option<String>,
     /// Unified diff of the definition (filled in by `diff::annotate` for `vmsync plan`).
     pub diff: Option<String>,
+}
+
+impl VmPlan {
+    /// The XML vmsync defines, or would define when drift is only reported.
+    pub fn rendered(&self) -> Option<&str> {
+        self.actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Define { xml, .. } => Some(xml.as_str()),
+                _ => None,
+            })
+            .or(self.rendered_xml.as_deref())
+    }
 }
 
 /// A tagged domain that is no longer in the manifest for this host.
@@ -443,12 +457,14 @@ fn plan_vm(
                 // The diff's inputs, only for a definition that is rendered.
                 out.source_xml = vm.xml.clone();
                 out.current_xml = seen.and_then(|s| s.inactive_xml.clone());
-                out.rendered_xml = Some(xml.clone());
+                // One copy: a planned define carries it (see `VmPlan::rendered`).
                 if redefine {
                     out.actions.push(Action::Define {
                         xml,
                         redefine: seen.is_some(),
                     });
+                } else {
+                    out.rendered_xml = Some(xml);
                 }
             }
             Err(e) => {
