@@ -320,12 +320,12 @@ def main():
             if n == max(ns):
                 # A daemon (re)started on a host where this commit is applied: its state
                 # dir is the --once runs' (schema cache warm) ...
-                extra.append((n, "state dir of the runs above (warm cache)", daemon_idle(url, state, n, repo)))
+                extra.append((n, "applied, state dir of the runs above (warm cache)", daemon_idle(url, state, n, repo)))
                 # ... and one with an empty state dir, which validates every file again.
-                extra.append((n, "empty state dir (validates all files)", daemon_idle(url, base / f"daemon-state-{n}", n)))
+                extra.append((n, "applied, empty state dir (validates all files)", daemon_idle(url, base / f"daemon-state-{n}", n)))
                 # ... and a first deployment: empty state dir, none of the domains defined.
                 remove_domains(prefix)
-                extra.append((n, "empty state dir, no domain defined (first deployment: defines all)",
+                extra.append((n, "none defined, empty state dir (first deployment: defines all)",
                               daemon_idle(url, base / f"daemon-first-{n}", n)))
             remove_domains(prefix)
 
@@ -374,7 +374,7 @@ def main():
                        f"{trips} round trip(s), {sent} B sent, {got} B received; fetched {fetched}.")
             continue
         ticks, hwm, rss, pss, changed_hwm = figures
-        out.append(f"- Daemon with {n} applied domains, {how}: {ticks} CPU ticks (1/100 s) in 10 s idle; "
+        out.append(f"- Daemon, {n} domains, {how}: {ticks} CPU ticks (1/100 s) in 10 s idle; "
                    f"peak RSS {hwm:.1f} MiB ({hwm * 1.048576:.1f} MB); after the sync RSS {rss:.1f} MiB, "
                    f"PSS {pss:.1f} MiB." + ("" if changed_hwm is None else
                    f" Then 3 commits that each change one VM, applied on SIGHUP: peak RSS "
