@@ -11,8 +11,9 @@
 //!
 //! Protocol: the parent writes a JSON array of XML texts to the child's stdin; the child
 //! answers with a JSON array of the same length on stdout, `null` for an XML libvirt
-//! accepts and the error message for one it rejects. Anything else (no child, a crash,
-//! a malformed answer) is an error of the sync, never a pass.
+//! accepts and the error message for one it rejects. Anything else (a crash, a short or
+//! malformed answer) is an error of the sync, never a pass. Only a child that cannot be
+//! started at all (no `/proc`) makes the sync check in its own process instead.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -23,6 +24,11 @@ use crate::hypervisor::{SchemaChecker, TestDriverSchema};
 
 /// The hidden subcommand the child runs.
 pub const SUBCOMMAND: &str = "schema-check";
+
+/// The checks themselves, in this process: `None` passed, `Some(message)` rejected.
+pub fn check_here(schema: &TestDriverSchema, xmls: &[String]) -> Vec<Option<String>> {
+    xmls.iter().map(|xml| schema.check(xml).err()).collect()
+}
 
 /// The child's side: stdin → checks → stdout. Exit status 0 when it answered.
 pub fn serve() -> u8 {
@@ -36,7 +42,7 @@ pub fn serve() -> u8 {
             .map_err(|e| format!("failed to read the XML to check: {e}"))?;
         let xmls: Vec<String> = serde_json::from_slice(&input)
             .map_err(|e| format!("malformed request from vmsync: {e}"))?;
-        Ok(xmls.iter().map(|xml| schema.check(xml).err()).collect())
+        Ok(check_here(&schema, &xmls))
     })();
     let written = answer.and_then(|a| {
         let bytes = serde_json::to_vec(&a).map_err(|e| e.to_string())?;

@@ -124,27 +124,45 @@ fn validate_cached(
 struct SchemaChecks {
     cache: CachedSchema,
     unchecked: Vec<validate::Unchecked>,
-    running: Option<schema_check::Running>,
+    running: Option<Verdicts>,
+}
+
+/// Where the verdicts come from.
+enum Verdicts {
+    Child(schema_check::Running),
+    /// Checked in this process: the child could not be started (no `/proc`, say).
+    Here(Vec<Option<String>>),
 }
 
 impl SchemaChecks {
-    /// Starts the child on the unchecked XML, if there is any.
+    /// Starts the child on the unchecked XML, if there is any. If the child cannot even
+    /// be started, the checks run here instead (same verdicts, more memory); a child that
+    /// started and then failed is an error, never a reason to parse here.
     fn start(&mut self, exe: &std::path::Path) -> Result<(), SyncError> {
-        if !self.unchecked.is_empty() {
-            let xmls = self.unchecked.iter().map(|u| u.xml.clone()).collect();
-            let running = schema_check::spawn(exe, xmls).map_err(|e| anyhow::anyhow!(e))?;
-            debug!(xmls = self.unchecked.len(), "schema checks started");
-            self.running = Some(running);
+        if self.unchecked.is_empty() {
+            return Ok(());
         }
+        let xmls = || -> Vec<String> { self.unchecked.iter().map(|u| u.xml.clone()).collect() };
+        let verdicts = match schema_check::spawn(exe, xmls()) {
+            Ok(running) => Verdicts::Child(running),
+            Err(e) => {
+                warn!(error = %e, "checking the schema in this process instead");
+                let schema = crate::hypervisor::TestDriverSchema::new()?;
+                Verdicts::Here(schema_check::check_here(&schema, &xmls()))
+            }
+        };
+        debug!(xmls = self.unchecked.len(), "schema checks started");
+        self.running = Some(verdicts);
         Ok(())
     }
 
     /// Waits for the child, remembers what passed, returns libvirt's rejections.
     fn finish(&mut self) -> Result<Vec<Problem>, SyncError> {
-        let Some(running) = self.running.take() else {
-            return Ok(Vec::new());
+        let verdicts = match self.running.take() {
+            None => return Ok(Vec::new()),
+            Some(Verdicts::Here(verdicts)) => verdicts,
+            Some(Verdicts::Child(running)) => running.wait().map_err(|e| anyhow::anyhow!(e))?,
         };
-        let verdicts = running.wait().map_err(|e| anyhow::anyhow!(e))?;
         let mut problems = Vec::new();
         for (unchecked, verdict) in self.unchecked.iter().zip(verdicts) {
             match verdict {

@@ -646,3 +646,35 @@ fn schema_rejection_in_the_child_changes_nothing() {
     assert_eq!(record.last_applied_commit, None);
     assert_eq!(record.last_result, Some(state::SyncResult::Invalid));
 }
+
+/// A child that cannot be started (no `/proc`, a missing executable): the schema checks
+/// run in this process instead, with the same verdicts.
+#[test]
+fn schema_checks_run_here_when_the_child_cannot_start() {
+    let env = Env::new(&["t2-here"]);
+    let settings = env.settings();
+    let cancel = AtomicBool::new(false);
+    let options = sync::Options {
+        give_up_after: None,
+        cancel: &cancel,
+        allow_rewind: false,
+        schema_checker: Some(Path::new("/nonexistent/vmsync")),
+    };
+    let mut conn = sync::Connection::new("test:///default");
+    let report = sync::run(&settings, &mut conn, &options).unwrap();
+    assert!(report.outcome.all_ok() && report.outcome.changes() > 0);
+
+    let bad = bios_xml(
+        "t2-here",
+        "kvm",
+        &env.images.path().join("t2-here.qcow2"),
+        256,
+    )
+    .replace("<vcpu>", "<vcpux>")
+    .replace("</vcpu>", "</vcpux>");
+    env.repo.write("vms/t2-here.xml", &bad);
+    env.repo.commit("schema mistake");
+    let err = sync::run(&settings, &mut conn, &options).unwrap_err();
+    assert_eq!(err.exit_code(), 3, "{err}");
+    assert!(err.to_string().contains("vcpux"), "{err}");
+}
