@@ -26,8 +26,10 @@ use crate::hypervisor::{SchemaChecker, TestDriverSchema};
 pub const SUBCOMMAND: &str = "schema-check";
 
 /// The checks themselves, in this process: `None` passed, `Some(message)` rejected.
-pub fn check_here(schema: &TestDriverSchema, xmls: &[String]) -> Vec<Option<String>> {
-    xmls.iter().map(|xml| schema.check(xml).err()).collect()
+pub fn check_here(schema: &TestDriverSchema, xmls: &[impl AsRef<str>]) -> Vec<Option<String>> {
+    xmls.iter()
+        .map(|xml| schema.check(xml.as_ref()).err())
+        .collect()
 }
 
 /// The child's side: stdin → checks → stdout. Exit status 0 when it answered.
@@ -87,24 +89,23 @@ fn start(exe: &Path) -> Result<Running, String> {
 }
 
 /// Starts `exe schema-check` on `xmls`.
-pub fn spawn(exe: &Path, xmls: Vec<String>) -> Result<Running, String> {
+pub fn spawn(exe: &Path, xmls: &[impl AsRef<str>]) -> Result<Running, String> {
+    let request: Vec<&str> = xmls.iter().map(AsRef::as_ref).collect();
+    let request = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
     let mut running = start(exe)?;
-    running.send(xmls);
+    running.send(request, xmls.len());
     Ok(running)
 }
 
 impl Running {
-    /// Hands the child the XML to check (once; none is a valid request).
-    fn send(&mut self, xmls: Vec<String>) {
+    /// Hands the child its request, `count` XML texts as JSON (once).
+    fn send(&mut self, request: Vec<u8>, count: usize) {
         let child = self.child.as_mut().expect("not waited yet");
         let mut stdin = child.stdin.take().expect("sent once");
-        self.count = xmls.len();
+        self.count = count;
         // On a thread: the child reads all of stdin before it answers, so this never
         // blocks on a full stdout pipe.
-        self.writer = Some(std::thread::spawn(move || {
-            let bytes = serde_json::to_vec(&xmls).map_err(std::io::Error::other)?;
-            stdin.write_all(&bytes)
-        }));
+        self.writer = Some(std::thread::spawn(move || stdin.write_all(&request)));
     }
 
     /// The verdict per XML, in the order given: `None` passed, `Some(message)` rejected.
@@ -164,19 +165,19 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let xmls = || vec!["<domain/>".to_string(), "<domain/>".to_string()];
 
-        let missing = spawn(&tmp.path().join("nope"), xmls()).err().unwrap();
+        let missing = spawn(&tmp.path().join("nope"), &xmls()).err().unwrap();
         assert!(missing.contains("failed to start"), "{missing}");
 
         let crashed = script(tmp.path(), "cat >/dev/null; exit 3");
-        let err = spawn(&crashed, xmls()).unwrap().wait().unwrap_err();
+        let err = spawn(&crashed, &xmls()).unwrap().wait().unwrap_err();
         assert!(err.contains("failed"), "{err}");
 
         let short = script(tmp.path(), "cat >/dev/null; echo '[null]'");
-        let err = spawn(&short, xmls()).unwrap().wait().unwrap_err();
+        let err = spawn(&short, &xmls()).unwrap().wait().unwrap_err();
         assert!(err.contains("answered 1 of 2"), "{err}");
 
         let garbage = script(tmp.path(), "cat >/dev/null; echo ok");
-        let err = spawn(&garbage, xmls()).unwrap().wait().unwrap_err();
+        let err = spawn(&garbage, &xmls()).unwrap().wait().unwrap_err();
         assert!(err.contains("malformed answer"), "{err}");
 
         // The request arrives whole, and the answer is taken in order.
@@ -184,7 +185,7 @@ mod tests {
             tmp.path(),
             r#"[ "$1" = schema-check ] && [ "$(cat)" = '["<domain/>","<domain/>"]' ] && echo '[null,"no"]'"#,
         );
-        let verdicts = spawn(&echo, xmls()).unwrap().wait().unwrap();
+        let verdicts = spawn(&echo, &xmls()).unwrap().wait().unwrap();
         assert_eq!(verdicts, vec![None, Some("no".to_string())]);
     }
 
@@ -192,7 +193,7 @@ mod tests {
     fn a_child_not_waited_for_is_killed_and_reaped() {
         let tmp = tempfile::tempdir().unwrap();
         let slow = script(tmp.path(), "exec sleep 30");
-        let running = spawn(&slow, vec!["<domain/>".into()]).unwrap();
+        let running = spawn(&slow, &["<domain/>"]).unwrap();
         let pid = running.child.as_ref().unwrap().id();
         drop(running);
         // Reaped: no process (not even a zombie) with that id is left.

@@ -102,6 +102,12 @@ fn policy(settings: &Settings) -> Policy {
     }
 }
 
+/// The schema cache of `state_dir` for `policy`: anything that changes what validation
+/// accepts invalidates the cache.
+fn load_cache(state_dir: Option<&std::path::Path>, policy: &Policy) -> CachedSchema {
+    CachedSchema::load(state_dir, &format!("{policy:?}"))
+}
+
 /// Validates with the schema cache of `state_dir` and saves what it learned.
 fn validate_cached(
     files: &dyn RepoFiles,
@@ -109,8 +115,7 @@ fn validate_cached(
     policy: &Policy,
     state_dir: Option<&std::path::Path>,
 ) -> Result<Desired, SyncError> {
-    // Anything that changes what validation accepts invalidates the cache.
-    let schema = CachedSchema::load(state_dir, &format!("{policy:?}"));
+    let schema = load_cache(state_dir, policy);
     let result = validate_commit(files, commit, policy, &schema);
     debug!(schema_checks = schema.misses(), "validated");
     schema.save();
@@ -135,29 +140,33 @@ enum Verdicts {
 }
 
 impl SchemaChecks {
-    /// Starts the child on the unchecked XML, if there is any. If the child cannot even
-    /// be started, the checks run here instead (same verdicts, more memory); a child that
-    /// started and then failed is an error, never a reason to parse here.
-    fn start(&mut self, exe: &std::path::Path) -> Result<(), SyncError> {
+    /// Starts the child on the unchecked XML of `desired`, if there is any. If the child
+    /// cannot even be started, the checks run here instead (same verdicts, more memory);
+    /// a child that started and then failed is an error, never a reason to parse here.
+    fn start(&mut self, desired: &Desired, exe: &std::path::Path) -> Result<(), SyncError> {
         if self.unchecked.is_empty() {
             return Ok(());
         }
-        let xmls = || -> Vec<String> { self.unchecked.iter().map(|u| u.xml.clone()).collect() };
-        let verdicts = match schema_check::spawn(exe, xmls()) {
+        let xmls: Vec<&str> = self
+            .unchecked
+            .iter()
+            .map(|u| u.of(desired).xml.as_str())
+            .collect();
+        let verdicts = match schema_check::spawn(exe, &xmls) {
             Ok(running) => Verdicts::Child(running),
             Err(e) => {
                 warn!(error = %e, "checking the schema in this process instead");
                 let schema = crate::hypervisor::TestDriverSchema::new()?;
-                Verdicts::Here(schema_check::check_here(&schema, &xmls()))
+                Verdicts::Here(schema_check::check_here(&schema, &xmls))
             }
         };
-        debug!(xmls = self.unchecked.len(), "schema checks started");
+        debug!(xmls = xmls.len(), "schema checks started");
         self.running = Some(verdicts);
         Ok(())
     }
 
     /// Waits for the child, remembers what passed, returns libvirt's rejections.
-    fn finish(&mut self) -> Result<Vec<Problem>, SyncError> {
+    fn finish(&mut self, desired: &Desired) -> Result<Vec<Problem>, SyncError> {
         let verdicts = match self.running.take() {
             None => return Ok(Vec::new()),
             Some(Verdicts::Here(verdicts)) => verdicts,
@@ -165,13 +174,13 @@ impl SchemaChecks {
         };
         let mut problems = Vec::new();
         for (unchecked, verdict) in self.unchecked.iter().zip(verdicts) {
+            let vm = unchecked.of(desired);
             match verdict {
-                Some(message) => problems.push(unchecked.rejected(&message)),
-                None => self.cache.record_pass(
-                    &unchecked.xml,
-                    unchecked.content_id.as_deref(),
-                    &unchecked.summary,
-                ),
+                Some(message) => problems.push(unchecked.rejected(desired, &message)),
+                None => {
+                    self.cache
+                        .record_pass(&vm.xml, unchecked.content_id.as_deref(), &vm.summary)
+                }
             }
         }
         self.cache.save();
@@ -195,15 +204,14 @@ fn validate_started(
         commit: commit.to_string(),
         problems,
     };
-    // Anything that changes what validation accepts invalidates the cache.
-    let cache = CachedSchema::load(Some(state_dir), &format!("{policy:?}"));
+    let cache = load_cache(Some(state_dir), policy);
     let outcome = validate::validate_deferred(files, policy, &cache).map_err(invalid)?;
     let mut checks = SchemaChecks {
         cache,
         unchecked: outcome.unchecked,
         running: None,
     };
-    checks.start(exe)?;
+    checks.start(&outcome.desired, exe)?;
     debug!(unchecked = checks.unchecked.len(), "validated");
     if checks.running.is_none() {
         // Nothing left to check: what this validation learned is saved now (else by
@@ -214,7 +222,7 @@ fn validate_started(
         // Invalid anyway; the schema's verdict on the rest too, so one run shows every
         // mistake.
         let mut problems = outcome.problems;
-        problems.extend(checks.finish()?);
+        problems.extend(checks.finish(&outcome.desired)?);
         return Err(invalid(problems));
     }
     Ok((outcome.desired, checks))
@@ -464,7 +472,7 @@ fn run_locked(
             &|observed| {
                 // Observation changed nothing; the schema's verdict comes before any plan.
                 if let Some(checks) = checks.borrow_mut().as_mut() {
-                    let problems = checks.finish()?;
+                    let problems = checks.finish(&desired)?;
                     if !problems.is_empty() {
                         return Err(SyncError::Invalid {
                             commit: commit.clone(),

@@ -58,24 +58,28 @@ fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
         .any(|root| path.starts_with(root) && path != root)
 }
 
-/// A domain XML whose libvirt schema check [`validate_deferred`] left to the caller.
+/// A VM whose XML's libvirt schema check [`validate_deferred`] left to the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unchecked {
-    pub file: String,
-    pub vm: String,
-    pub xml: String,
+    /// Its index in [`Outcome::desired`]`.vms` (file, name, XML and summary are there).
+    pub vm: usize,
     /// The file's blob id, for the cache once it passed.
     pub content_id: Option<String>,
-    pub summary: DomainSummary,
 }
 
 impl Unchecked {
-    /// The problem for libvirt's rejection of this XML.
-    pub fn rejected(&self, message: &str) -> Problem {
+    /// The VM in `desired`.
+    pub fn of<'a>(&self, desired: &'a Desired) -> &'a DesiredVm {
+        &desired.vms[self.vm]
+    }
+
+    /// The problem for libvirt's rejection of this VM's XML.
+    pub fn rejected(&self, desired: &Desired, message: &str) -> Problem {
+        let vm = self.of(desired);
         Problem {
-            file: self.file.clone(),
+            file: vm.xml_file.clone(),
             line: None,
-            vm: Some(self.vm.clone()),
+            vm: Some(vm.name.clone()),
             field: Some("xml".into()),
             message: format!("rejected by libvirt: {message}"),
         }
@@ -311,11 +315,8 @@ fn validate_inner(
         if problems.len() == before {
             if deferred {
                 unchecked.push(Unchecked {
-                    file: xml_file.clone(),
-                    vm: vm.name.clone(),
-                    xml: xml.clone(),
+                    vm: vms.len(),
                     content_id: content_id.clone(),
-                    summary: summary.clone(),
                 });
             } else if let (Some(id), false) = (&content_id, was_cached) {
                 schema.remember(id, &summary);

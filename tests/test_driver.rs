@@ -78,6 +78,15 @@ impl Env {
         vmsync(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
+    /// Writes `vms/NAME.xml` with an element libvirt's schema does not know (`<vcpux>`).
+    fn write_schema_bad(&self, name: &str, memory: u32) {
+        let disk = self.images.path().join(format!("{name}.qcow2"));
+        let xml = bios_xml(name, "kvm", &disk, memory)
+            .replace("<vcpu>", "<vcpux>")
+            .replace("</vcpu>", "</vcpux>");
+        self.repo.write(&format!("vms/{name}.xml"), &xml);
+    }
+
     fn settings(&self) -> Settings {
         common::settings(
             self.repo.path(),
@@ -557,15 +566,7 @@ fn cached_validation_still_checks_names_and_sees_changed_files() {
     // A changed file is a new blob: checked against the schema again.
     env.repo
         .write("vmsync.toml", &manifest(env.images.path(), &["t2-cache"]));
-    let xml = bios_xml(
-        "t2-cache",
-        "kvm",
-        &env.images.path().join("t2-cache.qcow2"),
-        128,
-    )
-    .replace("<vcpu>", "<vcpux>")
-    .replace("</vcpu>", "</vcpux>");
-    env.repo.write("vms/t2-cache.xml", &xml);
+    env.write_schema_bad("t2-cache", 128);
     env.repo.commit("schema error");
     let run = env.run(&["--once"]).expect(3);
     assert!(
@@ -584,7 +585,7 @@ fn schema_check_child_gives_libvirts_verdict_per_xml() {
     let bad_value = good.replace("131072", "lots");
     let verdicts = vmsync::schema_check::spawn(
         Path::new(env!("CARGO_BIN_EXE_vmsync")),
-        vec![
+        &[
             good.to_string(),
             unknown_element,
             bad_value,
@@ -607,10 +608,7 @@ fn schema_check_child_gives_libvirts_verdict_per_xml() {
 fn schema_rejection_in_the_child_changes_nothing() {
     let env = Env::new(&["t2-mixa", "t2-mixb"]);
     let images = env.images.path();
-    let schema_bad = bios_xml("t2-mixa", "kvm", &images.join("t2-mixa.qcow2"), 128)
-        .replace("<vcpu>", "<vcpux>")
-        .replace("</vcpu>", "</vcpux>");
-    env.repo.write("vms/t2-mixa.xml", &schema_bad);
+    env.write_schema_bad("t2-mixa", 128);
     env.repo.write(
         "vms/t2-mixb.xml",
         &bios_xml("t2-other", "kvm", &images.join("t2-mixb.qcow2"), 128),
@@ -664,15 +662,7 @@ fn schema_checks_run_here_when_the_child_cannot_start() {
     let report = sync::run(&settings, &mut conn, &options).unwrap();
     assert!(report.outcome.all_ok() && report.outcome.changes() > 0);
 
-    let bad = bios_xml(
-        "t2-here",
-        "kvm",
-        &env.images.path().join("t2-here.qcow2"),
-        256,
-    )
-    .replace("<vcpu>", "<vcpux>")
-    .replace("</vcpu>", "</vcpux>");
-    env.repo.write("vms/t2-here.xml", &bad);
+    env.write_schema_bad("t2-here", 256);
     env.repo.commit("schema mistake");
     let err = sync::run(&settings, &mut conn, &options).unwrap_err();
     assert_eq!(err.exit_code(), 3, "{err}");
