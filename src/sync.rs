@@ -126,10 +126,22 @@ fn validate_cached(
 /// Validation for a sync whose libvirt schema checks run in a child ([`schema_check`])
 /// while the host is observed; [`SchemaChecks::finish`] has the verdict before anything
 /// is planned.
-struct SchemaChecks {
+///
+/// One XML alone to check (a commit that changes one file) is held back instead: when
+/// the plan shows that nothing changes before that VM's define, nor at all if the define
+/// fails ([`Plan::changes_wait_for_define_of`]), libvirt's validating define is its check
+/// (the same schema, and libvirt's own parser), and the child is started only if the
+/// define fails, to tell a schema rejection (exit 3) from a failed action. Otherwise it
+/// is checked before anything is applied, as the others.
+struct SchemaChecks<'a> {
     cache: CachedSchema,
     unchecked: Vec<validate::Unchecked>,
     running: Option<Verdicts>,
+    exe: &'a std::path::Path,
+    /// The one unchecked XML, not yet checked: waiting for the plan.
+    held: bool,
+    /// The held XML is left to its define.
+    deferred: bool,
 }
 
 /// Where the verdicts come from.
@@ -139,14 +151,17 @@ enum Verdicts {
     Here(Vec<Option<String>>),
 }
 
-impl SchemaChecks {
-    /// Starts the child on the unchecked XML of `desired`, if there is any. If the child
-    /// cannot even be started, the checks run here instead (same verdicts, more memory);
-    /// a child that started and then failed is an error, never a reason to parse here.
-    fn start(&mut self, desired: &Desired, exe: &std::path::Path) -> Result<(), SyncError> {
-        if self.unchecked.is_empty() {
+impl SchemaChecks<'_> {
+    /// Starts the child on the unchecked XML of `desired`, if there is any (and holds
+    /// back a single one, with `hold_one`). If the child cannot even be started, the
+    /// checks run here instead (same verdicts, more memory); a child that started and
+    /// then failed is an error, never a reason to parse here.
+    fn start(&mut self, desired: &Desired, hold_one: bool) -> Result<(), SyncError> {
+        self.held = hold_one && self.unchecked.len() == 1;
+        if self.unchecked.is_empty() || self.held {
             return Ok(());
         }
+        let exe = self.exe;
         let xmls: Vec<&str> = self
             .unchecked
             .iter()
@@ -187,19 +202,129 @@ impl SchemaChecks {
         debug!(rejected = problems.len(), "schema checks done");
         Ok(problems)
     }
+
+    /// Checks what is held back now.
+    fn check_held(&mut self, desired: &Desired) -> Result<Vec<Problem>, SyncError> {
+        self.held = false;
+        self.deferred = false;
+        self.start(desired, false)?;
+        self.finish(desired)
+    }
+
+    /// Before anything is applied: leaves the held XML to its define if `plan` allows
+    /// it, else checks it now.
+    fn planned(&mut self, desired: &Desired, plan: &Plan) -> Result<Vec<Problem>, SyncError> {
+        if !self.held {
+            return Ok(Vec::new());
+        }
+        let vm = self.unchecked[0].of(desired);
+        if plan.changes_wait_for_define_of(&vm.name) {
+            debug!(vm = %vm.name, "schema check left to libvirt's validating define");
+            self.deferred = true;
+            return Ok(Vec::new());
+        }
+        self.check_held(desired)
+    }
+
+    /// After applying: a define that passed libvirt's validation is remembered; one that
+    /// did not happen (it failed, or the sync stopped before it) has its XML checked now,
+    /// so that a schema rejection is reported as one (nothing was changed).
+    fn applied(&mut self, desired: &Desired, outcome: &Outcome) -> Result<Vec<Problem>, SyncError> {
+        if !self.deferred {
+            return Ok(Vec::new());
+        }
+        let unchecked = &self.unchecked[0];
+        let vm = unchecked.of(desired);
+        let defined = outcome.vms.iter().any(|o| {
+            o.name == vm.name && o.kinds.iter().any(|k| matches!(*k, "define" | "redefine"))
+        });
+        if !defined {
+            return self.check_held(desired);
+        }
+        self.cache
+            .record_pass(&vm.xml, unchecked.content_id.as_deref(), &vm.summary);
+        self.cache.save();
+        self.deferred = false;
+        Ok(Vec::new())
+    }
+}
+
+/// What a sync checks around planning and applying ([`apply_commit_checked`]); the
+/// default checks nothing.
+pub trait Gate {
+    /// What was observed, before anything is planned.
+    fn observed(&self, _observed: &observe::Observed) -> Result<(), SyncError> {
+        Ok(())
+    }
+    /// The plan, before anything is applied.
+    fn planned(&self, _plan: &Plan) -> Result<(), SyncError> {
+        Ok(())
+    }
+    /// What applying did, before it is recorded: an error here records nothing of it.
+    fn applied(&self, _outcome: &Outcome) -> Result<(), SyncError> {
+        Ok(())
+    }
+}
+
+/// No checks.
+struct Open;
+impl Gate for Open {}
+
+/// The checks of [`run`]: libvirt's schema verdicts (from the child, or from the
+/// validating define) and the ancestry floors in the managed domains' tags.
+struct RunGate<'a> {
+    checks: std::cell::RefCell<Option<SchemaChecks<'a>>>,
+    desired: &'a Desired,
+    commit: &'a str,
+    fetched: &'a source::FetchedCommit,
+    allow_rewind: bool,
+}
+
+impl RunGate<'_> {
+    /// Runs one step of the schema checks; their rejections make the commit invalid.
+    fn verdict(
+        &self,
+        step: impl FnOnce(&mut SchemaChecks) -> Result<Vec<Problem>, SyncError>,
+    ) -> Result<(), SyncError> {
+        let problems = match self.checks.borrow_mut().as_mut() {
+            Some(checks) => step(checks)?,
+            None => return Ok(()),
+        };
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(SyncError::Invalid {
+            commit: self.commit.to_string(),
+            problems,
+        })
+    }
+}
+
+impl Gate for RunGate<'_> {
+    fn observed(&self, observed: &observe::Observed) -> Result<(), SyncError> {
+        // Observation changed nothing; the schema's verdict comes before any plan.
+        self.verdict(|checks| checks.finish(self.desired))?;
+        check_floors(self.fetched, &observed_floors(observed), self.allow_rewind)
+    }
+    fn planned(&self, plan: &Plan) -> Result<(), SyncError> {
+        self.verdict(|checks| checks.planned(self.desired, plan))
+    }
+    fn applied(&self, outcome: &Outcome) -> Result<(), SyncError> {
+        self.verdict(|checks| checks.applied(self.desired, outcome))
+    }
 }
 
 /// Validates the files of one revision for this host, and starts libvirt's schema checks
 /// of the XML not seen before in a child (`exe schema-check`). (Started after the
 /// validation, not before it: on two cores the child's start slowed the validation by
 /// more than it saved.)
-fn validate_started(
+fn validate_started<'a>(
     files: &dyn RepoFiles,
     commit: &str,
     policy: &Policy,
     state_dir: &std::path::Path,
-    exe: &std::path::Path,
-) -> Result<(Desired, SchemaChecks), SyncError> {
+    exe: &'a std::path::Path,
+) -> Result<(Desired, SchemaChecks<'a>), SyncError> {
     let invalid = |problems| SyncError::Invalid {
         commit: commit.to_string(),
         problems,
@@ -210,8 +335,12 @@ fn validate_started(
         cache,
         unchecked: outcome.unchecked,
         running: None,
+        exe,
+        held: false,
+        deferred: false,
     };
-    checks.start(&outcome.desired, exe)?;
+    // A commit invalid anyway has every XML checked now, so one run shows every mistake.
+    checks.start(&outcome.desired, outcome.problems.is_empty())?;
     debug!(unchecked = checks.unchecked.len(), "validated");
     if checks.running.is_none() {
         // Nothing left to check: what this validation learned is saved now (else by
@@ -459,7 +588,13 @@ fn run_locked(
                 None,
             ),
         };
-        let checks = std::cell::RefCell::new(checks);
+        let gate = RunGate {
+            checks: std::cell::RefCell::new(checks),
+            desired: &desired,
+            commit: &commit,
+            fetched: &fetched,
+            allow_rewind: options.allow_rewind,
+        };
         let hv = conn.get()?;
         apply_commit_checked(
             settings,
@@ -469,19 +604,7 @@ fn run_locked(
             hv,
             &crate::disk::QemuImg::default(),
             options.cancel,
-            &|observed| {
-                // Observation changed nothing; the schema's verdict comes before any plan.
-                if let Some(checks) = checks.borrow_mut().as_mut() {
-                    let problems = checks.finish(&desired)?;
-                    if !problems.is_empty() {
-                        return Err(SyncError::Invalid {
-                            commit: commit.clone(),
-                            problems,
-                        });
-                    }
-                }
-                check_floors(&fetched, &observed_floors(observed), options.allow_rewind)
-            },
+            &gate,
         )
     })();
     if let Err(e) = &result
@@ -529,21 +652,13 @@ pub fn apply_commit(
     disks: &dyn DiskProvisioner,
     cancel: &AtomicBool,
 ) -> Result<Report, SyncError> {
-    apply_commit_checked(
-        settings,
-        record,
-        commit,
-        desired,
-        hv,
-        disks,
-        cancel,
-        &|_| Ok(()),
-    )
+    apply_commit_checked(settings, record, commit, desired, hv, disks, cancel, &Open)
 }
 
-/// [`apply_commit`] with a check of what was observed before anything is planned or
-/// applied (the sync checks the commits in the managed domains' tags there: the
-/// ancestry floor that survives a lost state file, without reading any domain twice).
+/// [`apply_commit`] with the checks of `gate`: of what was observed before anything is
+/// planned (the sync checks the commits in the managed domains' tags there: the ancestry
+/// floor that survives a lost state file, without reading any domain twice), of the plan
+/// before anything is applied, and of the outcome before it is recorded.
 #[allow(clippy::too_many_arguments)]
 pub fn apply_commit_checked(
     settings: &Settings,
@@ -553,18 +668,19 @@ pub fn apply_commit_checked(
     hv: &dyn Hypervisor,
     disks: &dyn DiskProvisioner,
     cancel: &AtomicBool,
-    check: &dyn Fn(&observe::Observed) -> Result<(), SyncError>,
+    gate: &dyn Gate,
 ) -> Result<Report, SyncError> {
     let short = &commit[..commit.len().min(12)];
     let calls_before = hv.call_count();
     let observed = observe_commit(record, desired, hv, disks)?;
     debug!(domains = observed.domains.len(), "observed");
-    check(&observed)?;
+    gate.observed(&observed)?;
     let ctx = plan::Context {
         policy: &settings.changes,
         record,
     };
     let plan = plan::plan(desired, &observed, commit, &ctx);
+    gate.planned(&plan)?;
     if let Some(message) = &plan.refused {
         // Nothing of the commit is applied; `once` records the refusal.
         return Err(SyncError::Refused {
@@ -578,6 +694,7 @@ pub fn apply_commit_checked(
     debug!("planned");
     let outcome = apply::apply(&plan, hv, disks, cancel);
     debug!("applied");
+    gate.applied(&outcome)?;
 
     let now = state::now_rfc3339();
     let mut vms = BTreeMap::new();

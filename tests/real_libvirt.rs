@@ -290,6 +290,42 @@ fn real_libvirtd_sync_life_cycle() {
     assert_eq!(record["vms"], before["vms"]);
     assert_eq!(record["last_result"], "invalid");
     assert_eq!(sha256_file(&disk(&keep)), keep_hash);
+
+    // The broken file alone: its define is the only change, so libvirtd's validating
+    // define checks it; refused there, it is still a schema mistake (exit 3) and nothing
+    // moves.
+    repo.write("vms/bios.xml", &bios_xml(&bios, kvm, &disk(&bios), 128));
+    repo.write("vms/keep.xml", &bios_xml(&keep, kvm, &disk(&keep), 128));
+    let c3 = repo.commit("as c2");
+    once().expect(0);
+    let record_before = std::fs::read_to_string(state.path().join("state.json")).unwrap();
+    let before: serde_json::Value = serde_json::from_str(&record_before).unwrap();
+    repo.write(
+        "vms/bios.xml",
+        &bios_xml(&bios, kvm, &disk(&bios), 256).replace("<vcpu>1</vcpu>", "<vcpus>1</vcpus>"),
+    );
+    repo.commit("broken bios only");
+    let run = once().expect(3);
+    assert!(
+        run.stderr.contains(&format!(
+            "vms/bios.xml: vm '{bios}': field 'xml': rejected by libvirt"
+        )) && run.stderr.contains("vcpus"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("failed to define domain"),
+        "libvirtd was asked: {}",
+        run.stderr
+    );
+    assert_eq!(inactive(&bios), bios_xml_1);
+    assert_eq!(inactive(&keep), keep_xml_1);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.path().join("state.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["last_applied_commit"], c3.as_str());
+    assert_eq!(record["vms"], before["vms"]);
+    assert_eq!(record["last_result"], "invalid");
 }
 
 #[test]

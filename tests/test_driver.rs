@@ -668,3 +668,101 @@ fn schema_checks_run_here_when_the_child_cannot_start() {
     assert_eq!(err.exit_code(), 3, "{err}");
     assert!(err.to_string().contains("vcpux"), "{err}");
 }
+
+/// A commit that changes one file, whose define is the only change: libvirt's validating
+/// define is its schema check, and no child is started (here a "child" that would fail).
+/// Any other commit has its XML checked before anything is applied, and a rejected define
+/// is reported as the schema mistake it is, with nothing changed.
+#[test]
+fn one_changed_file_is_checked_by_its_validating_define() {
+    let env = Env::new(&["t2-def-a", "t2-def-b"]);
+    let settings = env.settings();
+    let cancel = AtomicBool::new(false);
+    let options = |checker| sync::Options {
+        give_up_after: None,
+        cancel: &cancel,
+        allow_rewind: false,
+        schema_checker: Some(checker),
+    };
+    let real = Path::new(env!("CARGO_BIN_EXE_vmsync"));
+    let failing = Path::new("/bin/false");
+    let mut conn = sync::Connection::new("test:///default");
+    sync::run(&settings, &mut conn, &options(real)).unwrap();
+    let memory = |conn: &mut sync::Connection, name: &str| {
+        let xml = conn.get().unwrap().xml(name, true).unwrap();
+        xml.split("<memory unit='KiB'>").nth(1).unwrap()[..6].to_string()
+    };
+    let applied = |env: &Env| {
+        state::load(env.state.path())
+            .unwrap()
+            .last_applied_commit
+            .unwrap()
+    };
+    let images = env.images.path();
+    let write = |name: &str, mib| {
+        let xml = bios_xml(name, "kvm", &images.join(format!("{name}.qcow2")), mib);
+        env.repo.write(&format!("vms/{name}.xml"), &xml);
+    };
+
+    // One file changed: redefined without a child.
+    write("t2-def-a", 256);
+    let one = env.repo.commit("more memory for a");
+    let report = sync::run(&settings, &mut conn, &options(failing)).unwrap();
+    assert_eq!(report.outcome.changes(), 1);
+    assert_eq!(memory(&mut conn, "t2-def-a"), "262144");
+    assert_eq!(applied(&env), one);
+    // Its pass is remembered: the same blob needs no check at the next commit.
+    env.repo.write("README.md", "unrelated\n");
+    let unrelated = env.repo.commit("unrelated");
+    sync::run(&settings, &mut conn, &options(failing)).unwrap();
+    assert_eq!(applied(&env), unrelated);
+
+    // Two files changed: checked before anything is applied (the failing child fails it).
+    write("t2-def-a", 384);
+    write("t2-def-b", 384);
+    env.repo.commit("more memory for both");
+    let err = sync::run(&settings, &mut conn, &options(failing)).unwrap_err();
+    assert_eq!(err.exit_code(), 1, "{err}");
+    assert_eq!(memory(&mut conn, "t2-def-a"), "262144");
+    assert_eq!(memory(&mut conn, "t2-def-b"), "131072");
+
+    // One file changed, but a disk is created before its define: checked first too, and
+    // the disk is not created.
+    write("t2-def-b", 128);
+    let m = manifest(images, &["t2-def-a", "t2-def-b"]).replace(
+        "autostart = true\n\n  [[vm.disk]]\n  path = \"",
+        &format!(
+            "autostart = true\n\n  [[vm.disk]]\n  path = \"{}/t2-def-extra.qcow2\"\n  size = \"8M\"\n\n  [[vm.disk]]\n  path = \"",
+            images.display()
+        ),
+    );
+    env.repo.write("vmsync.toml", &m);
+    env.repo.commit("a second disk for a");
+    let err = sync::run(&settings, &mut conn, &options(failing)).unwrap_err();
+    assert_eq!(err.exit_code(), 1, "{err}");
+    assert!(!images.join("t2-def-extra.qcow2").exists());
+    assert_eq!(memory(&mut conn, "t2-def-a"), "262144");
+    assert_eq!(applied(&env), unrelated);
+
+    // One file changed and invalid: the define is refused, the child names the mistake,
+    // nothing changed, the last applied commit stays.
+    env.repo
+        .write("vmsync.toml", &manifest(images, &["t2-def-a", "t2-def-b"]));
+    env.write_schema_bad("t2-def-a", 512);
+    env.repo.commit("schema mistake in a");
+    let err = sync::run(&settings, &mut conn, &options(real)).unwrap_err();
+    assert_eq!(err.exit_code(), 3, "{err}");
+    assert!(
+        err.to_string()
+            .contains("vms/t2-def-a.xml: vm 't2-def-a': field 'xml': rejected by libvirt")
+            && err.to_string().contains("vcpux"),
+        "{err}"
+    );
+    assert_eq!(memory(&mut conn, "t2-def-a"), "262144");
+    let record = state::load(env.state.path()).unwrap();
+    assert_eq!(
+        record.last_applied_commit.as_deref(),
+        Some(unrelated.as_str())
+    );
+    assert_eq!(record.last_result, Some(state::SyncResult::Invalid));
+}
