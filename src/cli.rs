@@ -111,6 +111,12 @@ pub enum Command {
     /// Internal: libvirt's schema checks for a sync (JSON on stdin and stdout).
     #[command(name = "schema-check", hide = true)]
     SchemaCheck,
+    /// Internal: writes the packs of a sync's local clone into one.
+    #[command(name = "pack-clone", hide = true)]
+    PackClone {
+        /// The clone (`<state_dir>/repo`).
+        repo: PathBuf,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -158,6 +164,10 @@ pub fn run() -> u8 {
     if matches!(cli.command, Some(Command::SchemaCheck)) {
         // The child of a sync (see `schema_check`): no config, no state, no libvirtd.
         return crate::schema_check::serve();
+    }
+    if let Some(Command::PackClone { repo }) = &cli.command {
+        // The other child of a sync (see `packs`), under the sync's lock.
+        return crate::packs::serve(repo);
     }
     let flags = Overrides {
         config: cli.config.clone(),
@@ -256,7 +266,9 @@ pub fn run() -> u8 {
                 }
             })
             .map_err(SyncError::Other),
-        (Some(Command::SchemaCheck), false) => unreachable!("served before the config is read"),
+        (Some(Command::SchemaCheck | Command::PackClone { .. }), false) => {
+            unreachable!("served before the config is read")
+        }
     };
     match result {
         Ok(()) => 0,

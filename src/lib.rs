@@ -21,6 +21,7 @@ pub mod manifest;
 pub mod memory;
 pub mod metrics;
 pub mod observe;
+pub mod packs;
 pub mod par;
 pub mod plan;
 pub mod rng;

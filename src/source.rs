@@ -286,7 +286,9 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
     let mut options = FetchOptions::new();
     options
         .remote_callbacks(callbacks)
-        .download_tags(AutotagOption::None);
+        .download_tags(AutotagOption::None)
+        // Nothing reads FETCH_HEAD: the tracking ref says what was fetched.
+        .update_fetchhead(false);
     debug!(url = %shown, branch = %branch, "fetching");
     if let Err(e) = remote.fetch(&[refspec.as_str()], Some(&mut options), None) {
         drop(options);

@@ -15,6 +15,7 @@ use crate::files::RepoFiles;
 use crate::hypervisor::{HvError, Hypervisor, Libvirt, SchemaChecker};
 use crate::manifest::Problem;
 use crate::observe;
+use crate::packs;
 use crate::plan::{self, Plan};
 use crate::schema_cache::CachedSchema;
 use crate::schema_check;
@@ -418,10 +419,11 @@ pub struct Options<'a> {
     /// Accept a commit that does not descend from what this host applied
     /// (`vmsync --once --allow-rewind`); the signature is still checked.
     pub allow_rewind: bool,
-    /// Run libvirt's schema checks in this program as a child
-    /// ([`schema_check::SELF_EXE`]), in parallel with observing the host; `None`: in
-    /// this process, before observing.
-    pub schema_checker: Option<&'a std::path::Path>,
+    /// This program ([`schema_check::SELF_EXE`]), for the children a sync starts:
+    /// libvirt's schema checks, in parallel with observing the host, and the packing of
+    /// the local clone ([`packs`]); `None`: both in this process (the checks before
+    /// observing).
+    pub child_exe: Option<&'a std::path::Path>,
 }
 
 /// `vmsync --once`: one sync with a fresh connection.
@@ -439,7 +441,7 @@ pub fn once_with(settings: &Settings, allow_rewind: bool) -> Result<Report, Sync
             give_up_after: None,
             cancel: &cancel,
             allow_rewind,
-            schema_checker: Some(std::path::Path::new(schema_check::SELF_EXE)),
+            child_exe: Some(std::path::Path::new(schema_check::SELF_EXE)),
         },
     )
 }
@@ -577,7 +579,7 @@ fn run_locked(
     let result = (|| {
         check_commit(settings, &record, &fetched, options.allow_rewind)?;
         let policy = policy(settings);
-        let (desired, checks) = match options.schema_checker {
+        let (desired, checks) = match options.child_exe {
             Some(exe) => {
                 let (desired, checks) =
                     validate_started(&fetched, &commit, &policy, &settings.state_dir, exe)?;
@@ -618,6 +620,9 @@ fn run_locked(
         };
         record_failure(settings, &mut record, Some(&commit), kind, &e.to_string());
     }
+    // Still under the lock, with the clone closed: one pack instead of many, now and then.
+    drop(fetched);
+    packs::tidy(&settings.state_dir, options.child_exe);
     result
 }
 

@@ -656,7 +656,7 @@ fn schema_checks_run_here_when_the_child_cannot_start() {
         give_up_after: None,
         cancel: &cancel,
         allow_rewind: false,
-        schema_checker: Some(Path::new("/nonexistent/vmsync")),
+        child_exe: Some(Path::new("/nonexistent/vmsync")),
     };
     let mut conn = sync::Connection::new("test:///default");
     let report = sync::run(&settings, &mut conn, &options).unwrap();
@@ -682,7 +682,7 @@ fn one_changed_file_is_checked_by_its_validating_define() {
         give_up_after: None,
         cancel: &cancel,
         allow_rewind: false,
-        schema_checker: Some(checker),
+        child_exe: Some(checker),
     };
     let real = Path::new(env!("CARGO_BIN_EXE_vmsync"));
     let failing = Path::new("/bin/false");
@@ -765,4 +765,27 @@ fn one_changed_file_is_checked_by_its_validating_define() {
         Some(unrelated.as_str())
     );
     assert_eq!(record.last_result, Some(state::SyncResult::Invalid));
+}
+
+/// libgit2 leaves a pack per fetch; past `packs::MAX_PACKS` a sync merges them in its
+/// `pack-clone` child, and the clone still serves the syncs after it.
+#[test]
+fn the_local_clone_keeps_few_packs() {
+    let env = Env::new(&["t2-packs"]);
+    let clone = env.state.path().join("repo");
+    let mut packed = false;
+    for i in 0..=vmsync::packs::MAX_PACKS + 1 {
+        env.repo.write("README.md", &format!("commit {i}\n"));
+        let commit = env.repo.commit(&format!("commit {i}"));
+        let run = env.run(&["--once"]).expect(0);
+        packed |= run.stderr.contains("packed the local clone");
+        let packs = vmsync::packs::packs(&clone).len();
+        assert!(
+            packs <= vmsync::packs::MAX_PACKS,
+            "{packs} packs after {i} syncs"
+        );
+        let record = state::load(env.state.path()).unwrap();
+        assert_eq!(record.last_applied_commit.as_deref(), Some(commit.as_str()));
+    }
+    assert!(packed, "the packs were merged once");
 }
