@@ -24,6 +24,8 @@ BUILD_PKGS=(libvirt-dev pkg-config libssl-dev zlib1g-dev git ca-certificates cur
 # NixOS module; systemd-analyze (package systemd on Debian 12/Ubuntu) verifies
 # the units. Minimal container images ship neither.
 BUILD_PKGS+=(nix-bin systemd)
+# tests/https_ca.rs: `openssl` makes certificates and serves TLS.
+BUILD_PKGS+=(openssl)
 RUNTIME_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf
   openssh-server openssh-client)

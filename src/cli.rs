@@ -166,7 +166,9 @@ pub fn run() -> u8 {
         return crate::schema_check::serve();
     }
     if let Some(Command::PackClone { repo }) = &cli.command {
-        // The other child of a sync (see `packs`), under the sync's lock.
+        // The other child of a sync (see `packs`), under the sync's lock; never fetches.
+        // SAFETY: one thread so far.
+        unsafe { crate::source::init_git("") };
         return crate::packs::serve(repo);
     }
     let flags = Overrides {
@@ -195,6 +197,8 @@ pub fn run() -> u8 {
         Ok(s) => s,
         Err(e) => return report(&e.into()),
     };
+    // SAFETY: one thread so far (the daemon starts its threads later).
+    unsafe { crate::source::init_git(settings.url.as_deref().unwrap_or_default()) };
     let result = match (&cli.command, cli.once) {
         _ if (cli.dry_run || cli.allow_mass_prune) && !(cli.once && cli.command.is_none()) => {
             Err(SyncError::Config(config::ConfigError(

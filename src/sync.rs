@@ -524,32 +524,13 @@ pub fn run(
     result
 }
 
-/// libgit2 settings for reading many files of one commit, once per process:
-/// - objects enter the local clone only through fetch, where libgit2's indexer hashes
-///   each one; hashing them again on every read (with the collision-detecting SHA-1) was
-///   the largest CPU cost of a no-op sync, so read-time verification is off;
-/// - trees larger than 4 KiB (a `vms/` directory of hundreds of files) are not cached by
-///   default, so every file lookup inflated that tree again: trees up to 16 MiB are cached.
-fn tune_git_reads() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        git2::opts::strict_hash_verification(false);
-        // SAFETY: called once, before any repository is opened by this process's syncs.
-        if let Err(e) =
-            unsafe { git2::opts::set_cache_object_limit(git2::ObjectType::Tree, 16 << 20) }
-        {
-            warn!(error = %e, "failed to raise libgit2's tree cache limit");
-        }
-    });
-}
-
 fn run_locked(
     settings: &Settings,
     conn: &mut Connection,
     options: &Options,
 ) -> Result<Report, SyncError> {
     let _lock = lock(settings)?;
-    tune_git_reads();
+    source::tune_git();
     let mut record = state::load(&settings.state_dir)?;
     let source = settings.source()?;
     let fetched = match source::fetch(&source, &settings.state_dir) {
