@@ -836,15 +836,14 @@ pub(crate) mod test_sshd {
     }
 }
 
+/// The git CLI for tests.
 #[cfg(test)]
-mod tests {
-    use super::test_sshd::{SshServer, keygen};
-    use super::*;
+pub(crate) mod test_git {
+    use std::path::Path;
     use std::process::Command;
-    use std::time::Duration;
 
     /// Runs the git CLI in `dir`, isolated from the user's and system configuration.
-    fn git(dir: &Path, args: &[&str]) -> String {
+    pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("git")
             .arg("-C")
             .arg(dir)
@@ -861,6 +860,14 @@ mod tests {
         assert!(out.status.success(), "git {args:?}: {out:?}");
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_git::git;
+    use super::test_sshd::{SshServer, keygen};
+    use super::*;
+    use std::time::Duration;
 
     /// A non-bare repository at `dir` with `vmsync.toml` committed on `main`.
     fn remote_repo(dir: &Path, toml: &str) -> String {
