@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -104,18 +105,39 @@ def remove_domains(prefix):
         subprocess.run(["virsh", "-c", URI, cmds], capture_output=True, text=True)
 
 
+def libvirtd_cpu():
+    """CPU seconds libvirtd's threads have run (scheduler ns, finer than /proc ticks)."""
+    pids = sh(["pgrep", "-x", "libvirtd"]).split()
+    total = 0
+    for pid in pids:
+        for f in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                total += int(f.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total / 1e9
+
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def timed(cmd, **kw):
-    """Runs cmd under /usr/bin/time; returns (wall s, cpu s, max rss MiB, stderr)."""
+    """Runs cmd under /usr/bin/time; returns (wall s, cpu s, max rss MiB, stderr, cost s):
+    cost is the CPU of the command (microseconds, from rusage) plus libvirtd's meanwhile."""
     fmt = "BENCH %e %U %S %M"
+    lv0, own0 = libvirtd_cpu(), children_cpu()
     started = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-f", fmt, *cmd], text=True, capture_output=True, **kw)
     elapsed = time.perf_counter() - started
+    cost = (children_cpu() - own0) + (libvirtd_cpu() - lv0)
     m = re.search(r"BENCH ([\d.]+) ([\d.]+) ([\d.]+) (\d+)", p.stderr)
     if p.returncode != 0 or not m:
         raise SystemExit(f"{cmd[:3]} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-3000:]}")
     # Wall time from a monotonic clock (time's %e has 10 ms steps); CPU and RSS from time.
     wall, user, sys_, rss = elapsed, float(m[2]), float(m[3]), int(m[4])
-    return wall, user + sys_, rss / 1024, p.stderr
+    return wall, user + sys_, rss / 1024, p.stderr, cost
 
 
 def calls(stderr):
@@ -289,7 +311,7 @@ def main():
             xml_dir = repo / "vms"
             loop = (f'for f in {xml_dir}/*.xml; do n=$(basename "$f" .xml); '
                     f'virsh -c {URI} define "$f" >/dev/null && virsh -c {URI} autostart "$n" >/dev/null || exit 1; done')
-            b_wall, b_cpu, _, _ = timed(["bash", "-c", loop])
+            b_wall, b_cpu, _, _, _ = timed(["bash", "-c", loop])
             remove_domains(prefix)
 
             state = base / f"state-{n}"
@@ -303,7 +325,11 @@ def main():
             scratch.write_text(domain_xml(f"{prefix}floor-define").replace(
                 "</name>", "</name>\n  <uuid>6f1c2a3b-0000-4000-8000-00000000beef</uuid>"))
             # As many defines as syncs of each kind, best and median (compared like for like).
-            define_line = sh([str(FLOOR), URI, prefix, str(RUNS), str(scratch)]).splitlines()[1]
+            lv0, own0 = libvirtd_cpu(), children_cpu()
+            define_line = sh([str(FLOOR), URI, "-", str(RUNS), str(scratch)]).splitlines()[1]
+            # CPU per define, the client's (with its start and connection spread over the
+            # defines) plus libvirtd's.
+            define_cost_ms = ((children_cpu() - own0) + (libvirtd_cpu() - lv0)) / RUNS * 1000
             define_ms = float(define_line.split()[0])
             define_med_ms = float(re.search(r"median ([\d.]+) ms", define_line)[1])
 
@@ -335,14 +361,16 @@ def main():
             for label, runs in [("first sync", [first]), ("no-op sync", noops),
                                 ("no-op sync, fetch over git:// (git daemon)", [noop_git]),
                                 ("one VM changed", ones), ("unrelated commit", unrelateds)]:
-                wall, cpu, rss, err = min(runs, key=lambda r: r[0])
+                wall, cpu, rss, err = min(runs, key=lambda r: r[0])[:4]
                 med = statistics.median(r[0] for r in runs)
                 rows.append((n, label, wall, med if len(runs) > 1 else None, cpu, rss, calls(err), b_wall / wall,
                              wall / floor_wall if label == "no-op sync" else None, received(err)))
             best = lambda runs: min(r[0] for r in runs)
             med = lambda runs: statistics.median(r[0] for r in runs)
+            cost = lambda runs: statistics.median(r[4] for r in runs)
             extra.append((n, "one", (best(ones) - best(noops), med(ones) - med(noops), define_ms, define_med_ms,
                                      best(ones) - best(unrelateds), med(ones) - med(unrelateds))))
+            extra.append((n, "cost", (cost(noops), cost(ones), cost(unrelateds), define_cost_ms)))
             rows.append((n, "baseline: virsh define + autostart loop", b_wall, None, b_cpu, None, 2 * n, 1.0, None,
                          ""))
             rows.append((n, "floor process: connect, 1 list + N XML reads", floor_wall, None, None, None, 1 + n,
@@ -373,6 +401,14 @@ def main():
                        f"fetches a new commit too): {u_best * 1000:.1f} ms, {u_med * 1000:.1f} ms; one "
                        f"validated define by a bare client: {define_ms:.1f} ms best, {define_med_ms:.1f} ms median "
                        f"(of {RUNS}).")
+            continue
+        if how == "cost":
+            c_noop, c_one, c_unrel, define_cost_ms = figures
+            out.append(f"- N = {n}, CPU cost (vmsync's and libvirtd's CPU, median): no-op {c_noop * 1000:.1f} ms, "
+                       f"one VM changed {c_one * 1000:.1f} ms, unrelated commit {c_unrel * 1000:.1f} ms; one VM "
+                       f"changed minus no-op {(c_one - c_noop) * 1000:.1f} ms, minus the unrelated commit "
+                       f"{(c_one - c_unrel) * 1000:.1f} ms; one validated define by the bare client: "
+                       f"{define_cost_ms:.1f} ms (libvirtd's CPU plus the client's, over {RUNS} defines).")
             continue
         if how == "trips":
             conns, trips, sent, got, fetched = figures

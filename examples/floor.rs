@@ -4,7 +4,8 @@
 //!
 //! Usage: `floor URI PREFIX [ROUNDS [XML_FILE]]` (best of ROUNDS, default 5). With
 //! XML_FILE it also times one validated define of that XML (as vmsync defines: with
-//! `VIR_DOMAIN_DEFINE_VALIDATE`), best and median of ROUNDS, on a second line.
+//! `VIR_DOMAIN_DEFINE_VALIDATE`), best and median of ROUNDS, on a second line. PREFIX `-`
+//! skips the list and the reads (the defines alone, for their CPU cost).
 
 use std::time::Instant;
 
@@ -18,7 +19,8 @@ fn main() {
     let conn = Connect::open(Some(uri)).expect("connect");
     let mut best = f64::MAX;
     let mut count = 0;
-    for _ in 0..rounds {
+    // PREFIX "-": no list and no reads, only the defines.
+    for _ in 0..if prefix == "-" { 0 } else { rounds } {
         let started = Instant::now();
         let domains = conn.list_all_domains(0).expect("list");
         count = 0;
@@ -31,7 +33,11 @@ fn main() {
         }
         best = best.min(started.elapsed().as_secs_f64() * 1000.0);
     }
-    println!("{best:.1} ms for 1 list + {count} inactive xml reads");
+    if prefix == "-" {
+        println!("no list, no reads");
+    } else {
+        println!("{best:.1} ms for 1 list + {count} inactive xml reads");
+    }
     if let Some(file) = args.get(4) {
         let xml = std::fs::read_to_string(file).expect("XML_FILE");
         let mut times: Vec<f64> = (0..rounds)
