@@ -98,7 +98,7 @@ impl CachedSchema {
                 .map(|(id, summary)| (id.clone(), summary.clone()))
                 .collect(),
         };
-        let result = crate::state::write_atomic_with(path, |out| {
+        let result = crate::state::write_cache_with(path, |out| {
             let mut out = std::io::BufWriter::new(out);
             serde_json::to_writer(&mut out, &file)?;
             std::io::Write::flush(&mut out)
@@ -240,6 +240,23 @@ mod tests {
         );
         assert!(saved.valid.is_empty(), "GOOD was not looked up: {saved:?}");
         assert!(third.known("blob:old").is_none());
+    }
+
+    #[test]
+    fn a_torn_or_empty_cache_file_starts_empty() {
+        // The cache is not fsynced: after a crash it may be empty or cut short.
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CachedSchema::load(Some(dir.path()), "policy");
+        cache.check(GOOD).unwrap();
+        cache.save();
+        let path = dir.path().join(CACHE_FILE);
+        let full = std::fs::read(&path).unwrap();
+        for torn in [&full[..0], &full[..full.len() / 2]] {
+            std::fs::write(&path, torn).unwrap();
+            let again = CachedSchema::load(Some(dir.path()), "policy");
+            again.check(GOOD).unwrap();
+            assert_eq!(again.misses(), 1, "checked again");
+        }
     }
 
     #[test]
