@@ -194,11 +194,7 @@ pub struct Manifest {
 
 /// 1-based line of byte offset `pos` in `text`.
 pub fn line_of(text: &str, pos: usize) -> usize {
-    text[..pos.min(text.len())]
-        .bytes()
-        .filter(|b| *b == b'\n')
-        .count()
-        + 1
+    Lines::new(text).at(pos)
 }
 
 /// Line numbers of positions in one text, counted on from the previous position when

@@ -360,7 +360,7 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
 ///   the largest CPU cost of a no-op sync, so read-time verification is off;
 /// - trees larger than 4 KiB (a `vms/` directory of hundreds of files) are not cached by
 ///   default, so every file lookup inflated that tree again: trees up to 16 MiB are cached.
-pub fn tune_git() {
+fn tune_git() {
     TUNED.call_once(|| {
         git2::opts::strict_hash_verification(false);
         // SAFETY: called once, before any repository is opened by this process.

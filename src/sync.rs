@@ -139,10 +139,18 @@ struct SchemaChecks<'a> {
     unchecked: Vec<validate::Unchecked>,
     running: Option<Verdicts>,
     exe: &'a std::path::Path,
-    /// The one unchecked XML, not yet checked: waiting for the plan.
-    held: bool,
-    /// The held XML is left to its define.
-    deferred: bool,
+    held: Held,
+}
+
+/// What happens to the one unchecked XML of a one-file commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Nothing held back: every unchecked XML goes to the child.
+    No,
+    /// Held back, waiting for the plan.
+    Waiting,
+    /// Left to its validating define.
+    ToDefine,
 }
 
 /// Where the verdicts come from.
@@ -158,8 +166,12 @@ impl SchemaChecks<'_> {
     /// checks run here instead (same verdicts, more memory); a child that started and
     /// then failed is an error, never a reason to parse here.
     fn start(&mut self, desired: &Desired, hold_one: bool) -> Result<(), SyncError> {
-        self.held = hold_one && self.unchecked.len() == 1;
-        if self.unchecked.is_empty() || self.held {
+        self.held = if hold_one && self.unchecked.len() == 1 {
+            Held::Waiting
+        } else {
+            Held::No
+        };
+        if self.unchecked.is_empty() || self.held == Held::Waiting {
             return Ok(());
         }
         let exe = self.exe;
@@ -206,8 +218,6 @@ impl SchemaChecks<'_> {
 
     /// Checks what is held back now.
     fn check_held(&mut self, desired: &Desired) -> Result<Vec<Problem>, SyncError> {
-        self.held = false;
-        self.deferred = false;
         self.start(desired, false)?;
         self.finish(desired)
     }
@@ -215,13 +225,13 @@ impl SchemaChecks<'_> {
     /// Before anything is applied: leaves the held XML to its define if `plan` allows
     /// it, else checks it now.
     fn planned(&mut self, desired: &Desired, plan: &Plan) -> Result<Vec<Problem>, SyncError> {
-        if !self.held {
+        if self.held != Held::Waiting {
             return Ok(Vec::new());
         }
         let vm = self.unchecked[0].of(desired);
         if plan.changes_wait_for_define_of(&vm.name) {
             debug!(vm = %vm.name, "schema check left to libvirt's validating define");
-            self.deferred = true;
+            self.held = Held::ToDefine;
             return Ok(Vec::new());
         }
         self.check_held(desired)
@@ -231,7 +241,7 @@ impl SchemaChecks<'_> {
     /// did not happen (it failed, or the sync stopped before it) has its XML checked now,
     /// so that a schema rejection is reported as one (nothing was changed).
     fn applied(&mut self, desired: &Desired, outcome: &Outcome) -> Result<Vec<Problem>, SyncError> {
-        if !self.deferred {
+        if self.held != Held::ToDefine {
             return Ok(Vec::new());
         }
         let unchecked = &self.unchecked[0];
@@ -245,7 +255,7 @@ impl SchemaChecks<'_> {
         self.cache
             .record_pass(&vm.xml, unchecked.content_id.as_deref(), &vm.summary);
         self.cache.save();
-        self.deferred = false;
+        self.held = Held::No;
         Ok(Vec::new())
     }
 }
@@ -337,8 +347,7 @@ fn validate_started<'a>(
         unchecked: outcome.unchecked,
         running: None,
         exe,
-        held: false,
-        deferred: false,
+        held: Held::No,
     };
     // A commit invalid anyway has every XML checked now, so one run shows every mistake.
     checks.start(&outcome.desired, outcome.problems.is_empty())?;
@@ -530,7 +539,6 @@ fn run_locked(
     options: &Options,
 ) -> Result<Report, SyncError> {
     let _lock = lock(settings)?;
-    source::tune_git();
     let mut record = state::load(&settings.state_dir)?;
     let source = settings.source()?;
     let fetched = match source::fetch(&source, &settings.state_dir) {
