@@ -21,6 +21,10 @@ the same run measures:
     answered by the server) and bytes of a fetch with nothing new;
   - wall time, CPU time (user+sys) and peak RSS of each vmsync run, and the libvirt
     calls vmsync reports per sync;
+  - one VM changed against the no-op run just before it, run by run (median of the
+    differences and its 95% bootstrap interval): wall time, CPU cost, and the stage
+    times vmsync logs on its `converged` line (fetch, validate, connect, observe,
+    plan, apply), whose sum without observing shows what the change adds;
   - for the largest N: the daemon's idle CPU over 10 s, its peak RSS (VmHWM) and its
     RSS and PSS after the sync, then its peak RSS after three commits that each change
     one VM (applied on SIGHUP); the same daemon started on an empty state dir; and one
@@ -35,6 +39,7 @@ Test domains are named vmsyncbench-<N>-<i> and removed at the end.
 import json
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -143,6 +148,24 @@ def timed(cmd, **kw):
 def calls(stderr):
     m = re.findall(r"libvirt_calls=(\d+)", stderr)
     return int(m[-1]) if m else None
+
+
+STAGES = ["fetch", "validate", "connect", "observe", "plan", "apply"]
+
+
+def stages(stderr):
+    """The stage times (ms) of the `converged` line: {"fetch": 0.5, ...}."""
+    m = re.findall(r"stages_ms=(.*)$", stderr, re.M)
+    return {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)", m[-1])} if m else {}
+
+
+def paired(ones, noops, key):
+    """Median of key(one run) - key(the no-op run just before it), with a 95% bootstrap
+    interval of that median (fixed seed: the same runs give the same interval)."""
+    diffs = [key(a) - key(b) for a, b in zip(ones, noops)]
+    rng = random.Random(6)
+    meds = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(2000))
+    return statistics.median(diffs), meds[50], meds[1949]
 
 
 def received(stderr):
@@ -371,6 +394,20 @@ def main():
             extra.append((n, "one", (best(ones) - best(noops), med(ones) - med(noops), define_ms, define_med_ms,
                                      best(ones) - best(unrelateds), med(ones) - med(unrelateds))))
             extra.append((n, "cost", (cost(noops), cost(ones), cost(unrelateds), define_cost_ms)))
+            # The same, run by run (each one-VM run against the no-op just before it), and
+            # inside the process: the stages of the `converged` line. Observing is the
+            # same work in both and the noisiest stage; the rest is what the change adds.
+            stage = lambda r, k: stages(r[3]).get(k, 0.0)
+            besides_observe = lambda r: sum(stage(r, k) for k in STAGES if k != "observe")
+            extra.append((n, "paired", (
+                paired(ones, noops, lambda r: r[0] * 1000),
+                paired(ones, noops, lambda r: r[4] * 1000),
+                paired(ones, noops, besides_observe),
+                {k: paired(ones, noops, lambda r, k=k: stage(r, k))[0] for k in STAGES},
+                {label: {k: statistics.median(stage(r, k) for r in runs) for k in STAGES}
+                 for label, runs in [("no-op", noops), ("one VM changed", ones),
+                                     ("unrelated commit", unrelateds)]},
+                define_med_ms)))
             rows.append((n, "baseline: virsh define + autostart loop", b_wall, None, b_cpu, None, 2 * n, 1.0, None,
                          ""))
             rows.append((n, "floor process: connect, 1 list + N XML reads", floor_wall, None, None, None, 1 + n,
@@ -409,6 +446,18 @@ def main():
                        f"changed minus no-op {(c_one - c_noop) * 1000:.1f} ms, minus the unrelated commit "
                        f"{(c_one - c_unrel) * 1000:.1f} ms; one validated define by the bare client: "
                        f"{define_cost_ms:.1f} ms (libvirtd's CPU plus the client's, over {RUNS} defines).")
+            continue
+        if how == "paired":
+            wall, cost_, inner, by_stage, medians, define_med_ms = figures
+            ci = lambda t: f"{t[0]:+.1f} ms (95% interval {t[1]:+.1f} to {t[2]:+.1f})"
+            out.append(f"- N = {n}, one VM changed minus the no-op run just before it (median of the {RUNS} "
+                       f"differences): wall {ci(wall)}; CPU cost {ci(cost_)}; inside the process, the stages "
+                       f"other than observing {ci(inner)}: "
+                       + ", ".join(f"{k} {v:+.1f}" for k, v in by_stage.items())
+                       + f" ms. One validated define by the bare client: {define_med_ms:.1f} ms median.")
+            out.append(f"- N = {n}, stage medians (ms) from the `converged` line: "
+                       + "; ".join(f"{label}: " + ", ".join(f"{k} {v:.1f}" for k, v in st.items())
+                                   for label, st in medians.items()) + ".")
             continue
         if how == "trips":
             conns, trips, sent, got, fetched = figures

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
@@ -275,6 +275,20 @@ pub trait Gate {
     fn applied(&self, _outcome: &Outcome) -> Result<(), SyncError> {
         Ok(())
     }
+    /// How long the stages before observing took (fetch, validate, connect), for the
+    /// `converged` line.
+    fn stages_before(&self) -> &[(&'static str, Duration)] {
+        &[]
+    }
+}
+
+/// Stage durations as the `converged` line shows them: `fetch 0.5, observe 107.2` (ms).
+fn stages_ms(stages: &[(&'static str, Duration)]) -> String {
+    stages
+        .iter()
+        .map(|(stage, took)| format!("{stage} {:.1}", took.as_secs_f64() * 1000.0))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// No checks.
@@ -289,6 +303,8 @@ struct RunGate<'a> {
     commit: &'a str,
     fetched: &'a source::FetchedCommit,
     allow_rewind: bool,
+    /// Fetch, validate and connect.
+    stages: [(&'static str, Duration); 3],
 }
 
 impl RunGate<'_> {
@@ -322,6 +338,9 @@ impl Gate for RunGate<'_> {
     }
     fn applied(&self, outcome: &Outcome) -> Result<(), SyncError> {
         self.verdict(|checks| checks.applied(self.desired, outcome))
+    }
+    fn stages_before(&self) -> &[(&'static str, Duration)] {
+        &self.stages
     }
 }
 
@@ -541,6 +560,7 @@ fn run_locked(
     let _lock = lock(settings)?;
     let mut record = state::load(&settings.state_dir)?;
     let source = settings.source()?;
+    let fetch_started = Instant::now();
     let fetched = match source::fetch(&source, &settings.state_dir) {
         Ok(fetched) => fetched,
         Err(e) => {
@@ -554,6 +574,7 @@ fn run_locked(
             return Err(e.into());
         }
     };
+    let fetch_took = fetch_started.elapsed();
     let commit = fetched.id();
     if let Some(max) = options.give_up_after
         && record.last_attempted_commit.as_deref() == Some(commit.as_str())
@@ -566,6 +587,7 @@ fn run_locked(
         });
     }
     let result = (|| {
+        let validate_started_at = Instant::now();
         check_commit(settings, &record, &fetched, options.allow_rewind)?;
         let policy = policy(settings);
         let (desired, checks) = match options.child_exe {
@@ -579,14 +601,21 @@ fn run_locked(
                 None,
             ),
         };
+        let validate_took = validate_started_at.elapsed();
+        let connect_started = Instant::now();
+        let hv = conn.get()?;
         let gate = RunGate {
             checks: std::cell::RefCell::new(checks),
             desired: &desired,
             commit: &commit,
             fetched: &fetched,
             allow_rewind: options.allow_rewind,
+            stages: [
+                ("fetch", fetch_took),
+                ("validate", validate_took),
+                ("connect", connect_started.elapsed()),
+            ],
         };
-        let hv = conn.get()?;
         apply_commit_checked(
             settings,
             &mut record,
@@ -666,9 +695,16 @@ pub fn apply_commit_checked(
 ) -> Result<Report, SyncError> {
     let short = &commit[..commit.len().min(12)];
     let calls_before = hv.call_count();
+    let mut stages = gate.stages_before().to_vec();
+    let mut stage_started = Instant::now();
+    let mut stage_done = |stage: &'static str| {
+        stages.push((stage, stage_started.elapsed()));
+        stage_started = Instant::now();
+    };
     let observed = observe_commit(record, desired, hv, disks)?;
     debug!(domains = observed.domains.len(), "observed");
     gate.observed(&observed)?;
+    stage_done("observe");
     let ctx = plan::Context {
         policy: &settings.changes,
         record,
@@ -686,9 +722,11 @@ pub fn apply_commit_checked(
         info!(commit = %short, vms = plan.vms.len(), "nothing to do: every vm is converged");
     }
     debug!("planned");
+    stage_done("plan");
     let outcome = apply::apply(&plan, hv, disks, cancel);
     debug!("applied");
     gate.applied(&outcome)?;
+    stage_done("apply");
 
     let now = state::now_rfc3339();
     let mut vms = BTreeMap::new();
@@ -763,6 +801,7 @@ pub fn apply_commit_checked(
             vms = outcome.vms.len(),
             changes = outcome.changes(),
             libvirt_calls = hv.call_count() - calls_before,
+            stages_ms = %stages_ms(&stages),
             "converged"
         );
         Ok(())

@@ -128,6 +128,25 @@ fn first_sync_creates_disks_defines_and_records() {
         assert_eq!(info["format"], "qcow2");
         assert_eq!(info["virtual-size"], 64 << 20);
     }
+    // The converged line tells how long each stage took, in pipeline order.
+    let stages = run
+        .stderr
+        .lines()
+        .find(|l| l.contains(" converged "))
+        .and_then(|l| l.split("stages_ms=").nth(1))
+        .unwrap_or_else(|| panic!("no stage times in {}", run.stderr));
+    let names: Vec<&str> = stages
+        .split(", ")
+        .map(|stage| {
+            let (name, ms) = stage.trim().split_once(' ').expect("stage ms");
+            assert!(ms.parse::<f64>().is_ok_and(|ms| ms >= 0.0), "{stages}");
+            name
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["fetch", "validate", "connect", "observe", "plan", "apply"]
+    );
     let record = state::load(env.state.path()).unwrap();
     assert_eq!(record.last_applied_commit.as_deref(), Some(head.as_str()));
     assert_eq!(record.vms.len(), 2);
