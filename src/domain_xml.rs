@@ -92,7 +92,10 @@ pub fn is_canonical_uuid(uuid: &str) -> bool {
 /// Reads a domain definition: well-formed, root `<domain>`, a `<name>`, an optional UUID
 /// in canonical form, interface MACs and vmsync's tag.
 pub fn summarize(xml: &str) -> Result<DomainSummary, XmlProblem> {
-    let doc = parse_doc(xml)?;
+    summarize_doc(&parse_doc(xml)?)
+}
+
+fn summarize_doc(doc: &roxmltree::Document) -> Result<DomainSummary, XmlProblem> {
     let root = doc.root_element();
     let line = |n: roxmltree::Node| Some(doc.text_pos_at(n.range().start).row as usize);
     if root.tag_name().name() != "domain" || root.tag_name().namespace().is_some() {
@@ -303,20 +306,35 @@ const MACHINE_ALIASES: &[(&str, &str)] = &[("pc", "pc-i440fx-"), ("q35", "pc-q35
 /// libvirt's inactive XML pretty-printed, with vmsync's tag removed: what the drift
 /// baseline is taken of. `None` if it does not parse.
 pub fn canonical(libvirt_xml: &str) -> Option<String> {
-    let doc = parse_doc(libvirt_xml).ok()?;
-    let mut out = String::new();
+    Some(canonical_doc(&parse_doc(libvirt_xml).ok()?))
+}
+
+fn canonical_doc(doc: &roxmltree::Document) -> String {
+    let mut out = String::with_capacity(doc.input_text().len());
     write_node(doc.root_element(), None, 0, Projection::Off, &mut out);
-    Some(out)
+    out
 }
 
 /// The hash of [`canonical`]: equal before and after a sync unless someone changed the
 /// definition outside vmsync (`virsh edit`, `virsh define`).
 pub fn definition_hash(libvirt_xml: &str) -> Option<String> {
-    let text = canonical(libvirt_xml)?;
+    Some(hash_doc(&parse_doc(libvirt_xml).ok()?))
+}
+
+fn hash_doc(doc: &roxmltree::Document) -> String {
     let mut hasher = Sha256::new();
     hasher.update(b"vmsync-definition-v1\0");
-    hasher.update(text.as_bytes());
-    Some(hex::encode(hasher.finalize()))
+    hasher.update(canonical_doc(doc).as_bytes());
+    hex::encode(hasher.finalize())
+}
+
+/// [`summarize`] and [`definition_hash`] of a definition libvirt returned, parsed once
+/// (observing a host reads every managed domain's XML on every sync).
+pub fn summarize_and_hash(libvirt_xml: &str) -> (Option<DomainSummary>, Option<String>) {
+    match parse_doc(libvirt_xml) {
+        Ok(doc) => (summarize_doc(&doc).ok(), Some(hash_doc(&doc))),
+        Err(_) => (None, None),
+    }
 }
 
 /// libvirt's XML pretty-printed for a readable diff against the committed `source`:
@@ -469,28 +487,58 @@ fn shown_children<'a, 'i, 's, 't>(
     out
 }
 
-fn qualified(node: roxmltree::Node, name: &str, ns: Option<&str>) -> String {
-    match ns.and_then(|uri| node.lookup_prefix(uri)) {
-        Some(prefix) if !prefix.is_empty() => format!("{prefix}:{name}"),
-        _ => name.to_string(),
+/// Appends `name` with the prefix `node` has in scope for `ns` (none for the default).
+fn push_qualified(out: &mut String, node: roxmltree::Node, name: &str, ns: Option<&str>) {
+    if let Some(prefix) = ns.and_then(|uri| node.lookup_prefix(uri))
+        && !prefix.is_empty()
+    {
+        out.push_str(prefix);
+        out.push(':');
     }
+    out.push_str(name);
 }
 
-fn escape(text: &str, attribute: bool) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' if !attribute => out.push_str("&gt;"),
-            '\'' if attribute => out.push_str("&apos;"),
-            c => out.push(c),
+/// Appends `text` escaped for an attribute value in single quotes, or for element text.
+fn push_escaped(out: &mut String, text: &str, attribute: bool) {
+    let special = |c: char| c == '&' || c == '<' || if attribute { c == '\'' } else { c == '>' };
+    let mut rest = text;
+    while let Some(at) = rest.find(special) {
+        out.push_str(&rest[..at]);
+        let c = rest[at..].chars().next().expect("found");
+        out.push_str(match c {
+            '&' => "&amp;",
+            '<' => "&lt;",
+            '>' => "&gt;",
+            _ => "&apos;",
+        });
+        rest = &rest[at + c.len_utf8()..];
+    }
+    out.push_str(rest);
+}
+
+/// The text of `node`'s text children, trimmed (borrowed when there is one child).
+fn own_text<'a>(node: roxmltree::Node<'a, '_>) -> std::borrow::Cow<'a, str> {
+    let mut texts = node
+        .children()
+        .filter(|c| c.is_text())
+        .filter_map(|c| c.text());
+    let Some(first) = texts.next() else {
+        return "".into();
+    };
+    match texts.next() {
+        None => first.trim().into(),
+        Some(second) => {
+            let mut all = String::from(first);
+            all.push_str(second);
+            texts.for_each(|t| all.push_str(t));
+            all.trim().to_string().into()
         }
     }
-    out
 }
 
 /// Pretty-prints `node` (two spaces per level, attributes as libvirt orders them).
+/// The drift baselines in state files are hashes of this text ([`definition_hash`]):
+/// it must not change from one version to the next.
 fn write_node(
     node: roxmltree::Node,
     src: Option<roxmltree::Node>,
@@ -498,28 +546,34 @@ fn write_node(
     projection: Projection,
     out: &mut String,
 ) {
-    let indent = "  ".repeat(depth);
-    let name = qualified(node, node.tag_name().name(), node.tag_name().namespace());
-    out.push_str(&format!("{indent}<{name}"));
-    if let Some(uri) = node.tag_name().namespace()
+    let indent = |out: &mut String| (0..depth).for_each(|_| out.push_str("  "));
+    let (name, ns) = (node.tag_name().name(), node.tag_name().namespace());
+    indent(out);
+    out.push('<');
+    push_qualified(out, node, name, ns);
+    if let Some(uri) = ns
         && node
             .parent_element()
             .is_none_or(|p| p.lookup_prefix(uri).is_none())
     {
         match node.lookup_prefix(uri) {
             Some(prefix) if !prefix.is_empty() => {
-                out.push_str(&format!(" xmlns:{prefix}='{}'", escape(uri, true)))
+                out.push_str(" xmlns:");
+                out.push_str(prefix);
             }
-            _ => out.push_str(&format!(" xmlns='{}'", escape(uri, true))),
+            _ => out.push_str(" xmlns"),
         }
+        out.push_str("='");
+        push_escaped(out, uri, true);
+        out.push('\'');
     }
     let is_os_type = projection == Projection::Off
-        && node.tag_name().name() == "type"
+        && name == "type"
         && node
             .parent_element()
             .is_some_and(|p| p.tag_name().name() == "os");
     for attr in node.attributes() {
-        let mut value = attr.value().to_string();
+        let mut value = attr.value();
         if is_os_type && src.is_some() {
             // Attributes the source leaves to libvirt (arch, machine) are left out; an
             // expanded machine alias is shown as the source wrote it.
@@ -531,37 +585,40 @@ fn write_node(
                     .iter()
                     .any(|(alias, prefix)| given == *alias && value.starts_with(prefix))
             {
-                value = given.to_string();
+                value = given;
             }
         }
-        let attr_name = qualified(node, attr.name(), attr.namespace());
-        out.push_str(&format!(" {attr_name}='{}'", escape(&value, true)));
+        out.push(' ');
+        push_qualified(out, node, attr.name(), attr.namespace());
+        out.push_str("='");
+        push_escaped(out, value, true);
+        out.push('\'');
     }
     let children = shown_children(node, src, projection);
-    let text: String = node
-        .children()
-        .filter(|c| c.is_text())
-        .filter_map(|c| c.text())
-        .collect::<String>()
-        .trim()
-        .to_string();
+    let text = own_text(node);
     if children.is_empty() && text.is_empty() {
         out.push_str("/>\n");
-    } else if children.is_empty() {
-        out.push_str(&format!(">{}</{name}>\n", escape(&text, false)));
+        return;
+    }
+    if children.is_empty() {
+        out.push('>');
+        push_escaped(out, &text, false);
     } else {
         out.push_str(">\n");
         for (c, csrc, cprojection) in children {
             // `os/type` needs its source counterpart for the machine alias.
-            let csrc = if c.tag_name().name() == "type" && node.tag_name().name() == "os" {
+            let csrc = if c.tag_name().name() == "type" && name == "os" {
                 src.and_then(|s| child(s, "type"))
             } else {
                 csrc
             };
             write_node(c, csrc, depth + 1, cprojection, out);
         }
-        out.push_str(&format!("{indent}</{name}>\n"));
+        indent(out);
     }
+    out.push_str("</");
+    push_qualified(out, node, name, ns);
+    out.push_str(">\n");
 }
 
 #[cfg(test)]
@@ -584,6 +641,65 @@ mod tests {
         Tag {
             commit: "c0ffee".into(),
             fingerprint: fingerprint(SRC),
+        }
+    }
+
+    /// Escapes, namespaces (prefixed, default, vmsync's), mixed text, CDATA, comments,
+    /// an alias and a device address: the corners of the canonical printer.
+    const CORNERS: &str = r#"<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>a&amp;b</name>
+  <description>x &lt; y &gt; z "q" 'a' &amp; — ü</description>
+  <title>one<!-- c -->two <![CDATA[<raw>&]]> three</title>
+  <metadata>
+    <app:x xmlns:app='urn:a&amp;b'><app:y k='v&apos;"&lt;'>t</app:y></app:x>
+    <z xmlns='urn:default'><w a='1'/></z>
+    <vmsync:sync xmlns:vmsync='https://github.com/vmsync/vmsync/xmlns/domain/1'><vmsync:commit>c</vmsync:commit><vmsync:fingerprint>f</vmsync:fingerprint></vmsync:sync>
+  </metadata>
+  <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type><boot dev='hd'/></os>
+  <devices>
+    <disk type='file' device='disk'><source file='/a b/c&amp;d.qcow2'/><target dev='vda' bus='virtio'/><alias name='x'/><address type='pci' slot='0x04'/></disk>
+    <interface type='user'><mac address='52:54:00:00:00:01'/><model type='virtio'/></interface>
+    <controller type='usb' index='0'/>
+  </devices>
+  <qemu:commandline><qemu:arg value='-x'/></qemu:commandline>
+</domain>"#;
+
+    #[test]
+    fn definition_hash_is_stable_across_versions() {
+        // state.json keeps these hashes as drift baselines: a printer that changed its
+        // output would report every managed domain as drifted after an upgrade. (The
+        // value is the one the printer of vmsync 0.1 gives.)
+        assert_eq!(
+            definition_hash(CORNERS).as_deref(),
+            Some("2323d42ee0693d37c02a9765ea84ecd9823bf7d2ec5037047ac7c50d6cffaeed")
+        );
+        let text = canonical(CORNERS).unwrap();
+        assert!(
+            text.contains("<title>onetwo &lt;raw&gt;&amp; three</title>"),
+            "{text}"
+        );
+        assert!(
+            text.contains("<app:y k='v&apos;\"&lt;'>t</app:y>"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("vmsync:sync") && !text.contains("<alias"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn summarize_and_hash_parse_once_to_the_same_answers() {
+        for xml in [
+            CORNERS,
+            SRC,
+            "<domain><name>x</name></domain>",
+            "<vm/>",
+            "<domain",
+        ] {
+            let (summary, hash) = summarize_and_hash(xml);
+            assert_eq!(summary, summarize(xml).ok(), "{xml}");
+            assert_eq!(hash, definition_hash(xml), "{xml}");
         }
     }
 

@@ -77,9 +77,10 @@ pub fn observe(
     // few threads: libvirt serves concurrent calls on one connection.
     let seen = crate::par::map(listed, THREADS, |(is_wanted, listing)| {
         let inactive_xml = hv.xml(&listing.name, true).ok();
-        let inactive = inactive_xml
+        let (inactive, definition_hash) = inactive_xml
             .as_deref()
-            .and_then(|xml| domain_xml::summarize(xml).ok());
+            .map(domain_xml::summarize_and_hash)
+            .unwrap_or_default();
         if !is_wanted && inactive.as_ref().is_none_or(|s| s.tag.is_none()) {
             // Not vmsync's: never touched, not even listed.
             return None;
@@ -91,9 +92,6 @@ pub fn observe(
         } else {
             None
         };
-        let definition_hash = inactive_xml
-            .as_deref()
-            .and_then(domain_xml::definition_hash);
         // Keep the XML text only where it is used: the diff of a definition the plan
         // renders (the tag's fingerprint differs, or the definition drifted from the
         // recorded baseline) and the disks of a prune candidate. A thousand converged
