@@ -8,8 +8,15 @@
 //! new schema) and to a context string (the validation policy: a file that passed under
 //! one policy is checked again under another), and kept in
 //! `<state_dir>/schema-cache.json`. Only successes are cached, so a rejected XML is always
-//! checked again. A save keeps only the entries the last validation used, so the cache
-//! holds one commit's files, not every version of them. The test-driver connection is opened only on a miss.
+//! checked again. The test-driver connection is opened only on a miss.
+//!
+//! The file is one JSON object, then one line per later save with what that save
+//! learned (a sync that changed one VM appends two entries instead of rewriting a
+//! thousand). A save rewrites the file whole, with only the entries the last validation
+//! used (so the cache holds about one commit's files, not every version of them), when
+//! there is none yet, after [`MAX_APPENDS`] appended lines, or once the entries the
+//! validation did not use outnumber a quarter of those it did. Nothing is fsynced: a
+//! line cut short by a crash is skipped on load, a cut first line empties the cache.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,6 +40,18 @@ struct CacheFile {
     files: BTreeMap<String, DomainSummary>,
 }
 
+/// What one save learned: a line appended to the cache file.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CacheLine {
+    #[serde(default)]
+    valid: BTreeSet<String>,
+    #[serde(default)]
+    files: BTreeMap<String, DomainSummary>,
+}
+
+/// Appended lines after which a save rewrites the cache file whole.
+pub const MAX_APPENDS: usize = 32;
+
 /// A [`SchemaChecker`] that remembers what passed.
 pub struct CachedSchema {
     path: Option<PathBuf>,
@@ -41,6 +60,10 @@ pub struct CachedSchema {
     valid: RefCell<BTreeSet<String>>,
     files: RefCell<BTreeMap<String, DomainSummary>>,
     added: RefCell<usize>,
+    /// What this validation learned (the line a save appends).
+    learned: RefCell<CacheLine>,
+    /// Lines appended to the file after its first; `None`: no usable file.
+    appended: std::cell::Cell<Option<usize>>,
     /// Keys of `valid` and `files` that this validation looked up or added.
     used_valid: RefCell<BTreeSet<String>>,
     used_files: RefCell<BTreeSet<String>>,
@@ -57,12 +80,21 @@ impl CachedSchema {
     pub fn load(state_dir: Option<&Path>, context: &str) -> Self {
         let version = virt::connect::Connect::version().unwrap_or(0);
         let path = state_dir.map(|d| d.join(CACHE_FILE));
-        let file = path
-            .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|bytes| serde_json::from_slice::<CacheFile>(&bytes).ok())
-            .filter(|c| c.libvirt_version == version && c.context == context)
-            .unwrap_or_default();
+        let bytes = path.as_ref().and_then(|p| std::fs::read(p).ok());
+        let mut lines = bytes.iter().flat_map(|b| b.split(|&c| c == b'\n'));
+        let first = lines
+            .next()
+            .and_then(|line| serde_json::from_slice::<CacheFile>(line).ok())
+            .filter(|c| c.libvirt_version == version && c.context == context);
+        let appended = first.as_ref().map(|_| lines.clone().count());
+        let mut file = first.unwrap_or_default();
+        if appended.is_some() {
+            // Lines cut short (a crash while appending) are skipped.
+            for line in lines.filter_map(|l| serde_json::from_slice::<CacheLine>(l).ok()) {
+                file.valid.extend(line.valid);
+                file.files.extend(line.files);
+            }
+        }
         Self {
             path,
             version,
@@ -70,31 +102,57 @@ impl CachedSchema {
             valid: RefCell::new(file.valid),
             files: RefCell::new(file.files),
             added: RefCell::new(0),
+            learned: RefCell::default(),
+            appended: std::cell::Cell::new(appended),
             used_valid: RefCell::default(),
             used_files: RefCell::default(),
             inner: RefCell::new(None),
         }
     }
 
-    /// Writes the cache back if it learned something (atomically; failures only logged).
+    /// Writes what the cache learned since it was loaded or last saved, if anything:
+    /// one line appended, or the file rewritten whole (atomically) with only what this
+    /// validation used. Failures are only logged.
     pub fn save(&self) {
-        let (Some(path), true) = (&self.path, *self.added.borrow() > 0) else {
+        let Some(path) = &self.path else {
             return;
         };
+        let mut learned = self.learned.borrow_mut();
+        if learned.valid.is_empty() && learned.files.is_empty() {
+            return;
+        }
+        let (valid, files) = (self.valid.borrow(), self.files.borrow());
+        let (used_valid, used_files) = (self.used_valid.borrow(), self.used_files.borrow());
+        let used = valid.iter().filter(|k| used_valid.contains(*k)).count()
+            + files.keys().filter(|k| used_files.contains(*k)).count();
+        let unused = valid.len() + files.len() - used;
+        if let Some(appended) = self.appended.get()
+            && appended < MAX_APPENDS
+            && unused <= used / 4
+        {
+            let mut line = b"\n".to_vec();
+            let written = serde_json::to_writer(&mut line, &*learned)
+                .map_err(std::io::Error::from)
+                .and_then(|()| {
+                    let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
+                    std::io::Write::write_all(&mut file, &line)
+                });
+            match written {
+                Ok(()) => {
+                    self.appended.set(Some(appended + 1));
+                    *learned = CacheLine::default();
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "failed to append to the schema cache"),
+            }
+        }
         let file = CacheFile {
             libvirt_version: self.version,
             context: self.context.clone(),
-            valid: self
-                .valid
-                .borrow()
-                .intersection(&self.used_valid.borrow())
-                .cloned()
-                .collect(),
-            files: self
-                .files
-                .borrow()
+            valid: valid.intersection(&used_valid).cloned().collect(),
+            files: files
                 .iter()
-                .filter(|(id, _)| self.used_files.borrow().contains(*id))
+                .filter(|(id, _)| used_files.contains(*id))
                 .map(|(id, summary)| (id.clone(), summary.clone()))
                 .collect(),
         };
@@ -103,20 +161,29 @@ impl CachedSchema {
             serde_json::to_writer(&mut out, &file)?;
             std::io::Write::flush(&mut out)
         });
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "failed to save the schema cache");
+        match result {
+            Ok(()) => {
+                self.appended.set(Some(0));
+                *learned = CacheLine::default();
+            }
+            Err(e) => tracing::warn!(error = %e, "failed to save the schema cache"),
         }
     }
 
     /// Records that `xml` passed a check made elsewhere (`schema_check`), and the
     /// summary of its file.
     pub fn record_pass(&self, xml: &str, content_id: Option<&str>, summary: &DomainSummary) {
-        self.valid.borrow_mut().insert(key(xml));
-        self.used_valid.borrow_mut().insert(key(xml));
-        *self.added.borrow_mut() += 1;
+        self.learn_pass(key(xml));
         if let Some(id) = content_id {
             self.remember(id, summary);
         }
+    }
+
+    fn learn_pass(&self, key: String) {
+        self.valid.borrow_mut().insert(key.clone());
+        self.used_valid.borrow_mut().insert(key.clone());
+        self.learned.borrow_mut().valid.insert(key);
+        *self.added.borrow_mut() += 1;
     }
 
     /// How many checks ran against libvirt (misses) since load.
@@ -137,8 +204,7 @@ impl SchemaChecker for CachedSchema {
             *inner = Some(TestDriverSchema::new().map_err(|e| e.to_string())?);
         }
         inner.as_ref().expect("just created").check(xml)?;
-        self.valid.borrow_mut().insert(key);
-        *self.added.borrow_mut() += 1;
+        self.learn_pass(key);
         Ok(())
     }
 
@@ -157,6 +223,10 @@ impl SchemaChecker for CachedSchema {
         self.used_files.borrow_mut().insert(content_id.to_string());
         self.files
             .borrow_mut()
+            .insert(content_id.to_string(), summary.clone());
+        self.learned
+            .borrow_mut()
+            .files
             .insert(content_id.to_string(), summary.clone());
         *self.added.borrow_mut() += 1;
     }
@@ -240,6 +310,116 @@ mod tests {
         );
         assert!(saved.valid.is_empty(), "GOOD was not looked up: {saved:?}");
         assert!(third.known("blob:old").is_none());
+    }
+
+    fn lines(dir: &Path) -> usize {
+        std::fs::read(dir.join(CACHE_FILE))
+            .unwrap()
+            .split(|&c| c == b'\n')
+            .count()
+    }
+
+    /// A sync that sees every file of the last commit and one new file.
+    fn sync_one_new_file(dir: &Path, known: &[String], new: &str, summary: &DomainSummary) {
+        let cache = CachedSchema::load(Some(dir), "policy");
+        assert!(cache.passed(GOOD));
+        for id in known {
+            assert!(cache.known(id).is_some(), "{id} remembered");
+        }
+        assert_eq!(cache.known(new), None);
+        cache.remember(new, summary);
+        cache.save();
+    }
+
+    #[test]
+    fn a_change_appends_a_line_and_every_so_often_a_save_rewrites_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = crate::domain_xml::summarize(GOOD).unwrap();
+        let mut ids: Vec<String> = (0..8).map(|i| format!("blob:{i}")).collect();
+        let first = CachedSchema::load(Some(dir.path()), "policy");
+        for id in &ids {
+            first.remember(id, &summary);
+        }
+        first.record_pass(GOOD, None, &summary);
+        first.save();
+        assert_eq!(lines(dir.path()), 1);
+
+        // One file changed: its new version is appended, the old one stays for now.
+        sync_one_new_file(dir.path(), &ids[1..], "blob:new-0", &summary);
+        assert_eq!(lines(dir.path()), 2, "appended, not rewritten");
+        let text = std::fs::read_to_string(dir.path().join(CACHE_FILE)).unwrap();
+        let line: CacheLine = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(line.files.keys().collect::<Vec<_>>(), ["blob:new-0"]);
+        ids.push("blob:new-0".into());
+        let again = CachedSchema::load(Some(dir.path()), "policy");
+        assert!(again.known("blob:0").is_some() && again.known("blob:new-0").is_some());
+
+        // After MAX_APPENDS lines the next save writes the file whole, with only what
+        // its validation used.
+        for k in 1..MAX_APPENDS {
+            sync_one_new_file(dir.path(), &ids, &format!("blob:new-{k}"), &summary);
+            ids.push(format!("blob:new-{k}"));
+        }
+        assert_eq!(lines(dir.path()), 1 + MAX_APPENDS);
+        sync_one_new_file(dir.path(), &ids[1..], "blob:last", &summary);
+        assert_eq!(lines(dir.path()), 1, "rewritten");
+        let cache = CachedSchema::load(Some(dir.path()), "policy");
+        assert!(cache.known("blob:0").is_none(), "unused, dropped");
+        assert!(cache.known("blob:last").is_some() && cache.passed(GOOD));
+    }
+
+    #[test]
+    fn a_save_rewrites_when_unused_entries_pile_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = crate::domain_xml::summarize(GOOD).unwrap();
+        let first = CachedSchema::load(Some(dir.path()), "policy");
+        let ids: Vec<String> = (0..8).map(|i| format!("blob:{i}")).collect();
+        for id in &ids {
+            first.remember(id, &summary);
+        }
+        first.save();
+        // Half the files replaced at once: more unused entries than a quarter of the
+        // used ones.
+        let second = CachedSchema::load(Some(dir.path()), "policy");
+        for id in &ids[..4] {
+            assert!(second.known(id).is_some());
+            second.remember(&format!("{id}-new"), &summary);
+        }
+        second.save();
+        assert_eq!(lines(dir.path()), 1);
+        assert!(
+            CachedSchema::load(Some(dir.path()), "policy")
+                .known("blob:7")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn an_appended_line_cut_short_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = crate::domain_xml::summarize(GOOD).unwrap();
+        let ids: Vec<String> = (0..8).map(|i| format!("blob:{i}")).collect();
+        let first = CachedSchema::load(Some(dir.path()), "policy");
+        for id in &ids {
+            first.remember(id, &summary);
+        }
+        first.record_pass(GOOD, None, &summary);
+        first.save();
+        sync_one_new_file(dir.path(), &ids, "blob:torn", &summary);
+        // A crash in the middle of that append.
+        let path = dir.path().join(CACHE_FILE);
+        let full = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &full[..full.len() - 10]).unwrap();
+        let cache = CachedSchema::load(Some(dir.path()), "policy");
+        assert!(
+            cache.known("blob:torn").is_none(),
+            "the cut line is skipped"
+        );
+        assert!(cache.known("blob:3").is_some() && cache.passed(GOOD));
+        // The next append starts on a line of its own and is read.
+        sync_one_new_file(dir.path(), &ids, "blob:after", &summary);
+        let cache = CachedSchema::load(Some(dir.path()), "policy");
+        assert!(cache.known("blob:after").is_some());
     }
 
     #[test]
