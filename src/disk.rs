@@ -912,12 +912,10 @@ mod tests {
     /// qemu-img is asked to create (the second-to-last argument).
     fn fake_qemu_img(dir: &Path, body: &str) -> QemuImg {
         let script = dir.join("fake-qemu-img");
-        fs::write(
+        crate::test_support::executable_script(
             &script,
-            format!("#!/bin/sh\nfor a; do tmp=$last; last=$a; done\n{body}\n"),
-        )
-        .unwrap();
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+            &format!("for a; do tmp=$last; last=$a; done\n{body}"),
+        );
         QemuImg { binary: script }
     }
 

@@ -47,3 +47,25 @@ pub fn crash_point(name: &str) {
     #[cfg(not(feature = "failpoints"))]
     let _ = name;
 }
+
+/// Helpers for unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::Path;
+
+    /// Writes an executable shell script at `path`. The file is written by a child
+    /// process (`install`), not by the test process: a file this process holds open for
+    /// writing is inherited by any child another test thread forks at that moment, and
+    /// executing it then fails with "Text file busy" (ETXTBSY).
+    pub fn executable_script(path: &Path, body: &str) {
+        let source = path.with_extension("script-source");
+        std::fs::write(&source, format!("#!/bin/sh\n{body}\n")).unwrap();
+        let status = std::process::Command::new("install")
+            .args(["-m", "755"])
+            .arg(&source)
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "install {}", path.display());
+    }
+}

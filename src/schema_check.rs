@@ -150,13 +150,11 @@ impl Drop for Running {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     /// A stand-in checker: a shell script given as the executable.
     fn script(dir: &Path, body: &str) -> std::path::PathBuf {
         let path = dir.join("checker");
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        crate::test_support::executable_script(&path, body);
         path
     }
 

@@ -287,6 +287,12 @@ mod tests {
         let err = lock(dir.path()).unwrap_err();
         assert!(err.downcast_ref::<LockHeld>().is_some(), "{err}");
         drop(first);
-        lock(dir.path()).unwrap();
+        // A child that another test thread forked while the lock was open holds a copy
+        // of it until that child executes its program (close-on-exec): wait that out.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while let Err(e) = lock(dir.path()) {
+            assert!(std::time::Instant::now() < deadline, "{e}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
