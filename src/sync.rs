@@ -275,11 +275,6 @@ pub trait Gate {
     fn applied(&self, _outcome: &Outcome) -> Result<(), SyncError> {
         Ok(())
     }
-    /// How long the stages before observing took (fetch, validate, connect), for the
-    /// `converged` line.
-    fn stages_before(&self) -> &[(&'static str, Duration)] {
-        &[]
-    }
 }
 
 /// Stage durations as the `converged` line shows them: `fetch 0.5, observe 107.2` (ms).
@@ -303,8 +298,6 @@ struct RunGate<'a> {
     commit: &'a str,
     fetched: &'a source::FetchedCommit,
     allow_rewind: bool,
-    /// Fetch, validate and connect.
-    stages: [(&'static str, Duration); 3],
 }
 
 impl RunGate<'_> {
@@ -338,9 +331,6 @@ impl Gate for RunGate<'_> {
     }
     fn applied(&self, outcome: &Outcome) -> Result<(), SyncError> {
         self.verdict(|checks| checks.applied(self.desired, outcome))
-    }
-    fn stages_before(&self) -> &[(&'static str, Duration)] {
-        &self.stages
     }
 }
 
@@ -610,12 +600,12 @@ fn run_locked(
             commit: &commit,
             fetched: &fetched,
             allow_rewind: options.allow_rewind,
-            stages: [
-                ("fetch", fetch_took),
-                ("validate", validate_took),
-                ("connect", connect_started.elapsed()),
-            ],
         };
+        let stages_before = [
+            ("fetch", fetch_took),
+            ("validate", validate_took),
+            ("connect", connect_started.elapsed()),
+        ];
         apply_commit_checked(
             settings,
             &mut record,
@@ -625,6 +615,7 @@ fn run_locked(
             &crate::disk::QemuImg::default(),
             options.cancel,
             &gate,
+            &stages_before,
         )
     })();
     if let Err(e) = &result
@@ -675,13 +666,24 @@ pub fn apply_commit(
     disks: &dyn DiskProvisioner,
     cancel: &AtomicBool,
 ) -> Result<Report, SyncError> {
-    apply_commit_checked(settings, record, commit, desired, hv, disks, cancel, &Open)
+    apply_commit_checked(
+        settings,
+        record,
+        commit,
+        desired,
+        hv,
+        disks,
+        cancel,
+        &Open,
+        &[],
+    )
 }
 
 /// [`apply_commit`] with the checks of `gate`: of what was observed before anything is
 /// planned (the sync checks the commits in the managed domains' tags there: the ancestry
 /// floor that survives a lost state file, without reading any domain twice), of the plan
-/// before anything is applied, and of the outcome before it is recorded.
+/// before anything is applied, and of the outcome before it is recorded. `stages_before`:
+/// how long the caller's stages took (fetch, validate, connect), for the `converged` line.
 #[allow(clippy::too_many_arguments)]
 pub fn apply_commit_checked(
     settings: &Settings,
@@ -692,10 +694,11 @@ pub fn apply_commit_checked(
     disks: &dyn DiskProvisioner,
     cancel: &AtomicBool,
     gate: &dyn Gate,
+    stages_before: &[(&'static str, Duration)],
 ) -> Result<Report, SyncError> {
     let short = &commit[..commit.len().min(12)];
     let calls_before = hv.call_count();
-    let mut stages = gate.stages_before().to_vec();
+    let mut stages = stages_before.to_vec();
     let mut stage_started = Instant::now();
     let mut stage_done = |stage: &'static str| {
         stages.push((stage, stage_started.elapsed()));
