@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# Quick start: build vmsync and apply example-repo/ once.
+# Quick start: install what vmsync needs, build it and apply example-repo/ once.
 #
-#   sudo scripts/quickstart.sh                                  # safe: libvirt's test driver
-#   sudo VMSYNC_CONNECT=qemu:///system scripts/quickstart.sh    # really define/start the VMs
+#   scripts/quickstart.sh                                  # as root; safe: libvirt's test driver
+#   VMSYNC_CONNECT=qemu:///system scripts/quickstart.sh    # really define/start the VMs
+#
+# (Not root? Prefix with sudo: it installs packages and may start libvirtd.)
 #
 # By default vmsync talks to libvirt's embedded test driver (test:///default),
 # so the quick start never touches this host's real VMs; in that mode the
 # example's disk paths are redirected into a temporary directory too, so
-# nothing is written under /var/lib/libvirt. Set VMSYNC_CONNECT=qemu:///system
-# to apply the example for real (creates uefi-tpm and bios-vm, starts uefi-tpm,
-# creates their disks under /var/lib/libvirt/images).
+# nothing is written under /var/lib/libvirt. The test driver lives inside the
+# vmsync process: what it defined and started is gone when `vmsync --once`
+# exits, so the result shown is that run's own report and the disk images it
+# made. Set VMSYNC_CONNECT=qemu:///system to apply the example for real
+# (creates uefi-tpm and bios-vm, starts uefi-tpm, creates their disks under
+# /var/lib/libvirt/images); then `vmsync status` shows them afterwards.
 #
 # Exits with vmsync's exit code (0 converged, 1 action failed, 3 invalid
-# commit, ... see DESIGN.md).
+# commit, ... see `vmsync --help`).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -21,11 +26,26 @@ CONNECT=${VMSYNC_CONNECT:-test:///default}
 STATE_DIR=$ROOT/target/quickstart-state
 
 log() { printf '[quickstart] %s\n' "$*"; }
+die() {
+  printf '[quickstart] ERROR: %s\n' "$*" >&2
+  exit 2
+}
 
 if [ "$(id -u)" -eq 0 ]; then
-  scripts/setup-host.sh
+  scripts/setup-host.sh || die "scripts/setup-host.sh failed (its message is above); fix that and run the quick start again"
 else
-  log "not root: skipping scripts/setup-host.sh (run with sudo to install dependencies)"
+  # Without root the dependencies cannot be installed: go on only if they are here.
+  missing=()
+  for tool in cc pkg-config git qemu-img; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+  done
+  for lib in libvirt libxml-2.0; do
+    pkg-config --exists "$lib" 2>/dev/null || missing+=("$lib (pkg-config)")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    die "not root, and missing: ${missing[*]}. Run it as root (scripts/quickstart.sh), or prefix with sudo: scripts/setup-host.sh installs them"
+  fi
+  log "not root: skipping scripts/setup-host.sh (the build tools are installed)"
 fi
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
@@ -41,6 +61,7 @@ REPO=$WORK/vms
 cp -r "$ROOT/example-repo" "$REPO"
 
 disk_args=()
+images=/var/lib/libvirt/images
 case $CONNECT in
   test://*)
     # Dry run: keep the example's disks and directories out of the real
@@ -64,21 +85,38 @@ log "VM repo: $REPO at $(git -C "$REPO" rev-parse HEAD)"
 
 mkdir -p "$STATE_DIR"
 log "vmsync --once --connect $CONNECT"
-set +e
+rc=0
 "$VMSYNC" --once --url "$REPO" --branch main --state-dir "$STATE_DIR" \
-  --connect "$CONNECT" "${disk_args[@]}"
-rc=$?
-set -e
-log "vmsync --once exited $rc"
+  --connect "$CONNECT" "${disk_args[@]}" >"$WORK/report" || rc=$?
+
+echo
+log "result of vmsync --once (exit $rc):"
+sed 's/^/  /' "$WORK/report"
+case $CONNECT in
+  test://*) log "disk images it made (in a temporary directory, removed when the quick start exits):" ;;
+  *) log "disk images:" ;;
+esac
+for disk in "$images"/uefi-tpm.qcow2 "$images"/bios-vm.qcow2; do
+  [ -f "$disk" ] || continue
+  log "  $disk:"
+  qemu-img info "$disk" | grep -E '^(file format|virtual size|disk size):' | sed 's/^/    /'
+done
 
 case $CONNECT in
-  test://*) log "note: status runs in a new process with a fresh test driver, so VMs show as not defined there" ;;
+  test://*)
+    log "test:///default is libvirt's in-memory test driver: the VMs above were defined and"
+    log "started inside that vmsync process and are gone now that it has exited."
+    if virsh -c qemu:///system uri >/dev/null 2>&1; then
+      log "to apply the example to this host's libvirtd for real:"
+      log "  VMSYNC_CONNECT=qemu:///system scripts/quickstart.sh"
+    fi
+    ;;
+  *)
+    log "vmsync status --connect $CONNECT"
+    status_rc=0
+    "$VMSYNC" status --state-dir "$STATE_DIR" --connect "$CONNECT" || status_rc=$?
+    [ "$status_rc" -eq 0 ] || log "vmsync status exited $status_rc"
+    ;;
 esac
-log "vmsync status"
-set +e
-"$VMSYNC" status --state-dir "$STATE_DIR" --connect "$CONNECT"
-status_rc=$?
-set -e
-[ "$status_rc" -eq 0 ] || log "vmsync status exited $status_rc"
 
 exit "$rc"
