@@ -6,15 +6,19 @@
 #   scripts/fresh-root.sh scripts/quickstart.sh  # any command, run from the checkout
 #
 # Steps, each timed:
-#   1. debootstrap --variant=minbase bookworm into a new directory (every run);
+#   1. debootstrap --variant=minbase bookworm into a new directory (every run; the
+#      downloaded .debs are kept between runs, the root is not);
 #   2. copy the checkout in (without target/), hand in the toolchain
 #      (/root/.rustup read-only, the rustup proxies copied into a fresh, writable
-#      CARGO_HOME) and this machine's CA bundle (registries answer through it);
+#      CARGO_HOME, so crates.io is fetched anew) and this machine's CA bundle
+#      (registries answer through it), nothing else;
 #   3. enter it with its own PID and mount namespaces: the root bound onto itself
-#      (QEMU refuses a root that is not a mount point), proc, sysfs (read-write, with
-#      the cgroup hierarchies), /dev (with /dev/kvm and /dev/pts), a tmpfs on /run;
-#   4. run the command there as root; whatever it started (libvirtd, virtlogd, QEMU)
-#      dies with the PID namespace;
+#      (QEMU refuses a root that is not a mount point), proc, /sys read-write with
+#      the cgroup hierarchies (systemd-nspawn needs them), /dev (with /dev/kvm and
+#      /dev/pts), a tmpfs on /run; /tmp is the new root's own;
+#   4. run the command there as root, from the checkout (/root/vmsync); whatever it
+#      started (libvirtd, virtlogd, QEMU, swtpm, containers) dies with the PID
+#      namespace, and the empty cgroups they leave are removed;
 #   5. remove the root (only once nothing is mounted under it).
 # Exits with the command's status.
 #
@@ -23,9 +27,9 @@
 #   FRESH_ROOT_CACHE    .deb cache kept between runs (default /var/cache/vmsync-fresh-root)
 #   FRESH_ROOT_MIRROR   Debian mirror (default http://deb.debian.org/debian)
 #   FRESH_ROOT_KEEP=1   keep the root afterwards (its path is printed)
-#   FRESH_ROOT_FROM=DIR start from a copy of DIR, a root that an earlier run kept
-#                       straight after debootstrap, instead of running debootstrap
-#                       (to iterate on the scripts; CI never sets it)
+#   FRESH_ROOT_FROM=DIR start from a copy of DIR, an untouched root made by
+#                       `debootstrap --variant=minbase bookworm DIR`, instead of
+#                       running debootstrap (to iterate on the scripts; CI never does)
 set -euo pipefail
 
 log() { printf '[fresh-root] %s\n' "$*"; }
@@ -167,6 +171,11 @@ rc=0
 chroot "$R" "$@" || rc=$?
 exit "$rc"
 '
+# cgroups that exist now; the run's libvirtd (machine/qemu-*) and systemd-nspawn
+# (payload, supervisor) make more, which stay behind, empty, after a kill.
+cgroups_before=$(mktemp)
+list_cgroups() { { find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null || true; } | sort; }
+list_cgroups >"$cgroups_before"
 rc=0
 unshare --pid --mount --fork --propagation private \
   bash -c "$inner" fresh-root "$ROOT" "$RUSTUP_DIR" "$CACHE" \
@@ -174,4 +183,10 @@ unshare --pid --mount --fork --propagation private \
   rc=$?
 phase_end run
 log "$* exited $rc"
+# Remove the cgroups the run made, deepest first; rmdir removes only empty ones, so
+# a cgroup something on this machine still uses is never touched.
+list_cgroups | comm -13 "$cgroups_before" - | sort -r | while read -r dir; do
+  rmdir "$dir" 2>/dev/null || true
+done
+rm -f "$cgroups_before"
 exit "$rc"

@@ -23,7 +23,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 CONNECT=${VMSYNC_CONNECT:-test:///default}
-STATE_DIR=$ROOT/target/quickstart-state
 
 log() { printf '[quickstart] %s\n' "$*"; }
 die() {
@@ -31,56 +30,75 @@ die() {
   exit 2
 }
 
+# Rust installed by rustup but not on PATH yet (a new login shell would add it).
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+started=$SECONDS
+took() { printf '%dm%02ds' $(((SECONDS - started) / 60)) $(((SECONDS - started) % 60)); }
+
 if [ "$(id -u)" -eq 0 ]; then
   scripts/setup-host.sh || die "scripts/setup-host.sh failed (its message is above); fix that and run the quick start again"
 else
   # Without root the dependencies cannot be installed: go on only if they are here.
   missing=()
-  for tool in cc pkg-config git qemu-img; do
+  for tool in cargo cc pkg-config git qemu-img; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
   done
   for lib in libvirt libxml-2.0; do
     pkg-config --exists "$lib" 2>/dev/null || missing+=("$lib (pkg-config)")
   done
   if [ "${#missing[@]}" -gt 0 ]; then
-    die "not root, and missing: ${missing[*]}. Run it as root (scripts/quickstart.sh), or prefix with sudo: scripts/setup-host.sh installs them"
+    die "not root, so nothing can be installed, and missing: ${missing[*]}. Run it as root (or prefix it with sudo): scripts/setup-host.sh then installs what is missing"
   fi
   log "not root: skipping scripts/setup-host.sh (the build tools are installed)"
 fi
+# setup-host.sh may have installed rustup in a child process.
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
-
 log "cargo build --release"
 cargo build --release
+log "built after $(took) (setup and build)"
 VMSYNC=$ROOT/target/release/vmsync
 
 WORK=$(mktemp -d -t vmsync-quickstart.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
-REPO=$WORK/vms
-cp -r "$ROOT/example-repo" "$REPO"
 
 disk_args=()
 images=/var/lib/libvirt/images
 case $CONNECT in
   test://*)
-    # Dry run: keep the example's disks and directories out of the real
-    # image store. Fresh state each run: the test driver forgets everything
-    # when the process exits.
+    # Dry run: the test driver forgets everything when the process exits, so the
+    # VM repository, the state and the disks are temporary too, and the example's
+    # disks and directories stay out of the real image store.
+    REPO=$WORK/vms
+    STATE_DIR=$WORK/state
     images=$WORK/images
     mkdir -p "$images"
+    cp -r "$ROOT/example-repo" "$REPO"
     grep -rlF /var/lib/libvirt/images "$REPO" |
       xargs sed -i "s|/var/lib/libvirt/images|$images|g"
     disk_args=(--disk-root "$images")
-    rm -rf "$STATE_DIR"
+    ;;
+  *)
+    # For real: the VM repository and vmsync's state are kept (in target/), so
+    # that a second run continues the first one's history (vmsync refuses a
+    # commit that does not descend from the one it applied) and converges.
+    REPO=$ROOT/target/quickstart/vms
+    STATE_DIR=$ROOT/target/quickstart/state
+    mkdir -p "$REPO"
+    find "$REPO" -mindepth 1 -maxdepth 1 ! -name .git -exec rm -rf {} +
+    cp -r "$ROOT/example-repo/." "$REPO/"
     ;;
 esac
 
-git -C "$REPO" init -q -b main
+[ -d "$REPO/.git" ] || git -C "$REPO" init -q -b main
 git -C "$REPO" config user.name "vmsync quickstart"
 git -C "$REPO" config user.email "quickstart@vmsync.invalid"
 git -C "$REPO" add -A
-git -C "$REPO" commit -q -m "Example VMs"
+git -C "$REPO" diff --cached --quiet || git -C "$REPO" commit -q -m "Example VMs from example-repo/"
 log "VM repo: $REPO at $(git -C "$REPO" rev-parse HEAD)"
 
 mkdir -p "$STATE_DIR"
@@ -99,7 +117,9 @@ esac
 for disk in "$images"/uefi-tpm.qcow2 "$images"/bios-vm.qcow2; do
   [ -f "$disk" ] || continue
   log "  $disk:"
-  qemu-img info "$disk" | grep -E '^(file format|virtual size|disk size):' | sed 's/^/    /'
+  # -U: a running VM holds a write lock on its disk.
+  { qemu-img info -U "$disk" || true; } | { grep -E '^(file format|virtual size|disk size):' || true; } |
+    sed 's/^/    /'
 done
 
 case $CONNECT in
