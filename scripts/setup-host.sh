@@ -231,8 +231,10 @@ start_libvirt_container() {
   set_conf_key "$conf" swtpm_user '"root"'
   set_conf_key "$conf" swtpm_group '"root"'
   # Without systemd this is a container or a chroot-like root, where libvirt's
-  # private /dev for each QEMU fails ("Failed to open /dev/null for OFD lock
-  # probing"): give QEMU the root's own /dev. Not on a host that runs systemd.
+  # private /dev for each QEMU breaks it (in a debootstrap root entered with
+  # unshare: "Could not open '/dev/urandom'" for a VM with an RNG device;
+  # elsewhere "Failed to open /dev/null for OFD lock probing"): give QEMU the
+  # root's own /dev. Not on a host that runs systemd.
   if [ ! -d /run/systemd/system ]; then
     set_conf_key "$conf" namespaces '[]'
   fi
