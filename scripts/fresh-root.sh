@@ -50,6 +50,17 @@ RUSTUP_DIR=${RUSTUP_HOME:-/root/.rustup}
 CARGO_DIR=${CARGO_HOME:-/root/.cargo}
 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 
+# Hard-links (or copies, across filesystems) the .debs of $1 that $2 lacks into $2.
+link_debs() {
+  local deb name
+  mkdir -p "$2"
+  for deb in "$1"/*.deb; do
+    [ -e "$deb" ] || continue
+    name=${deb##*/}
+    [ -e "$2/$name" ] || ln "$deb" "$2/$name" 2>/dev/null || cp "$deb" "$2/$name"
+  done
+}
+
 phases=()
 phase_start=0
 phase() {
@@ -103,7 +114,7 @@ phase_end host
 
 # ------------------------------------------------------------------ debootstrap --
 phase debootstrap
-mkdir -p "$PARENT" "$CACHE/debootstrap" "$CACHE/apt/partial"
+mkdir -p "$PARENT" "$CACHE/debootstrap" "$CACHE/apt"
 ROOT=$(mktemp -d "$PARENT/vmsync-fresh-root.XXXXXX")
 # mktemp makes it 0700: the root's own users (sshd, libvirt-qemu) must get in.
 chmod 0755 "$ROOT"
@@ -112,12 +123,16 @@ if [ -n "${FRESH_ROOT_FROM:-}" ]; then
   cp -a "$FRESH_ROOT_FROM/." "$ROOT/"
 else
   log "debootstrap --variant=minbase bookworm $ROOT $MIRROR"
+  # One debootstrap at a time writes to the shared .deb cache; others wait.
+  exec 9>"$CACHE/debootstrap.lock"
+  flock 9
   if ! debootstrap --variant=minbase --cache-dir="$CACHE/debootstrap" bookworm "$ROOT" "$MIRROR" \
     >"$ROOT.debootstrap.log" 2>&1; then
     tail -n 30 "$ROOT.debootstrap.log" >&2
     die "debootstrap failed (its last lines above; the whole log is $ROOT.debootstrap.log)"
   fi
   rm -f "$ROOT.debootstrap.log"
+  exec 9>&-
 fi
 phase_end debootstrap
 
@@ -136,8 +151,9 @@ done
 # the root's own /etc/ssl so that installing ca-certificates does not replace it.
 mkdir -p "$ROOT/etc/ssl/host"
 cp "$CA_BUNDLE" "$ROOT/etc/ssl/host/ca-certificates.crt"
-# Keep the downloaded .debs between runs.
-mkdir -p "$ROOT/var/cache/apt/archives"
+# The .debs kept from earlier runs, as hard links in the root's own apt cache (not the
+# shared directory itself: apt locks its cache, and runs at the same time would fail).
+link_debs "$CACHE/apt" "$ROOT/var/cache/apt/archives"
 phase_end prepare
 
 # -------------------------------------------------------------------------- run --
@@ -155,7 +171,7 @@ inner_env=(
 # shellcheck disable=SC2016
 inner='
 set -eu
-R=$1 RUSTUP_DIR=$2 CACHE=$3; shift 3
+R=$1 RUSTUP_DIR=$2; shift 2
 mount --bind "$R" "$R"
 mount -t proc proc "$R/proc"
 mount --rbind /sys "$R/sys"
@@ -163,7 +179,6 @@ mount --rbind /dev "$R/dev"
 mount -t tmpfs -o mode=0755 tmpfs "$R/run"
 mount --bind "$RUSTUP_DIR" "$R/root/.rustup"
 mount -o remount,bind,ro "$R/root/.rustup"
-mount --bind "$CACHE/apt" "$R/var/cache/apt/archives"
 # Not exec: this shell stays PID 1 of the namespace (reaping what daemons leave), so the
 # command gets ordinary signal handling; when this shell exits, the kernel kills
 # everything left in the namespace (libvirtd, virtlogd, QEMU, swtpm).
@@ -178,7 +193,7 @@ list_cgroups() { { find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null || true; 
 list_cgroups >"$cgroups_before"
 rc=0
 unshare --pid --mount --fork --propagation private \
-  bash -c "$inner" fresh-root "$ROOT" "$RUSTUP_DIR" "$CACHE" \
+  bash -c "$inner" fresh-root "$ROOT" "$RUSTUP_DIR" \
   /usr/bin/env -i "${inner_env[@]}" /bin/bash -c 'cd /root/vmsync && exec "$@"' cmd "$@" ||
   rc=$?
 phase_end run
@@ -189,4 +204,6 @@ list_cgroups | comm -13 "$cgroups_before" - | sort -r | while read -r dir; do
   rmdir "$dir" 2>/dev/null || true
 done
 rm -f "$cgroups_before"
+# Keep what apt downloaded in the root for the next run.
+link_debs "$ROOT/var/cache/apt/archives" "$CACHE/apt"
 exit "$rc"
