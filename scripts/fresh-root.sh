@@ -167,7 +167,7 @@ inner_env=(
   "SSL_CERT_FILE=$ca" "CARGO_HTTP_CAINFO=$ca" "GIT_SSL_CAINFO=$ca" "CURL_CA_BUNDLE=$ca"
   "PIP_CERT=$ca" "REQUESTS_CA_BUNDLE=$ca"
 )
-# Runs in the new namespaces: mount, then chroot and run the command.
+# Runs in the new namespaces: mount, switch to the root and run the command.
 # shellcheck disable=SC2016
 inner='
 set -eu
@@ -179,11 +179,21 @@ mount --rbind /dev "$R/dev"
 mount -t tmpfs -o mode=0755 tmpfs "$R/run"
 mount --bind "$RUSTUP_DIR" "$R/root/.rustup"
 mount -o remount,bind,ro "$R/root/.rustup"
+# pivot_root, not chroot: the root becomes the root mount of this namespace, as on a
+# real host. systemd-nspawn moves its container onto "/", and nsenter into that
+# container finds it only on top of the namespace root (after a chroot it found the
+# outer root instead, so systemctl there never answered).
+mkdir "$R/run/.old-root"
+cd "$R"
+pivot_root . run/.old-root
+cd /
+umount -l /run/.old-root
+rmdir /run/.old-root
 # Not exec: this shell stays PID 1 of the namespace (reaping what daemons leave), so the
 # command gets ordinary signal handling; when this shell exits, the kernel kills
-# everything left in the namespace (libvirtd, virtlogd, QEMU, swtpm).
+# everything left in the namespace (libvirtd, virtlogd, QEMU, swtpm, containers).
 rc=0
-chroot "$R" "$@" || rc=$?
+"$@" || rc=$?
 exit "$rc"
 '
 # cgroups that exist now; the run's libvirtd (machine/qemu-*) and systemd-nspawn
