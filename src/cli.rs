@@ -108,15 +108,6 @@ pub enum Command {
         /// The checkout [default: .].
         dir: Option<PathBuf>,
     },
-    /// Internal: libvirt's schema checks for a sync (JSON on stdin and stdout).
-    #[command(name = "schema-check", hide = true)]
-    SchemaCheck,
-    /// Internal: writes the packs of a sync's local clone into one.
-    #[command(name = "pack-clone", hide = true)]
-    PackClone {
-        /// The clone (`<state_dir>/repo`).
-        repo: PathBuf,
-    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -161,16 +152,6 @@ fn report(e: &SyncError) -> u8 {
 pub fn run() -> u8 {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    if matches!(cli.command, Some(Command::SchemaCheck)) {
-        // The child of a sync (see `schema_check`): no config, no state, no libvirtd.
-        return crate::schema_check::serve();
-    }
-    if let Some(Command::PackClone { repo }) = &cli.command {
-        // The other child of a sync (see `packs`), under the sync's lock; never fetches.
-        // SAFETY: one thread so far.
-        unsafe { crate::source::init_git("") };
-        return crate::packs::serve(repo);
-    }
     let flags = Overrides {
         config: cli.config.clone(),
         url: cli.url.clone(),
@@ -197,8 +178,6 @@ pub fn run() -> u8 {
         Ok(s) => s,
         Err(e) => return report(&e.into()),
     };
-    // SAFETY: one thread so far (the daemon starts its threads later).
-    unsafe { crate::source::init_git(settings.url.as_deref().unwrap_or_default()) };
     let result = match (&cli.command, cli.once) {
         _ if (cli.dry_run || cli.allow_mass_prune) && !(cli.once && cli.command.is_none()) => {
             Err(SyncError::Config(config::ConfigError(
@@ -270,9 +249,6 @@ pub fn run() -> u8 {
                 }
             })
             .map_err(SyncError::Other),
-        (Some(Command::SchemaCheck | Command::PackClone { .. }), false) => {
-            unreachable!("served before the config is read")
-        }
     };
     match result {
         Ok(()) => 0,

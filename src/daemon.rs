@@ -121,7 +121,6 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
                 give_up_after: Some(max_attempts),
                 cancel: &job_cancel,
                 allow_rewind: false,
-                child_exe: Some(std::path::Path::new(crate::schema_check::SELF_EXE)),
             };
             let result = sync::run(&job_settings, &mut connection, &options);
             (connection, result)
@@ -136,8 +135,6 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
             }
         };
         conn = Some(connection);
-        // What the sync freed goes back to the kernel while the daemon sleeps.
-        crate::memory::release_free();
         let status = match &result {
             Ok(report) => {
                 failures = 0;

@@ -244,10 +244,6 @@ pub trait SchemaChecker {
     }
     /// Remembers that the file with `content_id` validated, with its summary.
     fn remember(&self, _content_id: &str, _summary: &crate::domain_xml::DomainSummary) {}
-    /// Whether this exact XML passed `check` before (a cache), so it needs no new check.
-    fn passed(&self, _xml: &str) -> bool {
-        false
-    }
 }
 
 /// Turns a domain XML into the inactive XML libvirt makes of it, without touching any
@@ -343,6 +339,37 @@ impl Normalizer for TestDriverSchema {
         let out = out.map_err(|e| e.message().trim().to_string())?;
         undefined.map_err(|e| e.message().trim().to_string())?;
         Ok(out)
+    }
+}
+
+/// A libvirt connection kept across syncs (by the daemon), reopened when it died.
+pub struct Connection {
+    uri: String,
+    conn: Option<Libvirt>,
+}
+
+impl Connection {
+    pub fn new(uri: &str) -> Self {
+        Self {
+            uri: uri.to_string(),
+            conn: None,
+        }
+    }
+
+    /// Switches to `uri` (after a config reload), dropping the old connection if it differs.
+    pub fn set_uri(&mut self, uri: &str) {
+        if self.uri != uri {
+            self.uri = uri.to_string();
+            self.conn = None;
+        }
+    }
+
+    /// The open connection, (re)connecting if there is none or it is dead.
+    pub fn get(&mut self) -> Result<&Libvirt, HvError> {
+        if !self.conn.as_ref().is_some_and(Libvirt::alive) {
+            self.conn = Some(Libvirt::connect(&self.uri)?);
+        }
+        Ok(self.conn.as_ref().expect("just connected"))
     }
 }
 

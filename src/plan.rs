@@ -209,27 +209,6 @@ impl Plan {
             && self.vms.iter().all(|vm| vm.actions.is_empty())
             && self.prune.iter().all(|p| p.actions.is_empty())
     }
-
-    /// Whether every change of this plan waits for the define of `vm`, and nothing
-    /// changes if that define fails: no directory to create, nothing to prune, no other
-    /// VM with an action, `vm` without error and its define first (no disk to create, no
-    /// rename before it; `apply` stops a VM at its first failed action). A sync then
-    /// leaves the schema check of `vm`'s XML to libvirt's validating define.
-    pub fn changes_wait_for_define_of(&self, vm: &str) -> bool {
-        self.refused.is_none()
-            && self.create_directories.is_empty()
-            && self
-                .prune
-                .iter()
-                .all(|p| p.actions.is_empty() || p.skipped.is_some())
-            && self.vms.iter().all(|plan| {
-                if plan.name != vm {
-                    return plan.actions.is_empty();
-                }
-                plan.error.is_none() && matches!(plan.actions.first(), Some(Action::Define { .. }))
-            })
-            && self.vms.iter().any(|plan| plan.name == vm)
-    }
 }
 
 /// What the planner needs besides the desired and observed state.
@@ -1424,61 +1403,6 @@ mod tests {
         let json = serde_json::to_value(p.to_json()).unwrap();
         assert_eq!(json["noop"], true);
         assert_eq!(json["vms"][0]["actions"], serde_json::json!([]));
-    }
-
-    #[test]
-    fn changes_wait_for_define_of_one_vm_only_when_nothing_else_changes() {
-        let web = |memory| desired_vm("web", memory, true, vec![]);
-        let db = |memory| desired_vm("db", memory, false, vec![]);
-        let both = |web, db| Desired {
-            directories: vec![],
-            vms: vec![web, db],
-        };
-        let have = || {
-            vec![
-                seen("web", 512, true, true, true),
-                seen("db", 512, false, false, true),
-            ]
-        };
-        let off = ChangePolicy::default();
-        let waits = |desired: &Desired, obs: &Observed, policy: &ChangePolicy, vm: &str| {
-            plan_with(desired, obs, policy).changes_wait_for_define_of(vm)
-        };
-
-        // web redefined, db unchanged: only web's define can change anything.
-        let one = both(web(1024), db(512));
-        let obs = observed(have(), vec![], vec![]);
-        assert!(waits(&one, &obs, &off, "web"));
-        assert!(!waits(&one, &obs, &off, "db"), "db has no define");
-        assert!(!waits(&one, &obs, &off, "absent"));
-        // A new VM: define, then autostart and start, which a failed define stops.
-        let obs_new = observed(vec![seen("db", 512, false, false, true)], vec![], vec![]);
-        let p = plan_with(&one, &obs_new, &off);
-        assert_eq!(kinds(&p.vms[0].actions)[0], "define");
-        assert!(p.vms[0].actions.len() > 1);
-        assert!(p.changes_wait_for_define_of("web"));
-        // Two VMs change: one's define may succeed while the other's fails.
-        assert!(!waits(&both(web(1024), db(2048)), &obs, &off, "web"));
-        // A disk created before the define.
-        let with_disk = both(
-            desired_vm("web", 1024, true, vec![disk("/srv/images/web.qcow2")]),
-            db(512),
-        );
-        let obs_disk = observed(have(), vec![], vec![("/srv/images/web.qcow2", None)]);
-        assert!(!waits(&with_disk, &obs_disk, &off, "web"));
-        // A directory created before the VMs.
-        let mut with_dir = both(web(1024), db(512));
-        with_dir.directories.push("/srv/images/ISOs".into());
-        assert!(!waits(&with_dir, &obs, &off, "web"));
-        // Pruning runs after the VMs; left alone (pruning off), it changes nothing.
-        let gone = seen_with("old", OTHER_UUID, 512, false, false, true);
-        let obs_gone = observed(have(), vec![gone], vec![]);
-        assert!(waits(&one, &obs_gone, &off, "web"));
-        assert!(!waits(&one, &obs_gone, &prune_ctx(true, 5, false), "web"));
-        // A VM that cannot be converged does nothing: its XML is checked before.
-        let mut p = plan_with(&one, &obs, &off);
-        p.vms[0].error = Some("conflict".into());
-        assert!(!p.changes_wait_for_define_of("web"));
     }
 
     #[test]

@@ -10,13 +10,10 @@
 //! `<state_dir>/schema-cache.json`. Only successes are cached, so a rejected XML is always
 //! checked again. The test-driver connection is opened only on a miss.
 //!
-//! The file is one JSON object, then one line per later save with what that save
-//! learned (a sync that changed one VM appends two entries instead of rewriting a
-//! thousand). A save rewrites the file whole, with only the entries the last validation
-//! used (so the cache holds about one commit's files, not every version of them), when
-//! there is none yet, after [`MAX_APPENDS`] appended lines, or once the entries the
-//! validation did not use outnumber a quarter of those it did. Nothing is fsynced: a
-//! line cut short by a crash is skipped on load, a cut first line empties the cache.
+//! A save that learned something rewrites the file whole, atomically, with only the
+//! entries this validation used (so the cache holds about one commit's files, not every
+//! version of them). It is not fsynced: a file torn by a crash loads as empty, and
+//! everything is checked once more.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,18 +37,6 @@ struct CacheFile {
     files: BTreeMap<String, DomainSummary>,
 }
 
-/// What one save learned: a line appended to the cache file.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct CacheLine {
-    #[serde(default)]
-    valid: BTreeSet<String>,
-    #[serde(default)]
-    files: BTreeMap<String, DomainSummary>,
-}
-
-/// Appended lines after which a save rewrites the cache file whole.
-pub const MAX_APPENDS: usize = 32;
-
 /// A [`SchemaChecker`] that remembers what passed.
 pub struct CachedSchema {
     path: Option<PathBuf>,
@@ -60,10 +45,6 @@ pub struct CachedSchema {
     valid: RefCell<BTreeSet<String>>,
     files: RefCell<BTreeMap<String, DomainSummary>>,
     added: RefCell<usize>,
-    /// What this validation learned (the line a save appends).
-    learned: RefCell<CacheLine>,
-    /// Lines appended to the file after its first; `None`: no usable file.
-    appended: std::cell::Cell<Option<usize>>,
     /// Keys of `valid` and `files` that this validation looked up or added.
     used_valid: RefCell<BTreeSet<String>>,
     used_files: RefCell<BTreeSet<String>>,
@@ -76,25 +57,22 @@ fn key(xml: &str) -> String {
 
 impl CachedSchema {
     /// Loads the cache from `state_dir` (`None`: no cache file, e.g. `vmsync validate`).
-    /// A missing, unreadable, other-version or other-context cache starts empty.
+    /// A missing, unreadable, torn, other-version or other-context cache starts empty.
+    /// (A cache written by vmsync 0.1's append-log keeps only its first line's entries.)
     pub fn load(state_dir: Option<&Path>, context: &str) -> Self {
         let version = virt::connect::Connect::version().unwrap_or(0);
         let path = state_dir.map(|d| d.join(CACHE_FILE));
-        let bytes = path.as_ref().and_then(|p| std::fs::read(p).ok());
-        let mut lines = bytes.iter().flat_map(|b| b.split(|&c| c == b'\n'));
-        let first = lines
-            .next()
-            .and_then(|line| serde_json::from_slice::<CacheFile>(line).ok())
-            .filter(|c| c.libvirt_version == version && c.context == context);
-        let appended = first.as_ref().map(|_| lines.clone().count());
-        let mut file = first.unwrap_or_default();
-        if appended.is_some() {
-            // Lines cut short (a crash while appending) are skipped.
-            for line in lines.filter_map(|l| serde_json::from_slice::<CacheLine>(l).ok()) {
-                file.valid.extend(line.valid);
-                file.files.extend(line.files);
-            }
-        }
+        let file = path
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|bytes| {
+                serde_json::Deserializer::from_slice(&bytes)
+                    .into_iter::<CacheFile>()
+                    .next()?
+                    .ok()
+            })
+            .filter(|c| c.libvirt_version == version && c.context == context)
+            .unwrap_or_default();
         Self {
             path,
             version,
@@ -102,50 +80,23 @@ impl CachedSchema {
             valid: RefCell::new(file.valid),
             files: RefCell::new(file.files),
             added: RefCell::new(0),
-            learned: RefCell::default(),
-            appended: std::cell::Cell::new(appended),
             used_valid: RefCell::default(),
             used_files: RefCell::default(),
             inner: RefCell::new(None),
         }
     }
 
-    /// Writes what the cache learned since it was loaded or last saved, if anything:
-    /// one line appended, or the file rewritten whole (atomically) with only what this
-    /// validation used. Failures are only logged.
+    /// Rewrites the cache file with what this validation used, if it learned anything.
+    /// Failures are only logged: a cache that cannot be written costs time, not safety.
     pub fn save(&self) {
         let Some(path) = &self.path else {
             return;
         };
-        let mut learned = self.learned.borrow_mut();
-        if learned.valid.is_empty() && learned.files.is_empty() {
+        if *self.added.borrow() == 0 {
             return;
         }
         let (valid, files) = (self.valid.borrow(), self.files.borrow());
         let (used_valid, used_files) = (self.used_valid.borrow(), self.used_files.borrow());
-        let used = valid.iter().filter(|k| used_valid.contains(*k)).count()
-            + files.keys().filter(|k| used_files.contains(*k)).count();
-        let unused = valid.len() + files.len() - used;
-        if let Some(appended) = self.appended.get()
-            && appended < MAX_APPENDS
-            && unused <= used / 4
-        {
-            let mut line = b"\n".to_vec();
-            let written = serde_json::to_writer(&mut line, &*learned)
-                .map_err(std::io::Error::from)
-                .and_then(|()| {
-                    let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
-                    std::io::Write::write_all(&mut file, &line)
-                });
-            match written {
-                Ok(()) => {
-                    self.appended.set(Some(appended + 1));
-                    *learned = CacheLine::default();
-                    return;
-                }
-                Err(e) => tracing::warn!(error = %e, "failed to append to the schema cache"),
-            }
-        }
         let file = CacheFile {
             libvirt_version: self.version,
             context: self.context.clone(),
@@ -161,32 +112,12 @@ impl CachedSchema {
             serde_json::to_writer(&mut out, &file)?;
             std::io::Write::flush(&mut out)
         });
-        match result {
-            Ok(()) => {
-                self.appended.set(Some(0));
-                *learned = CacheLine::default();
-            }
-            Err(e) => tracing::warn!(error = %e, "failed to save the schema cache"),
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), error = %e, "failed to save the schema cache");
         }
     }
 
-    /// Records that `xml` passed a check made elsewhere (`schema_check`), and the
-    /// summary of its file.
-    pub fn record_pass(&self, xml: &str, content_id: Option<&str>, summary: &DomainSummary) {
-        self.learn_pass(key(xml));
-        if let Some(id) = content_id {
-            self.remember(id, summary);
-        }
-    }
-
-    fn learn_pass(&self, key: String) {
-        self.valid.borrow_mut().insert(key.clone());
-        self.used_valid.borrow_mut().insert(key.clone());
-        self.learned.borrow_mut().valid.insert(key);
-        *self.added.borrow_mut() += 1;
-    }
-
-    /// How many checks ran against libvirt (misses) since load.
+    /// How many checks ran against libvirt, and files were summarized, since load.
     pub fn misses(&self) -> usize {
         *self.added.borrow()
     }
@@ -204,14 +135,9 @@ impl SchemaChecker for CachedSchema {
             *inner = Some(TestDriverSchema::new().map_err(|e| e.to_string())?);
         }
         inner.as_ref().expect("just created").check(xml)?;
-        self.learn_pass(key);
+        self.valid.borrow_mut().insert(key);
+        *self.added.borrow_mut() += 1;
         Ok(())
-    }
-
-    fn passed(&self, xml: &str) -> bool {
-        let key = key(xml);
-        self.used_valid.borrow_mut().insert(key.clone());
-        self.valid.borrow().contains(&key)
     }
 
     fn known(&self, content_id: &str) -> Option<DomainSummary> {
@@ -223,10 +149,6 @@ impl SchemaChecker for CachedSchema {
         self.used_files.borrow_mut().insert(content_id.to_string());
         self.files
             .borrow_mut()
-            .insert(content_id.to_string(), summary.clone());
-        self.learned
-            .borrow_mut()
-            .files
             .insert(content_id.to_string(), summary.clone());
         *self.added.borrow_mut() += 1;
     }
@@ -290,7 +212,7 @@ mod tests {
             assert_eq!(first.known(id), None);
             first.remember(id, &summary);
         }
-        first.record_pass(GOOD, None, &summary);
+        first.check(GOOD).unwrap();
         first.save();
 
         // The next commit changed one file: "blob:old" is gone, "blob:new" arrived.
@@ -298,7 +220,6 @@ mod tests {
         assert!(second.known("blob:kept").is_some());
         assert_eq!(second.known("blob:new"), None);
         second.remember("blob:new", &summary);
-        assert!(!second.passed("<domain/>"), "looked up, never passed");
         second.save();
 
         let third = CachedSchema::load(Some(dir.path()), "policy");
@@ -308,118 +229,11 @@ mod tests {
             saved.files.keys().collect::<Vec<_>>(),
             ["blob:kept", "blob:new"]
         );
-        assert!(saved.valid.is_empty(), "GOOD was not looked up: {saved:?}");
+        assert!(
+            saved.valid.is_empty(),
+            "GOOD was not checked again: {saved:?}"
+        );
         assert!(third.known("blob:old").is_none());
-    }
-
-    fn lines(dir: &Path) -> usize {
-        std::fs::read(dir.join(CACHE_FILE))
-            .unwrap()
-            .split(|&c| c == b'\n')
-            .count()
-    }
-
-    /// A sync that sees every file of the last commit and one new file.
-    fn sync_one_new_file(dir: &Path, known: &[String], new: &str, summary: &DomainSummary) {
-        let cache = CachedSchema::load(Some(dir), "policy");
-        assert!(cache.passed(GOOD));
-        for id in known {
-            assert!(cache.known(id).is_some(), "{id} remembered");
-        }
-        assert_eq!(cache.known(new), None);
-        cache.remember(new, summary);
-        cache.save();
-    }
-
-    #[test]
-    fn a_change_appends_a_line_and_every_so_often_a_save_rewrites_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let summary = crate::domain_xml::summarize(GOOD).unwrap();
-        let mut ids: Vec<String> = (0..8).map(|i| format!("blob:{i}")).collect();
-        let first = CachedSchema::load(Some(dir.path()), "policy");
-        for id in &ids {
-            first.remember(id, &summary);
-        }
-        first.record_pass(GOOD, None, &summary);
-        first.save();
-        assert_eq!(lines(dir.path()), 1);
-
-        // One file changed: its new version is appended, the old one stays for now.
-        sync_one_new_file(dir.path(), &ids[1..], "blob:new-0", &summary);
-        assert_eq!(lines(dir.path()), 2, "appended, not rewritten");
-        let text = std::fs::read_to_string(dir.path().join(CACHE_FILE)).unwrap();
-        let line: CacheLine = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-        assert_eq!(line.files.keys().collect::<Vec<_>>(), ["blob:new-0"]);
-        ids.push("blob:new-0".into());
-        let again = CachedSchema::load(Some(dir.path()), "policy");
-        assert!(again.known("blob:0").is_some() && again.known("blob:new-0").is_some());
-
-        // After MAX_APPENDS lines the next save writes the file whole, with only what
-        // its validation used.
-        for k in 1..MAX_APPENDS {
-            sync_one_new_file(dir.path(), &ids, &format!("blob:new-{k}"), &summary);
-            ids.push(format!("blob:new-{k}"));
-        }
-        assert_eq!(lines(dir.path()), 1 + MAX_APPENDS);
-        sync_one_new_file(dir.path(), &ids[1..], "blob:last", &summary);
-        assert_eq!(lines(dir.path()), 1, "rewritten");
-        let cache = CachedSchema::load(Some(dir.path()), "policy");
-        assert!(cache.known("blob:0").is_none(), "unused, dropped");
-        assert!(cache.known("blob:last").is_some() && cache.passed(GOOD));
-    }
-
-    #[test]
-    fn a_save_rewrites_when_unused_entries_pile_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let summary = crate::domain_xml::summarize(GOOD).unwrap();
-        let first = CachedSchema::load(Some(dir.path()), "policy");
-        let ids: Vec<String> = (0..8).map(|i| format!("blob:{i}")).collect();
-        for id in &ids {
-            first.remember(id, &summary);
-        }
-        first.save();
-        // Half the files replaced at once: more unused entries than a quarter of the
-        // used ones.
-        let second = CachedSchema::load(Some(dir.path()), "policy");
-        for id in &ids[..4] {
-            assert!(second.known(id).is_some());
-            second.remember(&format!("{id}-new"), &summary);
-        }
-        second.save();
-        assert_eq!(lines(dir.path()), 1);
-        assert!(
-            CachedSchema::load(Some(dir.path()), "policy")
-                .known("blob:7")
-                .is_none()
-        );
-    }
-
-    #[test]
-    fn an_appended_line_cut_short_is_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let summary = crate::domain_xml::summarize(GOOD).unwrap();
-        let ids: Vec<String> = (0..8).map(|i| format!("blob:{i}")).collect();
-        let first = CachedSchema::load(Some(dir.path()), "policy");
-        for id in &ids {
-            first.remember(id, &summary);
-        }
-        first.record_pass(GOOD, None, &summary);
-        first.save();
-        sync_one_new_file(dir.path(), &ids, "blob:torn", &summary);
-        // A crash in the middle of that append.
-        let path = dir.path().join(CACHE_FILE);
-        let full = std::fs::read(&path).unwrap();
-        std::fs::write(&path, &full[..full.len() - 10]).unwrap();
-        let cache = CachedSchema::load(Some(dir.path()), "policy");
-        assert!(
-            cache.known("blob:torn").is_none(),
-            "the cut line is skipped"
-        );
-        assert!(cache.known("blob:3").is_some() && cache.passed(GOOD));
-        // The next append starts on a line of its own and is read.
-        sync_one_new_file(dir.path(), &ids, "blob:after", &summary);
-        let cache = CachedSchema::load(Some(dir.path()), "policy");
-        assert!(cache.known("blob:after").is_some());
     }
 
     #[test]

@@ -260,10 +260,6 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
         message: e.message().to_string(),
     };
 
-    tune_git();
-    if url.starts_with("https://") {
-        load_deferred_ca_bundle();
-    }
     let repo = open_or_init(&state_dir.join("repo"))?;
     let mut remote = match repo.find_remote(REMOTE) {
         Ok(remote) if remote.url_bytes() == url.as_bytes() => remote,
@@ -353,83 +349,78 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
     Ok(fetched)
 }
 
-/// libgit2 settings for reading many files of one commit, once per process (the first
-/// use of libgit2 initialises it, and OpenSSL with it):
-/// - objects enter the local clone only through fetch, where libgit2's indexer hashes
-///   each one; hashing them again on every read (with the collision-detecting SHA-1) was
-///   the largest CPU cost of a no-op sync, so read-time verification is off;
-/// - trees larger than 4 KiB (a `vms/` directory of hundreds of files) are not cached by
-///   default, so every file lookup inflated that tree again: trees up to 16 MiB are cached.
-fn tune_git() {
-    TUNED.call_once(|| {
-        git2::opts::strict_hash_verification(false);
-        // SAFETY: called once, before any repository is opened by this process.
-        if let Err(e) =
-            unsafe { git2::opts::set_cache_object_limit(git2::ObjectType::Tree, 16 << 20) }
-        {
-            warn!(error = %e, "failed to raise libgit2's tree cache limit");
-        }
-    });
+/// Packs in the local clone beyond which [`tidy`] writes them into one. libgit2 writes
+/// one pack per fetch that received objects and never repacks; every object lookup
+/// searches every pack's index, and a daemon that fetched a commit a day would hold
+/// hundreds after a year.
+pub const MAX_PACKS: usize = 16;
+
+/// The pack files (`*.pack`) of the local clone under `state_dir`.
+pub fn packs(state_dir: &Path) -> Vec<PathBuf> {
+    let dir = state_dir.join("repo/objects/pack");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut packs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .collect();
+    packs.sort();
+    packs
 }
 
-static TUNED: std::sync::Once = std::sync::Once::new();
-
-/// Set when libgit2 was initialised without the system's CA bundle ([`init_git`]).
-static CA_BUNDLE_DEFERRED: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-/// Initialises libgit2 for a process that fetches `url` (empty: fetches nothing).
-///
-/// libgit2 initialises OpenSSL at its first use, and OpenSSL 3 then parses the whole
-/// CA bundle (`SSL_CERT_FILE`, else the system's): about 20 ms of CPU at every start of
-/// vmsync here (a no-op sync of 100 domains took 60 ms with it, 40 ms without), for a
-/// fetch over SSH or from a local path that never uses it. So unless `url` is
-/// `https://`, OpenSSL is initialised with `SSL_CERT_FILE=/dev/null`, and the variable
-/// is put back as it was (children see the environment unchanged). Should the
-/// configuration later turn to an `https://` URL (a daemon reloaded on SIGHUP), [`fetch`]
-/// loads the bundle before it connects. Certificates are checked as before either way.
-///
-/// # Safety
-/// Changes the environment: call it while this process has one thread, before libgit2's
-/// first use.
-pub unsafe fn init_git(url: &str) {
-    let defer = !TUNED.is_completed() && !url.starts_with("https://");
-    let users = std::env::var_os("SSL_CERT_FILE");
-    if defer {
-        // SAFETY: one thread (the caller's promise).
-        unsafe { std::env::set_var("SSL_CERT_FILE", "/dev/null") };
-    }
-    tune_git();
-    if defer {
-        // SAFETY: as above.
-        unsafe {
-            match &users {
-                Some(file) => std::env::set_var("SSL_CERT_FILE", file),
-                None => std::env::remove_var("SSL_CERT_FILE"),
-            }
-        }
-        CA_BUNDLE_DEFERRED.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Before an `https://` fetch in a process that initialised libgit2 without the CA
-/// bundle: loads the bundle OpenSSL would have loaded (`SSL_CERT_FILE`, else found as
-/// libgit2's own start-up finds it), once.
-fn load_deferred_ca_bundle() {
-    static LOADED: std::sync::Once = std::sync::Once::new();
-    if !CA_BUNDLE_DEFERRED.load(std::sync::atomic::Ordering::SeqCst) {
+/// After a sync, under its lock: once the local clone holds more than [`MAX_PACKS`]
+/// packs, writes every object reachable from its refs into one new pack (through
+/// libgit2's pack builder and indexer), makes it durable, then deletes the old packs.
+/// A failure is only logged: the clone still works, with more packs.
+pub fn tidy(state_dir: &Path) {
+    let old = packs(state_dir);
+    if old.len() <= MAX_PACKS {
         return;
     }
-    LOADED.call_once(|| match openssl_probe::probe().cert_file {
-        // SAFETY: a sync fetches under its lock; no other libgit2 operation runs now.
-        Some(file) => match unsafe { git2::opts::set_ssl_cert_file(&file) } {
-            Ok(()) => debug!(file = %file.display(), "loaded the CA bundle"),
-            Err(e) => {
-                warn!(file = %file.display(), error = %e.message(), "failed to load the CA bundle")
-            }
-        },
-        None => warn!("no CA bundle found for https"),
-    });
+    let result = (|| -> Result<(), git2::Error> {
+        let repo = Repository::open_bare(state_dir.join("repo"))?;
+        let mut walk = repo.revwalk()?;
+        walk.push_glob("*")?;
+        let mut builder = repo.packbuilder()?;
+        builder.insert_walk(&mut walk)?;
+        let mut buf = git2::Buf::new();
+        builder.write_buf(&mut buf)?;
+        let odb = repo.odb()?;
+        let mut writer = odb.packwriter()?;
+        std::io::Write::write_all(&mut writer, &buf)
+            .map_err(|e| git2::Error::from_str(&e.to_string()))?;
+        writer.commit()?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        warn!(error = %e.message(), "failed to pack the local clone; keeping its packs");
+        return;
+    }
+    let new: Vec<PathBuf> = packs(state_dir)
+        .into_iter()
+        .filter(|p| !old.contains(p))
+        .collect();
+    let durable = new.iter().all(|pack| {
+        [pack.clone(), pack.with_extension("idx")]
+            .iter()
+            .all(|f| std::fs::File::open(f).and_then(|f| f.sync_all()).is_ok())
+    }) && std::fs::File::open(state_dir.join("repo/objects/pack"))
+        .and_then(|d| d.sync_all())
+        .is_ok();
+    if new.len() != 1 || !durable {
+        warn!(
+            new = new.len(),
+            "the new pack of the local clone is not durable; keeping the old packs"
+        );
+        return;
+    }
+    for pack in &old {
+        for ext in ["pack", "idx", "rev"] {
+            let _ = std::fs::remove_file(pack.with_extension(ext));
+        }
+    }
+    info!(packs = old.len(), "packed the local clone into one pack");
 }
 
 /// `scheme://user:password@host/…` with the password replaced by `***`.

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::apply::Outcome;
+
 pub const STATE_FILE: &str = "state.json";
 pub const LOCK_FILE: &str = "lock";
 
@@ -86,6 +88,123 @@ impl Record {
             self.failed_attempts = self.failed_attempts.saturating_add(1);
         } else {
             self.failed_attempts = 1;
+        }
+    }
+
+    /// Whether `commit` already failed `max` times in a row (the daemon then waits for a
+    /// newer commit instead of trying it again).
+    pub fn gives_up_on(&self, commit: &str, max: u32) -> bool {
+        self.last_attempted_commit.as_deref() == Some(commit)
+            && self.last_result != Some(SyncResult::Converged)
+            && self.failed_attempts >= max
+    }
+
+    /// Records an attempt that ended before anything was applied (`commit` is `None`
+    /// when nothing was fetched): the last applied commit and the VMs' records stay.
+    pub fn record_failure(
+        &mut self,
+        commit: Option<&str>,
+        result: SyncResult,
+        message: &str,
+        now: &str,
+    ) {
+        if let Some(commit) = commit {
+            self.count_failure(commit);
+            self.last_attempted_commit = Some(commit.to_string());
+        }
+        self.last_attempt_at = Some(now.to_string());
+        self.last_result = Some(result);
+        self.last_error = Some(message.to_string());
+    }
+
+    /// Records what applying `commit` did. `left_in_place`: managed domains the plan
+    /// would prune; those not pruned (pruning off, or failed) keep their records: they
+    /// are still this agent's, and may be pruned later. The commit becomes the last
+    /// applied one only if everything succeeded.
+    pub fn record_outcome<'a>(
+        &mut self,
+        commit: &str,
+        left_in_place: impl IntoIterator<Item = &'a str>,
+        outcome: &Outcome,
+        now: &str,
+    ) {
+        let mut vms = BTreeMap::new();
+        for vm in &outcome.vms {
+            let old = self.vms.get(&vm.name).cloned().unwrap_or_default();
+            let entry = if vm.error.is_none() {
+                VmRecord {
+                    applied_commit: Some(commit.to_string()),
+                    fingerprint: Some(vm.fingerprint.clone()),
+                    autostart: vm.autostart,
+                    ok: true,
+                    last_error: None,
+                    pending_restart: vm.pending_restart,
+                    // The new baseline; else the old one (kept while drift is only
+                    // reported); else, first seen converged, the definition as it is.
+                    definition_hash: vm
+                        .definition_hash
+                        .clone()
+                        .or(old.definition_hash.clone())
+                        .or(vm.previous_hash.clone()),
+                    state: Some(vm.state),
+                    drift: vm.drift.clone(),
+                }
+            } else {
+                VmRecord {
+                    ok: false,
+                    last_error: vm.error.clone(),
+                    drift: vm.drift.clone(),
+                    ..old
+                }
+            };
+            vms.insert(vm.name.clone(), entry);
+        }
+        for name in left_in_place {
+            let pruned = outcome
+                .pruned
+                .iter()
+                .any(|o| o.name == name && o.error.is_none());
+            if !pruned && let Some(old) = self.vms.get(name) {
+                vms.insert(name.to_string(), old.clone());
+            }
+        }
+        self.vms = vms;
+        if outcome.all_ok() {
+            self.failed_attempts = 0;
+        } else {
+            self.count_failure(commit);
+        }
+        for p in &outcome.pruned {
+            for disk in &p.orphaned_disks {
+                self.orphaned_disks
+                    .insert(disk.display().to_string(), p.name.clone());
+            }
+        }
+        self.orphaned_disks
+            .retain(|path, _| std::path::Path::new(path).exists());
+        self.last_attempted_commit = Some(commit.to_string());
+        self.last_attempt_at = Some(now.to_string());
+        let mut errors = outcome.directory_errors.clone();
+        errors.extend(
+            outcome
+                .vms
+                .iter()
+                .filter_map(|vm| vm.error.as_ref().map(|e| format!("vm '{}': {e}", vm.name))),
+        );
+        errors.extend(
+            outcome
+                .pruned
+                .iter()
+                .filter_map(|p| p.error.as_ref().map(|e| format!("prune '{}': {e}", p.name))),
+        );
+        if errors.is_empty() {
+            self.last_applied_commit = Some(commit.to_string());
+            self.last_applied_at = Some(now.to_string());
+            self.last_result = Some(SyncResult::Converged);
+            self.last_error = None;
+        } else {
+            self.last_result = Some(SyncResult::Failed);
+            self.last_error = Some(errors.join("; "));
         }
     }
 }

@@ -58,75 +58,12 @@ fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
         .any(|root| path.starts_with(root) && path != root)
 }
 
-/// A VM whose XML's libvirt schema check [`validate_deferred`] left to the caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unchecked {
-    /// Its index in [`Outcome::desired`]`.vms` (file, name, XML and summary are there).
-    pub vm: usize,
-    /// The file's blob id, for the cache once it passed.
-    pub content_id: Option<String>,
-}
-
-impl Unchecked {
-    /// The VM in `desired`.
-    pub fn of<'a>(&self, desired: &'a Desired) -> &'a DesiredVm {
-        &desired.vms[self.vm]
-    }
-
-    /// The problem for libvirt's rejection of this VM's XML.
-    pub fn rejected(&self, desired: &Desired, message: &str) -> Problem {
-        let vm = self.of(desired);
-        Problem {
-            file: vm.xml_file.clone(),
-            line: None,
-            vm: Some(vm.name.clone()),
-            field: Some("xml".into()),
-            message: format!("rejected by libvirt: {message}"),
-        }
-    }
-}
-
-/// What [`validate_deferred`] found.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    /// Every VM without a problem (the unchecked ones included).
-    pub desired: Desired,
-    pub problems: Vec<Problem>,
-    /// XML still to be checked against libvirt's schema (not cached, no other problem).
-    pub unchecked: Vec<Unchecked>,
-}
-
 /// Validates the commit in `files`. Returns all problems, so one run shows every mistake.
 pub fn validate(
     files: &dyn RepoFiles,
     policy: &Policy,
     schema: &dyn SchemaChecker,
 ) -> Result<Desired, Vec<Problem>> {
-    let outcome = validate_inner(files, policy, schema, false)?;
-    match outcome.problems.is_empty() {
-        true => Ok(outcome.desired),
-        false => Err(outcome.problems),
-    }
-}
-
-/// [`validate`] without libvirt's schema check of XML that `schema` has not seen pass:
-/// those come back as [`Outcome::unchecked`], for the caller to check (and report, and
-/// remember in `schema`) before anything changes. `Err` only when the manifest itself
-/// cannot be read or parsed.
-pub fn validate_deferred(
-    files: &dyn RepoFiles,
-    policy: &Policy,
-    schema: &dyn SchemaChecker,
-) -> Result<Outcome, Vec<Problem>> {
-    validate_inner(files, policy, schema, true)
-}
-
-fn validate_inner(
-    files: &dyn RepoFiles,
-    policy: &Policy,
-    schema: &dyn SchemaChecker,
-    defer: bool,
-) -> Result<Outcome, Vec<Problem>> {
     let text = files.read_text(MANIFEST_FILE).map_err(|e| {
         vec![Problem {
             file: MANIFEST_FILE.into(),
@@ -179,7 +116,6 @@ fn validate_inner(
     let mut uuids: BTreeMap<String, String> = BTreeMap::new();
     let mut disk_paths: BTreeMap<PathBuf, String> = BTreeMap::new();
     let mut vms = Vec::new();
-    let mut unchecked = Vec::new();
     for vm in manifest
         .vms
         .iter()
@@ -299,26 +235,19 @@ fn validate_inner(
                 problems.push(at(&xml_file, xml_line(v.line), &v.field, v.message));
             }
         }
-        let mut deferred = false;
-        if problems.len() == before && !was_cached {
-            if defer && !schema.passed(&xml) {
-                deferred = true;
-            } else if let Err(message) = schema.check(&xml) {
-                problems.push(at(
-                    &xml_file,
-                    None,
-                    "xml",
-                    format!("rejected by libvirt: {message}"),
-                ));
-            }
+        if problems.len() == before
+            && !was_cached
+            && let Err(message) = schema.check(&xml)
+        {
+            problems.push(at(
+                &xml_file,
+                None,
+                "xml",
+                format!("rejected by libvirt: {message}"),
+            ));
         }
         if problems.len() == before {
-            if deferred {
-                unchecked.push(Unchecked {
-                    vm: vms.len(),
-                    content_id: content_id.clone(),
-                });
-            } else if let (Some(id), false) = (&content_id, was_cached) {
+            if let (Some(id), false) = (&content_id, was_cached) {
                 schema.remember(id, &summary);
             }
             vms.push(DesiredVm {
@@ -337,13 +266,12 @@ fn validate_inner(
         }
     }
 
-    Ok(Outcome {
-        desired: Desired {
-            directories: manifest.directories,
-            vms,
-        },
-        problems,
-        unchecked,
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Desired {
+        directories: manifest.directories,
+        vms,
     })
 }
 

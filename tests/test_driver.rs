@@ -595,36 +595,10 @@ fn cached_validation_still_checks_names_and_sees_changed_files() {
     );
 }
 
-/// The child a sync starts for libvirt's schema checks (`vmsync schema-check`): libvirt's
-/// verdict per XML, in order, with libvirt's message for a rejected one.
+/// libvirt's schema verdict comes before anything changes, and with other mistakes all
+/// are reported at once.
 #[test]
-fn schema_check_child_gives_libvirts_verdict_per_xml() {
-    let good = "<domain type='qemu'><name>sc-good</name><memory>131072</memory><os><type arch='x86_64'>hvm</type></os></domain>";
-    let unknown_element = good.replace("<memory>", "<vcpux>1</vcpux><memory>");
-    let bad_value = good.replace("131072", "lots");
-    let verdicts = vmsync::schema_check::spawn(
-        Path::new(env!("CARGO_BIN_EXE_vmsync")),
-        &[
-            good.to_string(),
-            unknown_element,
-            bad_value,
-            good.to_string(),
-        ],
-    )
-    .unwrap()
-    .wait()
-    .unwrap();
-    assert_eq!(verdicts.len(), 4);
-    assert_eq!((&verdicts[0], &verdicts[3]), (&None, &None), "{verdicts:?}");
-    let first = verdicts[1].as_deref().unwrap_or_default();
-    assert!(first.contains("vcpux"), "{first}");
-    assert!(verdicts[2].is_some(), "{verdicts:?}");
-}
-
-/// The schema checks run in a child while the host is observed: their verdict still
-/// comes before anything changes, and with other mistakes all are reported at once.
-#[test]
-fn schema_rejection_in_the_child_changes_nothing() {
+fn schema_rejection_changes_nothing() {
     let env = Env::new(&["t2-mixa", "t2-mixb"]);
     let images = env.images.path();
     env.write_schema_bad("t2-mixa", 128);
@@ -649,7 +623,7 @@ fn schema_rejection_in_the_child_changes_nothing() {
     );
 
     // Only the schema mistake left: t2-mixb is valid, but nothing is applied, not even
-    // its disk, because the child's verdict is awaited before planning.
+    // its disk: the whole commit validates before anything changes.
     env.repo.write(
         "vms/t2-mixb.xml",
         &bios_xml("t2-mixb", "kvm", &images.join("t2-mixb.qcow2"), 128),
@@ -664,143 +638,20 @@ fn schema_rejection_in_the_child_changes_nothing() {
     assert_eq!(record.last_result, Some(state::SyncResult::Invalid));
 }
 
-/// A child that cannot be started (no `/proc`, a missing executable): the schema checks
-/// run in this process instead, with the same verdicts.
-#[test]
-fn schema_checks_run_here_when_the_child_cannot_start() {
-    let env = Env::new(&["t2-here"]);
-    let settings = env.settings();
-    let cancel = AtomicBool::new(false);
-    let options = sync::Options {
-        give_up_after: None,
-        cancel: &cancel,
-        allow_rewind: false,
-        child_exe: Some(Path::new("/nonexistent/vmsync")),
-    };
-    let mut conn = sync::Connection::new("test:///default");
-    let report = sync::run(&settings, &mut conn, &options).unwrap();
-    assert!(report.outcome.all_ok() && report.outcome.changes() > 0);
-
-    env.write_schema_bad("t2-here", 256);
-    env.repo.commit("schema mistake");
-    let err = sync::run(&settings, &mut conn, &options).unwrap_err();
-    assert_eq!(err.exit_code(), 3, "{err}");
-    assert!(err.to_string().contains("vcpux"), "{err}");
-}
-
-/// A commit that changes one file, whose define is the only change: libvirt's validating
-/// define is its schema check, and no child is started (here a "child" that would fail).
-/// Any other commit has its XML checked before anything is applied, and a rejected define
-/// is reported as the schema mistake it is, with nothing changed.
-#[test]
-fn one_changed_file_is_checked_by_its_validating_define() {
-    let env = Env::new(&["t2-def-a", "t2-def-b"]);
-    let settings = env.settings();
-    let cancel = AtomicBool::new(false);
-    let options = |checker| sync::Options {
-        give_up_after: None,
-        cancel: &cancel,
-        allow_rewind: false,
-        child_exe: Some(checker),
-    };
-    let real = Path::new(env!("CARGO_BIN_EXE_vmsync"));
-    let failing = Path::new("/bin/false");
-    let mut conn = sync::Connection::new("test:///default");
-    sync::run(&settings, &mut conn, &options(real)).unwrap();
-    let memory = |conn: &mut sync::Connection, name: &str| {
-        let xml = conn.get().unwrap().xml(name, true).unwrap();
-        xml.split("<memory unit='KiB'>").nth(1).unwrap()[..6].to_string()
-    };
-    let applied = |env: &Env| {
-        state::load(env.state.path())
-            .unwrap()
-            .last_applied_commit
-            .unwrap()
-    };
-    let images = env.images.path();
-    let write = |name: &str, mib| {
-        let xml = bios_xml(name, "kvm", &images.join(format!("{name}.qcow2")), mib);
-        env.repo.write(&format!("vms/{name}.xml"), &xml);
-    };
-
-    // One file changed: redefined without a child.
-    write("t2-def-a", 256);
-    let one = env.repo.commit("more memory for a");
-    let report = sync::run(&settings, &mut conn, &options(failing)).unwrap();
-    assert_eq!(report.outcome.changes(), 1);
-    assert_eq!(memory(&mut conn, "t2-def-a"), "262144");
-    assert_eq!(applied(&env), one);
-    // Its pass is remembered: the same blob needs no check at the next commit.
-    env.repo.write("README.md", "unrelated\n");
-    let unrelated = env.repo.commit("unrelated");
-    sync::run(&settings, &mut conn, &options(failing)).unwrap();
-    assert_eq!(applied(&env), unrelated);
-
-    // Two files changed: checked before anything is applied (the failing child fails it).
-    write("t2-def-a", 384);
-    write("t2-def-b", 384);
-    env.repo.commit("more memory for both");
-    let err = sync::run(&settings, &mut conn, &options(failing)).unwrap_err();
-    assert_eq!(err.exit_code(), 1, "{err}");
-    assert_eq!(memory(&mut conn, "t2-def-a"), "262144");
-    assert_eq!(memory(&mut conn, "t2-def-b"), "131072");
-
-    // One file changed, but a disk is created before its define: checked first too, and
-    // the disk is not created.
-    write("t2-def-b", 128);
-    let m = manifest(images, &["t2-def-a", "t2-def-b"]).replace(
-        "autostart = true\n\n  [[vm.disk]]\n  path = \"",
-        &format!(
-            "autostart = true\n\n  [[vm.disk]]\n  path = \"{}/t2-def-extra.qcow2\"\n  size = \"8M\"\n\n  [[vm.disk]]\n  path = \"",
-            images.display()
-        ),
-    );
-    env.repo.write("vmsync.toml", &m);
-    env.repo.commit("a second disk for a");
-    let err = sync::run(&settings, &mut conn, &options(failing)).unwrap_err();
-    assert_eq!(err.exit_code(), 1, "{err}");
-    assert!(!images.join("t2-def-extra.qcow2").exists());
-    assert_eq!(memory(&mut conn, "t2-def-a"), "262144");
-    assert_eq!(applied(&env), unrelated);
-
-    // One file changed and invalid: the define is refused, the child names the mistake,
-    // nothing changed, the last applied commit stays.
-    env.repo
-        .write("vmsync.toml", &manifest(images, &["t2-def-a", "t2-def-b"]));
-    env.write_schema_bad("t2-def-a", 512);
-    env.repo.commit("schema mistake in a");
-    let err = sync::run(&settings, &mut conn, &options(real)).unwrap_err();
-    assert_eq!(err.exit_code(), 3, "{err}");
-    assert!(
-        err.to_string()
-            .contains("vms/t2-def-a.xml: vm 't2-def-a': field 'xml': rejected by libvirt")
-            && err.to_string().contains("vcpux"),
-        "{err}"
-    );
-    assert_eq!(memory(&mut conn, "t2-def-a"), "262144");
-    let record = state::load(env.state.path()).unwrap();
-    assert_eq!(
-        record.last_applied_commit.as_deref(),
-        Some(unrelated.as_str())
-    );
-    assert_eq!(record.last_result, Some(state::SyncResult::Invalid));
-}
-
-/// libgit2 leaves a pack per fetch; past `packs::MAX_PACKS` a sync merges them in its
-/// `pack-clone` child, and the clone still serves the syncs after it.
+/// libgit2 leaves a pack per fetch; past `source::MAX_PACKS` a sync writes them into one,
+/// and the clone still serves the syncs after it.
 #[test]
 fn the_local_clone_keeps_few_packs() {
     let env = Env::new(&["t2-packs"]);
-    let clone = env.state.path().join("repo");
     let mut packed = false;
-    for i in 0..=vmsync::packs::MAX_PACKS + 1 {
+    for i in 0..=vmsync::source::MAX_PACKS + 1 {
         env.repo.write("README.md", &format!("commit {i}\n"));
         let commit = env.repo.commit(&format!("commit {i}"));
         let run = env.run(&["--once"]).expect(0);
-        packed |= run.stderr.contains("packed the local clone");
-        let packs = vmsync::packs::packs(&clone).len();
+        packed |= run.stderr.contains("packed the local clone into one pack");
+        let packs = vmsync::source::packs(env.state.path()).len();
         assert!(
-            packs <= vmsync::packs::MAX_PACKS,
+            packs <= vmsync::source::MAX_PACKS,
             "{packs} packs after {i} syncs"
         );
         let record = state::load(env.state.path()).unwrap();

@@ -344,7 +344,6 @@ fn losing_the_state_file_does_not_reopen_the_door() {
         give_up_after: None,
         cancel: &cancel,
         allow_rewind,
-        child_exe: Some(std::path::Path::new(env!("CARGO_BIN_EXE_vmsync"))),
     };
     let a = env.repo.commit("a");
     sync::run(&settings, &mut conn, &options(false)).unwrap();
