@@ -42,7 +42,7 @@ pub struct VmOutcome {
     /// Running after the actions (was running and not stopped, or was started).
     pub up: bool,
     /// Kinds of the actions done (see `Action::kind`).
-    pub kinds: Vec<&'static str>,
+    pub kinds: Vec<crate::plan::ActionKind>,
 }
 
 /// How pruning one domain went.

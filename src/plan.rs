@@ -63,19 +63,43 @@ pub enum Action {
     Undefine,
 }
 
-/// Every value of [`Action::kind`], in plan order (metrics list each, even at 0).
-pub const ACTION_KINDS: &[&str] = &[
-    "create_disk",
-    "rename",
-    "define",
-    "redefine",
-    "set_autostart",
-    "clear_autostart",
-    "start",
-    "restart",
-    "stop",
-    "undefine",
-];
+/// What an action does, for machines: the plan's JSON, the outcome of a sync, metrics
+/// (which list every kind, even at 0). In plan order.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    strum::EnumIter,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum ActionKind {
+    /// A `[[directory]]` created (not an [`Action`]: directories come before the VMs).
+    CreateDirectory,
+    CreateDisk,
+    Rename,
+    Define,
+    Redefine,
+    SetAutostart,
+    ClearAutostart,
+    Start,
+    Restart,
+    Stop,
+    Undefine,
+}
+
+impl ActionKind {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
 
 impl Action {
     /// Short description for logs and plans.
@@ -109,21 +133,21 @@ impl Action {
         }
     }
 
-    /// The action's kind for machines (`vmsync plan --json`).
-    pub fn kind(&self) -> &'static str {
+    /// The action's kind for machines (`vmsync plan --json`, metrics).
+    pub fn kind(&self) -> ActionKind {
         match self {
-            Action::CreateDisk(_) => "create_disk",
-            Action::Rename { .. } => "rename",
+            Action::CreateDisk(_) => ActionKind::CreateDisk,
+            Action::Rename { .. } => ActionKind::Rename,
             Action::Define {
                 redefine: false, ..
-            } => "define",
-            Action::Define { redefine: true, .. } => "redefine",
-            Action::SetAutostart(true) => "set_autostart",
-            Action::SetAutostart(false) => "clear_autostart",
-            Action::Start => "start",
-            Action::Restart { .. } => "restart",
-            Action::Stop { .. } => "stop",
-            Action::Undefine => "undefine",
+            } => ActionKind::Define,
+            Action::Define { redefine: true, .. } => ActionKind::Redefine,
+            Action::SetAutostart(true) => ActionKind::SetAutostart,
+            Action::SetAutostart(false) => ActionKind::ClearAutostart,
+            Action::Start => ActionKind::Start,
+            Action::Restart { .. } => ActionKind::Restart,
+            Action::Stop { .. } => ActionKind::Stop,
+            Action::Undefine => ActionKind::Undefine,
         }
     }
 }
@@ -607,7 +631,7 @@ pub struct PlanJson<'a> {
 
 #[derive(Debug, Serialize)]
 pub struct ActionJson {
-    pub kind: &'static str,
+    pub kind: ActionKind,
     pub description: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u64>,
@@ -1262,7 +1286,7 @@ mod tests {
                 "undefine (keeping NVRAM, TPM state and disks)"
             ]
         );
-        assert_eq!(p.prune[0].actions[1].kind(), "undefine");
+        assert_eq!(p.prune[0].actions[1].kind(), ActionKind::Undefine);
         assert_eq!(
             kinds(&p.prune[1].actions),
             vec!["undefine (keeping NVRAM, TPM state and disks)"]
@@ -1349,7 +1373,7 @@ mod tests {
         let obs = observed(vec![], vec![gone("old-a", false)], vec![]);
         let p = plan_with(&renamed, &obs, &prune_ctx(true, 5, false));
         assert!(p.prune.is_empty());
-        assert_eq!(p.vms[0].actions[0].kind(), "rename");
+        assert_eq!(p.vms[0].actions[0].kind(), ActionKind::Rename);
     }
 
     #[test]
@@ -1370,7 +1394,7 @@ mod tests {
         else {
             panic!("{:?}", p.vms[0].actions)
         };
-        assert_eq!(p.vms[0].actions[0].kind(), "redefine");
+        assert_eq!(p.vms[0].actions[0].kind(), ActionKind::Redefine);
         let s = domain_xml::summarize(xml).unwrap();
         assert_eq!(s.uuid.as_deref(), Some(UUID));
         assert_eq!(s.macs, vec![Some("52:54:00:12:34:56".to_string())]);
@@ -1406,7 +1430,7 @@ mod tests {
     }
 
     #[test]
-    fn every_action_kind_has_a_json_kind() {
+    fn every_action_kind_has_one_name_for_json_and_metrics() {
         let all = [
             Action::CreateDisk(disk("/srv/images/x.qcow2")),
             Action::Rename { from: "a".into() },
@@ -1429,22 +1453,20 @@ mod tests {
             },
             Action::Undefine,
         ];
+        // One action of each kind, in plan order: every kind but the directories'.
         let kinds: Vec<_> = all.iter().map(Action::kind).collect();
-        assert_eq!(
-            kinds,
-            vec![
-                "create_disk",
-                "rename",
-                "define",
-                "redefine",
-                "set_autostart",
-                "clear_autostart",
-                "start",
-                "restart",
-                "stop",
-                "undefine"
-            ]
-        );
+        let every: Vec<_> = <ActionKind as strum::IntoEnumIterator>::iter()
+            .filter(|k| *k != ActionKind::CreateDirectory)
+            .collect();
+        assert_eq!(kinds, every);
+        for kind in <ActionKind as strum::IntoEnumIterator>::iter() {
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::json!(kind.as_str()),
+                "the JSON name is the metrics label"
+            );
+        }
+        assert_eq!(ActionKind::ClearAutostart.as_str(), "clear_autostart");
         assert_eq!(
             all[7].describe(),
             "restart (graceful shutdown, destroy after 2m)"

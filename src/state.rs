@@ -16,8 +16,11 @@ pub const STATE_FILE: &str = "state.json";
 pub const LOCK_FILE: &str = "lock";
 
 /// How the last sync attempt ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::EnumIter, strum::IntoStaticStr,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum SyncResult {
     /// Every VM converged; the commit is the last applied one.
     Converged,
@@ -79,6 +82,13 @@ pub struct Record {
     /// deletes them; they are listed until the file is gone.
     #[serde(default)]
     pub orphaned_disks: BTreeMap<String, String>,
+}
+
+impl SyncResult {
+    /// The name in `state.json`, `status --json` and the metrics' `result` label.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
 }
 
 impl Record {
@@ -413,5 +423,154 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "{e}");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    fn vm_outcome(name: &str, error: Option<&str>) -> crate::apply::VmOutcome {
+        crate::apply::VmOutcome {
+            name: name.into(),
+            fingerprint: format!("fp-{name}"),
+            autostart: true,
+            state: crate::manifest::PowerState::Running,
+            done: vec!["define".into()],
+            error: error.map(Into::into),
+            pending_restart: false,
+            drift: vec![],
+            drift_reported_only: false,
+            definition_hash: Some(format!("hash-{name}")),
+            previous_hash: None,
+            up: true,
+            kinds: vec![],
+        }
+    }
+
+    fn applied(commit: &str, vms: &[&str]) -> Record {
+        let mut record = Record {
+            last_applied_commit: Some(commit.into()),
+            last_attempted_commit: Some(commit.into()),
+            last_result: Some(SyncResult::Converged),
+            ..Default::default()
+        };
+        for vm in vms {
+            record.vms.insert(
+                vm.to_string(),
+                VmRecord {
+                    applied_commit: Some(commit.into()),
+                    ok: true,
+                    definition_hash: Some(format!("old-{vm}")),
+                    ..Default::default()
+                },
+            );
+        }
+        record
+    }
+
+    /// A failure before anything was applied: per result, what the record says after.
+    #[test]
+    fn a_failed_attempt_keeps_the_last_applied_commit_and_the_vms() {
+        for (commit, result, attempts) in [
+            (Some("b"), SyncResult::Invalid, 1),
+            (Some("b"), SyncResult::Untrusted, 1),
+            (Some("b"), SyncResult::Refused, 1),
+            (Some("b"), SyncResult::Failed, 1),
+            (None, SyncResult::FetchFailed, 0),
+        ] {
+            let mut record = applied("a", &["web"]);
+            let before = record.vms.clone();
+            record.record_failure(commit, result, "why", "2026-11-27T12:00:00Z");
+            assert_eq!(
+                record.last_applied_commit.as_deref(),
+                Some("a"),
+                "{result:?}"
+            );
+            assert_eq!(record.vms, before, "{result:?}");
+            assert_eq!(record.last_result, Some(result));
+            assert_eq!(record.last_error.as_deref(), Some("why"));
+            assert_eq!(record.failed_attempts, attempts, "{result:?}");
+            assert_eq!(
+                record.last_attempted_commit.as_deref(),
+                Some(commit.unwrap_or("a")),
+                "{result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_same_commit_failing_again_counts_up_and_the_daemon_gives_up_at_the_limit() {
+        let mut record = applied("a", &[]);
+        for attempt in 1..=3 {
+            assert!(!record.gives_up_on("b", 3), "attempt {attempt}");
+            record.record_failure(Some("b"), SyncResult::Invalid, "x", "t");
+            assert_eq!(record.failed_attempts, attempt);
+        }
+        assert!(record.gives_up_on("b", 3));
+        assert!(!record.gives_up_on("c", 3), "a newer commit is tried");
+        record.record_failure(Some("c"), SyncResult::Invalid, "x", "t");
+        assert_eq!(
+            record.failed_attempts, 1,
+            "a new commit starts again at one"
+        );
+    }
+
+    /// What applying did: per case, the last applied commit, the result and each VM.
+    #[test]
+    fn an_outcome_is_recorded_per_vm_and_converges_only_when_all_succeeded() {
+        // All succeeded: the commit is the last applied one; a VM no longer desired and
+        // not pruned keeps its record, one pruned is gone.
+        let mut record = applied("a", &["web", "db", "old", "gone"]);
+        let outcome = crate::apply::Outcome {
+            vms: vec![vm_outcome("web", None), vm_outcome("db", None)],
+            pruned: vec![crate::apply::PruneOutcome {
+                name: "gone".into(),
+                done: vec!["undefine".into()],
+                error: None,
+                orphaned_disks: vec![],
+            }],
+            ..Default::default()
+        };
+        record.record_outcome("b", ["old", "gone"], &outcome, "now");
+        assert_eq!(record.last_applied_commit.as_deref(), Some("b"));
+        assert_eq!(record.last_result, Some(SyncResult::Converged));
+        assert_eq!(record.last_error, None);
+        assert_eq!(record.failed_attempts, 0);
+        assert_eq!(
+            record.vms.keys().collect::<Vec<_>>(),
+            ["db", "old", "web"],
+            "kept: not pruned; gone: pruned"
+        );
+        assert_eq!(record.vms["web"].applied_commit.as_deref(), Some("b"));
+        assert_eq!(
+            record.vms["web"].definition_hash.as_deref(),
+            Some("hash-web")
+        );
+        assert_eq!(record.vms["old"].applied_commit.as_deref(), Some("a"));
+
+        // One VM failed: the commit is attempted, not applied; the failed VM keeps what
+        // was applied before, with the error; the other one moves on.
+        let mut record = applied("a", &["web", "db"]);
+        let outcome = crate::apply::Outcome {
+            vms: vec![vm_outcome("web", Some("boom")), vm_outcome("db", None)],
+            ..Default::default()
+        };
+        record.record_outcome("b", [], &outcome, "now");
+        assert_eq!(record.last_applied_commit.as_deref(), Some("a"));
+        assert_eq!(record.last_attempted_commit.as_deref(), Some("b"));
+        assert_eq!(record.last_result, Some(SyncResult::Failed));
+        assert_eq!(record.last_error.as_deref(), Some("vm 'web': boom"));
+        assert_eq!(record.failed_attempts, 1);
+        let web = &record.vms["web"];
+        assert!(!web.ok);
+        assert_eq!(web.applied_commit.as_deref(), Some("a"));
+        assert_eq!(web.definition_hash.as_deref(), Some("old-web"));
+        assert_eq!(record.vms["db"].applied_commit.as_deref(), Some("b"));
+
+        // A directory that could not be made fails the sync too.
+        let mut record = applied("a", &[]);
+        let outcome = crate::apply::Outcome {
+            directory_errors: vec!["directory '/x': denied".into()],
+            ..Default::default()
+        };
+        record.record_outcome("b", [], &outcome, "now");
+        assert_eq!(record.last_result, Some(SyncResult::Failed));
+        assert_eq!(record.last_applied_commit.as_deref(), Some("a"));
     }
 }
