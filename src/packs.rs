@@ -3,7 +3,7 @@
 //! libgit2 stores what each fetch brings as a pack of its own and never repacks (it has
 //! no `git gc`), so a host that follows a busy repository gathers a pack per commit, and
 //! every later sync pays for looking through all of them (about 0.08 ms per pack and
-//! sync here: 10 ms at 122 packs with 1000 domains, see README "Performance").
+//! sync here: 10 ms at 122 packs with 1000 domains, see docs/performance.md).
 //! When a sync ends with more than [`MAX_PACKS`] packs, the small ones are written into
 //! one: every pack but the largest, or all of them (loose objects too) once the others
 //! hold half as many objects as the largest. So a pack count stays small and each object
