@@ -12,7 +12,7 @@
 # creates their disks under /var/lib/libvirt/images).
 #
 # Exits with vmsync's exit code (0 converged, 1 action failed, 3 invalid
-# commit, ... see DESIGN.md).
+# commit, ... see docs/operations.md).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 //! The command line: flags, subcommands, logging setup, and the mapping from results to
-//! exit statuses (DESIGN.md). `main` only calls [`run`].
+//! exit statuses (docs/operations.md). `main` only calls [`run`].
 
 use std::path::PathBuf;
 
@@ -129,7 +129,7 @@ fn init_logging(format: LogFormat) {
 
 /// `VMSYNC_LOG`: comma-separated `level` or `target=level` directives (`debug`,
 /// `info,vmsync::source=trace`); unset or unparsable means `info`. (A plain target
-/// filter: no regular-expression engine in the agent, see README "Performance".)
+/// filter: no regular-expression engine in the agent, see docs/performance.md.)
 fn log_filter(spec: Option<&str>) -> tracing_subscriber::filter::Targets {
     spec.and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)

@@ -112,7 +112,7 @@ pub struct Overrides {
     pub allowed_signers: Option<PathBuf>,
 }
 
-/// How changes, drift and pruning are handled (`[policy]`, see README "Safe changes").
+/// How changes, drift and pruning are handled (`[policy]`, see docs/configuration.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangePolicy {
     /// `[policy] self_heal` / `--self-heal`: put drifted domains back to the commit

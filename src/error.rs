@@ -55,7 +55,7 @@ fn list(problems: &[Problem]) -> String {
 }
 
 impl SyncError {
-    /// The documented exit status.
+    /// The documented exit status (docs/operations.md).
     pub fn exit_code(&self) -> u8 {
         match self {
             SyncError::Config(_) => 2,

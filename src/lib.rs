@@ -1,6 +1,6 @@
 //! vmsync: a git-ops pull agent for libvirt hosts.
 //!
-//! The pipeline (see DESIGN.md), one module per stage; only `apply` and `state` change
+//! The pipeline (see docs/design.md), one module per stage; only `apply` and `state` change
 //! the world:
 //! `config` → `source` → `manifest` → `validate` → `observe` → `plan` → `apply` → `state`.
 //! Seams: `hypervisor` (libvirt through the `virt` crate) and `disk` (`qemu-img`).

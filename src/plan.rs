@@ -1,7 +1,7 @@
 //! Planning: a pure function from the desired state, what was observed and the record
 //! of the last sync to the actions that converge the host. No I/O; table-tested.
 //!
-//! Rules (DESIGN.md, README "Safe changes"):
+//! Rules (docs/design.md, docs/repository-format.md):
 //! - a domain with a desired VM's name but without vmsync's tag belongs to someone else:
 //!   the VM fails with a conflict and nothing of it is touched;
 //! - missing disks are created; an existing disk of another format fails the VM; an
