@@ -106,8 +106,7 @@ pub fn graceful_stop(hv: &dyn Hypervisor, name: &str, timeout: Duration) -> Resu
     if !hv.is_active(name).map_err(|e| e.to_string())? {
         return Ok("already shut off".into());
     }
-    hv.shutdown(name)
-        .map_err(|e| format!("failed to request a graceful shutdown: {e}"))?;
+    hv.shutdown(name).map_err(|e| e.to_string())?;
     let secs = humantime::format_duration(timeout);
     info!(vm = %name, timeout = %secs, "graceful shutdown requested");
     let started = Instant::now();
@@ -131,7 +130,7 @@ pub fn graceful_stop(hv: &dyn Hypervisor, name: &str, timeout: Duration) -> Resu
         )),
         // It may have gone off between the last poll and the destroy.
         Err(_) if !hv.is_active(name).unwrap_or(true) => Ok("shut down gracefully".into()),
-        Err(e) => Err(format!("failed to destroy after the shutdown timeout: {e}")),
+        Err(e) => Err(format!("after the shutdown timeout, {e}")),
     }
 }
 
@@ -190,9 +189,7 @@ pub fn apply(
                 Action::Stop { timeout } => {
                     graceful_stop(hv, &p.name, *timeout).map(|how| what = format!("stop ({how})"))
                 }
-                Action::Undefine => hv
-                    .undefine_keep_state(&p.name)
-                    .map_err(|e| format!("failed to undefine domain: {e}")),
+                Action::Undefine => hv.undefine_keep_state(&p.name).map_err(|e| e.to_string()),
                 other => Err(format!("'{}' is not a prune action", other.describe())),
             };
             match done {
@@ -271,13 +268,11 @@ fn apply_vm(
         let mut what = action.describe();
         let done = match action {
             Action::CreateDisk(spec) => disks.create(spec).map_err(|e| e.to_string()),
-            Action::Rename { from } => hv
-                .rename(from, &vm.name)
-                .map_err(|e| format!("failed to rename domain '{from}': {e}")),
+            Action::Rename { from } => hv.rename(from, &vm.name).map_err(|e| e.to_string()),
             Action::Define { xml, .. } => hv
                 .define(xml)
                 .inspect(|()| crate::crash_point("after-define"))
-                .map_err(|e| format!("failed to define domain: {e}"))
+                .map_err(|e| e.to_string())
                 .map(|()| match hv.xml(&vm.name, true) {
                     Ok(after) => {
                         result.definition_hash = domain_xml::definition_hash(&after);
@@ -295,16 +290,12 @@ fn apply_vm(
                         warn!(vm = %vm.name, error = %e, "could not read the new definition back")
                     }
                 }),
-            Action::SetAutostart(on) => hv
-                .set_autostart(&vm.name, *on)
-                .map_err(|e| format!("failed to set autostart: {e}")),
-            Action::Start => hv
-                .start(&vm.name)
-                .map_err(|e| format!("failed to start domain: {e}")),
+            Action::SetAutostart(on) => hv.set_autostart(&vm.name, *on).map_err(|e| e.to_string()),
+            Action::Start => hv.start(&vm.name).map_err(|e| e.to_string()),
             Action::Restart { timeout } => graceful_stop(hv, &vm.name, *timeout)
                 .and_then(|how| {
                     hv.start(&vm.name)
-                        .map_err(|e| format!("failed to start domain after shutdown: {e}"))
+                        .map_err(|e| format!("after the shutdown, {e}"))
                         .map(|()| how)
                 })
                 .map(|how| what = format!("restart ({how}, started)")),

@@ -138,7 +138,11 @@ mod tests {
                 1,
                 None,
             ),
-            (HvError("x".into()).into(), 1, Some(SyncResult::Failed)),
+            (
+                HvError::new("start", Some("web"), "qemu:///system", "boom").into(),
+                1,
+                Some(SyncResult::Failed),
+            ),
         ];
         for (error, code, result) in cases {
             assert_eq!(error.exit_code(), code, "{error}");

@@ -13,14 +13,32 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
-/// A libvirt call that failed, with libvirt's message.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct HvError(pub String);
+/// A libvirt call that failed: the operation, the domain (when there is one), the
+/// connection's URI, and libvirt's message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("failed to {operation}{} at '{uri}': {message}", on_domain(.domain))]
+pub struct HvError {
+    pub operation: &'static str,
+    pub domain: Option<String>,
+    pub uri: String,
+    pub message: String,
+}
 
-impl From<virt::error::Error> for HvError {
-    fn from(e: virt::error::Error) -> Self {
-        HvError(e.message().trim().to_string())
+fn on_domain(domain: &Option<String>) -> String {
+    domain
+        .as_ref()
+        .map(|d| format!(" domain '{d}'"))
+        .unwrap_or_default()
+}
+
+impl HvError {
+    pub fn new(operation: &'static str, domain: Option<&str>, uri: &str, message: &str) -> Self {
+        Self {
+            operation,
+            domain: domain.map(Into::into),
+            uri: uri.into(),
+            message: message.trim().into(),
+        }
     }
 }
 
@@ -78,12 +96,8 @@ impl Libvirt {
         // libvirt's default error handler prints every error to stderr; vmsync reports
         // errors itself.
         virt::error::clear_error_callback();
-        let conn = Connect::open(Some(uri)).map_err(|e| {
-            HvError(format!(
-                "failed to connect to libvirt at '{uri}': {}",
-                e.message().trim()
-            ))
-        })?;
+        let conn = Connect::open(Some(uri))
+            .map_err(|e| HvError::new("connect to libvirt", None, uri, e.message()))?;
         Ok(Self {
             conn,
             uri: uri.to_string(),
@@ -107,12 +121,25 @@ impl Libvirt {
         self.conn.is_alive().unwrap_or(false)
     }
 
+    /// Runs one libvirt call (`operation`, on `domain`), counted, with its error named.
+    fn call<T>(
+        &self,
+        operation: &'static str,
+        domain: Option<&str>,
+        f: impl FnOnce() -> Result<T, virt::error::Error>,
+    ) -> Result<T, HvError> {
+        self.count(1);
+        f().map_err(|e| HvError::new(operation, domain, &self.uri, e.message()))
+    }
+
+    /// The domain's handle: from the last `list`, else looked up by name.
     fn lookup(&self, name: &str) -> Result<Domain, HvError> {
         if let Some(domain) = self.handles.lock().expect("handles lock").get(name) {
             return Ok(domain.clone());
         }
-        self.count(1);
-        let domain = self.conn.lookup_domain_by_name(name)?;
+        let domain = self.call("look up", Some(name), || {
+            self.conn.lookup_domain_by_name(name)
+        })?;
         self.handles
             .lock()
             .expect("handles lock")
@@ -130,9 +157,23 @@ impl Libvirt {
 
     /// Names of the domains matching `flags` (one call).
     fn names(&self, flags: sys::virConnectListAllDomainsFlags) -> Result<HashSet<String>, HvError> {
-        self.count(1);
-        let domains = self.conn.list_all_domains(flags)?;
-        domains.iter().map(|d| Ok(d.name()?)).collect()
+        let domains = self.call("list domains", None, || self.conn.list_all_domains(flags))?;
+        domains
+            .iter()
+            .map(|d| d.name())
+            .collect::<Result<_, _>>()
+            .map_err(|e| HvError::new("list domains", None, &self.uri, e.message()))
+    }
+
+    /// One call on the domain `name` (looked up first when its handle is not known).
+    fn on<T>(
+        &self,
+        operation: &'static str,
+        name: &str,
+        f: impl FnOnce(&Domain) -> Result<T, virt::error::Error>,
+    ) -> Result<T, HvError> {
+        let domain = self.lookup(name)?;
+        self.call(operation, Some(name), || f(&domain))
     }
 }
 
@@ -140,8 +181,7 @@ impl Hypervisor for Libvirt {
     /// Four calls whatever the number of domains: all, then the active, autostart and
     /// persistent ones by filter (a domain's name and UUID are known locally).
     fn list(&self) -> Result<Vec<Listing>, HvError> {
-        self.count(1);
-        let domains = self.conn.list_all_domains(0)?;
+        let domains = self.call("list domains", None, || self.conn.list_all_domains(0))?;
         let active = self.names(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?;
         let autostart = self.names(sys::VIR_CONNECT_LIST_DOMAINS_AUTOSTART)?;
         let persistent = self.names(sys::VIR_CONNECT_LIST_DOMAINS_PERSISTENT)?;
@@ -149,9 +189,12 @@ impl Hypervisor for Libvirt {
         handles.clear();
         let mut out = Vec::with_capacity(domains.len());
         for d in domains {
-            let name = d.name()?;
+            let (name, uuid) = d
+                .name()
+                .and_then(|name| Ok((name, d.uuid_string()?)))
+                .map_err(|e| HvError::new("list domains", None, &self.uri, e.message()))?;
             out.push(Listing {
-                uuid: d.uuid_string()?,
+                uuid,
                 active: active.contains(&name),
                 autostart: autostart.contains(&name),
                 persistent: persistent.contains(&name),
@@ -168,26 +211,25 @@ impl Hypervisor for Libvirt {
         } else {
             0
         };
-        self.count(1);
-        Ok(self.lookup(name)?.xml_desc(flags)?)
+        self.on("read the XML of", name, |d| d.xml_desc(flags))
     }
 
     fn define(&self, xml: &str) -> Result<(), HvError> {
-        self.count(1);
-        self.conn
-            .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)?;
+        let name = crate::domain_xml::summarize(xml).ok().map(|s| s.name);
+        self.call("define", name.as_deref(), || {
+            self.conn
+                .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
+        })?;
         Ok(())
     }
 
     fn set_autostart(&self, name: &str, autostart: bool) -> Result<(), HvError> {
-        self.count(1);
-        self.lookup(name)?.set_autostart(autostart)?;
+        self.on("set autostart of", name, |d| d.set_autostart(autostart))?;
         Ok(())
     }
 
     fn start(&self, name: &str) -> Result<(), HvError> {
-        self.count(1);
-        self.lookup(name)?.create()?;
+        self.on("start", name, |d| d.create())?;
         Ok(())
     }
 
@@ -196,19 +238,16 @@ impl Hypervisor for Libvirt {
     }
 
     fn is_active(&self, name: &str) -> Result<bool, HvError> {
-        self.count(1);
-        Ok(self.lookup(name)?.is_active()?)
+        self.on("read the state of", name, |d| d.is_active())
     }
 
     fn shutdown(&self, name: &str) -> Result<(), HvError> {
-        self.count(1);
-        self.lookup(name)?.shutdown()?;
+        self.on("shut down", name, |d| d.shutdown())?;
         Ok(())
     }
 
     fn destroy(&self, name: &str) -> Result<(), HvError> {
-        self.count(1);
-        self.lookup(name)?.destroy()?;
+        self.on("destroy", name, |d| d.destroy())?;
         Ok(())
     }
 
@@ -221,15 +260,13 @@ impl Hypervisor for Libvirt {
         } else {
             sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | sys::VIR_DOMAIN_UNDEFINE_KEEP_TPM
         };
-        self.count(1);
-        self.lookup(name)?.undefine_flags(flags)?;
+        self.on("undefine", name, |d| d.undefine_flags(flags))?;
         self.forget(&[name]);
         Ok(())
     }
 
     fn rename(&self, name: &str, new_name: &str) -> Result<(), HvError> {
-        self.count(1);
-        self.lookup(name)?.rename(new_name, 0)?;
+        self.on("rename", name, |d| d.rename(new_name, 0))?;
         self.forget(&[name, new_name]);
         Ok(())
     }
@@ -265,27 +302,21 @@ pub struct TestDriverSchema {
 impl TestDriverSchema {
     pub fn new() -> Result<Self, HvError> {
         virt::error::clear_error_callback();
-        let mut node_file = tempfile::Builder::new()
+        let node_file = tempfile::Builder::new()
             .prefix("vmsync-schema-")
             .suffix(".xml")
             .tempfile()
+            .and_then(|mut file| {
+                std::io::Write::write_all(&mut file, b"<node/>\n")?;
+                Ok(file)
+            })
             .map_err(|e| {
-                HvError(format!(
-                    "failed to create the schema checker's node file: {e}"
-                ))
+                let message = format!("failed to write the test driver's node file: {e}");
+                HvError::new("connect to libvirt", None, "test:///", &message)
             })?;
-        std::io::Write::write_all(&mut node_file, b"<node/>\n").map_err(|e| {
-            HvError(format!(
-                "failed to write the schema checker's node file: {e}"
-            ))
-        })?;
         let uri = format!("test://{}", node_file.path().display());
-        let conn = Connect::open(Some(&uri)).map_err(|e| {
-            HvError(format!(
-                "failed to open libvirt's test driver for schema checks: {}",
-                e.message().trim()
-            ))
-        })?;
+        let conn = Connect::open(Some(&uri))
+            .map_err(|e| HvError::new("connect to libvirt", None, &uri, e.message()))?;
         Ok(Self {
             conn,
             _node_file: node_file,
@@ -389,6 +420,36 @@ mod tests {
             .replace("</memory>", "</memroy>");
         let err = schema.check(&bad).unwrap_err();
         assert!(err.contains("schema"), "{err}");
+    }
+
+    /// A libvirt error names the operation, the domain and the connection.
+    #[test]
+    fn a_libvirt_error_names_operation_domain_and_uri() {
+        let hv = Libvirt::connect("test:///default").unwrap();
+        let err = hv.start("vmsync-no-such-domain").unwrap_err();
+        assert_eq!(err.operation, "look up");
+        assert!(
+            err.to_string().starts_with(
+                "failed to look up domain 'vmsync-no-such-domain' at 'test:///default': "
+            ),
+            "{err}"
+        );
+        let xml = "<domain type='test'><name>vmsync-unit-bad</name><memory>131072</memory><os><type>hvm</type></os><devices><disk type='file'><target dev='vda'/></disk><disk type='file'><target dev='vda'/></disk></devices></domain>";
+        let err = hv.define(xml).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("failed to define domain 'vmsync-unit-bad' at 'test:///default': "),
+            "{err}"
+        );
+        let err = Libvirt::connect("qemu+unix:///system?socket=/nonexistent/sock")
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().starts_with(
+                "failed to connect to libvirt at 'qemu+unix:///system?socket=/nonexistent/sock': "
+            ),
+            "{err}"
+        );
     }
 
     #[test]
