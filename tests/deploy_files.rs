@@ -10,7 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const UNITS: [&str; 3] = ["vmsync.service", "vmsync.timer", "vmsync-agent.service"];
-const NIX_FILES: [&str; 2] = ["module.nix", "package.nix"];
+/// Every Nix file shipped, and those the tests below evaluate it with.
+const NIX_FILES: [&str; 6] = [
+    "deploy/nixos/module.nix",
+    "deploy/nixos/package.nix",
+    "tests/nixos/lib.nix",
+    "tests/nixos/pkgs.nix",
+    "tests/nixos/nixos.nix",
+    "tests/nixos/eval.nix",
+];
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -117,12 +125,8 @@ fn systemd_units_pass_systemd_analyze_verify() {
 #[test]
 fn nix_files_parse() {
     for name in NIX_FILES {
-        let path = repo().join("deploy/nixos").join(name);
-        let out = run(
-            Command::new("nix-instantiate").arg("--parse").arg(&path),
-            "nix-instantiate",
-            "nix-bin",
-        );
+        let path = repo().join(name);
+        let out = nix(Command::new("nix-instantiate").arg("--parse").arg(&path));
         assert!(
             out.status.success(),
             "nix-instantiate --parse {}: {}\n{}",
@@ -223,6 +227,123 @@ fn both_services_are_ordered_after_libvirt_and_sandboxed_alike() {
     assert!(sandbox(&oneshot).len() > 20, "{:?}", sandbox(&oneshot));
 }
 
+// ---- NixOS -----------------------------------------------------------------------------
+//
+// deploy/nixos/module.nix is evaluated as on a host: tests/nixos/lib.nix is a small module
+// system that behaves like nixpkgs' (typed options that refuse a wrong value, unknown
+// options refused, priorities, mkIf/mkMerge, submodules, freeformType), nixos.nix the
+// NixOS modules the module meets (assertions, systemd units and tmpfiles, polkit, libvirtd
+// with its polkit assertion), pkgs.nix the few packages involved. nixpkgs itself cannot be
+// fetched here; `nixos_evaluator_follows_nixpkgs_module_semantics` pins the behaviour the
+// tests rely on.
+
+/// Runs a nix command with state, store, log and config directories of its own. Nix
+/// creates its state directories (db, gcroots, profiles) on first use, and two tests doing
+/// that at once on a fresh machine raced: "creating symlink from
+/// '/nix/var/nix/gcroots/profiles' ... File exists", "schema is corrupt", "SQLite database
+/// is busy". Private directories leave nothing to share, and nothing of the host's /nix
+/// is touched.
+fn nix(cmd: &mut Command) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(
+        cmd.env("NIX_STATE_DIR", d.join("var"))
+            .env("NIX_STORE_DIR", d.join("store"))
+            .env("NIX_LOG_DIR", d.join("log"))
+            .env("NIX_CONF_DIR", d.join("etc"))
+            .env("XDG_CACHE_HOME", d.join("cache"))
+            // No nixbld group on a test host: keep its warning out of stderr.
+            .env("NIX_CONFIG", "build-users-group ="),
+        "nix-instantiate",
+        "nix-bin",
+    )
+}
+
+/// A Nix path expression for an absolute path (quoted: safe with any characters).
+fn nix_path(path: &Path) -> String {
+    format!(
+        "(/. + {})",
+        serde_json::to_string(&path.display().to_string()).unwrap()
+    )
+}
+
+#[test]
+fn nixos_evaluator_follows_nixpkgs_module_semantics() {
+    // Each case: modules, then the expected `config.a` (JSON) or a piece of the error.
+    let str_opt = r#"{ options.a = lib.mkOption { type = lib.types.str; default = "default"; }; }"#;
+    let list_opt = r#"{ options.a = lib.mkOption { type = lib.types.listOf lib.types.int; default = [ ]; }; }"#;
+    let cases: [(String, Result<&str, &str>); 11] = [
+        (format!(r#"{str_opt} {{ a = lib.mkDefault "weak"; }}"#), Ok(r#""weak""#)),
+        (
+            format!(r#"{str_opt} {{ a = lib.mkDefault "weak"; }} {{ a = "plain"; }}"#),
+            Ok(r#""plain""#),
+        ),
+        (
+            format!(r#"{str_opt} {{ a = lib.mkForce "forced"; }} {{ a = "plain"; }}"#),
+            Ok(r#""forced""#),
+        ),
+        (
+            format!(r#"{str_opt} {{ a = "x"; }} {{ a = "y"; }}"#),
+            Err("The option `a' has conflicting definition values"),
+        ),
+        (
+            format!(r#"{list_opt} {{ a = [ 1 ]; }} {{ a = lib.mkMerge [ [ 2 ] (lib.mkIf false [ 3 ]) ]; }}"#),
+            Ok("[1,2]"),
+        ),
+        (
+            format!(
+                r#"{str_opt} {{ options.c = lib.mkOption {{ type = lib.types.bool; default = true; }}; }} ({{ config, ... }}: {{ a = lib.mkIf config.c "on"; }})"#
+            ),
+            Ok(r#""on""#),
+        ),
+        (
+            format!(r#"{str_opt} {{ a = 5; }}"#),
+            Err("A definition for option `a' is not of type `string'"),
+        ),
+        (
+            format!(r#"{str_opt} {{ b = "x"; }}"#),
+            Err("The option `b' does not exist"),
+        ),
+        (
+            r#"{ options.a = lib.mkOption { type = lib.types.submodule { freeformType = lib.types.attrsOf lib.types.str; options.x = lib.mkOption { type = lib.types.int; default = 1; }; }; default = { }; }; } { a.y = "free"; }"#.to_string(),
+            Ok(r#"{"x":1,"y":"free"}"#),
+        ),
+        (
+            r#"{ options.a = lib.mkOption { type = lib.types.submodule { options.x = lib.mkOption { type = lib.types.int; }; }; default = { }; }; } { a.y = 1; }"#.to_string(),
+            Err("The option `a.y' does not exist"),
+        ),
+        (
+            r#"{ options.a = lib.mkOption { type = lib.types.submodule { options.x = lib.mkOption { type = lib.types.int; }; }; default = { }; }; }"#.to_string(),
+            Err("The option `a.x' is used but not defined"),
+        ),
+    ];
+    let lib = nix_path(&repo().join("tests/nixos/lib.nix"));
+    for (modules, want) in cases {
+        let expr = format!(
+            "let lib = import {lib}; in (lib.evalModules {{ modules = [ {modules} ]; }}).config.a"
+        );
+        let out = nix(
+            Command::new("nix-instantiate").args(["--eval", "--strict", "--json", "-E", &expr])
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match want {
+            Ok(json) => {
+                assert!(out.status.success(), "{modules}:\n{stderr}");
+                let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(
+                    got,
+                    serde_json::from_str::<serde_json::Value>(json).unwrap(),
+                    "{modules}"
+                );
+            }
+            Err(message) => {
+                assert!(!out.status.success(), "{modules}: evaluated");
+                assert!(stderr.contains(message), "{modules}:\n{stderr}");
+            }
+        }
+    }
+}
+
 #[test]
 fn nixos_module_declares_the_documented_options() {
     let module = read("deploy/nixos/module.nix");
@@ -295,11 +416,8 @@ fn eval_module(mode: &str, settings: &str, known_hosts: &str) -> serde_json::Val
         stub.display(),
         module.display()
     );
-    let out = run(
-        Command::new("nix-instantiate").args(["--eval", "--strict", "--json", "-E", &expr]),
-        "nix-instantiate",
-        "nix-bin",
-    );
+    let out =
+        nix(Command::new("nix-instantiate").args(["--eval", "--strict", "--json", "-E", &expr]));
     assert!(
         out.status.success(),
         "nix-instantiate --eval: {}\n{}",
