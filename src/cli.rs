@@ -188,7 +188,7 @@ pub fn run() -> u8 {
             "--json goes with --once --dry-run (or use `vmsync plan --json`)".into(),
         ))),
         (None, true) if cli.dry_run => sync::plan_only(&settings)
-            .map(|plan| print!("{}", crate::plan::output(&plan, cli.json))),
+            .map(|plan| print!("{}", crate::render::output(&plan, cli.json))),
         (None, true) => sync::once_with(&settings, cli.allow_rewind).map(|r| {
             if r.outcome.changes() == 0 {
                 println!(
@@ -218,7 +218,7 @@ pub fn run() -> u8 {
             "--once cannot be combined with a command".into(),
         ))),
         (Some(Command::Plan { json }), false) => {
-            sync::plan_only(&settings).map(|plan| print!("{}", crate::plan::output(&plan, *json)))
+            sync::plan_only(&settings).map(|plan| print!("{}", crate::render::output(&plan, *json)))
         }
         (Some(Command::Validate { dir }), false) => {
             let dir = dir.clone().unwrap_or_else(|| PathBuf::from("."));

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod observe;
 pub mod par;
 pub mod plan;
+pub mod render;
 pub mod rng;
 pub mod schema_cache;
 pub mod source;
