@@ -296,7 +296,7 @@ pub struct TestDriverSchema {
     _node_file: tempfile::NamedTempFile,
     /// libvirt's RNG schema compiled on the first check (`None` until then; `Some(Err)`
     /// without the schema file, and libvirt validates instead).
-    schema: std::sync::OnceLock<Result<crate::rng::Schema, String>>,
+    schema: std::cell::OnceCell<Result<crate::rng::Schema, String>>,
 }
 
 impl TestDriverSchema {
@@ -320,7 +320,7 @@ impl TestDriverSchema {
         Ok(Self {
             conn,
             _node_file: node_file,
-            schema: std::sync::OnceLock::new(),
+            schema: std::cell::OnceCell::new(),
         })
     }
 }

@@ -89,12 +89,6 @@ pub struct Schema {
     path: PathBuf,
 }
 
-// SAFETY: a compiled xmlRelaxNG schema is read-only after parsing; libxml2 allows it to be
-// used from several validation contexts. It is freed only on drop, when no validation
-// can be running (`validate` borrows it).
-unsafe impl Send for Schema {}
-unsafe impl Sync for Schema {}
-
 impl Drop for Schema {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from xmlRelaxNGParse and is freed exactly once.
