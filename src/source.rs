@@ -370,8 +370,9 @@ pub fn packs(state_dir: &Path) -> Vec<PathBuf> {
 }
 
 /// After a sync, under its lock: once the local clone holds more than [`MAX_PACKS`]
-/// packs, writes every object reachable from its refs into one new pack (through
-/// libgit2's pack builder and indexer), makes it durable, then deletes the old packs.
+/// packs, writes every object of the clone, reachable or not (so the rewind checks see
+/// the same history), into one new pack through libgit2's pack builder and indexer,
+/// makes it durable, then deletes the old packs.
 /// A failure is only logged: the clone still works, with more packs.
 pub fn tidy(state_dir: &Path) {
     let old = packs(state_dir);
@@ -380,13 +381,18 @@ pub fn tidy(state_dir: &Path) {
     }
     let result = (|| -> Result<(), git2::Error> {
         let repo = Repository::open_bare(state_dir.join("repo"))?;
-        let mut walk = repo.revwalk()?;
-        walk.push_glob("*")?;
+        let odb = repo.odb()?;
+        let mut ids = Vec::new();
+        odb.foreach(|id| {
+            ids.push(*id);
+            true
+        })?;
         let mut builder = repo.packbuilder()?;
-        builder.insert_walk(&mut walk)?;
+        for id in ids {
+            builder.insert_object(id, None)?;
+        }
         let mut buf = git2::Buf::new();
         builder.write_buf(&mut buf)?;
-        let odb = repo.odb()?;
         let mut writer = odb.packwriter()?;
         std::io::Write::write_all(&mut writer, &buf)
             .map_err(|e| git2::Error::from_str(&e.to_string()))?;
