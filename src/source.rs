@@ -28,9 +28,11 @@
 //! host is refused; a host on a non-default port must be listed as `[host]:port`.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
-use git2::{AutotagOption, CredentialType, FetchOptions, Oid, RemoteCallbacks, Repository, Tree};
+use git2::{AutotagOption, CredentialType, FetchOptions, Oid, RemoteCallbacks, Repository};
 use tracing::{debug, info, warn};
 
 use crate::files::{FileError, MAX_FILE_BYTES, RepoFiles, check_repo_path, decode};
@@ -95,7 +97,13 @@ pub struct FetchedCommit {
     repo: Repository,
     commit: Oid,
     tree: Oid,
+    /// The entries of each tree read so far, by tree id: a `vms/` directory of hundreds
+    /// of files is read once per sync, not once per file it holds.
+    trees: RefCell<HashMap<Oid, Rc<TreeEntries>>>,
 }
+
+/// A tree's entries by name: file mode and object id.
+type TreeEntries = HashMap<String, (i32, Oid)>;
 
 impl std::fmt::Debug for FetchedCommit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -152,13 +160,34 @@ impl FetchedCommit {
                 .map_err(|e| missing(e.message().to_string()))?;
             (commit.id(), commit.tree_id())
         };
-        Ok(FetchedCommit { repo, commit, tree })
+        Ok(FetchedCommit::new(repo, commit, tree))
     }
 
-    fn tree(&self, path: &str) -> Result<Tree<'_>, FileError> {
-        self.repo
-            .find_tree(self.tree)
-            .map_err(|e| git_file_error(path, &e))
+    fn new(repo: Repository, commit: Oid, tree: Oid) -> Self {
+        Self {
+            repo,
+            commit,
+            tree,
+            trees: RefCell::default(),
+        }
+    }
+
+    /// The entries of the tree `id` (read while looking up `path`).
+    fn entries(&self, id: Oid, path: &str) -> Result<Rc<TreeEntries>, FileError> {
+        if let Some(entries) = self.trees.borrow().get(&id) {
+            return Ok(entries.clone());
+        }
+        let tree = self
+            .repo
+            .find_tree(id)
+            .map_err(|e| git_file_error(path, &e))?;
+        let entries: Rc<TreeEntries> = Rc::new(
+            tree.iter()
+                .filter_map(|e| Some((e.name().ok()?.to_string(), (e.filemode(), e.id()))))
+                .collect(),
+        );
+        self.trees.borrow_mut().insert(id, entries.clone());
+        Ok(entries)
     }
 }
 
@@ -182,17 +211,13 @@ impl FetchedCommit {
         let (last, dirs) = parts
             .split_last()
             .expect("check_repo_path never returns empty");
-        let mut tree = self.tree(path)?;
+        let mut tree = self.entries(self.tree, path)?;
         for dir in dirs {
-            let (mode, oid) = match tree.get_name(dir) {
-                Some(entry) => (entry.filemode(), entry.id()),
-                None => return Err(FileError::NotFound(path.to_string())),
+            let Some(&(mode, oid)) = tree.get(dir.as_str()) else {
+                return Err(FileError::NotFound(path.to_string()));
             };
             tree = match mode {
-                MODE_TREE => self
-                    .repo
-                    .find_tree(oid)
-                    .map_err(|e| git_file_error(path, &e))?,
+                MODE_TREE => self.entries(oid, path)?,
                 // A regular file where a directory was expected: nothing below it.
                 MODE_BLOB | MODE_BLOB_EXECUTABLE => {
                     return Err(FileError::NotFound(path.to_string()));
@@ -201,9 +226,8 @@ impl FetchedCommit {
                 _ => return Err(FileError::NotAFile(path.to_string())),
             };
         }
-        let (mode, oid) = match tree.get_name(last) {
-            Some(entry) => (entry.filemode(), entry.id()),
-            None => return Err(FileError::NotFound(path.to_string())),
+        let Some(&(mode, oid)) = tree.get(last.as_str()) else {
+            return Err(FileError::NotFound(path.to_string()));
         };
         if mode != MODE_BLOB && mode != MODE_BLOB_EXECUTABLE {
             return Err(FileError::NotAFile(path.to_string()));
@@ -337,7 +361,7 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
             message: format!("'{tracking}' is at {commit} but the remote advertised {advertised}"),
         });
     }
-    let fetched = FetchedCommit { repo, commit, tree };
+    let fetched = FetchedCommit::new(repo, commit, tree);
     info!(
         url = %shown,
         branch = %branch,
