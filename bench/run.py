@@ -468,7 +468,12 @@ def main():
                f"{start_wall:.1f} ms wall (mean of 20 runs).")
     report = "\n".join(out)
     print(report)
-    (ROOT / "bench" / "results.md").write_text(report + "\n")
+    # Text after the marker is written by people (what each piece of machinery cost),
+    # and kept across runs.
+    results = ROOT / "bench" / "results.md"
+    marker = "<!-- below: kept by bench/run.py -->"
+    kept = results.read_text().partition(marker)[2] if results.exists() else ""
+    results.write_text(report + "\n" + (f"\n{marker}{kept}" if kept else ""))
 
 
 if __name__ == "__main__":
