@@ -20,7 +20,7 @@ use crate::plan::{self, Plan};
 use crate::schema_cache::CachedSchema;
 use crate::schema_check;
 use crate::source::{self, FetchError};
-use crate::state::{self, LockHeld, Record, SyncResult, VmRecord};
+use crate::state::{self, LockHeld, Record, SyncResult};
 use crate::trust::{self, Floor, TrustError};
 use crate::validate::{self, Desired, Policy};
 
@@ -735,32 +735,7 @@ pub fn apply_commit_checked(
     let mut vms = BTreeMap::new();
     for vm in &outcome.vms {
         let old = record.vms.get(&vm.name).cloned().unwrap_or_default();
-        let entry = if vm.error.is_none() {
-            VmRecord {
-                applied_commit: Some(commit.to_string()),
-                fingerprint: Some(vm.fingerprint.clone()),
-                autostart: vm.autostart,
-                ok: true,
-                last_error: None,
-                pending_restart: vm.pending_restart,
-                // The new baseline; else the old one (kept while drift is only
-                // reported); else, first seen converged, the definition as it is.
-                definition_hash: vm
-                    .definition_hash
-                    .clone()
-                    .or(old.definition_hash.clone())
-                    .or(vm.previous_hash.clone()),
-                state: Some(vm.state),
-                drift: vm.drift.clone(),
-            }
-        } else {
-            VmRecord {
-                ok: false,
-                last_error: vm.error.clone(),
-                drift: vm.drift.clone(),
-                ..old
-            }
-        };
+        let entry = vm.record(commit, old);
         vms.insert(vm.name.clone(), entry);
     }
     // Managed domains left in place (pruning off, or failed) stay in the record: they
