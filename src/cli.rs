@@ -1,10 +1,17 @@
 //! The command line: flags, subcommands, logging setup, and the mapping from results to
-//! exit statuses (DESIGN.md). `main` only calls [`run`].
+//! exit statuses. `main` only calls [`run`].
+//!
+//! `vmsync --once` stops like the daemon on SIGTERM or SIGINT: the action in flight
+//! finishes, the rest is recorded as interrupted, and it exits 128 + the signal's number
+//! (143, 130); a second signal exits at once.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::error;
+use tracing::{error, info, warn};
 
 use crate::config::{self, Overrides};
 use crate::sync::{self, SyncError};
@@ -124,6 +131,10 @@ fn init_logging(format: LogFormat) {
     let filter = log_filter(std::env::var("VMSYNC_LOG").ok().as_deref());
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_target(false);
     let registry = tracing_subscriber::registry();
     match format {
@@ -136,6 +147,12 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Colour in the log only on a terminal, and not when `NO_COLOR` is set (non-empty): a
+/// pipe, a file or the journal gets no escape codes.
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// `VMSYNC_LOG`: comma-separated `level` or `target=level` directives (`debug`,
 /// `info,vmsync::source=trace`); unset or unparsable means `info`. (A plain target
 /// filter: no regular-expression engine in the agent, see README "Performance".)
@@ -145,7 +162,9 @@ fn log_filter(spec: Option<&str>) -> tracing_subscriber::filter::Targets {
     })
 }
 
-/// Logs an error's whole chain once: `error: …` then ` -> cause` lines.
+/// Logs an error's whole chain once: `error: …` then ` -> cause` lines, and returns its
+/// exit status. A held lock is a normal outcome under a timer (another run does the
+/// work): logged at INFO.
 fn report(e: &SyncError) -> u8 {
     let mut message = e.to_string();
     let mut source = std::error::Error::source(e);
@@ -153,8 +172,77 @@ fn report(e: &SyncError) -> u8 {
         message += &format!("\n -> {cause}");
         source = cause.source();
     }
-    error!("{message}");
+    match e {
+        SyncError::Locked(_) => {
+            info!(
+                exit_status = e.exit_code(),
+                "{message}; this run does nothing"
+            )
+        }
+        _ => error!("{message}"),
+    }
     e.exit_code()
+}
+
+/// SIGTERM and SIGINT for `vmsync --once`: the first sets the returned flag (the sync's
+/// `cancel`) and remembers the signal's number; a second one exits at once.
+fn stop_on_signals() -> std::io::Result<(Arc<AtomicBool>, Arc<AtomicUsize>)> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    let which = Arc::new(AtomicUsize::new(0));
+    for signal in [SIGTERM, SIGINT] {
+        // Registered first, so it sees the flag as the previous signal left it.
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, stop.clone())?;
+        signal_hook::flag::register_usize(signal, which.clone(), signal as usize)?;
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    Ok((stop, which))
+}
+
+/// The exit status of a `--once` run that a signal stopped: 128 + its number when the
+/// sync did not finish (some VM was interrupted), else the result's own.
+fn once_status(result: &Result<(), SyncError>, stopped_by: usize) -> Option<u8> {
+    let name = match stopped_by as i32 {
+        signal_hook::consts::SIGTERM => "SIGTERM",
+        signal_hook::consts::SIGINT => "SIGINT",
+        _ => return None,
+    };
+    match result {
+        Err(e @ SyncError::ActionsFailed { .. }) => {
+            warn!(
+                signal = name,
+                "stopped before the sync finished: {e}; what was done is recorded, the next run continues"
+            );
+            u8::try_from(128 + stopped_by).ok()
+        }
+        _ => None,
+    }
+}
+
+/// What `vmsync --once` prints on stdout after a converged sync.
+fn print_once(r: sync::Report) {
+    if r.outcome.changes() == 0 {
+        println!(
+            "nothing to do: commit {} is applied and every vm is converged",
+            r.commit
+        );
+    } else {
+        println!(
+            "applied commit {}: {} change(s)",
+            r.commit,
+            r.outcome.changes()
+        );
+        for vm in r.outcome.vms.iter().filter(|vm| !vm.done.is_empty()) {
+            println!("  {}: {}", vm.name, vm.done.join(", "));
+        }
+    }
+    for vm in r.outcome.vms.iter().filter(|vm| vm.pending_restart) {
+        println!(
+            "  {}: pending restart (running with an older definition)",
+            vm.name
+        );
+    }
+    print!("{}", crate::apply::render_extra(&r.outcome));
 }
 
 /// Parses the arguments, runs the command and returns the exit status.
@@ -210,30 +298,30 @@ pub fn run() -> u8 {
         ))),
         (None, true) if cli.dry_run => sync::plan_only(&settings)
             .map(|plan| print!("{}", crate::plan::output(&plan, cli.json))),
-        (None, true) => sync::once_with(&settings, cli.allow_rewind).map(|r| {
-            if r.outcome.changes() == 0 {
-                println!(
-                    "nothing to do: commit {} is applied and every vm is converged",
-                    r.commit
-                );
-            } else {
-                println!(
-                    "applied commit {}: {} change(s)",
-                    r.commit,
-                    r.outcome.changes()
-                );
-                for vm in r.outcome.vms.iter().filter(|vm| !vm.done.is_empty()) {
-                    println!("  {}: {}", vm.name, vm.done.join(", "));
+        (None, true) => {
+            let (stop, which) = match stop_on_signals() {
+                Ok(flags) => flags,
+                Err(e) => {
+                    error!("failed to install signal handlers: {e}");
+                    return 1;
                 }
+            };
+            let result = sync::run(
+                &settings,
+                &mut sync::Connection::new(&settings.libvirt_uri),
+                &sync::Options {
+                    give_up_after: None,
+                    cancel: &stop,
+                    allow_rewind: cli.allow_rewind,
+                    child_exe: Some(std::path::Path::new(crate::schema_check::SELF_EXE)),
+                },
+            )
+            .map(print_once);
+            if let Some(status) = once_status(&result, which.load(Ordering::SeqCst)) {
+                return status;
             }
-            for vm in r.outcome.vms.iter().filter(|vm| vm.pending_restart) {
-                println!(
-                    "  {}: pending restart (running with an older definition)",
-                    vm.name
-                );
-            }
-            print!("{}", crate::apply::render_extra(&r.outcome));
-        }),
+            result
+        }
         (None, false) => return crate::daemon::run(flags, settings),
         (Some(_), true) => Err(SyncError::Config(config::ConfigError(
             "--once cannot be combined with a command".into(),
