@@ -406,7 +406,12 @@ fn apply_vm(
                 if matches!(action, Action::Stop { .. } | Action::Restart { .. }) {
                     result.power_unsettled = true;
                 }
-                error!(vm = %vm.name, commit = %short, action = %what, error = %e, "action failed");
+                if e == SHUTDOWN_INTERRUPTED {
+                    // What a stop request asks for, not a failure.
+                    warn!(vm = %vm.name, commit = %short, action = %what, "not done: {e}");
+                } else {
+                    error!(vm = %vm.name, commit = %short, action = %what, error = %e, "action failed");
+                }
                 result.error = Some(e);
                 break;
             }

@@ -139,11 +139,72 @@ fn init_logging(format: LogFormat) {
     let registry = tracing_subscriber::registry();
     match format {
         LogFormat::Json => registry.with(layer.json().with_filter(filter)).init(),
-        // Under journald the journal stamps each line itself.
-        LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => registry
-            .with(layer.without_time().with_filter(filter))
-            .init(),
+        // Under journald the journal stamps each line itself, and takes its priority
+        // from a `<N>` prefix.
+        LogFormat::Text if stderr_is_journal() => {
+            let plain = tracing_subscriber::fmt::format()
+                .without_time()
+                .with_target(false);
+            registry
+                .with(layer.event_format(Journald(plain)).with_filter(filter))
+                .init()
+        }
         LogFormat::Text => registry.with(layer.with_filter(filter)).init(),
+    }
+}
+
+/// Whether stderr is the journal's stream: `JOURNAL_STREAM` (`DEV:INODE`, set by systemd)
+/// names it. A child started from a service inherits the variable but may log elsewhere.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stderr) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream.to_string_lossy() == format!("{}:{}", stderr.dev(), stderr.ino())
+}
+
+/// Text lines for journald: each line of an event starts with its syslog priority
+/// (`<3>` error, `<4>` warn, `<6>` info, `<7>` debug), so `journalctl -p` and the
+/// colours of `systemctl status` follow the level, and a message of several lines (an
+/// error's causes, an invalid commit's problems) keeps its priority on every line:
+/// journald makes each line an entry of its own.
+struct Journald<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Journald<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut text = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut text),
+            event,
+        )?;
+        let priority = syslog_priority(*event.metadata().level());
+        for line in text.lines() {
+            writeln!(writer, "<{priority}>{line}")?;
+        }
+        Ok(())
+    }
+}
+
+fn syslog_priority(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        tracing::Level::DEBUG | tracing::Level::TRACE => 7,
     }
 }
 
@@ -370,8 +431,70 @@ pub fn run() -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use super::log_filter;
+    use super::{Journald, colour, log_filter};
+    use std::ffi::OsStr;
+    use std::sync::{Arc, Mutex};
     use tracing::Level;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(!colour(false, None), "a pipe, a file, the journal");
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(
+            colour(true, Some(OsStr::new(""))),
+            "NO_COLOR= (empty) is unset"
+        );
+    }
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn journald_lines_carry_their_event_priority() {
+        use tracing_subscriber::prelude::*;
+        let out = Capture::default();
+        let make = {
+            let out = out.clone();
+            move || out.clone()
+        };
+        let format = tracing_subscriber::fmt::format()
+            .without_time()
+            .with_target(false);
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(make)
+                .event_format(Journald(format)),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(failures = 2, "sync failed:\n -> cause");
+            tracing::warn!(vm = "web", "not done");
+            tracing::info!(vm = "web", "done");
+            tracing::debug!("detail");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "<3>ERROR sync failed:",
+                "<3> -> cause failures=2",
+                "<4> WARN not done vm=\"web\"",
+                "<6> INFO done vm=\"web\"",
+                "<7>DEBUG detail",
+            ],
+            "{text}"
+        );
+    }
 
     #[test]
     fn log_filter_takes_levels_and_targets_and_defaults_to_info() {
