@@ -5,7 +5,12 @@
 //!
 //! Stopping is always graceful first: an ACPI shutdown request, then polling until the
 //! domain is off; only when the VM's shutdown timeout passes is it destroyed. A failed
-//! shutdown request is an error, never a reason to destroy.
+//! shutdown request is an error, never a reason to destroy. A stop request (SIGTERM)
+//! ends the wait at once: that stop is not done, and the VM is recorded as interrupted.
+//!
+//! A VM whose actions stopped short is recorded as it is on the host
+//! ([`VmOutcome::record`]): what was done stays in its record, so the next run does not
+//! take vmsync's own changes for drift.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -16,6 +21,7 @@ use crate::disk::DiskProvisioner;
 use crate::domain_xml;
 use crate::hypervisor::Hypervisor;
 use crate::plan::{Action, Plan, VmPlan};
+use crate::state::VmRecord;
 
 /// How often a shutting-down domain is polled.
 const POLL: Duration = Duration::from_millis(250);
@@ -43,6 +49,62 @@ pub struct VmOutcome {
     pub up: bool,
     /// Kinds of the actions done (see `Action::kind`).
     pub kinds: Vec<crate::plan::ActionKind>,
+    /// The commit's definition was defined (or redefined) on the host.
+    pub defined: bool,
+    /// The autostart flag was set to `autostart` on the host.
+    pub autostart_set: bool,
+    /// A stop or restart was begun and not seen through (the guest may be shutting
+    /// down, shut off, or still running): no power state can be claimed for it.
+    pub power_unsettled: bool,
+}
+
+impl VmOutcome {
+    /// This VM's entry in the record after this sync, given its entry before (`old`).
+    /// Converged: the commit, with the new drift baseline. Not converged: the old entry
+    /// with the error, updated with what was done to the host all the same (the new
+    /// fingerprint and baseline after a define, the autostart flag after it was set; no
+    /// power state after an unfinished stop or restart), so that the record stays true
+    /// and the next run does not report vmsync's own changes as drift.
+    pub fn record(&self, commit: &str, old: VmRecord) -> VmRecord {
+        if self.error.is_none() {
+            return VmRecord {
+                applied_commit: Some(commit.to_string()),
+                fingerprint: Some(self.fingerprint.clone()),
+                autostart: self.autostart,
+                ok: true,
+                last_error: None,
+                pending_restart: self.pending_restart,
+                // The new baseline; else the old one (kept while drift is only
+                // reported); else, first seen converged, the definition as it is.
+                definition_hash: self
+                    .definition_hash
+                    .clone()
+                    .or(old.definition_hash)
+                    .or(self.previous_hash.clone()),
+                state: Some(self.state),
+                drift: self.drift.clone(),
+            };
+        }
+        let mut entry = VmRecord {
+            ok: false,
+            last_error: self.error.clone(),
+            drift: self.drift.clone(),
+            ..old
+        };
+        if self.defined {
+            entry.fingerprint = Some(self.fingerprint.clone());
+            entry.definition_hash = self.definition_hash.clone().or(entry.definition_hash);
+        }
+        if self.autostart_set {
+            entry.autostart = self.autostart;
+        }
+        if self.power_unsettled {
+            // `defined`: vmsync claims no power state, so whatever state the guest ends
+            // in is no drift; the next plan starts or stops it as the commit says.
+            entry.state = Some(crate::manifest::PowerState::Defined);
+        }
+        entry
+    }
 }
 
 /// How pruning one domain went.
@@ -101,8 +163,14 @@ pub fn render_extra(outcome: &Outcome) -> String {
 }
 
 /// Shuts `name` down gracefully: ACPI request, wait up to `timeout`, destroy only then.
-/// Returns what happened.
-pub fn graceful_stop(hv: &dyn Hypervisor, name: &str, timeout: Duration) -> Result<String, String> {
+/// Returns what happened. When `cancel` becomes true during the wait, the wait ends (the
+/// guest is not destroyed) with the error [`SHUTDOWN_INTERRUPTED`].
+pub fn graceful_stop(
+    hv: &dyn Hypervisor,
+    name: &str,
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<String, String> {
     if !hv.is_active(name).map_err(|e| e.to_string())? {
         return Ok("already shut off".into());
     }
@@ -114,6 +182,12 @@ pub fn graceful_stop(hv: &dyn Hypervisor, name: &str, timeout: Duration) -> Resu
         if !hv.is_active(name).map_err(|e| e.to_string())? {
             info!(vm = %name, "shut down gracefully");
             return Ok("shut down gracefully".into());
+        }
+        if cancel.load(Ordering::SeqCst) {
+            let waited =
+                humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()));
+            warn!(vm = %name, waited = %waited, "vmsync is stopping: no longer waiting for the guest to shut down");
+            return Err(SHUTDOWN_INTERRUPTED.to_string());
         }
         if started.elapsed() >= timeout {
             break;
@@ -139,6 +213,9 @@ pub const THREADS: usize = 4;
 
 /// The error a VM gets when vmsync stops before doing its actions.
 pub const INTERRUPTED: &str = "interrupted: vmsync is stopping; the next run continues";
+
+/// The error a VM gets when vmsync stops while waiting for its guest to shut down.
+pub const SHUTDOWN_INTERRUPTED: &str = "interrupted: vmsync is stopping; the guest was asked to shut down and was still running (not destroyed); the next run continues";
 
 /// Applies `plan`. A refused plan applies nothing. When `cancel` becomes true, the
 /// action in flight finishes and no further action starts (those VMs are recorded as
@@ -186,9 +263,8 @@ pub fn apply(
         for action in &p.actions {
             let mut what = action.describe();
             let done = match action {
-                Action::Stop { timeout } => {
-                    graceful_stop(hv, &p.name, *timeout).map(|how| what = format!("stop ({how})"))
-                }
+                Action::Stop { timeout } => graceful_stop(hv, &p.name, *timeout, cancel)
+                    .map(|how| what = format!("stop ({how})")),
                 Action::Undefine => hv.undefine_keep_state(&p.name).map_err(|e| e.to_string()),
                 other => Err(format!("'{}' is not a prune action", other.describe())),
             };
@@ -237,6 +313,9 @@ fn apply_vm(
         previous_hash: vm.current_hash.clone(),
         up: vm.active,
         kinds: Vec::new(),
+        defined: false,
+        autostart_set: false,
+        power_unsettled: false,
     };
     for warning in &vm.warnings {
         warn!(vm = %vm.name, "{warning}");
@@ -282,9 +361,7 @@ fn apply_vm(
                             &after,
                             &vm.source_xml,
                         );
-                        if !diff.is_empty() {
-                            info!(vm = %vm.name, commit = %short, "definition diff:\n{diff}");
-                        }
+                        crate::diff::log(&vm.name, short, &diff);
                     }
                     Err(e) => {
                         warn!(vm = %vm.name, error = %e, "could not read the new definition back")
@@ -292,16 +369,15 @@ fn apply_vm(
                 }),
             Action::SetAutostart(on) => hv.set_autostart(&vm.name, *on).map_err(|e| e.to_string()),
             Action::Start => hv.start(&vm.name).map_err(|e| e.to_string()),
-            Action::Restart { timeout } => graceful_stop(hv, &vm.name, *timeout)
+            Action::Restart { timeout } => graceful_stop(hv, &vm.name, *timeout, cancel)
                 .and_then(|how| {
                     hv.start(&vm.name)
                         .map_err(|e| format!("after the shutdown, {e}"))
                         .map(|()| how)
                 })
                 .map(|how| what = format!("restart ({how}, started)")),
-            Action::Stop { timeout } => {
-                graceful_stop(hv, &vm.name, *timeout).map(|how| what = format!("stop ({how})"))
-            }
+            Action::Stop { timeout } => graceful_stop(hv, &vm.name, *timeout, cancel)
+                .map(|how| what = format!("stop ({how})")),
             Action::Undefine => Err("undefine is only planned for pruning".into()),
         };
         match done {
@@ -312,11 +388,21 @@ fn apply_vm(
                 match action {
                     Action::Start | Action::Restart { .. } => result.up = true,
                     Action::Stop { .. } => result.up = false,
+                    Action::Define { .. } => result.defined = true,
+                    Action::SetAutostart(_) => result.autostart_set = true,
                     _ => {}
                 }
             }
             Err(e) => {
-                error!(vm = %vm.name, commit = %short, action = %what, error = %e, "action failed");
+                if matches!(action, Action::Stop { .. } | Action::Restart { .. }) {
+                    result.power_unsettled = true;
+                }
+                if e == SHUTDOWN_INTERRUPTED {
+                    // What a stop request asks for, not a failure.
+                    warn!(vm = %vm.name, commit = %short, action = %what, "not done: {e}");
+                } else {
+                    error!(vm = %vm.name, commit = %short, action = %what, error = %e, "action failed");
+                }
                 result.error = Some(e);
                 break;
             }
@@ -326,4 +412,244 @@ fn apply_vm(
         warn!(vm = %vm.name, commit = %short, "running with an older definition: pending restart");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::{HvError, Listing};
+    use crate::manifest::PowerState;
+    use std::sync::Mutex;
+
+    /// A running guest that ignores ACPI shutdown requests (as a guest without an OS
+    /// does); records the calls that change it.
+    #[derive(Default)]
+    struct StubbornGuest {
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl StubbornGuest {
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+        fn note(&self, call: String) -> Result<(), HvError> {
+            self.calls.lock().unwrap().push(call);
+            Ok(())
+        }
+    }
+
+    impl Hypervisor for StubbornGuest {
+        fn list(&self) -> Result<Vec<Listing>, HvError> {
+            unimplemented!("not used by apply")
+        }
+        fn xml(&self, _: &str, _: bool) -> Result<String, HvError> {
+            Err(HvError::new(
+                "read the XML of",
+                None,
+                "stub:///",
+                "no xml in this stub",
+            ))
+        }
+        fn define(&self, _: &str) -> Result<(), HvError> {
+            self.note("define".into())
+        }
+        fn set_autostart(&self, _: &str, on: bool) -> Result<(), HvError> {
+            self.note(format!("autostart {on}"))
+        }
+        fn start(&self, _: &str) -> Result<(), HvError> {
+            self.note("start".into())
+        }
+        fn is_active(&self, _: &str) -> Result<bool, HvError> {
+            Ok(true)
+        }
+        fn shutdown(&self, _: &str) -> Result<(), HvError> {
+            self.note("shutdown".into())
+        }
+        fn destroy(&self, _: &str) -> Result<(), HvError> {
+            self.note("destroy".into())
+        }
+        fn undefine_keep_state(&self, _: &str) -> Result<(), HvError> {
+            self.note("undefine".into())
+        }
+        fn rename(&self, _: &str, _: &str) -> Result<(), HvError> {
+            self.note("rename".into())
+        }
+    }
+
+    /// Sets `cancel` after `after`, from another thread (as the signal handler does).
+    fn cancel_after(cancel: &'static AtomicBool, after: Duration) {
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            cancel.store(true, Ordering::SeqCst);
+        });
+    }
+
+    #[test]
+    fn a_stop_request_ends_the_wait_for_a_guest_shutdown() {
+        static CANCEL: AtomicBool = AtomicBool::new(false);
+        let hv = StubbornGuest::default();
+        cancel_after(&CANCEL, Duration::from_millis(300));
+        let started = Instant::now();
+        let result = graceful_stop(&hv, "web", Duration::from_secs(120), &CANCEL);
+        assert_eq!(result, Err(SHUTDOWN_INTERRUPTED.to_string()));
+        // One poll interval after the request, not the 120 s timeout.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(hv.calls(), ["shutdown"], "asked, never destroyed");
+
+        // Without a stop request the timeout still ends in a destroy.
+        let hv = StubbornGuest::default();
+        let result = graceful_stop(
+            &hv,
+            "web",
+            Duration::from_millis(50),
+            &AtomicBool::new(false),
+        );
+        assert!(result.unwrap().ends_with("destroyed"));
+        assert_eq!(hv.calls(), ["shutdown", "destroy"]);
+    }
+
+    fn vm_plan(actions: Vec<Action>) -> VmPlan {
+        VmPlan {
+            name: "web".into(),
+            fingerprint: "fp-new".into(),
+            autostart: false,
+            state: PowerState::Stopped,
+            actions,
+            error: None,
+            warnings: Vec::new(),
+            pending_restart: false,
+            active: true,
+            drift: Vec::new(),
+            drift_reported_only: false,
+            source_xml: String::new(),
+            rendered_xml: None,
+            current_xml: None,
+            current_hash: Some("hash-old".into()),
+            diff: None,
+        }
+    }
+
+    fn old_record() -> VmRecord {
+        VmRecord {
+            applied_commit: Some("c-old".into()),
+            fingerprint: Some("fp-old".into()),
+            autostart: true,
+            ok: true,
+            last_error: None,
+            pending_restart: false,
+            definition_hash: Some("hash-old".into()),
+            state: Some(PowerState::Running),
+            drift: Vec::new(),
+        }
+    }
+
+    /// The defect under systemd: stopping vmsync while a guest shut down left the
+    /// autostart flag changed on the host and the record on the old value, which the
+    /// next run reported as drift. Now the stop is recorded as not done, and the record
+    /// holds what was done.
+    #[test]
+    fn an_interrupted_stop_is_not_done_and_the_record_keeps_what_was_done() {
+        static CANCEL: AtomicBool = AtomicBool::new(false);
+        let hv = StubbornGuest::default();
+        let plan = vm_plan(vec![
+            Action::Define {
+                xml: "<domain/>".into(),
+                redefine: true,
+            },
+            Action::SetAutostart(false),
+            Action::Stop {
+                timeout: Duration::from_secs(120),
+            },
+        ]);
+        cancel_after(&CANCEL, Duration::from_millis(300));
+        let started = Instant::now();
+        let outcome = apply_vm(
+            &plan,
+            &hv,
+            &crate::disk::QemuImg::default(),
+            &CANCEL,
+            "c-new",
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(hv.calls(), ["define", "autostart false", "shutdown"]);
+        assert_eq!(outcome.error.as_deref(), Some(SHUTDOWN_INTERRUPTED));
+        assert_eq!(outcome.done, ["redefine in place", "clear autostart"]);
+        assert!(outcome.up, "still running: the stop was not done");
+        assert!(outcome.defined && outcome.autostart_set && outcome.power_unsettled);
+
+        let entry = outcome.record("c-new", old_record());
+        assert!(!entry.ok);
+        assert_eq!(entry.last_error.as_deref(), Some(SHUTDOWN_INTERRUPTED));
+        assert_eq!(
+            entry.applied_commit.as_deref(),
+            Some("c-old"),
+            "not converged"
+        );
+        assert_eq!(entry.fingerprint.as_deref(), Some("fp-new"), "defined");
+        assert!(!entry.autostart, "the flag as it is on the host");
+        assert_eq!(entry.state, Some(PowerState::Defined), "no power claim");
+
+        // What the next run sees on the host: redefined (its tag says fp-new; the
+        // read-back failed in this stub, so the old baseline stays), autostart off,
+        // and the guest shut off or still running: no drift either way.
+        for active in [true, false] {
+            let listing = Listing {
+                name: "web".into(),
+                uuid: "u".into(),
+                active,
+                autostart: false,
+                persistent: true,
+            };
+            let now = crate::drift::Now {
+                listing: Some(&listing),
+                tag_fingerprint: Some("fp-new"),
+                definition_hash: Some("hash-old"),
+            };
+            assert_eq!(crate::drift::detect(&entry, now), vec![], "active {active}");
+            assert!(
+                !crate::drift::detect(&old_record(), now).is_empty(),
+                "the old record would report drift"
+            );
+        }
+    }
+
+    #[test]
+    fn a_converged_vm_records_the_commit_and_an_untouched_one_keeps_its_entry() {
+        let hv = StubbornGuest::default();
+        let plan = vm_plan(vec![Action::SetAutostart(false)]);
+        let outcome = apply_vm(
+            &plan,
+            &hv,
+            &crate::disk::QemuImg::default(),
+            &AtomicBool::new(false),
+            "c-new",
+        );
+        let entry = outcome.record("c-new", old_record());
+        assert!(entry.ok);
+        assert_eq!(entry.applied_commit.as_deref(), Some("c-new"));
+        assert_eq!(entry.state, Some(PowerState::Stopped));
+        assert_eq!(entry.definition_hash.as_deref(), Some("hash-old"));
+
+        // Stopped before its first action: the old entry, with the error.
+        let outcome = apply_vm(
+            &plan,
+            &hv,
+            &crate::disk::QemuImg::default(),
+            &AtomicBool::new(true),
+            "c-new",
+        );
+        let entry = outcome.record("c-new", old_record());
+        assert_eq!(
+            entry,
+            VmRecord {
+                ok: false,
+                last_error: Some(INTERRUPTED.into()),
+                ..old_record()
+            }
+        );
+    }
 }

@@ -152,6 +152,12 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
                 warn!("{e}");
                 e.to_string()
             }
+            // Stopped in the middle: the VMs left are recorded as interrupted, and the
+            // next start continues; not a failure of the commit.
+            Err(e @ SyncError::ActionsFailed { .. }) if stopping => {
+                warn!("stopped before the sync finished: {e}");
+                format!("stopped before the sync finished: {e}")
+            }
             Err(e) => {
                 failures = failures.saturating_add(1);
                 error!(failures, "sync failed: {e}");

@@ -141,33 +141,7 @@ impl Record {
         let mut vms = BTreeMap::new();
         for vm in &outcome.vms {
             let old = self.vms.get(&vm.name).cloned().unwrap_or_default();
-            let entry = if vm.error.is_none() {
-                VmRecord {
-                    applied_commit: Some(commit.to_string()),
-                    fingerprint: Some(vm.fingerprint.clone()),
-                    autostart: vm.autostart,
-                    ok: true,
-                    last_error: None,
-                    pending_restart: vm.pending_restart,
-                    // The new baseline; else the old one (kept while drift is only
-                    // reported); else, first seen converged, the definition as it is.
-                    definition_hash: vm
-                        .definition_hash
-                        .clone()
-                        .or(old.definition_hash.clone())
-                        .or(vm.previous_hash.clone()),
-                    state: Some(vm.state),
-                    drift: vm.drift.clone(),
-                }
-            } else {
-                VmRecord {
-                    ok: false,
-                    last_error: vm.error.clone(),
-                    drift: vm.drift.clone(),
-                    ..old
-                }
-            };
-            vms.insert(vm.name.clone(), entry);
+            vms.insert(vm.name.clone(), vm.record(commit, old));
         }
         for name in left_in_place {
             let pruned = outcome
@@ -440,6 +414,9 @@ mod tests {
             previous_hash: None,
             up: true,
             kinds: vec![],
+            defined: error.is_none(),
+            autostart_set: error.is_none(),
+            power_unsettled: false,
         }
     }
 

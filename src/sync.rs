@@ -93,25 +93,6 @@ pub struct Options<'a> {
     pub allow_rewind: bool,
 }
 
-/// `vmsync --once`: one sync with a fresh connection.
-pub fn once(settings: &Settings) -> Result<Report, SyncError> {
-    once_with(settings, false)
-}
-
-/// `vmsync --once [--allow-rewind]`.
-pub fn once_with(settings: &Settings, allow_rewind: bool) -> Result<Report, SyncError> {
-    let cancel = AtomicBool::new(false);
-    run(
-        settings,
-        &mut Connection::new(&settings.libvirt_uri),
-        &Options {
-            give_up_after: None,
-            cancel: &cancel,
-            allow_rewind,
-        },
-    )
-}
-
 /// Refuses an untrusted commit before anything else looks at it: the signature (when
 /// `[trust] allowed_signers` is set) and ancestry from the last applied commit.
 fn check_commit(

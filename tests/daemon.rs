@@ -1,6 +1,7 @@
 //! The daemon as users run it: the real binary, a temp VM repository, libvirt's
 //! `test:///default` driver (the daemon keeps its connection, so the driver keeps its
-//! domains across syncs), signals sent with `kill`.
+//! domains across syncs), signals sent with `kill`. Also `vmsync --once` stopped by
+//! SIGTERM in the middle of a sync.
 
 mod common;
 
@@ -314,4 +315,133 @@ fn daemon_gives_up_on_a_commit_that_keeps_failing() {
         r["last_applied_commit"] == c2.as_str()
     });
     assert_eq!(record(state.path())["failed_attempts"], 0);
+}
+
+/// A `qemu-img` that takes `seconds` to create an image (then runs the real one), and
+/// leaves a file `create-started.PID` in `dir` when a create starts: something slow in flight to stop at.
+fn slow_qemu_img(dir: &Path, seconds: u32) -> std::path::PathBuf {
+    let real = Command::new("sh")
+        .args(["-c", "command -v qemu-img"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8(real.stdout).unwrap().trim().to_string();
+    assert!(!real.is_empty(), "qemu-img not found");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let source = dir.join("qemu-img.sh");
+    std::fs::write(
+        &source,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = create ]; then touch '{}/create-started.'$$; sleep {seconds}; fi\nexec '{real}' \"$@\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    // Written by a child: a file this process holds open for writing would be inherited
+    // by a child another test thread forks, and executing it fail with ETXTBSY.
+    let ok = Command::new("install")
+        .args(["-m", "755"])
+        .arg(&source)
+        .arg(bin.join("qemu-img"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    bin
+}
+
+#[test]
+fn once_stops_on_sigterm_after_the_action_in_flight_and_records_it() {
+    let images = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let tools = tempfile::tempdir().unwrap();
+    let repo = Repo::new();
+    let mut manifest = "version = 1\n".to_string();
+    for name in ["o-a", "o-b"] {
+        let disk = images.path().join(format!("{name}.qcow2"));
+        manifest += &format!(
+            "[[vm]]\nname = \"{name}\"\nxml = \"{name}.xml\"\nautostart = true\n  [[vm.disk]]\n  path = \"{}\"\n  size = \"64M\"\n",
+            disk.display()
+        );
+        repo.write(&format!("{name}.xml"), &bios_xml(name, "kvm", &disk, 128));
+    }
+    repo.write("vmsync.toml", &manifest);
+    let commit = repo.commit("two vms");
+    let bin = slow_qemu_img(tools.path(), 2);
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let child = Command::new(env!("CARGO_BIN_EXE_vmsync"))
+        .args([
+            "--once",
+            "--config",
+            "/dev/null",
+            "--connect",
+            "test:///default",
+        ])
+        .args(["--host", "hv1", "--url"])
+        .arg(repo.path())
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--disk-root")
+        .arg(images.path())
+        .env("PATH", path)
+        .env_remove("NO_COLOR")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Both VMs' disk creations under way (VMs converge in parallel).
+    let creating = || {
+        std::fs::read_dir(tools.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("create-started.")
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while creating() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the disk creations did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let sent = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Killed by the signal, it would have no exit code and no record.
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(sent.elapsed() < Duration::from_secs(10), "{stderr}");
+    assert!(
+        stderr.contains("stopped before the sync finished") && stderr.contains("SIGTERM"),
+        "{stderr}"
+    );
+    // The creations in flight finished (each VM's first action); nothing after them.
+    for name in ["o-a", "o-b"] {
+        assert!(
+            images.path().join(format!("{name}.qcow2")).exists(),
+            "{name}"
+        );
+    }
+    let r = record(state.path());
+    assert_eq!(r["last_attempted_commit"], commit.as_str(), "{r}");
+    assert_eq!(r["last_result"], "failed", "{r}");
+    assert_eq!(r["last_applied_commit"], serde_json::Value::Null, "{r}");
+    for name in ["o-a", "o-b"] {
+        assert_eq!(
+            r["vms"][name]["last_error"],
+            vmsync::apply::INTERRUPTED,
+            "{r}"
+        );
+    }
+    // The log went to a pipe: no colour codes.
+    assert!(!stderr.contains("\x1b["), "{stderr}");
 }

@@ -240,6 +240,67 @@ fn invalid_commit_exits_3_names_the_problem_and_changes_nothing() {
     assert_eq!(after.last_result, Some(state::SyncResult::Invalid));
 }
 
+/// The log as a timer's run or a pipe gets it: plain text (no colour codes without a
+/// terminal, `NO_COLOR` unset), a held lock at INFO (a normal outcome, exit 75), and a
+/// definition diff one line per event, each with its VM and commit: no line without
+/// its level and fields (under journald each line is an entry of its own).
+#[test]
+fn log_lines_are_plain_whole_and_a_held_lock_is_no_error() {
+    let env = Env::new(&["t2-logs"]);
+    let run_piped = || -> common::Run {
+        let mut args = vec!["--once".to_string(), "--config".into(), "/dev/null".into()];
+        args.extend(env.args());
+        std::process::Command::new(env!("CARGO_BIN_EXE_vmsync"))
+            .args(&args)
+            .env_remove("NO_COLOR")
+            .env_remove("JOURNAL_STREAM")
+            .output()
+            .unwrap()
+            .into()
+    };
+    let held = state::lock(env.state.path()).unwrap();
+    let run = run_piped().expect(75);
+    assert!(!run.stderr.contains("\x1b["), "{:?}", run.stderr);
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("another vmsync is running"))
+        .unwrap_or_else(|| panic!("{}", run.stderr));
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(!run.stderr.contains("ERROR"), "{}", run.stderr);
+    drop(held);
+
+    let run = run_piped().expect(0);
+    assert!(!run.stderr.contains("\x1b["), "{:?}", run.stderr);
+    let diff: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("definition diff"))
+        .collect();
+    assert!(
+        diff.len() > 5,
+        "a new domain's whole definition: {}",
+        run.stderr
+    );
+    for line in &diff {
+        assert!(line.contains(" vm=t2-logs commit="), "{line}");
+    }
+    assert!(
+        diff.iter()
+            .any(|l| l.ends_with("line=+  <name>t2-logs</name>")),
+        "{diff:#?}"
+    );
+    for line in run.stderr.lines() {
+        assert!(
+            [" INFO ", " WARN ", "ERROR ", "DEBUG ", "TRACE "]
+                .iter()
+                .any(|level| line.contains(level)),
+            "a line without its event: {line:?}\n{}",
+            run.stderr
+        );
+    }
+}
+
 #[test]
 fn lock_held_exits_75_at_once() {
     let env = Env::new(&["t2-lock"]);
