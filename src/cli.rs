@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
 
+use crate::agent::sync::{self, SyncError};
 use crate::config::{self, Overrides};
-use crate::sync::{self, SyncError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -206,7 +206,7 @@ fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
 }
 
 /// `VMSYNC_LOG`: comma-separated `level` or `target=level` directives (`debug`,
-/// `info,vmsync::source=trace`); unset or unparsable means `info`. (A plain target
+/// `info,vmsync::repo::source=trace`); unset or unparsable means `info`. (A plain target
 /// filter: no regular-expression engine in the agent, see docs/performance.md.)
 fn log_filter(spec: Option<&str>) -> tracing_subscriber::filter::Targets {
     spec.and_then(|s| s.parse().ok()).unwrap_or_else(|| {
@@ -294,7 +294,7 @@ fn print_once(r: sync::Report) {
             vm.name
         );
     }
-    print!("{}", crate::apply::render_extra(&r.outcome));
+    print!("{}", crate::reconcile::apply::render_extra(&r.outcome));
 }
 
 /// Parses the arguments, runs the command and returns the exit status.
@@ -337,7 +337,7 @@ pub fn run() -> u8 {
             "--json goes with --once --dry-run (or use `vmsync plan --json`)".into(),
         ))),
         (None, true) if cli.dry_run => sync::plan_only(&settings)
-            .map(|plan| print!("{}", crate::render::output(&plan, cli.json))),
+            .map(|plan| print!("{}", crate::reconcile::render::output(&plan, cli.json))),
         (None, true) => {
             let (stop, which) = match stop_on_signals() {
                 Ok(flags) => flags,
@@ -361,13 +361,12 @@ pub fn run() -> u8 {
             }
             result
         }
-        (None, false) => return crate::daemon::run(flags, settings),
+        (None, false) => return crate::agent::daemon::run(flags, settings),
         (Some(_), true) => Err(SyncError::Config(config::ConfigError(
             "--once cannot be combined with a command".into(),
         ))),
-        (Some(Command::Plan { json }), false) => {
-            sync::plan_only(&settings).map(|plan| print!("{}", crate::render::output(&plan, *json)))
-        }
+        (Some(Command::Plan { json }), false) => sync::plan_only(&settings)
+            .map(|plan| print!("{}", crate::reconcile::render::output(&plan, *json))),
         (Some(Command::Validate { dir }), false) => {
             let dir = dir.clone().unwrap_or_else(|| PathBuf::from("."));
             sync::validate_dir(&settings, &dir).map(|d| {
@@ -379,21 +378,21 @@ pub fn run() -> u8 {
                 )
             })
         }
-        (Some(Command::Status { json }), false) => crate::state::load(&settings.state_dir)
+        (Some(Command::Status { json }), false) => crate::agent::state::load(&settings.state_dir)
             .map(|record| {
-                let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri);
+                let hv = crate::host::hypervisor::Libvirt::connect(&settings.libvirt_uri);
                 let hv_ref = hv
                     .as_ref()
-                    .map(|h| h as &dyn crate::hypervisor::Hypervisor)
+                    .map(|h| h as &dyn crate::host::hypervisor::Hypervisor)
                     .map_err(|e| e.to_string());
-                let status = crate::status::status(&record, hv_ref);
+                let status = crate::agent::status::status(&record, hv_ref);
                 if *json {
                     println!(
                         "{}",
                         serde_json::to_string_pretty(&status).expect("status serializes")
                     );
                 } else {
-                    print!("{}", crate::status::render_text(&status));
+                    print!("{}", crate::agent::status::render_text(&status));
                 }
             })
             .map_err(SyncError::Other),
@@ -474,21 +473,21 @@ mod tests {
     #[test]
     fn log_filter_takes_levels_and_targets_and_defaults_to_info() {
         let default = log_filter(None);
-        assert!(default.would_enable("vmsync::sync", &Level::INFO));
-        assert!(!default.would_enable("vmsync::sync", &Level::DEBUG));
+        assert!(default.would_enable("vmsync::agent::sync", &Level::INFO));
+        assert!(!default.would_enable("vmsync::agent::sync", &Level::DEBUG));
 
         let debug = log_filter(Some("debug"));
-        assert!(debug.would_enable("vmsync::sync", &Level::DEBUG));
-        assert!(!debug.would_enable("vmsync::sync", &Level::TRACE));
+        assert!(debug.would_enable("vmsync::agent::sync", &Level::DEBUG));
+        assert!(!debug.would_enable("vmsync::agent::sync", &Level::TRACE));
 
-        let per_target = log_filter(Some("warn,vmsync::source=trace"));
-        assert!(per_target.would_enable("vmsync::source", &Level::TRACE));
-        assert!(!per_target.would_enable("vmsync::sync", &Level::INFO));
-        assert!(per_target.would_enable("vmsync::sync", &Level::WARN));
+        let per_target = log_filter(Some("warn,vmsync::repo::source=trace"));
+        assert!(per_target.would_enable("vmsync::repo::source", &Level::TRACE));
+        assert!(!per_target.would_enable("vmsync::agent::sync", &Level::INFO));
+        assert!(per_target.would_enable("vmsync::agent::sync", &Level::WARN));
 
         // Unparsable: the default, not silence.
         let bad = log_filter(Some("vmsync=loud"));
-        assert!(bad.would_enable("vmsync::sync", &Level::INFO));
-        assert!(!bad.would_enable("vmsync::sync", &Level::DEBUG));
+        assert!(bad.would_enable("vmsync::agent::sync", &Level::INFO));
+        assert!(!bad.would_enable("vmsync::agent::sync", &Level::DEBUG));
     }
 }

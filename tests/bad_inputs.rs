@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{Repo, vmsync};
-use vmsync::state::{self, SyncResult};
+use vmsync::agent::state::{self, SyncResult};
 
 /// The disk root every corpus manifest uses; it must never be created.
 const ROOT: &str = "/srv/vmsync-corpus";

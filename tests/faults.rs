@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{Repo, bios_xml};
-use vmsync::state::{self, SyncResult};
+use vmsync::agent::state::{self, SyncResult};
 
 struct Env {
     name: String,

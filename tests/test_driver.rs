@@ -7,11 +7,11 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use common::{Repo, bios_xml, sha256_file, vmsync};
+use vmsync::agent::state;
+use vmsync::agent::sync::{self, SyncError};
 use vmsync::config::Settings;
-use vmsync::hypervisor::{Hypervisor, Libvirt, TestDriverSchema};
-use vmsync::state;
-use vmsync::sync::{self, SyncError};
-use vmsync::validate::Policy;
+use vmsync::desired::validate::Policy;
+use vmsync::host::hypervisor::{Hypervisor, Libvirt, TestDriverSchema};
 
 fn manifest(images: &Path, names: &[&str]) -> String {
     let mut m = format!(
@@ -392,7 +392,7 @@ fn second_sync_is_a_noop_and_a_change_redefines_only_that_domain() {
     let env = Env::new(&["t2-cyc-a", "t2-cyc-b"]);
     let settings = env.settings();
     let hv = Libvirt::connect("test:///default").unwrap();
-    let disks = vmsync::disk::QemuImg::default();
+    let disks = vmsync::host::disk::QemuImg::default();
     let schema = TestDriverSchema::new().unwrap();
     let policy = Policy {
         host: Some("hv1".into()),
@@ -401,7 +401,7 @@ fn second_sync_is_a_noop_and_a_change_redefines_only_that_domain() {
     };
     let sync_head = |record: &mut state::Record| {
         let fetched =
-            vmsync::source::fetch(&settings.source().unwrap(), &settings.state_dir).unwrap();
+            vmsync::repo::source::fetch(&settings.source().unwrap(), &settings.state_dir).unwrap();
         let commit = fetched.id();
         let desired = sync::validate_commit(&fetched, &commit, &policy, &schema)?;
         sync::apply_commit(
@@ -473,7 +473,12 @@ fn second_sync_is_a_noop_and_a_change_redefines_only_that_domain() {
     assert!(a.active);
     let xml_a = hv.xml("t2-cyc-a", true).unwrap();
     assert!(xml_a.contains("262144"), "new memory applied");
-    assert_eq!(vmsync::domain_xml::read_tag(&xml_a).unwrap().commit, c3);
+    assert_eq!(
+        vmsync::desired::domain_xml::read_tag(&xml_a)
+            .unwrap()
+            .commit,
+        c3
+    );
     assert_eq!(hv.xml("t2-cyc-b", true).unwrap(), xml_b, "b untouched");
     assert_eq!(
         record.vms["t2-cyc-b"].applied_commit.as_deref(),
@@ -570,7 +575,8 @@ fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
     let env = Env::new(&["t2-stop"]);
     let settings = env.settings();
     let hv = Libvirt::connect("test:///default").unwrap();
-    let fetched = vmsync::source::fetch(&settings.source().unwrap(), &settings.state_dir).unwrap();
+    let fetched =
+        vmsync::repo::source::fetch(&settings.source().unwrap(), &settings.state_dir).unwrap();
     let commit = fetched.id();
     let policy = Policy {
         host: Some("hv1".into()),
@@ -592,7 +598,7 @@ fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
         &commit,
         &desired,
         &hv,
-        &vmsync::disk::QemuImg::default(),
+        &vmsync::host::disk::QemuImg::default(),
         &cancel,
     )
     .unwrap_err();
@@ -600,7 +606,7 @@ fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
     assert_eq!(record.last_applied_commit, None);
     assert_eq!(
         record.vms["t2-stop"].last_error.as_deref(),
-        Some(vmsync::apply::INTERRUPTED)
+        Some(vmsync::reconcile::apply::INTERRUPTED)
     );
     assert!(!hv.list().unwrap().iter().any(|d| d.name == "t2-stop"));
     assert!(!env.images.path().join("t2-stop.qcow2").exists());
@@ -611,7 +617,7 @@ fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
         &commit,
         &desired,
         &hv,
-        &vmsync::disk::QemuImg::default(),
+        &vmsync::host::disk::QemuImg::default(),
         &AtomicBool::new(false),
     )
     .unwrap();
@@ -623,7 +629,10 @@ fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
 fn cached_validation_still_checks_names_and_sees_changed_files() {
     let env = Env::new(&["t2-cache"]);
     env.run(&["--once"]).expect(0);
-    let cache = env.state.path().join(vmsync::schema_cache::CACHE_FILE);
+    let cache = env
+        .state
+        .path()
+        .join(vmsync::host::schema_cache::CACHE_FILE);
     let text = std::fs::read_to_string(&cache).unwrap();
     assert!(
         text.contains("\"blob:"),
@@ -705,14 +714,14 @@ fn schema_rejection_changes_nothing() {
 fn the_local_clone_keeps_few_packs() {
     let env = Env::new(&["t2-packs"]);
     let mut packed = false;
-    for i in 0..=vmsync::source::MAX_PACKS + 1 {
+    for i in 0..=vmsync::repo::source::MAX_PACKS + 1 {
         env.repo.write("README.md", &format!("commit {i}\n"));
         let commit = env.repo.commit(&format!("commit {i}"));
         let run = env.run(&["--once"]).expect(0);
         packed |= run.stderr.contains("packed the local clone into one pack");
-        let packs = vmsync::source::packs(env.state.path()).len();
+        let packs = vmsync::repo::source::packs(env.state.path()).len();
         assert!(
-            packs <= vmsync::source::MAX_PACKS,
+            packs <= vmsync::repo::source::MAX_PACKS,
             "{packs} packs after {i} syncs"
         );
         let record = state::load(env.state.path()).unwrap();

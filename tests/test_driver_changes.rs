@@ -8,11 +8,11 @@ mod common;
 use std::path::Path;
 
 use common::{Repo, bios_xml, vmsync};
+use vmsync::agent::state::{self, Record};
+use vmsync::agent::sync::{self, Report, SyncError};
 use vmsync::config::{ChangePolicy, Settings};
-use vmsync::hypervisor::{Hypervisor, Libvirt, TestDriverSchema};
-use vmsync::state::{self, Record};
-use vmsync::sync::{self, Report, SyncError};
-use vmsync::validate::Policy;
+use vmsync::desired::validate::Policy;
+use vmsync::host::hypervisor::{Hypervisor, Libvirt, TestDriverSchema};
 
 const UUID: &str = "0f7e1b9c-4a44-4a8e-9b0e-2b1f4a3c5d6e";
 
@@ -67,7 +67,7 @@ impl Env {
     fn sync(&self, record: &mut Record) -> Result<Report, SyncError> {
         let settings = self.settings();
         let fetched =
-            vmsync::source::fetch(&settings.source().unwrap(), &settings.state_dir).unwrap();
+            vmsync::repo::source::fetch(&settings.source().unwrap(), &settings.state_dir).unwrap();
         let commit = fetched.id();
         let policy = Policy {
             host: Some("hv1".into()),
@@ -86,12 +86,12 @@ impl Env {
             &commit,
             &desired,
             &self.hv,
-            &vmsync::disk::QemuImg::default(),
+            &vmsync::host::disk::QemuImg::default(),
             &std::sync::atomic::AtomicBool::new(false),
         )
     }
 
-    fn listing(&self, name: &str) -> Option<vmsync::hypervisor::Listing> {
+    fn listing(&self, name: &str) -> Option<vmsync::host::hypervisor::Listing> {
         self.hv.list().unwrap().into_iter().find(|d| d.name == name)
     }
 

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use common::{Repo, SigningKey, bios_xml, vmsync};
+use vmsync::agent::state::{self, SyncResult};
+use vmsync::agent::sync::{self, Connection, Options, SyncError};
 use vmsync::config::Settings;
-use vmsync::state::{self, SyncResult};
-use vmsync::sync::{self, Connection, Options, SyncError};
-use vmsync::trust::TrustError;
+use vmsync::repo::trust::TrustError;
 
 fn manifest(images: &Path, name: &str) -> String {
     format!(
@@ -379,9 +379,9 @@ fn losing_the_state_file_does_not_reopen_the_door() {
     // Accepted explicitly: the domain is redefined from a.
     let report = sync::run(&settings, &mut conn, &options(true)).unwrap();
     assert_eq!(report.commit, a);
-    let hv = vmsync::hypervisor::Libvirt::connect("test:///default").unwrap();
-    let tag = vmsync::domain_xml::read_tag(
-        &vmsync::hypervisor::Hypervisor::xml(&hv, "tr-lost", true).unwrap(),
+    let hv = vmsync::host::hypervisor::Libvirt::connect("test:///default").unwrap();
+    let tag = vmsync::desired::domain_xml::read_tag(
+        &vmsync::host::hypervisor::Hypervisor::xml(&hv, "tr-lost", true).unwrap(),
     )
     .unwrap();
     assert_eq!(tag.commit, a);

@@ -27,14 +27,14 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::agent::state::Record;
 use crate::config::ChangePolicy;
-use crate::disk::{DiskSpec, check_existing};
-use crate::domain_xml::{self, Tag};
-use crate::drift::{self, Drift};
-use crate::manifest::{OnChange, PowerState};
-use crate::observe::{Observed, SeenDomain};
-use crate::state::Record;
-use crate::validate::{Desired, DesiredVm};
+use crate::desired::domain_xml::{self, Tag};
+use crate::desired::manifest::{OnChange, PowerState};
+use crate::desired::validate::{Desired, DesiredVm};
+use crate::host::disk::{DiskSpec, check_existing};
+use crate::host::observe::{Observed, SeenDomain};
+use crate::reconcile::drift::{self, Drift};
 
 /// One step of converging a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,7 +110,7 @@ impl Action {
                     "create {} disk '{}' ({})",
                     spec.format,
                     spec.path.display(),
-                    crate::disk::human_size(spec.size_bytes)
+                    crate::host::disk::human_size(spec.size_bytes)
                 )
             }
             Action::Rename { from } => format!("rename from '{from}'"),
@@ -548,11 +548,11 @@ fn fail(mut out: VmPlan, error: String) -> VmPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::{DiskFormat, ImageInfo};
-    use crate::domain_xml::fingerprint;
-    use crate::hypervisor::Listing;
-    use crate::observe::SeenDomain;
-    use crate::state::VmRecord;
+    use crate::agent::state::VmRecord;
+    use crate::desired::domain_xml::fingerprint;
+    use crate::host::disk::{DiskFormat, ImageInfo};
+    use crate::host::hypervisor::Listing;
+    use crate::host::observe::SeenDomain;
 
     const UUID: &str = "6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b";
     const OTHER_UUID: &str = "11111111-2222-3333-4444-555555555555";
@@ -1118,7 +1118,7 @@ mod tests {
             "{:?}",
             p.refused
         );
-        assert!(crate::render::render(&p).contains("REFUSED"));
+        assert!(crate::reconcile::render::render(&p).contains("REFUSED"));
         assert!(
             plan_with(&desired, &obs, &prune_ctx(true, 1, true))
                 .refused
@@ -1171,7 +1171,9 @@ mod tests {
             "1 of 2 managed domains: {:?}",
             p.refused
         );
-        assert!(crate::render::render(&p).contains("1 other domain(s) carry vmsync's tag"));
+        assert!(
+            crate::reconcile::render::render(&p).contains("1 other domain(s) carry vmsync's tag")
+        );
 
         // A renamed domain is claimed, not pruned.
         let renamed = Desired {
@@ -1234,7 +1236,7 @@ mod tests {
         obs.directories.insert("/srv/images/ISOs".into(), true);
         let p = plan_with(&desired, &obs, &ChangePolicy::default());
         assert!(p.is_noop());
-        assert!(crate::render::render(&p).contains("web: nothing to do"));
+        assert!(crate::reconcile::render::render(&p).contains("web: nothing to do"));
         let json = serde_json::to_value(p.to_json()).unwrap();
         assert_eq!(json["noop"], true);
         assert_eq!(json["vms"][0]["actions"], serde_json::json!([]));

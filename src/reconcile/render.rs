@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::plan::{Action, ActionKind, Plan};
+use crate::reconcile::plan::{Action, ActionKind, Plan};
 
 /// Renders a plan for people (`vmsync plan`).
 pub fn render(plan: &Plan) -> String {

@@ -2,9 +2,9 @@
 //! inactive XML before and after, with what libvirt generates where the source gives
 //! none left out (see `domain_xml::normalize_for_diff`), and how a sync logs one.
 
-use crate::domain_xml;
-use crate::hypervisor::Normalizer;
-use crate::plan::Plan;
+use crate::desired::domain_xml;
+use crate::host::hypervisor::Normalizer;
+use crate::reconcile::plan::Plan;
 
 /// A unified diff of two texts (empty when equal).
 pub fn unified(before: &str, after: &str, before_label: &str, after_label: &str) -> String {

@@ -215,7 +215,9 @@ impl Hypervisor for Libvirt {
     }
 
     fn define(&self, xml: &str) -> Result<(), HvError> {
-        let name = crate::domain_xml::summarize(xml).ok().map(|s| s.name);
+        let name = crate::desired::domain_xml::summarize(xml)
+            .ok()
+            .map(|s| s.name);
         self.call("define", name.as_deref(), || {
             self.conn
                 .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
@@ -276,11 +278,11 @@ impl Hypervisor for Libvirt {
 pub trait SchemaChecker {
     fn check(&self, xml: &str) -> Result<(), String>;
     /// The summary of a file already validated, by `RepoFiles::content_id` (a cache).
-    fn known(&self, _content_id: &str) -> Option<crate::domain_xml::DomainSummary> {
+    fn known(&self, _content_id: &str) -> Option<crate::desired::domain_xml::DomainSummary> {
         None
     }
     /// Remembers that the file with `content_id` validated, with its summary.
-    fn remember(&self, _content_id: &str, _summary: &crate::domain_xml::DomainSummary) {}
+    fn remember(&self, _content_id: &str, _summary: &crate::desired::domain_xml::DomainSummary) {}
 }
 
 /// Turns a domain XML into the inactive XML libvirt makes of it, without touching any
@@ -296,7 +298,7 @@ pub struct TestDriverSchema {
     _node_file: tempfile::NamedTempFile,
     /// libvirt's RNG schema compiled on the first check (`None` until then; `Some(Err)`
     /// without the schema file, and libvirt validates instead).
-    schema: std::cell::OnceCell<Result<crate::rng::Schema, String>>,
+    schema: std::cell::OnceCell<Result<crate::host::rng::Schema, String>>,
 }
 
 impl TestDriverSchema {
@@ -328,7 +330,7 @@ impl TestDriverSchema {
 impl TestDriverSchema {
     /// Compiles libvirt's schema now rather than at the first check.
     pub fn prepare(&self) {
-        let _ = self.schema.get_or_init(crate::rng::domain_schema);
+        let _ = self.schema.get_or_init(crate::host::rng::domain_schema);
     }
 }
 
@@ -337,7 +339,7 @@ impl SchemaChecker for TestDriverSchema {
     /// XML is defined into the private test driver without re-validating, and undefined.
     /// Without the schema file, libvirt validates (slower, same result).
     fn check(&self, xml: &str) -> Result<(), String> {
-        let flags = match self.schema.get_or_init(crate::rng::domain_schema) {
+        let flags = match self.schema.get_or_init(crate::host::rng::domain_schema) {
             Ok(schema) => {
                 schema.validate(xml)?;
                 0

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::domain_xml::DomainSummary;
-use crate::hypervisor::{SchemaChecker, TestDriverSchema};
+use crate::desired::domain_xml::DomainSummary;
+use crate::host::hypervisor::{SchemaChecker, TestDriverSchema};
 
 pub const CACHE_FILE: &str = "schema-cache.json";
 
@@ -107,7 +107,7 @@ impl CachedSchema {
                 .map(|(id, summary)| (id.clone(), summary.clone()))
                 .collect(),
         };
-        let result = crate::state::write_cache_with(path, |out| {
+        let result = crate::agent::state::write_cache_with(path, |out| {
             let mut out = std::io::BufWriter::new(out);
             serde_json::to_writer(&mut out, &file)?;
             std::io::Write::flush(&mut out)
@@ -188,7 +188,7 @@ mod tests {
     #[test]
     fn file_summaries_are_remembered_per_context() {
         let dir = tempfile::tempdir().unwrap();
-        let summary = crate::domain_xml::summarize(GOOD).unwrap();
+        let summary = crate::desired::domain_xml::summarize(GOOD).unwrap();
         let cache = CachedSchema::load(Some(dir.path()), "policy");
         assert_eq!(cache.known("blob:1"), None);
         cache.remember("blob:1", &summary);
@@ -206,7 +206,7 @@ mod tests {
     #[test]
     fn a_save_keeps_only_what_this_validation_used() {
         let dir = tempfile::tempdir().unwrap();
-        let summary = crate::domain_xml::summarize(GOOD).unwrap();
+        let summary = crate::desired::domain_xml::summarize(GOOD).unwrap();
         let first = CachedSchema::load(Some(dir.path()), "policy");
         for id in ["blob:old", "blob:kept"] {
             assert_eq!(first.known(id), None);

@@ -6,20 +6,20 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use crate::apply::{self, Outcome};
+use crate::agent::state::{self, Record};
 use crate::config::{ConfigError, Settings};
-use crate::disk::DiskProvisioner;
+use crate::desired::validate::{self, Desired, Policy};
 pub use crate::error::SyncError;
-use crate::files::RepoFiles;
-pub use crate::hypervisor::Connection;
-use crate::hypervisor::{Hypervisor, SchemaChecker};
-use crate::observe;
-use crate::plan::{self, Plan};
-use crate::schema_cache::CachedSchema;
-use crate::source;
-use crate::state::{self, Record};
-use crate::trust::{self, Floor};
-use crate::validate::{self, Desired, Policy};
+use crate::host::disk::DiskProvisioner;
+pub use crate::host::hypervisor::Connection;
+use crate::host::hypervisor::{Hypervisor, SchemaChecker};
+use crate::host::observe;
+use crate::host::schema_cache::CachedSchema;
+use crate::reconcile::apply::{self, Outcome};
+use crate::reconcile::plan::{self, Plan};
+use crate::repo::files::RepoFiles;
+use crate::repo::source;
+use crate::repo::trust::{self, Floor};
 
 /// Maps an anyhow error from locking to `Locked` when it is one.
 fn lock(settings: &Settings) -> Result<state::Lock, SyncError> {
@@ -163,7 +163,7 @@ pub fn run(
         && !matches!(result, Err(SyncError::Locked(_)))
     {
         let record = state::load(&settings.state_dir).unwrap_or_default();
-        let text = crate::metrics::render(&record, result.as_ref().ok(), started.elapsed());
+        let text = crate::agent::metrics::render(&record, result.as_ref().ok(), started.elapsed());
         if let Err(e) = state::write_atomic(path, text.as_bytes()) {
             warn!(error = %e, "failed to write the metrics file");
         }
@@ -217,7 +217,7 @@ fn run_locked(
             ("connect", connect_started.elapsed()),
         ];
         let observe_started = Instant::now();
-        let disks = crate::disk::QemuImg::default();
+        let disks = crate::host::disk::QemuImg::default();
         let observed = observe_commit(&record, &desired, hv, &disks)?;
         // The commits in the managed domains' tags: the ancestry floor that survives a
         // lost state file.
@@ -367,11 +367,16 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
         &policy(settings),
         Some(&settings.state_dir),
     )?;
-    let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri)
+    let hv = crate::host::hypervisor::Libvirt::connect(&settings.libvirt_uri)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let observed = observe_commit(&record, &desired, &hv, &crate::disk::QemuImg::default())?;
+    let observed = observe_commit(
+        &record,
+        &desired,
+        &hv,
+        &crate::host::disk::QemuImg::default(),
+    )?;
     check_floors(&fetched, &observed_floors(&observed), false)?;
-    let normalizer = crate::hypervisor::TestDriverSchema::new()?;
+    let normalizer = crate::host::hypervisor::TestDriverSchema::new()?;
     Ok(plan_observed(
         settings,
         &record,
@@ -389,9 +394,9 @@ pub fn plan_commit(
     commit: &str,
     desired: &Desired,
     hv: &dyn Hypervisor,
-    normalizer: &dyn crate::hypervisor::Normalizer,
+    normalizer: &dyn crate::host::hypervisor::Normalizer,
 ) -> Result<Plan, SyncError> {
-    let observed = observe_commit(record, desired, hv, &crate::disk::QemuImg::default())?;
+    let observed = observe_commit(record, desired, hv, &crate::host::disk::QemuImg::default())?;
     Ok(plan_observed(
         settings, record, commit, desired, &observed, normalizer,
     ))
@@ -420,20 +425,20 @@ fn plan_observed(
     commit: &str,
     desired: &Desired,
     observed: &observe::Observed,
-    normalizer: &dyn crate::hypervisor::Normalizer,
+    normalizer: &dyn crate::host::hypervisor::Normalizer,
 ) -> Plan {
     let ctx = plan::Context {
         policy: &settings.changes,
         record,
     };
     let mut plan = plan::plan(desired, observed, commit, &ctx);
-    crate::diff::annotate(&mut plan, normalizer);
+    crate::reconcile::diff::annotate(&mut plan, normalizer);
     plan
 }
 
 /// `vmsync validate DIR`: validates a checkout on disk for every host, offline.
 pub fn validate_dir(settings: &Settings, dir: &std::path::Path) -> Result<Desired, SyncError> {
-    let files = crate::files::DirFiles::new(dir);
+    let files = crate::repo::files::DirFiles::new(dir);
     let policy = Policy {
         host: None,
         disk_roots: settings.disk_roots.clone(),

@@ -2,9 +2,9 @@
 
 use serde::Serialize;
 
-use crate::domain_xml;
-use crate::hypervisor::Hypervisor;
-use crate::state::{Record, SyncResult};
+use crate::agent::state::{Record, SyncResult};
+use crate::desired::domain_xml;
+use crate::host::hypervisor::Hypervisor;
 
 /// One managed VM in the status view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -65,9 +65,9 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, String>) -> Status {
                 vm.autostart = Some(seen.is_some_and(|d| d.autostart));
                 match seen {
                     None => {
-                        vm.drift = crate::drift::detect(
+                        vm.drift = crate::reconcile::drift::detect(
                             rec,
-                            crate::drift::Now {
+                            crate::reconcile::drift::Now {
                                 listing: None,
                                 tag_fingerprint: None,
                                 definition_hash: None,
@@ -80,9 +80,9 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, String>) -> Status {
                     Some(d) => {
                         let xml = hv.xml(name, true).ok();
                         let tag = xml.as_deref().and_then(domain_xml::read_tag);
-                        vm.drift = crate::drift::detect(
+                        vm.drift = crate::reconcile::drift::detect(
                             rec,
-                            crate::drift::Now {
+                            crate::reconcile::drift::Now {
                                 listing: Some(d),
                                 tag_fingerprint: tag.as_ref().map(|t| t.fingerprint.as_str()),
                                 definition_hash: xml

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::apply::Outcome;
+use crate::reconcile::apply::Outcome;
 
 pub const STATE_FILE: &str = "state.json";
 pub const LOCK_FILE: &str = "lock";
@@ -57,7 +57,7 @@ pub struct VmRecord {
     pub definition_hash: Option<String>,
     /// The power state applied (`state` in the manifest).
     #[serde(default)]
-    pub state: Option<crate::manifest::PowerState>,
+    pub state: Option<crate::desired::manifest::PowerState>,
     /// What differed from the last applied state at the last sync (empty: none).
     #[serde(default)]
     pub drift: Vec<String>,
@@ -399,12 +399,12 @@ mod tests {
         }
     }
 
-    fn vm_outcome(name: &str, error: Option<&str>) -> crate::apply::VmOutcome {
-        crate::apply::VmOutcome {
+    fn vm_outcome(name: &str, error: Option<&str>) -> crate::reconcile::apply::VmOutcome {
+        crate::reconcile::apply::VmOutcome {
             name: name.into(),
             fingerprint: format!("fp-{name}"),
             autostart: true,
-            state: crate::manifest::PowerState::Running,
+            state: crate::desired::manifest::PowerState::Running,
             done: vec!["define".into()],
             error: error.map(Into::into),
             pending_restart: false,
@@ -494,9 +494,9 @@ mod tests {
         // All succeeded: the commit is the last applied one; a VM no longer desired and
         // not pruned keeps its record, one pruned is gone.
         let mut record = applied("a", &["web", "db", "old", "gone"]);
-        let outcome = crate::apply::Outcome {
+        let outcome = crate::reconcile::apply::Outcome {
             vms: vec![vm_outcome("web", None), vm_outcome("db", None)],
-            pruned: vec![crate::apply::PruneOutcome {
+            pruned: vec![crate::reconcile::apply::PruneOutcome {
                 name: "gone".into(),
                 done: vec!["undefine".into()],
                 error: None,
@@ -524,7 +524,7 @@ mod tests {
         // One VM failed: the commit is attempted, not applied; the failed VM keeps what
         // was applied before, with the error; the other one moves on.
         let mut record = applied("a", &["web", "db"]);
-        let outcome = crate::apply::Outcome {
+        let outcome = crate::reconcile::apply::Outcome {
             vms: vec![vm_outcome("web", Some("boom")), vm_outcome("db", None)],
             ..Default::default()
         };
@@ -542,7 +542,7 @@ mod tests {
 
         // A directory that could not be made fails the sync too.
         let mut record = applied("a", &[]);
-        let outcome = crate::apply::Outcome {
+        let outcome = crate::reconcile::apply::Outcome {
             directory_errors: vec!["directory '/x': denied".into()],
             ..Default::default()
         };

@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+use crate::agent::sync::{self, Connection, Options, SyncError};
 use crate::config::{self, Overrides, Settings};
-use crate::sync::{self, Connection, Options, SyncError};
 
 /// The per-host delay added to every tick: stable for a host, spread over the fleet.
 pub fn jitter(host: &str, max_seconds: u64) -> Duration {

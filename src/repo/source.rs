@@ -35,7 +35,7 @@ use std::rc::Rc;
 use git2::{AutotagOption, CredentialType, FetchOptions, Oid, RemoteCallbacks, Repository};
 use tracing::{debug, info, warn};
 
-use crate::files::{FileError, MAX_FILE_BYTES, RepoFiles, check_repo_path, decode};
+use crate::repo::files::{FileError, MAX_FILE_BYTES, RepoFiles, check_repo_path, decode};
 
 /// Name of the only remote of the local clone.
 const REMOTE: &str = "origin";

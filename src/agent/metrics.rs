@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use strum::IntoEnumIterator;
 
-use crate::plan::ActionKind;
-use crate::state::{Record, SyncResult};
-use crate::sync::Report;
+use crate::agent::state::{Record, SyncResult};
+use crate::agent::sync::Report;
+use crate::reconcile::plan::ActionKind;
 
 /// Escapes a label value (backslash, double quote, newline).
 fn label(value: &str) -> String {
@@ -156,7 +156,7 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::VmRecord;
+    use crate::agent::state::VmRecord;
 
     #[test]
     fn renders_the_record_in_textfile_format() {

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use crate::disk::DiskProvisioner;
-use crate::domain_xml;
-use crate::hypervisor::Hypervisor;
-use crate::plan::{Action, Plan, VmPlan};
-use crate::state::VmRecord;
+use crate::agent::state::VmRecord;
+use crate::desired::domain_xml;
+use crate::host::disk::DiskProvisioner;
+use crate::host::hypervisor::Hypervisor;
+use crate::reconcile::plan::{Action, Plan, VmPlan};
 
 /// How often a shutting-down domain is polled.
 const POLL: Duration = Duration::from_millis(250);
@@ -32,7 +32,7 @@ pub struct VmOutcome {
     pub name: String,
     pub fingerprint: String,
     pub autostart: bool,
-    pub state: crate::manifest::PowerState,
+    pub state: crate::desired::manifest::PowerState,
     /// Descriptions of the actions done.
     pub done: Vec<String>,
     pub error: Option<String>,
@@ -48,7 +48,7 @@ pub struct VmOutcome {
     /// Running after the actions (was running and not stopped, or was started).
     pub up: bool,
     /// Kinds of the actions done (see `Action::kind`).
-    pub kinds: Vec<crate::plan::ActionKind>,
+    pub kinds: Vec<crate::reconcile::plan::ActionKind>,
     /// The commit's definition was defined (or redefined) on the host.
     pub defined: bool,
     /// The autostart flag was set to `autostart` on the host.
@@ -101,7 +101,7 @@ impl VmOutcome {
         if self.power_unsettled {
             // `defined`: vmsync claims no power state, so whatever state the guest ends
             // in is no drift; the next plan starts or stops it as the commit says.
-            entry.state = Some(crate::manifest::PowerState::Defined);
+            entry.state = Some(crate::desired::manifest::PowerState::Defined);
         }
         entry
     }
@@ -248,7 +248,7 @@ pub fn apply(
     // concurrent calls on one connection; disk creations are separate processes).
     // Within a VM, actions stay in order.
     let vms: Vec<&VmPlan> = plan.vms.iter().collect();
-    outcome.vms = crate::par::map(vms, THREADS, |vm| apply_vm(vm, hv, disks, cancel, short));
+    outcome.vms = crate::host::par::map(vms, THREADS, |vm| apply_vm(vm, hv, disks, cancel, short));
     for p in plan
         .prune
         .iter()
@@ -355,13 +355,13 @@ fn apply_vm(
                 .map(|()| match hv.xml(&vm.name, true) {
                     Ok(after) => {
                         result.definition_hash = domain_xml::definition_hash(&after);
-                        let diff = crate::diff::definition_diff(
+                        let diff = crate::reconcile::diff::definition_diff(
                             &vm.name,
                             vm.current_xml.as_deref(),
                             &after,
                             &vm.source_xml,
                         );
-                        crate::diff::log(&vm.name, short, &diff);
+                        crate::reconcile::diff::log(&vm.name, short, &diff);
                     }
                     Err(e) => {
                         warn!(vm = %vm.name, error = %e, "could not read the new definition back")
@@ -417,8 +417,8 @@ fn apply_vm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hypervisor::{HvError, Listing};
-    use crate::manifest::PowerState;
+    use crate::desired::manifest::PowerState;
+    use crate::host::hypervisor::{HvError, Listing};
     use std::sync::Mutex;
 
     /// A running guest that ignores ACPI shutdown requests (as a guest without an OS
@@ -570,7 +570,7 @@ mod tests {
         let outcome = apply_vm(
             &plan,
             &hv,
-            &crate::disk::QemuImg::default(),
+            &crate::host::disk::QemuImg::default(),
             &CANCEL,
             "c-new",
         );
@@ -604,14 +604,18 @@ mod tests {
                 autostart: false,
                 persistent: true,
             };
-            let now = crate::drift::Now {
+            let now = crate::reconcile::drift::Now {
                 listing: Some(&listing),
                 tag_fingerprint: Some("fp-new"),
                 definition_hash: Some("hash-old"),
             };
-            assert_eq!(crate::drift::detect(&entry, now), vec![], "active {active}");
+            assert_eq!(
+                crate::reconcile::drift::detect(&entry, now),
+                vec![],
+                "active {active}"
+            );
             assert!(
-                !crate::drift::detect(&old_record(), now).is_empty(),
+                !crate::reconcile::drift::detect(&old_record(), now).is_empty(),
                 "the old record would report drift"
             );
         }
@@ -624,7 +628,7 @@ mod tests {
         let outcome = apply_vm(
             &plan,
             &hv,
-            &crate::disk::QemuImg::default(),
+            &crate::host::disk::QemuImg::default(),
             &AtomicBool::new(false),
             "c-new",
         );
@@ -638,7 +642,7 @@ mod tests {
         let outcome = apply_vm(
             &plan,
             &hv,
-            &crate::disk::QemuImg::default(),
+            &crate::host::disk::QemuImg::default(),
             &AtomicBool::new(true),
             "c-new",
         );

@@ -9,11 +9,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::disk::DiskSpec;
-use crate::domain_xml::{self, DomainSummary};
-use crate::files::RepoFiles;
-use crate::hypervisor::SchemaChecker;
-use crate::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
+use crate::desired::domain_xml::{self, DomainSummary};
+use crate::desired::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
+use crate::host::disk::DiskSpec;
+use crate::host::hypervisor::SchemaChecker;
+use crate::repo::files::RepoFiles;
 
 /// What this host's policy allows and which VMs it applies.
 #[derive(Debug, Clone, Default)]
@@ -22,7 +22,7 @@ pub struct Policy {
     pub host: Option<String>,
     pub disk_roots: Vec<PathBuf>,
     /// What domain XML may ask of the host beyond disk images (see `host_policy`).
-    pub host_policy: crate::host_policy::HostPolicy,
+    pub host_policy: crate::desired::host_policy::HostPolicy,
 }
 
 /// One VM as this host should have it.
@@ -231,7 +231,9 @@ pub fn validate(
         }
         // A cached file passed the host policy too: the cache is keyed by the policy.
         if !was_cached {
-            for v in crate::host_policy::check(&xml, &policy.host_policy, &policy.disk_roots) {
+            for v in
+                crate::desired::host_policy::check(&xml, &policy.host_policy, &policy.disk_roots)
+            {
                 problems.push(at(&xml_file, xml_line(v.line), &v.field, v.message));
             }
         }
@@ -278,14 +280,14 @@ pub fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::FileError;
+    use crate::repo::files::FileError;
 
     /// An in-memory repository.
     struct Files(BTreeMap<String, String>);
 
     impl RepoFiles for Files {
         fn read_text(&self, path: &str) -> Result<String, FileError> {
-            crate::files::check_repo_path(path)?;
+            crate::repo::files::check_repo_path(path)?;
             self.0
                 .get(path)
                 .cloned()
@@ -488,7 +490,7 @@ hosts = ["hv2"]
 #[cfg(test)]
 mod cache_tests {
     use super::*;
-    use crate::files::FileError;
+    use crate::repo::files::FileError;
     use std::cell::{Cell, RefCell};
 
     /// One file whose content id is its text's length (stands in for a git blob id).
@@ -534,7 +536,7 @@ mod cache_tests {
     fn a_file_validated_before_under_this_policy_is_not_checked_again() {
         let strict = Policy::default();
         let permissive = Policy {
-            host_policy: crate::host_policy::HostPolicy {
+            host_policy: crate::desired::host_policy::HostPolicy {
                 allow_hostdev: true,
                 ..Default::default()
             },
