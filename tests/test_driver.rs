@@ -260,6 +260,37 @@ fn lock_held_exits_75_at_once() {
     );
 }
 
+/// A child forked by another thread shares the lock's open file until it executes its
+/// program; a dropped lock must be free at once all the same (the next sync of an
+/// in-process caller, or a test on another thread, takes it right away).
+#[test]
+fn a_dropped_lock_is_free_while_a_forked_child_still_shares_it() {
+    use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
+
+    let state = tempfile::tempdir().unwrap();
+    let held = state::lock(state.path()).unwrap();
+    let (mut forked, mut tell) = std::io::pipe().unwrap();
+    let child = std::thread::spawn(move || {
+        let mut cmd = std::process::Command::new("true");
+        // SAFETY: between fork and exec only write(2) and nanosleep(2) are called.
+        unsafe {
+            cmd.pre_exec(move || {
+                tell.write_all(b"x")?;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                Ok(())
+            })
+        };
+        cmd.status().unwrap()
+    });
+    // The child exists and holds a copy of every descriptor, the lock's among them.
+    forked.read_exact(&mut [0u8]).unwrap();
+    drop(held);
+    let again = state::lock(state.path());
+    assert!(again.is_ok(), "{:?}", again.err());
+    assert!(child.join().unwrap().success());
+}
+
 #[test]
 fn fetch_and_config_errors_have_their_exit_codes() {
     let env = Env::new(&["t2-err"]);
