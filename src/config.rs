@@ -433,16 +433,37 @@ mod tests {
 
     #[test]
     fn relative_disk_roots_are_refused() {
-        let err = merge(
-            RawConfig::default(),
-            &Overrides {
-                disk_roots: vec!["images".into()],
-                host: Some("h".into()),
-                ..Default::default()
-            },
+        let flags = |roots: &[&str]| Overrides {
+            disk_roots: roots.iter().map(PathBuf::from).collect(),
+            host: Some("h".into()),
+            ..Default::default()
+        };
+        // The same settings with an absolute root load: nothing else stops them first.
+        let s = merge(RawConfig::default(), &flags(&["/srv/images"])).unwrap();
+        assert_eq!(s.disk_roots, vec![PathBuf::from("/srv/images")]);
+        // A relative root from a flag is refused by the absolute-path check, by name.
+        let err = merge(RawConfig::default(), &flags(&["/srv/images", "images"])).unwrap_err();
+        assert_eq!(
+            err.0,
+            "invalid policy.disk_roots entry: path 'images' must be absolute"
+        );
+        // And from the config file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "[agent]\nhost = \"h\"\n[policy]\ndisk_roots = [\"/srv/images\", \"vm/images\"]\n",
         )
+        .unwrap();
+        let err = load(&Overrides {
+            config: Some(path),
+            ..Default::default()
+        })
         .unwrap_err();
-        assert!(err.0.contains("must be absolute"), "{err}");
+        assert_eq!(
+            err.0,
+            "invalid policy.disk_roots entry: path 'vm/images' must be absolute"
+        );
     }
 
     #[test]

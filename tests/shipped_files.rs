@@ -13,11 +13,7 @@ use vmsync::config::{self, Overrides};
 fn example_repo_validates() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("example-repo");
     let run = common::vmsync(&["validate", &dir.display().to_string()]).expect(0);
-    assert!(
-        run.stdout.contains("valid (2 vm(s), 1 directory(ies))"),
-        "{}",
-        run.stdout
-    );
+    run.stdout_has("valid (2 vm(s), 1 directory(ies))");
 }
 
 #[test]

@@ -291,7 +291,16 @@ pub struct LockHeld(pub PathBuf);
 /// The state directory's lock, held until dropped.
 #[derive(Debug)]
 pub struct Lock {
-    _file: File,
+    file: File,
+}
+
+impl Drop for Lock {
+    /// Unlocks before the file is closed: a child that another thread forked meanwhile
+    /// shares the open file, and with it the lock, until it executes its program; an
+    /// unlock frees it for every holder at once, a close only for this one.
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
 }
 
 /// Creates the state directory if needed and takes its lock without waiting.
@@ -310,7 +319,7 @@ pub fn lock(state_dir: &Path) -> anyhow::Result<Lock> {
         .open(&path)
         .map_err(|e| anyhow::anyhow!("failed to open lock '{}': {e}", path.display()))?;
     match file.try_lock() {
-        Ok(()) => Ok(Lock { _file: file }),
+        Ok(()) => Ok(Lock { file }),
         Err(std::fs::TryLockError::WouldBlock) => Err(LockHeld(path).into()),
         Err(std::fs::TryLockError::Error(e)) => {
             Err(anyhow::anyhow!("failed to lock '{}': {e}", path.display()))
