@@ -147,6 +147,7 @@ fn libvirtd_gone_mid_sync_fails_cleanly_and_the_next_run_converges() {
     // libvirtd "stops" after about 20 KiB from the client: some defines went through, the
     // rest cannot.
     let proxy = Proxy::start(&sock, Some(20 * 1024));
+    let uri = proxy.uri();
     let run = once(&proxy).expect(1);
     drop(proxy);
     // libvirtd may still be finishing a define whose request reached it before the cut
@@ -186,7 +187,7 @@ fn libvirtd_gone_mid_sync_fails_cleanly_and_the_next_run_converges() {
     for (name, vm) in &failed {
         let error = vm.last_error.as_deref().unwrap_or_default();
         let libvirt = error
-            .strip_prefix("failed to define domain: ")
+            .strip_prefix(&format!("failed to define domain '{name}' at '{uri}': "))
             .unwrap_or_else(|| panic!("{name}: {error}"));
         assert!(connection_lost(libvirt), "{name}: {error}");
         run.stderr_has(&format!(

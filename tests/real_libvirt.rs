@@ -218,11 +218,9 @@ fn real_libvirtd_sync_life_cycle() {
         "vms/bios.xml: vm '{bios}': field 'xml': rejected by libvirt"
     ))
     .stderr_has("Extra element vcpus");
-    // libvirtd was asked: its validating define refused it.
-    let short = &c4[..12];
-    run.stderr_has(&format!(
-        "action failed vm={bios} commit={short} action=redefine in place error=failed to define domain: XML document failed to validate against schema"
-    ));
+    // Refused before anything reached libvirtd: no action was tried.
+    assert!(!run.stderr.contains("action failed"), "{}", run.stderr);
+    let _ = c4;
     assert_eq!(inactive(&bios), bios_xml_1);
     assert_eq!(inactive(&keep), keep_xml_1);
     let record: serde_json::Value = serde_json::from_str(&env.state_json().unwrap()).unwrap();
