@@ -120,19 +120,6 @@ fn daemon_syncs_on_start_and_sighup_survives_failures_and_stops_on_sigterm() {
         r["last_applied_commit"] == c1.as_str()
     });
     assert!(disk.exists());
-    // Between ticks the daemon is one thread waiting in the kernel: the sync's thread
-    // is gone soon after the sync, not 10 s later in the middle of the idle time.
-    let threads = Path::new("/proc")
-        .join(daemon.child.id().to_string())
-        .join("task");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while std::fs::read_dir(&threads).unwrap().count() > 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the sync's thread still runs 3 s after the sync"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let text = metrics_with(
         &daemon,
         &metrics,

@@ -61,9 +61,6 @@ fn notify(status: &str) {
 pub fn run(flags: Overrides, settings: Settings) -> u8 {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        // A sync runs on a blocking thread; the default keeps that thread 10 s after the
-        // sync, and its exit then would be the only CPU between ticks.
-        .thread_keep_alive(std::time::Duration::from_millis(100))
         .build()
     {
         Ok(rt) => rt,
