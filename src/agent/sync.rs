@@ -118,6 +118,23 @@ fn check_commit(
     check_floors(fetched, &floors, allow_rewind)
 }
 
+/// The fetched commit, refused unless trusted ([`check_commit`]), then validated for
+/// this host with the schema cache of the state directory.
+fn trusted_and_valid(
+    settings: &Settings,
+    record: &Record,
+    fetched: &source::FetchedCommit,
+    allow_rewind: bool,
+) -> Result<Desired, SyncError> {
+    check_commit(settings, record, fetched, allow_rewind)?;
+    validate_cached(
+        fetched,
+        &fetched.id(),
+        &policy(settings),
+        Some(&settings.state_dir),
+    )
+}
+
 /// The commits the managed domains were defined from (their ownership tags, as
 /// observation read them): the ancestry floor that survives the loss of state.json.
 fn observed_floors(observed: &observe::Observed) -> Vec<Floor> {
@@ -200,13 +217,7 @@ fn run_locked(
     }
     let result = (|| {
         let validate_started = Instant::now();
-        check_commit(settings, &record, &fetched, options.allow_rewind)?;
-        let desired = validate_cached(
-            &fetched,
-            &commit,
-            &policy(settings),
-            Some(&settings.state_dir),
-        )?;
+        let desired = trusted_and_valid(settings, &record, &fetched, options.allow_rewind)?;
         let validate_took = validate_started.elapsed();
         let connect_started = Instant::now();
         let hv = conn.get()?;
@@ -360,13 +371,7 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let record = state::load(&settings.state_dir)?;
     let fetched = source::fetch(&settings.source()?, &settings.state_dir)?;
     let commit = fetched.id();
-    check_commit(settings, &record, &fetched, false)?;
-    let desired = validate_cached(
-        &fetched,
-        &commit,
-        &policy(settings),
-        Some(&settings.state_dir),
-    )?;
+    let desired = trusted_and_valid(settings, &record, &fetched, false)?;
     let hv = crate::host::hypervisor::Libvirt::connect(&settings.libvirt_uri)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let observed = observe_commit(
