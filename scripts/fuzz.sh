@@ -16,6 +16,12 @@ seconds=${1:-${VMSYNC_FUZZ_SECONDS:-20}}
 
 log() { printf '[fuzz] %s\n' "$*"; }
 
+# libfuzzer-sys compiles libFuzzer's C++ sources.
+if ! command -v c++ >/dev/null 2>&1; then
+  printf '[fuzz] ERROR: no C++ compiler (c++): as root, run scripts/setup-host.sh (installs g++)\n' >&2
+  exit 2
+fi
+
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   log "installing cargo-fuzz from crates.io"
   cargo install --locked cargo-fuzz

@@ -1,39 +1,71 @@
 #!/usr/bin/env bash
 # Prepare a Debian/Ubuntu host (or CI container) to build and test vmsync:
-#   - build and runtime packages (libvirt, QEMU, OVMF, swtpm, qemu-img, ssh, git)
+#   - build and runtime packages (C toolchain, libvirt, QEMU, OVMF, swtpm, qemu-img,
+#     ssh, git, and the tools the tests run)
 #   - a Rust toolchain (rustup, only if no cargo is found)
 #   - a reachable libvirtd at qemu:///system (started only if none answers)
 #
-# Run as root. Safe to run any number of times: every step checks first and
-# says what it did or why it did nothing. It never restarts or reconfigures a
-# libvirtd that is already reachable.
+# Run as root (on a minimal system there may be no sudo). Safe to run any number
+# of times: every step checks first and says what it did or why it did nothing.
+# It never restarts or reconfigures a libvirtd that is already reachable. Any
+# failure prints the step, the command and what to do.
 #
 # Environment:
 #   SETUP_SKIP_APT=1   skip apt-get update/install (offline re-runs)
-set -euo pipefail
+set -Eeuo pipefail
 
 log() { printf '[setup-host] %s\n' "$*"; }
-die() { printf '[setup-host] ERROR: %s\n' "$*" >&2; exit 1; }
+die() {
+  printf '[setup-host] ERROR: %s\n' "$*" >&2
+  exit 1
+}
 
-[ "$(id -u)" -eq 0 ] || die "must run as root (try: sudo $0)"
+# What the current step is and what to do when it fails; the ERR trap names both.
+STEP="start"
+HINT=""
+step() {
+  STEP=$1
+  HINT=$2
+}
+on_error() {
+  local rc=$1 line=$2 cmd=$3
+  # A failing subshell or command substitution is reported once, by its caller.
+  [ "$BASH_SUBSHELL" -eq 0 ] || exit "$rc"
+  # shellcheck disable=SC2016 # the backquotes are text
+  printf '[setup-host] ERROR: step "%s" failed: `%s` exited %s (scripts/setup-host.sh line %s)\n' \
+    "$STEP" "$cmd" "$rc" "$line" >&2
+  [ -z "$HINT" ] || printf '[setup-host] what to do: %s\n' "$HINT" >&2
+  exit "$rc"
+}
+trap 'on_error $? $LINENO "$BASH_COMMAND"' ERR
+
+if [ "$(id -u)" -ne 0 ]; then
+  die "must run as root: it installs packages and starts libvirtd (as root: $0; with sudo: sudo $0)"
+fi
 
 LIBVIRT_URI=qemu:///system
 
-BUILD_PKGS=(libvirt-dev pkg-config libssl-dev zlib1g-dev git ca-certificates curl)
-# Test tools for tests/deploy_files.rs: nix-instantiate (nix-bin) parses the
-# NixOS module; systemd-analyze (package systemd on Debian 12/Ubuntu) verifies
-# the units. Minimal container images ship neither.
-BUILD_PKGS+=(nix-bin systemd)
-# tests/https_ca.rs: `openssl` makes certificates and serves TLS.
-BUILD_PKGS+=(openssl)
+# Build: a C toolchain (cc links every Rust binary; c++ builds libfuzzer for
+# scripts/fuzz.sh), pkg-config and the headers of what vmsync links: libvirt,
+# libxml2 (src/rng.rs), OpenSSL and zlib (git2).
+BUILD_PKGS=(gcc g++ libc6-dev pkg-config libvirt-dev libxml2-dev libssl-dev zlib1g-dev
+  git ca-certificates curl)
+# Tools the tests and scripts run: nix-instantiate (nix-bin) parses the NixOS
+# module and systemd-analyze (package systemd) verifies the units
+# (tests/deploy_files.rs); openssl makes certificates and serves TLS
+# (tests/https_ca.rs); procps has kill and pgrep; systemd-container and
+# debootstrap boot a systemd container. Minimal images ship none of them.
+BUILD_PKGS+=(nix-bin systemd systemd-container debootstrap openssl procps)
 RUNTIME_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf
   openssh-server openssh-client)
 
 # ---------------------------------------------------------------- packages --
 
+# The installed version of a package, or nothing (not an error) when it is not
+# installed: dpkg-query exits 1 for a package it does not know.
 installed_version() {
-  dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null |
+  { dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null || true; } |
     awk '$3 == "installed" { print $4 }'
 }
 
@@ -79,8 +111,12 @@ install_packages() {
     fi
   fi
 
+  step "packages: apt-get update" \
+    "check that this host reaches its apt mirrors (/etc/apt/sources.list, /etc/apt/sources.list.d/) and run it again"
   log "apt: apt-get update"
   apt-get update -q
+  step "packages: apt-get install" \
+    "read apt's message above: a package missing from the configured releases or held back by another version; fix that (or install the packages by hand) and run it again, or skip apt with SETUP_SKIP_APT=1 on a host that has them"
   log "apt: installing ${pkgs[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     "${extra_opts[@]}" "${pkgs[@]}"
@@ -89,6 +125,7 @@ install_packages() {
 # -------------------------------------------------------------------- rust --
 
 ensure_rust() {
+  step "rust" "install Rust for root (rustup, https://rustup.rs) or put cargo on PATH, then run it again"
   if command -v cargo >/dev/null 2>&1; then
     log "rust: cargo found at $(command -v cargo), nothing to do"
   elif [ -x "$HOME/.cargo/bin/cargo" ]; then
@@ -130,7 +167,7 @@ wait_for_libvirt() {
     fi
     sleep 1
   done
-  die "libvirt: $LIBVIRT_URI still not reachable after 30s (see /var/log/libvirt/, journalctl -u libvirtd)"
+  die "libvirt: $LIBVIRT_URI still not reachable after 30s: see /var/log/libvirt/libvirtd.log (or journalctl -u libvirtd), fix it and run scripts/setup-host.sh again"
 }
 
 unit_exists() {
@@ -140,8 +177,10 @@ unit_exists() {
 # Set `key = value` in a libvirt config file: drop any active line for the
 # key, then append ours. Comments and other settings are kept.
 set_conf_key() {
-  local file=$1 key=$2 value=$3
-  if grep -Eq "^[[:space:]]*${key}[[:space:]]*=[[:space:]]*${value}[[:space:]]*$" "$file" 2>/dev/null &&
+  local file=$1 key=$2 value=$3 value_re
+  # The value as a literal in the regular expression ("[]" is one too).
+  value_re=$(printf '%s' "$value" | sed 's/[][\.*^$+?(){}|/]/\\&/g')
+  if grep -Eq "^[[:space:]]*${key}[[:space:]]*=[[:space:]]*${value_re}[[:space:]]*$" "$file" 2>/dev/null &&
     [ "$(grep -Ec "^[[:space:]]*${key}[[:space:]]*=" "$file")" -eq 1 ]; then
     return 0
   fi
@@ -191,6 +230,12 @@ start_libvirt_container() {
   set_conf_key "$conf" group '"root"'
   set_conf_key "$conf" swtpm_user '"root"'
   set_conf_key "$conf" swtpm_group '"root"'
+  # Without systemd this is a container or a chroot-like root, where libvirt's
+  # private /dev for each QEMU fails ("Failed to open /dev/null for OFD lock
+  # probing"): give QEMU the root's own /dev. Not on a host that runs systemd.
+  if [ ! -d /run/systemd/system ]; then
+    set_conf_key "$conf" namespaces '[]'
+  fi
 
   if pgrep -x virtlogd >/dev/null 2>&1; then
     log "libvirt: virtlogd already running"
@@ -207,6 +252,7 @@ start_libvirt_container() {
 }
 
 ensure_libvirt() {
+  step "libvirt" "see /var/log/libvirt/libvirtd.log (or journalctl -u libvirtd), fix what it says and run it again"
   if libvirt_reachable; then
     log "libvirt: $LIBVIRT_URI already reachable; leaving the running daemon alone"
     return
@@ -220,6 +266,7 @@ ensure_libvirt() {
 }
 
 ensure_sshd_dir() {
+  step "ssh" "create /run/sshd (mode 0755) by hand and run it again"
   if [ -d /run/sshd ]; then
     log "ssh: /run/sshd exists"
   else
@@ -229,8 +276,10 @@ ensure_sshd_dir() {
   fi
 }
 
+step "packages" ""
 install_packages
 ensure_rust
 ensure_libvirt
 ensure_sshd_dir
+step "done" ""
 log "done: $(virsh -c "$LIBVIRT_URI" version --daemon 2>/dev/null | sed -n 's/^Running against daemon: *//p' | sed 's/^/libvirtd /')"
