@@ -384,7 +384,7 @@ pub fn run() -> u8 {
                 let hv_ref = hv
                     .as_ref()
                     .map(|h| h as &dyn crate::host::hypervisor::Hypervisor)
-                    .map_err(|e| e.to_string());
+                    .map_err(Clone::clone);
                 let status = crate::agent::status::status(&record, hv_ref);
                 if *json {
                     println!(

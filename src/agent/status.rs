@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::agent::state::{Record, SyncResult};
 use crate::desired::domain_xml;
-use crate::host::hypervisor::Hypervisor;
+use crate::host::hypervisor::{HvError, Hypervisor};
 
 /// One managed VM in the status view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -38,12 +38,11 @@ pub struct Status {
 }
 
 /// Builds the status view; `hv` is `Err` when libvirt could not be reached.
-pub fn status(record: &Record, hv: Result<&dyn Hypervisor, String>) -> Status {
-    let (listing, libvirt_error) =
-        match hv.and_then(|hv| hv.list().map(|l| (hv, l)).map_err(|e| e.to_string())) {
-            Ok((hv, listing)) => (Some((hv, listing)), None),
-            Err(e) => (None, Some(e)),
-        };
+pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
+    let (listing, libvirt_error) = match hv.and_then(|hv| hv.list().map(|l| (hv, l))) {
+        Ok((hv, listing)) => (Some((hv, listing)), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
     let vms = record
         .vms
         .iter()

@@ -241,12 +241,7 @@ pub fn validate(
             && !was_cached
             && let Err(message) = schema.check(&xml)
         {
-            problems.push(at(
-                &xml_file,
-                None,
-                "xml",
-                format!("rejected by libvirt: {message}"),
-            ));
+            problems.push(at(&xml_file, None, "xml", message.to_string()));
         }
         if problems.len() == before {
             if let (Some(id), false) = (&content_id, was_cached) {
@@ -280,6 +275,7 @@ pub fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::hypervisor::SchemaError;
     use crate::repo::files::FileError;
 
     /// An in-memory repository.
@@ -301,9 +297,11 @@ mod tests {
     /// Rejects XML containing "<bogus", as libvirt's schema would.
     struct Schema;
     impl SchemaChecker for Schema {
-        fn check(&self, xml: &str) -> Result<(), String> {
+        fn check(&self, xml: &str) -> Result<(), SchemaError> {
             if xml.contains("<bogus") {
-                Err("Element domain has extra content: bogus".into())
+                Err(SchemaError::Rejected(
+                    "Element domain has extra content: bogus".into(),
+                ))
             } else {
                 Ok(())
             }
@@ -490,6 +488,7 @@ hosts = ["hv2"]
 #[cfg(test)]
 mod cache_tests {
     use super::*;
+    use crate::host::hypervisor::SchemaError;
     use crate::repo::files::FileError;
     use std::cell::{Cell, RefCell};
 
@@ -520,7 +519,7 @@ mod cache_tests {
     }
 
     impl SchemaChecker for Remembering {
-        fn check(&self, _xml: &str) -> Result<(), String> {
+        fn check(&self, _xml: &str) -> Result<(), SchemaError> {
             self.checks.set(self.checks.get() + 1);
             Ok(())
         }

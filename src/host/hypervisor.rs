@@ -276,9 +276,20 @@ impl Hypervisor for Libvirt {
     }
 }
 
+/// Why libvirt's check of a domain XML did not pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    /// libvirt's schema or parser refused the XML (libvirt's or libxml2's message).
+    #[error("rejected by libvirt: {0}")]
+    Rejected(String),
+    /// The check could not run (no test driver, no schema file).
+    #[error("could not be checked against libvirt's schema: {0}")]
+    Unavailable(String),
+}
+
 /// Checks a domain XML against libvirt's schema without touching any host.
 pub trait SchemaChecker {
-    fn check(&self, xml: &str) -> Result<(), String>;
+    fn check(&self, xml: &str) -> Result<(), SchemaError>;
     /// The summary of a file already validated, by `RepoFiles::content_id` (a cache).
     fn known(&self, _content_id: &str) -> Option<crate::desired::domain_xml::DomainSummary> {
         None
@@ -290,7 +301,7 @@ pub trait SchemaChecker {
 /// Turns a domain XML into the inactive XML libvirt makes of it, without touching any
 /// host (for plan diffs of definitions not applied yet).
 pub trait Normalizer {
-    fn normalize(&self, xml: &str) -> Result<String, String>;
+    fn normalize(&self, xml: &str) -> Result<String, SchemaError>;
 }
 
 /// libvirt's schema validation through a private, empty `test:///` driver connection:
@@ -300,7 +311,7 @@ pub struct TestDriverSchema {
     _node_file: tempfile::NamedTempFile,
     /// libvirt's RNG schema compiled on the first check (`None` until then; `Some(Err)`
     /// without the schema file, and libvirt validates instead).
-    schema: std::cell::OnceCell<Result<crate::host::rng::Schema, String>>,
+    schema: std::cell::OnceCell<Result<crate::host::rng::Schema, SchemaError>>,
 }
 
 impl TestDriverSchema {
@@ -340,7 +351,8 @@ impl SchemaChecker for TestDriverSchema {
     /// libvirt's RNG schema (compiled once, see `rng`), then libvirt's own parser: the
     /// XML is defined into the private test driver without re-validating, and undefined.
     /// Without the schema file, libvirt validates (slower, same result).
-    fn check(&self, xml: &str) -> Result<(), String> {
+    fn check(&self, xml: &str) -> Result<(), SchemaError> {
+        let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
         let flags = match self.schema.get_or_init(crate::host::rng::domain_schema) {
             Ok(schema) => {
                 schema.validate(xml)?;
@@ -351,10 +363,8 @@ impl SchemaChecker for TestDriverSchema {
         let domain = self
             .conn
             .define_domain_xml_flags(xml, flags)
-            .map_err(|e| e.message().trim().to_string())?;
-        domain
-            .undefine()
-            .map_err(|e| e.message().trim().to_string())?;
+            .map_err(rejected)?;
+        domain.undefine().map_err(rejected)?;
         Ok(())
     }
 }
@@ -364,15 +374,16 @@ impl SchemaChecker for TestDriverSchema {
 /// but not the QEMU driver's (machine type, controllers, PCI addresses), which the diff
 /// normalization in `domain_xml` ignores where the source gives none.
 impl Normalizer for TestDriverSchema {
-    fn normalize(&self, xml: &str) -> Result<String, String> {
+    fn normalize(&self, xml: &str) -> Result<String, SchemaError> {
+        let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
         let domain = self
             .conn
             .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
-            .map_err(|e| e.message().trim().to_string())?;
+            .map_err(rejected)?;
         let out = domain.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE);
         let undefined = domain.undefine();
-        let out = out.map_err(|e| e.message().trim().to_string())?;
-        undefined.map_err(|e| e.message().trim().to_string())?;
+        let out = out.map_err(rejected)?;
+        undefined.map_err(rejected)?;
         Ok(out)
     }
 }
@@ -423,7 +434,18 @@ mod tests {
             .replace("<memory>", "<memroy>")
             .replace("</memory>", "</memroy>");
         let err = schema.check(&bad).unwrap_err();
-        assert!(err.contains("schema"), "{err}");
+        let SchemaError::Rejected(message) = &err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            message.starts_with("XML document failed to validate against schema")
+                && message.contains("memroy"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with("rejected by libvirt: "),
+            "{err}"
+        );
     }
 
     /// A libvirt error names the operation, the domain and the connection.

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::desired::domain_xml::DomainSummary;
-use crate::host::hypervisor::{SchemaChecker, TestDriverSchema};
+use crate::host::hypervisor::{SchemaChecker, SchemaError, TestDriverSchema};
 
 pub const CACHE_FILE: &str = "schema-cache.json";
 
@@ -124,7 +124,7 @@ impl CachedSchema {
 }
 
 impl SchemaChecker for CachedSchema {
-    fn check(&self, xml: &str) -> Result<(), String> {
+    fn check(&self, xml: &str) -> Result<(), SchemaError> {
         let key = key(xml);
         self.used_valid.borrow_mut().insert(key.clone());
         if self.valid.borrow().contains(&key) {
@@ -132,7 +132,8 @@ impl SchemaChecker for CachedSchema {
         }
         let mut inner = self.inner.borrow_mut();
         if inner.is_none() {
-            *inner = Some(TestDriverSchema::new().map_err(|e| e.to_string())?);
+            *inner =
+                Some(TestDriverSchema::new().map_err(|e| SchemaError::Unavailable(e.to_string()))?);
         }
         inner.as_ref().expect("just created").check(xml)?;
         self.valid.borrow_mut().insert(key);
