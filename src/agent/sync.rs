@@ -8,12 +8,14 @@ use tracing::{debug, error, info, warn};
 
 use crate::agent::state::{self, Record};
 use crate::config::{ConfigError, Settings};
+use crate::desired::manifest::Problem;
 use crate::desired::validate::{self, Desired, Policy};
 pub use crate::error::SyncError;
 use crate::host::disk::DiskProvisioner;
 pub use crate::host::hypervisor::Connection;
-use crate::host::hypervisor::{Hypervisor, SchemaChecker};
+use crate::host::hypervisor::{Hypervisor, SchemaChecker, SchemaError};
 use crate::host::observe;
+use crate::host::schema_cache;
 use crate::host::schema_cache::CachedSchema;
 use crate::reconcile::apply::{self, Outcome};
 use crate::reconcile::plan::{self, Plan};
@@ -217,7 +219,22 @@ fn run_locked(
     }
     let result = (|| {
         let validate_started = Instant::now();
-        let desired = trusted_and_valid(settings, &record, &fetched, options.allow_rewind)?;
+        check_commit(settings, &record, &fetched, options.allow_rewind)?;
+        let policy = policy(settings);
+        let schema = CachedSchema::load(Some(&settings.state_dir), &format!("{policy:?}"));
+        let schema = schema.deferring();
+        let desired = match validate_commit(&fetched, &commit, &policy, &schema) {
+            Ok(desired) => desired,
+            Err(e) => {
+                // Invalid anyway: validated again with the schema checks done here, so
+                // that one run shows every mistake.
+                let now = CachedSchema::load(Some(&settings.state_dir), &format!("{policy:?}"));
+                return Err(validate_commit(&fetched, &commit, &policy, &now)
+                    .err()
+                    .unwrap_or(e));
+            }
+        };
+        let unchecked = schema.take_deferred();
         let validate_took = validate_started.elapsed();
         let connect_started = Instant::now();
         let hv = conn.get()?;
@@ -229,7 +246,30 @@ fn run_locked(
         ];
         let observe_started = Instant::now();
         let disks = crate::host::disk::QemuImg::default();
-        let observed = observe_commit(&record, &desired, hv, &disks)?;
+        // libvirt's schema checks of the XML not seen before (compiling the schema costs
+        // more than a define) run on a thread of their own while the host is observed,
+        // which only reads; their verdict is in before anything is planned or changed.
+        let (observed, verdicts) = std::thread::scope(|scope| {
+            let checks = scope.spawn(|| schema_cache::check_all(&unchecked));
+            let observed = observe_commit(&record, &desired, hv, &disks);
+            (
+                observed,
+                checks.join().expect("the schema checks do not panic"),
+            )
+        });
+        let verdicts = verdicts.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let problems = rejections(&desired, &unchecked, &verdicts);
+        if !problems.is_empty() {
+            return Err(SyncError::Invalid {
+                commit: commit.clone(),
+                problems,
+            });
+        }
+        for xml in &unchecked {
+            schema.passed(xml);
+        }
+        schema.save();
+        let observed = observed?;
         // The commits in the managed domains' tags: the ancestry floor that survives a
         // lost state file.
         check_floors(&fetched, &observed_floors(&observed), options.allow_rewind)?;
@@ -255,6 +295,32 @@ fn run_locked(
     drop(fetched);
     source::tidy(&settings.state_dir);
     result
+}
+
+/// The problems of the XML libvirt rejected: `verdicts[i]` is libvirt's verdict on
+/// `xmls[i]`, the XML of one of `desired`'s VMs.
+fn rejections(
+    desired: &Desired,
+    xmls: &[String],
+    verdicts: &[Result<(), SchemaError>],
+) -> Vec<Problem> {
+    xmls.iter()
+        .zip(verdicts)
+        .filter_map(|(xml, verdict)| verdict.as_ref().err().map(|e| (xml, e)))
+        .flat_map(|(xml, e)| {
+            desired
+                .vms
+                .iter()
+                .filter(move |vm| &vm.xml == xml)
+                .map(move |vm| Problem {
+                    file: vm.xml_file.clone(),
+                    line: None,
+                    vm: Some(vm.name.clone()),
+                    field: Some("xml".into()),
+                    message: e.to_string(),
+                })
+        })
+        .collect()
 }
 
 /// Records an attempt that failed before anything was applied, if the error is one the
