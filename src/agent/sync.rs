@@ -247,14 +247,16 @@ fn run_locked(
         let observe_started = Instant::now();
         let disks = crate::host::disk::QemuImg::default();
         // libvirt's schema checks of the XML not seen before (compiling the schema costs
-        // more than a define) run on a thread of their own while the host is observed,
-        // which only reads; their verdict is in before anything is planned or changed.
+        // more than a define) run while the host is observed on another thread, which
+        // only reads; their verdict is in before anything is planned or changed. (The
+        // checks stay on this thread: on another one, the memory of the compiled schema
+        // went to a malloc arena of its own and a daemon's peak RSS grew by 8 MiB.)
         let (observed, verdicts) = std::thread::scope(|scope| {
-            let checks = scope.spawn(|| schema_cache::check_all(&unchecked));
-            let observed = observe_commit(&record, &desired, hv, &disks);
+            let observing = scope.spawn(|| observe_commit(&record, &desired, hv, &disks));
+            let verdicts = schema_cache::check_all(&unchecked);
             (
-                observed,
-                checks.join().expect("the schema checks do not panic"),
+                observing.join().expect("observing does not panic"),
+                verdicts,
             )
         });
         let verdicts = verdicts.map_err(|e| anyhow::anyhow!("{e}"))?;
