@@ -220,21 +220,7 @@ fn run_locked(
     let result = (|| {
         let validate_started = Instant::now();
         check_commit(settings, &record, &fetched, options.allow_rewind)?;
-        let policy = policy(settings);
-        let schema = CachedSchema::load(Some(&settings.state_dir), &format!("{policy:?}"));
-        let schema = schema.deferring();
-        let desired = match validate_commit(&fetched, &commit, &policy, &schema) {
-            Ok(desired) => desired,
-            Err(e) => {
-                // Invalid anyway: validated again with the schema checks done here, so
-                // that one run shows every mistake.
-                let now = CachedSchema::load(Some(&settings.state_dir), &format!("{policy:?}"));
-                return Err(validate_commit(&fetched, &commit, &policy, &now)
-                    .err()
-                    .unwrap_or(e));
-            }
-        };
-        let unchecked = schema.take_deferred();
+        let (desired, schema, unchecked) = validate_deferring(settings, &fetched, &commit)?;
         let validate_took = validate_started.elapsed();
         let connect_started = Instant::now();
         let hv = conn.get()?;
@@ -246,32 +232,8 @@ fn run_locked(
         ];
         let observe_started = Instant::now();
         let disks = crate::host::disk::QemuImg::default();
-        // libvirt's schema checks of the XML not seen before (compiling the schema costs
-        // more than a define) run while the host is observed on another thread, which
-        // only reads; their verdict is in before anything is planned or changed. (The
-        // checks stay on this thread: on another one, the memory of the compiled schema
-        // went to a malloc arena of its own and a daemon's peak RSS grew by 8 MiB.)
-        let (observed, verdicts) = std::thread::scope(|scope| {
-            let observing = scope.spawn(|| observe_commit(&record, &desired, hv, &disks));
-            let verdicts = schema_cache::check_all(&unchecked);
-            (
-                observing.join().expect("observing does not panic"),
-                verdicts,
-            )
-        });
-        let verdicts = verdicts.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let problems = rejections(&desired, &unchecked, &verdicts);
-        if !problems.is_empty() {
-            return Err(SyncError::Invalid {
-                commit: commit.clone(),
-                problems,
-            });
-        }
-        for xml in &unchecked {
-            schema.passed(xml);
-        }
-        schema.save();
-        let observed = observed?;
+        let observed =
+            observe_and_check(&commit, &record, &desired, hv, &disks, &schema, &unchecked)?;
         // The commits in the managed domains' tags: the ancestry floor that survives a
         // lost state file.
         check_floors(&fetched, &observed_floors(&observed), options.allow_rewind)?;
@@ -297,6 +259,65 @@ fn run_locked(
     drop(fetched);
     source::tidy(&settings.state_dir);
     result
+}
+
+/// Validates the commit for this host with the schema cache, leaving libvirt's checks
+/// of the XML the cache has not seen to [`observe_and_check`]: the desired state, the
+/// cache, and that XML. An invalid commit is validated again with those checks, so that
+/// one run shows every mistake.
+fn validate_deferring(
+    settings: &Settings,
+    fetched: &source::FetchedCommit,
+    commit: &str,
+) -> Result<(Desired, CachedSchema, Vec<String>), SyncError> {
+    let policy = policy(settings);
+    let cache = || CachedSchema::load(Some(&settings.state_dir), &format!("{policy:?}"));
+    let schema = cache().deferring();
+    match validate_commit(fetched, commit, &policy, &schema) {
+        Ok(desired) => {
+            let unchecked = schema.take_deferred();
+            Ok((desired, schema, unchecked))
+        }
+        Err(e) => Err(validate_commit(fetched, commit, &policy, &cache())
+            .err()
+            .unwrap_or(e)),
+    }
+}
+
+/// Observes the host while libvirt's schema checks of `unchecked` run: compiling the
+/// schema costs more than a define, and observing only reads. Their verdict is in before
+/// anything is planned; a rejection makes the commit invalid, else the cache learns the
+/// passes and is saved. (The checks stay on this thread and observing moves to another:
+/// with the checks on another thread, the compiled schema went to a malloc arena of its
+/// own and a daemon's peak RSS grew by 8 MiB.)
+fn observe_and_check(
+    commit: &str,
+    record: &Record,
+    desired: &Desired,
+    hv: &dyn Hypervisor,
+    disks: &dyn DiskProvisioner,
+    schema: &CachedSchema,
+    unchecked: &[String],
+) -> Result<observe::Observed, SyncError> {
+    let (observed, verdicts) = std::thread::scope(|scope| {
+        let observing = scope.spawn(|| observe_commit(record, desired, hv, disks));
+        let verdicts = schema_cache::check_all(unchecked);
+        let observed = observing.join().expect("observing does not panic");
+        (observed, verdicts)
+    });
+    let verdicts = verdicts.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let problems = rejections(desired, unchecked, &verdicts);
+    if !problems.is_empty() {
+        return Err(SyncError::Invalid {
+            commit: commit.to_string(),
+            problems,
+        });
+    }
+    for xml in unchecked {
+        schema.passed(xml);
+    }
+    schema.save();
+    observed
 }
 
 /// The problems of the XML libvirt rejected: `verdicts[i]` is libvirt's verdict on
