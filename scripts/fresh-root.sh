@@ -182,7 +182,7 @@ unshare --pid --mount --fork --propagation private \
   /usr/bin/env -i "${inner_env[@]}" /bin/bash -c 'cd /root/vmsync && exec "$@"' cmd "$@" ||
   rc=$?
 phase_end run
-log "$* exited $rc"
+log "$(printf '%s ' "$@" | tr -s '\n\t ' ' ' | cut -c1-100) exited $rc"
 # Remove the cgroups the run made, deepest first; rmdir removes only empty ones, so
 # a cgroup something on this machine still uses is never touched.
 list_cgroups | comm -13 "$cgroups_before" - | sort -r | while read -r dir; do

@@ -116,7 +116,7 @@ install_packages() {
   log "apt: apt-get update"
   apt-get update -q
   step "packages: apt-get install" \
-    "read apt's message above: a package missing from the configured releases or held back by another version; fix that (or install the packages by hand) and run it again, or skip apt with SETUP_SKIP_APT=1 on a host that has them"
+    "read apt's message above: a package missing from the configured releases (on Ubuntu some, such as nix-bin, are in universe: add-apt-repository universe) or held back by another version; fix that (or install the packages by hand) and run it again, or skip apt with SETUP_SKIP_APT=1 on a host that has them"
   log "apt: installing ${pkgs[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     "${extra_opts[@]}" "${pkgs[@]}"
