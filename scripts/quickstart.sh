@@ -17,7 +17,7 @@
 # /var/lib/libvirt/images); then `vmsync status` shows them afterwards.
 #
 # Exits with vmsync's exit code (0 converged, 1 action failed, 3 invalid
-# commit, ... see `vmsync --help`).
+# commit, ... see docs/operations.md).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -1,13 +1,20 @@
 //! The command line: flags, subcommands, logging setup, and the mapping from results to
-//! exit statuses (DESIGN.md). `main` only calls [`run`].
+//! exit statuses (docs/operations.md). `main` only calls [`run`].
+//!
+//! `vmsync --once` stops like the daemon on SIGTERM or SIGINT: the action in flight
+//! finishes, the rest is recorded as interrupted, and it exits 128 + the signal's number
+//! (143, 130); a second signal exits at once.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::error;
+use tracing::{error, info, warn};
 
+use crate::agent::sync::{self, SyncError};
 use crate::config::{self, Overrides};
-use crate::sync::{self, SyncError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -108,15 +115,6 @@ pub enum Command {
         /// The checkout [default: .].
         dir: Option<PathBuf>,
     },
-    /// Internal: libvirt's schema checks for a sync (JSON on stdin and stdout).
-    #[command(name = "schema-check", hide = true)]
-    SchemaCheck,
-    /// Internal: writes the packs of a sync's local clone into one.
-    #[command(name = "pack-clone", hide = true)]
-    PackClone {
-        /// The clone (`<state_dir>/repo`).
-        repo: PathBuf,
-    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -124,28 +122,101 @@ fn init_logging(format: LogFormat) {
     let filter = log_filter(std::env::var("VMSYNC_LOG").ok().as_deref());
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_target(false);
     let registry = tracing_subscriber::registry();
     match format {
         LogFormat::Json => registry.with(layer.json().with_filter(filter)).init(),
-        // Under journald the journal stamps each line itself.
-        LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => registry
-            .with(layer.without_time().with_filter(filter))
-            .init(),
+        // Under journald the journal stamps each line itself, and takes its priority
+        // from a `<N>` prefix.
+        LogFormat::Text if stderr_is_journal() => {
+            let plain = tracing_subscriber::fmt::format()
+                .without_time()
+                .with_target(false);
+            registry
+                .with(layer.event_format(Journald(plain)).with_filter(filter))
+                .init()
+        }
         LogFormat::Text => registry.with(layer.with_filter(filter)).init(),
     }
 }
 
+/// Whether stderr is the journal's stream: `JOURNAL_STREAM` (`DEV:INODE`, set by systemd)
+/// names it. A child started from a service inherits the variable but may log elsewhere.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stderr) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream.to_string_lossy() == format!("{}:{}", stderr.dev(), stderr.ino())
+}
+
+/// Text lines for journald: each line of an event starts with its syslog priority
+/// (`<3>` error, `<4>` warn, `<6>` info, `<7>` debug), so `journalctl -p` and the
+/// colours of `systemctl status` follow the level, and a message of several lines (an
+/// error's causes, an invalid commit's problems) keeps its priority on every line:
+/// journald makes each line an entry of its own.
+struct Journald<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Journald<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut text = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut text),
+            event,
+        )?;
+        let priority = syslog_priority(*event.metadata().level());
+        for line in text.lines() {
+            writeln!(writer, "<{priority}>{line}")?;
+        }
+        Ok(())
+    }
+}
+
+fn syslog_priority(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+    }
+}
+
+/// Colour in the log only on a terminal, and not when `NO_COLOR` is set (non-empty): a
+/// pipe, a file or the journal gets no escape codes.
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// `VMSYNC_LOG`: comma-separated `level` or `target=level` directives (`debug`,
-/// `info,vmsync::source=trace`); unset or unparsable means `info`. (A plain target
-/// filter: no regular-expression engine in the agent, see README "Performance".)
+/// `info,vmsync::repo::source=trace`); unset or unparsable means `info`. (A plain target
+/// filter: no regular-expression engine in the agent, see docs/performance.md.)
 fn log_filter(spec: Option<&str>) -> tracing_subscriber::filter::Targets {
     spec.and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
     })
 }
 
-/// Logs an error's whole chain once: `error: …` then ` -> cause` lines.
+/// Logs an error's whole chain once: `error: …` then ` -> cause` lines, and returns its
+/// exit status. A held lock is a normal outcome under a timer (another run does the
+/// work): logged at INFO.
 fn report(e: &SyncError) -> u8 {
     let mut message = e.to_string();
     let mut source = std::error::Error::source(e);
@@ -153,24 +224,83 @@ fn report(e: &SyncError) -> u8 {
         message += &format!("\n -> {cause}");
         source = cause.source();
     }
-    error!("{message}");
+    match e {
+        SyncError::Locked(_) => {
+            info!(
+                exit_status = e.exit_code(),
+                "{message}; this run does nothing"
+            )
+        }
+        _ => error!("{message}"),
+    }
     e.exit_code()
+}
+
+/// SIGTERM and SIGINT for `vmsync --once`: the first sets the returned flag (the sync's
+/// `cancel`) and remembers the signal's number; a second one exits at once.
+fn stop_on_signals() -> std::io::Result<(Arc<AtomicBool>, Arc<AtomicUsize>)> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    let which = Arc::new(AtomicUsize::new(0));
+    for signal in [SIGTERM, SIGINT] {
+        // Registered first, so it sees the flag as the previous signal left it.
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, stop.clone())?;
+        signal_hook::flag::register_usize(signal, which.clone(), signal as usize)?;
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    Ok((stop, which))
+}
+
+/// The exit status of a `--once` run that a signal stopped: 128 + its number when the
+/// sync did not finish (some VM was interrupted), else the result's own.
+fn once_status(result: &Result<(), SyncError>, stopped_by: usize) -> Option<u8> {
+    let name = match stopped_by as i32 {
+        signal_hook::consts::SIGTERM => "SIGTERM",
+        signal_hook::consts::SIGINT => "SIGINT",
+        _ => return None,
+    };
+    match result {
+        Err(e @ SyncError::ActionsFailed { .. }) => {
+            warn!(
+                signal = name,
+                "stopped before the sync finished: {e}; what was done is recorded, the next run continues"
+            );
+            u8::try_from(128 + stopped_by).ok()
+        }
+        _ => None,
+    }
+}
+
+/// What `vmsync --once` prints on stdout after a converged sync.
+fn print_once(r: sync::Report) {
+    if r.outcome.changes() == 0 {
+        println!(
+            "nothing to do: commit {} is applied and every vm is converged",
+            r.commit
+        );
+    } else {
+        println!(
+            "applied commit {}: {} change(s)",
+            r.commit,
+            r.outcome.changes()
+        );
+        for vm in r.outcome.vms.iter().filter(|vm| !vm.done.is_empty()) {
+            println!("  {}: {}", vm.name, vm.done.join(", "));
+        }
+    }
+    for vm in r.outcome.vms.iter().filter(|vm| vm.pending_restart) {
+        println!(
+            "  {}: pending restart (running with an older definition)",
+            vm.name
+        );
+    }
+    print!("{}", crate::reconcile::apply::render_extra(&r.outcome));
 }
 
 /// Parses the arguments, runs the command and returns the exit status.
 pub fn run() -> u8 {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    if matches!(cli.command, Some(Command::SchemaCheck)) {
-        // The child of a sync (see `schema_check`): no config, no state, no libvirtd.
-        return crate::schema_check::serve();
-    }
-    if let Some(Command::PackClone { repo }) = &cli.command {
-        // The other child of a sync (see `packs`), under the sync's lock; never fetches.
-        // SAFETY: one thread so far.
-        unsafe { crate::source::init_git("") };
-        return crate::packs::serve(repo);
-    }
     let flags = Overrides {
         config: cli.config.clone(),
         url: cli.url.clone(),
@@ -197,8 +327,6 @@ pub fn run() -> u8 {
         Ok(s) => s,
         Err(e) => return report(&e.into()),
     };
-    // SAFETY: one thread so far (the daemon starts its threads later).
-    unsafe { crate::source::init_git(settings.url.as_deref().unwrap_or_default()) };
     let result = match (&cli.command, cli.once) {
         _ if (cli.dry_run || cli.allow_mass_prune) && !(cli.once && cli.command.is_none()) => {
             Err(SyncError::Config(config::ConfigError(
@@ -209,38 +337,36 @@ pub fn run() -> u8 {
             "--json goes with --once --dry-run (or use `vmsync plan --json`)".into(),
         ))),
         (None, true) if cli.dry_run => sync::plan_only(&settings)
-            .map(|plan| print!("{}", crate::plan::output(&plan, cli.json))),
-        (None, true) => sync::once_with(&settings, cli.allow_rewind).map(|r| {
-            if r.outcome.changes() == 0 {
-                println!(
-                    "nothing to do: commit {} is applied and every vm is converged",
-                    r.commit
-                );
-            } else {
-                println!(
-                    "applied commit {}: {} change(s)",
-                    r.commit,
-                    r.outcome.changes()
-                );
-                for vm in r.outcome.vms.iter().filter(|vm| !vm.done.is_empty()) {
-                    println!("  {}: {}", vm.name, vm.done.join(", "));
+            .map(|plan| print!("{}", crate::reconcile::render::output(&plan, cli.json))),
+        (None, true) => {
+            let (stop, which) = match stop_on_signals() {
+                Ok(flags) => flags,
+                Err(e) => {
+                    error!("failed to install signal handlers: {e}");
+                    return 1;
                 }
+            };
+            let result = sync::run(
+                &settings,
+                &mut sync::Connection::new(&settings.libvirt_uri),
+                &sync::Options {
+                    give_up_after: None,
+                    cancel: &stop,
+                    allow_rewind: cli.allow_rewind,
+                },
+            )
+            .map(print_once);
+            if let Some(status) = once_status(&result, which.load(Ordering::SeqCst)) {
+                return status;
             }
-            for vm in r.outcome.vms.iter().filter(|vm| vm.pending_restart) {
-                println!(
-                    "  {}: pending restart (running with an older definition)",
-                    vm.name
-                );
-            }
-            print!("{}", crate::apply::render_extra(&r.outcome));
-        }),
-        (None, false) => return crate::daemon::run(flags, settings),
+            result
+        }
+        (None, false) => return crate::agent::daemon::run(flags, settings),
         (Some(_), true) => Err(SyncError::Config(config::ConfigError(
             "--once cannot be combined with a command".into(),
         ))),
-        (Some(Command::Plan { json }), false) => {
-            sync::plan_only(&settings).map(|plan| print!("{}", crate::plan::output(&plan, *json)))
-        }
+        (Some(Command::Plan { json }), false) => sync::plan_only(&settings)
+            .map(|plan| print!("{}", crate::reconcile::render::output(&plan, *json))),
         (Some(Command::Validate { dir }), false) => {
             let dir = dir.clone().unwrap_or_else(|| PathBuf::from("."));
             sync::validate_dir(&settings, &dir).map(|d| {
@@ -252,27 +378,24 @@ pub fn run() -> u8 {
                 )
             })
         }
-        (Some(Command::Status { json }), false) => crate::state::load(&settings.state_dir)
+        (Some(Command::Status { json }), false) => crate::agent::state::load(&settings.state_dir)
             .map(|record| {
-                let hv = crate::hypervisor::Libvirt::connect(&settings.libvirt_uri);
+                let hv = crate::host::hypervisor::Libvirt::connect(&settings.libvirt_uri);
                 let hv_ref = hv
                     .as_ref()
-                    .map(|h| h as &dyn crate::hypervisor::Hypervisor)
-                    .map_err(|e| e.to_string());
-                let status = crate::status::status(&record, hv_ref);
+                    .map(|h| h as &dyn crate::host::hypervisor::Hypervisor)
+                    .map_err(Clone::clone);
+                let status = crate::agent::status::status(&record, hv_ref);
                 if *json {
                     println!(
                         "{}",
                         serde_json::to_string_pretty(&status).expect("status serializes")
                     );
                 } else {
-                    print!("{}", crate::status::render_text(&status));
+                    print!("{}", crate::agent::status::render_text(&status));
                 }
             })
             .map_err(SyncError::Other),
-        (Some(Command::SchemaCheck | Command::PackClone { .. }), false) => {
-            unreachable!("served before the config is read")
-        }
     };
     match result {
         Ok(()) => 0,
@@ -282,27 +405,89 @@ pub fn run() -> u8 {
 
 #[cfg(test)]
 mod tests {
-    use super::log_filter;
+    use super::{Journald, colour, log_filter};
+    use std::ffi::OsStr;
+    use std::sync::{Arc, Mutex};
     use tracing::Level;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(!colour(false, None), "a pipe, a file, the journal");
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(
+            colour(true, Some(OsStr::new(""))),
+            "NO_COLOR= (empty) is unset"
+        );
+    }
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn journald_lines_carry_their_event_priority() {
+        use tracing_subscriber::prelude::*;
+        let out = Capture::default();
+        let make = {
+            let out = out.clone();
+            move || out.clone()
+        };
+        let format = tracing_subscriber::fmt::format()
+            .without_time()
+            .with_target(false);
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(make)
+                .event_format(Journald(format)),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(failures = 2, "sync failed:\n -> cause");
+            tracing::warn!(vm = "web", "not done");
+            tracing::info!(vm = "web", "done");
+            tracing::debug!("detail");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "<3>ERROR sync failed:",
+                "<3> -> cause failures=2",
+                "<4> WARN not done vm=\"web\"",
+                "<6> INFO done vm=\"web\"",
+                "<7>DEBUG detail",
+            ],
+            "{text}"
+        );
+    }
 
     #[test]
     fn log_filter_takes_levels_and_targets_and_defaults_to_info() {
         let default = log_filter(None);
-        assert!(default.would_enable("vmsync::sync", &Level::INFO));
-        assert!(!default.would_enable("vmsync::sync", &Level::DEBUG));
+        assert!(default.would_enable("vmsync::agent::sync", &Level::INFO));
+        assert!(!default.would_enable("vmsync::agent::sync", &Level::DEBUG));
 
         let debug = log_filter(Some("debug"));
-        assert!(debug.would_enable("vmsync::sync", &Level::DEBUG));
-        assert!(!debug.would_enable("vmsync::sync", &Level::TRACE));
+        assert!(debug.would_enable("vmsync::agent::sync", &Level::DEBUG));
+        assert!(!debug.would_enable("vmsync::agent::sync", &Level::TRACE));
 
-        let per_target = log_filter(Some("warn,vmsync::source=trace"));
-        assert!(per_target.would_enable("vmsync::source", &Level::TRACE));
-        assert!(!per_target.would_enable("vmsync::sync", &Level::INFO));
-        assert!(per_target.would_enable("vmsync::sync", &Level::WARN));
+        let per_target = log_filter(Some("warn,vmsync::repo::source=trace"));
+        assert!(per_target.would_enable("vmsync::repo::source", &Level::TRACE));
+        assert!(!per_target.would_enable("vmsync::agent::sync", &Level::INFO));
+        assert!(per_target.would_enable("vmsync::agent::sync", &Level::WARN));
 
         // Unparsable: the default, not silence.
         let bad = log_filter(Some("vmsync=loud"));
-        assert!(bad.would_enable("vmsync::sync", &Level::INFO));
-        assert!(!bad.would_enable("vmsync::sync", &Level::DEBUG));
+        assert!(bad.would_enable("vmsync::agent::sync", &Level::INFO));
+        assert!(!bad.would_enable("vmsync::agent::sync", &Level::DEBUG));
     }
 }

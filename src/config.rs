@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::source::SourceSettings;
+use crate::repo::source::SourceSettings;
 
 /// Where the config file is read from when `--config` is not given (it may be absent).
 pub const DEFAULT_CONFIG: &str = "/etc/vmsync/config.toml";
@@ -112,7 +112,7 @@ pub struct Overrides {
     pub allowed_signers: Option<PathBuf>,
 }
 
-/// How changes, drift and pruning are handled (`[policy]`, see README "Safe changes").
+/// How changes, drift and pruning are handled (`[policy]`, see docs/configuration.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangePolicy {
     /// `[policy] self_heal` / `--self-heal`: put drifted domains back to the commit
@@ -137,7 +137,7 @@ impl Default for ChangePolicy {
             self_heal: true,
             prune: false,
             max_prune: 5,
-            shutdown_timeout: crate::manifest::DEFAULT_SHUTDOWN_TIMEOUT,
+            shutdown_timeout: crate::desired::manifest::DEFAULT_SHUTDOWN_TIMEOUT,
             allow_mass_prune: false,
         }
     }
@@ -179,7 +179,7 @@ pub struct Settings {
     pub changes: ChangePolicy,
     /// `[policy] allow_*` and `allowed_paths`: what domain XML may ask of this host
     /// (see `host_policy`); default: nothing beyond disk images under `disk_roots`.
-    pub host_policy: crate::host_policy::HostPolicy,
+    pub host_policy: crate::desired::host_policy::HostPolicy,
     /// `[trust] allowed_signers` / `--allowed-signers`: when set, only commits with a valid
     /// SSH signature by a key in this file (git's `gpg.ssh.allowedSignersFile` format) are
     /// applied; default none (signatures are not checked).
@@ -218,7 +218,9 @@ fn read(path: &Path) -> Result<RawConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("failed to read config '{}': {e}", path.display())))?;
     toml::from_str(&text).map_err(|e| {
-        let line = e.span().map(|s| crate::manifest::line_of(&text, s.start));
+        let line = e
+            .span()
+            .map(|s| crate::desired::manifest::line_of(&text, s.start));
         let at = line.map(|l| format!(":{l}")).unwrap_or_default();
         ConfigError(format!(
             "invalid config '{}{at}': {}",
@@ -248,15 +250,15 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         flags.disk_roots.clone()
     };
     for root in &disk_roots {
-        crate::manifest::absolute_path(&root.to_string_lossy())
+        crate::desired::manifest::absolute_path(&root.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.disk_roots entry: {e}")))?;
     }
     let allowed_paths = raw.policy.allowed_paths.unwrap_or_default();
     for path in &allowed_paths {
-        crate::manifest::absolute_path(&path.to_string_lossy())
+        crate::desired::manifest::absolute_path(&path.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.allowed_paths entry: {e}")))?;
     }
-    let host_policy = crate::host_policy::HostPolicy {
+    let host_policy = crate::desired::host_policy::HostPolicy {
         allow_hostdev: raw.policy.allow_hostdev.unwrap_or(false),
         allow_direct_interfaces: raw.policy.allow_direct_interfaces.unwrap_or(false),
         allow_block_devices: raw.policy.allow_block_devices.unwrap_or(false),
@@ -268,7 +270,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
     if let Some(path) = &allowed_signers {
         // Checked now so a broken file is a config error at start (and on SIGHUP), and
         // read again at every sync so edits take effect without a restart.
-        crate::trust::AllowedSigners::load(path).map_err(|e| ConfigError(e.to_string()))?;
+        crate::repo::trust::AllowedSigners::load(path).map_err(|e| ConfigError(e.to_string()))?;
     }
     let state_dir = flags
         .state_dir
@@ -282,7 +284,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         .or(raw.policy.shutdown_timeout.clone())
     {
         None => defaults.shutdown_timeout,
-        Some(text) => crate::manifest::parse_timeout(&text)
+        Some(text) => crate::desired::manifest::parse_timeout(&text)
             .map_err(|e| ConfigError(format!("invalid policy.shutdown_timeout: {e}")))?,
     };
     let changes = ChangePolicy {
@@ -431,16 +433,37 @@ mod tests {
 
     #[test]
     fn relative_disk_roots_are_refused() {
-        let err = merge(
-            RawConfig::default(),
-            &Overrides {
-                disk_roots: vec!["images".into()],
-                host: Some("h".into()),
-                ..Default::default()
-            },
+        let flags = |roots: &[&str]| Overrides {
+            disk_roots: roots.iter().map(PathBuf::from).collect(),
+            host: Some("h".into()),
+            ..Default::default()
+        };
+        // The same settings with an absolute root load: nothing else stops them first.
+        let s = merge(RawConfig::default(), &flags(&["/srv/images"])).unwrap();
+        assert_eq!(s.disk_roots, vec![PathBuf::from("/srv/images")]);
+        // A relative root from a flag is refused by the absolute-path check, by name.
+        let err = merge(RawConfig::default(), &flags(&["/srv/images", "images"])).unwrap_err();
+        assert_eq!(
+            err.0,
+            "invalid policy.disk_roots entry: path 'images' must be absolute"
+        );
+        // And from the config file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "[agent]\nhost = \"h\"\n[policy]\ndisk_roots = [\"/srv/images\", \"vm/images\"]\n",
         )
+        .unwrap();
+        let err = load(&Overrides {
+            config: Some(path),
+            ..Default::default()
+        })
         .unwrap_err();
-        assert!(err.0.contains("must be absolute"), "{err}");
+        assert_eq!(
+            err.0,
+            "invalid policy.disk_roots entry: path 'vm/images' must be absolute"
+        );
     }
 
     #[test]

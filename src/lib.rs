@@ -1,38 +1,34 @@
 //! vmsync: a git-ops pull agent for libvirt hosts.
 //!
-//! The pipeline (see DESIGN.md), one module per stage; only `apply` and `state` change
-//! the world:
-//! `config` → `source` → `manifest` → `validate` → `observe` → `plan` → `apply` → `state`.
-//! Seams: `hypervisor` (libvirt through the `virt` crate) and `disk` (`qemu-img`).
-//! `sync` strings the stages together; `cli` is the command line; `status` the report.
+//! The pipeline, one stage per module, data flowing one way; the folders separate the
+//! pure part from the parts with effects (docs/design.md, "Source layout"):
+//!
+//! ```text
+//! config ─► repo::source ─► desired::{manifest, validate} ─► host::observe
+//!        ─► reconcile::plan ─► reconcile::apply ─► agent::state
+//! ```
+//!
+//! - [`repo`]: where the desired state comes from (git fetch, one pinned commit, its
+//!   files, its signature and ancestry).
+//! - [`desired`]: what the commit asks for (manifest, domain XML, host policy, whole-commit
+//!   validation). Pure, apart from the schema check it is handed.
+//! - [`host`]: what the host has and the seams that change it (libvirt, `qemu-img`),
+//!   libvirt's schema and its cache.
+//! - [`reconcile`]: the pure planner, drift and rendering, and `apply`, which carries a
+//!   plan out through the seams.
+//! - [`agent`]: one sync stage after stage, the daemon, the record and its lock, status
+//!   and metrics.
+//! - [`cli`], [`config`], [`error`]: the command line, the agent's configuration, and the
+//!   errors that decide the exit status.
 
-pub mod apply;
+pub mod agent;
 pub mod cli;
 pub mod config;
-pub mod daemon;
-pub mod diff;
-pub mod disk;
-pub mod domain_xml;
-pub mod drift;
-pub mod files;
-pub mod host_policy;
-pub mod hypervisor;
-pub mod manifest;
-pub mod memory;
-pub mod metrics;
-pub mod observe;
-pub mod packs;
-pub mod par;
-pub mod plan;
-pub mod rng;
-pub mod schema_cache;
-pub mod schema_check;
-pub mod source;
-pub mod state;
-pub mod status;
-pub mod sync;
-pub mod trust;
-pub mod validate;
+pub mod desired;
+pub mod error;
+pub mod host;
+pub mod reconcile;
+pub mod repo;
 
 /// A named crash point for the fault tests (tests/faults.rs). Built with the `failpoints`
 /// feature and run with `FAILPOINTS=<name>=return`, the process aborts right there, like

@@ -1,5 +1,4 @@
 fn main() -> std::process::ExitCode {
-    vmsync::memory::limit_arenas();
     // Fail points (tests only): configured from the FAILPOINTS environment variable.
     #[cfg(feature = "failpoints")]
     let _scenario = fail::FailScenario::setup();

@@ -11,8 +11,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Repo, vmsync};
-use vmsync::state::{self, SyncResult};
+use common::{Env, vmsync};
+use vmsync::agent::state::SyncResult;
 
 /// The disk root every corpus manifest uses; it must never be created.
 const ROOT: &str = "/srv/vmsync-corpus";
@@ -47,8 +47,16 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-/// Runs a bad repository both ways; returns the problems of each.
-fn check_repo(name: &str, repo: &Repo, expected: &[String]) {
+/// An env on the test driver whose disk root is [`ROOT`].
+fn bad_env() -> Env {
+    let mut env = Env::new();
+    env.images = ROOT.into();
+    env
+}
+
+/// Runs the bad repository of `env` both ways and checks the problems of each.
+fn check_repo(name: &str, env: &Env, expected: &[String]) {
+    let repo = &env.repo;
     assert!(
         !Path::new(ROOT).exists(),
         "{ROOT} must not exist on the test host"
@@ -59,21 +67,7 @@ fn check_repo(name: &str, repo: &Repo, expected: &[String]) {
     assert_eq!(problems(&run.stderr), expected, "{name}: validate");
 
     let commit = repo.commit("bad input");
-    let state = tempfile::tempdir().unwrap();
-    let state_arg = state.path().display().to_string();
-    let run = vmsync(&[
-        "--once",
-        "--url",
-        &dir,
-        "--state-dir",
-        &state_arg,
-        "--connect",
-        "test:///default",
-        "--disk-root",
-        ROOT,
-        "--host",
-        "hv1",
-    ]);
+    let run = env.run(&["--once"]);
     assert_eq!(run.code, 3, "{name}: --once\n{}", run.stderr);
     assert!(
         run.stderr
@@ -82,7 +76,7 @@ fn check_repo(name: &str, repo: &Repo, expected: &[String]) {
         run.stderr
     );
     assert_eq!(problems(&run.stderr), expected, "{name}: --once");
-    let record = state::load(state.path()).unwrap();
+    let record = env.record();
     assert_eq!(record.last_result, Some(SyncResult::Invalid), "{name}");
     assert_eq!(record.last_applied_commit, None, "{name}");
     assert!(record.vms.is_empty(), "{name}");
@@ -106,9 +100,9 @@ fn corpus_of_bad_repositories() {
             .map(str::to_string)
             .collect();
         assert!(!expected.is_empty(), "{name}: empty expected file");
-        let repo = Repo::new();
-        copy_tree(&case, repo.path());
-        check_repo(&name, &repo, &expected);
+        let env = bad_env();
+        copy_tree(&case, env.repo.path());
+        check_repo(&name, &env, &expected);
     }
 }
 
@@ -120,7 +114,8 @@ fn small_xml() -> String {
 
 #[test]
 fn huge_files_are_refused_before_they_are_read() {
-    let repo = Repo::new();
+    let env = bad_env();
+    let repo = &env.repo;
     repo.write("vmsync.toml", MANIFEST);
     // A comment that takes the XML past 1 MiB.
     let huge = small_xml().replace(
@@ -131,19 +126,20 @@ fn huge_files_are_refused_before_they_are_read() {
     repo.write("vms/a.xml", &huge);
     check_repo(
         "huge xml",
-        &repo,
+        &env,
         &[format!(
             "vmsync.toml:4: vm 'a': field 'xml': 'vms/a.xml' is {size} bytes, more than the limit of 1048576"
         )],
     );
 
-    let repo = Repo::new();
+    let env = bad_env();
+    let repo = &env.repo;
     let manifest = format!("{MANIFEST}# {}\n", "x".repeat(1 << 20));
     let size = manifest.len();
     repo.write("vmsync.toml", &manifest);
     check_repo(
         "huge manifest",
-        &repo,
+        &env,
         &[format!(
             "vmsync.toml: 'vmsync.toml' is {size} bytes, more than the limit of 1048576"
         )],
@@ -153,41 +149,45 @@ fn huge_files_are_refused_before_they_are_read() {
 #[test]
 fn symlinks_in_the_tree_are_refused() {
     // The XML itself is a symlink to a file outside the repository.
-    let repo = Repo::new();
+    let env = bad_env();
+    let repo = &env.repo;
     repo.write("vmsync.toml", MANIFEST);
     std::fs::create_dir_all(repo.path().join("vms")).unwrap();
     std::os::unix::fs::symlink("/etc/hostname", repo.path().join("vms/a.xml")).unwrap();
     check_repo(
         "symlinked xml",
-        &repo,
+        &env,
         &["vmsync.toml:4: vm 'a': field 'xml': 'vms/a.xml' is not a regular file (symlinks and directories are refused)".into()],
     );
 
     // A directory on the way is a symlink (to a directory with a valid XML).
-    let repo = Repo::new();
+    let env = bad_env();
+    let repo = &env.repo;
     repo.write("vmsync.toml", MANIFEST);
     repo.write("real/a.xml", &small_xml());
     std::os::unix::fs::symlink("real", repo.path().join("vms")).unwrap();
     check_repo(
         "symlinked directory",
-        &repo,
+        &env,
         &["vmsync.toml:4: vm 'a': field 'xml': 'vms/a.xml' is not a regular file (symlinks and directories are refused)".into()],
     );
 
     // The manifest is a symlink.
-    let repo = Repo::new();
+    let env = bad_env();
+    let repo = &env.repo;
     repo.write("real.toml", MANIFEST);
     std::os::unix::fs::symlink("real.toml", repo.path().join("vmsync.toml")).unwrap();
     check_repo(
         "symlinked manifest",
-        &repo,
+        &env,
         &["vmsync.toml: 'vmsync.toml' is not a regular file (symlinks and directories are refused)".into()],
     );
 }
 
 #[test]
 fn text_that_is_not_utf8_is_refused() {
-    let repo = Repo::new();
+    let env = bad_env();
+    let repo = &env.repo;
     repo.write("vmsync.toml", MANIFEST);
     std::fs::create_dir_all(repo.path().join("vms")).unwrap();
     let mut bytes = small_xml().into_bytes();
@@ -195,11 +195,12 @@ fn text_that_is_not_utf8_is_refused() {
     std::fs::write(repo.path().join("vms/a.xml"), bytes).unwrap();
     check_repo(
         "latin-1 xml",
-        &repo,
+        &env,
         &["vmsync.toml:4: vm 'a': field 'xml': 'vms/a.xml' is not valid UTF-8".into()],
     );
 
-    let repo = Repo::new();
+    let env = bad_env();
+    let repo = &env.repo;
     std::fs::write(
         repo.path().join("vmsync.toml"),
         [b"version = 1\n# caf\xe9\n".as_slice()].concat(),
@@ -207,7 +208,7 @@ fn text_that_is_not_utf8_is_refused() {
     .unwrap();
     check_repo(
         "latin-1 manifest",
-        &repo,
+        &env,
         &["vmsync.toml: 'vmsync.toml' is not valid UTF-8".into()],
     );
 }

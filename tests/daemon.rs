@@ -1,6 +1,7 @@
 //! The daemon as users run it: the real binary, a temp VM repository, libvirt's
 //! `test:///default` driver (the daemon keeps its connection, so the driver keeps its
-//! domains across syncs), signals sent with `kill`.
+//! domains across syncs), signals sent with `kill`. Also `vmsync --once` stopped by
+//! SIGTERM in the middle of a sync.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Repo, bios_xml};
+use common::{Env, Manifest, Vm};
 
 struct Daemon {
     child: Child,
@@ -17,11 +18,8 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, log: std::path::PathBuf) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_vmsync"))
+        let child = common::vmsync_command()
             .args(["--config", &config.display().to_string()])
-            .env("NO_COLOR", "1")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -94,43 +92,27 @@ fn metrics_with(daemon: &Daemon, path: &Path, line: &str) -> String {
     }
 }
 
-fn config(url: &Path, state: &Path, images: &Path, uri: &str, metrics: &Path) -> String {
-    format!(
-        "[source]\nurl = \"{}\"\n[libvirt]\nuri = \"{uri}\"\n[agent]\nstate_dir = \"{}\"\nhost = \"hv1\"\n\
-         # 1 January at midnight: in the test only SIGHUP triggers syncs after the first.\n\
-         schedule = \"0 0 0 1 1 *\"\njitter_seconds = 0\nmetrics_file = \"{}\"\n[policy]\ndisk_roots = [\"{}\"]\n",
-        url.display(),
-        state.display(),
-        metrics.display(),
-        images.display()
-    )
+/// The env's agent config for the daemon: metrics to `metrics`, and no sync after the
+/// first but on SIGHUP.
+fn config(env: &Env, metrics: &Path) -> String {
+    env.config(&format!(
+        "# 1 January at midnight: in the test only SIGHUP triggers syncs after the first.\n\
+         schedule = \"0 0 0 1 1 *\"\njitter_seconds = 0\nmetrics_file = \"{}\"\n",
+        metrics.display()
+    ))
 }
 
 #[test]
 fn daemon_syncs_on_start_and_sighup_survives_failures_and_stops_on_sigterm() {
-    let images = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
+    let env = Env::new();
+    let (repo, state) = (&env.repo, &env.state);
     let etc = tempfile::tempdir().unwrap();
-    let repo = Repo::new();
-    let disk = images.path().join("d-web.qcow2");
-    repo.write(
-        "vmsync.toml",
-        &format!(
-            "version = 1\n[[vm]]\nname = \"d-web\"\nxml = \"web.xml\"\nautostart = true\n  [[vm.disk]]\n  path = \"{}\"\n  size = \"64M\"\n",
-            disk.display()
-        ),
-    );
-    repo.write("web.xml", &bios_xml("d-web", "kvm", &disk, 128));
-    let c1 = repo.commit("one vm");
+    let disk = env.disk("d-web");
+    let web = env.vm("d-web").file("web.xml").key("autostart = true");
+    let c1 = env.commit(&Manifest::new().vm(web), "one vm");
     let metrics = state.path().join("vmsync.prom");
     let config_path = etc.path().join("config.toml");
-    let good = config(
-        repo.path(),
-        state.path(),
-        images.path(),
-        "test:///default",
-        &metrics,
-    );
+    let good = config(&env, &metrics);
     std::fs::write(&config_path, &good).unwrap();
 
     let mut daemon = Daemon::start(&config_path, etc.path().join("daemon.log"));
@@ -138,19 +120,6 @@ fn daemon_syncs_on_start_and_sighup_survives_failures_and_stops_on_sigterm() {
         r["last_applied_commit"] == c1.as_str()
     });
     assert!(disk.exists());
-    // Between ticks the daemon is one thread waiting in the kernel: the sync's thread
-    // is gone soon after the sync, not 10 s later in the middle of the idle time.
-    let threads = Path::new("/proc")
-        .join(daemon.child.id().to_string())
-        .join("task");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while std::fs::read_dir(&threads).unwrap().count() > 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the sync's thread still runs 3 s after the sync"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let text = metrics_with(
         &daemon,
         &metrics,
@@ -177,7 +146,7 @@ fn daemon_syncs_on_start_and_sighup_survives_failures_and_stops_on_sigterm() {
     );
 
     // A new commit is applied on SIGHUP (the schedule would wait until January).
-    repo.write("web.xml", &bios_xml("d-web", "kvm", &disk, 256));
+    repo.write("web.xml", &env.bios("d-web", 256));
     let c2 = repo.commit("more memory");
     daemon.signal("-HUP");
     wait_for(
@@ -198,12 +167,9 @@ fn daemon_syncs_on_start_and_sighup_survives_failures_and_stops_on_sigterm() {
     );
 
     // libvirt unreachable: the sync fails, the daemon lives on.
-    let bad = config(
-        repo.path(),
-        state.path(),
-        images.path(),
-        "qemu+unix:///system?socket=/nonexistent/sock",
-        &metrics,
+    let bad = good.replace(
+        &format!("uri = \"{}\"", common::TEST_URI),
+        "uri = \"qemu+unix:///system?socket=/nonexistent/sock\"",
     );
     std::fs::write(&config_path, bad).unwrap();
     let c3 = repo.commit("empty commit");
@@ -256,25 +222,14 @@ fn daemon_syncs_on_start_and_sighup_survives_failures_and_stops_on_sigterm() {
 
 #[test]
 fn daemon_gives_up_on_a_commit_that_keeps_failing() {
-    let images = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
+    let env = Env::new();
+    let state = &env.state;
     let etc = tempfile::tempdir().unwrap();
-    let repo = Repo::new();
-    repo.write(
-        "vmsync.toml",
-        "version = 1\n[[vm]]\nname = \"d-bad\"\nxml = \"missing.xml\"\n",
-    );
-    let c1 = repo.commit("broken");
+    let missing = Manifest::new().vm(Vm::new("d-bad").file("missing.xml"));
+    let c1 = env.commit(&missing, "broken");
     let config_path = etc.path().join("config.toml");
     let metrics = state.path().join("vmsync.prom");
-    let text = config(
-        repo.path(),
-        state.path(),
-        images.path(),
-        "test:///default",
-        &metrics,
-    )
-    .replace("jitter_seconds = 0", "jitter_seconds = 0\nmax_attempts = 2");
+    let text = config(&env, &metrics) + "max_attempts = 2\n";
     std::fs::write(&config_path, text).unwrap();
     let daemon = Daemon::start(&config_path, etc.path().join("daemon.log"));
     wait_for(&daemon, state.path(), "first invalid attempt", |r| {
@@ -307,11 +262,113 @@ fn daemon_gives_up_on_a_commit_that_keeps_failing() {
     );
 
     // A newer commit is attempted again.
-    repo.write("vmsync.toml", "version = 1\n");
-    let c2 = repo.commit("fixed");
+    let c2 = env.commit(&Manifest::new(), "fixed");
     daemon.signal("-HUP");
     wait_for(&daemon, state.path(), "newer commit applied", |r| {
         r["last_applied_commit"] == c2.as_str()
     });
     assert_eq!(record(state.path())["failed_attempts"], 0);
+}
+
+/// A `qemu-img` that takes `seconds` to create an image (then runs the real one), and
+/// leaves a file `create-started.PID` in `dir` when a create starts: something slow in flight to stop at.
+fn slow_qemu_img(dir: &Path, seconds: u32) -> std::path::PathBuf {
+    let real = Command::new("sh")
+        .args(["-c", "command -v qemu-img"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8(real.stdout).unwrap().trim().to_string();
+    assert!(!real.is_empty(), "qemu-img not found");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let source = dir.join("qemu-img.sh");
+    std::fs::write(
+        &source,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = create ]; then touch '{}/create-started.'$$; sleep {seconds}; fi\nexec '{real}' \"$@\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    // Written by a child: a file this process holds open for writing would be inherited
+    // by a child another test thread forks, and executing it fail with ETXTBSY.
+    let ok = Command::new("install")
+        .args(["-m", "755"])
+        .arg(&source)
+        .arg(bin.join("qemu-img"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    bin
+}
+
+#[test]
+fn once_stops_on_sigterm_after_the_action_in_flight_and_records_it() {
+    let env = Env::new();
+    let tools = tempfile::tempdir().unwrap();
+    let manifest = Manifest::new().vms(["o-a", "o-b"].map(|n| env.vm(n).key("autostart = true")));
+    let commit = env.commit(&manifest, "two vms");
+    let bin = slow_qemu_img(tools.path(), 2);
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let child = env
+        .command(&["--once"])
+        .env("PATH", path)
+        .env_remove("NO_COLOR")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Both VMs' disk creations under way (VMs converge in parallel).
+    let creating = || {
+        std::fs::read_dir(tools.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("create-started.")
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while creating() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the disk creations did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let sent = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Killed by the signal, it would have no exit code and no record.
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(sent.elapsed() < Duration::from_secs(10), "{stderr}");
+    assert!(
+        stderr.contains("stopped before the sync finished") && stderr.contains("SIGTERM"),
+        "{stderr}"
+    );
+    // The creations in flight finished (each VM's first action); nothing after them.
+    for name in ["o-a", "o-b"] {
+        assert!(env.disk(name).exists(), "{name}");
+    }
+    let r: serde_json::Value = serde_json::from_str(&env.state_json().unwrap()).unwrap();
+    assert_eq!(r["last_attempted_commit"], commit.as_str(), "{r}");
+    assert_eq!(r["last_result"], "failed", "{r}");
+    assert_eq!(r["last_applied_commit"], serde_json::Value::Null, "{r}");
+    for name in ["o-a", "o-b"] {
+        assert_eq!(
+            r["vms"][name]["last_error"],
+            vmsync::reconcile::apply::INTERRUPTED,
+            "{r}"
+        );
+    }
+    // The log went to a pipe: no colour codes.
+    assert!(!stderr.contains("\x1b["), "{stderr}");
 }

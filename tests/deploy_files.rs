@@ -1,7 +1,8 @@
 //! The deployment files we ship are checked with the tools that will read them:
 //! `systemd-analyze verify` for the systemd units, `nix-instantiate --parse` for the NixOS
 //! module and package, plus the facts the docs promise about them (oneshot vs notify,
-//! state directory, sandbox, ordering after libvirt).
+//! state directory, sandbox, ordering after libvirt). The NixOS module is also evaluated
+//! as on a host, with the module system in tests/nixos/ (see "NixOS" below).
 //!
 //! Neither tool is optional: when one is missing the test fails and says which package to
 //! install (`scripts/setup-host.sh` installs both). A silently skipped check is no check.
@@ -10,7 +11,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const UNITS: [&str; 3] = ["vmsync.service", "vmsync.timer", "vmsync-agent.service"];
-const NIX_FILES: [&str; 2] = ["module.nix", "package.nix"];
+/// Every Nix file shipped, and those the tests below evaluate it with.
+const NIX_FILES: [&str; 6] = [
+    "deploy/nixos/module.nix",
+    "deploy/nixos/package.nix",
+    "tests/nixos/lib.nix",
+    "tests/nixos/pkgs.nix",
+    "tests/nixos/nixos.nix",
+    "tests/nixos/eval.nix",
+];
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -88,20 +97,26 @@ fn systemd_units_pass_systemd_analyze_verify() {
         paths.push(path);
     }
 
-    let out = run(
-        Command::new("systemd-analyze")
-            .arg("verify")
-            .args(&paths)
-            .env_remove("SYSTEMD_LOG_LEVEL"),
-        "systemd-analyze",
-        "systemd",
-    );
+    assert_units_verify(dir.path(), &paths, false);
+}
+
+/// `systemd-analyze verify` of the units at `paths` (in `dir`; with `dir` on the unit
+/// search path when `search_dir`) passes and says nothing about them. Unknown keys and
+/// unparsable values are only warnings (exit status 0), so the output must also be
+/// clean. Lines about other units of the host (possible on a real system or in a
+/// container) are not ours to judge.
+fn assert_units_verify(dir: &Path, paths: &[PathBuf], search_dir: bool) {
+    let mut cmd = Command::new("systemd-analyze");
+    cmd.arg("verify")
+        .args(paths)
+        .env_remove("SYSTEMD_LOG_LEVEL");
+    if search_dir {
+        cmd.env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()));
+    }
+    let out = run(&mut cmd, "systemd-analyze", "systemd");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    // Unknown keys and unparsable values are only warnings (exit status 0), so the output
-    // must also be clean. Lines about other units of the host (possible on a real system
-    // or in a container) are not ours to judge.
-    let dir_str = dir.path().display().to_string();
+    let dir_str = dir.display().to_string();
     let ours: Vec<&str> = stderr
         .lines()
         .chain(stdout.lines())
@@ -117,12 +132,8 @@ fn systemd_units_pass_systemd_analyze_verify() {
 #[test]
 fn nix_files_parse() {
     for name in NIX_FILES {
-        let path = repo().join("deploy/nixos").join(name);
-        let out = run(
-            Command::new("nix-instantiate").arg("--parse").arg(&path),
-            "nix-instantiate",
-            "nix-bin",
-        );
+        let path = repo().join(name);
+        let out = nix(Command::new("nix-instantiate").arg("--parse").arg(&path));
         assert!(
             out.status.success(),
             "nix-instantiate --parse {}: {}\n{}",
@@ -141,7 +152,8 @@ fn oneshot_service_runs_once_and_tolerates_a_held_lock() {
         single(&unit, "Service", "ExecStart"),
         "/usr/bin/vmsync --once"
     );
-    assert_eq!(values(&unit, "Service", "SuccessExitStatus"), ["75"]);
+    // 75: lock held; 143: stopped by SIGTERM (`vmsync --once` exits 128 + 15).
+    assert_eq!(values(&unit, "Service", "SuccessExitStatus"), ["75", "143"]);
     // Started by the timer, never enabled on its own.
     assert!(directives(&unit, "Install").is_empty());
 }
@@ -151,9 +163,10 @@ fn agent_service_is_a_notify_daemon_in_its_own_mode() {
     let unit = read("deploy/systemd/vmsync-agent.service");
     assert_eq!(single(&unit, "Service", "Type"), "notify");
     assert_eq!(single(&unit, "Service", "ExecStart"), "/usr/bin/vmsync");
+    // The shell's kill: /bin/kill (procps) is missing on minimal installs.
     assert_eq!(
         single(&unit, "Service", "ExecReload"),
-        "/bin/kill -HUP $MAINPID"
+        "/bin/sh -c \"kill -HUP ${MAINPID}\""
     );
     assert_eq!(single(&unit, "Service", "Restart"), "on-failure");
     let conflicts = values(&unit, "Unit", "Conflicts");
@@ -162,6 +175,18 @@ fn agent_service_is_a_notify_daemon_in_its_own_mode() {
         "{conflicts:?}"
     );
     assert_eq!(values(&unit, "Install", "WantedBy"), ["multi-user.target"]);
+}
+
+#[test]
+fn both_services_stop_after_the_action_in_flight() {
+    for name in ["vmsync.service", "vmsync-agent.service"] {
+        let unit = read(&format!("deploy/systemd/{name}"));
+        // SIGTERM to vmsync alone: a qemu-img it runs finishes with the action.
+        assert_eq!(single(&unit, "Service", "KillMode"), "mixed", "{name}");
+        // Set, not the 90 s default, and below the default 120 s shutdown timeout:
+        // the stop no longer waits for a guest's shutdown.
+        assert_eq!(single(&unit, "Service", "TimeoutStopSec"), "60s", "{name}");
+    }
 }
 
 #[test]
@@ -223,90 +248,96 @@ fn both_services_are_ordered_after_libvirt_and_sandboxed_alike() {
     assert!(sandbox(&oneshot).len() > 20, "{:?}", sandbox(&oneshot));
 }
 
-#[test]
-fn nixos_module_declares_the_documented_options() {
-    let module = read("deploy/nixos/module.nix");
-    for needle in [
-        "options.services.vmsync",
-        "enable = lib.mkEnableOption",
-        "package = lib.mkOption",
-        "settings = lib.mkOption",
-        "mode = lib.mkOption",
-        "\"timer\"",
-        "\"daemon\"",
-        "interval = lib.mkOption",
-        "pkgs.formats.toml",
-        "virtualisation.libvirtd.enable = true",
-        "environment.etc.\"vmsync/config.toml\".source",
-        "StateDirectory = \"vmsync\"",
-        "ProtectSystem = \"strict\"",
-        "Type = \"oneshot\"",
-        "Type = \"notify\"",
-        "SuccessExitStatus = [ 75 ]",
-        "\"libvirtd.service\"",
-    ] {
-        assert!(module.contains(needle), "module.nix lacks {needle}");
+// ---- NixOS -----------------------------------------------------------------------------
+//
+// deploy/nixos/module.nix is evaluated as on a host: tests/nixos/lib.nix is a small module
+// system that behaves like nixpkgs' (typed options that refuse a wrong value, unknown
+// options refused, priorities, mkIf/mkMerge, submodules, freeformType), nixos.nix the
+// NixOS modules the module meets (assertions, systemd units and tmpfiles, polkit, libvirtd
+// with its polkit assertion), pkgs.nix the few packages involved. nixpkgs itself cannot be
+// fetched here; `nixos_evaluator_follows_nixpkgs_module_semantics` pins the behaviour the
+// tests rely on.
+
+/// Runs a nix command with state, store, log and config directories of its own. Nix
+/// creates its state directories (db, gcroots, profiles) on first use, and two tests doing
+/// that at once on a fresh machine raced: "creating symlink from
+/// '/nix/var/nix/gcroots/profiles' ... File exists", "schema is corrupt", "SQLite database
+/// is busy". Private directories leave nothing to share, and nothing of the host's /nix
+/// is touched.
+fn nix(cmd: &mut Command) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(
+        cmd.env("NIX_STATE_DIR", d.join("var"))
+            .env("NIX_STORE_DIR", d.join("store"))
+            .env("NIX_LOG_DIR", d.join("log"))
+            .env("NIX_CONF_DIR", d.join("etc"))
+            .env("XDG_CACHE_HOME", d.join("cache"))
+            // No nixbld group on a test host: keep its warning out of stderr.
+            .env("NIX_CONFIG", "build-users-group ="),
+        "nix-instantiate",
+        "nix-bin",
+    )
+}
+
+/// A Nix path expression for an absolute path (quoted: safe with any characters).
+fn nix_path(path: &Path) -> String {
+    format!(
+        "(/. + {})",
+        serde_json::to_string(&path.display().to_string()).unwrap()
+    )
+}
+
+/// Evaluates a host configuration file with tests/nixos/eval.nix: the parts of the system
+/// configuration the tests read, or nix's error message (failed assertions included).
+fn eval_host_file(host: &Path) -> Result<serde_json::Value, String> {
+    // --read-write-mode: a host may copy a local checkout into the (private) store, as
+    // `"${vmsyncSrc}/deploy/nixos/module.nix"` in deploy/README.md does.
+    let out = nix(Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json", "--read-write-mode"])
+        .arg(repo().join("tests/nixos/eval.nix"))
+        .args(["--arg", "host"])
+        .arg(nix_path(host)));
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 
-/// Just enough of nixpkgs' `lib` and `pkgs` (and of the NixOS `config`) to evaluate
-/// module.nix without nixpkgs, which is not available here. It catches what `--parse`
-/// cannot: wrong attribute paths inside the module, a broken `mkMerge`, values of the
-/// wrong shape. Called as `stub module mode settings knownHosts`.
-const NIX_STUB: &str = r#"
-module: mode: settings: knownHosts:
-let
-  ru = a: b: a // builtins.mapAttrs (n: v:
-    if builtins.isAttrs v && a ? ${n} && builtins.isAttrs a.${n} then ru a.${n} v else v) b;
-  lib = {
-    mkOption = o: o;
-    mkEnableOption = d: { description = d; };
-    types = { package = "package"; str = "str"; enum = l: { enum = l; }; listOf = t: { listOf = t; }; };
-    literalExpression = s: s;
-    mkIf = c: v: if c then v else null;
-    mkMerge = l: builtins.foldl' ru { } (builtins.filter (x: x != null) l);
-    mkDefault = v: v;
-    optional = c: v: if c then [ v ] else [ ];
-    "getExe'" = p: n: "${p}/bin/${n}";
-    concatLines = l: builtins.concatStringsSep "\n" l + "\n";
-  };
-  pkgs = {
-    formats.toml = { }: { type = "toml"; generate = n: v: "/nix/store/x-${n}"; };
-    writeText = n: t: "/nix/store/x-${n}";
-    coreutils = "/nix/store/x-coreutils";
-  };
-  config = {
-    services.vmsync = {
-      enable = true; package = "/nix/store/x-vmsync"; interval = "7min";
-      inherit mode settings knownHosts;
-    };
-    virtualisation.libvirtd.qemu.package = "/nix/store/x-qemu";
-  };
-in (import module { inherit config lib pkgs; }).config
-"#;
-
-fn eval_module(mode: &str, settings: &str, known_hosts: &str) -> serde_json::Value {
+/// A host with vmsync enabled (package from package.nix); `vmsync` goes inside
+/// `services.vmsync`, `other` beside it.
+fn eval_host(vmsync: &str, other: &str) -> Result<serde_json::Value, String> {
     let dir = tempfile::tempdir().unwrap();
-    let stub = dir.path().join("stub.nix");
-    std::fs::write(&stub, NIX_STUB).unwrap();
-    let module = repo().join("deploy/nixos/module.nix");
-    let expr = format!(
-        "import {} {} \"{mode}\" {settings} {known_hosts}",
-        stub.display(),
-        module.display()
+    let host = dir.path().join("host.nix");
+    let text = format!(
+        "{{ pkgs, lib, ... }}:\n{{\n  imports = [ {} ];\n  services.vmsync = {{\n    enable = true;\n    package = pkgs.callPackage {} {{ }};\n    {vmsync}\n  }};\n  {other}\n}}\n",
+        nix_path(&repo().join("deploy/nixos/module.nix")),
+        nix_path(&repo().join("deploy/nixos/package.nix")),
     );
-    let out = run(
-        Command::new("nix-instantiate").args(["--eval", "--strict", "--json", "-E", &expr]),
-        "nix-instantiate",
-        "nix-bin",
-    );
-    assert!(
-        out.status.success(),
-        "nix-instantiate --eval: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    std::fs::write(&host, text).unwrap();
+    eval_host_file(&host)
+}
+
+fn eval_ok(vmsync: &str, other: &str) -> serde_json::Value {
+    eval_host(vmsync, other).unwrap_or_else(|e| panic!("evaluation failed for {vmsync}:\n{e}"))
+}
+
+fn eval_err(vmsync: &str, other: &str) -> String {
+    match eval_host(vmsync, other) {
+        Ok(_) => panic!("evaluation succeeded for {vmsync} {other}"),
+        Err(e) => e,
+    }
+}
+
+const URL: &str = r#"settings.source.url = "file:///srv/vms";"#;
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|x| x.as_str().expect("string").to_string())
+        .collect()
 }
 
 /// The module's serviceConfig must carry the same sandbox as the shipped unit files
@@ -324,10 +355,7 @@ fn assert_same_sandbox_as_units(service_config: &serde_json::Value) {
         let got: Vec<String> = match &service_config[key] {
             serde_json::Value::Bool(b) => vec![if *b { "yes" } else { "no" }.to_string()],
             serde_json::Value::String(s) => s.split_whitespace().map(str::to_string).collect(),
-            serde_json::Value::Array(a) => a
-                .iter()
-                .map(|v| v.as_str().expect("string list").to_string())
-                .collect(),
+            serde_json::Value::Array(_) => strings(&service_config[key]),
             other => panic!("module.nix serviceConfig.{key}: {other}"),
         };
         assert_eq!(
@@ -338,69 +366,512 @@ fn assert_same_sandbox_as_units(service_config: &serde_json::Value) {
 }
 
 #[test]
-fn nixos_module_timer_mode_evaluates_to_oneshot_and_timer() {
-    let c = eval_module("timer", r#"{ source.url = "file:///srv/vms"; }"#, "[ ]");
-    assert_eq!(c["virtualisation"]["libvirtd"]["enable"], true);
+fn nixos_evaluator_follows_nixpkgs_module_semantics() {
+    // Each case: modules, then the expected `config.a` (JSON) or a piece of the error.
+    let str_opt = r#"{ options.a = lib.mkOption { type = lib.types.str; default = "default"; }; }"#;
+    let list_opt = r#"{ options.a = lib.mkOption { type = lib.types.listOf lib.types.int; default = [ ]; }; }"#;
+    let cases: [(String, Result<&str, &str>); 11] = [
+        (format!(r#"{str_opt} {{ a = lib.mkDefault "weak"; }}"#), Ok(r#""weak""#)),
+        (
+            format!(r#"{str_opt} {{ a = lib.mkDefault "weak"; }} {{ a = "plain"; }}"#),
+            Ok(r#""plain""#),
+        ),
+        (
+            format!(r#"{str_opt} {{ a = lib.mkForce "forced"; }} {{ a = "plain"; }}"#),
+            Ok(r#""forced""#),
+        ),
+        (
+            format!(r#"{str_opt} {{ a = "x"; }} {{ a = "y"; }}"#),
+            Err("The option `a' has conflicting definition values"),
+        ),
+        (
+            format!(r#"{list_opt} {{ a = [ 1 ]; }} {{ a = lib.mkMerge [ [ 2 ] (lib.mkIf false [ 3 ]) ]; }}"#),
+            Ok("[1,2]"),
+        ),
+        (
+            format!(
+                r#"{str_opt} {{ options.c = lib.mkOption {{ type = lib.types.bool; default = true; }}; }} ({{ config, ... }}: {{ a = lib.mkIf config.c "on"; }})"#
+            ),
+            Ok(r#""on""#),
+        ),
+        (
+            format!(r#"{str_opt} {{ a = 5; }}"#),
+            Err("A definition for option `a' is not of type `string'"),
+        ),
+        (
+            format!(r#"{str_opt} {{ b = "x"; }}"#),
+            Err("The option `b' does not exist"),
+        ),
+        (
+            r#"{ options.a = lib.mkOption { type = lib.types.submodule { freeformType = lib.types.attrsOf lib.types.str; options.x = lib.mkOption { type = lib.types.int; default = 1; }; }; default = { }; }; } { a.y = "free"; }"#.to_string(),
+            Ok(r#"{"x":1,"y":"free"}"#),
+        ),
+        (
+            r#"{ options.a = lib.mkOption { type = lib.types.submodule { options.x = lib.mkOption { type = lib.types.int; }; }; default = { }; }; } { a.y = 1; }"#.to_string(),
+            Err("The option `a.y' does not exist"),
+        ),
+        (
+            r#"{ options.a = lib.mkOption { type = lib.types.submodule { options.x = lib.mkOption { type = lib.types.int; }; }; default = { }; }; }"#.to_string(),
+            Err("The option `a.x' is used but not defined"),
+        ),
+    ];
+    let lib = nix_path(&repo().join("tests/nixos/lib.nix"));
+    for (modules, want) in cases {
+        let expr = format!(
+            "let lib = import {lib}; in (lib.evalModules {{ modules = [ {modules} ]; }}).config.a"
+        );
+        let out = nix(
+            Command::new("nix-instantiate").args(["--eval", "--strict", "--json", "-E", &expr])
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match want {
+            Ok(json) => {
+                assert!(out.status.success(), "{modules}:\n{stderr}");
+                let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(
+                    got,
+                    serde_json::from_str::<serde_json::Value>(json).unwrap(),
+                    "{modules}"
+                );
+            }
+            Err(message) => {
+                assert!(!out.status.success(), "{modules}: evaluated");
+                assert!(stderr.contains(message), "{modules}:\n{stderr}");
+            }
+        }
+    }
+}
+
+#[test]
+fn nixos_module_evaluates_on_a_headless_host_without_polkit_set() {
+    // libvirtd's module asserts polkit, whose default is off: the module turns it on.
+    let c = eval_ok(URL, "");
+    assert_eq!(c["polkit"]["enable"], true);
+    assert_eq!(c["libvirtd"]["enable"], true);
+    assert_eq!(c["libvirtd"]["swtpm"], true);
+    // Only as a default: a host that forces it off gets libvirtd's assertion, as in nixpkgs.
+    let err = eval_err(URL, "security.polkit.enable = lib.mkForce false;");
+    assert!(
+        err.contains("Failed assertions:") && err.contains("requires Polkit"),
+        "{err}"
+    );
+    // The module's own assertion.
+    let err = eval_err("", "");
+    assert!(
+        err.contains("services.vmsync.settings.source.url must be set"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nixos_settings_of_the_wrong_type_fail_evaluation_naming_the_option() {
+    for (setting, want) in [
+        (
+            "settings.agent.schedule = 5;",
+            "A definition for option `services.vmsync.settings.agent.schedule' is not of type `non-empty string'",
+        ),
+        (
+            "settings.agent.max_attempts = 0;",
+            "A definition for option `services.vmsync.settings.agent.max_attempts' is not of type `integer between 1",
+        ),
+        (
+            "settings.agent.jitter_seconds = -1;",
+            "`services.vmsync.settings.agent.jitter_seconds' is not of type `unsigned integer",
+        ),
+        (
+            r#"settings.policy.disk_roots = [ "images" ];"#,
+            "`services.vmsync.settings.policy.disk_roots.[definition 1-entry 1]' is not of type `absolute path",
+        ),
+        (
+            r#"settings.policy.disk_roots = [ "/srv/../etc" ];"#,
+            "`services.vmsync.settings.policy.disk_roots.[definition 1-entry 1]' is not of type `absolute path",
+        ),
+        (
+            // A Nix path would put the key in the world-readable store.
+            "settings.source.ssh_key = ./deploy_key;",
+            "`services.vmsync.settings.source.ssh_key' is not of type `null or absolute path",
+        ),
+        (
+            r#"settings.policy.prune = "yes";"#,
+            "`services.vmsync.settings.policy.prune' is not of type `boolean'",
+        ),
+        (
+            r#"settings.agent.host = "";"#,
+            "`services.vmsync.settings.agent.host' is not of type `null or non-empty string'",
+        ),
+    ] {
+        let err = eval_err(&format!("{URL} {setting}"), "");
+        assert!(err.contains(want), "{setting}:\n{err}");
+    }
+}
+
+#[test]
+fn nixos_unknown_settings_keys_fail_evaluation() {
+    for (setting, want) in [
+        (
+            r#"settings.agent.shedule = "0 */5 * * * *";"#,
+            "The option `services.vmsync.settings.agent.shedule' does not exist",
+        ),
+        (
+            r#"settings.sources.branch = "main";"#,
+            "The option `services.vmsync.settings.sources' does not exist",
+        ),
+        (
+            "settings.trust.allowed_signer = \"/etc/vmsync/allowed_signers\";",
+            "The option `services.vmsync.settings.trust.allowed_signer' does not exist",
+        ),
+        (
+            r#"intervall = "7min";"#,
+            "The option `services.vmsync.intervall' does not exist",
+        ),
+    ] {
+        let err = eval_err(&format!("{URL} {setting}"), "");
+        assert!(err.contains(want), "{setting}:\n{err}");
+    }
+}
+
+/// The keys of the agent config: section -> keys, read from the `Raw*` structs of
+/// src/config.rs (each `#[serde(deny_unknown_fields)]`).
+fn agent_config_keys() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let src = read("src/config.rs");
+    let fields = |name: &str| -> Vec<(String, String)> {
+        let start = src
+            .find(&format!("struct {name} {{"))
+            .unwrap_or_else(|| panic!("src/config.rs: no struct {name}"));
+        let body = &src[start..];
+        let body = &body[body.find('{').unwrap() + 1..body.find("\n}").unwrap()];
+        body.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("//"))
+            .map(|l| {
+                let (k, t) = l.split_once(':').unwrap_or_else(|| panic!("field: {l}"));
+                (
+                    k.trim().to_string(),
+                    t.trim().trim_end_matches(',').to_string(),
+                )
+            })
+            .collect()
+    };
+    fields("RawConfig")
+        .into_iter()
+        .map(|(section, ty)| (section, fields(&ty).into_iter().map(|(k, _)| k).collect()))
+        .collect()
+}
+
+#[test]
+fn nixos_settings_options_are_the_agent_config_keys_and_are_documented() {
+    let keys = agent_config_keys();
     assert_eq!(
-        c["environment"]["etc"]["vmsync/config.toml"]["source"],
-        "/nix/store/x-vmsync-config.toml"
+        keys.keys().collect::<Vec<_>>(),
+        ["agent", "libvirt", "policy", "source", "trust"]
+    );
+    let c = eval_ok(URL, "");
+    let settings = c["vmsync"]["settings"].as_object().unwrap();
+    // Every option shows in the evaluated settings (unset ones as null).
+    let declared: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = settings
+        .iter()
+        .map(|(s, v)| (s.clone(), v.as_object().unwrap().keys().cloned().collect()))
+        .collect();
+    assert_eq!(
+        declared, keys,
+        "module.nix settings options vs src/config.rs"
+    );
+    // The settings description names every section and key.
+    let doc = c["vmsync"]["settingsDescription"].as_str().unwrap();
+    let words: std::collections::BTreeSet<&str> = doc
+        .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+        .collect();
+    for (section, keys) in &keys {
+        assert!(
+            words.contains(section.as_str()),
+            "settings description lacks [{section}]"
+        );
+        for key in keys {
+            assert!(
+                words.contains(key.as_str()),
+                "settings description lacks {section}.{key}"
+            );
+        }
+    }
+}
+
+#[test]
+fn nixos_state_dir_is_created_and_opened_in_the_sandbox() {
+    // Outside /var/lib: a tmpfiles rule creates it; the sandbox opens it with "-", so a
+    // missing directory cannot fail the unit with 226/NAMESPACE.
+    let c = eval_ok(
+        &format!(r#"{URL} settings.agent.state_dir = "/srv/vmsync";"#),
+        "",
     );
     let svc = &c["systemd"]["services"]["vmsync"];
     let sc = &svc["serviceConfig"];
+    let rules = strings(&c["systemd"]["tmpfiles"]["rules"]);
+    assert!(
+        rules.contains(&"d /srv/vmsync 0700 root root -".to_string()),
+        "{rules:?}"
+    );
+    let rw = strings(&sc["ReadWritePaths"]);
+    assert_eq!(rw, ["-/var/lib/libvirt/images", "-/srv/vmsync"]);
+    assert!(sc.get("StateDirectory").is_none(), "{sc}");
+    assert_eq!(svc["environment"]["HOME"], "/srv/vmsync");
+    assert_eq!(c["configFile"]["toml"]["agent"]["state_dir"], "/srv/vmsync");
+
+    // Below /var/lib: systemd's StateDirectory= creates and opens it.
+    let c = eval_ok(
+        &format!(r#"{URL} settings.agent.state_dir = "/var/lib/vmsync-prod"; mode = "daemon";"#),
+        "",
+    );
+    let sc = &c["systemd"]["services"]["vmsync-agent"]["serviceConfig"];
+    assert_eq!(sc["StateDirectory"], "vmsync-prod");
+    assert_eq!(sc["StateDirectoryMode"], "0700");
+    assert_eq!(strings(&sc["ReadWritePaths"]), ["-/var/lib/libvirt/images"]);
+    let rules = strings(&c["systemd"]["tmpfiles"]["rules"]);
+    assert!(
+        rules.contains(&"d /var/lib/vmsync-prod 0700 root root -".to_string()),
+        "{rules:?}"
+    );
+}
+
+#[test]
+fn nixos_module_timer_mode_evaluates_to_oneshot_and_timer() {
+    let c = eval_ok(&format!(r#"{URL} interval = "7min";"#), "");
+    let pkg = c["vmsync"]["package"].as_str().unwrap();
+    assert!(pkg.ends_with("-vmsync-0.1.0"), "{pkg}");
+    let svc = &c["systemd"]["services"]["vmsync"];
+    let sc = &svc["serviceConfig"];
     assert_eq!(sc["Type"], "oneshot");
-    assert_eq!(sc["ExecStart"], "/nix/store/x-vmsync/bin/vmsync --once");
+    assert_eq!(sc["ExecStart"], format!("{pkg}/bin/vmsync --once"));
     assert_eq!(sc["SuccessExitStatus"], serde_json::json!([75]));
     assert_eq!(sc["StateDirectory"], "vmsync");
-    assert_eq!(
-        sc["ReadWritePaths"],
-        serde_json::json!(["-/var/lib/libvirt/images"])
-    );
+    assert_eq!(strings(&sc["ReadWritePaths"]), ["-/var/lib/libvirt/images"]);
     assert_same_sandbox_as_units(sc);
-    assert_eq!(svc["requires"], serde_json::json!(["libvirtd.service"]));
-    assert!(
-        svc["after"]
-            .as_array()
-            .unwrap()
-            .contains(&"libvirtd.service".into())
-    );
-    assert_eq!(svc["path"], serde_json::json!(["/nix/store/x-qemu"]));
+    assert_eq!(strings(&svc["requires"]), ["libvirtd.service"]);
+    assert!(strings(&svc["after"]).contains(&"libvirtd.service".to_string()));
+    // qemu-img from libvirtd's QEMU, ahead of NixOS' default service PATH.
+    assert_eq!(svc["path"][0], c["qemu"]);
     assert_eq!(svc["environment"]["HOME"], "/var/lib/vmsync");
     let timer = &c["systemd"]["timers"]["vmsync"];
     assert_eq!(timer["timerConfig"]["OnUnitActiveSec"], "7min");
-    assert_eq!(timer["wantedBy"], serde_json::json!(["timers.target"]));
+    assert_eq!(strings(&timer["wantedBy"]), ["timers.target"]);
     assert!(c["systemd"]["services"].get("vmsync-agent").is_none());
+    let rules = strings(&c["systemd"]["tmpfiles"]["rules"]);
+    assert!(
+        rules.contains(&"d /var/lib/vmsync 0700 root root -".to_string()),
+        "{rules:?}"
+    );
+    // /etc/vmsync/config.toml: the checked file, with vmsync's defaults written out.
+    let source = c["configFile"]["source"].as_str().unwrap();
+    assert!(source.ends_with("-vmsync-config.toml"), "{source}");
+    let toml = &c["configFile"]["toml"];
+    assert_eq!(
+        toml["source"],
+        serde_json::json!({"url": "file:///srv/vms", "branch": "main"})
+    );
+    assert_eq!(toml["agent"]["schedule"], "0 */5 * * * *");
+    assert!(
+        toml["agent"].get("host").is_none(),
+        "null keys are left out: {toml}"
+    );
 }
 
 #[test]
 fn nixos_module_daemon_mode_evaluates_to_notify_service() {
-    let c = eval_module(
-        "daemon",
-        r#"{ source.url = "file:///srv/vms"; policy.disk_roots = [ "/a" "/b" ];
-             agent.metrics_file = "/var/lib/node-exporter/vmsync.prom"; }"#,
-        r#"[ "git.example.org ssh-ed25519 AAAA" ]"#,
+    let c = eval_ok(
+        &format!(
+            r#"{URL} mode = "daemon"; settings.policy.disk_roots = [ "/a" "/b" ];
+               settings.agent.metrics_file = "/var/lib/node-exporter/vmsync.prom";
+               knownHosts = [ "git.example.org ssh-ed25519 AAAA" ];"#
+        ),
+        "",
     );
-    assert!(c["systemd"].get("timers").is_none(), "{}", c["systemd"]);
+    let pkg = c["vmsync"]["package"].as_str().unwrap();
+    assert!(
+        c["systemd"]["timers"].get("vmsync").is_none(),
+        "{}",
+        c["systemd"]["timers"]
+    );
     assert!(c["systemd"]["services"].get("vmsync").is_none());
     let svc = &c["systemd"]["services"]["vmsync-agent"];
     let sc = &svc["serviceConfig"];
     assert_eq!(sc["Type"], "notify");
-    assert_eq!(sc["ExecStart"], "/nix/store/x-vmsync/bin/vmsync");
+    assert_eq!(sc["ExecStart"], format!("{pkg}/bin/vmsync"));
     assert_eq!(sc["Restart"], "on-failure");
     assert_eq!(
-        sc["ReadWritePaths"],
-        serde_json::json!(["-/a", "-/b", "-/var/lib/node-exporter"])
+        strings(&sc["ReadWritePaths"]),
+        ["-/a", "-/b", "-/var/lib/node-exporter"]
     );
     assert_same_sandbox_as_units(sc);
-    assert_eq!(svc["wantedBy"], serde_json::json!(["multi-user.target"]));
+    assert_eq!(strings(&svc["wantedBy"]), ["multi-user.target"]);
+    // A changed config.toml reloads the daemon instead of restarting it.
     assert_eq!(
         svc["reloadTriggers"],
-        serde_json::json!(["/nix/store/x-vmsync-config.toml"])
+        serde_json::json!([c["configFile"]["source"]])
     );
-    let rules = c["systemd"]["tmpfiles"]["rules"].as_array().unwrap();
+    let rules = strings(&c["systemd"]["tmpfiles"]["rules"]);
+    let link = rules
+        .iter()
+        .find(|r| r.starts_with("L+ /var/lib/vmsync/.ssh/known_hosts - - - - "))
+        .unwrap_or_else(|| panic!("{rules:?}"));
+    assert!(link.ends_with("-vmsync-known_hosts"), "{link}");
+    assert!(rules.contains(&"d /var/lib/vmsync/.ssh 0700 root root -".to_string()));
+}
+
+/// Runs the module's config check (a runCommand script) the way the Nix build would:
+/// the generated TOML in `$unchecked`, the package's `vmsync` on PATH (here the binary
+/// this test run built), a fresh working directory, `$out` to create.
+fn run_config_check(c: &serde_json::Value) -> (Output, PathBuf, tempfile::TempDir) {
+    let script = c["configFile"]["script"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no config check: {}", c["configFile"]));
+    let dir = tempfile::tempdir().unwrap();
+    let unchecked = dir.path().join("vmsync-config.toml");
+    std::fs::write(
+        &unchecked,
+        toml::to_string(&c["configFile"]["toml"]).unwrap(),
+    )
+    .unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vmsync"), bin.join("vmsync")).unwrap();
+    let build = dir.path().join("build");
+    std::fs::create_dir(&build).unwrap();
+    let out_file = dir.path().join("out");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(&build)
+        .env("PATH", path)
+        .env("unchecked", &unchecked)
+        .env("out", &out_file)
+        .output()
+        .unwrap();
+    (out, out_file, dir)
+}
+
+#[test]
+fn nixos_config_check_runs_the_package_on_the_generated_file() {
+    // A valid file passes and is the output, unchanged; a host's allowed-signers file
+    // (absent at build time) does not fail the check.
+    let c = eval_ok(
+        &format!(r#"{URL} settings.trust.allowed_signers = "/etc/vmsync/allowed_signers";"#),
+        "",
+    );
+    let (out, out_file, dir) = run_config_check(&c);
     assert!(
-        rules.contains(
-            &"L+ /var/lib/vmsync/.ssh/known_hosts - - - - /nix/store/x-vmsync-known_hosts".into()
-        ),
-        "{rules:?}"
+        out.status.success(),
+        "{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(
+        std::fs::read(&out_file).unwrap(),
+        std::fs::read(dir.path().join("vmsync-config.toml")).unwrap()
+    );
+    // What the option types cannot see: a cron schedule without seconds is a string.
+    let c = eval_ok(
+        &format!(r#"{URL} settings.agent.schedule = "*/5 * * * *";"#),
+        "",
+    );
+    let (out, out_file, _dir) = run_config_check(&c);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("invalid [agent] schedule '*/5 * * * *'"),
+        "{stderr}"
+    );
+    assert!(!out_file.exists());
+    // checkConfig = false: the generated file itself, no check.
+    let c = eval_ok(&format!("{URL} checkConfig = false;"), "");
+    assert!(c["configFile"]["script"].is_null(), "{}", c["configFile"]);
+    assert!(
+        c["configFile"]["source"]
+            .as_str()
+            .unwrap()
+            .ends_with("-vmsync-config.toml")
+    );
+}
+
+#[test]
+fn nixos_rendered_units_pass_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_vmsync");
+    let mut paths = Vec::new();
+    for (mode, units) in [
+        ("timer", &["vmsync.service", "vmsync.timer"][..]),
+        ("daemon", &["vmsync-agent.service"][..]),
+    ] {
+        let c = eval_ok(&format!(r#"{URL} mode = "{mode}";"#), "");
+        let pkg = c["vmsync"]["package"].as_str().unwrap();
+        for name in units {
+            let text = c["systemd"]["units"][name]
+                .as_str()
+                .unwrap_or_else(|| panic!("no unit {name}"));
+            // `verify` checks that each Exec*= program exists: the binary of this test run
+            // for vmsync, the host's /bin for other store paths (coreutils' kill).
+            let store = Path::new(pkg).parent().unwrap().display().to_string();
+            let text: String = text
+                .replace(&format!("{pkg}/bin/vmsync"), bin)
+                .lines()
+                .map(|line| match line.split_once('=') {
+                    Some((key, value)) if key.starts_with("Exec") && value.starts_with(&store) => {
+                        let program = value.split_whitespace().next().unwrap();
+                        let name = Path::new(program).file_name().unwrap().to_str().unwrap();
+                        format!(
+                            "{key}={}\n",
+                            value.replacen(program, &format!("/bin/{name}"), 1)
+                        )
+                    }
+                    _ => format!("{line}\n"),
+                })
+                .collect();
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            paths.push(path);
+        }
+    }
+    // What Requires= names, present on a NixOS host (from libvirt's package).
+    std::fs::write(
+        dir.path().join("libvirtd.service"),
+        "[Service]\nType=notify\nExecStart=/bin/true\n",
+    )
+    .unwrap();
+    assert_units_verify(dir.path(), &paths, true);
+}
+
+#[test]
+fn nixos_readme_example_host_evaluates() {
+    let readme = read("deploy/README.md");
+    let start = readme
+        .find("### Example host configuration")
+        .expect("deploy/README.md: no example host configuration");
+    let block = &readme[start..];
+    let block = &block[block.find("```nix\n").unwrap() + 7..];
+    let block = &block[..block.find("```").unwrap()];
+    assert!(block.contains("/path/to/vmsync"), "{block}");
+    // The checkout the example points at: only what it reads (the whole repository with
+    // target/ would be copied into the store).
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(src.path().join("deploy/nixos")).unwrap();
+    for file in [
+        "deploy/nixos/module.nix",
+        "deploy/nixos/package.nix",
+        "Cargo.lock",
+    ] {
+        std::fs::copy(repo().join(file), src.path().join(file)).unwrap();
+    }
+    let host = src.path().join("configuration.nix");
+    std::fs::write(
+        &host,
+        block.replace("/path/to/vmsync", &src.path().display().to_string()),
+    )
+    .unwrap();
+    let c = eval_host_file(&host).unwrap_or_else(|e| panic!("deploy/README.md example:\n{e}"));
+    assert_eq!(c["polkit"]["enable"], true);
+    let sc = &c["systemd"]["services"]["vmsync-agent"]["serviceConfig"];
+    assert_eq!(sc["Type"], "notify");
+    assert!(strings(&sc["ReadWritePaths"]).contains(&"-/srv/vm-disks".to_string()));
 }

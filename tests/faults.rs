@@ -14,140 +14,68 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Repo, bios_xml};
-use vmsync::state::{self, SyncResult};
+use common::{Env, Manifest, Run};
+use vmsync::agent::state::SyncResult;
 
-struct Env {
-    name: String,
-    repo: Repo,
-    images: PathBuf,
-    _images_dir: tempfile::TempDir,
-    state: tempfile::TempDir,
-    uri: String,
+/// The one VM of these tests.
+const VM: &str = "vm";
+
+/// Writes the manifest with [`VM`] and its XML with `memory` MiB.
+fn write_vm(env: &Env, memory: u32) {
+    let vm = env.vm(VM).xml(&env.bios(VM, memory));
+    Manifest::new().vm(vm).write(&env.repo);
 }
 
-impl Env {
-    fn new(name: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let images = dir.path().join("images");
-        std::fs::create_dir_all(&images).unwrap();
-        Self::at(name, dir, images, "test:///default")
-    }
+/// `env` with [`VM`] committed.
+fn committed(env: Env) -> Env {
+    write_vm(&env, 128);
+    env.repo.commit("initial");
+    env
+}
 
-    fn at(name: &str, dir: tempfile::TempDir, images: PathBuf, uri: &str) -> Self {
-        let env = Env {
-            name: name.to_string(),
-            repo: Repo::new(),
-            images,
-            _images_dir: dir,
-            state: tempfile::tempdir().unwrap(),
-            uri: uri.to_string(),
-        };
-        env.write_vm(128);
-        env.repo.commit("initial");
-        env
-    }
+/// The temporary image a disk is made as before it is linked into place.
+fn tmp_disk(env: &Env) -> PathBuf {
+    env.images
+        .join(format!(".{}.qcow2.vmsync-tmp", env.name(VM)))
+}
 
-    fn write_vm(&self, memory: u32) {
-        self.repo.write(
-            "vmsync.toml",
-            &format!(
-                "version = 1\n\n[[vm]]\nname = \"{n}\"\nxml = \"vms/{n}.xml\"\n\n  [[vm.disk]]\n  path = \"{d}\"\n  size = \"64M\"\n",
-                n = self.name,
-                d = self.disk().display()
-            ),
-        );
-        let domain_type = if self.uri.starts_with("test") {
-            "kvm"
-        } else {
-            "qemu"
-        };
-        self.repo.write(
-            &format!("vms/{}.xml", self.name),
-            &bios_xml(&self.name, domain_type, &self.disk(), memory),
-        );
-    }
+/// `vmsync --once` with the env's flags.
+fn once(env: &Env) -> Run {
+    env.run(&["--once"])
+}
 
-    fn disk(&self) -> PathBuf {
-        self.images.join(format!("{}.qcow2", self.name))
-    }
-
-    fn tmp_disk(&self) -> PathBuf {
-        self.images.join(format!(".{}.qcow2.vmsync-tmp", self.name))
-    }
-
-    fn command(&self, url: Option<&str>, uri: Option<&str>) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmsync"));
-        cmd.args(["--config", "/dev/null", "--once", "--url"])
-            .arg(url.map_or_else(|| self.repo.path().to_path_buf(), PathBuf::from))
-            .arg("--state-dir")
-            .arg(self.state.path())
-            .args(["--connect", uri.unwrap_or(&self.uri)])
-            .arg("--disk-root")
-            .arg(&self.images)
-            .args(["--host", "hv1"])
-            .env_remove("FAILPOINTS")
-            .env_remove("JOURNAL_STREAM");
-        cmd
-    }
-
-    fn run(&self) -> common::Run {
-        self.command(None, None).output().unwrap().into()
-    }
-
-    fn record(&self) -> state::Record {
-        state::load(self.state.path()).unwrap()
-    }
-
-    fn head(&self) -> String {
-        self.repo.git(&["rev-parse", "HEAD"]).trim().to_string()
-    }
-
-    /// The next run converges: exit 0, the head applied, the disk a sound qcow2 image.
-    fn recovers(&self) {
-        self.run().expect(0);
-        assert_eq!(
-            self.record().last_applied_commit.as_deref(),
-            Some(self.head().as_str())
-        );
-        let check = Command::new("qemu-img")
+/// The next run converges: exit 0, the head applied, the disk a sound qcow2 image.
+fn recovers(env: &Env) {
+    once(env).expect(0);
+    assert_eq!(
+        env.record().last_applied_commit.as_deref(),
+        Some(env.repo.head().as_str())
+    );
+    common::output_ok(
+        Command::new("qemu-img")
             .args(["check", "-q"])
-            .arg(self.disk())
-            .output()
-            .unwrap();
-        assert!(check.status.success(), "qemu-img check: {check:?}");
-    }
-}
-
-fn contains(run: &common::Run, text: &str) {
-    assert!(
-        run.stderr.contains(text),
-        "expected {text:?} in:\n{}",
-        run.stderr
+            .arg(env.disk(VM)),
     );
 }
 
 #[test]
 fn qemu_img_missing_fails_the_vm_and_the_next_run_recovers() {
-    let env = Env::new("f-noimg");
+    let env = committed(Env::new());
     let empty = tempfile::tempdir().unwrap();
-    let run: common::Run = env
-        .command(None, None)
-        .env("PATH", empty.path())
-        .output()
-        .unwrap()
-        .into();
-    let run = run.expect(1);
-    contains(
-        &run,
-        "qemu-img not found at 'qemu-img' (is qemu-utils installed?)",
-    );
-    contains(&run, "1 of 1 vms failed at commit");
+    let run = Run::from(
+        env.command(&["--once"])
+            .env("PATH", empty.path())
+            .output()
+            .unwrap(),
+    )
+    .expect(1);
+    run.stderr_has("qemu-img not found at 'qemu-img' (is qemu-utils installed?)");
+    run.stderr_has("1 of 1 vms failed at commit");
     let record = env.record();
     assert_eq!(record.last_result, Some(SyncResult::Failed));
-    assert!(!record.vms[&env.name].ok);
+    assert!(!record.vms[VM].ok);
     assert!(
-        record.vms[&env.name]
+        record.vms[VM]
             .last_error
             .as_deref()
             .unwrap()
@@ -155,34 +83,26 @@ fn qemu_img_missing_fails_the_vm_and_the_next_run_recovers() {
         "{record:?}"
     );
     assert_eq!(record.last_applied_commit, None);
-    assert!(!env.disk().exists() && !env.tmp_disk().exists());
-    env.recovers();
+    assert!(!env.disk(VM).exists() && !tmp_disk(&env).exists());
+    recovers(&env);
 }
 
 #[test]
 fn libvirt_unreachable_exits_1_before_touching_disks() {
-    let env = Env::new("f-nolibvirt");
-    let run: common::Run = env
-        .command(
-            None,
-            Some("qemu+unix:///system?socket=/nonexistent/libvirt-sock"),
-        )
-        .output()
-        .unwrap()
-        .into();
-    let run = run.expect(1);
-    contains(
-        &run,
+    let env = committed(Env::new());
+    let uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock";
+    let run = env.run_at(&["--once"], None, Some(uri)).expect(1);
+    run.stderr_has(
         "failed to connect to libvirt at 'qemu+unix:///system?socket=/nonexistent/libvirt-sock'",
     );
     assert_eq!(env.record().last_result, Some(SyncResult::Failed));
-    assert!(!env.disk().exists(), "nothing is made without libvirt");
-    env.recovers();
+    assert!(!env.disk(VM).exists(), "nothing is made without libvirt");
+    recovers(&env);
 }
 
 #[test]
 fn an_unreachable_git_server_exits_4_and_the_next_run_recovers() {
-    let env = Env::new("f-nogit");
+    let env = committed(Env::new());
     // A port that was free a moment ago: nothing listens.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -190,16 +110,15 @@ fn an_unreachable_git_server_exits_4_and_the_next_run_recovers() {
         .unwrap()
         .port();
     let url = format!("http://127.0.0.1:{port}/vms.git");
-    let run: common::Run = env.command(Some(&url), None).output().unwrap().into();
-    let run = run.expect(4);
-    contains(&run, &format!("failed to fetch branch 'main' from '{url}'"));
+    let run = env.run_at(&["--once"], Some(&url), None).expect(4);
+    run.stderr_has(&format!("failed to fetch branch 'main' from '{url}'"));
     assert_eq!(env.record().last_result, Some(SyncResult::FetchFailed));
-    env.recovers();
+    recovers(&env);
 }
 
 #[test]
 fn a_git_server_answering_garbage_exits_4() {
-    let env = Env::new("f-junk");
+    let env = committed(Env::new());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -216,12 +135,11 @@ fn a_git_server_answering_garbage_exits_4() {
     });
     let url = format!("http://127.0.0.1:{port}/vms.git");
     for _ in 0..2 {
-        let run: common::Run = env.command(Some(&url), None).output().unwrap().into();
-        let run = run.expect(4);
-        contains(&run, &format!("failed to fetch branch 'main' from '{url}'"));
+        let run = env.run_at(&["--once"], Some(&url), None).expect(4);
+        run.stderr_has(&format!("failed to fetch branch 'main' from '{url}'"));
     }
     assert_eq!(env.record().last_result, Some(SyncResult::FetchFailed));
-    env.recovers();
+    recovers(&env);
 }
 
 /// A mount at `path`, undone when dropped.
@@ -254,44 +172,48 @@ fn mount_or_skip(args: &[&str], path: &Path) -> Option<Mount> {
 
 #[test]
 fn a_read_only_disk_root_fails_the_vm_and_the_next_run_recovers() {
-    let env = Env::new("f-rofs");
+    let env = committed(Env::new());
     let Some(_mount) = mount_or_skip(&["--bind", env.images.to_str().unwrap()], &env.images) else {
         return;
     };
     assert!(Mount::run(&["-o", "remount,bind,ro"], &env.images));
-    let run = env.run().expect(1);
-    contains(&run, "Read-only file system");
-    contains(&run, &format!("'{}'", env.disk().display()));
-    assert!(!env.record().vms[&env.name].ok);
-    assert!(!env.disk().exists() && !env.tmp_disk().exists());
+    let run = once(&env).expect(1);
+    run.stderr_has("Read-only file system");
+    run.stderr_has(&format!("'{}'", env.disk(VM).display()));
+    assert!(!env.record().vms[VM].ok);
+    assert!(!env.disk(VM).exists() && !tmp_disk(&env).exists());
     assert!(Mount::run(&["-o", "remount,bind,rw"], &env.images));
-    env.recovers();
+    recovers(&env);
 }
 
 #[test]
 fn a_full_disk_root_fails_the_vm_leaves_no_partial_image_and_recovers() {
-    let env = Env::new("f-full");
+    let env = committed(Env::new());
     let Some(_mount) = mount_or_skip(&["-t", "tmpfs", "-o", "size=64k", "tmpfs"], &env.images)
     else {
         return;
     };
-    let run = env.run().expect(1);
-    contains(&run, "No space left on device");
+    let run = once(&env).expect(1);
+    run.stderr_has("No space left on device");
     let record = env.record();
     assert_eq!(record.last_result, Some(SyncResult::Failed));
-    assert!(!env.disk().exists(), "no half-made image at the real path");
-    assert!(!env.tmp_disk().exists(), "the temporary image is removed");
+    assert!(
+        !env.disk(VM).exists(),
+        "no half-made image at the real path"
+    );
+    assert!(!tmp_disk(&env).exists(), "the temporary image is removed");
     assert!(Mount::run(&["-o", "remount,size=16m"], &env.images));
-    env.recovers();
+    recovers(&env);
 }
 
 #[cfg(feature = "failpoints")]
 mod crashes {
     use super::*;
+    use vmsync::agent::state;
 
     fn crash_at(env: &Env, point: &str) {
         let out = env
-            .command(None, None)
+            .command(&["--once"])
             .env("FAILPOINTS", format!("{point}=return"))
             .output()
             .unwrap();
@@ -309,39 +231,39 @@ mod crashes {
 
     #[test]
     fn crash_with_the_temporary_image_made_leaves_nothing_at_the_real_path() {
-        let env = Env::new("f-crash-tmp");
+        let env = committed(Env::new());
         crash_at(&env, "disk-temp-created");
         assert!(
-            env.tmp_disk().exists(),
+            tmp_disk(&env).exists(),
             "the crash left the temporary image"
         );
-        assert!(!env.disk().exists(), "but nothing at the real path");
+        assert!(!env.disk(VM).exists(), "but nothing at the real path");
         assert_eq!(env.record(), state::Record::default(), "no record written");
-        env.recovers();
+        recovers(&env);
         assert!(
-            !env.tmp_disk().exists(),
+            !tmp_disk(&env).exists(),
             "the stale temporary image was removed"
         );
     }
 
     #[test]
     fn crash_right_after_the_link_keeps_the_complete_image() {
-        let env = Env::new("f-crash-link");
+        let env = committed(Env::new());
         crash_at(&env, "disk-linked");
-        assert!(env.disk().exists());
-        env.recovers();
+        assert!(env.disk(VM).exists());
+        recovers(&env);
     }
 
     #[test]
     fn crash_before_the_state_rename_leaves_the_old_record() {
-        let env = Env::new("f-crash-state");
+        let env = committed(Env::new());
         // First ever record: none is there after the crash, and the next run makes it.
         crash_at(&env, "before-rename");
         assert!(!env.state.path().join(state::STATE_FILE).exists());
-        env.recovers();
+        recovers(&env);
         let old = std::fs::read(env.state.path().join(state::STATE_FILE)).unwrap();
         // A newer commit: the crash leaves the old record byte for byte.
-        env.write_vm(256);
+        write_vm(&env, 256);
         env.repo.commit("more memory");
         crash_at(&env, "before-rename");
         assert_eq!(
@@ -349,20 +271,20 @@ mod crashes {
             old,
             "the record is the old one, whole"
         );
-        env.recovers();
+        recovers(&env);
     }
 
     #[test]
     fn kill_9_while_making_a_disk_then_the_next_run_converges() {
-        let env = Env::new("f-kill9");
+        let env = committed(Env::new());
         let mut child = env
-            .command(None, None)
+            .command(&["--once"])
             .env("FAILPOINTS", "disk-temp-created=sleep(60000)")
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !env.tmp_disk().exists() {
+        while !tmp_disk(&env).exists() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "never reached the disk"
@@ -372,29 +294,26 @@ mod crashes {
         std::thread::sleep(std::time::Duration::from_millis(200));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        assert!(!env.disk().exists());
-        env.recovers();
+        assert!(!env.disk(VM).exists());
+        recovers(&env);
     }
 
     /// On a real libvirtd the domain outlives the crash: defined with the new commit's
     /// tag while the record still names the old commit. The next run converges.
     #[test]
     fn crash_after_define_on_a_real_libvirtd() {
-        if !common::libvirtd_available() {
+        let Some(env) = Env::system("faults") else {
             return;
-        }
-        let (prefix, images, _cleanup) = common::scratch("faults");
-        let dir = tempfile::tempdir().unwrap();
-        let env = Env::at(&format!("{prefix}-vm"), dir, images, "qemu:///system");
-        env.recovers();
+        };
+        let env = committed(env);
+        recovers(&env);
         let old = env.record();
-        env.write_vm(256);
+        write_vm(&env, 256);
         let new = env.repo.commit("more memory");
         crash_at(&env, "after-define");
-        let (_, xml) = common::virsh_system(&["dumpxml", "--inactive", &env.name]);
-        assert!(xml.contains(&new), "defined before the crash");
+        assert!(env.inactive(VM).contains(&new), "defined before the crash");
         assert_eq!(env.record(), old, "the record is the old one");
-        env.recovers();
+        recovers(&env);
         assert_eq!(
             env.record().last_applied_commit.as_deref(),
             Some(new.as_str())

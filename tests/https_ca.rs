@@ -1,15 +1,13 @@
-//! The CA bundle that `source::init_git` leaves out of OpenSSL's start-up (a sync that
-//! does not fetch over https never needs it) is loaded before an https fetch: a server
-//! whose certificate the bundle vouches for gets past the TLS handshake, one it does not
-//! is refused. Its own test binary: `init_git` must be the process's first libgit2 use.
-//! Needs the `openssl` command (server and certificates).
+//! An https fetch checks the server's certificate against the CA bundle OpenSSL is given
+//! (`SSL_CERT_FILE`): a server whose certificate the bundle vouches for gets past the TLS
+//! handshake, one it does not is refused (exit 4, a certificate error). Runs the real
+//! binary with its own environment. Needs the `openssl` command (server and
+//! certificates).
 
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-use vmsync::source::{self, FetchError, SourceSettings};
 
 /// A self-signed certificate for 127.0.0.1: (cert.pem, key.pem) in `dir`.
 fn certificate(dir: &Path, name: &str) -> (String, String) {
@@ -63,17 +61,19 @@ impl Server {
         Server(child, port)
     }
 
-    fn fetch(&self, state: &Path) -> FetchError {
-        let settings = SourceSettings {
-            url: format!("https://127.0.0.1:{}/vms.git", self.1),
-            branch: "main".into(),
-            ssh_key: None,
-            token_file: None,
-        };
-        match source::fetch(&settings, state) {
-            Ok(_) => panic!("a web page is not a git repository"),
-            Err(e) => e,
-        }
+    /// `vmsync --once` from this server with `bundle` as the CA bundle: its stderr.
+    fn fetch(&self, state: &Path, bundle: &str) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_vmsync"))
+            .args(["--once", "--connect", "test:///default", "--branch", "main"])
+            .arg("--url")
+            .arg(format!("https://127.0.0.1:{}/vms.git", self.1))
+            .arg("--state-dir")
+            .arg(state)
+            .env("SSL_CERT_FILE", bundle)
+            .output()
+            .expect("run vmsync");
+        assert_eq!(out.status.code(), Some(4), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
     }
 }
 
@@ -85,30 +85,21 @@ impl Drop for Server {
 }
 
 #[test]
-fn the_deferred_ca_bundle_is_loaded_before_an_https_fetch() {
+fn an_https_fetch_checks_the_certificate_against_the_ca_bundle() {
     let tmp = tempfile::tempdir().unwrap();
     let (trusted_cert, trusted_key) = certificate(tmp.path(), "trusted");
     let (other_cert, other_key) = certificate(tmp.path(), "other");
-    // The user's bundle: only the first certificate.
-    // SAFETY: the harness runs this binary's only test; no other thread reads the
-    // environment now.
-    unsafe { std::env::set_var("SSL_CERT_FILE", &trusted_cert) };
-    // SAFETY: as above, and the first use of libgit2 in this process.
-    unsafe { source::init_git("/a/local/path") };
-    assert_eq!(
-        std::env::var("SSL_CERT_FILE").as_deref(),
-        Ok(trusted_cert.as_str()),
-        "the environment is put back"
-    );
 
+    // The user's bundle holds only the first certificate.
     let trusted = Server::start(&trusted_cert, &trusted_key);
-    let err = trusted.fetch(&tmp.path().join("s1")).to_string();
+    let err = trusted.fetch(&tmp.path().join("s1"), &trusted_cert);
+    assert!(err.contains("failed to fetch branch 'main'"), "{err}");
     assert!(
         !err.contains("certificate") && !err.contains("SSL"),
         "the TLS handshake passed, then git failed on a web page: {err}"
     );
 
     let untrusted = Server::start(&other_cert, &other_key);
-    let err = untrusted.fetch(&tmp.path().join("s2")).to_string();
+    let err = untrusted.fetch(&tmp.path().join("s2"), &trusted_cert);
     assert!(err.contains("certificate"), "{err}");
 }

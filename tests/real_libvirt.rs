@@ -9,128 +9,55 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use common::{Repo, bios_xml, sha256_file, uefi_tpm_xml, vmsync};
-
-fn qemu_img_info(path: &Path) -> serde_json::Value {
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn manifest(p: &str, images: &Path) -> String {
-    format!(
-        r#"version = 1
-
-[[directory]]
-path = "{images}/ISOs"
-
-[[vm]]
-name = "{p}-uefi"
-xml = "vms/uefi.xml"
-autostart = true
-
-  [[vm.disk]]
-  path = "{images}/{p}-uefi.qcow2"
-  size = "256M"
-
-[[vm]]
-name = "{p}-bios"
-xml = "vms/bios.xml"
-autostart = false
-
-  [[vm.disk]]
-  path = "{images}/{p}-bios.qcow2"
-  size = "128M"
-  format = "qcow2"
-
-[[vm]]
-name = "{p}-keep"
-xml = "vms/keep.xml"
-
-  [[vm.disk]]
-  path = "{images}/{p}-keep.qcow2"
-  size = "1G"
-"#,
-        images = images.display()
-    )
-}
+use common::{Env, Manifest, Vm, bios_xml, qemu_img_info, sha256_file, uefi_tpm_xml};
 
 #[test]
 fn real_libvirtd_sync_life_cycle() {
-    if !common::libvirtd_available() {
+    let Some(env) = Env::system("life") else {
         return;
-    }
-    let (p, images, _cleanup) = common::scratch("life");
-    let kvm = if Path::new("/dev/kvm").exists() {
-        "kvm"
-    } else {
-        "qemu"
     };
-    let (uefi, bios, keep) = (
-        format!("{p}-uefi"),
-        format!("{p}-bios"),
-        format!("{p}-keep"),
-    );
-    let disk = |name: &str| images.join(format!("{name}.qcow2"));
+    let kvm = env.domain_type();
+    let (uefi, bios, keep) = (env.name("uefi"), env.name("bios"), env.name("keep"));
+    let disk = |name: &str| env.images.join(format!("{name}.qcow2"));
 
     // An existing disk (smaller than the manifest says) that must stay byte-for-byte.
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(disk(&keep))
-        .arg("64M")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    common::output_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(disk(&keep))
+            .arg("64M"),
+    );
     let keep_hash = sha256_file(&disk(&keep));
     let keep_meta = std::fs::metadata(disk(&keep)).unwrap();
 
-    let repo = Repo::new();
-    repo.write("vmsync.toml", &manifest(&p, &images));
-    repo.write("vms/uefi.xml", &uefi_tpm_xml(&uefi, &disk(&uefi)));
-    repo.write("vms/bios.xml", &bios_xml(&bios, kvm, &disk(&bios), 128));
-    repo.write("vms/keep.xml", &bios_xml(&keep, kvm, &disk(&keep), 128));
-    let c1 = repo.commit("three vms");
-    let state = tempfile::tempdir().unwrap();
-    let url = repo.path().display().to_string();
-    let state_dir = state.path().display().to_string();
-    let root = images.display().to_string();
-    let args = [
-        "--url",
-        &url,
-        "--state-dir",
-        &state_dir,
-        "--connect",
-        "qemu:///system",
-        "--disk-root",
-        &root,
-        "--host",
-        "hv1",
-    ];
-    let once = || {
-        let mut a = vec!["--once"];
-        a.extend_from_slice(&args);
-        vmsync(&a)
-    };
+    let repo = &env.repo;
+    let three = Manifest::new()
+        .directory(&env.images.join("ISOs"))
+        .vm(Vm::new(&uefi)
+            .file("vms/uefi.xml")
+            .key("autostart = true")
+            .disk(&disk(&uefi), "256M")
+            .xml(&uefi_tpm_xml(&uefi, &disk(&uefi))))
+        .vm(Vm::new(&bios)
+            .file("vms/bios.xml")
+            .key("autostart = false")
+            .disk(&disk(&bios), "128M")
+            .disk_key("format = \"qcow2\"")
+            .xml(&bios_xml(&bios, kvm, &disk(&bios), 128)))
+        .vm(Vm::new(&keep)
+            .file("vms/keep.xml")
+            .disk(&disk(&keep), "1G")
+            .xml(&bios_xml(&keep, kvm, &disk(&keep), 128)));
+    let c1 = env.commit(&three, "three vms");
+    let once = || env.run(&["--once"]);
 
     // First sync: directories, disks, definitions, autostart, the UEFI + TPM guest runs.
     let run = once().expect(0);
-    assert!(
-        run.stdout.contains(&format!("applied commit {c1}")),
-        "{}",
-        run.stdout
-    );
-    assert!(images.join("ISOs").is_dir());
+    run.stdout_has(&format!("applied commit {c1}"));
+    assert!(env.images.join("ISOs").is_dir());
     for (name, size) in [(&uefi, 256u64 << 20), (&bios, 128 << 20)] {
         let info = qemu_img_info(&disk(name));
         assert_eq!(info["format"], "qcow2", "{name}");
@@ -145,11 +72,10 @@ fn real_libvirtd_sync_life_cycle() {
         std::fs::metadata(disk(&keep)).unwrap().mtime(),
         keep_meta.mtime()
     );
-    assert!(
-        run.stderr.contains("left as is"),
-        "size difference reported: {}",
-        run.stderr
-    );
+    // The size difference is reported.
+    run.stderr_has(&format!(
+        "existing image is 64 MiB, manifest says 1 GiB; left as is vm={keep}"
+    ));
 
     assert_eq!(common::virsh_system_ok(&["domstate", &uefi]), "running");
     assert_eq!(common::virsh_system_ok(&["domstate", &bios]), "shut off");
@@ -189,11 +115,7 @@ fn real_libvirtd_sync_life_cycle() {
     // Second sync on the same commit: nothing changes.
     let (bios_xml_1, keep_xml_1) = (inactive(&bios), inactive(&keep));
     let run = once().expect(0);
-    assert!(
-        run.stdout.contains(&format!("nothing to do: commit {c1}")),
-        "{}",
-        run.stdout
-    );
+    run.stdout_has(&format!("nothing to do: commit {c1}"));
     assert_eq!(inactive(&uefi), uefi_xml_1);
     assert_eq!(inactive(&bios), bios_xml_1);
     assert_eq!(inactive(&keep), keep_xml_1);
@@ -207,17 +129,9 @@ fn real_libvirtd_sync_life_cycle() {
     );
     let c2 = repo.commit("two vcpus for uefi");
     let run = once().expect(0);
-    assert!(
-        run.stdout.contains(&format!("{uefi}: redefine in place")),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout.contains(&format!("{uefi}: pending restart")),
-        "{}",
-        run.stdout
-    );
-    assert!(!run.stdout.contains(&format!("{bios}:")), "{}", run.stdout);
+    run.stdout_has(&format!("{uefi}: redefine in place"));
+    run.stdout_has(&format!("{uefi}: pending restart"));
+    run.stdout_lacks(&format!("{bios}:"));
     let uefi_xml_2 = inactive(&uefi);
     assert!(
         uefi_xml_2.contains("<vcpu placement='static'>2</vcpu>"),
@@ -239,7 +153,7 @@ fn real_libvirtd_sync_life_cycle() {
     assert_eq!(inactive(&bios), bios_xml_1);
     assert_eq!(inactive(&keep), keep_xml_1);
 
-    let status = common::status_json(&args);
+    let status = env.status();
     assert_eq!(status["last_applied_commit"], c2.as_str());
     let vm = |name: &str| {
         status["vms"]
@@ -259,7 +173,7 @@ fn real_libvirtd_sync_life_cycle() {
     assert_eq!(vm(&bios)["drift"], serde_json::json!([]));
 
     // A commit with one broken VM: exit 3, nothing on the host or in the record moves.
-    let record_before = std::fs::read_to_string(state.path().join("state.json")).unwrap();
+    let record_before = env.state_json().unwrap();
     repo.write(
         "vms/bios.xml",
         &bios_xml(&bios, kvm, &disk(&bios), 256).replace("<vcpu>1</vcpu>", "<vcpus>1</vcpus>"),
@@ -267,13 +181,9 @@ fn real_libvirtd_sync_life_cycle() {
     repo.write("vms/keep.xml", &bios_xml(&keep, kvm, &disk(&keep), 512));
     repo.commit("broken bios, bigger keep");
     let run = once().expect(3);
-    assert!(
-        run.stderr.contains(&format!(
-            "vms/bios.xml: vm '{bios}': field 'xml': rejected by libvirt"
-        )),
-        "{}",
-        run.stderr
-    );
+    run.stderr_has(&format!(
+        "vms/bios.xml: vm '{bios}': field 'xml': rejected by libvirt"
+    ));
     assert_eq!(inactive(&uefi), uefi_xml_2);
     assert_eq!(inactive(&bios), bios_xml_1);
     assert_eq!(
@@ -282,9 +192,7 @@ fn real_libvirtd_sync_life_cycle() {
         "the valid VM of an invalid commit is not applied either"
     );
     assert_eq!(common::virsh_system_ok(&["domstate", &uefi]), "running");
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(state.path().join("state.json")).unwrap())
-            .unwrap();
+    let record: serde_json::Value = serde_json::from_str(&env.state_json().unwrap()).unwrap();
     let before: serde_json::Value = serde_json::from_str(&record_before).unwrap();
     assert_eq!(record["last_applied_commit"], c2.as_str());
     assert_eq!(record["vms"], before["vms"]);
@@ -298,31 +206,24 @@ fn real_libvirtd_sync_life_cycle() {
     repo.write("vms/keep.xml", &bios_xml(&keep, kvm, &disk(&keep), 128));
     let c3 = repo.commit("as c2");
     once().expect(0);
-    let record_before = std::fs::read_to_string(state.path().join("state.json")).unwrap();
+    let record_before = env.state_json().unwrap();
     let before: serde_json::Value = serde_json::from_str(&record_before).unwrap();
     repo.write(
         "vms/bios.xml",
         &bios_xml(&bios, kvm, &disk(&bios), 256).replace("<vcpu>1</vcpu>", "<vcpus>1</vcpus>"),
     );
-    repo.commit("broken bios only");
+    let c4 = repo.commit("broken bios only");
     let run = once().expect(3);
-    assert!(
-        run.stderr.contains(&format!(
-            "vms/bios.xml: vm '{bios}': field 'xml': rejected by libvirt"
-        )) && run.stderr.contains("vcpus"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains("failed to define domain"),
-        "libvirtd was asked: {}",
-        run.stderr
-    );
+    run.stderr_has(&format!(
+        "vms/bios.xml: vm '{bios}': field 'xml': rejected by libvirt"
+    ))
+    .stderr_has("Extra element vcpus");
+    // Refused before anything reached libvirtd: no action was tried.
+    assert!(!run.stderr.contains("action failed"), "{}", run.stderr);
+    let _ = c4;
     assert_eq!(inactive(&bios), bios_xml_1);
     assert_eq!(inactive(&keep), keep_xml_1);
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(state.path().join("state.json")).unwrap())
-            .unwrap();
+    let record: serde_json::Value = serde_json::from_str(&env.state_json().unwrap()).unwrap();
     assert_eq!(record["last_applied_commit"], c3.as_str());
     assert_eq!(record["vms"], before["vms"]);
     assert_eq!(record["last_result"], "invalid");
@@ -330,48 +231,28 @@ fn real_libvirtd_sync_life_cycle() {
 
 #[test]
 fn real_libvirtd_never_touches_a_hand_made_domain() {
-    if !common::libvirtd_available() {
+    let Some(env) = Env::system("hand") else {
         return;
-    }
-    let (p, images, _cleanup) = common::scratch("hand");
-    let name = format!("{p}-vm");
-    let disk = images.join("vm.qcow2");
+    };
+    let name = env.name("vm");
+    let disk = env.disk("vm");
     // Defined by an operator, by hand, without vmsync's tag.
     let by_hand = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(by_hand.path(), bios_xml(&name, "qemu", &disk, 96)).unwrap();
     common::virsh_system_ok(&["define", &by_hand.path().display().to_string()]);
-    let before = common::virsh_system_ok(&["dumpxml", "--inactive", &name]);
+    let before = env.inactive("vm");
 
-    let repo = Repo::new();
-    repo.write(
-        "vmsync.toml",
-        &format!("version = 1\n[[vm]]\nname = \"{name}\"\nxml = \"vm.xml\"\nautostart = true\n  [[vm.disk]]\n  path = \"{}\"\n  size = \"64M\"\n", disk.display()),
-    );
-    repo.write("vm.xml", &bios_xml(&name, "qemu", &disk, 128));
-    repo.commit("claim a hand-made domain");
-    let state = tempfile::tempdir().unwrap();
-    let run = vmsync(&[
-        "--once",
-        "--url",
-        &repo.path().display().to_string(),
-        "--state-dir",
-        &state.path().display().to_string(),
-        "--connect",
-        "qemu:///system",
-        "--disk-root",
-        &images.display().to_string(),
-    ])
-    .expect(1);
-    assert!(
-        run.stderr.contains("was not defined by vmsync"),
-        "{}",
-        run.stderr
-    );
-    assert_eq!(
-        common::virsh_system_ok(&["dumpxml", "--inactive", &name]),
-        before
-    );
-    assert_eq!(common::virsh_system_ok(&["domstate", &name]), "shut off");
+    let claim = env
+        .vm("vm")
+        .file("vm.xml")
+        .key("autostart = true")
+        .xml(&bios_xml(&name, "qemu", &disk, 128));
+    env.commit(&Manifest::new().vm(claim), "claim a hand-made domain");
+    env.run(&["--once"])
+        .expect(1)
+        .stderr_has("was not defined by vmsync");
+    assert_eq!(env.inactive("vm"), before);
+    assert_eq!(env.domstate("vm"), "shut off");
     assert!(
         !disk.exists(),
         "no disk created for a VM that is not converged"

@@ -14,140 +14,26 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{
-    Repo, SystemCleanup, bios_xml, libvirtd_available, sha256_file, uefi_tpm_xml,
-    virsh_system as virsh, virsh_system_ok as virsh_ok, vmsync,
-};
+use common::{Env, Manifest, bios_xml, sha256_file, uefi_tpm_xml, virsh_system_ok as virsh_ok};
 
-fn domain_type() -> &'static str {
-    if Path::new("/dev/kvm").exists() {
-        "kvm"
-    } else {
-        "qemu"
-    }
-}
-
-/// One VM repository, state directory and images directory on the real host.
-struct Host {
-    repo: Repo,
-    state: tempfile::TempDir,
-    images: PathBuf,
-    p: String,
-}
-
-struct Vm<'a> {
+/// A BIOS guest of these tests: its short name, manifest keys and memory.
+struct Guest<'a> {
     name: &'a str,
     extra: &'a str,
     memory: u32,
 }
 
-impl Host {
-    fn new(p: &str) -> Self {
-        let images = common::images_dir(p);
-        std::fs::create_dir_all(&images).unwrap();
-        Host {
-            repo: Repo::new(),
-            state: tempfile::tempdir().unwrap(),
-            images,
-            p: p.to_string(),
-        }
-    }
-
-    fn name(&self, short: &str) -> String {
-        format!("{}-{short}", self.p)
-    }
-
-    fn disk(&self, short: &str) -> PathBuf {
-        self.images.join(format!("{short}.qcow2"))
-    }
-
-    /// Commits a manifest with `vms` (BIOS guests, one disk each).
-    fn commit(&self, vms: &[Vm], message: &str) -> String {
-        let mut m = "version = 1\n".to_string();
-        for vm in vms {
-            let name = self.name(vm.name);
-            m += &format!(
-                "\n[[vm]]\nname = \"{name}\"\nxml = \"vms/{}.xml\"\n{}\n  [[vm.disk]]\n  path = \"{}\"\n  size = \"64M\"\n",
-                vm.name,
-                vm.extra,
-                self.disk(vm.name).display()
-            );
-            self.repo.write(
-                &format!("vms/{}.xml", vm.name),
-                &bios_xml(&name, domain_type(), &self.disk(vm.name), vm.memory),
-            );
-        }
-        self.repo.write("vmsync.toml", &m);
-        self.repo.commit(message)
-    }
-
-    fn args(&self) -> Vec<String> {
-        [
-            "--url",
-            &self.repo.path().display().to_string(),
-            "--state-dir",
-            &self.state.path().display().to_string(),
-            "--connect",
-            "qemu:///system",
-            "--disk-root",
-            &self.images.display().to_string(),
-            "--host",
-            "hv1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    }
-
-    fn run(&self, extra: &[&str]) -> common::Run {
-        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        args.extend(self.args());
-        vmsync(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let args = self.args();
-        common::status_json(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    }
-
-    fn vm_status(&self, short: &str) -> serde_json::Value {
-        let name = self.name(short);
-        self.status()["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == name.as_str())
-            .unwrap_or_else(|| panic!("{name} not in status"))
-            .clone()
-    }
-
-    fn inactive(&self, short: &str) -> String {
-        virsh_ok(&["dumpxml", "--inactive", &self.name(short)])
-    }
-
-    fn domstate(&self, short: &str) -> String {
-        virsh_ok(&["domstate", &self.name(short)])
-    }
-
-    fn domid(&self, short: &str) -> String {
-        virsh_ok(&["domid", &self.name(short)])
-    }
-
-    fn autostart(&self, short: &str) -> bool {
-        virsh_ok(&["dominfo", &self.name(short)])
-            .lines()
-            .any(|l| l.starts_with("Autostart:") && l.ends_with("enable"))
-    }
-
-    fn defined(&self, short: &str) -> bool {
-        virsh(&["domuuid", &self.name(short)]).0
-    }
-
-    fn state_json(&self) -> Option<String> {
-        std::fs::read_to_string(self.state.path().join("state.json")).ok()
-    }
+/// Commits a manifest with `guests`, one 64M disk each.
+fn commit(env: &Env, guests: &[Guest], message: &str) -> String {
+    let m = Manifest::new().vms(guests.iter().map(|g| {
+        env.vm(g.name)
+            .file(&format!("vms/{}.xml", g.name))
+            .key(g.extra)
+            .xml(&env.bios(g.name, g.memory))
+    }));
+    env.commit(&m, message)
 }
 
 /// The changed lines of a unified diff (without the --- / +++ headers).
@@ -163,74 +49,49 @@ fn changed_lines(diff: &str) -> Vec<&str> {
 
 #[test]
 fn real_plan_shows_diffs_and_changes_nothing() {
-    if !libvirtd_available() {
+    let Some(env) = Env::system("plan") else {
         return;
-    }
-    let p = common::prefix("plan");
-    let host = Host::new(&p);
-    let _cleanup = SystemCleanup::new(&p, &host.images);
+    };
     let vms = |memory| {
         [
-            Vm {
+            Guest {
                 name: "a",
                 extra: "autostart = true",
                 memory,
             },
-            Vm {
+            Guest {
                 name: "b",
                 extra: "",
                 memory: 128,
             },
         ]
     };
-    host.commit(&vms(128), "two vms");
+    commit(&env, &vms(128), "two vms");
 
     // Before anything exists: every action planned, nothing made.
-    let run = host.run(&["plan"]).expect(0);
-    let a = host.name("a");
-    assert!(
-        run.stdout.contains(&format!(
-            "{a}: create qcow2 disk '{}' (64 MiB), define, set autostart, start",
-            host.disk("a").display()
-        )),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout.contains(&format!("+  <name>{a}</name>")),
-        "{}",
-        run.stdout
-    );
-    assert!(!host.defined("a") && !host.defined("b"));
-    assert!(!host.disk("a").exists(), "plan creates no disk");
-    assert_eq!(host.state_json(), None, "plan writes no record");
+    let run = env.run(&["plan"]).expect(0);
+    let a = env.name("a");
+    run.stdout_has(&format!(
+        "{a}: create qcow2 disk '{}' (64 MiB), define, set autostart, start",
+        env.disk("a").display()
+    ));
+    run.stdout_has(&format!("+  <name>{a}</name>"));
+    assert!(!env.defined("a") && !env.defined("b"));
+    assert!(!env.disk("a").exists(), "plan creates no disk");
+    assert_eq!(env.state_json(), None, "plan writes no record");
 
-    host.run(&["--once"]).expect(0);
-    let (xml_a, xml_b, id_a) = (host.inactive("a"), host.inactive("b"), host.domid("a"));
-    let record = host.state_json().unwrap();
+    env.run(&["--once"]).expect(0);
+    let (xml_a, xml_b, id_a) = (env.inactive("a"), env.inactive("b"), env.domid("a"));
+    let record = env.state_json().unwrap();
 
     // A memory change: the plan's diff shows exactly the memory line, although libvirt's
     // QEMU driver added a machine type, controllers, addresses and a MAC.
-    let c2 = host.commit(&vms(256), "more memory for a");
-    let run = host.run(&["plan"]).expect(0);
-    assert!(
-        run.stdout.contains(&format!("plan for commit {c2}")),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout
-            .contains(&format!("{a}: redefine in place (pending restart)")),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout
-            .contains(&format!("{}: nothing to do", host.name("b"))),
-        "{}",
-        run.stdout
-    );
-    let json_run = host.run(&["--once", "--dry-run", "--json"]).expect(0);
+    let c2 = commit(&env, &vms(256), "more memory for a");
+    let run = env.run(&["plan"]).expect(0);
+    run.stdout_has(&format!("plan for commit {c2}"));
+    run.stdout_has(&format!("{a}: redefine in place (pending restart)"));
+    run.stdout_has(&format!("{}: nothing to do", env.name("b")));
+    let json_run = env.run(&["--once", "--dry-run", "--json"]).expect(0);
     let plan: serde_json::Value = serde_json::from_str(&json_run.stdout).unwrap();
     assert_eq!(plan["commit"], c2.as_str());
     let vm_a = plan["vms"]
@@ -254,45 +115,39 @@ fn real_plan_shows_diffs_and_changes_nothing() {
     assert_eq!(plan["noop"], false);
 
     // Nothing changed on the host or in the record.
-    assert_eq!(host.inactive("a"), xml_a);
-    assert_eq!(host.inactive("b"), xml_b);
-    assert_eq!(host.domid("a"), id_a);
-    assert_eq!(host.state_json().unwrap(), record);
+    assert_eq!(env.inactive("a"), xml_a);
+    assert_eq!(env.inactive("b"), xml_b);
+    assert_eq!(env.domid("a"), id_a);
+    assert_eq!(env.state_json().unwrap(), record);
 
     // The sync logs the same diff when it redefines.
-    let run = host.run(&["--once"]).expect(0);
-    assert!(run.stderr.contains("definition diff"), "{}", run.stderr);
-    assert!(
-        run.stderr.contains("+  <memory unit='KiB'>262144</memory>"),
-        "{}",
-        run.stderr
-    );
+    let run = env.run(&["--once"]).expect(0);
+    run.stderr_has("definition diff");
+    run.stderr_has("+  <memory unit='KiB'>262144</memory>");
 }
 
 #[test]
 fn real_drift_is_reported_then_healed() {
-    if !libvirtd_available() {
+    let Some(env) = Env::system("drift") else {
         return;
-    }
-    let p = common::prefix("drift");
-    let host = Host::new(&p);
-    let _cleanup = SystemCleanup::new(&p, &host.images);
-    host.commit(
-        &[Vm {
+    };
+    commit(
+        &env,
+        &[Guest {
             name: "vm",
             extra: "autostart = true",
             memory: 128,
         }],
         "one vm",
     );
-    host.run(&["--once"]).expect(0);
-    let name = host.name("vm");
-    assert_eq!(host.domstate("vm"), "running");
-    assert_eq!(host.vm_status("vm")["drift"], serde_json::json!([]));
+    env.run(&["--once"]).expect(0);
+    let name = env.name("vm");
+    assert_eq!(env.domstate("vm"), "running");
+    assert_eq!(env.vm_status("vm")["drift"], serde_json::json!([]));
 
     // Outside git: `virsh edit` (define of the edited inactive XML, tag kept), autostart
     // off, a manual stop.
-    let edited = host.inactive("vm").replace(
+    let edited = env.inactive("vm").replace(
         "<vcpu placement='static'>1</vcpu>",
         "<vcpu placement='static'>2</vcpu>",
     );
@@ -302,7 +157,7 @@ fn real_drift_is_reported_then_healed() {
     virsh_ok(&["autostart", "--disable", &name]);
     virsh_ok(&["destroy", &name]);
 
-    let drift = host.vm_status("vm")["drift"].clone();
+    let drift = env.vm_status("vm")["drift"].clone();
     assert_eq!(
         drift,
         serde_json::json!([
@@ -313,13 +168,8 @@ fn real_drift_is_reported_then_healed() {
     );
 
     // self_heal off: reported (plan with the diff back to the commit), nothing changed.
-    let run = host.run(&["plan", "--self-heal=false"]).expect(0);
-    assert!(
-        run.stdout
-            .contains("drift: definition changed outside vmsync (reported only, self_heal is off)"),
-        "{}",
-        run.stdout
-    );
+    let run = env.run(&["plan", "--self-heal=false"]).expect(0);
+    run.stdout_has("drift: definition changed outside vmsync (reported only, self_heal is off)");
     assert!(
         run.stdout
             .contains("-    <vcpu placement='static'>2</vcpu>")
@@ -327,78 +177,62 @@ fn real_drift_is_reported_then_healed() {
         "{}",
         run.stdout
     );
-    let run = host.run(&["--once", "--self-heal=false"]).expect(0);
+    let run = env.run(&["--once", "--self-heal=false"]).expect(0);
+    run.stdout_has("self_heal is off, left as is");
     assert!(
-        run.stdout.contains("self_heal is off, left as is"),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        host.inactive("vm")
+        env.inactive("vm")
             .contains("<vcpu placement='static'>2</vcpu>")
     );
-    assert!(!host.autostart("vm"));
-    assert_eq!(host.domstate("vm"), "shut off");
-    assert_eq!(host.vm_status("vm")["drift"].as_array().unwrap().len(), 3);
+    assert!(!env.autostart("vm"));
+    assert_eq!(env.domstate("vm"), "shut off");
+    assert_eq!(env.vm_status("vm")["drift"].as_array().unwrap().len(), 3);
 
     // self_heal on (the default): definition, autostart flag and power state restored.
-    let run = host.run(&["--once"]).expect(0);
+    let run = env.run(&["--once"]).expect(0);
+    run.stdout_has(&format!("{name}: redefine in place, set autostart, start"));
     assert!(
-        run.stdout
-            .contains(&format!("{name}: redefine in place, set autostart, start")),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        host.inactive("vm")
+        env.inactive("vm")
             .contains("<vcpu placement='static'>1</vcpu>")
     );
-    assert!(host.autostart("vm"));
-    assert_eq!(host.domstate("vm"), "running");
-    assert_eq!(host.vm_status("vm")["drift"], serde_json::json!([]));
-    let run = host.run(&["--once"]).expect(0);
-    assert!(run.stdout.contains("nothing to do"), "{}", run.stdout);
+    assert!(env.autostart("vm"));
+    assert_eq!(env.domstate("vm"), "running");
+    assert_eq!(env.vm_status("vm")["drift"], serde_json::json!([]));
+    let run = env.run(&["--once"]).expect(0);
+    run.stdout_has("nothing to do");
 }
 
 #[test]
 fn real_restart_shuts_down_first_and_defer_keeps_running() {
-    if !libvirtd_available() {
+    let Some(env) = Env::system("restart") else {
         return;
-    }
-    let p = common::prefix("restart");
-    let host = Host::new(&p);
-    let _cleanup = SystemCleanup::new(&p, &host.images);
+    };
     let vms = |memory, defer_extra| {
         [
-            Vm {
+            Guest {
                 name: "r",
                 extra: "autostart = true\non_change = \"restart\"\nshutdown_timeout = \"3s\"",
                 memory,
             },
-            Vm {
+            Guest {
                 name: "d",
                 extra: defer_extra,
                 memory,
             },
         ]
     };
-    host.commit(&vms(128, "autostart = true"), "two running vms");
-    host.run(&["--once"]).expect(0);
-    let (id_r, id_d) = (host.domid("r"), host.domid("d"));
+    commit(&env, &vms(128, "autostart = true"), "two running vms");
+    env.run(&["--once"]).expect(0);
+    let (id_r, id_d) = (env.domid("r"), env.domid("d"));
 
-    host.commit(&vms(256, "autostart = true"), "more memory");
+    commit(&env, &vms(256, "autostart = true"), "more memory");
     let started = std::time::Instant::now();
-    let run = host.run(&["--once"]).expect(0);
-    let (r, d) = (host.name("r"), host.name("d"));
+    let run = env.run(&["--once"]).expect(0);
+    let (r, d) = (env.name("r"), env.name("d"));
     // The guest has no OS to honour ACPI: the shutdown was requested, the timeout
     // passed, and only then was it destroyed and started with the new definition.
-    assert!(
-        run.stdout.contains(&format!(
-            "{r}: redefine in place, restart (shutdown requested, still running after 3s, destroyed, started)"
-        )),
-        "{}",
-        run.stdout
-    );
+    run.stdout_has(&format!(
+        "{r}: redefine in place, restart (shutdown requested, still running after 3s, destroyed, started)"
+    ));
     assert!(started.elapsed() >= std::time::Duration::from_secs(3));
     let requested = run
         .stderr
@@ -406,136 +240,95 @@ fn real_restart_shuts_down_first_and_defer_keeps_running() {
         .expect("requested");
     let destroying = run.stderr.find("destroying").expect("destroyed");
     assert!(requested < destroying, "{}", run.stderr);
-    assert_eq!(host.domstate("r"), "running");
-    assert_ne!(host.domid("r"), id_r, "r was power-cycled");
+    assert_eq!(env.domstate("r"), "running");
+    assert_ne!(env.domid("r"), id_r, "r was power-cycled");
     assert!(virsh_ok(&["dumpxml", &r]).contains("<memory unit='KiB'>262144</memory>"));
 
     // "defer": still running the old definition, reported as pending restart.
-    assert!(
-        run.stdout.contains(&format!("{d}: redefine in place\n")),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout.contains(&format!("{d}: pending restart")),
-        "{}",
-        run.stdout
-    );
-    assert_eq!(host.domstate("d"), "running");
-    assert_eq!(host.domid("d"), id_d, "d kept running");
+    run.stdout_has(&format!("{d}: redefine in place\n"));
+    run.stdout_has(&format!("{d}: pending restart"));
+    assert_eq!(env.domstate("d"), "running");
+    assert_eq!(env.domid("d"), id_d, "d kept running");
     assert!(virsh_ok(&["dumpxml", &d]).contains("<memory unit='KiB'>131072</memory>"));
-    assert_eq!(host.vm_status("d")["pending_restart"], true);
-    assert_eq!(host.vm_status("r")["pending_restart"], false);
+    assert_eq!(env.vm_status("d")["pending_restart"], true);
+    assert_eq!(env.vm_status("r")["pending_restart"], false);
 
     // state = "stopped": the same graceful way down.
-    host.commit(
+    commit(
+        &env,
         &vms(256, "state = \"stopped\"\nshutdown_timeout = \"3s\""),
         "stop d",
     );
-    let run = host.run(&["--once"]).expect(0);
-    assert!(
-        run.stdout.contains(&format!(
-            "{d}: clear autostart, stop (shutdown requested, still running after 3s, destroyed)"
-        )),
-        "{}",
-        run.stdout
-    );
-    assert_eq!(host.domstate("d"), "shut off");
-    assert_eq!(host.domstate("r"), "running");
+    let run = env.run(&["--once"]).expect(0);
+    run.stdout_has(&format!(
+        "{d}: clear autostart, stop (shutdown requested, still running after 3s, destroyed)"
+    ));
+    assert_eq!(env.domstate("d"), "shut off");
+    assert_eq!(env.domstate("r"), "running");
 }
 
 #[test]
 fn real_prune_removes_only_tagged_domains_and_keeps_disks_nvram_tpm() {
-    if !libvirtd_available() {
+    let Some(env) = Env::system("prune") else {
         return;
-    }
-    let p = common::prefix("prune");
-    let host = Host::new(&p);
-    let cleanup = SystemCleanup::new(&p, &host.images);
-    let (keep, gone, hand) = (host.name("keep"), host.name("gone"), host.name("hand"));
+    };
+    let (gone, hand) = (env.name("gone"), env.name("hand"));
 
     // A UEFI + TPM guest (running) and a BIOS guest, both vmsync's; one made by hand.
-    let manifest = |with_gone: bool| {
-        let mut m = format!(
-            "version = 1\n[[vm]]\nname = \"{keep}\"\nxml = \"vms/keep.xml\"\n  [[vm.disk]]\n  path = \"{}\"\n  size = \"64M\"\n",
-            host.disk("keep").display()
-        );
-        if with_gone {
-            m += &format!(
-                "[[vm]]\nname = \"{gone}\"\nxml = \"vms/gone.xml\"\nautostart = true\n  [[vm.disk]]\n  path = \"{}\"\n  size = \"64M\"\n",
-                host.disk("gone").display()
-            );
-        }
-        m
-    };
-    host.repo.write("vmsync.toml", &manifest(true));
-    host.repo.write(
-        "vms/keep.xml",
-        &bios_xml(&keep, domain_type(), &host.disk("keep"), 128),
+    let keep_vm = env.vm("keep").file("vms/keep.xml");
+    let gone_vm = env
+        .vm("gone")
+        .file("vms/gone.xml")
+        .key("autostart = true")
+        .xml(&uefi_tpm_xml(&gone, &env.disk("gone")));
+    env.commit(
+        &Manifest::new().vm(keep_vm.clone()).vm(gone_vm),
+        "keep and gone",
     );
-    host.repo
-        .write("vms/gone.xml", &uefi_tpm_xml(&gone, &host.disk("gone")));
-    host.repo.commit("keep and gone");
     let by_hand = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         by_hand.path(),
-        bios_xml(&hand, "qemu", &host.images.join("hand.qcow2"), 96),
+        bios_xml(&hand, "qemu", &env.images.join("hand.qcow2"), 96),
     )
     .unwrap();
     virsh_ok(&["define", &by_hand.path().display().to_string()]);
-    host.run(&["--once"]).expect(0);
-    assert_eq!(host.domstate("gone"), "running");
+    env.run(&["--once"]).expect(0);
+    assert_eq!(env.domstate("gone"), "running");
     let uuid = virsh_ok(&["domuuid", &gone]);
     let nvram = PathBuf::from(format!("/var/lib/libvirt/qemu/nvram/{gone}_VARS.fd"));
     let tpm = PathBuf::from(format!("/var/lib/libvirt/swtpm/{uuid}"));
-    cleanup.also_remove(nvram.clone());
-    cleanup.also_remove(tpm.clone());
+    env.cleanup().also_remove(nvram.clone());
+    env.cleanup().also_remove(tpm.clone());
     assert!(nvram.is_file() && tpm.is_dir());
     let hand_xml = virsh_ok(&["dumpxml", "--inactive", &hand]);
 
     // `gone` leaves the manifest. Pruning is off by default: left alone, said so.
-    host.repo.write("vmsync.toml", &manifest(false));
-    host.repo.commit("drop gone");
-    let run = host.run(&["--once"]).expect(0);
-    assert!(host.defined("gone"), "{}", run.stdout);
-    let run = host.run(&["plan", "--prune"]).expect(0);
-    assert!(
-        run.stdout.contains(&format!(
-            "{gone}: prune: stop (graceful shutdown, destroy after 2m), undefine (keeping NVRAM, TPM state and disks)"
-        )),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        !run.stdout.contains(&hand),
-        "untagged domains are not even listed: {}",
-        run.stdout
-    );
-    assert!(host.defined("gone"), "plan changes nothing");
+    env.commit(&Manifest::new().vm(keep_vm), "drop gone");
+    let run = env.run(&["--once"]).expect(0);
+    assert!(env.defined("gone"), "{}", run.stdout);
+    let run = env.run(&["plan", "--prune"]).expect(0);
+    run.stdout_has(&format!(
+        "{gone}: prune: stop (graceful shutdown, destroy after 2m), undefine (keeping NVRAM, TPM state and disks)"
+    ));
+    // Untagged domains are not even listed.
+    run.stdout_lacks(&hand);
+    assert!(env.defined("gone"), "plan changes nothing");
 
-    let disk_hash = sha256_file(&host.disk("gone"));
+    let disk_hash = sha256_file(&env.disk("gone"));
     // The running firmware may still write its variables: the file itself must stay.
     let nvram_ino = std::fs::metadata(&nvram).unwrap().ino();
-    let run = host
+    let run = env
         .run(&["--once", "--prune", "--shutdown-timeout", "3s"])
         .expect(0);
-    assert!(
-        run.stdout.contains(&format!(
-            "{gone}: pruned: stop (shutdown requested, still running after 3s, destroyed), undefine"
-        )),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout.contains(&format!(
-            "orphaned disk (kept): {}",
-            host.disk("gone").display()
-        )),
-        "{}",
-        run.stdout
-    );
-    assert!(!host.defined("gone"));
-    assert_eq!(sha256_file(&host.disk("gone")), disk_hash, "disk kept");
+    run.stdout_has(&format!(
+        "{gone}: pruned: stop (shutdown requested, still running after 3s, destroyed), undefine"
+    ));
+    run.stdout_has(&format!(
+        "orphaned disk (kept): {}",
+        env.disk("gone").display()
+    ));
+    assert!(!env.defined("gone"));
+    assert_eq!(sha256_file(&env.disk("gone")), disk_hash, "disk kept");
     assert_eq!(
         std::fs::metadata(&nvram).unwrap().ino(),
         nvram_ino,
@@ -543,15 +336,15 @@ fn real_prune_removes_only_tagged_domains_and_keeps_disks_nvram_tpm() {
     );
     assert!(std::fs::metadata(&nvram).unwrap().len() > 0);
     assert!(tpm.is_dir(), "TPM state kept");
-    assert!(host.defined("keep"));
+    assert!(env.defined("keep"));
     assert_eq!(
         virsh_ok(&["dumpxml", "--inactive", &hand]),
         hand_xml,
         "hand-made untouched"
     );
-    let status = host.status();
+    let status = env.status();
     assert_eq!(
-        status["orphaned_disks"][host.disk("gone").display().to_string()],
+        status["orphaned_disks"][env.disk("gone").display().to_string()],
         gone.as_str()
     );
     assert!(
@@ -565,73 +358,53 @@ fn real_prune_removes_only_tagged_domains_and_keeps_disks_nvram_tpm() {
 
 #[test]
 fn real_mass_prune_is_refused_without_the_flag() {
-    if !libvirtd_available() {
+    let Some(env) = Env::system("mass") else {
         return;
-    }
-    let p = common::prefix("mass");
-    let host = Host::new(&p);
-    let _cleanup = SystemCleanup::new(&p, &host.images);
-    let vm = |name| Vm {
+    };
+    let vm = |name| Guest {
         name,
         extra: "",
         memory: 96,
     };
-    host.commit(&[vm("a"), vm("b"), vm("c")], "three");
-    host.run(&["--once"]).expect(0);
-    let applied = host.status()["last_applied_commit"].clone();
+    commit(&env, &[vm("a"), vm("b"), vm("c")], "three");
+    env.run(&["--once"]).expect(0);
+    let applied = env.status()["last_applied_commit"].clone();
 
     // Two of three removed with max_prune = 1: refused, nothing applied.
-    let c2 = host.commit(&[vm("c")], "drop two");
-    let run = host
+    let c2 = commit(&env, &[vm("c")], "drop two");
+    let run = env
         .run(&["--once", "--prune", "--max-prune", "1"])
         .expect(3);
-    assert!(
-        run.stderr
-            .contains(&format!("commit {c2} is refused; nothing was applied")),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains("more than policy.max_prune = 1"),
-        "{}",
-        run.stderr
-    );
-    assert!(host.defined("a") && host.defined("b"));
-    let status = host.status();
+    run.stderr_has(&format!("commit {c2} is refused; nothing was applied"));
+    run.stderr_has("more than policy.max_prune = 1");
+    assert!(env.defined("a") && env.defined("b"));
+    let status = env.status();
     assert_eq!(status["last_result"], "refused");
     assert_eq!(status["last_applied_commit"], applied);
-    let run = host.run(&["plan", "--prune", "--max-prune", "1"]).expect(0);
-    assert!(run.stdout.contains("REFUSED"), "{}", run.stdout);
+    let run = env.run(&["plan", "--prune", "--max-prune", "1"]).expect(0);
+    run.stdout_has("REFUSED");
     for short in ["a", "b"] {
         assert!(
             run.stdout
-                .contains(&format!("{}: prune: undefine", host.name(short))),
+                .contains(&format!("{}: prune: undefine", env.name(short))),
             "the plan shows what would go: {}",
             run.stdout
         );
     }
 
     // Every managed domain: refused even within max_prune.
-    let c3 = host.commit(&[], "empty manifest");
-    let run = host.run(&["--once", "--prune"]).expect(3);
-    assert!(
-        run.stderr.contains("every managed domain on this host (3)"),
-        "{}",
-        run.stderr
-    );
-    assert!(host.defined("a") && host.defined("b") && host.defined("c"));
+    let c3 = commit(&env, &[], "empty manifest");
+    let run = env.run(&["--once", "--prune"]).expect(3);
+    run.stderr_has("every managed domain on this host (3)");
+    assert!(env.defined("a") && env.defined("b") && env.defined("c"));
 
     // The operator confirms.
-    let run = host
+    let run = env
         .run(&["--once", "--prune", "--allow-mass-prune"])
         .expect(0);
-    assert!(
-        run.stdout.contains(&format!("applied commit {c3}")),
-        "{}",
-        run.stdout
-    );
-    assert!(!host.defined("a") && !host.defined("b") && !host.defined("c"));
+    run.stdout_has(&format!("applied commit {c3}"));
+    assert!(!env.defined("a") && !env.defined("b") && !env.defined("c"));
     for short in ["a", "b", "c"] {
-        assert!(host.disk(short).exists(), "disks are never deleted");
+        assert!(env.disk(short).exists(), "disks are never deleted");
     }
 }

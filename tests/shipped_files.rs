@@ -1,5 +1,7 @@
-//! Every file we ship for users is checked: the example VM repository validates, and the
-//! example agent config parses with the values it documents.
+//! Every file we ship for users is checked: the example VM repository validates, the
+//! example agent config parses with the values it documents, and the documentation
+//! (README.md, docs/, SECURITY.md, deploy/ and example-repo/ READMEs) links only to files
+//! and headings that exist in this repository and points nowhere outside it.
 
 mod common;
 
@@ -11,11 +13,7 @@ use vmsync::config::{self, Overrides};
 fn example_repo_validates() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("example-repo");
     let run = common::vmsync(&["validate", &dir.display().to_string()]).expect(0);
-    assert!(
-        run.stdout.contains("valid (2 vm(s), 1 directory(ies))"),
-        "{}",
-        run.stdout
-    );
+    run.stdout_has("valid (2 vm(s), 1 directory(ies))");
 }
 
 #[test]
@@ -105,4 +103,212 @@ fn regex_free_key(line: &str) -> bool {
         return false;
     };
     !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+}
+
+/// The documents users read, relative to the repository root: README.md, SECURITY.md,
+/// every `docs/*.md`, and the READMEs of `deploy/` and `example-repo/`.
+fn documents() -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs: Vec<String> = [
+        "README.md",
+        "SECURITY.md",
+        "deploy/README.md",
+        "example-repo/README.md",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut in_docs: Vec<String> = std::fs::read_dir(root.join("docs"))
+        .expect("docs/ exists")
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".md"))
+        .map(|name| format!("docs/{name}"))
+        .collect();
+    in_docs.sort();
+    assert!(
+        in_docs.len() >= 5,
+        "expected the docs/ pages, found {in_docs:?}"
+    );
+    docs.extend(in_docs);
+    docs
+}
+
+/// `text` without fenced code blocks and inline code spans (whose brackets are not links).
+fn prose(text: &str) -> String {
+    let mut out = String::new();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            out.push('\n');
+            continue;
+        }
+        if fenced {
+            out.push('\n');
+            continue;
+        }
+        let mut in_code = false;
+        for c in line.chars() {
+            if c == '`' {
+                in_code = !in_code;
+            } else if !in_code {
+                out.push(c);
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The targets of the inline links `[text](target)` in `text`.
+fn link_targets(text: &str) -> Vec<String> {
+    let prose = prose(text);
+    let mut targets = Vec::new();
+    let mut rest = prose.as_str();
+    while let Some(at) = rest.find("](") {
+        let after = &rest[at + 2..];
+        match after.find(')') {
+            Some(end) => {
+                targets.push(after[..end].trim().to_string());
+                rest = &after[end..];
+            }
+            None => break,
+        }
+    }
+    targets
+}
+
+/// GitHub's anchor of a heading: lowercase, punctuation dropped, spaces to hyphens.
+fn anchor_of(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The anchors of the headings of a markdown file.
+fn anchors(text: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced && line.starts_with('#') {
+            out.push(anchor_of(line.trim_start_matches('#')));
+        }
+    }
+    out
+}
+
+#[test]
+fn anchors_are_computed_like_github() {
+    assert_eq!(anchor_of(" `[policy]`"), "policy");
+    assert_eq!(
+        anchor_of(" The host policy: what validation refuses"),
+        "the-host-policy-what-validation-refuses"
+    );
+    assert_eq!(
+        link_targets("see [a](docs/a.md#x) and `[b](not/a/link)` [c](https://e.org)"),
+        ["docs/a.md#x", "https://e.org"]
+    );
+}
+
+#[test]
+fn every_relative_link_in_the_docs_resolves() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .canonicalize()
+        .unwrap();
+    let mut checked = 0;
+    let mut broken = Vec::new();
+    for doc in documents() {
+        let text = std::fs::read_to_string(root.join(&doc)).unwrap();
+        let dir = root.join(&doc).parent().unwrap().to_path_buf();
+        for target in link_targets(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (file, anchor) = match target.split_once('#') {
+                Some((file, anchor)) => (file, Some(anchor)),
+                None => (target.as_str(), None),
+            };
+            let path = if file.is_empty() {
+                root.join(&doc)
+            } else {
+                dir.join(file)
+            };
+            let Ok(path) = path.canonicalize() else {
+                broken.push(format!("{doc}: '{target}' does not exist"));
+                continue;
+            };
+            if !path.starts_with(&root) {
+                broken.push(format!("{doc}: '{target}' points outside the repository"));
+                continue;
+            }
+            if let Some(anchor) = anchor {
+                let heading = std::fs::read_to_string(&path)
+                    .map(|t| anchors(&t).iter().any(|a| a == anchor))
+                    .unwrap_or(false);
+                if !heading {
+                    broken.push(format!("{doc}: '{target}' names no heading"));
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+    assert!(checked >= 30, "only {checked} relative links found");
+}
+
+#[test]
+fn no_document_points_outside_the_repository() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = documents();
+    files.extend(
+        ["example-repo/vmsync.toml", "deploy/config.toml"]
+            .iter()
+            .map(|f| f.to_string()),
+    );
+    for file in files {
+        let text = std::fs::read_to_string(root.join(&file)).unwrap();
+        // Spelled in pieces so that a grep of the repository for them finds only docs.
+        for outside in [concat!("DESIGN", ".md"), concat!("shared", "/"), "/work/"] {
+            assert!(
+                !text.contains(outside),
+                "{file} mentions '{outside}', which users do not have"
+            );
+        }
+    }
+}
+
+#[test]
+fn readme_is_a_front_page() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let lines = readme.lines().count();
+    assert!(
+        lines <= 300,
+        "README.md has {lines} lines; move detail to docs/"
+    );
+    // The quick start is exactly these two commands.
+    for command in ["scripts/quickstart.sh", "scripts/test.sh"] {
+        assert!(readme.contains(command), "README.md lacks {command}");
+        assert!(root.join(command).exists(), "{command} is missing");
+    }
+    for page in [
+        "docs/repository-format.md",
+        "docs/configuration.md",
+        "docs/operations.md",
+        "docs/design.md",
+        "docs/performance.md",
+    ] {
+        assert!(
+            readme.contains(&format!("]({page})")),
+            "README.md does not link {page}"
+        );
+    }
 }

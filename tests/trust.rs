@@ -5,105 +5,30 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use common::{Repo, SigningKey, bios_xml, vmsync};
-use vmsync::config::Settings;
-use vmsync::state::{self, SyncResult};
-use vmsync::sync::{self, Connection, Options, SyncError};
-use vmsync::trust::TrustError;
+use common::{Env, Manifest, SigningKey};
+use vmsync::agent::state::SyncResult;
+use vmsync::agent::sync::{self, Connection, Options, SyncError};
+use vmsync::repo::trust::TrustError;
 
-fn manifest(images: &Path, name: &str) -> String {
-    format!(
-        "version = 1\n\n[[vm]]\nname = \"{name}\"\nxml = \"vms/{name}.xml\"\n\n  [[vm.disk]]\n  path = \"{}/{name}.qcow2\"\n  size = \"16M\"\n",
-        images.display()
-    )
+/// Writes the manifest with the one VM `short` and its XML with `memory` MiB (a change
+/// of memory is a change of definition).
+fn write_vm(env: &Env, short: &str, memory: u32) {
+    let vm = env.vm(short).xml(&env.bios(short, memory));
+    Manifest::new().vm(vm).write(&env.repo);
 }
 
-struct Env {
-    name: String,
-    repo: Repo,
-    images: tempfile::TempDir,
-    state: tempfile::TempDir,
-    uri: String,
-    extra: Vec<String>,
-}
-
-impl Env {
-    fn new(name: &str) -> Self {
-        Self::with_images(name, tempfile::tempdir().unwrap(), "test:///default")
-    }
-
-    fn with_images(name: &str, images: tempfile::TempDir, uri: &str) -> Self {
-        let repo = Repo::new();
-        let env = Env {
-            name: name.to_string(),
-            repo,
-            images,
-            state: tempfile::tempdir().unwrap(),
-            uri: uri.to_string(),
-            extra: Vec::new(),
-        };
-        env.write_vm(128);
-        env
-    }
-
-    /// Writes the manifest and the VM's XML with `memory` MiB (a change of memory is a
-    /// change of definition).
-    fn write_vm(&self, memory: u32) {
-        self.repo
-            .write("vmsync.toml", &manifest(self.images.path(), &self.name));
-        let domain_type = if self.uri.starts_with("test") {
-            "kvm"
-        } else {
-            "qemu"
-        };
-        self.repo.write(
-            &format!("vms/{}.xml", self.name),
-            &bios_xml(&self.name, domain_type, &self.disk(), memory),
-        );
-    }
-
-    fn disk(&self) -> PathBuf {
-        self.images.path().join(format!("{}.qcow2", self.name))
-    }
-
-    fn run(&self, extra: &[&str]) -> common::Run {
-        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        args.extend([
-            "--url".into(),
-            self.repo.path().display().to_string(),
-            "--state-dir".into(),
-            self.state.path().display().to_string(),
-            "--connect".into(),
-            self.uri.clone(),
-            "--disk-root".into(),
-            self.images.path().display().to_string(),
-            "--host".into(),
-            "hv1".into(),
-        ]);
-        args.extend(self.extra.iter().cloned());
-        vmsync(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    }
-
-    fn record(&self) -> state::Record {
-        state::load(self.state.path()).unwrap()
-    }
-
-    fn settings(&self) -> Settings {
-        common::settings(
-            self.repo.path(),
-            self.state.path(),
-            self.images.path(),
-            &self.uri,
-        )
-    }
+/// An env on the test driver with the VM `short` written, not committed.
+fn env_with(short: &str) -> Env {
+    let env = Env::new();
+    write_vm(&env, short, 128);
+    env
 }
 
 fn untrusted(env: &Env, run: &common::Run, reason: &str) {
-    assert!(run.stderr.contains(reason), "{}", run.stderr);
-    assert!(run.stderr.contains("nothing was applied"), "{}", run.stderr);
+    run.stderr_has(reason);
+    run.stderr_has("nothing was applied");
     let record = env.record();
     assert_eq!(record.last_result, Some(SyncResult::Untrusted));
     assert!(
@@ -115,7 +40,8 @@ fn untrusted(env: &Env, run: &common::Run, reason: &str) {
 
 #[test]
 fn only_commits_signed_by_an_allowed_key_are_applied() {
-    let mut env = Env::new("tr-sig");
+    const VM: &str = "tr-sig";
+    let mut env = env_with(VM);
     let alice = SigningKey::new("ed25519");
     let mallory = SigningKey::new("ed25519");
     let ecdsa = SigningKey::new("ecdsa");
@@ -129,7 +55,7 @@ fn only_commits_signed_by_an_allowed_key_are_applied() {
             format!("carol@example.org namespaces=\"file\" {}", mallory.public),
         ],
     );
-    env.extra = vec!["--allowed-signers".into(), signers.display().to_string()];
+    env.flags = vec!["--allowed-signers".into(), signers.display().to_string()];
 
     // Unsigned: refused with exit 5, nothing made.
     let unsigned = env.repo.commit("unsigned");
@@ -142,7 +68,7 @@ fn only_commits_signed_by_an_allowed_key_are_applied() {
         ),
     );
     assert!(
-        !env.disk().exists(),
+        !env.disk(VM).exists(),
         "nothing applied for an unsigned commit"
     );
     assert_eq!(env.record().last_applied_commit, None);
@@ -159,27 +85,22 @@ fn only_commits_signed_by_an_allowed_key_are_applied() {
         &run,
         &format!("commit {by_mallory} is signed by key SHA256:"),
     );
-    assert!(
-        run.stderr
-            .contains("(line 4 lists it for namespaces file only)"),
-        "{}",
-        run.stderr
-    );
-    assert!(!env.disk().exists());
+    run.stderr_has("(line 4 lists it for namespaces file only)");
+    assert!(!env.disk(VM).exists());
 
     // Signed by alice: applied.
     let by_alice = env.repo.commit_signed("alice", &alice);
     let run = env.run(&["--once"]).expect(0);
-    assert!(run.stderr.contains("signature verified"), "{}", run.stderr);
-    assert!(run.stderr.contains("alice@example.org"), "{}", run.stderr);
-    assert!(env.disk().exists());
+    run.stderr_has("signature verified");
+    run.stderr_has("alice@example.org");
+    assert!(env.disk(VM).exists());
     assert_eq!(
         env.record().last_applied_commit.as_deref(),
         Some(by_alice.as_str())
     );
 
     // An ECDSA key works too.
-    env.write_vm(256);
+    write_vm(&env, VM, 256);
     let by_bob = env.repo.commit_signed("bob", &ecdsa);
     env.run(&["--once"]).expect(0);
     assert_eq!(
@@ -189,7 +110,7 @@ fn only_commits_signed_by_an_allowed_key_are_applied() {
 
     // A key nobody listed.
     let stranger = SigningKey::new("ed25519");
-    env.write_vm(384);
+    write_vm(&env, VM, 384);
     let by_stranger = env.repo.commit_signed("stranger", &stranger);
     let run = env.run(&["--once"]).expect(5);
     untrusted(
@@ -197,7 +118,7 @@ fn only_commits_signed_by_an_allowed_key_are_applied() {
         &run,
         &format!("commit {by_stranger} is signed by key SHA256:"),
     );
-    assert!(run.stderr.contains("which is not in"), "{}", run.stderr);
+    run.stderr_has("which is not in");
     assert_eq!(
         env.record().last_applied_commit.as_deref(),
         Some(by_bob.as_str())
@@ -206,11 +127,12 @@ fn only_commits_signed_by_an_allowed_key_are_applied() {
 
 #[test]
 fn a_tampered_signed_commit_is_refused() {
-    let mut env = Env::new("tr-tamper");
+    const VM: &str = "tr-tamper";
+    let mut env = env_with(VM);
     let alice = SigningKey::new("ed25519");
     let keys = tempfile::tempdir().unwrap();
     let signers = SigningKey::allowed_signers(keys.path(), &[format!("alice {}", alice.public)]);
-    env.extra = vec!["--allowed-signers".into(), signers.display().to_string()];
+    env.flags = vec!["--allowed-signers".into(), signers.display().to_string()];
     env.repo.commit_signed("signed by alice", &alice);
     // Same signature, another message: the signed payload no longer matches.
     let object = env.repo.git(&["cat-file", "commit", "HEAD"]);
@@ -229,43 +151,36 @@ fn a_tampered_signed_commit_is_refused() {
         &run,
         &format!("commit {id} has a bad signature: verification with key"),
     );
-    assert!(!env.disk().exists());
+    assert!(!env.disk(VM).exists());
 }
 
 #[test]
 fn a_broken_allowed_signers_file_is_a_config_error() {
-    let mut env = Env::new("tr-file");
+    const VM: &str = "tr-file";
+    let mut env = env_with(VM);
     env.repo.commit("c");
     let keys = tempfile::tempdir().unwrap();
     let key = SigningKey::new("ed25519");
     let signers =
         SigningKey::allowed_signers(keys.path(), &[format!("a cert-authority {}", key.public)]);
-    env.extra = vec!["--allowed-signers".into(), signers.display().to_string()];
+    env.flags = vec!["--allowed-signers".into(), signers.display().to_string()];
     let run = env.run(&["--once"]).expect(2);
-    assert!(
-        run.stderr.contains(&format!(
-            "invalid allowed signers file '{}:1': option 'cert-authority' is not supported",
-            signers.display()
-        )),
-        "{}",
-        run.stderr
-    );
-    env.extra = vec!["--allowed-signers".into(), "/nonexistent/signers".into()];
+    run.stderr_has(&format!(
+        "invalid allowed signers file '{}:1': option 'cert-authority' is not supported",
+        signers.display()
+    ));
+    env.flags = vec!["--allowed-signers".into(), "/nonexistent/signers".into()];
     let run = env.run(&["--once"]).expect(2);
-    assert!(
-        run.stderr
-            .contains("invalid allowed signers file '/nonexistent/signers': failed to read it"),
-        "{}",
-        run.stderr
-    );
+    run.stderr_has("invalid allowed signers file '/nonexistent/signers': failed to read it");
 }
 
 #[test]
 fn a_rewound_or_replaced_branch_is_refused_until_allowed() {
-    let env = Env::new("tr-rewind");
+    const VM: &str = "tr-rewind";
+    let env = env_with(VM);
     let a = env.repo.commit("a");
     env.run(&["--once"]).expect(0);
-    env.write_vm(256);
+    write_vm(&env, VM, 256);
     let b = env.repo.commit("b");
     env.run(&["--once"]).expect(0);
 
@@ -279,7 +194,7 @@ fn a_rewound_or_replaced_branch_is_refused_until_allowed() {
             "commit {a} does not descend from commit {b} (the last applied commit in state.json)"
         ),
     );
-    assert!(run.stderr.contains("--allow-rewind"), "{}", run.stderr);
+    run.stderr_has("--allow-rewind");
     assert_eq!(
         env.record().last_applied_commit.as_deref(),
         Some(b.as_str())
@@ -291,7 +206,7 @@ fn a_rewound_or_replaced_branch_is_refused_until_allowed() {
 
     // Replaced history (amend b): refused as well.
     env.repo.git(&["reset", "-q", "--hard", &b]);
-    env.write_vm(512);
+    write_vm(&env, VM, 512);
     env.repo.git(&["add", "-A"]);
     env.repo
         .git(&["commit", "-q", "--amend", "-m", "b, rewritten"]);
@@ -305,17 +220,12 @@ fn a_rewound_or_replaced_branch_is_refused_until_allowed() {
 
     // --allow-rewind only goes with --once.
     let run = env.run(&["--allow-rewind"]).expect(2);
-    assert!(
-        run.stderr
-            .contains("--allow-rewind is only accepted with --once"),
-        "{}",
-        run.stderr
-    );
+    run.stderr_has("--allow-rewind is only accepted with --once");
     env.run(&["plan", "--allow-rewind"]).expect(2);
 
     // The operator accepts it: applied, and it is the new floor.
     let run = env.run(&["--once", "--allow-rewind"]).expect(0);
-    assert!(run.stderr.contains("--allow-rewind"), "{}", run.stderr);
+    run.stderr_has("--allow-rewind");
     assert_eq!(
         env.record().last_applied_commit.as_deref(),
         Some(b2.as_str())
@@ -323,7 +233,7 @@ fn a_rewound_or_replaced_branch_is_refused_until_allowed() {
     env.run(&["--once"]).expect(0);
 
     // A fast-forward needs nothing.
-    env.write_vm(640);
+    write_vm(&env, VM, 640);
     let c = env.repo.commit("c");
     env.run(&["--once"]).expect(0);
     assert_eq!(
@@ -336,19 +246,18 @@ fn a_rewound_or_replaced_branch_is_refused_until_allowed() {
 /// rewind the branch, and the domains' tags still refuse the rollback.
 #[test]
 fn losing_the_state_file_does_not_reopen_the_door() {
-    let env = Env::new("tr-lost");
+    const VM: &str = "tr-lost";
+    let env = env_with(VM);
     let settings = env.settings();
     let cancel = AtomicBool::new(false);
-    let mut conn = Connection::new("test:///default");
+    let mut conn = Connection::new(common::TEST_URI);
     let options = |allow_rewind| Options {
-        give_up_after: None,
-        cancel: &cancel,
         allow_rewind,
-        child_exe: Some(std::path::Path::new(env!("CARGO_BIN_EXE_vmsync"))),
+        ..common::options(&cancel)
     };
     let a = env.repo.commit("a");
     sync::run(&settings, &mut conn, &options(false)).unwrap();
-    env.write_vm(256);
+    write_vm(&env, VM, 256);
     let b = env.repo.commit("b");
     sync::run(&settings, &mut conn, &options(false)).unwrap();
 
@@ -380,9 +289,9 @@ fn losing_the_state_file_does_not_reopen_the_door() {
     // Accepted explicitly: the domain is redefined from a.
     let report = sync::run(&settings, &mut conn, &options(true)).unwrap();
     assert_eq!(report.commit, a);
-    let hv = vmsync::hypervisor::Libvirt::connect("test:///default").unwrap();
-    let tag = vmsync::domain_xml::read_tag(
-        &vmsync::hypervisor::Hypervisor::xml(&hv, "tr-lost", true).unwrap(),
+    let hv = vmsync::host::hypervisor::Libvirt::connect(common::TEST_URI).unwrap();
+    let tag = vmsync::desired::domain_xml::read_tag(
+        &vmsync::host::hypervisor::Hypervisor::xml(&hv, "tr-lost", true).unwrap(),
     )
     .unwrap();
     assert_eq!(tag.commit, a);
@@ -393,38 +302,34 @@ fn losing_the_state_file_does_not_reopen_the_door() {
 /// the process.
 #[test]
 fn real_libvirtd_state_loss_and_rewind() {
-    if !common::libvirtd_available() {
+    let Some(env) = Env::system("trust") else {
         return;
-    }
-    let (prefix, images_path, _cleanup) = common::scratch("trust");
-    // A temp dir object that does not delete the images dir (the guard does).
-    let images = tempfile::Builder::new()
-        .prefix("imgs")
-        .tempdir_in(&images_path)
-        .unwrap();
-    let name = format!("{prefix}-vm");
-    let env = Env::with_images(&name, images, "qemu:///system");
+    };
+    let name = env.name("vm");
+    write_vm(&env, "vm", 128);
     let a = env.repo.commit("a");
     env.run(&["--once"]).expect(0);
-    env.write_vm(256);
+    write_vm(&env, "vm", 256);
     let b = env.repo.commit("b");
     env.run(&["--once"]).expect(0);
 
     std::fs::remove_dir_all(env.state.path()).unwrap();
     env.repo.git(&["reset", "-q", "--hard", &a]);
-    let run = env.run(&["--once"]).expect(5);
+    // b is not in a fresh clone's history, or it is and a does not descend from it:
+    // either way the domain's tag names the floor, and the rewind is refused.
+    env.run(&["--once"])
+        .expect(5)
+        .stderr_has(&format!(
+            "commit {b} (the commit domain '{name}' was defined from)"
+        ))
+        .stderr_has(&format!("commit {a} "))
+        .stderr_has("refusing it (run `vmsync --once --allow-rewind` to accept it)");
     assert!(
-        run.stderr.contains(&format!("commit {b} (the commit domain '{name}' was defined from)"))
-            || run.stderr.contains(&format!(
-                "commit {a} does not descend from commit {b} (the commit domain '{name}' was defined from)"
-            )),
-        "{}",
-        run.stderr
+        env.inactive("vm").contains(&b),
+        "the domain still has b's definition"
     );
-    let (_, xml) = common::virsh_system(&["dumpxml", "--inactive", &name]);
-    assert!(xml.contains(&b), "the domain still has b's definition");
     env.run(&["--once", "--allow-rewind"]).expect(0);
-    let (_, xml) = common::virsh_system(&["dumpxml", "--inactive", &name]);
+    let xml = env.inactive("vm");
     assert!(
         xml.contains(&format!("<vmsync:commit>{a}</vmsync:commit>")),
         "{xml}"

@@ -21,61 +21,220 @@
 
 let
   cfg = config.services.vmsync;
+  inherit (lib) mkOption types;
   settingsFormat = pkgs.formats.toml { };
-  configFile = settingsFormat.generate "vmsync-config.toml" cfg.settings;
 
-  # Defaults of the agent itself (see deploy/config.toml), used to open the
-  # sandbox for the paths vmsync writes.
-  stateDir = cfg.settings.agent.state_dir or "/var/lib/vmsync";
-  diskRoots = cfg.settings.policy.disk_roots or [ "/var/lib/libvirt/images" ];
-  metricsFile = cfg.settings.agent.metrics_file or null;
+  # Paths vmsync and systemd read: absolute, one "/" between components, no "." or ".."
+  # component (vmsync refuses those in disk roots), no trailing "/". A string, not a Nix
+  # path: a Nix path would be copied into the world-readable store (deploy keys!).
+  absolutePath =
+    types.addCheck types.str (
+      p: builtins.match "/|(/([^/.][^/]*|\\.[^/.][^/]*|\\.\\.[^/]+))+" p != null
+    )
+    // {
+      name = "absolutePath";
+      description = "absolute path (a string, without trailing \"/\", \".\" or \"..\")";
+    };
+
+  # One key of /etc/vmsync/config.toml. `null` leaves the key out of the file (TOML has
+  # no null) and vmsync uses its own default.
+  key =
+    type: default: description:
+    mkOption { inherit type default description; };
+
+  # A `[section]` of the file: only the keys vmsync knows. vmsync refuses unknown keys
+  # (serde deny_unknown_fields in every section and at the top), so there is no
+  # freeformType: a misspelt key is an evaluation error here, not a failed unit there.
+  section =
+    description: options:
+    mkOption {
+      inherit description;
+      default = { };
+      type = types.submodule { inherit options; };
+    };
+
+  settingsOptions = {
+    source = section "`[source]`: the VM repository." {
+      url = key (types.nullOr types.nonEmptyStr) null ''
+        The git repository holding vmsync.toml and the domain XMLs: `ssh://`,
+        `https://`, `file://` or a local path. Required (flag `--url`).
+      '';
+      branch = key types.nonEmptyStr "main" "Branch to follow (flag `--branch`).";
+      ssh_key = key (types.nullOr absolutePath) null ''
+        Private key for `ssh://` URLs (flag `--ssh-key`); null: ssh-agent. Keep it out of
+        the Nix store, e.g. /etc/vmsync/deploy_key, mode 0600.
+      '';
+      token_file = key (types.nullOr absolutePath) null ''
+        File holding an access token for `https://` URLs (flag `--token-file`).
+      '';
+    };
+    libvirt = section "`[libvirt]`: the hypervisor connection." {
+      uri = key types.nonEmptyStr "qemu:///system" "libvirt connection URI (flag `--connect`).";
+    };
+    agent = section "`[agent]`: the agent's own state and schedule." {
+      state_dir = key absolutePath "/var/lib/vmsync" ''
+        Clone, state file and lock (flag `--state-dir`); also the service's HOME, so
+        libgit2 reads `<state_dir>/.ssh/known_hosts`. Below /var/lib it is the unit's
+        StateDirectory=; elsewhere a tmpfiles rule creates it (0700 root) and the
+        sandbox opens it.
+      '';
+      host = key (types.nullOr types.nonEmptyStr) null ''
+        Name matched against a VM's `hosts` in vmsync.toml (flag `--host`); null: the
+        hostname.
+      '';
+      schedule = key types.nonEmptyStr "0 */5 * * * *" ''
+        Daemon mode: when to sync, cron with seconds (`sec min hour dom month dow
+        [year]`). Checked when the configuration is built (see `checkConfig`).
+      '';
+      jitter_seconds = key types.ints.unsigned 30 ''
+        Daemon mode: each tick waits a per-host delay in 0..jitter_seconds.
+      '';
+      max_attempts = key (types.ints.between 1 4294967295) 5 ''
+        Daemon mode: a commit that failed this many syncs in a row is not retried until a
+        newer one arrives.
+      '';
+      backoff_max_seconds = key types.ints.unsigned 3600 ''
+        Daemon mode: cap of the retry backoff (10 s, 20 s, 40 s, ...).
+      '';
+      metrics_file = key (types.nullOr absolutePath) null ''
+        Prometheus textfile written after every sync, e.g.
+        /var/lib/prometheus/node-exporter/vmsync.prom; its directory is opened in the
+        sandbox. null: no metrics.
+      '';
+    };
+    policy = section "`[policy]`: what a commit may do on this host." {
+      disk_roots = key (types.listOf absolutePath) [ "/var/lib/libvirt/images" ] ''
+        Disks and directories in vmsync.toml must live below one of these (flag
+        `--disk-root`). Each is opened in the service's sandbox.
+      '';
+      self_heal = key types.bool true ''
+        Put drifted domains back to the commit; false only reports drift (flag
+        `--self-heal`).
+      '';
+      prune = key types.bool false ''
+        Shut down and undefine (keeping NVRAM, TPM state and disks) domains this agent
+        applied that left the manifest (flag `--prune`).
+      '';
+      max_prune = key types.ints.unsigned 5 ''
+        Refuse a commit pruning more domains than this, or all of them, unless `vmsync
+        --once --allow-mass-prune` (flag `--max-prune`).
+      '';
+      shutdown_timeout = key types.nonEmptyStr "120s" ''
+        Graceful shutdown timeout before a destroy, e.g. "120s" or "2m" (flag
+        `--shutdown-timeout`).
+      '';
+      allowed_paths = key (types.listOf absolutePath) [ ] ''
+        Host paths domain XML may name besides the disk roots (ISOs, serial log files,
+        kernels). Firmware under /usr/share is always allowed.
+      '';
+      allow_hostdev = key types.bool false "Allow `<hostdev>` and other host device pass-through.";
+      allow_block_devices = key types.bool false "Allow host block devices as guest disks.";
+      allow_direct_interfaces = key types.bool false "Allow `<interface type='direct'>` (macvtap).";
+      allow_qemu_commandline = key types.bool false ''
+        Allow `<qemu:commandline>`, a custom `<emulator>` and interface scripts:
+        programs run on the host.
+      '';
+      allow_unconfined = key types.bool false "Allow `<seclabel type='none'>` (no sVirt confinement).";
+    };
+    trust = section "`[trust]`: which commits are applied." {
+      allowed_signers = key (types.nullOr absolutePath) null ''
+        Apply only commits with a valid SSH signature (namespace "git") by a key in this
+        file, in git's gpg.ssh.allowedSignersFile format (flag `--allowed-signers`);
+        null: signatures are not checked. A file outside the store is checked when the
+        service starts; one in the store (`"''${pkgs.writeText "allowed_signers" "..."}"`)
+        also when the configuration is built.
+      '';
+    };
+  };
+
+  # The file without the keys left at null (vmsync's own default applies).
+  settingsFile = settingsFormat.generate "vmsync-config.toml" (
+    lib.filterAttrsRecursive (_: v: v != null) cfg.settings
+  );
+  # The package reads the file as the service will: `vmsync validate` loads the config
+  # (unknown keys, cron schedule, disk roots, empty host, ...) before it checks an empty
+  # VM repository. The allowed-signers file is read too when it is in the store; a host
+  # file is not there at build time, so an empty one stands in for it.
+  signers = cfg.settings.trust.allowed_signers;
+  signersInStore = signers != null && lib.hasPrefix "${builtins.storeDir}/" signers;
+  configFile =
+    if cfg.checkConfig then
+      pkgs.runCommand "vmsync-config.toml"
+        {
+          nativeBuildInputs = [ cfg.package ];
+          unchecked = settingsFile;
+          preferLocalBuild = true;
+        }
+        ''
+          mkdir repo
+          echo 'version = 1' > repo/vmsync.toml
+          : > allowed_signers
+          vmsync --config "$unchecked" ${
+            lib.optionalString (!signersInStore) "--allowed-signers allowed_signers"
+          } validate repo > /dev/null
+          cp "$unchecked" "$out"
+        ''
+    else
+      settingsFile;
+
+  stateDir = cfg.settings.agent.state_dir;
+  # StateDirectory= takes a path below /var/lib: systemd creates it and opens it in the
+  # sandbox. Anywhere else the tmpfiles rule below creates it.
+  stateDirectory =
+    if lib.hasPrefix "/var/lib/" stateDir then lib.removePrefix "/var/lib/" stateDir else null;
+  inherit (cfg.settings.policy) disk_roots;
+  metricsFile = cfg.settings.agent.metrics_file;
 
   # The same sandbox as deploy/systemd/vmsync.service; the reasons for each
   # line are given there.
-  hardening = {
-    StateDirectory = "vmsync";
-    StateDirectoryMode = "0700";
-    UMask = "0022";
-    NoNewPrivileges = true;
-    CapabilityBoundingSet = [
-      "CAP_DAC_OVERRIDE"
-      "CAP_DAC_READ_SEARCH"
-    ];
-    ProtectSystem = "strict";
-    # Every disk root, a non-default state dir and the metrics file's
-    # directory: "-" skips a path that does not exist yet.
-    ReadWritePaths =
-      map (p: "-${p}") diskRoots
-      ++ lib.optional (stateDir != "/var/lib/vmsync") stateDir
-      ++ lib.optional (metricsFile != null) "-${dirOf metricsFile}";
-    ProtectHome = true;
-    PrivateTmp = true;
-    PrivateDevices = true;
-    ProtectKernelTunables = true;
-    ProtectKernelModules = true;
-    ProtectKernelLogs = true;
-    ProtectControlGroups = true;
-    ProtectClock = true;
-    ProtectHostname = true;
-    PrivateMounts = true;
-    RestrictSUIDSGID = true;
-    LockPersonality = true;
-    RestrictRealtime = true;
-    RestrictNamespaces = true;
-    MemoryDenyWriteExecute = true;
-    SystemCallArchitectures = "native";
-    SystemCallFilter = [
-      "@system-service"
-      "~@privileged"
-    ];
-    SystemCallErrorNumber = "EPERM";
-    RestrictAddressFamilies = [
-      "AF_UNIX"
-      "AF_INET"
-      "AF_INET6"
-      "AF_NETLINK"
-    ];
-  };
+  hardening =
+    lib.optionalAttrs (stateDirectory != null) {
+      StateDirectory = stateDirectory;
+      StateDirectoryMode = "0700";
+    }
+    // {
+      UMask = "0022";
+      NoNewPrivileges = true;
+      CapabilityBoundingSet = [
+        "CAP_DAC_OVERRIDE"
+        "CAP_DAC_READ_SEARCH"
+      ];
+      ProtectSystem = "strict";
+      # Every disk root, a state dir outside /var/lib and the metrics file's directory.
+      # "-": a path missing when the unit starts is skipped instead of failing it with
+      # 226/NAMESPACE (vmsync then reports the read-only path itself).
+      ReadWritePaths =
+        map (p: "-${p}") disk_roots
+        ++ lib.optional (stateDirectory == null) "-${stateDir}"
+        ++ lib.optional (metricsFile != null) "-${dirOf metricsFile}";
+      ProtectHome = true;
+      PrivateTmp = true;
+      PrivateDevices = true;
+      ProtectKernelTunables = true;
+      ProtectKernelModules = true;
+      ProtectKernelLogs = true;
+      ProtectControlGroups = true;
+      ProtectClock = true;
+      ProtectHostname = true;
+      PrivateMounts = true;
+      RestrictSUIDSGID = true;
+      LockPersonality = true;
+      RestrictRealtime = true;
+      RestrictNamespaces = true;
+      MemoryDenyWriteExecute = true;
+      SystemCallArchitectures = "native";
+      SystemCallFilter = [
+        "@system-service"
+        "~@privileged"
+      ];
+      SystemCallErrorNumber = "EPERM";
+      RestrictAddressFamilies = [
+        "AF_UNIX"
+        "AF_INET"
+        "AF_INET6"
+        "AF_NETLINK"
+      ];
+    };
 
   commonService = {
     after = [
@@ -94,8 +253,8 @@ in
   options.services.vmsync = {
     enable = lib.mkEnableOption "vmsync, the git-ops pull agent that syncs this host's libvirt domains with a git repository";
 
-    package = lib.mkOption {
-      type = lib.types.package;
+    package = mkOption {
+      type = types.package;
       description = ''
         The vmsync package. nixpkgs has none yet: build it from the vmsync
         repository, e.g. `pkgs.callPackage ./deploy/nixos/package.nix { }`.
@@ -103,18 +262,22 @@ in
       example = lib.literalExpression "pkgs.callPackage /path/to/vmsync/deploy/nixos/package.nix { }";
     };
 
-    settings = lib.mkOption {
-      type = settingsFormat.type;
+    settings = mkOption {
+      type = types.submodule { options = settingsOptions; };
       default = { };
       description = ''
-        Contents of /etc/vmsync/config.toml: sections `source` (url, branch,
-        ssh_key, token_file), `libvirt` (uri), `agent` (state_dir, host,
-        schedule, jitter_seconds, max_attempts, backoff_max_seconds,
-        metrics_file) and `policy` (disk_roots). `source.url` is required;
-        vmsync rejects unknown keys. Every entry of `policy.disk_roots`, the
-        state directory and the metrics file's directory are made writable in
-        the service's sandbox. Put the git server's ssh host key in
-        `<state_dir>/.ssh/known_hosts` (default /var/lib/vmsync/.ssh/known_hosts).
+        Contents of /etc/vmsync/config.toml (see deploy/config.toml in the vmsync
+        repository), one option per key, in the sections `source` (url, branch,
+        ssh_key, token_file), `libvirt` (uri), `agent` (state_dir, host, schedule,
+        jitter_seconds, max_attempts, backoff_max_seconds, metrics_file), `policy`
+        (disk_roots, self_heal, prune, max_prune, shutdown_timeout, allowed_paths,
+        allow_hostdev, allow_block_devices, allow_direct_interfaces,
+        allow_qemu_commandline, allow_unconfined) and `trust` (allowed_signers).
+        `source.url` is required. A value of the wrong type or an unknown key is an
+        evaluation error, as vmsync itself refuses unknown keys. Every entry of
+        `policy.disk_roots`, the state directory and the metrics file's directory are
+        made writable in the service's sandbox. Put the git server's ssh host key in
+        `<state_dir>/.ssh/known_hosts` (option `knownHosts`).
       '';
       example = lib.literalExpression ''
         {
@@ -136,7 +299,20 @@ in
           libvirt.uri = "qemu:///system";
           agent.schedule = "0 */5 * * * *";
           policy.disk_roots = [ "/var/lib/libvirt/images" ];
+          trust.allowed_signers = "/etc/vmsync/allowed_signers";
         }
+      '';
+    };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Check /etc/vmsync/config.toml when the system is built: the package's
+        `vmsync validate` reads it with an empty VM repository, so a bad cron
+        `schedule` or `shutdown_timeout` fails `nixos-rebuild` instead of the service.
+        The check runs the package's binary on the build machine: turn it off when
+        cross-compiling.
       '';
     };
 
@@ -190,14 +366,21 @@ in
 
         # vmsync talks to libvirtd (qemu:///system); it is not optional.
         virtualisation.libvirtd.enable = true;
+        # libvirtd's module asserts polkit (its socket authorizes through it); a headless
+        # host would otherwise fail `nixos-rebuild` on "requires Polkit to be enabled".
+        security.polkit.enable = lib.mkDefault true;
         # UEFI + TPM guests (the common case) need swtpm.
         virtualisation.libvirtd.qemu.swtpm.enable = lib.mkDefault true;
 
         environment.etc."vmsync/config.toml".source = configFile;
         environment.systemPackages = [ cfg.package ];
 
-        systemd.tmpfiles.rules = lib.mkIf (cfg.knownHosts != [ ]) [
+        # The state directory exists before the service starts, wherever it is (below
+        # /var/lib StateDirectory= would create it too, but not before .ssh below).
+        systemd.tmpfiles.rules = [
           "d ${stateDir} 0700 root root -"
+        ]
+        ++ lib.optionals (cfg.knownHosts != [ ]) [
           "d ${stateDir}/.ssh 0700 root root -"
           "L+ ${stateDir}/.ssh/known_hosts - - - - ${
             pkgs.writeText "vmsync-known_hosts" (lib.concatLines cfg.knownHosts)

@@ -4,15 +4,15 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmsync::domain_xml::{Tag, fingerprint, render, summarize};
+use vmsync::desired::domain_xml::{Tag, fingerprint, render, summarize};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(xml) = std::str::from_utf8(data) else {
         return;
     };
-    let _ = vmsync::host_policy::check(
+    let _ = vmsync::desired::host_policy::check(
         xml,
-        &vmsync::host_policy::HostPolicy::default(),
+        &vmsync::desired::host_policy::HostPolicy::default(),
         &["/var/lib/libvirt/images".into()],
     );
     let Ok(summary) = summarize(xml) else {

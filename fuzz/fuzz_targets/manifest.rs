@@ -8,10 +8,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Err(problems) = vmsync::manifest::parse(text) {
+    if let Err(problems) = vmsync::desired::manifest::parse(text) {
         assert!(!problems.is_empty());
         for p in problems {
-            assert_eq!(p.file, vmsync::manifest::MANIFEST_FILE);
+            assert_eq!(p.file, vmsync::desired::manifest::MANIFEST_FILE);
             let _ = p.to_string();
         }
     }

@@ -1,7 +1,7 @@
 //! Planning: a pure function from the desired state, what was observed and the record
 //! of the last sync to the actions that converge the host. No I/O; table-tested.
 //!
-//! Rules (DESIGN.md, README "Safe changes"):
+//! Rules (docs/design.md, docs/repository-format.md):
 //! - a domain with a desired VM's name but without vmsync's tag belongs to someone else:
 //!   the VM fails with a conflict and nothing of it is touched;
 //! - missing disks are created; an existing disk of another format fails the VM; an
@@ -27,14 +27,14 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::agent::state::Record;
 use crate::config::ChangePolicy;
-use crate::disk::{DiskSpec, check_existing};
-use crate::domain_xml::{self, Tag};
-use crate::drift::{self, Drift};
-use crate::manifest::{OnChange, PowerState};
-use crate::observe::{Observed, SeenDomain};
-use crate::state::Record;
-use crate::validate::{Desired, DesiredVm};
+use crate::desired::domain_xml::{self, Tag};
+use crate::desired::manifest::{OnChange, PowerState};
+use crate::desired::validate::{Desired, DesiredVm};
+use crate::host::disk::{DiskSpec, check_existing};
+use crate::host::observe::{Observed, SeenDomain};
+use crate::reconcile::drift::{self, Drift};
 
 /// One step of converging a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,19 +63,43 @@ pub enum Action {
     Undefine,
 }
 
-/// Every value of [`Action::kind`], in plan order (metrics list each, even at 0).
-pub const ACTION_KINDS: &[&str] = &[
-    "create_disk",
-    "rename",
-    "define",
-    "redefine",
-    "set_autostart",
-    "clear_autostart",
-    "start",
-    "restart",
-    "stop",
-    "undefine",
-];
+/// What an action does, for machines: the plan's JSON, the outcome of a sync, metrics
+/// (which list every kind, even at 0). In plan order.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    strum::EnumIter,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum ActionKind {
+    /// A `[[directory]]` created (not an [`Action`]: directories come before the VMs).
+    CreateDirectory,
+    CreateDisk,
+    Rename,
+    Define,
+    Redefine,
+    SetAutostart,
+    ClearAutostart,
+    Start,
+    Restart,
+    Stop,
+    Undefine,
+}
+
+impl ActionKind {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
 
 impl Action {
     /// Short description for logs and plans.
@@ -86,7 +110,7 @@ impl Action {
                     "create {} disk '{}' ({})",
                     spec.format,
                     spec.path.display(),
-                    crate::disk::human_size(spec.size_bytes)
+                    crate::host::disk::human_size(spec.size_bytes)
                 )
             }
             Action::Rename { from } => format!("rename from '{from}'"),
@@ -109,21 +133,21 @@ impl Action {
         }
     }
 
-    /// The action's kind for machines (`vmsync plan --json`).
-    pub fn kind(&self) -> &'static str {
+    /// The action's kind for machines (`vmsync plan --json`, metrics).
+    pub fn kind(&self) -> ActionKind {
         match self {
-            Action::CreateDisk(_) => "create_disk",
-            Action::Rename { .. } => "rename",
+            Action::CreateDisk(_) => ActionKind::CreateDisk,
+            Action::Rename { .. } => ActionKind::Rename,
             Action::Define {
                 redefine: false, ..
-            } => "define",
-            Action::Define { redefine: true, .. } => "redefine",
-            Action::SetAutostart(true) => "set_autostart",
-            Action::SetAutostart(false) => "clear_autostart",
-            Action::Start => "start",
-            Action::Restart { .. } => "restart",
-            Action::Stop { .. } => "stop",
-            Action::Undefine => "undefine",
+            } => ActionKind::Define,
+            Action::Define { redefine: true, .. } => ActionKind::Redefine,
+            Action::SetAutostart(true) => ActionKind::SetAutostart,
+            Action::SetAutostart(false) => ActionKind::ClearAutostart,
+            Action::Start => ActionKind::Start,
+            Action::Restart { .. } => ActionKind::Restart,
+            Action::Stop { .. } => ActionKind::Stop,
+            Action::Undefine => ActionKind::Undefine,
         }
     }
 }
@@ -208,27 +232,6 @@ impl Plan {
         self.create_directories.is_empty()
             && self.vms.iter().all(|vm| vm.actions.is_empty())
             && self.prune.iter().all(|p| p.actions.is_empty())
-    }
-
-    /// Whether every change of this plan waits for the define of `vm`, and nothing
-    /// changes if that define fails: no directory to create, nothing to prune, no other
-    /// VM with an action, `vm` without error and its define first (no disk to create, no
-    /// rename before it; `apply` stops a VM at its first failed action). A sync then
-    /// leaves the schema check of `vm`'s XML to libvirt's validating define.
-    pub fn changes_wait_for_define_of(&self, vm: &str) -> bool {
-        self.refused.is_none()
-            && self.create_directories.is_empty()
-            && self
-                .prune
-                .iter()
-                .all(|p| p.actions.is_empty() || p.skipped.is_some())
-            && self.vms.iter().all(|plan| {
-                if plan.name != vm {
-                    return plan.actions.is_empty();
-                }
-                plan.error.is_none() && matches!(plan.actions.first(), Some(Action::Define { .. }))
-            })
-            && self.vms.iter().any(|plan| plan.name == vm)
     }
 }
 
@@ -542,203 +545,14 @@ fn fail(mut out: VmPlan, error: String) -> VmPlan {
     out
 }
 
-/// Renders a plan for people (`vmsync plan`).
-pub fn render(plan: &Plan) -> String {
-    let mut out = format!("plan for commit {}\n", plan.commit);
-    for dir in &plan.create_directories {
-        out += &format!("  create directory '{}'\n", dir.display());
-    }
-    for vm in &plan.vms {
-        let what = match (&vm.error, vm.actions.is_empty()) {
-            (Some(e), _) => format!("error: {e}"),
-            (None, true) => "nothing to do".to_string(),
-            (None, false) => vm
-                .actions
-                .iter()
-                .map(Action::describe)
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
-        out += &format!("  {}: {what}", vm.name);
-        if vm.pending_restart {
-            out += " (pending restart)";
-        }
-        out += "\n";
-        for d in &vm.drift {
-            let how = if vm.drift_reported_only {
-                "reported only, self_heal is off"
-            } else {
-                "healed"
-            };
-            out += &format!("    drift: {d} ({how})\n");
-        }
-        for w in &vm.warnings {
-            out += &format!("    warning: {w}\n");
-        }
-        if let Some(diff) = &vm.diff {
-            for line in diff.lines() {
-                out += &format!("    {line}\n");
-            }
-        }
-    }
-    for p in &plan.prune {
-        match &p.skipped {
-            Some(why) => out += &format!("  {}: {why}\n", p.name),
-            None => {
-                let what: Vec<_> = p.actions.iter().map(Action::describe).collect();
-                out += &format!("  {}: prune: {}\n", p.name, what.join(", "));
-            }
-        }
-        for disk in &p.disks {
-            let note = if p.skipped.is_some() {
-                "disk"
-            } else {
-                "orphaned disk (kept)"
-            };
-            out += &format!("    {note}: {}\n", disk.display());
-        }
-    }
-    if plan.foreign_tagged > 0 {
-        out += &format!(
-            "  ({} other domain(s) carry vmsync's tag but were not applied by this agent; left alone)\n",
-            plan.foreign_tagged
-        );
-    }
-    if let Some(why) = &plan.refused {
-        out += &format!("REFUSED: {why}\n");
-    } else if plan.is_noop() {
-        out += "nothing to do\n";
-    }
-    out
-}
-
-/// The plan as JSON for machines (`vmsync plan --json`).
-#[derive(Debug, Serialize)]
-pub struct PlanJson<'a> {
-    pub commit: &'a str,
-    pub create_directories: &'a [PathBuf],
-    pub vms: Vec<VmJson<'a>>,
-    pub prune: Vec<PruneJson<'a>>,
-    /// Disks of the domains pruned by this plan; never deleted.
-    pub orphaned_disks: Vec<&'a PathBuf>,
-    pub refused: Option<&'a str>,
-    pub foreign_tagged: usize,
-    pub noop: bool,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ActionJson {
-    pub kind: &'static str,
-    pub description: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timeout_seconds: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<PathBuf>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct VmJson<'a> {
-    pub name: &'a str,
-    pub actions: Vec<ActionJson>,
-    pub diff: Option<&'a str>,
-    pub pending_restart: bool,
-    pub drift: &'a [String],
-    pub drift_healed: bool,
-    pub error: Option<&'a str>,
-    pub warnings: &'a [String],
-}
-
-#[derive(Debug, Serialize)]
-pub struct PruneJson<'a> {
-    pub name: &'a str,
-    pub active: bool,
-    pub actions: Vec<ActionJson>,
-    pub disks: &'a [PathBuf],
-    pub skipped: Option<&'a str>,
-}
-
-fn action_json(a: &Action) -> ActionJson {
-    let (timeout_seconds, from, path) = match a {
-        Action::Restart { timeout } | Action::Stop { timeout } => {
-            (Some(timeout.as_secs()), None, None)
-        }
-        Action::Rename { from } => (None, Some(from.clone()), None),
-        Action::CreateDisk(spec) => (None, None, Some(spec.path.clone())),
-        _ => (None, None, None),
-    };
-    ActionJson {
-        kind: a.kind(),
-        description: a.describe(),
-        timeout_seconds,
-        from,
-        path,
-    }
-}
-
-impl Plan {
-    pub fn to_json(&self) -> PlanJson<'_> {
-        PlanJson {
-            commit: &self.commit,
-            create_directories: &self.create_directories,
-            vms: self
-                .vms
-                .iter()
-                .map(|vm| VmJson {
-                    name: &vm.name,
-                    actions: vm.actions.iter().map(action_json).collect(),
-                    diff: vm.diff.as_deref(),
-                    pending_restart: vm.pending_restart,
-                    drift: &vm.drift,
-                    drift_healed: !vm.drift.is_empty() && !vm.drift_reported_only,
-                    error: vm.error.as_deref(),
-                    warnings: &vm.warnings,
-                })
-                .collect(),
-            prune: self
-                .prune
-                .iter()
-                .map(|p| PruneJson {
-                    name: &p.name,
-                    active: p.active,
-                    actions: p.actions.iter().map(action_json).collect(),
-                    disks: &p.disks,
-                    skipped: p.skipped.as_deref(),
-                })
-                .collect(),
-            orphaned_disks: self
-                .prune
-                .iter()
-                .filter(|p| p.skipped.is_none())
-                .flat_map(|p| p.disks.iter())
-                .collect(),
-            refused: self.refused.as_deref(),
-            foreign_tagged: self.foreign_tagged,
-            noop: self.is_noop(),
-        }
-    }
-}
-
-/// The plan as text, or as one JSON object.
-pub fn output(plan: &Plan, json: bool) -> String {
-    if json {
-        let mut s = serde_json::to_string_pretty(&plan.to_json()).expect("plan serializes");
-        s.push('\n');
-        s
-    } else {
-        render(plan)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::{DiskFormat, ImageInfo};
-    use crate::domain_xml::fingerprint;
-    use crate::hypervisor::Listing;
-    use crate::observe::SeenDomain;
-    use crate::state::VmRecord;
+    use crate::agent::state::VmRecord;
+    use crate::desired::domain_xml::fingerprint;
+    use crate::host::disk::{DiskFormat, ImageInfo};
+    use crate::host::hypervisor::Listing;
+    use crate::host::observe::SeenDomain;
 
     const UUID: &str = "6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b";
     const OTHER_UUID: &str = "11111111-2222-3333-4444-555555555555";
@@ -1283,7 +1097,7 @@ mod tests {
                 "undefine (keeping NVRAM, TPM state and disks)"
             ]
         );
-        assert_eq!(p.prune[0].actions[1].kind(), "undefine");
+        assert_eq!(p.prune[0].actions[1].kind(), ActionKind::Undefine);
         assert_eq!(
             kinds(&p.prune[1].actions),
             vec!["undefine (keeping NVRAM, TPM state and disks)"]
@@ -1304,7 +1118,7 @@ mod tests {
             "{:?}",
             p.refused
         );
-        assert!(render(&p).contains("REFUSED"));
+        assert!(crate::reconcile::render::render(&p).contains("REFUSED"));
         assert!(
             plan_with(&desired, &obs, &prune_ctx(true, 1, true))
                 .refused
@@ -1357,7 +1171,9 @@ mod tests {
             "1 of 2 managed domains: {:?}",
             p.refused
         );
-        assert!(render(&p).contains("1 other domain(s) carry vmsync's tag"));
+        assert!(
+            crate::reconcile::render::render(&p).contains("1 other domain(s) carry vmsync's tag")
+        );
 
         // A renamed domain is claimed, not pruned.
         let renamed = Desired {
@@ -1370,7 +1186,7 @@ mod tests {
         let obs = observed(vec![], vec![gone("old-a", false)], vec![]);
         let p = plan_with(&renamed, &obs, &prune_ctx(true, 5, false));
         assert!(p.prune.is_empty());
-        assert_eq!(p.vms[0].actions[0].kind(), "rename");
+        assert_eq!(p.vms[0].actions[0].kind(), ActionKind::Rename);
     }
 
     #[test]
@@ -1391,7 +1207,7 @@ mod tests {
         else {
             panic!("{:?}", p.vms[0].actions)
         };
-        assert_eq!(p.vms[0].actions[0].kind(), "redefine");
+        assert_eq!(p.vms[0].actions[0].kind(), ActionKind::Redefine);
         let s = domain_xml::summarize(xml).unwrap();
         assert_eq!(s.uuid.as_deref(), Some(UUID));
         assert_eq!(s.macs, vec![Some("52:54:00:12:34:56".to_string())]);
@@ -1420,69 +1236,14 @@ mod tests {
         obs.directories.insert("/srv/images/ISOs".into(), true);
         let p = plan_with(&desired, &obs, &ChangePolicy::default());
         assert!(p.is_noop());
-        assert!(render(&p).contains("web: nothing to do"));
+        assert!(crate::reconcile::render::render(&p).contains("web: nothing to do"));
         let json = serde_json::to_value(p.to_json()).unwrap();
         assert_eq!(json["noop"], true);
         assert_eq!(json["vms"][0]["actions"], serde_json::json!([]));
     }
 
     #[test]
-    fn changes_wait_for_define_of_one_vm_only_when_nothing_else_changes() {
-        let web = |memory| desired_vm("web", memory, true, vec![]);
-        let db = |memory| desired_vm("db", memory, false, vec![]);
-        let both = |web, db| Desired {
-            directories: vec![],
-            vms: vec![web, db],
-        };
-        let have = || {
-            vec![
-                seen("web", 512, true, true, true),
-                seen("db", 512, false, false, true),
-            ]
-        };
-        let off = ChangePolicy::default();
-        let waits = |desired: &Desired, obs: &Observed, policy: &ChangePolicy, vm: &str| {
-            plan_with(desired, obs, policy).changes_wait_for_define_of(vm)
-        };
-
-        // web redefined, db unchanged: only web's define can change anything.
-        let one = both(web(1024), db(512));
-        let obs = observed(have(), vec![], vec![]);
-        assert!(waits(&one, &obs, &off, "web"));
-        assert!(!waits(&one, &obs, &off, "db"), "db has no define");
-        assert!(!waits(&one, &obs, &off, "absent"));
-        // A new VM: define, then autostart and start, which a failed define stops.
-        let obs_new = observed(vec![seen("db", 512, false, false, true)], vec![], vec![]);
-        let p = plan_with(&one, &obs_new, &off);
-        assert_eq!(kinds(&p.vms[0].actions)[0], "define");
-        assert!(p.vms[0].actions.len() > 1);
-        assert!(p.changes_wait_for_define_of("web"));
-        // Two VMs change: one's define may succeed while the other's fails.
-        assert!(!waits(&both(web(1024), db(2048)), &obs, &off, "web"));
-        // A disk created before the define.
-        let with_disk = both(
-            desired_vm("web", 1024, true, vec![disk("/srv/images/web.qcow2")]),
-            db(512),
-        );
-        let obs_disk = observed(have(), vec![], vec![("/srv/images/web.qcow2", None)]);
-        assert!(!waits(&with_disk, &obs_disk, &off, "web"));
-        // A directory created before the VMs.
-        let mut with_dir = both(web(1024), db(512));
-        with_dir.directories.push("/srv/images/ISOs".into());
-        assert!(!waits(&with_dir, &obs, &off, "web"));
-        // Pruning runs after the VMs; left alone (pruning off), it changes nothing.
-        let gone = seen_with("old", OTHER_UUID, 512, false, false, true);
-        let obs_gone = observed(have(), vec![gone], vec![]);
-        assert!(waits(&one, &obs_gone, &off, "web"));
-        assert!(!waits(&one, &obs_gone, &prune_ctx(true, 5, false), "web"));
-        // A VM that cannot be converged does nothing: its XML is checked before.
-        let mut p = plan_with(&one, &obs, &off);
-        p.vms[0].error = Some("conflict".into());
-        assert!(!p.changes_wait_for_define_of("web"));
-    }
-
-    #[test]
-    fn every_action_kind_has_a_json_kind() {
+    fn every_action_kind_has_one_name_for_json_and_metrics() {
         let all = [
             Action::CreateDisk(disk("/srv/images/x.qcow2")),
             Action::Rename { from: "a".into() },
@@ -1505,22 +1266,20 @@ mod tests {
             },
             Action::Undefine,
         ];
+        // One action of each kind, in plan order: every kind but the directories'.
         let kinds: Vec<_> = all.iter().map(Action::kind).collect();
-        assert_eq!(
-            kinds,
-            vec![
-                "create_disk",
-                "rename",
-                "define",
-                "redefine",
-                "set_autostart",
-                "clear_autostart",
-                "start",
-                "restart",
-                "stop",
-                "undefine"
-            ]
-        );
+        let every: Vec<_> = <ActionKind as strum::IntoEnumIterator>::iter()
+            .filter(|k| *k != ActionKind::CreateDirectory)
+            .collect();
+        assert_eq!(kinds, every);
+        for kind in <ActionKind as strum::IntoEnumIterator>::iter() {
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::json!(kind.as_str()),
+                "the JSON name is the metrics label"
+            );
+        }
+        assert_eq!(ActionKind::ClearAutostart.as_str(), "clear_autostart");
         assert_eq!(
             all[7].describe(),
             "restart (graceful shutdown, destroy after 2m)"

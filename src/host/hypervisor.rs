@@ -13,14 +13,32 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
-/// A libvirt call that failed, with libvirt's message.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct HvError(pub String);
+/// A libvirt call that failed: the operation, the domain (when there is one), the
+/// connection's URI, and libvirt's message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("failed to {operation}{} at '{uri}': {message}", on_domain(.domain))]
+pub struct HvError {
+    pub operation: &'static str,
+    pub domain: Option<String>,
+    pub uri: String,
+    pub message: String,
+}
 
-impl From<virt::error::Error> for HvError {
-    fn from(e: virt::error::Error) -> Self {
-        HvError(e.message().trim().to_string())
+fn on_domain(domain: &Option<String>) -> String {
+    domain
+        .as_ref()
+        .map(|d| format!(" domain '{d}'"))
+        .unwrap_or_default()
+}
+
+impl HvError {
+    pub fn new(operation: &'static str, domain: Option<&str>, uri: &str, message: &str) -> Self {
+        Self {
+            operation,
+            domain: domain.map(Into::into),
+            uri: uri.into(),
+            message: message.trim().into(),
+        }
     }
 }
 
@@ -41,7 +59,10 @@ pub trait Hypervisor: Sync {
     fn list(&self) -> Result<Vec<Listing>, HvError>;
     /// The definition libvirt holds: the persistent (inactive) one, or the live one.
     fn xml(&self, name: &str, inactive: bool) -> Result<String, HvError>;
-    /// Defines (or redefines in place) a domain, with libvirt's schema validation.
+    /// Defines (or redefines in place) a domain. The XML comes from a commit that passed
+    /// libvirt's schema in validation (same `domain.rng`, see `schema_cache`), so the
+    /// define does not ask libvirtd to compile the schema again; libvirt's parser still
+    /// checks it.
     fn define(&self, xml: &str) -> Result<(), HvError>;
     fn set_autostart(&self, name: &str, autostart: bool) -> Result<(), HvError>;
     fn start(&self, name: &str) -> Result<(), HvError>;
@@ -78,12 +99,8 @@ impl Libvirt {
         // libvirt's default error handler prints every error to stderr; vmsync reports
         // errors itself.
         virt::error::clear_error_callback();
-        let conn = Connect::open(Some(uri)).map_err(|e| {
-            HvError(format!(
-                "failed to connect to libvirt at '{uri}': {}",
-                e.message().trim()
-            ))
-        })?;
+        let conn = Connect::open(Some(uri))
+            .map_err(|e| HvError::new("connect to libvirt", None, uri, e.message()))?;
         Ok(Self {
             conn,
             uri: uri.to_string(),
@@ -107,12 +124,25 @@ impl Libvirt {
         self.conn.is_alive().unwrap_or(false)
     }
 
+    /// Runs one libvirt call (`operation`, on `domain`), counted, with its error named.
+    fn call<T>(
+        &self,
+        operation: &'static str,
+        domain: Option<&str>,
+        f: impl FnOnce() -> Result<T, virt::error::Error>,
+    ) -> Result<T, HvError> {
+        self.count(1);
+        f().map_err(|e| HvError::new(operation, domain, &self.uri, e.message()))
+    }
+
+    /// The domain's handle: from the last `list`, else looked up by name.
     fn lookup(&self, name: &str) -> Result<Domain, HvError> {
         if let Some(domain) = self.handles.lock().expect("handles lock").get(name) {
             return Ok(domain.clone());
         }
-        self.count(1);
-        let domain = self.conn.lookup_domain_by_name(name)?;
+        let domain = self.call("look up", Some(name), || {
+            self.conn.lookup_domain_by_name(name)
+        })?;
         self.handles
             .lock()
             .expect("handles lock")
@@ -130,9 +160,23 @@ impl Libvirt {
 
     /// Names of the domains matching `flags` (one call).
     fn names(&self, flags: sys::virConnectListAllDomainsFlags) -> Result<HashSet<String>, HvError> {
-        self.count(1);
-        let domains = self.conn.list_all_domains(flags)?;
-        domains.iter().map(|d| Ok(d.name()?)).collect()
+        let domains = self.call("list domains", None, || self.conn.list_all_domains(flags))?;
+        domains
+            .iter()
+            .map(|d| d.name())
+            .collect::<Result<_, _>>()
+            .map_err(|e| HvError::new("list domains", None, &self.uri, e.message()))
+    }
+
+    /// One call on the domain `name` (looked up first when its handle is not known).
+    fn on<T>(
+        &self,
+        operation: &'static str,
+        name: &str,
+        f: impl FnOnce(&Domain) -> Result<T, virt::error::Error>,
+    ) -> Result<T, HvError> {
+        let domain = self.lookup(name)?;
+        self.call(operation, Some(name), || f(&domain))
     }
 }
 
@@ -140,8 +184,7 @@ impl Hypervisor for Libvirt {
     /// Four calls whatever the number of domains: all, then the active, autostart and
     /// persistent ones by filter (a domain's name and UUID are known locally).
     fn list(&self) -> Result<Vec<Listing>, HvError> {
-        self.count(1);
-        let domains = self.conn.list_all_domains(0)?;
+        let domains = self.call("list domains", None, || self.conn.list_all_domains(0))?;
         let active = self.names(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?;
         let autostart = self.names(sys::VIR_CONNECT_LIST_DOMAINS_AUTOSTART)?;
         let persistent = self.names(sys::VIR_CONNECT_LIST_DOMAINS_PERSISTENT)?;
@@ -149,9 +192,12 @@ impl Hypervisor for Libvirt {
         handles.clear();
         let mut out = Vec::with_capacity(domains.len());
         for d in domains {
-            let name = d.name()?;
+            let (name, uuid) = d
+                .name()
+                .and_then(|name| Ok((name, d.uuid_string()?)))
+                .map_err(|e| HvError::new("list domains", None, &self.uri, e.message()))?;
             out.push(Listing {
-                uuid: d.uuid_string()?,
+                uuid,
                 active: active.contains(&name),
                 autostart: autostart.contains(&name),
                 persistent: persistent.contains(&name),
@@ -168,26 +214,26 @@ impl Hypervisor for Libvirt {
         } else {
             0
         };
-        self.count(1);
-        Ok(self.lookup(name)?.xml_desc(flags)?)
+        self.on("read the XML of", name, |d| d.xml_desc(flags))
     }
 
     fn define(&self, xml: &str) -> Result<(), HvError> {
-        self.count(1);
-        self.conn
-            .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)?;
+        let name = crate::desired::domain_xml::summarize(xml)
+            .ok()
+            .map(|s| s.name);
+        self.call("define", name.as_deref(), || {
+            self.conn.define_domain_xml_flags(xml, 0)
+        })?;
         Ok(())
     }
 
     fn set_autostart(&self, name: &str, autostart: bool) -> Result<(), HvError> {
-        self.count(1);
-        self.lookup(name)?.set_autostart(autostart)?;
+        self.on("set autostart of", name, |d| d.set_autostart(autostart))?;
         Ok(())
     }
 
     fn start(&self, name: &str) -> Result<(), HvError> {
-        self.count(1);
-        self.lookup(name)?.create()?;
+        self.on("start", name, |d| d.create())?;
         Ok(())
     }
 
@@ -196,19 +242,16 @@ impl Hypervisor for Libvirt {
     }
 
     fn is_active(&self, name: &str) -> Result<bool, HvError> {
-        self.count(1);
-        Ok(self.lookup(name)?.is_active()?)
+        self.on("read the state of", name, |d| d.is_active())
     }
 
     fn shutdown(&self, name: &str) -> Result<(), HvError> {
-        self.count(1);
-        self.lookup(name)?.shutdown()?;
+        self.on("shut down", name, |d| d.shutdown())?;
         Ok(())
     }
 
     fn destroy(&self, name: &str) -> Result<(), HvError> {
-        self.count(1);
-        self.lookup(name)?.destroy()?;
+        self.on("destroy", name, |d| d.destroy())?;
         Ok(())
     }
 
@@ -221,39 +264,44 @@ impl Hypervisor for Libvirt {
         } else {
             sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | sys::VIR_DOMAIN_UNDEFINE_KEEP_TPM
         };
-        self.count(1);
-        self.lookup(name)?.undefine_flags(flags)?;
+        self.on("undefine", name, |d| d.undefine_flags(flags))?;
         self.forget(&[name]);
         Ok(())
     }
 
     fn rename(&self, name: &str, new_name: &str) -> Result<(), HvError> {
-        self.count(1);
-        self.lookup(name)?.rename(new_name, 0)?;
+        self.on("rename", name, |d| d.rename(new_name, 0))?;
         self.forget(&[name, new_name]);
         Ok(())
     }
 }
 
+/// Why libvirt's check of a domain XML did not pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    /// libvirt's schema or parser refused the XML (libvirt's or libxml2's message).
+    #[error("rejected by libvirt: {0}")]
+    Rejected(String),
+    /// The check could not run (no test driver, no schema file).
+    #[error("could not be checked against libvirt's schema: {0}")]
+    Unavailable(String),
+}
+
 /// Checks a domain XML against libvirt's schema without touching any host.
 pub trait SchemaChecker {
-    fn check(&self, xml: &str) -> Result<(), String>;
+    fn check(&self, xml: &str) -> Result<(), SchemaError>;
     /// The summary of a file already validated, by `RepoFiles::content_id` (a cache).
-    fn known(&self, _content_id: &str) -> Option<crate::domain_xml::DomainSummary> {
+    fn known(&self, _content_id: &str) -> Option<crate::desired::domain_xml::DomainSummary> {
         None
     }
     /// Remembers that the file with `content_id` validated, with its summary.
-    fn remember(&self, _content_id: &str, _summary: &crate::domain_xml::DomainSummary) {}
-    /// Whether this exact XML passed `check` before (a cache), so it needs no new check.
-    fn passed(&self, _xml: &str) -> bool {
-        false
-    }
+    fn remember(&self, _content_id: &str, _summary: &crate::desired::domain_xml::DomainSummary) {}
 }
 
 /// Turns a domain XML into the inactive XML libvirt makes of it, without touching any
 /// host (for plan diffs of definitions not applied yet).
 pub trait Normalizer {
-    fn normalize(&self, xml: &str) -> Result<String, String>;
+    fn normalize(&self, xml: &str) -> Result<String, SchemaError>;
 }
 
 /// libvirt's schema validation through a private, empty `test:///` driver connection:
@@ -263,37 +311,31 @@ pub struct TestDriverSchema {
     _node_file: tempfile::NamedTempFile,
     /// libvirt's RNG schema compiled on the first check (`None` until then; `Some(Err)`
     /// without the schema file, and libvirt validates instead).
-    schema: std::sync::OnceLock<Result<crate::rng::Schema, String>>,
+    schema: std::cell::OnceCell<Result<crate::host::rng::Schema, SchemaError>>,
 }
 
 impl TestDriverSchema {
     pub fn new() -> Result<Self, HvError> {
         virt::error::clear_error_callback();
-        let mut node_file = tempfile::Builder::new()
+        let node_file = tempfile::Builder::new()
             .prefix("vmsync-schema-")
             .suffix(".xml")
             .tempfile()
+            .and_then(|mut file| {
+                std::io::Write::write_all(&mut file, b"<node/>\n")?;
+                Ok(file)
+            })
             .map_err(|e| {
-                HvError(format!(
-                    "failed to create the schema checker's node file: {e}"
-                ))
+                let message = format!("failed to write the test driver's node file: {e}");
+                HvError::new("connect to libvirt", None, "test:///", &message)
             })?;
-        std::io::Write::write_all(&mut node_file, b"<node/>\n").map_err(|e| {
-            HvError(format!(
-                "failed to write the schema checker's node file: {e}"
-            ))
-        })?;
         let uri = format!("test://{}", node_file.path().display());
-        let conn = Connect::open(Some(&uri)).map_err(|e| {
-            HvError(format!(
-                "failed to open libvirt's test driver for schema checks: {}",
-                e.message().trim()
-            ))
-        })?;
+        let conn = Connect::open(Some(&uri))
+            .map_err(|e| HvError::new("connect to libvirt", None, &uri, e.message()))?;
         Ok(Self {
             conn,
             _node_file: node_file,
-            schema: std::sync::OnceLock::new(),
+            schema: std::cell::OnceCell::new(),
         })
     }
 }
@@ -301,7 +343,7 @@ impl TestDriverSchema {
 impl TestDriverSchema {
     /// Compiles libvirt's schema now rather than at the first check.
     pub fn prepare(&self) {
-        let _ = self.schema.get_or_init(crate::rng::domain_schema);
+        let _ = self.schema.get_or_init(crate::host::rng::domain_schema);
     }
 }
 
@@ -309,8 +351,9 @@ impl SchemaChecker for TestDriverSchema {
     /// libvirt's RNG schema (compiled once, see `rng`), then libvirt's own parser: the
     /// XML is defined into the private test driver without re-validating, and undefined.
     /// Without the schema file, libvirt validates (slower, same result).
-    fn check(&self, xml: &str) -> Result<(), String> {
-        let flags = match self.schema.get_or_init(crate::rng::domain_schema) {
+    fn check(&self, xml: &str) -> Result<(), SchemaError> {
+        let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
+        let flags = match self.schema.get_or_init(crate::host::rng::domain_schema) {
             Ok(schema) => {
                 schema.validate(xml)?;
                 0
@@ -320,10 +363,8 @@ impl SchemaChecker for TestDriverSchema {
         let domain = self
             .conn
             .define_domain_xml_flags(xml, flags)
-            .map_err(|e| e.message().trim().to_string())?;
-        domain
-            .undefine()
-            .map_err(|e| e.message().trim().to_string())?;
+            .map_err(rejected)?;
+        domain.undefine().map_err(rejected)?;
         Ok(())
     }
 }
@@ -333,16 +374,48 @@ impl SchemaChecker for TestDriverSchema {
 /// but not the QEMU driver's (machine type, controllers, PCI addresses), which the diff
 /// normalization in `domain_xml` ignores where the source gives none.
 impl Normalizer for TestDriverSchema {
-    fn normalize(&self, xml: &str) -> Result<String, String> {
+    fn normalize(&self, xml: &str) -> Result<String, SchemaError> {
+        let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
         let domain = self
             .conn
             .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
-            .map_err(|e| e.message().trim().to_string())?;
+            .map_err(rejected)?;
         let out = domain.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE);
         let undefined = domain.undefine();
-        let out = out.map_err(|e| e.message().trim().to_string())?;
-        undefined.map_err(|e| e.message().trim().to_string())?;
+        let out = out.map_err(rejected)?;
+        undefined.map_err(rejected)?;
         Ok(out)
+    }
+}
+
+/// A libvirt connection kept across syncs (by the daemon), reopened when it died.
+pub struct Connection {
+    uri: String,
+    conn: Option<Libvirt>,
+}
+
+impl Connection {
+    pub fn new(uri: &str) -> Self {
+        Self {
+            uri: uri.to_string(),
+            conn: None,
+        }
+    }
+
+    /// Switches to `uri` (after a config reload), dropping the old connection if it differs.
+    pub fn set_uri(&mut self, uri: &str) {
+        if self.uri != uri {
+            self.uri = uri.to_string();
+            self.conn = None;
+        }
+    }
+
+    /// The open connection, (re)connecting if there is none or it is dead.
+    pub fn get(&mut self) -> Result<&Libvirt, HvError> {
+        if !self.conn.as_ref().is_some_and(Libvirt::alive) {
+            self.conn = Some(Libvirt::connect(&self.uri)?);
+        }
+        Ok(self.conn.as_ref().expect("just connected"))
     }
 }
 
@@ -361,7 +434,48 @@ mod tests {
             .replace("<memory>", "<memroy>")
             .replace("</memory>", "</memroy>");
         let err = schema.check(&bad).unwrap_err();
-        assert!(err.contains("schema"), "{err}");
+        let SchemaError::Rejected(message) = &err else {
+            panic!("{err:?}")
+        };
+        assert!(
+            message.starts_with("XML document failed to validate against schema")
+                && message.contains("memroy"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with("rejected by libvirt: "),
+            "{err}"
+        );
+    }
+
+    /// A libvirt error names the operation, the domain and the connection.
+    #[test]
+    fn a_libvirt_error_names_operation_domain_and_uri() {
+        let hv = Libvirt::connect("test:///default").unwrap();
+        let err = hv.start("vmsync-no-such-domain").unwrap_err();
+        assert_eq!(err.operation, "look up");
+        assert!(
+            err.to_string().starts_with(
+                "failed to look up domain 'vmsync-no-such-domain' at 'test:///default': "
+            ),
+            "{err}"
+        );
+        let xml = "<domain type='test'><name>vmsync-unit-bad</name><memory>131072</memory><os><type>hvm</type></os><devices><disk type='file'><target dev='vda'/></disk><disk type='file'><target dev='vda'/></disk></devices></domain>";
+        let err = hv.define(xml).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("failed to define domain 'vmsync-unit-bad' at 'test:///default': "),
+            "{err}"
+        );
+        let err = Libvirt::connect("qemu+unix:///system?socket=/nonexistent/sock")
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().starts_with(
+                "failed to connect to libvirt at 'qemu+unix:///system?socket=/nonexistent/sock': "
+            ),
+            "{err}"
+        );
     }
 
     #[test]

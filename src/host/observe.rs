@@ -7,10 +7,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::disk::{DiskProvisioner, ImageInfo};
-use crate::domain_xml::{self, DomainSummary, Tag};
-use crate::hypervisor::{HvError, Hypervisor, Listing};
-use crate::validate::Desired;
+use crate::desired::domain_xml::{self, DomainSummary, Tag};
+use crate::desired::validate::Desired;
+use crate::host::disk::{DiskProvisioner, ImageInfo};
+use crate::host::hypervisor::{HvError, Hypervisor, Listing};
 
 /// A domain with the same name as a desired VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +75,7 @@ pub fn observe(
         .collect();
     // One inactive-XML read per such domain (and the live XML of running ones), on a
     // few threads: libvirt serves concurrent calls on one connection.
-    let seen = crate::par::map(listed, THREADS, |(is_wanted, listing)| {
+    let seen = crate::host::par::map(listed, THREADS, |(is_wanted, listing)| {
         let inactive_xml = hv.xml(&listing.name, true).ok();
         let (inactive, definition_hash) = inactive_xml
             .as_deref()
@@ -126,7 +126,7 @@ pub fn observe(
         .iter()
         .flat_map(|vm| vm.disks.iter().map(|d| &d.path))
         .collect();
-    let disks = crate::par::map(paths, THREADS, |path| {
+    let disks = crate::host::par::map(paths, THREADS, |path| {
         (path.clone(), disks.inspect(path).map_err(|e| e.to_string()))
     })
     .into_iter()
@@ -147,9 +147,9 @@ pub fn observe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain_xml::{definition_hash, fingerprint, render};
-    use crate::manifest::{OnChange, PowerState};
-    use crate::validate::DesiredVm;
+    use crate::desired::domain_xml::{definition_hash, fingerprint, render};
+    use crate::desired::manifest::{OnChange, PowerState};
+    use crate::desired::validate::DesiredVm;
 
     /// Domains by name with their inactive XML; only listing and reads are asked for.
     struct Host(Vec<(Listing, String)>);
@@ -240,7 +240,7 @@ mod tests {
             directories: Vec::new(),
             vms: ["same", "changed", "drifted"].map(wanted).into(),
         };
-        let disks = crate::disk::QemuImg::default();
+        let disks = crate::host::disk::QemuImg::default();
 
         // A cold state (no record): only the domain whose tag differs needs its XML.
         let cold = observe(&desired, &BTreeMap::new(), &host, &disks).unwrap();

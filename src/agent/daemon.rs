@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+use crate::agent::sync::{self, Connection, Options, SyncError};
 use crate::config::{self, Overrides, Settings};
-use crate::sync::{self, Connection, Options, SyncError};
 
 /// The per-host delay added to every tick: stable for a host, spread over the fleet.
 pub fn jitter(host: &str, max_seconds: u64) -> Duration {
@@ -61,9 +61,6 @@ fn notify(status: &str) {
 pub fn run(flags: Overrides, settings: Settings) -> u8 {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        // A sync runs on a blocking thread; the default keeps that thread 10 s after the
-        // sync, and its exit then would be the only CPU between ticks.
-        .thread_keep_alive(std::time::Duration::from_millis(100))
         .build()
     {
         Ok(rt) => rt,
@@ -121,7 +118,6 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
                 give_up_after: Some(max_attempts),
                 cancel: &job_cancel,
                 allow_rewind: false,
-                child_exe: Some(std::path::Path::new(crate::schema_check::SELF_EXE)),
             };
             let result = sync::run(&job_settings, &mut connection, &options);
             (connection, result)
@@ -136,8 +132,6 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
             }
         };
         conn = Some(connection);
-        // What the sync freed goes back to the kernel while the daemon sleeps.
-        crate::memory::release_free();
         let status = match &result {
             Ok(report) => {
                 failures = 0;
@@ -154,6 +148,12 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
             Err(e @ SyncError::GaveUp { .. }) => {
                 warn!("{e}");
                 e.to_string()
+            }
+            // Stopped in the middle: the VMs left are recorded as interrupted, and the
+            // next start continues; not a failure of the commit.
+            Err(e @ SyncError::ActionsFailed { .. }) if stopping => {
+                warn!("stopped before the sync finished: {e}");
+                format!("stopped before the sync finished: {e}")
             }
             Err(e) => {
                 failures = failures.saturating_add(1);

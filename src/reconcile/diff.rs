@@ -1,10 +1,10 @@
 //! Readable diffs of domain definitions: a unified line diff of libvirt's normalized
 //! inactive XML before and after, with what libvirt generates where the source gives
-//! none left out (see `domain_xml::normalize_for_diff`).
+//! none left out (see `domain_xml::normalize_for_diff`), and how a sync logs one.
 
-use crate::domain_xml;
-use crate::hypervisor::Normalizer;
-use crate::plan::Plan;
+use crate::desired::domain_xml;
+use crate::host::hypervisor::Normalizer;
+use crate::reconcile::plan::Plan;
 
 /// A unified diff of two texts (empty when equal).
 pub fn unified(before: &str, after: &str, before_label: &str, after_label: &str) -> String {
@@ -16,6 +16,15 @@ pub fn unified(before: &str, after: &str, before_label: &str, after_label: &str)
         .context_radius(3)
         .header(before_label, after_label)
         .to_string()
+}
+
+/// Logs a definition diff one line per event, each with the VM and commit: under
+/// journald every line of the log stream is an entry of its own, so a multi-line
+/// message would leave all but one line without the fields.
+pub fn log(vm: &str, commit: &str, diff: &str) {
+    for line in diff.lines() {
+        tracing::info!(vm = %vm, commit = %commit, line = %line, "definition diff");
+    }
 }
 
 /// The diff between two libvirt definitions of a VM whose committed XML is `source`;

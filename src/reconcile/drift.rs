@@ -2,15 +2,15 @@
 //! comparing the per-VM record (`state.json`) with what libvirt says now. Pure; used by
 //! the planner (to heal or report) and by `vmsync status`.
 //!
-//! The definition baseline is [`crate::domain_xml::definition_hash`] of libvirt's
+//! The definition baseline is [`crate::desired::domain_xml::definition_hash`] of libvirt's
 //! inactive XML read back right after vmsync defined the domain: libvirt adds defaults on
 //! define, so "what libvirt made of our XML then" against "the inactive XML now" is the
 //! only comparison that sees a `virsh edit` (which keeps vmsync's tag) without false
 //! alarms.
 
-use crate::hypervisor::Listing;
-use crate::manifest::PowerState;
-use crate::state::VmRecord;
+use crate::agent::state::VmRecord;
+use crate::desired::manifest::PowerState;
+use crate::host::hypervisor::Listing;
 
 /// One way a domain differs from the last applied state.
 #[derive(Debug, Clone, PartialEq, Eq)]

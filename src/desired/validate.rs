@@ -9,11 +9,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::disk::DiskSpec;
-use crate::domain_xml::{self, DomainSummary};
-use crate::files::RepoFiles;
-use crate::hypervisor::SchemaChecker;
-use crate::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
+use crate::desired::domain_xml::{self, DomainSummary};
+use crate::desired::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
+use crate::host::disk::DiskSpec;
+use crate::host::hypervisor::SchemaChecker;
+use crate::repo::files::RepoFiles;
 
 /// What this host's policy allows and which VMs it applies.
 #[derive(Debug, Clone, Default)]
@@ -22,7 +22,7 @@ pub struct Policy {
     pub host: Option<String>,
     pub disk_roots: Vec<PathBuf>,
     /// What domain XML may ask of the host beyond disk images (see `host_policy`).
-    pub host_policy: crate::host_policy::HostPolicy,
+    pub host_policy: crate::desired::host_policy::HostPolicy,
 }
 
 /// One VM as this host should have it.
@@ -58,75 +58,12 @@ fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
         .any(|root| path.starts_with(root) && path != root)
 }
 
-/// A VM whose XML's libvirt schema check [`validate_deferred`] left to the caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unchecked {
-    /// Its index in [`Outcome::desired`]`.vms` (file, name, XML and summary are there).
-    pub vm: usize,
-    /// The file's blob id, for the cache once it passed.
-    pub content_id: Option<String>,
-}
-
-impl Unchecked {
-    /// The VM in `desired`.
-    pub fn of<'a>(&self, desired: &'a Desired) -> &'a DesiredVm {
-        &desired.vms[self.vm]
-    }
-
-    /// The problem for libvirt's rejection of this VM's XML.
-    pub fn rejected(&self, desired: &Desired, message: &str) -> Problem {
-        let vm = self.of(desired);
-        Problem {
-            file: vm.xml_file.clone(),
-            line: None,
-            vm: Some(vm.name.clone()),
-            field: Some("xml".into()),
-            message: format!("rejected by libvirt: {message}"),
-        }
-    }
-}
-
-/// What [`validate_deferred`] found.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    /// Every VM without a problem (the unchecked ones included).
-    pub desired: Desired,
-    pub problems: Vec<Problem>,
-    /// XML still to be checked against libvirt's schema (not cached, no other problem).
-    pub unchecked: Vec<Unchecked>,
-}
-
 /// Validates the commit in `files`. Returns all problems, so one run shows every mistake.
 pub fn validate(
     files: &dyn RepoFiles,
     policy: &Policy,
     schema: &dyn SchemaChecker,
 ) -> Result<Desired, Vec<Problem>> {
-    let outcome = validate_inner(files, policy, schema, false)?;
-    match outcome.problems.is_empty() {
-        true => Ok(outcome.desired),
-        false => Err(outcome.problems),
-    }
-}
-
-/// [`validate`] without libvirt's schema check of XML that `schema` has not seen pass:
-/// those come back as [`Outcome::unchecked`], for the caller to check (and report, and
-/// remember in `schema`) before anything changes. `Err` only when the manifest itself
-/// cannot be read or parsed.
-pub fn validate_deferred(
-    files: &dyn RepoFiles,
-    policy: &Policy,
-    schema: &dyn SchemaChecker,
-) -> Result<Outcome, Vec<Problem>> {
-    validate_inner(files, policy, schema, true)
-}
-
-fn validate_inner(
-    files: &dyn RepoFiles,
-    policy: &Policy,
-    schema: &dyn SchemaChecker,
-    defer: bool,
-) -> Result<Outcome, Vec<Problem>> {
     let text = files.read_text(MANIFEST_FILE).map_err(|e| {
         vec![Problem {
             file: MANIFEST_FILE.into(),
@@ -179,7 +116,6 @@ fn validate_inner(
     let mut uuids: BTreeMap<String, String> = BTreeMap::new();
     let mut disk_paths: BTreeMap<PathBuf, String> = BTreeMap::new();
     let mut vms = Vec::new();
-    let mut unchecked = Vec::new();
     for vm in manifest
         .vms
         .iter()
@@ -295,30 +231,20 @@ fn validate_inner(
         }
         // A cached file passed the host policy too: the cache is keyed by the policy.
         if !was_cached {
-            for v in crate::host_policy::check(&xml, &policy.host_policy, &policy.disk_roots) {
+            for v in
+                crate::desired::host_policy::check(&xml, &policy.host_policy, &policy.disk_roots)
+            {
                 problems.push(at(&xml_file, xml_line(v.line), &v.field, v.message));
             }
         }
-        let mut deferred = false;
-        if problems.len() == before && !was_cached {
-            if defer && !schema.passed(&xml) {
-                deferred = true;
-            } else if let Err(message) = schema.check(&xml) {
-                problems.push(at(
-                    &xml_file,
-                    None,
-                    "xml",
-                    format!("rejected by libvirt: {message}"),
-                ));
-            }
+        if problems.len() == before
+            && !was_cached
+            && let Err(message) = schema.check(&xml)
+        {
+            problems.push(at(&xml_file, None, "xml", message.to_string()));
         }
         if problems.len() == before {
-            if deferred {
-                unchecked.push(Unchecked {
-                    vm: vms.len(),
-                    content_id: content_id.clone(),
-                });
-            } else if let (Some(id), false) = (&content_id, was_cached) {
+            if let (Some(id), false) = (&content_id, was_cached) {
                 schema.remember(id, &summary);
             }
             vms.push(DesiredVm {
@@ -337,27 +263,27 @@ fn validate_inner(
         }
     }
 
-    Ok(Outcome {
-        desired: Desired {
-            directories: manifest.directories,
-            vms,
-        },
-        problems,
-        unchecked,
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Desired {
+        directories: manifest.directories,
+        vms,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::FileError;
+    use crate::host::hypervisor::SchemaError;
+    use crate::repo::files::FileError;
 
     /// An in-memory repository.
     struct Files(BTreeMap<String, String>);
 
     impl RepoFiles for Files {
         fn read_text(&self, path: &str) -> Result<String, FileError> {
-            crate::files::check_repo_path(path)?;
+            crate::repo::files::check_repo_path(path)?;
             self.0
                 .get(path)
                 .cloned()
@@ -371,9 +297,11 @@ mod tests {
     /// Rejects XML containing "<bogus", as libvirt's schema would.
     struct Schema;
     impl SchemaChecker for Schema {
-        fn check(&self, xml: &str) -> Result<(), String> {
+        fn check(&self, xml: &str) -> Result<(), SchemaError> {
             if xml.contains("<bogus") {
-                Err("Element domain has extra content: bogus".into())
+                Err(SchemaError::Rejected(
+                    "Element domain has extra content: bogus".into(),
+                ))
             } else {
                 Ok(())
             }
@@ -560,7 +488,8 @@ hosts = ["hv2"]
 #[cfg(test)]
 mod cache_tests {
     use super::*;
-    use crate::files::FileError;
+    use crate::host::hypervisor::SchemaError;
+    use crate::repo::files::FileError;
     use std::cell::{Cell, RefCell};
 
     /// One file whose content id is its text's length (stands in for a git blob id).
@@ -590,7 +519,7 @@ mod cache_tests {
     }
 
     impl SchemaChecker for Remembering {
-        fn check(&self, _xml: &str) -> Result<(), String> {
+        fn check(&self, _xml: &str) -> Result<(), SchemaError> {
             self.checks.set(self.checks.get() + 1);
             Ok(())
         }
@@ -606,7 +535,7 @@ mod cache_tests {
     fn a_file_validated_before_under_this_policy_is_not_checked_again() {
         let strict = Policy::default();
         let permissive = Policy {
-            host_policy: crate::host_policy::HostPolicy {
+            host_policy: crate::desired::host_policy::HostPolicy {
                 allow_hostdev: true,
                 ..Default::default()
             },

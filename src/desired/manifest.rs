@@ -11,7 +11,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::disk::{DiskFormat, DiskSpec, parse_size};
+use crate::host::disk::{DiskFormat, DiskSpec, parse_size};
 
 /// The manifest's file name at the root of the VM repository.
 pub const MANIFEST_FILE: &str = "vmsync.toml";

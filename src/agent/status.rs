@@ -2,9 +2,9 @@
 
 use serde::Serialize;
 
-use crate::domain_xml;
-use crate::hypervisor::Hypervisor;
-use crate::state::{Record, SyncResult};
+use crate::agent::state::{Record, SyncResult};
+use crate::desired::domain_xml;
+use crate::host::hypervisor::{HvError, Hypervisor};
 
 /// One managed VM in the status view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -38,12 +38,11 @@ pub struct Status {
 }
 
 /// Builds the status view; `hv` is `Err` when libvirt could not be reached.
-pub fn status(record: &Record, hv: Result<&dyn Hypervisor, String>) -> Status {
-    let (listing, libvirt_error) =
-        match hv.and_then(|hv| hv.list().map(|l| (hv, l)).map_err(|e| e.to_string())) {
-            Ok((hv, listing)) => (Some((hv, listing)), None),
-            Err(e) => (None, Some(e)),
-        };
+pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
+    let (listing, libvirt_error) = match hv.and_then(|hv| hv.list().map(|l| (hv, l))) {
+        Ok((hv, listing)) => (Some((hv, listing)), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
     let vms = record
         .vms
         .iter()
@@ -65,9 +64,9 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, String>) -> Status {
                 vm.autostart = Some(seen.is_some_and(|d| d.autostart));
                 match seen {
                     None => {
-                        vm.drift = crate::drift::detect(
+                        vm.drift = crate::reconcile::drift::detect(
                             rec,
-                            crate::drift::Now {
+                            crate::reconcile::drift::Now {
                                 listing: None,
                                 tag_fingerprint: None,
                                 definition_hash: None,
@@ -80,9 +79,9 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, String>) -> Status {
                     Some(d) => {
                         let xml = hv.xml(name, true).ok();
                         let tag = xml.as_deref().and_then(domain_xml::read_tag);
-                        vm.drift = crate::drift::detect(
+                        vm.drift = crate::reconcile::drift::detect(
                             rec,
-                            crate::drift::Now {
+                            crate::reconcile::drift::Now {
                                 listing: Some(d),
                                 tag_fingerprint: tag.as_ref().map(|t| t.fingerprint.as_str()),
                                 definition_hash: xml

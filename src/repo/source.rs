@@ -28,12 +28,14 @@
 //! host is refused; a host on a non-default port must be listed as `[host]:port`.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
-use git2::{AutotagOption, CredentialType, FetchOptions, Oid, RemoteCallbacks, Repository, Tree};
+use git2::{AutotagOption, CredentialType, FetchOptions, Oid, RemoteCallbacks, Repository};
 use tracing::{debug, info, warn};
 
-use crate::files::{FileError, MAX_FILE_BYTES, RepoFiles, check_repo_path, decode};
+use crate::repo::files::{FileError, MAX_FILE_BYTES, RepoFiles, check_repo_path, decode};
 
 /// Name of the only remote of the local clone.
 const REMOTE: &str = "origin";
@@ -95,7 +97,13 @@ pub struct FetchedCommit {
     repo: Repository,
     commit: Oid,
     tree: Oid,
+    /// The entries of each tree read so far, by tree id: a `vms/` directory of hundreds
+    /// of files is read once per sync, not once per file it holds.
+    trees: RefCell<HashMap<Oid, Rc<TreeEntries>>>,
 }
+
+/// A tree's entries by name: file mode and object id.
+type TreeEntries = HashMap<String, (i32, Oid)>;
 
 impl std::fmt::Debug for FetchedCommit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -152,13 +160,34 @@ impl FetchedCommit {
                 .map_err(|e| missing(e.message().to_string()))?;
             (commit.id(), commit.tree_id())
         };
-        Ok(FetchedCommit { repo, commit, tree })
+        Ok(FetchedCommit::new(repo, commit, tree))
     }
 
-    fn tree(&self, path: &str) -> Result<Tree<'_>, FileError> {
-        self.repo
-            .find_tree(self.tree)
-            .map_err(|e| git_file_error(path, &e))
+    fn new(repo: Repository, commit: Oid, tree: Oid) -> Self {
+        Self {
+            repo,
+            commit,
+            tree,
+            trees: RefCell::default(),
+        }
+    }
+
+    /// The entries of the tree `id` (read while looking up `path`).
+    fn entries(&self, id: Oid, path: &str) -> Result<Rc<TreeEntries>, FileError> {
+        if let Some(entries) = self.trees.borrow().get(&id) {
+            return Ok(entries.clone());
+        }
+        let tree = self
+            .repo
+            .find_tree(id)
+            .map_err(|e| git_file_error(path, &e))?;
+        let entries: Rc<TreeEntries> = Rc::new(
+            tree.iter()
+                .filter_map(|e| Some((e.name().ok()?.to_string(), (e.filemode(), e.id()))))
+                .collect(),
+        );
+        self.trees.borrow_mut().insert(id, entries.clone());
+        Ok(entries)
     }
 }
 
@@ -182,17 +211,13 @@ impl FetchedCommit {
         let (last, dirs) = parts
             .split_last()
             .expect("check_repo_path never returns empty");
-        let mut tree = self.tree(path)?;
+        let mut tree = self.entries(self.tree, path)?;
         for dir in dirs {
-            let (mode, oid) = match tree.get_name(dir) {
-                Some(entry) => (entry.filemode(), entry.id()),
-                None => return Err(FileError::NotFound(path.to_string())),
+            let Some(&(mode, oid)) = tree.get(dir.as_str()) else {
+                return Err(FileError::NotFound(path.to_string()));
             };
             tree = match mode {
-                MODE_TREE => self
-                    .repo
-                    .find_tree(oid)
-                    .map_err(|e| git_file_error(path, &e))?,
+                MODE_TREE => self.entries(oid, path)?,
                 // A regular file where a directory was expected: nothing below it.
                 MODE_BLOB | MODE_BLOB_EXECUTABLE => {
                     return Err(FileError::NotFound(path.to_string()));
@@ -201,9 +226,8 @@ impl FetchedCommit {
                 _ => return Err(FileError::NotAFile(path.to_string())),
             };
         }
-        let (mode, oid) = match tree.get_name(last) {
-            Some(entry) => (entry.filemode(), entry.id()),
-            None => return Err(FileError::NotFound(path.to_string())),
+        let Some(&(mode, oid)) = tree.get(last.as_str()) else {
+            return Err(FileError::NotFound(path.to_string()));
         };
         if mode != MODE_BLOB && mode != MODE_BLOB_EXECUTABLE {
             return Err(FileError::NotAFile(path.to_string()));
@@ -260,10 +284,6 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
         message: e.message().to_string(),
     };
 
-    tune_git();
-    if url.starts_with("https://") {
-        load_deferred_ca_bundle();
-    }
     let repo = open_or_init(&state_dir.join("repo"))?;
     let mut remote = match repo.find_remote(REMOTE) {
         Ok(remote) if remote.url_bytes() == url.as_bytes() => remote,
@@ -341,7 +361,7 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
             message: format!("'{tracking}' is at {commit} but the remote advertised {advertised}"),
         });
     }
-    let fetched = FetchedCommit { repo, commit, tree };
+    let fetched = FetchedCommit::new(repo, commit, tree);
     info!(
         url = %shown,
         branch = %branch,
@@ -353,83 +373,84 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
     Ok(fetched)
 }
 
-/// libgit2 settings for reading many files of one commit, once per process (the first
-/// use of libgit2 initialises it, and OpenSSL with it):
-/// - objects enter the local clone only through fetch, where libgit2's indexer hashes
-///   each one; hashing them again on every read (with the collision-detecting SHA-1) was
-///   the largest CPU cost of a no-op sync, so read-time verification is off;
-/// - trees larger than 4 KiB (a `vms/` directory of hundreds of files) are not cached by
-///   default, so every file lookup inflated that tree again: trees up to 16 MiB are cached.
-fn tune_git() {
-    TUNED.call_once(|| {
-        git2::opts::strict_hash_verification(false);
-        // SAFETY: called once, before any repository is opened by this process.
-        if let Err(e) =
-            unsafe { git2::opts::set_cache_object_limit(git2::ObjectType::Tree, 16 << 20) }
-        {
-            warn!(error = %e, "failed to raise libgit2's tree cache limit");
-        }
-    });
+/// Packs in the local clone beyond which [`tidy`] writes them into one. libgit2 writes
+/// one pack per fetch that received objects and never repacks; every object lookup
+/// searches every pack's index, and a daemon that fetched a commit a day would hold
+/// hundreds after a year.
+pub const MAX_PACKS: usize = 16;
+
+/// The pack files (`*.pack`) of the local clone under `state_dir`.
+pub fn packs(state_dir: &Path) -> Vec<PathBuf> {
+    let dir = state_dir.join("repo/objects/pack");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut packs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .collect();
+    packs.sort();
+    packs
 }
 
-static TUNED: std::sync::Once = std::sync::Once::new();
-
-/// Set when libgit2 was initialised without the system's CA bundle ([`init_git`]).
-static CA_BUNDLE_DEFERRED: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-/// Initialises libgit2 for a process that fetches `url` (empty: fetches nothing).
-///
-/// libgit2 initialises OpenSSL at its first use, and OpenSSL 3 then parses the whole
-/// CA bundle (`SSL_CERT_FILE`, else the system's): about 20 ms of CPU at every start of
-/// vmsync here (a no-op sync of 100 domains took 60 ms with it, 40 ms without), for a
-/// fetch over SSH or from a local path that never uses it. So unless `url` is
-/// `https://`, OpenSSL is initialised with `SSL_CERT_FILE=/dev/null`, and the variable
-/// is put back as it was (children see the environment unchanged). Should the
-/// configuration later turn to an `https://` URL (a daemon reloaded on SIGHUP), [`fetch`]
-/// loads the bundle before it connects. Certificates are checked as before either way.
-///
-/// # Safety
-/// Changes the environment: call it while this process has one thread, before libgit2's
-/// first use.
-pub unsafe fn init_git(url: &str) {
-    let defer = !TUNED.is_completed() && !url.starts_with("https://");
-    let users = std::env::var_os("SSL_CERT_FILE");
-    if defer {
-        // SAFETY: one thread (the caller's promise).
-        unsafe { std::env::set_var("SSL_CERT_FILE", "/dev/null") };
-    }
-    tune_git();
-    if defer {
-        // SAFETY: as above.
-        unsafe {
-            match &users {
-                Some(file) => std::env::set_var("SSL_CERT_FILE", file),
-                None => std::env::remove_var("SSL_CERT_FILE"),
-            }
-        }
-        CA_BUNDLE_DEFERRED.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Before an `https://` fetch in a process that initialised libgit2 without the CA
-/// bundle: loads the bundle OpenSSL would have loaded (`SSL_CERT_FILE`, else found as
-/// libgit2's own start-up finds it), once.
-fn load_deferred_ca_bundle() {
-    static LOADED: std::sync::Once = std::sync::Once::new();
-    if !CA_BUNDLE_DEFERRED.load(std::sync::atomic::Ordering::SeqCst) {
+/// After a sync, under its lock: once the local clone holds more than [`MAX_PACKS`]
+/// packs, writes every object of the clone, reachable or not (so the rewind checks see
+/// the same history), into one new pack through libgit2's pack builder and indexer,
+/// makes it durable, then deletes the old packs.
+/// A failure is only logged: the clone still works, with more packs.
+pub fn tidy(state_dir: &Path) {
+    let old = packs(state_dir);
+    if old.len() <= MAX_PACKS {
         return;
     }
-    LOADED.call_once(|| match openssl_probe::probe().cert_file {
-        // SAFETY: a sync fetches under its lock; no other libgit2 operation runs now.
-        Some(file) => match unsafe { git2::opts::set_ssl_cert_file(&file) } {
-            Ok(()) => debug!(file = %file.display(), "loaded the CA bundle"),
-            Err(e) => {
-                warn!(file = %file.display(), error = %e.message(), "failed to load the CA bundle")
-            }
-        },
-        None => warn!("no CA bundle found for https"),
-    });
+    let result = (|| -> Result<(), git2::Error> {
+        let repo = Repository::open_bare(state_dir.join("repo"))?;
+        let odb = repo.odb()?;
+        let mut ids = Vec::new();
+        odb.foreach(|id| {
+            ids.push(*id);
+            true
+        })?;
+        let mut builder = repo.packbuilder()?;
+        for id in ids {
+            builder.insert_object(id, None)?;
+        }
+        let mut buf = git2::Buf::new();
+        builder.write_buf(&mut buf)?;
+        let mut writer = odb.packwriter()?;
+        std::io::Write::write_all(&mut writer, &buf)
+            .map_err(|e| git2::Error::from_str(&e.to_string()))?;
+        writer.commit()?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        warn!(error = %e.message(), "failed to pack the local clone; keeping its packs");
+        return;
+    }
+    let new: Vec<PathBuf> = packs(state_dir)
+        .into_iter()
+        .filter(|p| !old.contains(p))
+        .collect();
+    let durable = new.iter().all(|pack| {
+        [pack.clone(), pack.with_extension("idx")]
+            .iter()
+            .all(|f| std::fs::File::open(f).and_then(|f| f.sync_all()).is_ok())
+    }) && std::fs::File::open(state_dir.join("repo/objects/pack"))
+        .and_then(|d| d.sync_all())
+        .is_ok();
+    if new.len() != 1 || !durable {
+        warn!(
+            new = new.len(),
+            "the new pack of the local clone is not durable; keeping the old packs"
+        );
+        return;
+    }
+    for pack in &old {
+        for ext in ["pack", "idx", "rev"] {
+            let _ = std::fs::remove_file(pack.with_extension(ext));
+        }
+    }
+    info!(packs = old.len(), "packed the local clone into one pack");
 }
 
 /// `scheme://user:password@host/…` with the password replaced by `***`.

@@ -6,8 +6,11 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::time::Duration;
 
-use crate::state::{Record, SyncResult};
-use crate::sync::Report;
+use strum::IntoEnumIterator;
+
+use crate::agent::state::{Record, SyncResult};
+use crate::agent::sync::Report;
+use crate::reconcile::plan::ActionKind;
 
 /// Escapes a label value (backslash, double quote, newline).
 fn label(value: &str) -> String {
@@ -44,15 +47,13 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         "1 if the last sync converged, 0 otherwise.",
         &[(String::new(), if converged { 1.0 } else { 0.0 })],
     );
-    let results = ["converged", "failed", "invalid", "fetch-failed"];
-    let current = record
-        .last_result
-        .and_then(|r| serde_json::to_value(r).ok());
-    let samples: Vec<_> = results
-        .iter()
+    let samples: Vec<_> = SyncResult::iter()
         .map(|r| {
-            let on = current.as_ref().and_then(|v| v.as_str()) == Some(r);
-            (format!("{{result=\"{r}\"}}"), if on { 1.0 } else { 0.0 })
+            let on = record.last_result == Some(r);
+            (
+                format!("{{result=\"{}\"}}", r.as_str()),
+                if on { 1.0 } else { 0.0 },
+            )
         })
         .collect();
     gauge(
@@ -128,23 +129,21 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         &failed,
     );
 
-    let mut kinds: BTreeMap<&str, f64> = std::iter::once(&"create_directory")
-        .chain(crate::plan::ACTION_KINDS)
-        .map(|k| (*k, 0.0))
-        .collect();
+    let mut kinds: BTreeMap<ActionKind, f64> = ActionKind::iter().map(|k| (k, 0.0)).collect();
     if let Some(r) = report {
-        *kinds.entry("create_directory").or_default() += r.outcome.directories_created as f64;
+        *kinds.entry(ActionKind::CreateDirectory).or_default() +=
+            r.outcome.directories_created as f64;
         for kind in r.outcome.vms.iter().flat_map(|vm| vm.kinds.iter()) {
-            *kinds.entry(kind).or_default() += 1.0;
+            *kinds.entry(*kind).or_default() += 1.0;
         }
         for p in &r.outcome.pruned {
-            *kinds.entry("undefine").or_default() +=
+            *kinds.entry(ActionKind::Undefine).or_default() +=
                 p.done.iter().filter(|d| d.starts_with("undefine")).count() as f64;
         }
     }
     let samples: Vec<_> = kinds
         .iter()
-        .map(|(k, v)| (format!("{{kind=\"{k}\"}}"), *v))
+        .map(|(k, v)| (format!("{{kind=\"{}\"}}", k.as_str()), *v))
         .collect();
     gauge(
         "vmsync_last_sync_actions",
@@ -157,7 +156,7 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::VmRecord;
+    use crate::agent::state::VmRecord;
 
     #[test]
     fn renders_the_record_in_textfile_format() {
@@ -199,6 +198,45 @@ mod tests {
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let value = l.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{l}");
+        }
+    }
+
+    /// Every result the record can hold has its own series, and only the current one
+    /// is 1: refused and untrusted included (a hand-kept list once had no series for
+    /// them).
+    #[test]
+    fn every_result_sets_its_own_series() {
+        for current in SyncResult::iter() {
+            let record = Record {
+                last_result: Some(current),
+                ..Default::default()
+            };
+            let text = render(&record, None, Duration::ZERO);
+            let ones: Vec<_> = text
+                .lines()
+                .filter(|l| l.starts_with("vmsync_last_sync_result{") && l.ends_with(" 1"))
+                .collect();
+            assert_eq!(
+                ones,
+                [format!(
+                    "vmsync_last_sync_result{{result=\"{}\"}} 1",
+                    current.as_str()
+                )],
+                "{current:?}"
+            );
+            let series = text
+                .lines()
+                .filter(|l| l.starts_with("vmsync_last_sync_result{"))
+                .count();
+            assert_eq!(series, SyncResult::iter().count());
+        }
+        for (result, name) in [
+            (SyncResult::Refused, "refused"),
+            (SyncResult::Untrusted, "untrusted"),
+            (SyncResult::FetchFailed, "fetch-failed"),
+        ] {
+            assert_eq!(result.as_str(), name);
+            assert_eq!(serde_json::to_value(result).unwrap(), name);
         }
     }
 }

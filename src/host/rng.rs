@@ -11,6 +11,8 @@
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::{Path, PathBuf};
 
+use crate::host::hypervisor::SchemaError;
+
 #[repr(C)]
 struct XmlError {
     domain: c_int,
@@ -89,12 +91,6 @@ pub struct Schema {
     path: PathBuf,
 }
 
-// SAFETY: a compiled xmlRelaxNG schema is read-only after parsing; libxml2 allows it to be
-// used from several validation contexts. It is freed only on drop, when no validation
-// can be running (`validate` borrows it).
-unsafe impl Send for Schema {}
-unsafe impl Sync for Schema {}
-
 impl Drop for Schema {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from xmlRelaxNGParse and is freed exactly once.
@@ -104,9 +100,10 @@ impl Drop for Schema {
 
 impl Schema {
     /// Compiles the schema at `path`.
-    pub fn compile(path: &Path) -> Result<Schema, String> {
-        let c_path =
-            CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    pub fn compile(path: &Path) -> Result<Schema, SchemaError> {
+        let unavailable = SchemaError::Unavailable;
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|e| unavailable(e.to_string()))?;
         let mut messages: Vec<String> = Vec::new();
         // SAFETY: plain libxml2 calls with valid pointers; the parser context is freed
         // before returning and `messages` outlives it.
@@ -114,7 +111,10 @@ impl Schema {
             xmlInitParser();
             let ctxt = xmlRelaxNGNewParserCtxt(c_path.as_ptr());
             if ctxt.is_null() {
-                return Err(format!("failed to read schema '{}'", path.display()));
+                return Err(unavailable(format!(
+                    "failed to read schema '{}'",
+                    path.display()
+                )));
             }
             xmlRelaxNGSetParserStructuredErrors(
                 ctxt,
@@ -126,11 +126,11 @@ impl Schema {
             schema
         };
         if ptr.is_null() {
-            return Err(format!(
+            return Err(unavailable(format!(
                 "failed to compile schema '{}': {}",
                 path.display(),
                 messages.join("; ")
-            ));
+            )));
         }
         Ok(Schema {
             ptr,
@@ -140,8 +140,9 @@ impl Schema {
 
     /// Validates `xml`; the error lists libxml2's messages, like libvirt's own
     /// "XML document failed to validate against schema" error.
-    pub fn validate(&self, xml: &str) -> Result<(), String> {
-        let len = c_int::try_from(xml.len()).map_err(|_| "document too large".to_string())?;
+    pub fn validate(&self, xml: &str) -> Result<(), SchemaError> {
+        let rejected = |m: &str| SchemaError::Rejected(m.into());
+        let len = c_int::try_from(xml.len()).map_err(|_| rejected("document too large"))?;
         let mut messages: Vec<String> = Vec::new();
         // SAFETY: `xml` outlives the parse; the document and the validation context are
         // freed before returning; `messages` outlives the context.
@@ -154,12 +155,14 @@ impl Schema {
                 PARSE_OPTIONS,
             );
             if doc.is_null() {
-                return Err("malformed xml".into());
+                return Err(rejected("malformed xml"));
             }
             let ctxt = xmlRelaxNGNewValidCtxt(self.ptr);
             if ctxt.is_null() {
                 xmlFreeDoc(doc);
-                return Err("failed to create a validation context".into());
+                return Err(SchemaError::Unavailable(
+                    "failed to create a validation context".into(),
+                ));
             }
             xmlRelaxNGSetValidStructuredErrors(
                 ctxt,
@@ -173,7 +176,7 @@ impl Schema {
         };
         match rc {
             0 => Ok(()),
-            _ => Err(format!(
+            _ => Err(SchemaError::Rejected(format!(
                 "XML document failed to validate against schema {}: {}",
                 self.path.display(),
                 if messages.is_empty() {
@@ -181,7 +184,7 @@ impl Schema {
                 } else {
                     messages.join("; ")
                 }
-            )),
+            ))),
         }
     }
 }
@@ -193,16 +196,16 @@ pub const SCHEMA_DIRS: &[&str] = &[
 ];
 
 /// Compiles libvirt's domain schema (about 10 ms).
-pub fn domain_schema() -> Result<Schema, String> {
+pub fn domain_schema() -> Result<Schema, SchemaError> {
     let path = SCHEMA_DIRS
         .iter()
         .map(|d| Path::new(d).join("domain.rng"))
         .find(|p| p.is_file())
         .ok_or_else(|| {
-            format!(
+            SchemaError::Unavailable(format!(
                 "libvirt's domain.rng not found in {}",
                 SCHEMA_DIRS.join(", ")
-            )
+            ))
         })?;
     Schema::compile(&path)
 }
@@ -220,7 +223,7 @@ mod tests {
             "<memory>131072</memory>",
             "<memory>131072</memory><vcpux>1</vcpux>",
         );
-        let err = schema.validate(&bad).unwrap_err();
+        let err = schema.validate(&bad).unwrap_err().to_string();
         assert!(
             err.contains("failed to validate against schema") && err.contains("vcpux"),
             "{err}"

@@ -1,0 +1,8 @@
+//! The agent: one sync stage after stage, the daemon around it, and what it keeps
+//! between runs (the record, the lock) and reports (status, metrics).
+
+pub mod daemon;
+pub mod metrics;
+pub mod state;
+pub mod status;
+pub mod sync;

@@ -1,0 +1,314 @@
+//! A cache of libvirt schema checks, so an unchanged domain XML is not validated again
+//! on every sync (libvirt's RNG validation costs milliseconds per domain; a no-op sync
+//! of hundreds of domains would spend most of its time there).
+//!
+//! Two maps: schema passes keyed by the sha256 of the XML text, and summaries of whole
+//! files that validated, keyed by their git blob id (so an unchanged file is not even
+//! parsed). The cache is tied to the libvirt library version (a new libvirt may bring a
+//! new schema) and to a context string (the validation policy: a file that passed under
+//! one policy is checked again under another), and kept in
+//! `<state_dir>/schema-cache.json`. Only successes are cached, so a rejected XML is always
+//! checked again. The test-driver connection is opened only on a miss.
+//!
+//! A save that learned something rewrites the file whole, atomically, with only the
+//! entries this validation used (so the cache holds about one commit's files, not every
+//! version of them). It is not fsynced: a file torn by a crash loads as empty, and
+//! everything is checked once more.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::desired::domain_xml::DomainSummary;
+use crate::host::hypervisor::{SchemaChecker, SchemaError, TestDriverSchema};
+
+pub const CACHE_FILE: &str = "schema-cache.json";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CacheFile {
+    libvirt_version: u32,
+    #[serde(default)]
+    context: String,
+    valid: BTreeSet<String>,
+    #[serde(default)]
+    files: BTreeMap<String, DomainSummary>,
+}
+
+/// A [`SchemaChecker`] that remembers what passed.
+pub struct CachedSchema {
+    path: Option<PathBuf>,
+    version: u32,
+    context: String,
+    valid: RefCell<BTreeSet<String>>,
+    files: RefCell<BTreeMap<String, DomainSummary>>,
+    added: RefCell<usize>,
+    /// Keys of `valid` and `files` that this validation looked up or added.
+    used_valid: RefCell<BTreeSet<String>>,
+    used_files: RefCell<BTreeSet<String>>,
+    inner: RefCell<Option<TestDriverSchema>>,
+    /// With [`CachedSchema::deferring`]: the XML whose check was put off.
+    deferred: Option<RefCell<Vec<String>>>,
+}
+
+fn key(xml: &str) -> String {
+    hex::encode(Sha256::digest(xml.as_bytes()))
+}
+
+impl CachedSchema {
+    /// Loads the cache from `state_dir` (`None`: no cache file, e.g. `vmsync validate`).
+    /// A missing, unreadable, torn, other-version or other-context cache starts empty.
+    /// (A cache written by vmsync 0.1's append-log keeps only its first line's entries.)
+    pub fn load(state_dir: Option<&Path>, context: &str) -> Self {
+        let version = virt::connect::Connect::version().unwrap_or(0);
+        let path = state_dir.map(|d| d.join(CACHE_FILE));
+        let file = path
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|bytes| {
+                serde_json::Deserializer::from_slice(&bytes)
+                    .into_iter::<CacheFile>()
+                    .next()?
+                    .ok()
+            })
+            .filter(|c| c.libvirt_version == version && c.context == context)
+            .unwrap_or_default();
+        Self {
+            path,
+            version,
+            context: context.to_string(),
+            valid: RefCell::new(file.valid),
+            files: RefCell::new(file.files),
+            added: RefCell::new(0),
+            used_valid: RefCell::default(),
+            used_files: RefCell::default(),
+            inner: RefCell::new(None),
+            deferred: None,
+        }
+    }
+
+    /// A cache whose misses are not checked but collected, for the caller to check
+    /// elsewhere ([`check_all`], on another thread) and report with
+    /// [`CachedSchema::passed`] before the cache is saved. A file remembered meanwhile
+    /// is saved only if the caller saves, which it must not do when a check failed.
+    pub fn deferring(mut self) -> Self {
+        self.deferred = Some(RefCell::default());
+        self
+    }
+
+    /// The XML whose check was put off, in the order asked.
+    pub fn take_deferred(&self) -> Vec<String> {
+        self.deferred.as_ref().map(|d| d.take()).unwrap_or_default()
+    }
+
+    /// Records that `xml` passed a check made elsewhere ([`check_all`]).
+    pub fn passed(&self, xml: &str) {
+        let key = key(xml);
+        self.used_valid.borrow_mut().insert(key.clone());
+        self.valid.borrow_mut().insert(key);
+        *self.added.borrow_mut() += 1;
+    }
+
+    /// Rewrites the cache file with what this validation used, if it learned anything.
+    /// Failures are only logged: a cache that cannot be written costs time, not safety.
+    pub fn save(&self) {
+        let Some(path) = &self.path else {
+            return;
+        };
+        if *self.added.borrow() == 0 {
+            return;
+        }
+        let (valid, files) = (self.valid.borrow(), self.files.borrow());
+        let (used_valid, used_files) = (self.used_valid.borrow(), self.used_files.borrow());
+        let file = CacheFile {
+            libvirt_version: self.version,
+            context: self.context.clone(),
+            valid: valid.intersection(&used_valid).cloned().collect(),
+            files: files
+                .iter()
+                .filter(|(id, _)| used_files.contains(*id))
+                .map(|(id, summary)| (id.clone(), summary.clone()))
+                .collect(),
+        };
+        let result = crate::agent::state::write_cache_with(path, |out| {
+            let mut out = std::io::BufWriter::new(out);
+            serde_json::to_writer(&mut out, &file)?;
+            std::io::Write::flush(&mut out)
+        });
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), error = %e, "failed to save the schema cache");
+        }
+    }
+
+    /// How many checks ran against libvirt, and files were summarized, since load.
+    pub fn misses(&self) -> usize {
+        *self.added.borrow()
+    }
+}
+
+impl SchemaChecker for CachedSchema {
+    fn check(&self, xml: &str) -> Result<(), SchemaError> {
+        let key = key(xml);
+        self.used_valid.borrow_mut().insert(key.clone());
+        if self.valid.borrow().contains(&key) {
+            return Ok(());
+        }
+        if let Some(deferred) = &self.deferred {
+            deferred.borrow_mut().push(xml.to_string());
+            return Ok(());
+        }
+        let mut inner = self.inner.borrow_mut();
+        if inner.is_none() {
+            *inner =
+                Some(TestDriverSchema::new().map_err(|e| SchemaError::Unavailable(e.to_string()))?);
+        }
+        inner.as_ref().expect("just created").check(xml)?;
+        self.valid.borrow_mut().insert(key);
+        *self.added.borrow_mut() += 1;
+        Ok(())
+    }
+
+    fn known(&self, content_id: &str) -> Option<DomainSummary> {
+        self.used_files.borrow_mut().insert(content_id.to_string());
+        self.files.borrow().get(content_id).cloned()
+    }
+
+    fn remember(&self, content_id: &str, summary: &DomainSummary) {
+        self.used_files.borrow_mut().insert(content_id.to_string());
+        self.files
+            .borrow_mut()
+            .insert(content_id.to_string(), summary.clone());
+        *self.added.borrow_mut() += 1;
+    }
+}
+
+/// libvirt's verdict on each of `xmls`, in order, from a private test driver made here:
+/// for a sync to check the XML a [`CachedSchema::deferring`] validation put off, on a
+/// thread of its own while the host is observed.
+pub fn check_all(xmls: &[String]) -> Result<Vec<Result<(), SchemaError>>, SchemaError> {
+    if xmls.is_empty() {
+        return Ok(Vec::new());
+    }
+    let schema = TestDriverSchema::new().map_err(|e| SchemaError::Unavailable(e.to_string()))?;
+    Ok(xmls.iter().map(|xml| schema.check(xml)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "<domain type='kvm'><name>c</name><memory>131072</memory><os><type>hvm</type></os></domain>";
+
+    #[test]
+    fn passes_are_remembered_across_loads_and_failures_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CachedSchema::load(Some(dir.path()), "policy");
+        cache.check(GOOD).unwrap();
+        let bad = GOOD
+            .replace("<memory>", "<memroy>")
+            .replace("</memory>", "</memroy>");
+        assert!(cache.check(&bad).is_err());
+        assert_eq!(cache.misses(), 1);
+        cache.save();
+
+        let again = CachedSchema::load(Some(dir.path()), "policy");
+        again.check(GOOD).unwrap();
+        assert_eq!(again.misses(), 0, "served from the cache");
+        assert!(
+            again.inner.borrow().is_none(),
+            "no libvirt connection needed"
+        );
+        assert!(
+            again.check(&bad).is_err(),
+            "a failure is checked again, never cached"
+        );
+    }
+
+    #[test]
+    fn file_summaries_are_remembered_per_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = crate::desired::domain_xml::summarize(GOOD).unwrap();
+        let cache = CachedSchema::load(Some(dir.path()), "policy");
+        assert_eq!(cache.known("blob:1"), None);
+        cache.remember("blob:1", &summary);
+        cache.save();
+        assert_eq!(
+            CachedSchema::load(Some(dir.path()), "policy").known("blob:1"),
+            Some(summary)
+        );
+        assert_eq!(
+            CachedSchema::load(Some(dir.path()), "other policy").known("blob:1"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_save_keeps_only_what_this_validation_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = crate::desired::domain_xml::summarize(GOOD).unwrap();
+        let first = CachedSchema::load(Some(dir.path()), "policy");
+        for id in ["blob:old", "blob:kept"] {
+            assert_eq!(first.known(id), None);
+            first.remember(id, &summary);
+        }
+        first.check(GOOD).unwrap();
+        first.save();
+
+        // The next commit changed one file: "blob:old" is gone, "blob:new" arrived.
+        let second = CachedSchema::load(Some(dir.path()), "policy");
+        assert!(second.known("blob:kept").is_some());
+        assert_eq!(second.known("blob:new"), None);
+        second.remember("blob:new", &summary);
+        second.save();
+
+        let third = CachedSchema::load(Some(dir.path()), "policy");
+        let saved: CacheFile =
+            serde_json::from_slice(&std::fs::read(dir.path().join(CACHE_FILE)).unwrap()).unwrap();
+        assert_eq!(
+            saved.files.keys().collect::<Vec<_>>(),
+            ["blob:kept", "blob:new"]
+        );
+        assert!(
+            saved.valid.is_empty(),
+            "GOOD was not checked again: {saved:?}"
+        );
+        assert!(third.known("blob:old").is_none());
+    }
+
+    #[test]
+    fn a_torn_or_empty_cache_file_starts_empty() {
+        // The cache is not fsynced: after a crash it may be empty or cut short.
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CachedSchema::load(Some(dir.path()), "policy");
+        cache.check(GOOD).unwrap();
+        cache.save();
+        let path = dir.path().join(CACHE_FILE);
+        let full = std::fs::read(&path).unwrap();
+        for torn in [&full[..0], &full[..full.len() / 2]] {
+            std::fs::write(&path, torn).unwrap();
+            let again = CachedSchema::load(Some(dir.path()), "policy");
+            again.check(GOOD).unwrap();
+            assert_eq!(again.misses(), 1, "checked again");
+        }
+    }
+
+    #[test]
+    fn another_libvirt_version_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = CacheFile {
+            libvirt_version: 1,
+            valid: [key(GOOD)].into(),
+            ..Default::default()
+        };
+        std::fs::write(
+            dir.path().join(CACHE_FILE),
+            serde_json::to_vec(&stale).unwrap(),
+        )
+        .unwrap();
+        let cache = CachedSchema::load(Some(dir.path()), "policy");
+        cache.check(GOOD).unwrap();
+        assert_eq!(cache.misses(), 1);
+    }
+}

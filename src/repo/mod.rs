@@ -1,0 +1,7 @@
+//! Where the desired state comes from: the git fetch that pins one commit, the files of
+//! that commit (or of a checkout, for `vmsync validate`), and the trust checks of the
+//! commit (signature, ancestry).
+
+pub mod files;
+pub mod source;
+pub mod trust;
