@@ -72,6 +72,8 @@ struct RawVm {
     shutdown_timeout: Option<Spanned<String>>,
     self_heal: Option<bool>,
     #[serde(default)]
+    adopt: bool,
+    #[serde(default)]
     disk: Vec<RawDisk>,
 }
 
@@ -166,6 +168,9 @@ pub struct VmEntry {
     pub shutdown_timeout: Option<std::time::Duration>,
     /// `self_heal`: overrides the agent's `policy.self_heal` for this VM.
     pub self_heal: Option<bool>,
+    /// `adopt`: take over an existing domain of this name that vmsync did not define
+    /// (default false: such a domain is never touched).
+    pub adopt: bool,
 }
 
 impl VmEntry {
@@ -486,6 +491,7 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
                 state,
                 shutdown_timeout,
                 self_heal: raw_vm.self_heal,
+                adopt: raw_vm.adopt,
             });
         }
     }

@@ -43,6 +43,8 @@ pub struct DesiredVm {
     pub shutdown_timeout: Option<std::time::Duration>,
     /// `None`: the agent's `policy.self_heal`.
     pub self_heal: Option<bool>,
+    /// Take over an existing domain of this name without vmsync's tag (`adopt`).
+    pub adopt: bool,
 }
 
 /// The validated desired state of this host.
@@ -259,6 +261,7 @@ pub fn validate(
                 state: vm.state,
                 shutdown_timeout: vm.shutdown_timeout,
                 self_heal: vm.self_heal,
+                adopt: vm.adopt,
             });
         }
     }

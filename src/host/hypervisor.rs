@@ -81,6 +81,22 @@ pub trait Hypervisor: Sync {
     fn undefine_keep_state(&self, name: &str) -> Result<(), HvError>;
     /// Renames a shut-off domain; UUID, NVRAM and TPM state stay.
     fn rename(&self, name: &str, new_name: &str) -> Result<(), HvError>;
+    /// Writes vmsync's tag into the domain's persistent definition (and its running one
+    /// with `live`) without redefining it: libvirt's metadata API, which sends no
+    /// lifecycle event (adopting a domain whose definition is the commit's already).
+    fn set_tag(
+        &self,
+        name: &str,
+        _tag: &crate::desired::domain_xml::Tag,
+        _live: bool,
+    ) -> Result<(), HvError> {
+        Err(HvError::new(
+            "tag",
+            Some(name),
+            "",
+            "this hypervisor seam cannot write metadata",
+        ))
+    }
 }
 
 /// A libvirt connection.
@@ -273,6 +289,28 @@ impl Hypervisor for Libvirt {
         self.on("rename", name, |d| d.rename(new_name, 0))?;
         self.forget(&[name, new_name]);
         Ok(())
+    }
+
+    fn set_tag(
+        &self,
+        name: &str,
+        tag: &crate::desired::domain_xml::Tag,
+        live: bool,
+    ) -> Result<(), HvError> {
+        use crate::onboard::definition::{TAG_PREFIX, tag_element};
+        let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
+        if live {
+            flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+        }
+        self.on("write vmsync's tag into", name, |d| {
+            d.set_metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(&tag_element(tag)),
+                Some(TAG_PREFIX),
+                Some(crate::desired::domain_xml::NAMESPACE),
+                flags,
+            )
+        })
     }
 }
 

@@ -291,6 +291,26 @@ pub fn apply(
     outcome
 }
 
+/// Reads the definition back after a define or an adoption: the new drift baseline, and
+/// the diff logged.
+fn read_back(hv: &dyn Hypervisor, vm: &VmPlan, short: &str, result: &mut VmOutcome) {
+    match hv.xml(&vm.name, true) {
+        Ok(after) => {
+            result.definition_hash = domain_xml::definition_hash(&after);
+            let diff = crate::reconcile::diff::definition_diff(
+                &vm.name,
+                vm.current_xml.as_deref(),
+                &after,
+                &vm.source_xml,
+            );
+            crate::reconcile::diff::log(&vm.name, short, &diff);
+        }
+        Err(e) => {
+            warn!(vm = %vm.name, error = %e, "could not read the new definition back")
+        }
+    }
+}
+
 /// Runs one VM's actions in order, stopping at the first failure or when `cancel` is set.
 fn apply_vm(
     vm: &VmPlan,
@@ -348,25 +368,19 @@ fn apply_vm(
         let done = match action {
             Action::CreateDisk(spec) => disks.create(spec).map_err(|e| e.to_string()),
             Action::Rename { from } => hv.rename(from, &vm.name).map_err(|e| e.to_string()),
-            Action::Define { xml, .. } => hv
+            Action::Define { xml, .. } | Action::Adopt { xml: Some(xml), .. } => hv
                 .define(xml)
                 .inspect(|()| crate::crash_point("after-define"))
                 .map_err(|e| e.to_string())
-                .map(|()| match hv.xml(&vm.name, true) {
-                    Ok(after) => {
-                        result.definition_hash = domain_xml::definition_hash(&after);
-                        let diff = crate::reconcile::diff::definition_diff(
-                            &vm.name,
-                            vm.current_xml.as_deref(),
-                            &after,
-                            &vm.source_xml,
-                        );
-                        crate::reconcile::diff::log(&vm.name, short, &diff);
-                    }
-                    Err(e) => {
-                        warn!(vm = %vm.name, error = %e, "could not read the new definition back")
-                    }
-                }),
+                .map(|()| read_back(hv, vm, short, &mut result)),
+            Action::Adopt {
+                tag,
+                xml: None,
+                live,
+            } => hv
+                .set_tag(&vm.name, tag, *live)
+                .map_err(|e| e.to_string())
+                .map(|()| read_back(hv, vm, short, &mut result)),
             Action::SetAutostart(on) => hv.set_autostart(&vm.name, *on).map_err(|e| e.to_string()),
             Action::Start => hv.start(&vm.name).map_err(|e| e.to_string()),
             Action::Restart { timeout } => graceful_stop(hv, &vm.name, *timeout, cancel)
@@ -388,7 +402,7 @@ fn apply_vm(
                 match action {
                     Action::Start | Action::Restart { .. } => result.up = true,
                     Action::Stop { .. } => result.up = false,
-                    Action::Define { .. } => result.defined = true,
+                    Action::Define { .. } | Action::Adopt { .. } => result.defined = true,
                     Action::SetAutostart(_) => result.autostart_set = true,
                     _ => {}
                 }

@@ -61,6 +61,15 @@ pub enum Action {
     },
     /// Undefine, keeping NVRAM, TPM state and disks (pruning only).
     Undefine,
+    /// Take over a domain vmsync did not define (`adopt = true`): with `xml`, redefine it
+    /// in place with the commit's XML (its UUID and MACs kept); without, its definition
+    /// is the commit's already and only `tag` is written (`virDomainSetMetadata`, no
+    /// redefine), into the running definition too with `live`.
+    Adopt {
+        tag: Tag,
+        xml: Option<String>,
+        live: bool,
+    },
 }
 
 /// What an action does, for machines: the plan's JSON, the outcome of a sync, metrics
@@ -85,6 +94,8 @@ pub enum ActionKind {
     CreateDirectory,
     CreateDisk,
     Rename,
+    /// An existing domain taken over (`adopt = true`), tag only or redefined in place.
+    Adopt,
     Define,
     Redefine,
     SetAutostart,
@@ -130,6 +141,10 @@ impl Action {
                 humantime::format_duration(*timeout)
             ),
             Action::Undefine => "undefine (keeping NVRAM, TPM state and disks)".into(),
+            Action::Adopt { xml: None, .. } => {
+                "adopt (tag only: the definition is the commit's)".into()
+            }
+            Action::Adopt { xml: Some(_), .. } => "adopt (redefine in place)".into(),
         }
     }
 
@@ -148,6 +163,7 @@ impl Action {
             Action::Restart { .. } => ActionKind::Restart,
             Action::Stop { .. } => ActionKind::Stop,
             Action::Undefine => ActionKind::Undefine,
+            Action::Adopt { .. } => ActionKind::Adopt,
         }
     }
 }
@@ -192,7 +208,9 @@ impl VmPlan {
         self.actions
             .iter()
             .find_map(|a| match a {
-                Action::Define { xml, .. } => Some(xml.as_str()),
+                Action::Define { xml, .. } | Action::Adopt { xml: Some(xml), .. } => {
+                    Some(xml.as_str())
+                }
                 _ => None,
             })
             .or(self.rendered_xml.as_deref())
@@ -390,9 +408,9 @@ fn plan_vm(
                 ));
                 return out;
             }
-            Some(summary) if summary.tag.is_none() => {
+            Some(summary) if summary.tag.is_none() && !vm.adopt => {
                 out.error = Some(format!(
-                    "domain '{}' exists but was not defined by vmsync (no vmsync metadata); refusing to touch it",
+                    "domain '{}' exists but was not defined by vmsync (no vmsync metadata); refusing to touch it (set adopt = true on its entry to take it over)",
                     vm.name
                 ));
                 return out;
@@ -406,8 +424,15 @@ fn plan_vm(
             }
             Some(_) => {}
         }
+        if let Some(e) = crate::onboard::adopt::uuid_conflict(vm, seen) {
+            return fail(out, e);
+        }
         out.current_hash = seen.definition_hash.clone();
     }
+    // An untagged domain here is one `adopt = true` takes over (others failed above).
+    let adopting = seen
+        .and_then(|s| s.inactive.as_ref())
+        .is_some_and(|s| s.tag.is_none());
     let summary = seen.and_then(|s| s.inactive.as_ref());
     let current = summary.and_then(|s| s.tag.as_ref());
 
@@ -468,6 +493,7 @@ fn plan_vm(
 
     let definition_drift = has(|d| matches!(d, Drift::Definition | Drift::Untagged));
     let changed = current.is_none_or(|tag| tag.fingerprint != vm.fingerprint);
+    let mut adopted_live = false;
     let redefine = changed || rename_from.is_some() || (definition_drift && heal);
     if redefine || definition_drift {
         let tag = Tag {
@@ -482,7 +508,21 @@ fn plan_vm(
                 out.source_xml = vm.xml.clone();
                 out.current_xml = seen.and_then(|s| s.inactive_xml.clone());
                 // One copy: a planned define carries it (see `VmPlan::rendered`).
-                if redefine {
+                if adopting {
+                    let adopt = crate::onboard::adopt::action(seen, tag.clone(), xml);
+                    if matches!(
+                        adopt,
+                        Action::Adopt {
+                            xml: None,
+                            live: true,
+                            ..
+                        }
+                    ) {
+                        // The running definition gets the tag too: no pending restart.
+                        adopted_live = true;
+                    }
+                    out.actions.push(adopt);
+                } else if redefine {
                     out.actions.push(Action::Define {
                         xml,
                         redefine: seen.is_some(),
@@ -510,6 +550,7 @@ fn plan_vm(
     let power_drift = has(|d| matches!(d, Drift::Power { .. }));
     // The running definition is older than the commit's.
     let live_differs = active
+        && !adopted_live
         && seen
             .and_then(|s| s.live_tag.as_ref())
             .is_none_or(|tag| tag.fingerprint != vm.fingerprint);
@@ -581,6 +622,7 @@ mod tests {
             },
             shutdown_timeout: None,
             self_heal: None,
+            adopt: false,
         }
     }
 
@@ -663,6 +705,26 @@ mod tests {
             definition_hash: Some("baseline".into()),
             inactive_xml: Some(xml),
         }
+    }
+
+    /// A domain an operator defined by hand from `source(name, memory)`: libvirt's
+    /// inactive XML with its UUID and a MAC, no tag.
+    fn hand_made(name: &str, memory: u32, active: bool, autostart: bool) -> SeenDomain {
+        let xml = source(name, memory)
+            .replace("</name>", &format!("</name><uuid>{UUID}</uuid>"))
+            .replace(
+                "<interface type='user'/>",
+                "<interface type='user'><mac address='52:54:00:12:34:56'/></interface>",
+            );
+        let mut d = seen(name, memory, active, autostart, false);
+        d.inactive = Some(domain_xml::summarize(&xml).unwrap());
+        d.inactive_xml = Some(xml);
+        d
+    }
+
+    fn adopting(mut vm: DesiredVm) -> DesiredVm {
+        vm.adopt = true;
+        vm
     }
 
     /// `seen` after someone edited the definition (`virsh edit` keeps the tag).
@@ -984,6 +1046,50 @@ mod tests {
                 )
             },
             Case {
+                have: vec![hand_made("web", 1024, false, false)],
+                actions: vec!["adopt (tag only: the definition is the commit's)"],
+                ..case(
+                    "adopt, the commit's xml is the domain's: the tag only",
+                    adopting(web(1024, false)),
+                )
+            },
+            Case {
+                have: vec![hand_made("web", 1024, true, true)],
+                actions: vec!["adopt (tag only: the definition is the commit's)"],
+                ..case(
+                    "adopt a running domain unchanged: tagged live too, no pending restart",
+                    adopting(web(1024, true)),
+                )
+            },
+            Case {
+                have: vec![hand_made("web", 512, true, true)],
+                actions: vec!["adopt (redefine in place)"],
+                pending_restart: true,
+                ..case(
+                    "adopt with a changed definition: redefined in place, pending restart",
+                    adopting(web(1024, true)),
+                )
+            },
+            Case {
+                have: vec![hand_made("web", 1024, false, false)],
+                error: Some(
+                    "domain 'web' has uuid 6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b, but the commit's xml says 11111111-2222-3333-4444-555555555555; not adopted",
+                ),
+                ..case(
+                    "adopt with another uuid in the commit: error, nothing done",
+                    adopting(with_uuid(web(1024, false), OTHER_UUID)),
+                )
+            },
+            Case {
+                have: vec![seen("web", 1024, false, false, true)],
+                record: Some(applied(&web(1024, false))),
+                actions: vec![],
+                ..case(
+                    "adopt left in the manifest once adopted: nothing to do",
+                    adopting(web(1024, false)),
+                )
+            },
+            Case {
                 disks: vec![(d, Some("raw"))],
                 error: Some("is raw, but the manifest says qcow2"),
                 ..case(
@@ -1247,6 +1353,14 @@ mod tests {
         let all = [
             Action::CreateDisk(disk("/srv/images/x.qcow2")),
             Action::Rename { from: "a".into() },
+            Action::Adopt {
+                tag: Tag {
+                    commit: "c".into(),
+                    fingerprint: "f".into(),
+                },
+                xml: None,
+                live: false,
+            },
             Action::Define {
                 xml: String::new(),
                 redefine: false,
@@ -1281,7 +1395,7 @@ mod tests {
         }
         assert_eq!(ActionKind::ClearAutostart.as_str(), "clear_autostart");
         assert_eq!(
-            all[7].describe(),
+            all[8].describe(),
             "restart (graceful shutdown, destroy after 2m)"
         );
     }
