@@ -284,7 +284,7 @@ fn file_disks(xml: &str) -> Vec<PathBuf> {
 /// A byte count as the manifest writes sizes: the largest binary unit that divides it.
 pub fn size_text(bytes: u64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }
