@@ -305,6 +305,7 @@ fn readme_is_a_front_page() {
         "docs/operations.md",
         "docs/design.md",
         "docs/performance.md",
+        "docs/moving-from-the-old-ways.md",
     ] {
         assert!(
             readme.contains(&format!("]({page})")),
