@@ -51,9 +51,11 @@ struct Disk {
     info: Result<ImageInfo, String>,
 }
 
-/// One domain to write.
+/// One domain, network or pool to write.
 #[derive(Debug, Clone)]
 struct Entry {
+    /// The manifest table: `vm`, `network` or `pool`.
+    table: &'static str,
     name: String,
     file: String,
     xml: String,
@@ -127,6 +129,7 @@ pub fn import(
             ));
         }
         entries.push(Entry {
+            table: "vm",
             file: format!("vms/{}.xml", file_name(&listing.name)),
             name: listing.name,
             xml,
@@ -151,15 +154,17 @@ pub fn import(
             Err(SyncError::Invalid { problems, .. }) => {
                 let mut blamed = false;
                 for p in problems {
-                    let entry =
-                        p.vm.as_deref()
-                            .and_then(|vm| entries.iter_mut().find(|e| e.name == vm));
-                    match entry {
-                        Some(e) if e.refused.is_empty() || !e.refused.contains(&p.to_string()) => {
-                            e.refused.push(p.to_string());
-                            blamed = true;
-                        }
-                        _ => {}
+                    let (table, name) = blamed_entry(&p);
+                    let entry = name.and_then(|name| {
+                        entries
+                            .iter_mut()
+                            .find(|e| e.table == table && e.name == name)
+                    });
+                    if let Some(e) = entry
+                        && !e.refused.contains(&p.to_string())
+                    {
+                        e.refused.push(p.to_string());
+                        blamed = true;
                     }
                 }
                 if !blamed {
@@ -174,11 +179,15 @@ pub fn import(
         }
     }
     for e in &entries {
+        let label = match e.table {
+            "vm" => e.name.clone(),
+            table => format!("{table} {}", e.name),
+        };
         if e.refused.is_empty() {
-            imported.vms.push(e.name.clone());
+            imported.vms.push(label);
         } else {
-            warn!(vm = %e.name, reasons = %e.refused.join("; "), "written commented out: this host's policy refuses it");
-            imported.commented.push((e.name.clone(), e.refused.clone()));
+            warn!(entry = %label, reasons = %e.refused.join("; "), "written commented out: this host's policy refuses it");
+            imported.commented.push((label, e.refused.clone()));
         }
         for d in &e.disks {
             if let Err(why) = &d.info {
@@ -222,6 +231,26 @@ pub fn render(dir: &Path, imported: &Imported) -> String {
         dir.join("README.md").display()
     );
     out
+}
+
+/// The entry a validation problem is about: a VM's (`vm` set), or a network's or pool's
+/// (field `network.…`/`pool.…`, message `network 'NAME': …`).
+fn blamed_entry(p: &crate::desired::manifest::Problem) -> (&'static str, Option<String>) {
+    if let Some(vm) = &p.vm {
+        return ("vm", Some(vm.clone()));
+    }
+    for table in ["network", "pool"] {
+        let field = p.field.as_deref().unwrap_or("");
+        if field.starts_with(&format!("{table}.")) {
+            let name = p
+                .message
+                .strip_prefix(&format!("{table} '"))
+                .and_then(|rest| rest.split_once("': "))
+                .map(|(name, _)| name.to_string());
+            return (table, name);
+        }
+    }
+    ("", None)
 }
 
 /// DIR must be empty or missing, unless `--force`.
@@ -348,13 +377,18 @@ fn header(settings: &Settings) -> String {
 /// The manifest text for `entries`: refused ones commented out under their reasons.
 fn manifest(header: &str, entries: &[Entry]) -> String {
     let mut out = header.to_string();
-    for e in entries {
+    // Pools and networks first: the domains use them.
+    let order = |e: &&Entry| ["pool", "network", "vm"].iter().position(|t| *t == e.table);
+    let mut sorted: Vec<&Entry> = entries.iter().collect();
+    sorted.sort_by_key(order);
+    for e in sorted {
+        let what = if e.table == "vm" { "domain" } else { e.table };
         let mut lines = vec![
-            "[[vm]]".to_string(),
+            format!("[[{}]]", e.table),
             format!("name = {}", quoted(&e.name)),
             format!("xml = {}", quoted(&e.file)),
             format!("autostart = {}", e.autostart),
-            "adopt = true       # take over the domain that exists (no-op once adopted)".into(),
+            format!("adopt = true       # take over the {what} that exists (no-op once adopted)"),
         ];
         for d in &e.disks {
             lines.push(String::new());
@@ -364,7 +398,10 @@ fn manifest(header: &str, entries: &[Entry]) -> String {
         if e.refused.is_empty() {
             out += &lines.join("\n");
         } else {
-            out += "# Commented out: this host's policy refuses this vm as it is defined now:\n";
+            out += &format!(
+                "# Commented out: this host's policy refuses this {} as it is defined now:\n",
+                e.table
+            );
             for why in &e.refused {
                 out += &format!("#   {why}\n");
             }
@@ -471,6 +508,7 @@ mod tests {
 
     fn entry(refused: Vec<String>) -> Entry {
         Entry {
+            table: "vm",
             name: "web \"1\"".into(),
             file: "vms/web__1_.xml".into(),
             xml: String::new(),
