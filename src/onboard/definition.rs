@@ -70,6 +70,34 @@ pub fn clean(libvirt_xml: &str) -> Result<String, XmlProblem> {
     Ok(out)
 }
 
+/// libvirt's inactive XML of a storage pool as `vmsync import` writes it: [`clean`], and
+/// without what the pool reports of its storage (`<capacity>`, `<allocation>`,
+/// `<available>`), which changes as volumes are written and which libvirt does not take
+/// from a definition.
+pub fn clean_pool(libvirt_xml: &str) -> Result<String, XmlProblem> {
+    let cleaned = clean(libvirt_xml)?;
+    let doc = roxmltree::Document::parse(&cleaned).map_err(|e| XmlProblem {
+        line: Some(e.pos().row as usize),
+        field: None,
+        message: format!("malformed xml: {e}"),
+    })?;
+    let mut cuts: Vec<std::ops::Range<usize>> = doc
+        .root_element()
+        .children()
+        .filter(|c| {
+            c.is_element()
+                && matches!(c.tag_name().name(), "capacity" | "allocation" | "available")
+        })
+        .map(|c| with_indent(&cleaned, c.range()))
+        .collect();
+    cuts.sort_by_key(|r| std::cmp::Reverse(r.start));
+    let mut out = cleaned.clone();
+    for range in cuts {
+        out.replace_range(range, "");
+    }
+    Ok(out)
+}
+
 /// `range` widened to its line's indentation and end of line, when the element stands
 /// on lines of its own (as in libvirt's output), so no blank line is left behind.
 fn with_indent(text: &str, range: std::ops::Range<usize>) -> std::ops::Range<usize> {
@@ -175,6 +203,16 @@ mod tests {
         assert!(!out.contains("vmsync"), "{out}");
         assert!(domain_xml::summarize(&out).unwrap().tag.is_none());
         assert!(clean("<domain").is_err());
+    }
+
+    #[test]
+    fn clean_pool_drops_what_the_pool_reports_of_its_storage() {
+        let pool = "<pool type='dir'>\n  <name>vmpool</name>\n  <uuid>11111111-2222-3333-4444-555555555555</uuid>\n  <capacity unit='bytes'>1000</capacity>\n  <allocation unit='bytes'>10</allocation>\n  <available unit='bytes'>990</available>\n  <source>\n  </source>\n  <target>\n    <path>/var/lib/libvirt/images/vmpool</path>\n  </target>\n</pool>\n";
+        let out = clean_pool(pool).unwrap();
+        assert_eq!(
+            out,
+            "<pool type='dir'>\n  <name>vmpool</name>\n  <uuid>11111111-2222-3333-4444-555555555555</uuid>\n  <source>\n  </source>\n  <target>\n    <path>/var/lib/libvirt/images/vmpool</path>\n  </target>\n</pool>\n"
+        );
     }
 
     #[test]
