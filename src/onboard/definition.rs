@@ -85,8 +85,7 @@ pub fn clean_pool(libvirt_xml: &str) -> Result<String, XmlProblem> {
         .root_element()
         .children()
         .filter(|c| {
-            c.is_element()
-                && matches!(c.tag_name().name(), "capacity" | "allocation" | "available")
+            c.is_element() && matches!(c.tag_name().name(), "capacity" | "allocation" | "available")
         })
         .map(|c| with_indent(&cleaned, c.range()))
         .collect();

@@ -508,7 +508,11 @@ fn plan_vm(
                 out.source_xml = vm.xml.clone();
                 out.current_xml = seen.and_then(|s| s.inactive_xml.clone());
                 // One copy: a planned define carries it (see `VmPlan::rendered`).
-                if adopting {
+                if adopting && definition_drift && !heal {
+                    // Applied before, then redefined by hand without the tag: drift,
+                    // only reported with self-heal off.
+                    out.rendered_xml = Some(xml);
+                } else if adopting {
                     let adopt = crate::onboard::adopt::action(seen, tag.clone(), xml);
                     if matches!(
                         adopt,
@@ -1078,6 +1082,26 @@ mod tests {
                 ..case(
                     "adopt with another uuid in the commit: error, nothing done",
                     adopting(with_uuid(web(1024, false), OTHER_UUID)),
+                )
+            },
+            Case {
+                have: vec![hand_made("web", 1024, false, false)],
+                record: Some(applied(&web(1024, false))),
+                self_heal: false,
+                drift: vec!["domain has no vmsync metadata"],
+                ..case(
+                    "adopted before, redefined by hand untagged, self-heal off: reported only",
+                    adopting(web(1024, false)),
+                )
+            },
+            Case {
+                have: vec![hand_made("web", 1024, false, false)],
+                record: Some(applied(&web(1024, false))),
+                actions: vec!["adopt (tag only: the definition is the commit's)"],
+                drift: vec!["domain has no vmsync metadata"],
+                ..case(
+                    "adopted before, redefined by hand untagged, self-heal on: adopted again",
+                    adopting(web(1024, false)),
                 )
             },
             Case {
