@@ -237,7 +237,11 @@ pub fn verify(headers: &HeaderMap, body: &[u8], secret: &Secret, branch: &str) -
         Some("ping") => return Decision::Ping,
         Some(other) => return Decision::Ignore(format!("event '{other}' is not a push")),
     }
-    let payload: PushPayload = match serde_json::from_slice(body) {
+    // JSON is UTF-8; serde_json would not check the strings of fields it skips.
+    let Ok(body) = std::str::from_utf8(body) else {
+        return Decision::BadRequest("the body is not a push payload: not UTF-8".into());
+    };
+    let payload: PushPayload = match serde_json::from_str(body) {
         Ok(p) => p,
         Err(e) => return Decision::BadRequest(format!("the body is not a push payload: {e}")),
     };
@@ -644,6 +648,19 @@ mod tests {
                 other => panic!("{body}: {other:?}"),
             }
         }
+        // Invalid UTF-8 in a field vmsync does not read (found by the fuzzer).
+        let body = b"{\"ref\":\"refs/heads/main\",\"x\":\"\x85\"}";
+        let sig = sign(body);
+        let d = verify(
+            &headers(&[("x-gitea-signature", &sig)]),
+            body,
+            &Secret::new(SECRET),
+            "main",
+        );
+        assert_eq!(
+            d,
+            Decision::BadRequest("the body is not a push payload: not UTF-8".into())
+        );
         // Unsigned bad JSON is refused first: nothing is parsed before authentication.
         assert!(matches!(decide(&[], "not json"), Decision::Unauthorized(_)));
     }
