@@ -353,8 +353,8 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
     })
 }
 
-/// `[webhook]`: off without `listen`; with it, `secret_file` is required and read now
-/// (at start and on every reload).
+/// `[webhook]`: off without `listen`; with it, `secret_file` is required (the daemon
+/// reads it).
 fn webhook(raw: RawWebhook) -> Result<Option<crate::agent::webhook::WebhookSettings>, ConfigError> {
     let Some(listen) = raw.listen else {
         if raw.secret_file.is_some() {
@@ -374,11 +374,9 @@ fn webhook(raw: RawWebhook) -> Result<Option<crate::agent::webhook::WebhookSetti
             "[webhook] listen is set but secret_file is not: the webhook needs a secret".into(),
         )
     })?;
-    let secret = crate::agent::webhook::read_secret(&secret_file).map_err(ConfigError)?;
     Ok(Some(crate::agent::webhook::WebhookSettings {
         listen,
         secret_file,
-        secret,
     }))
 }
 

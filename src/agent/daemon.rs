@@ -19,8 +19,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::agent::sync::{self, Connection, Options, SyncError};
-use crate::agent::webhook::{self, Hub};
-use crate::config::{self, Overrides, Settings};
+use crate::agent::webhook::{self, Hub, Secret};
+use crate::config::{self, ConfigError, Overrides, Settings};
 
 /// The per-host delay added to every tick: stable for a host, spread over the fleet.
 pub fn jitter(host: &str, max_seconds: u64) -> Duration {
@@ -83,17 +83,35 @@ async fn pushed(hub: &Option<Arc<Hub>>) {
     }
 }
 
+/// The config with its webhook secret (read from `[webhook] secret_file`, if set): what
+/// the daemon loads at start and on SIGHUP.
+fn load_with_secret(flags: &Overrides) -> Result<(Settings, Option<Secret>), ConfigError> {
+    let settings = config::load(flags)?;
+    let secret = secret_of(&settings)?;
+    Ok((settings, secret))
+}
+
+fn secret_of(settings: &Settings) -> Result<Option<Secret>, ConfigError> {
+    settings
+        .webhook
+        .as_ref()
+        .map(|w| webhook::read_secret(&w.secret_file).map_err(ConfigError))
+        .transpose()
+}
+
 /// Starts the webhook listener of `settings`, if it has one. Its `/metrics` starts with
-/// the record's figures until the first sync renders them anew.
-async fn start_webhook(settings: &Settings) -> Result<Option<Arc<Hub>>, String> {
+/// the record's figures until the first sync renders them anew. Exit status on failure:
+/// 2 for the secret file (a config error), 1 when the address cannot be bound.
+async fn start_webhook(settings: &Settings) -> Result<Option<Arc<Hub>>, (u8, String)> {
     let Some(config) = &settings.webhook else {
         return Ok(None);
     };
+    let secret = webhook::read_secret(&config.secret_file).map_err(|e| (2, e))?;
     let record = crate::agent::state::load(&settings.state_dir).unwrap_or_default();
     let metrics = crate::agent::metrics::render(&record, None, Duration::ZERO);
-    let hub = Hub::new(config.secret.clone(), &settings.branch, metrics);
-    let listener = webhook::bind(config.listen).await?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let hub = Hub::new(secret, &settings.branch, metrics);
+    let listener = webhook::bind(config.listen).await.map_err(|e| (1, e))?;
+    let addr = listener.local_addr().map_err(|e| (1, e.to_string()))?;
     info!(listen = %addr, path = webhook::PUSH_PATH, "webhook listening");
     tokio::spawn(webhook::serve(listener, hub.clone()));
     Ok(Some(hub))
@@ -113,9 +131,9 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
     };
     let hub = match start_webhook(&settings).await {
         Ok(hub) => hub,
-        Err(e) => {
+        Err((status, e)) => {
             error!("{e}");
-            return 1;
+            return status;
         }
     };
     let mut conn = Some(Connection::new(&settings.libvirt_uri));
@@ -130,10 +148,10 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
             _ = tokio::time::sleep(wait) => if first { "start" } else { "schedule" },
             _ = pushed(&hub) => "webhook",
             _ = hup.recv() => {
-                match config::load(&flags) {
-                    Ok(new) => {
+                match load_with_secret(&flags) {
+                    Ok((new, secret)) => {
                         info!("SIGHUP: reloaded the config; syncing now");
-                        reload_webhook(hub.as_deref(), &settings, &new);
+                        reload_webhook(hub.as_deref(), &settings, &new, secret);
                         settings = new;
                     }
                     Err(e) => error!(error = %e, "SIGHUP: keeping the old config; syncing now"),
@@ -236,7 +254,7 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
 
 /// A reloaded config's secret and branch take effect for the next request; a new
 /// `listen` (or turning the webhook on or off) needs a restart.
-fn reload_webhook(hub: Option<&Hub>, old: &Settings, new: &Settings) {
+fn reload_webhook(hub: Option<&Hub>, old: &Settings, new: &Settings, secret: Option<Secret>) {
     let listen = |s: &Settings| s.webhook.as_ref().map(|w| w.listen);
     if listen(old) != listen(new) {
         warn!(
@@ -245,8 +263,8 @@ fn reload_webhook(hub: Option<&Hub>, old: &Settings, new: &Settings) {
             "SIGHUP: [webhook] listen changed; it takes effect at the next restart"
         );
     }
-    if let (Some(hub), Some(config)) = (hub, &new.webhook) {
-        hub.reload(config.secret.clone(), &new.branch);
+    if let (Some(hub), Some(secret)) = (hub, secret) {
+        hub.reload(secret, &new.branch);
     }
 }
 

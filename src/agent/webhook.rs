@@ -69,10 +69,11 @@ impl std::fmt::Debug for Secret {
 pub struct WebhookSettings {
     /// `[webhook] listen`: address and port of the listener; no default (off).
     pub listen: SocketAddr,
-    /// `[webhook] secret_file`: the file the secret was read from (required with `listen`).
+    /// `[webhook] secret_file`: the shared secret (required with `listen`). The daemon
+    /// reads it at start and on every reload (SIGHUP), with [`read_secret`]; other
+    /// commands never read it (so `vmsync validate` checks a config on a machine that
+    /// does not have the host's secret).
     pub secret_file: PathBuf,
-    /// The secret, read at start and on every reload (SIGHUP).
-    pub secret: Secret,
 }
 
 /// Reads the secret from `path`: trailing newlines (`\n`, `\r\n`) are not part of it, an
