@@ -42,6 +42,9 @@ const MAX_CONNECTIONS: usize = 64;
 /// Time a client has to send its request headers, and then its body.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest a connection is kept, requests and idle keep-alive included.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// The shared secret of the webhook: the content of `secret_file` without its trailing
 /// newline. Never printed (`Debug` shows its length only).
 #[derive(Clone, PartialEq, Eq)]
@@ -386,8 +389,12 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>) {
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(READ_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "webhook: connection ended with an error");
+            // A forge's delivery takes milliseconds: a connection kept open longer (idle
+            // keep-alive, a trickling client) gives its slot back after a minute.
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Err(e)) => debug!(%peer, error = %e, "webhook: connection ended with an error"),
+                Err(_) => debug!(%peer, "webhook: connection closed after a minute"),
+                Ok(Ok(())) => {}
             }
             drop(permit);
         });
