@@ -458,6 +458,14 @@ fn bad_requests_are_refused_and_start_nothing_and_the_daemon_keeps_serving() {
     let answer = post(&daemon, "/hooks/push", &rotated, body.as_bytes(), &[]);
     assert_eq!(answer.status, 202, "{answer:?}");
     webhook_sync_after(&daemon, 3, Instant::now());
+
+    // SIGTERM ends the daemon and its listener: exit 0, the port closed.
+    daemon.wait_finished(4);
+    daemon.signal("-TERM");
+    let status = daemon.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+    let gone = curl(&format!("{}/healthz", daemon.base), &[]);
+    assert_eq!(gone.status, 0, "{gone:?}");
 }
 
 /// A `qemu-img` that sleeps `seconds` before creating an image: a sync that is still
