@@ -375,7 +375,8 @@ pub fn run() -> u8 {
                     dir.display(),
                     d.vms.len(),
                     d.directories.len()
-                )
+                );
+                print!("{}", crate::desired::resources::validate_summary(&d.resources));
             })
         }
         (Some(Command::Status { json }), false) => crate::agent::state::load(&settings.state_dir)

@@ -83,6 +83,21 @@ pub enum Action {
 pub enum ActionKind {
     /// A `[[directory]]` created (not an [`Action`]: directories come before the VMs).
     CreateDirectory,
+    // Pools, volumes and networks (`reconcile::resources`), before the domains.
+    DefinePool,
+    RedefinePool,
+    BuildPool,
+    SetPoolAutostart,
+    ClearPoolAutostart,
+    StartPool,
+    RestartPool,
+    CreateVolume,
+    DefineNetwork,
+    RedefineNetwork,
+    SetNetworkAutostart,
+    ClearNetworkAutostart,
+    StartNetwork,
+    RestartNetwork,
     CreateDisk,
     Rename,
     Define,
@@ -93,11 +108,22 @@ pub enum ActionKind {
     Restart,
     Stop,
     Undefine,
+    // Pruning of networks, then pools, after the domains'.
+    StopNetwork,
+    UndefineNetwork,
+    StopPool,
+    UndefinePool,
 }
 
 impl ActionKind {
     pub fn as_str(self) -> &'static str {
         self.into()
+    }
+
+    /// Whether the kind is a network's, a pool's or a volume's (not an [`Action`]).
+    pub fn is_resource(self) -> bool {
+        let name = self.as_str();
+        name.contains("network") || name.contains("pool") || name.contains("volume")
     }
 }
 
@@ -224,6 +250,8 @@ pub struct Plan {
     /// Domains with vmsync's tag that this agent never applied (another repository or
     /// state directory made them): never pruned, only counted.
     pub foreign_tagged: usize,
+    /// Networks, pools and volumes (applied before the domains; pruned after them).
+    pub resources: crate::reconcile::resources::ResourcePlan,
 }
 
 impl Plan {
@@ -232,6 +260,7 @@ impl Plan {
         self.create_directories.is_empty()
             && self.vms.iter().all(|vm| vm.actions.is_empty())
             && self.prune.iter().all(|p| p.actions.is_empty())
+            && self.resources.is_noop()
     }
 }
 
@@ -258,7 +287,10 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         .map(|vm| plan_vm(vm, observed, commit, ctx, &mut claimed))
         .collect();
     let prune = plan_prune(observed, ctx, &claimed);
-    let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count();
+    let resources =
+        crate::reconcile::resources::plan(desired, observed, commit, ctx.record, ctx.policy);
+    // Networks and pools count towards the mass-prune guard.
+    let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count() + resources.pruning();
     let foreign_tagged = observed
         .others
         .keys()
@@ -271,7 +303,8 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         .values()
         .filter(|d| d.inactive.as_ref().is_some_and(|s| s.tag.is_some()))
         .count()
-        + prune.len();
+        + prune.len()
+        + resources.managed();
     let refused = (pruning > 0
         && !ctx.policy.allow_mass_prune
         && (pruning == managed || pruning > ctx.policy.max_prune))
@@ -295,6 +328,7 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         prune,
         refused,
         foreign_tagged,
+        resources,
     }
 }
 
@@ -1269,7 +1303,7 @@ mod tests {
         // One action of each kind, in plan order: every kind but the directories'.
         let kinds: Vec<_> = all.iter().map(Action::kind).collect();
         let every: Vec<_> = <ActionKind as strum::IntoEnumIterator>::iter()
-            .filter(|k| *k != ActionKind::CreateDirectory)
+            .filter(|k| *k != ActionKind::CreateDirectory && !k.is_resource())
             .collect();
         assert_eq!(kinds, every);
         for kind in <ActionKind as strum::IntoEnumIterator>::iter() {

@@ -1,0 +1,938 @@
+//! Networks, storage pools and pool volumes: the pure plan (table-tested), applying it
+//! in order (pools defined, built, started; then volumes; then networks; the domains
+//! come after, and pruning of networks and pools after the domains'), and what the
+//! record keeps of them.
+//!
+//! Rules, as for domains:
+//! - vmsync touches only networks and pools it defined: a network carries vmsync's tag
+//!   in `<metadata>`; a pool (its XML has no `<metadata>`) is vmsync's when the record
+//!   holds its name with the UUID it has now. An entry naming one that is not vmsync's
+//!   fails (nothing of it is done) unless it says `adopt = true`: it is then redefined in
+//!   place with its UUID and from then on managed;
+//! - a changed definition is redefined in place (the existing UUID inserted where the
+//!   commit gives none); an active one keeps running on its old definition (pending
+//!   restart) unless `on_change = "restart"`, which stops and starts it (the running VMs
+//!   attached to it lose their link meanwhile, and are named);
+//! - drift (definition, autostart flag, active state changed outside vmsync since the
+//!   last sync) is healed with `policy.self_heal`, else only reported;
+//! - volumes are created when missing, never changed or deleted;
+//! - with `policy.prune`, an owned network or pool no longer in the manifest for this
+//!   host is stopped and undefined; a pool's storage and volumes are never deleted.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::agent::state::Record;
+use crate::desired::domain_xml::Tag;
+use crate::desired::manifest::OnChange;
+use crate::desired::resource_xml::{self, ResourceKind};
+use crate::desired::resources::{DesiredResource, DesiredVolume};
+use crate::desired::validate::Desired;
+use crate::host::hypervisor::Hypervisor;
+use crate::host::observe::Observed;
+use crate::host::resources::{ObservedResources, ResOp};
+use crate::reconcile::plan::ActionKind;
+
+/// What the record keeps of a network or pool vmsync defined.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceRecord {
+    /// The UUID libvirt gave it when vmsync defined it: a pool's ownership (pool XML has
+    /// no `<metadata>`), and a network's too.
+    pub uuid: Option<String>,
+    pub applied_commit: Option<String>,
+    pub fingerprint: Option<String>,
+    pub autostart: bool,
+    pub ok: bool,
+    pub last_error: Option<String>,
+    pub pending_restart: bool,
+    /// Drift baseline: `domain_xml::definition_hash` of libvirt's inactive XML after
+    /// vmsync defined it.
+    pub definition_hash: Option<String>,
+    #[serde(default)]
+    pub drift: Vec<String>,
+}
+
+/// One step for a network or pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResAction {
+    Define { xml: String, redefine: bool },
+    Build,
+    SetAutostart(bool),
+    Start,
+    /// Stop and start again (`on_change = "restart"`).
+    Restart,
+    Stop,
+    Undefine,
+}
+
+impl ResAction {
+    pub fn describe(&self, kind: ResourceKind) -> String {
+        match self {
+            ResAction::Define {
+                redefine: false, ..
+            } => "define".into(),
+            ResAction::Define { redefine: true, .. } => "redefine in place".into(),
+            ResAction::Build => "build (never overwriting)".into(),
+            ResAction::SetAutostart(true) => "set autostart".into(),
+            ResAction::SetAutostart(false) => "clear autostart".into(),
+            ResAction::Start => "start".into(),
+            ResAction::Restart => "restart (stop, then start)".into(),
+            ResAction::Stop => "stop".into(),
+            ResAction::Undefine if kind == ResourceKind::Pool => {
+                "undefine (keeping its storage and volumes)".into()
+            }
+            ResAction::Undefine => "undefine".into(),
+        }
+    }
+
+    pub fn kind(&self, kind: ResourceKind) -> ActionKind {
+        use ActionKind as K;
+        use ResourceKind::{Network as N, Pool as P};
+        match (self, kind) {
+            (ResAction::Define { redefine: false, .. }, N) => K::DefineNetwork,
+            (ResAction::Define { redefine: true, .. }, N) => K::RedefineNetwork,
+            (ResAction::Define { redefine: false, .. }, P) => K::DefinePool,
+            (ResAction::Define { redefine: true, .. }, P) => K::RedefinePool,
+            (ResAction::Build, _) => K::BuildPool,
+            (ResAction::SetAutostart(true), N) => K::SetNetworkAutostart,
+            (ResAction::SetAutostart(false), N) => K::ClearNetworkAutostart,
+            (ResAction::SetAutostart(true), P) => K::SetPoolAutostart,
+            (ResAction::SetAutostart(false), P) => K::ClearPoolAutostart,
+            (ResAction::Start, N) => K::StartNetwork,
+            (ResAction::Start, P) => K::StartPool,
+            (ResAction::Restart, N) => K::RestartNetwork,
+            (ResAction::Restart, P) => K::RestartPool,
+            (ResAction::Stop, N) => K::StopNetwork,
+            (ResAction::Stop, P) => K::StopPool,
+            (ResAction::Undefine, N) => K::UndefineNetwork,
+            (ResAction::Undefine, P) => K::UndefinePool,
+        }
+    }
+}
+
+/// What to do for one network or pool.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResPlan {
+    pub kind: Option<ResourceKind>,
+    pub name: String,
+    pub fingerprint: String,
+    pub autostart: bool,
+    pub actions: Vec<ResAction>,
+    /// Not converged (not vmsync's, unreadable); nothing of it is done.
+    pub error: Option<String>,
+    pub pending_restart: bool,
+    /// Active now (before the plan is applied).
+    pub active: bool,
+    pub drift: Vec<String>,
+    pub drift_reported_only: bool,
+    /// Taken over with `adopt = true` (not vmsync's before).
+    pub adopted: bool,
+    /// Running VMs attached to it that lose their link while it restarts.
+    pub affected_vms: Vec<String>,
+    /// Why a prune candidate is left alone (pruning off).
+    pub skipped: Option<String>,
+    /// The committed XML and libvirt's XML now, when a definition is rendered (diff).
+    pub source_xml: String,
+    pub current_xml: Option<String>,
+    pub current_hash: Option<String>,
+    pub uuid: Option<String>,
+    /// Unified diff of the definition (`vmsync plan`).
+    pub diff: Option<String>,
+}
+
+impl ResPlan {
+    pub fn kind(&self) -> ResourceKind {
+        self.kind.unwrap_or(ResourceKind::Network)
+    }
+}
+
+/// A pool volume to create (or that could not be checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumePlan {
+    pub vm: String,
+    pub pool: String,
+    pub name: String,
+    /// The `<volume>` XML to create it from; `None`: it exists.
+    pub create: Option<String>,
+    pub error: Option<String>,
+    pub description: String,
+}
+
+/// The networks, pools and volumes part of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResourcePlan {
+    pub pools: Vec<ResPlan>,
+    pub volumes: Vec<VolumePlan>,
+    pub networks: Vec<ResPlan>,
+    /// Owned networks and pools no longer in the manifest for this host.
+    pub prune: Vec<ResPlan>,
+}
+
+impl ResourcePlan {
+    pub fn is_noop(&self) -> bool {
+        self.pools
+            .iter()
+            .chain(&self.networks)
+            .chain(&self.prune)
+            .all(|p| p.actions.is_empty())
+            && self.volumes.iter().all(|v| v.create.is_none())
+    }
+    /// Networks and pools the plan would undefine (the mass-prune guard counts them).
+    pub fn pruning(&self) -> usize {
+        self.prune.iter().filter(|p| !p.actions.is_empty()).count()
+    }
+    /// Owned networks and pools on the host (desired ones vmsync defined, and prune
+    /// candidates).
+    pub fn managed(&self) -> usize {
+        self.pools
+            .iter()
+            .chain(&self.networks)
+            .filter(|p| p.error.is_none() && !p.adopted && p.current_hash.is_some())
+            .count()
+            + self.prune.len()
+    }
+}
+
+/// The record's entries of `kind`.
+pub fn recorded(record: &Record, kind: ResourceKind) -> &BTreeMap<String, ResourceRecord> {
+    match kind {
+        ResourceKind::Network => &record.networks,
+        ResourceKind::Pool => &record.pools,
+    }
+}
+
+/// Whether vmsync owns what the host has: a tagged network; a pool whose UUID is the one
+/// the record holds.
+fn owned(
+    kind: ResourceKind,
+    seen: &crate::host::resources::SeenResource,
+    rec: Option<&ResourceRecord>,
+) -> bool {
+    match kind {
+        ResourceKind::Network => seen.inactive.as_ref().is_some_and(|s| s.tag.is_some()),
+        ResourceKind::Pool => rec
+            .and_then(|r| r.uuid.as_deref())
+            .is_some_and(|u| u.eq_ignore_ascii_case(&seen.listing.uuid)),
+    }
+}
+
+/// Running desired VMs that use `name` (a network, or a pool through a volume).
+fn users(kind: ResourceKind, name: &str, desired: &Desired, observed: &Observed) -> Vec<String> {
+    desired
+        .vms
+        .iter()
+        .filter(|vm| observed.domains.get(&vm.name).is_some_and(|d| d.listing.active))
+        .filter(|vm| {
+            let refs = resource_xml::domain_refs(&vm.xml);
+            match kind {
+                ResourceKind::Network => refs.networks.iter().any(|n| n == name),
+                ResourceKind::Pool => refs.volumes.iter().any(|(p, _)| p == name),
+            }
+        })
+        .map(|vm| vm.name.clone())
+        .collect()
+}
+
+fn plan_one(
+    r: &DesiredResource,
+    desired: &Desired,
+    observed: &Observed,
+    commit: &str,
+    record: &Record,
+    heal: bool,
+) -> ResPlan {
+    let kind = r.kind;
+    let obs = &observed.resources;
+    let rec = recorded(record, kind).get(&r.name);
+    let mut out = ResPlan {
+        kind: Some(kind),
+        name: r.name.clone(),
+        fingerprint: r.fingerprint.clone(),
+        autostart: r.autostart,
+        ..Default::default()
+    };
+    let seen = obs.seen.get(&(kind, r.name.clone()));
+    let tag = Tag {
+        commit: commit.to_string(),
+        fingerprint: r.fingerprint.clone(),
+    };
+    let render = |uuid: Option<&str>| resource_xml::render(kind, &r.xml, uuid, &tag);
+    let Some(seen) = seen else {
+        match render(None) {
+            Ok(xml) => out.actions.push(ResAction::Define {
+                xml,
+                redefine: false,
+            }),
+            Err(e) => return fail(out, format!("failed to render the {kind} xml: {}", e.message)),
+        }
+        if kind == ResourceKind::Pool {
+            out.actions.push(ResAction::Build);
+        }
+        if r.autostart {
+            out.actions.push(ResAction::SetAutostart(true));
+            out.actions.push(ResAction::Start);
+        }
+        out.source_xml = r.xml.clone();
+        return out;
+    };
+    out.active = seen.listing.active;
+    out.current_hash = seen.definition_hash.clone();
+    out.uuid = Some(seen.listing.uuid.clone());
+    if seen.inactive.is_none() {
+        return fail(
+            out,
+            format!("could not read the definition of existing {kind} '{}'; not touching it", r.name),
+        );
+    }
+    if !seen.listing.persistent {
+        return fail(out, format!("{kind} '{}' is transient; refusing to touch it", r.name));
+    }
+    let is_owned = owned(kind, seen, rec);
+    if !is_owned && !r.adopt {
+        let how = match kind {
+            ResourceKind::Network => "no vmsync metadata",
+            ResourceKind::Pool => "its uuid is not the one vmsync recorded",
+        };
+        return fail(
+            out,
+            format!(
+                "{kind} '{}' exists but was not defined by vmsync ({how}); refusing to touch it (set adopt = true on the entry to take it over)",
+                r.name
+            ),
+        );
+    }
+    out.adopted = !is_owned;
+
+    // Drift against the record of the last sync.
+    let mut drift = Vec::new();
+    if let Some(rec) = rec.filter(|_| is_owned) {
+        if rec.definition_hash.is_some() && rec.definition_hash != seen.definition_hash {
+            drift.push("definition changed outside vmsync".to_string());
+        }
+        if rec.autostart != seen.listing.autostart {
+            drift.push(format!(
+                "autostart flag changed outside vmsync (now {})",
+                if seen.listing.autostart { "on" } else { "off" }
+            ));
+        }
+        if rec.autostart && !seen.listing.active {
+            drift.push("stopped outside vmsync".to_string());
+        }
+    }
+    out.drift_reported_only = !drift.is_empty() && !heal;
+    let definition_drift = drift.iter().any(|d| d.starts_with("definition"));
+    let autostart_drift = drift.iter().any(|d| d.starts_with("autostart"));
+    let active_drift = drift.iter().any(|d| d.starts_with("stopped"));
+    out.drift = drift;
+
+    let applied_fingerprint = match kind {
+        ResourceKind::Network => seen
+            .inactive
+            .as_ref()
+            .and_then(|s| s.tag.as_ref())
+            .map(|t| t.fingerprint.clone()),
+        ResourceKind::Pool => rec.and_then(|r| r.fingerprint.clone()),
+    };
+    let changed = !is_owned || applied_fingerprint.as_deref() != Some(r.fingerprint.as_str());
+    let redefine = changed || (definition_drift && heal);
+    if redefine {
+        let uuid = seen
+            .inactive
+            .as_ref()
+            .and_then(|s| s.uuid.clone())
+            .unwrap_or_else(|| seen.listing.uuid.clone());
+        match render(Some(&uuid)) {
+            Ok(xml) => out.actions.push(ResAction::Define {
+                xml,
+                redefine: true,
+            }),
+            Err(e) => return fail(out, format!("failed to render the {kind} xml: {}", e.message)),
+        }
+        out.source_xml = r.xml.clone();
+        out.current_xml = seen.inactive_xml.clone();
+    }
+    if r.autostart != seen.listing.autostart && (heal || !autostart_drift) {
+        out.actions.push(ResAction::SetAutostart(r.autostart));
+    }
+    let mut active = seen.listing.active;
+    if r.autostart && !active && (heal || !active_drift) {
+        if kind == ResourceKind::Pool {
+            out.actions.push(ResAction::Build);
+        }
+        out.actions.push(ResAction::Start);
+        active = true;
+    }
+    // Running on an older definition.
+    let live_differs = seen.listing.active
+        && match kind {
+            ResourceKind::Network => {
+                seen.live_fingerprint.as_deref() != Some(r.fingerprint.as_str())
+            }
+            ResourceKind::Pool => {
+                redefine || rec.is_some_and(|rec| rec.pending_restart)
+            }
+        };
+    if live_differs && active && r.on_change == OnChange::Restart {
+        out.actions.push(ResAction::Restart);
+        out.affected_vms = users(kind, &r.name, desired, observed);
+    } else {
+        out.pending_restart = live_differs && active;
+    }
+    out
+}
+
+fn fail(mut out: ResPlan, error: String) -> ResPlan {
+    out.error = Some(error);
+    out.actions.clear();
+    out
+}
+
+/// Plans the networks, pools and volumes of `desired`, and the pruning of owned ones
+/// that left the manifest.
+pub fn plan(
+    desired: &Desired,
+    observed: &Observed,
+    commit: &str,
+    record: &Record,
+    policy: &crate::config::ChangePolicy,
+) -> ResourcePlan {
+    let heal = policy.self_heal;
+    let res = &desired.resources;
+    let obs: &ObservedResources = &observed.resources;
+    let pools: Vec<ResPlan> = res
+        .pools
+        .iter()
+        .map(|r| plan_one(r, desired, observed, commit, record, heal))
+        .collect();
+    let networks = res
+        .networks
+        .iter()
+        .map(|r| plan_one(r, desired, observed, commit, record, heal))
+        .collect();
+    let volumes = res
+        .volumes
+        .iter()
+        .map(|v| plan_volume(v, &pools, obs))
+        .collect();
+    let mut prune = Vec::new();
+    for kind in [ResourceKind::Network, ResourceKind::Pool] {
+        let wanted: BTreeSet<&str> = res.of(kind).iter().map(|r| r.name.as_str()).collect();
+        for (name, rec) in recorded(record, kind) {
+            if wanted.contains(name.as_str()) {
+                continue;
+            }
+            let Some(seen) = obs.seen.get(&(kind, name.clone())) else {
+                continue;
+            };
+            if !owned(kind, seen, Some(rec)) {
+                continue;
+            }
+            let mut p = ResPlan {
+                kind: Some(kind),
+                name: name.clone(),
+                active: seen.listing.active,
+                current_hash: seen.definition_hash.clone(),
+                uuid: Some(seen.listing.uuid.clone()),
+                ..Default::default()
+            };
+            if !seen.listing.persistent {
+                p.skipped = Some(format!("transient {kind}; vmsync only prunes persistent ones"));
+            } else if !policy.prune {
+                p.skipped = Some(
+                    "not in the manifest for this host; left alone (policy.prune is off)".into(),
+                );
+            } else {
+                if seen.listing.active {
+                    p.actions.push(ResAction::Stop);
+                    p.affected_vms = users(kind, name, desired, observed);
+                }
+                p.actions.push(ResAction::Undefine);
+            }
+            prune.push(p);
+        }
+    }
+    ResourcePlan {
+        pools,
+        volumes,
+        networks,
+        prune,
+    }
+}
+
+fn plan_volume(v: &DesiredVolume, pools: &[ResPlan], obs: &ObservedResources) -> VolumePlan {
+    let s = &v.spec;
+    let mut out = VolumePlan {
+        vm: v.vm.clone(),
+        pool: s.pool.clone(),
+        name: s.name.clone(),
+        create: None,
+        error: None,
+        description: format!(
+            "create {} volume '{}' in pool '{}' ({})",
+            s.format,
+            s.name,
+            s.pool,
+            crate::host::disk::human_size(s.size_bytes)
+        ),
+    };
+    let pool_plan = pools.iter().find(|p| p.name == s.pool);
+    if let Some(p) = pool_plan
+        && let Some(e) = &p.error
+    {
+        out.error = Some(format!("pool '{}' is not converged: {e}", s.pool));
+        return out;
+    }
+    let started = pool_plan.is_some_and(|p| {
+        p.active
+            || p.actions
+                .iter()
+                .any(|a| matches!(a, ResAction::Start | ResAction::Restart))
+    });
+    let xml = || {
+        resource_xml::volume_xml(
+            &s.name,
+            s.size_bytes,
+            &s.format.to_string(),
+            s.backing.as_ref().map(|b| {
+                (
+                    b.to_str().unwrap_or_default(),
+                    s.backing_format.map(|f| match f {
+                        crate::host::disk::DiskFormat::Qcow2 => "qcow2",
+                        crate::host::disk::DiskFormat::Raw => "raw",
+                    }),
+                )
+            }),
+        )
+    };
+    match obs.volumes.get(&s.pool) {
+        Some(Ok(names)) if names.contains(&s.name) => {}
+        Some(Ok(_)) => out.create = Some(xml()),
+        Some(Err(e)) => out.error = Some(e.clone()),
+        None if started => out.create = Some(xml()),
+        None => {
+            out.error = Some(format!(
+                "pool '{}' is not active, so volume '{}' cannot be made (set autostart = true on the pool)",
+                s.pool, s.name
+            ))
+        }
+    }
+    out
+}
+
+/// How one network or pool went.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResOutcome {
+    pub kind: Option<ResourceKind>,
+    pub name: String,
+    pub done: Vec<String>,
+    pub kinds: Vec<ActionKind>,
+    pub error: Option<String>,
+    pub pending_restart: bool,
+    pub drift: Vec<String>,
+    pub fingerprint: String,
+    pub autostart: bool,
+    /// Defined now (its definition is the commit's).
+    pub defined: bool,
+    /// After a define: the UUID and the drift baseline read back.
+    pub uuid: Option<String>,
+    pub definition_hash: Option<String>,
+    /// Before this sync.
+    pub previous_uuid: Option<String>,
+    pub previous_hash: Option<String>,
+    /// A prune candidate that was undefined.
+    pub pruned: bool,
+    /// A prune candidate left alone.
+    pub skipped: bool,
+}
+
+/// How the networks, pools and volumes went.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResourceOutcome {
+    pub pools: Vec<ResOutcome>,
+    pub networks: Vec<ResOutcome>,
+    /// Volumes: (vm, pool, volume, what happened or the error).
+    pub volumes: Vec<(String, String, String, Result<String, String>)>,
+    pub pruned: Vec<ResOutcome>,
+}
+
+impl ResourceOutcome {
+    pub fn errors(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .pools
+            .iter()
+            .chain(&self.networks)
+            .filter_map(|o| {
+                o.error
+                    .as_ref()
+                    .map(|e| format!("{} '{}': {e}", o.kind.unwrap_or(ResourceKind::Network), o.name))
+            })
+            .collect();
+        out.extend(self.volumes.iter().filter_map(|(vm, pool, vol, r)| {
+            r.as_ref()
+                .err()
+                .map(|e| format!("vm '{vm}': volume '{vol}' of pool '{pool}': {e}"))
+        }));
+        out.extend(self.pruned.iter().filter_map(|o| {
+            o.error.as_ref().map(|e| {
+                format!("prune {} '{}': {e}", o.kind.unwrap_or(ResourceKind::Network), o.name)
+            })
+        }));
+        out
+    }
+    pub fn changes(&self) -> usize {
+        self.pools
+            .iter()
+            .chain(&self.networks)
+            .chain(&self.pruned)
+            .map(|o| o.done.len())
+            .sum::<usize>()
+            + self
+                .volumes
+                .iter()
+                .filter(|v| matches!(v.3, Ok(ref s) if s.starts_with("create")))
+                .count()
+    }
+    /// Kinds of the actions done.
+    pub fn kinds(&self) -> impl Iterator<Item = ActionKind> + '_ {
+        self.pools
+            .iter()
+            .chain(&self.networks)
+            .chain(&self.pruned)
+            .flat_map(|o| o.kinds.iter().copied())
+            .chain(
+                self.volumes
+                    .iter()
+                    .filter(|v| matches!(v.3, Ok(ref s) if s.starts_with("create")))
+                    .map(|_| ActionKind::CreateVolume),
+            )
+    }
+}
+
+fn apply_one(p: &ResPlan, hv: &dyn Hypervisor, short: &str) -> ResOutcome {
+    let kind = p.kind();
+    let mut out = ResOutcome {
+        kind: p.kind,
+        name: p.name.clone(),
+        error: p.error.clone(),
+        pending_restart: p.pending_restart,
+        drift: p.drift.clone(),
+        fingerprint: p.fingerprint.clone(),
+        autostart: p.autostart,
+        previous_uuid: p.uuid.clone(),
+        previous_hash: p.current_hash.clone(),
+        skipped: p.skipped.is_some(),
+        ..Default::default()
+    };
+    for d in &p.drift {
+        if p.drift_reported_only {
+            warn!(kind = %kind, name = %p.name, drift = %d, "drift (self_heal is off: reported only)");
+        } else {
+            warn!(kind = %kind, name = %p.name, drift = %d, "drift: putting it back to the commit");
+        }
+    }
+    if let Some(e) = &p.error {
+        error!(kind = %kind, name = %p.name, commit = %short, error = %e, "not converged");
+        return out;
+    }
+    for action in &p.actions {
+        let what = action.describe(kind);
+        let op = |op| hv.resource_op(kind, &p.name, op);
+        let done = match action {
+            ResAction::Define { xml, .. } => hv.define_resource(kind, xml).map(|()| {
+                out.defined = true;
+                if let Ok(after) = hv.resource_xml(kind, &p.name, true) {
+                    out.definition_hash = crate::desired::domain_xml::definition_hash(&after);
+                    out.uuid = resource_xml::summarize(kind, &after).ok().and_then(|s| s.uuid);
+                }
+            }),
+            ResAction::Build => op(ResOp::Build),
+            ResAction::SetAutostart(on) => op(ResOp::Autostart(*on)),
+            ResAction::Start => op(ResOp::Start),
+            ResAction::Restart => {
+                if !p.affected_vms.is_empty() {
+                    warn!(kind = %kind, name = %p.name, vms = %p.affected_vms.join(", "), "restarting: these running vms lose their link until they are reattached or restarted");
+                }
+                op(ResOp::Stop).and_then(|()| op(ResOp::Start))
+            }
+            ResAction::Stop => op(ResOp::Stop),
+            ResAction::Undefine => op(ResOp::Undefine),
+        };
+        match done {
+            Ok(()) => {
+                info!(kind = %kind, name = %p.name, commit = %short, action = %what, "done");
+                out.done.push(what);
+                out.kinds.push(action.kind(kind));
+                if matches!(action, ResAction::Restart) {
+                    out.pending_restart = false;
+                }
+            }
+            Err(e) => {
+                error!(kind = %kind, name = %p.name, commit = %short, action = %what, error = %e, "failed");
+                out.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Applies the pools, then the volumes, then the networks (before the domains).
+pub fn apply_before_domains(plan: &ResourcePlan, hv: &dyn Hypervisor, short: &str) -> ResourceOutcome {
+    let mut out = ResourceOutcome {
+        pools: plan.pools.iter().map(|p| apply_one(p, hv, short)).collect(),
+        ..Default::default()
+    };
+    for v in &plan.volumes {
+        let pool_failed = out
+            .pools
+            .iter()
+            .find(|p| p.name == v.pool)
+            .and_then(|p| p.error.clone());
+        let result = match (&v.error, pool_failed, &v.create) {
+            (Some(e), _, _) => Err(e.clone()),
+            (None, Some(e), _) => Err(format!("pool '{}' failed: {e}", v.pool)),
+            (None, None, None) => Ok("exists".to_string()),
+            (None, None, Some(xml)) => hv
+                .create_volume(&v.pool, xml)
+                .map(|()| v.description.clone())
+                .map_err(|e| e.to_string()),
+        };
+        match &result {
+            Ok(what) if what.starts_with("create") => {
+                info!(vm = %v.vm, pool = %v.pool, volume = %v.name, commit = %short, "{what}")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                error!(vm = %v.vm, pool = %v.pool, volume = %v.name, error = %e, "volume not converged")
+            }
+        }
+        out.volumes
+            .push((v.vm.clone(), v.pool.clone(), v.name.clone(), result));
+    }
+    out.networks = plan.networks.iter().map(|p| apply_one(p, hv, short)).collect();
+    out
+}
+
+/// Prunes owned networks, then pools (after the domains' pruning).
+pub fn apply_prune(plan: &ResourcePlan, hv: &dyn Hypervisor, short: &str, out: &mut ResourceOutcome) {
+    for p in plan.prune.iter().filter(|p| p.skipped.is_none()) {
+        if !p.affected_vms.is_empty() {
+            warn!(kind = %p.kind(), name = %p.name, vms = %p.affected_vms.join(", "), "pruning: these running vms lose their link");
+        }
+        let mut o = apply_one(p, hv, short);
+        o.pruned = o.error.is_none();
+        out.pruned.push(o);
+    }
+}
+
+/// The record's networks and pools after a sync: converged ones with the commit, failed
+/// ones with their error (and what was done: a pool vmsync defined is recorded with its
+/// UUID even when a later step failed), pruned ones gone, skipped ones kept.
+pub fn record(record: &mut Record, commit: &str, plan: &ResourcePlan, outcome: &ResourceOutcome) {
+    for kind in [ResourceKind::Network, ResourceKind::Pool] {
+        let old = recorded(record, kind).clone();
+        let mut new = BTreeMap::new();
+        let outcomes = match kind {
+            ResourceKind::Network => &outcome.networks,
+            ResourceKind::Pool => &outcome.pools,
+        };
+        for o in outcomes {
+            let before = old.get(&o.name).cloned();
+            let uuid = o.uuid.clone().or(o.previous_uuid.clone());
+            let entry = if o.error.is_none() {
+                ResourceRecord {
+                    uuid,
+                    applied_commit: Some(commit.to_string()),
+                    fingerprint: Some(o.fingerprint.clone()),
+                    autostart: o.autostart,
+                    ok: true,
+                    last_error: None,
+                    pending_restart: o.pending_restart,
+                    definition_hash: o
+                        .definition_hash
+                        .clone()
+                        .or(before.as_ref().and_then(|b| b.definition_hash.clone()))
+                        .or(o.previous_hash.clone()),
+                    drift: o.drift.clone(),
+                }
+            } else if o.defined {
+                ResourceRecord {
+                    uuid,
+                    fingerprint: Some(o.fingerprint.clone()),
+                    definition_hash: o.definition_hash.clone(),
+                    ok: false,
+                    last_error: o.error.clone(),
+                    drift: o.drift.clone(),
+                    ..before.unwrap_or_default()
+                }
+            } else if let Some(before) = before {
+                ResourceRecord {
+                    ok: false,
+                    last_error: o.error.clone(),
+                    drift: o.drift.clone(),
+                    ..before
+                }
+            } else {
+                // Never vmsync's (not adopted): nothing to remember.
+                continue;
+            };
+            new.insert(o.name.clone(), entry);
+        }
+        // Prune candidates not pruned stay this agent's.
+        for p in plan.prune.iter().filter(|p| p.kind() == kind) {
+            let pruned = outcome
+                .pruned
+                .iter()
+                .any(|o| o.kind == Some(kind) && o.name == p.name && o.pruned);
+            if !pruned && let Some(rec) = old.get(&p.name) {
+                new.insert(p.name.clone(), rec.clone());
+            }
+        }
+        match kind {
+            ResourceKind::Network => record.networks = new,
+            ResourceKind::Pool => record.pools = new,
+        }
+    }
+}
+
+/// Lines for `vmsync --once` and `vmsync plan` about networks, pools and volumes.
+pub fn render_text(plan: &ResourcePlan) -> String {
+    let mut out = String::new();
+    for p in plan.pools.iter().chain(&plan.networks) {
+        let kind = p.kind();
+        if let Some(e) = &p.error {
+            out += &format!("  {kind} {}: error: {e}\n", p.name);
+            continue;
+        }
+        for a in &p.actions {
+            out += &format!("  {kind} {}: {}\n", p.name, a.describe(kind));
+        }
+        if !p.affected_vms.is_empty() {
+            out += &format!(
+                "  {kind} {}: running vms that lose their link while it restarts: {}\n",
+                p.name,
+                p.affected_vms.join(", ")
+            );
+        }
+        if p.pending_restart {
+            out += &format!("  {kind} {}: pending restart (active on its old definition)\n", p.name);
+        }
+        if !p.drift.is_empty() {
+            let how = if p.drift_reported_only { "reported only" } else { "healed" };
+            out += &format!("  {kind} {}: drift ({how}): {}\n", p.name, p.drift.join("; "));
+        }
+        if let Some(diff) = &p.diff {
+            for line in diff.lines() {
+                out += &format!("    {line}\n");
+            }
+        }
+    }
+    for v in &plan.volumes {
+        match (&v.error, &v.create) {
+            (Some(e), _) => out += &format!("  vm {}: volume '{}' of pool '{}': error: {e}\n", v.vm, v.name, v.pool),
+            (None, Some(_)) => out += &format!("  vm {}: {}\n", v.vm, v.description),
+            _ => {}
+        }
+    }
+    for p in &plan.prune {
+        let kind = p.kind();
+        match &p.skipped {
+            Some(why) => out += &format!("  {kind} {}: {why}\n", p.name),
+            None => {
+                let what: Vec<String> = p.actions.iter().map(|a| a.describe(kind)).collect();
+                out += &format!("  {kind} {}: prune: {}\n", p.name, what.join(", "));
+                if !p.affected_vms.is_empty() {
+                    out += &format!("  {kind} {}: running vms that lose their link: {}\n", p.name, p.affected_vms.join(", "));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Adds a unified diff of each definition that would change (for `vmsync plan`).
+pub fn annotate(plan: &mut ResourcePlan) {
+    for p in plan.pools.iter_mut().chain(plan.networks.iter_mut()) {
+        if p.source_xml.is_empty() {
+            continue;
+        }
+        let before = p.current_xml.clone().unwrap_or_default();
+        let diff = crate::reconcile::diff::unified(&before, &p.source_xml, "host", "commit");
+        if !diff.trim().is_empty() {
+            p.diff = Some(diff);
+        }
+    }
+}
+
+/// Lines for `vmsync --once` about what was done to networks, pools and volumes.
+pub fn render_outcome(outcome: &ResourceOutcome) -> String {
+    let mut out = String::new();
+    for o in outcome.pools.iter().chain(&outcome.networks) {
+        let kind = o.kind.unwrap_or(ResourceKind::Network);
+        if !o.done.is_empty() {
+            out += &format!("  {kind} {}: {}\n", o.name, o.done.join(", "));
+        }
+        if let Some(e) = &o.error {
+            out += &format!("  {kind} {}: failed: {e}\n", o.name);
+        }
+        if o.pending_restart {
+            out += &format!("  {kind} {}: pending restart (active on its old definition)\n", o.name);
+        }
+        if !o.drift.is_empty() {
+            out += &format!("  {kind} {}: drift: {}\n", o.name, o.drift.join("; "));
+        }
+    }
+    for (vm, pool, volume, result) in &outcome.volumes {
+        match result {
+            Ok(what) if what.starts_with("create") => out += &format!("  {vm}: {what}\n"),
+            Ok(_) => {}
+            Err(e) => out += &format!("  {vm}: volume '{volume}' of pool '{pool}' failed: {e}\n"),
+        }
+    }
+    for o in &outcome.pruned {
+        let kind = o.kind.unwrap_or(ResourceKind::Network);
+        match &o.error {
+            None => out += &format!("  {kind} {}: pruned: {}\n", o.name, o.done.join(", ")),
+            Some(e) => out += &format!("  {kind} {}: prune failed: {e}\n", o.name),
+        }
+    }
+    out
+}
+
+/// The plan's networks, pools and volumes for `vmsync plan --json`.
+pub fn to_json(plan: &ResourcePlan) -> serde_json::Value {
+    let one = |p: &ResPlan| {
+        let kind = p.kind();
+        serde_json::json!({
+            "kind": kind,
+            "name": p.name,
+            "actions": p.actions.iter().map(|a| serde_json::json!({
+                "kind": a.kind(kind),
+                "description": a.describe(kind),
+            })).collect::<Vec<_>>(),
+            "error": p.error,
+            "pending_restart": p.pending_restart,
+            "drift": p.drift,
+            "drift_healed": !p.drift.is_empty() && !p.drift_reported_only,
+            "adopted": p.adopted,
+            "affected_vms": p.affected_vms,
+            "skipped": p.skipped,
+            "diff": p.diff,
+        })
+    };
+    serde_json::json!({
+        "pools": plan.pools.iter().map(one).collect::<Vec<_>>(),
+        "volumes": plan.volumes.iter().map(|v| serde_json::json!({
+            "vm": v.vm,
+            "pool": v.pool,
+            "volume": v.name,
+            "create": v.create.is_some(),
+            "description": v.description,
+            "error": v.error,
+        })).collect::<Vec<_>>(),
+        "networks": plan.networks.iter().map(one).collect::<Vec<_>>(),
+        "prune": plan.prune.iter().map(one).collect::<Vec<_>>(),
+    })
+}
