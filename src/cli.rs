@@ -376,7 +376,10 @@ pub fn run() -> u8 {
                     d.vms.len(),
                     d.directories.len()
                 );
-                print!("{}", crate::desired::resources::validate_summary(&d.resources));
+                print!(
+                    "{}",
+                    crate::desired::resources::validate_summary(&d.resources)
+                );
             })
         }
         (Some(Command::Status { json }), false) => crate::agent::state::load(&settings.state_dir)

@@ -514,12 +514,9 @@ fn observe_commit(
         .collect();
     let mut observed =
         observe::observe(desired, &applied, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
-    observed.resources = crate::host::resources::observe(
-        &desired.resources,
-        &recorded_resources(record),
-        hv,
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    observed.resources =
+        crate::host::resources::observe(&desired.resources, &recorded_resources(record), hv)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(observed)
 }
 
@@ -528,7 +525,10 @@ fn recorded_resources(
     record: &Record,
 ) -> std::collections::BTreeSet<(crate::desired::resource_xml::ResourceKind, String)> {
     use crate::desired::resource_xml::ResourceKind;
-    let networks = record.networks.keys().map(|n| (ResourceKind::Network, n.clone()));
+    let networks = record
+        .networks
+        .keys()
+        .map(|n| (ResourceKind::Network, n.clone()));
     let pools = record.pools.keys().map(|n| (ResourceKind::Pool, n.clone()));
     networks.chain(pools).collect()
 }

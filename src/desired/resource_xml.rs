@@ -71,8 +71,9 @@ fn parse(xml: &str) -> Result<roxmltree::Document<'_>, XmlProblem> {
 }
 
 fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
-    node.children()
-        .find(|c| c.is_element() && c.tag_name().name() == name && c.tag_name().namespace().is_none())
+    node.children().find(|c| {
+        c.is_element() && c.tag_name().name() == name && c.tag_name().namespace().is_none()
+    })
 }
 
 fn text(node: roxmltree::Node) -> String {
@@ -171,6 +172,31 @@ pub fn render(
             }
         }
     }
+}
+
+/// What a network's or pool's drift is judged on: `domain_xml::definition_hash` of
+/// libvirt's inactive XML, without what a pool reports of its storage (`<capacity>`,
+/// `<allocation>`, `<available>`: they change as volumes are written). `None` if it does
+/// not parse.
+pub fn definition_hash(kind: ResourceKind, libvirt_xml: &str) -> Option<String> {
+    if kind == ResourceKind::Network {
+        return domain_xml::definition_hash(libvirt_xml);
+    }
+    let doc = parse(libvirt_xml).ok()?;
+    let mut ranges: Vec<std::ops::Range<usize>> = doc
+        .root_element()
+        .children()
+        .filter(|c| {
+            c.is_element() && matches!(c.tag_name().name(), "capacity" | "allocation" | "available")
+        })
+        .map(|c| c.range())
+        .collect();
+    ranges.sort_by_key(|r| std::cmp::Reverse(r.start));
+    let mut text = libvirt_xml.to_string();
+    for r in ranges {
+        text.replace_range(r, "");
+    }
+    domain_xml::definition_hash(&text)
 }
 
 /// A domain's references to networks and pool volumes.
@@ -278,8 +304,23 @@ mod tests {
         assert_eq!(s.uuid.as_deref(), Some(uuid));
         assert_eq!(s.tag, None);
         // A source with its own UUID is kept as is.
-        let own = POOL.replace("</name>", "</name><uuid>aaaaaaaa-2222-3333-4444-555555555555</uuid>");
-        assert_eq!(render(ResourceKind::Pool, &own, Some(uuid), &tag).unwrap(), own);
+        let own = POOL.replace(
+            "</name>",
+            "</name><uuid>aaaaaaaa-2222-3333-4444-555555555555</uuid>",
+        );
+        assert_eq!(
+            render(ResourceKind::Pool, &own, Some(uuid), &tag).unwrap(),
+            own
+        );
+    }
+
+    #[test]
+    fn a_pools_storage_figures_are_no_drift() {
+        let a = "<pool type='dir'><name>p</name><capacity unit='bytes'>1</capacity><allocation unit='bytes'>2</allocation><available unit='bytes'>3</available><target><path>/x</path></target></pool>";
+        let b = a.replace("'>1<", "'>9<").replace("'>3<", "'>7<");
+        let h = |x: &str| definition_hash(ResourceKind::Pool, x);
+        assert_eq!(h(a), h(&b));
+        assert_ne!(h(a), h(&a.replace("/x", "/y")));
     }
 
     #[test]
@@ -287,14 +328,28 @@ mod tests {
         let xml = "<domain><name>a</name><devices><interface type='network'><source network='lab'/></interface><interface type='bridge'><source bridge='br0'/></interface><disk type='volume' device='disk'><source pool='vmpool' volume='a.qcow2'/></disk><disk type='file'><source file='/x'/></disk></devices></domain>";
         let r = domain_refs(xml);
         assert_eq!(r.networks, vec!["lab".to_string()]);
-        assert_eq!(r.volumes, vec![("vmpool".to_string(), "a.qcow2".to_string())]);
+        assert_eq!(
+            r.volumes,
+            vec![("vmpool".to_string(), "a.qcow2".to_string())]
+        );
     }
 
     #[test]
     fn volume_xml_has_capacity_format_and_backing() {
-        let x = volume_xml("a.qcow2", 1 << 30, "qcow2", Some(("/b.qcow2", Some("qcow2"))));
-        assert!(x.contains("<capacity unit='bytes'>1073741824</capacity>"), "{x}");
-        assert!(x.contains("<backingStore>\n    <path>/b.qcow2</path>"), "{x}");
+        let x = volume_xml(
+            "a.qcow2",
+            1 << 30,
+            "qcow2",
+            Some(("/b.qcow2", Some("qcow2"))),
+        );
+        assert!(
+            x.contains("<capacity unit='bytes'>1073741824</capacity>"),
+            "{x}"
+        );
+        assert!(
+            x.contains("<backingStore>\n    <path>/b.qcow2</path>"),
+            "{x}"
+        );
         assert!(!volume_xml("r", 1, "raw", None).contains("backingStore"));
     }
 }

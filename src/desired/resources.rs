@@ -332,7 +332,9 @@ fn validate_entry(
             ),
         ));
     }
-    if kind == ResourceKind::Network && summary.mtu && summary.forward_mode.as_deref() == Some("bridge")
+    if kind == ResourceKind::Network
+        && summary.mtu
+        && summary.forward_mode.as_deref() == Some("bridge")
     {
         problems.push(entry_problem(
             e,

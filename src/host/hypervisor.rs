@@ -93,7 +93,12 @@ pub trait Hypervisor: Sync {
         Err(unsupported("list", kind.as_str()))
     }
     /// The definition of a network or pool: the persistent one, or the live one.
-    fn resource_xml(&self, _kind: ResourceKind, name: &str, _inactive: bool) -> Result<String, HvError> {
+    fn resource_xml(
+        &self,
+        _kind: ResourceKind,
+        name: &str,
+        _inactive: bool,
+    ) -> Result<String, HvError> {
         Err(unsupported("read the XML of", name))
     }
     /// Defines (or redefines in place) a network or pool.
@@ -101,7 +106,12 @@ pub trait Hypervisor: Sync {
         Err(unsupported("define", kind.as_str()))
     }
     /// Sets the autostart flag, builds, starts, stops or undefines a network or pool.
-    fn resource_op(&self, _kind: ResourceKind, name: &str, _op: crate::host::resources::ResOp) -> Result<(), HvError> {
+    fn resource_op(
+        &self,
+        _kind: ResourceKind,
+        name: &str,
+        _op: crate::host::resources::ResOp,
+    ) -> Result<(), HvError> {
         Err(unsupported("change", name))
     }
     /// The names of the volumes of a (started) pool.
@@ -115,7 +125,12 @@ pub trait Hypervisor: Sync {
 }
 
 fn unsupported(operation: &'static str, name: &str) -> HvError {
-    HvError::new(operation, Some(name), "", "not supported by this hypervisor")
+    HvError::new(
+        operation,
+        Some(name),
+        "",
+        "not supported by this hypervisor",
+    )
 }
 
 /// A libvirt connection.
@@ -333,13 +348,23 @@ impl Hypervisor for Libvirt {
     fn list_resources(&self, kind: ResourceKind) -> Result<Vec<Listing>, HvError> {
         self.res_list(kind)
     }
-    fn resource_xml(&self, kind: ResourceKind, name: &str, inactive: bool) -> Result<String, HvError> {
+    fn resource_xml(
+        &self,
+        kind: ResourceKind,
+        name: &str,
+        inactive: bool,
+    ) -> Result<String, HvError> {
         self.res_xml(kind, name, inactive)
     }
     fn define_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), HvError> {
         self.res_define(kind, xml)
     }
-    fn resource_op(&self, kind: ResourceKind, name: &str, op: crate::host::resources::ResOp) -> Result<(), HvError> {
+    fn resource_op(
+        &self,
+        kind: ResourceKind,
+        name: &str,
+        op: crate::host::resources::ResOp,
+    ) -> Result<(), HvError> {
         self.res_op(kind, name, op)
     }
     fn pool_volumes(&self, pool: &str) -> Result<Vec<String>, HvError> {

@@ -242,6 +242,7 @@ mod tests {
         let desired = Desired {
             directories: Vec::new(),
             vms: ["same", "changed", "drifted"].map(wanted).into(),
+            resources: Default::default(),
         };
         let disks = crate::host::disk::QemuImg::default();
 

@@ -62,7 +62,11 @@ pub fn check_xml(kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
                     std::io::Write::write_all(&mut f, b"<node/>\n")?;
                     Ok(f)
                 })
-                .map_err(|e| SchemaError::Unavailable(format!("failed to write the test driver's node file: {e}")))?;
+                .map_err(|e| {
+                    SchemaError::Unavailable(format!(
+                        "failed to write the test driver's node file: {e}"
+                    ))
+                })?;
             let uri = format!("test://{}", node.path().display());
             let conn = Connect::open(Some(&uri)).map_err(|e| {
                 SchemaError::Unavailable(format!("failed to open '{uri}': {}", e.message()))
@@ -199,9 +203,7 @@ impl Libvirt {
                 } else {
                     0
                 };
-                self.counted("read the XML of storage pool", None, || {
-                    p.xml_desc(flags)
-                })
+                self.counted("read the XML of storage pool", None, || p.xml_desc(flags))
             }
         }
     }
@@ -227,16 +229,12 @@ impl Libvirt {
                 let n = self.network(name)?;
                 match op {
                     ResOp::Autostart(on) => {
-                        self.counted("set autostart of network", None, || {
-                            n.set_autostart(on)
-                        })?;
+                        self.counted("set autostart of network", None, || n.set_autostart(on))?;
                     }
                     ResOp::Start => self.counted("start network", None, || n.create())?,
-                    ResOp::Build => {}
+                    ResOp::Build { .. } => {}
                     ResOp::Stop => self.counted("stop network", None, || n.destroy())?,
-                    ResOp::Undefine => {
-                        self.counted("undefine network", None, || n.undefine())?
-                    }
+                    ResOp::Undefine => self.counted("undefine network", None, || n.undefine())?,
                 }
             }
             ResourceKind::Pool => {
@@ -247,23 +245,19 @@ impl Libvirt {
                             p.set_autostart(on)
                         })?;
                     }
-                    ResOp::Start => {
-                        self.counted("start storage pool", None, || p.create(0))?
-                    }
+                    ResOp::Start => self.counted("start storage pool", None, || p.create(0))?,
                     // Never overwrites what is there (a file system, a volume group).
                     // libvirt's test driver takes no flags.
-                    ResOp::Build => {
-                        let flags = if self.uri().starts_with("test:") {
-                            0
-                        } else {
+                    ResOp::Build { no_overwrite } => {
+                        let flags = if no_overwrite && !self.uri().starts_with("test:") {
                             sys::VIR_STORAGE_POOL_BUILD_NO_OVERWRITE
+                        } else {
+                            0
                         };
                         self.counted("build storage pool", None, || p.build(flags))?
                     }
                     // Stops it; its storage and volumes stay.
-                    ResOp::Stop => {
-                        self.counted("stop storage pool", None, || p.destroy())?
-                    }
+                    ResOp::Stop => self.counted("stop storage pool", None, || p.destroy())?,
                     ResOp::Undefine => {
                         self.counted("undefine storage pool", None, || p.undefine())?
                     }
@@ -293,8 +287,12 @@ impl Libvirt {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResOp {
     Autostart(bool),
-    /// Make the pool's storage (its directory, …), never overwriting; nothing for a network.
-    Build,
+    /// Make the pool's storage (its directory, …); nothing for a network.
+    /// `no_overwrite`: libvirt's flag that refuses to format what is there (a file
+    /// system, a volume group); a dir pool's build only makes its directory.
+    Build {
+        no_overwrite: bool,
+    },
     Start,
     /// Stop (libvirt's "destroy": a pool's storage and volumes stay).
     Stop,
@@ -368,7 +366,7 @@ pub fn observe(
                 .and_then(|x| resource_xml::summarize(kind, x).ok());
             let definition_hash = inactive_xml
                 .as_deref()
-                .and_then(crate::desired::domain_xml::definition_hash);
+                .and_then(|x| resource_xml::definition_hash(kind, x));
             let live_fingerprint = if listing.active && kind == ResourceKind::Network {
                 hv.resource_xml(kind, &listing.name, false)
                     .ok()
@@ -392,7 +390,11 @@ pub fn observe(
     }
     // One volume listing per pool a volume of the commit (or a domain) is in, when the
     // pool is active (an inactive or missing pool's volumes are made after it starts).
-    let mut pools: BTreeSet<&str> = desired.volumes.iter().map(|v| v.spec.pool.as_str()).collect();
+    let mut pools: BTreeSet<&str> = desired
+        .volumes
+        .iter()
+        .map(|v| v.spec.pool.as_str())
+        .collect();
     for e in &desired.external {
         if let Target::Volume { pool, .. } = &e.target {
             pools.insert(pool);

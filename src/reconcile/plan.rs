@@ -740,6 +740,7 @@ mod tests {
                 })
                 .collect(),
             directories: Default::default(),
+            resources: Default::default(),
         }
     }
 
@@ -1030,6 +1031,7 @@ mod tests {
             let desired = Desired {
                 directories: vec![],
                 vms: vec![case.want],
+                resources: Default::default(),
             };
             let mut record = Record::default();
             if let Some(rec) = case.record {
@@ -1101,6 +1103,7 @@ mod tests {
         let desired = Desired {
             directories: vec![],
             vms: vec![desired_vm("web", 1024, false, vec![])],
+            resources: Default::default(),
         };
         let gone = |name: &str, active| seen_with(name, OTHER_UUID, 512, active, false, true);
         let obs = observed(
@@ -1216,6 +1219,7 @@ mod tests {
                 desired_vm("web", 1024, false, vec![]),
                 OTHER_UUID,
             )],
+            resources: Default::default(),
         };
         let obs = observed(vec![], vec![gone("old-a", false)], vec![]);
         let p = plan_with(&renamed, &obs, &prune_ctx(true, 5, false));
@@ -1228,6 +1232,7 @@ mod tests {
         let desired = Desired {
             directories: vec![],
             vms: vec![desired_vm("web", 2048, false, vec![])],
+            resources: Default::default(),
         };
         let p = plan_with(
             &desired,
@@ -1259,6 +1264,7 @@ mod tests {
         let desired = Desired {
             directories: vec!["/srv/images/ISOs".into()],
             vms: vec![desired_vm("web", 1024, false, vec![])],
+            resources: Default::default(),
         };
         let mut obs = observed(vec![seen("web", 1024, false, false, true)], vec![], vec![]);
         let p = plan_with(&desired, &obs, &ChangePolicy::default());

@@ -57,7 +57,10 @@ pub struct ResourceRecord {
 /// One step for a network or pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResAction {
-    Define { xml: String, redefine: bool },
+    Define {
+        xml: String,
+        redefine: bool,
+    },
     Build,
     SetAutostart(bool),
     Start,
@@ -91,9 +94,19 @@ impl ResAction {
         use ActionKind as K;
         use ResourceKind::{Network as N, Pool as P};
         match (self, kind) {
-            (ResAction::Define { redefine: false, .. }, N) => K::DefineNetwork,
+            (
+                ResAction::Define {
+                    redefine: false, ..
+                },
+                N,
+            ) => K::DefineNetwork,
             (ResAction::Define { redefine: true, .. }, N) => K::RedefineNetwork,
-            (ResAction::Define { redefine: false, .. }, P) => K::DefinePool,
+            (
+                ResAction::Define {
+                    redefine: false, ..
+                },
+                P,
+            ) => K::DefinePool,
             (ResAction::Define { redefine: true, .. }, P) => K::RedefinePool,
             (ResAction::Build, _) => K::BuildPool,
             (ResAction::SetAutostart(true), N) => K::SetNetworkAutostart,
@@ -138,6 +151,8 @@ pub struct ResPlan {
     pub current_xml: Option<String>,
     pub current_hash: Option<String>,
     pub uuid: Option<String>,
+    /// A pool's type (`dir`, `logical`, …): how it is built.
+    pub pool_type: Option<String>,
     /// Unified diff of the definition (`vmsync plan`).
     pub diff: Option<String>,
 }
@@ -223,7 +238,12 @@ fn users(kind: ResourceKind, name: &str, desired: &Desired, observed: &Observed)
     desired
         .vms
         .iter()
-        .filter(|vm| observed.domains.get(&vm.name).is_some_and(|d| d.listing.active))
+        .filter(|vm| {
+            observed
+                .domains
+                .get(&vm.name)
+                .is_some_and(|d| d.listing.active)
+        })
         .filter(|vm| {
             let refs = resource_xml::domain_refs(&vm.xml);
             match kind {
@@ -251,6 +271,7 @@ fn plan_one(
         name: r.name.clone(),
         fingerprint: r.fingerprint.clone(),
         autostart: r.autostart,
+        pool_type: r.summary.pool_type.clone(),
         ..Default::default()
     };
     let seen = obs.seen.get(&(kind, r.name.clone()));
@@ -265,7 +286,12 @@ fn plan_one(
                 xml,
                 redefine: false,
             }),
-            Err(e) => return fail(out, format!("failed to render the {kind} xml: {}", e.message)),
+            Err(e) => {
+                return fail(
+                    out,
+                    format!("failed to render the {kind} xml: {}", e.message),
+                );
+            }
         }
         if kind == ResourceKind::Pool {
             out.actions.push(ResAction::Build);
@@ -283,11 +309,17 @@ fn plan_one(
     if seen.inactive.is_none() {
         return fail(
             out,
-            format!("could not read the definition of existing {kind} '{}'; not touching it", r.name),
+            format!(
+                "could not read the definition of existing {kind} '{}'; not touching it",
+                r.name
+            ),
         );
     }
     if !seen.listing.persistent {
-        return fail(out, format!("{kind} '{}' is transient; refusing to touch it", r.name));
+        return fail(
+            out,
+            format!("{kind} '{}' is transient; refusing to touch it", r.name),
+        );
     }
     let is_owned = owned(kind, seen, rec);
     if !is_owned && !r.adopt {
@@ -298,8 +330,7 @@ fn plan_one(
         return fail(
             out,
             format!(
-                "{kind} '{}' exists but was not defined by vmsync ({how}); refusing to touch it (set adopt = true on the entry to take it over)",
-                r.name
+                "exists but was not defined by vmsync ({how}); refusing to touch it (set adopt = true on the [[{kind}]] entry to take it over)"
             ),
         );
     }
@@ -348,7 +379,12 @@ fn plan_one(
                 xml,
                 redefine: true,
             }),
-            Err(e) => return fail(out, format!("failed to render the {kind} xml: {}", e.message)),
+            Err(e) => {
+                return fail(
+                    out,
+                    format!("failed to render the {kind} xml: {}", e.message),
+                );
+            }
         }
         out.source_xml = r.xml.clone();
         out.current_xml = seen.inactive_xml.clone();
@@ -370,9 +406,7 @@ fn plan_one(
             ResourceKind::Network => {
                 seen.live_fingerprint.as_deref() != Some(r.fingerprint.as_str())
             }
-            ResourceKind::Pool => {
-                redefine || rec.is_some_and(|rec| rec.pending_restart)
-            }
+            ResourceKind::Pool => redefine || rec.is_some_and(|rec| rec.pending_restart),
         };
     if live_differs && active && r.on_change == OnChange::Restart {
         out.actions.push(ResAction::Restart);
@@ -438,7 +472,9 @@ pub fn plan(
                 ..Default::default()
             };
             if !seen.listing.persistent {
-                p.skipped = Some(format!("transient {kind}; vmsync only prunes persistent ones"));
+                p.skipped = Some(format!(
+                    "transient {kind}; vmsync only prunes persistent ones"
+                ));
             } else if !policy.prune {
                 p.skipped = Some(
                     "not in the manifest for this host; left alone (policy.prune is off)".into(),
@@ -564,9 +600,13 @@ impl ResourceOutcome {
             .iter()
             .chain(&self.networks)
             .filter_map(|o| {
-                o.error
-                    .as_ref()
-                    .map(|e| format!("{} '{}': {e}", o.kind.unwrap_or(ResourceKind::Network), o.name))
+                o.error.as_ref().map(|e| {
+                    format!(
+                        "{} '{}': {e}",
+                        o.kind.unwrap_or(ResourceKind::Network),
+                        o.name
+                    )
+                })
             })
             .collect();
         out.extend(self.volumes.iter().filter_map(|(vm, pool, vol, r)| {
@@ -576,7 +616,11 @@ impl ResourceOutcome {
         }));
         out.extend(self.pruned.iter().filter_map(|o| {
             o.error.as_ref().map(|e| {
-                format!("prune {} '{}': {e}", o.kind.unwrap_or(ResourceKind::Network), o.name)
+                format!(
+                    "prune {} '{}': {e}",
+                    o.kind.unwrap_or(ResourceKind::Network),
+                    o.name
+                )
             })
         }));
         out
@@ -642,12 +686,12 @@ fn apply_one(p: &ResPlan, hv: &dyn Hypervisor, short: &str) -> ResOutcome {
         let done = match action {
             ResAction::Define { xml, .. } => hv.define_resource(kind, xml).map(|()| {
                 out.defined = true;
-                if let Ok(after) = hv.resource_xml(kind, &p.name, true) {
-                    out.definition_hash = crate::desired::domain_xml::definition_hash(&after);
-                    out.uuid = resource_xml::summarize(kind, &after).ok().and_then(|s| s.uuid);
-                }
             }),
-            ResAction::Build => op(ResOp::Build),
+            // A dir pool's build only makes its directory (libvirt refuses the
+            // no-overwrite flag there); any other type is built without overwriting.
+            ResAction::Build => op(ResOp::Build {
+                no_overwrite: p.pool_type.as_deref() != Some("dir"),
+            }),
             ResAction::SetAutostart(on) => op(ResOp::Autostart(*on)),
             ResAction::Start => op(ResOp::Start),
             ResAction::Restart => {
@@ -675,11 +719,25 @@ fn apply_one(p: &ResPlan, hv: &dyn Hypervisor, short: &str) -> ResOutcome {
             }
         }
     }
+    // The new drift baseline and UUID, once built and started (a pool's XML gains its
+    // permissions then).
+    if out.defined
+        && let Ok(after) = hv.resource_xml(kind, &p.name, true)
+    {
+        out.definition_hash = resource_xml::definition_hash(kind, &after);
+        out.uuid = resource_xml::summarize(kind, &after)
+            .ok()
+            .and_then(|s| s.uuid);
+    }
     out
 }
 
 /// Applies the pools, then the volumes, then the networks (before the domains).
-pub fn apply_before_domains(plan: &ResourcePlan, hv: &dyn Hypervisor, short: &str) -> ResourceOutcome {
+pub fn apply_before_domains(
+    plan: &ResourcePlan,
+    hv: &dyn Hypervisor,
+    short: &str,
+) -> ResourceOutcome {
     let mut out = ResourceOutcome {
         pools: plan.pools.iter().map(|p| apply_one(p, hv, short)).collect(),
         ..Default::default()
@@ -711,12 +769,21 @@ pub fn apply_before_domains(plan: &ResourcePlan, hv: &dyn Hypervisor, short: &st
         out.volumes
             .push((v.vm.clone(), v.pool.clone(), v.name.clone(), result));
     }
-    out.networks = plan.networks.iter().map(|p| apply_one(p, hv, short)).collect();
+    out.networks = plan
+        .networks
+        .iter()
+        .map(|p| apply_one(p, hv, short))
+        .collect();
     out
 }
 
 /// Prunes owned networks, then pools (after the domains' pruning).
-pub fn apply_prune(plan: &ResourcePlan, hv: &dyn Hypervisor, short: &str, out: &mut ResourceOutcome) {
+pub fn apply_prune(
+    plan: &ResourcePlan,
+    hv: &dyn Hypervisor,
+    short: &str,
+    out: &mut ResourceOutcome,
+) {
     for p in plan.prune.iter().filter(|p| p.skipped.is_none()) {
         if !p.affected_vms.is_empty() {
             warn!(kind = %p.kind(), name = %p.name, vms = %p.affected_vms.join(", "), "pruning: these running vms lose their link");
@@ -817,11 +884,22 @@ pub fn render_text(plan: &ResourcePlan) -> String {
             );
         }
         if p.pending_restart {
-            out += &format!("  {kind} {}: pending restart (active on its old definition)\n", p.name);
+            out += &format!(
+                "  {kind} {}: pending restart (active on its old definition)\n",
+                p.name
+            );
         }
         if !p.drift.is_empty() {
-            let how = if p.drift_reported_only { "reported only" } else { "healed" };
-            out += &format!("  {kind} {}: drift ({how}): {}\n", p.name, p.drift.join("; "));
+            let how = if p.drift_reported_only {
+                "reported only"
+            } else {
+                "healed"
+            };
+            out += &format!(
+                "  {kind} {}: drift ({how}): {}\n",
+                p.name,
+                p.drift.join("; ")
+            );
         }
         if let Some(diff) = &p.diff {
             for line in diff.lines() {
@@ -831,7 +909,12 @@ pub fn render_text(plan: &ResourcePlan) -> String {
     }
     for v in &plan.volumes {
         match (&v.error, &v.create) {
-            (Some(e), _) => out += &format!("  vm {}: volume '{}' of pool '{}': error: {e}\n", v.vm, v.name, v.pool),
+            (Some(e), _) => {
+                out += &format!(
+                    "  vm {}: volume '{}' of pool '{}': error: {e}\n",
+                    v.vm, v.name, v.pool
+                )
+            }
             (None, Some(_)) => out += &format!("  vm {}: {}\n", v.vm, v.description),
             _ => {}
         }
@@ -844,7 +927,11 @@ pub fn render_text(plan: &ResourcePlan) -> String {
                 let what: Vec<String> = p.actions.iter().map(|a| a.describe(kind)).collect();
                 out += &format!("  {kind} {}: prune: {}\n", p.name, what.join(", "));
                 if !p.affected_vms.is_empty() {
-                    out += &format!("  {kind} {}: running vms that lose their link: {}\n", p.name, p.affected_vms.join(", "));
+                    out += &format!(
+                        "  {kind} {}: running vms that lose their link: {}\n",
+                        p.name,
+                        p.affected_vms.join(", ")
+                    );
                 }
             }
         }
@@ -878,7 +965,10 @@ pub fn render_outcome(outcome: &ResourceOutcome) -> String {
             out += &format!("  {kind} {}: failed: {e}\n", o.name);
         }
         if o.pending_restart {
-            out += &format!("  {kind} {}: pending restart (active on its old definition)\n", o.name);
+            out += &format!(
+                "  {kind} {}: pending restart (active on its old definition)\n",
+                o.name
+            );
         }
         if !o.drift.is_empty() {
             out += &format!("  {kind} {}: drift: {}\n", o.name, o.drift.join("; "));
@@ -935,4 +1025,140 @@ pub fn to_json(plan: &ResourcePlan) -> serde_json::Value {
         "networks": plan.networks.iter().map(one).collect::<Vec<_>>(),
         "prune": plan.prune.iter().map(one).collect::<Vec<_>>(),
     })
+}
+
+/// One managed network or pool in `vmsync status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResourceStatus {
+    pub name: String,
+    /// `None` when libvirt could not be asked.
+    pub defined: Option<bool>,
+    pub active: Option<bool>,
+    pub autostart: Option<bool>,
+    pub applied_commit: Option<String>,
+    pub pending_restart: bool,
+    pub drift: Vec<String>,
+    pub last_error: Option<String>,
+}
+
+/// The record's networks and pools joined with what libvirt says now: one listing per
+/// kind and one XML read per defined one (the drift baseline, and a network's live tag).
+pub fn status(
+    record: &Record,
+    hv: Option<&dyn Hypervisor>,
+    kind: ResourceKind,
+) -> Vec<ResourceStatus> {
+    let recs = recorded(record, kind);
+    let listing = match (hv, recs.is_empty()) {
+        (Some(hv), false) => hv.list_resources(kind).ok(),
+        _ => None,
+    };
+    recs.iter()
+        .map(|(name, rec)| {
+            let mut s = ResourceStatus {
+                name: name.clone(),
+                defined: None,
+                active: None,
+                autostart: None,
+                applied_commit: rec.applied_commit.clone(),
+                pending_restart: rec.pending_restart,
+                drift: Vec::new(),
+                last_error: rec.last_error.clone(),
+            };
+            let (Some(hv), Some(listing)) = (hv, &listing) else {
+                return s;
+            };
+            let seen = listing.iter().find(|l| &l.name == name);
+            s.defined = Some(seen.is_some());
+            s.active = Some(seen.is_some_and(|l| l.active));
+            s.autostart = Some(seen.is_some_and(|l| l.autostart));
+            match seen {
+                None => s.drift.push("undefined outside vmsync".into()),
+                Some(l) => {
+                    let xml = hv.resource_xml(kind, name, true).ok();
+                    let hash = xml
+                        .as_deref()
+                        .and_then(|x| resource_xml::definition_hash(kind, x));
+                    if rec.definition_hash.is_some() && hash != rec.definition_hash {
+                        s.drift.push("definition changed outside vmsync".into());
+                    }
+                    if rec.autostart != l.autostart {
+                        s.drift.push("autostart flag changed outside vmsync".into());
+                    }
+                    if rec.autostart && !l.active {
+                        s.drift.push("stopped outside vmsync".into());
+                    }
+                    if kind == ResourceKind::Network {
+                        let live = if l.active {
+                            hv.resource_xml(kind, name, false)
+                                .ok()
+                                .and_then(|x| resource_xml::summarize(kind, &x).ok())
+                                .and_then(|s| s.tag)
+                        } else {
+                            None
+                        };
+                        s.pending_restart = l.active
+                            && live
+                                .zip(rec.fingerprint.as_ref())
+                                .is_none_or(|(t, fp)| &t.fingerprint != fp);
+                    } else {
+                        s.pending_restart = l.active && rec.pending_restart;
+                    }
+                }
+            }
+            s
+        })
+        .collect()
+}
+
+/// The networks and pools rows of `vmsync status`.
+pub fn status_text(networks: &[ResourceStatus], pools: &[ResourceStatus]) -> String {
+    if networks.is_empty() && pools.is_empty() {
+        return String::new();
+    }
+    let yn = |v: Option<bool>| match v {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "?",
+    };
+    let mut out = format!(
+        "\n{:<8} {:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
+        "KIND",
+        "NAME",
+        "DEFINED",
+        "ACTIVE",
+        "AUTOSTART",
+        "APPLIED",
+        "PENDING-RESTART",
+        "DRIFT / ERROR"
+    );
+    for (kind, s) in networks
+        .iter()
+        .map(|s| ("network", s))
+        .chain(pools.iter().map(|s| ("pool", s)))
+    {
+        let applied = s
+            .applied_commit
+            .as_deref()
+            .map(|c| &c[..c.len().min(12)])
+            .unwrap_or("-");
+        let mut notes = s.drift.clone();
+        notes.extend(s.last_error.iter().map(|e| format!("error: {e}")));
+        out += &format!(
+            "{:<8} {:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
+            kind,
+            s.name,
+            yn(s.defined),
+            yn(s.active),
+            yn(s.autostart),
+            applied,
+            if s.pending_restart { "yes" } else { "no" },
+            if notes.is_empty() {
+                "-".to_string()
+            } else {
+                notes.join("; ")
+            }
+        );
+    }
+    out
 }
