@@ -93,7 +93,8 @@ fn check_host_only(name: &str, env: &Env, expected: &[String]) {
     let run = vmsync(&["validate", &dir, "--disk-root", ROOT]);
     assert_eq!(run.code, 0, "{name}: validate\n{}", run.stderr);
     assert!(
-        run.stdout.contains("is not in the commit; the host must have it (checked at sync)"),
+        run.stdout
+            .contains("is not in the commit; the host must have it (checked at sync)"),
         "{name}: validate\n{}",
         run.stdout
     );

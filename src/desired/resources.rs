@@ -406,3 +406,169 @@ pub fn validate_summary(r: &DesiredResources) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::hypervisor::SchemaError;
+    use crate::repo::files::FileError;
+
+    struct Files(BTreeMap<String, String>);
+
+    impl RepoFiles for Files {
+        fn read_text(&self, path: &str) -> Result<String, FileError> {
+            self.0
+                .get(path)
+                .cloned()
+                .ok_or_else(|| FileError::NotFound(path.into()))
+        }
+        fn revision(&self) -> String {
+            "test".into()
+        }
+    }
+
+    /// Accepts every domain; networks and pools go through libvirt's real check.
+    struct Schema;
+    impl SchemaChecker for Schema {
+        fn check(&self, _xml: &str) -> Result<(), SchemaError> {
+            Ok(())
+        }
+    }
+
+    const VM: &str = "<domain type='kvm'><name>a</name><memory>1</memory><devices><interface type='network'><source network='lab'/></interface><interface type='network'><source network='default'/></interface><disk type='volume'><source pool='vmpool' volume='a.qcow2'/></disk><disk type='volume'><source pool='hostpool' volume='x.img'/></disk></devices></domain>";
+    const NET: &str =
+        "<network><name>lab</name><forward mode='bridge'/><bridge name='br0'/></network>";
+    const POOL: &str =
+        "<pool type='dir'><name>vmpool</name><target><path>/srv/images/pool</path></target></pool>";
+    const MANIFEST: &str = r#"version = 1
+[[network]]
+name = "lab"
+xml = "lab.xml"
+autostart = true
+[[pool]]
+name = "vmpool"
+xml = "pool.xml"
+[[vm]]
+name = "a"
+xml = "a.xml"
+  [[vm.disk]]
+  pool = "vmpool"
+  volume = "a.qcow2"
+  size = "1G"
+"#;
+
+    fn run(
+        manifest: &str,
+        files: &[(&str, &str)],
+    ) -> Result<crate::desired::validate::Desired, Vec<Problem>> {
+        let mut map: BTreeMap<String, String> = files
+            .iter()
+            .map(|(p, x)| (p.to_string(), x.to_string()))
+            .collect();
+        map.insert(MANIFEST_FILE.into(), manifest.into());
+        let policy = Policy {
+            host: Some("hv1".into()),
+            disk_roots: vec!["/srv/images".into()],
+            ..Default::default()
+        };
+        crate::desired::validate::validate(&Files(map), &policy, &Schema)
+    }
+
+    const GOOD: &[(&str, &str)] = &[("a.xml", VM), ("lab.xml", NET), ("pool.xml", POOL)];
+
+    #[test]
+    fn a_valid_commit_gives_networks_pools_volumes_and_what_the_host_must_have() {
+        let d = run(MANIFEST, GOOD).unwrap();
+        let r = &d.resources;
+        assert_eq!(r.networks[0].name, "lab");
+        assert!(r.networks[0].autostart);
+        assert_eq!(
+            r.pools[0].summary.target_path.as_deref(),
+            Some("/srv/images/pool")
+        );
+        assert_eq!(r.volumes[0].spec.name, "a.qcow2");
+        let external: Vec<String> = r.external.iter().map(|e| e.target.to_string()).collect();
+        assert_eq!(
+            external,
+            ["network 'default'", "volume 'x.img' of pool 'hostpool'"],
+            "lab, vmpool and a.qcow2 are in the commit"
+        );
+    }
+
+    fn problems(manifest: &str, files: &[(&str, &str)]) -> Vec<String> {
+        run(manifest, files)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn each_mistake_is_named() {
+        let mtu = NET.replace("</network>", "<mtu size='9000'/></network>");
+        let p = problems(
+            MANIFEST,
+            &[("a.xml", VM), ("lab.xml", &mtu), ("pool.xml", POOL)],
+        );
+        assert!(
+            p[0].contains("field 'network.mtu'") && p[0].contains("refuses <mtu>"),
+            "{p:?}"
+        );
+
+        let p = problems(
+            MANIFEST,
+            &[
+                ("a.xml", VM),
+                ("lab.xml", &NET.replace("lab", "lan")),
+                ("pool.xml", POOL),
+            ],
+        );
+        assert!(p[0].contains("the xml's <name> is 'lan'"), "{p:?}");
+
+        let bogus = NET.replace("</network>", "<bogus/></network>");
+        let p = problems(
+            MANIFEST,
+            &[("a.xml", VM), ("lab.xml", &bogus), ("pool.xml", POOL)],
+        );
+        assert!(
+            p[0].contains("rejected by libvirt") && p[0].contains("lab.xml"),
+            "{p:?}"
+        );
+
+        let p = problems(
+            MANIFEST,
+            &[
+                ("a.xml", VM),
+                ("lab.xml", NET),
+                ("pool.xml", &POOL.replace("/srv/images/pool", "/srv/images")),
+            ],
+        );
+        assert!(p[0].contains("not below a disk root"), "{p:?}");
+
+        let twice = format!(
+            "{MANIFEST}  [[vm.disk]]\n  pool = \"vmpool\"\n  volume = \"a.qcow2\"\n  size = \"1G\"\n"
+        );
+        let p = problems(&twice, GOOD);
+        assert!(p[0].contains("also a disk of vm 'a'"), "{p:?}");
+
+        let p = problems(&MANIFEST.replace("volume = \"a.qcow2\"\n", ""), GOOD);
+        assert!(p[0].contains("needs both 'pool' and 'volume'"), "{p:?}");
+
+        let p = problems(
+            &MANIFEST.replace("autostart = true", "autostrat = true"),
+            GOOD,
+        );
+        assert!(p[0].contains("unknown field `autostrat`"), "{p:?}");
+
+        // Another host's network is not read at all.
+        let elsewhere = MANIFEST.replace("autostart = true", "hosts = [\"hv2\"]");
+        let d = run(&elsewhere, &[("a.xml", VM), ("pool.xml", POOL)]).unwrap();
+        assert!(d.resources.networks.is_empty());
+        assert!(
+            d.resources
+                .external
+                .iter()
+                .any(|e| e.target == Target::Network("lab".into()))
+        );
+    }
+}

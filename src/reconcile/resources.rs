@@ -1162,3 +1162,612 @@ pub fn status_text(networks: &[ResourceStatus], pools: &[ResourceStatus]) -> Str
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ChangePolicy;
+    use crate::desired::domain_xml::fingerprint;
+    use crate::desired::manifest::VolumeSpec;
+    use crate::desired::resources::DesiredResources;
+    use crate::host::disk::DiskFormat;
+    use crate::host::hypervisor::Listing;
+    use crate::host::resources::SeenResource;
+
+    const UUID: &str = "6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b";
+
+    fn net_xml(name: &str, extra: &str) -> String {
+        format!("<network><name>{name}</name><bridge name='br0'/>{extra}</network>")
+    }
+
+    fn pool_xml(name: &str) -> String {
+        format!(
+            "<pool type='dir'><name>{name}</name><target><path>/srv/images/{name}</path></target></pool>"
+        )
+    }
+
+    fn want(kind: ResourceKind, xml: &str, autostart: bool) -> DesiredResource {
+        let summary = resource_xml::summarize(kind, xml).unwrap();
+        DesiredResource {
+            kind,
+            name: summary.name.clone(),
+            xml_file: "x.xml".into(),
+            xml: xml.into(),
+            summary,
+            fingerprint: fingerprint(xml),
+            autostart,
+            adopt: false,
+            on_change: OnChange::Defer,
+        }
+    }
+
+    /// What the host has: `source` as vmsync (tagged, for a network) or a person
+    /// (untagged) defined it.
+    fn seen(
+        kind: ResourceKind,
+        source: &str,
+        tagged: bool,
+        active: bool,
+        autostart: bool,
+    ) -> SeenResource {
+        let tag = Tag {
+            commit: "old".into(),
+            fingerprint: fingerprint(source),
+        };
+        let xml = if tagged {
+            resource_xml::render(kind, source, Some(UUID), &tag).unwrap()
+        } else {
+            source.replace("</name>", &format!("</name><uuid>{UUID}</uuid>"))
+        };
+        let inactive = resource_xml::summarize(kind, &xml).ok();
+        SeenResource {
+            listing: Listing {
+                name: inactive.as_ref().unwrap().name.clone(),
+                uuid: UUID.into(),
+                active,
+                autostart,
+                persistent: true,
+            },
+            live_fingerprint: (active && tagged && kind == ResourceKind::Network)
+                .then(|| fingerprint(source)),
+            inactive,
+            definition_hash: Some("baseline".into()),
+            inactive_xml: Some(xml),
+        }
+    }
+
+    fn rec(source: &str, autostart: bool) -> ResourceRecord {
+        ResourceRecord {
+            uuid: Some(UUID.into()),
+            applied_commit: Some("old".into()),
+            fingerprint: Some(fingerprint(source)),
+            autostart,
+            ok: true,
+            definition_hash: Some("baseline".into()),
+            ..Default::default()
+        }
+    }
+
+    struct Case {
+        what: &'static str,
+        want: DesiredResource,
+        seen: Option<SeenResource>,
+        record: Option<ResourceRecord>,
+        self_heal: bool,
+        actions: &'static [&'static str],
+        error: Option<&'static str>,
+        pending: bool,
+        drift: usize,
+    }
+
+    fn run(case: &Case) -> ResPlan {
+        let kind = case.want.kind;
+        let mut desired = Desired::default();
+        let mut record = Record::default();
+        match kind {
+            ResourceKind::Network => desired.resources.networks.push(case.want.clone()),
+            ResourceKind::Pool => desired.resources.pools.push(case.want.clone()),
+        }
+        if let Some(r) = &case.record {
+            match kind {
+                ResourceKind::Network => record.networks.insert(case.want.name.clone(), r.clone()),
+                ResourceKind::Pool => record.pools.insert(case.want.name.clone(), r.clone()),
+            };
+        }
+        let mut observed = Observed::default();
+        if let Some(s) = &case.seen {
+            observed
+                .resources
+                .seen
+                .insert((kind, case.want.name.clone()), s.clone());
+        }
+        let policy = ChangePolicy {
+            self_heal: case.self_heal,
+            ..Default::default()
+        };
+        let p = plan(&desired, &observed, "new", &record, &policy);
+        match kind {
+            ResourceKind::Network => p.networks[0].clone(),
+            ResourceKind::Pool => p.pools[0].clone(),
+        }
+    }
+
+    fn names(p: &ResPlan) -> Vec<&'static str> {
+        p.actions
+            .iter()
+            .map(|a| a.kind(p.kind()).as_str())
+            .collect()
+    }
+
+    #[test]
+    fn planner_table() {
+        use ResourceKind::{Network as N, Pool as P};
+        let net = net_xml("lab", "");
+        let net2 = net_xml("lab", "<mac address='52:54:00:00:00:01'/>");
+        let pool = pool_xml("vmpool");
+        let mut adopt = want(N, &net, true);
+        adopt.adopt = true;
+        let mut restart = want(N, &net2, true);
+        restart.on_change = OnChange::Restart;
+        let cases = [
+            Case {
+                what: "missing network, autostart",
+                want: want(N, &net, true),
+                seen: None,
+                record: None,
+                self_heal: true,
+                actions: &["define_network", "set_network_autostart", "start_network"],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "missing pool, autostart: built before start",
+                want: want(P, &pool, true),
+                seen: None,
+                record: None,
+                self_heal: true,
+                actions: &[
+                    "define_pool",
+                    "build_pool",
+                    "set_pool_autostart",
+                    "start_pool",
+                ],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "missing network, no autostart: defined only",
+                want: want(N, &net, false),
+                seen: None,
+                record: None,
+                self_heal: true,
+                actions: &["define_network"],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "converged network",
+                want: want(N, &net, true),
+                seen: Some(seen(N, &net, true, true, true)),
+                record: Some(rec(&net, true)),
+                self_heal: true,
+                actions: &[],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "converged pool (owned through the record's uuid)",
+                want: want(P, &pool, true),
+                seen: Some(seen(P, &pool, false, true, true)),
+                record: Some(rec(&pool, true)),
+                self_heal: true,
+                actions: &[],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "hand-made network (default included): refused",
+                want: want(N, &net, true),
+                seen: Some(seen(N, &net, false, true, true)),
+                record: None,
+                self_heal: true,
+                actions: &[],
+                error: Some("exists but was not defined by vmsync (no vmsync metadata)"),
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "hand-made pool (no record): refused",
+                want: want(P, &pool, true),
+                seen: Some(seen(P, &pool, false, true, true)),
+                record: None,
+                self_heal: true,
+                actions: &[],
+                error: Some("its uuid is not the one vmsync recorded"),
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "pool whose uuid differs from the record's: refused",
+                want: want(P, &pool, true),
+                seen: Some(seen(P, &pool, false, true, true)),
+                record: Some(ResourceRecord {
+                    uuid: Some("00000000-0000-0000-0000-000000000000".into()),
+                    ..rec(&pool, true)
+                }),
+                self_heal: true,
+                actions: &[],
+                error: Some("not defined by vmsync"),
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "hand-made network with adopt: redefined in place",
+                want: adopt,
+                seen: Some(seen(N, &net, false, true, true)),
+                record: None,
+                self_heal: true,
+                actions: &["redefine_network"],
+                error: None,
+                pending: true,
+                drift: 0,
+            },
+            Case {
+                what: "changed active network: pending restart",
+                want: want(N, &net2, true),
+                seen: Some(seen(N, &net, true, true, true)),
+                record: Some(rec(&net, true)),
+                self_heal: true,
+                actions: &["redefine_network"],
+                error: None,
+                pending: true,
+                drift: 0,
+            },
+            Case {
+                what: "changed active network, on_change = restart",
+                want: restart,
+                seen: Some(seen(N, &net, true, true, true)),
+                record: Some(rec(&net, true)),
+                self_heal: true,
+                actions: &["redefine_network", "restart_network"],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "changed inactive network: no pending restart",
+                want: want(N, &net2, false),
+                seen: Some(seen(N, &net, true, false, false)),
+                record: Some(rec(&net, false)),
+                self_heal: true,
+                actions: &["redefine_network"],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "stopped outside vmsync: started (self-heal)",
+                want: want(N, &net, true),
+                seen: Some(seen(N, &net, true, false, true)),
+                record: Some(rec(&net, true)),
+                self_heal: true,
+                actions: &["start_network"],
+                error: None,
+                pending: false,
+                drift: 1,
+            },
+            Case {
+                what: "stopped outside vmsync, self-heal off: reported",
+                want: want(N, &net, true),
+                seen: Some(seen(N, &net, true, false, true)),
+                record: Some(rec(&net, true)),
+                self_heal: false,
+                actions: &[],
+                error: None,
+                pending: false,
+                drift: 1,
+            },
+            Case {
+                what: "autostart cleared outside vmsync: set again",
+                want: want(P, &pool, true),
+                seen: Some(seen(P, &pool, false, true, false)),
+                record: Some(rec(&pool, true)),
+                self_heal: true,
+                actions: &["set_pool_autostart"],
+                error: None,
+                pending: false,
+                drift: 1,
+            },
+            Case {
+                what: "definition edited outside vmsync: redefined",
+                want: want(N, &net, true),
+                seen: Some(SeenResource {
+                    definition_hash: Some("edited".into()),
+                    ..seen(N, &net, true, true, true)
+                }),
+                record: Some(rec(&net, true)),
+                self_heal: true,
+                actions: &["redefine_network"],
+                error: None,
+                pending: false,
+                drift: 1,
+            },
+            Case {
+                what: "definition edited, self-heal off: reported",
+                want: want(N, &net, true),
+                seen: Some(SeenResource {
+                    definition_hash: Some("edited".into()),
+                    ..seen(N, &net, true, true, true)
+                }),
+                record: Some(rec(&net, true)),
+                self_heal: false,
+                actions: &[],
+                error: None,
+                pending: false,
+                drift: 1,
+            },
+        ];
+        for case in &cases {
+            let p = run(case);
+            assert_eq!(names(&p), case.actions, "{}", case.what);
+            match case.error {
+                None => assert_eq!(p.error, None, "{}", case.what),
+                Some(e) => assert!(
+                    p.error.as_deref().unwrap_or("").contains(e),
+                    "{}: {:?}",
+                    case.what,
+                    p.error
+                ),
+            }
+            assert_eq!(p.pending_restart, case.pending, "{}", case.what);
+            assert_eq!(p.drift.len(), case.drift, "{}: {:?}", case.what, p.drift);
+        }
+    }
+
+    #[test]
+    fn a_redefine_keeps_the_existing_uuid_and_tags_networks() {
+        let net2 = net_xml("lab", "<mac address='52:54:00:00:00:01'/>");
+        let net = net_xml("lab", "");
+        let case = Case {
+            what: "",
+            want: want(ResourceKind::Network, &net2, true),
+            seen: Some(seen(ResourceKind::Network, &net, true, true, true)),
+            record: Some(rec(&net, true)),
+            self_heal: true,
+            actions: &[],
+            error: None,
+            pending: false,
+            drift: 0,
+        };
+        let p = run(&case);
+        let ResAction::Define {
+            xml,
+            redefine: true,
+        } = &p.actions[0]
+        else {
+            panic!("{:?}", p.actions)
+        };
+        let s = resource_xml::summarize(ResourceKind::Network, xml).unwrap();
+        assert_eq!(s.uuid.as_deref(), Some(UUID));
+        assert_eq!(s.tag.unwrap().fingerprint, fingerprint(&net2));
+    }
+
+    fn volume(pool: &str, name: &str) -> DesiredVolume {
+        DesiredVolume {
+            vm: "web".into(),
+            spec: VolumeSpec {
+                pool: pool.into(),
+                name: name.into(),
+                size_bytes: 1 << 30,
+                format: DiskFormat::Qcow2,
+                backing: None,
+                backing_format: None,
+            },
+        }
+    }
+
+    #[test]
+    fn volumes_are_made_when_missing_only() {
+        let pool = pool_xml("vmpool");
+        let mut desired = Desired::default();
+        desired.resources = DesiredResources {
+            pools: vec![want(ResourceKind::Pool, &pool, true)],
+            volumes: vec![volume("vmpool", "a.qcow2"), volume("vmpool", "b.qcow2")],
+            ..Default::default()
+        };
+        let mut record = Record::default();
+        record.pools.insert("vmpool".into(), rec(&pool, true));
+        let mut observed = Observed::default();
+        observed.resources.seen.insert(
+            (ResourceKind::Pool, "vmpool".into()),
+            seen(ResourceKind::Pool, &pool, false, true, true),
+        );
+        observed
+            .resources
+            .volumes
+            .insert("vmpool".into(), Ok(["a.qcow2".to_string()].into()));
+        let p = plan(&desired, &observed, "c", &record, &ChangePolicy::default());
+        assert_eq!(p.volumes[0].create, None, "a exists: never touched");
+        let xml = p.volumes[1].create.as_deref().unwrap();
+        assert!(
+            xml.contains("<name>b.qcow2</name>") && xml.contains("qcow2"),
+            "{xml}"
+        );
+        assert!(!p.is_noop());
+
+        // A missing pool that will be started: its volumes are made after it.
+        let fresh = plan(
+            &desired,
+            &Observed::default(),
+            "c",
+            &Record::default(),
+            &ChangePolicy::default(),
+        );
+        assert!(fresh.volumes.iter().all(|v| v.create.is_some()));
+        // A pool that is not started: the volume fails, named.
+        desired.resources.pools[0].autostart = false;
+        let idle = plan(
+            &desired,
+            &Observed::default(),
+            "c",
+            &Record::default(),
+            &ChangePolicy::default(),
+        );
+        assert!(
+            idle.volumes[0]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("is not active")
+        );
+        // A refused pool: its volumes are not made either.
+        let mut hand = Observed::default();
+        hand.resources.seen.insert(
+            (ResourceKind::Pool, "vmpool".into()),
+            seen(ResourceKind::Pool, &pool, false, true, true),
+        );
+        let refused = plan(
+            &desired,
+            &hand,
+            "c",
+            &Record::default(),
+            &ChangePolicy::default(),
+        );
+        assert!(
+            refused.volumes[0]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("not converged")
+        );
+    }
+
+    #[test]
+    fn pruning_only_owned_ones_and_never_storage() {
+        let net = net_xml("old", "");
+        let pool = pool_xml("oldpool");
+        let mut record = Record::default();
+        record.networks.insert("old".into(), rec(&net, true));
+        record.pools.insert("oldpool".into(), rec(&pool, true));
+        record.networks.insert("gone".into(), rec(&net, true));
+        let mut observed = Observed::default();
+        observed.resources.seen.insert(
+            (ResourceKind::Network, "old".into()),
+            seen(ResourceKind::Network, &net, true, true, true),
+        );
+        observed.resources.seen.insert(
+            (ResourceKind::Pool, "oldpool".into()),
+            seen(ResourceKind::Pool, &pool, false, false, true),
+        );
+        let off = plan(
+            &Desired::default(),
+            &observed,
+            "c",
+            &record,
+            &ChangePolicy::default(),
+        );
+        assert_eq!(off.prune.len(), 2);
+        assert!(
+            off.prune
+                .iter()
+                .all(|p| p.skipped.is_some() && p.actions.is_empty())
+        );
+        assert_eq!(off.pruning(), 0);
+        let on = ChangePolicy {
+            prune: true,
+            ..Default::default()
+        };
+        let p = plan(&Desired::default(), &observed, "c", &record, &on);
+        let net_plan = p.prune.iter().find(|p| p.name == "old").unwrap();
+        assert_eq!(names(net_plan), ["stop_network", "undefine_network"]);
+        let pool_plan = p.prune.iter().find(|p| p.name == "oldpool").unwrap();
+        assert_eq!(names(pool_plan), ["undefine_pool"]);
+        assert_eq!(
+            pool_plan.actions[0].describe(ResourceKind::Pool),
+            "undefine (keeping its storage and volumes)"
+        );
+        assert_eq!(p.pruning(), 2);
+        // A hand-made network of a recorded name (the record is stale) is never pruned.
+        let mut other = observed.clone();
+        other.resources.seen.insert(
+            (ResourceKind::Network, "old".into()),
+            seen(ResourceKind::Network, &net, false, true, true),
+        );
+        let p = plan(&Desired::default(), &other, "c", &record, &on);
+        assert!(p.prune.iter().all(|p| p.name != "old"));
+    }
+
+    #[test]
+    fn resource_prunes_count_towards_the_mass_prune_guard() {
+        let net = net_xml("old", "");
+        let mut record = Record::default();
+        record.networks.insert("old".into(), rec(&net, true));
+        let mut observed = Observed::default();
+        observed.resources.seen.insert(
+            (ResourceKind::Network, "old".into()),
+            seen(ResourceKind::Network, &net, true, true, true),
+        );
+        let policy = ChangePolicy {
+            prune: true,
+            ..Default::default()
+        };
+        let ctx = crate::reconcile::plan::Context {
+            policy: &policy,
+            record: &record,
+        };
+        let p = crate::reconcile::plan::plan(&Desired::default(), &observed, "c", &ctx);
+        assert!(
+            p.refused.is_some(),
+            "pruning every managed resource is refused"
+        );
+    }
+
+    #[test]
+    fn the_record_keeps_owned_ones_and_a_pools_uuid() {
+        let pool = pool_xml("p");
+        let plan = ResourcePlan::default();
+        let outcome = ResourceOutcome {
+            pools: vec![ResOutcome {
+                kind: Some(ResourceKind::Pool),
+                name: "p".into(),
+                fingerprint: "fp".into(),
+                autostart: true,
+                defined: true,
+                uuid: Some(UUID.into()),
+                definition_hash: Some("h".into()),
+                error: Some("start failed".into()),
+                ..Default::default()
+            }],
+            networks: vec![ResOutcome {
+                kind: Some(ResourceKind::Network),
+                name: "hand".into(),
+                error: Some("exists but was not defined by vmsync".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut record = Record::default();
+        record_one(&mut record, &plan, &outcome);
+        let p = &record.pools["p"];
+        assert_eq!(
+            p.uuid.as_deref(),
+            Some(UUID),
+            "defined, so owned even though a step failed"
+        );
+        assert!(!p.ok && p.last_error.is_some());
+        assert!(
+            !record.networks.contains_key("hand"),
+            "never vmsync's: not recorded"
+        );
+        let _ = pool;
+    }
+
+    fn record_one(record: &mut Record, plan: &ResourcePlan, outcome: &ResourceOutcome) {
+        super::record(record, "c", plan, outcome);
+    }
+}
