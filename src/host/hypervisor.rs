@@ -141,6 +141,8 @@ pub struct Libvirt {
     handles: Mutex<HashMap<String, Domain>>,
     /// libvirt API calls that go to the daemon (RPCs), for the benchmark and logs.
     calls: AtomicU64,
+    /// Network and pool handles from the last listing (see `host::resources`).
+    pub(crate) resource_handles: crate::host::resources::Handles,
 }
 
 impl Libvirt {
@@ -156,6 +158,7 @@ impl Libvirt {
             uri: uri.to_string(),
             handles: Mutex::new(HashMap::new()),
             calls: AtomicU64::new(0),
+            resource_handles: Default::default(),
         })
     }
 

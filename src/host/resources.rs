@@ -104,6 +104,14 @@ pub fn check_xml(kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
     })
 }
 
+/// Network and pool handles by name from the last listing, so that reading a listed
+/// one's XML costs one call, not a lookup and a read.
+#[derive(Default)]
+pub struct Handles {
+    networks: std::sync::Mutex<std::collections::HashMap<String, Network>>,
+    pools: std::sync::Mutex<std::collections::HashMap<String, StoragePool>>,
+}
+
 impl Libvirt {
     fn names_of(&self, kind: ResourceKind, flags: u32) -> Result<HashSet<String>, HvError> {
         let conn = self.connection();
@@ -124,42 +132,60 @@ impl Libvirt {
         names.map_err(|e| HvError::new("list", None, self.uri(), e.message()))
     }
 
-    /// Three calls: all of `kind`, then the active and the autostart ones by filter.
+    /// Four calls whatever the number, as for domains: all of `kind`, then the active,
+    /// autostart and persistent ones by filter (names and UUIDs are known locally).
     pub(crate) fn res_list(&self, kind: ResourceKind) -> Result<Vec<Listing>, HvError> {
         let conn = self.connection();
-        let all: Vec<(String, String, bool)> = match kind {
-            ResourceKind::Network => self
-                .counted("list networks", None, || conn.list_all_networks(0))?
-                .iter()
-                .map(|n| Ok((n.name()?, n.uuid_string()?, n.is_persistent()?)))
-                .collect::<Result<_, virt::error::Error>>(),
-            ResourceKind::Pool => self
-                .counted("list storage pools", None, || {
+        let listed = |e: virt::error::Error| HvError::new("list", None, self.uri(), e.message());
+        let all: Vec<(String, String)> = match kind {
+            ResourceKind::Network => {
+                let all = self.counted("list networks", None, || conn.list_all_networks(0))?;
+                let mut handles = self.resource_handles.networks.lock().expect("handles lock");
+                handles.clear();
+                let mut out = Vec::with_capacity(all.len());
+                for n in all {
+                    let name = n.name().map_err(listed)?;
+                    out.push((name.clone(), n.uuid_string().map_err(listed)?));
+                    handles.insert(name, n);
+                }
+                out
+            }
+            ResourceKind::Pool => {
+                let all = self.counted("list storage pools", None, || {
                     conn.list_all_storage_pools(0)
-                })?
-                .iter()
-                .map(|p| Ok((p.name()?, p.uuid_string()?, p.is_persistent()?)))
-                .collect::<Result<_, virt::error::Error>>(),
-        }
-        .map_err(|e| HvError::new("list", None, self.uri(), e.message()))?;
-        let (active, autostart) = match kind {
+                })?;
+                let mut handles = self.resource_handles.pools.lock().expect("handles lock");
+                handles.clear();
+                let mut out = Vec::with_capacity(all.len());
+                for p in all {
+                    let name = p.name().map_err(listed)?;
+                    out.push((name.clone(), p.uuid_string().map_err(listed)?));
+                    handles.insert(name, p);
+                }
+                out
+            }
+        };
+        let (active, autostart, persistent) = match kind {
             ResourceKind::Network => (
                 sys::VIR_CONNECT_LIST_NETWORKS_ACTIVE,
                 sys::VIR_CONNECT_LIST_NETWORKS_AUTOSTART,
+                sys::VIR_CONNECT_LIST_NETWORKS_PERSISTENT,
             ),
             ResourceKind::Pool => (
                 sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE,
                 sys::VIR_CONNECT_LIST_STORAGE_POOLS_AUTOSTART,
+                sys::VIR_CONNECT_LIST_STORAGE_POOLS_PERSISTENT,
             ),
         };
         let active = self.names_of(kind, active)?;
         let autostart = self.names_of(kind, autostart)?;
+        let persistent = self.names_of(kind, persistent)?;
         Ok(all
             .into_iter()
-            .map(|(name, uuid, persistent)| Listing {
+            .map(|(name, uuid)| Listing {
                 active: active.contains(&name),
                 autostart: autostart.contains(&name),
-                persistent,
+                persistent: persistent.contains(&name),
                 uuid,
                 name,
             })
@@ -167,12 +193,22 @@ impl Libvirt {
     }
 
     fn network(&self, name: &str) -> Result<Network, HvError> {
+        let known = self.resource_handles.networks.lock().expect("handles lock");
+        if let Some(n) = known.get(name) {
+            return Ok(n.clone());
+        }
+        drop(known);
         self.counted("look up network", None, || {
             self.connection().lookup_network_by_name(name)
         })
     }
 
     fn pool(&self, name: &str) -> Result<StoragePool, HvError> {
+        let known = self.resource_handles.pools.lock().expect("handles lock");
+        if let Some(p) = known.get(name) {
+            return Ok(p.clone());
+        }
+        drop(known);
         self.counted("look up storage pool", None, || {
             self.connection().lookup_storage_pool_by_name(name)
         })
