@@ -273,12 +273,10 @@ autostart = true
     let br_uuid = virsh_system_ok(&["net-uuid", &br]);
     repo.write(
         "networks/iso.xml",
-        &isolated_network(&iso, &iso_bridge, net)
-            .replace("10</", "10</")
-            .replace(
-                &format!("end='10.{net}.77.20'"),
-                &format!("end='10.{net}.77.30'"),
-            ),
+        &isolated_network(&iso, &iso_bridge, net).replace(
+            &format!("end='10.{net}.77.20'"),
+            &format!("end='10.{net}.77.30'"),
+        ),
     );
     repo.commit("wider dhcp range");
     let run = env.run(&["--once"]).expect(0);

@@ -173,16 +173,16 @@ fn volume_disk(
     vm: Option<&str>,
     problem: &ProblemAt,
     problems: &mut Vec<Problem>,
-) -> Result<Option<VolumeSpec>, FileDisk> {
+) -> Result<Option<VolumeSpec>, Box<FileDisk>> {
     let (pool, volume) = match (disk.path, disk.pool, disk.volume) {
         (Some(path), None, None) => {
-            return Err(FileDisk {
+            return Err(Box::new(FileDisk {
                 path,
                 size: disk.size,
                 format: disk.format,
                 backing: disk.backing,
                 backing_format: disk.backing_format,
-            });
+            }));
         }
         (None, Some(pool), Some(volume)) => (pool, volume),
         (Some(path), _, _) => {

@@ -379,10 +379,12 @@ pub fn observe(
     }
     let needs = |kind: ResourceKind| {
         wanted.iter().any(|(k, _)| *k == kind)
-            || desired.external.iter().any(|e| match (&e.target, kind) {
-                (Target::Network(_), ResourceKind::Network) => true,
-                (Target::Pool(_) | Target::Volume { .. }, ResourceKind::Pool) => true,
-                _ => false,
+            || desired.external.iter().any(|e| {
+                matches!(
+                    (&e.target, kind),
+                    (Target::Network(_), ResourceKind::Network)
+                        | (Target::Pool(_) | Target::Volume { .. }, ResourceKind::Pool)
+                )
             })
             || (kind == ResourceKind::Pool && !desired.volumes.is_empty())
     };

@@ -1574,10 +1574,12 @@ mod tests {
     #[test]
     fn volumes_are_made_when_missing_only() {
         let pool = pool_xml("vmpool");
-        let mut desired = Desired::default();
-        desired.resources = DesiredResources {
-            pools: vec![want(ResourceKind::Pool, &pool, true)],
-            volumes: vec![volume("vmpool", "a.qcow2"), volume("vmpool", "b.qcow2")],
+        let mut desired = Desired {
+            resources: DesiredResources {
+                pools: vec![want(ResourceKind::Pool, &pool, true)],
+                volumes: vec![volume("vmpool", "a.qcow2"), volume("vmpool", "b.qcow2")],
+                ..Default::default()
+            },
             ..Default::default()
         };
         let mut record = Record::default();
