@@ -415,7 +415,11 @@ fn apply_observed(
             message: message.clone(),
         });
     }
-    if plan.is_noop() && plan.vms.iter().all(|vm| vm.error.is_none()) {
+    if plan.is_noop()
+        && plan.vms.iter().all(|vm| vm.error.is_none())
+        && plan.resources.pools.iter().all(|p| p.error.is_none())
+        && plan.resources.networks.iter().all(|p| p.error.is_none())
+    {
         info!(commit = %short, vms = plan.vms.len(), "nothing to do: every vm is converged");
     }
     stages.push(("plan", started.elapsed()));
