@@ -545,6 +545,17 @@ xml = "a.xml"
         );
         assert!(p[0].contains("not below a disk root"), "{p:?}");
 
+        // libvirt's storage-pool schema and parser.
+        let bad_pool = POOL.replace("type='dir'", "type='nosuchtype'");
+        let p = problems(
+            MANIFEST,
+            &[("a.xml", VM), ("lab.xml", NET), ("pool.xml", &bad_pool)],
+        );
+        assert!(
+            p[0].contains("pool.xml") && p[0].contains("rejected by libvirt"),
+            "{p:?}"
+        );
+
         let twice = format!(
             "{MANIFEST}  [[vm.disk]]\n  pool = \"vmpool\"\n  volume = \"a.qcow2\"\n  size = \"1G\"\n"
         );

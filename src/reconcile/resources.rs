@@ -1557,6 +1557,39 @@ mod tests {
         assert_eq!(s.tag.unwrap().fingerprint, fingerprint(&net2));
     }
 
+    #[test]
+    fn plan_shows_a_diff_of_a_changed_definition() {
+        let net = net_xml("lab", "");
+        let net2 = net_xml("lab", "<domain name='lab.example'/>");
+        let mut p = run(&Case {
+            what: "",
+            want: want(ResourceKind::Network, &net2, true),
+            seen: Some(seen(ResourceKind::Network, &net, true, true, true)),
+            record: Some(rec(&net, true)),
+            self_heal: true,
+            actions: &[],
+            error: None,
+            pending: false,
+            drift: 0,
+        });
+        let mut plan = ResourcePlan {
+            networks: vec![p.clone()],
+            ..Default::default()
+        };
+        annotate(&mut plan);
+        let diff = plan.networks[0].diff.as_deref().unwrap();
+        assert!(diff.contains("lab.example"), "{diff}");
+        assert!(render_text(&plan).contains("network lab: redefine in place"));
+        assert!(render_text(&plan).contains("pending restart"));
+        p.source_xml.clear();
+        let mut unchanged = ResourcePlan {
+            networks: vec![p],
+            ..Default::default()
+        };
+        annotate(&mut unchanged);
+        assert_eq!(unchanged.networks[0].diff, None);
+    }
+
     fn volume(pool: &str, name: &str) -> DesiredVolume {
         DesiredVolume {
             vm: "web".into(),
