@@ -344,6 +344,37 @@ fn validate_entry(
             "libvirt refuses <mtu> on a network with <forward mode='bridge'/> (set the mtu on the host bridge)".into(),
         ));
     }
+    // What a domain's interface may not do without the host policy, a network may not
+    // do for it either: host NICs passed through, or macvtap on them.
+    let hp = &policy.host_policy;
+    let refused = match summary.forward_mode.as_deref() {
+        Some("hostdev") if !hp.allow_hostdev => Some((
+            "host network devices passed through (<forward mode='hostdev'>)",
+            "allow_hostdev",
+        )),
+        Some(m @ ("passthrough" | "private" | "vepa")) if !hp.allow_direct_interfaces => Some((
+            match m {
+                "passthrough" => "macvtap on a host NIC (<forward mode='passthrough'>)",
+                "private" => "macvtap on a host NIC (<forward mode='private'>)",
+                _ => "macvtap on a host NIC (<forward mode='vepa'>)",
+            },
+            "allow_direct_interfaces",
+        )),
+        _ => None,
+    };
+    if kind == ResourceKind::Network
+        && let Some((what, flag)) = refused
+    {
+        problems.push(entry_problem(
+            e,
+            &xml_file,
+            None,
+            "forward",
+            format!(
+                "{what} is refused by this host's policy (set [policy] {flag} = true to allow it)"
+            ),
+        ));
+    }
     if kind == ResourceKind::Pool
         && let Some(target) = &summary.target_path
     {
@@ -544,6 +575,19 @@ xml = "a.xml"
             ],
         );
         assert!(p[0].contains("not below a disk root"), "{p:?}");
+
+        // The host policy holds for networks too.
+        let direct = NET
+            .replace("mode='bridge'", "mode='passthrough'")
+            .replace("<bridge name='br0'/>", "<interface dev='eth0'/>");
+        let p = problems(
+            MANIFEST,
+            &[("a.xml", VM), ("lab.xml", &direct), ("pool.xml", POOL)],
+        );
+        assert!(
+            p[0].contains("field 'network.forward'") && p[0].contains("allow_direct_interfaces"),
+            "{p:?}"
+        );
 
         // libvirt's storage-pool schema and parser.
         let bad_pool = POOL.replace("type='dir'", "type='nosuchtype'");
