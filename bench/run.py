@@ -376,6 +376,9 @@ def resources_bench(nets, pools, n):
     finally:
         remove_domains(prefix)
         remove_resources(res)
+        # The pools' directories, made when vmsync built them (empty: no volumes).
+        for d in Path("/var/lib/libvirt/images").glob(f"{res}pool-*"):
+            shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
 
 
