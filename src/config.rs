@@ -40,6 +40,15 @@ struct RawConfig {
     policy: RawPolicy,
     #[serde(default)]
     trust: RawTrust,
+    #[serde(default)]
+    webhook: RawWebhook,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    listen: Option<String>,
+    secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -184,6 +193,9 @@ pub struct Settings {
     /// SSH signature by a key in this file (git's `gpg.ssh.allowedSignersFile` format) are
     /// applied; default none (signatures are not checked).
     pub allowed_signers: Option<PathBuf>,
+    /// `[webhook] listen` and `secret_file`: the daemon's push webhook (with `/healthz` and
+    /// `/metrics`); default none (no listener).
+    pub webhook: Option<crate::agent::webhook::WebhookSettings>,
 }
 
 impl Settings {
@@ -300,6 +312,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         shutdown_timeout,
         allow_mass_prune: flags.allow_mass_prune,
     };
+    let webhook = webhook(raw.webhook)?;
     let url = flags.url.clone().or(raw.source.url);
     if url.as_deref() == Some("") {
         return Err(ConfigError("the source url is empty".into()));
@@ -336,7 +349,35 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         changes,
         host_policy,
         allowed_signers,
+        webhook,
     })
+}
+
+/// `[webhook]`: off without `listen`; with it, `secret_file` is required (the daemon
+/// reads it).
+fn webhook(raw: RawWebhook) -> Result<Option<crate::agent::webhook::WebhookSettings>, ConfigError> {
+    let Some(listen) = raw.listen else {
+        if raw.secret_file.is_some() {
+            return Err(ConfigError(
+                "[webhook] secret_file is set but listen is not: set listen (e.g. \"127.0.0.1:9870\") or remove the [webhook] table".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let listen = listen.parse().map_err(|e| {
+        ConfigError(format!(
+            "invalid [webhook] listen '{listen}': {e} (an address and port: \"127.0.0.1:9870\")"
+        ))
+    })?;
+    let secret_file = raw.secret_file.ok_or_else(|| {
+        ConfigError(
+            "[webhook] listen is set but secret_file is not: the webhook needs a secret".into(),
+        )
+    })?;
+    Ok(Some(crate::agent::webhook::WebhookSettings {
+        listen,
+        secret_file,
+    }))
 }
 
 #[cfg(test)]
