@@ -242,6 +242,11 @@ fn hand_made_networks_and_pools_are_never_touched_unless_adopted() {
     let err = sync_head(&settings, &mut record, &hv).unwrap_err();
     assert!(matches!(err, SyncError::ActionsFailed { .. }), "{err}");
     assert!(
+        err.to_string()
+            .starts_with("network 'default' failed at commit "),
+        "the summary names the network, not '0 of 0 vms': {err}"
+    );
+    assert!(
         record
             .last_error
             .as_deref()

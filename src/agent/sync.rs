@@ -452,10 +452,16 @@ fn apply_observed(
     if !outcome.all_ok() {
         let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count()
             + outcome.pruned.iter().filter(|p| p.error.is_some()).count();
+        let resources = outcome.resources.failed_names();
         return Err(SyncError::ActionsFailed {
             commit: commit.to_string(),
-            failed: failed.max(1),
+            failed: if resources.is_empty() {
+                failed.max(1)
+            } else {
+                failed
+            },
             total: outcome.vms.len(),
+            resources,
         });
     }
     info!(

@@ -594,6 +594,27 @@ pub struct ResourceOutcome {
 }
 
 impl ResourceOutcome {
+    /// What failed, named for the sync's summary line: `network 'lab'`,
+    /// `volume 'web.qcow2' of pool 'vmpool'`.
+    pub fn failed_names(&self) -> Vec<String> {
+        let kind = |o: &ResOutcome| o.kind.unwrap_or(ResourceKind::Network);
+        let mut out: Vec<String> = self
+            .pools
+            .iter()
+            .chain(&self.networks)
+            .chain(&self.pruned)
+            .filter(|o| o.error.is_some())
+            .map(|o| format!("{} '{}'", kind(o), o.name))
+            .collect();
+        out.extend(
+            self.volumes
+                .iter()
+                .filter(|(.., r)| r.is_err())
+                .map(|(_, pool, vol, _)| format!("volume '{vol}' of pool '{pool}'")),
+        );
+        out
+    }
+
     pub fn errors(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .pools
