@@ -386,7 +386,11 @@ pub fn run() -> u8 {
                     dir.display(),
                     d.vms.len(),
                     d.directories.len()
-                )
+                );
+                print!(
+                    "{}",
+                    crate::desired::resources::validate_summary(&d.resources)
+                );
             })
         }
         (Some(Command::Import { dir, names, force }), false) => {

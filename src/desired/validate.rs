@@ -52,6 +52,8 @@ pub struct DesiredVm {
 pub struct Desired {
     pub directories: Vec<PathBuf>,
     pub vms: Vec<DesiredVm>,
+    /// Networks, pools and pool volumes (see `resources`).
+    pub resources: crate::desired::resources::DesiredResources,
 }
 
 fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
@@ -266,12 +268,15 @@ pub fn validate(
         }
     }
 
+    let resources =
+        crate::desired::resources::validate(&manifest, files, policy, schema, &vms, &mut problems);
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok(Desired {
         directories: manifest.directories,
         vms,
+        resources,
     })
 }
 

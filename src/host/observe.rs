@@ -36,6 +36,8 @@ pub struct Observed {
     pub disks: BTreeMap<PathBuf, Result<Option<ImageInfo>, String>>,
     /// Per directory: whether it exists.
     pub directories: BTreeMap<PathBuf, bool>,
+    /// Networks, pools and volumes (filled in by `host::resources::observe`).
+    pub resources: crate::host::resources::ObservedResources,
 }
 
 /// Parallel libvirt calls while observing.
@@ -141,6 +143,7 @@ pub fn observe(
         others,
         disks,
         directories,
+        resources: Default::default(),
     })
 }
 
@@ -240,6 +243,7 @@ mod tests {
         let desired = Desired {
             directories: Vec::new(),
             vms: ["same", "changed", "drifted"].map(wanted).into(),
+            resources: Default::default(),
         };
         let disks = crate::host::disk::QemuImg::default();
 

@@ -124,6 +124,8 @@ pub struct Outcome {
     pub directory_errors: Vec<String>,
     pub vms: Vec<VmOutcome>,
     pub pruned: Vec<PruneOutcome>,
+    /// Networks, pools and volumes.
+    pub resources: crate::reconcile::resources::ResourceOutcome,
 }
 
 impl Outcome {
@@ -131,18 +133,20 @@ impl Outcome {
         self.directory_errors.is_empty()
             && self.vms.iter().all(|vm| vm.error.is_none())
             && self.pruned.iter().all(|p| p.error.is_none())
+            && self.resources.errors().is_empty()
     }
     /// Directories created plus actions done.
     pub fn changes(&self) -> usize {
         self.directories_created
             + self.vms.iter().map(|vm| vm.done.len()).sum::<usize>()
             + self.pruned.iter().map(|p| p.done.len()).sum::<usize>()
+            + self.resources.changes()
     }
 }
 
 /// Lines for `vmsync --once` about pruned domains, orphaned disks and reported drift.
 pub fn render_extra(outcome: &Outcome) -> String {
-    let mut out = String::new();
+    let mut out = crate::reconcile::resources::render_outcome(&outcome.resources);
     for vm in outcome.vms.iter().filter(|vm| vm.drift_reported_only) {
         out += &format!(
             "  {}: drift (self_heal is off, left as is): {}\n",
@@ -244,6 +248,9 @@ pub fn apply(
             }
         }
     }
+    // Pools (defined, built, started), then volumes, then networks, before the domains.
+    outcome.resources =
+        crate::reconcile::resources::apply_before_domains(&plan.resources, hv, short);
     // VMs are independent: their actions run on a few threads (libvirt serves
     // concurrent calls on one connection; disk creations are separate processes).
     // Within a VM, actions stay in order.
@@ -287,6 +294,15 @@ pub fn apply(
             result.orphaned_disks = p.disks.clone();
         }
         outcome.pruned.push(result);
+    }
+    // Networks and pools after the domains that used them.
+    if !cancel.load(Ordering::SeqCst) {
+        crate::reconcile::resources::apply_prune(
+            &plan.resources,
+            hv,
+            short,
+            &mut outcome.resources,
+        );
     }
     outcome
 }

@@ -92,6 +92,21 @@ pub enum Action {
 pub enum ActionKind {
     /// A `[[directory]]` created (not an [`Action`]: directories come before the VMs).
     CreateDirectory,
+    // Pools, volumes and networks (`reconcile::resources`), before the domains.
+    DefinePool,
+    RedefinePool,
+    BuildPool,
+    SetPoolAutostart,
+    ClearPoolAutostart,
+    StartPool,
+    RestartPool,
+    CreateVolume,
+    DefineNetwork,
+    RedefineNetwork,
+    SetNetworkAutostart,
+    ClearNetworkAutostart,
+    StartNetwork,
+    RestartNetwork,
     CreateDisk,
     Rename,
     /// An existing domain taken over (`adopt = true`), tag only or redefined in place.
@@ -104,11 +119,22 @@ pub enum ActionKind {
     Restart,
     Stop,
     Undefine,
+    // Pruning of networks, then pools, after the domains'.
+    StopNetwork,
+    UndefineNetwork,
+    StopPool,
+    UndefinePool,
 }
 
 impl ActionKind {
     pub fn as_str(self) -> &'static str {
         self.into()
+    }
+
+    /// Whether the kind is a network's, a pool's or a volume's (not an [`Action`]).
+    pub fn is_resource(self) -> bool {
+        let name = self.as_str();
+        name.contains("network") || name.contains("pool") || name.contains("volume")
     }
 }
 
@@ -242,6 +268,8 @@ pub struct Plan {
     /// Domains with vmsync's tag that this agent never applied (another repository or
     /// state directory made them): never pruned, only counted.
     pub foreign_tagged: usize,
+    /// Networks, pools and volumes (applied before the domains; pruned after them).
+    pub resources: crate::reconcile::resources::ResourcePlan,
 }
 
 impl Plan {
@@ -250,6 +278,7 @@ impl Plan {
         self.create_directories.is_empty()
             && self.vms.iter().all(|vm| vm.actions.is_empty())
             && self.prune.iter().all(|p| p.actions.is_empty())
+            && self.resources.is_noop()
     }
 }
 
@@ -276,7 +305,10 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         .map(|vm| plan_vm(vm, observed, commit, ctx, &mut claimed))
         .collect();
     let prune = plan_prune(observed, ctx, &claimed);
-    let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count();
+    let resources =
+        crate::reconcile::resources::plan(desired, observed, commit, ctx.record, ctx.policy);
+    // Networks and pools count towards the mass-prune guard.
+    let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count() + resources.pruning();
     let foreign_tagged = observed
         .others
         .keys()
@@ -289,7 +321,8 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         .values()
         .filter(|d| d.inactive.as_ref().is_some_and(|s| s.tag.is_some()))
         .count()
-        + prune.len();
+        + prune.len()
+        + resources.managed();
     let refused = (pruning > 0
         && !ctx.policy.allow_mass_prune
         && (pruning == managed || pruning > ctx.policy.max_prune))
@@ -313,6 +346,7 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         prune,
         refused,
         foreign_tagged,
+        resources,
     }
 }
 
@@ -772,6 +806,7 @@ mod tests {
                 })
                 .collect(),
             directories: Default::default(),
+            resources: Default::default(),
         }
     }
 
@@ -1126,6 +1161,7 @@ mod tests {
             let desired = Desired {
                 directories: vec![],
                 vms: vec![case.want],
+                resources: Default::default(),
             };
             let mut record = Record::default();
             if let Some(rec) = case.record {
@@ -1197,6 +1233,7 @@ mod tests {
         let desired = Desired {
             directories: vec![],
             vms: vec![desired_vm("web", 1024, false, vec![])],
+            resources: Default::default(),
         };
         let gone = |name: &str, active| seen_with(name, OTHER_UUID, 512, active, false, true);
         let obs = observed(
@@ -1312,6 +1349,7 @@ mod tests {
                 desired_vm("web", 1024, false, vec![]),
                 OTHER_UUID,
             )],
+            resources: Default::default(),
         };
         let obs = observed(vec![], vec![gone("old-a", false)], vec![]);
         let p = plan_with(&renamed, &obs, &prune_ctx(true, 5, false));
@@ -1324,6 +1362,7 @@ mod tests {
         let desired = Desired {
             directories: vec![],
             vms: vec![desired_vm("web", 2048, false, vec![])],
+            resources: Default::default(),
         };
         let p = plan_with(
             &desired,
@@ -1355,6 +1394,7 @@ mod tests {
         let desired = Desired {
             directories: vec!["/srv/images/ISOs".into()],
             vms: vec![desired_vm("web", 1024, false, vec![])],
+            resources: Default::default(),
         };
         let mut obs = observed(vec![seen("web", 1024, false, false, true)], vec![], vec![]);
         let p = plan_with(&desired, &obs, &ChangePolicy::default());
@@ -1407,7 +1447,7 @@ mod tests {
         // One action of each kind, in plan order: every kind but the directories'.
         let kinds: Vec<_> = all.iter().map(Action::kind).collect();
         let every: Vec<_> = <ActionKind as strum::IntoEnumIterator>::iter()
-            .filter(|k| *k != ActionKind::CreateDirectory)
+            .filter(|k| *k != ActionKind::CreateDirectory && !k.is_resource())
             .collect();
         assert_eq!(kinds, every);
         for kind in <ActionKind as strum::IntoEnumIterator>::iter() {
