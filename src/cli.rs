@@ -110,12 +110,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write a VM repository from the domains the host has now (reads only; changes
-    /// nothing on the host). Review it, commit it; `adopt = true` takes them over.
+    /// Write a VM repository from the domains, networks and storage pools the host has
+    /// now (reads only; changes nothing on the host). Review it, commit it; `adopt =
+    /// true` takes them over.
     Import {
         /// Directory to write (must be empty unless --force).
         dir: PathBuf,
-        /// Only these domains [default: every persistent domain].
+        /// Only these domains, networks or pools [default: every persistent one].
         names: Vec<String>,
         /// Write into a directory that is not empty (files of the same name are replaced).
         #[arg(long)]

@@ -246,7 +246,7 @@ fn real_import_then_adopt_only_tags_and_changes_nothing_else() {
     let out = dir.path().join("repo");
     import(&env, &out, &[&uefi, &bios])
         .expect(0)
-        .stdout_has("imported 2 domain(s)")
+        .stdout_has("imported 2 definition(s)")
         .stdout_has("nothing on the host was changed");
     assert!(snapshot() == before, "import changed the host");
     common::vmsync(&[

@@ -67,7 +67,7 @@ fn import_writes_a_valid_repo_and_adopting_it_only_adds_the_tag() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("repo");
     let done = import::import(&settings, &out, &[web.into(), outside.into()], false).unwrap();
-    assert_eq!(done.vms, [web]);
+    assert_eq!(done.entries, [web]);
     assert_eq!(done.commented.len(), 1, "{done:?}");
     assert_eq!(done.commented[0].0, outside);
     assert!(
@@ -261,20 +261,29 @@ fn the_import_command_refuses_a_non_empty_dir_and_its_output_validates() {
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
     import(&[&out_arg, "no-such-domain", "--force"])
         .expect(2)
-        .stderr_has("no domain named 'no-such-domain'");
+        .stderr_has("no domain, network or pool named 'no-such-domain'");
 
-    // The test driver's own domain `test`, with --force next to the operator's file: its
-    // disk `/guest/diskimage1` is outside the disk roots, so its entry is written
-    // commented out, with the reason, and the repository still validates.
+    // The test driver's own domain `test`, network `default` and pool `default-pool`,
+    // with --force next to the operator's file: the domain's disk `/guest/diskimage1`
+    // and the pool's directory `/default-pool` are outside the disk roots, so their
+    // entries are written commented out, with the reason, and the repository validates.
     import(&[&out_arg, "--force"])
         .expect(0)
-        .stdout_has(&format!("imported 0 domain(s) into {out_arg}"))
+        .stdout_has(&format!(
+            "imported 1 definition(s) into {out_arg}: network default"
+        ))
         .stdout_has("test: written commented out: vms/test.xml:")
         .stdout_has("host path '/guest/diskimage1' is outside the disk roots")
+        .stdout_has("pool default-pool: written commented out: pools/default-pool.xml:")
         .stdout_has("nothing on the host was changed");
     let manifest = std::fs::read_to_string(out.join("vmsync.toml")).unwrap();
     assert!(
         manifest.contains("#   vms/test.xml:") && manifest.contains("\n# name = \"test\"\n"),
+        "{manifest}"
+    );
+    assert!(
+        manifest.contains("[[network]]\nname = \"default\"\n")
+            && manifest.contains("\n# name = \"default-pool\"\n"),
         "{manifest}"
     );
     assert_eq!(
@@ -284,5 +293,83 @@ fn the_import_command_refuses_a_non_empty_dir_and_its_output_validates() {
     assert!(out.join("vms/test.xml").is_file() && out.join("README.md").is_file());
     vmsync(&["validate", &out_arg])
         .expect(0)
-        .stdout_has("valid (0 vm(s)");
+        .stdout_has("valid (0 vm(s)")
+        .stdout_has("1 network(s), 0 pool(s)");
+}
+
+#[test]
+fn import_writes_networks_and_pools_that_validate_and_adopting_them_converges() {
+    use vmsync::desired::resource_xml::ResourceKind;
+    use vmsync::host::resources::ResOp;
+    let env = Env::new();
+    let settings = env.settings();
+    let hv = Libvirt::connect(common::TEST_URI).unwrap();
+    let (net, pool) = ("t2a-net", "t2a-pool");
+    hv.define_resource(
+        ResourceKind::Network,
+        &format!("<network><name>{net}</name><bridge name='t2abr0'/></network>"),
+    )
+    .unwrap();
+    hv.resource_op(ResourceKind::Network, net, ResOp::Autostart(true))
+        .unwrap();
+    let pool_dir = env.images.join(pool);
+    hv.define_resource(
+        ResourceKind::Pool,
+        &format!(
+            "<pool type='dir'><name>{pool}</name><target><path>{}</path></target></pool>",
+            pool_dir.display()
+        ),
+    )
+    .unwrap();
+    let net_before = hv.resource_xml(ResourceKind::Network, net, true).unwrap();
+    let pool_before = hv.resource_xml(ResourceKind::Pool, pool, true).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("repo");
+    let done = import::import(&settings, &out, &[net.into(), pool.into()], false).unwrap();
+    assert_eq!(
+        done.entries,
+        [format!("network {net}"), format!("pool {pool}")]
+    );
+    assert!(done.commented.is_empty(), "{done:?}");
+    assert_eq!(
+        hv.resource_xml(ResourceKind::Network, net, true).unwrap(),
+        net_before
+    );
+    assert_eq!(
+        hv.resource_xml(ResourceKind::Pool, pool, true).unwrap(),
+        pool_before
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join(format!("networks/{net}.xml"))).unwrap(),
+        definition::clean(&net_before).unwrap()
+    );
+    let pool_file = std::fs::read_to_string(out.join(format!("pools/{pool}.xml"))).unwrap();
+    assert_eq!(pool_file, definition::clean_pool(&pool_before).unwrap());
+    let manifest = std::fs::read_to_string(out.join("vmsync.toml")).unwrap();
+    for text in [
+        format!(
+            "[[network]]\nname = \"{net}\"\nxml = \"networks/{net}.xml\"\nautostart = true\nadopt = true"
+        ),
+        format!(
+            "[[pool]]\nname = \"{pool}\"\nxml = \"pools/{pool}.xml\"\nautostart = false\nadopt = true"
+        ),
+    ] {
+        assert!(manifest.contains(&text), "{text} in:\n{manifest}");
+    }
+    let valid = sync::validate_dir(&settings, &out).unwrap();
+    assert_eq!(
+        (valid.resources.networks.len(), valid.resources.pools.len()),
+        (1, 1)
+    );
+
+    // Committed as written: adopted, then nothing to do.
+    copy_tree(&out, env.repo.path());
+    env.repo.commit("import");
+    let mut record = state::Record::default();
+    let first = common::sync_head(&settings, &mut record, &hv).unwrap();
+    assert!(first.outcome.all_ok(), "{:?}", first.outcome);
+    assert!(record.networks.contains_key(net) && record.pools.contains_key(pool));
+    let second = common::sync_head(&settings, &mut record, &hv).unwrap();
+    assert!(second.plan.is_noop(), "{:?}", second.plan.resources);
 }

@@ -1,15 +1,17 @@
-//! `vmsync import [--connect URI] DIR [NAME...]`: writes a VM repository from the domains
-//! a host has now, ready for review, `vmsync validate DIR` and a first commit with
-//! `adopt = true` on every entry.
+//! `vmsync import [--connect URI] DIR [NAME...]`: writes a VM repository from the
+//! domains, networks and storage pools a host has now, ready for review,
+//! `vmsync validate DIR` and a first commit with `adopt = true` on every entry.
 //!
-//! It only reads: the domain list, each domain's inactive XML (without the secure flag,
+//! It only reads: the lists, each one's inactive XML (domains without the secure flag,
 //! see [`definition`]) and `qemu-img info -U` of each file-backed disk. It never
-//! changes the host, a domain or an image. What it writes, in DIR (empty unless
-//! `--force`):
+//! changes the host, a domain, a network, a pool or an image. What it writes, in DIR
+//! (empty unless `--force`):
 //!
 //! - `vms/NAME.xml`: the domain's definition as [`definition::clean`] leaves it;
-//! - `vmsync.toml`: one `[[vm]]` per domain with `autostart` as libvirt has it,
-//!   `adopt = true`, and a `[[vm.disk]]` per existing qcow2 or raw image (path, size,
+//!   `networks/NAME.xml`, `pools/NAME.xml` the same ([`definition::clean_pool`] for
+//!   pools);
+//! - `vmsync.toml`: one `[[pool]]`, `[[network]]`, `[[vm]]` per pool, network and
+//!   domain with `autostart` as libvirt has it, `adopt = true`, and for a domain a `[[vm.disk]]` per existing qcow2 or raw image (path, size,
 //!   format, backing as `qemu-img info` reports them);
 //! - `README.md`: what to review before the first commit.
 //!
@@ -26,6 +28,7 @@ use tracing::{info, warn};
 use crate::agent::sync::{self, SyncError};
 use crate::config::{ConfigError, Settings};
 use crate::desired::manifest::MANIFEST_FILE;
+use crate::desired::resource_xml::ResourceKind;
 use crate::host::disk::{DiskProvisioner, ImageInfo, QemuImg};
 use crate::host::hypervisor::{Hypervisor, Libvirt, Listing};
 use crate::onboard::definition;
@@ -33,11 +36,12 @@ use crate::onboard::definition;
 /// What `vmsync import` wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Imported {
-    /// Domains written as active `[[vm]]` entries.
-    pub vms: Vec<String>,
-    /// Domains written commented out, with the reasons.
+    /// Entries written active: domains by name, networks and pools as `network NAME`,
+    /// `pool NAME`.
+    pub entries: Vec<String>,
+    /// Entries written commented out, with the reasons.
     pub commented: Vec<(String, Vec<String>)>,
-    /// Domains not written, with the reason (transient domains).
+    /// What was not written, with the reason (transient domains, networks, pools).
     pub skipped: Vec<(String, String)>,
     /// Notes for the operator (also in README.md).
     pub notes: Vec<String>,
@@ -77,22 +81,23 @@ pub fn import(
     let hv = Libvirt::connect(&settings.libvirt_uri)?;
     let listed = hv.list()?;
     let mut imported = Imported::default();
-    let mut chosen: Vec<Listing> = Vec::new();
-    if names.is_empty() {
-        chosen = listed;
-    } else {
-        for name in names {
-            let Some(l) = listed.iter().find(|l| &l.name == name) else {
-                return Err(SyncError::Config(ConfigError(format!(
-                    "no domain named '{name}' at '{}'",
-                    settings.libvirt_uri
-                ))));
-            };
-            chosen.push(l.clone());
-        }
+    let mut resources = resources(&hv, &mut imported)?;
+    let wanted = |name: &str| names.is_empty() || names.iter().any(|n| n == name);
+    if let Some(missing) = names
+        .iter()
+        .find(|n| !listed.iter().any(|l| &&l.name == n) && !resources.iter().any(|r| &&r.name == n))
+    {
+        return Err(SyncError::Config(ConfigError(format!(
+            "no domain, network or pool named '{missing}' at '{}'",
+            settings.libvirt_uri
+        ))));
     }
+    resources.retain(|r| wanted(&r.name));
+    imported
+        .skipped
+        .retain(|(name, _)| wanted(name.rsplit(' ').next().unwrap_or(name)));
+    let mut chosen: Vec<Listing> = listed.into_iter().filter(|l| wanted(&l.name)).collect();
     chosen.sort_by(|a, b| a.name.cmp(&b.name));
-    chosen.dedup_by(|a, b| a.name == b.name);
 
     let disks = QemuImg::default();
     let mut entries = Vec::new();
@@ -139,8 +144,16 @@ pub fn import(
         });
     }
 
-    std::fs::create_dir_all(dir.join("vms"))
-        .with_context(|| format!("failed to create '{}'", dir.join("vms").display()))?;
+    entries.extend(resources);
+    for sub in ["vms", "networks", "pools"] {
+        if entries
+            .iter()
+            .any(|e| e.file.starts_with(&format!("{sub}/")))
+        {
+            std::fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("failed to create '{}'", dir.join(sub).display()))?;
+        }
+    }
     for e in &entries {
         write(&dir.join(&e.file), &e.xml)?;
     }
@@ -184,7 +197,7 @@ pub fn import(
             table => format!("{table} {}", e.name),
         };
         if e.refused.is_empty() {
-            imported.vms.push(label);
+            imported.entries.push(label);
         } else {
             warn!(entry = %label, reasons = %e.refused.join("; "), "written commented out: this host's policy refuses it");
             imported.commented.push((label, e.refused.clone()));
@@ -202,7 +215,7 @@ pub fn import(
     write(&dir.join("README.md"), &readme(settings, &imported))?;
     info!(
         dir = %dir.display(),
-        vms = imported.vms.len(),
+        vms = imported.entries.len(),
         commented = imported.commented.len(),
         "imported"
     );
@@ -212,10 +225,10 @@ pub fn import(
 /// What `vmsync import` prints.
 pub fn render(dir: &Path, imported: &Imported) -> String {
     let mut out = format!(
-        "imported {} domain(s) into {}: {}\n",
-        imported.vms.len(),
+        "imported {} definition(s) into {}: {}\n",
+        imported.entries.len(),
         dir.display(),
-        imported.vms.join(", ")
+        imported.entries.join(", ")
     );
     for (name, why) in &imported.commented {
         out += &format!("  {name}: written commented out: {}\n", why.join("; "));
@@ -231,6 +244,47 @@ pub fn render(dir: &Path, imported: &Imported) -> String {
         dir.join("README.md").display()
     );
     out
+}
+
+/// The host's persistent networks and storage pools, as import writes them (transient
+/// ones are noted in `imported.skipped`).
+fn resources(hv: &Libvirt, imported: &mut Imported) -> Result<Vec<Entry>, SyncError> {
+    let mut out = Vec::new();
+    for (kind, table) in [
+        (ResourceKind::Network, "network"),
+        (ResourceKind::Pool, "pool"),
+    ] {
+        for listing in hv.list_resources(kind)? {
+            let name = listing.name;
+            if !listing.persistent {
+                let why = format!("transient {table} (no persistent definition to adopt)");
+                warn!(entry = %format!("{table} {name}"), "not imported: {why}");
+                imported.skipped.push((format!("{table} {name}"), why));
+                continue;
+            }
+            let xml = hv.resource_xml(kind, &name, true)?;
+            let cleaned = match kind {
+                ResourceKind::Pool => definition::clean_pool(&xml),
+                ResourceKind::Network => definition::clean(&xml),
+            };
+            let xml = cleaned.map_err(|e| {
+                SyncError::Other(anyhow::anyhow!(
+                    "failed to read the definition of {table} '{name}': {}",
+                    e.message
+                ))
+            })?;
+            out.push(Entry {
+                table,
+                file: format!("{table}s/{}.xml", file_name(&name)),
+                name,
+                xml,
+                autostart: listing.autostart,
+                disks: Vec::new(),
+                refused: Vec::new(),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The entry a validation problem is about: a VM's (`vm` set), or a network's or pool's
@@ -367,7 +421,8 @@ fn header(settings: &Settings) -> String {
     format!(
         "# Written by `vmsync import` from {} on {}.\n\
          # Review it (see README.md), then commit. Each entry has adopt = true: the first\n\
-         # sync takes the existing domain over in place (`vmsync plan` shows what it does).\n\
+         # sync takes the existing domain, network or pool over in place (`vmsync plan`\n\
+         # shows what it does).\n\
          version = 1\n",
         settings.libvirt_uri,
         humantime::format_rfc3339_seconds(std::time::SystemTime::now())
@@ -425,7 +480,8 @@ fn manifest(header: &str, entries: &[Entry]) -> String {
 fn readme(settings: &Settings, imported: &Imported) -> String {
     let mut out = format!(
         "# VM repository imported from {}\n\n\
-         `vmsync import` wrote this from what the host had; it changed nothing on the host.\n\
+         `vmsync import` wrote this from the domains, networks and storage pools the host\n\
+         had; it changed nothing on the host.\n\
          Nothing changes there until the first sync of a commit of this repository, and then\n\
          only what `vmsync plan` shows: for a domain whose definition you did not edit, only\n\
          vmsync's tag is added to it (`adopt (tag only …)`, no redefine).\n\n\
