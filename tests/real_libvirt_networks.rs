@@ -376,3 +376,85 @@ autostart = true
     );
     assert_eq!(std::fs::read(&data).unwrap(), vec![7u8; 16 << 20]);
 }
+
+/// Onboarding a host's own network and pool: `vmsync import` writes them, the first sync
+/// with `adopt = true` only tags the network (a redefine with the same definition; it
+/// keeps running, not pending restart) and leaves the pool's definition alone (its
+/// ownership is the record), and the next sync has nothing to do.
+#[test]
+fn imported_network_and_pool_are_adopted_without_a_restart() {
+    let Some(env) = Env::system("netimp") else {
+        return;
+    };
+    let bridge = format!("vsj{}", std::process::id() % 1_000_000);
+    let _net_cleanup = NetCleanup {
+        prefix: env.prefix.clone(),
+        bridge: bridge.clone(),
+    };
+    let (net, pool) = (env.name("iso"), env.name("pool"));
+    let hand = tempfile::tempdir().unwrap();
+    let net_file = hand.path().join("net.xml");
+    let pool_file = hand.path().join("pool.xml");
+    std::fs::write(&net_file, isolated_network(&net, &bridge, 79)).unwrap();
+    std::fs::write(&pool_file, dir_pool(&pool, &env.images.join("pool"))).unwrap();
+    std::fs::create_dir_all(env.images.join("pool")).unwrap();
+    for args in [
+        ["net-define", net_file.to_str().unwrap()],
+        ["net-start", &net],
+        ["pool-define", pool_file.to_str().unwrap()],
+        ["pool-start", &pool],
+    ] {
+        virsh_system_ok(&args);
+    }
+    let net_uuid = virsh_system_ok(&["net-uuid", &net]);
+    let pool_uuid = virsh_system_ok(&["pool-uuid", &pool]);
+
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("repo");
+    common::vmsync(&[
+        "import",
+        "--connect",
+        "qemu:///system",
+        dir.to_str().unwrap(),
+        &net,
+        &pool,
+    ])
+    .expect(0);
+    for file in [
+        "vmsync.toml",
+        &format!("networks/{net}.xml"),
+        &format!("pools/{pool}.xml"),
+    ] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        env.repo.write(file, &text);
+    }
+    env.repo.commit("import");
+
+    let first = env.run(&["--once"]).expect(0);
+    first
+        .stdout_has(&format!("network {net}: redefine in place"))
+        .stdout_lacks("pending restart")
+        .stdout_lacks(&format!("pool {pool}: redefine"));
+    assert!(
+        virsh_system_ok(&["net-dumpxml", &net, "--inactive"]).contains("<vmsync:commit>"),
+        "the network carries vmsync's tag"
+    );
+    assert_eq!(virsh_system_ok(&["net-uuid", &net]), net_uuid);
+    assert_eq!(virsh_system_ok(&["pool-uuid", &pool]), pool_uuid);
+
+    env.run(&["--once"])
+        .expect(0)
+        .stdout_has("nothing to do")
+        .stdout_lacks("pending restart");
+    let status = env.status();
+    for (kind, name) in [("networks", &net), ("pools", &pool)] {
+        let entry = status[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("{kind} {name} in {status}"));
+        assert_eq!(entry["pending_restart"], false, "{kind} {name}: {entry}");
+        assert_eq!(entry["active"], true, "{kind} {name}: {entry}");
+    }
+}

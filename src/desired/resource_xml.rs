@@ -199,6 +199,42 @@ pub fn definition_hash(kind: ResourceKind, libvirt_xml: &str) -> Option<String> 
     domain_xml::definition_hash(&text)
 }
 
+/// A network's definition hashed for comparing what runs with what is persistent:
+/// [`definition_hash`] without the `connections` count libvirt adds to the live XML and
+/// without a `<metadata>` that holds nothing but vmsync's tag (an adopted network runs
+/// its untagged definition until it restarts). Apply it to both sides.
+pub fn live_hash(kind: ResourceKind, xml: &str) -> Option<String> {
+    let doc = parse(xml).ok()?;
+    let root = doc.root_element();
+    let mut cuts: Vec<std::ops::Range<usize>> = root
+        .children()
+        .filter(|c| {
+            c.is_element()
+                && c.tag_name().name() == "metadata"
+                && c.children()
+                    .filter(|m| m.is_element())
+                    .all(|m| m.tag_name().namespace() == Some(NAMESPACE))
+        })
+        .map(|c| c.range())
+        .collect();
+    if let Some(count) = root.attribute("connections") {
+        let start = root.range().start;
+        let head = &xml[start..start + xml[start..].find('>')?];
+        for quote in ['\'', '"'] {
+            let attr = format!(" connections={quote}{count}{quote}");
+            if let Some(at) = head.find(&attr) {
+                cuts.push(start + at..start + at + attr.len());
+            }
+        }
+    }
+    cuts.sort_by_key(|r| std::cmp::Reverse(r.start));
+    let mut text = xml.to_string();
+    for r in cuts {
+        text.replace_range(r, "");
+    }
+    definition_hash(kind, &text)
+}
+
 /// A domain's references to networks and pool volumes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DomainRefs {
@@ -332,6 +368,25 @@ mod tests {
             r.volumes,
             vec![("vmpool".to_string(), "a.qcow2".to_string())]
         );
+    }
+
+    #[test]
+    fn a_live_network_hashes_as_its_definition_without_the_connections_count_or_tag() {
+        let h = |xml: &str| live_hash(ResourceKind::Network, xml);
+        let inactive = "<network>\n  <name>n</name>\n  <bridge name='virbr1'/>\n</network>";
+        let tagged = format!(
+            "<network>\n  <name>n</name>\n  <metadata><vmsync:sync xmlns:vmsync='{NAMESPACE}'><vmsync:commit>c</vmsync:commit></vmsync:sync></metadata>\n  <bridge name='virbr1'/>\n</network>"
+        );
+        let live =
+            "<network connections='2'>\n  <name>n</name>\n  <bridge name='virbr1'/>\n</network>";
+        let other =
+            "<network connections='2'>\n  <name>n</name>\n  <bridge name='virbr2'/>\n</network>";
+        let other_metadata = "<network>\n  <name>n</name>\n  <metadata><x:a xmlns:x='urn:x'/></metadata>\n  <bridge name='virbr1'/>\n</network>";
+        assert!(h(inactive).is_some());
+        assert_eq!(h(live), h(inactive));
+        assert_eq!(h(&tagged), h(inactive));
+        assert_ne!(h(other), h(inactive));
+        assert_ne!(h(other_metadata), h(inactive));
     }
 
     #[test]

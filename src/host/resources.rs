@@ -348,6 +348,9 @@ pub struct SeenResource {
     pub definition_hash: Option<String>,
     /// vmsync's tag in the live definition of an active network.
     pub live_fingerprint: Option<String>,
+    /// Whether an active network runs its persistent definition (vmsync's tag aside,
+    /// [`resource_xml::live_hash`]); `false` when either could not be read.
+    pub live_is_persistent: bool,
 }
 
 /// The networks, pools and volumes on the host that matter to a commit.
@@ -405,15 +408,24 @@ pub fn observe(
             let definition_hash = inactive_xml
                 .as_deref()
                 .and_then(|x| resource_xml::definition_hash(kind, x));
-            let live_fingerprint = if listing.active && kind == ResourceKind::Network {
-                hv.resource_xml(kind, &listing.name, false)
-                    .ok()
-                    .and_then(|x| resource_xml::summarize(kind, &x).ok())
-                    .and_then(|s| s.tag)
-                    .map(|t| t.fingerprint)
+            let live = if listing.active && kind == ResourceKind::Network {
+                hv.resource_xml(kind, &listing.name, false).ok()
             } else {
                 None
             };
+            let live_fingerprint = live
+                .as_deref()
+                .and_then(|x| resource_xml::summarize(kind, x).ok())
+                .and_then(|s| s.tag)
+                .map(|t| t.fingerprint);
+            let live_hash = live
+                .as_deref()
+                .and_then(|x| resource_xml::live_hash(kind, x));
+            let live_is_persistent = live_hash.is_some()
+                && live_hash
+                    == inactive_xml
+                        .as_deref()
+                        .and_then(|x| resource_xml::live_hash(kind, x));
             out.seen.insert(
                 key,
                 SeenResource {
@@ -422,6 +434,7 @@ pub fn observe(
                     inactive_xml,
                     definition_hash,
                     live_fingerprint,
+                    live_is_persistent,
                 },
             );
         }

@@ -366,14 +366,33 @@ fn plan_one(
             .map(|t| t.fingerprint.clone()),
         ResourceKind::Pool => rec.and_then(|r| r.fingerprint.clone()),
     };
-    let changed = !is_owned || applied_fingerprint.as_deref() != Some(r.fingerprint.as_str());
+    let uuid = seen
+        .inactive
+        .as_ref()
+        .and_then(|s| s.uuid.clone())
+        .unwrap_or_else(|| seen.listing.uuid.clone());
+    // The commit's definition with the host's UUID, hashed as libvirt's is: equal to the
+    // host's when an adopted network or pool is what the commit says (`vmsync import`'s
+    // output), so adopting it changes nothing that runs.
+    // Both sides tagged alike, so an empty `<metadata>` left by the tag compares equal.
+    let tagged_hash = |xml: &str| {
+        resource_xml::render(kind, xml, Some(&uuid), &tag)
+            .ok()
+            .and_then(|xml| resource_xml::definition_hash(kind, &xml))
+    };
+    let commit_hash = tagged_hash(&r.xml);
+    let same_definition =
+        commit_hash.is_some() && commit_hash == seen.inactive_xml.as_deref().and_then(tagged_hash);
+    let changed = if is_owned {
+        applied_fingerprint.as_deref() != Some(r.fingerprint.as_str())
+    } else {
+        // A network carries vmsync's tag in its definition (libvirt 9.0 has no metadata
+        // call for networks), so adopting one is a redefine; a pool's ownership is the
+        // record, so an unchanged pool is adopted without touching it.
+        kind == ResourceKind::Network || !same_definition
+    };
     let redefine = changed || (definition_drift && heal);
     if redefine {
-        let uuid = seen
-            .inactive
-            .as_ref()
-            .and_then(|s| s.uuid.clone())
-            .unwrap_or_else(|| seen.listing.uuid.clone());
         match render(Some(&uuid)) {
             Ok(xml) => out.actions.push(ResAction::Define {
                 xml,
@@ -404,7 +423,14 @@ fn plan_one(
     let live_differs = seen.listing.active
         && match kind {
             ResourceKind::Network => {
-                seen.live_fingerprint.as_deref() != Some(r.fingerprint.as_str())
+                match &seen.live_fingerprint {
+                    // Runs a definition vmsync applied: the commit's, or an older one.
+                    Some(live) => live != &r.fingerprint,
+                    // Runs an untagged definition (adopted now or before): pending when
+                    // this plan changes what it says, or it already differs from the
+                    // persistent one.
+                    None => (redefine && !same_definition) || !seen.live_is_persistent,
+                }
             }
             ResourceKind::Pool => redefine || rec.is_some_and(|rec| rec.pending_restart),
         };
@@ -1111,17 +1137,27 @@ pub fn status(
                     }
                     if kind == ResourceKind::Network {
                         let live = if l.active {
-                            hv.resource_xml(kind, name, false)
-                                .ok()
-                                .and_then(|x| resource_xml::summarize(kind, &x).ok())
-                                .and_then(|s| s.tag)
+                            hv.resource_xml(kind, name, false).ok()
                         } else {
                             None
                         };
+                        let tag = live
+                            .as_deref()
+                            .and_then(|x| resource_xml::summarize(kind, x).ok())
+                            .and_then(|s| s.tag);
                         s.pending_restart = l.active
-                            && live
-                                .zip(rec.fingerprint.as_ref())
-                                .is_none_or(|(t, fp)| &t.fingerprint != fp);
+                            && match (tag, rec.fingerprint.as_ref()) {
+                                (Some(t), Some(fp)) => &t.fingerprint != fp,
+                                // Runs an untagged (adopted) definition: pending when it
+                                // is not the persistent one.
+                                _ => {
+                                    let h = |x: Option<&str>| {
+                                        x.and_then(|x| resource_xml::live_hash(kind, x))
+                                    };
+                                    let live = h(live.as_deref());
+                                    live.is_none() || live != h(xml.as_deref())
+                                }
+                            };
                     } else {
                         s.pending_restart = l.active && rec.pending_restart;
                     }
@@ -1251,6 +1287,7 @@ mod tests {
             },
             live_fingerprint: (active && tagged && kind == ResourceKind::Network)
                 .then(|| fingerprint(source)),
+            live_is_persistent: active && kind == ResourceKind::Network,
             inactive,
             definition_hash: Some("baseline".into()),
             inactive_xml: Some(xml),
@@ -1428,14 +1465,14 @@ mod tests {
                 drift: 0,
             },
             Case {
-                what: "hand-made network with adopt: redefined in place",
+                what: "hand-made network with adopt, same definition: tagged in place",
                 want: adopt,
                 seen: Some(seen(N, &net, false, true, true)),
                 record: None,
                 self_heal: true,
                 actions: &["redefine_network"],
                 error: None,
-                pending: true,
+                pending: false,
                 drift: 0,
             },
             Case {
@@ -1547,6 +1584,71 @@ mod tests {
             }
             assert_eq!(p.pending_restart, case.pending, "{}", case.what);
             assert_eq!(p.drift.len(), case.drift, "{}: {:?}", case.what, p.drift);
+        }
+    }
+
+    /// What `vmsync import` writes is what the host has: adopting it changes nothing
+    /// that runs (a pool is not even redefined; a network only gets its tag).
+    #[test]
+    fn adopting_an_unchanged_definition_changes_nothing_that_runs() {
+        for kind in [ResourceKind::Network, ResourceKind::Pool] {
+            let source = match kind {
+                ResourceKind::Network => net_xml("lab", ""),
+                ResourceKind::Pool => {
+                    "<pool type='dir'><name>lab</name><target><path>/var/lib/libvirt/images/lab</path></target></pool>".to_string()
+                }
+            };
+            let mut wanted = want(kind, &source, true);
+            wanted.adopt = true;
+            let host = source.replace("</name>", &format!("</name><uuid>{UUID}</uuid>"));
+            let hash = resource_xml::definition_hash(kind, &host);
+            let mut wanted_elsewhere = wanted.clone();
+            wanted_elsewhere.xml = match kind {
+                ResourceKind::Network => net_xml("lab", "<mac address='52:54:00:00:00:09'/>"),
+                ResourceKind::Pool => source.replace("/var/lib/libvirt/images/lab", "/srv/lab"),
+            };
+            let case = |live_is_persistent: bool| Case {
+                what: "",
+                want: wanted.clone(),
+                seen: Some(SeenResource {
+                    definition_hash: hash.clone(),
+                    inactive_xml: Some(host.clone()),
+                    live_fingerprint: None,
+                    live_is_persistent,
+                    ..seen(kind, &source, false, true, true)
+                }),
+                record: None,
+                self_heal: true,
+                actions: &[],
+                error: None,
+                pending: false,
+                drift: 0,
+            };
+            let p = run(&case(true));
+            let expected: &[&str] = match kind {
+                ResourceKind::Network => &["redefine_network"],
+                ResourceKind::Pool => &[],
+            };
+            assert_eq!(names(&p), expected, "{kind}");
+            assert!(p.error.is_none(), "{kind}: {:?}", p.error);
+            assert!(!p.pending_restart, "{kind}: only the tag changed");
+            assert!(p.adopted, "{kind}");
+            // The commit says something else: redefined, and a network pending restart.
+            let p = run(&Case {
+                want: wanted_elsewhere.clone(),
+                ..case(true)
+            });
+            let expected: &[&str] = match kind {
+                ResourceKind::Network => &["redefine_network"],
+                ResourceKind::Pool => &["redefine_pool"],
+            };
+            assert_eq!(names(&p), expected, "{kind}: changed");
+            assert!(p.pending_restart, "{kind}: active on its old definition");
+            if kind == ResourceKind::Network {
+                // Running something else than its persistent definition: pending.
+                let p = run(&case(false));
+                assert!(p.pending_restart, "network running an older definition");
+            }
         }
     }
 
