@@ -56,7 +56,8 @@ pub fn fingerprint(source_xml: &str) -> String {
     hex::encode(hasher.finalize())
 }
 
-fn parse_doc(xml: &str) -> Result<roxmltree::Document<'_>, XmlProblem> {
+/// Parses libvirt or committed XML without DTDs (no entity expansion).
+pub(crate) fn parse_doc(xml: &str) -> Result<roxmltree::Document<'_>, XmlProblem> {
     let options = roxmltree::ParsingOptions {
         allow_dtd: false,
         ..Default::default()
@@ -68,13 +69,18 @@ fn parse_doc(xml: &str) -> Result<roxmltree::Document<'_>, XmlProblem> {
     })
 }
 
-fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
+/// The first child element `name` in no namespace.
+pub(crate) fn child<'a, 'i>(
+    node: roxmltree::Node<'a, 'i>,
+    name: &str,
+) -> Option<roxmltree::Node<'a, 'i>> {
     node.children().find(|c| {
         c.is_element() && c.tag_name().name() == name && c.tag_name().namespace().is_none()
     })
 }
 
-fn text_of(node: roxmltree::Node) -> String {
+/// An element's text, trimmed.
+pub(crate) fn text_of(node: roxmltree::Node) -> String {
     node.text().unwrap_or("").trim().to_string()
 }
 

@@ -7,7 +7,9 @@
 //! tag as a domain. Pool XML has no `<metadata>`: a pool's ownership is its name and
 //! UUID in the state file (see `agent::state::ResourceRecord`).
 
-use crate::desired::domain_xml::{self, NAMESPACE, Tag, XmlProblem};
+use crate::desired::domain_xml::{
+    self, NAMESPACE, Tag, XmlProblem, child, parse_doc as parse, text_of as text,
+};
 
 /// Networks or storage pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -56,28 +58,6 @@ fn problem(line: Option<usize>, field: &str, message: impl Into<String>) -> XmlP
         field: Some(field.into()),
         message: message.into(),
     }
-}
-
-fn parse(xml: &str) -> Result<roxmltree::Document<'_>, XmlProblem> {
-    let options = roxmltree::ParsingOptions {
-        allow_dtd: false,
-        ..Default::default()
-    };
-    roxmltree::Document::parse_with_options(xml, options).map_err(|e| XmlProblem {
-        line: Some(e.pos().row as usize),
-        field: None,
-        message: format!("malformed xml: {e}"),
-    })
-}
-
-fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
-    node.children().find(|c| {
-        c.is_element() && c.tag_name().name() == name && c.tag_name().namespace().is_none()
-    })
-}
-
-fn text(node: roxmltree::Node) -> String {
-    node.text().unwrap_or_default().trim().to_string()
 }
 
 /// Reads a `<network>` or `<pool>` definition.
