@@ -372,9 +372,9 @@ def stop_agents(agents):
             p.kill()
 
 
-def fan_out(agents, n):
+def fan_out(agents, n, after):
     """POSTs a signed GitHub push event to every agent's listener, concurrently."""
-    body = json.dumps({"ref": "refs/heads/main"}).encode()
+    body = json.dumps({"ref": "refs/heads/main", "after": after}).encode()
     sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
     codes = [None] * n
 
@@ -524,7 +524,7 @@ def main():
                 memory *= 2
                 t0 = time.time()
                 new = commit(clone, bare, memory)
-                codes = fan_out(agents, args.agents)
+                codes = fan_out(agents, args.agents, new)
                 fanned = time.time() - t0
                 done = wait_applied(agents, new, 120)
                 lat = sorted(t - t0 for t in done.values())
