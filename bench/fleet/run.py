@@ -455,6 +455,13 @@ def measure(mode, proxy, ssh_proxy, cgroup, other, access_log, settle, window, n
         "round_trips": per(sum(c[3] for c in conns)),
         "http_requests_per_poll": round(len(requests) / count, 2) if count and requests else None,
         "http_statuses": sorted({(r[1], r[3]) for r in requests}),
+        # Per answer status of the polled URL: count, request bytes, answer bytes (nginx).
+        "by_status": {
+            st: (len(rs), round(statistics.mean(int(r[4]) for r in rs)),
+                 round(statistics.mean(int(r[5]) for r in rs)))
+            for st in sorted({r[3] for r in requests if r[2].endswith("/info/refs")})
+            for rs in [[r for r in requests if r[3] == st and r[2].endswith("/info/refs")]]
+        },
         "ssh_connections_in_window": len(ssh_conns) if mode != "ssh" else len(conns),
         "spread_10s": buckets,
         "max_per_second": peak,
@@ -584,6 +591,10 @@ def main():
             f"{r['http_requests_per_poll'] or '-'} | {r['ssh_connections_in_window']} | "
             f"{' / '.join(map(str, r['spread_10s']))} | {r['max_per_second']} | {statuses} |"
         )
+    lines += ["", "Answers to the polled `info/refs`, from nginx's log (HTTP bytes, headers included):", ""]
+    for r in results:
+        for st, (count, req, sent) in r["by_status"].items():
+            lines.append(f"- {r['mode']}: {count} x {st}, {req} bytes of request, {sent} bytes of answer")
     lines += ["", "Push → every agent applied it:", "",
               "| how | applied | median s | max s | fan-out took s | listener answers |",
               "|---|---:|---:|---:|---:|---|"]
