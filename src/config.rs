@@ -40,6 +40,15 @@ struct RawConfig {
     policy: RawPolicy,
     #[serde(default)]
     trust: RawTrust,
+    #[serde(default)]
+    webhook: RawWebhook,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    listen: Option<String>,
+    secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -194,6 +203,9 @@ pub struct Settings {
     pub probe_url: Option<String>,
     /// `[source] probe_max_skip`: with a probe, a real fetch at least this often; default "1h".
     pub probe_max_skip: std::time::Duration,
+    /// `[webhook] listen` and `secret_file`: the daemon's push webhook (with `/healthz` and
+    /// `/metrics`); default none (no listener).
+    pub webhook: Option<crate::agent::webhook::WebhookSettings>,
 }
 
 impl Settings {
@@ -320,6 +332,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         shutdown_timeout,
         allow_mass_prune: flags.allow_mass_prune,
     };
+    let webhook = webhook(raw.webhook)?;
     let url = flags.url.clone().or(raw.source.url);
     let probe_url = flags.probe_url.clone().or(raw.source.probe_url);
     if let Some(probe) = &probe_url {
@@ -370,7 +383,35 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         allowed_signers,
         probe_url,
         probe_max_skip,
+        webhook,
     })
+}
+
+/// `[webhook]`: off without `listen`; with it, `secret_file` is required (the daemon
+/// reads it).
+fn webhook(raw: RawWebhook) -> Result<Option<crate::agent::webhook::WebhookSettings>, ConfigError> {
+    let Some(listen) = raw.listen else {
+        if raw.secret_file.is_some() {
+            return Err(ConfigError(
+                "[webhook] secret_file is set but listen is not: set listen (e.g. \"127.0.0.1:9870\") or remove the [webhook] table".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let listen = listen.parse().map_err(|e| {
+        ConfigError(format!(
+            "invalid [webhook] listen '{listen}': {e} (an address and port: \"127.0.0.1:9870\")"
+        ))
+    })?;
+    let secret_file = raw.secret_file.ok_or_else(|| {
+        ConfigError(
+            "[webhook] listen is set but secret_file is not: the webhook needs a secret".into(),
+        )
+    })?;
+    Ok(Some(crate::agent::webhook::WebhookSettings {
+        listen,
+        secret_file,
+    }))
 }
 
 #[cfg(test)]

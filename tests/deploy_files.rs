@@ -563,7 +563,7 @@ fn nixos_settings_options_are_the_agent_config_keys_and_are_documented() {
     let keys = agent_config_keys();
     assert_eq!(
         keys.keys().collect::<Vec<_>>(),
-        ["agent", "libvirt", "policy", "source", "trust"]
+        ["agent", "libvirt", "policy", "source", "trust", "webhook"]
     );
     let c = eval_ok(URL, "");
     let settings = c["vmsync"]["settings"].as_object().unwrap();
@@ -874,4 +874,86 @@ fn nixos_readme_example_host_evaluates() {
     let sc = &c["systemd"]["services"]["vmsync-agent"]["serviceConfig"];
     assert_eq!(sc["Type"], "notify");
     assert!(strings(&sc["ReadWritePaths"]).contains(&"-/srv/vm-disks".to_string()));
+}
+
+#[test]
+fn nixos_webhook_is_off_by_default_and_checked_when_set() {
+    // Off by default: an empty [webhook] table (no listen) in the file.
+    let c = eval_ok(&format!(r#"{URL} mode = "daemon";"#), "");
+    assert_eq!(
+        c["configFile"]["toml"]["webhook"],
+        serde_json::json!({}),
+        "{}",
+        c["configFile"]["toml"]
+    );
+    // Set: written as vmsync reads it, and the build's config check passes although the
+    // host's secret file is not there at build time.
+    let c = eval_ok(
+        &format!(
+            r#"{URL} mode = "daemon";
+               settings.webhook.listen = "127.0.0.1:9870";
+               settings.webhook.secret_file = "/etc/vmsync/webhook-secret";"#
+        ),
+        "",
+    );
+    assert_eq!(
+        c["configFile"]["toml"]["webhook"],
+        serde_json::json!({"listen": "127.0.0.1:9870", "secret_file": "/etc/vmsync/webhook-secret"})
+    );
+    assert_eq!(c["warnings"], serde_json::json!([]));
+    let (out, _, _dir) = run_config_check(&c);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Half a webhook, a webhook in timer mode, or a secret in the store: refused or warned.
+    let err = eval_err(
+        &format!(r#"{URL} mode = "daemon"; settings.webhook.listen = "127.0.0.1:9870";"#),
+        "",
+    );
+    assert!(
+        err.contains("set both listen and secret_file, or neither"),
+        "{err}"
+    );
+    let err = eval_err(
+        &format!(
+            r#"{URL} settings.webhook.listen = "127.0.0.1:9870";
+               settings.webhook.secret_file = "/etc/vmsync/webhook-secret";"#
+        ),
+        "",
+    );
+    assert!(
+        err.contains("webhook.listen needs services.vmsync.mode"),
+        "{err}"
+    );
+    // (Each evaluation here has a store directory of its own.)
+    let c = eval_ok(
+        &format!(
+            r#"{URL} mode = "daemon"; settings.webhook.listen = "127.0.0.1:9870";
+               settings.webhook.secret_file = "${{builtins.storeDir}}/0000-webhook-secret";"#
+        ),
+        "",
+    );
+    let warnings = strings(&c["warnings"]);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("secret_file is in the Nix store")),
+        "{warnings:?}"
+    );
+    // A listen that is no address fails the build's check, naming the key.
+    let c = eval_ok(
+        &format!(
+            r#"{URL} mode = "daemon"; settings.webhook.listen = "localhost";
+               settings.webhook.secret_file = "/etc/vmsync/webhook-secret";"#
+        ),
+        "",
+    );
+    let (out, _, _dir) = run_config_check(&c);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("invalid [webhook] listen 'localhost'"),
+        "{stderr}"
+    );
 }

@@ -50,6 +50,8 @@ fn deploy_config_parses_with_documented_defaults() {
         s.disk_roots,
         vec![Path::new("/var/lib/libvirt/images").to_path_buf()]
     );
+    // Nothing listens unless the operator sets [webhook] listen.
+    assert_eq!(s.webhook, None);
 }
 
 #[test]

@@ -10,7 +10,8 @@
 //!   intervals) and applies new commits. libvirt's test driver, in-process.
 //! - `vmsync-agent.service` against the host's libvirtd (its socket bound in, the disk
 //!   root bound at the same path): READY (`systemctl start` of a `Type=notify` unit
-//!   returns only then), STATUS text, `systemctl reload` syncs a new commit, starting it
+//!   returns only then), STATUS text, a webhook push (`[webhook] listen` in the sandbox)
+//!   and `systemctl reload` sync a new commit, starting it
 //!   stops the timer (`Conflicts=`), and `systemctl stop` during a guest's graceful
 //!   shutdown (the guest boots no OS, so it never honours ACPI) ends at once, the unit
 //!   not failed, the VM recorded as not stopped, no drift afterwards. The same stop of
@@ -542,8 +543,11 @@ fn agent_reports_status_reloads_and_stops_during_a_guest_shutdown() {
         "[source]\nurl = \"/srv/vm-repo\"\n[libvirt]\nuri = \"qemu:///system\"\n\
          [agent]\nhost = \"hv1\"\n# Only start and SIGHUP sync in this test.\n\
          schedule = \"0 0 0 1 1 *\"\njitter_seconds = 0\n\
-         [policy]\ndisk_roots = [\"{images_inside}\"]\n"
+         [policy]\ndisk_roots = [\"{images_inside}\"]\n\
+         [webhook]\nlisten = \"127.0.0.1:0\"\nsecret_file = \"/etc/vmsync/webhook-secret\"\n"
     ));
+    m.write("/etc/vmsync/webhook-secret", "gitlab-token\n");
+    m.ok("chmod 600 /etc/vmsync/webhook-secret");
     let agent = "vmsync-agent.service";
     let status = || m.show(agent, "StatusText");
     let converged_at = |commit: &str| {
@@ -570,6 +574,36 @@ fn agent_reports_status_reloads_and_stops_during_a_guest_shutdown() {
     converged_at(&c1);
     assert_eq!(common::virsh_system_ok(&["domstate", &name]), "running");
     assert!(disk.exists());
+
+    // The webhook listens in the sandbox (the container shares the host's network): a
+    // push with GitLab's token syncs the new commit.
+    let journal = m.journal(agent);
+    let listen = journal
+        .lines()
+        .find_map(|l| l.split("webhook listening listen=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no webhook listener:\n{journal}"))
+        .to_string();
+    let pushed = commit(192, "autostart = true", "pushed");
+    let body = format!(r#"{{"ref":"refs/heads/main","after":"{pushed}"}}"#);
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args([
+            "-H",
+            "X-Gitlab-Token: gitlab-token",
+            "-H",
+            "X-Gitlab-Event: Push Hook",
+        ])
+        .args(["--data-binary", &body])
+        .arg(format!("http://{listen}/hooks/push"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "202", "{out:?}");
+    converged_at(&pushed);
+    assert!(
+        m.journal(agent)
+            .contains("sync started trigger=\"webhook\"")
+    );
 
     // `systemctl reload`: SIGHUP, re-read the config, sync now.
     let c2 = commit(256, "autostart = true", "more memory");

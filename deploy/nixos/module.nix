@@ -154,6 +154,20 @@ let
         also when the configuration is built.
       '';
     };
+    webhook = section "`[webhook]`: push-triggered syncs (daemon mode)." {
+      listen = key (types.nullOr types.nonEmptyStr) null ''
+        Address and port of the webhook listener, e.g. "127.0.0.1:9870": `POST
+        /hooks/push` from GitHub, Gitea/Forgejo or GitLab syncs now; `GET /healthz` and
+        `GET /metrics` beside it. null (the default): no listener. Needs `mode =
+        "daemon"` and `secret_file`. The firewall is not opened: put a reverse proxy with
+        TLS in front (see SECURITY.md), or open the port yourself.
+      '';
+      secret_file = key (types.nullOr absolutePath) null ''
+        File holding the webhook's shared secret (its trailing newline is not part of
+        it), e.g. /etc/vmsync/webhook-secret, mode 0600. Keep it out of the Nix store:
+        the daemon reads it at start and on reload, the build never does.
+      '';
+    };
   };
 
   # The file without the keys left at null (vmsync's own default applies).
@@ -281,7 +295,8 @@ in
         jitter_seconds, max_attempts, backoff_max_seconds, metrics_file), `policy`
         (disk_roots, self_heal, prune, max_prune, shutdown_timeout, allowed_paths,
         allow_hostdev, allow_block_devices, allow_direct_interfaces,
-        allow_qemu_commandline, allow_unconfined) and `trust` (allowed_signers).
+        allow_qemu_commandline, allow_unconfined), `trust` (allowed_signers) and
+        `webhook` (listen, secret_file; daemon mode, off by default).
         `source.url` is required. A value of the wrong type or an unknown key is an
         evaluation error, as vmsync itself refuses unknown keys. Every entry of
         `policy.disk_roots`, the state directory and the metrics file's directory are
@@ -371,7 +386,22 @@ in
             assertion = (cfg.settings.source.url or null) != null;
             message = "services.vmsync.settings.source.url must be set (the VM git repository).";
           }
+          {
+            assertion = (cfg.settings.webhook.listen == null) == (cfg.settings.webhook.secret_file == null);
+            message = "services.vmsync.settings.webhook: set both listen and secret_file, or neither.";
+          }
+          {
+            assertion = cfg.settings.webhook.listen == null || cfg.mode == "daemon";
+            message = "services.vmsync.settings.webhook.listen needs services.vmsync.mode = \"daemon\" (the timer's one-shot runs serve no webhook).";
+          }
         ];
+        warnings =
+          lib.optional
+            (
+              cfg.settings.webhook.secret_file != null
+              && lib.hasPrefix "${builtins.storeDir}/" cfg.settings.webhook.secret_file
+            )
+            "services.vmsync.settings.webhook.secret_file is in the Nix store, which every local user can read: keep the secret in a root-only file such as /etc/vmsync/webhook-secret.";
 
         # vmsync talks to libvirtd (qemu:///system); it is not optional.
         virtualisation.libvirtd.enable = true;

@@ -1,6 +1,8 @@
 //! Daemon mode (`vmsync` without `--once`): sync at start, then on `[agent] schedule`
 //! plus a per-host jitter, with capped backoff after failures; SIGHUP reloads the config
-//! and syncs now; SIGTERM/SIGINT let the action in flight finish, then exit 0.
+//! and syncs now; SIGTERM/SIGINT let the action in flight finish, then exit 0. With
+//! `[webhook] listen`, a signed push also syncs now (`agent::webhook`): the loop runs at
+//! most one sync at a time, with at most one more queued.
 //!
 //! The sync itself (git2, libvirt, qemu-img) runs on a blocking thread, off the async
 //! runtime; between ticks the process sleeps in the kernel (no CPU). The libvirt
@@ -17,7 +19,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::agent::sync::{self, Connection, Options, SyncError};
-use crate::config::{self, Overrides, Settings};
+use crate::agent::webhook::{self, Hub, Secret};
+use crate::config::{self, ConfigError, Overrides, Settings};
 
 /// The per-host delay added to every tick: stable for a host, spread over the fleet.
 pub fn jitter(host: &str, max_seconds: u64) -> Duration {
@@ -72,6 +75,48 @@ pub fn run(flags: Overrides, settings: Settings) -> u8 {
     runtime.block_on(run_async(flags, settings))
 }
 
+/// Resolves when the webhook asked for a sync; never without a webhook.
+async fn pushed(hub: &Option<Arc<Hub>>) {
+    match hub {
+        Some(hub) => hub.sync_requested().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The config with its webhook secret (read from `[webhook] secret_file`, if set): what
+/// the daemon loads at start and on SIGHUP.
+fn load_with_secret(flags: &Overrides) -> Result<(Settings, Option<Secret>), ConfigError> {
+    let settings = config::load(flags)?;
+    let secret = secret_of(&settings)?;
+    Ok((settings, secret))
+}
+
+fn secret_of(settings: &Settings) -> Result<Option<Secret>, ConfigError> {
+    settings
+        .webhook
+        .as_ref()
+        .map(|w| webhook::read_secret(&w.secret_file).map_err(ConfigError))
+        .transpose()
+}
+
+/// Starts the webhook listener of `settings`, if it has one. Its `/metrics` starts with
+/// the record's figures until the first sync renders them anew. Exit status on failure:
+/// 2 for the secret file (a config error), 1 when the address cannot be bound.
+async fn start_webhook(settings: &Settings) -> Result<Option<Arc<Hub>>, (u8, String)> {
+    let Some(config) = &settings.webhook else {
+        return Ok(None);
+    };
+    let secret = webhook::read_secret(&config.secret_file).map_err(|e| (2, e))?;
+    let record = crate::agent::state::load(&settings.state_dir).unwrap_or_default();
+    let metrics = crate::agent::metrics::render(&record, None, Duration::ZERO);
+    let hub = Hub::new(secret, &settings.branch, metrics);
+    let listener = webhook::bind(config.listen).await.map_err(|e| (1, e))?;
+    let addr = listener.local_addr().map_err(|e| (1, e.to_string()))?;
+    info!(listen = %addr, path = webhook::PUSH_PATH, "webhook listening");
+    tokio::spawn(webhook::serve(listener, hub.clone()));
+    Ok(Some(hub))
+}
+
 async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
     let (mut hup, mut term, mut int) = match (
         signal(SignalKind::hangup()),
@@ -84,27 +129,44 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
             return 1;
         }
     };
+    let hub = match start_webhook(&settings).await {
+        Ok(hub) => hub,
+        Err((status, e)) => {
+            error!("{e}");
+            return status;
+        }
+    };
     let mut conn = Some(Connection::new(&settings.libvirt_uri));
     let mut failures: u32 = 0;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!(schedule = %settings.schedule.source(), host = %settings.host, "daemon started");
     let mut due = Utc::now();
+    let mut first = true;
     loop {
         let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+        let trigger = tokio::select! {
+            _ = tokio::time::sleep(wait) => if first { "start" } else { "schedule" },
+            _ = pushed(&hub) => {
+                // A push notification knows better than a cached probe file.
+                crate::repo::probe::force_next_fetch();
+                "webhook"
+            }
             _ = hup.recv() => {
-                match config::load(&flags) {
-                    Ok(new) => {
+                match load_with_secret(&flags) {
+                    Ok((new, secret)) => {
                         info!("SIGHUP: reloaded the config; syncing now");
+                        reload_webhook(hub.as_deref(), &settings, &new, secret);
                         settings = new;
                     }
                     Err(e) => error!(error = %e, "SIGHUP: keeping the old config; syncing now"),
                 }
+                "sighup"
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
-        }
+        };
+        first = false;
+        info!(trigger, "sync started");
 
         let cancel = Arc::new(AtomicBool::new(false));
         let mut connection = conn
@@ -113,18 +175,20 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
         connection.set_uri(&settings.libvirt_uri);
         let (job_settings, job_cancel) = (settings.clone(), cancel.clone());
         let max_attempts = settings.max_attempts;
+        let render = hub.is_some();
         let job = tokio::task::spawn_blocking(move || {
             let options = Options {
                 give_up_after: Some(max_attempts),
                 cancel: &job_cancel,
                 allow_rewind: false,
             };
-            let result = sync::run(&job_settings, &mut connection, &options);
-            (connection, result)
+            let (result, metrics) =
+                sync::run_with_metrics(&job_settings, &mut connection, &options, render);
+            (connection, result, metrics)
         });
         tokio::pin!(job);
         let mut stopping = false;
-        let (connection, result) = loop {
+        let (connection, result, metrics) = loop {
             tokio::select! {
                 done = &mut job => break done.expect("the sync thread does not panic"),
                 _ = term.recv() => { stopping = true; cancel.store(true, Ordering::SeqCst); info!("stopping after the action in flight"); }
@@ -132,6 +196,9 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
             }
         };
         conn = Some(connection);
+        if let (Some(hub), Some(text)) = (&hub, metrics) {
+            hub.set_metrics(text);
+        }
         let status = match &result {
             Ok(report) => {
                 failures = 0;
@@ -187,6 +254,22 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     info!("daemon stopped");
     0
+}
+
+/// A reloaded config's secret and branch take effect for the next request; a new
+/// `listen` (or turning the webhook on or off) needs a restart.
+fn reload_webhook(hub: Option<&Hub>, old: &Settings, new: &Settings, secret: Option<Secret>) {
+    let listen = |s: &Settings| s.webhook.as_ref().map(|w| w.listen);
+    if listen(old) != listen(new) {
+        warn!(
+            old = ?listen(old),
+            new = ?listen(new),
+            "SIGHUP: [webhook] listen changed; it takes effect at the next restart"
+        );
+    }
+    if let (Some(hub), Some(secret)) = (hub, secret) {
+        hub.reload(secret, &new.branch);
+    }
 }
 
 #[cfg(test)]

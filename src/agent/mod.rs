@@ -1,8 +1,9 @@
-//! The agent: one sync stage after stage, the daemon around it, and what it keeps
-//! between runs (the record, the lock) and reports (status, metrics).
+//! The agent: one sync stage after stage, the daemon around it (and its push webhook),
+//! and what it keeps between runs (the record, the lock) and reports (status, metrics).
 
 pub mod daemon;
 pub mod metrics;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod webhook;

@@ -176,18 +176,32 @@ pub fn run(
     conn: &mut Connection,
     options: &Options,
 ) -> Result<Report, SyncError> {
+    run_with_metrics(settings, conn, options, false).0
+}
+
+/// [`run`], also returning the metrics text it rendered: always when `render` is set
+/// (the daemon's `/metrics`), else only for `[agent] metrics_file`; never when another
+/// vmsync held the lock (nothing was attempted).
+pub fn run_with_metrics(
+    settings: &Settings,
+    conn: &mut Connection,
+    options: &Options,
+    render: bool,
+) -> (Result<Report, SyncError>, Option<String>) {
     let started = Instant::now();
     let result = run_locked(settings, conn, options);
-    if let Some(path) = &settings.metrics_file
-        && !matches!(result, Err(SyncError::Locked(_)))
-    {
+    let text = ((render || settings.metrics_file.is_some())
+        && !matches!(result, Err(SyncError::Locked(_))))
+    .then(|| {
         let record = state::load(&settings.state_dir).unwrap_or_default();
-        let text = crate::agent::metrics::render(&record, result.as_ref().ok(), started.elapsed());
-        if let Err(e) = state::write_atomic(path, text.as_bytes()) {
-            warn!(error = %e, "failed to write the metrics file");
-        }
+        crate::agent::metrics::render(&record, result.as_ref().ok(), started.elapsed())
+    });
+    if let (Some(path), Some(text)) = (&settings.metrics_file, &text)
+        && let Err(e) = state::write_atomic(path, text.as_bytes())
+    {
+        warn!(error = %e, "failed to write the metrics file");
     }
-    result
+    (result, text)
 }
 
 fn run_locked(
