@@ -24,13 +24,14 @@ Modes, one after the other, each with fresh agents:
          agent has applied it by polling alone;
   webhook  (if the daemon has [webhook]) probe mode plus a listener per agent; one push,
          fanned out by this script to every agent's listener, and the time until every
-         agent has applied it.
+         agent has applied it;
+  webhook-http  the same with the repository fetched over smart HTTP.
 For each poll mode: after every agent's first sync (the clone), a settle period, then a
 measured window: server CPU, bytes, connections and round trips per no-change poll, and
 how the polls spread over the minute.
 
 Usage (as root; packages: openssh-server nginx-light fcgiwrap git python3):
-    bench/fleet/run.py [--agents N] [--window SECONDS] [--modes ssh,http,probe,webhook]
+    bench/fleet/run.py [--agents N] [--window SECONDS] [--modes ssh,http,probe,webhook,webhook-http]
 Writes bench/fleet/results.md (and prints it).
 """
 
@@ -307,10 +308,11 @@ def start_agents(work, vmsync, n, mode, webhook=False):
         d = os.path.join(base, f"a{i:03d}")
         os.makedirs(os.path.join(d, "images"))
         lines = ["[source]"]
-        lines.append(f'url = "{http_url if mode == "http" else ssh_url}"')
-        if mode != "http":
+        over_http = mode in ("http", "webhook-http")
+        lines.append(f'url = "{http_url if over_http else ssh_url}"')
+        if not over_http:
             lines.append(f'ssh_key = "{work}/ssh/agent_key"')
-        if mode in ("probe", "webhook"):
+        if mode in ("probe", "webhook", "webhook-http"):
             lines.append(f'probe_url = "{probe_url}"')
         lines += [
             "[libvirt]",
@@ -487,7 +489,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--agents", type=int, default=100)
     ap.add_argument("--window", type=int, default=120, help="measured seconds per mode")
-    ap.add_argument("--modes", default="ssh,http,probe,webhook")
+    ap.add_argument("--modes", default="ssh,http,probe,webhook,webhook-http")
     ap.add_argument("--settle", type=int, default=65,
                     help="probe mode: seconds before the window, so every agent's first probe (a 200) is done")
     ap.add_argument("--work", default="/tmp/vmsync-fleet")
@@ -503,9 +505,9 @@ def main():
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     modes = args.modes.split(",")
-    if "webhook" in modes and not has_webhook(vmsync):
-        print("this vmsync has no [webhook]: skipping the webhook mode", file=sys.stderr)
-        modes.remove("webhook")
+    if any(m.startswith("webhook") for m in modes) and not has_webhook(vmsync):
+        print("this vmsync has no [webhook]: skipping the webhook modes", file=sys.stderr)
+        modes = [m for m in modes if not m.startswith("webhook")]
 
     bare, clone = setup_repo(args.work)
     cg_ssh, cg_http = Cgroup("vmsync-fleet-sshd"), Cgroup("vmsync-fleet-http")
@@ -522,21 +524,26 @@ def main():
         for mode in modes:
             tip = sh("git", "-C", clone, "rev-parse", "HEAD").strip()
             started = time.time()
-            agents = start_agents(args.work, vmsync, args.agents, mode, webhook=(mode == "webhook"))
+            agents = start_agents(args.work, vmsync, args.agents, mode,
+                                  webhook=mode.startswith("webhook"))
             done = wait_applied(agents, tip, 300)
             print(f"{mode}: {len(done)}/{len(agents)} agents applied {tip[:12]} "
                   f"in {time.time() - started:.1f} s", file=sys.stderr)
-            if mode == "webhook":
+            if mode.startswith("webhook"):
                 time.sleep(5)
                 memory *= 2
+                cpu0 = cg_ssh.ns() + cg_http.ns()
                 t0 = time.time()
                 new = commit(clone, bare, memory)
                 codes = fan_out(agents, args.agents, new)
                 fanned = time.time() - t0
                 done = wait_applied(agents, new, 120)
                 lat = sorted(t - t0 for t in done.values())
-                latencies.append(("webhook fanned out to every agent", len(done), len(agents),
-                                  lat, fanned, sorted({str(c) for c in codes})))
+                herd_cpu = (cg_ssh.ns() + cg_http.ns() - cpu0) / 1e9
+                how = "fetch over SSH" if mode == "webhook" else "fetch over smart HTTP"
+                latencies.append((f"webhook fanned out to every agent, {how} "
+                                  f"(server CPU for the push: {herd_cpu:.2f} s)", len(done),
+                                  len(agents), lat, fanned, sorted({str(c) for c in codes})))
             else:
                 poll_mode = mode
                 proxy = http_proxy if mode in ("http", "probe") else ssh_proxy
