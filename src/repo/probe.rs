@@ -477,6 +477,81 @@ mod tests {
         assert!(fetches(decide(&same, Some(oid(A)), Some(hour), hour)));
     }
 
+    /// Serves `body` (with an ETag) to every request on a loopback port; the URL.
+    fn serve(body: String) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/info/refs", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    line.clear();
+                }
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn a_stale_probe_skips_until_a_push_forces_the_fetch() {
+        use crate::repo::source::test_git::git;
+        let remote = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        git(remote.path(), &["init", "-q"]);
+        git(
+            remote.path(),
+            &["commit", "-q", "--allow-empty", "-m", "one"],
+        );
+        let first = git(remote.path(), &["rev-parse", "HEAD"]);
+        let settings = SourceSettings {
+            url: remote.path().display().to_string(),
+            branch: "main".into(),
+            ssh_key: None,
+            token_file: None,
+        };
+        let probe = ProbeSettings {
+            url: serve(format!("{first}\trefs/heads/main\n")),
+            max_skip: DEFAULT_MAX_SKIP,
+        };
+        assert_eq!(
+            fetch(&settings, Some(&probe), state.path()).unwrap().id(),
+            first
+        );
+        let record = ProbeRecord::load(state.path());
+        assert_eq!(record.fetched_branch.as_deref(), Some("main"));
+        assert!(record.fetched_at.is_some());
+
+        // The branch moves; the probe still names the old tip: skipped.
+        git(
+            remote.path(),
+            &["commit", "-q", "--allow-empty", "-m", "two"],
+        );
+        let second = git(remote.path(), &["rev-parse", "HEAD"]);
+        assert_eq!(
+            fetch(&settings, Some(&probe), state.path()).unwrap().id(),
+            first
+        );
+        assert_eq!(
+            ProbeRecord::load(state.path()).tip.as_deref(),
+            Some(first.as_str())
+        );
+        // A push notification: fetched, whatever the probe says; then skipped again.
+        force_next_fetch();
+        assert_eq!(
+            fetch(&settings, Some(&probe), state.path()).unwrap().id(),
+            second
+        );
+        // Without a probe, always the fetch.
+        assert_eq!(fetch(&settings, None, state.path()).unwrap().id(), second);
+    }
+
     #[test]
     fn probe_urls_are_checked() {
         assert!(check_url("https://git.example.org/vms.git/info/refs").is_ok());
