@@ -68,14 +68,15 @@ pub struct ProbeSettings {
 
 /// Checks a probe URL at the edge: http or https, and a host.
 pub fn check_url(url: &str) -> Result<(), String> {
+    let shown = source::redact(url);
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))
         .ok_or_else(|| {
-            format!("invalid [source] probe_url '{url}': must be http:// or https://")
+            format!("invalid [source] probe_url '{shown}': must be http:// or https://")
         })?;
     if rest.is_empty() || rest.starts_with('/') {
-        return Err(format!("invalid [source] probe_url '{url}': no host"));
+        return Err(format!("invalid [source] probe_url '{shown}': no host"));
     }
     Ok(())
 }
@@ -331,6 +332,8 @@ pub fn fetch(
     let Some(probe) = probe else {
         return source::fetch(settings, state_dir);
     };
+    // For logs: never show a password embedded in the URL.
+    let shown = source::redact(&probe.url);
     let mut record = ProbeRecord::load(state_dir);
     let before = record.clone();
     let forced = FORCE.swap(false, Ordering::SeqCst);
@@ -353,9 +356,9 @@ pub fn fetch(
         let answer = ask(probe, &settings.branch, &mut record);
         if let Answer::Failed(e) = &answer {
             if WARNED.swap(true, Ordering::SeqCst) {
-                debug!(probe = %probe.url, error = %e, "probe failed; fetching");
+                debug!(probe = %shown, error = %e, "probe failed; fetching");
             } else {
-                warn!(probe = %probe.url, error = %e, "probe failed; fetching (further failures are logged at debug)");
+                warn!(probe = %shown, error = %e, "probe failed; fetching (further failures are logged at debug)");
             }
         } else {
             WARNED.store(false, Ordering::SeqCst);
@@ -365,7 +368,7 @@ pub fn fetch(
     let result = match decision {
         Decision::Skip(tip) => match FetchedCommit::open(state_dir, &tip.to_string()) {
             Ok(fetched) => {
-                debug!(probe = %probe.url, commit = %fetched.short(), "the probe names the fetched tip; fetch skipped");
+                debug!(probe = %shown, commit = %fetched.short(), "the probe names the fetched tip; fetch skipped");
                 Ok(fetched)
             }
             Err(e) => {
@@ -374,7 +377,7 @@ pub fn fetch(
             }
         },
         Decision::Fetch(reason) => {
-            info!(probe = %probe.url, reason = %reason, "fetching");
+            info!(probe = %shown, reason = %reason, "fetching");
             fetch_and_record(settings, state_dir, &mut record)
         }
     };
@@ -558,5 +561,7 @@ mod tests {
         assert!(check_url("http://127.0.0.1:8080/info/refs").is_ok());
         assert!(check_url("ssh://git@example.org/vms.git").is_err());
         assert!(check_url("https:///x").is_err());
+        let err = check_url("ftp://user:secret@example.org/info/refs").unwrap_err();
+        assert!(!err.contains("secret"), "{err}");
     }
 }
