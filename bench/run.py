@@ -33,6 +33,13 @@ baseline and to the floor.
 
 Usage: sudo bench/run.py [N ...]   (needs libvirtd at qemu:///system, see scripts/setup-host.sh)
 Test domains are named vmsyncbench-<N>-<i> and removed at the end.
+
+       sudo bench/run.py --resources NETWORKS POOLS N
+measures only what networks and pools add to a no-op sync: N domains alone, then the
+same N domains with NETWORKS networks and POOLS dir pools in the manifest (defined,
+autostart off, so that nothing is started), each no-op sync run RESOURCE_RUNS times:
+libvirt calls (vmsync's own counter) and wall time. Prints a markdown table; removes
+its domains, networks and pools (named vmsyncbench-res-*) at the end.
 """
 
 import json
@@ -54,8 +61,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 URI = "qemu:///system"
-VMSYNC = ROOT / "target/release/vmsync"
-FLOOR = ROOT / "target/release/examples/floor"
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+VMSYNC = TARGET / "release/vmsync"
+FLOOR = TARGET / "release/examples/floor"
 # Runs of each repeated sync kind (no-op, one VM changed, unrelated commit), interleaved.
 RUNS = 25
 
@@ -309,7 +317,75 @@ def machine():
             f"/dev/kvm: {kvm}; " + "; ".join(l.strip() for l in libvirt if l.strip()))
 
 
+RESOURCE_RUNS = 7
+
+
+def remove_resources(prefix):
+    """Undefines the networks and pools named PREFIX* (their storage is left; removed
+    by the caller)."""
+    for kind, lister, undefine in [("net", "net-list", "net-undefine"), ("pool", "pool-list", "pool-undefine")]:
+        names = [l.strip() for l in sh(["virsh", "-c", URI, lister, "--all", "--name"]).splitlines()
+                 if l.strip().startswith(prefix)]
+        if names:
+            subprocess.run(["virsh", "-c", URI, "; ".join(f"{undefine} {n}" for n in names)],
+                           capture_output=True, text=True)
+
+
+def resources_bench(nets, pools, n):
+    """A no-op sync of N domains without and with NETS networks and POOLS pools."""
+    sh(["cargo", "build", "--release", "--bin", "vmsync"], cwd=ROOT)
+    base = Path(tempfile.mkdtemp(prefix="vmsync-bench-res-"))
+    prefix, res = f"vmsyncbench-{n}-", "vmsyncbench-res-"
+    remove_domains(prefix)
+    remove_resources(res)
+    try:
+        repo = make_repo(base, n)
+        state = base / "state"
+        vmsync_once(repo, state)
+        without = [vmsync_once(repo, state) for _ in range(RESOURCE_RUNS)]
+        lines = [(repo / "vmsync.toml").read_text()]
+        for i in range(nets):
+            name = f"{res}net-{i}"
+            lines.append(f'[[network]]\nname = "{name}"\nxml_inline = "<network><name>{name}</name>'
+                         f"<bridge name='vsbr{i}'/></network>\"\n")
+        for i in range(pools):
+            name = f"{res}pool-{i}"
+            lines.append(f'[[pool]]\nname = "{name}"\nxml_inline = "<pool type=\'dir\'><name>{name}</name>'
+                         f'<target><path>/var/lib/libvirt/images/{name}</path></target></pool>"\n')
+        (repo / "vmsync.toml").write_text("\n".join(lines))
+        git(repo, "commit", "-q", "-am", "networks and pools")
+        vmsync_once(repo, state)
+        with_res = [vmsync_once(repo, state) for _ in range(RESOURCE_RUNS)]
+        med = statistics.median
+        rows = [
+            ("without", [calls(r[3]) for r in without], med(r[0] for r in without),
+             med(stages(r[3]).get("observe", 0) for r in without)),
+            (f"with {nets} networks and {pools} pools", [calls(r[3]) for r in with_res],
+             med(r[0] for r in with_res), med(stages(r[3]).get("observe", 0) for r in with_res)),
+        ]
+        out = [f"No-op sync of {n} domains, {RESOURCE_RUNS} runs each ({machine()}):", "",
+               "| manifest | libvirt calls per sync | wall (median) | observe stage (median) |",
+               "|---|---|---|---|"]
+        for label, c, wall, observe in rows:
+            out.append(f"| {label} | {sorted(set(c))} | {wall * 1000:.1f} ms | {observe:.1f} ms |")
+        extra = rows[1][1][0] - rows[0][1][0]
+        out.append("")
+        out.append(f"Networks and pools add {extra} libvirt calls per no-op sync "
+                   f"(target: one list call per kind plus one XML read each = {2 + nets + pools}).")
+        print("\n".join(out))
+    finally:
+        remove_domains(prefix)
+        remove_resources(res)
+        # The pools' directories, made when vmsync built them (empty: no volumes).
+        for d in Path("/var/lib/libvirt/images").glob(f"{res}pool-*"):
+            shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def main():
+    if sys.argv[1:2] == ["--resources"]:
+        nets, pools, n = (int(a) for a in sys.argv[2:5])
+        return resources_bench(nets, pools, n)
     ns = [int(a) for a in sys.argv[1:]] or [100, 500, 1000]
     sh(["cargo", "build", "--release", "--bin", "vmsync", "--example", "floor"], cwd=ROOT)
     rows, extra = [], []

@@ -58,7 +58,8 @@ BUILD_PKGS=(gcc g++ libc6-dev pkg-config libvirt-dev libxml2-dev libssl-dev zlib
 BUILD_PKGS+=(nix-bin systemd systemd-container debootstrap openssl procps)
 RUNTIME_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf
-  openssh-server openssh-client)
+  openssh-server openssh-client
+  iptables dnsmasq-base iproute2)  # NAT/isolated networks; `ip link` for the bridge tests
 
 # ---------------------------------------------------------------- packages --
 

@@ -114,6 +114,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a VM repository from the domains, networks and storage pools the host has
+    /// now (reads only; changes nothing on the host). Review it, commit it; `adopt =
+    /// true` takes them over.
+    Import {
+        /// Directory to write (must be empty unless --force).
+        dir: PathBuf,
+        /// Only these domains, networks or pools [default: every persistent one].
+        names: Vec<String>,
+        /// Write into a directory that is not empty (files of the same name are replaced).
+        #[arg(long)]
+        force: bool,
+    },
     /// Validate a VM repository checkout offline (for the VM repo's own CI); exit 0 or 3.
     Validate {
         /// The checkout [default: .].
@@ -380,8 +392,16 @@ pub fn run() -> u8 {
                     dir.display(),
                     d.vms.len(),
                     d.directories.len()
-                )
+                );
+                print!(
+                    "{}",
+                    crate::desired::resources::validate_summary(&d.resources)
+                );
             })
+        }
+        (Some(Command::Import { dir, names, force }), false) => {
+            crate::onboard::import::import(&settings, dir, names, *force)
+                .map(|done| print!("{}", crate::onboard::import::render(dir, &done)))
         }
         (Some(Command::Status { json }), false) => crate::agent::state::load(&settings.state_dir)
             .map(|record| {

@@ -27,12 +27,16 @@ pub enum SyncError {
     #[error("{0}; nothing was applied")]
     Untrusted(#[from] TrustError),
     #[error(
-        "{failed} of {total} vms failed at commit {commit}; the last applied commit is unchanged"
+        "{} failed at commit {commit}; the last applied commit is unchanged",
+        failed_summary(*failed, *total, resources)
     )]
     ActionsFailed {
         commit: String,
+        /// VMs (and prunes) that failed, of `total` VMs.
         failed: usize,
         total: usize,
+        /// The networks, pools and volumes that failed: `network 'lab'`.
+        resources: Vec<String>,
     },
     #[error(
         "commit {commit} failed {attempts} times in a row; not retrying it until a newer commit arrives (`vmsync --once` retries it now)"
@@ -88,9 +92,42 @@ impl SyncError {
     }
 }
 
+/// `1 of 3 vms, network 'lab'`: what failed, VMs counted, networks and pools named.
+fn failed_summary(failed: usize, total: usize, resources: &[String]) -> String {
+    let mut parts = Vec::new();
+    if failed > 0 || resources.is_empty() {
+        parts.push(format!("{failed} of {total} vms"));
+    }
+    parts.extend(resources.iter().cloned());
+    parts.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_failure_summary_counts_vms_and_names_networks_and_pools() {
+        let summary = |failed, total, resources: &[&str]| {
+            SyncError::ActionsFailed {
+                commit: "c".into(),
+                failed,
+                total,
+                resources: resources.iter().map(|r| r.to_string()).collect(),
+            }
+            .to_string()
+        };
+        let tail = " failed at commit c; the last applied commit is unchanged";
+        assert_eq!(summary(1, 3, &[]), format!("1 of 3 vms{tail}"));
+        assert_eq!(
+            summary(0, 3, &["network 'lab'"]),
+            format!("network 'lab'{tail}")
+        );
+        assert_eq!(
+            summary(2, 3, &["pool 'p'", "volume 'v' of pool 'p'"]),
+            format!("2 of 3 vms, pool 'p', volume 'v' of pool 'p'{tail}")
+        );
+    }
 
     #[test]
     fn every_error_has_its_documented_exit_status_and_record() {
@@ -102,6 +139,7 @@ mod tests {
             commit: "c".into(),
             failed: 1,
             total: 2,
+            resources: vec![],
         };
         let cases: Vec<(SyncError, u8, Option<SyncResult>)> = vec![
             (ConfigError("x".into()).into(), 2, Some(SyncResult::Failed)),

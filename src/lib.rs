@@ -18,6 +18,7 @@
 //!   plan out through the seams.
 //! - [`agent`]: one sync stage after stage, the daemon, the record and its lock, status
 //!   and metrics.
+//! - [`onboard`]: `vmsync import` and what `adopt = true` needs to take a domain over.
 //! - [`cli`], [`config`], [`error`]: the command line, the agent's configuration, and the
 //!   errors that decide the exit status.
 
@@ -27,6 +28,7 @@ pub mod config;
 pub mod desired;
 pub mod error;
 pub mod host;
+pub mod onboard;
 pub mod reconcile;
 pub mod repo;
 

@@ -14,6 +14,22 @@ fn example_repo_validates() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("example-repo");
     let run = common::vmsync(&["validate", &dir.display().to_string()]).expect(0);
     run.stdout_has("valid (2 vm(s), 1 directory(ies))");
+    run.stdout_has("1 network(s), 1 pool(s), 0 pool volume(s)");
+}
+
+#[test]
+fn example_repo_network_and_pool_files_are_all_used() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("example-repo");
+    let manifest = std::fs::read_to_string(dir.join("vmsync.toml")).unwrap();
+    for sub in ["networks", "pools"] {
+        for entry in std::fs::read_dir(dir.join(sub)).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            assert!(
+                manifest.contains(&format!("{sub}/{name}")),
+                "example-repo/{sub}/{name} is not in vmsync.toml"
+            );
+        }
+    }
 }
 
 #[test]
@@ -307,6 +323,7 @@ fn readme_is_a_front_page() {
         "docs/operations.md",
         "docs/design.md",
         "docs/performance.md",
+        "docs/moving-from-the-old-ways.md",
     ] {
         assert!(
             readme.contains(&format!("]({page})")),

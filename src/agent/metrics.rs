@@ -129,6 +129,29 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         &failed,
     );
 
+    // Networks and pools: failed and pending restart, per name (as for vms).
+    for (kind, recs) in [("network", &record.networks), ("pool", &record.pools)] {
+        let lbl = |name: &str| format!("{{{kind}=\"{}\"}}", label(name));
+        let failed: Vec<_> = recs
+            .iter()
+            .map(|(n, r)| (lbl(n), if r.ok { 0.0 } else { 1.0 }))
+            .collect();
+        gauge(
+            &format!("vmsync_{kind}_failed"),
+            &format!("1 if the last sync failed for this {kind}."),
+            &failed,
+        );
+        let pending: Vec<_> = recs
+            .iter()
+            .map(|(n, r)| (lbl(n), if r.pending_restart { 1.0 } else { 0.0 }))
+            .collect();
+        gauge(
+            &format!("vmsync_{kind}_pending_restart"),
+            &format!("1 if this {kind} is active on an older definition."),
+            &pending,
+        );
+    }
+
     let mut kinds: BTreeMap<ActionKind, f64> = ActionKind::iter().map(|k| (k, 0.0)).collect();
     if let Some(r) = report {
         *kinds.entry(ActionKind::CreateDirectory).or_default() +=
@@ -139,6 +162,9 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         for p in &r.outcome.pruned {
             *kinds.entry(ActionKind::Undefine).or_default() +=
                 p.done.iter().filter(|d| d.starts_with("undefine")).count() as f64;
+        }
+        for kind in r.outcome.resources.kinds() {
+            *kinds.entry(kind).or_default() += 1.0;
         }
     }
     let samples: Vec<_> = kinds
@@ -175,8 +201,28 @@ mod tests {
                 ..Default::default()
             },
         );
+        record.pools.insert(
+            "vmpool".into(),
+            crate::reconcile::resources::ResourceRecord {
+                ok: false,
+                ..Default::default()
+            },
+        );
+        record.networks.insert(
+            "lab".into(),
+            crate::reconcile::resources::ResourceRecord {
+                ok: true,
+                pending_restart: true,
+                ..Default::default()
+            },
+        );
         let text = render(&record, None, Duration::from_millis(1500));
         for line in [
+            "vmsync_pool_failed{pool=\"vmpool\"} 1",
+            "vmsync_network_failed{network=\"lab\"} 0",
+            "vmsync_network_pending_restart{network=\"lab\"} 1",
+            "vmsync_last_sync_actions{kind=\"create_volume\"} 0",
+            "vmsync_last_sync_actions{kind=\"start_network\"} 0",
             "vmsync_last_sync_timestamp_seconds 1795636800",
             "vmsync_last_sync_success 0",
             "vmsync_last_sync_result{result=\"failed\"} 1",

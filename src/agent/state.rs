@@ -82,6 +82,13 @@ pub struct Record {
     /// deletes them; they are listed until the file is gone.
     #[serde(default)]
     pub orphaned_disks: BTreeMap<String, String>,
+    /// Networks vmsync defined (or adopted), by name.
+    #[serde(default)]
+    pub networks: BTreeMap<String, crate::reconcile::resources::ResourceRecord>,
+    /// Storage pools vmsync defined (or adopted), by name, with their UUID: pool XML has
+    /// no `<metadata>`, so this is how vmsync knows its pools.
+    #[serde(default)]
+    pub pools: BTreeMap<String, crate::reconcile::resources::ResourceRecord>,
 }
 
 impl SyncResult {
@@ -169,6 +176,7 @@ impl Record {
         self.last_attempted_commit = Some(commit.to_string());
         self.last_attempt_at = Some(now.to_string());
         let mut errors = outcome.directory_errors.clone();
+        errors.extend(outcome.resources.errors());
         errors.extend(
             outcome
                 .vms

@@ -35,10 +35,25 @@ pub struct Status {
     pub vms: Vec<VmStatus>,
     /// Disks of pruned domains (never deleted by vmsync), path → former domain.
     pub orphaned_disks: std::collections::BTreeMap<String, String>,
+    /// Networks vmsync manages.
+    pub networks: Vec<crate::reconcile::resources::ResourceStatus>,
+    /// Storage pools vmsync manages.
+    pub pools: Vec<crate::reconcile::resources::ResourceStatus>,
 }
 
 /// Builds the status view; `hv` is `Err` when libvirt could not be reached.
 pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
+    let hv_ok = hv.as_ref().ok().copied();
+    let networks = crate::reconcile::resources::status(
+        record,
+        hv_ok,
+        crate::desired::resource_xml::ResourceKind::Network,
+    );
+    let pools = crate::reconcile::resources::status(
+        record,
+        hv_ok,
+        crate::desired::resource_xml::ResourceKind::Pool,
+    );
     let (listing, libvirt_error) = match hv.and_then(|hv| hv.list().map(|l| (hv, l))) {
         Ok((hv, listing)) => (Some((hv, listing)), None),
         Err(e) => (None, Some(e.to_string())),
@@ -125,6 +140,8 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
             .filter(|(path, _)| std::path::Path::new(path).exists())
             .map(|(p, v)| (p.clone(), v.clone()))
             .collect(),
+        networks,
+        pools,
     }
 }
 
@@ -197,5 +214,6 @@ pub fn render_text(s: &Status) -> String {
     for (disk, vm) in &s.orphaned_disks {
         out += &format!("orphaned disk (kept): {disk} (was vm '{vm}')\n");
     }
+    out += &crate::reconcile::resources::status_text(&s.networks, &s.pools);
     out
 }

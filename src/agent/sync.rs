@@ -416,6 +416,7 @@ fn apply_observed(
     (calls_before, mut stages): (u64, Vec<(&'static str, Duration)>),
 ) -> Result<Report, SyncError> {
     let short = &commit[..commit.len().min(12)];
+    check_references(commit, desired, observed)?;
     let started = Instant::now();
     let ctx = plan::Context {
         policy: &settings.changes,
@@ -429,7 +430,11 @@ fn apply_observed(
             message: message.clone(),
         });
     }
-    if plan.is_noop() && plan.vms.iter().all(|vm| vm.error.is_none()) {
+    if plan.is_noop()
+        && plan.vms.iter().all(|vm| vm.error.is_none())
+        && plan.resources.pools.iter().all(|p| p.error.is_none())
+        && plan.resources.networks.iter().all(|p| p.error.is_none())
+    {
         info!(commit = %short, vms = plan.vms.len(), "nothing to do: every vm is converged");
     }
     stages.push(("plan", started.elapsed()));
@@ -443,14 +448,21 @@ fn apply_observed(
         &outcome,
         &state::now_rfc3339(),
     );
+    crate::reconcile::resources::record(record, commit, &plan.resources, &outcome.resources);
     state::save(&settings.state_dir, record)?;
     if !outcome.all_ok() {
         let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count()
             + outcome.pruned.iter().filter(|p| p.error.is_some()).count();
+        let resources = outcome.resources.failed_names();
         return Err(SyncError::ActionsFailed {
             commit: commit.to_string(),
-            failed: failed.max(1),
+            failed: if resources.is_empty() {
+                failed.max(1)
+            } else {
+                failed
+            },
             total: outcome.vms.len(),
+            resources,
         });
     }
     info!(
@@ -485,6 +497,7 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
         &crate::host::disk::QemuImg::default(),
     )?;
     check_floors(&fetched, &observed_floors(&observed), false)?;
+    check_references(&commit, &desired, &observed)?;
     let normalizer = crate::host::hypervisor::TestDriverSchema::new()?;
     Ok(plan_observed(
         settings,
@@ -524,7 +537,42 @@ fn observe_commit(
         .iter()
         .map(|(name, vm)| (name.clone(), vm.definition_hash.clone()))
         .collect();
-    observe::observe(desired, &applied, hv, disks).map_err(|e| anyhow::anyhow!("{e}").into())
+    let mut observed =
+        observe::observe(desired, &applied, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
+    observed.resources =
+        crate::host::resources::observe(&desired.resources, &recorded_resources(record), hv)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(observed)
+}
+
+/// The networks and pools this agent's record says it applied.
+fn recorded_resources(
+    record: &Record,
+) -> std::collections::BTreeSet<(crate::desired::resource_xml::ResourceKind, String)> {
+    use crate::desired::resource_xml::ResourceKind;
+    let networks = record
+        .networks
+        .keys()
+        .map(|n| (ResourceKind::Network, n.clone()));
+    let pools = record.pools.keys().map(|n| (ResourceKind::Pool, n.clone()));
+    networks.chain(pools).collect()
+}
+
+/// The networks, pools and volumes the commit's domains name that neither the commit
+/// nor the host has: the commit is invalid (exit 3), nothing is applied.
+fn check_references(
+    commit: &str,
+    desired: &Desired,
+    observed: &observe::Observed,
+) -> Result<(), SyncError> {
+    let problems = crate::host::resources::missing(&desired.resources, &observed.resources);
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(SyncError::Invalid {
+        commit: commit.to_string(),
+        problems,
+    })
 }
 
 /// Plan → diffs for what was observed; changes nothing.
@@ -542,6 +590,7 @@ fn plan_observed(
     };
     let mut plan = plan::plan(desired, observed, commit, &ctx);
     crate::reconcile::diff::annotate(&mut plan, normalizer);
+    crate::reconcile::resources::annotate(&mut plan.resources);
     plan
 }
 

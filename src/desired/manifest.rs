@@ -50,6 +50,25 @@ struct RawManifest {
     directory: Vec<RawDirectory>,
     #[serde(default)]
     vm: Vec<RawVm>,
+    #[serde(default)]
+    network: Vec<RawResource>,
+    #[serde(default)]
+    pool: Vec<RawResource>,
+}
+
+/// A `[[network]]` or `[[pool]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResource {
+    name: Spanned<String>,
+    xml: Option<Spanned<String>>,
+    xml_inline: Option<Spanned<String>>,
+    #[serde(default)]
+    autostart: bool,
+    hosts: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    adopt: bool,
+    on_change: Option<OnChange>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +90,8 @@ struct RawVm {
     state: Option<Spanned<PowerState>>,
     shutdown_timeout: Option<Spanned<String>>,
     self_heal: Option<bool>,
+    #[serde(default)]
+    adopt: bool,
     #[serde(default)]
     disk: Vec<RawDisk>,
 }
@@ -124,12 +145,194 @@ pub fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDisk {
-    path: Spanned<String>,
+    /// A disk image file; or `pool` and `volume` (a volume of a libvirt storage pool).
+    path: Option<Spanned<String>>,
+    pool: Option<Spanned<String>>,
+    volume: Option<Spanned<String>>,
     size: Spanned<String>,
     #[serde(default = "default_format")]
     format: DiskFormat,
     backing: Option<Spanned<String>>,
     backing_format: Option<DiskFormat>,
+}
+
+/// A `[[vm.disk]]` with a `path` (an image file vmsync creates with `qemu-img`).
+struct FileDisk {
+    path: Spanned<String>,
+    size: Spanned<String>,
+    format: DiskFormat,
+    backing: Option<Spanned<String>>,
+    backing_format: Option<DiskFormat>,
+}
+
+type ProblemAt<'a> = dyn Fn(std::ops::Range<usize>, Option<&str>, &str, String) -> Problem + 'a;
+
+/// Sorts a `[[vm.disk]]` into a pool volume (`Ok`: the volume, `None` after problems)
+/// or an image file (`Err`).
+fn volume_disk(
+    disk: RawDisk,
+    field: &dyn Fn(&str) -> String,
+    vm: Option<&str>,
+    problem: &ProblemAt,
+    problems: &mut Vec<Problem>,
+) -> Result<Option<VolumeSpec>, Box<FileDisk>> {
+    let (pool, volume) = match (disk.path, disk.pool, disk.volume) {
+        (Some(path), None, None) => {
+            return Err(Box::new(FileDisk {
+                path,
+                size: disk.size,
+                format: disk.format,
+                backing: disk.backing,
+                backing_format: disk.backing_format,
+            }));
+        }
+        (None, Some(pool), Some(volume)) => (pool, volume),
+        (Some(path), _, _) => {
+            problems.push(problem(
+                path.span(),
+                vm,
+                &field("path"),
+                "set either 'path' or 'pool' and 'volume', not both".into(),
+            ));
+            return Ok(None);
+        }
+        (None, pool, volume) => {
+            let what = if pool.is_none() && volume.is_none() {
+                "missing 'path' (an image file) or 'pool' and 'volume' (a pool volume)"
+            } else {
+                "a pool volume needs both 'pool' and 'volume'"
+            };
+            let span = pool
+                .map(|p| p.span())
+                .or(volume.map(|v| v.span()))
+                .unwrap_or(disk.size.span());
+            problems.push(problem(span, vm, &field("volume"), what.into()));
+            return Ok(None);
+        }
+    };
+    let before = problems.len();
+    for (value, key) in [(&pool, "pool"), (&volume, "volume")] {
+        let v = value.get_ref();
+        if v.is_empty() || v.contains('/') || v.chars().any(char::is_control) {
+            problems.push(problem(
+                value.span(),
+                vm,
+                &field(key),
+                format!("'{v}' must be non-empty and contain no '/' or control characters"),
+            ));
+        }
+    }
+    let size = parse_size(disk.size.get_ref())
+        .map_err(|msg| problems.push(problem(disk.size.span(), vm, &field("size"), msg)))
+        .ok();
+    let backing = match &disk.backing {
+        None => None,
+        Some(b) => absolute_path(b.get_ref())
+            .map_err(|msg| problems.push(problem(b.span(), vm, &field("backing"), msg)))
+            .ok(),
+    };
+    if disk.format == DiskFormat::Raw && disk.backing.is_some() {
+        problems.push(problem(
+            volume.span(),
+            vm,
+            &field("backing"),
+            "a raw image cannot have a backing file; use format = \"qcow2\"".into(),
+        ));
+    }
+    if disk.backing.is_none() && disk.backing_format.is_some() {
+        problems.push(problem(
+            volume.span(),
+            vm,
+            &field("backing_format"),
+            "'backing_format' needs 'backing'".into(),
+        ));
+    }
+    match size {
+        Some(size_bytes) if problems.len() == before => Ok(Some(VolumeSpec {
+            pool: pool.into_inner(),
+            name: volume.into_inner(),
+            size_bytes,
+            format: disk.format,
+            backing,
+            backing_format: disk.backing_format,
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// Parses the `[[network]]` or `[[pool]]` tables.
+fn parse_resources(
+    raw: Vec<RawResource>,
+    kind: crate::desired::resource_xml::ResourceKind,
+    text: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<ResourceEntry> {
+    let mut out = Vec::new();
+    for r in raw {
+        let name = r.name.get_ref().clone();
+        let line = line_of(text, r.name.span().start);
+        let at = |span: std::ops::Range<usize>, field: &str, message: String| Problem {
+            file: MANIFEST_FILE.into(),
+            line: Some(line_of(text, span.start)),
+            vm: None,
+            field: Some(format!("{kind}.{field}")),
+            message: format!("{kind} '{name}': {message}"),
+        };
+        if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
+            problems.push(at(
+                r.name.span(),
+                "name",
+                "a name must be non-empty and contain no '/' or control characters".into(),
+            ));
+        }
+        let xml = match (r.xml, r.xml_inline) {
+            (Some(file), None) => Some(XmlSource::File(file.into_inner())),
+            (None, Some(inline)) => Some(XmlSource::Inline(inline.into_inner())),
+            (Some(file), Some(_)) => {
+                problems.push(at(
+                    file.span(),
+                    "xml",
+                    "set either 'xml' or 'xml_inline', not both".into(),
+                ));
+                None
+            }
+            (None, None) => {
+                problems.push(at(
+                    r.name.span(),
+                    "xml",
+                    "missing 'xml' (a file in the repository) or 'xml_inline'".into(),
+                ));
+                None
+            }
+        };
+        let hosts = match r.hosts {
+            Some(hosts)
+                if hosts.get_ref().is_empty() || hosts.get_ref().iter().any(|h| h.is_empty()) =>
+            {
+                problems.push(at(
+                    hosts.span(),
+                    "hosts",
+                    "'hosts' must list at least one non-empty host name (omit it for every host)"
+                        .into(),
+                ));
+                None
+            }
+            hosts => hosts.map(Spanned::into_inner),
+        };
+        if let Some(xml) = xml {
+            out.push(ResourceEntry {
+                kind,
+                name,
+                line,
+                xml,
+                autostart: r.autostart,
+                hosts,
+                adopt: r.adopt,
+                on_change: r.on_change.unwrap_or_default(),
+            });
+        }
+    }
+    out
 }
 
 fn default_format() -> DiskFormat {
@@ -166,6 +369,62 @@ pub struct VmEntry {
     pub shutdown_timeout: Option<std::time::Duration>,
     /// `self_heal`: overrides the agent's `policy.self_heal` for this VM.
     pub self_heal: Option<bool>,
+    /// `adopt`: take over an existing domain of this name that vmsync did not define
+    /// (default false: such a domain is never touched).
+    pub adopt: bool,
+    /// `[[vm.disk]]` entries with `pool` and `volume`: volumes made through libvirt's
+    /// storage API when missing.
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// A pool volume a VM's disk names (`[[vm.disk]]` with `pool` and `volume`). Created
+/// through libvirt's storage API when missing; never overwritten, shrunk or deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    pub pool: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub format: DiskFormat,
+    /// An image the new volume is layered on (qcow2 only).
+    pub backing: Option<PathBuf>,
+    pub backing_format: Option<DiskFormat>,
+}
+
+/// One `[[network]]` or `[[pool]]` entry, with its values checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceEntry {
+    pub kind: crate::desired::resource_xml::ResourceKind,
+    pub name: String,
+    /// Line of the entry's `name` key in `vmsync.toml`.
+    pub line: usize,
+    pub xml: XmlSource,
+    /// Set libvirt's autostart flag and start it if it is not active (default false).
+    pub autostart: bool,
+    /// Hosts that apply it; `None` means every host.
+    pub hosts: Option<Vec<String>>,
+    /// Take over an existing network or pool of this name that vmsync did not define
+    /// (default false: such an entry fails and the resource is left alone).
+    pub adopt: bool,
+    /// What a changed definition does to an active network or pool: "defer" (default,
+    /// pending restart) or "restart" (stopped and started again).
+    pub on_change: OnChange,
+}
+
+impl ResourceEntry {
+    /// Whether the host named `host` applies this entry.
+    pub fn targets(&self, host: &str) -> bool {
+        self.hosts
+            .as_ref()
+            .is_none_or(|hosts| hosts.iter().any(|h| h == host))
+    }
+
+    /// The file the XML is read from, for messages.
+    pub fn xml_file(&self) -> &str {
+        match &self.xml {
+            XmlSource::File(path) => path,
+            XmlSource::Inline(_) => MANIFEST_FILE,
+        }
+    }
 }
 
 impl VmEntry {
@@ -190,6 +449,10 @@ impl VmEntry {
 pub struct Manifest {
     pub directories: Vec<PathBuf>,
     pub vms: Vec<VmEntry>,
+    /// `[[network]]` entries.
+    pub networks: Vec<ResourceEntry>,
+    /// `[[pool]]` entries.
+    pub pools: Vec<ResourceEntry>,
 }
 
 /// 1-based line of byte offset `pos` in `text`.
@@ -238,6 +501,9 @@ fn vm_name_around(text: &str, line: usize) -> Option<String> {
     let start = (0..upto)
         .rev()
         .find(|i| lines[*i].trim_start().starts_with('['))?;
+    if !lines[start].trim().starts_with("[[vm") {
+        return None;
+    }
     if lines[start].trim() != "[[vm]]" {
         // Inside a [[vm.disk]] table: look further up for its [[vm]].
         let vm_start = (0..start).rev().find(|i| lines[*i].trim() == "[[vm]]")?;
@@ -423,8 +689,17 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
             },
         };
         let mut disks = Vec::new();
+        let mut volumes = Vec::new();
         for (i, disk) in raw_vm.disk.into_iter().enumerate() {
             let field = |f: &str| format!("disk[{i}].{f}");
+            let disk = match volume_disk(disk, &field, vm, &problem, &mut problems) {
+                Ok(Some(volume)) => {
+                    volumes.push(volume);
+                    continue;
+                }
+                Ok(None) => continue,
+                Err(disk) => disk,
+            };
             let path = absolute_path(disk.path.get_ref())
                 .map_err(|msg| problems.push(problem(disk.path.span(), vm, &field("path"), msg)))
                 .ok();
@@ -486,12 +761,31 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
                 state,
                 shutdown_timeout,
                 self_heal: raw_vm.self_heal,
+                adopt: raw_vm.adopt,
+                volumes,
             });
         }
     }
+    let networks = parse_resources(
+        raw.network,
+        crate::desired::resource_xml::ResourceKind::Network,
+        text,
+        &mut problems,
+    );
+    let pools = parse_resources(
+        raw.pool,
+        crate::desired::resource_xml::ResourceKind::Pool,
+        text,
+        &mut problems,
+    );
 
     if problems.is_empty() {
-        Ok(Manifest { directories, vms })
+        Ok(Manifest {
+            directories,
+            vms,
+            networks,
+            pools,
+        })
     } else {
         Err(problems)
     }

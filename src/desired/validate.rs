@@ -43,6 +43,8 @@ pub struct DesiredVm {
     pub shutdown_timeout: Option<std::time::Duration>,
     /// `None`: the agent's `policy.self_heal`.
     pub self_heal: Option<bool>,
+    /// Take over an existing domain of this name without vmsync's tag (`adopt`).
+    pub adopt: bool,
 }
 
 /// The validated desired state of this host.
@@ -50,6 +52,8 @@ pub struct DesiredVm {
 pub struct Desired {
     pub directories: Vec<PathBuf>,
     pub vms: Vec<DesiredVm>,
+    /// Networks, pools and pool volumes (see `resources`).
+    pub resources: crate::desired::resources::DesiredResources,
 }
 
 fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
@@ -259,16 +263,20 @@ pub fn validate(
                 state: vm.state,
                 shutdown_timeout: vm.shutdown_timeout,
                 self_heal: vm.self_heal,
+                adopt: vm.adopt,
             });
         }
     }
 
+    let resources =
+        crate::desired::resources::validate(&manifest, files, policy, schema, &vms, &mut problems);
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok(Desired {
         directories: manifest.directories,
         vms,
+        resources,
     })
 }
 

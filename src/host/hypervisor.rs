@@ -13,6 +13,8 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
+use crate::desired::resource_xml::ResourceKind;
+
 /// A libvirt call that failed: the operation, the domain (when there is one), the
 /// connection's URI, and libvirt's message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,6 +83,70 @@ pub trait Hypervisor: Sync {
     fn undefine_keep_state(&self, name: &str) -> Result<(), HvError>;
     /// Renames a shut-off domain; UUID, NVRAM and TPM state stay.
     fn rename(&self, name: &str, new_name: &str) -> Result<(), HvError>;
+    /// Writes vmsync's tag into the domain's persistent definition (and its running one
+    /// with `live`) without redefining it: libvirt's metadata API, which sends no
+    /// lifecycle event (adopting a domain whose definition is the commit's already).
+    fn set_tag(
+        &self,
+        name: &str,
+        _tag: &crate::desired::domain_xml::Tag,
+        _live: bool,
+    ) -> Result<(), HvError> {
+        Err(HvError::new(
+            "tag",
+            Some(name),
+            "",
+            "this hypervisor seam cannot write metadata",
+        ))
+    }
+
+    // Networks, storage pools and volumes (see `host::resources`). The defaults refuse:
+    // a hypervisor that does not implement them is only asked when a commit or the
+    // record names a network, pool or volume.
+
+    /// Every network or pool, with state and autostart flag.
+    fn list_resources(&self, kind: ResourceKind) -> Result<Vec<Listing>, HvError> {
+        Err(unsupported("list", kind.as_str()))
+    }
+    /// The definition of a network or pool: the persistent one, or the live one.
+    fn resource_xml(
+        &self,
+        _kind: ResourceKind,
+        name: &str,
+        _inactive: bool,
+    ) -> Result<String, HvError> {
+        Err(unsupported("read the XML of", name))
+    }
+    /// Defines (or redefines in place) a network or pool.
+    fn define_resource(&self, kind: ResourceKind, _xml: &str) -> Result<(), HvError> {
+        Err(unsupported("define", kind.as_str()))
+    }
+    /// Sets the autostart flag, builds, starts, stops or undefines a network or pool.
+    fn resource_op(
+        &self,
+        _kind: ResourceKind,
+        name: &str,
+        _op: crate::host::resources::ResOp,
+    ) -> Result<(), HvError> {
+        Err(unsupported("change", name))
+    }
+    /// The names of the volumes of a (started) pool.
+    fn pool_volumes(&self, pool: &str) -> Result<Vec<String>, HvError> {
+        Err(unsupported("list the volumes of", pool))
+    }
+    /// Creates a volume in a pool from a `<volume>` XML.
+    fn create_volume(&self, pool: &str, _xml: &str) -> Result<(), HvError> {
+        Err(unsupported("create a volume in", pool))
+    }
+}
+
+fn unsupported(operation: &'static str, name: &str) -> HvError {
+    HvError::new(
+        operation,
+        Some(name),
+        "",
+        "not supported by this hypervisor",
+    )
 }
 
 /// A libvirt connection.
@@ -91,6 +157,8 @@ pub struct Libvirt {
     handles: Mutex<HashMap<String, Domain>>,
     /// libvirt API calls that go to the daemon (RPCs), for the benchmark and logs.
     calls: AtomicU64,
+    /// Network and pool handles from the last listing (see `host::resources`).
+    pub(crate) resource_handles: crate::host::resources::Handles,
 }
 
 impl Libvirt {
@@ -106,6 +174,7 @@ impl Libvirt {
             uri: uri.to_string(),
             handles: Mutex::new(HashMap::new()),
             calls: AtomicU64::new(0),
+            resource_handles: Default::default(),
         })
     }
 
@@ -122,6 +191,26 @@ impl Libvirt {
     /// Whether the connection still works (libvirtd may have restarted).
     pub fn alive(&self) -> bool {
         self.conn.is_alive().unwrap_or(false)
+    }
+
+    /// The connection (for the network and pool calls in `host::resources`).
+    pub(crate) fn connection(&self) -> &Connect {
+        &self.conn
+    }
+
+    /// The connection's URI.
+    pub(crate) fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// [`Self::call`] for the network and pool calls in `host::resources`.
+    pub(crate) fn counted<T>(
+        &self,
+        operation: &'static str,
+        name: Option<&str>,
+        f: impl FnOnce() -> Result<T, virt::error::Error>,
+    ) -> Result<T, HvError> {
+        self.call(operation, name, f)
     }
 
     /// Runs one libvirt call (`operation`, on `domain`), counted, with its error named.
@@ -274,6 +363,57 @@ impl Hypervisor for Libvirt {
         self.forget(&[name, new_name]);
         Ok(())
     }
+
+    fn set_tag(
+        &self,
+        name: &str,
+        tag: &crate::desired::domain_xml::Tag,
+        live: bool,
+    ) -> Result<(), HvError> {
+        use crate::onboard::definition::{TAG_PREFIX, tag_element};
+        let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
+        if live {
+            flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+        }
+        self.on("write vmsync's tag into", name, |d| {
+            d.set_metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(&tag_element(tag)),
+                Some(TAG_PREFIX),
+                Some(crate::desired::domain_xml::NAMESPACE),
+                flags,
+            )
+        })
+    }
+
+    fn list_resources(&self, kind: ResourceKind) -> Result<Vec<Listing>, HvError> {
+        self.res_list(kind)
+    }
+    fn resource_xml(
+        &self,
+        kind: ResourceKind,
+        name: &str,
+        inactive: bool,
+    ) -> Result<String, HvError> {
+        self.res_xml(kind, name, inactive)
+    }
+    fn define_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), HvError> {
+        self.res_define(kind, xml)
+    }
+    fn resource_op(
+        &self,
+        kind: ResourceKind,
+        name: &str,
+        op: crate::host::resources::ResOp,
+    ) -> Result<(), HvError> {
+        self.res_op(kind, name, op)
+    }
+    fn pool_volumes(&self, pool: &str) -> Result<Vec<String>, HvError> {
+        self.res_volumes(pool)
+    }
+    fn create_volume(&self, pool: &str, xml: &str) -> Result<(), HvError> {
+        self.res_create_volume(pool, xml)
+    }
 }
 
 /// Why libvirt's check of a domain XML did not pass.
@@ -296,6 +436,11 @@ pub trait SchemaChecker {
     }
     /// Remembers that the file with `content_id` validated, with its summary.
     fn remember(&self, _content_id: &str, _summary: &crate::desired::domain_xml::DomainSummary) {}
+    /// Checks a network or pool XML against libvirt's schema and parser (by default in a
+    /// private test-driver connection, see `host::resources::check_xml`).
+    fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
+        crate::host::resources::check_xml(kind, xml)
+    }
 }
 
 /// Turns a domain XML into the inactive XML libvirt makes of it, without touching any

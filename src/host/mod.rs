@@ -5,5 +5,6 @@ pub mod disk;
 pub mod hypervisor;
 pub mod observe;
 pub mod par;
+pub mod resources;
 pub mod rng;
 pub mod schema_cache;

@@ -36,6 +36,8 @@ pub struct Observed {
     pub disks: BTreeMap<PathBuf, Result<Option<ImageInfo>, String>>,
     /// Per directory: whether it exists.
     pub directories: BTreeMap<PathBuf, bool>,
+    /// Networks, pools and volumes (filled in by `host::resources::observe`).
+    pub resources: crate::host::resources::ObservedResources,
 }
 
 /// Parallel libvirt calls while observing.
@@ -141,6 +143,7 @@ pub fn observe(
         others,
         disks,
         directories,
+        resources: Default::default(),
     })
 }
 
@@ -208,6 +211,7 @@ mod tests {
             state: PowerState::Defined,
             shutdown_timeout: None,
             self_heal: None,
+            adopt: false,
         }
     }
 
@@ -239,6 +243,7 @@ mod tests {
         let desired = Desired {
             directories: Vec::new(),
             vms: ["same", "changed", "drifted"].map(wanted).into(),
+            resources: Default::default(),
         };
         let disks = crate::host::disk::QemuImg::default();
 

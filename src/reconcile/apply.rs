@@ -124,6 +124,8 @@ pub struct Outcome {
     pub directory_errors: Vec<String>,
     pub vms: Vec<VmOutcome>,
     pub pruned: Vec<PruneOutcome>,
+    /// Networks, pools and volumes.
+    pub resources: crate::reconcile::resources::ResourceOutcome,
 }
 
 impl Outcome {
@@ -131,18 +133,20 @@ impl Outcome {
         self.directory_errors.is_empty()
             && self.vms.iter().all(|vm| vm.error.is_none())
             && self.pruned.iter().all(|p| p.error.is_none())
+            && self.resources.errors().is_empty()
     }
     /// Directories created plus actions done.
     pub fn changes(&self) -> usize {
         self.directories_created
             + self.vms.iter().map(|vm| vm.done.len()).sum::<usize>()
             + self.pruned.iter().map(|p| p.done.len()).sum::<usize>()
+            + self.resources.changes()
     }
 }
 
 /// Lines for `vmsync --once` about pruned domains, orphaned disks and reported drift.
 pub fn render_extra(outcome: &Outcome) -> String {
-    let mut out = String::new();
+    let mut out = crate::reconcile::resources::render_outcome(&outcome.resources);
     for vm in outcome.vms.iter().filter(|vm| vm.drift_reported_only) {
         out += &format!(
             "  {}: drift (self_heal is off, left as is): {}\n",
@@ -244,6 +248,9 @@ pub fn apply(
             }
         }
     }
+    // Pools (defined, built, started), then volumes, then networks, before the domains.
+    outcome.resources =
+        crate::reconcile::resources::apply_before_domains(&plan.resources, hv, short);
     // VMs are independent: their actions run on a few threads (libvirt serves
     // concurrent calls on one connection; disk creations are separate processes).
     // Within a VM, actions stay in order.
@@ -288,7 +295,36 @@ pub fn apply(
         }
         outcome.pruned.push(result);
     }
+    // Networks and pools after the domains that used them.
+    if !cancel.load(Ordering::SeqCst) {
+        crate::reconcile::resources::apply_prune(
+            &plan.resources,
+            hv,
+            short,
+            &mut outcome.resources,
+        );
+    }
     outcome
+}
+
+/// Reads the definition back after a define or an adoption: the new drift baseline, and
+/// the diff logged.
+fn read_back(hv: &dyn Hypervisor, vm: &VmPlan, short: &str, result: &mut VmOutcome) {
+    match hv.xml(&vm.name, true) {
+        Ok(after) => {
+            result.definition_hash = domain_xml::definition_hash(&after);
+            let diff = crate::reconcile::diff::definition_diff(
+                &vm.name,
+                vm.current_xml.as_deref(),
+                &after,
+                &vm.source_xml,
+            );
+            crate::reconcile::diff::log(&vm.name, short, &diff);
+        }
+        Err(e) => {
+            warn!(vm = %vm.name, error = %e, "could not read the new definition back")
+        }
+    }
 }
 
 /// Runs one VM's actions in order, stopping at the first failure or when `cancel` is set.
@@ -348,25 +384,19 @@ fn apply_vm(
         let done = match action {
             Action::CreateDisk(spec) => disks.create(spec).map_err(|e| e.to_string()),
             Action::Rename { from } => hv.rename(from, &vm.name).map_err(|e| e.to_string()),
-            Action::Define { xml, .. } => hv
+            Action::Define { xml, .. } | Action::Adopt { xml: Some(xml), .. } => hv
                 .define(xml)
                 .inspect(|()| crate::crash_point("after-define"))
                 .map_err(|e| e.to_string())
-                .map(|()| match hv.xml(&vm.name, true) {
-                    Ok(after) => {
-                        result.definition_hash = domain_xml::definition_hash(&after);
-                        let diff = crate::reconcile::diff::definition_diff(
-                            &vm.name,
-                            vm.current_xml.as_deref(),
-                            &after,
-                            &vm.source_xml,
-                        );
-                        crate::reconcile::diff::log(&vm.name, short, &diff);
-                    }
-                    Err(e) => {
-                        warn!(vm = %vm.name, error = %e, "could not read the new definition back")
-                    }
-                }),
+                .map(|()| read_back(hv, vm, short, &mut result)),
+            Action::Adopt {
+                tag,
+                xml: None,
+                live,
+            } => hv
+                .set_tag(&vm.name, tag, *live)
+                .map_err(|e| e.to_string())
+                .map(|()| read_back(hv, vm, short, &mut result)),
             Action::SetAutostart(on) => hv.set_autostart(&vm.name, *on).map_err(|e| e.to_string()),
             Action::Start => hv.start(&vm.name).map_err(|e| e.to_string()),
             Action::Restart { timeout } => graceful_stop(hv, &vm.name, *timeout, cancel)
@@ -388,7 +418,7 @@ fn apply_vm(
                 match action {
                     Action::Start | Action::Restart { .. } => result.up = true,
                     Action::Stop { .. } => result.up = false,
-                    Action::Define { .. } => result.defined = true,
+                    Action::Define { .. } | Action::Adopt { .. } => result.defined = true,
                     Action::SetAutostart(_) => result.autostart_set = true,
                     _ => {}
                 }

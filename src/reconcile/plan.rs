@@ -61,6 +61,15 @@ pub enum Action {
     },
     /// Undefine, keeping NVRAM, TPM state and disks (pruning only).
     Undefine,
+    /// Take over a domain vmsync did not define (`adopt = true`): with `xml`, redefine it
+    /// in place with the commit's XML (its UUID and MACs kept); without, its definition
+    /// is the commit's already and only `tag` is written (`virDomainSetMetadata`, no
+    /// redefine), into the running definition too with `live`.
+    Adopt {
+        tag: Tag,
+        xml: Option<String>,
+        live: bool,
+    },
 }
 
 /// What an action does, for machines: the plan's JSON, the outcome of a sync, metrics
@@ -83,8 +92,25 @@ pub enum Action {
 pub enum ActionKind {
     /// A `[[directory]]` created (not an [`Action`]: directories come before the VMs).
     CreateDirectory,
+    // Pools, volumes and networks (`reconcile::resources`), before the domains.
+    DefinePool,
+    RedefinePool,
+    BuildPool,
+    SetPoolAutostart,
+    ClearPoolAutostart,
+    StartPool,
+    RestartPool,
+    CreateVolume,
+    DefineNetwork,
+    RedefineNetwork,
+    SetNetworkAutostart,
+    ClearNetworkAutostart,
+    StartNetwork,
+    RestartNetwork,
     CreateDisk,
     Rename,
+    /// An existing domain taken over (`adopt = true`), tag only or redefined in place.
+    Adopt,
     Define,
     Redefine,
     SetAutostart,
@@ -93,11 +119,22 @@ pub enum ActionKind {
     Restart,
     Stop,
     Undefine,
+    // Pruning of networks, then pools, after the domains'.
+    StopNetwork,
+    UndefineNetwork,
+    StopPool,
+    UndefinePool,
 }
 
 impl ActionKind {
     pub fn as_str(self) -> &'static str {
         self.into()
+    }
+
+    /// Whether the kind is a network's, a pool's or a volume's (not an [`Action`]).
+    pub fn is_resource(self) -> bool {
+        let name = self.as_str();
+        name.contains("network") || name.contains("pool") || name.contains("volume")
     }
 }
 
@@ -130,6 +167,10 @@ impl Action {
                 humantime::format_duration(*timeout)
             ),
             Action::Undefine => "undefine (keeping NVRAM, TPM state and disks)".into(),
+            Action::Adopt { xml: None, .. } => {
+                "adopt (tag only: the definition is the commit's)".into()
+            }
+            Action::Adopt { xml: Some(_), .. } => "adopt (redefine in place)".into(),
         }
     }
 
@@ -148,6 +189,7 @@ impl Action {
             Action::Restart { .. } => ActionKind::Restart,
             Action::Stop { .. } => ActionKind::Stop,
             Action::Undefine => ActionKind::Undefine,
+            Action::Adopt { .. } => ActionKind::Adopt,
         }
     }
 }
@@ -192,7 +234,9 @@ impl VmPlan {
         self.actions
             .iter()
             .find_map(|a| match a {
-                Action::Define { xml, .. } => Some(xml.as_str()),
+                Action::Define { xml, .. } | Action::Adopt { xml: Some(xml), .. } => {
+                    Some(xml.as_str())
+                }
                 _ => None,
             })
             .or(self.rendered_xml.as_deref())
@@ -224,6 +268,8 @@ pub struct Plan {
     /// Domains with vmsync's tag that this agent never applied (another repository or
     /// state directory made them): never pruned, only counted.
     pub foreign_tagged: usize,
+    /// Networks, pools and volumes (applied before the domains; pruned after them).
+    pub resources: crate::reconcile::resources::ResourcePlan,
 }
 
 impl Plan {
@@ -232,6 +278,7 @@ impl Plan {
         self.create_directories.is_empty()
             && self.vms.iter().all(|vm| vm.actions.is_empty())
             && self.prune.iter().all(|p| p.actions.is_empty())
+            && self.resources.is_noop()
     }
 }
 
@@ -258,7 +305,10 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         .map(|vm| plan_vm(vm, observed, commit, ctx, &mut claimed))
         .collect();
     let prune = plan_prune(observed, ctx, &claimed);
-    let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count();
+    let resources =
+        crate::reconcile::resources::plan(desired, observed, commit, ctx.record, ctx.policy);
+    // Networks and pools count towards the mass-prune guard.
+    let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count() + resources.pruning();
     let foreign_tagged = observed
         .others
         .keys()
@@ -271,7 +321,8 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         .values()
         .filter(|d| d.inactive.as_ref().is_some_and(|s| s.tag.is_some()))
         .count()
-        + prune.len();
+        + prune.len()
+        + resources.managed();
     let refused = (pruning > 0
         && !ctx.policy.allow_mass_prune
         && (pruning == managed || pruning > ctx.policy.max_prune))
@@ -295,6 +346,7 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         prune,
         refused,
         foreign_tagged,
+        resources,
     }
 }
 
@@ -390,9 +442,9 @@ fn plan_vm(
                 ));
                 return out;
             }
-            Some(summary) if summary.tag.is_none() => {
+            Some(summary) if summary.tag.is_none() && !vm.adopt => {
                 out.error = Some(format!(
-                    "domain '{}' exists but was not defined by vmsync (no vmsync metadata); refusing to touch it",
+                    "domain '{}' exists but was not defined by vmsync (no vmsync metadata); refusing to touch it (set adopt = true on its entry to take it over)",
                     vm.name
                 ));
                 return out;
@@ -406,8 +458,15 @@ fn plan_vm(
             }
             Some(_) => {}
         }
+        if let Some(e) = crate::onboard::adopt::uuid_conflict(vm, seen) {
+            return fail(out, e);
+        }
         out.current_hash = seen.definition_hash.clone();
     }
+    // An untagged domain here is one `adopt = true` takes over (others failed above).
+    let adopting = seen
+        .and_then(|s| s.inactive.as_ref())
+        .is_some_and(|s| s.tag.is_none());
     let summary = seen.and_then(|s| s.inactive.as_ref());
     let current = summary.and_then(|s| s.tag.as_ref());
 
@@ -468,6 +527,7 @@ fn plan_vm(
 
     let definition_drift = has(|d| matches!(d, Drift::Definition | Drift::Untagged));
     let changed = current.is_none_or(|tag| tag.fingerprint != vm.fingerprint);
+    let mut adopted_live = false;
     let redefine = changed || rename_from.is_some() || (definition_drift && heal);
     if redefine || definition_drift {
         let tag = Tag {
@@ -482,7 +542,25 @@ fn plan_vm(
                 out.source_xml = vm.xml.clone();
                 out.current_xml = seen.and_then(|s| s.inactive_xml.clone());
                 // One copy: a planned define carries it (see `VmPlan::rendered`).
-                if redefine {
+                if adopting && definition_drift && !heal {
+                    // Applied before, then redefined by hand without the tag: drift,
+                    // only reported with self-heal off.
+                    out.rendered_xml = Some(xml);
+                } else if adopting {
+                    let adopt = crate::onboard::adopt::action(seen, tag.clone(), xml);
+                    if matches!(
+                        adopt,
+                        Action::Adopt {
+                            xml: None,
+                            live: true,
+                            ..
+                        }
+                    ) {
+                        // The running definition gets the tag too: no pending restart.
+                        adopted_live = true;
+                    }
+                    out.actions.push(adopt);
+                } else if redefine {
                     out.actions.push(Action::Define {
                         xml,
                         redefine: seen.is_some(),
@@ -510,6 +588,7 @@ fn plan_vm(
     let power_drift = has(|d| matches!(d, Drift::Power { .. }));
     // The running definition is older than the commit's.
     let live_differs = active
+        && !adopted_live
         && seen
             .and_then(|s| s.live_tag.as_ref())
             .is_none_or(|tag| tag.fingerprint != vm.fingerprint);
@@ -581,6 +660,7 @@ mod tests {
             },
             shutdown_timeout: None,
             self_heal: None,
+            adopt: false,
         }
     }
 
@@ -665,6 +745,26 @@ mod tests {
         }
     }
 
+    /// A domain an operator defined by hand from `source(name, memory)`: libvirt's
+    /// inactive XML with its UUID and a MAC, no tag.
+    fn hand_made(name: &str, memory: u32, active: bool, autostart: bool) -> SeenDomain {
+        let xml = source(name, memory)
+            .replace("</name>", &format!("</name><uuid>{UUID}</uuid>"))
+            .replace(
+                "<interface type='user'/>",
+                "<interface type='user'><mac address='52:54:00:12:34:56'/></interface>",
+            );
+        let mut d = seen(name, memory, active, autostart, false);
+        d.inactive = Some(domain_xml::summarize(&xml).unwrap());
+        d.inactive_xml = Some(xml);
+        d
+    }
+
+    fn adopting(mut vm: DesiredVm) -> DesiredVm {
+        vm.adopt = true;
+        vm
+    }
+
     /// `seen` after someone edited the definition (`virsh edit` keeps the tag).
     fn edited(mut d: SeenDomain) -> SeenDomain {
         d.definition_hash = Some("edited".into());
@@ -706,6 +806,7 @@ mod tests {
                 })
                 .collect(),
             directories: Default::default(),
+            resources: Default::default(),
         }
     }
 
@@ -984,6 +1085,70 @@ mod tests {
                 )
             },
             Case {
+                have: vec![hand_made("web", 1024, false, false)],
+                actions: vec!["adopt (tag only: the definition is the commit's)"],
+                ..case(
+                    "adopt, the commit's xml is the domain's: the tag only",
+                    adopting(web(1024, false)),
+                )
+            },
+            Case {
+                have: vec![hand_made("web", 1024, true, true)],
+                actions: vec!["adopt (tag only: the definition is the commit's)"],
+                ..case(
+                    "adopt a running domain unchanged: tagged live too, no pending restart",
+                    adopting(web(1024, true)),
+                )
+            },
+            Case {
+                have: vec![hand_made("web", 512, true, true)],
+                actions: vec!["adopt (redefine in place)"],
+                pending_restart: true,
+                ..case(
+                    "adopt with a changed definition: redefined in place, pending restart",
+                    adopting(web(1024, true)),
+                )
+            },
+            Case {
+                have: vec![hand_made("web", 1024, false, false)],
+                error: Some(
+                    "domain 'web' has uuid 6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b, but the commit's xml says 11111111-2222-3333-4444-555555555555; not adopted",
+                ),
+                ..case(
+                    "adopt with another uuid in the commit: error, nothing done",
+                    adopting(with_uuid(web(1024, false), OTHER_UUID)),
+                )
+            },
+            Case {
+                have: vec![hand_made("web", 1024, false, false)],
+                record: Some(applied(&web(1024, false))),
+                self_heal: false,
+                drift: vec!["domain has no vmsync metadata"],
+                ..case(
+                    "adopted before, redefined by hand untagged, self-heal off: reported only",
+                    adopting(web(1024, false)),
+                )
+            },
+            Case {
+                have: vec![hand_made("web", 1024, false, false)],
+                record: Some(applied(&web(1024, false))),
+                actions: vec!["adopt (tag only: the definition is the commit's)"],
+                drift: vec!["domain has no vmsync metadata"],
+                ..case(
+                    "adopted before, redefined by hand untagged, self-heal on: adopted again",
+                    adopting(web(1024, false)),
+                )
+            },
+            Case {
+                have: vec![seen("web", 1024, false, false, true)],
+                record: Some(applied(&web(1024, false))),
+                actions: vec![],
+                ..case(
+                    "adopt left in the manifest once adopted: nothing to do",
+                    adopting(web(1024, false)),
+                )
+            },
+            Case {
                 disks: vec![(d, Some("raw"))],
                 error: Some("is raw, but the manifest says qcow2"),
                 ..case(
@@ -996,6 +1161,7 @@ mod tests {
             let desired = Desired {
                 directories: vec![],
                 vms: vec![case.want],
+                resources: Default::default(),
             };
             let mut record = Record::default();
             if let Some(rec) = case.record {
@@ -1067,6 +1233,7 @@ mod tests {
         let desired = Desired {
             directories: vec![],
             vms: vec![desired_vm("web", 1024, false, vec![])],
+            resources: Default::default(),
         };
         let gone = |name: &str, active| seen_with(name, OTHER_UUID, 512, active, false, true);
         let obs = observed(
@@ -1182,6 +1349,7 @@ mod tests {
                 desired_vm("web", 1024, false, vec![]),
                 OTHER_UUID,
             )],
+            resources: Default::default(),
         };
         let obs = observed(vec![], vec![gone("old-a", false)], vec![]);
         let p = plan_with(&renamed, &obs, &prune_ctx(true, 5, false));
@@ -1194,6 +1362,7 @@ mod tests {
         let desired = Desired {
             directories: vec![],
             vms: vec![desired_vm("web", 2048, false, vec![])],
+            resources: Default::default(),
         };
         let p = plan_with(
             &desired,
@@ -1225,6 +1394,7 @@ mod tests {
         let desired = Desired {
             directories: vec!["/srv/images/ISOs".into()],
             vms: vec![desired_vm("web", 1024, false, vec![])],
+            resources: Default::default(),
         };
         let mut obs = observed(vec![seen("web", 1024, false, false, true)], vec![], vec![]);
         let p = plan_with(&desired, &obs, &ChangePolicy::default());
@@ -1247,6 +1417,14 @@ mod tests {
         let all = [
             Action::CreateDisk(disk("/srv/images/x.qcow2")),
             Action::Rename { from: "a".into() },
+            Action::Adopt {
+                tag: Tag {
+                    commit: "c".into(),
+                    fingerprint: "f".into(),
+                },
+                xml: None,
+                live: false,
+            },
             Action::Define {
                 xml: String::new(),
                 redefine: false,
@@ -1269,7 +1447,7 @@ mod tests {
         // One action of each kind, in plan order: every kind but the directories'.
         let kinds: Vec<_> = all.iter().map(Action::kind).collect();
         let every: Vec<_> = <ActionKind as strum::IntoEnumIterator>::iter()
-            .filter(|k| *k != ActionKind::CreateDirectory)
+            .filter(|k| *k != ActionKind::CreateDirectory && !k.is_resource())
             .collect();
         assert_eq!(kinds, every);
         for kind in <ActionKind as strum::IntoEnumIterator>::iter() {
@@ -1281,7 +1459,7 @@ mod tests {
         }
         assert_eq!(ActionKind::ClearAutostart.as_str(), "clear_autostart");
         assert_eq!(
-            all[7].describe(),
+            all[8].describe(),
             "restart (graceful shutdown, destroy after 2m)"
         );
     }

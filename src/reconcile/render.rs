@@ -14,6 +14,8 @@ pub fn render(plan: &Plan) -> String {
     for dir in &plan.create_directories {
         out += &format!("  create directory '{}'\n", dir.display());
     }
+    // Pools, volumes and networks converge before the domains.
+    out += &crate::reconcile::resources::render_text(&plan.resources);
     for vm in &plan.vms {
         let what = match (&vm.error, vm.actions.is_empty()) {
             (Some(e), _) => format!("error: {e}"),
@@ -90,6 +92,8 @@ pub struct PlanJson<'a> {
     pub refused: Option<&'a str>,
     pub foreign_tagged: usize,
     pub noop: bool,
+    /// Networks, pools and volumes (see `reconcile::resources::to_json`).
+    pub resources: serde_json::Value,
 }
 
 #[derive(Debug, Serialize)]
@@ -182,6 +186,7 @@ impl Plan {
             refused: self.refused.as_deref(),
             foreign_tagged: self.foreign_tagged,
             noop: self.is_noop(),
+            resources: crate::reconcile::resources::to_json(&self.resources),
         }
     }
 }

@@ -1,0 +1,12 @@
+//! Onboarding: bringing the domains a host already has under vmsync without undefining
+//! them (docs/moving-from-the-old-ways.md).
+//!
+//! - [`definition`]: the XML `vmsync import` writes for a domain, and the comparison that
+//!   decides whether adopting it only adds vmsync's tag or redefines it in place. Pure.
+//! - [`adopt`]: the planner's part of `adopt = true` (which action, or why not). Pure.
+//! - [`import`]: `vmsync import`, which reads the host's domains, networks and pools
+//!   (never changes them) and writes a VM repository.
+
+pub mod adopt;
+pub mod definition;
+pub mod import;

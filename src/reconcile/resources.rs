@@ -1,0 +1,1829 @@
+//! Networks, storage pools and pool volumes: the pure plan (table-tested), applying it
+//! in order (pools defined, built, started; then volumes; then networks; the domains
+//! come after, and pruning of networks and pools after the domains'), and what the
+//! record keeps of them.
+//!
+//! Rules, as for domains:
+//! - vmsync touches only networks and pools it defined: a network carries vmsync's tag
+//!   in `<metadata>`; a pool (its XML has no `<metadata>`) is vmsync's when the record
+//!   holds its name with the UUID it has now. An entry naming one that is not vmsync's
+//!   fails (nothing of it is done) unless it says `adopt = true`: it is then redefined in
+//!   place with its UUID and from then on managed;
+//! - a changed definition is redefined in place (the existing UUID inserted where the
+//!   commit gives none); an active one keeps running on its old definition (pending
+//!   restart) unless `on_change = "restart"`, which stops and starts it (the running VMs
+//!   attached to it lose their link meanwhile, and are named);
+//! - drift (definition, autostart flag, active state changed outside vmsync since the
+//!   last sync) is healed with `policy.self_heal`, else only reported;
+//! - volumes are created when missing, never changed or deleted;
+//! - with `policy.prune`, an owned network or pool no longer in the manifest for this
+//!   host is stopped and undefined; a pool's storage and volumes are never deleted.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::agent::state::Record;
+use crate::desired::domain_xml::Tag;
+use crate::desired::manifest::OnChange;
+use crate::desired::resource_xml::{self, ResourceKind};
+use crate::desired::resources::{DesiredResource, DesiredVolume};
+use crate::desired::validate::Desired;
+use crate::host::hypervisor::Hypervisor;
+use crate::host::observe::Observed;
+use crate::host::resources::{ObservedResources, ResOp};
+use crate::reconcile::plan::ActionKind;
+
+/// What the record keeps of a network or pool vmsync defined.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceRecord {
+    /// The UUID libvirt gave it when vmsync defined it: a pool's ownership (pool XML has
+    /// no `<metadata>`), and a network's too.
+    pub uuid: Option<String>,
+    pub applied_commit: Option<String>,
+    pub fingerprint: Option<String>,
+    pub autostart: bool,
+    pub ok: bool,
+    pub last_error: Option<String>,
+    pub pending_restart: bool,
+    /// Drift baseline: `domain_xml::definition_hash` of libvirt's inactive XML after
+    /// vmsync defined it.
+    pub definition_hash: Option<String>,
+    #[serde(default)]
+    pub drift: Vec<String>,
+}
+
+/// One step for a network or pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResAction {
+    Define {
+        xml: String,
+        redefine: bool,
+    },
+    Build,
+    SetAutostart(bool),
+    Start,
+    /// Stop and start again (`on_change = "restart"`).
+    Restart,
+    Stop,
+    Undefine,
+}
+
+impl ResAction {
+    pub fn describe(&self, kind: ResourceKind) -> String {
+        match self {
+            ResAction::Define {
+                redefine: false, ..
+            } => "define".into(),
+            ResAction::Define { redefine: true, .. } => "redefine in place".into(),
+            ResAction::Build => "build (never overwriting)".into(),
+            ResAction::SetAutostart(true) => "set autostart".into(),
+            ResAction::SetAutostart(false) => "clear autostart".into(),
+            ResAction::Start => "start".into(),
+            ResAction::Restart => "restart (stop, then start)".into(),
+            ResAction::Stop => "stop".into(),
+            ResAction::Undefine if kind == ResourceKind::Pool => {
+                "undefine (keeping its storage and volumes)".into()
+            }
+            ResAction::Undefine => "undefine".into(),
+        }
+    }
+
+    pub fn kind(&self, kind: ResourceKind) -> ActionKind {
+        use ActionKind as K;
+        use ResourceKind::{Network as N, Pool as P};
+        match (self, kind) {
+            (
+                ResAction::Define {
+                    redefine: false, ..
+                },
+                N,
+            ) => K::DefineNetwork,
+            (ResAction::Define { redefine: true, .. }, N) => K::RedefineNetwork,
+            (
+                ResAction::Define {
+                    redefine: false, ..
+                },
+                P,
+            ) => K::DefinePool,
+            (ResAction::Define { redefine: true, .. }, P) => K::RedefinePool,
+            (ResAction::Build, _) => K::BuildPool,
+            (ResAction::SetAutostart(true), N) => K::SetNetworkAutostart,
+            (ResAction::SetAutostart(false), N) => K::ClearNetworkAutostart,
+            (ResAction::SetAutostart(true), P) => K::SetPoolAutostart,
+            (ResAction::SetAutostart(false), P) => K::ClearPoolAutostart,
+            (ResAction::Start, N) => K::StartNetwork,
+            (ResAction::Start, P) => K::StartPool,
+            (ResAction::Restart, N) => K::RestartNetwork,
+            (ResAction::Restart, P) => K::RestartPool,
+            (ResAction::Stop, N) => K::StopNetwork,
+            (ResAction::Stop, P) => K::StopPool,
+            (ResAction::Undefine, N) => K::UndefineNetwork,
+            (ResAction::Undefine, P) => K::UndefinePool,
+        }
+    }
+}
+
+/// What to do for one network or pool.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResPlan {
+    pub kind: Option<ResourceKind>,
+    pub name: String,
+    pub fingerprint: String,
+    pub autostart: bool,
+    pub actions: Vec<ResAction>,
+    /// Not converged (not vmsync's, unreadable); nothing of it is done.
+    pub error: Option<String>,
+    pub pending_restart: bool,
+    /// Active now (before the plan is applied).
+    pub active: bool,
+    pub drift: Vec<String>,
+    pub drift_reported_only: bool,
+    /// Taken over with `adopt = true` (not vmsync's before).
+    pub adopted: bool,
+    /// Running VMs attached to it that lose their link while it restarts.
+    pub affected_vms: Vec<String>,
+    /// Why a prune candidate is left alone (pruning off).
+    pub skipped: Option<String>,
+    /// The committed XML and libvirt's XML now, when a definition is rendered (diff).
+    pub source_xml: String,
+    pub current_xml: Option<String>,
+    pub current_hash: Option<String>,
+    pub uuid: Option<String>,
+    /// A pool's type (`dir`, `logical`, …): how it is built.
+    pub pool_type: Option<String>,
+    /// Unified diff of the definition (`vmsync plan`).
+    pub diff: Option<String>,
+}
+
+impl ResPlan {
+    pub fn kind(&self) -> ResourceKind {
+        self.kind.unwrap_or(ResourceKind::Network)
+    }
+}
+
+/// A pool volume to create (or that could not be checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumePlan {
+    pub vm: String,
+    pub pool: String,
+    pub name: String,
+    /// The `<volume>` XML to create it from; `None`: it exists.
+    pub create: Option<String>,
+    pub error: Option<String>,
+    pub description: String,
+}
+
+/// The networks, pools and volumes part of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResourcePlan {
+    pub pools: Vec<ResPlan>,
+    pub volumes: Vec<VolumePlan>,
+    pub networks: Vec<ResPlan>,
+    /// Owned networks and pools no longer in the manifest for this host.
+    pub prune: Vec<ResPlan>,
+}
+
+impl ResourcePlan {
+    pub fn is_noop(&self) -> bool {
+        self.pools
+            .iter()
+            .chain(&self.networks)
+            .chain(&self.prune)
+            .all(|p| p.actions.is_empty())
+            && self.volumes.iter().all(|v| v.create.is_none())
+    }
+    /// Networks and pools the plan would undefine (the mass-prune guard counts them).
+    pub fn pruning(&self) -> usize {
+        self.prune.iter().filter(|p| !p.actions.is_empty()).count()
+    }
+    /// Owned networks and pools on the host (desired ones vmsync defined, and prune
+    /// candidates).
+    pub fn managed(&self) -> usize {
+        self.pools
+            .iter()
+            .chain(&self.networks)
+            .filter(|p| p.error.is_none() && !p.adopted && p.current_hash.is_some())
+            .count()
+            + self.prune.len()
+    }
+}
+
+/// The record's entries of `kind`.
+pub fn recorded(record: &Record, kind: ResourceKind) -> &BTreeMap<String, ResourceRecord> {
+    match kind {
+        ResourceKind::Network => &record.networks,
+        ResourceKind::Pool => &record.pools,
+    }
+}
+
+/// Whether vmsync owns what the host has: a tagged network; a pool whose UUID is the one
+/// the record holds.
+fn owned(
+    kind: ResourceKind,
+    seen: &crate::host::resources::SeenResource,
+    rec: Option<&ResourceRecord>,
+) -> bool {
+    match kind {
+        ResourceKind::Network => seen.inactive.as_ref().is_some_and(|s| s.tag.is_some()),
+        ResourceKind::Pool => rec
+            .and_then(|r| r.uuid.as_deref())
+            .is_some_and(|u| u.eq_ignore_ascii_case(&seen.listing.uuid)),
+    }
+}
+
+/// Running desired VMs that use `name` (a network, or a pool through a volume).
+fn users(kind: ResourceKind, name: &str, desired: &Desired, observed: &Observed) -> Vec<String> {
+    desired
+        .vms
+        .iter()
+        .filter(|vm| {
+            observed
+                .domains
+                .get(&vm.name)
+                .is_some_and(|d| d.listing.active)
+        })
+        .filter(|vm| {
+            let refs = resource_xml::domain_refs(&vm.xml);
+            match kind {
+                ResourceKind::Network => refs.networks.iter().any(|n| n == name),
+                ResourceKind::Pool => refs.volumes.iter().any(|(p, _)| p == name),
+            }
+        })
+        .map(|vm| vm.name.clone())
+        .collect()
+}
+
+fn plan_one(
+    r: &DesiredResource,
+    desired: &Desired,
+    observed: &Observed,
+    commit: &str,
+    record: &Record,
+    heal: bool,
+) -> ResPlan {
+    let kind = r.kind;
+    let obs = &observed.resources;
+    let rec = recorded(record, kind).get(&r.name);
+    let mut out = ResPlan {
+        kind: Some(kind),
+        name: r.name.clone(),
+        fingerprint: r.fingerprint.clone(),
+        autostart: r.autostart,
+        pool_type: r.summary.pool_type.clone(),
+        ..Default::default()
+    };
+    let seen = obs.seen.get(&(kind, r.name.clone()));
+    let tag = Tag {
+        commit: commit.to_string(),
+        fingerprint: r.fingerprint.clone(),
+    };
+    let render = |uuid: Option<&str>| resource_xml::render(kind, &r.xml, uuid, &tag);
+    let Some(seen) = seen else {
+        match render(None) {
+            Ok(xml) => out.actions.push(ResAction::Define {
+                xml,
+                redefine: false,
+            }),
+            Err(e) => {
+                return fail(
+                    out,
+                    format!("failed to render the {kind} xml: {}", e.message),
+                );
+            }
+        }
+        if kind == ResourceKind::Pool {
+            out.actions.push(ResAction::Build);
+        }
+        if r.autostart {
+            out.actions.push(ResAction::SetAutostart(true));
+            out.actions.push(ResAction::Start);
+        }
+        out.source_xml = r.xml.clone();
+        return out;
+    };
+    out.active = seen.listing.active;
+    out.current_hash = seen.definition_hash.clone();
+    out.uuid = Some(seen.listing.uuid.clone());
+    if seen.inactive.is_none() {
+        return fail(
+            out,
+            format!(
+                "could not read the definition of existing {kind} '{}'; not touching it",
+                r.name
+            ),
+        );
+    }
+    if !seen.listing.persistent {
+        return fail(
+            out,
+            format!("{kind} '{}' is transient; refusing to touch it", r.name),
+        );
+    }
+    let is_owned = owned(kind, seen, rec);
+    if !is_owned && !r.adopt {
+        let how = match kind {
+            ResourceKind::Network => "no vmsync metadata",
+            ResourceKind::Pool => "its uuid is not the one vmsync recorded",
+        };
+        return fail(
+            out,
+            format!(
+                "exists but was not defined by vmsync ({how}); refusing to touch it (set adopt = true on the [[{kind}]] entry to take it over)"
+            ),
+        );
+    }
+    out.adopted = !is_owned;
+
+    // Drift against the record of the last sync.
+    let mut drift = Vec::new();
+    if let Some(rec) = rec.filter(|_| is_owned) {
+        if rec.definition_hash.is_some() && rec.definition_hash != seen.definition_hash {
+            drift.push("definition changed outside vmsync".to_string());
+        }
+        if rec.autostart != seen.listing.autostart {
+            drift.push(format!(
+                "autostart flag changed outside vmsync (now {})",
+                if seen.listing.autostart { "on" } else { "off" }
+            ));
+        }
+        if rec.autostart && !seen.listing.active {
+            drift.push("stopped outside vmsync".to_string());
+        }
+    }
+    out.drift_reported_only = !drift.is_empty() && !heal;
+    let definition_drift = drift.iter().any(|d| d.starts_with("definition"));
+    let autostart_drift = drift.iter().any(|d| d.starts_with("autostart"));
+    let active_drift = drift.iter().any(|d| d.starts_with("stopped"));
+    out.drift = drift;
+
+    let applied_fingerprint = match kind {
+        ResourceKind::Network => seen
+            .inactive
+            .as_ref()
+            .and_then(|s| s.tag.as_ref())
+            .map(|t| t.fingerprint.clone()),
+        ResourceKind::Pool => rec.and_then(|r| r.fingerprint.clone()),
+    };
+    let changed = !is_owned || applied_fingerprint.as_deref() != Some(r.fingerprint.as_str());
+    let redefine = changed || (definition_drift && heal);
+    if redefine {
+        let uuid = seen
+            .inactive
+            .as_ref()
+            .and_then(|s| s.uuid.clone())
+            .unwrap_or_else(|| seen.listing.uuid.clone());
+        match render(Some(&uuid)) {
+            Ok(xml) => out.actions.push(ResAction::Define {
+                xml,
+                redefine: true,
+            }),
+            Err(e) => {
+                return fail(
+                    out,
+                    format!("failed to render the {kind} xml: {}", e.message),
+                );
+            }
+        }
+        out.source_xml = r.xml.clone();
+        out.current_xml = seen.inactive_xml.clone();
+    }
+    if r.autostart != seen.listing.autostart && (heal || !autostart_drift) {
+        out.actions.push(ResAction::SetAutostart(r.autostart));
+    }
+    let mut active = seen.listing.active;
+    if r.autostart && !active && (heal || !active_drift) {
+        if kind == ResourceKind::Pool {
+            out.actions.push(ResAction::Build);
+        }
+        out.actions.push(ResAction::Start);
+        active = true;
+    }
+    // Running on an older definition.
+    let live_differs = seen.listing.active
+        && match kind {
+            ResourceKind::Network => {
+                seen.live_fingerprint.as_deref() != Some(r.fingerprint.as_str())
+            }
+            ResourceKind::Pool => redefine || rec.is_some_and(|rec| rec.pending_restart),
+        };
+    if live_differs && active && r.on_change == OnChange::Restart {
+        out.actions.push(ResAction::Restart);
+        out.affected_vms = users(kind, &r.name, desired, observed);
+    } else {
+        out.pending_restart = live_differs && active;
+    }
+    out
+}
+
+fn fail(mut out: ResPlan, error: String) -> ResPlan {
+    out.error = Some(error);
+    out.actions.clear();
+    out
+}
+
+/// Plans the networks, pools and volumes of `desired`, and the pruning of owned ones
+/// that left the manifest.
+pub fn plan(
+    desired: &Desired,
+    observed: &Observed,
+    commit: &str,
+    record: &Record,
+    policy: &crate::config::ChangePolicy,
+) -> ResourcePlan {
+    let heal = policy.self_heal;
+    let res = &desired.resources;
+    let obs: &ObservedResources = &observed.resources;
+    let pools: Vec<ResPlan> = res
+        .pools
+        .iter()
+        .map(|r| plan_one(r, desired, observed, commit, record, heal))
+        .collect();
+    let networks = res
+        .networks
+        .iter()
+        .map(|r| plan_one(r, desired, observed, commit, record, heal))
+        .collect();
+    let volumes = res
+        .volumes
+        .iter()
+        .map(|v| plan_volume(v, &pools, obs))
+        .collect();
+    let mut prune = Vec::new();
+    for kind in [ResourceKind::Network, ResourceKind::Pool] {
+        let wanted: BTreeSet<&str> = res.of(kind).iter().map(|r| r.name.as_str()).collect();
+        for (name, rec) in recorded(record, kind) {
+            if wanted.contains(name.as_str()) {
+                continue;
+            }
+            let Some(seen) = obs.seen.get(&(kind, name.clone())) else {
+                continue;
+            };
+            if !owned(kind, seen, Some(rec)) {
+                continue;
+            }
+            let mut p = ResPlan {
+                kind: Some(kind),
+                name: name.clone(),
+                active: seen.listing.active,
+                current_hash: seen.definition_hash.clone(),
+                uuid: Some(seen.listing.uuid.clone()),
+                ..Default::default()
+            };
+            if !seen.listing.persistent {
+                p.skipped = Some(format!(
+                    "transient {kind}; vmsync only prunes persistent ones"
+                ));
+            } else if !policy.prune {
+                p.skipped = Some(
+                    "not in the manifest for this host; left alone (policy.prune is off)".into(),
+                );
+            } else {
+                if seen.listing.active {
+                    p.actions.push(ResAction::Stop);
+                    p.affected_vms = users(kind, name, desired, observed);
+                }
+                p.actions.push(ResAction::Undefine);
+            }
+            prune.push(p);
+        }
+    }
+    ResourcePlan {
+        pools,
+        volumes,
+        networks,
+        prune,
+    }
+}
+
+fn plan_volume(v: &DesiredVolume, pools: &[ResPlan], obs: &ObservedResources) -> VolumePlan {
+    let s = &v.spec;
+    let mut out = VolumePlan {
+        vm: v.vm.clone(),
+        pool: s.pool.clone(),
+        name: s.name.clone(),
+        create: None,
+        error: None,
+        description: format!(
+            "create {} volume '{}' in pool '{}' ({})",
+            s.format,
+            s.name,
+            s.pool,
+            crate::host::disk::human_size(s.size_bytes)
+        ),
+    };
+    let pool_plan = pools.iter().find(|p| p.name == s.pool);
+    if let Some(p) = pool_plan
+        && let Some(e) = &p.error
+    {
+        out.error = Some(format!("pool '{}' is not converged: {e}", s.pool));
+        return out;
+    }
+    let started = pool_plan.is_some_and(|p| {
+        p.active
+            || p.actions
+                .iter()
+                .any(|a| matches!(a, ResAction::Start | ResAction::Restart))
+    });
+    let xml = || {
+        resource_xml::volume_xml(
+            &s.name,
+            s.size_bytes,
+            &s.format.to_string(),
+            s.backing.as_ref().map(|b| {
+                (
+                    b.to_str().unwrap_or_default(),
+                    s.backing_format.map(|f| match f {
+                        crate::host::disk::DiskFormat::Qcow2 => "qcow2",
+                        crate::host::disk::DiskFormat::Raw => "raw",
+                    }),
+                )
+            }),
+        )
+    };
+    match obs.volumes.get(&s.pool) {
+        Some(Ok(names)) if names.contains(&s.name) => {}
+        Some(Ok(_)) => out.create = Some(xml()),
+        Some(Err(e)) => out.error = Some(e.clone()),
+        None if started => out.create = Some(xml()),
+        None => {
+            out.error = Some(format!(
+                "pool '{}' is not active, so volume '{}' cannot be made (set autostart = true on the pool)",
+                s.pool, s.name
+            ))
+        }
+    }
+    out
+}
+
+/// How one network or pool went.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResOutcome {
+    pub kind: Option<ResourceKind>,
+    pub name: String,
+    pub done: Vec<String>,
+    pub kinds: Vec<ActionKind>,
+    pub error: Option<String>,
+    pub pending_restart: bool,
+    pub drift: Vec<String>,
+    pub fingerprint: String,
+    pub autostart: bool,
+    /// Defined now (its definition is the commit's).
+    pub defined: bool,
+    /// After a define: the UUID and the drift baseline read back.
+    pub uuid: Option<String>,
+    pub definition_hash: Option<String>,
+    /// Before this sync.
+    pub previous_uuid: Option<String>,
+    pub previous_hash: Option<String>,
+    /// A prune candidate that was undefined.
+    pub pruned: bool,
+    /// A prune candidate left alone.
+    pub skipped: bool,
+}
+
+/// How the networks, pools and volumes went.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResourceOutcome {
+    pub pools: Vec<ResOutcome>,
+    pub networks: Vec<ResOutcome>,
+    /// Volumes: (vm, pool, volume, what happened or the error).
+    pub volumes: Vec<(String, String, String, Result<String, String>)>,
+    pub pruned: Vec<ResOutcome>,
+}
+
+impl ResourceOutcome {
+    /// What failed, named for the sync's summary line: `network 'lab'`,
+    /// `volume 'web.qcow2' of pool 'vmpool'`.
+    pub fn failed_names(&self) -> Vec<String> {
+        let kind = |o: &ResOutcome| o.kind.unwrap_or(ResourceKind::Network);
+        let mut out: Vec<String> = self
+            .pools
+            .iter()
+            .chain(&self.networks)
+            .chain(&self.pruned)
+            .filter(|o| o.error.is_some())
+            .map(|o| format!("{} '{}'", kind(o), o.name))
+            .collect();
+        out.extend(
+            self.volumes
+                .iter()
+                .filter(|(.., r)| r.is_err())
+                .map(|(_, pool, vol, _)| format!("volume '{vol}' of pool '{pool}'")),
+        );
+        out
+    }
+
+    pub fn errors(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .pools
+            .iter()
+            .chain(&self.networks)
+            .filter_map(|o| {
+                o.error.as_ref().map(|e| {
+                    format!(
+                        "{} '{}': {e}",
+                        o.kind.unwrap_or(ResourceKind::Network),
+                        o.name
+                    )
+                })
+            })
+            .collect();
+        out.extend(self.volumes.iter().filter_map(|(vm, pool, vol, r)| {
+            r.as_ref()
+                .err()
+                .map(|e| format!("vm '{vm}': volume '{vol}' of pool '{pool}': {e}"))
+        }));
+        out.extend(self.pruned.iter().filter_map(|o| {
+            o.error.as_ref().map(|e| {
+                format!(
+                    "prune {} '{}': {e}",
+                    o.kind.unwrap_or(ResourceKind::Network),
+                    o.name
+                )
+            })
+        }));
+        out
+    }
+    pub fn changes(&self) -> usize {
+        self.pools
+            .iter()
+            .chain(&self.networks)
+            .chain(&self.pruned)
+            .map(|o| o.done.len())
+            .sum::<usize>()
+            + self
+                .volumes
+                .iter()
+                .filter(|v| matches!(v.3, Ok(ref s) if s.starts_with("create")))
+                .count()
+    }
+    /// Kinds of the actions done.
+    pub fn kinds(&self) -> impl Iterator<Item = ActionKind> + '_ {
+        self.pools
+            .iter()
+            .chain(&self.networks)
+            .chain(&self.pruned)
+            .flat_map(|o| o.kinds.iter().copied())
+            .chain(
+                self.volumes
+                    .iter()
+                    .filter(|v| matches!(v.3, Ok(ref s) if s.starts_with("create")))
+                    .map(|_| ActionKind::CreateVolume),
+            )
+    }
+}
+
+fn apply_one(p: &ResPlan, hv: &dyn Hypervisor, short: &str) -> ResOutcome {
+    let kind = p.kind();
+    let mut out = ResOutcome {
+        kind: p.kind,
+        name: p.name.clone(),
+        error: p.error.clone(),
+        pending_restart: p.pending_restart,
+        drift: p.drift.clone(),
+        fingerprint: p.fingerprint.clone(),
+        autostart: p.autostart,
+        previous_uuid: p.uuid.clone(),
+        previous_hash: p.current_hash.clone(),
+        skipped: p.skipped.is_some(),
+        ..Default::default()
+    };
+    for d in &p.drift {
+        if p.drift_reported_only {
+            warn!(kind = %kind, name = %p.name, drift = %d, "drift (self_heal is off: reported only)");
+        } else {
+            warn!(kind = %kind, name = %p.name, drift = %d, "drift: putting it back to the commit");
+        }
+    }
+    if let Some(e) = &p.error {
+        error!(kind = %kind, name = %p.name, commit = %short, error = %e, "not converged");
+        return out;
+    }
+    for action in &p.actions {
+        let what = action.describe(kind);
+        let op = |op| hv.resource_op(kind, &p.name, op);
+        let done = match action {
+            ResAction::Define { xml, .. } => hv.define_resource(kind, xml).map(|()| {
+                out.defined = true;
+            }),
+            // A dir pool's build only makes its directory (libvirt refuses the
+            // no-overwrite flag there); any other type is built without overwriting.
+            ResAction::Build => op(ResOp::Build {
+                no_overwrite: p.pool_type.as_deref() != Some("dir"),
+            }),
+            ResAction::SetAutostart(on) => op(ResOp::Autostart(*on)),
+            ResAction::Start => op(ResOp::Start),
+            ResAction::Restart => {
+                if !p.affected_vms.is_empty() {
+                    warn!(kind = %kind, name = %p.name, vms = %p.affected_vms.join(", "), "restarting: these running vms lose their link until they are reattached or restarted");
+                }
+                op(ResOp::Stop).and_then(|()| op(ResOp::Start))
+            }
+            ResAction::Stop => op(ResOp::Stop),
+            ResAction::Undefine => op(ResOp::Undefine),
+        };
+        match done {
+            Ok(()) => {
+                info!(kind = %kind, name = %p.name, commit = %short, action = %what, "done");
+                out.done.push(what);
+                out.kinds.push(action.kind(kind));
+                if matches!(action, ResAction::Restart) {
+                    out.pending_restart = false;
+                }
+            }
+            Err(e) => {
+                error!(kind = %kind, name = %p.name, commit = %short, action = %what, error = %e, "failed");
+                out.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    // The new drift baseline and UUID, once built and started (a pool's XML gains its
+    // permissions then).
+    if out.defined
+        && let Ok(after) = hv.resource_xml(kind, &p.name, true)
+    {
+        out.definition_hash = resource_xml::definition_hash(kind, &after);
+        out.uuid = resource_xml::summarize(kind, &after)
+            .ok()
+            .and_then(|s| s.uuid);
+    }
+    out
+}
+
+/// Applies the pools, then the volumes, then the networks (before the domains).
+pub fn apply_before_domains(
+    plan: &ResourcePlan,
+    hv: &dyn Hypervisor,
+    short: &str,
+) -> ResourceOutcome {
+    let mut out = ResourceOutcome {
+        pools: plan.pools.iter().map(|p| apply_one(p, hv, short)).collect(),
+        ..Default::default()
+    };
+    for v in &plan.volumes {
+        let pool_failed = out
+            .pools
+            .iter()
+            .find(|p| p.name == v.pool)
+            .and_then(|p| p.error.clone());
+        let result = match (&v.error, pool_failed, &v.create) {
+            (Some(e), _, _) => Err(e.clone()),
+            (None, Some(e), _) => Err(format!("pool '{}' failed: {e}", v.pool)),
+            (None, None, None) => Ok("exists".to_string()),
+            (None, None, Some(xml)) => hv
+                .create_volume(&v.pool, xml)
+                .map(|()| v.description.clone())
+                .map_err(|e| e.to_string()),
+        };
+        match &result {
+            Ok(what) if what.starts_with("create") => {
+                info!(vm = %v.vm, pool = %v.pool, volume = %v.name, commit = %short, "{what}")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                error!(vm = %v.vm, pool = %v.pool, volume = %v.name, error = %e, "volume not converged")
+            }
+        }
+        out.volumes
+            .push((v.vm.clone(), v.pool.clone(), v.name.clone(), result));
+    }
+    out.networks = plan
+        .networks
+        .iter()
+        .map(|p| apply_one(p, hv, short))
+        .collect();
+    out
+}
+
+/// Prunes owned networks, then pools (after the domains' pruning).
+pub fn apply_prune(
+    plan: &ResourcePlan,
+    hv: &dyn Hypervisor,
+    short: &str,
+    out: &mut ResourceOutcome,
+) {
+    for p in plan.prune.iter().filter(|p| p.skipped.is_none()) {
+        if !p.affected_vms.is_empty() {
+            warn!(kind = %p.kind(), name = %p.name, vms = %p.affected_vms.join(", "), "pruning: these running vms lose their link");
+        }
+        let mut o = apply_one(p, hv, short);
+        o.pruned = o.error.is_none();
+        out.pruned.push(o);
+    }
+}
+
+/// The record's networks and pools after a sync: converged ones with the commit, failed
+/// ones with their error (and what was done: a pool vmsync defined is recorded with its
+/// UUID even when a later step failed), pruned ones gone, skipped ones kept.
+pub fn record(record: &mut Record, commit: &str, plan: &ResourcePlan, outcome: &ResourceOutcome) {
+    for kind in [ResourceKind::Network, ResourceKind::Pool] {
+        let old = recorded(record, kind).clone();
+        let mut new = BTreeMap::new();
+        let outcomes = match kind {
+            ResourceKind::Network => &outcome.networks,
+            ResourceKind::Pool => &outcome.pools,
+        };
+        for o in outcomes {
+            let before = old.get(&o.name).cloned();
+            let uuid = o.uuid.clone().or(o.previous_uuid.clone());
+            let entry = if o.error.is_none() {
+                ResourceRecord {
+                    uuid,
+                    applied_commit: Some(commit.to_string()),
+                    fingerprint: Some(o.fingerprint.clone()),
+                    autostart: o.autostart,
+                    ok: true,
+                    last_error: None,
+                    pending_restart: o.pending_restart,
+                    definition_hash: o
+                        .definition_hash
+                        .clone()
+                        .or(before.as_ref().and_then(|b| b.definition_hash.clone()))
+                        .or(o.previous_hash.clone()),
+                    drift: o.drift.clone(),
+                }
+            } else if o.defined {
+                ResourceRecord {
+                    uuid,
+                    fingerprint: Some(o.fingerprint.clone()),
+                    definition_hash: o.definition_hash.clone(),
+                    ok: false,
+                    last_error: o.error.clone(),
+                    drift: o.drift.clone(),
+                    ..before.unwrap_or_default()
+                }
+            } else if let Some(before) = before {
+                ResourceRecord {
+                    ok: false,
+                    last_error: o.error.clone(),
+                    drift: o.drift.clone(),
+                    ..before
+                }
+            } else {
+                // Never vmsync's (not adopted): nothing to remember.
+                continue;
+            };
+            new.insert(o.name.clone(), entry);
+        }
+        // Prune candidates not pruned stay this agent's.
+        for p in plan.prune.iter().filter(|p| p.kind() == kind) {
+            let pruned = outcome
+                .pruned
+                .iter()
+                .any(|o| o.kind == Some(kind) && o.name == p.name && o.pruned);
+            if !pruned && let Some(rec) = old.get(&p.name) {
+                new.insert(p.name.clone(), rec.clone());
+            }
+        }
+        match kind {
+            ResourceKind::Network => record.networks = new,
+            ResourceKind::Pool => record.pools = new,
+        }
+    }
+}
+
+/// Lines for `vmsync --once` and `vmsync plan` about networks, pools and volumes.
+pub fn render_text(plan: &ResourcePlan) -> String {
+    let mut out = String::new();
+    for p in plan.pools.iter().chain(&plan.networks) {
+        let kind = p.kind();
+        if let Some(e) = &p.error {
+            out += &format!("  {kind} {}: error: {e}\n", p.name);
+            continue;
+        }
+        for a in &p.actions {
+            out += &format!("  {kind} {}: {}\n", p.name, a.describe(kind));
+        }
+        if !p.affected_vms.is_empty() {
+            out += &format!(
+                "  {kind} {}: running vms that lose their link while it restarts: {}\n",
+                p.name,
+                p.affected_vms.join(", ")
+            );
+        }
+        if p.pending_restart {
+            out += &format!(
+                "  {kind} {}: pending restart (active on its old definition)\n",
+                p.name
+            );
+        }
+        if !p.drift.is_empty() {
+            let how = if p.drift_reported_only {
+                "reported only"
+            } else {
+                "healed"
+            };
+            out += &format!(
+                "  {kind} {}: drift ({how}): {}\n",
+                p.name,
+                p.drift.join("; ")
+            );
+        }
+        if let Some(diff) = &p.diff {
+            for line in diff.lines() {
+                out += &format!("    {line}\n");
+            }
+        }
+    }
+    for v in &plan.volumes {
+        match (&v.error, &v.create) {
+            (Some(e), _) => {
+                out += &format!(
+                    "  vm {}: volume '{}' of pool '{}': error: {e}\n",
+                    v.vm, v.name, v.pool
+                )
+            }
+            (None, Some(_)) => out += &format!("  vm {}: {}\n", v.vm, v.description),
+            _ => {}
+        }
+    }
+    for p in &plan.prune {
+        let kind = p.kind();
+        match &p.skipped {
+            Some(why) => out += &format!("  {kind} {}: {why}\n", p.name),
+            None => {
+                let what: Vec<String> = p.actions.iter().map(|a| a.describe(kind)).collect();
+                out += &format!("  {kind} {}: prune: {}\n", p.name, what.join(", "));
+                if !p.affected_vms.is_empty() {
+                    out += &format!(
+                        "  {kind} {}: running vms that lose their link: {}\n",
+                        p.name,
+                        p.affected_vms.join(", ")
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Adds a unified diff of each definition that would change (for `vmsync plan`).
+pub fn annotate(plan: &mut ResourcePlan) {
+    for p in plan.pools.iter_mut().chain(plan.networks.iter_mut()) {
+        if p.source_xml.is_empty() {
+            continue;
+        }
+        let before = p.current_xml.clone().unwrap_or_default();
+        let diff = crate::reconcile::diff::unified(&before, &p.source_xml, "host", "commit");
+        if !diff.trim().is_empty() {
+            p.diff = Some(diff);
+        }
+    }
+}
+
+/// Lines for `vmsync --once` about what was done to networks, pools and volumes.
+pub fn render_outcome(outcome: &ResourceOutcome) -> String {
+    let mut out = String::new();
+    for o in outcome.pools.iter().chain(&outcome.networks) {
+        let kind = o.kind.unwrap_or(ResourceKind::Network);
+        if !o.done.is_empty() {
+            out += &format!("  {kind} {}: {}\n", o.name, o.done.join(", "));
+        }
+        if let Some(e) = &o.error {
+            out += &format!("  {kind} {}: failed: {e}\n", o.name);
+        }
+        if o.pending_restart {
+            out += &format!(
+                "  {kind} {}: pending restart (active on its old definition)\n",
+                o.name
+            );
+        }
+        if !o.drift.is_empty() {
+            out += &format!("  {kind} {}: drift: {}\n", o.name, o.drift.join("; "));
+        }
+    }
+    for (vm, pool, volume, result) in &outcome.volumes {
+        match result {
+            Ok(what) if what.starts_with("create") => out += &format!("  {vm}: {what}\n"),
+            Ok(_) => {}
+            Err(e) => out += &format!("  {vm}: volume '{volume}' of pool '{pool}' failed: {e}\n"),
+        }
+    }
+    for o in &outcome.pruned {
+        let kind = o.kind.unwrap_or(ResourceKind::Network);
+        match &o.error {
+            None => out += &format!("  {kind} {}: pruned: {}\n", o.name, o.done.join(", ")),
+            Some(e) => out += &format!("  {kind} {}: prune failed: {e}\n", o.name),
+        }
+    }
+    out
+}
+
+/// The plan's networks, pools and volumes for `vmsync plan --json`.
+pub fn to_json(plan: &ResourcePlan) -> serde_json::Value {
+    let one = |p: &ResPlan| {
+        let kind = p.kind();
+        serde_json::json!({
+            "kind": kind,
+            "name": p.name,
+            "actions": p.actions.iter().map(|a| serde_json::json!({
+                "kind": a.kind(kind),
+                "description": a.describe(kind),
+            })).collect::<Vec<_>>(),
+            "error": p.error,
+            "pending_restart": p.pending_restart,
+            "drift": p.drift,
+            "drift_healed": !p.drift.is_empty() && !p.drift_reported_only,
+            "adopted": p.adopted,
+            "affected_vms": p.affected_vms,
+            "skipped": p.skipped,
+            "diff": p.diff,
+        })
+    };
+    serde_json::json!({
+        "pools": plan.pools.iter().map(one).collect::<Vec<_>>(),
+        "volumes": plan.volumes.iter().map(|v| serde_json::json!({
+            "vm": v.vm,
+            "pool": v.pool,
+            "volume": v.name,
+            "create": v.create.is_some(),
+            "description": v.description,
+            "error": v.error,
+        })).collect::<Vec<_>>(),
+        "networks": plan.networks.iter().map(one).collect::<Vec<_>>(),
+        "prune": plan.prune.iter().map(one).collect::<Vec<_>>(),
+    })
+}
+
+/// One managed network or pool in `vmsync status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResourceStatus {
+    pub name: String,
+    /// `None` when libvirt could not be asked.
+    pub defined: Option<bool>,
+    pub active: Option<bool>,
+    pub autostart: Option<bool>,
+    pub applied_commit: Option<String>,
+    pub pending_restart: bool,
+    pub drift: Vec<String>,
+    pub last_error: Option<String>,
+}
+
+/// The record's networks and pools joined with what libvirt says now: one listing per
+/// kind and one XML read per defined one (the drift baseline, and a network's live tag).
+pub fn status(
+    record: &Record,
+    hv: Option<&dyn Hypervisor>,
+    kind: ResourceKind,
+) -> Vec<ResourceStatus> {
+    let recs = recorded(record, kind);
+    let listing = match (hv, recs.is_empty()) {
+        (Some(hv), false) => hv.list_resources(kind).ok(),
+        _ => None,
+    };
+    recs.iter()
+        .map(|(name, rec)| {
+            let mut s = ResourceStatus {
+                name: name.clone(),
+                defined: None,
+                active: None,
+                autostart: None,
+                applied_commit: rec.applied_commit.clone(),
+                pending_restart: rec.pending_restart,
+                drift: Vec::new(),
+                last_error: rec.last_error.clone(),
+            };
+            let (Some(hv), Some(listing)) = (hv, &listing) else {
+                return s;
+            };
+            let seen = listing.iter().find(|l| &l.name == name);
+            s.defined = Some(seen.is_some());
+            s.active = Some(seen.is_some_and(|l| l.active));
+            s.autostart = Some(seen.is_some_and(|l| l.autostart));
+            match seen {
+                None => s.drift.push("undefined outside vmsync".into()),
+                Some(l) => {
+                    let xml = hv.resource_xml(kind, name, true).ok();
+                    let hash = xml
+                        .as_deref()
+                        .and_then(|x| resource_xml::definition_hash(kind, x));
+                    if rec.definition_hash.is_some() && hash != rec.definition_hash {
+                        s.drift.push("definition changed outside vmsync".into());
+                    }
+                    if rec.autostart != l.autostart {
+                        s.drift.push("autostart flag changed outside vmsync".into());
+                    }
+                    if rec.autostart && !l.active {
+                        s.drift.push("stopped outside vmsync".into());
+                    }
+                    if kind == ResourceKind::Network {
+                        let live = if l.active {
+                            hv.resource_xml(kind, name, false)
+                                .ok()
+                                .and_then(|x| resource_xml::summarize(kind, &x).ok())
+                                .and_then(|s| s.tag)
+                        } else {
+                            None
+                        };
+                        s.pending_restart = l.active
+                            && live
+                                .zip(rec.fingerprint.as_ref())
+                                .is_none_or(|(t, fp)| &t.fingerprint != fp);
+                    } else {
+                        s.pending_restart = l.active && rec.pending_restart;
+                    }
+                }
+            }
+            s
+        })
+        .collect()
+}
+
+/// The networks and pools rows of `vmsync status`.
+pub fn status_text(networks: &[ResourceStatus], pools: &[ResourceStatus]) -> String {
+    if networks.is_empty() && pools.is_empty() {
+        return String::new();
+    }
+    let yn = |v: Option<bool>| match v {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "?",
+    };
+    let mut out = format!(
+        "\n{:<8} {:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
+        "KIND",
+        "NAME",
+        "DEFINED",
+        "ACTIVE",
+        "AUTOSTART",
+        "APPLIED",
+        "PENDING-RESTART",
+        "DRIFT / ERROR"
+    );
+    for (kind, s) in networks
+        .iter()
+        .map(|s| ("network", s))
+        .chain(pools.iter().map(|s| ("pool", s)))
+    {
+        let applied = s
+            .applied_commit
+            .as_deref()
+            .map(|c| &c[..c.len().min(12)])
+            .unwrap_or("-");
+        let mut notes = s.drift.clone();
+        notes.extend(s.last_error.iter().map(|e| format!("error: {e}")));
+        out += &format!(
+            "{:<8} {:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
+            kind,
+            s.name,
+            yn(s.defined),
+            yn(s.active),
+            yn(s.autostart),
+            applied,
+            if s.pending_restart { "yes" } else { "no" },
+            if notes.is_empty() {
+                "-".to_string()
+            } else {
+                notes.join("; ")
+            }
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ChangePolicy;
+    use crate::desired::domain_xml::fingerprint;
+    use crate::desired::manifest::VolumeSpec;
+    use crate::desired::resources::DesiredResources;
+    use crate::host::disk::DiskFormat;
+    use crate::host::hypervisor::Listing;
+    use crate::host::resources::SeenResource;
+
+    const UUID: &str = "6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b";
+
+    fn net_xml(name: &str, extra: &str) -> String {
+        format!("<network><name>{name}</name><bridge name='br0'/>{extra}</network>")
+    }
+
+    fn pool_xml(name: &str) -> String {
+        format!(
+            "<pool type='dir'><name>{name}</name><target><path>/srv/images/{name}</path></target></pool>"
+        )
+    }
+
+    fn want(kind: ResourceKind, xml: &str, autostart: bool) -> DesiredResource {
+        let summary = resource_xml::summarize(kind, xml).unwrap();
+        DesiredResource {
+            kind,
+            name: summary.name.clone(),
+            xml_file: "x.xml".into(),
+            xml: xml.into(),
+            summary,
+            fingerprint: fingerprint(xml),
+            autostart,
+            adopt: false,
+            on_change: OnChange::Defer,
+        }
+    }
+
+    /// What the host has: `source` as vmsync (tagged, for a network) or a person
+    /// (untagged) defined it.
+    fn seen(
+        kind: ResourceKind,
+        source: &str,
+        tagged: bool,
+        active: bool,
+        autostart: bool,
+    ) -> SeenResource {
+        let tag = Tag {
+            commit: "old".into(),
+            fingerprint: fingerprint(source),
+        };
+        let xml = if tagged {
+            resource_xml::render(kind, source, Some(UUID), &tag).unwrap()
+        } else {
+            source.replace("</name>", &format!("</name><uuid>{UUID}</uuid>"))
+        };
+        let inactive = resource_xml::summarize(kind, &xml).ok();
+        SeenResource {
+            listing: Listing {
+                name: inactive.as_ref().unwrap().name.clone(),
+                uuid: UUID.into(),
+                active,
+                autostart,
+                persistent: true,
+            },
+            live_fingerprint: (active && tagged && kind == ResourceKind::Network)
+                .then(|| fingerprint(source)),
+            inactive,
+            definition_hash: Some("baseline".into()),
+            inactive_xml: Some(xml),
+        }
+    }
+
+    fn rec(source: &str, autostart: bool) -> ResourceRecord {
+        ResourceRecord {
+            uuid: Some(UUID.into()),
+            applied_commit: Some("old".into()),
+            fingerprint: Some(fingerprint(source)),
+            autostart,
+            ok: true,
+            definition_hash: Some("baseline".into()),
+            ..Default::default()
+        }
+    }
+
+    struct Case {
+        what: &'static str,
+        want: DesiredResource,
+        seen: Option<SeenResource>,
+        record: Option<ResourceRecord>,
+        self_heal: bool,
+        actions: &'static [&'static str],
+        error: Option<&'static str>,
+        pending: bool,
+        drift: usize,
+    }
+
+    fn run(case: &Case) -> ResPlan {
+        let kind = case.want.kind;
+        let mut desired = Desired::default();
+        let mut record = Record::default();
+        match kind {
+            ResourceKind::Network => desired.resources.networks.push(case.want.clone()),
+            ResourceKind::Pool => desired.resources.pools.push(case.want.clone()),
+        }
+        if let Some(r) = &case.record {
+            match kind {
+                ResourceKind::Network => record.networks.insert(case.want.name.clone(), r.clone()),
+                ResourceKind::Pool => record.pools.insert(case.want.name.clone(), r.clone()),
+            };
+        }
+        let mut observed = Observed::default();
+        if let Some(s) = &case.seen {
+            observed
+                .resources
+                .seen
+                .insert((kind, case.want.name.clone()), s.clone());
+        }
+        let policy = ChangePolicy {
+            self_heal: case.self_heal,
+            ..Default::default()
+        };
+        let p = plan(&desired, &observed, "new", &record, &policy);
+        match kind {
+            ResourceKind::Network => p.networks[0].clone(),
+            ResourceKind::Pool => p.pools[0].clone(),
+        }
+    }
+
+    fn names(p: &ResPlan) -> Vec<&'static str> {
+        p.actions
+            .iter()
+            .map(|a| a.kind(p.kind()).as_str())
+            .collect()
+    }
+
+    #[test]
+    fn planner_table() {
+        use ResourceKind::{Network as N, Pool as P};
+        let net = net_xml("lab", "");
+        let net2 = net_xml("lab", "<mac address='52:54:00:00:00:01'/>");
+        let pool = pool_xml("vmpool");
+        let mut adopt = want(N, &net, true);
+        adopt.adopt = true;
+        let mut restart = want(N, &net2, true);
+        restart.on_change = OnChange::Restart;
+        let cases = [
+            Case {
+                what: "missing network, autostart",
+                want: want(N, &net, true),
+                seen: None,
+                record: None,
+                self_heal: true,
+                actions: &["define_network", "set_network_autostart", "start_network"],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "missing pool, autostart: built before start",
+                want: want(P, &pool, true),
+                seen: None,
+                record: None,
+                self_heal: true,
+                actions: &[
+                    "define_pool",
+                    "build_pool",
+                    "set_pool_autostart",
+                    "start_pool",
+                ],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "missing network, no autostart: defined only",
+                want: want(N, &net, false),
+                seen: None,
+                record: None,
+                self_heal: true,
+                actions: &["define_network"],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "converged network",
+                want: want(N, &net, true),
+                seen: Some(seen(N, &net, true, true, true)),
+                record: Some(rec(&net, true)),
+                self_heal: true,
+                actions: &[],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "converged pool (owned through the record's uuid)",
+                want: want(P, &pool, true),
+                seen: Some(seen(P, &pool, false, true, true)),
+                record: Some(rec(&pool, true)),
+                self_heal: true,
+                actions: &[],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "hand-made network (default included): refused",
+                want: want(N, &net, true),
+                seen: Some(seen(N, &net, false, true, true)),
+                record: None,
+                self_heal: true,
+                actions: &[],
+                error: Some("exists but was not defined by vmsync (no vmsync metadata)"),
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "hand-made pool (no record): refused",
+                want: want(P, &pool, true),
+                seen: Some(seen(P, &pool, false, true, true)),
+                record: None,
+                self_heal: true,
+                actions: &[],
+                error: Some("its uuid is not the one vmsync recorded"),
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "pool whose uuid differs from the record's: refused",
+                want: want(P, &pool, true),
+                seen: Some(seen(P, &pool, false, true, true)),
+                record: Some(ResourceRecord {
+                    uuid: Some("00000000-0000-0000-0000-000000000000".into()),
+                    ..rec(&pool, true)
+                }),
+                self_heal: true,
+                actions: &[],
+                error: Some("not defined by vmsync"),
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "hand-made network with adopt: redefined in place",
+                want: adopt,
+                seen: Some(seen(N, &net, false, true, true)),
+                record: None,
+                self_heal: true,
+                actions: &["redefine_network"],
+                error: None,
+                pending: true,
+                drift: 0,
+            },
+            Case {
+                what: "changed active network: pending restart",
+                want: want(N, &net2, true),
+                seen: Some(seen(N, &net, true, true, true)),
+                record: Some(rec(&net, true)),
+                self_heal: true,
+                actions: &["redefine_network"],
+                error: None,
+                pending: true,
+                drift: 0,
+            },
+            Case {
+                what: "changed active network, on_change = restart",
+                want: restart,
+                seen: Some(seen(N, &net, true, true, true)),
+                record: Some(rec(&net, true)),
+                self_heal: true,
+                actions: &["redefine_network", "restart_network"],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "changed inactive network: no pending restart",
+                want: want(N, &net2, false),
+                seen: Some(seen(N, &net, true, false, false)),
+                record: Some(rec(&net, false)),
+                self_heal: true,
+                actions: &["redefine_network"],
+                error: None,
+                pending: false,
+                drift: 0,
+            },
+            Case {
+                what: "stopped outside vmsync: started (self-heal)",
+                want: want(N, &net, true),
+                seen: Some(seen(N, &net, true, false, true)),
+                record: Some(rec(&net, true)),
+                self_heal: true,
+                actions: &["start_network"],
+                error: None,
+                pending: false,
+                drift: 1,
+            },
+            Case {
+                what: "stopped outside vmsync, self-heal off: reported",
+                want: want(N, &net, true),
+                seen: Some(seen(N, &net, true, false, true)),
+                record: Some(rec(&net, true)),
+                self_heal: false,
+                actions: &[],
+                error: None,
+                pending: false,
+                drift: 1,
+            },
+            Case {
+                what: "autostart cleared outside vmsync: set again",
+                want: want(P, &pool, true),
+                seen: Some(seen(P, &pool, false, true, false)),
+                record: Some(rec(&pool, true)),
+                self_heal: true,
+                actions: &["set_pool_autostart"],
+                error: None,
+                pending: false,
+                drift: 1,
+            },
+            Case {
+                what: "definition edited outside vmsync: redefined",
+                want: want(N, &net, true),
+                seen: Some(SeenResource {
+                    definition_hash: Some("edited".into()),
+                    ..seen(N, &net, true, true, true)
+                }),
+                record: Some(rec(&net, true)),
+                self_heal: true,
+                actions: &["redefine_network"],
+                error: None,
+                pending: false,
+                drift: 1,
+            },
+            Case {
+                what: "definition edited, self-heal off: reported",
+                want: want(N, &net, true),
+                seen: Some(SeenResource {
+                    definition_hash: Some("edited".into()),
+                    ..seen(N, &net, true, true, true)
+                }),
+                record: Some(rec(&net, true)),
+                self_heal: false,
+                actions: &[],
+                error: None,
+                pending: false,
+                drift: 1,
+            },
+        ];
+        for case in &cases {
+            let p = run(case);
+            assert_eq!(names(&p), case.actions, "{}", case.what);
+            match case.error {
+                None => assert_eq!(p.error, None, "{}", case.what),
+                Some(e) => assert!(
+                    p.error.as_deref().unwrap_or("").contains(e),
+                    "{}: {:?}",
+                    case.what,
+                    p.error
+                ),
+            }
+            assert_eq!(p.pending_restart, case.pending, "{}", case.what);
+            assert_eq!(p.drift.len(), case.drift, "{}: {:?}", case.what, p.drift);
+        }
+    }
+
+    #[test]
+    fn a_redefine_keeps_the_existing_uuid_and_tags_networks() {
+        let net2 = net_xml("lab", "<mac address='52:54:00:00:00:01'/>");
+        let net = net_xml("lab", "");
+        let case = Case {
+            what: "",
+            want: want(ResourceKind::Network, &net2, true),
+            seen: Some(seen(ResourceKind::Network, &net, true, true, true)),
+            record: Some(rec(&net, true)),
+            self_heal: true,
+            actions: &[],
+            error: None,
+            pending: false,
+            drift: 0,
+        };
+        let p = run(&case);
+        let ResAction::Define {
+            xml,
+            redefine: true,
+        } = &p.actions[0]
+        else {
+            panic!("{:?}", p.actions)
+        };
+        let s = resource_xml::summarize(ResourceKind::Network, xml).unwrap();
+        assert_eq!(s.uuid.as_deref(), Some(UUID));
+        assert_eq!(s.tag.unwrap().fingerprint, fingerprint(&net2));
+    }
+
+    #[test]
+    fn plan_shows_a_diff_of_a_changed_definition() {
+        let net = net_xml("lab", "");
+        let net2 = net_xml("lab", "<domain name='lab.example'/>");
+        let mut p = run(&Case {
+            what: "",
+            want: want(ResourceKind::Network, &net2, true),
+            seen: Some(seen(ResourceKind::Network, &net, true, true, true)),
+            record: Some(rec(&net, true)),
+            self_heal: true,
+            actions: &[],
+            error: None,
+            pending: false,
+            drift: 0,
+        });
+        let mut plan = ResourcePlan {
+            networks: vec![p.clone()],
+            ..Default::default()
+        };
+        annotate(&mut plan);
+        let diff = plan.networks[0].diff.as_deref().unwrap();
+        assert!(diff.contains("lab.example"), "{diff}");
+        assert!(render_text(&plan).contains("network lab: redefine in place"));
+        assert!(render_text(&plan).contains("pending restart"));
+        p.source_xml.clear();
+        let mut unchanged = ResourcePlan {
+            networks: vec![p],
+            ..Default::default()
+        };
+        annotate(&mut unchanged);
+        assert_eq!(unchanged.networks[0].diff, None);
+    }
+
+    fn volume(pool: &str, name: &str) -> DesiredVolume {
+        DesiredVolume {
+            vm: "web".into(),
+            spec: VolumeSpec {
+                pool: pool.into(),
+                name: name.into(),
+                size_bytes: 1 << 30,
+                format: DiskFormat::Qcow2,
+                backing: None,
+                backing_format: None,
+            },
+        }
+    }
+
+    #[test]
+    fn volumes_are_made_when_missing_only() {
+        let pool = pool_xml("vmpool");
+        let mut desired = Desired {
+            resources: DesiredResources {
+                pools: vec![want(ResourceKind::Pool, &pool, true)],
+                volumes: vec![volume("vmpool", "a.qcow2"), volume("vmpool", "b.qcow2")],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut record = Record::default();
+        record.pools.insert("vmpool".into(), rec(&pool, true));
+        let mut observed = Observed::default();
+        observed.resources.seen.insert(
+            (ResourceKind::Pool, "vmpool".into()),
+            seen(ResourceKind::Pool, &pool, false, true, true),
+        );
+        observed
+            .resources
+            .volumes
+            .insert("vmpool".into(), Ok(["a.qcow2".to_string()].into()));
+        let p = plan(&desired, &observed, "c", &record, &ChangePolicy::default());
+        assert_eq!(p.volumes[0].create, None, "a exists: never touched");
+        let xml = p.volumes[1].create.as_deref().unwrap();
+        assert!(
+            xml.contains("<name>b.qcow2</name>") && xml.contains("qcow2"),
+            "{xml}"
+        );
+        assert!(!p.is_noop());
+
+        // A missing pool that will be started: its volumes are made after it.
+        let fresh = plan(
+            &desired,
+            &Observed::default(),
+            "c",
+            &Record::default(),
+            &ChangePolicy::default(),
+        );
+        assert!(fresh.volumes.iter().all(|v| v.create.is_some()));
+        // A pool that is not started: the volume fails, named.
+        desired.resources.pools[0].autostart = false;
+        let idle = plan(
+            &desired,
+            &Observed::default(),
+            "c",
+            &Record::default(),
+            &ChangePolicy::default(),
+        );
+        assert!(
+            idle.volumes[0]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("is not active")
+        );
+        // A refused pool: its volumes are not made either.
+        let mut hand = Observed::default();
+        hand.resources.seen.insert(
+            (ResourceKind::Pool, "vmpool".into()),
+            seen(ResourceKind::Pool, &pool, false, true, true),
+        );
+        let refused = plan(
+            &desired,
+            &hand,
+            "c",
+            &Record::default(),
+            &ChangePolicy::default(),
+        );
+        assert!(
+            refused.volumes[0]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("not converged")
+        );
+    }
+
+    #[test]
+    fn pruning_only_owned_ones_and_never_storage() {
+        let net = net_xml("old", "");
+        let pool = pool_xml("oldpool");
+        let mut record = Record::default();
+        record.networks.insert("old".into(), rec(&net, true));
+        record.pools.insert("oldpool".into(), rec(&pool, true));
+        record.networks.insert("gone".into(), rec(&net, true));
+        let mut observed = Observed::default();
+        observed.resources.seen.insert(
+            (ResourceKind::Network, "old".into()),
+            seen(ResourceKind::Network, &net, true, true, true),
+        );
+        observed.resources.seen.insert(
+            (ResourceKind::Pool, "oldpool".into()),
+            seen(ResourceKind::Pool, &pool, false, false, true),
+        );
+        let off = plan(
+            &Desired::default(),
+            &observed,
+            "c",
+            &record,
+            &ChangePolicy::default(),
+        );
+        assert_eq!(off.prune.len(), 2);
+        assert!(
+            off.prune
+                .iter()
+                .all(|p| p.skipped.is_some() && p.actions.is_empty())
+        );
+        assert_eq!(off.pruning(), 0);
+        let on = ChangePolicy {
+            prune: true,
+            ..Default::default()
+        };
+        let p = plan(&Desired::default(), &observed, "c", &record, &on);
+        let net_plan = p.prune.iter().find(|p| p.name == "old").unwrap();
+        assert_eq!(names(net_plan), ["stop_network", "undefine_network"]);
+        let pool_plan = p.prune.iter().find(|p| p.name == "oldpool").unwrap();
+        assert_eq!(names(pool_plan), ["undefine_pool"]);
+        assert_eq!(
+            pool_plan.actions[0].describe(ResourceKind::Pool),
+            "undefine (keeping its storage and volumes)"
+        );
+        assert_eq!(p.pruning(), 2);
+        // A hand-made network of a recorded name (the record is stale) is never pruned.
+        let mut other = observed.clone();
+        other.resources.seen.insert(
+            (ResourceKind::Network, "old".into()),
+            seen(ResourceKind::Network, &net, false, true, true),
+        );
+        let p = plan(&Desired::default(), &other, "c", &record, &on);
+        assert!(p.prune.iter().all(|p| p.name != "old"));
+    }
+
+    #[test]
+    fn resource_prunes_count_towards_the_mass_prune_guard() {
+        let net = net_xml("old", "");
+        let mut record = Record::default();
+        record.networks.insert("old".into(), rec(&net, true));
+        let mut observed = Observed::default();
+        observed.resources.seen.insert(
+            (ResourceKind::Network, "old".into()),
+            seen(ResourceKind::Network, &net, true, true, true),
+        );
+        let policy = ChangePolicy {
+            prune: true,
+            ..Default::default()
+        };
+        let ctx = crate::reconcile::plan::Context {
+            policy: &policy,
+            record: &record,
+        };
+        let p = crate::reconcile::plan::plan(&Desired::default(), &observed, "c", &ctx);
+        assert!(
+            p.refused.is_some(),
+            "pruning every managed resource is refused"
+        );
+    }
+
+    #[test]
+    fn the_record_keeps_owned_ones_and_a_pools_uuid() {
+        let pool = pool_xml("p");
+        let plan = ResourcePlan::default();
+        let outcome = ResourceOutcome {
+            pools: vec![ResOutcome {
+                kind: Some(ResourceKind::Pool),
+                name: "p".into(),
+                fingerprint: "fp".into(),
+                autostart: true,
+                defined: true,
+                uuid: Some(UUID.into()),
+                definition_hash: Some("h".into()),
+                error: Some("start failed".into()),
+                ..Default::default()
+            }],
+            networks: vec![ResOutcome {
+                kind: Some(ResourceKind::Network),
+                name: "hand".into(),
+                error: Some("exists but was not defined by vmsync".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut record = Record::default();
+        record_one(&mut record, &plan, &outcome);
+        let p = &record.pools["p"];
+        assert_eq!(
+            p.uuid.as_deref(),
+            Some(UUID),
+            "defined, so owned even though a step failed"
+        );
+        assert!(!p.ok && p.last_error.is_some());
+        assert!(
+            !record.networks.contains_key("hand"),
+            "never vmsync's: not recorded"
+        );
+        let _ = pool;
+    }
+
+    fn record_one(record: &mut Record, plan: &ResourcePlan, outcome: &ResourceOutcome) {
+        super::record(record, "c", plan, outcome);
+    }
+}
