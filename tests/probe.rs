@@ -62,7 +62,13 @@ impl Server {
                 seen.requests += 1;
                 let answer = match &*s.lock().unwrap() {
                     Serve::Refs(text) => {
-                        let etag = format!("\"{}\"", text.len() * 31 + text.as_bytes()[0] as usize);
+                        // From the whole text, as a web server's ETag changes with the file.
+                        let etag = {
+                            use std::hash::{Hash, Hasher};
+                            let mut h = std::collections::hash_map::DefaultHasher::new();
+                            text.hash(&mut h);
+                            format!("\"{:x}\"", h.finish())
+                        };
                         if if_none_match.as_deref() == Some(etag.as_str()) {
                             seen.not_modified += 1;
                             format!("HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\nConnection: close\r\n\r\n")
