@@ -57,6 +57,10 @@ pub struct Cli {
     /// ([trust] allowed_signers).
     #[arg(long, global = true, value_name = "PATH")]
     pub allowed_signers: Option<PathBuf>,
+    /// Change probe: an http(s) URL of the repository's `info/refs`; the fetch is skipped
+    /// while it names the tip already fetched ([source] probe_url).
+    #[arg(long, global = true, value_name = "URL")]
+    pub probe_url: Option<String>,
     /// With --once: accept a commit that does not descend from the last applied one (a
     /// force-push that rewound or replaced history). The signature is still checked.
     #[arg(long)]
@@ -329,6 +333,7 @@ pub fn run() -> u8 {
         shutdown_timeout: cli.shutdown_timeout.clone(),
         allow_mass_prune: cli.allow_mass_prune,
         allowed_signers: cli.allowed_signers.clone(),
+        probe_url: cli.probe_url.clone(),
     };
     if cli.allow_rewind && !(cli.once && cli.command.is_none()) {
         return report(&SyncError::Config(config::ConfigError(

@@ -64,6 +64,8 @@ struct RawSource {
     branch: Option<String>,
     ssh_key: Option<PathBuf>,
     token_file: Option<PathBuf>,
+    probe_url: Option<String>,
+    probe_max_skip: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +121,8 @@ pub struct Overrides {
     /// `--allow-mass-prune` (flag only, with `--once`).
     pub allow_mass_prune: bool,
     pub allowed_signers: Option<PathBuf>,
+    /// `--probe-url`.
+    pub probe_url: Option<String>,
 }
 
 /// How changes, drift and pruning are handled (`[policy]`, see docs/configuration.md).
@@ -193,12 +197,28 @@ pub struct Settings {
     /// SSH signature by a key in this file (git's `gpg.ssh.allowedSignersFile` format) are
     /// applied; default none (signatures are not checked).
     pub allowed_signers: Option<PathBuf>,
+    /// `[source] probe_url` / `--probe-url`: an http(s) URL naming the branch tip (git's
+    /// `info/refs`), asked before each fetch; the fetch is skipped when it names the tip
+    /// already fetched. Default none (every sync fetches).
+    pub probe_url: Option<String>,
+    /// `[source] probe_max_skip`: with a probe, a real fetch at least this often; default "1h".
+    pub probe_max_skip: std::time::Duration,
     /// `[webhook] listen` and `secret_file`: the daemon's push webhook (with `/healthz` and
     /// `/metrics`); default none (no listener).
     pub webhook: Option<crate::agent::webhook::WebhookSettings>,
 }
 
 impl Settings {
+    /// The change probe's settings, when `probe_url` is set.
+    pub fn probe(&self) -> Option<crate::repo::probe::ProbeSettings> {
+        self.probe_url
+            .as_ref()
+            .map(|url| crate::repo::probe::ProbeSettings {
+                url: url.clone(),
+                max_skip: self.probe_max_skip,
+            })
+    }
+
     /// Source settings for fetching; an error if no URL is configured.
     pub fn source(&self) -> Result<SourceSettings, ConfigError> {
         let url = self.url.clone().ok_or_else(|| {
@@ -314,6 +334,18 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
     };
     let webhook = webhook(raw.webhook)?;
     let url = flags.url.clone().or(raw.source.url);
+    let probe_url = flags.probe_url.clone().or(raw.source.probe_url);
+    if let Some(probe) = &probe_url {
+        crate::repo::probe::check_url(probe).map_err(ConfigError)?;
+    }
+    let probe_max_skip = match raw.source.probe_max_skip {
+        None => crate::repo::probe::DEFAULT_MAX_SKIP,
+        Some(text) => humantime::parse_duration(&text).map_err(|e| {
+            ConfigError(format!(
+                "invalid [source] probe_max_skip '{text}': {e} (a duration: \"1h\", \"30m\")"
+            ))
+        })?,
+    };
     if url.as_deref() == Some("") {
         return Err(ConfigError("the source url is empty".into()));
     }
@@ -349,6 +381,8 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         changes,
         host_policy,
         allowed_signers,
+        probe_url,
+        probe_max_skip,
         webhook,
     })
 }

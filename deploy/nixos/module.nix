@@ -67,6 +67,15 @@ let
       token_file = key (types.nullOr absolutePath) null ''
         File holding an access token for `https://` URLs (flag `--token-file`).
       '';
+      probe_url = key (types.nullOr types.nonEmptyStr) null ''
+        Change probe (flag `--probe-url`): an http(s) URL of the repository's
+        `info/refs`, asked with a conditional GET before each fetch; the fetch is
+        skipped while it names the tip already fetched. Never trusted for what is applied.
+      '';
+      probe_max_skip = key (types.nullOr types.nonEmptyStr) null ''
+        With probe_url: a real fetch at least this often, whatever the probe says
+        (e.g. "30m"); null: vmsync's default, "1h".
+      '';
     };
     libvirt = section "`[libvirt]`: the hypervisor connection." {
       uri = key types.nonEmptyStr "qemu:///system" "libvirt connection URI (flag `--connect`).";
@@ -282,7 +291,7 @@ in
       description = ''
         Contents of /etc/vmsync/config.toml (see deploy/config.toml in the vmsync
         repository), one option per key, in the sections `source` (url, branch,
-        ssh_key, token_file), `libvirt` (uri), `agent` (state_dir, host, schedule,
+        ssh_key, token_file, probe_url, probe_max_skip), `libvirt` (uri), `agent` (state_dir, host, schedule,
         jitter_seconds, max_attempts, backoff_max_seconds, metrics_file), `policy`
         (disk_roots, self_heal, prune, max_prune, shutdown_timeout, allowed_paths,
         allow_hostdev, allow_block_devices, allow_direct_interfaces,

@@ -146,7 +146,11 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
         let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         let trigger = tokio::select! {
             _ = tokio::time::sleep(wait) => if first { "start" } else { "schedule" },
-            _ = pushed(&hub) => "webhook",
+            _ = pushed(&hub) => {
+                // A push notification knows better than a cached probe file.
+                crate::repo::probe::force_next_fetch();
+                "webhook"
+            }
             _ = hup.recv() => {
                 match load_with_secret(&flags) {
                     Ok((new, secret)) => {

@@ -213,14 +213,15 @@ fn run_locked(
     let mut record = state::load(&settings.state_dir)?;
     let source = settings.source()?;
     let fetch_started = Instant::now();
-    let fetched = match source::fetch(&source, &settings.state_dir) {
-        Ok(fetched) => fetched,
-        Err(e) => {
-            let e = SyncError::from(e);
-            save_failure(settings, &mut record, None, &e);
-            return Err(e);
-        }
-    };
+    let fetched =
+        match crate::repo::probe::fetch(&source, settings.probe().as_ref(), &settings.state_dir) {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                let e = SyncError::from(e);
+                save_failure(settings, &mut record, None, &e);
+                return Err(e);
+            }
+        };
     let fetch_took = fetch_started.elapsed();
     let commit = fetched.id();
     if let Some(max) = options.give_up_after

@@ -3,5 +3,6 @@
 //! commit (signature, ancestry).
 
 pub mod files;
+pub mod probe;
 pub mod source;
 pub mod trust;

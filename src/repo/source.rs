@@ -454,7 +454,7 @@ pub fn tidy(state_dir: &Path) {
 }
 
 /// `scheme://user:password@host/…` with the password replaced by `***`.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_string();
     };
