@@ -64,6 +64,10 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// With --once: try the held back definition of VM again (one that a health check
+    /// reverted); repeat for several.
+    #[arg(long, value_name = "VM")]
+    pub retry: Vec<String>,
     /// With --once: print the plan (like `vmsync plan`) and change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -318,6 +322,11 @@ pub fn run() -> u8 {
         allow_mass_prune: cli.allow_mass_prune,
         allowed_signers: cli.allowed_signers.clone(),
     };
+    if !cli.retry.is_empty() && !(cli.once && cli.command.is_none() && !cli.dry_run) {
+        return report(&SyncError::Config(config::ConfigError(
+            "--retry is only accepted with --once".into(),
+        )));
+    }
     if cli.allow_rewind && !(cli.once && cli.command.is_none()) {
         return report(&SyncError::Config(config::ConfigError(
             "--allow-rewind is only accepted with --once".into(),
@@ -353,6 +362,7 @@ pub fn run() -> u8 {
                     give_up_after: None,
                     cancel: &stop,
                     allow_rewind: cli.allow_rewind,
+                    retry: &cli.retry,
                 },
             )
             .map(print_once);

@@ -118,6 +118,7 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
                 give_up_after: Some(max_attempts),
                 cancel: &job_cancel,
                 allow_rewind: false,
+                retry: &[],
             };
             let result = sync::run(&job_settings, &mut connection, &options);
             (connection, result)

@@ -71,6 +71,7 @@ struct RawVm {
     state: Option<Spanned<PowerState>>,
     shutdown_timeout: Option<Spanned<String>>,
     self_heal: Option<bool>,
+    health: Option<crate::reconcile::health::RawHealth>,
     #[serde(default)]
     disk: Vec<RawDisk>,
 }
@@ -166,6 +167,9 @@ pub struct VmEntry {
     pub shutdown_timeout: Option<std::time::Duration>,
     /// `self_heal`: overrides the agent's `policy.self_heal` for this VM.
     pub self_heal: Option<bool>,
+    /// `[vm.health]`: the check after vmsync starts it with a new definition, and
+    /// whether to revert (default: no check).
+    pub health: Option<crate::reconcile::health::HealthSpec>,
 }
 
 impl VmEntry {
@@ -422,6 +426,11 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
                 }
             },
         };
+        let health = raw_vm.health.as_ref().and_then(|raw| {
+            crate::reconcile::health::HealthSpec::parse(raw, |span, field, msg| {
+                problems.push(problem(span, vm, field, msg))
+            })
+        });
         let mut disks = Vec::new();
         for (i, disk) in raw_vm.disk.into_iter().enumerate() {
             let field = |f: &str| format!("disk[{i}].{f}");
@@ -486,6 +495,7 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
                 state,
                 shutdown_timeout,
                 self_heal: raw_vm.self_heal,
+                health,
             });
         }
     }

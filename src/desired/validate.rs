@@ -43,6 +43,8 @@ pub struct DesiredVm {
     pub shutdown_timeout: Option<std::time::Duration>,
     /// `None`: the agent's `policy.self_heal`.
     pub self_heal: Option<bool>,
+    /// `[vm.health]`: checked after vmsync starts it with a new definition.
+    pub health: Option<crate::reconcile::health::HealthSpec>,
 }
 
 /// The validated desired state of this host.
@@ -259,6 +261,7 @@ pub fn validate(
                 state: vm.state,
                 shutdown_timeout: vm.shutdown_timeout,
                 self_heal: vm.self_heal,
+                health: vm.health.clone(),
             });
         }
     }

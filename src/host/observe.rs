@@ -208,6 +208,7 @@ mod tests {
             state: PowerState::Defined,
             shutdown_timeout: None,
             self_heal: None,
+            health: None,
         }
     }
 

@@ -83,6 +83,7 @@ impl VmOutcome {
                     .or(self.previous_hash.clone()),
                 state: Some(self.state),
                 drift: self.drift.clone(),
+                ..old
             };
         }
         let mut entry = VmRecord {
@@ -530,6 +531,7 @@ mod tests {
             current_xml: None,
             current_hash: Some("hash-old".into()),
             diff: None,
+            health: None,
         }
     }
 
@@ -544,6 +546,7 @@ mod tests {
             definition_hash: Some("hash-old".into()),
             state: Some(PowerState::Running),
             drift: Vec::new(),
+            ..Default::default()
         }
     }
 

@@ -184,6 +184,8 @@ pub struct VmPlan {
     pub current_hash: Option<String>,
     /// Unified diff of the definition (filled in by `diff::annotate` for `vmsync plan`).
     pub diff: Option<String>,
+    /// Health, last healthy commit and hold-back (`[vm.health]`, see `health`).
+    pub health: Option<crate::reconcile::health::HealthView>,
 }
 
 impl VmPlan {
@@ -255,7 +257,17 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
     let vms = desired
         .vms
         .iter()
-        .map(|vm| plan_vm(vm, observed, commit, ctx, &mut claimed))
+        .map(|vm| {
+            let mut p = plan_vm(vm, observed, commit, ctx, &mut claimed);
+            // A definition reverted by a health check is not tried again (see `health`).
+            let rec = ctx.record.vms.get(&vm.name);
+            crate::reconcile::health::hold_back(&mut p, rec);
+            p.health = rec.and_then(crate::reconcile::health::HealthView::of);
+            if p.health.is_none() && vm.health.is_some() {
+                p.health = Some(Default::default());
+            }
+            p
+        })
         .collect();
     let prune = plan_prune(observed, ctx, &claimed);
     let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count();
@@ -363,6 +375,7 @@ fn plan_vm(
         current_xml: None,
         current_hash: None,
         diff: None,
+        health: None,
     };
     let heal = vm.self_heal.unwrap_or(ctx.policy.self_heal);
     let timeout = vm.shutdown_timeout.unwrap_or(ctx.policy.shutdown_timeout);
@@ -581,6 +594,7 @@ mod tests {
             },
             shutdown_timeout: None,
             self_heal: None,
+            health: None,
         }
     }
 
