@@ -322,7 +322,8 @@ pub fn run() -> u8 {
         allow_mass_prune: cli.allow_mass_prune,
         allowed_signers: cli.allowed_signers.clone(),
     };
-    if !cli.retry.is_empty() && !(cli.once && cli.command.is_none() && !cli.dry_run) {
+    let syncing_once = cli.once && cli.command.is_none() && !cli.dry_run;
+    if !cli.retry.is_empty() && !syncing_once {
         return report(&SyncError::Config(config::ConfigError(
             "--retry is only accepted with --once".into(),
         )));

@@ -33,7 +33,11 @@ pub enum Found {
     Checked(VmHealth),
     /// Not started by this sync, but running its committed definition with no healthy
     /// one recorded yet: taken as the last healthy one (commit, fingerprint).
-    Adopted { name: String, commit: String, fingerprint: String },
+    Adopted {
+        name: String,
+        commit: String,
+        fingerprint: String,
+    },
 }
 
 /// The health stage's settings.

@@ -151,7 +151,12 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         .vms
         .iter()
         .filter(|(_, vm)| vm.health.is_some() || vm.held_back.is_some())
-        .map(|(name, vm)| (vm_label(name), if vm.held_back.is_some() { 1.0 } else { 0.0 }))
+        .map(|(name, vm)| {
+            (
+                vm_label(name),
+                if vm.held_back.is_some() { 1.0 } else { 0.0 },
+            )
+        })
         .collect();
     gauge(
         "vmsync_vm_held_back",
@@ -272,7 +277,10 @@ mod tests {
             "vmsync_vm_held_back{vm=\"web\"} 1",
             "vmsync_vm_last_healthy_commit_info{vm=\"web\",commit=\"c1\"} 1",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
         assert!(!text.contains("vm=\"db\",result"), "db was never checked");
         assert_eq!(

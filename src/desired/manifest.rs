@@ -593,6 +593,33 @@ xml_inline = '''<domain type="kvm"><name>db</name></domain>'''
     }
 
     #[test]
+    fn health_table_is_typed_and_strict() {
+        let with = |table: &str| {
+            GOOD.replace(
+                "hosts = [\"hv1\"]\n",
+                &format!("hosts = [\"hv1\"]\n{table}"),
+            )
+        };
+        let m = parse(&with(
+            "[vm.health]\nsettle = \"2s\"\ncommand = [\"/usr/local/bin/check-web\"]\n",
+        ))
+        .unwrap();
+        let health = m.vms[0].health.as_ref().unwrap();
+        assert_eq!(health.settle, std::time::Duration::from_secs(2));
+        assert_eq!(health.timeout, std::time::Duration::from_secs(300));
+        assert!(health.revert && !health.guest_agent);
+        assert_eq!(m.vms[1].health, None, "no table: no check");
+
+        let p = one_problem(&with("[vm.health]\nsetle = \"2s\"\n"));
+        assert_eq!(p.vm.as_deref(), Some("web"));
+        assert_eq!(p.field.as_deref(), Some("setle"));
+        assert_eq!(p.line, Some(13));
+        let p = one_problem(&with("[vm.health]\nsettle = \"a while\"\n"));
+        assert_eq!(p.field.as_deref(), Some("health.settle"));
+        assert_eq!((p.line, p.vm.as_deref()), (Some(13), Some("web")));
+    }
+
+    #[test]
     fn unknown_key_in_a_disk_names_the_vm() {
         let text = GOOD.replace("format = \"raw\"", "fromat = \"raw\"");
         let p = one_problem(&text);

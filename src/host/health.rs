@@ -123,16 +123,21 @@ fn run_command(
     cancel: &AtomicBool,
 ) -> Result<(), Verdict> {
     let shown = command.join(" ");
-    let output = tempfile::tempfile()
-        .map_err(|e| Verdict::Unhealthy(format!("failed to make the output file of '{shown}': {e}")))?;
-    let err_output = output
-        .try_clone()
-        .map_err(|e| Verdict::Unhealthy(format!("failed to make the output file of '{shown}': {e}")))?;
+    let output = tempfile::tempfile().map_err(|e| {
+        Verdict::Unhealthy(format!("failed to make the output file of '{shown}': {e}"))
+    })?;
+    let err_output = output.try_clone().map_err(|e| {
+        Verdict::Unhealthy(format!("failed to make the output file of '{shown}': {e}"))
+    })?;
     let mut child = Command::new(&command[0])
         .args(&command[1..])
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(output.try_clone().map_err(|e| Verdict::Unhealthy(e.to_string()))?)
+        .stdout(
+            output
+                .try_clone()
+                .map_err(|e| Verdict::Unhealthy(e.to_string()))?,
+        )
         .stderr(err_output)
         .spawn()
         .map_err(|e| Verdict::Unhealthy(format!("failed to run '{shown}': {e}")))?;
@@ -374,11 +379,13 @@ mod tests {
         assert!(why.contains("gave no answer within the timeout"), "{why}");
         assert!(started.elapsed() < Duration::from_secs(5));
         let missing = Some(vec!["/nonexistent/check".to_string()]);
-        let Verdict::Unhealthy(why) = check(&hv, "web", "u", &spec(0, 1000, missing), &GO)
-        else {
+        let Verdict::Unhealthy(why) = check(&hv, "web", "u", &spec(0, 1000, missing), &GO) else {
             panic!("a missing command passed");
         };
-        assert!(why.starts_with("failed to run '/nonexistent/check'"), "{why}");
+        assert!(
+            why.starts_with("failed to run '/nonexistent/check'"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -81,7 +81,11 @@ impl HealthSpec {
         let timeout = duration(&raw.timeout, "health.timeout", DEFAULT_TIMEOUT);
         if ok
             && settle >= timeout
-            && let Some(span) = raw.settle.as_ref().or(raw.timeout.as_ref()).map(|s| s.span())
+            && let Some(span) = raw
+                .settle
+                .as_ref()
+                .or(raw.timeout.as_ref())
+                .map(|s| s.span())
         {
             problem(
                 span,
@@ -121,15 +125,7 @@ impl HealthSpec {
 
 /// A VM's health after the last check (`status`, metrics, the record).
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    strum::EnumIter,
-    strum::IntoStaticStr,
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::EnumIter, strum::IntoStaticStr,
 )]
 #[serde(rename_all = "kebab-case")]
 #[strum(serialize_all = "kebab-case")]
@@ -379,7 +375,9 @@ impl HealthView {
         let short = |c: &String| c[..c.len().min(12)].to_string();
         let mut parts = vec![format!(
             "health: {}",
-            self.result.map(HealthResult::as_str).unwrap_or("not checked")
+            self.result
+                .map(HealthResult::as_str)
+                .unwrap_or("not checked")
         )];
         if let Some(c) = &self.last_healthy_commit {
             parts.push(format!("last healthy commit {}", short(c)));
@@ -471,19 +469,125 @@ mod tests {
         let old = record("old");
         let same = record("new");
         #[allow(clippy::type_complexity)]
-        let cases: Vec<(&str, Option<&HealthSpec>, Vec<Action>, usize, Option<&str>, Option<&VmRecord>, Option<Due>)> = vec![
-            ("new definition started", Some(&s), vec![define.clone(), Action::Start], 2, None, Some(&old), Some(Due::Started)),
-            ("new definition restarted", Some(&s), vec![define.clone(), restart.clone()], 2, None, Some(&old), Some(Due::Started)),
-            ("first define and start", Some(&s), vec![define.clone(), Action::Start], 2, None, None, Some(Due::Started)),
-            ("no [vm.health]", None, vec![define.clone(), Action::Start], 2, None, Some(&old), None),
-            ("new definition, kept running (defer)", Some(&s), vec![define.clone()], 1, None, Some(&old), None),
-            ("self-heal redefine of the same definition", Some(&s), vec![define.clone(), Action::Start], 2, None, Some(&same), None),
-            ("started, definition unchanged", Some(&s), vec![Action::Start], 1, None, Some(&same), None),
-            ("start refused by libvirt", Some(&s), vec![define.clone(), Action::Start], 1, Some("failed to start domain 'web': no disk"), Some(&old), Some(Due::StartFailed("failed to start domain 'web': no disk".into()))),
-            ("restart: start refused", Some(&s), vec![define.clone(), restart.clone()], 1, Some("after the shutdown, no disk"), Some(&old), Some(Due::StartFailed("no disk".into()))),
-            ("restart: shutdown failed, old one runs", Some(&s), vec![define.clone(), restart.clone()], 1, Some("failed to shut down"), Some(&old), None),
-            ("interrupted before the start", Some(&s), vec![define.clone(), Action::Start], 1, Some(INTERRUPTED), Some(&old), None),
-            ("define refused", Some(&s), vec![define.clone(), Action::Start], 0, Some("failed to define"), Some(&old), None),
+        let cases: Vec<(
+            &str,
+            Option<&HealthSpec>,
+            Vec<Action>,
+            usize,
+            Option<&str>,
+            Option<&VmRecord>,
+            Option<Due>,
+        )> = vec![
+            (
+                "new definition started",
+                Some(&s),
+                vec![define.clone(), Action::Start],
+                2,
+                None,
+                Some(&old),
+                Some(Due::Started),
+            ),
+            (
+                "new definition restarted",
+                Some(&s),
+                vec![define.clone(), restart.clone()],
+                2,
+                None,
+                Some(&old),
+                Some(Due::Started),
+            ),
+            (
+                "first define and start",
+                Some(&s),
+                vec![define.clone(), Action::Start],
+                2,
+                None,
+                None,
+                Some(Due::Started),
+            ),
+            (
+                "no [vm.health]",
+                None,
+                vec![define.clone(), Action::Start],
+                2,
+                None,
+                Some(&old),
+                None,
+            ),
+            (
+                "new definition, kept running (defer)",
+                Some(&s),
+                vec![define.clone()],
+                1,
+                None,
+                Some(&old),
+                None,
+            ),
+            (
+                "self-heal redefine of the same definition",
+                Some(&s),
+                vec![define.clone(), Action::Start],
+                2,
+                None,
+                Some(&same),
+                None,
+            ),
+            (
+                "started, definition unchanged",
+                Some(&s),
+                vec![Action::Start],
+                1,
+                None,
+                Some(&same),
+                None,
+            ),
+            (
+                "start refused by libvirt",
+                Some(&s),
+                vec![define.clone(), Action::Start],
+                1,
+                Some("failed to start domain 'web': no disk"),
+                Some(&old),
+                Some(Due::StartFailed(
+                    "failed to start domain 'web': no disk".into(),
+                )),
+            ),
+            (
+                "restart: start refused",
+                Some(&s),
+                vec![define.clone(), restart.clone()],
+                1,
+                Some("after the shutdown, no disk"),
+                Some(&old),
+                Some(Due::StartFailed("no disk".into())),
+            ),
+            (
+                "restart: shutdown failed, old one runs",
+                Some(&s),
+                vec![define.clone(), restart.clone()],
+                1,
+                Some("failed to shut down"),
+                Some(&old),
+                None,
+            ),
+            (
+                "interrupted before the start",
+                Some(&s),
+                vec![define.clone(), Action::Start],
+                1,
+                Some(INTERRUPTED),
+                Some(&old),
+                None,
+            ),
+            (
+                "define refused",
+                Some(&s),
+                vec![define.clone(), Action::Start],
+                0,
+                Some("failed to define"),
+                Some(&old),
+                None,
+            ),
         ];
         for (what, spec, actions, done, error, old, want) in cases {
             let plan = vm_plan("new", actions.clone());
@@ -575,8 +679,9 @@ mod tests {
         assert!(!entry.ok);
         let error = entry.last_error.clone().unwrap();
         assert!(
-            error.starts_with("reverted: commit c2c2c2c2c2c2 was unhealthy (command exited with status 1)")
-                && error.contains("(commit c1c1c1c1c1c1) runs again"),
+            error.starts_with(
+                "reverted: commit c2c2c2c2c2c2 was unhealthy (command exited with status 1)"
+            ) && error.contains("(commit c1c1c1c1c1c1) runs again"),
             "{error}"
         );
         assert_eq!(entry.healthy_fingerprint.as_deref(), Some("old"));
@@ -664,14 +769,24 @@ mod tests {
         assert_eq!(s.timeout, Duration::from_secs(60));
         assert_eq!(s.command.unwrap(), vec!["/bin/check", "-v"]);
         assert!(!s.revert && s.guest_agent);
+        assert!(parse("settle = \"10m\"").unwrap_err().contains(
+            "health.settle: settle (10m) must be shorter than the whole check's timeout (5m)"
+        ));
         assert!(
-            parse("settle = \"10m\"")
+            parse("settle = \"soon\"")
                 .unwrap_err()
-                .contains("health.settle: settle (10m) must be shorter than the whole check's timeout (5m)")
+                .starts_with("health.settle: ")
         );
-        assert!(parse("settle = \"soon\"").unwrap_err().starts_with("health.settle: "));
-        assert!(parse("command = []").unwrap_err().contains("must name a program"));
-        assert!(parse("setle = \"1s\"").unwrap_err().contains("unknown field `setle`"));
+        assert!(
+            parse("command = []")
+                .unwrap_err()
+                .contains("must name a program")
+        );
+        assert!(
+            parse("setle = \"1s\"")
+                .unwrap_err()
+                .contains("unknown field `setle`")
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 pub mod apply;
 pub mod diff;
-pub mod health;
 pub mod drift;
+pub mod health;
 pub mod plan;
 pub mod render;
