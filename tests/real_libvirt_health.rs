@@ -358,3 +358,119 @@ fn real_reverted_uefi_tpm_guest_keeps_its_nvram_and_tpm_state() {
         tpm_before.len()
     );
 }
+
+/// The record's failed attempts (0 before the first).
+fn failed_attempts(env: &Env) -> u64 {
+    env.state_json()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|r| r["failed_attempts"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn real_daemon_does_not_restart_a_reverted_vm_at_the_next_ticks() {
+    let Some(env) = Env::system("hdaemon") else {
+        return;
+    };
+    let settle = "settle = \"1s\"";
+    let good = env.bios("a", 128);
+    env.commit(&Manifest::new().vm(guest(&env, "a", &good, settle)), "a");
+    env.run(&["--once"]).expect(0);
+    let missing = env.images.join("missing.qcow2");
+    let c2 = env.commit(
+        &Manifest::new().vm(guest(
+            &env,
+            "a",
+            &with_missing_disk(&good, &missing),
+            settle,
+        )),
+        "a disk that does not exist",
+    );
+
+    // Syncs on start and on SIGHUP (the schedule waits until January; failures back
+    // off), and no giving up on the commit: only the hold-back stops a loop.
+    let etc = tempfile::tempdir().unwrap();
+    let metrics = etc.path().join("vmsync.prom");
+    let config = etc.path().join("config.toml");
+    std::fs::write(
+        &config,
+        env.config(&format!(
+            "schedule = \"0 0 0 1 1 *\"\njitter_seconds = 0\nmax_attempts = 100\nmetrics_file = \"{}\"\n",
+            metrics.display()
+        )),
+    )
+    .unwrap();
+    let log = etc.path().join("daemon.log");
+    let mut daemon = common::vmsync_command()
+        .args(["--config", &config.display().to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait("reverted", &|| failed_attempts(&env) >= 1);
+    assert_eq!(env.vm_status("a")["health"]["result"], "reverted");
+    let id = env.domid("a");
+    for attempt in 2..=3 {
+        common::output_ok(
+            std::process::Command::new("kill").args(["-HUP", &daemon.id().to_string()]),
+        );
+        wait("another sync", &|| failed_attempts(&env) >= attempt);
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!(env.domid("a"), id, "not restarted by the later ticks");
+    assert_eq!(
+        tag_commit(&env.inactive("a")),
+        env.vm_status("a")["health"]["last_healthy_commit"]
+            .as_str()
+            .unwrap()
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("putting the last healthy definition back")
+            .count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "held back: its definition in commit {}",
+        short(&c2)
+    )));
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    let name = env.name("a");
+    for line in [
+        format!("vmsync_vm_health{{vm=\"{name}\",result=\"reverted\"}} 1"),
+        format!("vmsync_vm_held_back{{vm=\"{name}\"}} 1"),
+    ] {
+        assert!(prom.lines().any(|l| l == line), "missing {line} in\n{prom}");
+    }
+}
+
+#[test]
+fn real_guest_agent_that_does_not_answer_is_unhealthy() {
+    let Some(env) = Env::system("hagent") else {
+        return;
+    };
+    // No OS, no agent channel: the ping fails until the timeout.
+    let health = "settle = \"1s\"\ntimeout = \"4s\"\nguest_agent = true";
+    env.commit(
+        &Manifest::new().vm(guest(&env, "a", &env.bios("a", 128), health)),
+        "a",
+    );
+    let started = Instant::now();
+    let run = env.run(&["--once"]).expect(1);
+    assert!(started.elapsed() >= Duration::from_secs(4));
+    run.stderr_has("the guest agent did not answer a ping within the timeout (4s)");
+    assert_eq!(env.vm_status("a")["health"]["result"], "unhealthy");
+}
