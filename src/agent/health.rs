@@ -18,8 +18,8 @@ use crate::host::health::{self as check, Verdict};
 use crate::host::hypervisor::Hypervisor;
 use crate::reconcile::apply::{Outcome, VmOutcome};
 use crate::reconcile::health::{
-    AfterFailure, Due, HealthResult, PutBack, VmHealth, after_failure, due, forget_stale_hold_back,
-    record_check, revert_result,
+    AfterFailure, Due, HealthResult, HeldBack, PutBack, VmHealth, after_failure, due,
+    forget_stale_hold_back, record_check, revert_result,
 };
 use crate::reconcile::plan::{Plan, VmPlan};
 
@@ -49,14 +49,26 @@ pub struct Stage<'a> {
 }
 
 /// `vmsync --once --retry VM`: forgets the hold-back of each named VM, so that this sync
-/// tries its definition again.
-pub fn retry(record: &mut Record, names: &[String]) {
+/// tries its definition again. Returns what it forgot, for [`restore`].
+pub fn retry(record: &mut Record, names: &[String]) -> Vec<(String, HeldBack)> {
+    let mut forgotten = Vec::new();
     for name in names {
         match record.vms.get_mut(name).and_then(|r| r.held_back.take()) {
             Some(held) => {
-                info!(vm = %name, commit = %held.commit, "--retry: trying the held back definition again")
+                info!(vm = %name, commit = %held.commit, "--retry: trying the held back definition again");
+                forgotten.push((name.clone(), held));
             }
             None => warn!(vm = %name, "--retry: this vm is not held back; nothing to retry"),
+        }
+    }
+    forgotten
+}
+
+/// Puts back the hold-backs [`retry`] forgot, when the sync ended before applying.
+pub fn restore(record: &mut Record, forgotten: Vec<(String, HeldBack)>) {
+    for (name, held) in forgotten {
+        if let Some(entry) = record.vms.get_mut(&name) {
+            entry.held_back = Some(held);
         }
     }
 }
@@ -293,5 +305,35 @@ fn save_healthy(state_dir: &Path, name: &str, xml: &str) -> Option<()> {
             error!(vm = %name, file = %path.display(), error = %e, "failed to keep the last healthy definition");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_forgets_a_hold_back_and_restore_puts_it_back() {
+        let held = HeldBack {
+            commit: "c2".into(),
+            fingerprint: "f2".into(),
+            reason: "r".into(),
+        };
+        let mut record = Record::default();
+        record.vms.insert(
+            "web".into(),
+            VmRecord {
+                held_back: Some(held.clone()),
+                ..Default::default()
+            },
+        );
+        record.vms.insert("db".into(), VmRecord::default());
+        let forgotten = retry(&mut record, &["web".into(), "db".into(), "nope".into()]);
+        assert_eq!(forgotten, vec![("web".to_string(), held.clone())]);
+        assert_eq!(record.vms["web"].held_back, None);
+        // The sync ended before applying: the hold-back stays.
+        restore(&mut record, forgotten);
+        assert_eq!(record.vms["web"].held_back, Some(held));
+        assert_eq!(record.vms["db"].held_back, None);
     }
 }

@@ -219,7 +219,7 @@ fn run_locked(
             attempts: record.failed_attempts,
         });
     }
-    crate::agent::health::retry(&mut record, options.retry);
+    let retried = crate::agent::health::retry(&mut record, options.retry);
     let result = (|| {
         let validate_started = Instant::now();
         check_commit(settings, &record, &fetched, options.allow_rewind)?;
@@ -256,6 +256,7 @@ fn run_locked(
     if let Err(e) = &result
         && !matches!(e, SyncError::ActionsFailed { .. })
     {
+        crate::agent::health::restore(&mut record, retried);
         save_failure(settings, &mut record, Some(&commit), e);
     }
     // Still under the lock, with the clone closed.
