@@ -98,9 +98,6 @@ impl HealthSpec {
             );
             ok = false;
         }
-        if timeout.is_zero() {
-            ok = false;
-        }
         let command = match &raw.command {
             Some(c) if c.get_ref().is_empty() || c.get_ref()[0].trim().is_empty() => {
                 problem(
