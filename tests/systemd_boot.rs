@@ -57,17 +57,7 @@ fn runs(program: &str, args: &[&str]) -> bool {
 }
 
 /// The booted tree's path, when everything the tier needs is here.
-///
-/// `VMSYNC_SYSTEMD_TIER=outside` (set by `.ci/run` inside its fresh root, where the
-/// container did not boot) leaves the tier to the run outside that root, which `.ci/run`
-/// makes right after, with `VMSYNC_REQUIRE_LIBVIRTD=1`.
 fn tree() -> Option<PathBuf> {
-    if std::env::var("VMSYNC_SYSTEMD_TIER").as_deref() == Ok("outside") {
-        eprintln!(
-            "systemd tier: not here; .ci/run runs it outside this root (VMSYNC_SYSTEMD_TIER=outside)"
-        );
-        return None;
-    }
     let root = std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
