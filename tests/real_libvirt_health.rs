@@ -474,3 +474,66 @@ fn real_guest_agent_that_does_not_answer_is_unhealthy() {
     run.stderr_has("the guest agent did not answer a ping within the timeout (4s)");
     assert_eq!(env.vm_status("a")["health"]["result"], "unhealthy");
 }
+
+#[test]
+fn real_crash_during_settle_is_reverted_and_the_other_vms_are_unaffected() {
+    let Some(env) = Env::system("hsettle") else {
+        return;
+    };
+    let (a, b) = (env.name("a"), env.name("b"));
+    let manifest = |memory| {
+        Manifest::new()
+            .vm(guest(&env, "a", &env.bios("a", memory), "settle = \"5s\""))
+            .vm(guest(&env, "b", &env.bios("b", memory), "settle = \"1s\""))
+    };
+    let c1 = env.commit(&manifest(128), "a and b");
+    env.run(&["--once"]).expect(0);
+
+    // Both change; `a` goes down during its settle (destroyed here, as a crash would).
+    let c2 = env.commit(&manifest(160), "more memory");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("once.log");
+    let mut once = env
+        .command(&["--once"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let checking = format!("checking health vm={a}");
+    while !std::fs::read_to_string(&log).unwrap().contains(&checking) {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    virsh_ok(&["destroy", &a]);
+    let status = once.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
+    // Seen going down ("shutting down" or "shut off (destroyed)", as the poll falls).
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&format!("health check failed vm={a}"))
+                && l.contains("reason=shut")
+                && l.contains("before settle (5s) passed")),
+        "{text}"
+    );
+
+    // `a`: the old definition runs again; `b`: the commit, checked and kept.
+    assert_eq!(env.domstate("a"), "running");
+    assert_eq!(tag_commit(&env.inactive("a")), c1);
+    let st = env.vm_status("a");
+    assert_eq!(st["health"]["result"], "reverted", "{st}");
+    assert_eq!(st["health"]["held_back"], c2.as_str());
+    assert_eq!(env.domstate("b"), "running");
+    assert_eq!(tag_commit(&env.inactive("b")), c2);
+    assert!(virsh_ok(&["dumpxml", &b]).contains("<memory unit='KiB'>163840</memory>"));
+    let st = env.vm_status("b");
+    assert_eq!(st["applied_commit"], c2.as_str(), "{st}");
+    assert_eq!(st["health"]["result"], "healthy");
+    assert_eq!(st["health"]["last_healthy_commit"], c2.as_str());
+    assert_eq!(st["last_error"], serde_json::Value::Null);
+}
