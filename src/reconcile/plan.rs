@@ -1235,6 +1235,57 @@ mod tests {
     }
 
     #[test]
+    fn a_held_back_definition_is_not_planned_again() {
+        let obs = observed(vec![seen("web", 1024, true, true, true)], vec![], vec![]);
+        let policy = ChangePolicy::default();
+        let plan_for = |memory: u32, record: &Record| {
+            let desired = Desired {
+                directories: vec![],
+                vms: vec![restart(desired_vm("web", memory, true, vec![]))],
+            };
+            plan(
+                &desired,
+                &obs,
+                "new",
+                &Context {
+                    policy: &policy,
+                    record,
+                },
+            )
+        };
+        let mut rec = applied(&desired_vm("web", 1024, true, vec![]));
+        rec.held_back = Some(crate::reconcile::health::HeldBack {
+            commit: "bad".into(),
+            fingerprint: desired_vm("web", 2048, true, vec![]).fingerprint,
+            reason: "health command exited with status 1".into(),
+        });
+        let mut record = Record::default();
+        record.vms.insert("web".into(), rec);
+
+        // The reverted definition: nothing planned, said why, shown in the health view.
+        let p = plan_for(2048, &record);
+        assert!(p.vms[0].actions.is_empty());
+        assert!(
+            p.vms[0].error.as_deref().unwrap().starts_with("held back:"),
+            "{:?}",
+            p.vms[0].error
+        );
+        let health = p.vms[0].health.as_ref().unwrap();
+        assert_eq!(health.held_back.as_deref(), Some("bad"));
+        assert!(crate::reconcile::render::render(&p).contains("held back: commit bad"));
+        // A newer definition: planned as usual.
+        let p = plan_for(4096, &record);
+        assert_eq!(
+            kinds(&p.vms[0].actions),
+            vec![
+                "redefine in place",
+                "restart (graceful shutdown, destroy after 3s)"
+            ]
+        );
+        assert_eq!(p.vms[0].error, None);
+    }
+
+    #[test]
     fn missing_directories_are_created_and_noop_is_detected() {
         let desired = Desired {
             directories: vec!["/srv/images/ISOs".into()],
