@@ -537,3 +537,50 @@ fn real_crash_during_settle_is_reverted_and_the_other_vms_are_unaffected() {
     assert_eq!(st["health"]["last_healthy_commit"], c2.as_str());
     assert_eq!(st["last_error"], serde_json::Value::Null);
 }
+
+#[test]
+fn real_health_added_to_a_running_vm_keeps_its_definition_as_the_healthy_one() {
+    let Some(env) = Env::system("hadopt") else {
+        return;
+    };
+    let good = env.bios("a", 128);
+    let plain = env
+        .vm("a")
+        .key("autostart = true\non_change = \"restart\"\nshutdown_timeout = \"2s\"")
+        .xml(&good);
+    let c1 = env.commit(&Manifest::new().vm(plain), "a without health");
+    env.run(&["--once"]).expect(0);
+    assert_eq!(env.vm_status("a")["health"], serde_json::Value::Null);
+
+    // [vm.health] added, the definition unchanged: nothing is restarted or checked, and
+    // the running definition is kept as the last healthy one.
+    let settle = "settle = \"1s\"";
+    let id = env.domid("a");
+    env.commit(
+        &Manifest::new().vm(guest(&env, "a", &good, settle)),
+        "health",
+    );
+    let run = env.run(&["--once"]).expect(0);
+    assert!(!run.stderr.contains("checking health"), "{}", run.stderr);
+    run.stderr_has("runs its committed definition: kept as the last healthy one");
+    assert_eq!(env.domid("a"), id);
+    let st = env.vm_status("a");
+    assert_eq!(st["health"]["result"], serde_json::Value::Null, "{st}");
+    assert_eq!(st["health"]["last_healthy_commit"], c1.as_str());
+
+    // So the first broken change has something to go back to.
+    let missing = env.images.join("missing.qcow2");
+    env.commit(
+        &Manifest::new().vm(guest(
+            &env,
+            "a",
+            &with_missing_disk(&good, &missing),
+            settle,
+        )),
+        "a disk that does not exist",
+    );
+    env.run(&["--once"]).expect(1);
+    assert_eq!(env.vm_status("a")["health"]["result"], "reverted");
+    assert_eq!(tag_commit(&env.inactive("a")), c1);
+    assert_eq!(env.domstate("a"), "running");
+}
