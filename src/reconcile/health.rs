@@ -26,6 +26,14 @@ use crate::agent::state::VmRecord;
 use crate::reconcile::apply::{INTERRUPTED, SHUTDOWN_INTERRUPTED, VmOutcome};
 use crate::reconcile::plan::{Action, VmPlan};
 
+/// The first 12 characters of a commit id, for messages (whatever the record holds).
+pub fn short(commit: &str) -> &str {
+    commit
+        .char_indices()
+        .nth(12)
+        .map_or(commit, |(at, _)| &commit[..at])
+}
+
 /// `settle` when the table does not say.
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(30);
 /// `timeout` when the table does not say.
@@ -259,20 +267,20 @@ pub struct VmHealth {
 impl VmHealth {
     /// The VM's error in the sync's outcome (`None` when healthy).
     pub fn error(&self) -> Option<String> {
-        let short = &self.commit[..self.commit.len().min(12)];
+        let commit = short(&self.commit);
         match self.result {
             HealthResult::Healthy => None,
             HealthResult::Unhealthy => Some(format!("unhealthy: {}", self.reason)),
             HealthResult::Reverted => Some(format!(
-                "reverted: commit {short} was unhealthy ({}); the last healthy definition{} runs again",
+                "reverted: commit {commit} was unhealthy ({}); the last healthy definition{} runs again",
                 self.reason,
                 self.put_back
                     .as_ref()
-                    .map(|p| format!(" (commit {})", &p.commit[..p.commit.len().min(12)]))
+                    .map(|p| format!(" (commit {})", short(&p.commit)))
                     .unwrap_or_default()
             )),
             HealthResult::RevertFailed => Some(format!(
-                "revert failed: commit {short} was unhealthy ({})",
+                "revert failed: commit {commit} was unhealthy ({})",
                 self.reason
             )),
         }
@@ -340,7 +348,7 @@ pub fn hold_back(plan: &mut VmPlan, record: Option<&VmRecord>) {
     plan.pending_restart = false;
     plan.error = Some(format!(
         "held back: its definition in commit {} was reverted ({}); a newer commit that changes this vm, or `vmsync --once --retry {}`, tries again",
-        &held.commit[..held.commit.len().min(12)],
+        short(&held.commit),
         held.reason,
         plan.name
     ));
@@ -369,7 +377,6 @@ impl HealthView {
 
     /// One line for people: `health: reverted; last healthy commit abc…; held back: def…`.
     pub fn line(&self) -> String {
-        let short = |c: &String| c[..c.len().min(12)].to_string();
         let mut parts = vec![format!(
             "health: {}",
             self.result
@@ -784,6 +791,13 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown field `setle`")
         );
+    }
+
+    #[test]
+    fn short_commit_ids_never_split_a_character() {
+        assert_eq!(short("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short("abc"), "abc");
+        assert_eq!(short("ééééééééééééé"), "éééééééééééé");
     }
 
     #[test]
