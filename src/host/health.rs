@@ -44,7 +44,10 @@ pub fn check(
     cancel: &AtomicBool,
 ) -> Verdict {
     let started = Instant::now();
-    let deadline = started + spec.timeout;
+    // A timeout of centuries (any number of seconds parses) must not overflow.
+    let deadline = started
+        .checked_add(spec.timeout)
+        .unwrap_or(started + Duration::from_secs(u64::from(u32::MAX)));
     info!(vm = %name, settle = %humantime::format_duration(spec.settle), timeout = %humantime::format_duration(spec.timeout), "checking health");
     // Settle: running the whole time.
     loop {
@@ -406,6 +409,14 @@ mod tests {
                 && why.contains("Guest agent is not responding"),
             "{why}"
         );
+    }
+
+    #[test]
+    fn a_timeout_of_centuries_does_not_overflow() {
+        let hv = scripted(vec![state("running", "booted")], 0);
+        let mut s = spec(0, 0, Some(vec!["true".into()]));
+        s.timeout = Duration::from_secs(u64::MAX);
+        assert_eq!(check(&hv, "web", "u", &s, &GO), Verdict::Healthy);
     }
 
     #[test]
