@@ -68,6 +68,10 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// With --once: try the held back definition of VM again (one that a health check
+    /// reverted); repeat for several.
+    #[arg(long, value_name = "VM")]
+    pub retry: Vec<String>,
     /// With --once: print the plan (like `vmsync plan`) and change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -335,6 +339,12 @@ pub fn run() -> u8 {
         allowed_signers: cli.allowed_signers.clone(),
         probe_url: cli.probe_url.clone(),
     };
+    let syncing_once = cli.once && cli.command.is_none() && !cli.dry_run;
+    if !cli.retry.is_empty() && !syncing_once {
+        return report(&SyncError::Config(config::ConfigError(
+            "--retry is only accepted with --once".into(),
+        )));
+    }
     if cli.allow_rewind && !(cli.once && cli.command.is_none()) {
         return report(&SyncError::Config(config::ConfigError(
             "--allow-rewind is only accepted with --once".into(),
@@ -370,6 +380,7 @@ pub fn run() -> u8 {
                     give_up_after: None,
                     cancel: &stop,
                     allow_rewind: cli.allow_rewind,
+                    retry: &cli.retry,
                 },
             )
             .map(print_once);

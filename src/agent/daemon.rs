@@ -181,6 +181,7 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
                 give_up_after: Some(max_attempts),
                 cancel: &job_cancel,
                 allow_rewind: false,
+                retry: &[],
             };
             let (result, metrics) =
                 sync::run_with_metrics(&job_settings, &mut connection, &options, render);

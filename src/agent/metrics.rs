@@ -10,6 +10,7 @@ use strum::IntoEnumIterator;
 
 use crate::agent::state::{Record, SyncResult};
 use crate::agent::sync::Report;
+use crate::reconcile::health::HealthResult;
 use crate::reconcile::plan::ActionKind;
 
 /// Escapes a label value (backslash, double quote, newline).
@@ -151,6 +152,55 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
             &pending,
         );
     }
+    // Health (`[vm.health]`): one series per result for each checked vm, the current 1.
+    let checked = || record.vms.iter().filter(|(_, vm)| vm.health.is_some());
+    let health: Vec<_> = checked()
+        .flat_map(|(name, vm)| {
+            HealthResult::iter().map(move |r| {
+                (
+                    format!("{{vm=\"{}\",result=\"{}\"}}", label(name), r.as_str()),
+                    if vm.health == Some(r) { 1.0 } else { 0.0 },
+                )
+            })
+        })
+        .collect();
+    gauge(
+        "vmsync_vm_health",
+        "The last health check's result of the vm (1 for the current one).",
+        &health,
+    );
+    let held: Vec<_> = record
+        .vms
+        .iter()
+        .filter(|(_, vm)| vm.health.is_some() || vm.held_back.is_some())
+        .map(|(name, vm)| {
+            (
+                vm_label(name),
+                if vm.held_back.is_some() { 1.0 } else { 0.0 },
+            )
+        })
+        .collect();
+    gauge(
+        "vmsync_vm_held_back",
+        "1 if a reverted definition of the vm is held back until a newer commit changes it.",
+        &held,
+    );
+    let healthy: Vec<_> = record
+        .vms
+        .iter()
+        .filter_map(|(name, vm)| {
+            let commit = vm.healthy_commit.as_ref()?;
+            Some((
+                format!("{{vm=\"{}\",commit=\"{}\"}}", label(name), label(commit)),
+                1.0,
+            ))
+        })
+        .collect();
+    gauge(
+        "vmsync_vm_last_healthy_commit_info",
+        "The commit of the vm's last healthy definition, as a label.",
+        &healthy,
+    );
 
     let mut kinds: BTreeMap<ActionKind, f64> = ActionKind::iter().map(|k| (k, 0.0)).collect();
     if let Some(r) = report {
@@ -245,6 +295,45 @@ mod tests {
             let value = l.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{l}");
         }
+    }
+
+    #[test]
+    fn health_series_per_checked_vm() {
+        let mut record = Record::default();
+        record.vms.insert(
+            "web".into(),
+            VmRecord {
+                health: Some(HealthResult::Reverted),
+                healthy_commit: Some("c1".into()),
+                held_back: Some(crate::reconcile::health::HeldBack {
+                    commit: "c2".into(),
+                    fingerprint: "f".into(),
+                    reason: "r".into(),
+                }),
+                ..Default::default()
+            },
+        );
+        record.vms.insert("db".into(), VmRecord::default());
+        let text = render(&record, None, Duration::ZERO);
+        for line in [
+            "vmsync_vm_health{vm=\"web\",result=\"reverted\"} 1",
+            "vmsync_vm_health{vm=\"web\",result=\"healthy\"} 0",
+            "vmsync_vm_health{vm=\"web\",result=\"revert-failed\"} 0",
+            "vmsync_vm_held_back{vm=\"web\"} 1",
+            "vmsync_vm_last_healthy_commit_info{vm=\"web\",commit=\"c1\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(!text.contains("vm=\"db\",result"), "db was never checked");
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("vmsync_vm_health{"))
+                .count(),
+            HealthResult::iter().count()
+        );
     }
 
     /// Every result the record can hold has its own series, and only the current one

@@ -14,6 +14,13 @@ use crate::reconcile::apply::Outcome;
 
 pub const STATE_FILE: &str = "state.json";
 pub const LOCK_FILE: &str = "lock";
+/// The directory of the VMs' last healthy definitions (`healthy/NAME.xml`).
+pub const HEALTHY_DIR: &str = "healthy";
+
+/// The file of `vm`'s last healthy definition (libvirt's inactive XML, with vmsync's tag).
+pub fn healthy_file(state_dir: &Path, vm: &str) -> PathBuf {
+    state_dir.join(HEALTHY_DIR).join(format!("{vm}.xml"))
+}
 
 /// How the last sync attempt ended.
 #[derive(
@@ -61,6 +68,18 @@ pub struct VmRecord {
     /// What differed from the last applied state at the last sync (empty: none).
     #[serde(default)]
     pub drift: Vec<String>,
+    /// The last health check's result (`[vm.health]`; none: never checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::reconcile::health::HealthResult>,
+    /// The commit of the last healthy definition (kept in `healthy/NAME.xml`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_commit: Option<String>,
+    /// The fingerprint of the last healthy definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_fingerprint: Option<String>,
+    /// A reverted definition, not tried again until the commit's definition changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_back: Option<crate::reconcile::health::HeldBack>,
 }
 
 /// The record in `state.json`.

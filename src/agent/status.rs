@@ -19,6 +19,9 @@ pub struct VmStatus {
     /// What differs between the host and the last applied definition (empty: none).
     pub drift: Vec<String>,
     pub last_error: Option<String>,
+    /// The last health check's result, the last healthy commit and a held back commit
+    /// (`null` for a VM never checked: no `[vm.health]`).
+    pub health: Option<crate::reconcile::health::HealthView>,
 }
 
 /// The whole status view (`vmsync status --json` prints it).
@@ -71,6 +74,7 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
                 pending_restart: rec.pending_restart,
                 drift: Vec::new(),
                 last_error: rec.last_error.clone(),
+                health: crate::reconcile::health::HealthView::of(rec),
             };
             if let Some((hv, listing)) = &listing {
                 let seen = listing.iter().find(|d| &d.name == name);
@@ -210,6 +214,9 @@ pub fn render_text(s: &Status) -> String {
                 notes.join("; ")
             }
         );
+        if let Some(health) = &vm.health {
+            out += &format!("{:<24} {}\n", "", health.line());
+        }
     }
     for (disk, vm) in &s.orphaned_disks {
         out += &format!("orphaned disk (kept): {disk} (was vm '{vm}')\n");

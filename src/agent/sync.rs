@@ -93,6 +93,8 @@ pub struct Options<'a> {
     /// Accept a commit that does not descend from what this host applied
     /// (`vmsync --once --allow-rewind`); the signature is still checked.
     pub allow_rewind: bool,
+    /// VMs whose held back definition is tried again (`vmsync --once --retry VM`).
+    pub retry: &'a [String],
 }
 
 /// Refuses an untrusted commit before anything else looks at it: the signature (when
@@ -232,6 +234,7 @@ fn run_locked(
             attempts: record.failed_attempts,
         });
     }
+    let retried = crate::agent::health::retry(&mut record, options.retry);
     let result = (|| {
         let validate_started = Instant::now();
         check_commit(settings, &record, &fetched, options.allow_rewind)?;
@@ -268,6 +271,7 @@ fn run_locked(
     if let Err(e) = &result
         && !matches!(e, SyncError::ActionsFailed { .. })
     {
+        crate::agent::health::restore(&mut record, retried);
         save_failure(settings, &mut record, Some(&commit), e);
     }
     // Still under the lock, with the clone closed.
@@ -439,8 +443,20 @@ fn apply_observed(
     }
     stages.push(("plan", started.elapsed()));
     let started = Instant::now();
-    let outcome = apply::apply(&plan, hv, disks, cancel);
+    let mut outcome = apply::apply(&plan, hv, disks, cancel);
     stages.push(("apply", started.elapsed()));
+    // Health checks of the VMs started with a new definition, and reverts.
+    let started = Instant::now();
+    let health = crate::agent::health::Stage {
+        state_dir: &settings.state_dir,
+        commit,
+        shutdown_timeout: settings.changes.shutdown_timeout,
+    };
+    let found =
+        crate::agent::health::run(&health, &plan, desired, &mut outcome, record, hv, cancel);
+    if !found.is_empty() {
+        stages.push(("health", started.elapsed()));
+    }
 
     record.record_outcome(
         commit,
@@ -449,6 +465,7 @@ fn apply_observed(
         &state::now_rfc3339(),
     );
     crate::reconcile::resources::record(record, commit, &plan.resources, &outcome.resources);
+    crate::agent::health::record(record, &plan, &found);
     state::save(&settings.state_dir, record)?;
     if !outcome.all_ok() {
         let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count()

@@ -90,6 +90,7 @@ struct RawVm {
     state: Option<Spanned<PowerState>>,
     shutdown_timeout: Option<Spanned<String>>,
     self_heal: Option<bool>,
+    health: Option<crate::reconcile::health::RawHealth>,
     #[serde(default)]
     adopt: bool,
     #[serde(default)]
@@ -372,6 +373,9 @@ pub struct VmEntry {
     /// `adopt`: take over an existing domain of this name that vmsync did not define
     /// (default false: such a domain is never touched).
     pub adopt: bool,
+    /// `[vm.health]`: the check after vmsync starts it with a new definition, and
+    /// whether to revert (default: no check).
+    pub health: Option<crate::reconcile::health::HealthSpec>,
     /// `[[vm.disk]]` entries with `pool` and `volume`: volumes made through libvirt's
     /// storage API when missing.
     pub volumes: Vec<VolumeSpec>,
@@ -501,11 +505,12 @@ fn vm_name_around(text: &str, line: usize) -> Option<String> {
     let start = (0..upto)
         .rev()
         .find(|i| lines[*i].trim_start().starts_with('['))?;
-    if !lines[start].trim().starts_with("[[vm") {
+    let header = lines[start].trim();
+    if !header.starts_with("[[vm") && !header.starts_with("[vm.") {
         return None;
     }
-    if lines[start].trim() != "[[vm]]" {
-        // Inside a [[vm.disk]] table: look further up for its [[vm]].
+    if header != "[[vm]]" {
+        // Inside a [[vm.disk]] or [vm.health] table: look further up for its [[vm]].
         let vm_start = (0..start).rev().find(|i| lines[*i].trim() == "[[vm]]")?;
         return name_in_table(&lines[vm_start + 1..]);
     }
@@ -688,6 +693,11 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
                 }
             },
         };
+        let health = raw_vm.health.as_ref().and_then(|raw| {
+            crate::reconcile::health::HealthSpec::parse(raw, |span, field, msg| {
+                problems.push(problem(span, vm, field, msg))
+            })
+        });
         let mut disks = Vec::new();
         let mut volumes = Vec::new();
         for (i, disk) in raw_vm.disk.into_iter().enumerate() {
@@ -763,6 +773,7 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
                 self_heal: raw_vm.self_heal,
                 adopt: raw_vm.adopt,
                 volumes,
+                health,
             });
         }
     }
@@ -874,6 +885,33 @@ xml_inline = '''<domain type="kvm"><name>db</name></domain>'''
                 .starts_with("vmsync.toml:10: vm 'web': field 'autostrat': unknown field"),
             "{p}"
         );
+    }
+
+    #[test]
+    fn health_table_is_typed_and_strict() {
+        let with = |table: &str| {
+            GOOD.replace(
+                "hosts = [\"hv1\"]\n",
+                &format!("hosts = [\"hv1\"]\n{table}"),
+            )
+        };
+        let m = parse(&with(
+            "[vm.health]\nsettle = \"2s\"\ncommand = [\"/usr/local/bin/check-web\"]\n",
+        ))
+        .unwrap();
+        let health = m.vms[0].health.as_ref().unwrap();
+        assert_eq!(health.settle, std::time::Duration::from_secs(2));
+        assert_eq!(health.timeout, std::time::Duration::from_secs(300));
+        assert!(health.revert && !health.guest_agent);
+        assert_eq!(m.vms[1].health, None, "no table: no check");
+
+        let p = one_problem(&with("[vm.health]\nsetle = \"2s\"\n"));
+        assert_eq!(p.vm.as_deref(), Some("web"));
+        assert_eq!(p.field.as_deref(), Some("setle"));
+        assert_eq!(p.line, Some(13));
+        let p = one_problem(&with("[vm.health]\nsettle = \"a while\"\n"));
+        assert_eq!(p.field.as_deref(), Some("health.settle"));
+        assert_eq!((p.line, p.vm.as_deref()), (Some(13), Some("web")));
     }
 
     #[test]

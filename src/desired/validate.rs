@@ -45,6 +45,8 @@ pub struct DesiredVm {
     pub self_heal: Option<bool>,
     /// Take over an existing domain of this name without vmsync's tag (`adopt`).
     pub adopt: bool,
+    /// `[vm.health]`: checked after vmsync starts it with a new definition.
+    pub health: Option<crate::reconcile::health::HealthSpec>,
 }
 
 /// The validated desired state of this host.
@@ -264,6 +266,7 @@ pub fn validate(
                 shutdown_timeout: vm.shutdown_timeout,
                 self_heal: vm.self_heal,
                 adopt: vm.adopt,
+                health: vm.health.clone(),
             });
         }
     }

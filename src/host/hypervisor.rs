@@ -138,6 +138,62 @@ pub trait Hypervisor: Sync {
     fn create_volume(&self, pool: &str, _xml: &str) -> Result<(), HvError> {
         Err(unsupported("create a volume in", pool))
     }
+
+    /// The domain's state and libvirt's reason for it (health checks' `settle`). The
+    /// default knows only running or shut off.
+    fn run_state(&self, name: &str) -> Result<RunState, HvError> {
+        self.is_active(name).map(|active| RunState {
+            state: if active { "running" } else { "shut off" },
+            reason: String::new(),
+        })
+    }
+    /// The guest's IP addresses where libvirt knows them (DHCP leases of libvirt's
+    /// networks, then the host's ARP table); empty otherwise.
+    fn addresses(&self, _name: &str) -> Vec<String> {
+        Vec::new()
+    }
+    /// Pings the QEMU guest agent (`guest-ping`), waiting up to `timeout` for its answer.
+    fn agent_ping(&self, name: &str, _timeout: std::time::Duration) -> Result<(), HvError> {
+        Err(HvError::new(
+            "ping the guest agent of",
+            Some(name),
+            "",
+            "not supported by this hypervisor",
+        ))
+    }
+}
+
+/// A domain's state as libvirt reports it: `state` is one of "running", "blocked",
+/// "paused", "shutting down", "shut off", "crashed", "suspended", "no state"; `reason`
+/// libvirt's reason in lower case ("booted", "failed", "destroyed"; empty when unknown).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunState {
+    pub state: &'static str,
+    pub reason: String,
+}
+
+impl RunState {
+    /// Whether the guest runs (blocked on a resource counts as running).
+    pub fn is_running(&self) -> bool {
+        matches!(self.state, "running" | "blocked")
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.reason.is_empty() || self.reason == "unknown" {
+            write!(f, "{}", self.state)
+        } else {
+            write!(f, "{} ({})", self.state, self.reason)
+        }
+    }
+}
+
+/// The innermost name of a `virt` reason enum's `Debug` text, in lower case:
+/// `ShutOff(Known(Failed))` → `failed`.
+fn reason_name(debug: &str) -> String {
+    let inner = debug.rsplit('(').next().unwrap_or(debug);
+    inner.trim_end_matches(')').to_ascii_lowercase()
 }
 
 fn unsupported(operation: &'static str, name: &str) -> HvError {
@@ -413,6 +469,57 @@ impl Hypervisor for Libvirt {
     }
     fn create_volume(&self, pool: &str, xml: &str) -> Result<(), HvError> {
         self.res_create_volume(pool, xml)
+    }
+
+    fn run_state(&self, name: &str) -> Result<RunState, HvError> {
+        use virt::domain::DomainState as S;
+        use virt::enumutil::Enum;
+        let (state, reason) = self.on("read the state of", name, |d| d.state())?;
+        let state = match state {
+            Enum::Known(S::Running) => "running",
+            Enum::Known(S::Blocked) => "blocked",
+            Enum::Known(S::Paused) => "paused",
+            Enum::Known(S::Shutdown) => "shutting down",
+            Enum::Known(S::Shutoff) => "shut off",
+            Enum::Known(S::Crashed) => "crashed",
+            Enum::Known(S::PMSuspended) => "suspended",
+            _ => "no state",
+        };
+        Ok(RunState {
+            state,
+            reason: reason_name(&format!("{reason:?}")),
+        })
+    }
+
+    fn addresses(&self, name: &str) -> Vec<String> {
+        let Ok(domain) = self.lookup(name) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = Vec::new();
+        for source in [
+            sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+            sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,
+        ] {
+            let Ok(interfaces) = self.call("read the addresses of", Some(name), || {
+                domain.interface_addresses(source, 0)
+            }) else {
+                continue;
+            };
+            for addr in interfaces.iter().flat_map(|i| i.addrs.iter()) {
+                if !out.contains(&addr.addr) {
+                    out.push(addr.addr.clone());
+                }
+            }
+        }
+        out
+    }
+
+    fn agent_ping(&self, name: &str, timeout: std::time::Duration) -> Result<(), HvError> {
+        let secs = i32::try_from(timeout.as_secs().max(1)).unwrap_or(i32::MAX);
+        self.on("ping the guest agent of", name, |d| {
+            d.qemu_agent_command(r#"{"execute":"guest-ping"}"#, secs, 0)
+        })?;
+        Ok(())
     }
 }
 

@@ -2,6 +2,7 @@
 //! schema and its cache, and the read-only observation of what the host has now.
 
 pub mod disk;
+pub mod health;
 pub mod hypervisor;
 pub mod observe;
 pub mod par;

@@ -212,6 +212,7 @@ mod tests {
             shutdown_timeout: None,
             self_heal: None,
             adopt: false,
+            health: None,
         }
     }
 

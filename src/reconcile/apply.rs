@@ -83,6 +83,7 @@ impl VmOutcome {
                     .or(self.previous_hash.clone()),
                 state: Some(self.state),
                 drift: self.drift.clone(),
+                ..old
             };
         }
         let mut entry = VmRecord {
@@ -560,6 +561,7 @@ mod tests {
             current_xml: None,
             current_hash: Some("hash-old".into()),
             diff: None,
+            health: None,
         }
     }
 
@@ -574,6 +576,7 @@ mod tests {
             definition_hash: Some("hash-old".into()),
             state: Some(PowerState::Running),
             drift: Vec::new(),
+            ..Default::default()
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod diff;
 pub mod drift;
+pub mod health;
 pub mod plan;
 pub mod render;
 pub mod resources;

@@ -226,6 +226,8 @@ pub struct VmPlan {
     pub current_hash: Option<String>,
     /// Unified diff of the definition (filled in by `diff::annotate` for `vmsync plan`).
     pub diff: Option<String>,
+    /// Health, last healthy commit and hold-back (`[vm.health]`, see `health`).
+    pub health: Option<crate::reconcile::health::HealthView>,
 }
 
 impl VmPlan {
@@ -302,7 +304,17 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
     let vms = desired
         .vms
         .iter()
-        .map(|vm| plan_vm(vm, observed, commit, ctx, &mut claimed))
+        .map(|vm| {
+            let mut p = plan_vm(vm, observed, commit, ctx, &mut claimed);
+            // A definition reverted by a health check is not tried again (see `health`).
+            let rec = ctx.record.vms.get(&vm.name);
+            crate::reconcile::health::hold_back(&mut p, rec);
+            p.health = rec.and_then(crate::reconcile::health::HealthView::of);
+            if p.health.is_none() && vm.health.is_some() {
+                p.health = Some(Default::default());
+            }
+            p
+        })
         .collect();
     let prune = plan_prune(observed, ctx, &claimed);
     let resources =
@@ -415,6 +427,7 @@ fn plan_vm(
         current_xml: None,
         current_hash: None,
         diff: None,
+        health: None,
     };
     let heal = vm.self_heal.unwrap_or(ctx.policy.self_heal);
     let timeout = vm.shutdown_timeout.unwrap_or(ctx.policy.shutdown_timeout);
@@ -661,6 +674,7 @@ mod tests {
             shutdown_timeout: None,
             self_heal: None,
             adopt: false,
+            health: None,
         }
     }
 
@@ -1387,6 +1401,58 @@ mod tests {
                 fingerprint: desired.vms[0].fingerprint.clone()
             })
         );
+    }
+
+    #[test]
+    fn a_held_back_definition_is_not_planned_again() {
+        let obs = observed(vec![seen("web", 1024, true, true, true)], vec![], vec![]);
+        let policy = ChangePolicy::default();
+        let plan_for = |memory: u32, record: &Record| {
+            let desired = Desired {
+                directories: vec![],
+                vms: vec![restart(desired_vm("web", memory, true, vec![]))],
+                resources: Default::default(),
+            };
+            plan(
+                &desired,
+                &obs,
+                "new",
+                &Context {
+                    policy: &policy,
+                    record,
+                },
+            )
+        };
+        let mut rec = applied(&desired_vm("web", 1024, true, vec![]));
+        rec.held_back = Some(crate::reconcile::health::HeldBack {
+            commit: "bad".into(),
+            fingerprint: desired_vm("web", 2048, true, vec![]).fingerprint,
+            reason: "health command exited with status 1".into(),
+        });
+        let mut record = Record::default();
+        record.vms.insert("web".into(), rec);
+
+        // The reverted definition: nothing planned, said why, shown in the health view.
+        let p = plan_for(2048, &record);
+        assert!(p.vms[0].actions.is_empty());
+        assert!(
+            p.vms[0].error.as_deref().unwrap().starts_with("held back:"),
+            "{:?}",
+            p.vms[0].error
+        );
+        let health = p.vms[0].health.as_ref().unwrap();
+        assert_eq!(health.held_back.as_deref(), Some("bad"));
+        assert!(crate::reconcile::render::render(&p).contains("held back: commit bad"));
+        // A newer definition: planned as usual.
+        let p = plan_for(4096, &record);
+        assert_eq!(
+            kinds(&p.vms[0].actions),
+            vec![
+                "redefine in place",
+                "restart (graceful shutdown, destroy after 3s)"
+            ]
+        );
+        assert_eq!(p.vms[0].error, None);
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub fn render(plan: &Plan) -> String {
         for w in &vm.warnings {
             out += &format!("    warning: {w}\n");
         }
+        if let Some(health) = &vm.health {
+            out += &format!("    {}\n", health.line());
+        }
         if let Some(diff) = &vm.diff {
             for line in diff.lines() {
                 out += &format!("    {line}\n");
@@ -118,6 +121,8 @@ pub struct VmJson<'a> {
     pub drift_healed: bool,
     pub error: Option<&'a str>,
     pub warnings: &'a [String],
+    /// `[vm.health]`: last result, last healthy commit, held back commit.
+    pub health: Option<&'a crate::reconcile::health::HealthView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -164,6 +169,7 @@ impl Plan {
                     drift_healed: !vm.drift.is_empty() && !vm.drift_reported_only,
                     error: vm.error.as_deref(),
                     warnings: &vm.warnings,
+                    health: vm.health.as_ref(),
                 })
                 .collect(),
             prune: self

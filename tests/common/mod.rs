@@ -617,6 +617,7 @@ pub fn options(cancel: &AtomicBool) -> sync::Options<'_> {
         give_up_after: None,
         cancel,
         allow_rewind: false,
+        retry: &[],
     }
 }
 
