@@ -105,6 +105,13 @@ impl Schema {
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|e| unavailable(e.to_string()))?;
         let mut messages: Vec<String> = Vec::new();
+        // One compile at a time: libxml2 registers its datatype libraries on the first
+        // RELAX NG parse without a lock, and two first parses at once (the domain schema
+        // on one thread, a network's or pool's on another) failed with "Error type
+        // 'unsignedInt' is not exported by type library" (seen in the unit tests).
+        // Compiles are rare (once per schema and process), so the lock costs nothing.
+        static COMPILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = COMPILING.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: plain libxml2 calls with valid pointers; the parser context is freed
         // before returning and `messages` outlives it.
         let ptr = unsafe {
