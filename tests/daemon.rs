@@ -270,46 +270,13 @@ fn daemon_gives_up_on_a_commit_that_keeps_failing() {
     assert_eq!(record(state.path())["failed_attempts"], 0);
 }
 
-/// A `qemu-img` that takes `seconds` to create an image (then runs the real one), and
-/// leaves a file `create-started.PID` in `dir` when a create starts: something slow in flight to stop at.
-fn slow_qemu_img(dir: &Path, seconds: u32) -> std::path::PathBuf {
-    let real = Command::new("sh")
-        .args(["-c", "command -v qemu-img"])
-        .output()
-        .unwrap();
-    let real = String::from_utf8(real.stdout).unwrap().trim().to_string();
-    assert!(!real.is_empty(), "qemu-img not found");
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let source = dir.join("qemu-img.sh");
-    std::fs::write(
-        &source,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" = create ]; then touch '{}/create-started.'$$; sleep {seconds}; fi\nexec '{real}' \"$@\"\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    // Written by a child: a file this process holds open for writing would be inherited
-    // by a child another test thread forks, and executing it fail with ETXTBSY.
-    let ok = Command::new("install")
-        .args(["-m", "755"])
-        .arg(&source)
-        .arg(bin.join("qemu-img"))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    bin
-}
-
 #[test]
 fn once_stops_on_sigterm_after_the_action_in_flight_and_records_it() {
     let env = Env::new();
     let tools = tempfile::tempdir().unwrap();
     let manifest = Manifest::new().vms(["o-a", "o-b"].map(|n| env.vm(n).key("autostart = true")));
     let commit = env.commit(&manifest, "two vms");
-    let bin = slow_qemu_img(tools.path(), 2);
+    let bin = common::slow_qemu_img(tools.path(), 2);
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let child = env
         .command(&["--once"])

@@ -468,44 +468,12 @@ fn bad_requests_are_refused_and_start_nothing_and_the_daemon_keeps_serving() {
     assert_eq!(gone.status, 0, "{gone:?}");
 }
 
-/// A `qemu-img` that sleeps `seconds` before creating an image: a sync that is still
-/// running when the burst arrives.
-fn slow_qemu_img(dir: &Path, seconds: u32) -> PathBuf {
-    let real = Command::new("sh")
-        .args(["-c", "command -v qemu-img"])
-        .output()
-        .unwrap();
-    let real = String::from_utf8(real.stdout).unwrap().trim().to_string();
-    assert!(!real.is_empty(), "qemu-img not found");
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let source = dir.join("qemu-img.sh");
-    std::fs::write(
-        &source,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" = create ]; then sleep {seconds}; fi\nexec '{real}' \"$@\"\n"
-        ),
-    )
-    .unwrap();
-    // Installed by a child: a file this process holds open for writing would be
-    // inherited by a child another test thread forks (ETXTBSY).
-    let ok = Command::new("install")
-        .args(["-m", "755"])
-        .arg(&source)
-        .arg(bin.join("qemu-img"))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    bin
-}
-
 #[test]
 fn a_burst_of_twenty_pushes_runs_at_most_two_syncs() {
     let env = Env::new();
     let etc = tempfile::tempdir().unwrap();
     env.commit(&Manifest::new(), "empty");
-    let bin = slow_qemu_img(etc.path(), 2);
+    let bin = common::slow_qemu_img(etc.path(), 2);
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let config = webhook_config(&env, etc.path(), SECRET, "");
     let daemon = Daemon::start(&config, etc.path().join("daemon.log"), Some(&path));

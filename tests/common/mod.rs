@@ -865,3 +865,36 @@ impl SigningKey {
         path
     }
 }
+
+/// A `qemu-img` that takes `seconds` to create an image (then runs the real one), and
+/// leaves a file `create-started.PID` in `dir` when a create starts: something slow in flight to stop at.
+pub fn slow_qemu_img(dir: &Path, seconds: u32) -> PathBuf {
+    let real = Command::new("sh")
+        .args(["-c", "command -v qemu-img"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8(real.stdout).unwrap().trim().to_string();
+    assert!(!real.is_empty(), "qemu-img not found");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let source = dir.join("qemu-img.sh");
+    std::fs::write(
+        &source,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = create ]; then touch '{}/create-started.'$$; sleep {seconds}; fi\nexec '{real}' \"$@\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    // Written by a child: a file this process holds open for writing would be inherited
+    // by a child another test thread forks, and executing it fail with ETXTBSY.
+    let ok = Command::new("install")
+        .args(["-m", "755"])
+        .arg(&source)
+        .arg(bin.join("qemu-img"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    bin
+}
