@@ -33,7 +33,7 @@ impl Drop for NetCleanup {
         for name in names
             .lines()
             .map(str::trim)
-            .filter(|n| n.starts_with(&self.prefix))
+            .filter(|n| common::owned_by(n, &self.prefix))
         {
             virsh_system(&["destroy", name]);
             virsh_system(&["undefine", name, "--nvram"]);
@@ -42,7 +42,7 @@ impl Drop for NetCleanup {
         for name in nets
             .lines()
             .map(str::trim)
-            .filter(|n| n.starts_with(&self.prefix))
+            .filter(|n| common::owned_by(n, &self.prefix))
         {
             virsh_system(&["net-destroy", name]);
             virsh_system(&["net-undefine", name]);
@@ -51,7 +51,7 @@ impl Drop for NetCleanup {
         for name in pools
             .lines()
             .map(str::trim)
-            .filter(|n| n.starts_with(&self.prefix))
+            .filter(|n| common::owned_by(n, &self.prefix))
         {
             virsh_system(&["pool-destroy", name]);
             virsh_system(&["pool-undefine", name]);

@@ -726,6 +726,14 @@ pub fn hand_made_xml(name: &str) -> String {
 }
 
 /// A unique name prefix for this test process.
+/// Whether `name` is one of the test's with `prefix` (`vmsynctest-PID-adopt-uefi`): the
+/// prefix and a dash, so that test `adopt`'s cleanup never takes test `adoptchg`'s
+/// domains (it did, mid-test, when both ran at once).
+pub fn owned_by(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| rest.starts_with('-'))
+}
+
 fn prefix(test: &str) -> String {
     format!("vmsynctest-{}-{test}", std::process::id())
 }
@@ -815,7 +823,7 @@ impl Drop for SystemCleanup {
         for name in names
             .lines()
             .map(str::trim)
-            .filter(|n| n.starts_with(&self.prefix))
+            .filter(|n| owned_by(n, &self.prefix))
         {
             virsh_system(&["destroy", name]);
             virsh_system(&["undefine", name, "--nvram", "--tpm"]);
