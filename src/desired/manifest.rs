@@ -261,6 +261,57 @@ fn volume_disk(
     }
 }
 
+/// Where an entry's XML comes from: exactly one of `xml` and `xml_inline`, else a
+/// problem on `xml` (reported at the entry's `name` when both are missing).
+fn xml_source(
+    xml: Option<Spanned<String>>,
+    inline: Option<Spanned<String>>,
+    name: std::ops::Range<usize>,
+    report: &mut dyn FnMut(std::ops::Range<usize>, &str, String),
+) -> Option<XmlSource> {
+    match (xml, inline) {
+        (Some(file), None) => Some(XmlSource::File(file.into_inner())),
+        (None, Some(inline)) => Some(XmlSource::Inline(inline.into_inner())),
+        (Some(file), Some(_)) => {
+            report(
+                file.span(),
+                "xml",
+                "set either 'xml' or 'xml_inline', not both".into(),
+            );
+            None
+        }
+        (None, None) => {
+            report(
+                name,
+                "xml",
+                "missing 'xml' (a file in the repository) or 'xml_inline'".into(),
+            );
+            None
+        }
+    }
+}
+
+/// An entry's `hosts`: `None` (every host) when absent; an empty list or name is a problem.
+fn host_list(
+    hosts: Option<Spanned<Vec<String>>>,
+    report: &mut dyn FnMut(std::ops::Range<usize>, &str, String),
+) -> Option<Vec<String>> {
+    match hosts {
+        Some(hosts)
+            if hosts.get_ref().is_empty() || hosts.get_ref().iter().any(|h| h.is_empty()) =>
+        {
+            report(
+                hosts.span(),
+                "hosts",
+                "'hosts' must list at least one non-empty host name (omit it for every host)"
+                    .into(),
+            );
+            None
+        }
+        hosts => hosts.map(Spanned::into_inner),
+    }
+}
+
 /// Parses the `[[network]]` or `[[pool]]` tables.
 fn parse_resources(
     raw: Vec<RawResource>,
@@ -286,40 +337,9 @@ fn parse_resources(
                 "a name must be non-empty and contain no '/' or control characters".into(),
             ));
         }
-        let xml = match (r.xml, r.xml_inline) {
-            (Some(file), None) => Some(XmlSource::File(file.into_inner())),
-            (None, Some(inline)) => Some(XmlSource::Inline(inline.into_inner())),
-            (Some(file), Some(_)) => {
-                problems.push(at(
-                    file.span(),
-                    "xml",
-                    "set either 'xml' or 'xml_inline', not both".into(),
-                ));
-                None
-            }
-            (None, None) => {
-                problems.push(at(
-                    r.name.span(),
-                    "xml",
-                    "missing 'xml' (a file in the repository) or 'xml_inline'".into(),
-                ));
-                None
-            }
-        };
-        let hosts = match r.hosts {
-            Some(hosts)
-                if hosts.get_ref().is_empty() || hosts.get_ref().iter().any(|h| h.is_empty()) =>
-            {
-                problems.push(at(
-                    hosts.span(),
-                    "hosts",
-                    "'hosts' must list at least one non-empty host name (omit it for every host)"
-                        .into(),
-                ));
-                None
-            }
-            hosts => hosts.map(Spanned::into_inner),
-        };
+        let mut report = |span, field: &str, message| problems.push(at(span, field, message));
+        let xml = xml_source(r.xml, r.xml_inline, r.name.span(), &mut report);
+        let hosts = host_list(r.hosts, &mut report);
         if let Some(xml) = xml {
             out.push(ResourceEntry {
                 kind,
@@ -628,43 +648,15 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
                 "a vm name must be non-empty and contain no '/' or control characters".into(),
             ));
         }
-        let xml = match (raw_vm.xml, raw_vm.xml_inline) {
-            (Some(file), None) => Some(XmlSource::File(file.into_inner())),
-            (None, Some(inline)) => Some(XmlSource::Inline(inline.into_inner())),
-            (Some(file), Some(_)) => {
-                problems.push(problem(
-                    file.span(),
-                    vm,
-                    "xml",
-                    "set either 'xml' or 'xml_inline', not both".into(),
-                ));
-                None
-            }
-            (None, None) => {
-                problems.push(problem(
-                    raw_vm.name.span(),
-                    vm,
-                    "xml",
-                    "missing 'xml' (a file in the repository) or 'xml_inline'".into(),
-                ));
-                None
-            }
-        };
-        let hosts = match raw_vm.hosts {
-            Some(hosts)
-                if hosts.get_ref().is_empty() || hosts.get_ref().iter().any(|h| h.is_empty()) =>
-            {
-                problems.push(problem(
-                    hosts.span(),
-                    vm,
-                    "hosts",
-                    "'hosts' must list at least one non-empty host name (omit it for every host)"
-                        .into(),
-                ));
-                None
-            }
-            hosts => hosts.map(Spanned::into_inner),
-        };
+        let mut report =
+            |span, field: &str, message| problems.push(problem(span, vm, field, message));
+        let xml = xml_source(
+            raw_vm.xml,
+            raw_vm.xml_inline,
+            raw_vm.name.span(),
+            &mut report,
+        );
+        let hosts = host_list(raw_vm.hosts, &mut report);
         let state = match &raw_vm.state {
             None if raw_vm.autostart => PowerState::Running,
             None => PowerState::Defined,
