@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::agent::sync::{self, SyncError};
 use crate::config::{self, Overrides};
+use crate::record::store;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -314,7 +315,7 @@ fn print_once(r: sync::Report) {
             vm.name
         );
     }
-    print!("{}", crate::reconcile::apply::render_extra(&r.outcome));
+    print!("{}", crate::apply::vms::render_extra(&r.outcome));
 }
 
 /// Parses the arguments, runs the command and returns the exit status.
@@ -406,7 +407,7 @@ pub fn run() -> u8 {
                 );
                 print!(
                     "{}",
-                    crate::desired::resources::validate_summary(&d.resources)
+                    crate::desired::network_pool_entries::validate_summary(&d.resources)
                 );
             })
         }
@@ -414,7 +415,7 @@ pub fn run() -> u8 {
             crate::onboard::import::import(&settings, dir, names, *force)
                 .map(|done| print!("{}", crate::onboard::import::render(dir, &done)))
         }
-        (Some(Command::Status { json }), false) => crate::agent::state::load(&settings.state_dir)
+        (Some(Command::Status { json }), false) => store::load(&settings.state_dir)
             .map(|record| {
                 let hv = crate::host::hypervisor::Libvirt::connect(&settings.libvirt_uri);
                 let hv_ref = hv

@@ -22,15 +22,24 @@
 //! - [`cli`], [`config`], [`error`]: the command line, the agent's configuration, and the
 //!   errors that decide the exit status.
 
+pub mod util;
+
+pub mod desired;
+
+pub mod record;
+pub mod repo;
+
+pub mod host;
+
+pub mod reconcile;
+
+pub mod apply;
+
 pub mod agent;
 pub mod cli;
 pub mod config;
-pub mod desired;
 pub mod error;
-pub mod host;
 pub mod onboard;
-pub mod reconcile;
-pub mod repo;
 
 /// A named crash point for the fault tests (tests/faults.rs). Built with the `failpoints`
 /// feature and run with `FAILPOINTS=<name>=return`, the process aborts right there, like

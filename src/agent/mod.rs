@@ -2,9 +2,7 @@
 //! and what it keeps between runs (the record, the lock) and reports (status, metrics).
 
 pub mod daemon;
-pub mod health;
 pub mod metrics;
-pub mod state;
 pub mod status;
 pub mod sync;
 pub mod webhook;

@@ -2,9 +2,9 @@
 
 use serde::Serialize;
 
-use crate::agent::state::{Record, SyncResult};
 use crate::desired::domain_xml;
 use crate::host::hypervisor::{HvError, Hypervisor};
+use crate::record::{Record, SyncResult};
 
 /// One managed VM in the status view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -21,7 +21,7 @@ pub struct VmStatus {
     pub last_error: Option<String>,
     /// The last health check's result, the last healthy commit and a held back commit
     /// (`null` for a VM never checked: no `[vm.health]`).
-    pub health: Option<crate::reconcile::health::HealthView>,
+    pub health: Option<crate::reconcile::health_rules::HealthView>,
 }
 
 /// The whole status view (`vmsync status --json` prints it).
@@ -39,20 +39,20 @@ pub struct Status {
     /// Disks of pruned domains (never deleted by vmsync), path → former domain.
     pub orphaned_disks: std::collections::BTreeMap<String, String>,
     /// Networks vmsync manages.
-    pub networks: Vec<crate::reconcile::resources::ResourceStatus>,
+    pub networks: Vec<crate::reconcile::plan_networks_pools::ResourceStatus>,
     /// Storage pools vmsync manages.
-    pub pools: Vec<crate::reconcile::resources::ResourceStatus>,
+    pub pools: Vec<crate::reconcile::plan_networks_pools::ResourceStatus>,
 }
 
 /// Builds the status view; `hv` is `Err` when libvirt could not be reached.
 pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
     let hv_ok = hv.as_ref().ok().copied();
-    let networks = crate::reconcile::resources::status(
+    let networks = crate::reconcile::plan_networks_pools::status(
         record,
         hv_ok,
         crate::desired::resource_xml::ResourceKind::Network,
     );
-    let pools = crate::reconcile::resources::status(
+    let pools = crate::reconcile::plan_networks_pools::status(
         record,
         hv_ok,
         crate::desired::resource_xml::ResourceKind::Pool,
@@ -74,7 +74,7 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
                 pending_restart: rec.pending_restart,
                 drift: Vec::new(),
                 last_error: rec.last_error.clone(),
-                health: crate::reconcile::health::HealthView::of(rec),
+                health: crate::reconcile::health_rules::HealthView::of(rec),
             };
             if let Some((hv, listing)) = &listing {
                 let seen = listing.iter().find(|d| &d.name == name);
@@ -221,6 +221,6 @@ pub fn render_text(s: &Status) -> String {
     for (disk, vm) in &s.orphaned_disks {
         out += &format!("orphaned disk (kept): {disk} (was vm '{vm}')\n");
     }
-    out += &crate::reconcile::resources::status_text(&s.networks, &s.pools);
+    out += &crate::reconcile::plan_networks_pools::status_text(&s.networks, &s.pools);
     out
 }

@@ -90,7 +90,7 @@ struct RawVm {
     state: Option<Spanned<PowerState>>,
     shutdown_timeout: Option<Spanned<String>>,
     self_heal: Option<bool>,
-    health: Option<crate::reconcile::health::RawHealth>,
+    health: Option<crate::reconcile::health_rules::RawHealth>,
     #[serde(default)]
     adopt: bool,
     #[serde(default)]
@@ -395,7 +395,7 @@ pub struct VmEntry {
     pub adopt: bool,
     /// `[vm.health]`: the check after vmsync starts it with a new definition, and
     /// whether to revert (default: no check).
-    pub health: Option<crate::reconcile::health::HealthSpec>,
+    pub health: Option<crate::reconcile::health_rules::HealthSpec>,
     /// `[[vm.disk]]` entries with `pool` and `volume`: volumes made through libvirt's
     /// storage API when missing.
     pub volumes: Vec<VolumeSpec>,
@@ -686,7 +686,7 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
             },
         };
         let health = raw_vm.health.as_ref().and_then(|raw| {
-            crate::reconcile::health::HealthSpec::parse(raw, |span, field, msg| {
+            crate::reconcile::health_rules::HealthSpec::parse(raw, |span, field, msg| {
                 problems.push(problem(span, vm, field, msg))
             })
         });

@@ -5,6 +5,6 @@
 pub mod domain_xml;
 pub mod host_policy;
 pub mod manifest;
+pub mod network_pool_entries;
 pub mod resource_xml;
-pub mod resources;
 pub mod validate;

@@ -46,7 +46,7 @@ pub struct DesiredVm {
     /// Take over an existing domain of this name without vmsync's tag (`adopt`).
     pub adopt: bool,
     /// `[vm.health]`: checked after vmsync starts it with a new definition.
-    pub health: Option<crate::reconcile::health::HealthSpec>,
+    pub health: Option<crate::reconcile::health_rules::HealthSpec>,
 }
 
 /// The validated desired state of this host.
@@ -55,7 +55,7 @@ pub struct Desired {
     pub directories: Vec<PathBuf>,
     pub vms: Vec<DesiredVm>,
     /// Networks, pools and pool volumes (see `resources`).
-    pub resources: crate::desired::resources::DesiredResources,
+    pub resources: crate::desired::network_pool_entries::DesiredResources,
 }
 
 fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
@@ -271,8 +271,14 @@ pub fn validate(
         }
     }
 
-    let resources =
-        crate::desired::resources::validate(&manifest, files, policy, schema, &vms, &mut problems);
+    let resources = crate::desired::network_pool_entries::validate(
+        &manifest,
+        files,
+        policy,
+        schema,
+        &vms,
+        &mut problems,
+    );
     if !problems.is_empty() {
         return Err(problems);
     }

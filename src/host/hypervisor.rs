@@ -126,7 +126,7 @@ pub trait Hypervisor: Sync {
         &self,
         _kind: ResourceKind,
         name: &str,
-        _op: crate::host::resources::ResOp,
+        _op: crate::host::observe_networks_pools::ResOp,
     ) -> Result<(), HvError> {
         Err(unsupported("change", name))
     }
@@ -214,7 +214,7 @@ pub struct Libvirt {
     /// libvirt API calls that go to the daemon (RPCs), for the benchmark and logs.
     calls: AtomicU64,
     /// Network and pool handles from the last listing (see `host::resources`).
-    pub(crate) resource_handles: crate::host::resources::Handles,
+    pub(crate) resource_handles: crate::host::observe_networks_pools::Handles,
 }
 
 impl Libvirt {
@@ -460,7 +460,7 @@ impl Hypervisor for Libvirt {
         &self,
         kind: ResourceKind,
         name: &str,
-        op: crate::host::resources::ResOp,
+        op: crate::host::observe_networks_pools::ResOp,
     ) -> Result<(), HvError> {
         self.res_op(kind, name, op)
     }
@@ -546,7 +546,7 @@ pub trait SchemaChecker {
     /// Checks a network or pool XML against libvirt's schema and parser (by default in a
     /// private test-driver connection, see `host::resources::check_xml`).
     fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
-        crate::host::resources::check_xml(kind, xml)
+        crate::host::observe_networks_pools::check_xml(kind, xml)
     }
 }
 
@@ -563,7 +563,7 @@ pub struct TestDriverSchema {
     _node_file: tempfile::NamedTempFile,
     /// libvirt's RNG schema compiled on the first check (`None` until then; `Some(Err)`
     /// without the schema file, and libvirt validates instead).
-    schema: std::cell::OnceCell<Result<crate::host::rng::Schema, SchemaError>>,
+    schema: std::cell::OnceCell<Result<crate::host::schema_rng::Schema, SchemaError>>,
 }
 
 impl TestDriverSchema {
@@ -595,7 +595,9 @@ impl TestDriverSchema {
 impl TestDriverSchema {
     /// Compiles libvirt's schema now rather than at the first check.
     pub fn prepare(&self) {
-        let _ = self.schema.get_or_init(crate::host::rng::domain_schema);
+        let _ = self
+            .schema
+            .get_or_init(crate::host::schema_rng::domain_schema);
     }
 }
 
@@ -605,7 +607,10 @@ impl SchemaChecker for TestDriverSchema {
     /// Without the schema file, libvirt validates (slower, same result).
     fn check(&self, xml: &str) -> Result<(), SchemaError> {
         let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
-        let flags = match self.schema.get_or_init(crate::host::rng::domain_schema) {
+        let flags = match self
+            .schema
+            .get_or_init(crate::host::schema_rng::domain_schema)
+        {
             Ok(schema) => {
                 schema.validate(xml)?;
                 0

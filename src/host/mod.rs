@@ -2,10 +2,9 @@
 //! schema and its cache, and the read-only observation of what the host has now.
 
 pub mod disk;
-pub mod health;
+pub mod health_probe;
 pub mod hypervisor;
-pub mod observe;
-pub mod par;
-pub mod resources;
-pub mod rng;
+pub mod observe_domains;
+pub mod observe_networks_pools;
 pub mod schema_cache;
+pub mod schema_rng;

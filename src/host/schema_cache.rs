@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 
 use crate::desired::domain_xml::DomainSummary;
 use crate::host::hypervisor::{SchemaChecker, SchemaError, TestDriverSchema};
+use crate::util::fsio;
 
 pub const CACHE_FILE: &str = "schema-cache.json";
 
@@ -132,7 +133,7 @@ impl CachedSchema {
                 .map(|(id, summary)| (id.clone(), summary.clone()))
                 .collect(),
         };
-        let result = crate::agent::state::write_cache_with(path, |out| {
+        let result = fsio::write_cache_with(path, |out| {
             let mut out = std::io::BufWriter::new(out);
             serde_json::to_writer(&mut out, &file)?;
             std::io::Write::flush(&mut out)

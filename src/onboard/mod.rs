@@ -7,6 +7,5 @@
 //! - [`import`]: `vmsync import`, which reads the host's domains, networks and pools
 //!   (never changes them) and writes a VM repository.
 
-pub mod adopt;
 pub mod definition;
 pub mod import;

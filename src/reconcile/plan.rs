@@ -27,14 +27,14 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::agent::state::Record;
 use crate::config::ChangePolicy;
 use crate::desired::domain_xml::{self, Tag};
 use crate::desired::manifest::{OnChange, PowerState};
 use crate::desired::validate::{Desired, DesiredVm};
 use crate::host::disk::{DiskSpec, check_existing};
-use crate::host::observe::{Observed, SeenDomain};
+use crate::host::observe_domains::{Observed, SeenDomain};
 use crate::reconcile::drift::{self, Drift};
+use crate::record::Record;
 
 /// One step of converging a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,7 +227,7 @@ pub struct VmPlan {
     /// Unified diff of the definition (filled in by `diff::annotate` for `vmsync plan`).
     pub diff: Option<String>,
     /// Health, last healthy commit and hold-back (`[vm.health]`, see `health`).
-    pub health: Option<crate::reconcile::health::HealthView>,
+    pub health: Option<crate::reconcile::health_rules::HealthView>,
 }
 
 impl VmPlan {
@@ -271,7 +271,7 @@ pub struct Plan {
     /// state directory made them): never pruned, only counted.
     pub foreign_tagged: usize,
     /// Networks, pools and volumes (applied before the domains; pruned after them).
-    pub resources: crate::reconcile::resources::ResourcePlan,
+    pub resources: crate::reconcile::plan_networks_pools::ResourcePlan,
 }
 
 impl Plan {
@@ -308,8 +308,8 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
             let mut p = plan_vm(vm, observed, commit, ctx, &mut claimed);
             // A definition reverted by a health check is not tried again (see `health`).
             let rec = ctx.record.vms.get(&vm.name);
-            crate::reconcile::health::hold_back(&mut p, rec);
-            p.health = rec.and_then(crate::reconcile::health::HealthView::of);
+            crate::reconcile::health_rules::hold_back(&mut p, rec);
+            p.health = rec.and_then(crate::reconcile::health_rules::HealthView::of);
             if p.health.is_none() && vm.health.is_some() {
                 p.health = Some(Default::default());
             }
@@ -317,8 +317,9 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         })
         .collect();
     let prune = plan_prune(observed, ctx, &claimed);
-    let resources =
-        crate::reconcile::resources::plan(desired, observed, commit, ctx.record, ctx.policy);
+    let resources = crate::reconcile::plan_networks_pools::plan(
+        desired, observed, commit, ctx.record, ctx.policy,
+    );
     // Networks and pools count towards the mass-prune guard.
     let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count() + resources.pruning();
     let foreign_tagged = observed
@@ -471,7 +472,7 @@ fn plan_vm(
             }
             Some(_) => {}
         }
-        if let Some(e) = crate::onboard::adopt::uuid_conflict(vm, seen) {
+        if let Some(e) = crate::reconcile::adopt::uuid_conflict(vm, seen) {
             return fail(out, e);
         }
         out.current_hash = seen.definition_hash.clone();
@@ -560,7 +561,7 @@ fn plan_vm(
                     // only reported with self-heal off.
                     out.rendered_xml = Some(xml);
                 } else if adopting {
-                    let adopt = crate::onboard::adopt::action(seen, tag.clone(), xml);
+                    let adopt = crate::reconcile::adopt::action(seen, tag.clone(), xml);
                     if matches!(
                         adopt,
                         Action::Adopt {
@@ -640,11 +641,11 @@ fn fail(mut out: VmPlan, error: String) -> VmPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::state::VmRecord;
     use crate::desired::domain_xml::fingerprint;
     use crate::host::disk::{DiskFormat, ImageInfo};
     use crate::host::hypervisor::Listing;
-    use crate::host::observe::SeenDomain;
+    use crate::host::observe_domains::SeenDomain;
+    use crate::record::VmRecord;
 
     const UUID: &str = "6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b";
     const OTHER_UUID: &str = "11111111-2222-3333-4444-555555555555";
@@ -1424,7 +1425,7 @@ mod tests {
             )
         };
         let mut rec = applied(&desired_vm("web", 1024, true, vec![]));
-        rec.held_back = Some(crate::reconcile::health::HeldBack {
+        rec.held_back = Some(crate::record::HeldBack {
             commit: "bad".into(),
             fingerprint: desired_vm("web", 2048, true, vec![]).fingerprint,
             reason: "health command exited with status 1".into(),

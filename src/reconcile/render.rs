@@ -15,7 +15,7 @@ pub fn render(plan: &Plan) -> String {
         out += &format!("  create directory '{}'\n", dir.display());
     }
     // Pools, volumes and networks converge before the domains.
-    out += &crate::reconcile::resources::render_text(&plan.resources);
+    out += &crate::reconcile::plan_networks_pools::render_text(&plan.resources);
     for vm in &plan.vms {
         let what = match (&vm.error, vm.actions.is_empty()) {
             (Some(e), _) => format!("error: {e}"),
@@ -122,7 +122,7 @@ pub struct VmJson<'a> {
     pub error: Option<&'a str>,
     pub warnings: &'a [String],
     /// `[vm.health]`: last result, last healthy commit, held back commit.
-    pub health: Option<&'a crate::reconcile::health::HealthView>,
+    pub health: Option<&'a crate::reconcile::health_rules::HealthView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -192,7 +192,7 @@ impl Plan {
             refused: self.refused.as_deref(),
             foreign_tagged: self.foreign_tagged,
             noop: self.is_noop(),
-            resources: crate::reconcile::resources::to_json(&self.resources),
+            resources: crate::reconcile::plan_networks_pools::to_json(&self.resources),
         }
     }
 }

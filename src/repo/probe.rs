@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::repo::source::{self, FetchError, FetchedCommit, SourceSettings};
+use crate::util::fsio;
 
 /// Default of `[source] probe_max_skip`: a real fetch at least this often, whatever the
 /// probe says, so a stale cache only delays a change.
@@ -110,7 +111,7 @@ impl ProbeRecord {
 
     fn save(&self, state_dir: &Path) {
         let bytes = serde_json::to_vec_pretty(self).expect("the probe record serializes");
-        if let Err(e) = crate::agent::state::write_atomic(&state_dir.join(RECORD), &bytes) {
+        if let Err(e) = fsio::write_atomic(&state_dir.join(RECORD), &bytes) {
             warn!(error = %e, "failed to write the probe record");
         }
     }

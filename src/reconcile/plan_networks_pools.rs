@@ -21,38 +21,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tracing::{error, info, warn};
 
-use crate::agent::state::Record;
 use crate::desired::domain_xml::Tag;
 use crate::desired::manifest::OnChange;
+use crate::desired::network_pool_entries::{DesiredResource, DesiredVolume};
 use crate::desired::resource_xml::{self, ResourceKind};
-use crate::desired::resources::{DesiredResource, DesiredVolume};
 use crate::desired::validate::Desired;
 use crate::host::hypervisor::Hypervisor;
-use crate::host::observe::Observed;
-use crate::host::resources::{ObservedResources, ResOp};
+use crate::host::observe_domains::Observed;
+use crate::host::observe_networks_pools::{ObservedResources, ResOp};
 use crate::reconcile::plan::ActionKind;
-
-/// What the record keeps of a network or pool vmsync defined.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResourceRecord {
-    /// The UUID libvirt gave it when vmsync defined it: a pool's ownership (pool XML has
-    /// no `<metadata>`), and a network's too.
-    pub uuid: Option<String>,
-    pub applied_commit: Option<String>,
-    pub fingerprint: Option<String>,
-    pub autostart: bool,
-    pub ok: bool,
-    pub last_error: Option<String>,
-    pub pending_restart: bool,
-    /// Drift baseline: `domain_xml::definition_hash` of libvirt's inactive XML after
-    /// vmsync defined it.
-    pub definition_hash: Option<String>,
-    #[serde(default)]
-    pub drift: Vec<String>,
-}
+use crate::record::Record;
+use crate::record::ResourceRecord;
 
 /// One step for a network or pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,7 +204,7 @@ pub fn recorded(record: &Record, kind: ResourceKind) -> &BTreeMap<String, Resour
 /// the record holds.
 fn owned(
     kind: ResourceKind,
-    seen: &crate::host::resources::SeenResource,
+    seen: &crate::host::observe_networks_pools::SeenResource,
     rec: Option<&ResourceRecord>,
 ) -> bool {
     match kind {
@@ -1226,10 +1208,10 @@ mod tests {
     use crate::config::ChangePolicy;
     use crate::desired::domain_xml::fingerprint;
     use crate::desired::manifest::VolumeSpec;
-    use crate::desired::resources::DesiredResources;
+    use crate::desired::network_pool_entries::DesiredResources;
     use crate::host::disk::DiskFormat;
     use crate::host::hypervisor::Listing;
-    use crate::host::resources::SeenResource;
+    use crate::host::observe_networks_pools::SeenResource;
 
     const UUID: &str = "6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b";
 

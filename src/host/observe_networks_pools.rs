@@ -19,8 +19,8 @@ use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use virt::sys;
 
+use crate::desired::network_pool_entries::{DesiredResources, ExternalRef, Target};
 use crate::desired::resource_xml::{self, ResourceKind, ResourceSummary};
-use crate::desired::resources::{DesiredResources, ExternalRef, Target};
 use crate::host::hypervisor::{HvError, Hypervisor, Libvirt, Listing, SchemaError};
 
 fn err(e: virt::error::Error) -> SchemaError {
@@ -32,7 +32,7 @@ fn err(e: virt::error::Error) -> SchemaError {
 struct Checker {
     conn: Connect,
     _node: tempfile::NamedTempFile,
-    schemas: BTreeMap<ResourceKind, Result<crate::host::rng::Schema, SchemaError>>,
+    schemas: BTreeMap<ResourceKind, Result<crate::host::schema_rng::Schema, SchemaError>>,
 }
 
 thread_local! {
@@ -80,12 +80,12 @@ pub fn check_xml(kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
         let checker = cell.as_mut().expect("just made");
         let schema = checker.schemas.entry(kind).or_insert_with(|| {
             let file = schema_file(kind);
-            let path = crate::host::rng::SCHEMA_DIRS
+            let path = crate::host::schema_rng::SCHEMA_DIRS
                 .iter()
                 .map(|d| std::path::Path::new(d).join(file))
                 .find(|p| p.is_file())
                 .ok_or_else(|| SchemaError::Unavailable(format!("libvirt's {file} not found")))?;
-            crate::host::rng::Schema::compile(&path)
+            crate::host::schema_rng::Schema::compile(&path)
         });
         match schema {
             Ok(schema) => schema.validate(xml)?,

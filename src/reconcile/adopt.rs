@@ -12,7 +12,7 @@
 
 use crate::desired::domain_xml::Tag;
 use crate::desired::validate::DesiredVm;
-use crate::host::observe::SeenDomain;
+use crate::host::observe_domains::SeenDomain;
 use crate::onboard::definition;
 use crate::reconcile::plan::Action;
 

@@ -11,17 +11,20 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
-use crate::agent::state::{self, Record, VmRecord};
+use crate::apply::vms::{Outcome, VmOutcome};
 use crate::desired::domain_xml;
 use crate::desired::validate::{Desired, DesiredVm};
-use crate::host::health::{self as check, Verdict};
+use crate::host::health_probe::{self as check, Verdict};
 use crate::host::hypervisor::Hypervisor;
-use crate::reconcile::apply::{Outcome, VmOutcome};
-use crate::reconcile::health::{
-    AfterFailure, Due, HealthResult, HeldBack, PutBack, VmHealth, after_failure, due,
-    forget_stale_hold_back, record_check, revert_result,
+use crate::reconcile::health_rules::{
+    AfterFailure, Due, PutBack, VmHealth, after_failure, due, forget_stale_hold_back, record_check,
+    revert_result,
 };
 use crate::reconcile::plan::{Plan, VmPlan};
+use crate::record::store;
+use crate::record::{HealthResult, HeldBack};
+use crate::record::{Record, VmRecord};
+use crate::util::fsio;
 
 /// VMs checked at the same time (a check mostly waits).
 pub const THREADS: usize = 8;
@@ -100,7 +103,7 @@ pub fn run(
     if work.is_empty() {
         return Vec::new();
     }
-    let found: Vec<Found> = crate::host::par::map(work, THREADS, |(vm, p, o)| {
+    let found: Vec<Found> = crate::util::par::map(work, THREADS, |(vm, p, o)| {
         one(stage, vm, p, o, record.vms.get(&vm.name), hv, cancel)
     })
     .into_iter()
@@ -162,7 +165,7 @@ fn one(
 ) -> Option<Found> {
     let spec = vm.health.as_ref()?;
     let name = &vm.name;
-    let short = crate::reconcile::health::short(stage.commit);
+    let short = crate::reconcile::health_rules::short(stage.commit);
     let Some(how) = due(Some(spec), plan, outcome, old) else {
         let has_healthy = old.is_some_and(|r| r.healthy_fingerprint.is_some());
         if !has_healthy && outcome.error.is_none() && outcome.up && !outcome.pending_restart {
@@ -217,7 +220,7 @@ fn one(
     let healthy = old
         .and_then(|r| r.healthy_commit.clone().zip(r.healthy_fingerprint.clone()))
         .filter(|(_, fp)| *fp != plan.fingerprint);
-    let file = state::healthy_file(stage.state_dir, name);
+    let file = store::healthy_file(stage.state_dir, name);
     let healthy_xml = healthy
         .as_ref()
         .and_then(|_| std::fs::read_to_string(&file).ok());
@@ -233,7 +236,7 @@ fn one(
     let (healthy_commit, healthy_fp) = healthy.expect("a healthy definition to revert to");
     let healthy_xml = healthy_xml.expect("read above");
     let timeout = vm.shutdown_timeout.unwrap_or(stage.shutdown_timeout);
-    info!(vm = %name, commit = %short, healthy_commit = %crate::reconcile::health::short(&healthy_commit), "putting the last healthy definition back");
+    info!(vm = %name, commit = %short, healthy_commit = %crate::reconcile::health_rules::short(&healthy_commit), "putting the last healthy definition back");
     let reverted = match check::revert(hv, name, &healthy_xml, timeout, cancel) {
         Ok(after) => {
             let diff = crate::reconcile::diff::unified(
@@ -242,7 +245,7 @@ fn one(
                 &format!("{name} (unhealthy, commit {short})"),
                 &format!(
                     "{name} (put back, commit {})",
-                    crate::reconcile::health::short(&healthy_commit)
+                    crate::reconcile::health_rules::short(&healthy_commit)
                 ),
             );
             crate::reconcile::diff::log(name, short, &diff);
@@ -292,13 +295,13 @@ fn one(
 
 /// Writes `xml` as `name`'s last healthy definition; `None` (logged) when it failed.
 fn save_healthy(state_dir: &Path, name: &str, xml: &str) -> Option<()> {
-    let path = state::healthy_file(state_dir, name);
+    let path = store::healthy_file(state_dir, name);
     let written = path
         .parent()
         .map(std::fs::create_dir_all)
         .transpose()
         .map_err(anyhow::Error::from)
-        .and_then(|_| state::write_atomic(&path, xml.as_bytes()));
+        .and_then(|_| fsio::write_atomic(&path, xml.as_bytes()));
     match written {
         Ok(()) => Some(()),
         Err(e) => {

@@ -37,7 +37,7 @@ pub struct Observed {
     /// Per directory: whether it exists.
     pub directories: BTreeMap<PathBuf, bool>,
     /// Networks, pools and volumes (filled in by `host::resources::observe`).
-    pub resources: crate::host::resources::ObservedResources,
+    pub resources: crate::host::observe_networks_pools::ObservedResources,
 }
 
 /// Parallel libvirt calls while observing.
@@ -77,7 +77,7 @@ pub fn observe(
         .collect();
     // One inactive-XML read per such domain (and the live XML of running ones), on a
     // few threads: libvirt serves concurrent calls on one connection.
-    let seen = crate::host::par::map(listed, THREADS, |(is_wanted, listing)| {
+    let seen = crate::util::par::map(listed, THREADS, |(is_wanted, listing)| {
         let inactive_xml = hv.xml(&listing.name, true).ok();
         let (inactive, definition_hash) = inactive_xml
             .as_deref()
@@ -128,7 +128,7 @@ pub fn observe(
         .iter()
         .flat_map(|vm| vm.disks.iter().map(|d| &d.path))
         .collect();
-    let disks = crate::host::par::map(paths, THREADS, |path| {
+    let disks = crate::util::par::map(paths, THREADS, |path| {
         (path.clone(), disks.inspect(path).map_err(|e| e.to_string()))
     })
     .into_iter()

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use crate::agent::state::VmRecord;
 use crate::desired::domain_xml;
 use crate::host::disk::DiskProvisioner;
 use crate::host::hypervisor::Hypervisor;
 use crate::reconcile::plan::{Action, Plan, VmPlan};
+use crate::record::VmRecord;
 
 /// How often a shutting-down domain is polled.
 const POLL: Duration = Duration::from_millis(250);
@@ -126,7 +126,7 @@ pub struct Outcome {
     pub vms: Vec<VmOutcome>,
     pub pruned: Vec<PruneOutcome>,
     /// Networks, pools and volumes.
-    pub resources: crate::reconcile::resources::ResourceOutcome,
+    pub resources: crate::reconcile::plan_networks_pools::ResourceOutcome,
 }
 
 impl Outcome {
@@ -147,7 +147,7 @@ impl Outcome {
 
 /// Lines for `vmsync --once` about pruned domains, orphaned disks and reported drift.
 pub fn render_extra(outcome: &Outcome) -> String {
-    let mut out = crate::reconcile::resources::render_outcome(&outcome.resources);
+    let mut out = crate::reconcile::plan_networks_pools::render_outcome(&outcome.resources);
     for vm in outcome.vms.iter().filter(|vm| vm.drift_reported_only) {
         out += &format!(
             "  {}: drift (self_heal is off, left as is): {}\n",
@@ -251,12 +251,12 @@ pub fn apply(
     }
     // Pools (defined, built, started), then volumes, then networks, before the domains.
     outcome.resources =
-        crate::reconcile::resources::apply_before_domains(&plan.resources, hv, short);
+        crate::reconcile::plan_networks_pools::apply_before_domains(&plan.resources, hv, short);
     // VMs are independent: their actions run on a few threads (libvirt serves
     // concurrent calls on one connection; disk creations are separate processes).
     // Within a VM, actions stay in order.
     let vms: Vec<&VmPlan> = plan.vms.iter().collect();
-    outcome.vms = crate::host::par::map(vms, THREADS, |vm| apply_vm(vm, hv, disks, cancel, short));
+    outcome.vms = crate::util::par::map(vms, THREADS, |vm| apply_vm(vm, hv, disks, cancel, short));
     for p in plan
         .prune
         .iter()
@@ -298,7 +298,7 @@ pub fn apply(
     }
     // Networks and pools after the domains that used them.
     if !cancel.load(Ordering::SeqCst) {
-        crate::reconcile::resources::apply_prune(
+        crate::reconcile::plan_networks_pools::apply_prune(
             &plan.resources,
             hv,
             short,

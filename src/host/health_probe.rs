@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::host::hypervisor::Hypervisor;
-use crate::reconcile::health::HealthSpec;
+use crate::reconcile::health_rules::HealthSpec;
 
 /// How often a settling domain's state is polled, and a child's exit.
 const POLL: Duration = Duration::from_millis(250);
@@ -204,7 +204,7 @@ pub fn revert(
     shutdown_timeout: Duration,
     cancel: &AtomicBool,
 ) -> Result<String, String> {
-    let how = crate::reconcile::apply::graceful_stop(hv, name, shutdown_timeout, cancel)?;
+    let how = crate::apply::vms::graceful_stop(hv, name, shutdown_timeout, cancel)?;
     info!(vm = %name, how = %how, "stopped for the revert");
     hv.define(healthy_xml).map_err(|e| e.to_string())?;
     let after = hv.xml(name, true).map_err(|e| e.to_string())?;

@@ -22,9 +22,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::agent::state::VmRecord;
-use crate::reconcile::apply::{INTERRUPTED, SHUTDOWN_INTERRUPTED, VmOutcome};
+use crate::apply::vms::{INTERRUPTED, SHUTDOWN_INTERRUPTED, VmOutcome};
 use crate::reconcile::plan::{Action, VmPlan};
+use crate::record::VmRecord;
+use crate::record::{HealthResult, HeldBack};
 
 /// The first 12 characters of a commit id, for messages (whatever the record holds).
 pub fn short(commit: &str) -> &str {
@@ -126,46 +127,6 @@ impl HealthSpec {
             guest_agent: raw.guest_agent.unwrap_or(false),
         })
     }
-}
-
-/// A VM's health after the last check (`status`, metrics, the record).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::EnumIter, strum::IntoStaticStr,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum HealthResult {
-    /// Passed: its definition is the last healthy one.
-    Healthy,
-    /// Failed and left as it is (`revert = false`, or no healthy definition yet).
-    Unhealthy,
-    /// Failed; the last healthy definition was put back and passed.
-    Reverted,
-    /// Failed, and putting the last healthy definition back failed too.
-    RevertFailed,
-}
-
-impl HealthResult {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-
-    /// Whether the sync that got this result failed (exit 1).
-    pub fn failed(self) -> bool {
-        self != HealthResult::Healthy
-    }
-}
-
-/// A commit's definition of a VM that was reverted: not tried again while the commit's
-/// definition of the VM stays the same.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HeldBack {
-    /// The commit that brought the definition.
-    pub commit: String,
-    /// The definition's fingerprint (what a newer commit must change).
-    pub fingerprint: String,
-    /// Why it was reverted.
-    pub reason: String,
 }
 
 /// How a VM came to be checked.
