@@ -150,7 +150,7 @@ impl Default for ChangePolicy {
             self_heal: true,
             prune: false,
             max_prune: 5,
-            shutdown_timeout: crate::desired::manifest::DEFAULT_SHUTDOWN_TIMEOUT,
+            shutdown_timeout: crate::desired::values::DEFAULT_SHUTDOWN_TIMEOUT,
             allow_mass_prune: false,
         }
     }
@@ -282,12 +282,12 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         flags.disk_roots.clone()
     };
     for root in &disk_roots {
-        crate::desired::manifest::absolute_path(&root.to_string_lossy())
+        crate::desired::values::absolute_path(&root.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.disk_roots entry: {e}")))?;
     }
     let allowed_paths = raw.policy.allowed_paths.unwrap_or_default();
     for path in &allowed_paths {
-        crate::desired::manifest::absolute_path(&path.to_string_lossy())
+        crate::desired::values::absolute_path(&path.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.allowed_paths entry: {e}")))?;
     }
     let host_policy = crate::desired::host_policy::HostPolicy {
@@ -316,7 +316,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         .or(raw.policy.shutdown_timeout.clone())
     {
         None => defaults.shutdown_timeout,
-        Some(text) => crate::desired::manifest::parse_timeout(&text)
+        Some(text) => crate::desired::values::parse_timeout(&text)
             .map_err(|e| ConfigError(format!("invalid policy.shutdown_timeout: {e}")))?,
     };
     let changes = ChangePolicy {

@@ -9,11 +9,12 @@ use tracing::{debug, error, info, warn};
 use crate::apply::vms::{self, Outcome};
 use crate::config::{ConfigError, Settings};
 use crate::desired::manifest::Problem;
+use crate::desired::schema_check::{SchemaChecker, SchemaError};
 use crate::desired::validate::{self, Desired, Policy};
 pub use crate::error::SyncError;
 use crate::host::disk::DiskProvisioner;
 pub use crate::host::hypervisor::Connection;
-use crate::host::hypervisor::{Hypervisor, SchemaChecker, SchemaError};
+use crate::host::hypervisor::Hypervisor;
 use crate::host::observe_domains;
 use crate::host::schema_cache;
 use crate::host::schema_cache::CachedSchema;
@@ -543,7 +544,7 @@ pub fn plan_commit(
     commit: &str,
     desired: &Desired,
     hv: &dyn Hypervisor,
-    normalizer: &dyn crate::host::hypervisor::Normalizer,
+    normalizer: &dyn crate::desired::schema_check::Normalizer,
 ) -> Result<Plan, SyncError> {
     let observed = observe_commit(record, desired, hv, &crate::host::disk::QemuImg::default())?;
     Ok(plan_observed(
@@ -613,7 +614,7 @@ fn plan_observed(
     commit: &str,
     desired: &Desired,
     observed: &observe_domains::Observed,
-    normalizer: &dyn crate::host::hypervisor::Normalizer,
+    normalizer: &dyn crate::desired::schema_check::Normalizer,
 ) -> Plan {
     let ctx = plan::Context {
         policy: &settings.changes,

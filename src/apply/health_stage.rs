@@ -165,7 +165,7 @@ fn one(
 ) -> Option<Found> {
     let spec = vm.health.as_ref()?;
     let name = &vm.name;
-    let short = crate::reconcile::health_rules::short(stage.commit);
+    let short = crate::util::commit_id::short(stage.commit);
     let Some(how) = due(Some(spec), plan, outcome, old) else {
         let has_healthy = old.is_some_and(|r| r.healthy_fingerprint.is_some());
         if !has_healthy && outcome.error.is_none() && outcome.up && !outcome.pending_restart {
@@ -236,7 +236,7 @@ fn one(
     let (healthy_commit, healthy_fp) = healthy.expect("a healthy definition to revert to");
     let healthy_xml = healthy_xml.expect("read above");
     let timeout = vm.shutdown_timeout.unwrap_or(stage.shutdown_timeout);
-    info!(vm = %name, commit = %short, healthy_commit = %crate::reconcile::health_rules::short(&healthy_commit), "putting the last healthy definition back");
+    info!(vm = %name, commit = %short, healthy_commit = %crate::util::commit_id::short(&healthy_commit), "putting the last healthy definition back");
     let reverted = match check::revert(hv, name, &healthy_xml, timeout, cancel) {
         Ok(after) => {
             let diff = crate::reconcile::diff::unified(
@@ -245,7 +245,7 @@ fn one(
                 &format!("{name} (unhealthy, commit {short})"),
                 &format!(
                     "{name} (put back, commit {})",
-                    crate::reconcile::health_rules::short(&healthy_commit)
+                    crate::util::commit_id::short(&healthy_commit)
                 ),
             );
             crate::reconcile::diff::log(name, short, &diff);

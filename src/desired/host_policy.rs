@@ -108,7 +108,7 @@ impl Checker<'_> {
     /// A host path the XML names: must be under a disk root, an allowed path or `extra`.
     fn path(&mut self, node: Node, field: &str, raw: &str, extra: &[&str]) {
         let raw = raw.trim();
-        let problem = match crate::desired::manifest::absolute_path(raw) {
+        let problem = match crate::desired::values::absolute_path(raw) {
             Err(e) => Some(e),
             Ok(path) => {
                 let inside = |root: &Path| path.starts_with(root) && path != root;

@@ -6,12 +6,13 @@
 //! normalized [`PathBuf`]s. Checks that need more than one VM, the XML or the host policy
 //! live in `validate`.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::host::disk::{DiskFormat, DiskSpec, parse_size};
+use crate::desired::disk_spec::{DiskFormat, DiskSpec};
+use crate::desired::values::{absolute_path, parse_size, parse_timeout};
 
 /// The manifest's file name at the root of the VM repository.
 pub const MANIFEST_FILE: &str = "vmsync.toml";
@@ -90,7 +91,7 @@ struct RawVm {
     state: Option<Spanned<PowerState>>,
     shutdown_timeout: Option<Spanned<String>>,
     self_heal: Option<bool>,
-    health: Option<crate::reconcile::health_rules::RawHealth>,
+    health: Option<crate::desired::health_spec::RawHealth>,
     #[serde(default)]
     adopt: bool,
     #[serde(default)]
@@ -128,19 +129,6 @@ impl PowerState {
             PowerState::Defined => "defined",
         }
     }
-}
-
-/// The default graceful-shutdown timeout of a VM.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Parses a timeout like "120s", "2m" or "90" (seconds).
-pub fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(std::time::Duration::from_secs(secs));
-    }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("'{text}' is not a duration like \"120s\" or \"2m\": {e}"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -395,7 +383,7 @@ pub struct VmEntry {
     pub adopt: bool,
     /// `[vm.health]`: the check after vmsync starts it with a new definition, and
     /// whether to revert (default: no check).
-    pub health: Option<crate::reconcile::health_rules::HealthSpec>,
+    pub health: Option<crate::desired::health_spec::HealthSpec>,
     /// `[[vm.disk]]` entries with `pool` and `volume`: volumes made through libvirt's
     /// storage API when missing.
     pub volumes: Vec<VolumeSpec>,
@@ -479,11 +467,6 @@ pub struct Manifest {
     pub pools: Vec<ResourceEntry>,
 }
 
-/// 1-based line of byte offset `pos` in `text`.
-pub fn line_of(text: &str, pos: usize) -> usize {
-    Lines::new(text).at(pos)
-}
-
 /// Line numbers of positions in one text, counted on from the previous position when
 /// it is not behind (the `[[vm]]` tables come in order: a manifest of a thousand VMs is
 /// scanned once, not a thousand times).
@@ -560,23 +543,6 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
     .then(|| key.to_string())
-}
-
-/// Checks that `raw` is an absolute path without `.`/`..` components and returns it.
-pub fn absolute_path(raw: &str) -> Result<PathBuf, String> {
-    let path = Path::new(raw);
-    if !path.is_absolute() {
-        return Err(format!("path '{raw}' must be absolute"));
-    }
-    if path
-        .components()
-        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
-        || raw.contains("/./")
-        || raw.ends_with("/.")
-    {
-        return Err(format!("path '{raw}' must not contain '.' or '..'"));
-    }
-    Ok(path.components().collect())
 }
 
 /// Parses `vmsync.toml`. Returns every problem found, not just the first.
@@ -686,7 +652,7 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
             },
         };
         let health = raw_vm.health.as_ref().and_then(|raw| {
-            crate::reconcile::health_rules::HealthSpec::parse(raw, |span, field, msg| {
+            crate::desired::health_spec::HealthSpec::parse(raw, |span, field, msg| {
                 problems.push(problem(span, vm, field, msg))
             })
         });
@@ -792,6 +758,11 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
     } else {
         Err(problems)
     }
+}
+
+/// 1-based line of byte offset `pos` in `text`.
+pub fn line_of(text: &str, pos: usize) -> usize {
+    Lines::new(text).at(pos)
 }
 
 #[cfg(test)]

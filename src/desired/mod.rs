@@ -2,9 +2,13 @@
 //! validation of the whole commit. Pure: no I/O except through the `RepoFiles` and
 //! `SchemaChecker` it is handed.
 
+pub mod disk_spec;
 pub mod domain_xml;
+pub mod health_spec;
 pub mod host_policy;
 pub mod manifest;
 pub mod network_pool_entries;
 pub mod resource_xml;
+pub mod schema_check;
 pub mod validate;
+pub mod values;

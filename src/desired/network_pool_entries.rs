@@ -19,8 +19,8 @@ use crate::desired::manifest::{
     MANIFEST_FILE, Manifest, OnChange, Problem, ResourceEntry, VolumeSpec, XmlSource,
 };
 use crate::desired::resource_xml::{self, ResourceKind, ResourceSummary};
+use crate::desired::schema_check::SchemaChecker;
 use crate::desired::validate::{DesiredVm, Policy};
-use crate::host::hypervisor::SchemaChecker;
 use crate::repo::files::RepoFiles;
 
 /// A network or pool as this host should have it.
@@ -441,7 +441,7 @@ pub fn validate_summary(r: &DesiredResources) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::hypervisor::SchemaError;
+    use crate::desired::schema_check::SchemaError;
     use crate::repo::files::FileError;
 
     struct Files(BTreeMap<String, String>);

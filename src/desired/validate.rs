@@ -9,10 +9,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::desired::disk_spec::DiskSpec;
 use crate::desired::domain_xml::{self, DomainSummary};
 use crate::desired::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
-use crate::host::disk::DiskSpec;
-use crate::host::hypervisor::SchemaChecker;
+use crate::desired::schema_check::SchemaChecker;
 use crate::repo::files::RepoFiles;
 
 /// What this host's policy allows and which VMs it applies.
@@ -46,7 +46,7 @@ pub struct DesiredVm {
     /// Take over an existing domain of this name without vmsync's tag (`adopt`).
     pub adopt: bool,
     /// `[vm.health]`: checked after vmsync starts it with a new definition.
-    pub health: Option<crate::reconcile::health_rules::HealthSpec>,
+    pub health: Option<crate::desired::health_spec::HealthSpec>,
 }
 
 /// The validated desired state of this host.
@@ -292,7 +292,7 @@ pub fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::hypervisor::SchemaError;
+    use crate::desired::schema_check::SchemaError;
     use crate::repo::files::FileError;
 
     /// An in-memory repository.
@@ -505,7 +505,7 @@ hosts = ["hv2"]
 #[cfg(test)]
 mod cache_tests {
     use super::*;
-    use crate::host::hypervisor::SchemaError;
+    use crate::desired::schema_check::SchemaError;
     use crate::repo::files::FileError;
     use std::cell::{Cell, RefCell};
 

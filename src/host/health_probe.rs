@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::desired::health_spec::HealthSpec;
 use crate::host::hypervisor::Hypervisor;
-use crate::reconcile::health_rules::HealthSpec;
 
 /// How often a settling domain's state is polled, and a child's exit.
 const POLL: Duration = Duration::from_millis(250);

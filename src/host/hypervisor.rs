@@ -14,6 +14,7 @@ use virt::domain::Domain;
 use virt::sys;
 
 use crate::desired::resource_xml::ResourceKind;
+use crate::desired::schema_check::{Normalizer, SchemaChecker, SchemaError};
 
 /// A libvirt call that failed: the operation, the domain (when there is one), the
 /// connection's URI, and libvirt's message.
@@ -523,39 +524,6 @@ impl Hypervisor for Libvirt {
     }
 }
 
-/// Why libvirt's check of a domain XML did not pass.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SchemaError {
-    /// libvirt's schema or parser refused the XML (libvirt's or libxml2's message).
-    #[error("rejected by libvirt: {0}")]
-    Rejected(String),
-    /// The check could not run (no test driver, no schema file).
-    #[error("could not be checked against libvirt's schema: {0}")]
-    Unavailable(String),
-}
-
-/// Checks a domain XML against libvirt's schema without touching any host.
-pub trait SchemaChecker {
-    fn check(&self, xml: &str) -> Result<(), SchemaError>;
-    /// The summary of a file already validated, by `RepoFiles::content_id` (a cache).
-    fn known(&self, _content_id: &str) -> Option<crate::desired::domain_xml::DomainSummary> {
-        None
-    }
-    /// Remembers that the file with `content_id` validated, with its summary.
-    fn remember(&self, _content_id: &str, _summary: &crate::desired::domain_xml::DomainSummary) {}
-    /// Checks a network or pool XML against libvirt's schema and parser (by default in a
-    /// private test-driver connection, see `host::resources::check_xml`).
-    fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
-        crate::host::observe_networks_pools::check_xml(kind, xml)
-    }
-}
-
-/// Turns a domain XML into the inactive XML libvirt makes of it, without touching any
-/// host (for plan diffs of definitions not applied yet).
-pub trait Normalizer {
-    fn normalize(&self, xml: &str) -> Result<String, SchemaError>;
-}
-
 /// libvirt's schema validation through a private, empty `test:///` driver connection:
 /// the XML is defined there with `VIR_DOMAIN_DEFINE_VALIDATE` and undefined again.
 pub struct TestDriverSchema {
@@ -601,50 +569,6 @@ impl TestDriverSchema {
     }
 }
 
-impl SchemaChecker for TestDriverSchema {
-    /// libvirt's RNG schema (compiled once, see `rng`), then libvirt's own parser: the
-    /// XML is defined into the private test driver without re-validating, and undefined.
-    /// Without the schema file, libvirt validates (slower, same result).
-    fn check(&self, xml: &str) -> Result<(), SchemaError> {
-        let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
-        let flags = match self
-            .schema
-            .get_or_init(crate::host::schema_rng::domain_schema)
-        {
-            Ok(schema) => {
-                schema.validate(xml)?;
-                0
-            }
-            Err(_) => sys::VIR_DOMAIN_DEFINE_VALIDATE,
-        };
-        let domain = self
-            .conn
-            .define_domain_xml_flags(xml, flags)
-            .map_err(rejected)?;
-        domain.undefine().map_err(rejected)?;
-        Ok(())
-    }
-}
-
-/// Defines the XML in the private test driver, reads its inactive XML back, undefines it.
-/// The test driver fills in libvirt's generic defaults (units, placement, on_* actions)
-/// but not the QEMU driver's (machine type, controllers, PCI addresses), which the diff
-/// normalization in `domain_xml` ignores where the source gives none.
-impl Normalizer for TestDriverSchema {
-    fn normalize(&self, xml: &str) -> Result<String, SchemaError> {
-        let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
-        let domain = self
-            .conn
-            .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
-            .map_err(rejected)?;
-        let out = domain.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE);
-        let undefined = domain.undefine();
-        let out = out.map_err(rejected)?;
-        undefined.map_err(rejected)?;
-        Ok(out)
-    }
-}
-
 /// A libvirt connection kept across syncs (by the daemon), reopened when it died.
 pub struct Connection {
     uri: String,
@@ -673,6 +597,54 @@ impl Connection {
             self.conn = Some(Libvirt::connect(&self.uri)?);
         }
         Ok(self.conn.as_ref().expect("just connected"))
+    }
+}
+
+impl SchemaChecker for TestDriverSchema {
+    /// libvirt's RNG schema (compiled once, see `rng`), then libvirt's own parser: the
+    /// XML is defined into the private test driver without re-validating, and undefined.
+    /// Without the schema file, libvirt validates (slower, same result).
+    fn check(&self, xml: &str) -> Result<(), SchemaError> {
+        let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
+        let flags = match self
+            .schema
+            .get_or_init(crate::host::schema_rng::domain_schema)
+        {
+            Ok(schema) => {
+                schema.validate(xml)?;
+                0
+            }
+            Err(_) => sys::VIR_DOMAIN_DEFINE_VALIDATE,
+        };
+        let domain = self
+            .conn
+            .define_domain_xml_flags(xml, flags)
+            .map_err(rejected)?;
+        domain.undefine().map_err(rejected)?;
+        Ok(())
+    }
+
+    fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
+        crate::host::observe_networks_pools::check_xml(kind, xml)
+    }
+}
+
+/// Defines the XML in the private test driver, reads its inactive XML back, undefines it.
+/// The test driver fills in libvirt's generic defaults (units, placement, on_* actions)
+/// but not the QEMU driver's (machine type, controllers, PCI addresses), which the diff
+/// normalization in `domain_xml` ignores where the source gives none.
+impl Normalizer for TestDriverSchema {
+    fn normalize(&self, xml: &str) -> Result<String, SchemaError> {
+        let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
+        let domain = self
+            .conn
+            .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
+            .map_err(rejected)?;
+        let out = domain.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE);
+        let undefined = domain.undefine();
+        let out = out.map_err(rejected)?;
+        undefined.map_err(rejected)?;
+        Ok(out)
     }
 }
 

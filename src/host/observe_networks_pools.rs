@@ -21,7 +21,8 @@ use virt::sys;
 
 use crate::desired::network_pool_entries::{DesiredResources, ExternalRef, Target};
 use crate::desired::resource_xml::{self, ResourceKind, ResourceSummary};
-use crate::host::hypervisor::{HvError, Hypervisor, Libvirt, Listing, SchemaError};
+use crate::desired::schema_check::SchemaError;
+use crate::host::hypervisor::{HvError, Hypervisor, Libvirt, Listing};
 
 fn err(e: virt::error::Error) -> SchemaError {
     SchemaError::Rejected(e.message().trim().into())

@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::desired::domain_xml::DomainSummary;
-use crate::host::hypervisor::{SchemaChecker, SchemaError, TestDriverSchema};
+use crate::desired::resource_xml::ResourceKind;
+use crate::desired::schema_check::{SchemaChecker, SchemaError};
+use crate::host::hypervisor::TestDriverSchema;
 use crate::util::fsio;
 
 pub const CACHE_FILE: &str = "schema-cache.json";
@@ -169,6 +171,10 @@ impl SchemaChecker for CachedSchema {
         self.valid.borrow_mut().insert(key);
         *self.added.borrow_mut() += 1;
         Ok(())
+    }
+
+    fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
+        crate::host::observe_networks_pools::check_xml(kind, xml)
     }
 
     fn known(&self, content_id: &str) -> Option<DomainSummary> {

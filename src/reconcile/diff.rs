@@ -3,7 +3,7 @@
 //! none left out (see `domain_xml::normalize_for_diff`), and how a sync logs one.
 
 use crate::desired::domain_xml;
-use crate::host::hypervisor::Normalizer;
+use crate::desired::schema_check::Normalizer;
 use crate::reconcile::plan::Plan;
 
 /// A unified diff of two texts (empty when equal).

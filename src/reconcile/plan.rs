@@ -28,10 +28,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::ChangePolicy;
+use crate::desired::disk_spec::DiskSpec;
 use crate::desired::domain_xml::{self, Tag};
 use crate::desired::manifest::{OnChange, PowerState};
 use crate::desired::validate::{Desired, DesiredVm};
-use crate::host::disk::{DiskSpec, check_existing};
+use crate::host::disk::check_existing;
 use crate::host::observe_domains::{Observed, SeenDomain};
 use crate::reconcile::drift::{self, Drift};
 use crate::record::Record;
@@ -147,7 +148,7 @@ impl Action {
                     "create {} disk '{}' ({})",
                     spec.format,
                     spec.path.display(),
-                    crate::host::disk::human_size(spec.size_bytes)
+                    crate::desired::values::human_size(spec.size_bytes)
                 )
             }
             Action::Rename { from } => format!("rename from '{from}'"),

@@ -518,7 +518,7 @@ fn plan_volume(v: &DesiredVolume, pools: &[ResPlan], obs: &ObservedResources) ->
             s.format,
             s.name,
             s.pool,
-            crate::host::disk::human_size(s.size_bytes)
+            crate::desired::values::human_size(s.size_bytes)
         ),
     };
     let pool_plan = pools.iter().find(|p| p.name == s.pool);
@@ -543,8 +543,8 @@ fn plan_volume(v: &DesiredVolume, pools: &[ResPlan], obs: &ObservedResources) ->
                 (
                     b.to_str().unwrap_or_default(),
                     s.backing_format.map(|f| match f {
-                        crate::host::disk::DiskFormat::Qcow2 => "qcow2",
-                        crate::host::disk::DiskFormat::Raw => "raw",
+                        crate::desired::disk_spec::DiskFormat::Qcow2 => "qcow2",
+                        crate::desired::disk_spec::DiskFormat::Raw => "raw",
                     }),
                 )
             }),
@@ -1206,10 +1206,10 @@ pub fn status_text(networks: &[ResourceStatus], pools: &[ResourceStatus]) -> Str
 mod tests {
     use super::*;
     use crate::config::ChangePolicy;
+    use crate::desired::disk_spec::DiskFormat;
     use crate::desired::domain_xml::fingerprint;
     use crate::desired::manifest::VolumeSpec;
     use crate::desired::network_pool_entries::DesiredResources;
-    use crate::host::disk::DiskFormat;
     use crate::host::hypervisor::Listing;
     use crate::host::observe_networks_pools::SeenResource;
 

@@ -2,5 +2,6 @@
 //! state-directory lock, the short commit id, the clock, and a bounded parallel map.
 
 pub mod clock;
+pub mod commit_id;
 pub mod fsio;
 pub mod par;
