@@ -315,7 +315,7 @@ fn print_once(r: sync::Report) {
             vm.name
         );
     }
-    print!("{}", crate::apply::vms::render_extra(&r.outcome));
+    print!("{}", crate::reconcile::render::render_extra(&r.outcome));
 }
 
 /// Parses the arguments, runs the command and returns the exit status.

@@ -434,7 +434,7 @@ fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
     assert_eq!(record.last_applied_commit, None);
     assert_eq!(
         record.vms["t2-stop"].last_error.as_deref(),
-        Some(vmsync::apply::vms::INTERRUPTED)
+        Some(vmsync::reconcile::outcome::INTERRUPTED)
     );
     assert!(listing(&hv, "t2-stop").is_none());
     assert!(!env.disk("t2-stop").exists());

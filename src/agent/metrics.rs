@@ -10,8 +10,7 @@ use strum::IntoEnumIterator;
 
 use crate::agent::sync::Report;
 use crate::reconcile::plan::ActionKind;
-use crate::record::HealthResult;
-use crate::record::{Record, SyncResult};
+use crate::record::{HealthResult, Record, SyncResult};
 
 /// Escapes a label value (backslash, double quote, newline).
 fn label(value: &str) -> String {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use crate::apply::vms::{self, Outcome};
+use crate::apply::vms;
 use crate::config::{ConfigError, Settings};
 use crate::desired::manifest::Problem;
 use crate::desired::schema_check::{SchemaChecker, SchemaError};
@@ -15,18 +15,16 @@ pub use crate::error::SyncError;
 use crate::host::disk::DiskProvisioner;
 pub use crate::host::hypervisor::Connection;
 use crate::host::hypervisor::Hypervisor;
-use crate::host::observe_domains;
-use crate::host::schema_cache;
 use crate::host::schema_cache::CachedSchema;
+use crate::host::{observe_domains, schema_cache};
+use crate::reconcile::outcome::Outcome;
 use crate::reconcile::plan::{self, Plan};
 use crate::reconcile::record_update;
-use crate::record::Record;
-use crate::record::store;
+use crate::record::{Record, store};
 use crate::repo::files::RepoFiles;
 use crate::repo::source;
 use crate::repo::trust::{self, Floor};
-use crate::util::clock;
-use crate::util::fsio;
+use crate::util::{clock, fsio};
 
 /// Maps an anyhow error from locking to `Locked` when it is one.
 fn lock(settings: &Settings) -> Result<fsio::Lock, SyncError> {
@@ -470,12 +468,7 @@ fn apply_observed(
         &outcome,
         &clock::now_rfc3339(),
     );
-    crate::reconcile::plan_networks_pools::record(
-        record,
-        commit,
-        &plan.resources,
-        &outcome.resources,
-    );
+    record_update::record_resources(record, commit, &plan.resources, &outcome.resources);
     crate::apply::health_stage::record(record, &plan, &found);
     store::save(&settings.state_dir, record)?;
     if !outcome.all_ok() {
@@ -622,7 +615,7 @@ fn plan_observed(
     };
     let mut plan = plan::plan(desired, observed, commit, &ctx);
     crate::reconcile::diff::annotate(&mut plan, normalizer);
-    crate::reconcile::plan_networks_pools::annotate(&mut plan.resources);
+    crate::reconcile::render::annotate_resources(&mut plan.resources);
     plan
 }
 

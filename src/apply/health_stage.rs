@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
-use crate::apply::vms::{Outcome, VmOutcome};
 use crate::desired::domain_xml;
 use crate::desired::validate::{Desired, DesiredVm};
 use crate::host::health_probe::{self as check, Verdict};
@@ -20,10 +19,9 @@ use crate::reconcile::health_rules::{
     AfterFailure, Due, PutBack, VmHealth, after_failure, due, forget_stale_hold_back, record_check,
     revert_result,
 };
+use crate::reconcile::outcome::{Outcome, VmOutcome};
 use crate::reconcile::plan::{Plan, VmPlan};
-use crate::record::store;
-use crate::record::{HealthResult, HeldBack};
-use crate::record::{Record, VmRecord};
+use crate::record::{HealthResult, HeldBack, Record, VmRecord, store};
 use crate::util::fsio;
 
 /// VMs checked at the same time (a check mostly waits).

@@ -2,4 +2,5 @@
 //! networks and pools) and the health stage that checks, and reverts, what was applied.
 
 pub mod health_stage;
+pub mod networks_pools;
 pub mod vms;

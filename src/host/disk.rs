@@ -16,15 +16,15 @@
 //! path.
 
 use std::ffi::OsString;
-use std::fs;
-use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::{fs, io};
+
+use tracing::{debug, info, warn};
 
 use crate::desired::disk_spec::{DiskFormat, DiskSpec, InvalidDiskSpec};
 use crate::desired::values::human_size;
-use tracing::{debug, info, warn};
 
 /// Suffix of the temporary file a disk is created under: `.<filename>.vmsync-tmp`.
 const TMP_SUFFIX: &str = ".vmsync-tmp";

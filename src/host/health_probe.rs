@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::desired::health_spec::HealthSpec;
 use crate::host::hypervisor::Hypervisor;
+use crate::host::power::graceful_stop;
 
 /// How often a settling domain's state is polled, and a child's exit.
 const POLL: Duration = Duration::from_millis(250);
@@ -204,7 +205,7 @@ pub fn revert(
     shutdown_timeout: Duration,
     cancel: &AtomicBool,
 ) -> Result<String, String> {
-    let how = crate::apply::vms::graceful_stop(hv, name, shutdown_timeout, cancel)?;
+    let how = graceful_stop(hv, name, shutdown_timeout, cancel).map_err(|e| e.to_string())?;
     info!(vm = %name, how = %how, "stopped for the revert");
     hv.define(healthy_xml).map_err(|e| e.to_string())?;
     let after = hv.xml(name, true).map_err(|e| e.to_string())?;

@@ -6,5 +6,6 @@ pub mod health_probe;
 pub mod hypervisor;
 pub mod observe_domains;
 pub mod observe_networks_pools;
+pub mod power;
 pub mod schema_cache;
 pub mod schema_rng;

@@ -18,11 +18,11 @@
 
 use serde::Serialize;
 
-use crate::apply::vms::{INTERRUPTED, SHUTDOWN_INTERRUPTED, VmOutcome};
 use crate::desired::health_spec::HealthSpec;
+use crate::host::power::SHUTDOWN_INTERRUPTED;
+use crate::reconcile::outcome::{INTERRUPTED, VmOutcome};
 use crate::reconcile::plan::{Action, VmPlan};
-use crate::record::VmRecord;
-use crate::record::{HealthResult, HeldBack};
+use crate::record::{HealthResult, HeldBack, VmRecord};
 use crate::util::commit_id::short;
 
 /// How a VM came to be checked.

@@ -5,6 +5,7 @@ pub mod adopt;
 pub mod diff;
 pub mod drift;
 pub mod health_rules;
+pub mod outcome;
 pub mod plan;
 pub mod plan_networks_pools;
 pub mod record_update;

@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::apply::vms::Outcome;
-use crate::record::{Record, SyncResult};
+use crate::desired::resource_xml::ResourceKind;
+use crate::reconcile::outcome::{Outcome, ResourceOutcome};
+use crate::reconcile::plan_networks_pools::*;
+use crate::record::{Record, ResourceRecord, SyncResult};
 
 /// Records what applying `commit` did. `left_in_place`: managed domains the plan
 /// would prune; those not pruned (pruning off, or failed) keep their records: they
@@ -74,12 +76,87 @@ pub fn record_outcome<'a>(
     }
 }
 
+/// The record's networks and pools after a sync: converged ones with the commit, failed
+/// ones with their error (and what was done: a pool vmsync defined is recorded with its
+/// UUID even when a later step failed), pruned ones gone, skipped ones kept.
+pub fn record_resources(
+    record: &mut Record,
+    commit: &str,
+    plan: &ResourcePlan,
+    outcome: &ResourceOutcome,
+) {
+    for kind in [ResourceKind::Network, ResourceKind::Pool] {
+        let old = recorded(record, kind).clone();
+        let mut new = BTreeMap::new();
+        let outcomes = match kind {
+            ResourceKind::Network => &outcome.networks,
+            ResourceKind::Pool => &outcome.pools,
+        };
+        for o in outcomes {
+            let before = old.get(&o.name).cloned();
+            let uuid = o.uuid.clone().or(o.previous_uuid.clone());
+            let entry = if o.error.is_none() {
+                ResourceRecord {
+                    uuid,
+                    applied_commit: Some(commit.to_string()),
+                    fingerprint: Some(o.fingerprint.clone()),
+                    autostart: o.autostart,
+                    ok: true,
+                    last_error: None,
+                    pending_restart: o.pending_restart,
+                    definition_hash: o
+                        .definition_hash
+                        .clone()
+                        .or(before.as_ref().and_then(|b| b.definition_hash.clone()))
+                        .or(o.previous_hash.clone()),
+                    drift: o.drift.clone(),
+                }
+            } else if o.defined {
+                ResourceRecord {
+                    uuid,
+                    fingerprint: Some(o.fingerprint.clone()),
+                    definition_hash: o.definition_hash.clone(),
+                    ok: false,
+                    last_error: o.error.clone(),
+                    drift: o.drift.clone(),
+                    ..before.unwrap_or_default()
+                }
+            } else if let Some(before) = before {
+                ResourceRecord {
+                    ok: false,
+                    last_error: o.error.clone(),
+                    drift: o.drift.clone(),
+                    ..before
+                }
+            } else {
+                // Never vmsync's (not adopted): nothing to remember.
+                continue;
+            };
+            new.insert(o.name.clone(), entry);
+        }
+        // Prune candidates not pruned stay this agent's.
+        for p in plan.prune.iter().filter(|p| p.kind() == kind) {
+            let pruned = outcome
+                .pruned
+                .iter()
+                .any(|o| o.kind == Some(kind) && o.name == p.name && o.pruned);
+            if !pruned && let Some(rec) = old.get(&p.name) {
+                new.insert(p.name.clone(), rec.clone());
+            }
+        }
+        match kind {
+            ResourceKind::Network => record.networks = new,
+            ResourceKind::Pool => record.pools = new,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn vm_outcome(name: &str, error: Option<&str>) -> crate::apply::vms::VmOutcome {
-        crate::apply::vms::VmOutcome {
+    fn vm_outcome(name: &str, error: Option<&str>) -> crate::reconcile::outcome::VmOutcome {
+        crate::reconcile::outcome::VmOutcome {
             name: name.into(),
             fingerprint: format!("fp-{name}"),
             autostart: true,
@@ -173,9 +250,9 @@ mod tests {
         // All succeeded: the commit is the last applied one; a VM no longer desired and
         // not pruned keeps its record, one pruned is gone.
         let mut record = applied("a", &["web", "db", "old", "gone"]);
-        let outcome = crate::apply::vms::Outcome {
+        let outcome = crate::reconcile::outcome::Outcome {
             vms: vec![vm_outcome("web", None), vm_outcome("db", None)],
-            pruned: vec![crate::apply::vms::PruneOutcome {
+            pruned: vec![crate::reconcile::outcome::PruneOutcome {
                 name: "gone".into(),
                 done: vec!["undefine".into()],
                 error: None,
@@ -203,7 +280,7 @@ mod tests {
         // One VM failed: the commit is attempted, not applied; the failed VM keeps what
         // was applied before, with the error; the other one moves on.
         let mut record = applied("a", &["web", "db"]);
-        let outcome = crate::apply::vms::Outcome {
+        let outcome = crate::reconcile::outcome::Outcome {
             vms: vec![vm_outcome("web", Some("boom")), vm_outcome("db", None)],
             ..Default::default()
         };
@@ -221,7 +298,7 @@ mod tests {
 
         // A directory that could not be made fails the sync too.
         let mut record = applied("a", &[]);
-        let outcome = crate::apply::vms::Outcome {
+        let outcome = crate::reconcile::outcome::Outcome {
             directory_errors: vec!["directory '/x': denied".into()],
             ..Default::default()
         };
