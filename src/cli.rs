@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
 
+use crate::agent::report::Report;
 use crate::agent::sync::{self, SyncError};
 use crate::config::{self, Overrides};
 use crate::record::store;
@@ -293,7 +294,7 @@ fn once_status(result: &Result<(), SyncError>, stopped_by: usize) -> Option<u8> 
 }
 
 /// What `vmsync --once` prints on stdout after a converged sync.
-fn print_once(r: sync::Report) {
+fn print_once(r: Report) {
     if r.outcome.changes() == 0 {
         println!(
             "nothing to do: commit {} is applied and every vm is converged",

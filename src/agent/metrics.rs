@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use strum::IntoEnumIterator;
 
-use crate::agent::sync::Report;
+use crate::agent::report::Report;
 use crate::reconcile::plan::ActionKind;
 use crate::record::{HealthResult, Record, SyncResult};
 

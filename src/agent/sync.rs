@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
+use crate::agent::report::Report;
 use crate::apply::vms;
 use crate::config::{ConfigError, Settings};
 use crate::desired::manifest::Problem;
@@ -17,7 +18,6 @@ pub use crate::host::hypervisor::Connection;
 use crate::host::hypervisor::Hypervisor;
 use crate::host::schema_cache::CachedSchema;
 use crate::host::{observe_domains, schema_cache};
-use crate::reconcile::outcome::Outcome;
 use crate::reconcile::plan::{self, Plan};
 use crate::reconcile::record_update;
 use crate::record::{Record, store};
@@ -77,14 +77,6 @@ fn stages_ms(stages: &[(&'static str, Duration)]) -> String {
         .map(|(stage, took)| format!("{stage} {:.1}", took.as_secs_f64() * 1000.0))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// What a finished sync did.
-#[derive(Debug)]
-pub struct Report {
-    pub commit: String,
-    pub plan: Plan,
-    pub outcome: Outcome,
 }
 
 /// How a sync runs.

@@ -13,7 +13,6 @@
 //! take vmsync's own changes for drift.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use tracing::{debug, error, info, warn};
 
@@ -23,8 +22,6 @@ use crate::host::hypervisor::Hypervisor;
 use crate::host::power::{SHUTDOWN_INTERRUPTED, graceful_stop};
 use crate::reconcile::outcome::{INTERRUPTED, Outcome, PruneOutcome, VmOutcome};
 use crate::reconcile::plan::{Action, Plan, VmPlan};
-
-/// How often a shutting-down domain is polled.
 
 /// VMs converged at the same time.
 pub const THREADS: usize = 4;

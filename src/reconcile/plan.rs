@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::ChangePolicy;
 use crate::desired::disk_spec::DiskSpec;
 use crate::desired::domain_xml::{self, Tag};
 use crate::desired::manifest::{OnChange, PowerState};
@@ -35,6 +34,7 @@ use crate::desired::validate::{Desired, DesiredVm};
 use crate::host::disk::check_existing;
 use crate::host::observe_domains::{Observed, SeenDomain};
 use crate::reconcile::drift::{self, Drift};
+use crate::reconcile::policy::ChangePolicy;
 use crate::record::Record;
 
 /// One step of converging a VM.

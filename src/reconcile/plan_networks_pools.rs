@@ -433,7 +433,7 @@ pub fn plan(
     observed: &Observed,
     commit: &str,
     record: &Record,
-    policy: &crate::config::ChangePolicy,
+    policy: &crate::reconcile::policy::ChangePolicy,
 ) -> ResourcePlan {
     let heal = policy.self_heal;
     let res = &desired.resources;
@@ -563,13 +563,13 @@ fn plan_volume(v: &DesiredVolume, pools: &[ResPlan], obs: &ObservedResources) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ChangePolicy;
     use crate::desired::disk_spec::DiskFormat;
     use crate::desired::domain_xml::fingerprint;
     use crate::desired::manifest::VolumeSpec;
     use crate::desired::network_pool_entries::DesiredResources;
     use crate::host::hypervisor::Listing;
     use crate::host::observe_networks_pools::SeenResource;
+    use crate::reconcile::policy::ChangePolicy;
 
     const UUID: &str = "6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b";
 
