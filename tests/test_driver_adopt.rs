@@ -300,7 +300,7 @@ fn the_import_command_refuses_a_non_empty_dir_and_its_output_validates() {
 #[test]
 fn import_writes_networks_and_pools_that_validate_and_adopting_them_converges() {
     use vmsync::desired::resource_xml::ResourceKind;
-    use vmsync::host::observe_networks_pools::ResOp;
+    use vmsync::host::hypervisor::ResOp;
     let env = Env::new();
     let settings = env.settings();
     let hv = Libvirt::connect(common::TEST_URI).unwrap();

@@ -9,9 +9,10 @@ use tracing::{debug, error, info, warn};
 use crate::agent::report::Report;
 use crate::apply::vms;
 use crate::config::{ConfigError, Settings};
+use crate::desired::desired_state::{Desired, Policy};
 use crate::desired::manifest::Problem;
 use crate::desired::schema_check::{SchemaChecker, SchemaError};
-use crate::desired::validate::{self, Desired, Policy};
+use crate::desired::validate;
 pub use crate::error::SyncError;
 use crate::host::disk::DiskProvisioner;
 pub use crate::host::hypervisor::Connection;
@@ -511,7 +512,7 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     )?;
     check_floors(&fetched, &observed_floors(&observed), false)?;
     check_references(&commit, &desired, &observed)?;
-    let normalizer = crate::host::hypervisor::TestDriverSchema::new()?;
+    let normalizer = crate::host::schema_test_driver::TestDriverSchema::new()?;
     Ok(plan_observed(
         settings,
         &record,

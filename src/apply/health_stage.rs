@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
+use crate::desired::desired_state::{Desired, DesiredVm};
 use crate::desired::domain_xml;
-use crate::desired::validate::{Desired, DesiredVm};
 use crate::host::health_probe::{self as check, Verdict};
 use crate::host::hypervisor::Hypervisor;
 use crate::reconcile::health_rules::{

@@ -3,9 +3,8 @@
 
 use tracing::{error, info, warn};
 
-use crate::desired::resource_xml::{self};
-use crate::host::hypervisor::Hypervisor;
-use crate::host::observe_networks_pools::ResOp;
+use crate::desired::resource_xml;
+use crate::host::hypervisor::{Hypervisor, ResOp};
 use crate::reconcile::outcome::{ResOutcome, ResourceOutcome};
 use crate::reconcile::plan_networks_pools::*;
 

@@ -2,6 +2,7 @@
 //! validation of the whole commit. Pure: no I/O except through the `RepoFiles` and
 //! `SchemaChecker` it is handed.
 
+pub mod desired_state;
 pub mod disk_spec;
 pub mod domain_xml;
 pub mod health_spec;

@@ -9,54 +9,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::desired::disk_spec::DiskSpec;
-use crate::desired::domain_xml::{self, DomainSummary};
+use crate::desired::desired_state::*;
+use crate::desired::domain_xml::{self};
 use crate::desired::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
 use crate::desired::schema_check::SchemaChecker;
 use crate::repo::files::RepoFiles;
-
-/// What this host's policy allows and which VMs it applies.
-#[derive(Debug, Clone, Default)]
-pub struct Policy {
-    /// This host's name, matched against a VM's `hosts`; `None` validates every VM.
-    pub host: Option<String>,
-    pub disk_roots: Vec<PathBuf>,
-    /// What domain XML may ask of the host beyond disk images (see `host_policy`).
-    pub host_policy: crate::desired::host_policy::HostPolicy,
-}
-
-/// One VM as this host should have it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredVm {
-    pub name: String,
-    /// The file its XML came from (for messages).
-    pub xml_file: String,
-    /// The domain XML as committed.
-    pub xml: String,
-    pub summary: DomainSummary,
-    pub fingerprint: String,
-    pub autostart: bool,
-    pub disks: Vec<DiskSpec>,
-    pub on_change: manifest::OnChange,
-    pub state: manifest::PowerState,
-    /// `None`: the agent's default.
-    pub shutdown_timeout: Option<std::time::Duration>,
-    /// `None`: the agent's `policy.self_heal`.
-    pub self_heal: Option<bool>,
-    /// Take over an existing domain of this name without vmsync's tag (`adopt`).
-    pub adopt: bool,
-    /// `[vm.health]`: checked after vmsync starts it with a new definition.
-    pub health: Option<crate::desired::health_spec::HealthSpec>,
-}
-
-/// The validated desired state of this host.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Desired {
-    pub directories: Vec<PathBuf>,
-    pub vms: Vec<DesiredVm>,
-    /// Networks, pools and pool volumes (see `resources`).
-    pub resources: crate::desired::network_pool_entries::DesiredResources,
-}
 
 fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
     roots

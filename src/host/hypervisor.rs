@@ -5,6 +5,8 @@
 //! Also the schema checker used by validation: libvirt's own RNG validation, run by
 //! defining the domain into a private, empty test-driver connection (never the host's).
 
+mod network_pool_calls;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +16,6 @@ use virt::domain::Domain;
 use virt::sys;
 
 use crate::desired::resource_xml::ResourceKind;
-use crate::desired::schema_check::{Normalizer, SchemaChecker, SchemaError};
 
 /// A libvirt call that failed: the operation, the domain (when there is one), the
 /// connection's URI, and libvirt's message.
@@ -123,12 +124,7 @@ pub trait Hypervisor: Sync {
         Err(unsupported("define", kind.as_str()))
     }
     /// Sets the autostart flag, builds, starts, stops or undefines a network or pool.
-    fn resource_op(
-        &self,
-        _kind: ResourceKind,
-        name: &str,
-        _op: crate::host::observe_networks_pools::ResOp,
-    ) -> Result<(), HvError> {
+    fn resource_op(&self, _kind: ResourceKind, name: &str, _op: ResOp) -> Result<(), HvError> {
         Err(unsupported("change", name))
     }
     /// The names of the volumes of a (started) pool.
@@ -215,7 +211,7 @@ pub struct Libvirt {
     /// libvirt API calls that go to the daemon (RPCs), for the benchmark and logs.
     calls: AtomicU64,
     /// Network and pool handles from the last listing (see `host::resources`).
-    pub(crate) resource_handles: crate::host::observe_networks_pools::Handles,
+    pub(crate) resource_handles: network_pool_calls::Handles,
 }
 
 impl Libvirt {
@@ -457,12 +453,7 @@ impl Hypervisor for Libvirt {
     fn define_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), HvError> {
         self.res_define(kind, xml)
     }
-    fn resource_op(
-        &self,
-        kind: ResourceKind,
-        name: &str,
-        op: crate::host::observe_networks_pools::ResOp,
-    ) -> Result<(), HvError> {
+    fn resource_op(&self, kind: ResourceKind, name: &str, op: ResOp) -> Result<(), HvError> {
         self.res_op(kind, name, op)
     }
     fn pool_volumes(&self, pool: &str) -> Result<Vec<String>, HvError> {
@@ -524,51 +515,6 @@ impl Hypervisor for Libvirt {
     }
 }
 
-/// libvirt's schema validation through a private, empty `test:///` driver connection:
-/// the XML is defined there with `VIR_DOMAIN_DEFINE_VALIDATE` and undefined again.
-pub struct TestDriverSchema {
-    conn: Connect,
-    _node_file: tempfile::NamedTempFile,
-    /// libvirt's RNG schema compiled on the first check (`None` until then; `Some(Err)`
-    /// without the schema file, and libvirt validates instead).
-    schema: std::cell::OnceCell<Result<crate::host::schema_rng::Schema, SchemaError>>,
-}
-
-impl TestDriverSchema {
-    pub fn new() -> Result<Self, HvError> {
-        virt::error::clear_error_callback();
-        let node_file = tempfile::Builder::new()
-            .prefix("vmsync-schema-")
-            .suffix(".xml")
-            .tempfile()
-            .and_then(|mut file| {
-                std::io::Write::write_all(&mut file, b"<node/>\n")?;
-                Ok(file)
-            })
-            .map_err(|e| {
-                let message = format!("failed to write the test driver's node file: {e}");
-                HvError::new("connect to libvirt", None, "test:///", &message)
-            })?;
-        let uri = format!("test://{}", node_file.path().display());
-        let conn = Connect::open(Some(&uri))
-            .map_err(|e| HvError::new("connect to libvirt", None, &uri, e.message()))?;
-        Ok(Self {
-            conn,
-            _node_file: node_file,
-            schema: std::cell::OnceCell::new(),
-        })
-    }
-}
-
-impl TestDriverSchema {
-    /// Compiles libvirt's schema now rather than at the first check.
-    pub fn prepare(&self) {
-        let _ = self
-            .schema
-            .get_or_init(crate::host::schema_rng::domain_schema);
-    }
-}
-
 /// A libvirt connection kept across syncs (by the daemon), reopened when it died.
 pub struct Connection {
     uri: String,
@@ -600,52 +546,21 @@ impl Connection {
     }
 }
 
-impl SchemaChecker for TestDriverSchema {
-    /// libvirt's RNG schema (compiled once, see `rng`), then libvirt's own parser: the
-    /// XML is defined into the private test driver without re-validating, and undefined.
-    /// Without the schema file, libvirt validates (slower, same result).
-    fn check(&self, xml: &str) -> Result<(), SchemaError> {
-        let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
-        let flags = match self
-            .schema
-            .get_or_init(crate::host::schema_rng::domain_schema)
-        {
-            Ok(schema) => {
-                schema.validate(xml)?;
-                0
-            }
-            Err(_) => sys::VIR_DOMAIN_DEFINE_VALIDATE,
-        };
-        let domain = self
-            .conn
-            .define_domain_xml_flags(xml, flags)
-            .map_err(rejected)?;
-        domain.undefine().map_err(rejected)?;
-        Ok(())
-    }
-
-    fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
-        crate::host::observe_networks_pools::check_xml(kind, xml)
-    }
-}
-
-/// Defines the XML in the private test driver, reads its inactive XML back, undefines it.
-/// The test driver fills in libvirt's generic defaults (units, placement, on_* actions)
-/// but not the QEMU driver's (machine type, controllers, PCI addresses), which the diff
-/// normalization in `domain_xml` ignores where the source gives none.
-impl Normalizer for TestDriverSchema {
-    fn normalize(&self, xml: &str) -> Result<String, SchemaError> {
-        let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
-        let domain = self
-            .conn
-            .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
-            .map_err(rejected)?;
-        let out = domain.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE);
-        let undefined = domain.undefine();
-        let out = out.map_err(rejected)?;
-        undefined.map_err(rejected)?;
-        Ok(out)
-    }
+/// A change to a network or pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResOp {
+    Autostart(bool),
+    /// Make the pool's storage (its directory, …); nothing for a network.
+    /// `no_overwrite`: libvirt's flag that refuses to format what is there (a file
+    /// system, a volume group); a dir pool's build only makes its directory.
+    Build {
+        no_overwrite: bool,
+    },
+    Start,
+    /// Stop (libvirt's "destroy": a pool's storage and volumes stay).
+    Stop,
+    /// Undefine (a pool's storage and volumes stay).
+    Undefine,
 }
 
 #[cfg(test)]

@@ -9,3 +9,4 @@ pub mod observe_networks_pools;
 pub mod power;
 pub mod schema_cache;
 pub mod schema_rng;
+pub mod schema_test_driver;

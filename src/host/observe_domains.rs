@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::desired::desired_state::Desired;
 use crate::desired::domain_xml::{self, DomainSummary, Tag};
-use crate::desired::validate::Desired;
 use crate::host::disk::{DiskProvisioner, ImageInfo};
 use crate::host::hypervisor::{HvError, Hypervisor, Listing};
 
@@ -150,9 +150,9 @@ pub fn observe(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::desired_state::DesiredVm;
     use crate::desired::domain_xml::{definition_hash, fingerprint, render};
     use crate::desired::manifest::{OnChange, PowerState};
-    use crate::desired::validate::DesiredVm;
 
     /// Domains by name with their inactive XML; only listing and reads are asked for.
     struct Host(Vec<(Listing, String)>);

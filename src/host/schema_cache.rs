@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use crate::desired::domain_xml::DomainSummary;
 use crate::desired::resource_xml::ResourceKind;
 use crate::desired::schema_check::{SchemaChecker, SchemaError};
-use crate::host::hypervisor::TestDriverSchema;
+use crate::host::schema_test_driver::TestDriverSchema;
 use crate::util::fsio;
 
 pub const CACHE_FILE: &str = "schema-cache.json";
@@ -174,7 +174,7 @@ impl SchemaChecker for CachedSchema {
     }
 
     fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
-        crate::host::observe_networks_pools::check_xml(kind, xml)
+        crate::host::schema_test_driver::check_xml(kind, xml)
     }
 
     fn known(&self, content_id: &str) -> Option<DomainSummary> {

@@ -10,8 +10,8 @@
 //! - Otherwise it is redefined in place: same UUID, NVRAM and TPM state (a redefine keeps
 //!   them; vmsync never undefines to adopt).
 
+use crate::desired::desired_state::DesiredVm;
 use crate::desired::domain_xml::Tag;
-use crate::desired::validate::DesiredVm;
 use crate::host::observe_domains::SeenDomain;
 use crate::onboard::definition;
 use crate::reconcile::plan::Action;

@@ -27,10 +27,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::desired::desired_state::{Desired, DesiredVm};
 use crate::desired::disk_spec::DiskSpec;
 use crate::desired::domain_xml::{self, Tag};
 use crate::desired::manifest::{OnChange, PowerState};
-use crate::desired::validate::{Desired, DesiredVm};
 use crate::host::disk::check_existing;
 use crate::host::observe_domains::{Observed, SeenDomain};
 use crate::reconcile::drift::{self, Drift};

@@ -21,11 +21,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::desired::desired_state::{Desired, DesiredResource, DesiredVolume};
 use crate::desired::domain_xml::Tag;
 use crate::desired::manifest::OnChange;
-use crate::desired::network_pool_entries::{DesiredResource, DesiredVolume};
 use crate::desired::resource_xml::{self, ResourceKind};
-use crate::desired::validate::Desired;
 use crate::host::observe_domains::Observed;
 use crate::host::observe_networks_pools::ObservedResources;
 use crate::reconcile::plan::ActionKind;
@@ -563,10 +562,10 @@ fn plan_volume(v: &DesiredVolume, pools: &[ResPlan], obs: &ObservedResources) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::desired_state::DesiredResources;
     use crate::desired::disk_spec::DiskFormat;
     use crate::desired::domain_xml::fingerprint;
     use crate::desired::manifest::VolumeSpec;
-    use crate::desired::network_pool_entries::DesiredResources;
     use crate::host::hypervisor::Listing;
     use crate::host::observe_networks_pools::SeenResource;
     use crate::reconcile::policy::ChangePolicy;
