@@ -9,7 +9,7 @@ use std::time::Duration;
 use strum::IntoEnumIterator;
 
 use crate::agent::report::Report;
-use crate::reconcile::plan::ActionKind;
+use crate::reconcile::plan_types::ActionKind;
 use crate::record::{HealthResult, Record, SyncResult};
 
 /// Escapes a label value (backslash, double quote, newline).

@@ -2,7 +2,7 @@
 //! CLI prints it, the metrics count it).
 
 use crate::reconcile::outcome::Outcome;
-use crate::reconcile::plan::Plan;
+use crate::reconcile::plan_types::Plan;
 
 /// What a finished sync did.
 #[derive(Debug)]

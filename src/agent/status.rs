@@ -5,7 +5,8 @@ use serde::Serialize;
 use crate::desired::domain_xml;
 use crate::desired::resource_xml::{self, ResourceKind};
 use crate::host::hypervisor::{HvError, Hypervisor};
-use crate::reconcile::plan_networks_pools::*;
+use crate::reconcile::plan_networks_pools::recorded;
+
 use crate::record::{Record, SyncResult};
 
 /// One managed VM in the status view.
@@ -23,7 +24,7 @@ pub struct VmStatus {
     pub last_error: Option<String>,
     /// The last health check's result, the last healthy commit and a held back commit
     /// (`null` for a VM never checked: no `[vm.health]`).
-    pub health: Option<crate::reconcile::health_rules::HealthView>,
+    pub health: Option<crate::reconcile::plan_types::HealthView>,
 }
 
 /// The whole status view (`vmsync status --json` prints it).
@@ -76,7 +77,7 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
                 pending_restart: rec.pending_restart,
                 drift: Vec::new(),
                 last_error: rec.last_error.clone(),
-                health: crate::reconcile::health_rules::HealthView::of(rec),
+                health: crate::reconcile::plan_types::HealthView::of(rec),
             };
             if let Some((hv, listing)) = &listing {
                 let seen = listing.iter().find(|d| &d.name == name);

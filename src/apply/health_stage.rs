@@ -20,7 +20,7 @@ use crate::reconcile::health_rules::{
     revert_result,
 };
 use crate::reconcile::outcome::{Outcome, VmOutcome};
-use crate::reconcile::plan::{Plan, VmPlan};
+use crate::reconcile::plan_types::{Plan, VmPlan};
 use crate::record::{HealthResult, HeldBack, Record, VmRecord, store};
 use crate::util::fsio;
 

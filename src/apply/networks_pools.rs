@@ -6,7 +6,7 @@ use tracing::{error, info, warn};
 use crate::desired::resource_xml;
 use crate::host::hypervisor::{Hypervisor, ResOp};
 use crate::reconcile::outcome::{ResOutcome, ResourceOutcome};
-use crate::reconcile::plan_networks_pools::*;
+use crate::reconcile::plan_types::{ResAction, ResPlan, ResourcePlan};
 
 fn apply_one(p: &ResPlan, hv: &dyn Hypervisor, short: &str) -> ResOutcome {
     let kind = p.kind();

@@ -21,7 +21,7 @@ use crate::host::disk::DiskProvisioner;
 use crate::host::hypervisor::Hypervisor;
 use crate::host::power::{SHUTDOWN_INTERRUPTED, graceful_stop};
 use crate::reconcile::outcome::{INTERRUPTED, Outcome, PruneOutcome, VmOutcome};
-use crate::reconcile::plan::{Action, Plan, VmPlan};
+use crate::reconcile::plan_types::{Action, Plan, VmPlan};
 
 /// VMs converged at the same time.
 pub const THREADS: usize = 4;

@@ -14,7 +14,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use crate::desired::desired_state::{DesiredVm, Policy, *};
+use crate::desired::desired_state::{
+    DesiredResource, DesiredResources, DesiredVm, DesiredVolume, ExternalRef, Policy, Target,
+};
 use crate::desired::domain_xml::fingerprint;
 use crate::desired::manifest::{MANIFEST_FILE, Manifest, Problem, ResourceEntry, XmlSource};
 use crate::desired::resource_xml::{self, ResourceKind};

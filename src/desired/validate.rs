@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::desired::desired_state::*;
-use crate::desired::domain_xml::{self};
+use crate::desired::desired_state::{Desired, DesiredVm, Policy};
+use crate::desired::domain_xml;
 use crate::desired::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
 use crate::desired::schema_check::SchemaChecker;
 use crate::repo::files::RepoFiles;

@@ -4,7 +4,7 @@
 
 use crate::desired::domain_xml;
 use crate::desired::schema_check::Normalizer;
-use crate::reconcile::plan::Plan;
+use crate::reconcile::plan_types::Plan;
 
 /// A unified diff of two texts (empty when equal).
 pub fn unified(before: &str, after: &str, before_label: &str, after_label: &str) -> String {

@@ -16,12 +16,10 @@
 //!   alone while the commit's definition of it is the same (same fingerprint), until a
 //!   newer commit changes it or `--retry VM` asks for another try.
 
-use serde::Serialize;
-
 use crate::desired::health_spec::HealthSpec;
 use crate::host::power::SHUTDOWN_INTERRUPTED;
 use crate::reconcile::outcome::{INTERRUPTED, VmOutcome};
-use crate::reconcile::plan::{Action, VmPlan};
+use crate::reconcile::plan_types::{Action, VmPlan};
 use crate::record::{HealthResult, HeldBack, VmRecord};
 use crate::util::commit_id::short;
 
@@ -47,7 +45,7 @@ pub fn due(
     if !outcome.defined || !new_definition {
         return None;
     }
-    use crate::reconcile::plan::ActionKind;
+    use crate::reconcile::plan_types::ActionKind;
     if outcome
         .kinds
         .iter()
@@ -211,50 +209,11 @@ pub fn hold_back(plan: &mut VmPlan, record: Option<&VmRecord>) {
     ));
 }
 
-/// Health as `plan` and `status` show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
-pub struct HealthView {
-    /// The last check's result (`null`: never checked).
-    pub result: Option<HealthResult>,
-    pub last_healthy_commit: Option<String>,
-    /// The commit whose definition of this VM is held back (`null`: none).
-    pub held_back: Option<String>,
-}
-
-impl HealthView {
-    /// From a VM's record; `None` when there is nothing to show.
-    pub fn of(record: &VmRecord) -> Option<HealthView> {
-        let view = HealthView {
-            result: record.health,
-            last_healthy_commit: record.healthy_commit.clone(),
-            held_back: record.held_back.as_ref().map(|h| h.commit.clone()),
-        };
-        (view != HealthView::default()).then_some(view)
-    }
-
-    /// One line for people: `health: reverted; last healthy commit abc…; held back: def…`.
-    pub fn line(&self) -> String {
-        let mut parts = vec![format!(
-            "health: {}",
-            self.result
-                .map(HealthResult::as_str)
-                .unwrap_or("not checked")
-        )];
-        if let Some(c) = &self.last_healthy_commit {
-            parts.push(format!("last healthy commit {}", short(c)));
-        }
-        if let Some(c) = &self.held_back {
-            parts.push(format!("held back: commit {}", short(c)));
-        }
-        parts.join("; ")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::desired::manifest::PowerState;
-    use crate::reconcile::plan::ActionKind;
+    use crate::reconcile::plan_types::ActionKind;
 
     fn spec(revert: bool) -> HealthSpec {
         HealthSpec {

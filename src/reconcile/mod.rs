@@ -8,6 +8,7 @@ pub mod health_rules;
 pub mod outcome;
 pub mod plan;
 pub mod plan_networks_pools;
+pub mod plan_types;
 pub mod policy;
 pub mod record_update;
 pub mod render;

@@ -3,7 +3,7 @@
 //! rendering and the metrics.
 
 use crate::desired::resource_xml::ResourceKind;
-use crate::reconcile::plan::ActionKind;
+use crate::reconcile::plan_types::ActionKind;
 use crate::record::VmRecord;
 
 /// How one VM's actions went.
@@ -28,7 +28,7 @@ pub struct VmOutcome {
     /// Running after the actions (was running and not stopped, or was started).
     pub up: bool,
     /// Kinds of the actions done (see `Action::kind`).
-    pub kinds: Vec<crate::reconcile::plan::ActionKind>,
+    pub kinds: Vec<crate::reconcile::plan_types::ActionKind>,
     /// The commit's definition was defined (or redefined) on the host.
     pub defined: bool,
     /// The autostart flag was set to `autostart` on the host.

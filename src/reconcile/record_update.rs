@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use crate::desired::resource_xml::ResourceKind;
 use crate::reconcile::outcome::{Outcome, ResourceOutcome};
-use crate::reconcile::plan_networks_pools::*;
+use crate::reconcile::plan_networks_pools::recorded;
+use crate::reconcile::plan_types::ResourcePlan;
 use crate::record::{Record, ResourceRecord, SyncResult};
 
 /// Records what applying `commit` did. `left_in_place`: managed domains the plan

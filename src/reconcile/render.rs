@@ -8,8 +8,7 @@ use serde::Serialize;
 
 use crate::desired::resource_xml::ResourceKind;
 use crate::reconcile::outcome::{Outcome, ResourceOutcome};
-use crate::reconcile::plan::{Action, ActionKind, Plan};
-use crate::reconcile::plan_networks_pools::*;
+use crate::reconcile::plan_types::{Action, ActionKind, Plan, ResPlan, ResourcePlan};
 
 /// Renders a plan for people (`vmsync plan`).
 pub fn render(plan: &Plan) -> String {
@@ -125,7 +124,7 @@ pub struct VmJson<'a> {
     pub error: Option<&'a str>,
     pub warnings: &'a [String],
     /// `[vm.health]`: last result, last healthy commit, held back commit.
-    pub health: Option<&'a crate::reconcile::health_rules::HealthView>,
+    pub health: Option<&'a crate::reconcile::plan_types::HealthView>,
 }
 
 #[derive(Debug, Serialize)]

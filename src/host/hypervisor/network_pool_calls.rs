@@ -9,8 +9,7 @@ use virt::storage_vol::StorageVol;
 use virt::sys;
 
 use crate::desired::resource_xml::ResourceKind;
-use crate::host::hypervisor::*;
-use crate::host::hypervisor::{HvError, Hypervisor, Libvirt, Listing};
+use crate::host::hypervisor::{HvError, Libvirt, Listing, ResOp};
 
 /// Network and pool handles by name from the last listing, so that reading a listed
 /// one's XML costs one call, not a lookup and a read.
