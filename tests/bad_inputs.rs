@@ -12,6 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{Env, vmsync};
+
 use vmsync::record::SyncResult;
 
 /// The disk root every corpus manifest uses; it must never be created.

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{Env, Manifest, Run};
+
 use vmsync::record::SyncResult;
-use vmsync::record::store;
 
 /// The one VM of these tests.
 const VM: &str = "vm";
@@ -210,7 +210,7 @@ fn a_full_disk_root_fails_the_vm_leaves_no_partial_image_and_recovers() {
 #[cfg(feature = "failpoints")]
 mod crashes {
     use super::*;
-    use vmsync::record;
+    use vmsync::record::{self, store};
 
     fn crash_at(env: &Env, point: &str) {
         let out = env

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Env, Manifest, Vm};
+
 use vmsync::record;
 
 const LIBVIRT_SOCK: &str = "/run/libvirt/libvirt-sock";

@@ -6,6 +6,7 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use common::{Env, Manifest, Vm, bios_xml, hand_made_xml, listing, sha256_file, vmsync};
+
 use vmsync::agent::sync::{self, SyncError};
 use vmsync::host::hypervisor::{Hypervisor, Libvirt};
 use vmsync::record;

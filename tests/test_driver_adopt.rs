@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{Env, Manifest, Vm, bios_xml, listing, sha256_file, vmsync};
+
 use vmsync::agent::sync::{self, SyncError};
 use vmsync::desired::domain_xml;
 use vmsync::host::hypervisor::{Hypervisor, Libvirt};

@@ -6,10 +6,10 @@
 mod common;
 
 use common::{Env, Manifest, TEST_URI, Vm, done, listing, sync_head};
+
 use vmsync::agent::sync::SyncError;
 use vmsync::host::hypervisor::{Hypervisor, Libvirt};
-use vmsync::record::store;
-use vmsync::record::{self, Record};
+use vmsync::record::{Record, store};
 
 const UUID: &str = "0f7e1b9c-4a44-4a8e-9b0e-2b1f4a3c5d6e";
 

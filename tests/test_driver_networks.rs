@@ -7,10 +7,10 @@
 mod common;
 
 use common::{Env, TEST_URI, sync_head};
+
 use vmsync::agent::sync::SyncError;
 use vmsync::desired::resource_xml::ResourceKind;
-use vmsync::host::hypervisor::ResOp;
-use vmsync::host::hypervisor::{Hypervisor, Libvirt, Listing};
+use vmsync::host::hypervisor::{Hypervisor, Libvirt, Listing, ResOp};
 use vmsync::record::Record;
 
 fn resource(hv: &dyn Hypervisor, kind: ResourceKind, name: &str) -> Option<Listing> {

@@ -8,6 +8,7 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use common::{Env, Manifest, SigningKey};
+
 use vmsync::agent::sync::{self, Connection, Options, SyncError};
 use vmsync::record::SyncResult;
 use vmsync::repo::trust::TrustError;

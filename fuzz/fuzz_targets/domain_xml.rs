@@ -4,6 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+
 use vmsync::desired::domain_xml::{Tag, fingerprint, render, summarize};
 
 fuzz_target!(|data: &[u8]| {

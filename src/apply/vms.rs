@@ -257,7 +257,11 @@ mod tests {
     use super::*;
     use crate::desired::manifest::PowerState;
     use crate::host::hypervisor::{HvError, Listing};
+    use crate::host::power::{StopError, Stopped};
+    use crate::record::VmRecord;
     use std::sync::Mutex;
+    use std::time::Duration;
+    use std::time::Instant;
 
     /// A running guest that ignores ACPI shutdown requests (as a guest without an OS
     /// does); records the calls that change it.
@@ -329,7 +333,8 @@ mod tests {
         cancel_after(&CANCEL, Duration::from_millis(300));
         let started = Instant::now();
         let result = graceful_stop(&hv, "web", Duration::from_secs(120), &CANCEL);
-        assert_eq!(result, Err(SHUTDOWN_INTERRUPTED.to_string()));
+        assert_eq!(result, Err(StopError::Interrupted));
+        assert_eq!(StopError::Interrupted.to_string(), SHUTDOWN_INTERRUPTED);
         // One poll interval after the request, not the 120 s timeout.
         assert!(
             started.elapsed() < Duration::from_secs(2),
@@ -346,7 +351,14 @@ mod tests {
             Duration::from_millis(50),
             &AtomicBool::new(false),
         );
-        assert!(result.unwrap().ends_with("destroyed"));
+        let stopped = result.unwrap();
+        assert_eq!(
+            stopped,
+            Stopped::Destroyed {
+                after: Duration::from_millis(50)
+            }
+        );
+        assert!(stopped.to_string().ends_with("destroyed"), "{stopped}");
         assert_eq!(hv.calls(), ["shutdown", "destroy"]);
     }
 

@@ -368,6 +368,16 @@ mod tests {
     /// Accepts every domain; networks and pools go through libvirt's real check.
     struct Schema;
     impl SchemaChecker for Schema {
+        /// libvirt's own check, in a private test-driver connection (as the host's
+        /// checkers do).
+        fn check_resource(
+            &self,
+            kind: crate::desired::resource_xml::ResourceKind,
+            xml: &str,
+        ) -> Result<(), SchemaError> {
+            crate::host::schema_test_driver::check_xml(kind, xml)
+        }
+
         fn check(&self, _xml: &str) -> Result<(), SchemaError> {
             Ok(())
         }

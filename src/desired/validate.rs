@@ -271,6 +271,16 @@ mod tests {
     /// Rejects XML containing "<bogus", as libvirt's schema would.
     struct Schema;
     impl SchemaChecker for Schema {
+        /// libvirt's own check, in a private test-driver connection (as the host's
+        /// checkers do).
+        fn check_resource(
+            &self,
+            kind: crate::desired::resource_xml::ResourceKind,
+            xml: &str,
+        ) -> Result<(), SchemaError> {
+            crate::host::schema_test_driver::check_xml(kind, xml)
+        }
+
         fn check(&self, xml: &str) -> Result<(), SchemaError> {
             if xml.contains("<bogus") {
                 Err(SchemaError::Rejected(
@@ -462,6 +472,7 @@ hosts = ["hv2"]
 #[cfg(test)]
 mod cache_tests {
     use super::*;
+    use crate::desired::domain_xml::DomainSummary;
     use crate::desired::schema_check::SchemaError;
     use crate::repo::files::FileError;
     use std::cell::{Cell, RefCell};
@@ -493,6 +504,16 @@ mod cache_tests {
     }
 
     impl SchemaChecker for Remembering {
+        /// libvirt's own check, in a private test-driver connection (as the host's
+        /// checkers do).
+        fn check_resource(
+            &self,
+            kind: crate::desired::resource_xml::ResourceKind,
+            xml: &str,
+        ) -> Result<(), SchemaError> {
+            crate::host::schema_test_driver::check_xml(kind, xml)
+        }
+
         fn check(&self, _xml: &str) -> Result<(), SchemaError> {
             self.checks.set(self.checks.get() + 1);
             Ok(())

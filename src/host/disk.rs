@@ -446,6 +446,7 @@ pub fn check_existing(spec: &DiskSpec, info: &ImageInfo) -> Result<Option<String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::values::parse_size;
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::PermissionsExt;
 

@@ -212,8 +212,13 @@ pub fn hold_back(plan: &mut VmPlan, record: Option<&VmRecord>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::health_spec::DEFAULT_SETTLE;
+    use crate::desired::health_spec::DEFAULT_TIMEOUT;
+    use crate::desired::health_spec::RawHealth;
     use crate::desired::manifest::PowerState;
     use crate::reconcile::plan_types::ActionKind;
+    use crate::reconcile::plan_types::HealthView;
+    use std::time::Duration;
 
     fn spec(revert: bool) -> HealthSpec {
         HealthSpec {

@@ -389,11 +389,16 @@ fn fail(mut out: VmPlan, error: String) -> VmPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::disk_spec::DiskFormat;
+    use crate::desired::disk_spec::DiskSpec;
     use crate::desired::domain_xml::fingerprint;
-    use crate::host::disk::{DiskFormat, ImageInfo};
+    use crate::host::disk::ImageInfo;
     use crate::host::hypervisor::Listing;
     use crate::host::observe_domains::SeenDomain;
+    use crate::reconcile::plan_types::ActionKind;
     use crate::record::VmRecord;
+    use std::path::PathBuf;
+    use std::time::Duration;
 
     const UUID: &str = "6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b";
     const OTHER_UUID: &str = "11111111-2222-3333-4444-555555555555";

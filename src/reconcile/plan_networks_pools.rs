@@ -412,7 +412,10 @@ mod tests {
     use crate::desired::manifest::VolumeSpec;
     use crate::host::hypervisor::Listing;
     use crate::host::observe_networks_pools::SeenResource;
+    use crate::reconcile::outcome::ResOutcome;
+    use crate::reconcile::outcome::ResourceOutcome;
     use crate::reconcile::policy::ChangePolicy;
+    use crate::reconcile::render::{annotate_resources, resources_text};
 
     const UUID: &str = "6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b";
 
@@ -882,17 +885,17 @@ mod tests {
             networks: vec![p.clone()],
             ..Default::default()
         };
-        annotate(&mut plan);
+        annotate_resources(&mut plan);
         let diff = plan.networks[0].diff.as_deref().unwrap();
         assert!(diff.contains("lab.example"), "{diff}");
-        assert!(render_text(&plan).contains("network lab: redefine in place"));
-        assert!(render_text(&plan).contains("pending restart"));
+        assert!(resources_text(&plan).contains("network lab: redefine in place"));
+        assert!(resources_text(&plan).contains("pending restart"));
         p.source_xml.clear();
         let mut unchanged = ResourcePlan {
             networks: vec![p],
             ..Default::default()
         };
-        annotate(&mut unchanged);
+        annotate_resources(&mut unchanged);
         assert_eq!(unchanged.networks[0].diff, None);
     }
 
@@ -1109,6 +1112,6 @@ mod tests {
     }
 
     fn record_one(record: &mut Record, plan: &ResourcePlan, outcome: &ResourceOutcome) {
-        super::record(record, "c", plan, outcome);
+        crate::reconcile::record_update::record_resources(record, "c", plan, outcome);
     }
 }

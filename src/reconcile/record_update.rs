@@ -155,6 +155,7 @@ pub fn record_resources(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::VmRecord;
 
     fn vm_outcome(name: &str, error: Option<&str>) -> crate::reconcile::outcome::VmOutcome {
         crate::reconcile::outcome::VmOutcome {

@@ -45,6 +45,8 @@ pub fn save(state_dir: &Path, record: &Record) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::SyncResult;
+    use crate::record::VmRecord;
 
     #[test]
     fn record_round_trips_and_missing_is_empty() {

@@ -13,10 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::AtomicBool;
 
-use vmsync::agent::sync::{self, Report, SyncError};
+use vmsync::agent::report::Report;
+use vmsync::agent::sync::{self, SyncError};
 use vmsync::config::Settings;
-use vmsync::desired::validate::{Desired, Policy};
-use vmsync::host::hypervisor::{Hypervisor, Listing, TestDriverSchema};
+use vmsync::desired::desired_state::{Desired, Policy};
+use vmsync::host::hypervisor::{Hypervisor, Listing};
+use vmsync::host::schema_test_driver::TestDriverSchema;
 use vmsync::record;
 use vmsync::record::store;
 
