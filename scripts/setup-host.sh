@@ -47,7 +47,7 @@ LIBVIRT_URI=qemu:///system
 
 # Build: a C toolchain (cc links every Rust binary; c++ builds libfuzzer for
 # scripts/fuzz.sh), pkg-config and the headers of what vmsync links: libvirt,
-# libxml2 (src/rng.rs), OpenSSL and zlib (git2).
+# libxml2 (src/host/schema_rng.rs), OpenSSL and zlib (git2).
 BUILD_PKGS=(gcc g++ libc6-dev pkg-config libvirt-dev libxml2-dev libssl-dev zlib1g-dev
   git ca-certificates curl)
 # Tools the tests and scripts run: nix-instantiate (nix-bin) parses the NixOS

@@ -27,11 +27,11 @@ use crate::repo::source;
 use crate::repo::trust::{self, Floor};
 use crate::util::{clock, fsio};
 
-/// Maps an anyhow error from locking to `Locked` when it is one.
+/// Takes the state directory's lock: held by another vmsync is `Locked` (exit 75).
 fn lock(settings: &Settings) -> Result<fsio::Lock, SyncError> {
-    fsio::lock(&settings.state_dir).map_err(|e| match e.downcast::<fsio::LockHeld>() {
-        Ok(held) => SyncError::Locked(held),
-        Err(e) => SyncError::Other(e),
+    fsio::lock(&settings.state_dir).map_err(|e| match e {
+        fsio::LockError::Held(held) => SyncError::Locked(held),
+        io => SyncError::Other(io.into()),
     })
 }
 

@@ -1,8 +1,8 @@
 //! The health stage of a sync, after `apply`: checks the VMs that this sync started with
 //! a new definition (in parallel, bounded), keeps each healthy definition as the VM's
 //! last healthy one (`healthy/NAME.xml` in the state directory), reverts the unhealthy
-//! ones, and records the results. The rules are in `reconcile::health`, the waiting and
-//! the revert in `host::health`.
+//! ones, and records the results. The rules are in `reconcile::health_rules`, the waiting and
+//! the revert in `host::health_probe`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -74,7 +74,7 @@ pub fn restore(record: &mut Record, forgotten: Vec<(String, HeldBack)>) {
     }
 }
 
-/// Runs the checks due after `outcome` (see `reconcile::health::due`) and the reverts
+/// Runs the checks due after `outcome` (see `reconcile::health_rules::due`) and the reverts
 /// that follow. A VM that ends unhealthy gets the error in `outcome` (the sync fails);
 /// `record` is the record before this sync.
 pub fn run(

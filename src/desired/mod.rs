@@ -1,6 +1,7 @@
-//! What a commit asks for: the manifest, the domain XML, the host policy, and the
-//! validation of the whole commit. Pure: no I/O except through the `RepoFiles` and
-//! `SchemaChecker` it is handed.
+//! Layer 1, what a commit asks for: the manifest and its values, disk and health specs,
+//! the domain, network and pool XML, the host policy, and the validation of the whole
+//! commit into a `Desired`. Pure: no I/O except through the `RepoFiles` and
+//! `SchemaChecker` ports it is handed.
 
 pub mod desired_state;
 pub mod disk_spec;

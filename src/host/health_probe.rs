@@ -2,7 +2,7 @@
 //! that a domain stays running for `settle`, pinging the QEMU guest agent, running the
 //! check command with the VM's name, UUID and addresses in its environment, and putting
 //! a last healthy definition back in place. What to check and what follows is decided in
-//! `reconcile::health`.
+//! `reconcile::health_rules` (the stage that runs the checks is `apply::health_stage`).
 //!
 //! The whole check runs within `timeout`, counted from the start of the check: first
 //! `settle` (the domain is polled; any state but running or blocked fails it at once),

@@ -102,7 +102,7 @@ pub trait Hypervisor: Sync {
         ))
     }
 
-    // Networks, storage pools and volumes (see `host::resources`). The defaults refuse:
+    // Networks, storage pools and volumes (see `host::hypervisor::network_pool_calls`). The defaults refuse:
     // a hypervisor that does not implement them is only asked when a commit or the
     // record names a network, pool or volume.
 
@@ -210,7 +210,7 @@ pub struct Libvirt {
     handles: Mutex<HashMap<String, Domain>>,
     /// libvirt API calls that go to the daemon (RPCs), for the benchmark and logs.
     calls: AtomicU64,
-    /// Network and pool handles from the last listing (see `host::resources`).
+    /// Network and pool handles from the last listing (see `network_pool_calls`).
     pub(crate) resource_handles: network_pool_calls::Handles,
 }
 
@@ -246,7 +246,7 @@ impl Libvirt {
         self.conn.is_alive().unwrap_or(false)
     }
 
-    /// The connection (for the network and pool calls in `host::resources`).
+    /// The connection (for the network and pool calls in `network_pool_calls`).
     pub(crate) fn connection(&self) -> &Connect {
         &self.conn
     }
@@ -256,7 +256,7 @@ impl Libvirt {
         &self.uri
     }
 
-    /// [`Self::call`] for the network and pool calls in `host::resources`.
+    /// [`Self::call`] for the network and pool calls in `network_pool_calls`.
     pub(crate) fn counted<T>(
         &self,
         operation: &'static str,

@@ -1,5 +1,6 @@
-//! The host: the libvirt seam (`Hypervisor`), disk images (`DiskProvisioner`), libvirt's
-//! schema and its cache, and the read-only observation of what the host has now.
+//! Layer 3, the host's seams: libvirt (`Hypervisor`, `Libvirt`), disk images
+//! (`DiskProvisioner`), libvirt's schema checks and their cache, the read-only
+//! observation of what the host has now, powering a domain off, and the health probes.
 
 pub mod disk;
 pub mod health_probe;

@@ -36,7 +36,7 @@ pub struct Observed {
     pub disks: BTreeMap<PathBuf, Result<Option<ImageInfo>, String>>,
     /// Per directory: whether it exists.
     pub directories: BTreeMap<PathBuf, bool>,
-    /// Networks, pools and volumes (filled in by `host::resources::observe`).
+    /// Networks, pools and volumes (filled in by `host::observe_networks_pools::observe`).
     pub resources: crate::host::observe_networks_pools::ObservedResources,
 }
 

@@ -130,7 +130,7 @@ impl TestDriverSchema {
 }
 
 impl SchemaChecker for TestDriverSchema {
-    /// libvirt's RNG schema (compiled once, see `rng`), then libvirt's own parser: the
+    /// libvirt's RNG schema (compiled once, see `schema_rng`), then libvirt's own parser: the
     /// XML is defined into the private test driver without re-validating, and undefined.
     /// Without the schema file, libvirt validates (slower, same result).
     fn check(&self, xml: &str) -> Result<(), SchemaError> {

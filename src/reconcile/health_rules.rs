@@ -1,8 +1,8 @@
-//! Health and revert, the pure part: the `[vm.health]` table of the manifest, when a VM
-//! is due for a check, what follows a check (keep, revert, report), the hold-back of a
-//! reverted commit, and how each result is recorded. No I/O; table-tested. The waiting,
-//! the command and the revert itself are in `host::health`; the stage that runs them
-//! after `apply` is `agent::health`.
+//! Health and revert, the pure part: when a VM is due for a check, what follows a check
+//! (keep, revert, report), the hold-back of a reverted commit, and how each result is
+//! recorded. No I/O; table-tested. The `[vm.health]` table itself is
+//! `desired::health_spec`; the waiting, the command and the revert are in
+//! `host::health_probe`; the stage that runs them after `apply` is `apply::health_stage`.
 //!
 //! Rules (docs/health.md):
 //! - a VM is checked when this sync (re)defined it with a new definition (its

@@ -70,7 +70,7 @@ pub enum Action {
 pub enum ActionKind {
     /// A `[[directory]]` created (not an [`Action`]: directories come before the VMs).
     CreateDirectory,
-    // Pools, volumes and networks (`reconcile::resources`), before the domains.
+    // Pools, volumes and networks (`reconcile::plan_networks_pools`), before the domains.
     DefinePool,
     RedefinePool,
     BuildPool,

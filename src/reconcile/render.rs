@@ -97,7 +97,7 @@ pub struct PlanJson<'a> {
     pub refused: Option<&'a str>,
     pub foreign_tagged: usize,
     pub noop: bool,
-    /// Networks, pools and volumes (see `reconcile::resources::to_json`).
+    /// Networks, pools and volumes (see `resources_json`).
     pub resources: serde_json::Value,
 }
 

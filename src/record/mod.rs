@@ -1,6 +1,6 @@
-//! What vmsync remembers between runs: the record of the last applied and last attempted
-//! commit with per-VM, network and pool results (`state.json`; [`store`] reads and writes
-//! it).
+//! Layer 2, what vmsync remembers between runs: the record of the last applied and last
+//! attempted commit with per-VM, network and pool results (`state.json`; [`store`] reads
+//! and writes it; `reconcile::record_update` decides what goes in).
 
 pub mod store;
 

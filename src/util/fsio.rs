@@ -89,27 +89,52 @@ impl Drop for Lock {
 }
 
 /// Creates the state directory if needed and takes its lock without waiting.
-pub fn lock(state_dir: &Path) -> anyhow::Result<Lock> {
-    std::fs::create_dir_all(state_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "failed to create state directory '{}': {e}",
-            state_dir.display()
-        )
+pub fn lock(state_dir: &Path) -> Result<Lock, LockError> {
+    std::fs::create_dir_all(state_dir).map_err(|e| LockError::Io {
+        action: "create state directory",
+        path: state_dir.to_path_buf(),
+        source: e,
     })?;
     let path = state_dir.join(LOCK_FILE);
-    let file = File::options()
+    let file = match File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| anyhow::anyhow!("failed to open lock '{}': {e}", path.display()))?;
+    {
+        Ok(file) => file,
+        Err(e) => {
+            return Err(LockError::Io {
+                action: "open lock",
+                path,
+                source: e,
+            });
+        }
+    };
     match file.try_lock() {
         Ok(()) => Ok(Lock { file }),
-        Err(std::fs::TryLockError::WouldBlock) => Err(LockHeld(path).into()),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(anyhow::anyhow!("failed to lock '{}': {e}", path.display()))
-        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Held(LockHeld(path))),
+        Err(std::fs::TryLockError::Error(e)) => Err(LockError::Io {
+            action: "lock",
+            path,
+            source: e,
+        }),
     }
+}
+
+/// Why the state directory's lock was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another vmsync holds it.
+    #[error(transparent)]
+    Held(LockHeld),
+    /// The directory or the lock file could not be made, opened or locked.
+    #[error("failed to {action} '{}': {source}", .path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[cfg(test)]
@@ -121,7 +146,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = lock(dir.path()).unwrap();
         let err = lock(dir.path()).unwrap_err();
-        assert!(err.downcast_ref::<LockHeld>().is_some(), "{err}");
+        assert!(matches!(err, LockError::Held(_)), "{err}");
         drop(first);
         // A child that another test thread forked while the lock was open holds a copy
         // of it until that child executes its program (close-on-exec): wait that out.
