@@ -135,7 +135,7 @@ pub fn domain_path(raw: &str, roots: &[PathBuf], vm: &str, usage: Use) -> Result
         }
         let own = own_patterns(vm, usage);
         return Err(format!(
-            "host path '{}' is in libvirt's shared directory '{area}/' and is not one of vm '{}''s own files there{}; libvirt keeps other VMs' NVRAM, sockets and logs there",
+            "host path '{}' is in libvirt's shared directory '{area}/' but is not a file of vm '{}'{}; libvirt keeps other VMs' NVRAM, sockets and logs there",
             path.display(),
             escape(vm),
             if own.is_empty() {
@@ -251,34 +251,29 @@ const METADATA_NAMES: &[&str] = &[
     "instance-data.ec2.internal",
 ];
 
-/// Why `host` (a name or address a disk or pool connects to) is a link-local or cloud
-/// metadata address, if it is one.
-pub fn link_local(host: &str) -> Option<String> {
+/// What `host` (a name or address a disk or pool connects to) is when it is a
+/// link-local or cloud metadata address: `a link-local address, …`.
+pub fn link_local(host: &str) -> Option<&'static str> {
     let h = host.trim().trim_start_matches('[').trim_end_matches(']');
     let lower = h.to_ascii_lowercase();
     if METADATA_NAMES.contains(&lower.trim_end_matches('.')) {
-        return Some(format!(
-            "'{}' is a cloud metadata service's name",
-            escape(h)
-        ));
+        return Some("a cloud metadata service's name");
     }
     match h.parse::<IpAddr>().ok()? {
-        IpAddr::V4(a) if a.is_link_local() => Some(format!(
-            "{a} is a link-local address (cloud metadata services live there)"
-        )),
+        IpAddr::V4(a) if a.is_link_local() => {
+            Some("a link-local address, where cloud metadata services live")
+        }
         IpAddr::V4(a) if a.octets() == [100, 100, 100, 200] => {
-            Some(format!("{a} is a cloud metadata service's address"))
+            Some("a cloud metadata service's address")
         }
-        IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80 => {
-            Some(format!("{a} is a link-local address"))
-        }
+        IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80 => Some("a link-local address"),
         IpAddr::V6(a) if a.segments() == [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254] => {
-            Some(format!("{a} is a cloud metadata service's address"))
+            Some("a cloud metadata service's address")
         }
         IpAddr::V6(a) => a
             .to_ipv4_mapped()
             .filter(|v4| v4.is_link_local())
-            .map(|v4| format!("{v4} is a link-local address")),
+            .map(|_| "a link-local address"),
         _ => None,
     }
 }
@@ -395,7 +390,10 @@ impl Resource<'_> {
             self.push(
                 node,
                 field,
-                format!("{why}; set [policy] allow_link_local_hosts = true to allow it"),
+                format!(
+                    "a connection to '{}' ({why}) is refused by this host's policy (set [policy] allow_link_local_hosts = true to allow it)",
+                    escape(name)
+                ),
             );
         }
     }
@@ -550,7 +548,8 @@ pub fn check_pool(xml: &str, policy: &HostPolicy, disk_roots: &[PathBuf]) -> Vec
     let target = child(root, "target")
         .and_then(|t| child(t, "path"))
         .map(|p| (p, p.text().unwrap_or("").trim().to_string()));
-    if let Some(implied) = implied_target(kind, name, source_name) {
+    let bad_source_name = c.out.iter().any(|v| v.field == "source/name");
+    if let Some(implied) = implied_target(kind, name, source_name).filter(|_| !bad_source_name) {
         // libvirt uses this whatever <target> says: it is a device path.
         if let Err(e) = device_path(&implied, &[]) {
             c.push(root, "target/path", format!("the target libvirt uses, {e}"));

@@ -188,7 +188,7 @@ impl Checker<'_> {
             self.refuse(
                 node,
                 field,
-                &format!("a connection to {why}"),
+                &format!("a connection to '{}' ({why})", escape(host)),
                 "allow_link_local_hosts",
             );
         }
@@ -843,6 +843,249 @@ mod tests {
             assert_eq!(got[0].0, *field, "{body}");
             assert!(got[0].1.contains(hint), "{body}: {}", got[0].1);
         }
+    }
+
+    #[test]
+    fn every_surface_of_the_survey_is_checked() {
+        // (body, field, what the message names) — each one refused by default.
+        let cases: &[(&str, &str, &str)] = &[
+            // defect 5: a serial file onto another VM's NVRAM, a socket onto its monitor.
+            (
+                "<devices><serial type='file'><source path='/var/lib/libvirt/qemu/nvram/other_VARS.fd'/></serial></devices>",
+                "devices/serial/source",
+                "shared directory",
+            ),
+            (
+                "<devices><channel type='unix'><source mode='connect' path='/var/lib/libvirt/qemu/domain-1-other/monitor.sock'/></channel></devices>",
+                "devices/channel/source",
+                "shared directory",
+            ),
+            (
+                "<devices><serial type='file'><source path='/var/log/libvirt/qemu/other.log'/></serial></devices>",
+                "devices/serial/source",
+                "shared directory",
+            ),
+            (
+                "<os><nvram>/var/lib/libvirt/qemu/nvram/other_VARS.fd</nvram></os>",
+                "os/nvram",
+                "shared directory",
+            ),
+            (
+                "<os><nvram type='file'><source file='/etc/shadow'/></nvram></os>",
+                "os/nvram/source",
+                "allowed_paths",
+            ),
+            // defect 10: control characters in a path.
+            (
+                "<devices><disk type='file'><source file='/srv/images/a&#10;INFO forged'/></disk></devices>",
+                "devices/disk/source",
+                "control",
+            ),
+            (
+                "<os><acpi><table type='slic'>/etc/shadow</table></acpi></os>",
+                "os/acpi/table",
+                "allowed_paths",
+            ),
+            (
+                "<sysinfo type='fwcfg'><entry name='opt/x' file='/etc/shadow'/></sysinfo>",
+                "sysinfo/entry",
+                "allowed_paths",
+            ),
+            (
+                "<bootloader>/usr/bin/pygrub</bootloader>",
+                "bootloader",
+                "allow_qemu_commandline",
+            ),
+            (
+                "<resource><partition>/machine/../../x</partition></resource>",
+                "resource/partition",
+                "'..'",
+            ),
+            (
+                "<seclabel type='static' model='apparmor'><label>unconfined</label></seclabel>",
+                "seclabel",
+                "allow_unconfined",
+            ),
+            (
+                "<devices><disk type='network'><source protocol='http' name='latest/meta-data'><host name='169.254.169.254' port='80'/></source></disk></devices>",
+                "devices/disk/source/host",
+                "allow_link_local_hosts",
+            ),
+            (
+                "<devices><disk type='network'><source protocol='rbd' name='p/i'><host name='ceph'/><config file='/etc/shadow'/></source></disk></devices>",
+                "devices/disk/source/config",
+                "allowed_paths",
+            ),
+            (
+                "<devices><disk type='network'><source protocol='ssh' name='x'><host name='h'/><identity username='u' keyfile='/root/.ssh/id_ed25519'/><knownHosts path='/root/.ssh/known_hosts'/></source></disk></devices>",
+                "devices/disk/source/identity",
+                "allowed_paths",
+            ),
+            (
+                "<devices><disk type='network'><source protocol='nbd'><host transport='unix' socket='/run/libvirt/libvirt-sock'/></source></disk></devices>",
+                "devices/disk/source/host",
+                "shared directory",
+            ),
+            (
+                "<devices><disk type='vhostuser'><source type='unix' path='/tmp/vhost.sock'/></disk></devices>",
+                "devices/disk/source",
+                "allowed_paths",
+            ),
+            (
+                "<devices><disk type='file'><source file='/srv/images/a.qcow2'><reservations managed='no'><source type='unix' path='/tmp/pr.sock' mode='client'/></reservations></source></disk></devices>",
+                "devices/disk/source/source",
+                "allowed_paths",
+            ),
+            (
+                "<devices><disk type='file'><source file='/srv/images/a.qcow2'><dataStore type='file'><source file='/etc/shadow'/></dataStore></source></disk></devices>",
+                "devices/disk/source/source",
+                "allowed_paths",
+            ),
+            (
+                "<devices><filesystem type='mount'><driver type='virtiofs'/><binary path='/tmp/evil'/><source dir='/srv/images/share'/><target dir='s'/></filesystem></devices>",
+                "devices/filesystem/binary",
+                "allow_qemu_commandline",
+            ),
+            (
+                "<devices><filesystem type='mount'><driver type='virtiofs'/><source socket='/tmp/fs.sock'/><target dir='s'/></filesystem></devices>",
+                "devices/filesystem/source",
+                "allowed_paths",
+            ),
+            (
+                "<devices><interface type='user'><backend type='passt' logFile='/etc/cron.d/x'/></interface></devices>",
+                "devices/interface/backend",
+                "allowed_paths",
+            ),
+            (
+                "<devices><interface type='user'><backend type='passt'/><portForward proto='tcp'><range start='22'/></portForward></interface></devices>",
+                "devices/interface/portForward",
+                "allow_open_listeners",
+            ),
+            (
+                "<devices><interface type='network'><source network='default'/><backend tap='/dev/sda'/></interface></devices>",
+                "devices/interface/backend",
+                "allow_hostdev",
+            ),
+            (
+                "<devices><interface type='network'><source network='default'/><rom file='/etc/shadow'/></interface></devices>",
+                "devices/interface/rom",
+                "allowed_paths",
+            ),
+            (
+                "<devices><interface type='vhostuser'><source type='unix' path='/tmp/vu.sock' mode='client'/></interface></devices>",
+                "devices/interface/source",
+                "allowed_paths",
+            ),
+            (
+                "<devices><interface type='vdpa'><source dev='/dev/vhost-vdpa-0'/></interface></devices>",
+                "devices/interface",
+                "allow_hostdev",
+            ),
+            (
+                "<devices><interface type='server'><source address='0.0.0.0' port='5558'/></interface></devices>",
+                "devices/interface/source",
+                "allow_open_listeners",
+            ),
+            (
+                "<devices><interface type='ethernet'><target dev='vnet0' managed='no'/></interface></devices>",
+                "devices/interface/target",
+                "allow_hostdev",
+            ),
+            // the risks: an open console, an open serial port.
+            (
+                "<devices><graphics type='vnc' port='-1' autoport='yes' listen='0.0.0.0'/></devices>",
+                "devices/graphics",
+                "allow_open_listeners",
+            ),
+            (
+                "<devices><graphics type='spice' autoport='yes'><listen type='address' address='::'/></graphics></devices>",
+                "devices/graphics",
+                "allow_open_listeners",
+            ),
+            (
+                "<devices><graphics type='egl-headless'><gl rendernode='/dev/sda'/></graphics></devices>",
+                "devices/graphics/gl",
+                "allow_hostdev",
+            ),
+            (
+                "<devices><serial type='tcp'><source mode='bind' host='0.0.0.0' service='2445'/><protocol type='telnet'/></serial></devices>",
+                "devices/serial/source",
+                "allow_open_listeners",
+            ),
+            (
+                "<devices><serial type='tcp'><source mode='bind' service='2445'/></serial></devices>",
+                "devices/serial/source",
+                "allow_open_listeners",
+            ),
+            (
+                "<devices><smartcard mode='host-certificates'><certificate>a</certificate><database>/etc/pki/nssdb</database></smartcard></devices>",
+                "devices/smartcard/database",
+                "allowed_paths",
+            ),
+            (
+                "<devices><smartcard mode='passthrough' type='unix'><source mode='connect' path='/run/libvirt/virtlogd-sock'/></smartcard></devices>",
+                "devices/smartcard/source",
+                "shared directory",
+            ),
+            (
+                "<devices><redirdev bus='usb' type='tcp'><source mode='connect' host='169.254.169.254' service='80'/></redirdev></devices>",
+                "devices/redirdev/source",
+                "allow_link_local_hosts",
+            ),
+            (
+                "<devices><rng model='virtio'><backend model='egd' type='file'><source path='/etc/shadow'/></backend></rng></devices>",
+                "devices/rng/backend/source",
+                "allowed_paths",
+            ),
+            (
+                "<devices><shmem name='s'><server path='/tmp/ivshmem.sock'/></shmem></devices>",
+                "devices/shmem/server",
+                "allowed_paths",
+            ),
+            (
+                "<devices><memory model='nvdimm'><source><path>/etc/shadow</path></source><target><size unit='KiB'>1</size></target></memory></devices>",
+                "devices/memory/source/path",
+                "allowed_paths",
+            ),
+            (
+                "<devices><audio id='1' type='file' path='/etc/cron.d/x'/></devices>",
+                "devices/audio",
+                "allowed_paths",
+            ),
+            (
+                "<devices><audio id='1' type='oss'><input dev='/dev/dsp0'/></audio></devices>",
+                "devices/audio",
+                "allow_hostdev",
+            ),
+            (
+                "<devices><emulator>/usr/bin/qemu-system-x86_64/../../../tmp/evil</emulator></devices>",
+                "devices/emulator",
+                "allow_qemu_commandline",
+            ),
+        ];
+        for (body, field, hint) in cases {
+            let got = run(body, &HostPolicy::default());
+            assert!(
+                got.iter().any(|(f, m)| f == field && m.contains(hint)),
+                "{body}: {got:?}"
+            );
+            assert!(
+                got.iter().all(|(_, m)| !m.chars().any(char::is_control)),
+                "{got:?}"
+            );
+        }
+        // What stays allowed: the VM's own files, loopback listeners, a password.
+        let fine = "<os><nvram>/var/lib/libvirt/qemu/nvram/x_VARS.fd</nvram></os><devices>
+<serial type='file'><source path='/var/log/libvirt/qemu/x-serial0.log'/></serial>
+<channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/channel/target/x.org.qemu.guest_agent.0'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+<graphics type='vnc' port='-1' listen='127.0.0.1'/><graphics type='vnc' port='-1'/>
+<graphics type='spice' autoport='yes' passwd='secret'><listen type='address' address='0.0.0.0'/></graphics>
+<serial type='tcp'><source mode='bind' host='127.0.0.1' service='2445'/></serial>
+<disk type='network'><source protocol='nbd' name='x'><host name='10.0.0.5'/></source></disk>
+<filesystem type='mount'><driver type='virtiofs'/><binary path='/usr/libexec/virtiofsd'/><source dir='/srv/images/share'/><target dir='s'/></filesystem>
+<interface type='user'><backend type='passt'/><portForward proto='tcp' address='127.0.0.1'><range start='2222' to='22'/></portForward></interface>
+</devices>";
+        assert_eq!(run(fine, &HostPolicy::default()), vec![]);
     }
 
     #[test]
