@@ -553,6 +553,36 @@ mod tests {
     }
 
     #[test]
+    fn host_access_keys_from_the_file_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let load_text = |text: &str| {
+            std::fs::write(&path, format!("[agent]\nhost = \"h\"\n[policy]\n{text}")).unwrap();
+            load(&Overrides {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+        };
+        let s = load_text("").unwrap();
+        assert!(s.host_policy.health_commands.is_empty());
+        assert!(!s.host_policy.allow_link_local_hosts && !s.host_policy.allow_open_listeners);
+        let s = load_text(
+            "health_commands = [\"/usr/local/lib/vmsync/checks/\"]\nallow_link_local_hosts = true\nallow_open_listeners = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.host_policy.health_commands,
+            vec![PathBuf::from("/usr/local/lib/vmsync/checks/")]
+        );
+        assert!(s.host_policy.allow_link_local_hosts && s.host_policy.allow_open_listeners);
+        let err = load_text("health_commands = [\"/usr/local/../../bin\"]\n").unwrap_err();
+        assert!(
+            err.0.starts_with("invalid policy.health_commands entry:") && err.0.contains("'..'"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn change_policy_from_file_and_flags() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
