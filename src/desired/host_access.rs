@@ -462,6 +462,17 @@ pub fn implied_target(pool_type: &str, name: &str, source_name: Option<&str>) ->
 /// Checks a `<pool>` definition (well-formed: `resource_xml::summarize` passed) against
 /// the host policy; `disk_roots` and `policy.allowed_paths` are where its paths may be.
 pub fn check_pool(xml: &str, policy: &HostPolicy, disk_roots: &[PathBuf]) -> Vec<Violation> {
+    check_resource(xml, policy, disk_roots, pool)
+}
+
+/// Parses a network's or pool's XML, runs the checks of both ([`Resource::common`]) and
+/// `kind`'s own, and returns what they found.
+fn check_resource(
+    xml: &str,
+    policy: &HostPolicy,
+    disk_roots: &[PathBuf],
+    kind: fn(&mut Resource, Node),
+) -> Vec<Violation> {
     let Ok(doc) = crate::desired::domain_xml::parse_doc(xml) else {
         return Vec::new();
     };
@@ -474,6 +485,12 @@ pub fn check_pool(xml: &str, policy: &HostPolicy, disk_roots: &[PathBuf]) -> Vec
         out: Vec::new(),
     };
     c.common(root);
+    kind(&mut c, root);
+    c.out
+}
+
+fn pool(c: &mut Resource, root: Node) {
+    let policy = c.policy;
     let kind = root.attribute("type").unwrap_or("");
     let name = child(root, "name")
         .and_then(|n| n.text())
@@ -561,25 +578,17 @@ pub fn check_pool(xml: &str, policy: &HostPolicy, disk_roots: &[PathBuf]) -> Vec
     } else if let Some((node, path)) = &target {
         c.path(*node, "target/path", path);
     }
-    c.out
 }
 
 /// Checks a `<network>` definition (well-formed) against the host policy: foreign
 /// namespaces (dnsmasq options), macvtap on host NICs in bridge mode, the TFTP root,
 /// control characters in attributes.
 pub fn check_network(xml: &str, policy: &HostPolicy, disk_roots: &[PathBuf]) -> Vec<Violation> {
-    let Ok(doc) = crate::desired::domain_xml::parse_doc(xml) else {
-        return Vec::new();
-    };
-    let root = doc.root_element();
-    let mut roots = disk_roots.to_vec();
-    roots.extend(policy.allowed_paths.iter().cloned());
-    let mut c = Resource {
-        policy,
-        roots,
-        out: Vec::new(),
-    };
-    c.common(root);
+    check_resource(xml, policy, disk_roots, network)
+}
+
+fn network(c: &mut Resource, root: Node) {
+    let policy = c.policy;
     if let Some(forward) = child(root, "forward")
         && forward.attribute("mode") == Some("bridge")
         && child(root, "bridge").is_none()
@@ -601,7 +610,6 @@ pub fn check_network(xml: &str, policy: &HostPolicy, disk_roots: &[PathBuf]) -> 
             c.path(tftp, "ip/tftp", path);
         }
     }
-    c.out
 }
 
 #[cfg(test)]
