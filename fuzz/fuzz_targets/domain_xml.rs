@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = vmsync::desired::host_policy::check(
         xml,
-        &vmsync::desired::host_policy::HostPolicy::default(),
+        &vmsync::desired::host_policy_settings::HostPolicy::default(),
         &["/var/lib/libvirt/images".into()],
     );
     let Ok(summary) = summarize(xml) else {

@@ -6,7 +6,6 @@ use crate::desired::domain_xml;
 use crate::desired::resource_xml::{self, ResourceKind};
 use crate::host::hypervisor::{HvError, Hypervisor};
 use crate::reconcile::plan_networks_pools::recorded;
-
 use crate::record::{Record, SyncResult};
 
 /// One managed VM in the status view.

@@ -16,7 +16,7 @@ pub struct Policy {
     pub host: Option<String>,
     pub disk_roots: Vec<PathBuf>,
     /// What domain XML may ask of the host beyond disk images (see `host_policy`).
-    pub host_policy: crate::desired::host_policy::HostPolicy,
+    pub host_policy: crate::desired::host_policy_settings::HostPolicy,
 }
 
 /// One VM as this host should have it.

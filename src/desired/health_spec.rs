@@ -104,3 +104,31 @@ impl HealthSpec {
         })
     }
 }
+
+impl HealthSpec {
+    /// The check in one line, for `vmsync plan`: `settle 30s, command
+    /// '/usr/local/lib/vmsync/checks/web' '--timeout' '5', timeout 5m, revert`
+    /// (each argument quoted and escaped).
+    pub fn describe(&self) -> String {
+        let mut parts = vec![format!(
+            "settle {}",
+            humantime::format_duration(self.settle)
+        )];
+        if self.guest_agent {
+            parts.push("guest agent ping".into());
+        }
+        if let Some(command) = &self.command {
+            let words: Vec<String> = command
+                .iter()
+                .map(|w| format!("'{}'", crate::desired::path_rule::escape(w)))
+                .collect();
+            parts.push(format!("command {} (no shell)", words.join(" ")));
+        }
+        parts.push(format!(
+            "timeout {}",
+            humantime::format_duration(self.timeout)
+        ));
+        parts.push(if self.revert { "revert" } else { "no revert" }.into());
+        parts.join(", ")
+    }
+}

@@ -1,7 +1,7 @@
 //! Values the manifest and the agent's configuration share, parsed once at the edge:
 //! sizes (`"20G"`), timeouts (`"2m"`), absolute paths.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 
 /// The default graceful-shutdown timeout of a VM.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -16,21 +16,10 @@ pub fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
         .map_err(|e| format!("'{text}' is not a duration like \"120s\" or \"2m\": {e}"))
 }
 
-/// Checks that `raw` is an absolute path without `.`/`..` components and returns it.
+/// Checks that `raw` is a host path by the one path rule (`path_rule::absolute`:
+/// absolute, no `.`/`..`, no control characters, bounded length) and returns it.
 pub fn absolute_path(raw: &str) -> Result<PathBuf, String> {
-    let path = Path::new(raw);
-    if !path.is_absolute() {
-        return Err(format!("path '{raw}' must be absolute"));
-    }
-    if path
-        .components()
-        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
-        || raw.contains("/./")
-        || raw.ends_with("/.")
-    {
-        return Err(format!("path '{raw}' must not contain '.' or '..'"));
-    }
-    Ok(path.components().collect())
+    crate::desired::path_rule::absolute(raw)
 }
 
 /// Formats a byte count for messages: "20 GiB", "1.5 GiB (1610612736 bytes)", "1000 bytes".

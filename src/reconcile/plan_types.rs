@@ -426,6 +426,10 @@ pub struct HealthView {
     pub last_healthy_commit: Option<String>,
     /// The commit whose definition of this VM is held back (`null`: none).
     pub held_back: Option<String>,
+    /// What the check does (`[vm.health]`: settle, guest agent, the command run on the
+    /// host); set by the planner, `null` in a record's view.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
 
 impl HealthView {
@@ -435,6 +439,7 @@ impl HealthView {
             result: record.health,
             last_healthy_commit: record.healthy_commit.clone(),
             held_back: record.held_back.as_ref().map(|h| h.commit.clone()),
+            check: None,
         };
         (view != HealthView::default()).then_some(view)
     }
@@ -452,6 +457,9 @@ impl HealthView {
         }
         if let Some(c) = &self.held_back {
             parts.push(format!("held back: commit {}", short(c)));
+        }
+        if let Some(check) = &self.check {
+            parts.push(format!("check: {check}"));
         }
         parts.join("; ")
     }

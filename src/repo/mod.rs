@@ -4,6 +4,7 @@
 //! (`files`, layer 0).
 
 pub mod files;
+pub mod https;
 pub mod probe;
 pub mod source;
 pub mod trust;

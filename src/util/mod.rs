@@ -5,3 +5,4 @@ pub mod clock;
 pub mod commit_id;
 pub mod fsio;
 pub mod par;
+pub mod redact;
