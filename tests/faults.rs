@@ -320,3 +320,85 @@ mod crashes {
         );
     }
 }
+
+/// Damages the local clone under the state dir as `how` says.
+fn damage_clone(env: &Env, how: &str) {
+    let clone = env.state.path().join("repo");
+    match how {
+        "truncated packs and objects" => {
+            let mut files = Vec::new();
+            let mut todo = vec![clone.join("objects")];
+            while let Some(dir) = todo.pop() {
+                for entry in std::fs::read_dir(&dir).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.is_dir() {
+                        todo.push(path);
+                    } else if path.extension().is_none_or(|e| e == "pack") {
+                        files.push(path);
+                    }
+                }
+            }
+            assert!(!files.is_empty());
+            for f in files {
+                let len = std::fs::metadata(&f).unwrap().len();
+                let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+                file.set_len(len / 2).unwrap();
+            }
+        }
+        "no objects" => std::fs::remove_dir_all(clone.join("objects")).unwrap(),
+        "garbage HEAD" => std::fs::write(clone.join("HEAD"), "\u{1}garbage\n").unwrap(),
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_damaged_local_clone_is_moved_aside_and_cloned_again() {
+    for how in ["truncated packs and objects", "no objects", "garbage HEAD"] {
+        let env = committed(Env::new());
+        once(&env).expect(0);
+        damage_clone(&env, how);
+        // A new commit, then the next run: it recovers on its own, and says so.
+        write_vm(&env, 256);
+        let head = env.repo.commit("more memory");
+        let run = once(&env).expect(0);
+        run.stderr_has("the local clone is damaged; moving it aside and cloning again");
+        assert_eq!(
+            env.record().last_applied_commit.as_deref(),
+            Some(head.as_str()),
+            "{how}"
+        );
+        assert!(env.state.path().join("repo.damaged").is_dir(), "{how}");
+        // And the run after that is an ordinary no-op.
+        let run = once(&env).expect(0);
+        assert!(!run.stderr.contains("damaged"), "{how}: {}", run.stderr);
+    }
+}
+
+#[test]
+fn a_damaged_clone_that_cannot_be_cloned_again_says_what_to_do() {
+    let env = committed(Env::new());
+    once(&env).expect(0);
+    damage_clone(&env, "no objects");
+    // The source is gone too: the error names both and what to check.
+    let moved = env.repo.path().with_extension("gone");
+    std::fs::rename(env.repo.path(), &moved).unwrap();
+    let run = once(&env).expect(4);
+    run.stderr_has("the local clone was damaged (")
+        .stderr_has("cloning again failed too")
+        .stderr_has("Check the source url and the state directory's disk");
+    std::fs::rename(&moved, env.repo.path()).unwrap();
+    once(&env).expect(0);
+}
+
+#[test]
+fn a_network_failure_leaves_a_sound_clone_alone() {
+    let env = committed(Env::new());
+    once(&env).expect(0);
+    let moved = env.repo.path().with_extension("gone");
+    std::fs::rename(env.repo.path(), &moved).unwrap();
+    let run = once(&env).expect(4);
+    assert!(!run.stderr.contains("damaged"), "{}", run.stderr);
+    assert!(!env.state.path().join("repo.damaged").exists());
+    std::fs::rename(&moved, env.repo.path()).unwrap();
+    once(&env).expect(0);
+}
