@@ -10,7 +10,8 @@
 //!
 //! A request never runs a sync itself: it wakes the daemon's loop ([`Hub::request_sync`],
 //! a [`tokio::sync::Notify`]), which runs at most one sync at a time and keeps at most one
-//! more queued, however many pushes arrive.
+//! more queued, however many pushes arrive. What bounds misbehaving clients (idle and
+//! slowloris connections, replayed deliveries) is in [`super::webhook_guard`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -329,7 +330,8 @@ impl Hub {
         })
     }
 
-    /// A reloaded config: new secret and branch for the next requests.
+    /// A reloaded config: new secret and branch for the next requests; the deliveries
+    /// seen are forgotten.
     pub fn reload(&self, secret: Secret, branch: &str) {
         *self.auth.write().expect("lock") = (secret, branch.to_string());
         self.recent.lock().expect("lock").clear();
