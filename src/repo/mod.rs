@@ -5,6 +5,7 @@
 
 pub mod clone_repair;
 pub mod files;
+pub mod https;
 pub mod probe;
 pub mod source;
 pub mod trust;
