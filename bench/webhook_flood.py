@@ -168,7 +168,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for b, xs in results.items():
         ok = sorted(x for x in xs if x is not None)
-        fmt = lambda v: f"{v * 1000:.0f} ms"  # noqa: E731
+        fmt = lambda v: f"{v * 1000:.1f} ms"  # noqa: E731
         row = [b, str(len(xs)), str(len(ok)), str(sum(1 for x in ok if x < 1))]
         row += [fmt(statistics.median(ok)), fmt(ok[int(0.95 * (len(ok) - 1))]), fmt(ok[-1])] if ok else ["-"] * 3
         print("| " + " | ".join(row) + " |")
