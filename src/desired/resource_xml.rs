@@ -60,6 +60,35 @@ fn problem(line: Option<usize>, field: &str, message: impl Into<String>) -> XmlP
     }
 }
 
+/// A UUID as libvirt reads it (`virUUIDParse`: 32 hex digits, with `-` or spaces
+/// between the byte pairs anywhere, e.g. without dashes), in the 8-4-4-4-12 form.
+pub fn libvirt_uuid(text: &str) -> Option<String> {
+    let mut hex = String::with_capacity(32);
+    let mut chars = text.trim().chars().peekable();
+    while hex.len() < 32 {
+        match chars.next()? {
+            '-' | ' ' => continue,
+            a if a.is_ascii_hexdigit() => {
+                let b = chars.next().filter(char::is_ascii_hexdigit)?;
+                hex.push(a.to_ascii_lowercase());
+                hex.push(b.to_ascii_lowercase());
+            }
+            _ => return None,
+        }
+    }
+    if chars.next().is_some() {
+        return None;
+    }
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
+}
+
 /// Reads a `<network>` or `<pool>` definition.
 pub fn summarize(kind: ResourceKind, xml: &str) -> Result<ResourceSummary, XmlProblem> {
     let doc = parse(xml)?;
@@ -83,14 +112,17 @@ pub fn summarize(kind: ResourceKind, xml: &str) -> Result<ResourceSummary, XmlPr
     let uuid = match child(root, "uuid") {
         None => None,
         Some(node) => {
-            let uuid = text(node).to_ascii_lowercase();
-            if !domain_xml::is_canonical_uuid(&uuid) {
+            let raw = text(node);
+            let Some(uuid) = libvirt_uuid(&raw) else {
                 return Err(problem(
                     line(node),
                     "uuid",
-                    format!("'{uuid}' is not a uuid like 8-4-4-4-12 hex digits"),
+                    format!(
+                        "'{}' is not a uuid (32 hex digits, dashes optional)",
+                        crate::desired::path_rule::shown(&raw, 80)
+                    ),
                 ));
-            }
+            };
             Some(uuid)
         }
     };
@@ -286,6 +318,31 @@ mod tests {
 
     const NET: &str = "<network>\n  <name>lab</name>\n  <forward mode='bridge'/>\n  <bridge name='br0'/>\n</network>";
     const POOL: &str = "<pool type='dir'>\n  <name>vmpool</name>\n  <target>\n    <path>/srv/images/pool</path>\n  </target>\n</pool>";
+
+    #[test]
+    fn uuids_are_read_as_libvirt_reads_them() {
+        let canonical = "0123abcd-0000-1111-2222-333344445555";
+        for form in [
+            canonical,
+            "0123ABCD000011112222333344445555",
+            " 0123abcd-0000-1111-2222-333344445555 ",
+            "01-23-ab-cd-0000-1111-2222-333344445555",
+        ] {
+            assert_eq!(libvirt_uuid(form).as_deref(), Some(canonical), "{form}");
+        }
+        for bad in [
+            "",
+            "0123abcd",
+            "0123abcd0000111122223333444455556",
+            "g123abcd000011112222333344445555",
+            "0-123abcd000011112222333344445555",
+        ] {
+            assert_eq!(libvirt_uuid(bad), None, "{bad}");
+        }
+        let net = "<network><name>n</name><uuid>0123abcd000011112222333344445555</uuid></network>";
+        let s = summarize(ResourceKind::Network, net).unwrap();
+        assert_eq!(s.uuid.as_deref(), Some(canonical));
+    }
 
     #[test]
     fn summarizes_networks_and_pools() {
