@@ -183,12 +183,11 @@ pub fn resource_path(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
 }
 
 /// Checks a host device path (`allow_block_devices` already granted): the path rule, and
-/// below `/dev/` or `roots` (a "device" that is `/etc/passwd` would get a file system).
+/// `/dev` (a disk pool's usual target) or below it, or below `roots` (a "device" that is
+/// `/etc/passwd` would get a file system).
 pub fn device_path(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
     let path = path_rule::absolute(raw.trim())?;
-    if (path.starts_with("/dev") && path != Path::new("/dev"))
-        || path_rule::strictly_below(&path, roots)
-    {
+    if path.starts_with("/dev") || path_rule::strictly_below(&path, roots) {
         Ok(path)
     } else {
         Err(format!(
@@ -842,6 +841,7 @@ mod tests {
             "<pool type='fs'><name>p</name><source><device path='/dev/loop7'/></source><target><path>/srv/images/p</path></target></pool>",
             "<pool type='logical'><name>vg0</name><source><device path='/dev/sdb'/></source><target><path>/anything</path></target></pool>",
             "<pool type='logical'><name>p</name><source><name>vg0</name></source></pool>",
+            "<pool type='disk'><name>d</name><source><device path='/dev/mapper/mpatha' part_separator='no'/><format type='gpt'/></source><target><path>/dev</path></target></pool>",
             "<pool type='zfs'><name>tank</name></pool>",
         ];
         for xml in fine {
