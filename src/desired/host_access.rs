@@ -162,8 +162,9 @@ pub fn domain_path(raw: &str, roots: &[PathBuf], vm: &str, usage: Use) -> Result
 }
 
 /// Checks a host path a network or pool names: the path rule, not in libvirt's shared
-/// directories, strictly below `roots`.
-pub fn resource_path(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
+/// directories, strictly below `roots` or equal to one of `exact` (an `allowed_paths`
+/// entry is a directory the operator gave for exactly this, e.g. a pool's target).
+pub fn resource_path(raw: &str, roots: &[PathBuf], exact: &[PathBuf]) -> Result<PathBuf, String> {
     let path = path_rule::absolute(raw.trim())?;
     if let Some(area) = shared_area(&path) {
         return Err(format!(
@@ -171,7 +172,7 @@ pub fn resource_path(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
             path.display()
         ));
     }
-    if path_rule::strictly_below(&path, roots) {
+    if path_rule::strictly_below(&path, roots) || exact.contains(&path) {
         Ok(path)
     } else {
         Err(format!(
@@ -370,7 +371,10 @@ impl Resource<'_> {
     }
 
     fn path(&mut self, node: Node, field: &str, raw: &str) {
-        if let Err(e) = resource_path(raw, &self.roots) {
+        let exact: Vec<PathBuf> = (self.policy.allowed_paths.iter())
+            .filter_map(|p| path_rule::absolute(&p.to_string_lossy()).ok())
+            .collect();
+        if let Err(e) = resource_path(raw, &self.roots, &exact) {
             self.push(node, field, e);
         }
     }
@@ -741,6 +745,14 @@ mod tests {
         let ok =
             "<pool type='dir'><name>p</name><target><path>/srv/images/p</path></target></pool>";
         assert_eq!(pool_fields(ok, &none), vec![]);
+        // An allowed path is itself a fine target (a disk root is not).
+        let pool_dir = HostPolicy {
+            allowed_paths: vec!["/srv/pool/".into()],
+            ..Default::default()
+        };
+        let exact = "<pool type='dir'><name>p</name><target><path>/srv/pool</path></target></pool>";
+        assert_eq!(pool_fields(exact, &pool_dir), vec![]);
+        assert_eq!(pool_fields(exact, &none).len(), 1);
         let cases: &[(&str, &str, &str)] = &[
             // defect 2: '..' out of the root.
             (
