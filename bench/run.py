@@ -476,7 +476,12 @@ def main():
                 # first sync changes nothing), then no-op syncs of both, interleaved.
                 old_state = base / f"state-old-{n}"
                 vmsync_once(repo, old_state, OLD)
-                pairs = [(vmsync_once(repo, state), vmsync_once(repo, old_state, OLD)) for _ in range(RUNS)]
+                # Each pair with a floor process run beside it: the ratios to the floor of
+                # runs made within the same second, less at the mercy of a loaded machine.
+                pairs, floors = [], []
+                for _ in range(RUNS):
+                    pairs.append((vmsync_once(repo, state), vmsync_once(repo, old_state, OLD)))
+                    floors.append(timed([str(FLOOR), URI, prefix, "1"])[0])
                 compared = []
                 for label, runs in [("no-op sync, interleaved with the --compare build", [p[0] for p in pairs]),
                                     (f"no-op sync, --compare build ({OLD})", [p[1] for p in pairs])]:
@@ -484,7 +489,7 @@ def main():
                     med = statistics.median(r[0] for r in runs)
                     compared.append((n, label, wall, med, cpu, rss, calls(err), b_wall / wall, wall / floor_wall,
                                      received(err)))
-                extra.append((n, "compare", [(a[0], b[0], a[1], b[1]) for a, b in pairs]))
+                extra.append((n, "compare", [(a[0], b[0], a[1], b[1], f) for (a, b), f in zip(pairs, floors)]))
             if n == max(ns):
                 # A daemon (re)started on a host where this commit is applied: its state
                 # dir is the --once runs' (schema cache warm) ...
@@ -579,11 +584,16 @@ def main():
                                    for label, st in medians.items()) + ".")
             continue
         if how == "compare":
-            walls = [a / b for a, b, _, _ in figures]
-            cpus = [a / b for _, _, a, b in figures if b > 0]
+            med = lambda xs: statistics.median(xs)
+            walls = [a / b for a, b, _, _, _ in figures]
+            cpus = [a / b for _, _, a, b, _ in figures if b > 0]
             out.append(f"- N = {n}, no-op sync of this build against the --compare build, run by run "
-                       f"({len(figures)} interleaved pairs): wall {statistics.median(walls):.2f}x (median of the "
-                       f"ratios), CPU {statistics.median(cpus):.2f}x.")
+                       f"({len(figures)} interleaved pairs, each with a floor process run beside it): wall "
+                       f"{med(walls):.2f}x (median of the ratios), CPU {med(cpus):.2f}x; no-op / floor process "
+                       f"{med([a / f for a, _, _, _, f in figures]):.2f}x this build, "
+                       f"{med([b / f for _, b, _, _, f in figures]):.2f}x the --compare build (medians of the "
+                       f"ratios; the floor runs: best {min(f for *_, f in figures):.3f} s, median "
+                       f"{med([f for *_, f in figures]):.3f} s).")
             continue
         if how == "trips":
             conns, trips, sent, got, fetched = figures
