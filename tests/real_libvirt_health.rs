@@ -41,6 +41,21 @@ fn with_missing_disk(xml: &str, missing: &Path) -> String {
     )
 }
 
+/// An agent config in `dir` whose `[policy] health_commands` lists `allowed`.
+fn allow_checks(dir: &Path, allowed: &[&Path]) -> PathBuf {
+    let list: Vec<String> = allowed
+        .iter()
+        .map(|p| format!("\"{}\"", p.display()))
+        .collect();
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!("[policy]\nhealth_commands = [{}]\n", list.join(", ")),
+    )
+    .unwrap();
+    path
+}
+
 fn short(commit: &str) -> &str {
     &commit[..12]
 }
@@ -178,7 +193,7 @@ fn real_unstartable_change_is_reverted_held_back_and_retried() {
 
 #[test]
 fn real_failing_health_command_is_reverted_after_settle_and_a_passing_change_is_kept() {
-    let Some(env) = Env::system("hcmd") else {
+    let Some(mut env) = Env::system("hcmd") else {
         return;
     };
     let name = env.name("a");
@@ -192,6 +207,8 @@ fn real_failing_health_command_is_reverted_after_settle_and_a_passing_change_is_
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The host allows the checks in that directory ([policy] health_commands).
+    env.config_file = Some(allow_checks(dir.path(), &[dir.path()]));
     let health = format!(
         "settle = \"2s\"\ncommand = [\"{}\"]\ntimeout = \"1m\"",
         script.display()
@@ -274,9 +291,11 @@ fn real_failing_health_command_is_reverted_after_settle_and_a_passing_change_is_
 
 #[test]
 fn real_first_start_unhealthy_is_reported_not_reverted() {
-    let Some(env) = Env::system("hfirst") else {
+    let Some(mut env) = Env::system("hfirst") else {
         return;
     };
+    let etc = tempfile::tempdir().unwrap();
+    env.config_file = Some(allow_checks(etc.path(), &[Path::new("/bin/false")]));
     let health = "settle = \"1s\"\ncommand = [\"/bin/false\"]\ntimeout = \"30s\"";
     env.commit(
         &Manifest::new().vm(guest(&env, "a", &env.bios("a", 128), health)),
