@@ -7,3 +7,4 @@ pub mod report;
 pub mod status;
 pub mod sync;
 pub mod webhook;
+pub mod webhook_guard;

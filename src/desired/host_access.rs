@@ -162,8 +162,9 @@ pub fn domain_path(raw: &str, roots: &[PathBuf], vm: &str, usage: Use) -> Result
 }
 
 /// Checks a host path a network or pool names: the path rule, not in libvirt's shared
-/// directories, strictly below `roots`.
-pub fn resource_path(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
+/// directories, strictly below `roots` or equal to one of `exact` (an `allowed_paths`
+/// entry is a directory the operator gave for exactly this, e.g. a pool's target).
+pub fn resource_path(raw: &str, roots: &[PathBuf], exact: &[PathBuf]) -> Result<PathBuf, String> {
     let path = path_rule::absolute(raw.trim())?;
     if let Some(area) = shared_area(&path) {
         return Err(format!(
@@ -171,7 +172,7 @@ pub fn resource_path(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
             path.display()
         ));
     }
-    if path_rule::strictly_below(&path, roots) {
+    if path_rule::strictly_below(&path, roots) || exact.contains(&path) {
         Ok(path)
     } else {
         Err(format!(
@@ -183,12 +184,11 @@ pub fn resource_path(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
 }
 
 /// Checks a host device path (`allow_block_devices` already granted): the path rule, and
-/// below `/dev/` or `roots` (a "device" that is `/etc/passwd` would get a file system).
+/// `/dev` (a disk pool's usual target) or below it, or below `roots` (a "device" that is
+/// `/etc/passwd` would get a file system).
 pub fn device_path(raw: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
     let path = path_rule::absolute(raw.trim())?;
-    if (path.starts_with("/dev") && path != Path::new("/dev"))
-        || path_rule::strictly_below(&path, roots)
-    {
+    if path.starts_with("/dev") || path_rule::strictly_below(&path, roots) {
         Ok(path)
     } else {
         Err(format!(
@@ -371,7 +371,10 @@ impl Resource<'_> {
     }
 
     fn path(&mut self, node: Node, field: &str, raw: &str) {
-        if let Err(e) = resource_path(raw, &self.roots) {
+        let exact: Vec<PathBuf> = (self.policy.allowed_paths.iter())
+            .filter_map(|p| path_rule::absolute(&p.to_string_lossy()).ok())
+            .collect();
+        if let Err(e) = resource_path(raw, &self.roots, &exact) {
             self.push(node, field, e);
         }
     }
@@ -742,6 +745,14 @@ mod tests {
         let ok =
             "<pool type='dir'><name>p</name><target><path>/srv/images/p</path></target></pool>";
         assert_eq!(pool_fields(ok, &none), vec![]);
+        // An allowed path is itself a fine target (a disk root is not).
+        let pool_dir = HostPolicy {
+            allowed_paths: vec!["/srv/pool/".into()],
+            ..Default::default()
+        };
+        let exact = "<pool type='dir'><name>p</name><target><path>/srv/pool</path></target></pool>";
+        assert_eq!(pool_fields(exact, &pool_dir), vec![]);
+        assert_eq!(pool_fields(exact, &none).len(), 1);
         let cases: &[(&str, &str, &str)] = &[
             // defect 2: '..' out of the root.
             (
@@ -842,6 +853,7 @@ mod tests {
             "<pool type='fs'><name>p</name><source><device path='/dev/loop7'/></source><target><path>/srv/images/p</path></target></pool>",
             "<pool type='logical'><name>vg0</name><source><device path='/dev/sdb'/></source><target><path>/anything</path></target></pool>",
             "<pool type='logical'><name>p</name><source><name>vg0</name></source></pool>",
+            "<pool type='disk'><name>d</name><source><device path='/dev/mapper/mpatha' part_separator='no'/><format type='gpt'/></source><target><path>/dev</path></target></pool>",
             "<pool type='zfs'><name>tank</name></pool>",
         ];
         for xml in fine {

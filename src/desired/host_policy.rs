@@ -321,6 +321,10 @@ impl Checker<'_> {
             }
             _ => {}
         }
+        if let Some(tty) = dev.attribute("tty") {
+            let what = format!("host terminal '{}'", escape(tty));
+            self.refuse(dev, field, &what, "allow_hostdev");
+        }
         if let Some(file) = element(dev, "log").and_then(|l| l.attribute("file")) {
             self.path(dev, &format!("{field}/log"), file, Use::Log);
         }
@@ -362,7 +366,13 @@ impl Checker<'_> {
                 }
             }
             Some("server" | "mcast" | "udp") => {
-                let host = element(dev, "source").and_then(|s| s.attribute("address"));
+                // udp: bound on <local>, sending to <source>; the others bind <source>.
+                let bound = if kind == Some("udp") {
+                    element(dev, "source").and_then(|s| element(s, "local"))
+                } else {
+                    element(dev, "source")
+                };
+                let host = bound.and_then(|s| s.attribute("address"));
                 self.listener(
                     dev,
                     "devices/interface/source",
@@ -412,62 +422,68 @@ impl Checker<'_> {
                 fwd.attribute("address"),
             );
         }
-        if let Some(rom) = element(dev, "rom").and_then(|r| r.attribute("file")) {
-            self.path(dev, "devices/interface/rom", rom, Use::Plain);
-        }
     }
 
     fn graphics(&mut self, dev: Node) {
         let kind = dev.attribute("type").unwrap_or("");
-        if !matches!(kind, "vnc" | "spice" | "rdp") {
-            if let Some(xauth) = dev.attribute("xauth") {
-                self.path(dev, "devices/graphics", xauth, Use::Plain);
-            }
-        } else if dev.attribute("passwd").is_none_or(|p| p.is_empty()) {
-            let mut listens: Vec<(Node, Option<&str>)> = Vec::new();
-            if let Some(listen) = dev.attribute("listen") {
-                listens.push((dev, Some(listen)));
-            }
-            for l in elements(dev).filter(|l| l.tag_name().name() == "listen") {
-                match l.attribute("type") {
-                    Some("address") => {
-                        if let Some(address) = l.attribute("address") {
-                            listens.push((l, Some(address)));
-                        }
+        if let Some(xauth) = dev.attribute("xauth") {
+            self.path(dev, "devices/graphics", xauth, Use::Plain);
+        }
+        if let Some(socket) = dev.attribute("socket") {
+            self.path(dev, "devices/graphics", socket, Use::Chardev);
+        }
+        let mut listens: Vec<(Node, Option<&str>)> = Vec::new();
+        if let Some(listen) = dev.attribute("listen") {
+            listens.push((dev, Some(listen)));
+        }
+        for l in elements(dev).filter(|l| l.tag_name().name() == "listen") {
+            match l.attribute("type") {
+                Some("address") => {
+                    if let Some(address) = l.attribute("address") {
+                        listens.push((l, Some(address)));
                     }
-                    Some("socket") => {
-                        if let Some(socket) = l.attribute("socket") {
-                            self.path(l, "devices/graphics/listen", socket, Use::Chardev);
-                        }
-                    }
-                    _ => {}
                 }
-            }
-            for (node, address) in listens {
-                self.listener(
-                    node,
-                    "devices/graphics",
-                    &format!("a {kind} console"),
-                    address,
-                );
+                Some("socket") => {
+                    if let Some(socket) = l.attribute("socket") {
+                        self.path(l, "devices/graphics/listen", socket, Use::Chardev);
+                    }
+                }
+                _ => {}
             }
         }
-        for gl in elements(dev).filter(|g| g.tag_name().name() == "gl") {
-            if let Some(node) = gl.attribute("rendernode")
-                && !node.trim().starts_with("/dev/dri/render")
+        let password = dev.attribute("passwd").is_some_and(|p| !p.is_empty());
+        if matches!(kind, "vnc" | "spice" | "rdp") && !password {
+            for (node, address) in listens {
+                let what = format!("a {kind} console");
+                self.listener(node, "devices/graphics", &what, address);
+            }
+        }
+    }
+
+    /// What any device may carry: a `<rom file>` (read into the guest) and a render
+    /// node (`<gl rendernode>`, `<acceleration rendernode>`: a host GPU device).
+    fn any_device(&mut self, dev: Node) {
+        let name = dev.tag_name().name();
+        for node in dev.descendants().filter(Node::is_element) {
+            if node.tag_name().name() == "rom"
+                && let Some(file) = node.attribute("file")
             {
-                self.refuse(
-                    gl,
-                    "devices/graphics/gl",
-                    &format!("host device '{}' as a render node", escape(node)),
-                    "allow_hostdev",
-                );
+                self.path(node, &format!("devices/{name}/rom"), file, Use::Plain);
+            }
+            if let Some(render) = node.attribute("rendernode")
+                && (!render.trim().starts_with("/dev/dri/render")
+                    || crate::desired::path_rule::absolute(render).is_err())
+            {
+                let field = format!("devices/{name}/{}", node.tag_name().name());
+                let what = format!("host device '{}' as a render node", escape(render));
+                self.refuse(node, &field, &what, "allow_hostdev");
             }
         }
     }
 
     fn devices(&mut self, devices: Node) {
         for dev in elements(devices) {
+            self.any_device(dev);
             let name = dev.tag_name().name();
             let kind = dev.attribute("type");
             match name {
@@ -970,6 +986,36 @@ mod tests {
                 "<devices><graphics type='egl-headless'><gl rendernode='/dev/sda'/></graphics></devices>",
                 "devices/graphics/gl",
                 "allow_hostdev",
+            ),
+            (
+                "<devices><video><model type='virtio'><acceleration accel3d='yes' rendernode='/dev/nvme0'/></model></video></devices>",
+                "devices/video/acceleration",
+                "allow_hostdev",
+            ),
+            (
+                "<devices><graphics type='vnc' socket='/run/libvirt/libvirt-sock'/></devices>",
+                "devices/graphics",
+                "shared directory",
+            ),
+            (
+                "<devices><graphics type='spice' passwd='x'><listen type='socket' socket='/etc/x.sock'/></graphics></devices>",
+                "devices/graphics/listen",
+                "allowed_paths",
+            ),
+            (
+                "<devices><console type='pty' tty='/dev/tty1'/></devices>",
+                "devices/console",
+                "allow_hostdev",
+            ),
+            (
+                "<devices><interface type='udp'><source address='192.0.2.1' port='1'><local address='0.0.0.0' port='2'/></source></interface></devices>",
+                "devices/interface/source",
+                "allow_open_listeners",
+            ),
+            (
+                "<devices><hostdev mode='subsystem' type='pci'><rom file='/etc/shadow'/></hostdev></devices>",
+                "devices/hostdev/rom",
+                "allowed_paths",
             ),
             (
                 "<devices><serial type='tcp'><source mode='bind' host='0.0.0.0' service='2445'/><protocol type='telnet'/></serial></devices>",

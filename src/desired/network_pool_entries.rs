@@ -317,10 +317,12 @@ pub fn validate_summary(r: &DesiredResources) -> String {
         r.volumes.len()
     );
     for e in &r.external {
-        out += &format!(
-            "  note: {}: vm '{}': field '{}': {} is not in the commit; the host must have it (checked at sync)\n",
+        // Names come from the XML: shown escaped, on one line.
+        let note = format!(
+            "{}: vm '{}': field '{}': {} is not in the commit; the host must have it (checked at sync)",
             e.file, e.vm, e.field, e.target
         );
+        out += &format!("  note: {}\n", crate::desired::path_rule::escape(&note));
     }
     out
 }

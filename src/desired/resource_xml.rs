@@ -105,8 +105,16 @@ pub fn summarize(kind: ResourceKind, xml: &str) -> Result<ResourceSummary, XmlPr
             ),
         ));
     }
+    // A logical pool without <name> is named after its volume group, as libvirt does.
+    let source_name = || {
+        (kind == ResourceKind::Pool && root.attribute("type") == Some("logical"))
+            .then(|| child(root, "source").and_then(|s| child(s, "name")))
+            .flatten()
+            .map(text)
+    };
     let name = child(root, "name")
         .map(text)
+        .or_else(source_name)
         .filter(|n| !n.is_empty())
         .ok_or_else(|| problem(line(root), "name", format!("the {kind} has no <name>")))?;
     let uuid = match child(root, "uuid") {
@@ -173,9 +181,17 @@ pub fn render(
         ResourceKind::Pool => {
             let doc = parse(source)?;
             let root = doc.root_element();
-            match (child(root, "uuid"), uuid, child(root, "name")) {
-                (None, Some(uuid), Some(name)) => {
-                    let at = name.range().end;
+            match (child(root, "uuid"), uuid) {
+                (None, Some(uuid)) => {
+                    // After <name>, or (a logical pool named by its volume group)
+                    // after the root's start tag.
+                    let at = match child(root, "name") {
+                        Some(name) => name.range().end,
+                        None => {
+                            let start = root.range().start;
+                            start + source[start..].find('>').map_or(0, |i| i + 1)
+                        }
+                    };
                     let mut out = source.to_string();
                     out.insert_str(at, &format!("\n  <uuid>{uuid}</uuid>"));
                     Ok(out)
@@ -318,6 +334,28 @@ mod tests {
 
     const NET: &str = "<network>\n  <name>lab</name>\n  <forward mode='bridge'/>\n  <bridge name='br0'/>\n</network>";
     const POOL: &str = "<pool type='dir'>\n  <name>vmpool</name>\n  <target>\n    <path>/srv/images/pool</path>\n  </target>\n</pool>";
+
+    #[test]
+    fn a_logical_pool_without_name_is_named_after_its_volume_group() {
+        let xml = "<pool type='logical'>\n  <source>\n    <name>zily</name>\n  </source>\n</pool>";
+        let s = summarize(ResourceKind::Pool, xml).unwrap();
+        assert_eq!(s.name, "zily");
+        let tag = Tag {
+            commit: "c".into(),
+            fingerprint: "f".into(),
+        };
+        let uuid = "11111111-2222-3333-4444-555555555555";
+        let out = render(ResourceKind::Pool, xml, Some(uuid), &tag).unwrap();
+        let s = summarize(ResourceKind::Pool, &out).unwrap();
+        assert_eq!(
+            (s.name.as_str(), s.uuid.as_deref()),
+            ("zily", Some(uuid)),
+            "{out}"
+        );
+        // Other pools still need a <name>.
+        let dir = "<pool type='dir'><source><name>x</name></source></pool>";
+        assert!(summarize(ResourceKind::Pool, dir).is_err());
+    }
 
     #[test]
     fn uuids_are_read_as_libvirt_reads_them() {

@@ -1,6 +1,6 @@
 //! The ports whole-commit validation is handed: a check of a domain, network or pool
 //! XML against libvirt's schema, and the normalization of a domain XML for plan diffs.
-//! The host implements them (`host::hypervisor::TestDriverSchema`, `host::schema_cache`);
+//! The host implements them (`host::schema_test_driver::TestDriverSchema`, `host::schema_cache`);
 //! validation itself stays pure.
 
 use crate::desired::domain_xml::DomainSummary;

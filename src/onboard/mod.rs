@@ -6,6 +6,9 @@
 //!   (layer 1). The planner's part of `adopt = true` is `reconcile::adopt`.
 //! - [`import`]: `vmsync import`, which reads the host's domains, networks and pools
 //!   (never changes them) and writes a VM repository (layer 6).
+//! - [`output`]: how import writes its files (never through a link) and what it leaves
+//!   out of them (`<qemu:env>` values) (layer 6).
 
 pub mod definition;
 pub mod import;
+pub mod output;

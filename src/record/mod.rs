@@ -2,6 +2,7 @@
 //! attempted commit with per-VM, network and pool results (`state.json`; [`store`] reads
 //! and writes it; `reconcile::record_update` decides what goes in).
 
+pub mod healthy_file;
 pub mod store;
 
 use std::collections::BTreeMap;
