@@ -396,7 +396,7 @@ pub fn run() -> u8 {
             "--once cannot be combined with a command".into(),
         ))),
         (Some(Command::Plan { json }), false) => sync::plan_only(&settings).map(|mut plan| {
-            crate::agent::healthy_file::warn_in_plan(&mut plan, &settings.state_dir);
+            crate::apply::health_stage::warn_in_plan(&mut plan, &settings.state_dir);
             print!("{}", crate::reconcile::render::output(&plan, *json))
         }),
         (Some(Command::Validate { dir }), false) => {

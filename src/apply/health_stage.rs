@@ -304,7 +304,7 @@ fn one(
     Some(Found::Checked(result))
 }
 
-/// A damaged last healthy definition (see [`crate::agent::healthy_file`]) is written
+/// A damaged last healthy definition (see [`crate::record::healthy_file`]) is written
 /// again when the VM runs that very definition (the same fingerprint); otherwise it is
 /// reported, and stays unused.
 fn repair_healthy(state_dir: &Path, name: &str, fingerprint: &str, hv: &dyn Hypervisor) {
@@ -337,6 +337,26 @@ fn save_healthy(state_dir: &Path, name: &str, xml: &str) -> Option<()> {
         Err(e) => {
             error!(vm = %name, file = %path.display(), error = %e, "failed to keep the last healthy definition");
             None
+        }
+    }
+}
+
+/// Adds to `plan` a warning for each VM whose last healthy definition the record names
+/// but which is missing or damaged (`vmsync plan` shows it with what to do).
+pub fn warn_in_plan(plan: &mut Plan, state_dir: &Path) {
+    let Ok(record) = store::load(state_dir) else {
+        return;
+    };
+    for vm in &mut plan.vms {
+        let Some(fingerprint) = record
+            .vms
+            .get(&vm.name)
+            .and_then(|r| r.healthy_fingerprint.as_deref())
+        else {
+            continue;
+        };
+        if let Err(why) = crate::record::healthy_file::read(state_dir, &vm.name, fingerprint) {
+            vm.warnings.push(why);
         }
     }
 }
