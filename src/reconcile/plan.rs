@@ -499,6 +499,7 @@ fn plan_vm(
         ),
         _ => Vec::new(),
     };
+    let drift = drift::against_commit(drift, vm.autostart, vm.state);
     out.drift = drift.iter().map(ToString::to_string).collect();
     out.drift_reported_only = !drift.is_empty() && !heal;
     let has = |pred: fn(&Drift) -> bool| drift.iter().any(pred);
