@@ -52,10 +52,11 @@ BUILD_PKGS=(gcc g++ libc6-dev pkg-config libvirt-dev libxml2-dev libssl-dev zlib
   git ca-certificates curl)
 # Tools the tests and scripts run: nix-instantiate (nix-bin) parses the NixOS
 # module and systemd-analyze (package systemd) verifies the units
-# (tests/deploy_files.rs); openssl makes certificates and serves TLS
+# (tests/deploy_files.rs); openssl makes certificates and serves TLS, python3
+# serves git over https and strace sees which files a sync opens
 # (tests/https_ca.rs); procps has kill and pgrep; systemd-container and
 # debootstrap boot a systemd container. Minimal images ship none of them.
-BUILD_PKGS+=(nix-bin systemd systemd-container debootstrap openssl procps)
+BUILD_PKGS+=(nix-bin systemd systemd-container debootstrap openssl python3 strace procps)
 # The Debian package (scripts/package.sh, checked by scripts/package-check.sh):
 # dpkg-shlibdeps (dpkg-dev) computes its library dependencies; cargo-deb itself is
 # installed by scripts/package.sh with cargo when missing.
