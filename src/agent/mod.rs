@@ -3,8 +3,10 @@
 
 pub mod daemon;
 pub mod health;
+pub mod healthy_file;
 pub mod metrics;
 pub mod state;
 pub mod status;
 pub mod sync;
 pub mod webhook;
+pub mod webhook_guard;

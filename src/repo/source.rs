@@ -271,7 +271,13 @@ impl RepoFiles for FetchedCommit {
 
 /// Clones (first run) or fetches (later runs) `settings.branch` into `<state_dir>/repo`
 /// (a bare repository, created if missing) and returns the commit the branch points to.
+/// A damaged clone is moved aside and cloned again once ([`clone_repair`]).
 pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommit, FetchError> {
+    super::clone_repair::recovering(state_dir, || fetch_once(settings, state_dir))
+}
+
+/// [`fetch`] without the repair.
+fn fetch_once(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommit, FetchError> {
     let url = remote_url(&settings.url)?;
     // For logs and errors: never show a password embedded in the URL.
     let shown = redact(&url);
@@ -374,6 +380,14 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
             message: format!("'{tracking}' is at {commit} but the remote advertised {advertised}"),
         });
     }
+    // The pinned commit's files must all be there: a clone that lost objects would
+    // otherwise fail later, at validation, as if the commit were invalid.
+    super::clone_repair::pinned_tree_readable(&repo, tree).map_err(|message| {
+        FetchError::Repository {
+            path: state_dir.join("repo").display().to_string(),
+            message: format!("the files of commit {commit} cannot be read: {message}"),
+        }
+    })?;
     let fetched = FetchedCommit::new(repo, commit, tree);
     info!(
         url = %shown,
