@@ -412,8 +412,10 @@ pub fn run() -> u8 {
         (Some(_), true) => Err(SyncError::Config(config::ConfigError(
             "--once cannot be combined with a command".into(),
         ))),
-        (Some(Command::Plan { json }), false) => sync::plan_only(&settings)
-            .map(|plan| print!("{}", crate::reconcile::render::output(&plan, *json))),
+        (Some(Command::Plan { json }), false) => sync::plan_only(&settings).map(|mut plan| {
+            crate::agent::healthy_file::warn_in_plan(&mut plan, &settings.state_dir);
+            print!("{}", crate::reconcile::render::output(&plan, *json))
+        }),
         (Some(Command::Validate { dir }), false) => {
             let dir = dir.clone().unwrap_or_else(|| PathBuf::from("."));
             sync::validate_dir(&settings, &dir).map(|d| {

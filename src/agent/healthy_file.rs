@@ -46,3 +46,23 @@ pub fn read(state_dir: &Path, vm: &str, fingerprint: &str) -> Result<String, Str
         None => Err(damaged("it has no vmsync tag".into())),
     }
 }
+
+/// Adds to `plan` a warning for each VM whose last healthy definition the record names
+/// but which is missing or damaged (`vmsync plan` shows it with what to do).
+pub fn warn_in_plan(plan: &mut crate::reconcile::plan::Plan, state_dir: &Path) {
+    let Ok(record) = state::load(state_dir) else {
+        return;
+    };
+    for vm in &mut plan.vms {
+        let Some(fingerprint) = record
+            .vms
+            .get(&vm.name)
+            .and_then(|r| r.healthy_fingerprint.as_deref())
+        else {
+            continue;
+        };
+        if let Err(why) = read(state_dir, &vm.name, fingerprint) {
+            vm.warnings.push(why);
+        }
+    }
+}
