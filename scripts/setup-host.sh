@@ -57,6 +57,10 @@ BUILD_PKGS=(gcc g++ libc6-dev pkg-config libvirt-dev libxml2-dev libssl-dev zlib
 # (tests/https_ca.rs); procps has kill and pgrep; systemd-container and
 # debootstrap boot a systemd container. Minimal images ship none of them.
 BUILD_PKGS+=(nix-bin systemd systemd-container debootstrap openssl python3 strace procps)
+# The Debian package (scripts/package.sh, checked by scripts/package-check.sh):
+# dpkg-shlibdeps (dpkg-dev) computes its library dependencies; cargo-deb itself is
+# installed by scripts/package.sh with cargo when missing.
+BUILD_PKGS+=(dpkg-dev)
 RUNTIME_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf
   openssh-server openssh-client

@@ -18,10 +18,23 @@ use crate::agent::sync::{self, SyncError};
 use crate::config::{self, Overrides};
 use crate::record::store;
 
+mod generate;
+
+/// `vmsync --version`: the version, the commit it was built from and the libvirt it was
+/// built against (build.rs; no libvirt connection is made).
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit ",
+    env!("VMSYNC_GIT_COMMIT"),
+    "\nbuilt against libvirt ",
+    env!("VMSYNC_LIBVIRT_VERSION"),
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "vmsync",
     version,
+    long_version = LONG_VERSION,
     about = "Git-ops pull agent for libvirt hosts"
 )]
 pub struct Cli {
@@ -321,6 +334,12 @@ fn print_once(r: Report) {
 
 /// Parses the arguments, runs the command and returns the exit status.
 pub fn run() -> u8 {
+    // Packaging only (man pages, completions): not a clap command, so that neither
+    // `--help` nor the completions offer it.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == generate::COMMAND) {
+        return generate::main(&args[2..]);
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let flags = Overrides {

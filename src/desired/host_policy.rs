@@ -44,6 +44,8 @@ struct Checker<'p> {
     /// The domain's `<name>`: whose files in libvirt's shared directories it may name.
     vm: String,
     out: Vec<Violation>,
+    /// The VM's own files in libvirt's shared directories that the XML names.
+    claims: Vec<host_access::Claim>,
 }
 
 fn element<'a, 'i>(node: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
@@ -90,12 +92,19 @@ impl Checker<'_> {
     /// or allowed path, or one of this VM's own files in libvirt's directories
     /// (`host_access::domain_path`).
     fn path(&mut self, node: Node, field: &str, raw: &str, usage: Use) {
-        if let Err(message) = host_access::domain_path(raw, &self.roots, &self.vm, usage) {
-            self.out.push(Violation {
+        match host_access::domain_path(raw, &self.roots, &self.vm, usage) {
+            Err(message) => self.out.push(Violation {
                 line: Self::line(node),
                 field: field.to_string(),
                 message,
-            });
+            }),
+            Ok(Some(path)) => self.claims.push(host_access::Claim {
+                line: Self::line(node),
+                field: field.to_string(),
+                path,
+                usage,
+            }),
+            Ok(None) => {}
         }
     }
 
@@ -616,12 +625,22 @@ const VIRTIOFSD: &[&str] = &[
 /// Checks a domain XML (already well-formed, see `domain_xml::summarize`) against the
 /// host policy. Returns every violation, in document order per kind.
 pub fn check(xml: &str, policy: &HostPolicy, disk_roots: &[PathBuf]) -> Vec<Violation> {
+    check_with_claims(xml, policy, disk_roots).0
+}
+
+/// [`check`], and the VM's own files in libvirt's shared directories that the XML names
+/// (for `host_access::shared_name_clashes`).
+pub fn check_with_claims(
+    xml: &str,
+    policy: &HostPolicy,
+    disk_roots: &[PathBuf],
+) -> (Vec<Violation>, Vec<host_access::Claim>) {
     let options = roxmltree::ParsingOptions {
         allow_dtd: false,
         ..Default::default()
     };
     let Ok(doc) = roxmltree::Document::parse_with_options(xml, options) else {
-        return Vec::new(); // summarize reports it
+        return (Vec::new(), Vec::new()); // summarize reports it
     };
     let root = doc.root_element();
     let mut roots = disk_roots.to_vec();
@@ -636,6 +655,7 @@ pub fn check(xml: &str, policy: &HostPolicy, disk_roots: &[PathBuf]) -> Vec<Viol
         roots,
         vm,
         out: Vec::new(),
+        claims: Vec::new(),
     };
     checker.namespaces(root);
     if let Some(os) = element(root, "os") {
@@ -696,7 +716,7 @@ pub fn check(xml: &str, policy: &HostPolicy, disk_roots: &[PathBuf]) -> Vec<Viol
             );
         }
     }
-    checker.out
+    (checker.out, checker.claims)
 }
 
 #[cfg(test)]

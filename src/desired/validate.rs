@@ -243,6 +243,7 @@ pub fn validate(
         }
     }
 
+    shared_name_clashes(&manifest, &vms, policy, &mut problems);
     let resources = crate::desired::network_pool_entries::validate(
         &manifest,
         files,
@@ -259,6 +260,44 @@ pub fn validate(
         vms,
         resources,
     })
+}
+
+/// A VM's own files in libvirt's shared directories are told by its name (`web.agent`,
+/// `web-serial0.log`): a VM whose name is another's plus `.`, `-` or `_` (`web-2`) owns
+/// files the shorter one could name too. Such a file named by the shorter one is refused.
+/// Only VMs with such a longer-named neighbour in the manifest are looked at again.
+fn shared_name_clashes(
+    manifest: &manifest::Manifest,
+    vms: &[DesiredVm],
+    policy: &Policy,
+    problems: &mut Vec<Problem>,
+) {
+    use crate::desired::host_access::{clashes, longer_names};
+    let names: Vec<&str> = manifest.vms.iter().map(|v| v.name.as_str()).collect();
+    for vm in vms {
+        let others = longer_names(&vm.name, &names);
+        if others.is_empty() {
+            continue;
+        }
+        let (_, claims) = crate::desired::host_policy::check_with_claims(
+            &vm.xml,
+            &policy.host_policy,
+            &policy.disk_roots,
+        );
+        for (claim, other) in clashes(&claims, &others) {
+            problems.push(Problem {
+                file: vm.xml_file.clone(),
+                // Lines of inline XML are not lines of the manifest.
+                line: claim.line.filter(|_| vm.xml_file != MANIFEST_FILE),
+                vm: Some(vm.name.clone()),
+                field: Some(claim.field.clone()),
+                message: format!(
+                    "host path '{}' in libvirt's directories is a file of vm '{other}' as much as of this one (their names differ only after a '.', '-' or '_'); name another file",
+                    claim.path.display()
+                ),
+            });
+        }
+    }
 }
 
 #[cfg(test)]
