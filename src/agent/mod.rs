@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod health;
 pub mod metrics;
+pub mod render_cmd;
 pub mod state;
 pub mod status;
 pub mod sync;

@@ -7,4 +7,5 @@ pub mod host_policy;
 pub mod manifest;
 pub mod resource_xml;
 pub mod resources;
+pub mod template_render;
 pub mod validate;

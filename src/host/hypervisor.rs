@@ -543,6 +543,10 @@ pub trait SchemaChecker {
     }
     /// Remembers that the file with `content_id` validated, with its summary.
     fn remember(&self, _content_id: &str, _summary: &crate::desired::domain_xml::DomainSummary) {}
+    /// Where rendered templates are remembered across syncs (none by default).
+    fn render_cache(&self) -> Option<&dyn crate::desired::template_render::RenderCache> {
+        None
+    }
     /// Checks a network or pool XML against libvirt's schema and parser (by default in a
     /// private test-driver connection, see `host::resources::check_xml`).
     fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
