@@ -433,7 +433,8 @@ pub fn run() -> u8 {
                     .as_ref()
                     .map(|h| h as &dyn crate::host::hypervisor::Hypervisor)
                     .map_err(Clone::clone);
-                let status = crate::agent::status::status(&record, hv_ref);
+                let mut status = crate::agent::status::status(&record, hv_ref);
+                crate::agent::status::check_local_state(&mut status, &record, &settings.state_dir);
                 if *json {
                     println!(
                         "{}",

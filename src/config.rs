@@ -100,6 +100,9 @@ struct RawPolicy {
     allow_block_devices: Option<bool>,
     allow_qemu_commandline: Option<bool>,
     allow_unconfined: Option<bool>,
+    health_commands: Option<Vec<PathBuf>>,
+    allow_link_local_hosts: Option<bool>,
+    allow_open_listeners: Option<bool>,
 }
 
 /// Values given on the command line; each overrides the config file's key.
@@ -290,6 +293,11 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         crate::desired::manifest::absolute_path(&path.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.allowed_paths entry: {e}")))?;
     }
+    let health_commands = raw.policy.health_commands.unwrap_or_default();
+    for path in &health_commands {
+        crate::desired::manifest::absolute_path(&path.to_string_lossy())
+            .map_err(|e| ConfigError(format!("invalid policy.health_commands entry: {e}")))?;
+    }
     let host_policy = crate::desired::host_policy::HostPolicy {
         allow_hostdev: raw.policy.allow_hostdev.unwrap_or(false),
         allow_direct_interfaces: raw.policy.allow_direct_interfaces.unwrap_or(false),
@@ -297,6 +305,9 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         allow_qemu_commandline: raw.policy.allow_qemu_commandline.unwrap_or(false),
         allow_unconfined: raw.policy.allow_unconfined.unwrap_or(false),
         allowed_paths,
+        health_commands,
+        allow_link_local_hosts: raw.policy.allow_link_local_hosts.unwrap_or(false),
+        allow_open_listeners: raw.policy.allow_open_listeners.unwrap_or(false),
     };
     let allowed_signers = flags.allowed_signers.clone().or(raw.trust.allowed_signers);
     if let Some(path) = &allowed_signers {
@@ -538,6 +549,36 @@ mod tests {
         assert_eq!(
             err.0,
             "invalid policy.disk_roots entry: path 'vm/images' must be absolute"
+        );
+    }
+
+    #[test]
+    fn host_access_keys_from_the_file_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let load_text = |text: &str| {
+            std::fs::write(&path, format!("[agent]\nhost = \"h\"\n[policy]\n{text}")).unwrap();
+            load(&Overrides {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+        };
+        let s = load_text("").unwrap();
+        assert!(s.host_policy.health_commands.is_empty());
+        assert!(!s.host_policy.allow_link_local_hosts && !s.host_policy.allow_open_listeners);
+        let s = load_text(
+            "health_commands = [\"/usr/local/lib/vmsync/checks/\"]\nallow_link_local_hosts = true\nallow_open_listeners = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.host_policy.health_commands,
+            vec![PathBuf::from("/usr/local/lib/vmsync/checks/")]
+        );
+        assert!(s.host_policy.allow_link_local_hosts && s.host_policy.allow_open_listeners);
+        let err = load_text("health_commands = [\"/usr/local/../../bin\"]\n").unwrap_err();
+        assert!(
+            err.0.starts_with("invalid policy.health_commands entry:") && err.0.contains("'..'"),
+            "{err}"
         );
     }
 

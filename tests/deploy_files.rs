@@ -492,6 +492,14 @@ fn nixos_settings_of_the_wrong_type_fail_evaluation_naming_the_option() {
             "`services.vmsync.settings.source.ssh_key' is not of type `null or absolute path",
         ),
         (
+            r#"settings.policy.health_commands = [ "checks/" ];"#,
+            "`services.vmsync.settings.policy.health_commands.[definition 1-entry 1]' is not of type `absolute path",
+        ),
+        (
+            r#"settings.policy.allow_open_listeners = "no";"#,
+            "`services.vmsync.settings.policy.allow_open_listeners' is not of type `boolean'",
+        ),
+        (
             r#"settings.policy.prune = "yes";"#,
             "`services.vmsync.settings.policy.prune' is not of type `boolean'",
         ),

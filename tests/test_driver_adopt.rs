@@ -373,3 +373,51 @@ fn import_writes_networks_and_pools_that_validate_and_adopting_them_converges() 
     let second = common::sync_head(&settings, &mut record, &hv).unwrap();
     assert!(second.plan.is_noop(), "{:?}", second.plan.resources);
 }
+
+#[test]
+fn import_force_never_writes_through_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let out = dir.path().join("repo");
+    std::fs::create_dir(&out).unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let missing = outside.path().join("made-through-a-link");
+    let out_arg = out.display().to_string();
+    let import = || vmsync(&["--connect", common::TEST_URI, "import", &out_arg, "--force"]);
+
+    // A link to a file outside, and one to a path that does not exist, at names import
+    // writes: refused, nothing written, both links still point where they did.
+    std::os::unix::fs::symlink(&victim, out.join("vmsync.toml")).unwrap();
+    std::os::unix::fs::symlink(&missing, out.join("README.md")).unwrap();
+    import()
+        .expect(2)
+        .stderr_has("vmsync.toml' is a symbolic link; vmsync import never writes through a link");
+    assert_eq!(std::fs::read_link(out.join("vmsync.toml")).unwrap(), victim);
+    assert_eq!(std::fs::read_link(out.join("README.md")).unwrap(), missing);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(!missing.exists());
+    assert!(!out.join("vms").exists() && !out.join("networks").exists());
+
+    // A folder import writes into (vms/) that links outside: refused the same way.
+    std::fs::remove_file(out.join("vmsync.toml")).unwrap();
+    std::fs::remove_file(out.join("README.md")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), out.join("vms")).unwrap();
+    import().expect(2).stderr_has("vms' is a symbolic link");
+    assert_eq!(
+        std::fs::read_dir(outside.path()).unwrap().count(),
+        1,
+        "only the victim is outside"
+    );
+    assert!(!out.join("vmsync.toml").exists());
+
+    // Without links, --force writes over plain files.
+    std::fs::remove_file(out.join("vms")).unwrap();
+    std::fs::write(out.join("vmsync.toml"), "old\n").unwrap();
+    import().expect(0);
+    assert!(
+        std::fs::read_to_string(out.join("vmsync.toml"))
+            .unwrap()
+            .contains("version = 1")
+    );
+}

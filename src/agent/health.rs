@@ -176,6 +176,11 @@ fn one(
                 fingerprint: tag.fingerprint,
             });
         }
+        if let Some(fp) = old.and_then(|r| r.healthy_fingerprint.as_deref())
+            && outcome.up
+        {
+            repair_healthy(stage.state_dir, name, fp, hv);
+        }
         return None;
     };
     let bad_xml = hv.xml(name, true).unwrap_or_default();
@@ -217,10 +222,18 @@ fn one(
     let healthy = old
         .and_then(|r| r.healthy_commit.clone().zip(r.healthy_fingerprint.clone()))
         .filter(|(_, fp)| *fp != plan.fingerprint);
-    let file = state::healthy_file(stage.state_dir, name);
-    let healthy_xml = healthy
+    let healthy_xml = match healthy
         .as_ref()
-        .and_then(|_| std::fs::read_to_string(&file).ok());
+        .map(|(_, fp)| crate::agent::healthy_file::read(stage.state_dir, name, fp))
+    {
+        Some(Err(damaged)) if spec.revert => {
+            error!(vm = %name, commit = %short, "not reverted: {damaged}");
+            result.result = HealthResult::Unhealthy;
+            result.reason = format!("{}; not reverted: {damaged}", result.reason);
+            return Some(Found::Checked(result));
+        }
+        read => read.and_then(Result::ok),
+    };
     match after_failure(spec, healthy_xml.is_some()) {
         AfterFailure::Keep(why) => {
             warn!(vm = %name, commit = %short, "not reverted: {why}");
@@ -288,6 +301,25 @@ fn one(
         }
     }
     Some(Found::Checked(result))
+}
+
+/// A damaged last healthy definition (see [`crate::agent::healthy_file`]) is written
+/// again when the VM runs that very definition (the same fingerprint); otherwise it is
+/// reported, and stays unused.
+fn repair_healthy(state_dir: &Path, name: &str, fingerprint: &str, hv: &dyn Hypervisor) {
+    let Err(damaged) = crate::agent::healthy_file::read(state_dir, name, fingerprint) else {
+        return;
+    };
+    let running = hv
+        .xml(name, true)
+        .ok()
+        .filter(|xml| domain_xml::read_tag(xml).is_some_and(|t| t.fingerprint == fingerprint));
+    match running {
+        Some(xml) if save_healthy(state_dir, name, &xml).is_some() => {
+            warn!(vm = %name, "{damaged}; written again from the domain, which runs that definition");
+        }
+        _ => error!(vm = %name, "{damaged}"),
+    }
 }
 
 /// Writes `xml` as `name`'s last healthy definition; `None` (logged) when it failed.

@@ -3,9 +3,11 @@
 
 pub mod daemon;
 pub mod health;
+pub mod healthy_file;
 pub mod metrics;
 pub mod render_cmd;
 pub mod state;
 pub mod status;
 pub mod sync;
 pub mod webhook;
+pub mod webhook_guard;

@@ -229,8 +229,14 @@ pub fn now_rfc3339() -> String {
 pub fn load(state_dir: &Path) -> anyhow::Result<Record> {
     let path = state_dir.join(STATE_FILE);
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| anyhow::anyhow!("state file '{}' is corrupt: {e}", path.display())),
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "state file '{}' is corrupt: {e}; vmsync does not guess what it held: move it aside (mv {} {}.damaged) and run again: the domains' and networks' vmsync tags keep what was applied (pools vmsync defined then need `adopt = true` once)",
+                path.display(),
+                path.display(),
+                path.display()
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Record::default()),
         Err(e) => Err(anyhow::anyhow!(
             "failed to read state file '{}': {e}",
@@ -242,6 +248,8 @@ pub fn load(state_dir: &Path) -> anyhow::Result<Record> {
 /// Writes the record atomically: a reader (or a crash) sees the old or the new file.
 /// Streamed into the file: a thousand VMs' records are not held a second time as text.
 pub fn save(state_dir: &Path, record: &Record) -> anyhow::Result<()> {
+    // The record's write is lost (a full disk, a crash): tests/faults.rs.
+    crate::crash_point("record-write");
     write_atomic_with(&state_dir.join(STATE_FILE), |file| {
         let mut out = std::io::BufWriter::new(file);
         serde_json::to_writer_pretty(&mut out, record)?;

@@ -22,6 +22,10 @@ pub struct VmStatus {
     /// The last health check's result, the last healthy commit and a held back commit
     /// (`null` for a VM never checked: no `[vm.health]`).
     pub health: Option<crate::reconcile::health::HealthView>,
+    /// Damaged local state of this VM (its last healthy definition), with what to do;
+    /// left out when there is none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub state_problems: Vec<String>,
 }
 
 /// The whole status view (`vmsync status --json` prints it).
@@ -42,6 +46,23 @@ pub struct Status {
     pub networks: Vec<crate::reconcile::resources::ResourceStatus>,
     /// Storage pools vmsync manages.
     pub pools: Vec<crate::reconcile::resources::ResourceStatus>,
+}
+
+/// Adds to `status` what is wrong with the local state of each VM: a last healthy
+/// definition the record names that is missing or damaged.
+pub fn check_local_state(status: &mut Status, record: &Record, state_dir: &std::path::Path) {
+    for vm in &mut status.vms {
+        let Some(fingerprint) = record
+            .vms
+            .get(&vm.name)
+            .and_then(|r| r.healthy_fingerprint.as_deref())
+        else {
+            continue;
+        };
+        if let Err(why) = crate::agent::healthy_file::read(state_dir, &vm.name, fingerprint) {
+            vm.state_problems.push(why);
+        }
+    }
 }
 
 /// Builds the status view; `hv` is `Err` when libvirt could not be reached.
@@ -75,6 +96,7 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
                 drift: Vec::new(),
                 last_error: rec.last_error.clone(),
                 health: crate::reconcile::health::HealthView::of(rec),
+                state_problems: Vec::new(),
             };
             if let Some((hv, listing)) = &listing {
                 let seen = listing.iter().find(|d| &d.name == name);
@@ -200,6 +222,7 @@ pub fn render_text(s: &Status) -> String {
             .unwrap_or("-");
         let mut notes = vm.drift.clone();
         notes.extend(vm.last_error.iter().map(|e| format!("error: {e}")));
+        notes.extend(vm.state_problems.iter().cloned());
         out += &format!(
             "{:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
             vm.name,

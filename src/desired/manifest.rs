@@ -6,7 +6,7 @@
 //! normalized [`PathBuf`]s. Checks that need more than one VM, the XML or the host policy
 //! live in `validate`.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -28,17 +28,19 @@ pub struct Problem {
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.file)?;
+        // Every part escaped: a name or path with a newline or ESC is shown, not obeyed.
+        let esc = crate::desired::path_rule::escape;
+        write!(f, "{}", esc(&self.file))?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
         }
         if let Some(vm) = &self.vm {
-            write!(f, ": vm '{vm}'")?;
+            write!(f, ": vm '{}'", crate::desired::path_rule::shown(vm, 80))?;
         }
         if let Some(field) = &self.field {
-            write!(f, ": field '{field}'")?;
+            write!(f, ": field '{}'", esc(field))?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", esc(&self.message))
     }
 }
 
@@ -218,14 +220,9 @@ fn volume_disk(
     };
     let before = problems.len();
     for (value, key) in [(&pool, "pool"), (&volume, "volume")] {
-        let v = value.get_ref();
-        if v.is_empty() || v.contains('/') || v.chars().any(char::is_control) {
-            problems.push(problem(
-                value.span(),
-                vm,
-                &field(key),
-                format!("'{v}' must be non-empty and contain no '/' or control characters"),
-            ));
+        let what = if key == "pool" { "pool" } else { "volume" };
+        if let Err(message) = crate::desired::path_rule::check_name(what, value.get_ref()) {
+            problems.push(problem(value.span(), vm, &field(key), message));
         }
     }
     let size = parse_size(disk.size.get_ref())
@@ -333,14 +330,13 @@ fn parse_resources(
             line: Some(line_of(text, span.start)),
             vm: None,
             field: Some(format!("{kind}.{field}")),
-            message: format!("{kind} '{name}': {message}"),
+            message: format!(
+                "{kind} '{}': {message}",
+                crate::desired::path_rule::shown(&name, 80)
+            ),
         };
-        if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
-            problems.push(at(
-                r.name.span(),
-                "name",
-                "a name must be non-empty and contain no '/' or control characters".into(),
-            ));
+        if let Err(message) = crate::desired::path_rule::check_name(kind.as_str(), &name) {
+            problems.push(at(r.name.span(), "name", message));
         }
         let mut report = |span, field: &str, message| problems.push(at(span, field, message));
         let xml = xml_source(r.xml, r.xml_inline, r.name.span(), &mut report);
@@ -573,21 +569,10 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
     .then(|| key.to_string())
 }
 
-/// Checks that `raw` is an absolute path without `.`/`..` components and returns it.
+/// Checks that `raw` is a host path by the one path rule (`path_rule::absolute`:
+/// absolute, no `.`/`..`, no control characters, bounded length) and returns it.
 pub fn absolute_path(raw: &str) -> Result<PathBuf, String> {
-    let path = Path::new(raw);
-    if !path.is_absolute() {
-        return Err(format!("path '{raw}' must be absolute"));
-    }
-    if path
-        .components()
-        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
-        || raw.contains("/./")
-        || raw.ends_with("/.")
-    {
-        return Err(format!("path '{raw}' must not contain '.' or '..'"));
-    }
-    Ok(path.components().collect())
+    crate::desired::path_rule::absolute(raw)
 }
 
 /// Parses `vmsync.toml`. Returns every problem found, not just the first.
@@ -657,13 +642,8 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
         let name = raw_vm.name.get_ref().clone();
         let line = lines.at(raw_vm.name.span().start);
         let vm = Some(name.as_str());
-        if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
-            problems.push(problem(
-                raw_vm.name.span(),
-                vm,
-                "name",
-                "a vm name must be non-empty and contain no '/' or control characters".into(),
-            ));
+        if let Err(message) = crate::desired::path_rule::check_name("vm", &name) {
+            problems.push(problem(raw_vm.name.span(), vm, "name", message));
         }
         let mut report =
             |span, field: &str, message| problems.push(problem(span, vm, field, message));

@@ -3,8 +3,10 @@
 //! `SchemaChecker` it is handed.
 
 pub mod domain_xml;
+pub mod host_access;
 pub mod host_policy;
 pub mod manifest;
+pub mod path_rule;
 pub mod resource_xml;
 pub mod resources;
 pub mod template_render;

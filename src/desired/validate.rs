@@ -303,6 +303,21 @@ pub fn validate(
         {
             problems.push(at(&xml_file, None, "xml", message.to_string()));
         }
+        // A check command runs on the host: only a program the host's policy allows.
+        let health = vm.health.clone().map(|mut spec| {
+            if let Some(command) = spec.command.as_mut() {
+                match crate::desired::host_access::health_program(
+                    &command[0],
+                    &policy.host_policy.health_commands,
+                ) {
+                    Ok(program) => command[0] = program.to_string_lossy().into_owned(),
+                    Err(message) => {
+                        problems.push(at(MANIFEST_FILE, Some(vm.line), "health.command", message))
+                    }
+                }
+            }
+            spec
+        });
         if problems.len() == before {
             if let (Some(id), false) = (&content_id, was_cached) {
                 schema.remember(id, &summary);
@@ -323,7 +338,7 @@ pub fn validate(
                 shutdown_timeout: vm.shutdown_timeout,
                 self_heal: vm.self_heal,
                 adopt: vm.adopt,
-                health: vm.health.clone(),
+                health,
             });
         }
     }

@@ -22,8 +22,12 @@ use crate::reconcile::health::HealthSpec;
 /// How often a settling domain's state is polled, and a child's exit.
 const POLL: Duration = Duration::from_millis(250);
 
-/// Most of a command's output kept for the log.
-const OUTPUT_LIMIT: usize = 64 * 1024;
+/// Most of a command's output read for the log.
+const OUTPUT_LIMIT: usize = 4 * 1024;
+/// Most lines of a command's output logged.
+const OUTPUT_LINES: usize = 20;
+/// Most characters of one output line logged.
+const OUTPUT_LINE_CHARS: usize = 200;
 
 /// How a check ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,7 +129,7 @@ fn run_command(
     deadline: Instant,
     cancel: &AtomicBool,
 ) -> Result<(), Verdict> {
-    let shown = command.join(" ");
+    let shown = crate::desired::path_rule::escape(&command.join(" "));
     let output = tempfile::tempfile().map_err(|e| {
         Verdict::Unhealthy(format!("failed to make the output file of '{shown}': {e}"))
     })?;
@@ -182,15 +186,41 @@ fn run_command(
     }
 }
 
-/// Logs a command's output, line by line.
+/// Logs the start of a command's output, bounded and escaped: at most
+/// [`OUTPUT_LINES`] lines of at most [`OUTPUT_LINE_CHARS`] characters from the first
+/// [`OUTPUT_LIMIT`] bytes, control characters shown as escapes (a check's output must
+/// not fill the journal or forge log lines, and is not meant to carry data).
 fn log_output(vm: &str, command: &str, mut file: std::fs::File) {
     use std::io::Seek;
     let mut bytes = Vec::new();
+    let total = file.seek(std::io::SeekFrom::End(0)).unwrap_or(0);
     let _ = file.seek(std::io::SeekFrom::Start(0));
     let _ = file.take(OUTPUT_LIMIT as u64).read_to_end(&mut bytes);
-    for line in String::from_utf8_lossy(&bytes).lines() {
+    let (lines, omitted) = bounded_output(&bytes, total);
+    for line in lines {
         info!(vm = %vm, command = %command, line = %line, "health command output");
     }
+    if omitted > 0 {
+        info!(vm = %vm, command = %command, omitted_bytes = omitted, "health command output cut");
+    }
+}
+
+/// The lines [`log_output`] logs, and how many bytes of `total` it leaves out.
+fn bounded_output(bytes: &[u8], total: u64) -> (Vec<String>, u64) {
+    let text = String::from_utf8_lossy(bytes);
+    let mut shown = 0usize;
+    let mut lines = Vec::new();
+    for line in text.split_inclusive('\n').take(OUTPUT_LINES) {
+        shown += line.len();
+        let line = line.trim_end_matches(['\n', '\r']);
+        let cut: String = line.chars().take(OUTPUT_LINE_CHARS).collect();
+        let mut escaped = crate::desired::path_rule::escape(&cut);
+        if cut.len() < line.len() {
+            escaped.push('…');
+        }
+        lines.push(escaped);
+    }
+    (lines, total.saturating_sub(shown.min(bytes.len()) as u64))
 }
 
 /// Puts `healthy_xml` back as the definition of `name`, in place (the same UUID, so the
@@ -297,6 +327,27 @@ mod tests {
                 ))
             }
         }
+    }
+
+    #[test]
+    fn a_commands_output_is_logged_bounded_and_escaped() {
+        let mut out = String::from("ok\x1b[2J\nroot:$6$secret\r\n");
+        out += &"x".repeat(500);
+        out += "\n";
+        for i in 0..100 {
+            out += &format!("line {i}\n");
+        }
+        let (lines, omitted) = bounded_output(out.as_bytes(), out.len() as u64 + 1_000_000);
+        assert_eq!(lines.len(), OUTPUT_LINES);
+        assert_eq!(lines[0], "ok\\u{1b}[2J");
+        assert_eq!(lines[1], "root:$6$secret");
+        assert_eq!(
+            lines[2].chars().count(),
+            OUTPUT_LINE_CHARS + 1,
+            "cut with …"
+        );
+        assert!(omitted > 1_000_000, "{omitted}");
+        assert!(lines.iter().all(|l| !l.chars().any(char::is_control)));
     }
 
     fn spec(settle_ms: u64, timeout_ms: u64, command: Option<Vec<String>>) -> HealthSpec {

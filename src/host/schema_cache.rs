@@ -73,11 +73,16 @@ impl CachedSchema {
         let path = state_dir.map(|d| d.join(CACHE_FILE));
         let file = path
             .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|bytes| {
-                serde_json::Deserializer::from_slice(&bytes)
+            .and_then(|p| std::fs::read(p).ok().map(|bytes| (p, bytes)))
+            .and_then(|(p, bytes)| {
+                let first = serde_json::Deserializer::from_slice(&bytes)
                     .into_iter::<CacheFile>()
-                    .next()?
+                    .next()?;
+                // Damaged: said, and rebuilt (a cache: what it held is checked again).
+                first
+                    .map_err(|e| {
+                        tracing::warn!(path = %p.display(), error = %e, "the schema cache is damaged; starting it again (a cache: nothing to do)");
+                    })
                     .ok()
             })
             .filter(|c| c.libvirt_version == version && c.context == context)

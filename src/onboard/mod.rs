@@ -6,7 +6,10 @@
 //! - [`adopt`]: the planner's part of `adopt = true` (which action, or why not). Pure.
 //! - [`import`]: `vmsync import`, which reads the host's domains, networks and pools
 //!   (never changes them) and writes a VM repository.
+//! - [`output`]: how import writes its files (never through a link) and what it leaves
+//!   out of them (`<qemu:env>` values).
 
 pub mod adopt;
 pub mod definition;
 pub mod import;
+pub mod output;

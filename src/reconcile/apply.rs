@@ -75,11 +75,15 @@ impl VmOutcome {
                 last_error: None,
                 pending_restart: self.pending_restart,
                 // The new baseline; else the old one (kept while drift is only
-                // reported); else, first seen converged, the definition as it is.
+                // reported) when it is this definition's; else (first seen converged,
+                // or the record of vmsync's last define was lost) the definition as it
+                // is.
                 definition_hash: self
                     .definition_hash
                     .clone()
-                    .or(old.definition_hash)
+                    .or(old
+                        .definition_hash
+                        .filter(|_| old.fingerprint.as_deref() == Some(self.fingerprint.as_str())))
                     .or(self.previous_hash.clone()),
                 state: Some(self.state),
                 drift: self.drift.clone(),

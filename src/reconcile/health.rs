@@ -128,6 +128,34 @@ impl HealthSpec {
     }
 }
 
+impl HealthSpec {
+    /// The check in one line, for `vmsync plan`: `settle 30s, command
+    /// '/usr/local/lib/vmsync/checks/web' '--timeout' '5', timeout 5m, revert`
+    /// (each argument quoted and escaped).
+    pub fn describe(&self) -> String {
+        let mut parts = vec![format!(
+            "settle {}",
+            humantime::format_duration(self.settle)
+        )];
+        if self.guest_agent {
+            parts.push("guest agent ping".into());
+        }
+        if let Some(command) = &self.command {
+            let words: Vec<String> = command
+                .iter()
+                .map(|w| format!("'{}'", crate::desired::path_rule::escape(w)))
+                .collect();
+            parts.push(format!("command {} (no shell)", words.join(" ")));
+        }
+        parts.push(format!(
+            "timeout {}",
+            humantime::format_duration(self.timeout)
+        ));
+        parts.push(if self.revert { "revert" } else { "no revert" }.into());
+        parts.join(", ")
+    }
+}
+
 /// A VM's health after the last check (`status`, metrics, the record).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::EnumIter, strum::IntoStaticStr,
@@ -362,6 +390,10 @@ pub struct HealthView {
     pub last_healthy_commit: Option<String>,
     /// The commit whose definition of this VM is held back (`null`: none).
     pub held_back: Option<String>,
+    /// What the check does (`[vm.health]`: settle, guest agent, the command run on the
+    /// host); set by the planner, `null` in a record's view.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
 
 impl HealthView {
@@ -371,6 +403,7 @@ impl HealthView {
             result: record.health,
             last_healthy_commit: record.healthy_commit.clone(),
             held_back: record.held_back.as_ref().map(|h| h.commit.clone()),
+            check: None,
         };
         (view != HealthView::default()).then_some(view)
     }
@@ -388,6 +421,9 @@ impl HealthView {
         }
         if let Some(c) = &self.held_back {
             parts.push(format!("held back: commit {}", short(c)));
+        }
+        if let Some(check) = &self.check {
+            parts.push(format!("check: {check}"));
         }
         parts.join("; ")
     }

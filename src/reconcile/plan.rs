@@ -313,6 +313,9 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
             if p.health.is_none() && vm.health.is_some() {
                 p.health = Some(Default::default());
             }
+            if let (Some(view), Some(spec)) = (p.health.as_mut(), vm.health.as_ref()) {
+                view.check = Some(spec.describe());
+            }
             p
         })
         .collect();
@@ -496,6 +499,7 @@ fn plan_vm(
         ),
         _ => Vec::new(),
     };
+    let drift = drift::against_commit(drift, vm.autostart, vm.state);
     out.drift = drift.iter().map(ToString::to_string).collect();
     out.drift_reported_only = !drift.is_empty() && !heal;
     let has = |pred: fn(&Drift) -> bool| drift.iter().any(pred);
@@ -1453,6 +1457,34 @@ mod tests {
             ]
         );
         assert_eq!(p.vms[0].error, None);
+    }
+
+    #[test]
+    fn the_plan_shows_what_a_health_check_runs() {
+        let mut vm = desired_vm("web", 1024, true, vec![]);
+        vm.health = Some(crate::reconcile::health::HealthSpec {
+            settle: std::time::Duration::from_secs(30),
+            command: Some(vec![
+                "/usr/local/lib/vmsync/checks/web".into(),
+                "--timeout".into(),
+                "5\nx".into(),
+            ]),
+            timeout: std::time::Duration::from_secs(300),
+            revert: true,
+            guest_agent: false,
+        });
+        let desired = Desired {
+            directories: vec![],
+            vms: vec![vm],
+            resources: Default::default(),
+        };
+        let obs = observed(vec![], vec![], vec![]);
+        let p = plan_with(&desired, &obs, &ChangePolicy::default());
+        let text = crate::reconcile::render::render(&p);
+        assert!(
+            text.contains("health: not checked; check: settle 30s, command '/usr/local/lib/vmsync/checks/web' '--timeout' '5\\nx' (no shell), timeout 5m, revert"),
+            "{text}"
+        );
     }
 
     #[test]

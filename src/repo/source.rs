@@ -13,12 +13,14 @@
 //! and `file://` both use libgit2's local transport).
 //!
 //! Credentials: for SSH, the configured private key ([`SourceSettings::ssh_key`], no
-//! passphrase) or else the ssh-agent; for HTTPS, the token in
+//! passphrase) or else the ssh-agent; for HTTP(S), the token in
 //! [`SourceSettings::token_file`] as the password, with the user name from the URL or
 //! `x-access-token`. A refused credential, or a key or token file that cannot be read,
 //! is a [`FetchError::Credentials`] naming the file. libgit2 may ask again after a
 //! refusal (HTTP does, every time), so the callback gives up after [`MAX_AUTH_ATTEMPTS`]
-//! offers. Passwords embedded in a URL are masked in logs and errors.
+//! offers; `https://` goes through vmsync's own transport ([`super::https`], which
+//! keeps TLS out of processes that do not need it), which offers the token once.
+//! Passwords embedded in a URL are masked in logs and errors.
 //!
 //! SSH host keys are checked by libgit2 itself, against `$HOME/.ssh/known_hosts`; this
 //! module installs no certificate callback and so never weakens that check. An unknown
@@ -36,6 +38,7 @@ use git2::{AutotagOption, CredentialType, FetchOptions, Oid, RemoteCallbacks, Re
 use tracing::{debug, info, warn};
 
 use crate::repo::files::{FileError, MAX_FILE_BYTES, RepoFiles, check_repo_path, decode};
+use crate::repo::https;
 
 /// Name of the only remote of the local clone.
 const REMOTE: &str = "origin";
@@ -268,7 +271,13 @@ impl RepoFiles for FetchedCommit {
 
 /// Clones (first run) or fetches (later runs) `settings.branch` into `<state_dir>/repo`
 /// (a bare repository, created if missing) and returns the commit the branch points to.
+/// A damaged clone is moved aside and cloned again once ([`clone_repair`]).
 pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommit, FetchError> {
+    super::clone_repair::recovering(state_dir, || fetch_once(settings, state_dir))
+}
+
+/// [`fetch`] without the repair.
+fn fetch_once(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommit, FetchError> {
     let url = remote_url(&settings.url)?;
     // For logs and errors: never show a password embedded in the URL.
     let shown = redact(&url);
@@ -284,6 +293,7 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
         message: e.message().to_string(),
     };
 
+    https::register();
     let repo = open_or_init(&state_dir.join("repo"))?;
     let mut remote = match repo.find_remote(REMOTE) {
         Ok(remote) if remote.url_bytes() == url.as_bytes() => remote,
@@ -314,10 +324,19 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
         // Nothing reads FETCH_HEAD: the tracking ref says what was fetched.
         .update_fetchhead(false);
     debug!(url = %shown, branch = %branch, "fetching");
-    if let Err(e) = remote.fetch(&[refspec.as_str()], Some(&mut options), None) {
+    let (fetched, refused) = https::with_token_file(settings.token_file.as_deref(), || {
+        remote.fetch(&[refspec.as_str()], Some(&mut options), None)
+    });
+    if let Err(e) = fetched {
         drop(options);
         let error = auth
             .take_error()
+            .or_else(|| {
+                refused.map(|message| FetchError::Credentials {
+                    url: shown.clone(),
+                    message,
+                })
+            })
             .or_else(|| auth.refused(&e))
             .unwrap_or_else(|| fetch_error(&e));
         return Err(error);
@@ -361,6 +380,14 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
             message: format!("'{tracking}' is at {commit} but the remote advertised {advertised}"),
         });
     }
+    // The pinned commit's files must all be there: a clone that lost objects would
+    // otherwise fail later, at validation, as if the commit were invalid.
+    super::clone_repair::pinned_tree_readable(&repo, tree).map_err(|message| {
+        FetchError::Repository {
+            path: state_dir.join("repo").display().to_string(),
+            message: format!("the files of commit {commit} cannot be read: {message}"),
+        }
+    })?;
     let fetched = FetchedCommit::new(repo, commit, tree);
     info!(
         url = %shown,
@@ -617,15 +644,10 @@ impl<'a> Auth<'a> {
                 );
             };
             self.count_attempt(format!("token from '{}'", file.display()))?;
-            let token = std::fs::read_to_string(file)
-                .map_err(|e| format!("cannot read token file '{}': {e}", file.display()))?;
-            let token = token.trim();
-            if token.is_empty() {
-                return Err(format!("token file '{}' is empty", file.display()));
-            }
+            let token = https::read_token(file)?;
             let user = username.unwrap_or("x-access-token");
             debug!(user = %user, token_file = %file.display(), "offering token");
-            return git2::Cred::userpass_plaintext(user, token).map_err(libgit2);
+            return git2::Cred::userpass_plaintext(user, &token).map_err(libgit2);
         }
         if allowed.contains(CredentialType::USERNAME) {
             return git2::Cred::username(username.unwrap_or("git")).map_err(libgit2);

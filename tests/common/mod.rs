@@ -348,6 +348,9 @@ pub struct Env {
     pub prefix: String,
     /// Flags added to every run.
     pub flags: Vec<String>,
+    /// The agent config file of every run (`--config`); `None`: `/dev/null`. For the
+    /// `[policy]` keys that have no flag (flags still win over it).
+    pub config_file: Option<PathBuf>,
     owner: Images,
 }
 
@@ -362,6 +365,7 @@ impl Env {
             uri: TEST_URI.to_string(),
             prefix: String::new(),
             flags: Vec::new(),
+            config_file: None,
             owner: Images::Temp(images),
         }
     }
@@ -382,6 +386,7 @@ impl Env {
             uri: SYSTEM_URI.to_string(),
             prefix,
             flags: Vec::new(),
+            config_file: None,
             owner: Images::System(cleanup),
         })
     }
@@ -476,7 +481,12 @@ impl Env {
     pub fn command_at(&self, extra: &[&str], url: Option<&str>, uri: Option<&str>) -> Command {
         let repo = self.repo.path().display().to_string();
         let mut cmd = vmsync_command();
-        cmd.args(["--config", "/dev/null"])
+        let config = self
+            .config_file
+            .as_deref()
+            .unwrap_or(Path::new("/dev/null"));
+        cmd.arg("--config")
+            .arg(config)
             .args(extra)
             .args(self.args_at(url.unwrap_or(&repo), uri.unwrap_or(&self.uri)));
         cmd
