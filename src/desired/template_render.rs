@@ -346,6 +346,8 @@ impl<'a> Renderer<'a> {
             && hit
                 .deps
                 .iter()
+                // The template's own blob id is part of the key.
+                .filter(|(path, _)| path != template)
                 .all(|(path, id)| self.files.content_id(path) == *id)
         {
             return Ok(RenderedVm {
