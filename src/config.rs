@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::reconcile::policy::ChangePolicy;
 use crate::repo::source::SourceSettings;
 
 /// Where the config file is read from when `--config` is not given (it may be absent).
@@ -128,37 +129,6 @@ pub struct Overrides {
     pub probe_url: Option<String>,
 }
 
-/// How changes, drift and pruning are handled (`[policy]`, see docs/configuration.md).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChangePolicy {
-    /// `[policy] self_heal` / `--self-heal`: put drifted domains back to the commit
-    /// (definition, autostart flag, power state); false only reports. Default true.
-    pub self_heal: bool,
-    /// `[policy] prune` / `--prune`: shut down and undefine (keeping NVRAM and TPM state,
-    /// never disks) tagged domains no longer in the manifest for this host. Default false.
-    pub prune: bool,
-    /// `[policy] max_prune` / `--max-prune`: more prunes than this in one commit are
-    /// refused without `--allow-mass-prune`. Default 5.
-    pub max_prune: usize,
-    /// `[policy] shutdown_timeout` / `--shutdown-timeout`: default graceful-shutdown
-    /// timeout before a destroy (VMs override it with `shutdown_timeout`). Default "120s".
-    pub shutdown_timeout: std::time::Duration,
-    /// `--allow-mass-prune` (with `--once` only): lift the prune guards for this run.
-    pub allow_mass_prune: bool,
-}
-
-impl Default for ChangePolicy {
-    fn default() -> Self {
-        Self {
-            self_heal: true,
-            prune: false,
-            max_prune: 5,
-            shutdown_timeout: crate::desired::manifest::DEFAULT_SHUTDOWN_TIMEOUT,
-            allow_mass_prune: false,
-        }
-    }
-}
-
 /// The checked settings every command runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -195,7 +165,7 @@ pub struct Settings {
     pub changes: ChangePolicy,
     /// `[policy] allow_*` and `allowed_paths`: what domain XML may ask of this host
     /// (see `host_policy`); default: nothing beyond disk images under `disk_roots`.
-    pub host_policy: crate::desired::host_policy::HostPolicy,
+    pub host_policy: crate::desired::host_policy_settings::HostPolicy,
     /// `[trust] allowed_signers` / `--allowed-signers`: when set, only commits with a valid
     /// SSH signature by a key in this file (git's `gpg.ssh.allowedSignersFile` format) are
     /// applied; default none (signatures are not checked).
@@ -285,20 +255,20 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         flags.disk_roots.clone()
     };
     for root in &disk_roots {
-        crate::desired::manifest::absolute_path(&root.to_string_lossy())
+        crate::desired::values::absolute_path(&root.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.disk_roots entry: {e}")))?;
     }
     let allowed_paths = raw.policy.allowed_paths.unwrap_or_default();
     for path in &allowed_paths {
-        crate::desired::manifest::absolute_path(&path.to_string_lossy())
+        crate::desired::values::absolute_path(&path.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.allowed_paths entry: {e}")))?;
     }
     let health_commands = raw.policy.health_commands.unwrap_or_default();
     for path in &health_commands {
-        crate::desired::manifest::absolute_path(&path.to_string_lossy())
+        crate::desired::values::absolute_path(&path.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.health_commands entry: {e}")))?;
     }
-    let host_policy = crate::desired::host_policy::HostPolicy {
+    let host_policy = crate::desired::host_policy_settings::HostPolicy {
         allow_hostdev: raw.policy.allow_hostdev.unwrap_or(false),
         allow_direct_interfaces: raw.policy.allow_direct_interfaces.unwrap_or(false),
         allow_block_devices: raw.policy.allow_block_devices.unwrap_or(false),
@@ -327,7 +297,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         .or(raw.policy.shutdown_timeout.clone())
     {
         None => defaults.shutdown_timeout,
-        Some(text) => crate::desired::manifest::parse_timeout(&text)
+        Some(text) => crate::desired::values::parse_timeout(&text)
             .map_err(|e| ConfigError(format!("invalid policy.shutdown_timeout: {e}")))?,
     };
     let changes = ChangePolicy {

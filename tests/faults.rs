@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{Env, Manifest, Run};
-use vmsync::agent::state::SyncResult;
+
+use vmsync::record::SyncResult;
 
 /// The one VM of these tests.
 const VM: &str = "vm";
@@ -209,7 +210,7 @@ fn a_full_disk_root_fails_the_vm_leaves_no_partial_image_and_recovers() {
 #[cfg(feature = "failpoints")]
 mod crashes {
     use super::*;
-    use vmsync::agent::state;
+    use vmsync::record::{self, store};
 
     fn crash_at(env: &Env, point: &str) {
         let out = env
@@ -238,7 +239,7 @@ mod crashes {
             "the crash left the temporary image"
         );
         assert!(!env.disk(VM).exists(), "but nothing at the real path");
-        assert_eq!(env.record(), state::Record::default(), "no record written");
+        assert_eq!(env.record(), record::Record::default(), "no record written");
         recovers(&env);
         assert!(
             !tmp_disk(&env).exists(),
@@ -259,15 +260,15 @@ mod crashes {
         let env = committed(Env::new());
         // First ever record: none is there after the crash, and the next run makes it.
         crash_at(&env, "before-rename");
-        assert!(!env.state.path().join(state::STATE_FILE).exists());
+        assert!(!env.state.path().join(store::STATE_FILE).exists());
         recovers(&env);
-        let old = std::fs::read(env.state.path().join(state::STATE_FILE)).unwrap();
+        let old = std::fs::read(env.state.path().join(store::STATE_FILE)).unwrap();
         // A newer commit: the crash leaves the old record byte for byte.
         write_vm(&env, 256);
         env.repo.commit("more memory");
         crash_at(&env, "before-rename");
         assert_eq!(
-            std::fs::read(env.state.path().join(state::STATE_FILE)).unwrap(),
+            std::fs::read(env.state.path().join(store::STATE_FILE)).unwrap(),
             old,
             "the record is the old one, whole"
         );
@@ -463,7 +464,7 @@ fn a_network_failure_leaves_a_sound_clone_alone() {
 fn a_damaged_record_is_reported_with_what_to_do_and_never_guessed() {
     let env = committed(Env::new());
     once(&env).expect(0);
-    let file = env.state.path().join(vmsync::agent::state::STATE_FILE);
+    let file = env.state.path().join(vmsync::record::store::STATE_FILE);
     std::fs::write(&file, "{\"last_applied_commit\": \"abc").unwrap();
     let run = once(&env);
     assert_ne!(run.code, 0, "{}", run.stderr);

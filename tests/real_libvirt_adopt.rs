@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Env, bios_xml, sha256_file, uefi_tpm_xml, virsh_system_ok as virsh_ok};
+
 use vmsync::desired::domain_xml;
 use vmsync::onboard::definition;
 

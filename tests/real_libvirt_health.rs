@@ -629,6 +629,10 @@ fn real_damaged_healthy_definition_is_reported_repaired_or_never_used() {
     env.run(&["status"])
         .expect(0)
         .stdout_has("is damaged (not UTF-8)");
+    env.run(&["plan"])
+        .expect(0)
+        .stdout_has("warning: the last healthy definition")
+        .stdout_has("is damaged (not UTF-8); it is not used: restore it from a backup");
     env.run(&["--once"])
         .expect(0)
         .stderr_has("written again from the domain, which runs that definition");

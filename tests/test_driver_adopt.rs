@@ -8,11 +8,12 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{Env, Manifest, Vm, bios_xml, listing, sha256_file, vmsync};
-use vmsync::agent::state;
+
 use vmsync::agent::sync::{self, SyncError};
 use vmsync::desired::domain_xml;
 use vmsync::host::hypervisor::{Hypervisor, Libvirt};
 use vmsync::onboard::{definition, import};
+use vmsync::record;
 
 const TAG_ONLY: &str = "adopt (tag only: the definition is the commit's)";
 
@@ -127,7 +128,7 @@ fn import_writes_a_valid_repo_and_adopting_it_only_adds_the_tag() {
     assert_eq!(vm.diff, None);
     assert_eq!(hv.xml(web, true).unwrap(), before, "plan changes nothing");
 
-    let mut record = state::Record::default();
+    let mut record = record::Record::default();
     let first = common::sync_head(&settings, &mut record, &hv).unwrap();
     assert_eq!(common::done(&first, web), [TAG_ONLY]);
     assert!(!first.outcome.vms[0].pending_restart, "tagged live too");
@@ -198,7 +199,7 @@ fn adopt_redefines_a_changed_definition_in_place_and_refuses_another_uuid() {
     let json = serde_json::to_value(plan.to_json()).unwrap();
     assert_eq!(json["vms"][0]["actions"][0]["kind"], "adopt");
 
-    let mut record = state::Record::default();
+    let mut record = record::Record::default();
     let err = common::sync_head(&settings, &mut record, &hv).unwrap_err();
     assert!(
         matches!(
@@ -300,7 +301,7 @@ fn the_import_command_refuses_a_non_empty_dir_and_its_output_validates() {
 #[test]
 fn import_writes_networks_and_pools_that_validate_and_adopting_them_converges() {
     use vmsync::desired::resource_xml::ResourceKind;
-    use vmsync::host::resources::ResOp;
+    use vmsync::host::hypervisor::ResOp;
     let env = Env::new();
     let settings = env.settings();
     let hv = Libvirt::connect(common::TEST_URI).unwrap();
@@ -366,7 +367,7 @@ fn import_writes_networks_and_pools_that_validate_and_adopting_them_converges() 
     // Committed as written: adopted, then nothing to do.
     copy_tree(&out, env.repo.path());
     env.repo.commit("import");
-    let mut record = state::Record::default();
+    let mut record = record::Record::default();
     let first = common::sync_head(&settings, &mut record, &hv).unwrap();
     assert!(first.outcome.all_ok(), "{:?}", first.outcome);
     assert!(record.networks.contains_key(net) && record.pools.contains_key(pool));

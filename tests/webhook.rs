@@ -785,6 +785,14 @@ fn healthz_is_answered_under_slowloris_and_idle_connections() {
     // The daemon closed the silent ones at the header deadline (they were reopened).
     assert!(idle >= 100 && slow >= 100, "idle {idle}, slowloris {slow}");
     assert!(daemon.alive());
+    let metrics = curl(&format!("{}/metrics", daemon.base), &[]);
+    assert!(
+        metrics
+            .body
+            .contains("# TYPE vmsync_webhook_connections_evicted_total counter"),
+        "{}",
+        metrics.body
+    );
     // And a signed push still starts a sync.
     let head = env.repo.head();
     let body = payload("main", &head);

@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::agent::sync::{self, Connection, Options, SyncError};
 use crate::agent::webhook::{self, Hub, Secret};
 use crate::config::{self, ConfigError, Overrides, Settings};
+use crate::record::store;
 
 /// The per-host delay added to every tick: stable for a host, spread over the fleet.
 pub fn jitter(host: &str, max_seconds: u64) -> Duration {
@@ -107,7 +108,7 @@ async fn start_webhook(settings: &Settings) -> Result<Option<Arc<Hub>>, (u8, Str
         return Ok(None);
     };
     let secret = webhook::read_secret(&config.secret_file).map_err(|e| (2, e))?;
-    let record = crate::agent::state::load(&settings.state_dir).unwrap_or_default();
+    let record = store::load(&settings.state_dir).unwrap_or_default();
     let metrics = crate::agent::metrics::render(&record, None, Duration::ZERO);
     let hub = Hub::new(secret, &settings.branch, metrics);
     let listener = webhook::bind(config.listen).await.map_err(|e| (1, e))?;

@@ -385,6 +385,19 @@ impl Hub {
             "vmsync_webhook_syncs_requested_total {}",
             self.requested.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP vmsync_webhook_connections_evicted_total Connections closed while waiting for request headers, to make room for newer ones."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE vmsync_webhook_connections_evicted_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "vmsync_webhook_connections_evicted_total {}",
+            self.waiting.evicted()
+        );
         out
     }
 }

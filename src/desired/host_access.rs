@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use roxmltree::Node;
 
-use crate::desired::host_policy::{HostPolicy, Violation};
+use crate::desired::host_policy_settings::{HostPolicy, Violation};
 use crate::desired::path_rule::{self, escape};
 
 /// Directories libvirt and its helpers keep per-VM or per-network state in, shared by
@@ -127,11 +127,17 @@ fn own_patterns(vm: &str, usage: Use) -> Vec<String> {
 /// Checks a host path a domain of VM `vm` names for `usage`: the path rule, then either
 /// one of the VM's own files in libvirt's shared directories, or strictly below `roots`
 /// (the disk roots and `allowed_paths`), or (firmware) under `/usr/share/`.
-pub fn domain_path(raw: &str, roots: &[PathBuf], vm: &str, usage: Use) -> Result<(), String> {
+/// `Ok(Some(path))`: one of the VM's own files in a shared directory (a [`Claim`]).
+pub fn domain_path(
+    raw: &str,
+    roots: &[PathBuf],
+    vm: &str,
+    usage: Use,
+) -> Result<Option<PathBuf>, String> {
     let path = path_rule::absolute(raw.trim())?;
     if let Some(area) = shared_area(&path) {
         if owned_by(&path, vm, usage) {
-            return Ok(());
+            return Ok(Some(path));
         }
         let own = own_patterns(vm, usage);
         return Err(format!(
@@ -150,7 +156,7 @@ pub fn domain_path(raw: &str, roots: &[PathBuf], vm: &str, usage: Use) -> Result
             && path.starts_with("/usr/share")
             && path != Path::new("/usr/share"))
     {
-        return Ok(());
+        return Ok(None);
     }
     let mut allowed: Vec<String> = roots.iter().map(|r| format!("'{}'", r.display())).collect();
     allowed.extend(own_patterns(vm, usage).iter().map(|p| format!("'{p}'")));
@@ -159,6 +165,46 @@ pub fn domain_path(raw: &str, roots: &[PathBuf], vm: &str, usage: Use) -> Result
         path.display(),
         allowed.join(", ")
     ))
+}
+
+/// A file in libvirt's shared directories that a domain names as its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub line: Option<usize>,
+    pub field: String,
+    pub path: PathBuf,
+    pub usage: Use,
+}
+
+/// Names whose files in libvirt's shared directories a file of VM `vm` could be too:
+/// the other names of `names` that are `vm` followed by `.`, `-` or `_` and more.
+pub fn longer_names<'n>(vm: &str, names: &'n [&'n str]) -> Vec<&'n str> {
+    names
+        .iter()
+        .copied()
+        .filter(|other| {
+            other
+                .strip_prefix(vm)
+                .and_then(|rest| rest.chars().next())
+                .is_some_and(|c| matches!(c, '.' | '-' | '_'))
+        })
+        .collect()
+}
+
+/// Of `claims` (VM `vm`'s own files in the shared directories), those that are just as
+/// much files of another VM of `others` (see [`longer_names`]): VM `web` naming
+/// `/var/log/libvirt/qemu/web-2.log`, the log of VM `web-2`. Returns each with the
+/// other VM's name.
+pub fn clashes<'c, 'n>(claims: &'c [Claim], others: &[&'n str]) -> Vec<(&'c Claim, &'n str)> {
+    claims
+        .iter()
+        .filter_map(|c| {
+            others
+                .iter()
+                .find(|o| owned_by(&c.path, o, c.usage))
+                .map(|o| (c, *o))
+        })
+        .collect()
 }
 
 /// Checks a host path a network or pool names: the path rule, not in libvirt's shared
@@ -672,6 +718,35 @@ mod tests {
             .is_err()
         );
         assert!(domain_path("/var/lib/libvirt/images/a.qcow2", &wide, "web", Use::Plain).is_ok());
+    }
+
+    #[test]
+    fn a_file_of_a_vm_with_a_longer_name_is_not_ones_own() {
+        let names = ["web", "web-2", "web.prod", "webserver", "db"];
+        assert_eq!(longer_names("web", &names), vec!["web-2", "web.prod"]);
+        assert!(longer_names("db", &names).is_empty());
+        let claim = |path: &str, usage| Claim {
+            line: None,
+            field: "devices/serial/source".into(),
+            path: path.into(),
+            usage,
+        };
+        let claims = [
+            claim("/var/log/libvirt/qemu/web-2.log", Use::Log),
+            claim("/var/log/libvirt/qemu/web-serial0.log", Use::Chardev),
+            claim("/var/lib/libvirt/qemu/web.prod.agent", Use::Chardev),
+        ];
+        let found: Vec<(&str, &str)> = clashes(&claims, &longer_names("web", &names))
+            .into_iter()
+            .map(|(c, o)| (c.path.to_str().unwrap(), o))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("/var/log/libvirt/qemu/web-2.log", "web-2"),
+                ("/var/lib/libvirt/qemu/web.prod.agent", "web.prod")
+            ]
+        );
     }
 
     #[test]

@@ -27,44 +27,8 @@ use std::path::PathBuf;
 use roxmltree::Node;
 
 use crate::desired::host_access::{self, Use};
+use crate::desired::host_policy_settings::{HostPolicy, Violation};
 use crate::desired::path_rule::escape;
-
-/// What domain XML may ask of this host (`[policy]`); everything off by default.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HostPolicy {
-    /// `[policy] allow_hostdev`: host devices passed to guests; default false.
-    pub allow_hostdev: bool,
-    /// `[policy] allow_direct_interfaces`: `type='direct'` (macvtap) interfaces; default false.
-    pub allow_direct_interfaces: bool,
-    /// `[policy] allow_block_devices`: host block devices as disks; default false.
-    pub allow_block_devices: bool,
-    /// `[policy] allow_qemu_commandline`: hypervisor namespaces, custom emulators,
-    /// interface scripts; default false.
-    pub allow_qemu_commandline: bool,
-    /// `[policy] allow_unconfined`: `<seclabel type='none'>`; default false.
-    pub allow_unconfined: bool,
-    /// `[policy] allowed_paths`: host paths XML may name besides the disk roots; default [].
-    pub allowed_paths: Vec<PathBuf>,
-    /// `[policy] health_commands`: programs (or directories of them) a `[vm.health]`
-    /// command may run; default [] (every check command refused).
-    pub health_commands: Vec<PathBuf>,
-    /// `[policy] allow_link_local_hosts`: network disks and pools on link-local or
-    /// cloud metadata addresses; default false.
-    pub allow_link_local_hosts: bool,
-    /// `[policy] allow_open_listeners`: listeners on host addresses other than loopback
-    /// without a password (VNC/SPICE, TCP/UDP character devices, server/mcast/udp
-    /// interfaces, passt port forwards); default false.
-    pub allow_open_listeners: bool,
-}
-
-/// One thing the XML asks that the policy refuses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
-    pub line: Option<usize>,
-    /// Where in the domain, e.g. `devices/hostdev`.
-    pub field: String,
-    pub message: String,
-}
 
 const QEMU_BINARIES: &[&str] = &[
     "/usr/bin/qemu-system-",
@@ -80,6 +44,8 @@ struct Checker<'p> {
     /// The domain's `<name>`: whose files in libvirt's shared directories it may name.
     vm: String,
     out: Vec<Violation>,
+    /// The VM's own files in libvirt's shared directories that the XML names.
+    claims: Vec<host_access::Claim>,
 }
 
 fn element<'a, 'i>(node: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
@@ -126,12 +92,19 @@ impl Checker<'_> {
     /// or allowed path, or one of this VM's own files in libvirt's directories
     /// (`host_access::domain_path`).
     fn path(&mut self, node: Node, field: &str, raw: &str, usage: Use) {
-        if let Err(message) = host_access::domain_path(raw, &self.roots, &self.vm, usage) {
-            self.out.push(Violation {
+        match host_access::domain_path(raw, &self.roots, &self.vm, usage) {
+            Err(message) => self.out.push(Violation {
                 line: Self::line(node),
                 field: field.to_string(),
                 message,
-            });
+            }),
+            Ok(Some(path)) => self.claims.push(host_access::Claim {
+                line: Self::line(node),
+                field: field.to_string(),
+                path,
+                usage,
+            }),
+            Ok(None) => {}
         }
     }
 
@@ -652,12 +625,22 @@ const VIRTIOFSD: &[&str] = &[
 /// Checks a domain XML (already well-formed, see `domain_xml::summarize`) against the
 /// host policy. Returns every violation, in document order per kind.
 pub fn check(xml: &str, policy: &HostPolicy, disk_roots: &[PathBuf]) -> Vec<Violation> {
+    check_with_claims(xml, policy, disk_roots).0
+}
+
+/// [`check`], and the VM's own files in libvirt's shared directories that the XML names
+/// (for `host_access::shared_name_clashes`).
+pub fn check_with_claims(
+    xml: &str,
+    policy: &HostPolicy,
+    disk_roots: &[PathBuf],
+) -> (Vec<Violation>, Vec<host_access::Claim>) {
     let options = roxmltree::ParsingOptions {
         allow_dtd: false,
         ..Default::default()
     };
     let Ok(doc) = roxmltree::Document::parse_with_options(xml, options) else {
-        return Vec::new(); // summarize reports it
+        return (Vec::new(), Vec::new()); // summarize reports it
     };
     let root = doc.root_element();
     let mut roots = disk_roots.to_vec();
@@ -672,6 +655,7 @@ pub fn check(xml: &str, policy: &HostPolicy, disk_roots: &[PathBuf]) -> Vec<Viol
         roots,
         vm,
         out: Vec::new(),
+        claims: Vec::new(),
     };
     checker.namespaces(root);
     if let Some(os) = element(root, "os") {
@@ -732,7 +716,7 @@ pub fn check(xml: &str, policy: &HostPolicy, disk_roots: &[PathBuf]) -> Vec<Viol
             );
         }
     }
-    checker.out
+    (checker.out, checker.claims)
 }
 
 #[cfg(test)]

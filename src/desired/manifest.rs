@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::host::disk::{DiskFormat, DiskSpec, parse_size};
+use crate::desired::disk_spec::{DiskFormat, DiskSpec};
+use crate::desired::values::{absolute_path, parse_size, parse_timeout};
 
 /// The manifest's file name at the root of the VM repository.
 pub const MANIFEST_FILE: &str = "vmsync.toml";
@@ -97,7 +98,7 @@ struct RawVm {
     state: Option<Spanned<PowerState>>,
     shutdown_timeout: Option<Spanned<String>>,
     self_heal: Option<bool>,
-    health: Option<crate::reconcile::health::RawHealth>,
+    health: Option<crate::desired::health_spec::RawHealth>,
     #[serde(default)]
     adopt: bool,
     #[serde(default)]
@@ -135,19 +136,6 @@ impl PowerState {
             PowerState::Defined => "defined",
         }
     }
-}
-
-/// The default graceful-shutdown timeout of a VM.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Parses a timeout like "120s", "2m" or "90" (seconds).
-pub fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(std::time::Duration::from_secs(secs));
-    }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("'{text}' is not a duration like \"120s\" or \"2m\": {e}"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -402,7 +390,7 @@ pub struct VmEntry {
     pub adopt: bool,
     /// `[vm.health]`: the check after vmsync starts it with a new definition, and
     /// whether to revert (default: no check).
-    pub health: Option<crate::reconcile::health::HealthSpec>,
+    pub health: Option<crate::desired::health_spec::HealthSpec>,
     /// `[[vm.disk]]` entries with `pool` and `volume`: volumes made through libvirt's
     /// storage API when missing.
     pub volumes: Vec<VolumeSpec>,
@@ -486,11 +474,6 @@ pub struct Manifest {
     pub pools: Vec<ResourceEntry>,
 }
 
-/// 1-based line of byte offset `pos` in `text`.
-pub fn line_of(text: &str, pos: usize) -> usize {
-    Lines::new(text).at(pos)
-}
-
 /// Line numbers of positions in one text, counted on from the previous position when
 /// it is not behind (the `[[vm]]` tables come in order: a manifest of a thousand VMs is
 /// scanned once, not a thousand times).
@@ -567,12 +550,6 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
     .then(|| key.to_string())
-}
-
-/// Checks that `raw` is a host path by the one path rule (`path_rule::absolute`:
-/// absolute, no `.`/`..`, no control characters, bounded length) and returns it.
-pub fn absolute_path(raw: &str) -> Result<PathBuf, String> {
-    crate::desired::path_rule::absolute(raw)
 }
 
 /// Parses `vmsync.toml`. Returns every problem found, not just the first.
@@ -715,7 +692,7 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
             },
         };
         let health = raw_vm.health.as_ref().and_then(|raw| {
-            crate::reconcile::health::HealthSpec::parse(raw, |span, field, msg| {
+            crate::desired::health_spec::HealthSpec::parse(raw, |span, field, msg| {
                 problems.push(problem(span, vm, field, msg))
             })
         });
@@ -821,6 +798,11 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
     } else {
         Err(problems)
     }
+}
+
+/// 1-based line of byte offset `pos` in `text`.
+pub fn line_of(text: &str, pos: usize) -> usize {
+    Lines::new(text).at(pos)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //!
 //! Network XML keeps a `<metadata>` element (libvirt 9.0), so a network carries the same
 //! tag as a domain. Pool XML has no `<metadata>`: a pool's ownership is its name and
-//! UUID in the state file (see `agent::state::ResourceRecord`).
+//! UUID in the state file (see `record::ResourceRecord`).
 
 use crate::desired::domain_xml::{
     self, NAMESPACE, Tag, XmlProblem, child, parse_doc as parse, text_of as text,

@@ -909,8 +909,10 @@ mod validate_tests {
 
     use crate::desired::domain_xml::DomainSummary;
     use crate::desired::manifest::Problem;
-    use crate::desired::validate::{Policy, validate};
-    use crate::host::hypervisor::{SchemaChecker, SchemaError};
+    use crate::desired::desired_state::Policy;
+    use crate::desired::resource_xml::ResourceKind;
+    use crate::desired::schema_check::{SchemaChecker, SchemaError};
+    use crate::desired::validate::validate;
     use crate::repo::files::{FileError, RepoFiles};
 
     use super::{RenderCache, Rendered};
@@ -958,6 +960,9 @@ mod validate_tests {
         }
         fn render_cache(&self) -> Option<&dyn RenderCache> {
             Some(self)
+        }
+        fn check_resource(&self, _kind: ResourceKind, _xml: &str) -> Result<(), SchemaError> {
+            Ok(())
         }
     }
     impl RenderCache for Schema {

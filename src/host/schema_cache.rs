@@ -24,8 +24,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::desired::domain_xml::DomainSummary;
+use crate::desired::resource_xml::ResourceKind;
+use crate::desired::schema_check::{SchemaChecker, SchemaError};
 use crate::desired::template_render::{RenderCache, Rendered};
-use crate::host::hypervisor::{SchemaChecker, SchemaError, TestDriverSchema};
+use crate::host::schema_test_driver::TestDriverSchema;
+use crate::util::fsio;
 
 pub const CACHE_FILE: &str = "schema-cache.json";
 
@@ -154,7 +157,7 @@ impl CachedSchema {
                     .collect()
             },
         };
-        let result = crate::agent::state::write_cache_with(path, |out| {
+        let result = fsio::write_cache_with(path, |out| {
             let mut out = std::io::BufWriter::new(out);
             serde_json::to_writer(&mut out, &file)?;
             std::io::Write::flush(&mut out)
@@ -190,6 +193,10 @@ impl SchemaChecker for CachedSchema {
         self.valid.borrow_mut().insert(key);
         *self.added.borrow_mut() += 1;
         Ok(())
+    }
+
+    fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
+        crate::host::schema_test_driver::check_xml(kind, xml)
     }
 
     fn known(&self, content_id: &str) -> Option<DomainSummary> {

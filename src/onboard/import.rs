@@ -544,7 +544,7 @@ mod tests {
         assert_eq!(size_text(512), "512");
         for bytes in [64u64 << 20, 20 << 30, 1536 << 20, 512, 4096 + 512] {
             assert_eq!(
-                crate::host::disk::parse_size(&size_text(bytes)).unwrap(),
+                crate::desired::values::parse_size(&size_text(bytes)).unwrap(),
                 bytes
             );
         }

@@ -8,9 +8,9 @@
 //! only comparison that sees a `virsh edit` (which keeps vmsync's tag) without false
 //! alarms.
 
-use crate::agent::state::VmRecord;
 use crate::desired::manifest::PowerState;
 use crate::host::hypervisor::Listing;
+use crate::record::VmRecord;
 
 /// One way a domain differs from the last applied state.
 #[derive(Debug, Clone, PartialEq, Eq)]

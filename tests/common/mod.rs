@@ -13,11 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::AtomicBool;
 
-use vmsync::agent::state;
-use vmsync::agent::sync::{self, Report, SyncError};
+use vmsync::agent::report::Report;
+use vmsync::agent::sync::{self, SyncError};
 use vmsync::config::Settings;
-use vmsync::desired::validate::{Desired, Policy};
-use vmsync::host::hypervisor::{Hypervisor, Listing, TestDriverSchema};
+use vmsync::desired::desired_state::{Desired, Policy};
+use vmsync::host::hypervisor::{Hypervisor, Listing};
+use vmsync::host::schema_test_driver::TestDriverSchema;
+use vmsync::record;
+use vmsync::record::store;
 
 /// libvirt's in-process test driver: no daemon, domains live as long as the process.
 pub const TEST_URI: &str = "test:///default";
@@ -521,13 +524,13 @@ impl Env {
     }
 
     /// The record in the state directory.
-    pub fn record(&self) -> state::Record {
-        state::load(self.state.path()).unwrap()
+    pub fn record(&self) -> record::Record {
+        store::load(self.state.path()).unwrap()
     }
 
     /// The record file's text, if there is one.
     pub fn state_json(&self) -> Option<String> {
-        std::fs::read_to_string(self.state.path().join(state::STATE_FILE)).ok()
+        std::fs::read_to_string(self.state.path().join(store::STATE_FILE)).ok()
     }
 
     /// The agent config file that says what [`Env::args`] say, with `agent` lines added
@@ -607,7 +610,7 @@ pub fn validate_head(settings: &Settings) -> Result<(String, Desired), SyncError
 /// then apply on `hv` with `record`.
 pub fn sync_head(
     settings: &Settings,
-    record: &mut state::Record,
+    record: &mut record::Record,
     hv: &dyn Hypervisor,
 ) -> Result<Report, SyncError> {
     let (commit, desired) = validate_head(settings)?;

@@ -21,194 +21,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
-
-use crate::agent::state::Record;
+use crate::desired::desired_state::{Desired, DesiredResource, DesiredVolume};
 use crate::desired::domain_xml::Tag;
 use crate::desired::manifest::OnChange;
 use crate::desired::resource_xml::{self, ResourceKind};
-use crate::desired::resources::{DesiredResource, DesiredVolume};
-use crate::desired::validate::Desired;
-use crate::host::hypervisor::Hypervisor;
-use crate::host::observe::Observed;
-use crate::host::resources::{ObservedResources, ResOp};
-use crate::reconcile::plan::ActionKind;
-
-/// What the record keeps of a network or pool vmsync defined.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResourceRecord {
-    /// The UUID libvirt gave it when vmsync defined it: a pool's ownership (pool XML has
-    /// no `<metadata>`), and a network's too.
-    pub uuid: Option<String>,
-    pub applied_commit: Option<String>,
-    pub fingerprint: Option<String>,
-    pub autostart: bool,
-    pub ok: bool,
-    pub last_error: Option<String>,
-    pub pending_restart: bool,
-    /// Drift baseline: `domain_xml::definition_hash` of libvirt's inactive XML after
-    /// vmsync defined it.
-    pub definition_hash: Option<String>,
-    #[serde(default)]
-    pub drift: Vec<String>,
-}
-
-/// One step for a network or pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ResAction {
-    Define {
-        xml: String,
-        redefine: bool,
-    },
-    Build,
-    SetAutostart(bool),
-    Start,
-    /// Stop and start again (`on_change = "restart"`).
-    Restart,
-    Stop,
-    Undefine,
-}
-
-impl ResAction {
-    pub fn describe(&self, kind: ResourceKind) -> String {
-        match self {
-            ResAction::Define {
-                redefine: false, ..
-            } => "define".into(),
-            ResAction::Define { redefine: true, .. } => "redefine in place".into(),
-            ResAction::Build => "build (never overwriting)".into(),
-            ResAction::SetAutostart(true) => "set autostart".into(),
-            ResAction::SetAutostart(false) => "clear autostart".into(),
-            ResAction::Start => "start".into(),
-            ResAction::Restart => "restart (stop, then start)".into(),
-            ResAction::Stop => "stop".into(),
-            ResAction::Undefine if kind == ResourceKind::Pool => {
-                "undefine (keeping its storage and volumes)".into()
-            }
-            ResAction::Undefine => "undefine".into(),
-        }
-    }
-
-    pub fn kind(&self, kind: ResourceKind) -> ActionKind {
-        use ActionKind as K;
-        use ResourceKind::{Network as N, Pool as P};
-        match (self, kind) {
-            (
-                ResAction::Define {
-                    redefine: false, ..
-                },
-                N,
-            ) => K::DefineNetwork,
-            (ResAction::Define { redefine: true, .. }, N) => K::RedefineNetwork,
-            (
-                ResAction::Define {
-                    redefine: false, ..
-                },
-                P,
-            ) => K::DefinePool,
-            (ResAction::Define { redefine: true, .. }, P) => K::RedefinePool,
-            (ResAction::Build, _) => K::BuildPool,
-            (ResAction::SetAutostart(true), N) => K::SetNetworkAutostart,
-            (ResAction::SetAutostart(false), N) => K::ClearNetworkAutostart,
-            (ResAction::SetAutostart(true), P) => K::SetPoolAutostart,
-            (ResAction::SetAutostart(false), P) => K::ClearPoolAutostart,
-            (ResAction::Start, N) => K::StartNetwork,
-            (ResAction::Start, P) => K::StartPool,
-            (ResAction::Restart, N) => K::RestartNetwork,
-            (ResAction::Restart, P) => K::RestartPool,
-            (ResAction::Stop, N) => K::StopNetwork,
-            (ResAction::Stop, P) => K::StopPool,
-            (ResAction::Undefine, N) => K::UndefineNetwork,
-            (ResAction::Undefine, P) => K::UndefinePool,
-        }
-    }
-}
-
-/// What to do for one network or pool.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ResPlan {
-    pub kind: Option<ResourceKind>,
-    pub name: String,
-    pub fingerprint: String,
-    pub autostart: bool,
-    pub actions: Vec<ResAction>,
-    /// Not converged (not vmsync's, unreadable); nothing of it is done.
-    pub error: Option<String>,
-    pub pending_restart: bool,
-    /// Active now (before the plan is applied).
-    pub active: bool,
-    pub drift: Vec<String>,
-    pub drift_reported_only: bool,
-    /// Taken over with `adopt = true` (not vmsync's before).
-    pub adopted: bool,
-    /// Running VMs attached to it that lose their link while it restarts.
-    pub affected_vms: Vec<String>,
-    /// Why a prune candidate is left alone (pruning off).
-    pub skipped: Option<String>,
-    /// The committed XML and libvirt's XML now, when a definition is rendered (diff).
-    pub source_xml: String,
-    pub current_xml: Option<String>,
-    pub current_hash: Option<String>,
-    pub uuid: Option<String>,
-    /// A pool's type (`dir`, `logical`, …): how it is built.
-    pub pool_type: Option<String>,
-    /// Unified diff of the definition (`vmsync plan`).
-    pub diff: Option<String>,
-}
-
-impl ResPlan {
-    pub fn kind(&self) -> ResourceKind {
-        self.kind.unwrap_or(ResourceKind::Network)
-    }
-}
-
-/// A pool volume to create (or that could not be checked).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumePlan {
-    pub vm: String,
-    pub pool: String,
-    pub name: String,
-    /// The `<volume>` XML to create it from; `None`: it exists.
-    pub create: Option<String>,
-    pub error: Option<String>,
-    pub description: String,
-}
-
-/// The networks, pools and volumes part of a plan.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ResourcePlan {
-    pub pools: Vec<ResPlan>,
-    pub volumes: Vec<VolumePlan>,
-    pub networks: Vec<ResPlan>,
-    /// Owned networks and pools no longer in the manifest for this host.
-    pub prune: Vec<ResPlan>,
-}
-
-impl ResourcePlan {
-    pub fn is_noop(&self) -> bool {
-        self.pools
-            .iter()
-            .chain(&self.networks)
-            .chain(&self.prune)
-            .all(|p| p.actions.is_empty())
-            && self.volumes.iter().all(|v| v.create.is_none())
-    }
-    /// Networks and pools the plan would undefine (the mass-prune guard counts them).
-    pub fn pruning(&self) -> usize {
-        self.prune.iter().filter(|p| !p.actions.is_empty()).count()
-    }
-    /// Owned networks and pools on the host (desired ones vmsync defined, and prune
-    /// candidates).
-    pub fn managed(&self) -> usize {
-        self.pools
-            .iter()
-            .chain(&self.networks)
-            .filter(|p| p.error.is_none() && !p.adopted && p.current_hash.is_some())
-            .count()
-            + self.prune.len()
-    }
-}
+use crate::host::observe_domains::Observed;
+use crate::host::observe_networks_pools::ObservedResources;
+use crate::reconcile::plan_types::{ResAction, ResPlan, ResourcePlan, VolumePlan};
+use crate::record::{Record, ResourceRecord};
 
 /// The record's entries of `kind`.
 pub fn recorded(record: &Record, kind: ResourceKind) -> &BTreeMap<String, ResourceRecord> {
@@ -222,7 +42,7 @@ pub fn recorded(record: &Record, kind: ResourceKind) -> &BTreeMap<String, Resour
 /// the record holds.
 fn owned(
     kind: ResourceKind,
-    seen: &crate::host::resources::SeenResource,
+    seen: &crate::host::observe_networks_pools::SeenResource,
     rec: Option<&ResourceRecord>,
 ) -> bool {
     match kind {
@@ -456,7 +276,7 @@ pub fn plan(
     observed: &Observed,
     commit: &str,
     record: &Record,
-    policy: &crate::config::ChangePolicy,
+    policy: &crate::reconcile::policy::ChangePolicy,
 ) -> ResourcePlan {
     let heal = policy.self_heal;
     let res = &desired.resources;
@@ -536,7 +356,7 @@ fn plan_volume(v: &DesiredVolume, pools: &[ResPlan], obs: &ObservedResources) ->
             s.format,
             s.name,
             s.pool,
-            crate::host::disk::human_size(s.size_bytes)
+            crate::desired::values::human_size(s.size_bytes)
         ),
     };
     let pool_plan = pools.iter().find(|p| p.name == s.pool);
@@ -561,8 +381,8 @@ fn plan_volume(v: &DesiredVolume, pools: &[ResPlan], obs: &ObservedResources) ->
                 (
                     b.to_str().unwrap_or_default(),
                     s.backing_format.map(|f| match f {
-                        crate::host::disk::DiskFormat::Qcow2 => "qcow2",
-                        crate::host::disk::DiskFormat::Raw => "raw",
+                        crate::desired::disk_spec::DiskFormat::Qcow2 => "qcow2",
+                        crate::desired::disk_spec::DiskFormat::Raw => "raw",
                     }),
                 )
             }),
@@ -583,653 +403,19 @@ fn plan_volume(v: &DesiredVolume, pools: &[ResPlan], obs: &ObservedResources) ->
     out
 }
 
-/// How one network or pool went.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ResOutcome {
-    pub kind: Option<ResourceKind>,
-    pub name: String,
-    pub done: Vec<String>,
-    pub kinds: Vec<ActionKind>,
-    pub error: Option<String>,
-    pub pending_restart: bool,
-    pub drift: Vec<String>,
-    pub fingerprint: String,
-    pub autostart: bool,
-    /// Defined now (its definition is the commit's).
-    pub defined: bool,
-    /// After a define: the UUID and the drift baseline read back.
-    pub uuid: Option<String>,
-    pub definition_hash: Option<String>,
-    /// Before this sync.
-    pub previous_uuid: Option<String>,
-    pub previous_hash: Option<String>,
-    /// A prune candidate that was undefined.
-    pub pruned: bool,
-    /// A prune candidate left alone.
-    pub skipped: bool,
-}
-
-/// How the networks, pools and volumes went.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ResourceOutcome {
-    pub pools: Vec<ResOutcome>,
-    pub networks: Vec<ResOutcome>,
-    /// Volumes: (vm, pool, volume, what happened or the error).
-    pub volumes: Vec<(String, String, String, Result<String, String>)>,
-    pub pruned: Vec<ResOutcome>,
-}
-
-impl ResourceOutcome {
-    /// What failed, named for the sync's summary line: `network 'lab'`,
-    /// `volume 'web.qcow2' of pool 'vmpool'`.
-    pub fn failed_names(&self) -> Vec<String> {
-        let kind = |o: &ResOutcome| o.kind.unwrap_or(ResourceKind::Network);
-        let mut out: Vec<String> = self
-            .pools
-            .iter()
-            .chain(&self.networks)
-            .chain(&self.pruned)
-            .filter(|o| o.error.is_some())
-            .map(|o| format!("{} '{}'", kind(o), o.name))
-            .collect();
-        out.extend(
-            self.volumes
-                .iter()
-                .filter(|(.., r)| r.is_err())
-                .map(|(_, pool, vol, _)| format!("volume '{vol}' of pool '{pool}'")),
-        );
-        out
-    }
-
-    pub fn errors(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .pools
-            .iter()
-            .chain(&self.networks)
-            .filter_map(|o| {
-                o.error.as_ref().map(|e| {
-                    format!(
-                        "{} '{}': {e}",
-                        o.kind.unwrap_or(ResourceKind::Network),
-                        o.name
-                    )
-                })
-            })
-            .collect();
-        out.extend(self.volumes.iter().filter_map(|(vm, pool, vol, r)| {
-            r.as_ref()
-                .err()
-                .map(|e| format!("vm '{vm}': volume '{vol}' of pool '{pool}': {e}"))
-        }));
-        out.extend(self.pruned.iter().filter_map(|o| {
-            o.error.as_ref().map(|e| {
-                format!(
-                    "prune {} '{}': {e}",
-                    o.kind.unwrap_or(ResourceKind::Network),
-                    o.name
-                )
-            })
-        }));
-        out
-    }
-    pub fn changes(&self) -> usize {
-        self.pools
-            .iter()
-            .chain(&self.networks)
-            .chain(&self.pruned)
-            .map(|o| o.done.len())
-            .sum::<usize>()
-            + self
-                .volumes
-                .iter()
-                .filter(|v| matches!(v.3, Ok(ref s) if s.starts_with("create")))
-                .count()
-    }
-    /// Kinds of the actions done.
-    pub fn kinds(&self) -> impl Iterator<Item = ActionKind> + '_ {
-        self.pools
-            .iter()
-            .chain(&self.networks)
-            .chain(&self.pruned)
-            .flat_map(|o| o.kinds.iter().copied())
-            .chain(
-                self.volumes
-                    .iter()
-                    .filter(|v| matches!(v.3, Ok(ref s) if s.starts_with("create")))
-                    .map(|_| ActionKind::CreateVolume),
-            )
-    }
-}
-
-fn apply_one(p: &ResPlan, hv: &dyn Hypervisor, short: &str) -> ResOutcome {
-    let kind = p.kind();
-    let mut out = ResOutcome {
-        kind: p.kind,
-        name: p.name.clone(),
-        error: p.error.clone(),
-        pending_restart: p.pending_restart,
-        drift: p.drift.clone(),
-        fingerprint: p.fingerprint.clone(),
-        autostart: p.autostart,
-        previous_uuid: p.uuid.clone(),
-        previous_hash: p.current_hash.clone(),
-        skipped: p.skipped.is_some(),
-        ..Default::default()
-    };
-    for d in &p.drift {
-        if p.drift_reported_only {
-            warn!(kind = %kind, name = %p.name, drift = %d, "drift (self_heal is off: reported only)");
-        } else {
-            warn!(kind = %kind, name = %p.name, drift = %d, "drift: putting it back to the commit");
-        }
-    }
-    if let Some(e) = &p.error {
-        error!(kind = %kind, name = %p.name, commit = %short, error = %e, "not converged");
-        return out;
-    }
-    for action in &p.actions {
-        let what = action.describe(kind);
-        let op = |op| hv.resource_op(kind, &p.name, op);
-        let done = match action {
-            ResAction::Define { xml, .. } => hv.define_resource(kind, xml).map(|()| {
-                out.defined = true;
-            }),
-            // A dir pool's build only makes its directory (libvirt refuses the
-            // no-overwrite flag there); any other type is built without overwriting.
-            ResAction::Build => op(ResOp::Build {
-                no_overwrite: p.pool_type.as_deref() != Some("dir"),
-            }),
-            ResAction::SetAutostart(on) => op(ResOp::Autostart(*on)),
-            ResAction::Start => op(ResOp::Start),
-            ResAction::Restart => {
-                if !p.affected_vms.is_empty() {
-                    warn!(kind = %kind, name = %p.name, vms = %p.affected_vms.join(", "), "restarting: these running vms lose their link until they are reattached or restarted");
-                }
-                op(ResOp::Stop).and_then(|()| op(ResOp::Start))
-            }
-            ResAction::Stop => op(ResOp::Stop),
-            ResAction::Undefine => op(ResOp::Undefine),
-        };
-        match done {
-            Ok(()) => {
-                info!(kind = %kind, name = %p.name, commit = %short, action = %what, "done");
-                out.done.push(what);
-                out.kinds.push(action.kind(kind));
-                if matches!(action, ResAction::Restart) {
-                    out.pending_restart = false;
-                }
-            }
-            Err(e) => {
-                error!(kind = %kind, name = %p.name, commit = %short, action = %what, error = %e, "failed");
-                out.error = Some(e.to_string());
-                break;
-            }
-        }
-    }
-    // The new drift baseline and UUID, once built and started (a pool's XML gains its
-    // permissions then).
-    if out.defined
-        && let Ok(after) = hv.resource_xml(kind, &p.name, true)
-    {
-        out.definition_hash = resource_xml::definition_hash(kind, &after);
-        out.uuid = resource_xml::summarize(kind, &after)
-            .ok()
-            .and_then(|s| s.uuid);
-    }
-    out
-}
-
-/// Applies the pools, then the volumes, then the networks (before the domains).
-pub fn apply_before_domains(
-    plan: &ResourcePlan,
-    hv: &dyn Hypervisor,
-    short: &str,
-) -> ResourceOutcome {
-    let mut out = ResourceOutcome {
-        pools: plan.pools.iter().map(|p| apply_one(p, hv, short)).collect(),
-        ..Default::default()
-    };
-    for v in &plan.volumes {
-        let pool_failed = out
-            .pools
-            .iter()
-            .find(|p| p.name == v.pool)
-            .and_then(|p| p.error.clone());
-        let result = match (&v.error, pool_failed, &v.create) {
-            (Some(e), _, _) => Err(e.clone()),
-            (None, Some(e), _) => Err(format!("pool '{}' failed: {e}", v.pool)),
-            (None, None, None) => Ok("exists".to_string()),
-            (None, None, Some(xml)) => hv
-                .create_volume(&v.pool, xml)
-                .map(|()| v.description.clone())
-                .map_err(|e| e.to_string()),
-        };
-        match &result {
-            Ok(what) if what.starts_with("create") => {
-                info!(vm = %v.vm, pool = %v.pool, volume = %v.name, commit = %short, "{what}")
-            }
-            Ok(_) => {}
-            Err(e) => {
-                error!(vm = %v.vm, pool = %v.pool, volume = %v.name, error = %e, "volume not converged")
-            }
-        }
-        out.volumes
-            .push((v.vm.clone(), v.pool.clone(), v.name.clone(), result));
-    }
-    out.networks = plan
-        .networks
-        .iter()
-        .map(|p| apply_one(p, hv, short))
-        .collect();
-    out
-}
-
-/// Prunes owned networks, then pools (after the domains' pruning).
-pub fn apply_prune(
-    plan: &ResourcePlan,
-    hv: &dyn Hypervisor,
-    short: &str,
-    out: &mut ResourceOutcome,
-) {
-    for p in plan.prune.iter().filter(|p| p.skipped.is_none()) {
-        if !p.affected_vms.is_empty() {
-            warn!(kind = %p.kind(), name = %p.name, vms = %p.affected_vms.join(", "), "pruning: these running vms lose their link");
-        }
-        let mut o = apply_one(p, hv, short);
-        o.pruned = o.error.is_none();
-        out.pruned.push(o);
-    }
-}
-
-/// The record's networks and pools after a sync: converged ones with the commit, failed
-/// ones with their error (and what was done: a pool vmsync defined is recorded with its
-/// UUID even when a later step failed), pruned ones gone, skipped ones kept.
-pub fn record(record: &mut Record, commit: &str, plan: &ResourcePlan, outcome: &ResourceOutcome) {
-    for kind in [ResourceKind::Network, ResourceKind::Pool] {
-        let old = recorded(record, kind).clone();
-        let mut new = BTreeMap::new();
-        let outcomes = match kind {
-            ResourceKind::Network => &outcome.networks,
-            ResourceKind::Pool => &outcome.pools,
-        };
-        for o in outcomes {
-            let before = old.get(&o.name).cloned();
-            let uuid = o.uuid.clone().or(o.previous_uuid.clone());
-            let entry = if o.error.is_none() {
-                ResourceRecord {
-                    uuid,
-                    applied_commit: Some(commit.to_string()),
-                    fingerprint: Some(o.fingerprint.clone()),
-                    autostart: o.autostart,
-                    ok: true,
-                    last_error: None,
-                    pending_restart: o.pending_restart,
-                    definition_hash: o
-                        .definition_hash
-                        .clone()
-                        .or(before.as_ref().and_then(|b| b.definition_hash.clone()))
-                        .or(o.previous_hash.clone()),
-                    drift: o.drift.clone(),
-                }
-            } else if o.defined {
-                ResourceRecord {
-                    uuid,
-                    fingerprint: Some(o.fingerprint.clone()),
-                    definition_hash: o.definition_hash.clone(),
-                    ok: false,
-                    last_error: o.error.clone(),
-                    drift: o.drift.clone(),
-                    ..before.unwrap_or_default()
-                }
-            } else if let Some(before) = before {
-                ResourceRecord {
-                    ok: false,
-                    last_error: o.error.clone(),
-                    drift: o.drift.clone(),
-                    ..before
-                }
-            } else {
-                // Never vmsync's (not adopted): nothing to remember.
-                continue;
-            };
-            new.insert(o.name.clone(), entry);
-        }
-        // Prune candidates not pruned stay this agent's.
-        for p in plan.prune.iter().filter(|p| p.kind() == kind) {
-            let pruned = outcome
-                .pruned
-                .iter()
-                .any(|o| o.kind == Some(kind) && o.name == p.name && o.pruned);
-            if !pruned && let Some(rec) = old.get(&p.name) {
-                new.insert(p.name.clone(), rec.clone());
-            }
-        }
-        match kind {
-            ResourceKind::Network => record.networks = new,
-            ResourceKind::Pool => record.pools = new,
-        }
-    }
-}
-
-/// Lines for `vmsync --once` and `vmsync plan` about networks, pools and volumes.
-pub fn render_text(plan: &ResourcePlan) -> String {
-    let mut out = String::new();
-    for p in plan.pools.iter().chain(&plan.networks) {
-        let kind = p.kind();
-        if let Some(e) = &p.error {
-            out += &format!("  {kind} {}: error: {e}\n", p.name);
-            continue;
-        }
-        for a in &p.actions {
-            out += &format!("  {kind} {}: {}\n", p.name, a.describe(kind));
-        }
-        if !p.affected_vms.is_empty() {
-            out += &format!(
-                "  {kind} {}: running vms that lose their link while it restarts: {}\n",
-                p.name,
-                p.affected_vms.join(", ")
-            );
-        }
-        if p.pending_restart {
-            out += &format!(
-                "  {kind} {}: pending restart (active on its old definition)\n",
-                p.name
-            );
-        }
-        if !p.drift.is_empty() {
-            let how = if p.drift_reported_only {
-                "reported only"
-            } else {
-                "healed"
-            };
-            out += &format!(
-                "  {kind} {}: drift ({how}): {}\n",
-                p.name,
-                p.drift.join("; ")
-            );
-        }
-        if let Some(diff) = &p.diff {
-            for line in diff.lines() {
-                out += &format!("    {line}\n");
-            }
-        }
-    }
-    for v in &plan.volumes {
-        match (&v.error, &v.create) {
-            (Some(e), _) => {
-                out += &format!(
-                    "  vm {}: volume '{}' of pool '{}': error: {e}\n",
-                    v.vm, v.name, v.pool
-                )
-            }
-            (None, Some(_)) => out += &format!("  vm {}: {}\n", v.vm, v.description),
-            _ => {}
-        }
-    }
-    for p in &plan.prune {
-        let kind = p.kind();
-        match &p.skipped {
-            Some(why) => out += &format!("  {kind} {}: {why}\n", p.name),
-            None => {
-                let what: Vec<String> = p.actions.iter().map(|a| a.describe(kind)).collect();
-                out += &format!("  {kind} {}: prune: {}\n", p.name, what.join(", "));
-                if !p.affected_vms.is_empty() {
-                    out += &format!(
-                        "  {kind} {}: running vms that lose their link: {}\n",
-                        p.name,
-                        p.affected_vms.join(", ")
-                    );
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Adds a unified diff of each definition that would change (for `vmsync plan`).
-pub fn annotate(plan: &mut ResourcePlan) {
-    for p in plan.pools.iter_mut().chain(plan.networks.iter_mut()) {
-        if p.source_xml.is_empty() {
-            continue;
-        }
-        let before = p.current_xml.clone().unwrap_or_default();
-        let diff = crate::reconcile::diff::unified(&before, &p.source_xml, "host", "commit");
-        if !diff.trim().is_empty() {
-            p.diff = Some(diff);
-        }
-    }
-}
-
-/// Lines for `vmsync --once` about what was done to networks, pools and volumes.
-pub fn render_outcome(outcome: &ResourceOutcome) -> String {
-    let mut out = String::new();
-    for o in outcome.pools.iter().chain(&outcome.networks) {
-        let kind = o.kind.unwrap_or(ResourceKind::Network);
-        if !o.done.is_empty() {
-            out += &format!("  {kind} {}: {}\n", o.name, o.done.join(", "));
-        }
-        if let Some(e) = &o.error {
-            out += &format!("  {kind} {}: failed: {e}\n", o.name);
-        }
-        if o.pending_restart {
-            out += &format!(
-                "  {kind} {}: pending restart (active on its old definition)\n",
-                o.name
-            );
-        }
-        if !o.drift.is_empty() {
-            out += &format!("  {kind} {}: drift: {}\n", o.name, o.drift.join("; "));
-        }
-    }
-    for (vm, pool, volume, result) in &outcome.volumes {
-        match result {
-            Ok(what) if what.starts_with("create") => out += &format!("  {vm}: {what}\n"),
-            Ok(_) => {}
-            Err(e) => out += &format!("  {vm}: volume '{volume}' of pool '{pool}' failed: {e}\n"),
-        }
-    }
-    for o in &outcome.pruned {
-        let kind = o.kind.unwrap_or(ResourceKind::Network);
-        match &o.error {
-            None => out += &format!("  {kind} {}: pruned: {}\n", o.name, o.done.join(", ")),
-            Some(e) => out += &format!("  {kind} {}: prune failed: {e}\n", o.name),
-        }
-    }
-    out
-}
-
-/// The plan's networks, pools and volumes for `vmsync plan --json`.
-pub fn to_json(plan: &ResourcePlan) -> serde_json::Value {
-    let one = |p: &ResPlan| {
-        let kind = p.kind();
-        serde_json::json!({
-            "kind": kind,
-            "name": p.name,
-            "actions": p.actions.iter().map(|a| serde_json::json!({
-                "kind": a.kind(kind),
-                "description": a.describe(kind),
-            })).collect::<Vec<_>>(),
-            "error": p.error,
-            "pending_restart": p.pending_restart,
-            "drift": p.drift,
-            "drift_healed": !p.drift.is_empty() && !p.drift_reported_only,
-            "adopted": p.adopted,
-            "affected_vms": p.affected_vms,
-            "skipped": p.skipped,
-            "diff": p.diff,
-        })
-    };
-    serde_json::json!({
-        "pools": plan.pools.iter().map(one).collect::<Vec<_>>(),
-        "volumes": plan.volumes.iter().map(|v| serde_json::json!({
-            "vm": v.vm,
-            "pool": v.pool,
-            "volume": v.name,
-            "create": v.create.is_some(),
-            "description": v.description,
-            "error": v.error,
-        })).collect::<Vec<_>>(),
-        "networks": plan.networks.iter().map(one).collect::<Vec<_>>(),
-        "prune": plan.prune.iter().map(one).collect::<Vec<_>>(),
-    })
-}
-
-/// One managed network or pool in `vmsync status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ResourceStatus {
-    pub name: String,
-    /// `None` when libvirt could not be asked.
-    pub defined: Option<bool>,
-    pub active: Option<bool>,
-    pub autostart: Option<bool>,
-    pub applied_commit: Option<String>,
-    pub pending_restart: bool,
-    pub drift: Vec<String>,
-    pub last_error: Option<String>,
-}
-
-/// The record's networks and pools joined with what libvirt says now: one listing per
-/// kind and one XML read per defined one (the drift baseline, and a network's live tag).
-pub fn status(
-    record: &Record,
-    hv: Option<&dyn Hypervisor>,
-    kind: ResourceKind,
-) -> Vec<ResourceStatus> {
-    let recs = recorded(record, kind);
-    let listing = match (hv, recs.is_empty()) {
-        (Some(hv), false) => hv.list_resources(kind).ok(),
-        _ => None,
-    };
-    recs.iter()
-        .map(|(name, rec)| {
-            let mut s = ResourceStatus {
-                name: name.clone(),
-                defined: None,
-                active: None,
-                autostart: None,
-                applied_commit: rec.applied_commit.clone(),
-                pending_restart: rec.pending_restart,
-                drift: Vec::new(),
-                last_error: rec.last_error.clone(),
-            };
-            let (Some(hv), Some(listing)) = (hv, &listing) else {
-                return s;
-            };
-            let seen = listing.iter().find(|l| &l.name == name);
-            s.defined = Some(seen.is_some());
-            s.active = Some(seen.is_some_and(|l| l.active));
-            s.autostart = Some(seen.is_some_and(|l| l.autostart));
-            match seen {
-                None => s.drift.push("undefined outside vmsync".into()),
-                Some(l) => {
-                    let xml = hv.resource_xml(kind, name, true).ok();
-                    let hash = xml
-                        .as_deref()
-                        .and_then(|x| resource_xml::definition_hash(kind, x));
-                    if rec.definition_hash.is_some() && hash != rec.definition_hash {
-                        s.drift.push("definition changed outside vmsync".into());
-                    }
-                    if rec.autostart != l.autostart {
-                        s.drift.push("autostart flag changed outside vmsync".into());
-                    }
-                    if rec.autostart && !l.active {
-                        s.drift.push("stopped outside vmsync".into());
-                    }
-                    if kind == ResourceKind::Network {
-                        let live = if l.active {
-                            hv.resource_xml(kind, name, false).ok()
-                        } else {
-                            None
-                        };
-                        let tag = live
-                            .as_deref()
-                            .and_then(|x| resource_xml::summarize(kind, x).ok())
-                            .and_then(|s| s.tag);
-                        s.pending_restart = l.active
-                            && match (tag, rec.fingerprint.as_ref()) {
-                                (Some(t), Some(fp)) => &t.fingerprint != fp,
-                                // Runs an untagged (adopted) definition: pending when it
-                                // is not the persistent one.
-                                _ => {
-                                    let h = |x: Option<&str>| {
-                                        x.and_then(|x| resource_xml::live_hash(kind, x))
-                                    };
-                                    let live = h(live.as_deref());
-                                    live.is_none() || live != h(xml.as_deref())
-                                }
-                            };
-                    } else {
-                        s.pending_restart = l.active && rec.pending_restart;
-                    }
-                }
-            }
-            s
-        })
-        .collect()
-}
-
-/// The networks and pools rows of `vmsync status`.
-pub fn status_text(networks: &[ResourceStatus], pools: &[ResourceStatus]) -> String {
-    if networks.is_empty() && pools.is_empty() {
-        return String::new();
-    }
-    let yn = |v: Option<bool>| match v {
-        Some(true) => "yes",
-        Some(false) => "no",
-        None => "?",
-    };
-    let mut out = format!(
-        "\n{:<8} {:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
-        "KIND",
-        "NAME",
-        "DEFINED",
-        "ACTIVE",
-        "AUTOSTART",
-        "APPLIED",
-        "PENDING-RESTART",
-        "DRIFT / ERROR"
-    );
-    for (kind, s) in networks
-        .iter()
-        .map(|s| ("network", s))
-        .chain(pools.iter().map(|s| ("pool", s)))
-    {
-        let applied = s
-            .applied_commit
-            .as_deref()
-            .map(|c| &c[..c.len().min(12)])
-            .unwrap_or("-");
-        let mut notes = s.drift.clone();
-        notes.extend(s.last_error.iter().map(|e| format!("error: {e}")));
-        out += &format!(
-            "{:<8} {:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
-            kind,
-            s.name,
-            yn(s.defined),
-            yn(s.active),
-            yn(s.autostart),
-            applied,
-            if s.pending_restart { "yes" } else { "no" },
-            if notes.is_empty() {
-                "-".to_string()
-            } else {
-                notes.join("; ")
-            }
-        );
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ChangePolicy;
+    use crate::desired::desired_state::DesiredResources;
+    use crate::desired::disk_spec::DiskFormat;
     use crate::desired::domain_xml::fingerprint;
     use crate::desired::manifest::VolumeSpec;
-    use crate::desired::resources::DesiredResources;
-    use crate::host::disk::DiskFormat;
     use crate::host::hypervisor::Listing;
-    use crate::host::resources::SeenResource;
+    use crate::host::observe_networks_pools::SeenResource;
+    use crate::reconcile::outcome::ResOutcome;
+    use crate::reconcile::outcome::ResourceOutcome;
+    use crate::reconcile::policy::ChangePolicy;
+    use crate::reconcile::render::{annotate_resources, resources_text};
 
     const UUID: &str = "6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b";
 
@@ -1699,17 +885,17 @@ mod tests {
             networks: vec![p.clone()],
             ..Default::default()
         };
-        annotate(&mut plan);
+        annotate_resources(&mut plan);
         let diff = plan.networks[0].diff.as_deref().unwrap();
         assert!(diff.contains("lab.example"), "{diff}");
-        assert!(render_text(&plan).contains("network lab: redefine in place"));
-        assert!(render_text(&plan).contains("pending restart"));
+        assert!(resources_text(&plan).contains("network lab: redefine in place"));
+        assert!(resources_text(&plan).contains("pending restart"));
         p.source_xml.clear();
         let mut unchanged = ResourcePlan {
             networks: vec![p],
             ..Default::default()
         };
-        annotate(&mut unchanged);
+        annotate_resources(&mut unchanged);
         assert_eq!(unchanged.networks[0].diff, None);
     }
 
@@ -1926,6 +1112,6 @@ mod tests {
     }
 
     fn record_one(record: &mut Record, plan: &ResourcePlan, outcome: &ResourceOutcome) {
-        super::record(record, "c", plan, outcome);
+        crate::reconcile::record_update::record_resources(record, "c", plan, outcome);
     }
 }

@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
-use crate::agent::state;
 use crate::desired::domain_xml;
+use crate::record::store;
 
 /// What to do about a damaged healthy definition (in the log, status and the VM's error).
 pub const WHAT_TO_DO: &str = "restore it from a backup, or delete it: vmsync then keeps the next definition that runs healthy (until then a failed check is not reverted)";
@@ -15,7 +15,7 @@ pub const WHAT_TO_DO: &str = "restore it from a backup, or delete it: vmsync the
 /// `vm`'s last healthy definition, when it is the one with `fingerprint`; why not
 /// otherwise (the message names the file and says what to do).
 pub fn read(state_dir: &Path, vm: &str, fingerprint: &str) -> Result<String, String> {
-    let path = state::healthy_file(state_dir, vm);
+    let path = store::healthy_file(state_dir, vm);
     let damaged = |why: String| {
         format!(
             "the last healthy definition '{}' is damaged ({why}); it is not used: {WHAT_TO_DO}",

@@ -13,107 +13,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use crate::desired::domain_xml::fingerprint;
-use crate::desired::manifest::{
-    MANIFEST_FILE, Manifest, OnChange, Problem, ResourceEntry, VolumeSpec, XmlSource,
+use crate::desired::desired_state::{
+    DesiredResource, DesiredResources, DesiredVm, DesiredVolume, ExternalRef, Policy, Target,
 };
-use crate::desired::resource_xml::{self, ResourceKind, ResourceSummary};
-use crate::desired::validate::{DesiredVm, Policy};
-use crate::host::hypervisor::SchemaChecker;
+use crate::desired::domain_xml::fingerprint;
+use crate::desired::manifest::{MANIFEST_FILE, Manifest, Problem, ResourceEntry, XmlSource};
+use crate::desired::resource_xml::{self, ResourceKind};
+use crate::desired::schema_check::SchemaChecker;
 use crate::repo::files::RepoFiles;
-
-/// A network or pool as this host should have it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredResource {
-    pub kind: ResourceKind,
-    pub name: String,
-    /// The file its XML came from (for messages).
-    pub xml_file: String,
-    /// The XML as committed.
-    pub xml: String,
-    pub summary: ResourceSummary,
-    pub fingerprint: String,
-    pub autostart: bool,
-    pub adopt: bool,
-    pub on_change: OnChange,
-}
-
-/// A pool volume a VM's `[[vm.disk]]` asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredVolume {
-    pub vm: String,
-    pub spec: VolumeSpec,
-}
-
-/// What a reference names.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Target {
-    Network(String),
-    Pool(String),
-    Volume { pool: String, volume: String },
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Network(n) => write!(f, "network '{n}'"),
-            Target::Pool(p) => write!(f, "pool '{p}'"),
-            Target::Volume { pool, volume } => write!(f, "volume '{volume}' of pool '{pool}'"),
-        }
-    }
-}
-
-/// A reference to a network, pool or volume the commit does not make for this host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExternalRef {
-    pub vm: String,
-    pub file: String,
-    pub field: String,
-    pub target: Target,
-}
-
-impl ExternalRef {
-    /// The problem when the host does not have it either.
-    pub fn problem(&self) -> Problem {
-        Problem {
-            file: self.file.clone(),
-            line: None,
-            vm: Some(self.vm.clone()),
-            field: Some(self.field.clone()),
-            message: format!(
-                "{} is neither in the commit for this host nor on the host",
-                self.target
-            ),
-        }
-    }
-}
-
-/// The networks, pools and volumes of a commit for this host.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DesiredResources {
-    pub networks: Vec<DesiredResource>,
-    pub pools: Vec<DesiredResource>,
-    pub volumes: Vec<DesiredVolume>,
-    /// What the host must have already.
-    pub external: Vec<ExternalRef>,
-}
-
-impl DesiredResources {
-    /// The entries of `kind`.
-    pub fn of(&self, kind: ResourceKind) -> &[DesiredResource] {
-        match kind {
-            ResourceKind::Network => &self.networks,
-            ResourceKind::Pool => &self.pools,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.networks.is_empty()
-            && self.pools.is_empty()
-            && self.volumes.is_empty()
-            && self.external.is_empty()
-    }
-}
 
 fn below(path: &Path, roots: &[PathBuf]) -> bool {
     roots.iter().any(|r| path.starts_with(r) && path != r)
@@ -425,7 +332,7 @@ pub fn validate_summary(r: &DesiredResources) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::hypervisor::SchemaError;
+    use crate::desired::schema_check::SchemaError;
     use crate::repo::files::FileError;
 
     struct Files(BTreeMap<String, String>);
@@ -445,6 +352,16 @@ mod tests {
     /// Accepts every domain; networks and pools go through libvirt's real check.
     struct Schema;
     impl SchemaChecker for Schema {
+        /// libvirt's own check, in a private test-driver connection (as the host's
+        /// checkers do).
+        fn check_resource(
+            &self,
+            kind: crate::desired::resource_xml::ResourceKind,
+            xml: &str,
+        ) -> Result<(), SchemaError> {
+            crate::host::schema_test_driver::check_xml(kind, xml)
+        }
+
         fn check(&self, _xml: &str) -> Result<(), SchemaError> {
             Ok(())
         }
@@ -475,7 +392,7 @@ xml = "a.xml"
     fn run(
         manifest: &str,
         files: &[(&str, &str)],
-    ) -> Result<crate::desired::validate::Desired, Vec<Problem>> {
+    ) -> Result<crate::desired::desired_state::Desired, Vec<Problem>> {
         let mut map: BTreeMap<String, String> = files
             .iter()
             .map(|(p, x)| (p.to_string(), x.to_string()))

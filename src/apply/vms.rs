@@ -13,218 +13,18 @@
 //! take vmsync's own changes for drift.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use crate::agent::state::VmRecord;
 use crate::desired::domain_xml;
 use crate::host::disk::DiskProvisioner;
 use crate::host::hypervisor::Hypervisor;
-use crate::reconcile::plan::{Action, Plan, VmPlan};
-
-/// How often a shutting-down domain is polled.
-const POLL: Duration = Duration::from_millis(250);
-
-/// How one VM's actions went.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmOutcome {
-    pub name: String,
-    pub fingerprint: String,
-    pub autostart: bool,
-    pub state: crate::desired::manifest::PowerState,
-    /// Descriptions of the actions done.
-    pub done: Vec<String>,
-    pub error: Option<String>,
-    pub pending_restart: bool,
-    /// Drift found before applying (healed unless `drift_reported_only`).
-    pub drift: Vec<String>,
-    pub drift_reported_only: bool,
-    /// The new drift baseline when the domain was (re)defined: `definition_hash` of the
-    /// inactive XML read back.
-    pub definition_hash: Option<String>,
-    /// `definition_hash` of the domain before this sync.
-    pub previous_hash: Option<String>,
-    /// Running after the actions (was running and not stopped, or was started).
-    pub up: bool,
-    /// Kinds of the actions done (see `Action::kind`).
-    pub kinds: Vec<crate::reconcile::plan::ActionKind>,
-    /// The commit's definition was defined (or redefined) on the host.
-    pub defined: bool,
-    /// The autostart flag was set to `autostart` on the host.
-    pub autostart_set: bool,
-    /// A stop or restart was begun and not seen through (the guest may be shutting
-    /// down, shut off, or still running): no power state can be claimed for it.
-    pub power_unsettled: bool,
-}
-
-impl VmOutcome {
-    /// This VM's entry in the record after this sync, given its entry before (`old`).
-    /// Converged: the commit, with the new drift baseline. Not converged: the old entry
-    /// with the error, updated with what was done to the host all the same (the new
-    /// fingerprint and baseline after a define, the autostart flag after it was set; no
-    /// power state after an unfinished stop or restart), so that the record stays true
-    /// and the next run does not report vmsync's own changes as drift.
-    pub fn record(&self, commit: &str, old: VmRecord) -> VmRecord {
-        if self.error.is_none() {
-            return VmRecord {
-                applied_commit: Some(commit.to_string()),
-                fingerprint: Some(self.fingerprint.clone()),
-                autostart: self.autostart,
-                ok: true,
-                last_error: None,
-                pending_restart: self.pending_restart,
-                // The new baseline; else the old one (kept while drift is only
-                // reported) when it is this definition's; else (first seen converged,
-                // or the record of vmsync's last define was lost) the definition as it
-                // is.
-                definition_hash: self
-                    .definition_hash
-                    .clone()
-                    .or(old
-                        .definition_hash
-                        .filter(|_| old.fingerprint.as_deref() == Some(self.fingerprint.as_str())))
-                    .or(self.previous_hash.clone()),
-                state: Some(self.state),
-                drift: self.drift.clone(),
-                ..old
-            };
-        }
-        let mut entry = VmRecord {
-            ok: false,
-            last_error: self.error.clone(),
-            drift: self.drift.clone(),
-            ..old
-        };
-        if self.defined {
-            entry.fingerprint = Some(self.fingerprint.clone());
-            entry.definition_hash = self.definition_hash.clone().or(entry.definition_hash);
-        }
-        if self.autostart_set {
-            entry.autostart = self.autostart;
-        }
-        if self.power_unsettled {
-            // `defined`: vmsync claims no power state, so whatever state the guest ends
-            // in is no drift; the next plan starts or stops it as the commit says.
-            entry.state = Some(crate::desired::manifest::PowerState::Defined);
-        }
-        entry
-    }
-}
-
-/// How pruning one domain went.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PruneOutcome {
-    pub name: String,
-    pub done: Vec<String>,
-    pub error: Option<String>,
-    /// Its disks, kept: orphaned once it is undefined.
-    pub orphaned_disks: Vec<std::path::PathBuf>,
-}
-
-/// How applying a plan went.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Outcome {
-    pub directories_created: usize,
-    pub directory_errors: Vec<String>,
-    pub vms: Vec<VmOutcome>,
-    pub pruned: Vec<PruneOutcome>,
-    /// Networks, pools and volumes.
-    pub resources: crate::reconcile::resources::ResourceOutcome,
-}
-
-impl Outcome {
-    pub fn all_ok(&self) -> bool {
-        self.directory_errors.is_empty()
-            && self.vms.iter().all(|vm| vm.error.is_none())
-            && self.pruned.iter().all(|p| p.error.is_none())
-            && self.resources.errors().is_empty()
-    }
-    /// Directories created plus actions done.
-    pub fn changes(&self) -> usize {
-        self.directories_created
-            + self.vms.iter().map(|vm| vm.done.len()).sum::<usize>()
-            + self.pruned.iter().map(|p| p.done.len()).sum::<usize>()
-            + self.resources.changes()
-    }
-}
-
-/// Lines for `vmsync --once` about pruned domains, orphaned disks and reported drift.
-pub fn render_extra(outcome: &Outcome) -> String {
-    let mut out = crate::reconcile::resources::render_outcome(&outcome.resources);
-    for vm in outcome.vms.iter().filter(|vm| vm.drift_reported_only) {
-        out += &format!(
-            "  {}: drift (self_heal is off, left as is): {}\n",
-            vm.name,
-            vm.drift.join("; ")
-        );
-    }
-    for p in &outcome.pruned {
-        match &p.error {
-            None => out += &format!("  {}: pruned: {}\n", p.name, p.done.join(", ")),
-            Some(e) => out += &format!("  {}: prune failed: {e}\n", p.name),
-        }
-        for disk in &p.orphaned_disks {
-            out += &format!("    orphaned disk (kept): {}\n", disk.display());
-        }
-    }
-    out
-}
-
-/// Shuts `name` down gracefully: ACPI request, wait up to `timeout`, destroy only then.
-/// Returns what happened. When `cancel` becomes true during the wait, the wait ends (the
-/// guest is not destroyed) with the error [`SHUTDOWN_INTERRUPTED`].
-pub fn graceful_stop(
-    hv: &dyn Hypervisor,
-    name: &str,
-    timeout: Duration,
-    cancel: &AtomicBool,
-) -> Result<String, String> {
-    if !hv.is_active(name).map_err(|e| e.to_string())? {
-        return Ok("already shut off".into());
-    }
-    hv.shutdown(name).map_err(|e| e.to_string())?;
-    let secs = humantime::format_duration(timeout);
-    info!(vm = %name, timeout = %secs, "graceful shutdown requested");
-    let started = Instant::now();
-    loop {
-        if !hv.is_active(name).map_err(|e| e.to_string())? {
-            info!(vm = %name, "shut down gracefully");
-            return Ok("shut down gracefully".into());
-        }
-        if cancel.load(Ordering::SeqCst) {
-            let waited =
-                humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()));
-            warn!(vm = %name, waited = %waited, "vmsync is stopping: no longer waiting for the guest to shut down");
-            return Err(SHUTDOWN_INTERRUPTED.to_string());
-        }
-        if started.elapsed() >= timeout {
-            break;
-        }
-        std::thread::sleep(
-            POLL.min(timeout.saturating_sub(started.elapsed()))
-                .max(Duration::from_millis(10)),
-        );
-    }
-    warn!(vm = %name, timeout = %secs, "still running after the shutdown timeout; destroying");
-    match hv.destroy(name) {
-        Ok(()) => Ok(format!(
-            "shutdown requested, still running after {secs}, destroyed"
-        )),
-        // It may have gone off between the last poll and the destroy.
-        Err(_) if !hv.is_active(name).unwrap_or(true) => Ok("shut down gracefully".into()),
-        Err(e) => Err(format!("after the shutdown timeout, {e}")),
-    }
-}
+use crate::host::power::{SHUTDOWN_INTERRUPTED, graceful_stop};
+use crate::reconcile::outcome::{INTERRUPTED, Outcome, PruneOutcome, VmOutcome};
+use crate::reconcile::plan_types::{Action, Plan, VmPlan};
 
 /// VMs converged at the same time.
 pub const THREADS: usize = 4;
-
-/// The error a VM gets when vmsync stops before doing its actions.
-pub const INTERRUPTED: &str = "interrupted: vmsync is stopping; the next run continues";
-
-/// The error a VM gets when vmsync stops while waiting for its guest to shut down.
-pub const SHUTDOWN_INTERRUPTED: &str = "interrupted: vmsync is stopping; the guest was asked to shut down and was still running (not destroyed); the next run continues";
 
 /// Applies `plan`. A refused plan applies nothing. When `cancel` becomes true, the
 /// action in flight finishes and no further action starts (those VMs are recorded as
@@ -255,12 +55,12 @@ pub fn apply(
     }
     // Pools (defined, built, started), then volumes, then networks, before the domains.
     outcome.resources =
-        crate::reconcile::resources::apply_before_domains(&plan.resources, hv, short);
+        crate::apply::networks_pools::apply_before_domains(&plan.resources, hv, short);
     // VMs are independent: their actions run on a few threads (libvirt serves
     // concurrent calls on one connection; disk creations are separate processes).
     // Within a VM, actions stay in order.
     let vms: Vec<&VmPlan> = plan.vms.iter().collect();
-    outcome.vms = crate::host::par::map(vms, THREADS, |vm| apply_vm(vm, hv, disks, cancel, short));
+    outcome.vms = crate::util::par::map(vms, THREADS, |vm| apply_vm(vm, hv, disks, cancel, short));
     for p in plan
         .prune
         .iter()
@@ -276,7 +76,8 @@ pub fn apply(
             let mut what = action.describe();
             let done = match action {
                 Action::Stop { timeout } => graceful_stop(hv, &p.name, *timeout, cancel)
-                    .map(|how| what = format!("stop ({how})")),
+                    .map(|how| what = format!("stop ({how})"))
+                    .map_err(|e| e.to_string()),
                 Action::Undefine => hv.undefine_keep_state(&p.name).map_err(|e| e.to_string()),
                 other => Err(format!("'{}' is not a prune action", other.describe())),
             };
@@ -302,7 +103,7 @@ pub fn apply(
     }
     // Networks and pools after the domains that used them.
     if !cancel.load(Ordering::SeqCst) {
-        crate::reconcile::resources::apply_prune(
+        crate::apply::networks_pools::apply_prune(
             &plan.resources,
             hv,
             short,
@@ -405,6 +206,7 @@ fn apply_vm(
             Action::SetAutostart(on) => hv.set_autostart(&vm.name, *on).map_err(|e| e.to_string()),
             Action::Start => hv.start(&vm.name).map_err(|e| e.to_string()),
             Action::Restart { timeout } => graceful_stop(hv, &vm.name, *timeout, cancel)
+                .map_err(|e| e.to_string())
                 .and_then(|how| {
                     hv.start(&vm.name)
                         .map_err(|e| format!("after the shutdown, {e}"))
@@ -412,7 +214,8 @@ fn apply_vm(
                 })
                 .map(|how| what = format!("restart ({how}, started)")),
             Action::Stop { timeout } => graceful_stop(hv, &vm.name, *timeout, cancel)
-                .map(|how| what = format!("stop ({how})")),
+                .map(|how| what = format!("stop ({how})"))
+                .map_err(|e| e.to_string()),
             Action::Undefine => Err("undefine is only planned for pruning".into()),
         };
         match done {
@@ -454,7 +257,11 @@ mod tests {
     use super::*;
     use crate::desired::manifest::PowerState;
     use crate::host::hypervisor::{HvError, Listing};
+    use crate::host::power::{StopError, Stopped};
+    use crate::record::VmRecord;
     use std::sync::Mutex;
+    use std::time::Duration;
+    use std::time::Instant;
 
     /// A running guest that ignores ACPI shutdown requests (as a guest without an OS
     /// does); records the calls that change it.
@@ -526,7 +333,8 @@ mod tests {
         cancel_after(&CANCEL, Duration::from_millis(300));
         let started = Instant::now();
         let result = graceful_stop(&hv, "web", Duration::from_secs(120), &CANCEL);
-        assert_eq!(result, Err(SHUTDOWN_INTERRUPTED.to_string()));
+        assert_eq!(result, Err(StopError::Interrupted));
+        assert_eq!(StopError::Interrupted.to_string(), SHUTDOWN_INTERRUPTED);
         // One poll interval after the request, not the 120 s timeout.
         assert!(
             started.elapsed() < Duration::from_secs(2),
@@ -543,7 +351,14 @@ mod tests {
             Duration::from_millis(50),
             &AtomicBool::new(false),
         );
-        assert!(result.unwrap().ends_with("destroyed"));
+        let stopped = result.unwrap();
+        assert_eq!(
+            stopped,
+            Stopped::Destroyed {
+                after: Duration::from_millis(50)
+            }
+        );
+        assert!(stopped.to_string().ends_with("destroyed"), "{stopped}");
         assert_eq!(hv.calls(), ["shutdown", "destroy"]);
     }
 

@@ -1,8 +1,8 @@
 //! The health stage of a sync, after `apply`: checks the VMs that this sync started with
 //! a new definition (in parallel, bounded), keeps each healthy definition as the VM's
 //! last healthy one (`healthy/NAME.xml` in the state directory), reverts the unhealthy
-//! ones, and records the results. The rules are in `reconcile::health`, the waiting and
-//! the revert in `host::health`.
+//! ones, and records the results. The rules are in `reconcile::health_rules`, the waiting and
+//! the revert in `host::health_probe`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,17 +11,18 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
-use crate::agent::state::{self, Record, VmRecord};
+use crate::desired::desired_state::{Desired, DesiredVm};
 use crate::desired::domain_xml;
-use crate::desired::validate::{Desired, DesiredVm};
-use crate::host::health::{self as check, Verdict};
+use crate::host::health_probe::{self as check, Verdict};
 use crate::host::hypervisor::Hypervisor;
-use crate::reconcile::apply::{Outcome, VmOutcome};
-use crate::reconcile::health::{
-    AfterFailure, Due, HealthResult, HeldBack, PutBack, VmHealth, after_failure, due,
-    forget_stale_hold_back, record_check, revert_result,
+use crate::reconcile::health_rules::{
+    AfterFailure, Due, PutBack, VmHealth, after_failure, due, forget_stale_hold_back, record_check,
+    revert_result,
 };
-use crate::reconcile::plan::{Plan, VmPlan};
+use crate::reconcile::outcome::{Outcome, VmOutcome};
+use crate::reconcile::plan_types::{Plan, VmPlan};
+use crate::record::{HealthResult, HeldBack, Record, VmRecord, store};
+use crate::util::fsio;
 
 /// VMs checked at the same time (a check mostly waits).
 pub const THREADS: usize = 8;
@@ -73,7 +74,7 @@ pub fn restore(record: &mut Record, forgotten: Vec<(String, HeldBack)>) {
     }
 }
 
-/// Runs the checks due after `outcome` (see `reconcile::health::due`) and the reverts
+/// Runs the checks due after `outcome` (see `reconcile::health_rules::due`) and the reverts
 /// that follow. A VM that ends unhealthy gets the error in `outcome` (the sync fails);
 /// `record` is the record before this sync.
 pub fn run(
@@ -100,7 +101,7 @@ pub fn run(
     if work.is_empty() {
         return Vec::new();
     }
-    let found: Vec<Found> = crate::host::par::map(work, THREADS, |(vm, p, o)| {
+    let found: Vec<Found> = crate::util::par::map(work, THREADS, |(vm, p, o)| {
         one(stage, vm, p, o, record.vms.get(&vm.name), hv, cancel)
     })
     .into_iter()
@@ -162,7 +163,7 @@ fn one(
 ) -> Option<Found> {
     let spec = vm.health.as_ref()?;
     let name = &vm.name;
-    let short = crate::reconcile::health::short(stage.commit);
+    let short = crate::util::commit_id::short(stage.commit);
     let Some(how) = due(Some(spec), plan, outcome, old) else {
         let has_healthy = old.is_some_and(|r| r.healthy_fingerprint.is_some());
         if !has_healthy && outcome.error.is_none() && outcome.up && !outcome.pending_restart {
@@ -224,7 +225,7 @@ fn one(
         .filter(|(_, fp)| *fp != plan.fingerprint);
     let healthy_xml = match healthy
         .as_ref()
-        .map(|(_, fp)| crate::agent::healthy_file::read(stage.state_dir, name, fp))
+        .map(|(_, fp)| crate::record::healthy_file::read(stage.state_dir, name, fp))
     {
         Some(Err(damaged)) if spec.revert => {
             error!(vm = %name, commit = %short, "not reverted: {damaged}");
@@ -246,7 +247,7 @@ fn one(
     let (healthy_commit, healthy_fp) = healthy.expect("a healthy definition to revert to");
     let healthy_xml = healthy_xml.expect("read above");
     let timeout = vm.shutdown_timeout.unwrap_or(stage.shutdown_timeout);
-    info!(vm = %name, commit = %short, healthy_commit = %crate::reconcile::health::short(&healthy_commit), "putting the last healthy definition back");
+    info!(vm = %name, commit = %short, healthy_commit = %crate::util::commit_id::short(&healthy_commit), "putting the last healthy definition back");
     let reverted = match check::revert(hv, name, &healthy_xml, timeout, cancel) {
         Ok(after) => {
             let diff = crate::reconcile::diff::unified(
@@ -255,7 +256,7 @@ fn one(
                 &format!("{name} (unhealthy, commit {short})"),
                 &format!(
                     "{name} (put back, commit {})",
-                    crate::reconcile::health::short(&healthy_commit)
+                    crate::util::commit_id::short(&healthy_commit)
                 ),
             );
             crate::reconcile::diff::log(name, short, &diff);
@@ -303,11 +304,11 @@ fn one(
     Some(Found::Checked(result))
 }
 
-/// A damaged last healthy definition (see [`crate::agent::healthy_file`]) is written
+/// A damaged last healthy definition (see [`crate::record::healthy_file`]) is written
 /// again when the VM runs that very definition (the same fingerprint); otherwise it is
 /// reported, and stays unused.
 fn repair_healthy(state_dir: &Path, name: &str, fingerprint: &str, hv: &dyn Hypervisor) {
-    let Err(damaged) = crate::agent::healthy_file::read(state_dir, name, fingerprint) else {
+    let Err(damaged) = crate::record::healthy_file::read(state_dir, name, fingerprint) else {
         return;
     };
     let running = hv
@@ -324,18 +325,38 @@ fn repair_healthy(state_dir: &Path, name: &str, fingerprint: &str, hv: &dyn Hype
 
 /// Writes `xml` as `name`'s last healthy definition; `None` (logged) when it failed.
 fn save_healthy(state_dir: &Path, name: &str, xml: &str) -> Option<()> {
-    let path = state::healthy_file(state_dir, name);
+    let path = store::healthy_file(state_dir, name);
     let written = path
         .parent()
         .map(std::fs::create_dir_all)
         .transpose()
         .map_err(anyhow::Error::from)
-        .and_then(|_| state::write_atomic(&path, xml.as_bytes()));
+        .and_then(|_| fsio::write_atomic(&path, xml.as_bytes()));
     match written {
         Ok(()) => Some(()),
         Err(e) => {
             error!(vm = %name, file = %path.display(), error = %e, "failed to keep the last healthy definition");
             None
+        }
+    }
+}
+
+/// Adds to `plan` a warning for each VM whose last healthy definition the record names
+/// but which is missing or damaged (`vmsync plan` shows it with what to do).
+pub fn warn_in_plan(plan: &mut Plan, state_dir: &Path) {
+    let Ok(record) = store::load(state_dir) else {
+        return;
+    };
+    for vm in &mut plan.vms {
+        let Some(fingerprint) = record
+            .vms
+            .get(&vm.name)
+            .and_then(|r| r.healthy_fingerprint.as_deref())
+        else {
+            continue;
+        };
+        if let Err(why) = crate::record::healthy_file::read(state_dir, &vm.name, fingerprint) {
+            vm.warnings.push(why);
         }
     }
 }

@@ -11,7 +11,7 @@
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::{Path, PathBuf};
 
-use crate::host::hypervisor::SchemaError;
+use crate::desired::schema_check::SchemaError;
 
 #[repr(C)]
 struct XmlError {

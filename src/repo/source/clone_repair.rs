@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use git2::{ObjectType, Oid, Repository};
 use tracing::{error, warn};
 
-use super::source::FetchError;
+use super::FetchError;
 
 /// Where a damaged clone is moved.
 pub const DAMAGED: &str = "repo.damaged";

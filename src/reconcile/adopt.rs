@@ -10,11 +10,11 @@
 //! - Otherwise it is redefined in place: same UUID, NVRAM and TPM state (a redefine keeps
 //!   them; vmsync never undefines to adopt).
 
+use crate::desired::desired_state::DesiredVm;
 use crate::desired::domain_xml::Tag;
-use crate::desired::validate::DesiredVm;
-use crate::host::observe::SeenDomain;
+use crate::host::observe_domains::SeenDomain;
 use crate::onboard::definition;
-use crate::reconcile::plan::Action;
+use crate::reconcile::plan_types::Action;
 
 /// Why an untagged domain cannot be adopted by `vm`: its UUID is not the commit's.
 pub fn uuid_conflict(vm: &DesiredVm, seen: &SeenDomain) -> Option<String> {

@@ -2,7 +2,7 @@
 //! that a domain stays running for `settle`, pinging the QEMU guest agent, running the
 //! check command with the VM's name, UUID and addresses in its environment, and putting
 //! a last healthy definition back in place. What to check and what follows is decided in
-//! `reconcile::health`.
+//! `reconcile::health_rules` (the stage that runs the checks is `apply::health_stage`).
 //!
 //! The whole check runs within `timeout`, counted from the start of the check: first
 //! `settle` (the domain is polled; any state but running or blocked fails it at once),
@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::desired::health_spec::HealthSpec;
 use crate::host::hypervisor::Hypervisor;
-use crate::reconcile::health::HealthSpec;
+use crate::host::power::graceful_stop;
 
 /// How often a settling domain's state is polled, and a child's exit.
 const POLL: Duration = Duration::from_millis(250);
@@ -234,7 +235,7 @@ pub fn revert(
     shutdown_timeout: Duration,
     cancel: &AtomicBool,
 ) -> Result<String, String> {
-    let how = crate::reconcile::apply::graceful_stop(hv, name, shutdown_timeout, cancel)?;
+    let how = graceful_stop(hv, name, shutdown_timeout, cancel).map_err(|e| e.to_string())?;
     info!(vm = %name, how = %how, "stopped for the revert");
     hv.define(healthy_xml).map_err(|e| e.to_string())?;
     let after = hv.xml(name, true).map_err(|e| e.to_string())?;

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::desired::desired_state::Desired;
 use crate::desired::domain_xml::{self, DomainSummary, Tag};
-use crate::desired::validate::Desired;
 use crate::host::disk::{DiskProvisioner, ImageInfo};
 use crate::host::hypervisor::{HvError, Hypervisor, Listing};
 
@@ -36,8 +36,8 @@ pub struct Observed {
     pub disks: BTreeMap<PathBuf, Result<Option<ImageInfo>, String>>,
     /// Per directory: whether it exists.
     pub directories: BTreeMap<PathBuf, bool>,
-    /// Networks, pools and volumes (filled in by `host::resources::observe`).
-    pub resources: crate::host::resources::ObservedResources,
+    /// Networks, pools and volumes (filled in by `host::observe_networks_pools::observe`).
+    pub resources: crate::host::observe_networks_pools::ObservedResources,
 }
 
 /// Parallel libvirt calls while observing.
@@ -77,7 +77,7 @@ pub fn observe(
         .collect();
     // One inactive-XML read per such domain (and the live XML of running ones), on a
     // few threads: libvirt serves concurrent calls on one connection.
-    let seen = crate::host::par::map(listed, THREADS, |(is_wanted, listing)| {
+    let seen = crate::util::par::map(listed, THREADS, |(is_wanted, listing)| {
         let inactive_xml = hv.xml(&listing.name, true).ok();
         let (inactive, definition_hash) = inactive_xml
             .as_deref()
@@ -128,7 +128,7 @@ pub fn observe(
         .iter()
         .flat_map(|vm| vm.disks.iter().map(|d| &d.path))
         .collect();
-    let disks = crate::host::par::map(paths, THREADS, |path| {
+    let disks = crate::util::par::map(paths, THREADS, |path| {
         (path.clone(), disks.inspect(path).map_err(|e| e.to_string()))
     })
     .into_iter()
@@ -150,9 +150,9 @@ pub fn observe(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::desired_state::DesiredVm;
     use crate::desired::domain_xml::{definition_hash, fingerprint, render};
     use crate::desired::manifest::{OnChange, PowerState};
-    use crate::desired::validate::DesiredVm;
 
     /// Domains by name with their inactive XML; only listing and reads are asked for.
     struct Host(Vec<(Listing, String)>);

@@ -1,8 +1,8 @@
-//! Health and revert, the pure part: the `[vm.health]` table of the manifest, when a VM
-//! is due for a check, what follows a check (keep, revert, report), the hold-back of a
-//! reverted commit, and how each result is recorded. No I/O; table-tested. The waiting,
-//! the command and the revert itself are in `host::health`; the stage that runs them
-//! after `apply` is `agent::health`.
+//! Health and revert, the pure part: when a VM is due for a check, what follows a check
+//! (keep, revert, report), the hold-back of a reverted commit, and how each result is
+//! recorded. No I/O; table-tested. The `[vm.health]` table itself is
+//! `desired::health_spec`; the waiting, the command and the revert are in
+//! `host::health_probe`; the stage that runs them after `apply` is `apply::health_stage`.
 //!
 //! Rules (docs/health.md):
 //! - a VM is checked when this sync (re)defined it with a new definition (its
@@ -16,185 +16,12 @@
 //!   alone while the commit's definition of it is the same (same fingerprint), until a
 //!   newer commit changes it or `--retry VM` asks for another try.
 
-use std::ops::Range;
-use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
-use toml::Spanned;
-
-use crate::agent::state::VmRecord;
-use crate::reconcile::apply::{INTERRUPTED, SHUTDOWN_INTERRUPTED, VmOutcome};
-use crate::reconcile::plan::{Action, VmPlan};
-
-/// The first 12 characters of a commit id, for messages (whatever the record holds).
-pub fn short(commit: &str) -> &str {
-    commit
-        .char_indices()
-        .nth(12)
-        .map_or(commit, |(at, _)| &commit[..at])
-}
-
-/// `settle` when the table does not say.
-pub const DEFAULT_SETTLE: Duration = Duration::from_secs(30);
-/// `timeout` when the table does not say.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// `[vm.health]` as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawHealth {
-    settle: Option<Spanned<String>>,
-    command: Option<Spanned<Vec<String>>>,
-    timeout: Option<Spanned<String>>,
-    revert: Option<bool>,
-    guest_agent: Option<bool>,
-}
-
-/// `[vm.health]`, checked and typed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HealthSpec {
-    /// `settle`: how long the domain must stay running after vmsync started it
-    /// (default 30s).
-    pub settle: Duration,
-    /// `command`: run on the host once after `settle`; exit 0 = healthy (default: none).
-    pub command: Option<Vec<String>>,
-    /// `timeout`: the whole check, settle included (default 5m).
-    pub timeout: Duration,
-    /// `revert`: put the last healthy definition back when unhealthy (default true).
-    pub revert: bool,
-    /// `guest_agent`: the QEMU guest agent must answer a ping (default false).
-    pub guest_agent: bool,
-}
-
-impl HealthSpec {
-    /// Checks and types the table. `problem(span, field, message)` reports a bad value
-    /// (`field` under `health.`); `None` when one was reported.
-    pub fn parse(
-        raw: &RawHealth,
-        mut problem: impl FnMut(Range<usize>, &str, String),
-    ) -> Option<HealthSpec> {
-        let mut ok = true;
-        let mut duration = |value: &Option<Spanned<String>>, field: &str, default| match value {
-            None => default,
-            Some(v) => match crate::desired::manifest::parse_timeout(v.get_ref()) {
-                Ok(d) => d,
-                Err(msg) => {
-                    problem(v.span(), field, msg);
-                    ok = false;
-                    default
-                }
-            },
-        };
-        let settle = duration(&raw.settle, "health.settle", DEFAULT_SETTLE);
-        let timeout = duration(&raw.timeout, "health.timeout", DEFAULT_TIMEOUT);
-        if ok
-            && settle >= timeout
-            && let Some(span) = raw
-                .settle
-                .as_ref()
-                .or(raw.timeout.as_ref())
-                .map(|s| s.span())
-        {
-            problem(
-                span,
-                "health.settle",
-                format!(
-                    "settle ({}) must be shorter than the whole check's timeout ({})",
-                    humantime::format_duration(settle),
-                    humantime::format_duration(timeout)
-                ),
-            );
-            ok = false;
-        }
-        let command = match &raw.command {
-            Some(c) if c.get_ref().is_empty() || c.get_ref()[0].trim().is_empty() => {
-                problem(
-                    c.span(),
-                    "health.command",
-                    "'command' must name a program: [\"/path/to/check\", \"arg\", …]".into(),
-                );
-                ok = false;
-                None
-            }
-            c => c.as_ref().map(|c| c.get_ref().clone()),
-        };
-        ok.then_some(HealthSpec {
-            settle,
-            command,
-            timeout,
-            revert: raw.revert.unwrap_or(true),
-            guest_agent: raw.guest_agent.unwrap_or(false),
-        })
-    }
-}
-
-impl HealthSpec {
-    /// The check in one line, for `vmsync plan`: `settle 30s, command
-    /// '/usr/local/lib/vmsync/checks/web' '--timeout' '5', timeout 5m, revert`
-    /// (each argument quoted and escaped).
-    pub fn describe(&self) -> String {
-        let mut parts = vec![format!(
-            "settle {}",
-            humantime::format_duration(self.settle)
-        )];
-        if self.guest_agent {
-            parts.push("guest agent ping".into());
-        }
-        if let Some(command) = &self.command {
-            let words: Vec<String> = command
-                .iter()
-                .map(|w| format!("'{}'", crate::desired::path_rule::escape(w)))
-                .collect();
-            parts.push(format!("command {} (no shell)", words.join(" ")));
-        }
-        parts.push(format!(
-            "timeout {}",
-            humantime::format_duration(self.timeout)
-        ));
-        parts.push(if self.revert { "revert" } else { "no revert" }.into());
-        parts.join(", ")
-    }
-}
-
-/// A VM's health after the last check (`status`, metrics, the record).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::EnumIter, strum::IntoStaticStr,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum HealthResult {
-    /// Passed: its definition is the last healthy one.
-    Healthy,
-    /// Failed and left as it is (`revert = false`, or no healthy definition yet).
-    Unhealthy,
-    /// Failed; the last healthy definition was put back and passed.
-    Reverted,
-    /// Failed, and putting the last healthy definition back failed too.
-    RevertFailed,
-}
-
-impl HealthResult {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-
-    /// Whether the sync that got this result failed (exit 1).
-    pub fn failed(self) -> bool {
-        self != HealthResult::Healthy
-    }
-}
-
-/// A commit's definition of a VM that was reverted: not tried again while the commit's
-/// definition of the VM stays the same.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HeldBack {
-    /// The commit that brought the definition.
-    pub commit: String,
-    /// The definition's fingerprint (what a newer commit must change).
-    pub fingerprint: String,
-    /// Why it was reverted.
-    pub reason: String,
-}
+use crate::desired::health_spec::HealthSpec;
+use crate::host::power::SHUTDOWN_INTERRUPTED;
+use crate::reconcile::outcome::{INTERRUPTED, VmOutcome};
+use crate::reconcile::plan_types::{Action, VmPlan};
+use crate::record::{HealthResult, HeldBack, VmRecord};
+use crate::util::commit_id::short;
 
 /// How a VM came to be checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,7 +45,7 @@ pub fn due(
     if !outcome.defined || !new_definition {
         return None;
     }
-    use crate::reconcile::plan::ActionKind;
+    use crate::reconcile::plan_types::ActionKind;
     if outcome
         .kinds
         .iter()
@@ -382,58 +209,16 @@ pub fn hold_back(plan: &mut VmPlan, record: Option<&VmRecord>) {
     ));
 }
 
-/// Health as `plan` and `status` show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
-pub struct HealthView {
-    /// The last check's result (`null`: never checked).
-    pub result: Option<HealthResult>,
-    pub last_healthy_commit: Option<String>,
-    /// The commit whose definition of this VM is held back (`null`: none).
-    pub held_back: Option<String>,
-    /// What the check does (`[vm.health]`: settle, guest agent, the command run on the
-    /// host); set by the planner, `null` in a record's view.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub check: Option<String>,
-}
-
-impl HealthView {
-    /// From a VM's record; `None` when there is nothing to show.
-    pub fn of(record: &VmRecord) -> Option<HealthView> {
-        let view = HealthView {
-            result: record.health,
-            last_healthy_commit: record.healthy_commit.clone(),
-            held_back: record.held_back.as_ref().map(|h| h.commit.clone()),
-            check: None,
-        };
-        (view != HealthView::default()).then_some(view)
-    }
-
-    /// One line for people: `health: reverted; last healthy commit abc…; held back: def…`.
-    pub fn line(&self) -> String {
-        let mut parts = vec![format!(
-            "health: {}",
-            self.result
-                .map(HealthResult::as_str)
-                .unwrap_or("not checked")
-        )];
-        if let Some(c) = &self.last_healthy_commit {
-            parts.push(format!("last healthy commit {}", short(c)));
-        }
-        if let Some(c) = &self.held_back {
-            parts.push(format!("held back: commit {}", short(c)));
-        }
-        if let Some(check) = &self.check {
-            parts.push(format!("check: {check}"));
-        }
-        parts.join("; ")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::health_spec::DEFAULT_SETTLE;
+    use crate::desired::health_spec::DEFAULT_TIMEOUT;
+    use crate::desired::health_spec::RawHealth;
     use crate::desired::manifest::PowerState;
-    use crate::reconcile::plan::ActionKind;
+    use crate::reconcile::plan_types::ActionKind;
+    use crate::reconcile::plan_types::HealthView;
+    use std::time::Duration;
 
     fn spec(revert: bool) -> HealthSpec {
         HealthSpec {
