@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod metrics;
+pub mod render_cmd;
 pub mod report;
 pub mod status;
 pub mod sync;
