@@ -230,7 +230,7 @@ fn run_locked(
             attempts: record.failed_attempts,
         });
     }
-    let retried = crate::apply::health_stage::retry(&mut record, options.retry);
+    let retried = record_update::retry(&mut record, options.retry);
     let result = (|| {
         let validate_started = Instant::now();
         check_commit(settings, &record, &fetched, options.allow_rewind)?;
@@ -267,7 +267,7 @@ fn run_locked(
     if let Err(e) = &result
         && !matches!(e, SyncError::ActionsFailed { .. })
     {
-        crate::apply::health_stage::restore(&mut record, retried);
+        record_update::restore(&mut record, retried);
         save_failure(settings, &mut record, Some(&commit), e);
     }
     // Still under the lock, with the clone closed.
@@ -367,7 +367,13 @@ fn save_failure(settings: &Settings, record: &mut Record, commit: Option<&str>, 
     let Some(result) = e.result() else {
         return;
     };
-    record.record_failure(commit, result, &e.to_string(), &clock::now_rfc3339());
+    record_update::record_failure(
+        record,
+        commit,
+        result,
+        &e.to_string(),
+        &clock::now_rfc3339(),
+    );
     if let Err(e) = store::save(&settings.state_dir, record) {
         error!(error = %e, "failed to record the failed attempt");
     }
@@ -462,7 +468,7 @@ fn apply_observed(
         &clock::now_rfc3339(),
     );
     record_update::record_resources(record, commit, &plan.resources, &outcome.resources);
-    crate::apply::health_stage::record(record, &plan, &found);
+    record_update::record_health(record, &plan, &found);
     store::save(&settings.state_dir, record)?;
     if !outcome.all_ok() {
         let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count()

@@ -4,6 +4,7 @@
 //! ones, and records the results. The rules are in `reconcile::health_rules`, the waiting and
 //! the revert in `host::health_probe`.
 
+use crate::reconcile::health_rules::Found;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -16,30 +17,15 @@ use crate::desired::domain_xml;
 use crate::host::health_probe::{self as check, Verdict};
 use crate::host::hypervisor::Hypervisor;
 use crate::reconcile::health_rules::{
-    AfterFailure, Due, PutBack, VmHealth, after_failure, due, forget_stale_hold_back, record_check,
-    revert_result,
+    AfterFailure, Due, PutBack, VmHealth, after_failure, due, revert_result,
 };
 use crate::reconcile::outcome::{Outcome, VmOutcome};
 use crate::reconcile::plan_types::{Plan, VmPlan};
-use crate::record::{HealthResult, HeldBack, Record, VmRecord, store};
+use crate::record::{HealthResult, Record, VmRecord, store};
 use crate::util::fsio;
 
 /// VMs checked at the same time (a check mostly waits).
 pub const THREADS: usize = 8;
-
-/// What the stage found for one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Found {
-    /// Checked (healthy, or not and what followed).
-    Checked(VmHealth),
-    /// Not started by this sync, but running its committed definition with no healthy
-    /// one recorded yet: taken as the last healthy one (commit, fingerprint).
-    Adopted {
-        name: String,
-        commit: String,
-        fingerprint: String,
-    },
-}
 
 /// The health stage's settings.
 pub struct Stage<'a> {
@@ -47,31 +33,6 @@ pub struct Stage<'a> {
     pub commit: &'a str,
     /// `policy.shutdown_timeout`, for a VM that does not set its own.
     pub shutdown_timeout: Duration,
-}
-
-/// `vmsync --once --retry VM`: forgets the hold-back of each named VM, so that this sync
-/// tries its definition again. Returns what it forgot, for [`restore`].
-pub fn retry(record: &mut Record, names: &[String]) -> Vec<(String, HeldBack)> {
-    let mut forgotten = Vec::new();
-    for name in names {
-        match record.vms.get_mut(name).and_then(|r| r.held_back.take()) {
-            Some(held) => {
-                info!(vm = %name, commit = %held.commit, "--retry: trying the held back definition again");
-                forgotten.push((name.clone(), held));
-            }
-            None => warn!(vm = %name, "--retry: this vm is not held back; nothing to retry"),
-        }
-    }
-    forgotten
-}
-
-/// Puts back the hold-backs [`retry`] forgot, when the sync ended before applying.
-pub fn restore(record: &mut Record, forgotten: Vec<(String, HeldBack)>) {
-    for (name, held) in forgotten {
-        if let Some(entry) = record.vms.get_mut(&name) {
-            entry.held_back = Some(held);
-        }
-    }
 }
 
 /// Runs the checks due after `outcome` (see `reconcile::health_rules::due`) and the reverts
@@ -120,34 +81,6 @@ pub fn run(
         }
     }
     found
-}
-
-/// Updates the record (after `record_outcome`) with what the stage found.
-pub fn record(record: &mut Record, plan: &Plan, found: &[Found]) {
-    for f in found {
-        match f {
-            Found::Checked(c) => {
-                if let Some(entry) = record.vms.get_mut(&c.name) {
-                    record_check(entry, c);
-                }
-            }
-            Found::Adopted {
-                name,
-                commit,
-                fingerprint,
-            } => {
-                if let Some(entry) = record.vms.get_mut(name) {
-                    entry.healthy_commit = Some(commit.clone());
-                    entry.healthy_fingerprint = Some(fingerprint.clone());
-                }
-            }
-        }
-    }
-    for vm in &plan.vms {
-        if let Some(entry) = record.vms.get_mut(&vm.name) {
-            forget_stale_hold_back(entry, &vm.fingerprint);
-        }
-    }
 }
 
 /// One VM: check if due, then keep, revert or report; or adopt a running definition
@@ -364,6 +297,9 @@ pub fn warn_in_plan(plan: &mut Plan, state_dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reconcile::record_update::restore;
+    use crate::reconcile::record_update::retry;
+    use crate::record::HeldBack;
 
     #[test]
     fn retry_forgets_a_hold_back_and_restore_puts_it_back() {

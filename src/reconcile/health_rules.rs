@@ -20,7 +20,7 @@ use crate::desired::health_spec::HealthSpec;
 use crate::host::power::SHUTDOWN_INTERRUPTED;
 use crate::reconcile::outcome::{INTERRUPTED, VmOutcome};
 use crate::reconcile::plan_types::{Action, VmPlan};
-use crate::record::{HealthResult, HeldBack, VmRecord};
+use crate::record::{HealthResult, VmRecord};
 use crate::util::commit_id::short;
 
 /// How a VM came to be checked.
@@ -142,54 +142,6 @@ impl VmHealth {
     }
 }
 
-/// Updates a VM's record entry (already updated from the sync's outcome) with its check.
-pub fn record_check(entry: &mut VmRecord, check: &VmHealth) {
-    entry.health = Some(check.result);
-    match check.result {
-        HealthResult::Healthy => {
-            entry.healthy_commit = Some(check.commit.clone());
-            entry.healthy_fingerprint = Some(check.fingerprint.clone());
-            entry.held_back = None;
-        }
-        HealthResult::Unhealthy => {
-            entry.held_back = None;
-        }
-        HealthResult::Reverted | HealthResult::RevertFailed => {
-            entry.held_back = Some(HeldBack {
-                commit: check.commit.clone(),
-                fingerprint: check.fingerprint.clone(),
-                reason: check.reason.clone(),
-            });
-            if let Some(p) = &check.put_back {
-                // What the host has now: the last healthy definition, as applied then.
-                entry.applied_commit = Some(p.commit.clone());
-                entry.fingerprint = Some(p.fingerprint.clone());
-                if p.definition_hash.is_some() {
-                    entry.definition_hash = p.definition_hash.clone();
-                }
-                entry.pending_restart = false;
-            }
-        }
-    }
-    // Healthy: the outcome's own result stands.
-    if let Some(error) = check.error() {
-        entry.ok = false;
-        entry.last_error = Some(error);
-    }
-}
-
-/// A hold-back that no longer applies (the commit's definition of the VM changed) is
-/// dropped; `fingerprint`: the commit's definition now.
-pub fn forget_stale_hold_back(entry: &mut VmRecord, fingerprint: &str) {
-    if entry
-        .held_back
-        .as_ref()
-        .is_some_and(|h| h.fingerprint != fingerprint)
-    {
-        entry.held_back = None;
-    }
-}
-
 /// The planner's hold-back: a VM whose commit definition was reverted before (same
 /// fingerprint) gets no action, and an error that says why.
 pub fn hold_back(plan: &mut VmPlan, record: Option<&VmRecord>) {
@@ -209,6 +161,20 @@ pub fn hold_back(plan: &mut VmPlan, record: Option<&VmRecord>) {
     ));
 }
 
+/// What the stage found for one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Checked (healthy, or not and what followed).
+    Checked(VmHealth),
+    /// Not started by this sync, but running its committed definition with no healthy
+    /// one recorded yet: taken as the last healthy one (commit, fingerprint).
+    Adopted {
+        name: String,
+        commit: String,
+        fingerprint: String,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,6 +184,9 @@ mod tests {
     use crate::desired::manifest::PowerState;
     use crate::reconcile::plan_types::ActionKind;
     use crate::reconcile::plan_types::HealthView;
+    use crate::reconcile::record_update::forget_stale_hold_back;
+    use crate::reconcile::record_update::record_check;
+    use crate::record::HeldBack;
     use std::time::Duration;
 
     fn spec(revert: bool) -> HealthSpec {
