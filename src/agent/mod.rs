@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod metrics;
 pub mod report;
+pub mod stage_clock;
 pub mod status;
 pub mod sync;
 pub mod webhook;

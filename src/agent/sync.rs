@@ -1,12 +1,15 @@
 //! One sync, stage after stage: lock → fetch → check trust → validate → observe →
-//! plan → apply → record. Also the read-only `plan` and `validate` runs.
+//! plan → apply → health → record (`run`). Each stage is one call over one [`Env`]; the
+//! record is written only through `reconcile::record_update` and saved here. Also the
+//! read-only `plan` and `validate` runs.
 
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::{debug, error, info, warn};
 
 use crate::agent::report::Report;
+use crate::agent::stage_clock::StageClock;
 use crate::apply::vms;
 use crate::config::{ConfigError, Settings};
 use crate::desired::desired_state::{Desired, Policy};
@@ -19,12 +22,14 @@ pub use crate::host::hypervisor::Connection;
 use crate::host::hypervisor::Hypervisor;
 use crate::host::schema_cache::CachedSchema;
 use crate::host::{observe_domains, schema_cache};
+use crate::reconcile::outcome::Outcome;
 use crate::reconcile::plan_types::Plan;
 use crate::reconcile::{plan, record_update};
 use crate::record::{Record, store};
 use crate::repo::files::RepoFiles;
 use crate::repo::source;
 use crate::repo::trust::{self, Floor};
+use crate::util::commit_id::short;
 use crate::util::{clock, fsio};
 
 /// Takes the state directory's lock: held by another vmsync is `Locked` (exit 75).
@@ -69,15 +74,6 @@ pub fn validate_commit(
         commit: commit.to_string(),
         problems,
     })
-}
-
-/// Stage durations as the `converged` line shows them: `fetch 0.5, observe 107.2` (ms).
-fn stages_ms(stages: &[(&'static str, Duration)]) -> String {
-    stages
-        .iter()
-        .map(|(stage, took)| format!("{stage} {:.1}", took.as_secs_f64() * 1000.0))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// How a sync runs.
@@ -168,7 +164,26 @@ fn check_floors(
     }
 }
 
-/// One sync: lock, fetch, validate, observe, plan, apply, record, then the metrics file.
+/// What a sync works with besides the commit and the record: the agent's settings, the
+/// host's seams and the flag that asks it to stop (one value, as a kube-rs controller
+/// hands its `Context` to `reconcile`).
+pub struct Env<'a> {
+    pub settings: &'a Settings,
+    pub hv: &'a dyn Hypervisor,
+    pub disks: &'a dyn DiskProvisioner,
+    pub cancel: &'a AtomicBool,
+}
+
+/// What validation handed on: the desired state, the schema cache, and the XML whose
+/// libvirt check still runs (beside observation, see [`observe_and_check`]).
+struct Validated {
+    desired: Desired,
+    schema: CachedSchema,
+    unchecked: Vec<String>,
+}
+
+/// One sync: lock, fetch, validate, observe, plan, apply, health, record, then the
+/// metrics file.
 pub fn run(
     settings: &Settings,
     conn: &mut Connection,
@@ -202,6 +217,8 @@ pub fn run_with_metrics(
     (result, text)
 }
 
+/// Under the lock: fetch, refuse a commit given up on, converge; an attempt that ended
+/// before anything was applied is recorded as such.
 fn run_locked(
     settings: &Settings,
     conn: &mut Connection,
@@ -209,61 +226,19 @@ fn run_locked(
 ) -> Result<Report, SyncError> {
     let _lock = lock(settings)?;
     let mut record = store::load(&settings.state_dir)?;
-    let source = settings.source()?;
-    let fetch_started = Instant::now();
-    let fetched =
-        match crate::repo::probe::fetch(&source, settings.probe().as_ref(), &settings.state_dir) {
-            Ok(fetched) => fetched,
-            Err(e) => {
-                let e = SyncError::from(e);
-                save_failure(settings, &mut record, None, &e);
-                return Err(e);
-            }
-        };
-    let fetch_took = fetch_started.elapsed();
+    let mut clock = StageClock::start();
+    let fetched = match fetch(settings) {
+        Ok(fetched) => fetched,
+        Err(e) => {
+            save_failure(settings, &mut record, None, &e);
+            return Err(e);
+        }
+    };
+    clock.lap("fetch");
     let commit = fetched.id();
-    if let Some(max) = options.give_up_after
-        && record.gives_up_on(&commit, max)
-    {
-        return Err(SyncError::GaveUp {
-            commit,
-            attempts: record.failed_attempts,
-        });
-    }
+    refuse_given_up(&record, &commit, options.give_up_after)?;
     let retried = record_update::retry(&mut record, options.retry);
-    let result = (|| {
-        let validate_started = Instant::now();
-        check_commit(settings, &record, &fetched, options.allow_rewind)?;
-        let (desired, schema, unchecked) = validate_deferring(settings, &fetched, &commit)?;
-        let validate_took = validate_started.elapsed();
-        let connect_started = Instant::now();
-        let hv = conn.get()?;
-        let calls_before = hv.call_count();
-        let mut stages = vec![
-            ("fetch", fetch_took),
-            ("validate", validate_took),
-            ("connect", connect_started.elapsed()),
-        ];
-        let observe_started = Instant::now();
-        let disks = crate::host::disk::QemuImg::default();
-        let observed =
-            observe_and_check(&commit, &record, &desired, hv, &disks, &schema, &unchecked)?;
-        // The commits in the managed domains' tags: the ancestry floor that survives a
-        // lost state file.
-        check_floors(&fetched, &observed_floors(&observed), options.allow_rewind)?;
-        stages.push(("observe", observe_started.elapsed()));
-        apply_observed(
-            settings,
-            &mut record,
-            &commit,
-            &desired,
-            &observed,
-            hv,
-            &disks,
-            options.cancel,
-            (calls_before, stages),
-        )
-    })();
+    let result = converge(settings, conn, options, &mut record, &fetched, clock);
     if let Err(e) = &result
         && !matches!(e, SyncError::ActionsFailed { .. })
     {
@@ -276,22 +251,77 @@ fn run_locked(
     result
 }
 
+/// The commit to sync: the change probe's answer, or a fetch.
+fn fetch(settings: &Settings) -> Result<source::FetchedCommit, SyncError> {
+    let source = settings.source()?;
+    Ok(crate::repo::probe::fetch(
+        &source,
+        settings.probe().as_ref(),
+        &settings.state_dir,
+    )?)
+}
+
+/// The daemon does not try a commit again that already failed `max` times in a row.
+fn refuse_given_up(record: &Record, commit: &str, max: Option<u32>) -> Result<(), SyncError> {
+    match max {
+        Some(max) if record.gives_up_on(commit, max) => Err(SyncError::GaveUp {
+            commit: commit.to_string(),
+            attempts: record.failed_attempts,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Trust → validate → connect → observe, then [`apply_observed`].
+fn converge(
+    settings: &Settings,
+    conn: &mut Connection,
+    options: &Options,
+    record: &mut Record,
+    fetched: &source::FetchedCommit,
+    mut clock: StageClock,
+) -> Result<Report, SyncError> {
+    let commit = fetched.id();
+    check_commit(settings, record, fetched, options.allow_rewind)?;
+    let validated = validate_deferring(settings, fetched, &commit)?;
+    clock.lap("validate");
+    let hv = conn.get()?;
+    clock.lap("connect");
+    clock.count_calls_from(hv.call_count());
+    let disks = crate::host::disk::QemuImg::default();
+    let env = Env {
+        settings,
+        hv,
+        disks: &disks,
+        cancel: options.cancel,
+    };
+    let observed = observe_and_check(&env, &commit, record, &validated)?;
+    // The commits in the managed domains' tags: the ancestry floor that survives a
+    // lost state file.
+    check_floors(fetched, &observed_floors(&observed), options.allow_rewind)?;
+    clock.lap("observe");
+    apply_observed(&env, record, &commit, &validated.desired, &observed, clock)
+}
+
 /// Validates the commit for this host with the schema cache, leaving libvirt's checks
-/// of the XML the cache has not seen to [`observe_and_check`]: the desired state, the
-/// cache, and that XML. An invalid commit is validated again with those checks, so that
-/// one run shows every mistake.
+/// of the XML the cache has not seen to [`observe_and_check`]. An invalid commit is
+/// validated again with those checks, so that one run shows every mistake.
 fn validate_deferring(
     settings: &Settings,
     fetched: &source::FetchedCommit,
     commit: &str,
-) -> Result<(Desired, CachedSchema, Vec<String>), SyncError> {
+) -> Result<Validated, SyncError> {
     let policy = policy(settings);
     let cache = || CachedSchema::load(Some(&settings.state_dir), &format!("{policy:?}"));
     let schema = cache().deferring();
     match validate_commit(fetched, commit, &policy, &schema) {
         Ok(desired) => {
             let unchecked = schema.take_deferred();
-            Ok((desired, schema, unchecked))
+            Ok(Validated {
+                desired,
+                schema,
+                unchecked,
+            })
         }
         Err(e) => Err(validate_commit(fetched, commit, &policy, &cache())
             .err()
@@ -299,23 +329,25 @@ fn validate_deferring(
     }
 }
 
-/// Observes the host while libvirt's schema checks of `unchecked` run: compiling the
-/// schema costs more than a define, and observing only reads. Their verdict is in before
-/// anything is planned; a rejection makes the commit invalid, else the cache learns the
-/// passes and is saved. (The checks stay on this thread and observing moves to another:
-/// with the checks on another thread, the compiled schema went to a malloc arena of its
-/// own and a daemon's peak RSS grew by 8 MiB.)
+/// Observes the host while libvirt's schema checks of the unchecked XML run: compiling
+/// the schema costs more than a define, and observing only reads. Their verdict is in
+/// before anything is planned; a rejection makes the commit invalid, else the cache
+/// learns the passes and is saved. (The checks stay on this thread and observing moves
+/// to another: with the checks on another thread, the compiled schema went to a malloc
+/// arena of its own and a daemon's peak RSS grew by 8 MiB.)
 fn observe_and_check(
+    env: &Env,
     commit: &str,
     record: &Record,
-    desired: &Desired,
-    hv: &dyn Hypervisor,
-    disks: &dyn DiskProvisioner,
-    schema: &CachedSchema,
-    unchecked: &[String],
+    validated: &Validated,
 ) -> Result<observe_domains::Observed, SyncError> {
+    let Validated {
+        desired,
+        schema,
+        unchecked,
+    } = validated;
     let (observed, verdicts) = std::thread::scope(|scope| {
-        let observing = scope.spawn(|| observe_commit(record, desired, hv, disks));
+        let observing = scope.spawn(|| observe_commit(record, desired, env.hv, env.disks));
         let verdicts = schema_cache::check_all(unchecked);
         let observed = observing.join().expect("observing does not panic");
         (observed, verdicts)
@@ -379,58 +411,82 @@ fn save_failure(settings: &Settings, record: &mut Record, commit: Option<&str>, 
     }
 }
 
-/// Observe → plan → apply → record, for a validated commit. Exposed for tests that
-/// bring their own hypervisor and provisioner.
+/// Observe → plan → apply → health → record, for a validated commit. Exposed for tests
+/// that bring their own hypervisor and provisioner.
 pub fn apply_commit(
-    settings: &Settings,
+    env: &Env,
     record: &mut Record,
     commit: &str,
     desired: &Desired,
-    hv: &dyn Hypervisor,
-    disks: &dyn DiskProvisioner,
-    cancel: &AtomicBool,
 ) -> Result<Report, SyncError> {
-    let (calls_before, started) = (hv.call_count(), Instant::now());
-    let observed = observe_commit(record, desired, hv, disks)?;
-    let stages = vec![("observe", started.elapsed())];
-    apply_observed(
-        settings,
-        record,
-        commit,
-        desired,
-        &observed,
-        hv,
-        disks,
-        cancel,
-        (calls_before, stages),
-    )
+    let mut clock = StageClock::start();
+    clock.count_calls_from(env.hv.call_count());
+    let observed = observe_commit(record, desired, env.hv, env.disks)?;
+    clock.lap("observe");
+    apply_observed(env, record, commit, desired, &observed, clock)
 }
 
-/// Plan → apply → record, for what was observed. `calls_before` and `stages`: the
-/// libvirt call count before observing and how long the stages before took, for the
-/// `converged` line.
-#[allow(clippy::too_many_arguments)]
+/// Plan → apply → health → record, for what was observed.
 fn apply_observed(
-    settings: &Settings,
+    env: &Env,
     record: &mut Record,
     commit: &str,
     desired: &Desired,
     observed: &observe_domains::Observed,
-    hv: &dyn Hypervisor,
-    disks: &dyn DiskProvisioner,
-    cancel: &AtomicBool,
-    (calls_before, mut stages): (u64, Vec<(&'static str, Duration)>),
+    mut clock: StageClock,
 ) -> Result<Report, SyncError> {
-    let short = &commit[..commit.len().min(12)];
     check_references(commit, desired, observed)?;
-    let started = Instant::now();
+    let plan = plan_to_apply(env.settings, record, commit, desired, observed)?;
+    clock.lap("plan");
+    let mut outcome = vms::apply(&plan, env.hv, env.disks, env.cancel);
+    clock.lap("apply");
+    // Health checks of the VMs started with a new definition, and reverts.
+    let stage = crate::apply::health_stage::Stage {
+        state_dir: &env.settings.state_dir,
+        commit,
+        shutdown_timeout: env.settings.changes.shutdown_timeout,
+        hv: env.hv,
+        cancel: env.cancel,
+    };
+    let found = crate::apply::health_stage::run(&stage, &plan, desired, &mut outcome, record);
+    if found.is_empty() {
+        clock.skip();
+    } else {
+        clock.lap("health");
+    }
+    record_update::after_apply(
+        record,
+        commit,
+        &plan,
+        &outcome,
+        &found,
+        &clock::now_rfc3339(),
+    );
+    store::save(&env.settings.state_dir, record)?;
+    finish(
+        commit,
+        plan,
+        outcome,
+        clock.calls_since(env.hv.call_count()),
+        &clock,
+    )
+}
+
+/// The plan of a sync that applies it; a refused plan (too many prunes) is an error and
+/// nothing of the commit is applied (the caller records the refusal).
+fn plan_to_apply(
+    settings: &Settings,
+    record: &Record,
+    commit: &str,
+    desired: &Desired,
+    observed: &observe_domains::Observed,
+) -> Result<Plan, SyncError> {
     let ctx = plan::Context {
         policy: &settings.changes,
         record,
     };
     let plan = plan::plan(desired, observed, commit, &ctx);
     if let Some(message) = &plan.refused {
-        // Nothing of the commit is applied; the caller records the refusal.
         return Err(SyncError::Refused {
             commit: commit.to_string(),
             message: message.clone(),
@@ -441,35 +497,19 @@ fn apply_observed(
         && plan.resources.pools.iter().all(|p| p.error.is_none())
         && plan.resources.networks.iter().all(|p| p.error.is_none())
     {
-        info!(commit = %short, vms = plan.vms.len(), "nothing to do: every vm is converged");
+        info!(commit = %short(commit), vms = plan.vms.len(), "nothing to do: every vm is converged");
     }
-    stages.push(("plan", started.elapsed()));
-    let started = Instant::now();
-    let mut outcome = vms::apply(&plan, hv, disks, cancel);
-    stages.push(("apply", started.elapsed()));
-    // Health checks of the VMs started with a new definition, and reverts.
-    let started = Instant::now();
-    let health = crate::apply::health_stage::Stage {
-        state_dir: &settings.state_dir,
-        commit,
-        shutdown_timeout: settings.changes.shutdown_timeout,
-    };
-    let found =
-        crate::apply::health_stage::run(&health, &plan, desired, &mut outcome, record, hv, cancel);
-    if !found.is_empty() {
-        stages.push(("health", started.elapsed()));
-    }
+    Ok(plan)
+}
 
-    record_update::record_outcome(
-        record,
-        commit,
-        plan.prune.iter().map(|p| p.name.as_str()),
-        &outcome,
-        &clock::now_rfc3339(),
-    );
-    record_update::record_resources(record, commit, &plan.resources, &outcome.resources);
-    record_update::record_health(record, &plan, &found);
-    store::save(&settings.state_dir, record)?;
+/// The report of an applied commit, or `ActionsFailed` when something failed.
+fn finish(
+    commit: &str,
+    plan: Plan,
+    outcome: Outcome,
+    libvirt_calls: u64,
+    clock: &StageClock,
+) -> Result<Report, SyncError> {
     if !outcome.all_ok() {
         let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count()
             + outcome.pruned.iter().filter(|p| p.error.is_some()).count();
@@ -486,11 +526,11 @@ fn apply_observed(
         });
     }
     info!(
-        commit = %short,
+        commit = %short(commit),
         vms = outcome.vms.len(),
         changes = outcome.changes(),
-        libvirt_calls = hv.call_count() - calls_before,
-        stages_ms = %stages_ms(&stages),
+        libvirt_calls,
+        stages_ms = %clock.summary(),
         "converged"
     );
     Ok(Report {
@@ -508,8 +548,7 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let fetched = source::fetch(&settings.source()?, &settings.state_dir)?;
     let commit = fetched.id();
     let desired = trusted_and_valid(settings, &record, &fetched, false)?;
-    let hv = crate::host::hypervisor::Libvirt::connect(&settings.libvirt_uri)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let hv = crate::host::hypervisor::Libvirt::connect(&settings.libvirt_uri)?;
     let observed = observe_commit(
         &record,
         &desired,
@@ -529,21 +568,6 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     ))
 }
 
-/// Observe → plan → diffs, for a validated commit; changes nothing. Exposed for tests.
-pub fn plan_commit(
-    settings: &Settings,
-    record: &Record,
-    commit: &str,
-    desired: &Desired,
-    hv: &dyn Hypervisor,
-    normalizer: &dyn crate::desired::schema_check::Normalizer,
-) -> Result<Plan, SyncError> {
-    let observed = observe_commit(record, desired, hv, &crate::host::disk::QemuImg::default())?;
-    Ok(plan_observed(
-        settings, record, commit, desired, &observed, normalizer,
-    ))
-}
-
 /// Observes the host for `desired`, with this agent's record (prune candidates and
 /// their drift baselines).
 fn observe_commit(
@@ -557,14 +581,12 @@ fn observe_commit(
         .iter()
         .map(|(name, vm)| (name.clone(), vm.definition_hash.clone()))
         .collect();
-    let mut observed = observe_domains::observe(desired, &applied, hv, disks)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut observed = observe_domains::observe(desired, &applied, hv, disks)?;
     observed.resources = crate::host::observe_networks_pools::observe(
         &desired.resources,
         &recorded_resources(record),
         hv,
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    )?;
     Ok(observed)
 }
 

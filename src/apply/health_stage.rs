@@ -33,6 +33,9 @@ pub struct Stage<'a> {
     pub commit: &'a str,
     /// `policy.shutdown_timeout`, for a VM that does not set its own.
     pub shutdown_timeout: Duration,
+    pub hv: &'a dyn Hypervisor,
+    /// Set to stop: a wait ends, no revert starts.
+    pub cancel: &'a AtomicBool,
 }
 
 /// Runs the checks due after `outcome` (see `reconcile::health_rules::due`) and the reverts
@@ -44,8 +47,6 @@ pub fn run(
     desired: &Desired,
     outcome: &mut Outcome,
     record: &Record,
-    hv: &dyn Hypervisor,
-    cancel: &AtomicBool,
 ) -> Vec<Found> {
     let wanted: HashMap<&str, &DesiredVm> =
         desired.vms.iter().map(|v| (v.name.as_str(), v)).collect();
@@ -63,7 +64,7 @@ pub fn run(
         return Vec::new();
     }
     let found: Vec<Found> = crate::util::par::map(work, THREADS, |(vm, p, o)| {
-        one(stage, vm, p, o, record.vms.get(&vm.name), hv, cancel)
+        one(stage, vm, p, o, record.vms.get(&vm.name))
     })
     .into_iter()
     .flatten()
@@ -91,8 +92,6 @@ fn one(
     plan: &VmPlan,
     outcome: &VmOutcome,
     old: Option<&VmRecord>,
-    hv: &dyn Hypervisor,
-    cancel: &AtomicBool,
 ) -> Option<Found> {
     let spec = vm.health.as_ref()?;
     let name = &vm.name;
@@ -100,7 +99,7 @@ fn one(
     let Some(how) = due(Some(spec), plan, outcome, old) else {
         let has_healthy = old.is_some_and(|r| r.healthy_fingerprint.is_some());
         if !has_healthy && outcome.error.is_none() && outcome.up && !outcome.pending_restart {
-            let xml = hv.xml(name, true).ok()?;
+            let xml = stage.hv.xml(name, true).ok()?;
             let tag = domain_xml::read_tag(&xml)?;
             save_healthy(stage.state_dir, name, &xml)?;
             info!(vm = %name, commit = %tag.commit, "runs its committed definition: kept as the last healthy one");
@@ -113,11 +112,11 @@ fn one(
         if let Some(fp) = old.and_then(|r| r.healthy_fingerprint.as_deref())
             && outcome.up
         {
-            repair_healthy(stage.state_dir, name, fp, hv);
+            repair_healthy(stage.state_dir, name, fp, stage.hv);
         }
         return None;
     };
-    let bad_xml = hv.xml(name, true).unwrap_or_default();
+    let bad_xml = stage.hv.xml(name, true).unwrap_or_default();
     let uuid = domain_xml::summarize(&bad_xml)
         .ok()
         .and_then(|s| s.uuid)
@@ -126,7 +125,7 @@ fn one(
         Due::StartFailed(e) => {
             Verdict::Unhealthy(format!("libvirt refused to start the new definition: {e}"))
         }
-        Due::Started => check::check(hv, name, &uuid, spec, cancel),
+        Due::Started => check::check(stage.hv, name, &uuid, spec, stage.cancel),
     };
     let mut result = VmHealth {
         name: name.clone(),
@@ -181,7 +180,7 @@ fn one(
     let healthy_xml = healthy_xml.expect("read above");
     let timeout = vm.shutdown_timeout.unwrap_or(stage.shutdown_timeout);
     info!(vm = %name, commit = %short, healthy_commit = %crate::util::commit_id::short(&healthy_commit), "putting the last healthy definition back");
-    let reverted = match check::revert(hv, name, &healthy_xml, timeout, cancel) {
+    let reverted = match check::revert(stage.hv, name, &healthy_xml, timeout, stage.cancel) {
         Ok(after) => {
             let diff = crate::reconcile::diff::unified(
                 &bad_xml,
@@ -198,7 +197,7 @@ fn one(
                 fingerprint: healthy_fp.clone(),
                 definition_hash: domain_xml::definition_hash(&after),
             });
-            match check::check(hv, name, &uuid, spec, cancel) {
+            match check::check(stage.hv, name, &uuid, spec, stage.cancel) {
                 Verdict::Healthy => Ok(true),
                 Verdict::Interrupted => Err("interrupted: vmsync is stopping".into()),
                 Verdict::Unhealthy(why) => {
@@ -212,7 +211,7 @@ fn one(
         }
         Err(e) => {
             // The healthy definition may be in place although the start failed.
-            if let Ok(now) = hv.xml(name, true)
+            if let Ok(now) = stage.hv.xml(name, true)
                 && domain_xml::read_tag(&now).is_some_and(|t| t.fingerprint == healthy_fp)
             {
                 result.put_back = Some(PutBack {

@@ -14,6 +14,23 @@ use crate::reconcile::plan_networks_pools::recorded;
 use crate::reconcile::plan_types::{Plan, ResourcePlan};
 use crate::record::{HealthResult, HeldBack, Record, ResourceRecord, SyncResult, VmRecord};
 
+/// Records what applying `commit` did: the VMs and prunes ([`record_outcome`]), the
+/// networks and pools ([`record_resources`]), then what the health stage found
+/// ([`record_health`]).
+pub fn after_apply(
+    record: &mut Record,
+    commit: &str,
+    plan: &Plan,
+    outcome: &Outcome,
+    found: &[Found],
+    now: &str,
+) {
+    let left_in_place = plan.prune.iter().map(|p| p.name.as_str());
+    record_outcome(record, commit, left_in_place, outcome, now);
+    record_resources(record, commit, &plan.resources, &outcome.resources);
+    record_health(record, plan, found);
+}
+
 /// Records what applying `commit` did. `left_in_place`: managed domains the plan
 /// would prune; those not pruned (pruning off, or failed) keep their records: they
 /// are still this agent's, and may be pruned later. The commit becomes the last

@@ -613,15 +613,13 @@ pub fn sync_head(
     hv: &dyn Hypervisor,
 ) -> Result<Report, SyncError> {
     let (commit, desired) = validate_head(settings)?;
-    sync::apply_commit(
+    let env = sync::Env {
         settings,
-        record,
-        &commit,
-        &desired,
         hv,
-        &vmsync::host::disk::QemuImg::default(),
-        &AtomicBool::new(false),
-    )
+        disks: &vmsync::host::disk::QemuImg::default(),
+        cancel: &AtomicBool::new(false),
+    };
+    sync::apply_commit(&env, record, &commit, &desired)
 }
 
 /// Options of an in-process `sync::run`: not stopped, no rewind.
