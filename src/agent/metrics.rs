@@ -209,8 +209,11 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
             *kinds.entry(*kind).or_default() += 1.0;
         }
         for p in &r.outcome.pruned {
-            *kinds.entry(ActionKind::Undefine).or_default() +=
-                p.done.iter().filter(|d| d.starts_with("undefine")).count() as f64;
+            *kinds.entry(ActionKind::Undefine).or_default() += p
+                .kinds
+                .iter()
+                .filter(|k| **k == ActionKind::Undefine)
+                .count() as f64;
         }
         for kind in r.outcome.resources.kinds() {
             *kinds.entry(kind).or_default() += 1.0;

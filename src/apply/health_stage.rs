@@ -4,7 +4,6 @@
 //! ones, and records the results. The rules are in `reconcile::health_rules`, the waiting and
 //! the revert in `host::health_probe`.
 
-use crate::reconcile::health_rules::Found;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -17,9 +16,9 @@ use crate::desired::domain_xml;
 use crate::host::health_probe::{self as check, Verdict};
 use crate::host::hypervisor::Hypervisor;
 use crate::reconcile::health_rules::{
-    AfterFailure, Due, PutBack, VmHealth, after_failure, due, revert_result,
+    AfterFailure, Due, Found, PutBack, VmHealth, after_failure, due, revert_result,
 };
-use crate::reconcile::outcome::{Outcome, VmOutcome};
+use crate::reconcile::outcome::{Outcome, VmFailure, VmOutcome};
 use crate::reconcile::plan_types::{Plan, VmPlan};
 use crate::record::{HealthResult, Record, VmRecord, store};
 use crate::util::fsio;
@@ -74,7 +73,7 @@ pub fn run(
             && let Some(o) = outcome.vms.iter_mut().find(|o| o.name == c.name)
         {
             if let Some(e) = c.error() {
-                o.error = Some(e);
+                o.error = Some(VmFailure::Unhealthy(e));
             }
             if matches!(c.result, HealthResult::Healthy | HealthResult::Reverted) {
                 o.up = true;

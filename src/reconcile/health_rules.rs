@@ -17,8 +17,8 @@
 //!   newer commit changes it or `--retry VM` asks for another try.
 
 use crate::desired::health_spec::HealthSpec;
-use crate::host::power::SHUTDOWN_INTERRUPTED;
-use crate::reconcile::outcome::{INTERRUPTED, VmOutcome};
+
+use crate::reconcile::outcome::{VmFailure, VmOutcome};
 use crate::reconcile::plan_types::{Action, VmPlan};
 use crate::record::{HealthResult, VmRecord};
 use crate::util::commit_id::short;
@@ -53,17 +53,16 @@ pub fn due(
     {
         return Some(Due::Started);
     }
-    let error = outcome.error.as_deref()?;
-    if error == INTERRUPTED || error == SHUTDOWN_INTERRUPTED {
-        return None;
-    }
     // The actions run in order and stop at the first failure: the failed one is the
     // next after those done.
-    match plan.actions.get(outcome.done.len()) {
-        Some(Action::Start) => Some(Due::StartFailed(error.to_string())),
-        Some(Action::Restart { .. }) => error
-            .strip_prefix("after the shutdown, ")
-            .map(|e| Due::StartFailed(e.to_string())),
+    match (
+        outcome.error.as_ref()?,
+        plan.actions.get(outcome.done.len()),
+    ) {
+        (VmFailure::Action(e), Some(Action::Start)) => Some(Due::StartFailed(e.clone())),
+        (VmFailure::StartAfterStop(e), Some(Action::Restart { .. })) => {
+            Some(Due::StartFailed(e.clone()))
+        }
         _ => None,
     }
 }
@@ -221,14 +220,14 @@ mod tests {
         }
     }
 
-    fn outcome(done: &[Action], error: Option<&str>) -> VmOutcome {
+    fn outcome(done: &[Action], error: Option<VmFailure>) -> VmOutcome {
         VmOutcome {
             name: "web".into(),
             fingerprint: "new".into(),
             autostart: true,
             state: PowerState::Running,
             done: done.iter().map(Action::describe).collect(),
-            error: error.map(Into::into),
+            error,
             pending_restart: false,
             drift: vec![],
             drift_reported_only: false,
@@ -268,7 +267,7 @@ mod tests {
             Option<&HealthSpec>,
             Vec<Action>,
             usize,
-            Option<&str>,
+            Option<VmFailure>,
             Option<&VmRecord>,
             Option<Due>,
         )> = vec![
@@ -340,7 +339,9 @@ mod tests {
                 Some(&s),
                 vec![define.clone(), Action::Start],
                 1,
-                Some("failed to start domain 'web': no disk"),
+                Some(VmFailure::Action(
+                    "failed to start domain 'web': no disk".into(),
+                )),
                 Some(&old),
                 Some(Due::StartFailed(
                     "failed to start domain 'web': no disk".into(),
@@ -351,7 +352,7 @@ mod tests {
                 Some(&s),
                 vec![define.clone(), restart.clone()],
                 1,
-                Some("after the shutdown, no disk"),
+                Some(VmFailure::StartAfterStop("no disk".into())),
                 Some(&old),
                 Some(Due::StartFailed("no disk".into())),
             ),
@@ -360,7 +361,7 @@ mod tests {
                 Some(&s),
                 vec![define.clone(), restart.clone()],
                 1,
-                Some("failed to shut down"),
+                Some(VmFailure::Action("failed to shut down".into())),
                 Some(&old),
                 None,
             ),
@@ -369,7 +370,7 @@ mod tests {
                 Some(&s),
                 vec![define.clone(), Action::Start],
                 1,
-                Some(INTERRUPTED),
+                Some(VmFailure::Interrupted),
                 Some(&old),
                 None,
             ),
@@ -378,7 +379,7 @@ mod tests {
                 Some(&s),
                 vec![define.clone(), Action::Start],
                 0,
-                Some("failed to define"),
+                Some(VmFailure::Action("failed to define".into())),
                 Some(&old),
                 None,
             ),

@@ -3,8 +3,40 @@
 //! rendering and the metrics.
 
 use crate::desired::resource_xml::ResourceKind;
+use crate::host::power::SHUTDOWN_INTERRUPTED;
 use crate::reconcile::plan_types::ActionKind;
 use crate::record::VmRecord;
+
+/// Why a VM did not converge. The text ([`Display`](std::fmt::Display)) is what the
+/// record, the log and the messages show; code branches on the variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmFailure {
+    /// vmsync stopped before the VM's next action.
+    Interrupted,
+    /// vmsync stopped while waiting for the guest to shut down (it was not destroyed).
+    ShutdownInterrupted,
+    /// A restart shut the domain down, then starting it failed (libvirt's message).
+    StartAfterStop(String),
+    /// An action failed (its message).
+    Action(String),
+    /// The planner could not plan the VM (its message).
+    Planned(String),
+    /// Its health check failed (what the check found and what followed).
+    Unhealthy(String),
+}
+
+impl std::fmt::Display for VmFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmFailure::Interrupted => f.write_str(INTERRUPTED),
+            VmFailure::ShutdownInterrupted => f.write_str(SHUTDOWN_INTERRUPTED),
+            VmFailure::StartAfterStop(e) => write!(f, "after the shutdown, {e}"),
+            VmFailure::Action(m) | VmFailure::Planned(m) | VmFailure::Unhealthy(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
 
 /// How one VM's actions went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,7 +47,7 @@ pub struct VmOutcome {
     pub state: crate::desired::manifest::PowerState,
     /// Descriptions of the actions done.
     pub done: Vec<String>,
-    pub error: Option<String>,
+    pub error: Option<VmFailure>,
     pub pending_restart: bool,
     /// Drift found before applying (healed unless `drift_reported_only`).
     pub drift: Vec<String>,
@@ -72,7 +104,7 @@ impl VmOutcome {
         }
         let mut entry = VmRecord {
             ok: false,
-            last_error: self.error.clone(),
+            last_error: self.error.as_ref().map(ToString::to_string),
             drift: self.drift.clone(),
             ..old
         };
@@ -96,7 +128,10 @@ impl VmOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PruneOutcome {
     pub name: String,
+    /// Descriptions of the actions done.
     pub done: Vec<String>,
+    /// Kinds of the actions done (a stop, then the undefine).
+    pub kinds: Vec<ActionKind>,
     pub error: Option<String>,
     /// Its disks, kept: orphaned once it is undefined.
     pub orphaned_disks: Vec<std::path::PathBuf>,

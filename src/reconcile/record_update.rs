@@ -314,7 +314,7 @@ mod tests {
             autostart: true,
             state: crate::desired::manifest::PowerState::Running,
             done: vec!["define".into()],
-            error: error.map(Into::into),
+            error: error.map(|e| crate::reconcile::outcome::VmFailure::Action(e.into())),
             pending_restart: false,
             drift: vec![],
             drift_reported_only: false,
@@ -407,6 +407,7 @@ mod tests {
             pruned: vec![crate::reconcile::outcome::PruneOutcome {
                 name: "gone".into(),
                 done: vec!["undefine".into()],
+                kinds: vec![crate::reconcile::plan_types::ActionKind::Undefine],
                 error: None,
                 orphaned_disks: vec![],
             }],
