@@ -650,3 +650,247 @@ pub fn validate_dir(settings: &Settings, dir: &std::path::Path) -> Result<Desire
     };
     validate_cached(&files, &dir.display().to_string(), &policy, None)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::desired::domain_xml;
+    use crate::desired::manifest::{OnChange, PowerState};
+    use crate::record::{HeldBack, SyncResult, VmRecord};
+    use crate::repo::source::test_git::git;
+    use crate::test_support::FakeHost;
+
+    /// A repository with `manifest` committed, a state directory, and the settings of a
+    /// sync of it (libvirt's test driver, which these branches never reach).
+    struct Repo {
+        repo: tempfile::TempDir,
+        state: tempfile::TempDir,
+    }
+
+    impl Repo {
+        fn new(manifest: &str) -> Repo {
+            let repo = tempfile::tempdir().unwrap();
+            git(repo.path(), &["init", "-q"]);
+            std::fs::write(repo.path().join("vmsync.toml"), manifest).unwrap();
+            git(repo.path(), &["add", "."]);
+            git(
+                repo.path(),
+                &[
+                    "-c",
+                    "user.name=t",
+                    "-c",
+                    "user.email=t@t",
+                    "commit",
+                    "-qm",
+                    "c",
+                ],
+            );
+            Repo {
+                repo,
+                state: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn settings(&self) -> Settings {
+            crate::config::load(&crate::config::Overrides {
+                config: Some("/dev/null".into()),
+                url: Some(self.repo.path().display().to_string()),
+                state_dir: Some(self.state.path().to_path_buf()),
+                connect: Some("test:///default".into()),
+                host: Some("h1".into()),
+                ..Default::default()
+            })
+            .unwrap()
+        }
+
+        fn head(&self) -> String {
+            git(self.repo.path(), &["rev-parse", "HEAD"])
+                .trim()
+                .to_string()
+        }
+
+        fn run(&self, give_up_after: Option<u32>, retry: &[String]) -> Result<Report, SyncError> {
+            let cancel = AtomicBool::new(false);
+            let options = Options {
+                give_up_after,
+                cancel: &cancel,
+                allow_rewind: false,
+                retry,
+            };
+            run(
+                &self.settings(),
+                &mut Connection::new("test:///default"),
+                &options,
+            )
+        }
+
+        fn record(&self) -> Record {
+            store::load(self.state.path()).unwrap()
+        }
+
+        fn save(&self, record: &Record) {
+            store::save(self.state.path(), record).unwrap();
+        }
+    }
+
+    const INVALID: &str = "[[vm]]\nname = \"a\"\n";
+
+    #[test]
+    fn an_invalid_commit_is_recorded_and_counted_and_nothing_is_applied() {
+        let repo = Repo::new(INVALID);
+        let err = repo.run(None, &[]).unwrap_err();
+        assert!(matches!(err, SyncError::Invalid { .. }), "{err}");
+        let record = repo.record();
+        assert_eq!(record.last_result, Some(SyncResult::Invalid));
+        assert_eq!(record.last_attempted_commit, Some(repo.head()));
+        assert_eq!(record.last_applied_commit, None);
+        assert_eq!(record.failed_attempts, 1);
+        repo.run(None, &[]).unwrap_err();
+        assert_eq!(
+            repo.record().failed_attempts,
+            2,
+            "the same commit counts up"
+        );
+    }
+
+    #[test]
+    fn a_commit_that_does_not_descend_from_the_applied_one_is_untrusted() {
+        let repo = Repo::new("");
+        let applied = "1111111111111111111111111111111111111111";
+        repo.save(&Record {
+            last_applied_commit: Some(applied.into()),
+            ..Record::default()
+        });
+        let err = repo.run(None, &[]).unwrap_err();
+        assert!(matches!(err, SyncError::Untrusted(_)), "{err}");
+        let record = repo.record();
+        assert_eq!(record.last_result, Some(SyncResult::Untrusted));
+        assert_eq!(record.last_applied_commit.as_deref(), Some(applied));
+    }
+
+    #[test]
+    fn a_held_lock_is_refused_and_nothing_is_recorded() {
+        let repo = Repo::new(INVALID);
+        let _held = fsio::lock(repo.state.path()).unwrap();
+        let err = repo.run(None, &[]).unwrap_err();
+        assert!(matches!(err, SyncError::Locked(_)), "{err}");
+        assert_eq!(err.exit_code(), 75);
+        assert_eq!(repo.record(), Record::default());
+    }
+
+    #[test]
+    fn a_commit_given_up_on_is_not_tried_and_a_retry_is_put_back_when_it_fails() {
+        let repo = Repo::new(INVALID);
+        repo.run(None, &[]).unwrap_err();
+        repo.run(None, &[]).unwrap_err();
+        let err = repo.run(Some(2), &[]).unwrap_err();
+        assert!(
+            matches!(err, SyncError::GaveUp { attempts: 2, .. }),
+            "{err}"
+        );
+        assert_eq!(repo.record().failed_attempts, 2, "a give-up is no attempt");
+
+        // `--retry web` forgets web's hold-back for the sync; the commit is invalid, so
+        // nothing was tried and the hold-back is back.
+        let held = HeldBack {
+            commit: "c0".into(),
+            fingerprint: "fp".into(),
+            reason: "unhealthy".into(),
+        };
+        let mut record = repo.record();
+        record.vms.insert(
+            "web".into(),
+            VmRecord {
+                held_back: Some(held.clone()),
+                ..VmRecord::default()
+            },
+        );
+        repo.save(&record);
+        repo.run(None, &["web".to_string()]).unwrap_err();
+        assert_eq!(repo.record().vms["web"].held_back, Some(held));
+    }
+
+    fn desired_vm(name: &str) -> Desired {
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><memory>1024</memory><os><type>hvm</type></os></domain>"
+        );
+        let vm = crate::desired::desired_state::DesiredVm {
+            name: name.into(),
+            xml_file: format!("vms/{name}.xml"),
+            summary: domain_xml::summarize(&xml).unwrap(),
+            fingerprint: domain_xml::fingerprint(&xml),
+            xml,
+            autostart: true,
+            disks: Vec::new(),
+            on_change: OnChange::Defer,
+            state: PowerState::Running,
+            shutdown_timeout: None,
+            self_heal: None,
+            adopt: false,
+            health: None,
+        };
+        Desired {
+            vms: vec![vm],
+            ..Desired::default()
+        }
+    }
+
+    fn apply(state_dir: &Path, host: &FakeHost, record: &mut Record) -> Result<Report, SyncError> {
+        let settings = crate::config::load(&crate::config::Overrides {
+            config: Some("/dev/null".into()),
+            state_dir: Some(state_dir.to_path_buf()),
+            host: Some("h1".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let env = Env {
+            settings: &settings,
+            hv: host,
+            disks: host,
+            cancel: &AtomicBool::new(false),
+        };
+        apply_commit(&env, record, "c1", &desired_vm("web"))
+    }
+
+    #[test]
+    fn a_vm_that_fails_is_recorded_with_its_error_and_the_commit_is_not_applied() {
+        let state = tempfile::tempdir().unwrap();
+        let host = FakeHost::refusing_to_start(&["web"]);
+        let mut record = Record::default();
+        let err = apply(state.path(), &host, &mut record).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SyncError::ActionsFailed {
+                    failed: 1,
+                    total: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            host.calls(),
+            ["define web", "autostart web true", "start web"]
+        );
+        assert_eq!(record.last_applied_commit, None);
+        assert_eq!(record.last_result, Some(SyncResult::Failed));
+        let web = &record.vms["web"];
+        assert!(!web.ok);
+        assert!(
+            web.last_error.as_deref().unwrap().contains("no disk"),
+            "{web:?}"
+        );
+        assert_eq!(store::load(state.path()).unwrap(), record, "saved");
+
+        // The host lets it start now: the commit converges and becomes the applied one.
+        let host = FakeHost::default();
+        let report = apply(state.path(), &host, &mut record).unwrap();
+        assert_eq!(report.commit, "c1");
+        assert_eq!(record.last_applied_commit.as_deref(), Some("c1"));
+        assert_eq!(record.failed_attempts, 0);
+    }
+}

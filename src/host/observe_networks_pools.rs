@@ -1,10 +1,10 @@
-//! Networks, storage pools and volumes on the host: libvirt's calls for them (the
-//! `Hypervisor` methods of `Libvirt` forward here), libvirt's schema and parser check of
-//! a network or pool XML, and the observation of the networks, pools and volumes a
-//! commit names.
+//! The observation of the networks, storage pools and volumes a commit (or the record)
+//! names. libvirt's calls for them are in `host::hypervisor::network_pool_calls`, their
+//! schema check in `host::schema_test_driver`.
 //!
-//! Observation costs, when the commit or the record names any network or pool: three
-//! list calls per kind (all, active, autostart: names and UUIDs are known locally), one
+//! Observation costs, when the commit or the record names any network or pool: four
+//! list calls per kind (all, active, autostart, persistent: names and UUIDs are known
+//! locally), one
 //! inactive-XML read per network or pool the commit or the record names (and the live
 //! XML of an active one, to tell a pending restart), and one volume listing per pool the
 //! commit's volumes use. Hand-made networks and pools the commit does not name are never

@@ -91,13 +91,21 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         && !ctx.policy.allow_mass_prune
         && (pruning == managed || pruning > ctx.policy.max_prune))
         .then(|| {
-            let why = if pruning == managed {
-                format!("every managed domain on this host ({managed})")
-            } else {
-                format!(
+            // Networks and pools count too: the message says so when they are in it.
+            let with_resources = resources.managed() > 0;
+            let why = match (pruning == managed, with_resources) {
+                (true, false) => format!("every managed domain on this host ({managed})"),
+                (true, true) => format!(
+                    "every managed domain, network and pool on this host ({managed})"
+                ),
+                (false, false) => format!(
                     "{pruning} domains, more than policy.max_prune = {}",
                     ctx.policy.max_prune
-                )
+                ),
+                (false, true) => format!(
+                    "{pruning} domains, networks and pools, more than policy.max_prune = {}",
+                    ctx.policy.max_prune
+                ),
             };
             format!(
                 "the commit would prune {why}; refused (check the manifest, or run `vmsync --once --allow-mass-prune`)"
@@ -1299,7 +1307,14 @@ mod tests {
         // One action of each kind, in plan order: every kind but the directories'.
         let kinds: Vec<_> = all.iter().map(Action::kind).collect();
         let every: Vec<_> = <ActionKind as strum::IntoEnumIterator>::iter()
-            .filter(|k| *k != ActionKind::CreateDirectory && !k.is_resource())
+            .filter(|k| {
+                // A network's, a pool's or a volume's kind is not an `Action`'s.
+                let name = k.as_str();
+                *k != ActionKind::CreateDirectory
+                    && !["network", "pool", "volume"]
+                        .iter()
+                        .any(|r| name.contains(r))
+            })
             .collect();
         assert_eq!(kinds, every);
         for kind in <ActionKind as strum::IntoEnumIterator>::iter() {

@@ -108,12 +108,6 @@ impl ActionKind {
     pub fn as_str(self) -> &'static str {
         self.into()
     }
-
-    /// Whether the kind is a network's, a pool's or a volume's (not an [`Action`]).
-    pub fn is_resource(self) -> bool {
-        let name = self.as_str();
-        name.contains("network") || name.contains("pool") || name.contains("volume")
-    }
 }
 
 impl Action {
