@@ -917,3 +917,27 @@ pub fn slow_qemu_img(dir: &Path, seconds: u32) -> PathBuf {
     assert!(ok);
     bin
 }
+
+/// Copies the files of `from` into `to` (an import's output, or a corpus case, into a
+/// test's repository).
+pub fn copy_tree(from: &Path, to: &Path) {
+    copy_tree_except(from, to, &[]);
+}
+
+/// [`copy_tree`], leaving out the entries named in `skip` (at any depth).
+pub fn copy_tree_except(from: &Path, to: &Path, skip: &[&str]) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if skip.iter().any(|s| name == *s) {
+            continue;
+        }
+        let target = to.join(&name);
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_tree_except(&entry.path(), &target, skip);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
