@@ -4,7 +4,10 @@
 pub mod daemon;
 pub mod health;
 pub mod metrics;
+pub mod notify;
 pub mod state;
 pub mod status;
+pub mod suspend;
 pub mod sync;
+pub mod watchdog;
 pub mod webhook;
