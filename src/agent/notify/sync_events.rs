@@ -66,8 +66,11 @@ impl SyncEvents {
     pub fn applying(&self, commit: &str, previous: Option<&str>) {
         *self.previous.lock().expect("events lock") = Some(previous.map(str::to_string));
         let new = self.notifier.with_file(|f| {
+            // A commit told as suspended was not being applied then.
             let told = f.applying.as_deref() == Some(commit)
-                || f.last.as_ref().and_then(|l| l.commit.as_deref()) == Some(commit);
+                || f.last.as_ref().is_some_and(|l| {
+                    l.commit.as_deref() == Some(commit) && l.outcome != EventKind::Suspended
+                });
             f.applying = Some(commit.to_string());
             !told
         });
