@@ -52,10 +52,11 @@ BUILD_PKGS=(gcc g++ libc6-dev pkg-config libvirt-dev libxml2-dev libssl-dev zlib
   git ca-certificates curl)
 # Tools the tests and scripts run: nix-instantiate (nix-bin) parses the NixOS
 # module and systemd-analyze (package systemd) verifies the units
-# (tests/deploy_files.rs); openssl makes certificates and serves TLS
+# (tests/deploy_files.rs); openssl makes certificates and serves TLS, python3
+# serves git over https and strace sees which files a sync opens
 # (tests/https_ca.rs); procps has kill and pgrep; systemd-container and
 # debootstrap boot a systemd container. Minimal images ship none of them.
-BUILD_PKGS+=(nix-bin systemd systemd-container debootstrap openssl procps)
+BUILD_PKGS+=(nix-bin systemd systemd-container debootstrap openssl python3 strace procps)
 RUNTIME_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf
   openssh-server openssh-client

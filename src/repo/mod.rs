@@ -3,6 +3,7 @@
 //! commit (signature, ancestry).
 
 pub mod files;
+pub mod https;
 pub mod probe;
 pub mod source;
 pub mod trust;

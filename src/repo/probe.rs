@@ -23,6 +23,7 @@
 
 use std::io::Read;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +31,7 @@ use git2::{Oid, Repository};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
+use crate::repo::https;
 use crate::repo::source::{self, FetchError, FetchedCommit, SourceSettings};
 
 /// Default of `[source] probe_max_skip`: a real fetch at least this often, whatever the
@@ -235,19 +237,19 @@ fn pkt_lines(text: &str) -> Result<Vec<&str>, String> {
 /// Asks the probe, conditionally on the validators in `record` (updated from a 200).
 fn ask(probe: &ProbeSettings, branch: &str, record: &mut ProbeRecord) -> Answer {
     let same_url = record.probe_url.as_deref() == Some(probe.url.as_str());
-    let config = ureq::Agent::config_builder()
-        .timeout_global(Some(TIMEOUT))
-        .http_status_as_error(false)
-        .max_redirects(3)
-        .user_agent(concat!("vmsync/", env!("CARGO_PKG_VERSION")))
-        .tls_config(
-            ureq::tls::TlsConfig::builder()
-                .provider(ureq::tls::TlsProvider::NativeTls)
-                .root_certs(ureq::tls::RootCerts::PlatformVerifier)
-                .build(),
-        )
-        .build();
-    let agent = ureq::Agent::new_with_config(config);
+    // One agent per process: its TLS context, and so the CA bundle, is built on the
+    // first https probe and kept (an http:// probe never builds it).
+    static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
+    let agent = AGENT.get_or_init(|| {
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(TIMEOUT))
+            .http_status_as_error(false)
+            .max_redirects(3)
+            .user_agent(concat!("vmsync/", env!("CARGO_PKG_VERSION")))
+            .tls_config(https::tls_config())
+            .build();
+        ureq::Agent::new_with_config(config)
+    });
     let mut request = agent.get(&probe.url);
     let cached = if same_url { record.tip.clone() } else { None };
     if cached.is_some() {

@@ -13,12 +13,14 @@
 //! and `file://` both use libgit2's local transport).
 //!
 //! Credentials: for SSH, the configured private key ([`SourceSettings::ssh_key`], no
-//! passphrase) or else the ssh-agent; for HTTPS, the token in
+//! passphrase) or else the ssh-agent; for HTTP(S), the token in
 //! [`SourceSettings::token_file`] as the password, with the user name from the URL or
 //! `x-access-token`. A refused credential, or a key or token file that cannot be read,
 //! is a [`FetchError::Credentials`] naming the file. libgit2 may ask again after a
 //! refusal (HTTP does, every time), so the callback gives up after [`MAX_AUTH_ATTEMPTS`]
-//! offers. Passwords embedded in a URL are masked in logs and errors.
+//! offers; `https://` goes through vmsync's own transport ([`super::https`], which
+//! keeps TLS out of processes that do not need it), which offers the token once.
+//! Passwords embedded in a URL are masked in logs and errors.
 //!
 //! SSH host keys are checked by libgit2 itself, against `$HOME/.ssh/known_hosts`; this
 //! module installs no certificate callback and so never weakens that check. An unknown
@@ -36,6 +38,7 @@ use git2::{AutotagOption, CredentialType, FetchOptions, Oid, RemoteCallbacks, Re
 use tracing::{debug, info, warn};
 
 use crate::repo::files::{FileError, MAX_FILE_BYTES, RepoFiles, check_repo_path, decode};
+use crate::repo::https;
 
 /// Name of the only remote of the local clone.
 const REMOTE: &str = "origin";
@@ -284,6 +287,7 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
         message: e.message().to_string(),
     };
 
+    https::register();
     let repo = open_or_init(&state_dir.join("repo"))?;
     let mut remote = match repo.find_remote(REMOTE) {
         Ok(remote) if remote.url_bytes() == url.as_bytes() => remote,
@@ -314,10 +318,19 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
         // Nothing reads FETCH_HEAD: the tracking ref says what was fetched.
         .update_fetchhead(false);
     debug!(url = %shown, branch = %branch, "fetching");
-    if let Err(e) = remote.fetch(&[refspec.as_str()], Some(&mut options), None) {
+    let (fetched, refused) = https::with_token_file(settings.token_file.as_deref(), || {
+        remote.fetch(&[refspec.as_str()], Some(&mut options), None)
+    });
+    if let Err(e) = fetched {
         drop(options);
         let error = auth
             .take_error()
+            .or_else(|| {
+                refused.map(|message| FetchError::Credentials {
+                    url: shown.clone(),
+                    message,
+                })
+            })
             .or_else(|| auth.refused(&e))
             .unwrap_or_else(|| fetch_error(&e));
         return Err(error);
@@ -617,15 +630,10 @@ impl<'a> Auth<'a> {
                 );
             };
             self.count_attempt(format!("token from '{}'", file.display()))?;
-            let token = std::fs::read_to_string(file)
-                .map_err(|e| format!("cannot read token file '{}': {e}", file.display()))?;
-            let token = token.trim();
-            if token.is_empty() {
-                return Err(format!("token file '{}' is empty", file.display()));
-            }
+            let token = https::read_token(file)?;
             let user = username.unwrap_or("x-access-token");
             debug!(user = %user, token_file = %file.display(), "offering token");
-            return git2::Cred::userpass_plaintext(user, token).map_err(libgit2);
+            return git2::Cred::userpass_plaintext(user, &token).map_err(libgit2);
         }
         if allowed.contains(CredentialType::USERNAME) {
             return git2::Cred::username(username.unwrap_or("git")).map_err(libgit2);
