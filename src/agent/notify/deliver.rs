@@ -116,20 +116,24 @@ fn post(
     body: Vec<u8>,
     timeout: Duration,
 ) -> Result<(), Failure> {
-    let config = ureq::Agent::config_builder()
+    // One agent per process: its TLS context (and so the CA bundle) is built on the
+    // first https request and kept.
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    let agent = AGENT.get_or_init(|| {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            .user_agent(concat!("vmsync/", env!("CARGO_PKG_VERSION")))
+            .tls_config(crate::repo::https::tls_config())
+            .build();
+        ureq::Agent::new_with_config(config)
+    });
+    let mut request = agent
+        .post(url)
+        .config()
         .timeout_global(Some(timeout))
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .user_agent(concat!("vmsync/", env!("CARGO_PKG_VERSION")))
-        .tls_config(
-            ureq::tls::TlsConfig::builder()
-                .provider(ureq::tls::TlsProvider::NativeTls)
-                .root_certs(ureq::tls::RootCerts::PlatformVerifier)
-                .build(),
-        )
         .build();
-    let agent = ureq::Agent::new_with_config(config);
-    let mut request = agent.post(url);
     for (k, v) in headers {
         request = request.header(k, v);
     }
