@@ -202,6 +202,15 @@ impl Receiver {
         }
     }
 
+    /// Runs `sync` and asserts that it told nothing: no request arrives.
+    fn tells_nothing(&self, sync: impl FnOnce()) {
+        let before = self.requests().len();
+        sync();
+        std::thread::sleep(Duration::from_millis(300));
+        let requests = self.requests();
+        assert_eq!(requests.len(), before, "{:?}", &requests[before..]);
+    }
+
     /// The (state, description) of each status of `forge` for `sha`, in order.
     fn statuses(&self, forge: &str, sha: &str) -> Vec<(String, String)> {
         self.requests()
@@ -365,10 +374,9 @@ fn a_commit_that_applies_tells_each_forge_pending_then_success_once() {
     }
 
     // The same outcome again is not told: no new request.
-    let before = rx.requests().len();
-    once(&env, &config, &[]).expect(0);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(rx.requests().len(), before, "{:?}", rx.requests());
+    rx.tells_nothing(|| {
+        once(&env, &config, &[]).expect(0);
+    });
 
     // An invalid commit: error (GitLab: failed), told once, nothing applied.
     env.repo.write(
@@ -578,10 +586,9 @@ fn real_pending_success_then_a_vm_that_fails_to_start_then_untrusted() {
         "{failed}"
     );
     // The same failure next run is not told again.
-    let before = rx.requests().len();
-    once(&env, &config, &[]).expect(1);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(rx.requests().len(), before);
+    rx.tells_nothing(|| {
+        once(&env, &config, &[]).expect(1);
+    });
 
     // An untrusted commit (unsigned, with allowed signers set): error, nothing applied.
     let key = common::SigningKey::new("ed25519");
@@ -650,15 +657,9 @@ fn real_a_health_revert_names_the_vm_and_the_commit_held_back() {
     assert_eq!(event["held_back"][0]["vm"], env.name("a").as_str());
     assert_eq!(event["held_back"][0]["commit"], c2.as_str());
     // The next run (the vm held back: exit 1 again) is the same outcome: not told.
-    let before = rx.requests().len();
-    once(&env, &config, &[]).expect(1);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        rx.requests().len(),
-        before,
-        "{:?}",
-        &rx.requests()[before..]
-    );
+    rx.tells_nothing(|| {
+        once(&env, &config, &[]).expect(1);
+    });
 }
 
 #[test]

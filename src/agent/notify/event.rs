@@ -136,6 +136,29 @@ pub struct Event {
     pub suspended: Option<Suspended>,
 }
 
+impl Event {
+    /// An event with no details yet (no error, items or suspension).
+    pub fn new(kind: EventKind, host: &str, commit: Option<&str>, summary: String) -> Event {
+        Event {
+            version: VERSION,
+            event: kind,
+            host: host.to_string(),
+            commit: commit.map(str::to_string),
+            previous_commit: None,
+            summary,
+            error: None,
+            started_at: crate::agent::state::now_rfc3339(),
+            finished_at: None,
+            vms: vec![],
+            networks: vec![],
+            pools: vec![],
+            reverted: vec![],
+            held_back: vec![],
+            suspended: None,
+        }
+    }
+}
+
 /// The last outcome told, as the state directory keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Told {

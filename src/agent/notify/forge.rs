@@ -139,23 +139,12 @@ mod tests {
     use super::*;
 
     fn event(kind: EventKind, summary: &str) -> Event {
-        Event {
-            version: 1,
-            event: kind,
-            host: "hv1".into(),
-            commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
-            previous_commit: None,
-            summary: summary.into(),
-            error: None,
-            started_at: "t".into(),
-            finished_at: None,
-            vms: vec![],
-            networks: vec![],
-            pools: vec![],
-            reverted: vec![],
-            held_back: vec![],
-            suspended: None,
-        }
+        Event::new(
+            kind,
+            "hv1",
+            Some("0123456789abcdef0123456789abcdef01234567"),
+            summary.into(),
+        )
     }
 
     #[test]

@@ -36,8 +36,8 @@ pub const RETRY_FOR: Duration = Duration::from_secs(300);
 pub const LANE_CAPACITY: usize = 64;
 /// How long `vmsync --once` (and a stopping daemon) waits for its events.
 pub const ONCE_WAIT: Duration = Duration::from_secs(5);
-/// An undelivered event older than this is not sent by a later run.
-pub const KEEP_FOR: Duration = Duration::from_secs(24 * 3600);
+/// An undelivered event older than this is not sent by a later run: dropped, counted.
+pub const KEEP_FOR: Duration = Duration::from_secs(3600);
 
 /// An event waiting for a target, as kept in `notify.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +152,7 @@ impl Notifier {
         notifier.set_targets(targets);
         let now = std::time::SystemTime::now();
         let mut inner = notifier.shared.inner.lock().expect("notify lock");
+        let mut dropped = 0;
         for u in left {
             let fresh = humantime::parse_rfc3339(&u.queued_at)
                 .ok()
@@ -168,8 +169,18 @@ impl Notifier {
                         give_up_at: Instant::now() + RETRY_FOR,
                     });
                 }
-                _ => debug!(target = %u.target, "dropping an old or orphaned undelivered event"),
+                Some(_) => {
+                    warn!(target = %u.target, event = u.event.event.as_str(), queued_at = %u.queued_at, "event not delivered within an hour; dropped");
+                    dropped += 1;
+                }
+                None => {
+                    debug!(target = %u.target, "dropping an event for a target no longer configured")
+                }
             }
+        }
+        if dropped > 0 {
+            inner.file.failures_total += dropped;
+            save_file(&notifier.shared.state_dir, &inner.file);
         }
         drop(inner);
         notifier.shared.changed.notify_all();
@@ -247,6 +258,11 @@ impl Notifier {
         }
         drop(inner);
         self.shared.changed.notify_all();
+    }
+
+    /// Reads the file's bookkeeping (last told, applying).
+    pub fn read_file<T>(&self, f: impl FnOnce(&NotifyFile) -> T) -> T {
+        f(&self.shared.inner.lock().expect("notify lock").file)
     }
 
     /// Reads and changes the file's bookkeeping (last told, applying) under the lock, and

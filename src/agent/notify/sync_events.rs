@@ -40,24 +40,10 @@ impl SyncEvents {
     }
 
     fn event(&self, kind: EventKind, commit: Option<&str>, summary: String) -> Event {
-        let previous = self.previous.lock().expect("events lock").clone().flatten();
-        Event {
-            version: event::VERSION,
-            event: kind,
-            host: self.notifier.host().to_string(),
-            commit: commit.map(str::to_string),
-            previous_commit: previous,
-            summary,
-            error: None,
-            started_at: self.started_at.clone(),
-            finished_at: None,
-            vms: vec![],
-            networks: vec![],
-            pools: vec![],
-            reverted: vec![],
-            held_back: vec![],
-            suspended: None,
-        }
+        let mut event = Event::new(kind, self.notifier.host(), commit, summary);
+        event.previous_commit = self.previous.lock().expect("events lock").clone().flatten();
+        event.started_at = self.started_at.clone();
+        event
     }
 
     /// The sync is about to apply `commit` (trusted, valid, planned): `applying` is told
@@ -65,16 +51,16 @@ impl SyncEvents {
     /// applied commit before it.
     pub fn applying(&self, commit: &str, previous: Option<&str>) {
         *self.previous.lock().expect("events lock") = Some(previous.map(str::to_string));
-        let new = self.notifier.with_file(|f| {
+        let told = self.notifier.read_file(|f| {
             // A commit told as suspended was not being applied then.
-            let told = f.applying.as_deref() == Some(commit)
+            f.applying.as_deref() == Some(commit)
                 || f.last.as_ref().is_some_and(|l| {
                     l.commit.as_deref() == Some(commit) && l.outcome != EventKind::Suspended
-                });
-            f.applying = Some(commit.to_string());
-            !told
+                })
         });
-        if new {
+        if !told {
+            self.notifier
+                .with_file(|f| f.applying = Some(commit.to_string()));
             let summary = format!("applying commit {}", short(commit));
             self.notifier
                 .send(&self.event(EventKind::Applying, Some(commit), summary));
@@ -140,7 +126,7 @@ impl SyncEvents {
         let Some(event) = self.outcome_event(result, record) else {
             return;
         };
-        let last = self.notifier.with_file(|f| f.last.clone());
+        let last = self.notifier.read_file(|f| f.last.clone());
         let Some(kind) = decide(last.as_ref(), event.commit.as_deref(), event.event) else {
             return;
         };
