@@ -137,8 +137,8 @@ fn backoff(attempts: u32) -> Duration {
 impl Notifier {
     /// Starts a lane per target and queues what an earlier run left undelivered.
     pub fn start(state_dir: &Path, host: &str, targets: &[Target]) -> Arc<Notifier> {
-        let mut file = load_file(state_dir);
-        let left = std::mem::take(&mut file.undelivered);
+        let file = load_file(state_dir);
+        let left = file.undelivered.clone();
         let shared = Arc::new(Shared {
             state_dir: state_dir.to_path_buf(),
             host: host.to_string(),
@@ -153,6 +153,8 @@ impl Notifier {
         let now = std::time::SystemTime::now();
         let mut inner = notifier.shared.inner.lock().expect("notify lock");
         let mut dropped = 0;
+        inner.file.undelivered.clear();
+        let had_undelivered = !left.is_empty();
         for u in left {
             let fresh = humantime::parse_rfc3339(&u.queued_at)
                 .ok()
@@ -180,6 +182,9 @@ impl Notifier {
         }
         if dropped > 0 {
             inner.file.failures_total += dropped;
+        }
+        if had_undelivered {
+            // Re-queued (or dropped): the file no longer holds them.
             save_file(&notifier.shared.state_dir, &inner.file);
         }
         drop(inner);
@@ -265,6 +270,11 @@ impl Notifier {
         f(&self.shared.inner.lock().expect("notify lock").file)
     }
 
+    /// Changes the file's bookkeeping in memory only: written with the next change.
+    pub fn note<T>(&self, f: impl FnOnce(&mut NotifyFile) -> T) -> T {
+        f(&mut self.shared.inner.lock().expect("notify lock").file)
+    }
+
     /// Reads and changes the file's bookkeeping (last told, applying) under the lock, and
     /// saves it.
     pub fn with_file<T>(&self, f: impl FnOnce(&mut NotifyFile) -> T) -> T {
@@ -328,8 +338,12 @@ impl Notifier {
                 "events not delivered yet; kept for the next run"
             );
         }
-        inner.file.undelivered = left;
-        save_file(&self.shared.state_dir, &inner.file);
+        // The file is written only when there is something to keep or to clear (its
+        // other fields are written when they change).
+        if count > 0 || !inner.file.undelivered.is_empty() {
+            inner.file.undelivered = left;
+            save_file(&self.shared.state_dir, &inner.file);
+        }
         count
     }
 
@@ -422,5 +436,100 @@ fn lane_loop(shared: Arc<Shared>, index: usize) {
             save_file(&shared.state_dir, &inner.file);
         }
         shared.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command_target(script: &Path) -> Target {
+        Target {
+            kind: targets::Kind::Command {
+                argv: vec![script.display().to_string()],
+            },
+            events: EventKind::all(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn what_a_run_could_not_deliver_is_kept_and_sent_by_the_next_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, down) = (dir.path().join("got"), dir.path().join("down"));
+        let script = dir.path().join("hook");
+        crate::test_support::executable_script(
+            &script,
+            &format!(
+                "test -e {} && exit 1\ncat >> {}",
+                down.display(),
+                out.display()
+            ),
+        );
+        std::fs::write(&down, "").unwrap();
+        let target = command_target(&script);
+        let event = Event::new(EventKind::Failed, "hv1", Some("c1"), "failed".into());
+
+        let first = Notifier::start(dir.path(), "hv1", std::slice::from_ref(&target));
+        first.send(&event);
+        // The receiver is down: after the wait, the event is kept in notify.json.
+        assert_eq!(first.flush(Duration::from_millis(300)), 1);
+        first.close();
+        let kept = load_file(dir.path());
+        assert_eq!(kept.undelivered.len(), 1);
+        assert_eq!(kept.undelivered[0].target, target.id());
+        assert_eq!(kept.undelivered[0].event, event);
+
+        // The next run sends it (and forgets it).
+        std::fs::remove_file(&down).unwrap();
+        let second = Notifier::start(dir.path(), "hv1", std::slice::from_ref(&target));
+        assert!(load_file(dir.path()).undelivered.is_empty());
+        assert_eq!(second.flush(Duration::from_secs(5)), 0);
+        second.close();
+        let got: Event = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        assert_eq!(got, event);
+        assert_eq!(load_file(dir.path()).failures_total, 0);
+    }
+
+    #[test]
+    fn an_event_no_target_wants_is_not_queued_and_a_refusal_is_counted_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("hook");
+        crate::test_support::executable_script(&script, "exit 0");
+        let mut picky = command_target(&script);
+        picky.events = vec![EventKind::Failed];
+        let n = Notifier::start(dir.path(), "hv1", &[picky]);
+        n.send(&Event::new(
+            EventKind::Applied,
+            "hv1",
+            Some("c"),
+            "ok".into(),
+        ));
+        assert_eq!(n.flush(Duration::ZERO), 0, "nothing queued");
+        n.close();
+        // A forge that refuses (a token file that is not there: permanent) is counted
+        // without retries.
+        let status = Target {
+            kind: targets::Kind::CommitStatus {
+                forge: targets::Forge::GitHub,
+                api_url: "http://127.0.0.1:9".into(),
+                repository: "o/r".into(),
+                token_file: dir.path().join("no-token"),
+                target_url: None,
+            },
+            events: EventKind::all(),
+            timeout: Duration::from_secs(1),
+        };
+        let n = Notifier::start(dir.path(), "hv1", &[status]);
+        n.send(&Event::new(
+            EventKind::Applied,
+            "hv1",
+            Some("c"),
+            "ok".into(),
+        ));
+        assert_eq!(n.flush(Duration::from_secs(5)), 0);
+        n.close();
+        assert_eq!(load_file(dir.path()).failures_total, 1);
+        assert_eq!(n.failures_total(), 1);
     }
 }

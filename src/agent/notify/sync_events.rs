@@ -59,8 +59,10 @@ impl SyncEvents {
                 })
         });
         if !told {
+            // Kept in memory: written with the outcome (a crash in between only means
+            // `applying` is told again).
             self.notifier
-                .with_file(|f| f.applying = Some(commit.to_string()));
+                .note(|f| f.applying = Some(commit.to_string()));
             let summary = format!("applying commit {}", short(commit));
             self.notifier
                 .send(&self.event(EventKind::Applying, Some(commit), summary));
