@@ -31,8 +31,15 @@ the same run measures:
 Prints a markdown report (also written to bench/results.md) with ratios to the
 baseline and to the floor.
 
-Usage: sudo bench/run.py [N ...]   (needs libvirtd at qemu:///system, see scripts/setup-host.sh)
-Test domains are named vmsyncbench-<N>-<i> and removed at the end.
+Usage: sudo bench/run.py [--binary VMSYNC] [--floor FLOOR] [--compare OLD_VMSYNC]
+                         [--results FILE] [N ...]
+(needs libvirtd at qemu:///system, see scripts/setup-host.sh). Without --binary it builds
+target/release/vmsync (and examples/floor.rs unless --floor is given). --compare runs
+another build's no-op syncs interleaved with this one's, each against the same floor
+(for example the build of an older commit: `git worktree add /tmp/old COMMIT` and
+`cargo build --release` there). The report goes to bench/results.md, or to --results
+FILE (`-`: printed only). Test domains are named vmsyncbench-<N>-<i> and removed at the
+end.
 
        sudo bench/run.py --resources NETWORKS POOLS N
 measures only what networks and pools add to a no-op sync: N domains alone, then the
@@ -64,6 +71,8 @@ URI = "qemu:///system"
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 VMSYNC = TARGET / "release/vmsync"
 FLOOR = TARGET / "release/examples/floor"
+# --compare: another vmsync build whose no-op syncs run interleaved with VMSYNC's.
+OLD = None
 # Runs of each repeated sync kind (no-op, one VM changed, unrelated commit), interleaved.
 RUNS = 25
 
@@ -185,8 +194,8 @@ def floor_process(prefix):
     return min(timed([str(FLOOR), URI, prefix, "1"])[0] for _ in range(5))
 
 
-def vmsync_once(url, state):
-    return timed([str(VMSYNC), "--config", "/dev/null", "--once", "--url", str(url), "--state-dir",
+def vmsync_once(url, state, binary=None):
+    return timed([str(binary or VMSYNC), "--config", "/dev/null", "--once", "--url", str(url), "--state-dir",
                   str(state), "--connect", URI, "--host", "bench"],
                  env={**os.environ, "NO_COLOR": "1"})
 
@@ -383,12 +392,35 @@ def resources_bench(nets, pools, n):
 
 
 def main():
+    global VMSYNC, FLOOR, OLD
     if sys.argv[1:2] == ["--resources"]:
         nets, pools, n = (int(a) for a in sys.argv[2:5])
         return resources_bench(nets, pools, n)
-    ns = [int(a) for a in sys.argv[1:]] or [100, 500, 1000]
-    sh(["cargo", "build", "--release", "--bin", "vmsync", "--example", "floor"], cwd=ROOT)
+    args, ns, results = sys.argv[1:], [], ROOT / "bench" / "results.md"
+    while args:
+        a = args.pop(0)
+        if a in ("--binary", "--floor", "--compare", "--results") and args:
+            v = args.pop(0)
+            if a == "--results":
+                results = None if v == "-" else Path(v)
+            else:
+                path = Path(v).resolve()
+                if not os.access(path, os.X_OK):
+                    raise SystemExit(f"{a} {v}: not an executable file")
+                VMSYNC, FLOOR, OLD = (path if a == k else cur for k, cur in
+                                      (("--binary", VMSYNC), ("--floor", FLOOR), ("--compare", OLD)))
+        elif a.isdigit() and int(a) >= 3:
+            ns.append(int(a))
+        else:
+            raise SystemExit(f"usage: bench/run.py [--binary VMSYNC] [--floor FLOOR] [--compare OLD_VMSYNC] "
+                             f"[--results FILE|-] [N ...] (N >= 3); got {a!r}")
+    ns = ns or [100, 500, 1000]
+    build = [] if "--binary" in sys.argv else ["--bin", "vmsync"]
+    build += [] if "--floor" in sys.argv else ["--example", "floor"]
+    if build:
+        sh(["cargo", "build", "--release", *build], cwd=ROOT)
     rows, extra = [], []
+    load_start = " ".join(open("/proc/loadavg").read().split()[:3])
     base = Path(tempfile.mkdtemp(prefix="vmsync-bench-"))
     port = 19418
     daemon = subprocess.Popen(["git", "daemon", "--export-all", "--reuseaddr", "--listen=127.0.0.1",
@@ -430,7 +462,8 @@ def main():
             noops, ones, unrelateds = [], [], []
             for k in range(RUNS):
                 noops.append(vmsync_once(repo, state))
-                (xml_dir / f"{prefix}{k}.xml").write_text(domain_xml(f"{prefix}{k}", memory=256 + k))
+                vm = f"{prefix}{k % n}"  # N may be below RUNS: a VM changes again, to a new size
+                (xml_dir / f"{vm}.xml").write_text(domain_xml(vm, memory=256 + k))
                 git(repo, "commit", "-q", "-am", f"vm {k} changed")
                 ones.append(vmsync_once(repo, state))
                 with open(repo / "README.md", "a") as f:
@@ -438,6 +471,25 @@ def main():
                 git(repo, "commit", "-q", "-am", "nothing for this host")
                 unrelateds.append(vmsync_once(repo, state))
             extra.append((n, "trips", trips))
+            if OLD:
+                # The other build on a state dir of its own (the domains are applied: its
+                # first sync changes nothing), then no-op syncs of both, interleaved.
+                old_state = base / f"state-old-{n}"
+                vmsync_once(repo, old_state, OLD)
+                # Each pair with a floor process run beside it: the ratios to the floor of
+                # runs made within the same second, less at the mercy of a loaded machine.
+                pairs, floors = [], []
+                for _ in range(RUNS):
+                    pairs.append((vmsync_once(repo, state), vmsync_once(repo, old_state, OLD)))
+                    floors.append(timed([str(FLOOR), URI, prefix, "1"])[0])
+                compared = []
+                for label, runs in [("no-op sync, interleaved with the --compare build", [p[0] for p in pairs]),
+                                    (f"no-op sync, --compare build ({OLD})", [p[1] for p in pairs])]:
+                    wall, cpu, rss, err = min(runs, key=lambda r: r[0])[:4]
+                    med = statistics.median(r[0] for r in runs)
+                    compared.append((n, label, wall, med, cpu, rss, calls(err), b_wall / wall, wall / floor_wall,
+                                     received(err)))
+                extra.append((n, "compare", [(a[0], b[0], a[1], b[1], f) for (a, b), f in zip(pairs, floors)]))
             if n == max(ns):
                 # A daemon (re)started on a host where this commit is applied: its state
                 # dir is the --once runs' (schema cache warm) ...
@@ -457,6 +509,7 @@ def main():
                 med = statistics.median(r[0] for r in runs)
                 rows.append((n, label, wall, med if len(runs) > 1 else None, cpu, rss, calls(err), b_wall / wall,
                              wall / floor_wall if label == "no-op sync" else None, received(err)))
+            rows.extend(compared if OLD else [])
             best = lambda runs: min(r[0] for r in runs)
             med = lambda runs: statistics.median(r[0] for r in runs)
             cost = lambda runs: statistics.median(r[4] for r in runs)
@@ -489,7 +542,9 @@ def main():
         daemon.terminate()
         shutil.rmtree(base, ignore_errors=True)
 
-    out = [f"Machine: {machine()}", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+    load = " ".join(open("/proc/loadavg").read().split()[:3])
+    out = [f"Machine: {machine()}", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+           f"load average {load_start} at the start, {load} at the end", f"vmsync: {VMSYNC}" + (f"; --compare: {OLD}" if OLD else ""), "",
            f"| N | run | wall s (best of {RUNS} where a median is given) | median s | CPU s | peak RSS MiB | "
            "libvirt calls | baseline / run | run / floor | fetched |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -528,6 +583,18 @@ def main():
                        + "; ".join(f"{label}: " + ", ".join(f"{k} {v:.1f}" for k, v in st.items())
                                    for label, st in medians.items()) + ".")
             continue
+        if how == "compare":
+            med = lambda xs: statistics.median(xs)
+            walls = [a / b for a, b, _, _, _ in figures]
+            cpus = [a / b for _, _, a, b, _ in figures if b > 0]
+            out.append(f"- N = {n}, no-op sync of this build against the --compare build, run by run "
+                       f"({len(figures)} interleaved pairs, each with a floor process run beside it): wall "
+                       f"{med(walls):.2f}x (median of the ratios), CPU {med(cpus):.2f}x; no-op / floor process "
+                       f"{med([a / f for a, _, _, _, f in figures]):.2f}x this build, "
+                       f"{med([b / f for _, b, _, _, f in figures]):.2f}x the --compare build (medians of the "
+                       f"ratios; the floor runs: best {min(f for *_, f in figures):.3f} s, median "
+                       f"{med([f for *_, f in figures]):.3f} s).")
+            continue
         if how == "trips":
             conns, trips, sent, got, fetched = figures
             out.append(f"- N = {n}, no-op fetch over git:// through a counting proxy: {conns} connection(s), "
@@ -546,7 +613,8 @@ def main():
     print(report)
     # Text after the marker is written by people (what each piece of machinery cost),
     # and kept across runs.
-    results = ROOT / "bench" / "results.md"
+    if results is None:
+        return
     marker = "<!-- below: kept by bench/run.py -->"
     kept = results.read_text().partition(marker)[2] if results.exists() else ""
     results.write_text(report + "\n" + (f"\n{marker}{kept}" if kept else ""))

@@ -47,7 +47,7 @@ LIBVIRT_URI=qemu:///system
 
 # Build: a C toolchain (cc links every Rust binary; c++ builds libfuzzer for
 # scripts/fuzz.sh), pkg-config and the headers of what vmsync links: libvirt,
-# libxml2 (src/rng.rs), OpenSSL and zlib (git2).
+# libxml2 (src/host/schema_rng.rs), OpenSSL and zlib (git2).
 BUILD_PKGS=(gcc g++ libc6-dev pkg-config libvirt-dev libxml2-dev libssl-dev zlib1g-dev
   git ca-certificates curl)
 # Tools the tests and scripts run: nix-instantiate (nix-bin) parses the NixOS
@@ -57,6 +57,10 @@ BUILD_PKGS=(gcc g++ libc6-dev pkg-config libvirt-dev libxml2-dev libssl-dev zlib
 # (tests/https_ca.rs); procps has kill and pgrep; systemd-container and
 # debootstrap boot a systemd container. Minimal images ship none of them.
 BUILD_PKGS+=(nix-bin systemd systemd-container debootstrap openssl python3 strace procps)
+# The Debian package (scripts/package.sh, checked by scripts/package-check.sh):
+# dpkg-shlibdeps (dpkg-dev) computes its library dependencies; cargo-deb itself is
+# installed by scripts/package.sh with cargo when missing.
+BUILD_PKGS+=(dpkg-dev)
 RUNTIME_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf
   openssh-server openssh-client

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Full check, as CI runs it: prepare the host, then fmt, clippy and all tests,
-# including the real-libvirtd tier (which must run, never skip, here).
+# Full check, as CI runs it: prepare the host, then fmt, clippy, the Debian package
+# on a fresh root (scripts/package-check.sh) and all tests, including the
+# real-libvirtd tier (which must run, never skip, here).
 #
 # Usage, as root: scripts/test.sh   (not root? prefix with sudo)
 set -euo pipefail
@@ -54,6 +55,8 @@ step "cargo clippy --all-targets -- -D warnings" cargo clippy --all-targets -- -
 # Crash points (a build with the failpoints feature), then a brief fuzz run.
 step "cargo test --features failpoints --test faults" cargo test --features failpoints --test faults
 step "scripts/fuzz.sh" scripts/fuzz.sh
+# The Debian package, built and installed in a fresh Debian 12 root without Rust.
+step "scripts/package-check.sh" scripts/package-check.sh
 
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT

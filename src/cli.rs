@@ -13,13 +13,28 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
 
+use crate::agent::report::Report;
 use crate::agent::sync::{self, SyncError};
 use crate::config::{self, Overrides};
+use crate::record::store;
+
+mod generate;
+
+/// `vmsync --version`: the version, the commit it was built from and the libvirt it was
+/// built against (build.rs; no libvirt connection is made).
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit ",
+    env!("VMSYNC_GIT_COMMIT"),
+    "\nbuilt against libvirt ",
+    env!("VMSYNC_LIBVIRT_VERSION"),
+);
 
 #[derive(Debug, Parser)]
 #[command(
     name = "vmsync",
     version,
+    long_version = LONG_VERSION,
     about = "Git-ops pull agent for libvirt hosts"
 )]
 pub struct Cli {
@@ -312,7 +327,7 @@ fn once_status(result: &Result<(), SyncError>, stopped_by: usize) -> Option<u8> 
 
 /// `vmsync plan` (and `--once --dry-run`): the suspensions in force, then the plan; in
 /// JSON, the plan object with `suspended`.
-fn print_plan(settings: &config::Settings, plan: &crate::reconcile::plan::Plan, json: bool) {
+fn print_plan(settings: &config::Settings, plan: &crate::reconcile::plan_types::Plan, json: bool) {
     let suspended = crate::agent::suspend::in_force(&settings.state_dir);
     if json {
         let mut value = serde_json::to_value(plan.to_json()).expect("plan serializes");
@@ -328,7 +343,7 @@ fn print_plan(settings: &config::Settings, plan: &crate::reconcile::plan::Plan, 
 }
 
 /// What `vmsync --once` prints on stdout after a converged sync.
-fn print_once(r: sync::Report) {
+fn print_once(r: Report) {
     if let Some(host) = &r.held.host {
         println!(
             "host suspended {}: commit {} planned, not applied ({} change(s) waiting)",
@@ -365,11 +380,17 @@ fn print_once(r: sync::Report) {
             vm.name
         );
     }
-    print!("{}", crate::reconcile::apply::render_extra(&r.outcome));
+    print!("{}", crate::reconcile::render::render_extra(&r.outcome));
 }
 
 /// Parses the arguments, runs the command and returns the exit status.
 pub fn run() -> u8 {
+    // Packaging only (man pages, completions): not a clap command, so that neither
+    // `--help` nor the completions offer it.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == generate::COMMAND) {
+        return generate::main(&args[2..]);
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let flags = Overrides {
@@ -457,9 +478,10 @@ pub fn run() -> u8 {
         (Some(_), true) => Err(SyncError::Config(config::ConfigError(
             "--once cannot be combined with a command".into(),
         ))),
-        (Some(Command::Plan { json }), false) => {
-            sync::plan_only(&settings).map(|plan| print_plan(&settings, &plan, *json))
-        }
+        (Some(Command::Plan { json }), false) => sync::plan_only(&settings).map(|mut plan| {
+            crate::apply::health_stage::warn_in_plan(&mut plan, &settings.state_dir);
+            print_plan(&settings, &plan, *json)
+        }),
         (Some(Command::Suspend { reason, until, vm }), false) => crate::agent::suspend::suspend(
             &settings.state_dir,
             vm.as_deref(),
@@ -503,7 +525,7 @@ pub fn run() -> u8 {
                 );
                 print!(
                     "{}",
-                    crate::desired::resources::validate_summary(&d.resources)
+                    crate::desired::network_pool_entries::validate_summary(&d.resources)
                 );
             })
         }
@@ -511,14 +533,15 @@ pub fn run() -> u8 {
             crate::onboard::import::import(&settings, dir, names, *force)
                 .map(|done| print!("{}", crate::onboard::import::render(dir, &done)))
         }
-        (Some(Command::Status { json }), false) => crate::agent::state::load(&settings.state_dir)
+        (Some(Command::Status { json }), false) => store::load(&settings.state_dir)
             .map(|record| {
                 let hv = crate::host::hypervisor::Libvirt::connect(&settings.libvirt_uri);
                 let hv_ref = hv
                     .as_ref()
                     .map(|h| h as &dyn crate::host::hypervisor::Hypervisor)
                     .map_err(Clone::clone);
-                let status = crate::agent::status::status(&record, hv_ref);
+                let mut status = crate::agent::status::status(&record, hv_ref);
+                crate::agent::status::check_local_state(&mut status, &record, &settings.state_dir);
                 let suspended = crate::agent::suspend::in_force(&settings.state_dir);
                 if *json {
                     let mut value = serde_json::to_value(&status).expect("status serializes");

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::reconcile::policy::ChangePolicy;
 use crate::repo::source::SourceSettings;
 
 /// Where the config file is read from when `--config` is not given (it may be absent).
@@ -46,7 +47,7 @@ struct RawConfig {
     #[serde(default)]
     webhook: RawWebhook,
     #[serde(default)]
-    notify: Vec<crate::agent::notify::RawNotify>,
+    notify: Vec<crate::agent::notify::targets::RawNotify>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +107,9 @@ struct RawPolicy {
     allow_block_devices: Option<bool>,
     allow_qemu_commandline: Option<bool>,
     allow_unconfined: Option<bool>,
+    health_commands: Option<Vec<PathBuf>>,
+    allow_link_local_hosts: Option<bool>,
+    allow_open_listeners: Option<bool>,
 }
 
 /// Values given on the command line; each overrides the config file's key.
@@ -129,37 +133,6 @@ pub struct Overrides {
     pub allowed_signers: Option<PathBuf>,
     /// `--probe-url`.
     pub probe_url: Option<String>,
-}
-
-/// How changes, drift and pruning are handled (`[policy]`, see docs/configuration.md).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChangePolicy {
-    /// `[policy] self_heal` / `--self-heal`: put drifted domains back to the commit
-    /// (definition, autostart flag, power state); false only reports. Default true.
-    pub self_heal: bool,
-    /// `[policy] prune` / `--prune`: shut down and undefine (keeping NVRAM and TPM state,
-    /// never disks) tagged domains no longer in the manifest for this host. Default false.
-    pub prune: bool,
-    /// `[policy] max_prune` / `--max-prune`: more prunes than this in one commit are
-    /// refused without `--allow-mass-prune`. Default 5.
-    pub max_prune: usize,
-    /// `[policy] shutdown_timeout` / `--shutdown-timeout`: default graceful-shutdown
-    /// timeout before a destroy (VMs override it with `shutdown_timeout`). Default "120s".
-    pub shutdown_timeout: std::time::Duration,
-    /// `--allow-mass-prune` (with `--once` only): lift the prune guards for this run.
-    pub allow_mass_prune: bool,
-}
-
-impl Default for ChangePolicy {
-    fn default() -> Self {
-        Self {
-            self_heal: true,
-            prune: false,
-            max_prune: 5,
-            shutdown_timeout: crate::desired::manifest::DEFAULT_SHUTDOWN_TIMEOUT,
-            allow_mass_prune: false,
-        }
-    }
 }
 
 /// The checked settings every command runs with.
@@ -198,7 +171,7 @@ pub struct Settings {
     pub changes: ChangePolicy,
     /// `[policy] allow_*` and `allowed_paths`: what domain XML may ask of this host
     /// (see `host_policy`); default: nothing beyond disk images under `disk_roots`.
-    pub host_policy: crate::desired::host_policy::HostPolicy,
+    pub host_policy: crate::desired::host_policy_settings::HostPolicy,
     /// `[trust] allowed_signers` / `--allowed-signers`: when set, only commits with a valid
     /// SSH signature by a key in this file (git's `gpg.ssh.allowedSignersFile` format) are
     /// applied; default none (signatures are not checked).
@@ -213,7 +186,7 @@ pub struct Settings {
     /// `/metrics`); default none (no listener).
     pub webhook: Option<crate::agent::webhook::WebhookSettings>,
     /// `[[notify]]`: where events go (docs/notifications.md); default none.
-    pub notify: Vec<crate::agent::notify::Target>,
+    pub notify: Vec<crate::agent::notify::targets::Target>,
     /// `[agent] tick_timeout`: the daemon's watchdog stops pinging systemd when one sync
     /// runs longer than this (a hung libvirt call or fetch), so that systemd restarts
     /// it; default "1h".
@@ -294,21 +267,29 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         flags.disk_roots.clone()
     };
     for root in &disk_roots {
-        crate::desired::manifest::absolute_path(&root.to_string_lossy())
+        crate::desired::values::absolute_path(&root.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.disk_roots entry: {e}")))?;
     }
     let allowed_paths = raw.policy.allowed_paths.unwrap_or_default();
     for path in &allowed_paths {
-        crate::desired::manifest::absolute_path(&path.to_string_lossy())
+        crate::desired::values::absolute_path(&path.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.allowed_paths entry: {e}")))?;
     }
-    let host_policy = crate::desired::host_policy::HostPolicy {
+    let health_commands = raw.policy.health_commands.unwrap_or_default();
+    for path in &health_commands {
+        crate::desired::values::absolute_path(&path.to_string_lossy())
+            .map_err(|e| ConfigError(format!("invalid policy.health_commands entry: {e}")))?;
+    }
+    let host_policy = crate::desired::host_policy_settings::HostPolicy {
         allow_hostdev: raw.policy.allow_hostdev.unwrap_or(false),
         allow_direct_interfaces: raw.policy.allow_direct_interfaces.unwrap_or(false),
         allow_block_devices: raw.policy.allow_block_devices.unwrap_or(false),
         allow_qemu_commandline: raw.policy.allow_qemu_commandline.unwrap_or(false),
         allow_unconfined: raw.policy.allow_unconfined.unwrap_or(false),
         allowed_paths,
+        health_commands,
+        allow_link_local_hosts: raw.policy.allow_link_local_hosts.unwrap_or(false),
+        allow_open_listeners: raw.policy.allow_open_listeners.unwrap_or(false),
     };
     let allowed_signers = flags.allowed_signers.clone().or(raw.trust.allowed_signers);
     if let Some(path) = &allowed_signers {
@@ -328,7 +309,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         .or(raw.policy.shutdown_timeout.clone())
     {
         None => defaults.shutdown_timeout,
-        Some(text) => crate::desired::manifest::parse_timeout(&text)
+        Some(text) => crate::desired::values::parse_timeout(&text)
             .map_err(|e| ConfigError(format!("invalid policy.shutdown_timeout: {e}")))?,
     };
     let changes = ChangePolicy {
@@ -358,7 +339,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
             ))
         })?,
     };
-    let notify = crate::agent::notify::targets::check(raw.notify)?;
+    let notify = crate::agent::notify::targets::check(raw.notify).map_err(ConfigError)?;
     let tick_timeout = match raw.agent.tick_timeout {
         None => DEFAULT_TICK_TIMEOUT,
         Some(text) => humantime::parse_duration(&text)
@@ -564,6 +545,36 @@ mod tests {
         assert_eq!(
             err.0,
             "invalid policy.disk_roots entry: path 'vm/images' must be absolute"
+        );
+    }
+
+    #[test]
+    fn host_access_keys_from_the_file_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let load_text = |text: &str| {
+            std::fs::write(&path, format!("[agent]\nhost = \"h\"\n[policy]\n{text}")).unwrap();
+            load(&Overrides {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+        };
+        let s = load_text("").unwrap();
+        assert!(s.host_policy.health_commands.is_empty());
+        assert!(!s.host_policy.allow_link_local_hosts && !s.host_policy.allow_open_listeners);
+        let s = load_text(
+            "health_commands = [\"/usr/local/lib/vmsync/checks/\"]\nallow_link_local_hosts = true\nallow_open_listeners = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.host_policy.health_commands,
+            vec![PathBuf::from("/usr/local/lib/vmsync/checks/")]
+        );
+        assert!(s.host_policy.allow_link_local_hosts && s.host_policy.allow_open_listeners);
+        let err = load_text("health_commands = [\"/usr/local/../../bin\"]\n").unwrap_err();
+        assert!(
+            err.0.starts_with("invalid policy.health_commands entry:") && err.0.contains("'..'"),
+            "{err}"
         );
     }
 

@@ -1,12 +1,13 @@
 //! Why a sync did not converge, and the exit status of each reason (the table in
 //! docs/operations.md): the few errors the program branches on, as one type.
 
-use crate::agent::state::{LockHeld, SyncResult};
 use crate::config::ConfigError;
 use crate::desired::manifest::Problem;
 use crate::host::hypervisor::HvError;
+use crate::record::SyncResult;
 use crate::repo::source::FetchError;
 use crate::repo::trust::TrustError;
+use crate::util::fsio::LockHeld;
 
 /// Why a run did not converge; each kind has its exit status.
 #[derive(Debug, thiserror::Error)]

@@ -1,36 +1,46 @@
 //! vmsync: a git-ops pull agent for libvirt hosts.
 //!
-//! The pipeline, one stage per module, data flowing one way; the folders separate the
-//! pure part from the parts with effects (docs/design.md, "Source layout"):
+//! The source is a stack of layers. A module imports only from its own layer or the
+//! layers below it, and the modules of one layer form no import cycle; `tests/layering.rs`
+//! checks both on every `cargo test` (docs/design.md, "Source layout"). Bottom up:
 //!
-//! ```text
-//! config ─► repo::source ─► desired::{manifest, validate} ─► host::observe
-//!        ─► reconcile::plan ─► reconcile::apply ─► agent::state
-//! ```
+//! | L | modules | what they hold | effects |
+//! | - | ------- | -------------- | ------- |
+//! | 0 | [`util`] (`fsio`, `clock`, `commit_id`, `par`), [`repo::files`] | atomic file writes and the state directory's lock, the clock, the short commit id, a bounded parallel map; the `RepoFiles` port the desired state is read through | files |
+//! | 1 | [`desired`], [`onboard::definition`] | what a commit asks for: manifest, values, disk and health specs, domain/network/pool XML, host policy, whole-commit validation, and the ports validation is handed (`schema_check`) | none |
+//! | 2 | [`record`], [`repo`] (`source`, `probe`, `trust`) | what vmsync remembers (`record`, and `record::store` for `state.json`); the git fetch, the change probe, the trust checks | state files, git |
+//! | 3 | [`host`] | the seams to the host: libvirt (`hypervisor`), disks (`disk`), libvirt's schema (`schema_*`), observation (`observe_*`), power (`power`), health probes (`health_probe`) | libvirt, qemu-img |
+//! | 4 | [`reconcile`] | the pure planner: plan types, plans for domains and for networks/pools, adopt, drift, diff, health rules, outcome types, every record update, rendering | none |
+//! | 5 | [`apply`] | carrying a plan out through the seams (`vms`, `networks_pools`) and the health stage after it (`health_stage`) | libvirt, disks, files |
+//! | 6 | [`agent`], [`config`], [`error`], [`cli`], [`onboard::import`] | one sync stage after stage, the daemon, the webhook, status and metrics; the configuration; the errors that decide the exit status; the command line; `vmsync import` | all |
 //!
-//! - [`repo`]: where the desired state comes from (git fetch, one pinned commit, its
-//!   files, its signature and ancestry).
-//! - [`desired`]: what the commit asks for (manifest, domain XML, host policy, whole-commit
-//!   validation). Pure, apart from the schema check it is handed.
-//! - [`host`]: what the host has and the seams that change it (libvirt, `qemu-img`),
-//!   libvirt's schema and its cache.
-//! - [`reconcile`]: the pure planner, drift and rendering, and `apply`, which carries a
-//!   plan out through the seams.
-//! - [`agent`]: one sync stage after stage, the daemon, the record and its lock, status
-//!   and metrics.
-//! - [`onboard`]: `vmsync import` and what `adopt = true` needs to take a domain over.
-//! - [`cli`], [`config`], [`error`]: the command line, the agent's configuration, and the
-//!   errors that decide the exit status.
+//! The modules are declared below in that order.
 
+// Layer 0.
+pub mod util;
+
+// Layer 1 (with `onboard::definition`; `repo::files` is layer 0).
+pub mod desired;
+
+// Layer 2.
+pub mod record;
+pub mod repo;
+
+// Layer 3.
+pub mod host;
+
+// Layer 4.
+pub mod reconcile;
+
+// Layer 5.
+pub mod apply;
+
+// Layer 6 (with `onboard::import`).
 pub mod agent;
 pub mod cli;
 pub mod config;
-pub mod desired;
 pub mod error;
-pub mod host;
 pub mod onboard;
-pub mod reconcile;
-pub mod repo;
 
 /// A named crash point for the fault tests (tests/faults.rs). Built with the `failpoints`
 /// feature and run with `FAILPOINTS=<name>=return`, the process aborts right there, like

@@ -12,7 +12,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{Env, vmsync};
-use vmsync::agent::state::SyncResult;
+
+use vmsync::record::SyncResult;
 
 /// The disk root every corpus manifest uses; it must never be created.
 const ROOT: &str = "/srv/vmsync-corpus";

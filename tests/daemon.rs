@@ -332,7 +332,7 @@ fn once_stops_on_sigterm_after_the_action_in_flight_and_records_it() {
     for name in ["o-a", "o-b"] {
         assert_eq!(
             r["vms"][name]["last_error"],
-            vmsync::reconcile::apply::INTERRUPTED,
+            vmsync::reconcile::outcome::INTERRUPTED,
             "{r}"
         );
     }

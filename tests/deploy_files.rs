@@ -12,9 +12,11 @@ use std::process::{Command, Output};
 
 const UNITS: [&str; 3] = ["vmsync.service", "vmsync.timer", "vmsync-agent.service"];
 /// Every Nix file shipped, and those the tests below evaluate it with.
-const NIX_FILES: [&str; 6] = [
+const NIX_FILES: [&str; 8] = [
+    "flake.nix",
     "deploy/nixos/module.nix",
     "deploy/nixos/package.nix",
+    "tests/nixos/flake-outputs.nix",
     "tests/nixos/lib.nix",
     "tests/nixos/pkgs.nix",
     "tests/nixos/nixos.nix",
@@ -490,6 +492,14 @@ fn nixos_settings_of_the_wrong_type_fail_evaluation_naming_the_option() {
             // A Nix path would put the key in the world-readable store.
             "settings.source.ssh_key = ./deploy_key;",
             "`services.vmsync.settings.source.ssh_key' is not of type `null or absolute path",
+        ),
+        (
+            r#"settings.policy.health_commands = [ "checks/" ];"#,
+            "`services.vmsync.settings.policy.health_commands.[definition 1-entry 1]' is not of type `absolute path",
+        ),
+        (
+            r#"settings.policy.allow_open_listeners = "no";"#,
+            "`services.vmsync.settings.policy.allow_open_listeners' is not of type `boolean'",
         ),
         (
             r#"settings.policy.prune = "yes";"#,
@@ -1066,4 +1076,137 @@ fn nixos_notify_entries_are_written_as_vmsync_reads_them_and_the_daemon_has_a_wa
             && stderr.contains("absolute"),
         "{stderr}"
     );
+}
+
+// flake.nix: its outputs evaluated with stand-ins for nixpkgs (tests/nixos/flake-outputs.nix):
+// nothing is built, but every output's shape, the package's inputs and install script, and
+// the module on a host are as a real `nix flake check` would evaluate them.
+
+fn flake_outputs() -> serde_json::Value {
+    let out = nix(Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json"])
+        .arg(repo().join("tests/nixos/flake-outputs.nix"))
+        .args(["--arg", "src"])
+        .arg(nix_path(repo())));
+    assert!(
+        out.status.success(),
+        "flake outputs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn flake_outputs_evaluate_with_stand_in_inputs() {
+    let v = flake_outputs();
+    assert_eq!(
+        v["outputs"],
+        serde_json::json!(["checks", "nixosModules", "overlays", "packages"])
+    );
+    assert_eq!(
+        v["inputs"]["nixpkgs"],
+        "github:NixOS/nixpkgs/nixos-unstable"
+    );
+    let name = format!("vmsync-{}", env!("CARGO_PKG_VERSION"));
+    for system in ["x86_64-linux", "aarch64-linux"] {
+        let p = &v["packages"][system]["default"];
+        assert_eq!(
+            p["name"],
+            name.as_str(),
+            "{system}: package.nix version vs Cargo.toml"
+        );
+        assert_eq!(
+            p["commit"], "0123456789ab",
+            "{system}: the flake's revision"
+        );
+        assert_eq!(p["meta"]["mainProgram"], "vmsync");
+        for lib in ["libvirt", "libxml2", "openssl", "zlib"] {
+            assert!(
+                strings(&p["buildInputs"]).contains(&lib.to_owned()),
+                "{system}: {lib}"
+            );
+        }
+        assert!(strings(&p["nativeBuildInputs"]).contains(&"pkg-config".to_owned()));
+        let check = &v["checks"][system]["nixos-module"];
+        assert_eq!(check["service"]["Type"], "oneshot", "{check}");
+        assert!(
+            check["service"]["ExecStart"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("-{name}/bin/vmsync --once")),
+            "{check}"
+        );
+        assert_eq!(check["timer"]["Unit"], "vmsync.service");
+    }
+    assert_eq!(v["overlay"]["name"], name.as_str());
+    // A host importing only nixosModules.default gets the flake's package.
+    assert_eq!(v["host"]["package"], name.as_str());
+    let systems: Vec<&String> = v["packages"].as_object().unwrap().keys().collect();
+    assert_eq!(systems, ["aarch64-linux", "x86_64-linux"]);
+}
+
+/// The package's postInstall, run with the built binary as `$out/bin/vmsync` and the two
+/// nixpkgs install-shell-files functions reduced to what they do with these arguments.
+#[test]
+fn flake_package_install_script_makes_man_pages_and_completions() {
+    let v = flake_outputs();
+    let script = v["packages"]["x86_64-linux"]["default"]["postInstall"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(out.join("bin")).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vmsync"), out.join("bin/vmsync")).unwrap();
+    let build = dir.path().join("build");
+    std::fs::create_dir_all(&build).unwrap();
+    let functions = r#"
+set -euo pipefail
+installManPage() {
+  local f
+  for f in "$@"; do
+    [ -s "$f" ] || { echo "installManPage: $f missing"; exit 1; }
+    install -D -m 0644 "$f" "$out/share/man/man${f##*.}/${f##*/}"
+  done
+}
+installShellCompletion() {
+  local cmd=
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --cmd) cmd=$2; shift 2 ;;
+      --bash) install -D -m 0644 "$2" "$out/share/bash-completion/completions/$cmd.bash"; shift 2 ;;
+      --zsh) install -D -m 0644 "$2" "$out/share/zsh/site-functions/_$cmd"; shift 2 ;;
+      --fish) install -D -m 0644 "$2" "$out/share/fish/vendor_completions.d/$cmd.fish"; shift 2 ;;
+      *) echo "installShellCompletion: unexpected $1"; exit 1 ;;
+    esac
+  done
+}
+"#;
+    let run = Command::new("bash")
+        .arg("-c")
+        .arg(format!("{functions}\n{script}"))
+        .current_dir(&build)
+        .env("out", &out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "postInstall: {}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for file in [
+        "share/man/man1/vmsync.1",
+        "share/man/man1/vmsync-plan.1",
+        "share/man/man1/vmsync-validate.1",
+        "share/man/man5/vmsync.toml.5",
+        "share/bash-completion/completions/vmsync.bash",
+        "share/zsh/site-functions/_vmsync",
+        "share/fish/vendor_completions.d/vmsync.fish",
+    ] {
+        let len = std::fs::metadata(out.join(file))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(len > 0, "{file} not installed by postInstall");
+    }
 }

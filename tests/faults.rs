@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{Env, Manifest, Run};
-use vmsync::agent::state::SyncResult;
+
+use vmsync::record::SyncResult;
 
 /// The one VM of these tests.
 const VM: &str = "vm";
@@ -209,7 +210,7 @@ fn a_full_disk_root_fails_the_vm_leaves_no_partial_image_and_recovers() {
 #[cfg(feature = "failpoints")]
 mod crashes {
     use super::*;
-    use vmsync::agent::state;
+    use vmsync::record::{self, store};
 
     fn crash_at(env: &Env, point: &str) {
         let out = env
@@ -238,7 +239,7 @@ mod crashes {
             "the crash left the temporary image"
         );
         assert!(!env.disk(VM).exists(), "but nothing at the real path");
-        assert_eq!(env.record(), state::Record::default(), "no record written");
+        assert_eq!(env.record(), record::Record::default(), "no record written");
         recovers(&env);
         assert!(
             !tmp_disk(&env).exists(),
@@ -259,15 +260,15 @@ mod crashes {
         let env = committed(Env::new());
         // First ever record: none is there after the crash, and the next run makes it.
         crash_at(&env, "before-rename");
-        assert!(!env.state.path().join(state::STATE_FILE).exists());
+        assert!(!env.state.path().join(store::STATE_FILE).exists());
         recovers(&env);
-        let old = std::fs::read(env.state.path().join(state::STATE_FILE)).unwrap();
+        let old = std::fs::read(env.state.path().join(store::STATE_FILE)).unwrap();
         // A newer commit: the crash leaves the old record byte for byte.
         write_vm(&env, 256);
         env.repo.commit("more memory");
         crash_at(&env, "before-rename");
         assert_eq!(
-            std::fs::read(env.state.path().join(state::STATE_FILE)).unwrap(),
+            std::fs::read(env.state.path().join(store::STATE_FILE)).unwrap(),
             old,
             "the record is the old one, whole"
         );
@@ -319,4 +320,179 @@ mod crashes {
             Some(new.as_str())
         );
     }
+
+    /// The record of a sync is lost after everything reached the host (the write fails:
+    /// a full disk, a crash before the rename). vmsync's own define, autostart flag and
+    /// start are not "changed outside vmsync" at the next run, and nothing is done
+    /// again: the domain's tag is the truth of what was applied.
+    #[test]
+    fn a_lost_record_is_not_drift_and_nothing_is_applied_again() {
+        let Some(env) = Env::system("lostrec") else {
+            return;
+        };
+        let env = committed(env);
+        recovers(&env);
+        let old = env.record();
+        let vm = env.vm(VM).key("autostart = true").xml(&env.bios(VM, 256));
+        Manifest::new().vm(vm).write(&env.repo);
+        let new = env.repo.commit("more memory, autostart");
+        crash_at(&env, "record-write");
+        assert!(env.inactive(VM).contains(&new), "defined before the crash");
+        assert!(env.autostart(VM), "autostart set before the crash");
+        assert_eq!(env.domstate(VM), "running");
+        assert_eq!(env.record(), old, "the record is the old one");
+        let uuid_xml = env.inactive(VM);
+
+        let run = once(&env).expect(0);
+        for wrong in [
+            "changed outside vmsync",
+            "autostart is on",
+            "committed state",
+            "drift",
+        ] {
+            assert!(!run.stderr.contains(wrong), "{wrong}:\n{}", run.stderr);
+        }
+        assert!(
+            !run.stderr.contains(" done "),
+            "nothing is done again:\n{}",
+            run.stderr
+        );
+        assert_eq!(env.inactive(VM), uuid_xml, "not defined again");
+        let record = env.record();
+        assert_eq!(record.last_applied_commit.as_deref(), Some(new.as_str()));
+        assert!(record.vms[&env.name(VM)].drift.is_empty());
+        // The baseline is this definition's: the run after sees no drift either, and a
+        // hand edit after that is still caught.
+        let run = once(&env).expect(0);
+        assert!(
+            !run.stderr.contains("drift") && !run.stderr.contains(" done "),
+            "{}",
+            run.stderr
+        );
+        assert!(
+            env.status()["vms"][0]["drift"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
+
+/// Damages the local clone under the state dir as `how` says.
+fn damage_clone(env: &Env, how: &str) {
+    let clone = env.state.path().join("repo");
+    match how {
+        "truncated packs and objects" => {
+            let mut files = Vec::new();
+            let mut todo = vec![clone.join("objects")];
+            while let Some(dir) = todo.pop() {
+                for entry in std::fs::read_dir(&dir).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.is_dir() {
+                        todo.push(path);
+                    } else if path.extension().is_none_or(|e| e == "pack") {
+                        files.push(path);
+                    }
+                }
+            }
+            assert!(!files.is_empty());
+            for f in files {
+                let len = std::fs::metadata(&f).unwrap().len();
+                let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+                file.set_len(len / 2).unwrap();
+            }
+        }
+        "no objects" => std::fs::remove_dir_all(clone.join("objects")).unwrap(),
+        "garbage HEAD" => std::fs::write(clone.join("HEAD"), "\u{1}garbage\n").unwrap(),
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_damaged_local_clone_is_moved_aside_and_cloned_again() {
+    for how in ["truncated packs and objects", "no objects", "garbage HEAD"] {
+        let env = committed(Env::new());
+        once(&env).expect(0);
+        damage_clone(&env, how);
+        // A new commit, then the next run: it recovers on its own, and says so.
+        write_vm(&env, 256);
+        let head = env.repo.commit("more memory");
+        let run = once(&env).expect(0);
+        run.stderr_has("the local clone is damaged; moving it aside and cloning again");
+        assert_eq!(
+            env.record().last_applied_commit.as_deref(),
+            Some(head.as_str()),
+            "{how}"
+        );
+        assert!(env.state.path().join("repo.damaged").is_dir(), "{how}");
+        // And the run after that is an ordinary no-op.
+        let run = once(&env).expect(0);
+        assert!(!run.stderr.contains("damaged"), "{how}: {}", run.stderr);
+    }
+}
+
+#[test]
+fn a_damaged_clone_that_cannot_be_cloned_again_says_what_to_do() {
+    let env = committed(Env::new());
+    once(&env).expect(0);
+    damage_clone(&env, "no objects");
+    // The source is gone too: the error names both and what to check.
+    let moved = env.repo.path().with_extension("gone");
+    std::fs::rename(env.repo.path(), &moved).unwrap();
+    let run = once(&env).expect(4);
+    run.stderr_has("the local clone was damaged (")
+        .stderr_has("cloning again failed too")
+        .stderr_has("Check the source url and the state directory's disk");
+    std::fs::rename(&moved, env.repo.path()).unwrap();
+    once(&env).expect(0);
+}
+
+#[test]
+fn a_network_failure_leaves_a_sound_clone_alone() {
+    let env = committed(Env::new());
+    once(&env).expect(0);
+    let moved = env.repo.path().with_extension("gone");
+    std::fs::rename(env.repo.path(), &moved).unwrap();
+    let run = once(&env).expect(4);
+    assert!(!run.stderr.contains("damaged"), "{}", run.stderr);
+    assert!(!env.state.path().join("repo.damaged").exists());
+    std::fs::rename(&moved, env.repo.path()).unwrap();
+    once(&env).expect(0);
+}
+
+#[test]
+fn a_damaged_record_is_reported_with_what_to_do_and_never_guessed() {
+    let env = committed(Env::new());
+    once(&env).expect(0);
+    let file = env.state.path().join(vmsync::record::store::STATE_FILE);
+    std::fs::write(&file, "{\"last_applied_commit\": \"abc").unwrap();
+    let run = once(&env);
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    run.stderr_has("is corrupt")
+        .stderr_has("move it aside (mv ")
+        .stderr_has("and run again");
+    // Left as it was for the operator.
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "{\"last_applied_commit\": \"abc"
+    );
+    // Doing what it says works.
+    std::fs::rename(&file, file.with_extension("json.damaged")).unwrap();
+    once(&env).expect(0);
+}
+
+#[test]
+fn a_damaged_schema_cache_is_said_and_rebuilt() {
+    let env = committed(Env::new());
+    once(&env).expect(0);
+    let cache = env.state.path().join("schema-cache.json");
+    assert!(cache.exists());
+    std::fs::write(&cache, "{\"libvirt_version\": 9000000, \"valid\": [tr").unwrap();
+    write_vm(&env, 256);
+    env.repo.commit("more memory");
+    once(&env)
+        .expect(0)
+        .stderr_has("the schema cache is damaged; starting it again");
+    let text = std::fs::read_to_string(&cache).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).expect("rebuilt whole");
 }

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Env, Manifest, Vm};
-use vmsync::agent::state;
+
+use vmsync::record;
 
 const LIBVIRT_SOCK: &str = "/run/libvirt/libvirt-sock";
 
@@ -172,7 +173,7 @@ fn libvirtd_gone_mid_sync_fails_cleanly_and_the_next_run_converges() {
         record.last_applied_commit, None,
         "nothing recorded as applied"
     );
-    assert_eq!(record.last_result, Some(state::SyncResult::Failed));
+    assert_eq!(record.last_result, Some(record::SyncResult::Failed));
     assert_eq!(record.vms.len(), shorts.len(), "every VM has a record");
     let failed: Vec<_> = record.vms.iter().filter(|(_, vm)| !vm.ok).collect();
     // A define whose request reached libvirtd but whose answer was cut is recorded as

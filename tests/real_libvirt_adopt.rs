@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Env, bios_xml, sha256_file, uefi_tpm_xml, virsh_system_ok as virsh_ok};
+
 use vmsync::desired::domain_xml;
 use vmsync::onboard::definition;
 
@@ -390,4 +391,45 @@ fn real_adopting_a_changed_uefi_definition_redefines_in_place_and_keeps_its_stat
     assert_eq!(nvram_after, nvram_before, "NVRAM byte for byte");
     assert_eq!(tpm_after, tpm_before, "TPM state byte for byte");
     assert_eq!(sha256_file(&disk), disk_before);
+}
+
+#[test]
+fn real_import_does_not_write_qemu_env_values() {
+    let Some(env) = Env::system("importenv") else {
+        return;
+    };
+    let name = env.name("env");
+    let disk = env.images.join(format!("{name}.qcow2"));
+    image(&disk);
+    let xml = bios_xml(&name, env.domain_type(), &disk, 128)
+        .replacen(
+            "<domain ",
+            "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0' ",
+            1,
+        )
+        .replace(
+            "</domain>",
+            "  <qemu:commandline>\n    <qemu:env name='API_TOKEN' value='tok-s3cr3t-value'/>\n  </qemu:commandline>\n</domain>",
+        );
+    define_by_hand(&xml);
+    assert!(virsh_ok(&["dumpxml", "--inactive", &name]).contains("tok-s3cr3t-value"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("repo");
+    let run = import(&env, &out, &[&name]).expect(0);
+    run.stdout_has("API_TOKEN were not imported");
+    let mut written = String::new();
+    for (path, _) in tree_hashes(&out) {
+        written.push_str(&std::fs::read_to_string(out.join(path)).unwrap());
+    }
+    assert!(!written.contains("tok-s3cr3t-value"), "{written}");
+    assert!(!run.stdout.contains("tok-s3cr3t-value") && !run.stderr.contains("tok-s3cr3t-value"));
+    let vm_xml = std::fs::read_to_string(out.join(format!("vms/{name}.xml"))).unwrap();
+    assert!(
+        vm_xml.contains("name='API_TOKEN' value='VALUE-NOT-IMPORTED'")
+            && vm_xml.contains("the value of API_TOKEN was not imported"),
+        "{vm_xml}"
+    );
+    // Nothing on the host changed.
+    assert!(virsh_ok(&["dumpxml", "--inactive", &name]).contains("tok-s3cr3t-value"));
 }

@@ -41,6 +41,21 @@ fn with_missing_disk(xml: &str, missing: &Path) -> String {
     )
 }
 
+/// An agent config in `dir` whose `[policy] health_commands` lists `allowed`.
+fn allow_checks(dir: &Path, allowed: &[&Path]) -> PathBuf {
+    let list: Vec<String> = allowed
+        .iter()
+        .map(|p| format!("\"{}\"", p.display()))
+        .collect();
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!("[policy]\nhealth_commands = [{}]\n", list.join(", ")),
+    )
+    .unwrap();
+    path
+}
+
 fn short(commit: &str) -> &str {
     &commit[..12]
 }
@@ -178,7 +193,7 @@ fn real_unstartable_change_is_reverted_held_back_and_retried() {
 
 #[test]
 fn real_failing_health_command_is_reverted_after_settle_and_a_passing_change_is_kept() {
-    let Some(env) = Env::system("hcmd") else {
+    let Some(mut env) = Env::system("hcmd") else {
         return;
     };
     let name = env.name("a");
@@ -192,6 +207,8 @@ fn real_failing_health_command_is_reverted_after_settle_and_a_passing_change_is_
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The host allows the checks in that directory ([policy] health_commands).
+    env.config_file = Some(allow_checks(dir.path(), &[dir.path()]));
     let health = format!(
         "settle = \"2s\"\ncommand = [\"{}\"]\ntimeout = \"1m\"",
         script.display()
@@ -274,9 +291,11 @@ fn real_failing_health_command_is_reverted_after_settle_and_a_passing_change_is_
 
 #[test]
 fn real_first_start_unhealthy_is_reported_not_reverted() {
-    let Some(env) = Env::system("hfirst") else {
+    let Some(mut env) = Env::system("hfirst") else {
         return;
     };
+    let etc = tempfile::tempdir().unwrap();
+    env.config_file = Some(allow_checks(etc.path(), &[Path::new("/bin/false")]));
     let health = "settle = \"1s\"\ncommand = [\"/bin/false\"]\ntimeout = \"30s\"";
     env.commit(
         &Manifest::new().vm(guest(&env, "a", &env.bios("a", 128), health)),
@@ -583,4 +602,76 @@ fn real_health_added_to_a_running_vm_keeps_its_definition_as_the_healthy_one() {
     assert_eq!(env.vm_status("a")["health"]["result"], "reverted");
     assert_eq!(tag_commit(&env.inactive("a")), c1);
     assert_eq!(env.domstate("a"), "running");
+}
+
+#[test]
+fn real_damaged_healthy_definition_is_reported_repaired_or_never_used() {
+    let Some(env) = Env::system("hdamage") else {
+        return;
+    };
+    let settle = "settle = \"1s\"";
+    let good = env.bios("a", 128);
+    let c1 = env.commit(&Manifest::new().vm(guest(&env, "a", &good, settle)), "a");
+    env.run(&["--once"]).expect(0);
+    let file = healthy_file(&env, "a");
+    let kept = std::fs::read(&file).unwrap();
+
+    // Damaged while the VM runs that very definition: status says so and what to do,
+    // and the next sync writes it again from the domain.
+    std::fs::write(&file, b"<domain>\xff truncated").unwrap();
+    let st = env.vm_status("a");
+    let problems = st["state_problems"].to_string();
+    assert!(
+        problems.contains("is damaged (not UTF-8)")
+            && problems.contains("restore it from a backup, or delete it"),
+        "{st}"
+    );
+    env.run(&["status"])
+        .expect(0)
+        .stdout_has("is damaged (not UTF-8)");
+    env.run(&["plan"])
+        .expect(0)
+        .stdout_has("warning: the last healthy definition")
+        .stdout_has("is damaged (not UTF-8); it is not used: restore it from a backup");
+    env.run(&["--once"])
+        .expect(0)
+        .stderr_has("written again from the domain, which runs that definition");
+    assert_eq!(std::fs::read(&file).unwrap(), kept);
+    assert!(env.vm_status("a").get("state_problems").is_none());
+
+    // Damaged (another VM's definition) when a change fails its check: not reverted
+    // with it, and the error says why and what to do.
+    std::fs::write(
+        &file,
+        String::from_utf8_lossy(&kept).replace(&env.name("a"), "someone-else"),
+    )
+    .unwrap();
+    let missing = env.images.join("missing.qcow2");
+    env.commit(
+        &Manifest::new().vm(guest(
+            &env,
+            "a",
+            &with_missing_disk(&good, &missing),
+            settle,
+        )),
+        "a disk that does not exist",
+    );
+    let run = env.run(&["--once"]).expect(1);
+    run.stderr_has("not reverted: the last healthy definition")
+        .stderr_has("is damaged (not the domain definition of");
+    assert!(
+        !run.stderr
+            .contains("putting the last healthy definition back"),
+        "{}",
+        run.stderr
+    );
+    let st = env.vm_status("a");
+    assert_eq!(st["health"]["result"], "unhealthy", "{st}");
+    let error = st["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("is damaged") && error.contains("delete it"),
+        "{error}"
+    );
+    assert_eq!(st["health"]["last_healthy_commit"], c1.as_str());
+    assert!(!env.inactive("a").contains("someone-else"));
 }

@@ -653,7 +653,7 @@ fn agent_reports_status_reloads_and_stops_during_a_guest_shutdown() {
     assert_eq!(r["last_applied_commit"], c2.as_str(), "{r}");
     assert_eq!(
         r["vms"][&name]["last_error"],
-        vmsync::reconcile::apply::SHUTDOWN_INTERRUPTED,
+        vmsync::host::power::SHUTDOWN_INTERRUPTED,
         "{r}"
     );
     assert_eq!(r["vms"][&name]["autostart"], false, "{r}");
@@ -708,7 +708,7 @@ fn agent_reports_status_reloads_and_stops_during_a_guest_shutdown() {
     assert_eq!(m.show("vmsync.service", "ExecMainStatus"), "143", "{log}");
     assert_eq!(
         m.record()["vms"][&name]["last_error"],
-        vmsync::reconcile::apply::SHUTDOWN_INTERRUPTED
+        vmsync::host::power::SHUTDOWN_INTERRUPTED
     );
     eprintln!(
         "agent: {:.1} s; stop during a guest shutdown: agent {} ms, oneshot {} ms",

@@ -6,9 +6,11 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use common::{Env, Manifest, Vm, bios_xml, hand_made_xml, listing, sha256_file, vmsync};
-use vmsync::agent::state;
+
 use vmsync::agent::sync::{self, SyncError};
 use vmsync::host::hypervisor::{Hypervisor, Libvirt};
+use vmsync::record;
+use vmsync::util::fsio;
 
 /// An ISOs directory and `vms`, autostarted.
 fn manifest(env: &Env, vms: impl IntoIterator<Item = Vm>) -> Manifest {
@@ -127,7 +129,7 @@ fn invalid_commit_exits_3_names_the_problem_and_changes_nothing() {
     let after = env.record();
     assert_eq!(after.last_applied_commit, before.last_applied_commit);
     assert_eq!(after.vms, before.vms);
-    assert_eq!(after.last_result, Some(state::SyncResult::Invalid));
+    assert_eq!(after.last_result, Some(record::SyncResult::Invalid));
 }
 
 /// The log as a timer's run or a pipe gets it: plain text (no colour codes without a
@@ -145,7 +147,7 @@ fn log_lines_are_plain_whole_and_a_held_lock_is_no_error() {
             .unwrap()
             .into()
     };
-    let held = state::lock(env.state.path()).unwrap();
+    let held = fsio::lock(env.state.path()).unwrap();
     let run = run_piped().expect(75);
     assert!(!run.stderr.contains("\x1b["), "{:?}", run.stderr);
     let line = run
@@ -191,13 +193,13 @@ fn log_lines_are_plain_whole_and_a_held_lock_is_no_error() {
 #[test]
 fn lock_held_exits_75_at_once() {
     let env = env_with(&["t2-lock"]);
-    let _held = state::lock(env.state.path()).unwrap();
+    let _held = fsio::lock(env.state.path()).unwrap();
     let started = std::time::Instant::now();
     let run = env.run(&["--once"]).expect(75);
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     run.stderr_has(&format!(
         "another vmsync is running (lock '{}' is held)",
-        env.state.path().join(state::LOCK_FILE).display()
+        env.state.path().join(fsio::LOCK_FILE).display()
     ));
     assert!(env.record().last_attempted_commit.is_none());
 }
@@ -211,7 +213,7 @@ fn a_dropped_lock_is_free_while_a_forked_child_still_shares_it() {
     use std::os::unix::process::CommandExt;
 
     let state = tempfile::tempdir().unwrap();
-    let held = state::lock(state.path()).unwrap();
+    let held = fsio::lock(state.path()).unwrap();
     let (mut forked, mut tell) = std::io::pipe().unwrap();
     let child = std::thread::spawn(move || {
         let mut cmd = std::process::Command::new("true");
@@ -228,7 +230,7 @@ fn a_dropped_lock_is_free_while_a_forked_child_still_shares_it() {
     // The child exists and holds a copy of every descriptor, the lock's among them.
     forked.read_exact(&mut [0u8]).unwrap();
     drop(held);
-    let again = state::lock(state.path());
+    let again = fsio::lock(state.path());
     assert!(again.is_ok(), "{:?}", again.err());
     assert!(child.join().unwrap().success());
 }
@@ -250,7 +252,7 @@ fn fetch_and_config_errors_have_their_exit_codes() {
     .stderr_has("failed to fetch branch 'main' from '/nonexistent/vms'");
     assert_eq!(
         env.record().last_result,
-        Some(state::SyncResult::FetchFailed)
+        Some(record::SyncResult::FetchFailed)
     );
 
     env.run(&["--once", "--branch", "nope"])
@@ -299,7 +301,7 @@ fn second_sync_is_a_noop_and_a_change_redefines_only_that_domain() {
     let env = env_with(&["t2-cyc-a", "t2-cyc-b"]);
     let settings = env.settings();
     let hv = Libvirt::connect(common::TEST_URI).unwrap();
-    let mut record = state::Record::default();
+    let mut record = record::Record::default();
 
     let first = common::sync_head(&settings, &mut record, &hv).unwrap();
     assert_eq!(
@@ -416,8 +418,8 @@ fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
     let settings = env.settings();
     let hv = Libvirt::connect(common::TEST_URI).unwrap();
     let (commit, desired) = common::validate_head(&settings).unwrap();
-    let mut record = state::Record::default();
-    let apply = |record: &mut state::Record, stop: bool| {
+    let mut record = record::Record::default();
+    let apply = |record: &mut record::Record, stop: bool| {
         sync::apply_commit(
             &settings,
             record,
@@ -433,7 +435,7 @@ fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
     assert_eq!(record.last_applied_commit, None);
     assert_eq!(
         record.vms["t2-stop"].last_error.as_deref(),
-        Some(vmsync::reconcile::apply::INTERRUPTED)
+        Some(vmsync::reconcile::outcome::INTERRUPTED)
     );
     assert!(listing(&hv, "t2-stop").is_none());
     assert!(!env.disk("t2-stop").exists());
@@ -505,7 +507,7 @@ fn schema_rejection_changes_nothing() {
     assert!(!env.disk("t2-mixb").exists());
     let record = env.record();
     assert_eq!(record.last_applied_commit, None);
-    assert_eq!(record.last_result, Some(state::SyncResult::Invalid));
+    assert_eq!(record.last_result, Some(record::SyncResult::Invalid));
 }
 
 /// libgit2 leaves a pack per fetch; past `source::MAX_PACKS` a sync writes them into one,

@@ -8,11 +8,12 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{Env, Manifest, Vm, bios_xml, listing, sha256_file, vmsync};
-use vmsync::agent::state;
+
 use vmsync::agent::sync::{self, SyncError};
 use vmsync::desired::domain_xml;
 use vmsync::host::hypervisor::{Hypervisor, Libvirt};
 use vmsync::onboard::{definition, import};
+use vmsync::record;
 
 const TAG_ONLY: &str = "adopt (tag only: the definition is the commit's)";
 
@@ -127,7 +128,7 @@ fn import_writes_a_valid_repo_and_adopting_it_only_adds_the_tag() {
     assert_eq!(vm.diff, None);
     assert_eq!(hv.xml(web, true).unwrap(), before, "plan changes nothing");
 
-    let mut record = state::Record::default();
+    let mut record = record::Record::default();
     let first = common::sync_head(&settings, &mut record, &hv).unwrap();
     assert_eq!(common::done(&first, web), [TAG_ONLY]);
     assert!(!first.outcome.vms[0].pending_restart, "tagged live too");
@@ -198,7 +199,7 @@ fn adopt_redefines_a_changed_definition_in_place_and_refuses_another_uuid() {
     let json = serde_json::to_value(plan.to_json()).unwrap();
     assert_eq!(json["vms"][0]["actions"][0]["kind"], "adopt");
 
-    let mut record = state::Record::default();
+    let mut record = record::Record::default();
     let err = common::sync_head(&settings, &mut record, &hv).unwrap_err();
     assert!(
         matches!(
@@ -300,7 +301,7 @@ fn the_import_command_refuses_a_non_empty_dir_and_its_output_validates() {
 #[test]
 fn import_writes_networks_and_pools_that_validate_and_adopting_them_converges() {
     use vmsync::desired::resource_xml::ResourceKind;
-    use vmsync::host::resources::ResOp;
+    use vmsync::host::hypervisor::ResOp;
     let env = Env::new();
     let settings = env.settings();
     let hv = Libvirt::connect(common::TEST_URI).unwrap();
@@ -366,10 +367,58 @@ fn import_writes_networks_and_pools_that_validate_and_adopting_them_converges() 
     // Committed as written: adopted, then nothing to do.
     copy_tree(&out, env.repo.path());
     env.repo.commit("import");
-    let mut record = state::Record::default();
+    let mut record = record::Record::default();
     let first = common::sync_head(&settings, &mut record, &hv).unwrap();
     assert!(first.outcome.all_ok(), "{:?}", first.outcome);
     assert!(record.networks.contains_key(net) && record.pools.contains_key(pool));
     let second = common::sync_head(&settings, &mut record, &hv).unwrap();
     assert!(second.plan.is_noop(), "{:?}", second.plan.resources);
+}
+
+#[test]
+fn import_force_never_writes_through_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let out = dir.path().join("repo");
+    std::fs::create_dir(&out).unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let missing = outside.path().join("made-through-a-link");
+    let out_arg = out.display().to_string();
+    let import = || vmsync(&["--connect", common::TEST_URI, "import", &out_arg, "--force"]);
+
+    // A link to a file outside, and one to a path that does not exist, at names import
+    // writes: refused, nothing written, both links still point where they did.
+    std::os::unix::fs::symlink(&victim, out.join("vmsync.toml")).unwrap();
+    std::os::unix::fs::symlink(&missing, out.join("README.md")).unwrap();
+    import()
+        .expect(2)
+        .stderr_has("vmsync.toml' is a symbolic link; vmsync import never writes through a link");
+    assert_eq!(std::fs::read_link(out.join("vmsync.toml")).unwrap(), victim);
+    assert_eq!(std::fs::read_link(out.join("README.md")).unwrap(), missing);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(!missing.exists());
+    assert!(!out.join("vms").exists() && !out.join("networks").exists());
+
+    // A folder import writes into (vms/) that links outside: refused the same way.
+    std::fs::remove_file(out.join("vmsync.toml")).unwrap();
+    std::fs::remove_file(out.join("README.md")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), out.join("vms")).unwrap();
+    import().expect(2).stderr_has("vms' is a symbolic link");
+    assert_eq!(
+        std::fs::read_dir(outside.path()).unwrap().count(),
+        1,
+        "only the victim is outside"
+    );
+    assert!(!out.join("vmsync.toml").exists());
+
+    // Without links, --force writes over plain files.
+    std::fs::remove_file(out.join("vms")).unwrap();
+    std::fs::write(out.join("vmsync.toml"), "old\n").unwrap();
+    import().expect(0);
+    assert!(
+        std::fs::read_to_string(out.join("vmsync.toml"))
+            .unwrap()
+            .contains("version = 1")
+    );
 }

@@ -6,9 +6,10 @@
 mod common;
 
 use common::{Env, Manifest, TEST_URI, Vm, done, listing, sync_head};
-use vmsync::agent::state::{self, Record};
+
 use vmsync::agent::sync::SyncError;
 use vmsync::host::hypervisor::{Hypervisor, Libvirt};
+use vmsync::record::{Record, store};
 
 const UUID: &str = "0f7e1b9c-4a44-4a8e-9b0e-2b1f4a3c5d6e";
 
@@ -268,5 +269,5 @@ fn dry_run_json_plans_everything_and_changes_nothing() {
         .expect(2)
         .stderr_has("unexpected argument '--allow-mass-prune'");
     assert!(!state.join("state.json").exists());
-    assert_eq!(state::load(state).unwrap(), Record::default());
+    assert_eq!(store::load(state).unwrap(), Record::default());
 }

@@ -7,11 +7,11 @@
 mod common;
 
 use common::{Env, TEST_URI, sync_head};
-use vmsync::agent::state::Record;
+
 use vmsync::agent::sync::SyncError;
 use vmsync::desired::resource_xml::ResourceKind;
-use vmsync::host::hypervisor::{Hypervisor, Libvirt, Listing};
-use vmsync::host::resources::ResOp;
+use vmsync::host::hypervisor::{Hypervisor, Libvirt, Listing, ResOp};
+use vmsync::record::Record;
 
 fn resource(hv: &dyn Hypervisor, kind: ResourceKind, name: &str) -> Option<Listing> {
     hv.list_resources(kind)

@@ -8,8 +8,9 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use common::{Env, Manifest, SigningKey};
-use vmsync::agent::state::SyncResult;
+
 use vmsync::agent::sync::{self, Connection, Options, SyncError};
+use vmsync::record::SyncResult;
 use vmsync::repo::trust::TrustError;
 
 /// Writes the manifest with the one VM `short` and its XML with `memory` MiB (a change

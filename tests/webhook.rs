@@ -663,3 +663,198 @@ fn webhook_config_errors_stop_the_daemon_at_start() {
         daemon.log()
     );
 }
+
+/// Misbehaving clients for [`healthz_is_answered_under_slowloris_and_idle_connections`]:
+/// `n` idle connections (connected, silent) and `n` slowloris ones (a request head sent
+/// one byte at a time, never finished), each reopened when the daemon closes it, until
+/// dropped.
+struct Flood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, usize)>>,
+}
+
+impl Flood {
+    fn start(addr: &str, n: usize) -> Self {
+        use std::net::TcpStream;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connect = {
+            let addr = addr.to_string();
+            move || {
+                let s = TcpStream::connect(&addr).unwrap();
+                s.set_nonblocking(true).unwrap();
+                s
+            }
+        };
+        let mut idle: Vec<TcpStream> = (0..n).map(|_| connect()).collect();
+        let mut slow: Vec<TcpStream> = (0..n).map(|_| connect()).collect();
+        let head = b"GET /healthz HTTP/1.1\r\nHost: slow\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut reopened_idle, mut reopened_slow) = (0, 0);
+            let mut sent = vec![0usize; slow.len()];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for (s, at) in slow.iter_mut().zip(sent.iter_mut()) {
+                    let byte = [head[*at % head.len()]];
+                    if matches!(s.write(&byte), Ok(0) | Err(_)) {
+                        *s = connect();
+                        *at = 0;
+                        reopened_slow += 1;
+                    } else {
+                        *at += 1;
+                    }
+                }
+                for s in idle.iter_mut() {
+                    let mut buf = [0u8; 1];
+                    match s.peek(&mut buf) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        _ => {
+                            *s = connect();
+                            reopened_idle += 1;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            (reopened_idle, reopened_slow)
+        });
+        Flood {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the clients; how many idle and slowloris connections were reopened.
+    fn stop(mut self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// One `GET /healthz` on a new connection: the answer's status line and body, and how
+/// long it took; `None` when nothing came within `limit`.
+fn probe(addr: &str, limit: Duration) -> Option<(String, Duration)> {
+    let started = Instant::now();
+    let mut s = std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), limit).ok()?;
+    s.set_read_timeout(Some(limit)).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    (started.elapsed() < limit).then(|| (reply, started.elapsed()))
+}
+
+#[test]
+fn healthz_is_answered_under_slowloris_and_idle_connections() {
+    let env = Env::new();
+    let etc = tempfile::tempdir().unwrap();
+    env.commit(&Manifest::new(), "empty");
+    let config = webhook_config(&env, etc.path(), SECRET, "");
+    let mut daemon = Daemon::start(&config, etc.path().join("daemon.log"), None);
+    daemon.wait_finished(1);
+    let addr = daemon.base.trim_start_matches("http://").to_string();
+
+    // 100 idle and 100 slowloris connections, kept up (reopened when closed) for 12 s,
+    // longer than the header deadline: each probe on a new connection is answered.
+    let flood = Flood::start(&addr, 100);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut latencies = Vec::new();
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        // Generous: the machine is shared; the figures are in docs/webhook.md.
+        let answer = probe(&addr, Duration::from_secs(4));
+        let Some((reply, took)) = answer else {
+            panic!(
+                "/healthz not answered within 4 s under 100 idle and 100 slowloris connections (after {latencies:?})"
+            );
+        };
+        assert!(
+            reply.starts_with("HTTP/1.1 200") && reply.ends_with("ok\n"),
+            "{reply:?}"
+        );
+        latencies.push(took);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (idle, slow) = flood.stop();
+    latencies.sort();
+    eprintln!(
+        "/healthz under 100 idle + 100 slowloris: {} probes, median {:?}, max {:?}; reopened {idle} idle and {slow} slowloris connections",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies.last().unwrap()
+    );
+    // The daemon closed the silent ones at the header deadline (they were reopened).
+    assert!(idle >= 100 && slow >= 100, "idle {idle}, slowloris {slow}");
+    assert!(daemon.alive());
+    let metrics = curl(&format!("{}/metrics", daemon.base), &[]);
+    assert!(
+        metrics
+            .body
+            .contains("# TYPE vmsync_webhook_connections_evicted_total counter"),
+        "{}",
+        metrics.body
+    );
+    // And a signed push still starts a sync.
+    let head = env.repo.head();
+    let body = payload("main", &head);
+    let answer = post(
+        &daemon,
+        "/hooks/push",
+        &Forge::GitHub.headers(SECRET, body.as_bytes()),
+        body.as_bytes(),
+        &[],
+    );
+    assert_eq!(answer.status, 202, "{answer:?}");
+    webhook_sync_after(&daemon, 1, Instant::now());
+}
+
+#[test]
+fn a_replayed_delivery_starts_no_second_sync() {
+    let env = Env::new();
+    let etc = tempfile::tempdir().unwrap();
+    env.commit(&Manifest::new(), "empty");
+    let config = webhook_config(&env, etc.path(), SECRET, "");
+    let daemon = Daemon::start(&config, etc.path().join("daemon.log"), None);
+    daemon.wait_finished(1);
+    let head = env.repo.head();
+    let body = payload("main", &head);
+    let mut headers = Forge::GitHub.headers(SECRET, body.as_bytes());
+    headers.push("X-GitHub-Delivery: 72d3162e-cc78-11e3-81ab-4c9367dc0958".into());
+    let answer = post(&daemon, "/hooks/push", &headers, body.as_bytes(), &[]);
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (202, "sync requested\n")
+    );
+    webhook_sync_after(&daemon, 1, Instant::now());
+    daemon.wait_finished(2);
+
+    // The same signed body again, with the same delivery id and with another one (the
+    // id is not signed): answered, no sync.
+    for id in ["72d3162e-cc78-11e3-81ab-4c9367dc0958", "another-id"] {
+        headers[2] = format!("X-GitHub-Delivery: {id}");
+        let answer = post(&daemon, "/hooks/push", &headers, body.as_bytes(), &[]);
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (202, "ignored: this delivery was already received\n"),
+            "{id}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(daemon.syncs(), ["start", "webhook"], "{}", daemon.log());
+    assert!(
+        daemon
+            .log()
+            .contains("this delivery was already received; no sync")
+    );
+
+    // A new push (another body) syncs.
+    let body = payload("main", "1111111111111111111111111111111111111111");
+    let answer = post(
+        &daemon,
+        "/hooks/push",
+        &Forge::Gitea.headers(SECRET, body.as_bytes()),
+        body.as_bytes(),
+        &[],
+    );
+    assert_eq!(answer.status, 202, "{answer:?}");
+    webhook_sync_after(&daemon, 2, Instant::now());
+}

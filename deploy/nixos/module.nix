@@ -148,7 +148,23 @@ let
         Allow `<qemu:commandline>`, a custom `<emulator>` and interface scripts:
         programs run on the host.
       '';
-      allow_unconfined = key types.bool false "Allow `<seclabel type='none'>` (no sVirt confinement).";
+      allow_unconfined = key types.bool false ''
+        Allow `<seclabel type='none'>`, a static `<seclabel>` or a `<baselabel>` (no or
+        a chosen sVirt confinement).
+      '';
+      health_commands = key (types.listOf absolutePath) [ ] ''
+        Programs, or directories of them, a `[vm.health] command` may run (as root,
+        without a shell; symlinks resolved). Empty: every check command is refused.
+      '';
+      allow_link_local_hosts = key types.bool false ''
+        Allow network disks and pools on link-local or cloud metadata addresses
+        (169.254.0.0/16, fe80::/10, metadata.google.internal …).
+      '';
+      allow_open_listeners = key types.bool false ''
+        Allow listeners on host addresses other than loopback without a password: VNC
+        or SPICE consoles, TCP/UDP character devices in bind mode, server/mcast/udp
+        interfaces, passt port forwards.
+      '';
     };
     trust = section "`[trust]`: which commits are applied." {
       allowed_signers = key (types.nullOr absolutePath) null ''
@@ -360,7 +376,8 @@ in
         jitter_seconds, max_attempts, backoff_max_seconds, metrics_file, tick_timeout), `policy`
         (disk_roots, self_heal, prune, max_prune, shutdown_timeout, allowed_paths,
         allow_hostdev, allow_block_devices, allow_direct_interfaces,
-        allow_qemu_commandline, allow_unconfined), `trust` (allowed_signers) and
+        allow_qemu_commandline, allow_unconfined, health_commands,
+        allow_link_local_hosts, allow_open_listeners), `trust` (allowed_signers),
         `webhook` (listen, secret_file; daemon mode, off by default) and `notify` (a list
         of `[[notify]]` entries: kind, url, secret_file, forge, api_url, repository,
         token_file, target_url, command, events, timeout).

@@ -1,9 +1,11 @@
-//! Fuzzes the domain XML reader, renderer and host policy: any text is summarized or
-//! refused without a panic; what is summarized renders, and the rendered XML reads back
+//! Fuzzes the domain XML reader, renderer and host policy (also the network and pool
+//! checks, and the path and name rule on the text): any text is summarized or refused
+//! without a panic; what is summarized renders, and the rendered XML reads back
 //! with the same name and uuid and vmsync's tag.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+
 use vmsync::desired::domain_xml::{Tag, fingerprint, render, summarize};
 
 fuzz_target!(|data: &[u8]| {
@@ -12,9 +14,17 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = vmsync::desired::host_policy::check(
         xml,
-        &vmsync::desired::host_policy::HostPolicy::default(),
+        &vmsync::desired::host_policy_settings::HostPolicy::default(),
         &["/var/lib/libvirt/images".into()],
     );
+    let roots = [std::path::PathBuf::from("/var/lib/libvirt/images")];
+    let policy = vmsync::desired::host_policy::HostPolicy::default();
+    let _ = vmsync::desired::host_access::check_pool(xml, &policy, &roots);
+    let _ = vmsync::desired::host_access::check_network(xml, &policy, &roots);
+    if let Err(e) = vmsync::desired::path_rule::absolute(xml) {
+        assert!(!e.chars().any(vmsync::desired::path_rule::is_forbidden_char));
+    }
+    let _ = vmsync::desired::path_rule::check_name("vm", xml);
     let Ok(summary) = summarize(xml) else {
         return;
     };

@@ -11,6 +11,7 @@
 use hmac::{KeyInit, Mac};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
+
 use vmsync::agent::webhook::{Decision, Secret, verify};
 
 const AUTH_HEADERS: [&str; 4] = [

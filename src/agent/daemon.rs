@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::agent::sync::{self, Connection, Options, SyncError};
 use crate::agent::webhook::{self, Hub, Secret};
 use crate::config::{self, ConfigError, Overrides, Settings};
+use crate::record::store;
 
 /// The per-host delay added to every tick: stable for a host, spread over the fleet.
 pub fn jitter(host: &str, max_seconds: u64) -> Duration {
@@ -107,7 +108,7 @@ async fn start_webhook(settings: &Settings) -> Result<Option<Arc<Hub>>, (u8, Str
         return Ok(None);
     };
     let secret = webhook::read_secret(&config.secret_file).map_err(|e| (2, e))?;
-    let record = crate::agent::state::load(&settings.state_dir).unwrap_or_default();
+    let record = store::load(&settings.state_dir).unwrap_or_default();
     let metrics = crate::agent::metrics::render(&record, None, Duration::ZERO);
     let hub = Hub::new(secret, &settings.branch, metrics);
     let listener = webhook::bind(config.listen).await.map_err(|e| (1, e))?;
@@ -138,7 +139,12 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
     };
     let mut conn = Some(Connection::new(&settings.libvirt_uri));
     let mut failures: u32 = 0;
-    let mut notifier = crate::agent::notify::daemon_notifier(None, &settings);
+    let mut notifier = crate::agent::notify::daemon_notifier(
+        None,
+        &settings.state_dir,
+        &settings.host,
+        &settings.notify,
+    );
     let watchdog = crate::agent::watchdog::start(settings.tick_timeout);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!(schedule = %settings.schedule.source(), host = %settings.host, "daemon started");
@@ -158,7 +164,12 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
                     Ok((new, secret)) => {
                         info!("SIGHUP: reloaded the config; syncing now");
                         reload_webhook(hub.as_deref(), &settings, &new, secret);
-                        notifier = crate::agent::notify::daemon_notifier(notifier, &new);
+                        notifier = crate::agent::notify::daemon_notifier(
+                            notifier,
+                            &new.state_dir,
+                            &new.host,
+                            &new.notify,
+                        );
                         watchdog.set_bound(new.tick_timeout);
                         settings = new;
                     }

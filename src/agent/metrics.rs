@@ -1,5 +1,5 @@
 //! Prometheus metrics in the node_exporter textfile format, rendered from the record and
-//! the last sync's report, and written atomically (`state::write_atomic`) to
+//! the last sync's report, and written atomically (`util::fsio::write_atomic`) to
 //! `[agent] metrics_file` after every sync, by `--once` and the daemon alike.
 
 use std::collections::BTreeMap;
@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use strum::IntoEnumIterator;
 
-use crate::agent::state::{Record, SyncResult};
-use crate::agent::sync::Report;
-use crate::reconcile::health::HealthResult;
-use crate::reconcile::plan::ActionKind;
+use crate::agent::report::Report;
+use crate::reconcile::plan_types::ActionKind;
+use crate::record::{HealthResult, Record, SyncResult};
 
 /// Escapes a label value (backslash, double quote, newline).
 fn label(value: &str) -> String {
@@ -247,7 +246,7 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::state::VmRecord;
+    use crate::record::VmRecord;
 
     #[test]
     fn renders_the_record_in_textfile_format() {
@@ -268,14 +267,14 @@ mod tests {
         );
         record.pools.insert(
             "vmpool".into(),
-            crate::reconcile::resources::ResourceRecord {
+            crate::record::ResourceRecord {
                 ok: false,
                 ..Default::default()
             },
         );
         record.networks.insert(
             "lab".into(),
-            crate::reconcile::resources::ResourceRecord {
+            crate::record::ResourceRecord {
                 ok: true,
                 pending_restart: true,
                 ..Default::default()
@@ -320,7 +319,7 @@ mod tests {
             VmRecord {
                 health: Some(HealthResult::Reverted),
                 healthy_commit: Some("c1".into()),
-                held_back: Some(crate::reconcile::health::HeldBack {
+                held_back: Some(crate::record::HeldBack {
                     commit: "c2".into(),
                     fingerprint: "f".into(),
                     reason: "r".into(),

@@ -1,13 +1,13 @@
-//! The agent: one sync stage after stage, the daemon around it (and its push webhook),
-//! and what it keeps between runs (the record, the lock) and reports (status, metrics).
+//! Layer 6, the agent: one sync stage after stage (`sync`), the daemon around it (and its
+//! push webhook), what a sync reports (`report`), `vmsync status` and the metrics file.
 
 pub mod daemon;
-pub mod health;
 pub mod metrics;
 pub mod notify;
-pub mod state;
+pub mod report;
 pub mod status;
 pub mod suspend;
 pub mod sync;
 pub mod watchdog;
 pub mod webhook;
+pub mod webhook_guard;

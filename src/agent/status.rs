@@ -2,9 +2,11 @@
 
 use serde::Serialize;
 
-use crate::agent::state::{Record, SyncResult};
 use crate::desired::domain_xml;
+use crate::desired::resource_xml::{self, ResourceKind};
 use crate::host::hypervisor::{HvError, Hypervisor};
+use crate::reconcile::plan_networks_pools::recorded;
+use crate::record::{Record, SyncResult};
 
 /// One managed VM in the status view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -21,7 +23,11 @@ pub struct VmStatus {
     pub last_error: Option<String>,
     /// The last health check's result, the last healthy commit and a held back commit
     /// (`null` for a VM never checked: no `[vm.health]`).
-    pub health: Option<crate::reconcile::health::HealthView>,
+    pub health: Option<crate::reconcile::plan_types::HealthView>,
+    /// Damaged local state of this VM (its last healthy definition), with what to do;
+    /// left out when there is none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub state_problems: Vec<String>,
 }
 
 /// The whole status view (`vmsync status --json` prints it).
@@ -39,20 +45,37 @@ pub struct Status {
     /// Disks of pruned domains (never deleted by vmsync), path → former domain.
     pub orphaned_disks: std::collections::BTreeMap<String, String>,
     /// Networks vmsync manages.
-    pub networks: Vec<crate::reconcile::resources::ResourceStatus>,
+    pub networks: Vec<ResourceStatus>,
     /// Storage pools vmsync manages.
-    pub pools: Vec<crate::reconcile::resources::ResourceStatus>,
+    pub pools: Vec<ResourceStatus>,
+}
+
+/// Adds to `status` what is wrong with the local state of each VM: a last healthy
+/// definition the record names that is missing or damaged.
+pub fn check_local_state(status: &mut Status, record: &Record, state_dir: &std::path::Path) {
+    for vm in &mut status.vms {
+        let Some(fingerprint) = record
+            .vms
+            .get(&vm.name)
+            .and_then(|r| r.healthy_fingerprint.as_deref())
+        else {
+            continue;
+        };
+        if let Err(why) = crate::record::healthy_file::read(state_dir, &vm.name, fingerprint) {
+            vm.state_problems.push(why);
+        }
+    }
 }
 
 /// Builds the status view; `hv` is `Err` when libvirt could not be reached.
 pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
     let hv_ok = hv.as_ref().ok().copied();
-    let networks = crate::reconcile::resources::status(
+    let networks = resource_status(
         record,
         hv_ok,
         crate::desired::resource_xml::ResourceKind::Network,
     );
-    let pools = crate::reconcile::resources::status(
+    let pools = resource_status(
         record,
         hv_ok,
         crate::desired::resource_xml::ResourceKind::Pool,
@@ -74,7 +97,8 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
                 pending_restart: rec.pending_restart,
                 drift: Vec::new(),
                 last_error: rec.last_error.clone(),
-                health: crate::reconcile::health::HealthView::of(rec),
+                health: crate::reconcile::plan_types::HealthView::of(rec),
+                state_problems: Vec::new(),
             };
             if let Some((hv, listing)) = &listing {
                 let seen = listing.iter().find(|d| &d.name == name);
@@ -200,6 +224,7 @@ pub fn render_text(s: &Status) -> String {
             .unwrap_or("-");
         let mut notes = vm.drift.clone();
         notes.extend(vm.last_error.iter().map(|e| format!("error: {e}")));
+        notes.extend(vm.state_problems.iter().cloned());
         out += &format!(
             "{:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
             vm.name,
@@ -221,6 +246,152 @@ pub fn render_text(s: &Status) -> String {
     for (disk, vm) in &s.orphaned_disks {
         out += &format!("orphaned disk (kept): {disk} (was vm '{vm}')\n");
     }
-    out += &crate::reconcile::resources::status_text(&s.networks, &s.pools);
+    out += &resource_status_text(&s.networks, &s.pools);
+    out
+}
+
+/// One managed network or pool in `vmsync status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResourceStatus {
+    pub name: String,
+    /// `None` when libvirt could not be asked.
+    pub defined: Option<bool>,
+    pub active: Option<bool>,
+    pub autostart: Option<bool>,
+    pub applied_commit: Option<String>,
+    pub pending_restart: bool,
+    pub drift: Vec<String>,
+    pub last_error: Option<String>,
+}
+
+/// The record's networks and pools joined with what libvirt says now: one listing per
+/// kind and one XML read per defined one (the drift baseline, and a network's live tag).
+pub fn resource_status(
+    record: &Record,
+    hv: Option<&dyn Hypervisor>,
+    kind: ResourceKind,
+) -> Vec<ResourceStatus> {
+    let recs = recorded(record, kind);
+    let listing = match (hv, recs.is_empty()) {
+        (Some(hv), false) => hv.list_resources(kind).ok(),
+        _ => None,
+    };
+    recs.iter()
+        .map(|(name, rec)| {
+            let mut s = ResourceStatus {
+                name: name.clone(),
+                defined: None,
+                active: None,
+                autostart: None,
+                applied_commit: rec.applied_commit.clone(),
+                pending_restart: rec.pending_restart,
+                drift: Vec::new(),
+                last_error: rec.last_error.clone(),
+            };
+            let (Some(hv), Some(listing)) = (hv, &listing) else {
+                return s;
+            };
+            let seen = listing.iter().find(|l| &l.name == name);
+            s.defined = Some(seen.is_some());
+            s.active = Some(seen.is_some_and(|l| l.active));
+            s.autostart = Some(seen.is_some_and(|l| l.autostart));
+            match seen {
+                None => s.drift.push("undefined outside vmsync".into()),
+                Some(l) => {
+                    let xml = hv.resource_xml(kind, name, true).ok();
+                    let hash = xml
+                        .as_deref()
+                        .and_then(|x| resource_xml::definition_hash(kind, x));
+                    if rec.definition_hash.is_some() && hash != rec.definition_hash {
+                        s.drift.push("definition changed outside vmsync".into());
+                    }
+                    if rec.autostart != l.autostart {
+                        s.drift.push("autostart flag changed outside vmsync".into());
+                    }
+                    if rec.autostart && !l.active {
+                        s.drift.push("stopped outside vmsync".into());
+                    }
+                    if kind == ResourceKind::Network {
+                        let live = if l.active {
+                            hv.resource_xml(kind, name, false).ok()
+                        } else {
+                            None
+                        };
+                        let tag = live
+                            .as_deref()
+                            .and_then(|x| resource_xml::summarize(kind, x).ok())
+                            .and_then(|s| s.tag);
+                        s.pending_restart = l.active
+                            && match (tag, rec.fingerprint.as_ref()) {
+                                (Some(t), Some(fp)) => &t.fingerprint != fp,
+                                // Runs an untagged (adopted) definition: pending when it
+                                // is not the persistent one.
+                                _ => {
+                                    let h = |x: Option<&str>| {
+                                        x.and_then(|x| resource_xml::live_hash(kind, x))
+                                    };
+                                    let live = h(live.as_deref());
+                                    live.is_none() || live != h(xml.as_deref())
+                                }
+                            };
+                    } else {
+                        s.pending_restart = l.active && rec.pending_restart;
+                    }
+                }
+            }
+            s
+        })
+        .collect()
+}
+
+/// The networks and pools rows of `vmsync status`.
+pub fn resource_status_text(networks: &[ResourceStatus], pools: &[ResourceStatus]) -> String {
+    if networks.is_empty() && pools.is_empty() {
+        return String::new();
+    }
+    let yn = |v: Option<bool>| match v {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "?",
+    };
+    let mut out = format!(
+        "\n{:<8} {:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
+        "KIND",
+        "NAME",
+        "DEFINED",
+        "ACTIVE",
+        "AUTOSTART",
+        "APPLIED",
+        "PENDING-RESTART",
+        "DRIFT / ERROR"
+    );
+    for (kind, s) in networks
+        .iter()
+        .map(|s| ("network", s))
+        .chain(pools.iter().map(|s| ("pool", s)))
+    {
+        let applied = s
+            .applied_commit
+            .as_deref()
+            .map(|c| &c[..c.len().min(12)])
+            .unwrap_or("-");
+        let mut notes = s.drift.clone();
+        notes.extend(s.last_error.iter().map(|e| format!("error: {e}")));
+        out += &format!(
+            "{:<8} {:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
+            kind,
+            s.name,
+            yn(s.defined),
+            yn(s.active),
+            yn(s.autostart),
+            applied,
+            if s.pending_restart { "yes" } else { "no" },
+            if notes.is_empty() {
+                "-".to_string()
+            } else {
+                notes.join("; ")
+            }
+        );
+    }
     out
 }

@@ -6,28 +6,32 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use crate::agent::state::{self, Record};
+use crate::agent::report::Report;
+use crate::apply::vms;
 use crate::config::{ConfigError, Settings};
+use crate::desired::desired_state::{Desired, Policy};
 use crate::desired::manifest::Problem;
-use crate::desired::validate::{self, Desired, Policy};
+use crate::desired::schema_check::{SchemaChecker, SchemaError};
+use crate::desired::validate;
 pub use crate::error::SyncError;
 use crate::host::disk::DiskProvisioner;
 pub use crate::host::hypervisor::Connection;
-use crate::host::hypervisor::{Hypervisor, SchemaChecker, SchemaError};
-use crate::host::observe;
-use crate::host::schema_cache;
+use crate::host::hypervisor::Hypervisor;
 use crate::host::schema_cache::CachedSchema;
-use crate::reconcile::apply::{self, Outcome};
-use crate::reconcile::plan::{self, Plan};
+use crate::host::{observe_domains, schema_cache};
+use crate::reconcile::plan_types::Plan;
+use crate::reconcile::{plan, record_update};
+use crate::record::{Record, store};
 use crate::repo::files::RepoFiles;
 use crate::repo::source;
 use crate::repo::trust::{self, Floor};
+use crate::util::{clock, fsio};
 
-/// Maps an anyhow error from locking to `Locked` when it is one.
-fn lock(settings: &Settings) -> Result<state::Lock, SyncError> {
-    state::lock(&settings.state_dir).map_err(|e| match e.downcast::<state::LockHeld>() {
-        Ok(held) => SyncError::Locked(held),
-        Err(e) => SyncError::Other(e),
+/// Takes the state directory's lock: held by another vmsync is `Locked` (exit 75).
+fn lock(settings: &Settings) -> Result<fsio::Lock, SyncError> {
+    fsio::lock(&settings.state_dir).map_err(|e| match e {
+        fsio::LockError::Held(held) => SyncError::Locked(held),
+        io => SyncError::Other(io.into()),
     })
 }
 
@@ -74,16 +78,6 @@ fn stages_ms(stages: &[(&'static str, Duration)]) -> String {
         .map(|(stage, took)| format!("{stage} {:.1}", took.as_secs_f64() * 1000.0))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// What a finished sync did.
-#[derive(Debug)]
-pub struct Report {
-    pub commit: String,
-    pub plan: Plan,
-    pub outcome: Outcome,
-    /// What suspensions held back (`vmsync suspend`).
-    pub held: crate::agent::suspend::Held,
 }
 
 /// How a sync runs.
@@ -145,7 +139,7 @@ fn trusted_and_valid(
 
 /// The commits the managed domains were defined from (their ownership tags, as
 /// observation read them): the ancestry floor that survives the loss of state.json.
-fn observed_floors(observed: &observe::Observed) -> Vec<Floor> {
+fn observed_floors(observed: &observe_domains::Observed) -> Vec<Floor> {
     let mut floors: Vec<Floor> = Vec::new();
     for (name, seen) in &observed.domains {
         if let Some(tag) = seen.inactive.as_ref().and_then(|s| s.tag.as_ref())
@@ -196,7 +190,7 @@ pub fn run_with_metrics(
 ) -> (Result<Report, SyncError>, Option<String>) {
     let started = Instant::now();
     let result = run_locked(settings, conn, options);
-    let record = || state::load(&settings.state_dir).unwrap_or_default();
+    let record = || store::load(&settings.state_dir).unwrap_or_default();
     if let Some(events) = options.events {
         events.finish(&result, &record());
     }
@@ -207,7 +201,7 @@ pub fn run_with_metrics(
             + &crate::agent::metrics::agent_extras(&settings.state_dir)
     });
     if let (Some(path), Some(text)) = (&settings.metrics_file, &text)
-        && let Err(e) = state::write_atomic(path, text.as_bytes())
+        && let Err(e) = fsio::write_atomic(path, text.as_bytes())
     {
         warn!(error = %e, "failed to write the metrics file");
     }
@@ -220,7 +214,7 @@ fn run_locked(
     options: &Options,
 ) -> Result<Report, SyncError> {
     let _lock = lock(settings)?;
-    let mut record = state::load(&settings.state_dir)?;
+    let mut record = store::load(&settings.state_dir)?;
     let source = settings.source()?;
     let fetch_started = Instant::now();
     let fetched =
@@ -242,7 +236,7 @@ fn run_locked(
             attempts: record.failed_attempts,
         });
     }
-    let retried = crate::agent::health::retry(&mut record, options.retry);
+    let retried = crate::apply::health_stage::retry(&mut record, options.retry);
     let result = (|| {
         let validate_started = Instant::now();
         check_commit(settings, &record, &fetched, options.allow_rewind)?;
@@ -280,7 +274,7 @@ fn run_locked(
     if let Err(e) = &result
         && !matches!(e, SyncError::ActionsFailed { .. })
     {
-        crate::agent::health::restore(&mut record, retried);
+        crate::apply::health_stage::restore(&mut record, retried);
         save_failure(settings, &mut record, Some(&commit), e);
     }
     // Still under the lock, with the clone closed.
@@ -326,7 +320,7 @@ fn observe_and_check(
     disks: &dyn DiskProvisioner,
     schema: &CachedSchema,
     unchecked: &[String],
-) -> Result<observe::Observed, SyncError> {
+) -> Result<observe_domains::Observed, SyncError> {
     let (observed, verdicts) = std::thread::scope(|scope| {
         let observing = scope.spawn(|| observe_commit(record, desired, hv, disks));
         let verdicts = schema_cache::check_all(unchecked);
@@ -380,8 +374,8 @@ fn save_failure(settings: &Settings, record: &mut Record, commit: Option<&str>, 
     let Some(result) = e.result() else {
         return;
     };
-    record.record_failure(commit, result, &e.to_string(), &state::now_rfc3339());
-    if let Err(e) = state::save(&settings.state_dir, record) {
+    record.record_failure(commit, result, &e.to_string(), &clock::now_rfc3339());
+    if let Err(e) = store::save(&settings.state_dir, record) {
         error!(error = %e, "failed to record the failed attempt");
     }
 }
@@ -423,7 +417,7 @@ fn apply_observed(
     record: &mut Record,
     commit: &str,
     desired: &Desired,
-    observed: &observe::Observed,
+    observed: &observe_domains::Observed,
     hv: &dyn Hypervisor,
     disks: &dyn DiskProvisioner,
     cancel: &AtomicBool,
@@ -450,7 +444,7 @@ fn apply_observed(
         return Ok(Report {
             commit: commit.to_string(),
             plan,
-            outcome: Outcome::default(),
+            outcome: crate::reconcile::outcome::Outcome::default(),
             held,
         });
     }
@@ -466,17 +460,17 @@ fn apply_observed(
     }
     stages.push(("plan", started.elapsed()));
     let started = Instant::now();
-    let mut outcome = apply::apply(&plan, hv, disks, cancel);
+    let mut outcome = vms::apply(&plan, hv, disks, cancel);
     stages.push(("apply", started.elapsed()));
     // Health checks of the VMs started with a new definition, and reverts.
     let started = Instant::now();
-    let health = crate::agent::health::Stage {
+    let health = crate::apply::health_stage::Stage {
         state_dir: &settings.state_dir,
         commit,
         shutdown_timeout: settings.changes.shutdown_timeout,
     };
     let found =
-        crate::agent::health::run(&health, &plan, desired, &mut outcome, record, hv, cancel);
+        crate::apply::health_stage::run(&health, &plan, desired, &mut outcome, record, hv, cancel);
     if !found.is_empty() {
         stages.push(("health", started.elapsed()));
     }
@@ -484,16 +478,17 @@ fn apply_observed(
         events.applied(&outcome);
     }
     let before = record.vms.clone();
-    record.record_outcome(
+    record_update::record_outcome(
+        record,
         commit,
         plan.prune.iter().map(|p| p.name.as_str()),
         &outcome,
-        &state::now_rfc3339(),
+        &clock::now_rfc3339(),
     );
-    crate::reconcile::resources::record(record, commit, &plan.resources, &outcome.resources);
-    crate::agent::health::record(record, &plan, &found);
+    record_update::record_resources(record, commit, &plan.resources, &outcome.resources);
+    crate::apply::health_stage::record(record, &plan, &found);
     crate::agent::suspend::restore_records(record, &before, &held);
-    state::save(&settings.state_dir, record)?;
+    store::save(&settings.state_dir, record)?;
     if !outcome.all_ok() {
         let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count()
             + outcome.pruned.iter().filter(|p| p.error.is_some()).count();
@@ -529,7 +524,7 @@ fn apply_observed(
 /// a diff per definition; changes nothing on the host (nor the record).
 pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let _lock = lock(settings)?;
-    let record = state::load(&settings.state_dir)?;
+    let record = store::load(&settings.state_dir)?;
     let fetched = source::fetch(&settings.source()?, &settings.state_dir)?;
     let commit = fetched.id();
     let desired = trusted_and_valid(settings, &record, &fetched, false)?;
@@ -543,7 +538,7 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     )?;
     check_floors(&fetched, &observed_floors(&observed), false)?;
     check_references(&commit, &desired, &observed)?;
-    let normalizer = crate::host::hypervisor::TestDriverSchema::new()?;
+    let normalizer = crate::host::schema_test_driver::TestDriverSchema::new()?;
     Ok(plan_observed(
         settings,
         &record,
@@ -561,7 +556,7 @@ pub fn plan_commit(
     commit: &str,
     desired: &Desired,
     hv: &dyn Hypervisor,
-    normalizer: &dyn crate::host::hypervisor::Normalizer,
+    normalizer: &dyn crate::desired::schema_check::Normalizer,
 ) -> Result<Plan, SyncError> {
     let observed = observe_commit(record, desired, hv, &crate::host::disk::QemuImg::default())?;
     Ok(plan_observed(
@@ -576,17 +571,20 @@ fn observe_commit(
     desired: &Desired,
     hv: &dyn Hypervisor,
     disks: &dyn DiskProvisioner,
-) -> Result<observe::Observed, SyncError> {
+) -> Result<observe_domains::Observed, SyncError> {
     let applied = record
         .vms
         .iter()
         .map(|(name, vm)| (name.clone(), vm.definition_hash.clone()))
         .collect();
-    let mut observed =
-        observe::observe(desired, &applied, hv, disks).map_err(|e| anyhow::anyhow!("{e}"))?;
-    observed.resources =
-        crate::host::resources::observe(&desired.resources, &recorded_resources(record), hv)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut observed = observe_domains::observe(desired, &applied, hv, disks)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    observed.resources = crate::host::observe_networks_pools::observe(
+        &desired.resources,
+        &recorded_resources(record),
+        hv,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(observed)
 }
 
@@ -608,9 +606,10 @@ fn recorded_resources(
 fn check_references(
     commit: &str,
     desired: &Desired,
-    observed: &observe::Observed,
+    observed: &observe_domains::Observed,
 ) -> Result<(), SyncError> {
-    let problems = crate::host::resources::missing(&desired.resources, &observed.resources);
+    let problems =
+        crate::host::observe_networks_pools::missing(&desired.resources, &observed.resources);
     if problems.is_empty() {
         return Ok(());
     }
@@ -626,8 +625,8 @@ fn plan_observed(
     record: &Record,
     commit: &str,
     desired: &Desired,
-    observed: &observe::Observed,
-    normalizer: &dyn crate::host::hypervisor::Normalizer,
+    observed: &observe_domains::Observed,
+    normalizer: &dyn crate::desired::schema_check::Normalizer,
 ) -> Plan {
     let ctx = plan::Context {
         policy: &settings.changes,
@@ -635,7 +634,7 @@ fn plan_observed(
     };
     let mut plan = plan::plan(desired, observed, commit, &ctx);
     crate::reconcile::diff::annotate(&mut plan, normalizer);
-    crate::reconcile::resources::annotate(&mut plan.resources);
+    crate::reconcile::render::annotate_resources(&mut plan.resources);
     plan
 }
 

@@ -10,7 +10,8 @@
 //!
 //! A request never runs a sync itself: it wakes the daemon's loop ([`Hub::request_sync`],
 //! a [`tokio::sync::Notify`]), which runs at most one sync at a time and keeps at most one
-//! more queued, however many pushes arrive.
+//! more queued, however many pushes arrive. What bounds misbehaving clients (idle and
+//! slowloris connections, replayed deliveries) is in [`super::webhook_guard`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,17 +31,41 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::agent::webhook_guard;
+
 /// The path push events are posted to.
 pub const PUSH_PATH: &str = "/hooks/push";
 
 /// Largest request body accepted (1 MiB); a larger one is answered 413 unread.
 pub const BODY_LIMIT: usize = 1 << 20;
 
-/// Connections served at once; more wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 64;
+/// Connections that may wait for request headers at once (new ones, and kept-alive ones
+/// between requests); when all are taken, a new connection closes the one that waited
+/// longest ([`webhook_guard::Waiting`]).
+const MAX_WAITING: usize = 256;
 
-/// Time a client has to send its request headers, and then its body.
+/// Request bodies read at once; a push beyond them is answered 503 at once.
+const MAX_BODIES: usize = 64;
+
+/// Time a client has to send its request headers (each request, the first included).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time a client has to send its request body.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long, and how many, signed push deliveries are remembered: a repeat of one (the
+/// same body, or the same delivery id) starts no sync.
+const REPLAY_WINDOW: Duration = Duration::from_secs(600);
+const REPLAY_MEMORY: usize = 1024;
+
+/// Headers naming a delivery, per forge (not signed: the body digest is what stops a
+/// replay; the id catches a forge's redelivery).
+const DELIVERY_HEADERS: [&str; 4] = [
+    "x-github-delivery",
+    "x-gitea-delivery",
+    "x-forgejo-delivery",
+    "x-gitlab-event-uuid",
+];
 
 /// Longest a connection is kept, requests and idle keep-alive included.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
@@ -283,6 +308,12 @@ pub struct Hub {
     answered: Mutex<std::collections::BTreeMap<u16, u64>>,
     /// Pushes that asked for a sync.
     requested: AtomicU64,
+    /// Connections waiting for request headers.
+    waiting: Arc<webhook_guard::Waiting>,
+    /// Request bodies being read.
+    bodies: Arc<Semaphore>,
+    /// Signed push deliveries seen lately.
+    recent: Mutex<webhook_guard::Recent>,
 }
 
 impl Hub {
@@ -293,12 +324,17 @@ impl Hub {
             metrics: Mutex::new(metrics),
             answered: Mutex::default(),
             requested: AtomicU64::new(0),
+            waiting: webhook_guard::Waiting::new(MAX_WAITING),
+            bodies: Arc::new(Semaphore::new(MAX_BODIES)),
+            recent: Mutex::new(webhook_guard::Recent::new(REPLAY_MEMORY, REPLAY_WINDOW)),
         })
     }
 
-    /// A reloaded config: new secret and branch for the next requests.
+    /// A reloaded config: new secret and branch for the next requests; the deliveries
+    /// seen are forgotten.
     pub fn reload(&self, secret: Secret, branch: &str) {
         *self.auth.write().expect("lock") = (secret, branch.to_string());
+        self.recent.lock().expect("lock").clear();
     }
 
     /// Replaces the metrics text (after every sync).
@@ -349,6 +385,19 @@ impl Hub {
             "vmsync_webhook_syncs_requested_total {}",
             self.requested.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP vmsync_webhook_connections_evicted_total Connections closed while waiting for request headers, to make room for newer ones."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE vmsync_webhook_connections_evicted_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "vmsync_webhook_connections_evicted_total {}",
+            self.waiting.evicted()
+        );
         out
     }
 }
@@ -360,15 +409,12 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
         .map_err(|e| format!("failed to listen on {addr} for [webhook] listen: {e}"))
 }
 
-/// Serves requests until the runtime ends.
+/// Serves requests until the runtime ends. The loop accepts every connection at once:
+/// what a connection may hold is bounded per connection (header deadline, body limit
+/// and deadline, lifetime) and by [`MAX_WAITING`] and [`MAX_BODIES`], never by making
+/// new clients queue behind idle ones.
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let permit = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -379,24 +425,34 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>) {
                 continue;
             }
         };
+        let slot = Arc::new(hub.waiting.join());
         let hub = hub.clone();
         tokio::spawn(async move {
+            let conn_slot = slot.clone();
             let service = hyper::service::service_fn(move |req| {
-                let hub = hub.clone();
-                async move { Ok::<_, Infallible>(answer(req, &hub, peer).await) }
+                let (hub, slot) = (hub.clone(), conn_slot.clone());
+                async move {
+                    slot.busy();
+                    let response = answer(req, &hub, peer).await;
+                    slot.waiting();
+                    Ok::<_, Infallible>(response)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(READ_TIMEOUT)
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             // A forge's delivery takes milliseconds: a connection kept open longer (idle
-            // keep-alive, a trickling client) gives its slot back after a minute.
-            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                Ok(Err(e)) => debug!(%peer, error = %e, "webhook: connection ended with an error"),
-                Err(_) => debug!(%peer, "webhook: connection closed after a minute"),
-                Ok(Ok(())) => {}
+            // keep-alive, a trickling client) gives its place back after a minute, or
+            // when newer connections need it.
+            tokio::select! {
+                done = tokio::time::timeout(CONNECTION_LIFETIME, conn) => match done {
+                    Ok(Err(e)) => debug!(%peer, error = %e, "webhook: connection ended with an error"),
+                    Err(_) => debug!(%peer, "webhook: connection closed after a minute"),
+                    Ok(Ok(())) => {}
+                },
+                _ = slot.evicted() => debug!(%peer, "webhook: idle connection closed for a newer one"),
             }
-            drop(permit);
         });
     }
 }
@@ -461,6 +517,14 @@ async fn push(req: Request<Incoming>, hub: &Hub, peer: SocketAddr) -> Response<F
     if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
         return too_large();
     }
+    let Ok(_reading) = hub.bodies.clone().try_acquire_owned() else {
+        warn!(%peer, "webhook: too many bodies being read; answered 503");
+        let mut response = text(StatusCode::SERVICE_UNAVAILABLE, "busy; try again");
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from_static("5"));
+        return response;
+    };
     let (parts, body) = req.into_parts();
     let body =
         match tokio::time::timeout(READ_TIMEOUT, Limited::new(body, BODY_LIMIT).collect()).await {
@@ -480,6 +544,10 @@ async fn push(req: Request<Incoming>, hub: &Hub, peer: SocketAddr) -> Response<F
     };
     let status = decision.status();
     match decision {
+        Decision::Sync if replayed(hub, &parts.headers, &body) => {
+            info!(%peer, "webhook: this delivery was already received; no sync");
+            text(status, "ignored: this delivery was already received")
+        }
         Decision::Sync => {
             info!(%peer, "webhook: push to the followed branch; sync requested");
             hub.request_sync();
@@ -502,6 +570,21 @@ async fn push(req: Request<Incoming>, hub: &Hub, peer: SocketAddr) -> Response<F
             text(status, reason)
         }
     }
+}
+
+/// Whether a signed push repeats one received within [`REPLAY_WINDOW`]: the same body
+/// (a replay, or a forge's redelivery) or the same delivery id.
+fn replayed(hub: &Hub, headers: &HeaderMap, body: &[u8]) -> bool {
+    use sha2::Digest as _;
+    let mut keys = vec![format!("body:{}", hex::encode(Sha256::digest(body)))];
+    keys.extend(DELIVERY_HEADERS.iter().filter_map(|name| {
+        let id = headers.get(*name)?.to_str().ok()?.trim();
+        (!id.is_empty()).then(|| format!("{name}:{id}"))
+    }));
+    hub.recent
+        .lock()
+        .expect("lock")
+        .seen_before(&keys, std::time::Instant::now())
 }
 
 #[cfg(test)]

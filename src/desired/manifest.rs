@@ -6,12 +6,13 @@
 //! normalized [`PathBuf`]s. Checks that need more than one VM, the XML or the host policy
 //! live in `validate`.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::host::disk::{DiskFormat, DiskSpec, parse_size};
+use crate::desired::disk_spec::{DiskFormat, DiskSpec};
+use crate::desired::values::{absolute_path, parse_size, parse_timeout};
 
 /// The manifest's file name at the root of the VM repository.
 pub const MANIFEST_FILE: &str = "vmsync.toml";
@@ -28,17 +29,19 @@ pub struct Problem {
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.file)?;
+        // Every part escaped: a name or path with a newline or ESC is shown, not obeyed.
+        let esc = crate::desired::path_rule::escape;
+        write!(f, "{}", esc(&self.file))?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
         }
         if let Some(vm) = &self.vm {
-            write!(f, ": vm '{vm}'")?;
+            write!(f, ": vm '{}'", crate::desired::path_rule::shown(vm, 80))?;
         }
         if let Some(field) = &self.field {
-            write!(f, ": field '{field}'")?;
+            write!(f, ": field '{}'", esc(field))?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", esc(&self.message))
     }
 }
 
@@ -90,7 +93,7 @@ struct RawVm {
     state: Option<Spanned<PowerState>>,
     shutdown_timeout: Option<Spanned<String>>,
     self_heal: Option<bool>,
-    health: Option<crate::reconcile::health::RawHealth>,
+    health: Option<crate::desired::health_spec::RawHealth>,
     #[serde(default)]
     adopt: bool,
     #[serde(default)]
@@ -128,19 +131,6 @@ impl PowerState {
             PowerState::Defined => "defined",
         }
     }
-}
-
-/// The default graceful-shutdown timeout of a VM.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Parses a timeout like "120s", "2m" or "90" (seconds).
-pub fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(std::time::Duration::from_secs(secs));
-    }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("'{text}' is not a duration like \"120s\" or \"2m\": {e}"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,14 +203,9 @@ fn volume_disk(
     };
     let before = problems.len();
     for (value, key) in [(&pool, "pool"), (&volume, "volume")] {
-        let v = value.get_ref();
-        if v.is_empty() || v.contains('/') || v.chars().any(char::is_control) {
-            problems.push(problem(
-                value.span(),
-                vm,
-                &field(key),
-                format!("'{v}' must be non-empty and contain no '/' or control characters"),
-            ));
+        let what = if key == "pool" { "pool" } else { "volume" };
+        if let Err(message) = crate::desired::path_rule::check_name(what, value.get_ref()) {
+            problems.push(problem(value.span(), vm, &field(key), message));
         }
     }
     let size = parse_size(disk.size.get_ref())
@@ -328,14 +313,13 @@ fn parse_resources(
             line: Some(line_of(text, span.start)),
             vm: None,
             field: Some(format!("{kind}.{field}")),
-            message: format!("{kind} '{name}': {message}"),
+            message: format!(
+                "{kind} '{}': {message}",
+                crate::desired::path_rule::shown(&name, 80)
+            ),
         };
-        if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
-            problems.push(at(
-                r.name.span(),
-                "name",
-                "a name must be non-empty and contain no '/' or control characters".into(),
-            ));
+        if let Err(message) = crate::desired::path_rule::check_name(kind.as_str(), &name) {
+            problems.push(at(r.name.span(), "name", message));
         }
         let mut report = |span, field: &str, message| problems.push(at(span, field, message));
         let xml = xml_source(r.xml, r.xml_inline, r.name.span(), &mut report);
@@ -395,7 +379,7 @@ pub struct VmEntry {
     pub adopt: bool,
     /// `[vm.health]`: the check after vmsync starts it with a new definition, and
     /// whether to revert (default: no check).
-    pub health: Option<crate::reconcile::health::HealthSpec>,
+    pub health: Option<crate::desired::health_spec::HealthSpec>,
     /// `[[vm.disk]]` entries with `pool` and `volume`: volumes made through libvirt's
     /// storage API when missing.
     pub volumes: Vec<VolumeSpec>,
@@ -479,11 +463,6 @@ pub struct Manifest {
     pub pools: Vec<ResourceEntry>,
 }
 
-/// 1-based line of byte offset `pos` in `text`.
-pub fn line_of(text: &str, pos: usize) -> usize {
-    Lines::new(text).at(pos)
-}
-
 /// Line numbers of positions in one text, counted on from the previous position when
 /// it is not behind (the `[[vm]]` tables come in order: a manifest of a thousand VMs is
 /// scanned once, not a thousand times).
@@ -562,23 +541,6 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
     .then(|| key.to_string())
 }
 
-/// Checks that `raw` is an absolute path without `.`/`..` components and returns it.
-pub fn absolute_path(raw: &str) -> Result<PathBuf, String> {
-    let path = Path::new(raw);
-    if !path.is_absolute() {
-        return Err(format!("path '{raw}' must be absolute"));
-    }
-    if path
-        .components()
-        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
-        || raw.contains("/./")
-        || raw.ends_with("/.")
-    {
-        return Err(format!("path '{raw}' must not contain '.' or '..'"));
-    }
-    Ok(path.components().collect())
-}
-
 /// Parses `vmsync.toml`. Returns every problem found, not just the first.
 pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
     let raw: RawManifest = toml::from_str(text).map_err(|e| {
@@ -640,13 +602,8 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
         let name = raw_vm.name.get_ref().clone();
         let line = lines.at(raw_vm.name.span().start);
         let vm = Some(name.as_str());
-        if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
-            problems.push(problem(
-                raw_vm.name.span(),
-                vm,
-                "name",
-                "a vm name must be non-empty and contain no '/' or control characters".into(),
-            ));
+        if let Err(message) = crate::desired::path_rule::check_name("vm", &name) {
+            problems.push(problem(raw_vm.name.span(), vm, "name", message));
         }
         let mut report =
             |span, field: &str, message| problems.push(problem(span, vm, field, message));
@@ -686,7 +643,7 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
             },
         };
         let health = raw_vm.health.as_ref().and_then(|raw| {
-            crate::reconcile::health::HealthSpec::parse(raw, |span, field, msg| {
+            crate::desired::health_spec::HealthSpec::parse(raw, |span, field, msg| {
                 problems.push(problem(span, vm, field, msg))
             })
         });
@@ -792,6 +749,11 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
     } else {
         Err(problems)
     }
+}
+
+/// 1-based line of byte offset `pos` in `text`.
+pub fn line_of(text: &str, pos: usize) -> usize {
+    Lines::new(text).at(pos)
 }
 
 #[cfg(test)]

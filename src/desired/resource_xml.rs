@@ -5,7 +5,7 @@
 //!
 //! Network XML keeps a `<metadata>` element (libvirt 9.0), so a network carries the same
 //! tag as a domain. Pool XML has no `<metadata>`: a pool's ownership is its name and
-//! UUID in the state file (see `agent::state::ResourceRecord`).
+//! UUID in the state file (see `record::ResourceRecord`).
 
 use crate::desired::domain_xml::{
     self, NAMESPACE, Tag, XmlProblem, child, parse_doc as parse, text_of as text,
@@ -60,6 +60,35 @@ fn problem(line: Option<usize>, field: &str, message: impl Into<String>) -> XmlP
     }
 }
 
+/// A UUID as libvirt reads it (`virUUIDParse`: 32 hex digits, with `-` or spaces
+/// between the byte pairs anywhere, e.g. without dashes), in the 8-4-4-4-12 form.
+pub fn libvirt_uuid(text: &str) -> Option<String> {
+    let mut hex = String::with_capacity(32);
+    let mut chars = text.trim().chars().peekable();
+    while hex.len() < 32 {
+        match chars.next()? {
+            '-' | ' ' => continue,
+            a if a.is_ascii_hexdigit() => {
+                let b = chars.next().filter(char::is_ascii_hexdigit)?;
+                hex.push(a.to_ascii_lowercase());
+                hex.push(b.to_ascii_lowercase());
+            }
+            _ => return None,
+        }
+    }
+    if chars.next().is_some() {
+        return None;
+    }
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
+}
+
 /// Reads a `<network>` or `<pool>` definition.
 pub fn summarize(kind: ResourceKind, xml: &str) -> Result<ResourceSummary, XmlProblem> {
     let doc = parse(xml)?;
@@ -76,21 +105,32 @@ pub fn summarize(kind: ResourceKind, xml: &str) -> Result<ResourceSummary, XmlPr
             ),
         ));
     }
+    // A logical pool without <name> is named after its volume group, as libvirt does.
+    let source_name = || {
+        (kind == ResourceKind::Pool && root.attribute("type") == Some("logical"))
+            .then(|| child(root, "source").and_then(|s| child(s, "name")))
+            .flatten()
+            .map(text)
+    };
     let name = child(root, "name")
         .map(text)
+        .or_else(source_name)
         .filter(|n| !n.is_empty())
         .ok_or_else(|| problem(line(root), "name", format!("the {kind} has no <name>")))?;
     let uuid = match child(root, "uuid") {
         None => None,
         Some(node) => {
-            let uuid = text(node).to_ascii_lowercase();
-            if !domain_xml::is_canonical_uuid(&uuid) {
+            let raw = text(node);
+            let Some(uuid) = libvirt_uuid(&raw) else {
                 return Err(problem(
                     line(node),
                     "uuid",
-                    format!("'{uuid}' is not a uuid like 8-4-4-4-12 hex digits"),
+                    format!(
+                        "'{}' is not a uuid (32 hex digits, dashes optional)",
+                        crate::desired::path_rule::shown(&raw, 80)
+                    ),
                 ));
-            }
+            };
             Some(uuid)
         }
     };
@@ -141,9 +181,17 @@ pub fn render(
         ResourceKind::Pool => {
             let doc = parse(source)?;
             let root = doc.root_element();
-            match (child(root, "uuid"), uuid, child(root, "name")) {
-                (None, Some(uuid), Some(name)) => {
-                    let at = name.range().end;
+            match (child(root, "uuid"), uuid) {
+                (None, Some(uuid)) => {
+                    // After <name>, or (a logical pool named by its volume group)
+                    // after the root's start tag.
+                    let at = match child(root, "name") {
+                        Some(name) => name.range().end,
+                        None => {
+                            let start = root.range().start;
+                            start + source[start..].find('>').map_or(0, |i| i + 1)
+                        }
+                    };
                     let mut out = source.to_string();
                     out.insert_str(at, &format!("\n  <uuid>{uuid}</uuid>"));
                     Ok(out)
@@ -286,6 +334,53 @@ mod tests {
 
     const NET: &str = "<network>\n  <name>lab</name>\n  <forward mode='bridge'/>\n  <bridge name='br0'/>\n</network>";
     const POOL: &str = "<pool type='dir'>\n  <name>vmpool</name>\n  <target>\n    <path>/srv/images/pool</path>\n  </target>\n</pool>";
+
+    #[test]
+    fn a_logical_pool_without_name_is_named_after_its_volume_group() {
+        let xml = "<pool type='logical'>\n  <source>\n    <name>zily</name>\n  </source>\n</pool>";
+        let s = summarize(ResourceKind::Pool, xml).unwrap();
+        assert_eq!(s.name, "zily");
+        let tag = Tag {
+            commit: "c".into(),
+            fingerprint: "f".into(),
+        };
+        let uuid = "11111111-2222-3333-4444-555555555555";
+        let out = render(ResourceKind::Pool, xml, Some(uuid), &tag).unwrap();
+        let s = summarize(ResourceKind::Pool, &out).unwrap();
+        assert_eq!(
+            (s.name.as_str(), s.uuid.as_deref()),
+            ("zily", Some(uuid)),
+            "{out}"
+        );
+        // Other pools still need a <name>.
+        let dir = "<pool type='dir'><source><name>x</name></source></pool>";
+        assert!(summarize(ResourceKind::Pool, dir).is_err());
+    }
+
+    #[test]
+    fn uuids_are_read_as_libvirt_reads_them() {
+        let canonical = "0123abcd-0000-1111-2222-333344445555";
+        for form in [
+            canonical,
+            "0123ABCD000011112222333344445555",
+            " 0123abcd-0000-1111-2222-333344445555 ",
+            "01-23-ab-cd-0000-1111-2222-333344445555",
+        ] {
+            assert_eq!(libvirt_uuid(form).as_deref(), Some(canonical), "{form}");
+        }
+        for bad in [
+            "",
+            "0123abcd",
+            "0123abcd0000111122223333444455556",
+            "g123abcd000011112222333344445555",
+            "0-123abcd000011112222333344445555",
+        ] {
+            assert_eq!(libvirt_uuid(bad), None, "{bad}");
+        }
+        let net = "<network><name>n</name><uuid>0123abcd000011112222333344445555</uuid></network>";
+        let s = summarize(ResourceKind::Network, net).unwrap();
+        assert_eq!(s.uuid.as_deref(), Some(canonical));
+    }
 
     #[test]
     fn summarizes_networks_and_pools() {

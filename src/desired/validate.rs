@@ -9,54 +9,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::desired::domain_xml::{self, DomainSummary};
+use crate::desired::desired_state::{Desired, DesiredVm, Policy};
+use crate::desired::domain_xml;
 use crate::desired::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
-use crate::host::disk::DiskSpec;
-use crate::host::hypervisor::SchemaChecker;
+use crate::desired::schema_check::SchemaChecker;
 use crate::repo::files::RepoFiles;
-
-/// What this host's policy allows and which VMs it applies.
-#[derive(Debug, Clone, Default)]
-pub struct Policy {
-    /// This host's name, matched against a VM's `hosts`; `None` validates every VM.
-    pub host: Option<String>,
-    pub disk_roots: Vec<PathBuf>,
-    /// What domain XML may ask of the host beyond disk images (see `host_policy`).
-    pub host_policy: crate::desired::host_policy::HostPolicy,
-}
-
-/// One VM as this host should have it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredVm {
-    pub name: String,
-    /// The file its XML came from (for messages).
-    pub xml_file: String,
-    /// The domain XML as committed.
-    pub xml: String,
-    pub summary: DomainSummary,
-    pub fingerprint: String,
-    pub autostart: bool,
-    pub disks: Vec<DiskSpec>,
-    pub on_change: manifest::OnChange,
-    pub state: manifest::PowerState,
-    /// `None`: the agent's default.
-    pub shutdown_timeout: Option<std::time::Duration>,
-    /// `None`: the agent's `policy.self_heal`.
-    pub self_heal: Option<bool>,
-    /// Take over an existing domain of this name without vmsync's tag (`adopt`).
-    pub adopt: bool,
-    /// `[vm.health]`: checked after vmsync starts it with a new definition.
-    pub health: Option<crate::reconcile::health::HealthSpec>,
-}
-
-/// The validated desired state of this host.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Desired {
-    pub directories: Vec<PathBuf>,
-    pub vms: Vec<DesiredVm>,
-    /// Networks, pools and pool volumes (see `resources`).
-    pub resources: crate::desired::resources::DesiredResources,
-}
 
 fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
     roots
@@ -249,6 +206,21 @@ pub fn validate(
         {
             problems.push(at(&xml_file, None, "xml", message.to_string()));
         }
+        // A check command runs on the host: only a program the host's policy allows.
+        let health = vm.health.clone().map(|mut spec| {
+            if let Some(command) = spec.command.as_mut() {
+                match crate::desired::host_access::health_program(
+                    &command[0],
+                    &policy.host_policy.health_commands,
+                ) {
+                    Ok(program) => command[0] = program.to_string_lossy().into_owned(),
+                    Err(message) => {
+                        problems.push(at(MANIFEST_FILE, Some(vm.line), "health.command", message))
+                    }
+                }
+            }
+            spec
+        });
         if problems.len() == before {
             if let (Some(id), false) = (&content_id, was_cached) {
                 schema.remember(id, &summary);
@@ -266,13 +238,20 @@ pub fn validate(
                 shutdown_timeout: vm.shutdown_timeout,
                 self_heal: vm.self_heal,
                 adopt: vm.adopt,
-                health: vm.health.clone(),
+                health,
             });
         }
     }
 
-    let resources =
-        crate::desired::resources::validate(&manifest, files, policy, schema, &vms, &mut problems);
+    shared_name_clashes(&manifest, &vms, policy, &mut problems);
+    let resources = crate::desired::network_pool_entries::validate(
+        &manifest,
+        files,
+        policy,
+        schema,
+        &vms,
+        &mut problems,
+    );
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -283,10 +262,48 @@ pub fn validate(
     })
 }
 
+/// A VM's own files in libvirt's shared directories are told by its name (`web.agent`,
+/// `web-serial0.log`): a VM whose name is another's plus `.`, `-` or `_` (`web-2`) owns
+/// files the shorter one could name too. Such a file named by the shorter one is refused.
+/// Only VMs with such a longer-named neighbour in the manifest are looked at again.
+fn shared_name_clashes(
+    manifest: &manifest::Manifest,
+    vms: &[DesiredVm],
+    policy: &Policy,
+    problems: &mut Vec<Problem>,
+) {
+    use crate::desired::host_access::{clashes, longer_names};
+    let names: Vec<&str> = manifest.vms.iter().map(|v| v.name.as_str()).collect();
+    for vm in vms {
+        let others = longer_names(&vm.name, &names);
+        if others.is_empty() {
+            continue;
+        }
+        let (_, claims) = crate::desired::host_policy::check_with_claims(
+            &vm.xml,
+            &policy.host_policy,
+            &policy.disk_roots,
+        );
+        for (claim, other) in clashes(&claims, &others) {
+            problems.push(Problem {
+                file: vm.xml_file.clone(),
+                // Lines of inline XML are not lines of the manifest.
+                line: claim.line.filter(|_| vm.xml_file != MANIFEST_FILE),
+                vm: Some(vm.name.clone()),
+                field: Some(claim.field.clone()),
+                message: format!(
+                    "host path '{}' in libvirt's directories is a file of vm '{other}' as much as of this one (their names differ only after a '.', '-' or '_'); name another file",
+                    claim.path.display()
+                ),
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::hypervisor::SchemaError;
+    use crate::desired::schema_check::SchemaError;
     use crate::repo::files::FileError;
 
     /// An in-memory repository.
@@ -308,6 +325,16 @@ mod tests {
     /// Rejects XML containing "<bogus", as libvirt's schema would.
     struct Schema;
     impl SchemaChecker for Schema {
+        /// libvirt's own check, in a private test-driver connection (as the host's
+        /// checkers do).
+        fn check_resource(
+            &self,
+            kind: crate::desired::resource_xml::ResourceKind,
+            xml: &str,
+        ) -> Result<(), SchemaError> {
+            crate::host::schema_test_driver::check_xml(kind, xml)
+        }
+
         fn check(&self, xml: &str) -> Result<(), SchemaError> {
             if xml.contains("<bogus") {
                 Err(SchemaError::Rejected(
@@ -499,7 +526,8 @@ hosts = ["hv2"]
 #[cfg(test)]
 mod cache_tests {
     use super::*;
-    use crate::host::hypervisor::SchemaError;
+    use crate::desired::domain_xml::DomainSummary;
+    use crate::desired::schema_check::SchemaError;
     use crate::repo::files::FileError;
     use std::cell::{Cell, RefCell};
 
@@ -530,6 +558,16 @@ mod cache_tests {
     }
 
     impl SchemaChecker for Remembering {
+        /// libvirt's own check, in a private test-driver connection (as the host's
+        /// checkers do).
+        fn check_resource(
+            &self,
+            kind: crate::desired::resource_xml::ResourceKind,
+            xml: &str,
+        ) -> Result<(), SchemaError> {
+            crate::host::schema_test_driver::check_xml(kind, xml)
+        }
+
         fn check(&self, _xml: &str) -> Result<(), SchemaError> {
             self.checks.set(self.checks.get() + 1);
             Ok(())
@@ -546,7 +584,7 @@ mod cache_tests {
     fn a_file_validated_before_under_this_policy_is_not_checked_again() {
         let strict = Policy::default();
         let permissive = Policy {
-            host_policy: crate::desired::host_policy::HostPolicy {
+            host_policy: crate::desired::host_policy_settings::HostPolicy {
                 allow_hostdev: true,
                 ..Default::default()
             },

@@ -16,129 +16,18 @@
 //! path.
 
 use std::ffi::OsString;
-use std::fmt;
-use std::fs;
-use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::str::FromStr;
+use std::{fs, io};
 
 use tracing::{debug, info, warn};
 
-/// Image sizes must be a multiple of this; `qemu-img` silently rounds other sizes up.
-pub const SECTOR_SIZE: u64 = 512;
+use crate::desired::disk_spec::{DiskFormat, DiskSpec, InvalidDiskSpec};
+use crate::desired::values::human_size;
 
 /// Suffix of the temporary file a disk is created under: `.<filename>.vmsync-tmp`.
 const TMP_SUFFIX: &str = ".vmsync-tmp";
-
-/// The image formats vmsync creates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskFormat {
-    Qcow2,
-    Raw,
-}
-
-impl DiskFormat {
-    /// The name `qemu-img` uses for the format (`"qcow2"`, `"raw"`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskFormat::Qcow2 => "qcow2",
-            DiskFormat::Raw => "raw",
-        }
-    }
-}
-
-impl fmt::Display for DiskFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for DiskFormat {
-    type Err = String;
-
-    /// Parses `"qcow2"` or `"raw"` (exact, lowercase, like the manifest and `qemu-img`).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "qcow2" => Ok(DiskFormat::Qcow2),
-            "raw" => Ok(DiskFormat::Raw),
-            other => Err(format!(
-                "unknown disk format '{other}': expected 'qcow2' or 'raw'"
-            )),
-        }
-    }
-}
-
-/// A disk as the manifest wants it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskSpec {
-    /// Absolute path of the image.
-    pub path: PathBuf,
-    /// Virtual size in bytes: greater than zero, a multiple of [`SECTOR_SIZE`].
-    pub size_bytes: u64,
-    pub format: DiskFormat,
-    /// Optional backing file (qcow2 only). A relative path is relative to the image's
-    /// directory, as `qemu-img` resolves it, and is recorded in the image as given.
-    pub backing: Option<PathBuf>,
-    /// Format of the backing file; if `None` and `backing` is set, it is probed with
-    /// `qemu-img info`.
-    pub backing_format: Option<DiskFormat>,
-}
-
-impl DiskSpec {
-    /// Checks the spec without touching the filesystem: absolute path with a file name,
-    /// size > 0 and a multiple of [`SECTOR_SIZE`], backing only with qcow2.
-    pub fn validate(&self) -> Result<(), DiskError> {
-        let invalid = |message: String| DiskError::InvalidSpec {
-            path: self.path.clone(),
-            message,
-        };
-        if !self.path.is_absolute() {
-            return Err(invalid("the path must be absolute".into()));
-        }
-        if self.path.file_name().is_none() {
-            return Err(invalid("the path has no file name".into()));
-        }
-        if self.size_bytes == 0 {
-            return Err(invalid("the size must be greater than zero".into()));
-        }
-        if !self.size_bytes.is_multiple_of(SECTOR_SIZE) {
-            return Err(invalid(format!(
-                "the size {} bytes is not a multiple of {SECTOR_SIZE} bytes",
-                self.size_bytes
-            )));
-        }
-        if self.backing.is_some() && self.format != DiskFormat::Qcow2 {
-            return Err(invalid(format!(
-                "a backing file needs format qcow2, not {}",
-                self.format
-            )));
-        }
-        if self.backing.is_none() && self.backing_format.is_some() {
-            return Err(invalid(
-                "backing_format is set without a backing file".into(),
-            ));
-        }
-        if let Some(backing) = &self.backing
-            && backing.as_os_str().is_empty()
-        {
-            return Err(invalid("the backing file path is empty".into()));
-        }
-        Ok(())
-    }
-
-    /// Where the backing file is on this host: relative paths are resolved against the
-    /// image's directory, like `qemu-img` does.
-    fn backing_location(&self) -> Option<PathBuf> {
-        let backing = self.backing.as_ref()?;
-        Some(match self.path.parent() {
-            Some(dir) if backing.is_relative() => dir.join(backing),
-            _ => backing.clone(),
-        })
-    }
-}
 
 /// What `qemu-img info` says about an existing image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +93,15 @@ pub enum DiskError {
         path: PathBuf,
         message: String,
     },
+}
+
+impl From<InvalidDiskSpec> for DiskError {
+    fn from(e: InvalidDiskSpec) -> Self {
+        DiskError::InvalidSpec {
+            path: e.path,
+            message: e.message,
+        }
+    }
 }
 
 impl DiskError {
@@ -545,57 +443,10 @@ pub fn check_existing(spec: &DiskSpec, info: &ImageInfo) -> Result<Option<String
     })
 }
 
-/// Formats a byte count for messages: "20 GiB", "1.5 GiB (1610612736 bytes)", "1000 bytes".
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
-    for (unit, shift) in UNITS {
-        let scale = 1u64 << shift;
-        if bytes >= scale {
-            return if bytes.is_multiple_of(scale) {
-                format!("{} {unit}", bytes >> shift)
-            } else {
-                format!("{:.1} {unit} ({bytes} bytes)", bytes as f64 / scale as f64)
-            };
-        }
-    }
-    format!("{bytes} bytes")
-}
-
-/// Parses a size: a whole number of bytes with an optional binary unit K, M, G or T
-/// (case-insensitive, optionally followed by "iB" or "B": "20G", "20GiB", "20gb" all mean
-/// 20 × 2³⁰), or a plain number or `<n>B` for bytes. No fractions, signs or spaces; the
-/// result must be > 0 and fit in a u64. The error message names the bad value.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, suffix) = s.split_at(digits_end);
-    let invalid = || {
-        format!(
-            "invalid size '{s}': expected a whole number with an optional binary unit \
-             K, M, G or T (e.g. 20G, 512M, 4096)"
-        )
-    };
-    if digits.is_empty() {
-        return Err(invalid());
-    }
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(invalid()),
-    };
-    let too_large = || format!("size '{s}' is too large");
-    let number: u64 = digits.parse().map_err(|_| too_large())?;
-    if number == 0 {
-        return Err(format!("size '{s}' must be greater than zero"));
-    }
-    number.checked_mul(1u64 << shift).ok_or_else(too_large)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::values::parse_size;
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::PermissionsExt;
 

@@ -5,6 +5,8 @@
 //! Also the schema checker used by validation: libvirt's own RNG validation, run by
 //! defining the domain into a private, empty test-driver connection (never the host's).
 
+mod network_pool_calls;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,7 +102,7 @@ pub trait Hypervisor: Sync {
         ))
     }
 
-    // Networks, storage pools and volumes (see `host::resources`). The defaults refuse:
+    // Networks, storage pools and volumes (see `host::hypervisor::network_pool_calls`). The defaults refuse:
     // a hypervisor that does not implement them is only asked when a commit or the
     // record names a network, pool or volume.
 
@@ -122,12 +124,7 @@ pub trait Hypervisor: Sync {
         Err(unsupported("define", kind.as_str()))
     }
     /// Sets the autostart flag, builds, starts, stops or undefines a network or pool.
-    fn resource_op(
-        &self,
-        _kind: ResourceKind,
-        name: &str,
-        _op: crate::host::resources::ResOp,
-    ) -> Result<(), HvError> {
+    fn resource_op(&self, _kind: ResourceKind, name: &str, _op: ResOp) -> Result<(), HvError> {
         Err(unsupported("change", name))
     }
     /// The names of the volumes of a (started) pool.
@@ -213,8 +210,8 @@ pub struct Libvirt {
     handles: Mutex<HashMap<String, Domain>>,
     /// libvirt API calls that go to the daemon (RPCs), for the benchmark and logs.
     calls: AtomicU64,
-    /// Network and pool handles from the last listing (see `host::resources`).
-    pub(crate) resource_handles: crate::host::resources::Handles,
+    /// Network and pool handles from the last listing (see `network_pool_calls`).
+    pub(crate) resource_handles: network_pool_calls::Handles,
 }
 
 impl Libvirt {
@@ -249,7 +246,7 @@ impl Libvirt {
         self.conn.is_alive().unwrap_or(false)
     }
 
-    /// The connection (for the network and pool calls in `host::resources`).
+    /// The connection (for the network and pool calls in `network_pool_calls`).
     pub(crate) fn connection(&self) -> &Connect {
         &self.conn
     }
@@ -259,7 +256,7 @@ impl Libvirt {
         &self.uri
     }
 
-    /// [`Self::call`] for the network and pool calls in `host::resources`.
+    /// [`Self::call`] for the network and pool calls in `network_pool_calls`.
     pub(crate) fn counted<T>(
         &self,
         operation: &'static str,
@@ -456,12 +453,7 @@ impl Hypervisor for Libvirt {
     fn define_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), HvError> {
         self.res_define(kind, xml)
     }
-    fn resource_op(
-        &self,
-        kind: ResourceKind,
-        name: &str,
-        op: crate::host::resources::ResOp,
-    ) -> Result<(), HvError> {
+    fn resource_op(&self, kind: ResourceKind, name: &str, op: ResOp) -> Result<(), HvError> {
         self.res_op(kind, name, op)
     }
     fn pool_volumes(&self, pool: &str) -> Result<Vec<String>, HvError> {
@@ -523,123 +515,6 @@ impl Hypervisor for Libvirt {
     }
 }
 
-/// Why libvirt's check of a domain XML did not pass.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SchemaError {
-    /// libvirt's schema or parser refused the XML (libvirt's or libxml2's message).
-    #[error("rejected by libvirt: {0}")]
-    Rejected(String),
-    /// The check could not run (no test driver, no schema file).
-    #[error("could not be checked against libvirt's schema: {0}")]
-    Unavailable(String),
-}
-
-/// Checks a domain XML against libvirt's schema without touching any host.
-pub trait SchemaChecker {
-    fn check(&self, xml: &str) -> Result<(), SchemaError>;
-    /// The summary of a file already validated, by `RepoFiles::content_id` (a cache).
-    fn known(&self, _content_id: &str) -> Option<crate::desired::domain_xml::DomainSummary> {
-        None
-    }
-    /// Remembers that the file with `content_id` validated, with its summary.
-    fn remember(&self, _content_id: &str, _summary: &crate::desired::domain_xml::DomainSummary) {}
-    /// Checks a network or pool XML against libvirt's schema and parser (by default in a
-    /// private test-driver connection, see `host::resources::check_xml`).
-    fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
-        crate::host::resources::check_xml(kind, xml)
-    }
-}
-
-/// Turns a domain XML into the inactive XML libvirt makes of it, without touching any
-/// host (for plan diffs of definitions not applied yet).
-pub trait Normalizer {
-    fn normalize(&self, xml: &str) -> Result<String, SchemaError>;
-}
-
-/// libvirt's schema validation through a private, empty `test:///` driver connection:
-/// the XML is defined there with `VIR_DOMAIN_DEFINE_VALIDATE` and undefined again.
-pub struct TestDriverSchema {
-    conn: Connect,
-    _node_file: tempfile::NamedTempFile,
-    /// libvirt's RNG schema compiled on the first check (`None` until then; `Some(Err)`
-    /// without the schema file, and libvirt validates instead).
-    schema: std::cell::OnceCell<Result<crate::host::rng::Schema, SchemaError>>,
-}
-
-impl TestDriverSchema {
-    pub fn new() -> Result<Self, HvError> {
-        virt::error::clear_error_callback();
-        let node_file = tempfile::Builder::new()
-            .prefix("vmsync-schema-")
-            .suffix(".xml")
-            .tempfile()
-            .and_then(|mut file| {
-                std::io::Write::write_all(&mut file, b"<node/>\n")?;
-                Ok(file)
-            })
-            .map_err(|e| {
-                let message = format!("failed to write the test driver's node file: {e}");
-                HvError::new("connect to libvirt", None, "test:///", &message)
-            })?;
-        let uri = format!("test://{}", node_file.path().display());
-        let conn = Connect::open(Some(&uri))
-            .map_err(|e| HvError::new("connect to libvirt", None, &uri, e.message()))?;
-        Ok(Self {
-            conn,
-            _node_file: node_file,
-            schema: std::cell::OnceCell::new(),
-        })
-    }
-}
-
-impl TestDriverSchema {
-    /// Compiles libvirt's schema now rather than at the first check.
-    pub fn prepare(&self) {
-        let _ = self.schema.get_or_init(crate::host::rng::domain_schema);
-    }
-}
-
-impl SchemaChecker for TestDriverSchema {
-    /// libvirt's RNG schema (compiled once, see `rng`), then libvirt's own parser: the
-    /// XML is defined into the private test driver without re-validating, and undefined.
-    /// Without the schema file, libvirt validates (slower, same result).
-    fn check(&self, xml: &str) -> Result<(), SchemaError> {
-        let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
-        let flags = match self.schema.get_or_init(crate::host::rng::domain_schema) {
-            Ok(schema) => {
-                schema.validate(xml)?;
-                0
-            }
-            Err(_) => sys::VIR_DOMAIN_DEFINE_VALIDATE,
-        };
-        let domain = self
-            .conn
-            .define_domain_xml_flags(xml, flags)
-            .map_err(rejected)?;
-        domain.undefine().map_err(rejected)?;
-        Ok(())
-    }
-}
-
-/// Defines the XML in the private test driver, reads its inactive XML back, undefines it.
-/// The test driver fills in libvirt's generic defaults (units, placement, on_* actions)
-/// but not the QEMU driver's (machine type, controllers, PCI addresses), which the diff
-/// normalization in `domain_xml` ignores where the source gives none.
-impl Normalizer for TestDriverSchema {
-    fn normalize(&self, xml: &str) -> Result<String, SchemaError> {
-        let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
-        let domain = self
-            .conn
-            .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
-            .map_err(rejected)?;
-        let out = domain.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE);
-        let undefined = domain.undefine();
-        let out = out.map_err(rejected)?;
-        undefined.map_err(rejected)?;
-        Ok(out)
-    }
-}
-
 /// A libvirt connection kept across syncs (by the daemon), reopened when it died.
 pub struct Connection {
     uri: String,
@@ -671,34 +546,26 @@ impl Connection {
     }
 }
 
+/// A change to a network or pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResOp {
+    Autostart(bool),
+    /// Make the pool's storage (its directory, …); nothing for a network.
+    /// `no_overwrite`: libvirt's flag that refuses to format what is there (a file
+    /// system, a volume group); a dir pool's build only makes its directory.
+    Build {
+        no_overwrite: bool,
+    },
+    Start,
+    /// Stop (libvirt's "destroy": a pool's storage and volumes stay).
+    Stop,
+    /// Undefine (a pool's storage and volumes stay).
+    Undefine,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn schema_checker_accepts_good_and_rejects_bad_xml() {
-        let schema = TestDriverSchema::new().unwrap();
-        let good = "<domain type='kvm'><name>a</name><memory>131072</memory><os><type arch='x86_64'>hvm</type></os></domain>";
-        schema.check(good).unwrap();
-        // The same name again works: the check leaves nothing defined.
-        schema.check(good).unwrap();
-        let bad = good
-            .replace("<memory>", "<memroy>")
-            .replace("</memory>", "</memroy>");
-        let err = schema.check(&bad).unwrap_err();
-        let SchemaError::Rejected(message) = &err else {
-            panic!("{err:?}")
-        };
-        assert!(
-            message.starts_with("XML document failed to validate against schema")
-                && message.contains("memroy"),
-            "{err}"
-        );
-        assert!(
-            err.to_string().starts_with("rejected by libvirt: "),
-            "{err}"
-        );
-    }
 
     /// A libvirt error names the operation, the domain and the connection.
     #[test]
@@ -765,16 +632,5 @@ mod tests {
         assert!(hv.xml("vmsync-unit", true).is_err());
         hv.undefine_keep_state("vmsync-unit2").unwrap();
         assert!(hv.xml("vmsync-unit2", true).is_err());
-    }
-
-    #[test]
-    fn normalizer_returns_libvirts_xml_and_leaves_nothing_defined() {
-        let schema = TestDriverSchema::new().unwrap();
-        let xml = "<domain type='kvm'><name>n</name><memory unit='MiB'>128</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>";
-        let out = schema.normalize(xml).unwrap();
-        assert!(out.contains("<memory unit='KiB'>131072</memory>"), "{out}");
-        assert!(out.contains("<vcpu placement='static'>1</vcpu>"), "{out}");
-        schema.normalize(xml).unwrap();
-        schema.check(xml).unwrap();
     }
 }

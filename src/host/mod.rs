@@ -1,11 +1,13 @@
-//! The host: the libvirt seam (`Hypervisor`), disk images (`DiskProvisioner`), libvirt's
-//! schema and its cache, and the read-only observation of what the host has now.
+//! Layer 3, the host's seams: libvirt (`Hypervisor`, `Libvirt`), disk images
+//! (`DiskProvisioner`), libvirt's schema checks and their cache, the read-only
+//! observation of what the host has now, powering a domain off, and the health probes.
 
 pub mod disk;
-pub mod health;
+pub mod health_probe;
 pub mod hypervisor;
-pub mod observe;
-pub mod par;
-pub mod resources;
-pub mod rng;
+pub mod observe_domains;
+pub mod observe_networks_pools;
+pub mod power;
 pub mod schema_cache;
+pub mod schema_rng;
+pub mod schema_test_driver;

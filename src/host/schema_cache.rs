@@ -23,7 +23,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::desired::domain_xml::DomainSummary;
-use crate::host::hypervisor::{SchemaChecker, SchemaError, TestDriverSchema};
+use crate::desired::resource_xml::ResourceKind;
+use crate::desired::schema_check::{SchemaChecker, SchemaError};
+use crate::host::schema_test_driver::TestDriverSchema;
+use crate::util::fsio;
 
 pub const CACHE_FILE: &str = "schema-cache.json";
 
@@ -66,11 +69,16 @@ impl CachedSchema {
         let path = state_dir.map(|d| d.join(CACHE_FILE));
         let file = path
             .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|bytes| {
-                serde_json::Deserializer::from_slice(&bytes)
+            .and_then(|p| std::fs::read(p).ok().map(|bytes| (p, bytes)))
+            .and_then(|(p, bytes)| {
+                let first = serde_json::Deserializer::from_slice(&bytes)
                     .into_iter::<CacheFile>()
-                    .next()?
+                    .next()?;
+                // Damaged: said, and rebuilt (a cache: what it held is checked again).
+                first
+                    .map_err(|e| {
+                        tracing::warn!(path = %p.display(), error = %e, "the schema cache is damaged; starting it again (a cache: nothing to do)");
+                    })
                     .ok()
             })
             .filter(|c| c.libvirt_version == version && c.context == context)
@@ -132,7 +140,7 @@ impl CachedSchema {
                 .map(|(id, summary)| (id.clone(), summary.clone()))
                 .collect(),
         };
-        let result = crate::agent::state::write_cache_with(path, |out| {
+        let result = fsio::write_cache_with(path, |out| {
             let mut out = std::io::BufWriter::new(out);
             serde_json::to_writer(&mut out, &file)?;
             std::io::Write::flush(&mut out)
@@ -168,6 +176,10 @@ impl SchemaChecker for CachedSchema {
         self.valid.borrow_mut().insert(key);
         *self.added.borrow_mut() += 1;
         Ok(())
+    }
+
+    fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
+        crate::host::schema_test_driver::check_xml(kind, xml)
     }
 
     fn known(&self, content_id: &str) -> Option<DomainSummary> {

@@ -22,7 +22,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
 use tracing::{info, warn};
 
 use crate::agent::sync::{self, SyncError};
@@ -31,7 +30,7 @@ use crate::desired::manifest::MANIFEST_FILE;
 use crate::desired::resource_xml::ResourceKind;
 use crate::host::disk::{DiskProvisioner, ImageInfo, QemuImg};
 use crate::host::hypervisor::{Hypervisor, Libvirt, Listing};
-use crate::onboard::definition;
+use crate::onboard::{definition, output};
 
 /// What `vmsync import` wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -116,6 +115,16 @@ pub fn import(
                 e.message
             ))
         })?;
+        let (xml, env_names) = output::redact_qemu_env(&xml);
+        if !env_names.is_empty() {
+            warn!(vm = %listing.name, variables = %env_names.join(", "), "the values of <qemu:env> were not imported");
+            imported.notes.push(format!(
+                "'{}': the values of <qemu:env> {} were not imported (they often hold secrets): the XML has '{}' instead; put the values back (or drop them) before applying",
+                listing.name,
+                env_names.join(", "),
+                output::ENV_PLACEHOLDER
+            ));
+        }
         let disks = file_disks(&xml)
             .into_iter()
             .map(|path| {
@@ -145,23 +154,22 @@ pub fn import(
     }
 
     entries.extend(resources);
-    for sub in ["vms", "networks", "pools"] {
-        if entries
-            .iter()
-            .any(|e| e.file.starts_with(&format!("{sub}/")))
-        {
-            std::fs::create_dir_all(dir.join(sub))
-                .with_context(|| format!("failed to create '{}'", dir.join(sub).display()))?;
-        }
+    // Nothing is written through a link: refused before the first file is written.
+    for rel in entries
+        .iter()
+        .map(|e| e.file.as_str())
+        .chain([MANIFEST_FILE, "README.md"])
+    {
+        output::check_target(dir, rel)?;
     }
     for e in &entries {
-        write(&dir.join(&e.file), &e.xml)?;
+        output::write_file(dir, &e.file, &e.xml)?;
     }
     // Validate as `vmsync validate DIR` would; comment out what the policy refuses and
     // validate again (a refused entry can hide another's problem, e.g. a shared disk).
     let header = header(settings);
     for _ in 0..=entries.len() {
-        write(&dir.join(MANIFEST_FILE), &manifest(&header, &entries))?;
+        output::write_file(dir, MANIFEST_FILE, &manifest(&header, &entries))?;
         match sync::validate_dir(settings, dir) {
             Ok(_) => break,
             Err(SyncError::Invalid { problems, .. }) => {
@@ -212,7 +220,7 @@ pub fn import(
             }
         }
     }
-    write(&dir.join("README.md"), &readme(settings, &imported))?;
+    output::write_file(dir, "README.md", &readme(settings, &imported))?;
     info!(
         dir = %dir.display(),
         vms = imported.entries.len(),
@@ -325,12 +333,6 @@ fn check_dir(dir: &Path, force: bool) -> Result<(), SyncError> {
             dir.display()
         )))),
     }
-}
-
-fn write(path: &Path, text: &str) -> Result<(), SyncError> {
-    std::fs::write(path, text)
-        .with_context(|| format!("failed to write '{}'", path.display()))
-        .map_err(SyncError::Other)
 }
 
 /// A domain name as a file name (libvirt names may hold characters a path should not).
@@ -542,7 +544,7 @@ mod tests {
         assert_eq!(size_text(512), "512");
         for bytes in [64u64 << 20, 20 << 30, 1536 << 20, 512, 4096 + 512] {
             assert_eq!(
-                crate::host::disk::parse_size(&size_text(bytes)).unwrap(),
+                crate::desired::values::parse_size(&size_text(bytes)).unwrap(),
                 bytes
             );
         }

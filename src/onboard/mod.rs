@@ -2,11 +2,13 @@
 //! them (docs/moving-from-the-old-ways.md).
 //!
 //! - [`definition`]: the XML `vmsync import` writes for a domain, and the comparison that
-//!   decides whether adopting it only adds vmsync's tag or redefines it in place. Pure.
-//! - [`adopt`]: the planner's part of `adopt = true` (which action, or why not). Pure.
+//!   decides whether adopting it only adds vmsync's tag or redefines it in place. Pure
+//!   (layer 1). The planner's part of `adopt = true` is `reconcile::adopt`.
 //! - [`import`]: `vmsync import`, which reads the host's domains, networks and pools
-//!   (never changes them) and writes a VM repository.
+//!   (never changes them) and writes a VM repository (layer 6).
+//! - [`output`]: how import writes its files (never through a link) and what it leaves
+//!   out of them (`<qemu:env>` values) (layer 6).
 
-pub mod adopt;
 pub mod definition;
 pub mod import;
+pub mod output;

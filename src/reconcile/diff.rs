@@ -3,8 +3,8 @@
 //! none left out (see `domain_xml::normalize_for_diff`), and how a sync logs one.
 
 use crate::desired::domain_xml;
-use crate::host::hypervisor::Normalizer;
-use crate::reconcile::plan::Plan;
+use crate::desired::schema_check::Normalizer;
+use crate::reconcile::plan_types::Plan;
 
 /// A unified diff of two texts (empty when equal).
 pub fn unified(before: &str, after: &str, before_label: &str, after_label: &str) -> String {

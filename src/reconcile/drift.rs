@@ -8,9 +8,9 @@
 //! only comparison that sees a `virsh edit` (which keeps vmsync's tag) without false
 //! alarms.
 
-use crate::agent::state::VmRecord;
 use crate::desired::manifest::PowerState;
 use crate::host::hypervisor::Listing;
+use crate::record::VmRecord;
 
 /// One way a domain differs from the last applied state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,7 +73,11 @@ pub fn detect(record: &VmRecord, now: Now) -> Vec<Drift> {
     };
     match (now.tag_fingerprint, record.fingerprint.as_deref()) {
         (None, _) => drift.push(Drift::Untagged),
-        (Some(tag), Some(applied)) if tag != applied => drift.push(Drift::Definition),
+        // The tag is the truth of what vmsync applied; the record is a cache of it. A
+        // tag other than the recorded one means vmsync defined it and its record was
+        // not saved (a full disk, a crash): no drift, and the recorded baseline belongs
+        // to another definition. (A different commit's definition is a change anyway.)
+        (Some(tag), Some(applied)) if tag != applied => {}
         _ => {
             if let (Some(base), Some(hash)) = (&record.definition_hash, now.definition_hash)
                 && base != hash
@@ -106,6 +110,24 @@ pub fn detect(record: &VmRecord, now: Now) -> Vec<Drift> {
         });
     }
     drift
+}
+
+/// `drift` without what the commit asks for anyway: an autostart flag or a power state
+/// that is what the commit says is no divergence from it, whoever set it (vmsync itself,
+/// with its record lost, included).
+pub fn against_commit(drift: Vec<Drift>, autostart: bool, state: PowerState) -> Vec<Drift> {
+    drift
+        .into_iter()
+        .filter(|d| match d {
+            Drift::Autostart { now, .. } => *now != autostart,
+            Drift::Power { active, .. } => match state {
+                PowerState::Running => !active,
+                PowerState::Stopped => *active,
+                PowerState::Defined => false,
+            },
+            _ => true,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -153,6 +175,12 @@ mod tests {
             detect(&rec, now(Some(&l), None, Some("h"))),
             vec![Drift::Untagged]
         );
+        // Another tag than the recorded one: vmsync's own define whose record was lost,
+        // not drift (whatever the stale baseline says).
+        assert_eq!(
+            detect(&rec, now(Some(&l), Some("fp2"), Some("other"))),
+            vec![]
+        );
         let off = listing(false, false);
         let d = detect(&rec, now(Some(&off), Some("fp"), Some("h")));
         assert_eq!(
@@ -171,5 +199,26 @@ mod tests {
         let defined = record(PowerState::Defined, false);
         assert!(detect(&defined, now(Some(&on), Some("fp"), Some("h"))).is_empty());
         assert!(detect(&VmRecord::default(), now(None, None, None)).is_empty());
+    }
+
+    #[test]
+    fn what_the_commit_asks_for_is_not_drift() {
+        let autostart = Drift::Autostart {
+            now: true,
+            applied: false,
+        };
+        let running = Drift::Power {
+            active: true,
+            applied: PowerState::Stopped,
+        };
+        let all = vec![Drift::Definition, autostart.clone(), running.clone()];
+        assert_eq!(
+            against_commit(all.clone(), true, PowerState::Running),
+            vec![Drift::Definition]
+        );
+        assert_eq!(
+            against_commit(all, false, PowerState::Stopped),
+            vec![Drift::Definition, autostart, running]
+        );
     }
 }

@@ -22,267 +22,15 @@
 //!   `policy.prune`; pruning every managed domain or more than `policy.max_prune` is
 //!   refused without `--allow-mass-prune`. Untagged domains are never touched.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
-use serde::Serialize;
-
-use crate::agent::state::Record;
-use crate::config::ChangePolicy;
+use crate::desired::desired_state::{Desired, DesiredVm};
 use crate::desired::domain_xml::{self, Tag};
 use crate::desired::manifest::{OnChange, PowerState};
-use crate::desired::validate::{Desired, DesiredVm};
-use crate::host::disk::{DiskSpec, check_existing};
-use crate::host::observe::{Observed, SeenDomain};
+use crate::host::disk::check_existing;
+use crate::host::observe_domains::{Observed, SeenDomain};
 use crate::reconcile::drift::{self, Drift};
-
-/// One step of converging a VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    CreateDisk(DiskSpec),
-    /// Rename the (shut-off) domain `from` to the VM's name.
-    Rename {
-        from: String,
-    },
-    /// Define a new domain, or redefine an existing one in place.
-    Define {
-        xml: String,
-        redefine: bool,
-    },
-    SetAutostart(bool),
-    Start,
-    /// Graceful shutdown (destroy after `timeout`), then start with the new definition.
-    Restart {
-        timeout: Duration,
-    },
-    /// Graceful shutdown (destroy after `timeout`).
-    Stop {
-        timeout: Duration,
-    },
-    /// Undefine, keeping NVRAM, TPM state and disks (pruning only).
-    Undefine,
-    /// Take over a domain vmsync did not define (`adopt = true`): with `xml`, redefine it
-    /// in place with the commit's XML (its UUID and MACs kept); without, its definition
-    /// is the commit's already and only `tag` is written (`virDomainSetMetadata`, no
-    /// redefine), into the running definition too with `live`.
-    Adopt {
-        tag: Tag,
-        xml: Option<String>,
-        live: bool,
-    },
-}
-
-/// What an action does, for machines: the plan's JSON, the outcome of a sync, metrics
-/// (which list every kind, even at 0). In plan order.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    strum::EnumIter,
-    strum::IntoStaticStr,
-)]
-#[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
-pub enum ActionKind {
-    /// A `[[directory]]` created (not an [`Action`]: directories come before the VMs).
-    CreateDirectory,
-    // Pools, volumes and networks (`reconcile::resources`), before the domains.
-    DefinePool,
-    RedefinePool,
-    BuildPool,
-    SetPoolAutostart,
-    ClearPoolAutostart,
-    StartPool,
-    RestartPool,
-    CreateVolume,
-    DefineNetwork,
-    RedefineNetwork,
-    SetNetworkAutostart,
-    ClearNetworkAutostart,
-    StartNetwork,
-    RestartNetwork,
-    CreateDisk,
-    Rename,
-    /// An existing domain taken over (`adopt = true`), tag only or redefined in place.
-    Adopt,
-    Define,
-    Redefine,
-    SetAutostart,
-    ClearAutostart,
-    Start,
-    Restart,
-    Stop,
-    Undefine,
-    // Pruning of networks, then pools, after the domains'.
-    StopNetwork,
-    UndefineNetwork,
-    StopPool,
-    UndefinePool,
-}
-
-impl ActionKind {
-    pub fn as_str(self) -> &'static str {
-        self.into()
-    }
-
-    /// Whether the kind is a network's, a pool's or a volume's (not an [`Action`]).
-    pub fn is_resource(self) -> bool {
-        let name = self.as_str();
-        name.contains("network") || name.contains("pool") || name.contains("volume")
-    }
-}
-
-impl Action {
-    /// Short description for logs and plans.
-    pub fn describe(&self) -> String {
-        match self {
-            Action::CreateDisk(spec) => {
-                format!(
-                    "create {} disk '{}' ({})",
-                    spec.format,
-                    spec.path.display(),
-                    crate::host::disk::human_size(spec.size_bytes)
-                )
-            }
-            Action::Rename { from } => format!("rename from '{from}'"),
-            Action::Define {
-                redefine: false, ..
-            } => "define".into(),
-            Action::Define { redefine: true, .. } => "redefine in place".into(),
-            Action::SetAutostart(true) => "set autostart".into(),
-            Action::SetAutostart(false) => "clear autostart".into(),
-            Action::Start => "start".into(),
-            Action::Restart { timeout } => format!(
-                "restart (graceful shutdown, destroy after {})",
-                humantime::format_duration(*timeout)
-            ),
-            Action::Stop { timeout } => format!(
-                "stop (graceful shutdown, destroy after {})",
-                humantime::format_duration(*timeout)
-            ),
-            Action::Undefine => "undefine (keeping NVRAM, TPM state and disks)".into(),
-            Action::Adopt { xml: None, .. } => {
-                "adopt (tag only: the definition is the commit's)".into()
-            }
-            Action::Adopt { xml: Some(_), .. } => "adopt (redefine in place)".into(),
-        }
-    }
-
-    /// The action's kind for machines (`vmsync plan --json`, metrics).
-    pub fn kind(&self) -> ActionKind {
-        match self {
-            Action::CreateDisk(_) => ActionKind::CreateDisk,
-            Action::Rename { .. } => ActionKind::Rename,
-            Action::Define {
-                redefine: false, ..
-            } => ActionKind::Define,
-            Action::Define { redefine: true, .. } => ActionKind::Redefine,
-            Action::SetAutostart(true) => ActionKind::SetAutostart,
-            Action::SetAutostart(false) => ActionKind::ClearAutostart,
-            Action::Start => ActionKind::Start,
-            Action::Restart { .. } => ActionKind::Restart,
-            Action::Stop { .. } => ActionKind::Stop,
-            Action::Undefine => ActionKind::Undefine,
-            Action::Adopt { .. } => ActionKind::Adopt,
-        }
-    }
-}
-
-/// What to do for one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmPlan {
-    pub name: String,
-    pub fingerprint: String,
-    pub autostart: bool,
-    pub state: PowerState,
-    pub actions: Vec<Action>,
-    /// The VM cannot be converged (conflict, disk format mismatch); nothing of it is done.
-    pub error: Option<String>,
-    /// Notes that are not errors (an existing disk of another size).
-    pub warnings: Vec<String>,
-    /// Running with an older definition, after this plan is applied.
-    pub pending_restart: bool,
-    /// The domain is running now (before the plan is applied).
-    pub active: bool,
-    /// What differs from the last applied state (healed or only reported).
-    pub drift: Vec<String>,
-    /// Whether drift is left as is (self-heal off).
-    pub drift_reported_only: bool,
-    /// The committed XML (reference for the diff normalization); empty unless a
-    /// definition is rendered.
-    pub source_xml: String,
-    /// The XML vmsync would define when drift is only reported (a planned define
-    /// carries its XML in the action; [`VmPlan::rendered`] gives either).
-    pub rendered_xml: Option<String>,
-    /// libvirt's inactive XML of the existing domain now, when a definition is rendered.
-    pub current_xml: Option<String>,
-    /// `domain_xml::definition_hash` of `current_xml`.
-    pub current_hash: Option<String>,
-    /// Unified diff of the definition (filled in by `diff::annotate` for `vmsync plan`).
-    pub diff: Option<String>,
-    /// Health, last healthy commit and hold-back (`[vm.health]`, see `health`).
-    pub health: Option<crate::reconcile::health::HealthView>,
-}
-
-impl VmPlan {
-    /// The XML vmsync defines, or would define when drift is only reported.
-    pub fn rendered(&self) -> Option<&str> {
-        self.actions
-            .iter()
-            .find_map(|a| match a {
-                Action::Define { xml, .. } | Action::Adopt { xml: Some(xml), .. } => {
-                    Some(xml.as_str())
-                }
-                _ => None,
-            })
-            .or(self.rendered_xml.as_deref())
-    }
-}
-
-/// A tagged domain that is no longer in the manifest for this host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PrunePlan {
-    pub name: String,
-    pub active: bool,
-    /// Stop (if running) and undefine; empty when pruning is off.
-    pub actions: Vec<Action>,
-    /// Its disks, which are never deleted: orphaned once it is undefined.
-    pub disks: Vec<PathBuf>,
-    /// Why it is left alone (pruning off, transient).
-    pub skipped: Option<String>,
-}
-
-/// The whole plan for one commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    pub commit: String,
-    pub create_directories: Vec<PathBuf>,
-    pub vms: Vec<VmPlan>,
-    pub prune: Vec<PrunePlan>,
-    /// Set when the commit is refused by the prune guards; nothing may be applied.
-    pub refused: Option<String>,
-    /// Domains with vmsync's tag that this agent never applied (another repository or
-    /// state directory made them): never pruned, only counted.
-    pub foreign_tagged: usize,
-    /// Networks, pools and volumes (applied before the domains; pruned after them).
-    pub resources: crate::reconcile::resources::ResourcePlan,
-}
-
-impl Plan {
-    /// Whether applying the plan changes nothing.
-    pub fn is_noop(&self) -> bool {
-        self.create_directories.is_empty()
-            && self.vms.iter().all(|vm| vm.actions.is_empty())
-            && self.prune.iter().all(|p| p.actions.is_empty())
-            && self.resources.is_noop()
-    }
-}
+use crate::reconcile::plan_types::{Action, Plan, PrunePlan, VmPlan};
+use crate::reconcile::policy::ChangePolicy;
+use crate::record::Record;
 
 /// What the planner needs besides the desired and observed state.
 #[derive(Debug, Clone, Copy)]
@@ -308,17 +56,21 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
             let mut p = plan_vm(vm, observed, commit, ctx, &mut claimed);
             // A definition reverted by a health check is not tried again (see `health`).
             let rec = ctx.record.vms.get(&vm.name);
-            crate::reconcile::health::hold_back(&mut p, rec);
-            p.health = rec.and_then(crate::reconcile::health::HealthView::of);
+            crate::reconcile::health_rules::hold_back(&mut p, rec);
+            p.health = rec.and_then(crate::reconcile::plan_types::HealthView::of);
             if p.health.is_none() && vm.health.is_some() {
                 p.health = Some(Default::default());
+            }
+            if let (Some(view), Some(spec)) = (p.health.as_mut(), vm.health.as_ref()) {
+                view.check = Some(spec.describe());
             }
             p
         })
         .collect();
     let prune = plan_prune(observed, ctx, &claimed);
-    let resources =
-        crate::reconcile::resources::plan(desired, observed, commit, ctx.record, ctx.policy);
+    let resources = crate::reconcile::plan_networks_pools::plan(
+        desired, observed, commit, ctx.record, ctx.policy,
+    );
     // Networks and pools count towards the mass-prune guard.
     let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count() + resources.pruning();
     let foreign_tagged = observed
@@ -471,7 +223,7 @@ fn plan_vm(
             }
             Some(_) => {}
         }
-        if let Some(e) = crate::onboard::adopt::uuid_conflict(vm, seen) {
+        if let Some(e) = crate::reconcile::adopt::uuid_conflict(vm, seen) {
             return fail(out, e);
         }
         out.current_hash = seen.definition_hash.clone();
@@ -496,6 +248,7 @@ fn plan_vm(
         ),
         _ => Vec::new(),
     };
+    let drift = drift::against_commit(drift, vm.autostart, vm.state);
     out.drift = drift.iter().map(ToString::to_string).collect();
     out.drift_reported_only = !drift.is_empty() && !heal;
     let has = |pred: fn(&Drift) -> bool| drift.iter().any(pred);
@@ -560,7 +313,7 @@ fn plan_vm(
                     // only reported with self-heal off.
                     out.rendered_xml = Some(xml);
                 } else if adopting {
-                    let adopt = crate::onboard::adopt::action(seen, tag.clone(), xml);
+                    let adopt = crate::reconcile::adopt::action(seen, tag.clone(), xml);
                     if matches!(
                         adopt,
                         Action::Adopt {
@@ -640,11 +393,16 @@ fn fail(mut out: VmPlan, error: String) -> VmPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::state::VmRecord;
+    use crate::desired::disk_spec::DiskFormat;
+    use crate::desired::disk_spec::DiskSpec;
     use crate::desired::domain_xml::fingerprint;
-    use crate::host::disk::{DiskFormat, ImageInfo};
+    use crate::host::disk::ImageInfo;
     use crate::host::hypervisor::Listing;
-    use crate::host::observe::SeenDomain;
+    use crate::host::observe_domains::SeenDomain;
+    use crate::reconcile::plan_types::ActionKind;
+    use crate::record::VmRecord;
+    use std::path::PathBuf;
+    use std::time::Duration;
 
     const UUID: &str = "6a3f4c1e-0b2d-4e5f-8a9b-0c1d2e3f4a5b";
     const OTHER_UUID: &str = "11111111-2222-3333-4444-555555555555";
@@ -1424,7 +1182,7 @@ mod tests {
             )
         };
         let mut rec = applied(&desired_vm("web", 1024, true, vec![]));
-        rec.held_back = Some(crate::reconcile::health::HeldBack {
+        rec.held_back = Some(crate::record::HeldBack {
             commit: "bad".into(),
             fingerprint: desired_vm("web", 2048, true, vec![]).fingerprint,
             reason: "health command exited with status 1".into(),
@@ -1453,6 +1211,34 @@ mod tests {
             ]
         );
         assert_eq!(p.vms[0].error, None);
+    }
+
+    #[test]
+    fn the_plan_shows_what_a_health_check_runs() {
+        let mut vm = desired_vm("web", 1024, true, vec![]);
+        vm.health = Some(crate::desired::health_spec::HealthSpec {
+            settle: std::time::Duration::from_secs(30),
+            command: Some(vec![
+                "/usr/local/lib/vmsync/checks/web".into(),
+                "--timeout".into(),
+                "5\nx".into(),
+            ]),
+            timeout: std::time::Duration::from_secs(300),
+            revert: true,
+            guest_agent: false,
+        });
+        let desired = Desired {
+            directories: vec![],
+            vms: vec![vm],
+            resources: Default::default(),
+        };
+        let obs = observed(vec![], vec![], vec![]);
+        let p = plan_with(&desired, &obs, &ChangePolicy::default());
+        let text = crate::reconcile::render::render(&p);
+        assert!(
+            text.contains("health: not checked; check: settle 30s, command '/usr/local/lib/vmsync/checks/web' '--timeout' '5\\nx' (no shell), timeout 5m, revert"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::reconcile::plan::{Action, ActionKind, Plan};
+use crate::desired::resource_xml::ResourceKind;
+use crate::reconcile::outcome::{Outcome, ResourceOutcome};
+use crate::reconcile::plan_types::{Action, ActionKind, Plan, ResPlan, ResourcePlan};
 
 /// Renders a plan for people (`vmsync plan`).
 pub fn render(plan: &Plan) -> String {
@@ -15,7 +17,7 @@ pub fn render(plan: &Plan) -> String {
         out += &format!("  create directory '{}'\n", dir.display());
     }
     // Pools, volumes and networks converge before the domains.
-    out += &crate::reconcile::resources::render_text(&plan.resources);
+    out += &resources_text(&plan.resources);
     for vm in &plan.vms {
         let what = match (&vm.error, vm.actions.is_empty()) {
             (Some(e), _) => format!("error: {e}"),
@@ -95,7 +97,7 @@ pub struct PlanJson<'a> {
     pub refused: Option<&'a str>,
     pub foreign_tagged: usize,
     pub noop: bool,
-    /// Networks, pools and volumes (see `reconcile::resources::to_json`).
+    /// Networks, pools and volumes (see `resources_json`).
     pub resources: serde_json::Value,
 }
 
@@ -122,7 +124,7 @@ pub struct VmJson<'a> {
     pub error: Option<&'a str>,
     pub warnings: &'a [String],
     /// `[vm.health]`: last result, last healthy commit, held back commit.
-    pub health: Option<&'a crate::reconcile::health::HealthView>,
+    pub health: Option<&'a crate::reconcile::plan_types::HealthView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -192,7 +194,7 @@ impl Plan {
             refused: self.refused.as_deref(),
             foreign_tagged: self.foreign_tagged,
             noop: self.is_noop(),
-            resources: crate::reconcile::resources::to_json(&self.resources),
+            resources: resources_json(&self.resources),
         }
     }
 }
@@ -206,4 +208,189 @@ pub fn output(plan: &Plan, json: bool) -> String {
     } else {
         render(plan)
     }
+}
+
+/// Lines for `vmsync --once` about pruned domains, orphaned disks and reported drift.
+pub fn render_extra(outcome: &Outcome) -> String {
+    let mut out = resources_outcome(&outcome.resources);
+    for vm in outcome.vms.iter().filter(|vm| vm.drift_reported_only) {
+        out += &format!(
+            "  {}: drift (self_heal is off, left as is): {}\n",
+            vm.name,
+            vm.drift.join("; ")
+        );
+    }
+    for p in &outcome.pruned {
+        match &p.error {
+            None => out += &format!("  {}: pruned: {}\n", p.name, p.done.join(", ")),
+            Some(e) => out += &format!("  {}: prune failed: {e}\n", p.name),
+        }
+        for disk in &p.orphaned_disks {
+            out += &format!("    orphaned disk (kept): {}\n", disk.display());
+        }
+    }
+    out
+}
+
+/// Lines for `vmsync --once` and `vmsync plan` about networks, pools and volumes.
+pub fn resources_text(plan: &ResourcePlan) -> String {
+    let mut out = String::new();
+    for p in plan.pools.iter().chain(&plan.networks) {
+        let kind = p.kind();
+        if let Some(e) = &p.error {
+            out += &format!("  {kind} {}: error: {e}\n", p.name);
+            continue;
+        }
+        for a in &p.actions {
+            out += &format!("  {kind} {}: {}\n", p.name, a.describe(kind));
+        }
+        if !p.affected_vms.is_empty() {
+            out += &format!(
+                "  {kind} {}: running vms that lose their link while it restarts: {}\n",
+                p.name,
+                p.affected_vms.join(", ")
+            );
+        }
+        if p.pending_restart {
+            out += &format!(
+                "  {kind} {}: pending restart (active on its old definition)\n",
+                p.name
+            );
+        }
+        if !p.drift.is_empty() {
+            let how = if p.drift_reported_only {
+                "reported only"
+            } else {
+                "healed"
+            };
+            out += &format!(
+                "  {kind} {}: drift ({how}): {}\n",
+                p.name,
+                p.drift.join("; ")
+            );
+        }
+        if let Some(diff) = &p.diff {
+            for line in diff.lines() {
+                out += &format!("    {line}\n");
+            }
+        }
+    }
+    for v in &plan.volumes {
+        match (&v.error, &v.create) {
+            (Some(e), _) => {
+                out += &format!(
+                    "  vm {}: volume '{}' of pool '{}': error: {e}\n",
+                    v.vm, v.name, v.pool
+                )
+            }
+            (None, Some(_)) => out += &format!("  vm {}: {}\n", v.vm, v.description),
+            _ => {}
+        }
+    }
+    for p in &plan.prune {
+        let kind = p.kind();
+        match &p.skipped {
+            Some(why) => out += &format!("  {kind} {}: {why}\n", p.name),
+            None => {
+                let what: Vec<String> = p.actions.iter().map(|a| a.describe(kind)).collect();
+                out += &format!("  {kind} {}: prune: {}\n", p.name, what.join(", "));
+                if !p.affected_vms.is_empty() {
+                    out += &format!(
+                        "  {kind} {}: running vms that lose their link: {}\n",
+                        p.name,
+                        p.affected_vms.join(", ")
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Adds a unified diff of each definition that would change (for `vmsync plan`).
+pub fn annotate_resources(plan: &mut ResourcePlan) {
+    for p in plan.pools.iter_mut().chain(plan.networks.iter_mut()) {
+        if p.source_xml.is_empty() {
+            continue;
+        }
+        let before = p.current_xml.clone().unwrap_or_default();
+        let diff = crate::reconcile::diff::unified(&before, &p.source_xml, "host", "commit");
+        if !diff.trim().is_empty() {
+            p.diff = Some(diff);
+        }
+    }
+}
+
+/// Lines for `vmsync --once` about what was done to networks, pools and volumes.
+pub fn resources_outcome(outcome: &ResourceOutcome) -> String {
+    let mut out = String::new();
+    for o in outcome.pools.iter().chain(&outcome.networks) {
+        let kind = o.kind.unwrap_or(ResourceKind::Network);
+        if !o.done.is_empty() {
+            out += &format!("  {kind} {}: {}\n", o.name, o.done.join(", "));
+        }
+        if let Some(e) = &o.error {
+            out += &format!("  {kind} {}: failed: {e}\n", o.name);
+        }
+        if o.pending_restart {
+            out += &format!(
+                "  {kind} {}: pending restart (active on its old definition)\n",
+                o.name
+            );
+        }
+        if !o.drift.is_empty() {
+            out += &format!("  {kind} {}: drift: {}\n", o.name, o.drift.join("; "));
+        }
+    }
+    for (vm, pool, volume, result) in &outcome.volumes {
+        match result {
+            Ok(what) if what.starts_with("create") => out += &format!("  {vm}: {what}\n"),
+            Ok(_) => {}
+            Err(e) => out += &format!("  {vm}: volume '{volume}' of pool '{pool}' failed: {e}\n"),
+        }
+    }
+    for o in &outcome.pruned {
+        let kind = o.kind.unwrap_or(ResourceKind::Network);
+        match &o.error {
+            None => out += &format!("  {kind} {}: pruned: {}\n", o.name, o.done.join(", ")),
+            Some(e) => out += &format!("  {kind} {}: prune failed: {e}\n", o.name),
+        }
+    }
+    out
+}
+
+/// The plan's networks, pools and volumes for `vmsync plan --json`.
+pub fn resources_json(plan: &ResourcePlan) -> serde_json::Value {
+    let one = |p: &ResPlan| {
+        let kind = p.kind();
+        serde_json::json!({
+            "kind": kind,
+            "name": p.name,
+            "actions": p.actions.iter().map(|a| serde_json::json!({
+                "kind": a.kind(kind),
+                "description": a.describe(kind),
+            })).collect::<Vec<_>>(),
+            "error": p.error,
+            "pending_restart": p.pending_restart,
+            "drift": p.drift,
+            "drift_healed": !p.drift.is_empty() && !p.drift_reported_only,
+            "adopted": p.adopted,
+            "affected_vms": p.affected_vms,
+            "skipped": p.skipped,
+            "diff": p.diff,
+        })
+    };
+    serde_json::json!({
+        "pools": plan.pools.iter().map(one).collect::<Vec<_>>(),
+        "volumes": plan.volumes.iter().map(|v| serde_json::json!({
+            "vm": v.vm,
+            "pool": v.pool,
+            "volume": v.name,
+            "create": v.create.is_some(),
+            "description": v.description,
+            "error": v.error,
+        })).collect::<Vec<_>>(),
+        "networks": plan.networks.iter().map(one).collect::<Vec<_>>(),
+        "prune": plan.prune.iter().map(one).collect::<Vec<_>>(),
+    })
 }

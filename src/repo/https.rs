@@ -31,7 +31,7 @@ use git2::{ErrorClass, ErrorCode};
 use tracing::{debug, warn};
 use ureq::ResponseExt as _;
 
-use crate::repo::source::redact;
+use crate::util::redact::redact;
 
 const REFS: &str = "/info/refs?service=git-upload-pack";
 const ADVERTISEMENT: &str = "application/x-git-upload-pack-advertisement";

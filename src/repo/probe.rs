@@ -33,6 +33,8 @@ use tracing::{debug, info, warn};
 
 use crate::repo::https;
 use crate::repo::source::{self, FetchError, FetchedCommit, SourceSettings};
+use crate::util::fsio;
+use crate::util::redact::redact;
 
 /// Default of `[source] probe_max_skip`: a real fetch at least this often, whatever the
 /// probe says, so a stale cache only delays a change.
@@ -70,7 +72,7 @@ pub struct ProbeSettings {
 
 /// Checks a probe URL at the edge: http or https, and a host.
 pub fn check_url(url: &str) -> Result<(), String> {
-    let shown = source::redact(url);
+    let shown = redact(url);
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))
@@ -112,7 +114,7 @@ impl ProbeRecord {
 
     fn save(&self, state_dir: &Path) {
         let bytes = serde_json::to_vec_pretty(self).expect("the probe record serializes");
-        if let Err(e) = crate::agent::state::write_atomic(&state_dir.join(RECORD), &bytes) {
+        if let Err(e) = fsio::write_atomic(&state_dir.join(RECORD), &bytes) {
             warn!(error = %e, "failed to write the probe record");
         }
     }
@@ -335,7 +337,7 @@ pub fn fetch(
         return source::fetch(settings, state_dir);
     };
     // For logs: never show a password embedded in the URL.
-    let shown = source::redact(&probe.url);
+    let shown = redact(&probe.url);
     let mut record = ProbeRecord::load(state_dir);
     let before = record.clone();
     let forced = FORCE.swap(false, Ordering::SeqCst);

@@ -29,6 +29,8 @@
 //! later has no effect; if `HOME` is unset no known_hosts file is found and every SSH
 //! host is refused; a host on a non-default port must be listed as `[host]:port`.
 
+mod clone_repair;
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::repo::files::{FileError, MAX_FILE_BYTES, RepoFiles, check_repo_path, decode};
 use crate::repo::https;
+use crate::util::redact::redact;
 
 /// Name of the only remote of the local clone.
 const REMOTE: &str = "origin";
@@ -271,7 +274,13 @@ impl RepoFiles for FetchedCommit {
 
 /// Clones (first run) or fetches (later runs) `settings.branch` into `<state_dir>/repo`
 /// (a bare repository, created if missing) and returns the commit the branch points to.
+/// A damaged clone is moved aside and cloned again once ([`clone_repair`]).
 pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommit, FetchError> {
+    clone_repair::recovering(state_dir, || fetch_once(settings, state_dir))
+}
+
+/// [`fetch`] without the repair.
+fn fetch_once(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommit, FetchError> {
     let url = remote_url(&settings.url)?;
     // For logs and errors: never show a password embedded in the URL.
     let shown = redact(&url);
@@ -374,6 +383,12 @@ pub fn fetch(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedCommi
             message: format!("'{tracking}' is at {commit} but the remote advertised {advertised}"),
         });
     }
+    // The pinned commit's files must all be there: a clone that lost objects would
+    // otherwise fail later, at validation, as if the commit were invalid.
+    clone_repair::pinned_tree_readable(&repo, tree).map_err(|message| FetchError::Repository {
+        path: state_dir.join("repo").display().to_string(),
+        message: format!("the files of commit {commit} cannot be read: {message}"),
+    })?;
     let fetched = FetchedCommit::new(repo, commit, tree);
     info!(
         url = %shown,
@@ -464,26 +479,6 @@ pub fn tidy(state_dir: &Path) {
         }
     }
     info!(packs = old.len(), "packed the local clone into one pack");
-}
-
-/// `scheme://user:password@host/…` with the password replaced by `***`.
-pub(crate) fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_string();
-    };
-    let authority_end = url[scheme_end..]
-        .find('/')
-        .map_or(url.len(), |i| scheme_end + i);
-    let authority = &url[scheme_end..authority_end];
-    match (authority.rfind('@'), authority.find(':')) {
-        (Some(at), Some(colon)) if colon < at => format!(
-            "{}{}:***{}",
-            &url[..scheme_end],
-            &authority[..colon],
-            &url[scheme_end + at..]
-        ),
-        _ => url.to_string(),
-    }
 }
 
 /// Turns the configured URL into the remote URL: URLs (`scheme://…`) and scp-like

@@ -13,11 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::AtomicBool;
 
-use vmsync::agent::state;
-use vmsync::agent::sync::{self, Report, SyncError};
+use vmsync::agent::report::Report;
+use vmsync::agent::sync::{self, SyncError};
 use vmsync::config::Settings;
-use vmsync::desired::validate::{Desired, Policy};
-use vmsync::host::hypervisor::{Hypervisor, Listing, TestDriverSchema};
+use vmsync::desired::desired_state::{Desired, Policy};
+use vmsync::host::hypervisor::{Hypervisor, Listing};
+use vmsync::host::schema_test_driver::TestDriverSchema;
+use vmsync::record;
+use vmsync::record::store;
 
 /// libvirt's in-process test driver: no daemon, domains live as long as the process.
 pub const TEST_URI: &str = "test:///default";
@@ -348,6 +351,9 @@ pub struct Env {
     pub prefix: String,
     /// Flags added to every run.
     pub flags: Vec<String>,
+    /// The agent config file of every run (`--config`); `None`: `/dev/null`. For the
+    /// `[policy]` keys that have no flag (flags still win over it).
+    pub config_file: Option<PathBuf>,
     owner: Images,
 }
 
@@ -362,6 +368,7 @@ impl Env {
             uri: TEST_URI.to_string(),
             prefix: String::new(),
             flags: Vec::new(),
+            config_file: None,
             owner: Images::Temp(images),
         }
     }
@@ -382,6 +389,7 @@ impl Env {
             uri: SYSTEM_URI.to_string(),
             prefix,
             flags: Vec::new(),
+            config_file: None,
             owner: Images::System(cleanup),
         })
     }
@@ -476,7 +484,12 @@ impl Env {
     pub fn command_at(&self, extra: &[&str], url: Option<&str>, uri: Option<&str>) -> Command {
         let repo = self.repo.path().display().to_string();
         let mut cmd = vmsync_command();
-        cmd.args(["--config", "/dev/null"])
+        let config = self
+            .config_file
+            .as_deref()
+            .unwrap_or(Path::new("/dev/null"));
+        cmd.arg("--config")
+            .arg(config)
             .args(extra)
             .args(self.args_at(url.unwrap_or(&repo), uri.unwrap_or(&self.uri)));
         cmd
@@ -511,13 +524,13 @@ impl Env {
     }
 
     /// The record in the state directory.
-    pub fn record(&self) -> state::Record {
-        state::load(self.state.path()).unwrap()
+    pub fn record(&self) -> record::Record {
+        store::load(self.state.path()).unwrap()
     }
 
     /// The record file's text, if there is one.
     pub fn state_json(&self) -> Option<String> {
-        std::fs::read_to_string(self.state.path().join(state::STATE_FILE)).ok()
+        std::fs::read_to_string(self.state.path().join(store::STATE_FILE)).ok()
     }
 
     /// The agent config file that says what [`Env::args`] say, with `agent` lines added
@@ -596,7 +609,7 @@ pub fn validate_head(settings: &Settings) -> Result<(String, Desired), SyncError
 /// then apply on `hv` with `record`.
 pub fn sync_head(
     settings: &Settings,
-    record: &mut state::Record,
+    record: &mut record::Record,
     hv: &dyn Hypervisor,
 ) -> Result<Report, SyncError> {
     let (commit, desired) = validate_head(settings)?;

@@ -94,7 +94,11 @@ rec {
   pkg-config = pkg "pkg-config" "0.29.2";
   openssl = pkg "openssl" "3.3.2";
   zlib = pkg "zlib" "1.3.1";
+  libxml2 = pkg "libxml2" "2.13.4";
+  installShellFiles = drv "install-shell-files" { };
 
+  # Keeps what tests/nixos/flake-outputs.nix reads: the inputs, the environment and the
+  # install script.
   rustPlatform.buildRustPackage =
     {
       pname,
@@ -103,14 +107,21 @@ rec {
       cargoLock,
       meta ? { },
       ...
-    }:
+    }@args:
     drv "${pname}-${version}" {
       inherit pname version;
       lock = toString cargoLock.lockFile;
+      env = args.env or { };
     }
     // {
       inherit pname version meta;
-    };
+    }
+    // builtins.intersectAttrs {
+      env = null;
+      buildInputs = null;
+      nativeBuildInputs = null;
+      postInstall = null;
+    } args;
 
   # Calls a package function with the arguments it names, from this set (and `lib`).
   callPackage =
@@ -132,6 +143,8 @@ rec {
       pkg-config
       openssl
       zlib
+      libxml2
+      installShellFiles
       rustPlatform
       writeText
       runCommand

@@ -147,7 +147,7 @@ impl Event {
             previous_commit: None,
             summary,
             error: None,
-            started_at: crate::agent::state::now_rfc3339(),
+            started_at: crate::util::clock::now_rfc3339(),
             finished_at: None,
             vms: vec![],
             networks: vec![],

@@ -83,8 +83,7 @@ fn save_file(state_dir: &Path, file: &NotifyFile) {
     let mut file = file.clone();
     file.version = 1;
     let text = serde_json::to_string_pretty(&file).expect("notify file serializes");
-    if let Err(e) = crate::agent::state::write_atomic(&state_dir.join(NOTIFY_FILE), text.as_bytes())
-    {
+    if let Err(e) = crate::util::fsio::write_atomic(&state_dir.join(NOTIFY_FILE), text.as_bytes()) {
         warn!(error = %e, "failed to write the notify file");
     }
 }
@@ -251,7 +250,7 @@ impl Notifier {
             let now = Instant::now();
             lane.queue.push_back(Job {
                 event: event.clone(),
-                queued_at: crate::agent::state::now_rfc3339(),
+                queued_at: crate::util::clock::now_rfc3339(),
                 attempts: 0,
                 next_at: now,
                 give_up_at: now + RETRY_FOR,
@@ -358,23 +357,21 @@ impl Notifier {
     }
 }
 
-/// The daemon's notifier after (re)loading `settings`: started when `[[notify]]`
+/// The daemon's notifier after (re)loading its settings: started when `[[notify]]`
 /// entries appear, its targets replaced when they change.
 pub fn daemon_notifier(
     current: Option<Arc<Notifier>>,
-    settings: &crate::config::Settings,
+    state_dir: &Path,
+    host: &str,
+    targets: &[Target],
 ) -> Option<Arc<Notifier>> {
     match current {
         Some(n) => {
-            n.set_targets(&settings.notify);
+            n.set_targets(targets);
             Some(n)
         }
-        None if settings.notify.is_empty() => None,
-        None => Some(Notifier::start(
-            &settings.state_dir,
-            &settings.host,
-            &settings.notify,
-        )),
+        None if targets.is_empty() => None,
+        None => Some(Notifier::start(state_dir, host, targets)),
     }
 }
 

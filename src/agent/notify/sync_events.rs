@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use super::event::{self, Event, EventKind, HeldBack, Item, Suspended, Told, decide};
 use super::{Notifier, forge};
-use crate::agent::state::Record;
+use crate::agent::report::Report;
 use crate::agent::suspend::Held;
-use crate::agent::sync::{Report, SyncError};
-use crate::reconcile::apply::Outcome;
-use crate::reconcile::health::HealthResult;
+use crate::agent::sync::SyncError;
+use crate::reconcile::outcome::Outcome;
+use crate::record::HealthResult;
+use crate::record::Record;
 
 /// What applying did: VMs, networks, pools.
 type Applied = (Vec<Item>, Vec<Item>, Vec<Item>);
@@ -33,7 +34,7 @@ impl SyncEvents {
     pub fn new(notifier: &Arc<Notifier>) -> SyncEvents {
         SyncEvents {
             notifier: notifier.clone(),
-            started_at: crate::agent::state::now_rfc3339(),
+            started_at: crate::util::clock::now_rfc3339(),
             previous: Mutex::new(None),
             applied: Mutex::new(None),
         }
@@ -86,7 +87,7 @@ impl SyncEvents {
             }))
             .filter(|i| !i.actions.is_empty() || i.error.is_some())
             .collect();
-        let res = |list: &[crate::reconcile::resources::ResOutcome]| -> Vec<Item> {
+        let res = |list: &[crate::reconcile::outcome::ResOutcome]| -> Vec<Item> {
             list.iter()
                 .filter(|r| !r.done.is_empty() || r.error.is_some())
                 .map(|r| Item {
@@ -135,7 +136,7 @@ impl SyncEvents {
         let told = Told {
             commit: event.commit.clone(),
             outcome: event.event,
-            at: crate::agent::state::now_rfc3339(),
+            at: crate::util::clock::now_rfc3339(),
         };
         self.notifier.with_file(|f| f.last = Some(told));
         let mut event = event;
@@ -274,7 +275,7 @@ impl SyncEvents {
         };
         let mut event = self.event(kind, commit, summary);
         event.error = error;
-        event.finished_at = Some(crate::agent::state::now_rfc3339());
+        event.finished_at = Some(crate::util::clock::now_rfc3339());
         event.vms = vms;
         event.networks = networks;
         event.pools = pools;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::event::EventKind;
-use crate::config::ConfigError;
 
 /// One `[[notify]]` table as written.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -112,36 +111,36 @@ pub fn origin(url: &str) -> String {
     format!("{scheme}://{host}")
 }
 
-fn check_http_url(url: &str, what: &str, entry: &str) -> Result<(), ConfigError> {
+fn check_http_url(url: &str, what: &str, entry: &str) -> Result<(), String> {
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"));
     match rest {
         Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(()),
-        _ => Err(ConfigError(format!(
+        _ => Err(format!(
             "invalid {entry}: {what} '{}' must be an http:// or https:// URL with a host",
             origin(url)
-        ))),
+        )),
     }
 }
 
 /// Checks every `[[notify]]` entry; errors name the entry (1-based) and the key.
-pub fn check(raw: Vec<RawNotify>) -> Result<Vec<Target>, ConfigError> {
+pub fn check(raw: Vec<RawNotify>) -> Result<Vec<Target>, String> {
     raw.into_iter()
         .enumerate()
         .map(|(i, r)| check_one(r, i + 1))
         .collect()
 }
 
-fn check_one(raw: RawNotify, n: usize) -> Result<Target, ConfigError> {
+fn check_one(raw: RawNotify, n: usize) -> Result<Target, String> {
     let kind_name = raw.kind.clone().unwrap_or_default();
     let entry = format!("[[notify]] entry {n} (kind = \"{kind_name}\")");
-    let missing = |key: &str| ConfigError(format!("invalid {entry}: `{key}` is required"));
-    let unused = |keys: &[(&str, bool)]| -> Result<(), ConfigError> {
+    let missing = |key: &str| format!("invalid {entry}: `{key}` is required");
+    let unused = |keys: &[(&str, bool)]| -> Result<(), String> {
         match keys.iter().find(|(_, set)| *set) {
-            Some((key, _)) => Err(ConfigError(format!(
+            Some((key, _)) => Err(format!(
                 "invalid {entry}: `{key}` does not go with this kind"
-            ))),
+            )),
             None => Ok(()),
         }
     };
@@ -173,9 +172,9 @@ fn check_one(raw: RawNotify, n: usize) -> Result<Target, ConfigError> {
                 Some("gitea") | Some("forgejo") => Forge::Gitea,
                 Some("gitlab") => Forge::GitLab,
                 Some(other) => {
-                    return Err(ConfigError(format!(
+                    return Err(format!(
                         "invalid {entry}: forge '{other}': one of \"github\", \"gitea\" (also Forgejo), \"gitlab\""
-                    )));
+                    ));
                 }
                 None => return Err(missing("forge")),
             };
@@ -194,13 +193,13 @@ fn check_one(raw: RawNotify, n: usize) -> Result<Target, ConfigError> {
                 _ => parts.len() == 2 && parts.iter().all(|p| !p.is_empty()),
             };
             if !ok {
-                return Err(ConfigError(format!(
+                return Err(format!(
                     "invalid {entry}: repository '{repository}': {}",
                     match forge {
                         Forge::GitLab => "a project id or path like \"group/project\"",
                         _ => "\"owner/name\"",
                     }
-                )));
+                ));
             }
             if let Some(t) = &raw.target_url {
                 check_http_url(t, "target_url", &entry)?;
@@ -227,18 +226,18 @@ fn check_one(raw: RawNotify, n: usize) -> Result<Target, ConfigError> {
             match argv.first() {
                 Some(program) if program.starts_with('/') => {}
                 _ => {
-                    return Err(ConfigError(format!(
+                    return Err(format!(
                         "invalid {entry}: command must start with an absolute program path (it runs without a shell)"
-                    )));
+                    ));
                 }
             }
             Kind::Command { argv }
         }
         "" => return Err(missing("kind")),
         other => {
-            return Err(ConfigError(format!(
+            return Err(format!(
                 "invalid [[notify]] entry {n}: kind '{other}': one of \"webhook\", \"commit-status\", \"command\""
-            )));
+            ));
         }
     };
     let events = match raw.events {
@@ -247,14 +246,14 @@ fn check_one(raw: RawNotify, n: usize) -> Result<Target, ConfigError> {
             .iter()
             .map(|name| {
                 EventKind::parse(name).ok_or_else(|| {
-                    ConfigError(format!(
+                    format!(
                         "invalid {entry}: events: unknown event '{name}' (one of {})",
                         EventKind::all()
                             .iter()
                             .map(|k| format!("\"{}\"", k.as_str()))
                             .collect::<Vec<_>>()
                             .join(", ")
-                    ))
+                    )
                 })
             })
             .collect::<Result<_, _>>()?,
@@ -265,9 +264,7 @@ fn check_one(raw: RawNotify, n: usize) -> Result<Target, ConfigError> {
             .ok()
             .filter(|d| !d.is_zero() && *d <= Duration::from_secs(300))
             .ok_or_else(|| {
-                ConfigError(format!(
-                    "invalid {entry}: timeout '{text}': a duration from 1s to 5m"
-                ))
+                format!("invalid {entry}: timeout '{text}': a duration from 1s to 5m")
             })?,
     };
     Ok(Target {
@@ -281,7 +278,7 @@ fn check_one(raw: RawNotify, n: usize) -> Result<Target, ConfigError> {
 mod tests {
     use super::*;
 
-    fn parse(toml_text: &str) -> Result<Vec<Target>, ConfigError> {
+    fn parse(toml_text: &str) -> Result<Vec<Target>, String> {
         #[derive(Deserialize)]
         struct File {
             notify: Vec<RawNotify>,

@@ -1,0 +1,392 @@
+//! The health stage of a sync, after `apply`: checks the VMs that this sync started with
+//! a new definition (in parallel, bounded), keeps each healthy definition as the VM's
+//! last healthy one (`healthy/NAME.xml` in the state directory), reverts the unhealthy
+//! ones, and records the results. The rules are in `reconcile::health_rules`, the waiting and
+//! the revert in `host::health_probe`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use crate::desired::desired_state::{Desired, DesiredVm};
+use crate::desired::domain_xml;
+use crate::host::health_probe::{self as check, Verdict};
+use crate::host::hypervisor::Hypervisor;
+use crate::reconcile::health_rules::{
+    AfterFailure, Due, PutBack, VmHealth, after_failure, due, forget_stale_hold_back, record_check,
+    revert_result,
+};
+use crate::reconcile::outcome::{Outcome, VmOutcome};
+use crate::reconcile::plan_types::{Plan, VmPlan};
+use crate::record::{HealthResult, HeldBack, Record, VmRecord, store};
+use crate::util::fsio;
+
+/// VMs checked at the same time (a check mostly waits).
+pub const THREADS: usize = 8;
+
+/// What the stage found for one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Checked (healthy, or not and what followed).
+    Checked(VmHealth),
+    /// Not started by this sync, but running its committed definition with no healthy
+    /// one recorded yet: taken as the last healthy one (commit, fingerprint).
+    Adopted {
+        name: String,
+        commit: String,
+        fingerprint: String,
+    },
+}
+
+/// The health stage's settings.
+pub struct Stage<'a> {
+    pub state_dir: &'a Path,
+    pub commit: &'a str,
+    /// `policy.shutdown_timeout`, for a VM that does not set its own.
+    pub shutdown_timeout: Duration,
+}
+
+/// `vmsync --once --retry VM`: forgets the hold-back of each named VM, so that this sync
+/// tries its definition again. Returns what it forgot, for [`restore`].
+pub fn retry(record: &mut Record, names: &[String]) -> Vec<(String, HeldBack)> {
+    let mut forgotten = Vec::new();
+    for name in names {
+        match record.vms.get_mut(name).and_then(|r| r.held_back.take()) {
+            Some(held) => {
+                info!(vm = %name, commit = %held.commit, "--retry: trying the held back definition again");
+                forgotten.push((name.clone(), held));
+            }
+            None => warn!(vm = %name, "--retry: this vm is not held back; nothing to retry"),
+        }
+    }
+    forgotten
+}
+
+/// Puts back the hold-backs [`retry`] forgot, when the sync ended before applying.
+pub fn restore(record: &mut Record, forgotten: Vec<(String, HeldBack)>) {
+    for (name, held) in forgotten {
+        if let Some(entry) = record.vms.get_mut(&name) {
+            entry.held_back = Some(held);
+        }
+    }
+}
+
+/// Runs the checks due after `outcome` (see `reconcile::health_rules::due`) and the reverts
+/// that follow. A VM that ends unhealthy gets the error in `outcome` (the sync fails);
+/// `record` is the record before this sync.
+pub fn run(
+    stage: &Stage,
+    plan: &Plan,
+    desired: &Desired,
+    outcome: &mut Outcome,
+    record: &Record,
+    hv: &dyn Hypervisor,
+    cancel: &AtomicBool,
+) -> Vec<Found> {
+    let wanted: HashMap<&str, &DesiredVm> =
+        desired.vms.iter().map(|v| (v.name.as_str(), v)).collect();
+    let plans: HashMap<&str, &VmPlan> = plan.vms.iter().map(|v| (v.name.as_str(), v)).collect();
+    let work: Vec<(&DesiredVm, &VmPlan, &VmOutcome)> = outcome
+        .vms
+        .iter()
+        .filter_map(|o| {
+            let vm = wanted.get(o.name.as_str())?;
+            vm.health.as_ref()?;
+            Some((*vm, *plans.get(o.name.as_str())?, o))
+        })
+        .collect();
+    if work.is_empty() {
+        return Vec::new();
+    }
+    let found: Vec<Found> = crate::util::par::map(work, THREADS, |(vm, p, o)| {
+        one(stage, vm, p, o, record.vms.get(&vm.name), hv, cancel)
+    })
+    .into_iter()
+    .flatten()
+    .collect();
+    for f in &found {
+        if let Found::Checked(c) = f
+            && let Some(o) = outcome.vms.iter_mut().find(|o| o.name == c.name)
+        {
+            if let Some(e) = c.error() {
+                o.error = Some(e);
+            }
+            if matches!(c.result, HealthResult::Healthy | HealthResult::Reverted) {
+                o.up = true;
+            }
+        }
+    }
+    found
+}
+
+/// Updates the record (after `record_outcome`) with what the stage found.
+pub fn record(record: &mut Record, plan: &Plan, found: &[Found]) {
+    for f in found {
+        match f {
+            Found::Checked(c) => {
+                if let Some(entry) = record.vms.get_mut(&c.name) {
+                    record_check(entry, c);
+                }
+            }
+            Found::Adopted {
+                name,
+                commit,
+                fingerprint,
+            } => {
+                if let Some(entry) = record.vms.get_mut(name) {
+                    entry.healthy_commit = Some(commit.clone());
+                    entry.healthy_fingerprint = Some(fingerprint.clone());
+                }
+            }
+        }
+    }
+    for vm in &plan.vms {
+        if let Some(entry) = record.vms.get_mut(&vm.name) {
+            forget_stale_hold_back(entry, &vm.fingerprint);
+        }
+    }
+}
+
+/// One VM: check if due, then keep, revert or report; or adopt a running definition
+/// as the first healthy one.
+fn one(
+    stage: &Stage,
+    vm: &DesiredVm,
+    plan: &VmPlan,
+    outcome: &VmOutcome,
+    old: Option<&VmRecord>,
+    hv: &dyn Hypervisor,
+    cancel: &AtomicBool,
+) -> Option<Found> {
+    let spec = vm.health.as_ref()?;
+    let name = &vm.name;
+    let short = crate::util::commit_id::short(stage.commit);
+    let Some(how) = due(Some(spec), plan, outcome, old) else {
+        let has_healthy = old.is_some_and(|r| r.healthy_fingerprint.is_some());
+        if !has_healthy && outcome.error.is_none() && outcome.up && !outcome.pending_restart {
+            let xml = hv.xml(name, true).ok()?;
+            let tag = domain_xml::read_tag(&xml)?;
+            save_healthy(stage.state_dir, name, &xml)?;
+            info!(vm = %name, commit = %tag.commit, "runs its committed definition: kept as the last healthy one");
+            return Some(Found::Adopted {
+                name: name.clone(),
+                commit: tag.commit,
+                fingerprint: tag.fingerprint,
+            });
+        }
+        if let Some(fp) = old.and_then(|r| r.healthy_fingerprint.as_deref())
+            && outcome.up
+        {
+            repair_healthy(stage.state_dir, name, fp, hv);
+        }
+        return None;
+    };
+    let bad_xml = hv.xml(name, true).unwrap_or_default();
+    let uuid = domain_xml::summarize(&bad_xml)
+        .ok()
+        .and_then(|s| s.uuid)
+        .unwrap_or_default();
+    let verdict = match how {
+        Due::StartFailed(e) => {
+            Verdict::Unhealthy(format!("libvirt refused to start the new definition: {e}"))
+        }
+        Due::Started => check::check(hv, name, &uuid, spec, cancel),
+    };
+    let mut result = VmHealth {
+        name: name.clone(),
+        result: HealthResult::Healthy,
+        reason: String::new(),
+        commit: stage.commit.to_string(),
+        fingerprint: plan.fingerprint.clone(),
+        put_back: None,
+    };
+    let reason = match verdict {
+        Verdict::Interrupted => {
+            warn!(vm = %name, commit = %short, "vmsync is stopping: health check not finished");
+            return None;
+        }
+        Verdict::Healthy => {
+            info!(vm = %name, commit = %short, "healthy: kept as the last healthy definition");
+            if save_healthy(stage.state_dir, name, &bad_xml).is_none() {
+                warn!(vm = %name, "the last healthy definition stays the older one");
+                return None;
+            }
+            return Some(Found::Checked(result));
+        }
+        Verdict::Unhealthy(reason) => reason,
+    };
+    error!(vm = %name, commit = %short, reason = %reason, "health check failed");
+    result.reason = reason;
+    let healthy = old
+        .and_then(|r| r.healthy_commit.clone().zip(r.healthy_fingerprint.clone()))
+        .filter(|(_, fp)| *fp != plan.fingerprint);
+    let healthy_xml = match healthy
+        .as_ref()
+        .map(|(_, fp)| crate::record::healthy_file::read(stage.state_dir, name, fp))
+    {
+        Some(Err(damaged)) if spec.revert => {
+            error!(vm = %name, commit = %short, "not reverted: {damaged}");
+            result.result = HealthResult::Unhealthy;
+            result.reason = format!("{}; not reverted: {damaged}", result.reason);
+            return Some(Found::Checked(result));
+        }
+        read => read.and_then(Result::ok),
+    };
+    match after_failure(spec, healthy_xml.is_some()) {
+        AfterFailure::Keep(why) => {
+            warn!(vm = %name, commit = %short, "not reverted: {why}");
+            result.result = HealthResult::Unhealthy;
+            result.reason = format!("{}; not reverted: {why}", result.reason);
+            return Some(Found::Checked(result));
+        }
+        AfterFailure::Revert => {}
+    }
+    let (healthy_commit, healthy_fp) = healthy.expect("a healthy definition to revert to");
+    let healthy_xml = healthy_xml.expect("read above");
+    let timeout = vm.shutdown_timeout.unwrap_or(stage.shutdown_timeout);
+    info!(vm = %name, commit = %short, healthy_commit = %crate::util::commit_id::short(&healthy_commit), "putting the last healthy definition back");
+    let reverted = match check::revert(hv, name, &healthy_xml, timeout, cancel) {
+        Ok(after) => {
+            let diff = crate::reconcile::diff::unified(
+                &bad_xml,
+                &after,
+                &format!("{name} (unhealthy, commit {short})"),
+                &format!(
+                    "{name} (put back, commit {})",
+                    crate::util::commit_id::short(&healthy_commit)
+                ),
+            );
+            crate::reconcile::diff::log(name, short, &diff);
+            result.put_back = Some(PutBack {
+                commit: healthy_commit.clone(),
+                fingerprint: healthy_fp.clone(),
+                definition_hash: domain_xml::definition_hash(&after),
+            });
+            match check::check(hv, name, &uuid, spec, cancel) {
+                Verdict::Healthy => Ok(true),
+                Verdict::Interrupted => Err("interrupted: vmsync is stopping".into()),
+                Verdict::Unhealthy(why) => {
+                    result.reason = format!(
+                        "{}; the last healthy definition failed its check too: {why}",
+                        result.reason
+                    );
+                    Ok(false)
+                }
+            }
+        }
+        Err(e) => {
+            // The healthy definition may be in place although the start failed.
+            if let Ok(now) = hv.xml(name, true)
+                && domain_xml::read_tag(&now).is_some_and(|t| t.fingerprint == healthy_fp)
+            {
+                result.put_back = Some(PutBack {
+                    commit: healthy_commit.clone(),
+                    fingerprint: healthy_fp.clone(),
+                    definition_hash: domain_xml::definition_hash(&now),
+                });
+            }
+            result.reason = format!("{}; the revert failed: {e}", result.reason);
+            Err(e)
+        }
+    };
+    result.result = revert_result(&reverted);
+    match result.result {
+        HealthResult::Reverted => {
+            warn!(vm = %name, commit = %short, healthy_commit = %healthy_commit, "reverted: the last healthy definition runs again; this commit is held back for this vm")
+        }
+        _ => {
+            error!(vm = %name, commit = %short, reason = %result.reason, "revert failed")
+        }
+    }
+    Some(Found::Checked(result))
+}
+
+/// A damaged last healthy definition (see [`crate::record::healthy_file`]) is written
+/// again when the VM runs that very definition (the same fingerprint); otherwise it is
+/// reported, and stays unused.
+fn repair_healthy(state_dir: &Path, name: &str, fingerprint: &str, hv: &dyn Hypervisor) {
+    let Err(damaged) = crate::record::healthy_file::read(state_dir, name, fingerprint) else {
+        return;
+    };
+    let running = hv
+        .xml(name, true)
+        .ok()
+        .filter(|xml| domain_xml::read_tag(xml).is_some_and(|t| t.fingerprint == fingerprint));
+    match running {
+        Some(xml) if save_healthy(state_dir, name, &xml).is_some() => {
+            warn!(vm = %name, "{damaged}; written again from the domain, which runs that definition");
+        }
+        _ => error!(vm = %name, "{damaged}"),
+    }
+}
+
+/// Writes `xml` as `name`'s last healthy definition; `None` (logged) when it failed.
+fn save_healthy(state_dir: &Path, name: &str, xml: &str) -> Option<()> {
+    let path = store::healthy_file(state_dir, name);
+    let written = path
+        .parent()
+        .map(std::fs::create_dir_all)
+        .transpose()
+        .map_err(anyhow::Error::from)
+        .and_then(|_| fsio::write_atomic(&path, xml.as_bytes()));
+    match written {
+        Ok(()) => Some(()),
+        Err(e) => {
+            error!(vm = %name, file = %path.display(), error = %e, "failed to keep the last healthy definition");
+            None
+        }
+    }
+}
+
+/// Adds to `plan` a warning for each VM whose last healthy definition the record names
+/// but which is missing or damaged (`vmsync plan` shows it with what to do).
+pub fn warn_in_plan(plan: &mut Plan, state_dir: &Path) {
+    let Ok(record) = store::load(state_dir) else {
+        return;
+    };
+    for vm in &mut plan.vms {
+        let Some(fingerprint) = record
+            .vms
+            .get(&vm.name)
+            .and_then(|r| r.healthy_fingerprint.as_deref())
+        else {
+            continue;
+        };
+        if let Err(why) = crate::record::healthy_file::read(state_dir, &vm.name, fingerprint) {
+            vm.warnings.push(why);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_forgets_a_hold_back_and_restore_puts_it_back() {
+        let held = HeldBack {
+            commit: "c2".into(),
+            fingerprint: "f2".into(),
+            reason: "r".into(),
+        };
+        let mut record = Record::default();
+        record.vms.insert(
+            "web".into(),
+            VmRecord {
+                held_back: Some(held.clone()),
+                ..Default::default()
+            },
+        );
+        record.vms.insert("db".into(), VmRecord::default());
+        let forgotten = retry(&mut record, &["web".into(), "db".into(), "nope".into()]);
+        assert_eq!(forgotten, vec![("web".to_string(), held.clone())]);
+        assert_eq!(record.vms["web"].held_back, None);
+        // The sync ended before applying: the hold-back stays.
+        restore(&mut record, forgotten);
+        assert_eq!(record.vms["web"].held_back, Some(held));
+        assert_eq!(record.vms["db"].held_back, None);
+    }
+}

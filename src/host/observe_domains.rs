@@ -1,0 +1,265 @@
+//! Observation: what the host has now, for the VMs, disks and directories the desired
+//! state names, plus the tagged domains that matter for renames (a desired VM's UUID)
+//! and pruning (domains this agent's record says it applied). Read-only; one listing
+//! (four calls) plus one inactive-XML read per such domain (and a live-XML read for
+//! running ones, to tell a pending restart). Other domains are never read.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::desired::desired_state::Desired;
+use crate::desired::domain_xml::{self, DomainSummary, Tag};
+use crate::host::disk::{DiskProvisioner, ImageInfo};
+use crate::host::hypervisor::{HvError, Hypervisor, Listing};
+
+/// A domain with the same name as a desired VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenDomain {
+    pub listing: Listing,
+    /// Read from the persistent (inactive) definition; `None` if it could not be parsed.
+    pub inactive: Option<DomainSummary>,
+    /// vmsync's tag in the running definition (only for active domains).
+    pub live_tag: Option<Tag>,
+    /// libvirt's inactive XML as read.
+    pub inactive_xml: Option<String>,
+    /// `domain_xml::definition_hash` of it (the drift comparison).
+    pub definition_hash: Option<String>,
+}
+
+/// What exists on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Observed {
+    pub domains: BTreeMap<String, SeenDomain>,
+    /// Domains with vmsync's tag that no desired VM names (rename sources, prunable).
+    pub others: BTreeMap<String, SeenDomain>,
+    /// Per disk path: `Ok(None)` missing, `Ok(Some(info))` present, `Err` could not inspect.
+    pub disks: BTreeMap<PathBuf, Result<Option<ImageInfo>, String>>,
+    /// Per directory: whether it exists.
+    pub directories: BTreeMap<PathBuf, bool>,
+    /// Networks, pools and volumes (filled in by `host::observe_networks_pools::observe`).
+    pub resources: crate::host::observe_networks_pools::ObservedResources,
+}
+
+/// Parallel libvirt calls while observing.
+pub const THREADS: usize = 4;
+
+/// Observes the host for `desired`. Fails only if libvirt cannot be asked at all.
+pub fn observe(
+    desired: &Desired,
+    applied: &BTreeMap<String, Option<String>>,
+    hv: &dyn Hypervisor,
+    disks: &dyn DiskProvisioner,
+) -> Result<Observed, HvError> {
+    // Desired VMs by name, with the fingerprint they should carry.
+    let wanted: BTreeMap<&str, &str> = desired
+        .vms
+        .iter()
+        .map(|vm| (vm.name.as_str(), vm.fingerprint.as_str()))
+        .collect();
+    let uuids: std::collections::BTreeSet<String> = desired
+        .vms
+        .iter()
+        .filter_map(|vm| vm.summary.uuid.as_ref().map(|u| u.to_ascii_lowercase()))
+        .collect();
+    // Read only what can matter: the desired domains, the ones this agent applied before
+    // (prune candidates) and tagged domains with a desired VM's UUID (renames). Other
+    // domains are never read.
+    let listed: Vec<(bool, Listing)> = hv
+        .list()?
+        .into_iter()
+        .filter_map(|l| {
+            let is_wanted = wanted.contains_key(l.name.as_str());
+            let relevant = is_wanted
+                || applied.contains_key(&l.name)
+                || uuids.contains(&l.uuid.to_ascii_lowercase());
+            relevant.then_some((is_wanted, l))
+        })
+        .collect();
+    // One inactive-XML read per such domain (and the live XML of running ones), on a
+    // few threads: libvirt serves concurrent calls on one connection.
+    let seen = crate::util::par::map(listed, THREADS, |(is_wanted, listing)| {
+        let inactive_xml = hv.xml(&listing.name, true).ok();
+        let (inactive, definition_hash) = inactive_xml
+            .as_deref()
+            .map(domain_xml::summarize_and_hash)
+            .unwrap_or_default();
+        if !is_wanted && inactive.as_ref().is_none_or(|s| s.tag.is_none()) {
+            // Not vmsync's: never touched, not even listed.
+            return None;
+        }
+        let live_tag = if listing.active {
+            hv.xml(&listing.name, false)
+                .ok()
+                .and_then(|xml| domain_xml::read_tag(&xml))
+        } else {
+            None
+        };
+        // Keep the XML text only where it is used: the diff of a definition the plan
+        // renders (the tag's fingerprint differs, or the definition drifted from the
+        // recorded baseline) and the disks of a prune candidate. A thousand converged
+        // domains would otherwise hold megabytes for nothing.
+        let fingerprint_matches = inactive
+            .as_ref()
+            .and_then(|s| s.tag.as_ref())
+            .map(|t| t.fingerprint.as_str())
+            == wanted.get(listing.name.as_str()).copied();
+        let drifted = matches!(applied.get(&listing.name), Some(Some(base)) if Some(base) != definition_hash.as_ref());
+        let converged = is_wanted && fingerprint_matches && !drifted;
+        Some((
+            is_wanted,
+            SeenDomain {
+                definition_hash,
+                listing,
+                inactive,
+                live_tag,
+                inactive_xml: if converged { None } else { inactive_xml },
+            },
+        ))
+    });
+    let mut domains = BTreeMap::new();
+    let mut others = BTreeMap::new();
+    for (is_wanted, seen) in seen.into_iter().flatten() {
+        let into = if is_wanted { &mut domains } else { &mut others };
+        into.insert(seen.listing.name.clone(), seen);
+    }
+    // One `qemu-img info` process per existing disk: on the same threads as the reads.
+    let paths: Vec<&PathBuf> = desired
+        .vms
+        .iter()
+        .flat_map(|vm| vm.disks.iter().map(|d| &d.path))
+        .collect();
+    let disks = crate::util::par::map(paths, THREADS, |path| {
+        (path.clone(), disks.inspect(path).map_err(|e| e.to_string()))
+    })
+    .into_iter()
+    .collect();
+    let directories = desired
+        .directories
+        .iter()
+        .map(|d| (d.clone(), d.is_dir()))
+        .collect();
+    Ok(Observed {
+        domains,
+        others,
+        disks,
+        directories,
+        resources: Default::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::desired_state::DesiredVm;
+    use crate::desired::domain_xml::{definition_hash, fingerprint, render};
+    use crate::desired::manifest::{OnChange, PowerState};
+
+    /// Domains by name with their inactive XML; only listing and reads are asked for.
+    struct Host(Vec<(Listing, String)>);
+
+    impl Hypervisor for Host {
+        fn list(&self) -> Result<Vec<Listing>, HvError> {
+            Ok(self.0.iter().map(|(l, _)| l.clone()).collect())
+        }
+        fn xml(&self, name: &str, _inactive: bool) -> Result<String, HvError> {
+            let found = self.0.iter().find(|(l, _)| l.name == name);
+            Ok(found.expect("only listed domains are read").1.clone())
+        }
+        fn define(&self, _: &str) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+        fn set_autostart(&self, _: &str, _: bool) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+        fn start(&self, _: &str) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+        fn is_active(&self, _: &str) -> Result<bool, HvError> {
+            unreachable!("observation uses the listing")
+        }
+        fn shutdown(&self, _: &str) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+        fn destroy(&self, _: &str) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+        fn undefine_keep_state(&self, _: &str) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+        fn rename(&self, _: &str, _: &str) -> Result<(), HvError> {
+            unreachable!("observation changes nothing")
+        }
+    }
+
+    fn committed(name: &str, vcpus: u32) -> String {
+        format!(
+            "<domain type='qemu'><name>{name}</name><memory>1024</memory><vcpu>{vcpus}</vcpu></domain>"
+        )
+    }
+
+    fn wanted(name: &str) -> DesiredVm {
+        let xml = committed(name, 1);
+        DesiredVm {
+            name: name.into(),
+            xml_file: format!("{name}.xml"),
+            summary: domain_xml::summarize(&xml).unwrap(),
+            fingerprint: fingerprint(&xml),
+            xml,
+            autostart: false,
+            disks: Vec::new(),
+            on_change: OnChange::Defer,
+            state: PowerState::Defined,
+            shutdown_timeout: None,
+            self_heal: None,
+            adopt: false,
+            health: None,
+        }
+    }
+
+    /// `name` as defined by vmsync from `committed(name, vcpus)`.
+    fn defined(name: &str, vcpus: u32) -> (Listing, String) {
+        let source = committed(name, vcpus);
+        let tag = Tag {
+            commit: "c1".into(),
+            fingerprint: fingerprint(&source),
+        };
+        let listing = Listing {
+            name: name.into(),
+            uuid: format!("00000000-0000-4000-8000-00000000000{vcpus}"),
+            active: false,
+            autostart: false,
+            persistent: true,
+        };
+        (listing, render(&source, None, &[], &tag).unwrap())
+    }
+
+    #[test]
+    fn keeps_the_xml_only_where_a_definition_will_be_rendered() {
+        let (same, changed, drifted) = (
+            defined("same", 1),
+            defined("changed", 2),
+            defined("drifted", 1),
+        );
+        let host = Host(vec![same, changed, drifted]);
+        let desired = Desired {
+            directories: Vec::new(),
+            vms: ["same", "changed", "drifted"].map(wanted).into(),
+            resources: Default::default(),
+        };
+        let disks = crate::host::disk::QemuImg::default();
+
+        // A cold state (no record): only the domain whose tag differs needs its XML.
+        let cold = observe(&desired, &BTreeMap::new(), &host, &disks).unwrap();
+        let kept = |o: &Observed, name: &str| o.domains[name].inactive_xml.is_some();
+        assert!(!kept(&cold, "same") && kept(&cold, "changed") && !kept(&cold, "drifted"));
+        assert!(cold.domains.values().all(|d| d.definition_hash.is_some()));
+
+        // With a record whose baseline differs from the definition now (a `virsh edit`).
+        let applied = BTreeMap::from([
+            ("same".to_string(), definition_hash(&host.0[0].1)),
+            ("drifted".to_string(), Some("an older baseline".to_string())),
+        ]);
+        let warm = observe(&desired, &applied, &host, &disks).unwrap();
+        assert!(!kept(&warm, "same") && kept(&warm, "changed") && kept(&warm, "drifted"));
+    }
+}

@@ -1,0 +1,311 @@
+//! Every write of an apply's result to the record: what applying a commit did to each
+//! VM, prune and directory (the health stage's results are written by the health rules).
+
+use std::collections::BTreeMap;
+
+use crate::desired::resource_xml::ResourceKind;
+use crate::reconcile::outcome::{Outcome, ResourceOutcome};
+use crate::reconcile::plan_networks_pools::recorded;
+use crate::reconcile::plan_types::ResourcePlan;
+use crate::record::{Record, ResourceRecord, SyncResult};
+
+/// Records what applying `commit` did. `left_in_place`: managed domains the plan
+/// would prune; those not pruned (pruning off, or failed) keep their records: they
+/// are still this agent's, and may be pruned later. The commit becomes the last
+/// applied one only if everything succeeded.
+pub fn record_outcome<'a>(
+    record: &mut Record,
+    commit: &str,
+    left_in_place: impl IntoIterator<Item = &'a str>,
+    outcome: &Outcome,
+    now: &str,
+) {
+    let mut vms = BTreeMap::new();
+    for vm in &outcome.vms {
+        let old = record.vms.get(&vm.name).cloned().unwrap_or_default();
+        vms.insert(vm.name.clone(), vm.record(commit, old));
+    }
+    for name in left_in_place {
+        let pruned = outcome
+            .pruned
+            .iter()
+            .any(|o| o.name == name && o.error.is_none());
+        if !pruned && let Some(old) = record.vms.get(name) {
+            vms.insert(name.to_string(), old.clone());
+        }
+    }
+    record.vms = vms;
+    if outcome.all_ok() {
+        record.failed_attempts = 0;
+    } else {
+        record.count_failure(commit);
+    }
+    for p in &outcome.pruned {
+        for disk in &p.orphaned_disks {
+            record
+                .orphaned_disks
+                .insert(disk.display().to_string(), p.name.clone());
+        }
+    }
+    record
+        .orphaned_disks
+        .retain(|path, _| std::path::Path::new(path).exists());
+    record.last_attempted_commit = Some(commit.to_string());
+    record.last_attempt_at = Some(now.to_string());
+    let mut errors = outcome.directory_errors.clone();
+    errors.extend(outcome.resources.errors());
+    errors.extend(
+        outcome
+            .vms
+            .iter()
+            .filter_map(|vm| vm.error.as_ref().map(|e| format!("vm '{}': {e}", vm.name))),
+    );
+    errors.extend(
+        outcome
+            .pruned
+            .iter()
+            .filter_map(|p| p.error.as_ref().map(|e| format!("prune '{}': {e}", p.name))),
+    );
+    if errors.is_empty() {
+        record.last_applied_commit = Some(commit.to_string());
+        record.last_applied_at = Some(now.to_string());
+        record.last_result = Some(SyncResult::Converged);
+        record.last_error = None;
+    } else {
+        record.last_result = Some(SyncResult::Failed);
+        record.last_error = Some(errors.join("; "));
+    }
+}
+
+/// The record's networks and pools after a sync: converged ones with the commit, failed
+/// ones with their error (and what was done: a pool vmsync defined is recorded with its
+/// UUID even when a later step failed), pruned ones gone, skipped ones kept.
+pub fn record_resources(
+    record: &mut Record,
+    commit: &str,
+    plan: &ResourcePlan,
+    outcome: &ResourceOutcome,
+) {
+    for kind in [ResourceKind::Network, ResourceKind::Pool] {
+        let old = recorded(record, kind).clone();
+        let mut new = BTreeMap::new();
+        let outcomes = match kind {
+            ResourceKind::Network => &outcome.networks,
+            ResourceKind::Pool => &outcome.pools,
+        };
+        for o in outcomes {
+            let before = old.get(&o.name).cloned();
+            let uuid = o.uuid.clone().or(o.previous_uuid.clone());
+            let entry = if o.error.is_none() {
+                ResourceRecord {
+                    uuid,
+                    applied_commit: Some(commit.to_string()),
+                    fingerprint: Some(o.fingerprint.clone()),
+                    autostart: o.autostart,
+                    ok: true,
+                    last_error: None,
+                    pending_restart: o.pending_restart,
+                    definition_hash: o
+                        .definition_hash
+                        .clone()
+                        .or(before.as_ref().and_then(|b| b.definition_hash.clone()))
+                        .or(o.previous_hash.clone()),
+                    drift: o.drift.clone(),
+                }
+            } else if o.defined {
+                ResourceRecord {
+                    uuid,
+                    fingerprint: Some(o.fingerprint.clone()),
+                    definition_hash: o.definition_hash.clone(),
+                    ok: false,
+                    last_error: o.error.clone(),
+                    drift: o.drift.clone(),
+                    ..before.unwrap_or_default()
+                }
+            } else if let Some(before) = before {
+                ResourceRecord {
+                    ok: false,
+                    last_error: o.error.clone(),
+                    drift: o.drift.clone(),
+                    ..before
+                }
+            } else {
+                // Never vmsync's (not adopted): nothing to remember.
+                continue;
+            };
+            new.insert(o.name.clone(), entry);
+        }
+        // Prune candidates not pruned stay this agent's.
+        for p in plan.prune.iter().filter(|p| p.kind() == kind) {
+            let pruned = outcome
+                .pruned
+                .iter()
+                .any(|o| o.kind == Some(kind) && o.name == p.name && o.pruned);
+            if !pruned && let Some(rec) = old.get(&p.name) {
+                new.insert(p.name.clone(), rec.clone());
+            }
+        }
+        match kind {
+            ResourceKind::Network => record.networks = new,
+            ResourceKind::Pool => record.pools = new,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::VmRecord;
+
+    fn vm_outcome(name: &str, error: Option<&str>) -> crate::reconcile::outcome::VmOutcome {
+        crate::reconcile::outcome::VmOutcome {
+            name: name.into(),
+            fingerprint: format!("fp-{name}"),
+            autostart: true,
+            state: crate::desired::manifest::PowerState::Running,
+            done: vec!["define".into()],
+            error: error.map(Into::into),
+            pending_restart: false,
+            drift: vec![],
+            drift_reported_only: false,
+            definition_hash: Some(format!("hash-{name}")),
+            previous_hash: None,
+            up: true,
+            kinds: vec![],
+            defined: error.is_none(),
+            autostart_set: error.is_none(),
+            power_unsettled: false,
+        }
+    }
+
+    fn applied(commit: &str, vms: &[&str]) -> Record {
+        let mut record = Record {
+            last_applied_commit: Some(commit.into()),
+            last_attempted_commit: Some(commit.into()),
+            last_result: Some(SyncResult::Converged),
+            ..Default::default()
+        };
+        for vm in vms {
+            record.vms.insert(
+                vm.to_string(),
+                VmRecord {
+                    applied_commit: Some(commit.into()),
+                    ok: true,
+                    definition_hash: Some(format!("old-{vm}")),
+                    ..Default::default()
+                },
+            );
+        }
+        record
+    }
+
+    /// A failure before anything was applied: per result, what the record says after.
+    #[test]
+    fn a_failed_attempt_keeps_the_last_applied_commit_and_the_vms() {
+        for (commit, result, attempts) in [
+            (Some("b"), SyncResult::Invalid, 1),
+            (Some("b"), SyncResult::Untrusted, 1),
+            (Some("b"), SyncResult::Refused, 1),
+            (Some("b"), SyncResult::Failed, 1),
+            (None, SyncResult::FetchFailed, 0),
+        ] {
+            let mut record = applied("a", &["web"]);
+            let before = record.vms.clone();
+            record.record_failure(commit, result, "why", "2026-11-27T12:00:00Z");
+            assert_eq!(
+                record.last_applied_commit.as_deref(),
+                Some("a"),
+                "{result:?}"
+            );
+            assert_eq!(record.vms, before, "{result:?}");
+            assert_eq!(record.last_result, Some(result));
+            assert_eq!(record.last_error.as_deref(), Some("why"));
+            assert_eq!(record.failed_attempts, attempts, "{result:?}");
+            assert_eq!(
+                record.last_attempted_commit.as_deref(),
+                Some(commit.unwrap_or("a")),
+                "{result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_same_commit_failing_again_counts_up_and_the_daemon_gives_up_at_the_limit() {
+        let mut record = applied("a", &[]);
+        for attempt in 1..=3 {
+            assert!(!record.gives_up_on("b", 3), "attempt {attempt}");
+            record.record_failure(Some("b"), SyncResult::Invalid, "x", "t");
+            assert_eq!(record.failed_attempts, attempt);
+        }
+        assert!(record.gives_up_on("b", 3));
+        assert!(!record.gives_up_on("c", 3), "a newer commit is tried");
+        record.record_failure(Some("c"), SyncResult::Invalid, "x", "t");
+        assert_eq!(
+            record.failed_attempts, 1,
+            "a new commit starts again at one"
+        );
+    }
+
+    /// What applying did: per case, the last applied commit, the result and each VM.
+    #[test]
+    fn an_outcome_is_recorded_per_vm_and_converges_only_when_all_succeeded() {
+        // All succeeded: the commit is the last applied one; a VM no longer desired and
+        // not pruned keeps its record, one pruned is gone.
+        let mut record = applied("a", &["web", "db", "old", "gone"]);
+        let outcome = crate::reconcile::outcome::Outcome {
+            vms: vec![vm_outcome("web", None), vm_outcome("db", None)],
+            pruned: vec![crate::reconcile::outcome::PruneOutcome {
+                name: "gone".into(),
+                done: vec!["undefine".into()],
+                error: None,
+                orphaned_disks: vec![],
+            }],
+            ..Default::default()
+        };
+        record_outcome(&mut record, "b", ["old", "gone"], &outcome, "now");
+        assert_eq!(record.last_applied_commit.as_deref(), Some("b"));
+        assert_eq!(record.last_result, Some(SyncResult::Converged));
+        assert_eq!(record.last_error, None);
+        assert_eq!(record.failed_attempts, 0);
+        assert_eq!(
+            record.vms.keys().collect::<Vec<_>>(),
+            ["db", "old", "web"],
+            "kept: not pruned; gone: pruned"
+        );
+        assert_eq!(record.vms["web"].applied_commit.as_deref(), Some("b"));
+        assert_eq!(
+            record.vms["web"].definition_hash.as_deref(),
+            Some("hash-web")
+        );
+        assert_eq!(record.vms["old"].applied_commit.as_deref(), Some("a"));
+
+        // One VM failed: the commit is attempted, not applied; the failed VM keeps what
+        // was applied before, with the error; the other one moves on.
+        let mut record = applied("a", &["web", "db"]);
+        let outcome = crate::reconcile::outcome::Outcome {
+            vms: vec![vm_outcome("web", Some("boom")), vm_outcome("db", None)],
+            ..Default::default()
+        };
+        record_outcome(&mut record, "b", [], &outcome, "now");
+        assert_eq!(record.last_applied_commit.as_deref(), Some("a"));
+        assert_eq!(record.last_attempted_commit.as_deref(), Some("b"));
+        assert_eq!(record.last_result, Some(SyncResult::Failed));
+        assert_eq!(record.last_error.as_deref(), Some("vm 'web': boom"));
+        assert_eq!(record.failed_attempts, 1);
+        let web = &record.vms["web"];
+        assert!(!web.ok);
+        assert_eq!(web.applied_commit.as_deref(), Some("a"));
+        assert_eq!(web.definition_hash.as_deref(), Some("old-web"));
+        assert_eq!(record.vms["db"].applied_commit.as_deref(), Some("b"));
+
+        // A directory that could not be made fails the sync too.
+        let mut record = applied("a", &[]);
+        let outcome = crate::reconcile::outcome::Outcome {
+            directory_errors: vec!["directory '/x': denied".into()],
+            ..Default::default()
+        };
+        record_outcome(&mut record, "b", [], &outcome, "now");
+        assert_eq!(record.last_result, Some(SyncResult::Failed));
+        assert_eq!(record.last_applied_commit.as_deref(), Some("a"));
+    }
+}
