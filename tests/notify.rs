@@ -689,3 +689,66 @@ fn real_a_suspended_host_applies_nothing_until_its_time_is_up() {
     assert_eq!(env.domstate("a"), "running");
     assert_eq!(rx.statuses("github", &c1).last().unwrap().0, "success");
 }
+
+/// Waits (up to 30 s) until `check` holds.
+fn eventually(what: &str, check: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_daemon_tells_its_outcomes_and_picks_up_a_suspension_without_a_restart() {
+    let env = Env::new();
+    let rx = Receiver::start();
+    let config = config(&env, &rx, "");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[agent]\n",
+        "[agent]\nschedule = \"* * * * * *\"\njitter_seconds = 0\n",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let c1 = env.commit(&Manifest::new().vm(env.vm("web")), "web");
+    let mut daemon = vmsync_command()
+        .arg("--config")
+        .arg(&config)
+        .args(["--disk-root", &env.images.display().to_string()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let last_state = |sha: &str| {
+        rx.statuses("gitea", sha)
+            .last()
+            .map(|s| s.0.clone())
+            .unwrap_or_default()
+    };
+    eventually("c1 applied", || last_state(&c1) == "success");
+
+    // Suspended between two ticks: the next tick holds the new commit back.
+    let suspend = |args: &[&str]| {
+        let mut cmd = vmsync_command();
+        cmd.arg("--config").arg(&config).args(args);
+        Run::from(cmd.output().unwrap()).expect(0);
+    };
+    suspend(&["suspend", "--reason", "maintenance"]);
+    let c2 = env.commit(
+        &Manifest::new().vm(env.vm("web").xml(&env.bios("web", 192))),
+        "more memory",
+    );
+    eventually("c2 held back", || last_state(&c2) == "pending");
+    assert!(rx.statuses("gitea", &c2)[0].1.contains("maintenance"));
+    // Ticks go on, the same outcome is not told again.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(rx.statuses("gitea", &c2).len(), 1);
+    suspend(&["resume"]);
+    eventually("c2 applied after resume", || last_state(&c2) == "success");
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    assert!(daemon.wait().unwrap().success());
+}
