@@ -169,6 +169,15 @@ pub enum Command {
         /// The checkout [default: .].
         dir: Option<PathBuf>,
     },
+    /// Print the domain XML of VMs as vmsync would define them (a template rendered with
+    /// `host` = --host or this machine's name), after validating the checkout like
+    /// `validate`; exit 0, 3 when invalid, 2 for a VM not in the manifest.
+    Render {
+        /// `[DIR] VM...`: DIR (default: .) when there are two or more arguments and the
+        /// first is a directory; then one or more VM names.
+        #[arg(value_name = "DIR|VM", required = true)]
+        args: Vec<String>,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -528,6 +537,9 @@ pub fn run() -> u8 {
                     crate::desired::network_pool_entries::validate_summary(&d.resources)
                 );
             })
+        }
+        (Some(Command::Render { args }), false) => {
+            crate::agent::render_cmd::render(&settings, args).map(|text| print!("{text}"))
         }
         (Some(Command::Import { dir, names, force }), false) => {
             crate::onboard::import::import(&settings, dir, names, *force)

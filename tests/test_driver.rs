@@ -531,3 +531,29 @@ fn the_local_clone_keeps_few_packs() {
     }
     assert!(packed, "the packs were merged once");
 }
+
+#[test]
+fn a_health_command_runs_only_when_the_host_allows_it_and_plan_shows_it() {
+    let mut env = Env::new();
+    let vm = env
+        .vm("a")
+        .key("autostart = true\n[vm.health]\nsettle = \"1s\"\ncommand = [\"/bin/true\", \"--x\"]");
+    let commit = env.commit(&Manifest::new().vm(vm), "health");
+    // No [policy] health_commands: refused at validation, naming the key; nothing made.
+    let run = env.run(&["--once"]).expect(3);
+    run.stderr_has(&format!("commit {commit} is invalid; nothing was applied:"))
+        .stderr_has("field 'health.command': the check's program '/bin/true'")
+        .stderr_has("[policy] health_commands");
+    assert!(!env.disk("a").exists(), "the disk was made");
+    // Allowed: the plan shows what will run, resolved, without a shell.
+    let etc = tempfile::tempdir().unwrap();
+    let config = etc.path().join("config.toml");
+    std::fs::write(&config, "[policy]\nhealth_commands = [\"/bin/true\"]\n").unwrap();
+    env.config_file = Some(config);
+    let run = env.run(&["plan"]).expect(0);
+    let program = std::fs::canonicalize("/bin/true").unwrap();
+    run.stdout_has(&format!(
+        "check: settle 1s, command '{}' '--x' (no shell), timeout 5m, revert",
+        program.display()
+    ));
+}

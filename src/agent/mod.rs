@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod metrics;
 pub mod notify;
+pub mod render_cmd;
 pub mod report;
 pub mod status;
 pub mod suspend;

@@ -40,6 +40,7 @@ fn policy(settings: &Settings) -> Policy {
         host: Some(settings.host.clone()),
         disk_roots: settings.disk_roots.clone(),
         host_policy: settings.host_policy.clone(),
+        render_host: None,
     }
 }
 
@@ -645,6 +646,7 @@ pub fn validate_dir(settings: &Settings, dir: &std::path::Path) -> Result<Desire
         host: None,
         disk_roots: settings.disk_roots.clone(),
         host_policy: settings.host_policy.clone(),
+        render_host: Some(settings.host.clone()),
     };
     validate_cached(&files, &dir.display().to_string(), &policy, None)
 }

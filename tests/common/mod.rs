@@ -595,6 +595,7 @@ pub fn validate_head(settings: &Settings) -> Result<(String, Desired), SyncError
         host: Some(settings.host.clone()),
         disk_roots: settings.disk_roots.clone(),
         host_policy: settings.host_policy.clone(),
+        render_host: None,
     };
     let desired = sync::validate_commit(
         &fetched,
