@@ -47,6 +47,15 @@ same N domains with NETWORKS networks and POOLS dir pools in the manifest (defin
 autostart off, so that nothing is started), each no-op sync run RESOURCE_RUNS times:
 libvirt calls (vmsync's own counter) and wall time. Prints a markdown table; removes
 its domains, networks and pools (named vmsyncbench-res-*) at the end.
+
+       sudo bench/run.py --templates N
+measures what templates cost, in one run: N domains as N plain XML files
+(vmsyncbench-<N>-<i>), and N other domains of the same XML rendered from one template
+(vmsyncbench-t<N>-<i>, `[[vm]] template` with `[vm.params]`), each in its own
+repository and state directory. Interleaved, TEMPLATE_RUNS times: a no-op sync of
+each, and a commit that changes one VM (plain: its XML file; templated: its params).
+Prints the medians, the templated/plain ratio of the no-op and the one-VM change minus
+the no-op of each (targets: no-op at most 1.2x, one VM at most the plain one + 5 ms).
 """
 
 import json
@@ -79,6 +88,9 @@ RUNS = 25
 
 def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
+
+
+TEMPLATE_RUNS = 25
 
 
 def domain_xml(name, memory=128):
@@ -391,8 +403,96 @@ def resources_bench(nets, pools, n):
         shutil.rmtree(base, ignore_errors=True)
 
 
+def make_template_repo(base, n, prefix, memory=None):
+    """The repository of N templated VMs named PREFIX<i>: one template that renders
+    exactly domain_xml(name, memory), [params] memory_mib = 128, and `memory` (a dict
+    i -> MiB) as [vm.params] of those VMs."""
+    repo = base / f"repo-templates-{n}"
+    (repo / "templates").mkdir(parents=True, exist_ok=True)
+    template = domain_xml("{{ vm.name }}").replace(
+        "<memory unit='MiB'>128</memory>", "<memory unit='MiB'>{{ params.memory_mib }}</memory>")
+    (repo / "templates" / "bench.xml").write_text(template)
+    lines = ["version = 1\n", "[params]\nmemory_mib = 128\n"]
+    for i in range(n):
+        lines.append(f'[[vm]]\nname = "{prefix}{i}"\ntemplate = "templates/bench.xml"\n')
+        if memory and i in memory:
+            lines.append(f"  [vm.params]\n  memory_mib = {memory[i]}\n")
+    (repo / "vmsync.toml").write_text("\n".join(lines))
+    if not (repo / ".git").exists():
+        (repo / "README.md").write_text("bench repo\n")
+        git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "bench templates")
+    return repo
+
+
+def templates_bench(n):
+    """A no-op and a one-VM change of N plain VMs against the same of N templated VMs."""
+    sh(["cargo", "build", "--release", "--bin", "vmsync"], cwd=ROOT)
+    base = Path(tempfile.mkdtemp(prefix="vmsync-bench-tmpl-"))
+    plain_prefix, tmpl_prefix = f"vmsyncbench-{n}-", f"vmsyncbench-t{n}-"
+    remove_domains(plain_prefix)
+    remove_domains(tmpl_prefix)
+    try:
+        plain = make_repo(base, n)
+        tmpl = make_template_repo(base, n, tmpl_prefix)
+        # The template renders the plain files' XML byte for byte (names aside).
+        out = sh([str(VMSYNC), "render", str(tmpl), f"{tmpl_prefix}0"])
+        assert out == domain_xml(f"{tmpl_prefix}0"), out
+        p_state, t_state = base / "state-plain", base / "state-templates"
+        vmsync_once(plain, p_state)
+        vmsync_once(tmpl, t_state)
+        runs = {"plain no-op": [], "plain one VM": [], "templated no-op": [], "templated one VM": []}
+        memory = {}
+        for k in range(TEMPLATE_RUNS):
+            runs["plain no-op"].append(vmsync_once(plain, p_state))
+            runs["templated no-op"].append(vmsync_once(tmpl, t_state))
+            (plain / "vms" / f"{plain_prefix}{k}.xml").write_text(domain_xml(f"{plain_prefix}{k}", memory=256 + k))
+            git(plain, "commit", "-q", "-am", f"vm {k} changed")
+            runs["plain one VM"].append(vmsync_once(plain, p_state))
+            memory[k] = 256 + k
+            make_template_repo(base, n, tmpl_prefix, memory)
+            runs["templated one VM"].append(vmsync_once(tmpl, t_state))
+        for label, rs in runs.items():
+            # Each run did what it stands for: nothing, or one redefine.
+            want = "changes=1 " if "one VM" in label else "nothing to do"
+            assert all(want in r[3] for r in rs), f"{label}: not every run shows {want!r}"
+        med = statistics.median
+        wall = {k: med(r[0] for r in v) * 1000 for k, v in runs.items()}
+        cost = {k: med(r[4] for r in v) * 1000 for k, v in runs.items()}
+        stage = lambda rs, s: med(stages(r[3]).get(s, 0.0) for r in rs)
+        out = [f"Templates, N = {n}, {TEMPLATE_RUNS} interleaved runs of each ({machine()}):", "",
+               "| run | wall (median) | CPU cost (median) | validate stage (median) | peak RSS MiB (median) |",
+               "|---|---:|---:|---:|---:|"]
+        for label, rs in runs.items():
+            out.append(f"| {label} | {wall[label]:.1f} ms | {cost[label]:.1f} ms | "
+                       f"{stage(rs, 'validate'):.1f} ms | {med(r[2] for r in rs):.1f} |")
+        one = lambda kind, key: paired(runs[f"{kind} one VM"], runs[f"{kind} no-op"], key)
+        ci = lambda t: f"{t[0]:+.1f} ms (95% interval {t[1]:+.1f} to {t[2]:+.1f})"
+        besides_observe = lambda r: sum(stages(r[3]).get(k, 0.0) for k in STAGES if k != "observe")
+        out += ["",
+                f"- No-op: templated / plain = {wall['templated no-op'] / wall['plain no-op']:.3f} (wall), "
+                f"{cost['templated no-op'] / cost['plain no-op']:.3f} (CPU cost), "
+                f"{stage(runs['templated no-op'], 'validate') / stage(runs['plain no-op'], 'validate'):.3f} "
+                "(validate stage); target at most 1.2."]
+        for what, key in [("wall", lambda r: r[0] * 1000), ("CPU cost", lambda r: r[4] * 1000),
+                          ("stages other than observing", besides_observe),
+                          ("validate stage", lambda r: stages(r[3]).get("validate", 0.0))]:
+            p_one, t_one = one("plain", key), one("templated", key)
+            out.append(f"- One VM changed minus the no-op just before it, {what}: plain {ci(p_one)}, "
+                       f"templated {ci(t_one)}; templated minus plain {t_one[0] - p_one[0]:+.1f} ms "
+                       "(target: at most +5 ms).")
+        print("\n".join(out))
+    finally:
+        remove_domains(plain_prefix)
+        remove_domains(tmpl_prefix)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def main():
     global VMSYNC, FLOOR, OLD
+    if sys.argv[1:2] == ["--templates"]:
+        return templates_bench(int(sys.argv[2]))
     if sys.argv[1:2] == ["--resources"]:
         nets, pools, n = (int(a) for a in sys.argv[2:5])
         return resources_bench(nets, pools, n)

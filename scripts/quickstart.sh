@@ -13,8 +13,9 @@
 # vmsync process: what it defined and started is gone when `vmsync --once`
 # exits, so the result shown is that run's own report and the disk images it
 # made. Set VMSYNC_CONNECT=qemu:///system to apply the example for real
-# (creates uefi-tpm and bios-vm, starts uefi-tpm, creates their disks under
-# /var/lib/libvirt/images); then `vmsync status` shows them afterwards.
+# (creates uefi-tpm, bios-vm and the templated web-1 and web-2, starts
+# uefi-tpm, creates their disks under /var/lib/libvirt/images); then
+# `vmsync status` shows them afterwards.
 #
 # Exits with vmsync's exit code (0 converged, 1 action failed, 3 invalid
 # commit, ... see docs/operations.md).

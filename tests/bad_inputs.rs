@@ -274,3 +274,19 @@ fn bad_agent_configs_exit_2_with_the_key_and_line() {
         assert!(run.stderr.contains(message), "{text}\n{}", run.stderr);
     }
 }
+
+#[test]
+fn render_of_an_invalid_checkout_prints_nothing_and_exits_3() {
+    let case = corpus_dir().join("template-undefined-variable");
+    let run = vmsync(&[
+        "render",
+        &case.display().to_string(),
+        "a",
+        "--disk-root",
+        ROOT,
+    ]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.stdout, "");
+    let expected = std::fs::read_to_string(case.join("expected")).unwrap();
+    assert_eq!(problems(&run.stderr), expected.lines().collect::<Vec<_>>());
+}

@@ -13,7 +13,7 @@ use vmsync::config::{self, Overrides};
 fn example_repo_validates() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("example-repo");
     let run = common::vmsync(&["validate", &dir.display().to_string()]).expect(0);
-    run.stdout_has("valid (2 vm(s), 1 directory(ies))");
+    run.stdout_has("valid (4 vm(s), 1 directory(ies))");
     run.stdout_has("1 network(s), 1 pool(s), 0 pool volume(s)");
 }
 
@@ -43,6 +43,35 @@ fn example_repo_xml_files_are_all_used() {
             "example-repo/vms/{name} is not in vmsync.toml"
         );
     }
+}
+
+#[test]
+fn example_repo_template_renders_for_both_its_vms() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("example-repo");
+    let manifest = std::fs::read_to_string(dir.join("vmsync.toml")).unwrap();
+    for entry in std::fs::read_dir(dir.join("templates")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(
+            manifest
+                .matches(&format!("template = \"templates/{name}\""))
+                .count()
+                >= 2,
+            "example-repo/templates/{name} is not used by two VMs in vmsync.toml"
+        );
+    }
+    let dir = dir.display().to_string();
+    // [vm.params] over [params]: web-1 has its own memory, web-2 the default.
+    common::vmsync(&["render", &dir, "web-1"])
+        .expect(0)
+        .stdout_has("<name>web-1</name>")
+        .stdout_has("<memory unit='MiB'>1024</memory>");
+    common::vmsync(&["render", &dir, "web-2"])
+        .expect(0)
+        .stdout_has("<name>web-2</name>")
+        .stdout_has("<memory unit='MiB'>512</memory>");
+    common::vmsync(&["render", &dir, "web-3"])
+        .expect(2)
+        .stderr_has("vm 'web-3' is not in");
 }
 
 #[test]
@@ -79,7 +108,9 @@ fn every_commented_key_in_deploy_config_is_a_real_setting() {
     let all: String = text
         .lines()
         .map(|line| match line.strip_prefix("# ") {
-            Some(rest) if key(rest) => {
+            // A commented `[[notify]]` example: its header too, so that its keys land
+            // in its own table.
+            Some(rest) if key(rest) || rest == "[[notify]]" => {
                 uncommented += 1;
                 format!("{rest}\n")
             }
@@ -108,11 +139,12 @@ fn every_commented_key_in_deploy_config_is_a_real_setting() {
     );
     let full = dir.path().join("config.toml");
     std::fs::write(&full, all).unwrap();
-    config::load(&Overrides {
+    let settings = config::load(&Overrides {
         config: Some(full),
         ..Default::default()
     })
     .unwrap();
+    assert_eq!(settings.notify.len(), 3, "the [[notify]] examples");
 }
 
 /// `name = value` with a lowercase snake_case name.

@@ -425,6 +425,7 @@ fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
             hv: &hv,
             disks: &vmsync::host::disk::QemuImg::default(),
             cancel: &AtomicBool::new(stop),
+            events: None,
         };
         sync::apply_commit(&env, record, &commit, &desired)
     };
@@ -528,4 +529,30 @@ fn the_local_clone_keeps_few_packs() {
         assert_eq!(record.last_applied_commit.as_deref(), Some(commit.as_str()));
     }
     assert!(packed, "the packs were merged once");
+}
+
+#[test]
+fn a_health_command_runs_only_when_the_host_allows_it_and_plan_shows_it() {
+    let mut env = Env::new();
+    let vm = env
+        .vm("a")
+        .key("autostart = true\n[vm.health]\nsettle = \"1s\"\ncommand = [\"/bin/true\", \"--x\"]");
+    let commit = env.commit(&Manifest::new().vm(vm), "health");
+    // No [policy] health_commands: refused at validation, naming the key; nothing made.
+    let run = env.run(&["--once"]).expect(3);
+    run.stderr_has(&format!("commit {commit} is invalid; nothing was applied:"))
+        .stderr_has("field 'health.command': the check's program '/bin/true'")
+        .stderr_has("[policy] health_commands");
+    assert!(!env.disk("a").exists(), "the disk was made");
+    // Allowed: the plan shows what will run, resolved, without a shell.
+    let etc = tempfile::tempdir().unwrap();
+    let config = etc.path().join("config.toml");
+    std::fs::write(&config, "[policy]\nhealth_commands = [\"/bin/true\"]\n").unwrap();
+    env.config_file = Some(config);
+    let run = env.run(&["plan"]).expect(0);
+    let program = std::fs::canonicalize("/bin/true").unwrap();
+    run.stdout_has(&format!(
+        "check: settle 1s, command '{}' '--x' (no shell), timeout 5m, revert",
+        program.display()
+    ));
 }

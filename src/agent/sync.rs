@@ -45,6 +45,7 @@ fn policy(settings: &Settings) -> Policy {
         host: Some(settings.host.clone()),
         disk_roots: settings.disk_roots.clone(),
         host_policy: settings.host_policy.clone(),
+        render_host: None,
     }
 }
 
@@ -87,6 +88,8 @@ pub struct Options<'a> {
     pub allow_rewind: bool,
     /// VMs whose held back definition is tried again (`vmsync --once --retry VM`).
     pub retry: &'a [String],
+    /// This sync's events (`[[notify]]`), when the host has any.
+    pub events: Option<&'a crate::agent::notify::SyncEvents>,
 }
 
 /// Refuses an untrusted commit before anything else looks at it: the signature (when
@@ -172,6 +175,8 @@ pub struct Env<'a> {
     pub hv: &'a dyn Hypervisor,
     pub disks: &'a dyn DiskProvisioner,
     pub cancel: &'a AtomicBool,
+    /// This sync's events (`[[notify]]`), when the host has any.
+    pub events: Option<&'a crate::agent::notify::SyncEvents>,
 }
 
 /// What validation handed on: the desired state, the schema cache, and the XML whose
@@ -203,11 +208,15 @@ pub fn run_with_metrics(
 ) -> (Result<Report, SyncError>, Option<String>) {
     let started = Instant::now();
     let result = run_locked(settings, conn, options);
+    let record = || store::load(&settings.state_dir).unwrap_or_default();
+    if let Some(events) = options.events {
+        events.finish(&result, &record());
+    }
     let text = ((render || settings.metrics_file.is_some())
         && !matches!(result, Err(SyncError::Locked(_))))
     .then(|| {
-        let record = store::load(&settings.state_dir).unwrap_or_default();
-        crate::agent::metrics::render(&record, result.as_ref().ok(), started.elapsed())
+        crate::agent::metrics::render(&record(), result.as_ref().ok(), started.elapsed())
+            + &crate::agent::metrics::agent_extras(&settings.state_dir)
     });
     if let (Some(path), Some(text)) = (&settings.metrics_file, &text)
         && let Err(e) = fsio::write_atomic(path, text.as_bytes())
@@ -294,6 +303,7 @@ fn converge(
         hv,
         disks: &disks,
         cancel: options.cancel,
+        events: options.events,
     };
     let observed = observe_and_check(&env, &commit, record, &validated)?;
     // The commits in the managed domains' tags: the ancestry floor that survives a
@@ -426,7 +436,7 @@ pub fn apply_commit(
     apply_observed(env, record, commit, desired, &observed, clock)
 }
 
-/// Plan → apply → health → record, for what was observed.
+/// Plan → (suspensions) → apply → health → record, for what was observed.
 fn apply_observed(
     env: &Env,
     record: &mut Record,
@@ -436,7 +446,19 @@ fn apply_observed(
     mut clock: StageClock,
 ) -> Result<Report, SyncError> {
     check_references(commit, desired, observed)?;
-    let plan = plan_to_apply(env.settings, record, commit, desired, observed)?;
+    let mut plan = plan_to_apply(env.settings, record, commit, desired, observed)?;
+    let held = crate::agent::suspend::held_back(&env.settings.state_dir, &mut plan, short(commit));
+    if held.host.is_some() {
+        return Ok(Report {
+            commit: commit.to_string(),
+            plan,
+            outcome: Outcome::default(),
+            held,
+        });
+    }
+    if let Some(events) = env.events {
+        events.applying(commit, record.last_applied_commit.as_deref());
+    }
     clock.lap("plan");
     let mut outcome = vms::apply(&plan, env.hv, env.disks, env.cancel);
     clock.lap("apply");
@@ -454,6 +476,10 @@ fn apply_observed(
     } else {
         clock.lap("health");
     }
+    if let Some(events) = env.events {
+        events.applied(&outcome);
+    }
+    let before = record.vms.clone();
     record_update::after_apply(
         record,
         commit,
@@ -462,12 +488,18 @@ fn apply_observed(
         &found,
         &clock::now_rfc3339(),
     );
+    crate::agent::suspend::restore_records(record, &before, &held);
     store::save(&env.settings.state_dir, record)?;
+    let calls = clock.calls_since(env.hv.call_count());
     finish(
         commit,
-        plan,
-        outcome,
-        clock.calls_since(env.hv.call_count()),
+        Report {
+            commit: commit.to_string(),
+            plan,
+            outcome,
+            held,
+        },
+        calls,
         &clock,
     )
 }
@@ -505,11 +537,11 @@ fn plan_to_apply(
 /// The report of an applied commit, or `ActionsFailed` when something failed.
 fn finish(
     commit: &str,
-    plan: Plan,
-    outcome: Outcome,
+    report: Report,
     libvirt_calls: u64,
     clock: &StageClock,
 ) -> Result<Report, SyncError> {
+    let outcome = &report.outcome;
     if !outcome.all_ok() {
         let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count()
             + outcome.pruned.iter().filter(|p| p.error.is_some()).count();
@@ -533,11 +565,7 @@ fn finish(
         stages_ms = %clock.summary(),
         "converged"
     );
-    Ok(Report {
-        commit: commit.to_string(),
-        plan,
-        outcome,
-    })
+    Ok(report)
 }
 
 /// `vmsync plan` and `vmsync --once --dry-run`: fetch, validate, observe and plan, with
@@ -647,6 +675,7 @@ pub fn validate_dir(settings: &Settings, dir: &std::path::Path) -> Result<Desire
         host: None,
         disk_roots: settings.disk_roots.clone(),
         host_policy: settings.host_policy.clone(),
+        render_host: Some(settings.host.clone()),
     };
     validate_cached(&files, &dir.display().to_string(), &policy, None)
 }
@@ -719,6 +748,7 @@ mod tests {
                 cancel: &cancel,
                 allow_rewind: false,
                 retry,
+                events: None,
             };
             run(
                 &self.settings(),
@@ -851,6 +881,7 @@ mod tests {
             hv: host,
             disks: host,
             cancel: &AtomicBool::new(false),
+            events: None,
         };
         apply_commit(&env, record, "c1", &desired_vm("web"))
     }

@@ -277,8 +277,11 @@ fn repository_page() -> String {
          libvirt domain XML per VM. The manifest lists the VMs ([[vm]]: name, xml, \
          autostart, state, on_change, hosts, adopt, and [[vm.disk]] images created once \
          when missing), the directories to create ([[directory]]), and libvirt networks \
-         and storage pools ([[network]], [[pool]]). Every commit is validated as a whole \
-         before a host is touched; vmsync validate DIR does the same check offline.",
+         and storage pools ([[network]], [[pool]]). Instead of xml, a VM may name a \
+         template (Jinja) that many VMs share, rendered with vm.name, host and its \
+         [vm.params] over the repository's [params]; vmsync render DIR VM prints the \
+         result. Every commit is validated as a whole before a host is touched; vmsync \
+         validate DIR does the same check offline.",
     )]);
     section(&mut roff, "EXAMPLE");
     roff.control("nf", []);
@@ -290,7 +293,7 @@ fn repository_page() -> String {
     roff.text([
         roman("Every key, the XML rules, the host policy and what validation refuses: "),
         italic(format!("{DOC_DIR}/docs/repository-format.md")),
-        roman(". A complete repository to start from (a UEFI + Secure Boot + TPM VM, a BIOS VM, a network and a pool): "),
+        roman(". A complete repository to start from (a UEFI + Secure Boot + TPM VM, a BIOS VM, two VMs from one template, a network and a pool): "),
         italic(format!("{DOC_DIR}/example-repo/")),
         roman("."),
     ]);

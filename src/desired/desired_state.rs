@@ -17,6 +17,9 @@ pub struct Policy {
     pub disk_roots: Vec<PathBuf>,
     /// What domain XML may ask of the host beyond disk images (see `host_policy`).
     pub host_policy: crate::desired::host_policy_settings::HostPolicy,
+    /// The name templates see as `host` when `host` is `None` (`vmsync validate DIR`,
+    /// `vmsync render`: the agent's host name); `None` too: using `host` is an error.
+    pub render_host: Option<String>,
 }
 
 /// One VM as this host should have it.

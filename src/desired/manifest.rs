@@ -57,6 +57,8 @@ struct RawManifest {
     network: Vec<RawResource>,
     #[serde(default)]
     pool: Vec<RawResource>,
+    /// Defaults for every VM's template parameters.
+    params: Option<Spanned<toml::Table>>,
 }
 
 /// A `[[network]]` or `[[pool]]` table.
@@ -86,6 +88,9 @@ struct RawVm {
     name: Spanned<String>,
     xml: Option<Spanned<String>>,
     xml_inline: Option<Spanned<String>>,
+    /// A template rendered into the domain XML, instead of `xml`/`xml_inline`.
+    template: Option<Spanned<String>>,
+    params: Option<Spanned<toml::Table>>,
     #[serde(default)]
     autostart: bool,
     hosts: Option<Spanned<Vec<String>>>,
@@ -351,6 +356,12 @@ pub enum XmlSource {
     File(String),
     /// Inline in the manifest (`xml_inline`).
     Inline(String),
+    /// Rendered from a template in the repository (`template`), with the VM's
+    /// parameters (`[params]` with `[vm.params]` over them).
+    Template {
+        path: String,
+        params: crate::desired::template_render::Params,
+    },
 }
 
 /// One `[[vm]]` entry, with its values checked and typed.
@@ -429,7 +440,7 @@ impl ResourceEntry {
     /// The file the XML is read from, for messages.
     pub fn xml_file(&self) -> &str {
         match &self.xml {
-            XmlSource::File(path) => path,
+            XmlSource::File(path) | XmlSource::Template { path, .. } => path,
             XmlSource::Inline(_) => MANIFEST_FILE,
         }
     }
@@ -446,7 +457,7 @@ impl VmEntry {
     /// The file the domain XML is read from, for messages.
     pub fn xml_file(&self) -> &str {
         match &self.xml {
-            XmlSource::File(path) => path,
+            XmlSource::File(path) | XmlSource::Template { path, .. } => path,
             XmlSource::Inline(_) => MANIFEST_FILE,
         }
     }
@@ -596,6 +607,12 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
         }
     }
 
+    let defaults = crate::desired::template_render::params_from_toml(
+        raw.params.as_ref(),
+        &Default::default(),
+        "params",
+        &mut |span, field, message| problems.push(problem(span, None, field, message)),
+    );
     let mut vms = Vec::new();
     let mut lines = Lines::new(text);
     for raw_vm in raw.vm {
@@ -607,12 +624,44 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
         }
         let mut report =
             |span, field: &str, message| problems.push(problem(span, vm, field, message));
-        let xml = xml_source(
-            raw_vm.xml,
-            raw_vm.xml_inline,
-            raw_vm.name.span(),
-            &mut report,
-        );
+        let xml = match raw_vm.template {
+            Some(template) => crate::desired::template_render::template_source(
+                template,
+                raw_vm.params.as_ref(),
+                [
+                    raw_vm.xml.map(|x| x.span()),
+                    raw_vm.xml_inline.map(|x| x.span()),
+                ],
+                &defaults,
+                &mut report,
+            )
+            .map(|(path, params)| XmlSource::Template { path, params }),
+            None => {
+                if let Some(params) = &raw_vm.params {
+                    report(
+                        params.span(),
+                        "params",
+                        "'params' are for a 'template'; this vm has none".into(),
+                    );
+                }
+                if raw_vm.xml.is_none() && raw_vm.xml_inline.is_none() {
+                    report(
+                        raw_vm.name.span(),
+                        "xml",
+                        "missing 'xml' (a file in the repository), 'xml_inline' or 'template'"
+                            .into(),
+                    );
+                    None
+                } else {
+                    xml_source(
+                        raw_vm.xml,
+                        raw_vm.xml_inline,
+                        raw_vm.name.span(),
+                        &mut report,
+                    )
+                }
+            }
+        };
         let hosts = host_list(raw_vm.hosts, &mut report);
         let state = match &raw_vm.state {
             None if raw_vm.autostart => PowerState::Running,

@@ -15,5 +15,6 @@ pub mod network_pool_entries;
 pub mod path_rule;
 pub mod resource_xml;
 pub mod schema_check;
+pub mod template_render;
 pub mod validate;
 pub mod values;

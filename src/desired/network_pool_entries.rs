@@ -209,6 +209,8 @@ fn validate_entry(
                 return None;
             }
         },
+        // `template` is a key of [[vm]] only: a network or pool never has one.
+        XmlSource::Template { .. } => return None,
     };
     let inline = matches!(e.xml, XmlSource::Inline(_));
     let line = |l: Option<usize>| if inline { Some(e.line) } else { l };

@@ -26,6 +26,10 @@ pub trait SchemaChecker {
     }
     /// Remembers that the file with `content_id` validated, with its summary.
     fn remember(&self, _content_id: &str, _summary: &DomainSummary) {}
+    /// Where rendered templates are remembered across syncs (none by default).
+    fn render_cache(&self) -> Option<&dyn crate::desired::template_render::RenderCache> {
+        None
+    }
     /// Checks a network or pool XML against libvirt's schema and parser (the host's
     /// checkers do it in a private test-driver connection).
     fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError>;

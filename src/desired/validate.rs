@@ -13,6 +13,7 @@ use crate::desired::desired_state::{Desired, DesiredVm, Policy};
 use crate::desired::domain_xml;
 use crate::desired::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
 use crate::desired::schema_check::SchemaChecker;
+use crate::desired::template_render;
 use crate::repo::files::RepoFiles;
 
 fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
@@ -79,6 +80,8 @@ pub fn validate(
     let mut uuids: BTreeMap<String, String> = BTreeMap::new();
     let mut disk_paths: BTreeMap<PathBuf, String> = BTreeMap::new();
     let mut vms = Vec::new();
+    let renderer = template_render::Renderer::new(files);
+    let template_host = policy.host.as_deref().or(policy.render_host.as_deref());
     for vm in manifest
         .vms
         .iter()
@@ -130,8 +133,37 @@ pub fn validate(
             }
         }
 
+        let vars = match &vm.xml {
+            XmlSource::Template { path, params } => Some((
+                path.as_str(),
+                template_render::Vars {
+                    vm: &vm.name,
+                    host: template_host,
+                    params,
+                },
+            )),
+            _ => None,
+        };
+        let mut fresh_render = None;
         let (xml_file, xml) = match &vm.xml {
             XmlSource::Inline(xml) => (MANIFEST_FILE.to_string(), xml.clone()),
+            XmlSource::Template { path, .. } => {
+                let vars = &vars.as_ref().expect("a template has vars").1;
+                match renderer.render_cached(schema.render_cache(), path, vars) {
+                    Ok(rendered) => {
+                        fresh_render = rendered.fresh;
+                        (path.clone(), rendered.xml)
+                    }
+                    Err(template_render::RenderError::Unreadable(e)) => {
+                        problems.push(at(MANIFEST_FILE, Some(vm.line), "template", e.to_string()));
+                        continue;
+                    }
+                    Err(template_render::RenderError::Failed(p)) => {
+                        problems.push(at(&p.file, p.line, "template", p.message));
+                        continue;
+                    }
+                }
+            }
             XmlSource::File(path) => match files.read_text(path) {
                 Ok(xml) => (path.clone(), xml),
                 Err(e) => {
@@ -153,6 +185,23 @@ pub fn validate(
         let content_id = match &vm.xml {
             XmlSource::File(path) => files.content_id(path),
             XmlSource::Inline(_) => None,
+            // Rendered text validated before under this policy.
+            XmlSource::Template { .. } => {
+                Some(format!("rendered:{}", domain_xml::fingerprint(&xml)))
+            }
+        };
+        // A problem at a line of the XML: for a template, at the template line that
+        // wrote it (or the rendered line, when no template text did).
+        let place = |line: Option<usize>, message: String| match (&vars, line) {
+            (Some((template, vars)), Some(line)) => match renderer.locate(template, vars, line) {
+                Some((file, line)) => (file, Some(line), message),
+                None => (
+                    xml_file.clone(),
+                    None,
+                    format!("rendered line {line}: {message}"),
+                ),
+            },
+            _ => (xml_file.clone(), xml_line(line), message),
         };
         let cached = content_id.as_deref().and_then(|id| schema.known(id));
         let was_cached = cached.is_some();
@@ -162,11 +211,12 @@ pub fn validate(
         {
             Ok(summary) => summary,
             Err(e) => {
+                let (file, line, message) = place(e.line, e.message);
                 problems.push(at(
-                    &xml_file,
-                    xml_line(e.line),
+                    &file,
+                    line,
                     e.field.as_deref().unwrap_or("xml"),
-                    e.message,
+                    message,
                 ));
                 continue;
             }
@@ -197,7 +247,8 @@ pub fn validate(
             for v in
                 crate::desired::host_policy::check(&xml, &policy.host_policy, &policy.disk_roots)
             {
-                problems.push(at(&xml_file, xml_line(v.line), &v.field, v.message));
+                let (file, line, message) = place(v.line, v.message);
+                problems.push(at(&file, line, &v.field, message));
             }
         }
         if problems.len() == before
@@ -224,6 +275,9 @@ pub fn validate(
         if problems.len() == before {
             if let (Some(id), false) = (&content_id, was_cached) {
                 schema.remember(id, &summary);
+            }
+            if let (Some((key, rendered)), Some(cache)) = (&fresh_render, schema.render_cache()) {
+                cache.remember_rendered(key, rendered);
             }
             vms.push(DesiredVm {
                 name: vm.name.clone(),

@@ -2,9 +2,10 @@
 //! on every sync (libvirt's RNG validation costs milliseconds per domain; a no-op sync
 //! of hundreds of domains would spend most of its time there).
 //!
-//! Two maps: schema passes keyed by the sha256 of the XML text, and summaries of whole
+//! Three maps: schema passes keyed by the sha256 of the XML text, summaries of whole
 //! files that validated, keyed by their git blob id (so an unchanged file is not even
-//! parsed). The cache is tied to the libvirt library version (a new libvirt may bring a
+//! parsed), and rendered templates (`template_render::RenderCache`, so an unchanged
+//! templated VM is not rendered again). The cache is tied to the libvirt library version (a new libvirt may bring a
 //! new schema) and to a context string (the validation policy: a file that passed under
 //! one policy is checked again under another), and kept in
 //! `<state_dir>/schema-cache.json`. Only successes are cached, so a rejected XML is always
@@ -25,6 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::desired::domain_xml::DomainSummary;
 use crate::desired::resource_xml::ResourceKind;
 use crate::desired::schema_check::{SchemaChecker, SchemaError};
+use crate::desired::template_render::{RenderCache, Rendered};
 use crate::host::schema_test_driver::TestDriverSchema;
 use crate::util::fsio;
 
@@ -38,6 +40,9 @@ struct CacheFile {
     valid: BTreeSet<String>,
     #[serde(default)]
     files: BTreeMap<String, DomainSummary>,
+    /// Rendered templates (see `template_render::RenderCache`).
+    #[serde(default)]
+    renders: BTreeMap<String, Rendered>,
 }
 
 /// A [`SchemaChecker`] that remembers what passed.
@@ -47,10 +52,12 @@ pub struct CachedSchema {
     context: String,
     valid: RefCell<BTreeSet<String>>,
     files: RefCell<BTreeMap<String, DomainSummary>>,
+    renders: RefCell<BTreeMap<String, Rendered>>,
     added: RefCell<usize>,
     /// Keys of `valid` and `files` that this validation looked up or added.
     used_valid: RefCell<BTreeSet<String>>,
     used_files: RefCell<BTreeSet<String>>,
+    used_renders: RefCell<BTreeSet<String>>,
     inner: RefCell<Option<TestDriverSchema>>,
     /// With [`CachedSchema::deferring`]: the XML whose check was put off.
     deferred: Option<RefCell<Vec<String>>>,
@@ -89,9 +96,11 @@ impl CachedSchema {
             context: context.to_string(),
             valid: RefCell::new(file.valid),
             files: RefCell::new(file.files),
+            renders: RefCell::new(file.renders),
             added: RefCell::new(0),
             used_valid: RefCell::default(),
             used_files: RefCell::default(),
+            used_renders: RefCell::default(),
             inner: RefCell::new(None),
             deferred: None,
         }
@@ -139,6 +148,14 @@ impl CachedSchema {
                 .filter(|(id, _)| used_files.contains(*id))
                 .map(|(id, summary)| (id.clone(), summary.clone()))
                 .collect(),
+            renders: {
+                let (renders, used) = (self.renders.borrow(), self.used_renders.borrow());
+                renders
+                    .iter()
+                    .filter(|(key, _)| used.contains(*key))
+                    .map(|(key, r)| (key.clone(), r.clone()))
+                    .collect()
+            },
         };
         let result = fsio::write_cache_with(path, |out| {
             let mut out = std::io::BufWriter::new(out);
@@ -192,6 +209,27 @@ impl SchemaChecker for CachedSchema {
         self.files
             .borrow_mut()
             .insert(content_id.to_string(), summary.clone());
+        *self.added.borrow_mut() += 1;
+    }
+
+    fn render_cache(&self) -> Option<&dyn RenderCache> {
+        Some(self)
+    }
+}
+
+/// Renders are remembered like file summaries: saved with the cache when this validation
+/// used them, dropped otherwise.
+impl RenderCache for CachedSchema {
+    fn rendered(&self, key: &str) -> Option<Rendered> {
+        self.used_renders.borrow_mut().insert(key.to_string());
+        self.renders.borrow().get(key).cloned()
+    }
+
+    fn remember_rendered(&self, key: &str, rendered: &Rendered) {
+        self.used_renders.borrow_mut().insert(key.to_string());
+        self.renders
+            .borrow_mut()
+            .insert(key.to_string(), rendered.clone());
         *self.added.borrow_mut() += 1;
     }
 }

@@ -595,6 +595,7 @@ pub fn validate_head(settings: &Settings) -> Result<(String, Desired), SyncError
         host: Some(settings.host.clone()),
         disk_roots: settings.disk_roots.clone(),
         host_policy: settings.host_policy.clone(),
+        render_host: None,
     };
     let desired = sync::validate_commit(
         &fetched,
@@ -618,6 +619,7 @@ pub fn sync_head(
         hv,
         disks: &vmsync::host::disk::QemuImg::default(),
         cancel: &AtomicBool::new(false),
+        events: None,
     };
     sync::apply_commit(&env, record, &commit, &desired)
 }
@@ -629,6 +631,7 @@ pub fn options(cancel: &AtomicBool) -> sync::Options<'_> {
         cancel,
         allow_rewind: false,
         retry: &[],
+        events: None,
     }
 }
 
