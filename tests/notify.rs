@@ -688,6 +688,28 @@ fn real_a_suspended_host_applies_nothing_until_its_time_is_up() {
     assert!(env.defined("a"));
     assert_eq!(env.domstate("a"), "running");
     assert_eq!(rx.statuses("github", &c1).last().unwrap().0, "success");
+
+    // Suspended again: drift is reported, not healed; the resume heals it.
+    let mut cmd = vmsync_command();
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["suspend", "--reason", "hands on"]);
+    Run::from(cmd.output().unwrap()).expect(0);
+    common::virsh_system_ok(&["autostart", "--disable", &env.name("a")]);
+    once(&env, &config, &[])
+        .expect(0)
+        .stdout_has("planned, not applied");
+    assert!(!env.autostart("a"), "not healed while suspended");
+    let drift = env.vm_status("a")["drift"].clone();
+    assert!(
+        drift.as_array().is_some_and(|d| !d.is_empty()),
+        "reported: {drift}"
+    );
+    let mut cmd = vmsync_command();
+    cmd.arg("--config").arg(&config).arg("resume");
+    Run::from(cmd.output().unwrap()).expect(0);
+    once(&env, &config, &[]).expect(0);
+    assert!(env.autostart("a"), "healed after resume");
 }
 
 /// Waits (up to 30 s) until `check` holds.

@@ -408,6 +408,39 @@ pub fn held_back(
     held
 }
 
+/// With the host suspended: the drift the plan saw goes into the records of the VMs,
+/// networks and pools (nothing else changes), so that `vmsync status` and the metrics
+/// report it. Whether anything changed.
+pub fn note_drift(
+    record: &mut crate::record::Record,
+    plan: &crate::reconcile::plan_types::Plan,
+) -> bool {
+    let mut changed = false;
+    for vm in &plan.vms {
+        if let Some(entry) = record.vms.get_mut(&vm.name)
+            && entry.drift != vm.drift
+        {
+            entry.drift = vm.drift.clone();
+            changed = true;
+        }
+    }
+    let resources = [
+        (&mut record.networks, &plan.resources.networks),
+        (&mut record.pools, &plan.resources.pools),
+    ];
+    for (records, plans) in resources {
+        for p in plans {
+            if let Some(entry) = records.get_mut(&p.name)
+                && entry.drift != p.drift
+            {
+                entry.drift = p.drift.clone();
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
 /// After recording a sync that held VMs back: their entries go back to what they were
 /// before (they did not get the commit), keeping the drift just seen; a VM new in the
 /// commit gets no entry.

@@ -449,6 +449,10 @@ fn apply_observed(
     let mut plan = plan_to_apply(env.settings, record, commit, desired, observed)?;
     let held = crate::agent::suspend::held_back(&env.settings.state_dir, &mut plan, short(commit));
     if held.host.is_some() {
+        // Nothing is applied nor recorded but the drift just seen (reported, not healed).
+        if crate::agent::suspend::note_drift(record, &plan) {
+            store::save(&settings.state_dir, record)?;
+        }
         return Ok(Report {
             commit: commit.to_string(),
             plan,
