@@ -451,7 +451,7 @@ fn apply_observed(
     if held.host.is_some() {
         // Nothing is applied nor recorded but the drift just seen (reported, not healed).
         if crate::agent::suspend::note_drift(record, &plan) {
-            store::save(&settings.state_dir, record)?;
+            store::save(&env.settings.state_dir, record)?;
         }
         return Ok(Report {
             commit: commit.to_string(),
