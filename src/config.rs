@@ -14,6 +14,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/vmsync/config.toml";
 /// The daemon's default schedule: every five minutes, at second 0.
 pub const DEFAULT_SCHEDULE: &str = "0 */5 * * * *";
 
+/// `[agent] tick_timeout`'s default.
+pub const DEFAULT_TICK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Parses a cron schedule with a seconds field (`sec min hour dom month dow [year]`).
 pub fn parse_schedule(text: &str) -> Result<cron::Schedule, ConfigError> {
     text.parse().map_err(|e| {
@@ -43,6 +46,8 @@ struct RawConfig {
     trust: RawTrust,
     #[serde(default)]
     webhook: RawWebhook,
+    #[serde(default)]
+    notify: Vec<crate::agent::notify::targets::RawNotify>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +90,7 @@ struct RawAgent {
     max_attempts: Option<u32>,
     backoff_max_seconds: Option<u64>,
     metrics_file: Option<PathBuf>,
+    tick_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +185,12 @@ pub struct Settings {
     /// `[webhook] listen` and `secret_file`: the daemon's push webhook (with `/healthz` and
     /// `/metrics`); default none (no listener).
     pub webhook: Option<crate::agent::webhook::WebhookSettings>,
+    /// `[[notify]]`: where events go (docs/notifications.md); default none.
+    pub notify: Vec<crate::agent::notify::targets::Target>,
+    /// `[agent] tick_timeout`: the daemon's watchdog stops pinging systemd when one sync
+    /// runs longer than this (a hung libvirt call or fetch), so that systemd restarts
+    /// it; default "1h".
+    pub tick_timeout: std::time::Duration,
 }
 
 impl Settings {
@@ -327,6 +339,18 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
             ))
         })?,
     };
+    let notify = crate::agent::notify::targets::check(raw.notify).map_err(ConfigError)?;
+    let tick_timeout = match raw.agent.tick_timeout {
+        None => DEFAULT_TICK_TIMEOUT,
+        Some(text) => humantime::parse_duration(&text)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "invalid [agent] tick_timeout '{text}': a duration (\"1h\", \"30m\")"
+                ))
+            })?,
+    };
     if url.as_deref() == Some("") {
         return Err(ConfigError("the source url is empty".into()));
     }
@@ -365,6 +389,8 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         probe_url,
         probe_max_skip,
         webhook,
+        notify,
+        tick_timeout,
     })
 }
 

@@ -139,6 +139,13 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
     };
     let mut conn = Some(Connection::new(&settings.libvirt_uri));
     let mut failures: u32 = 0;
+    let mut notifier = crate::agent::notify::daemon_notifier(
+        None,
+        &settings.state_dir,
+        &settings.host,
+        &settings.notify,
+    );
+    let watchdog = crate::agent::watchdog::start(settings.tick_timeout);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!(schedule = %settings.schedule.source(), host = %settings.host, "daemon started");
     let mut due = Utc::now();
@@ -157,6 +164,13 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
                     Ok((new, secret)) => {
                         info!("SIGHUP: reloaded the config; syncing now");
                         reload_webhook(hub.as_deref(), &settings, &new, secret);
+                        notifier = crate::agent::notify::daemon_notifier(
+                            notifier,
+                            &new.state_dir,
+                            &new.host,
+                            &new.notify,
+                        );
+                        watchdog.set_bound(new.tick_timeout);
                         settings = new;
                     }
                     Err(e) => error!(error = %e, "SIGHUP: keeping the old config; syncing now"),
@@ -177,12 +191,16 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
         let (job_settings, job_cancel) = (settings.clone(), cancel.clone());
         let max_attempts = settings.max_attempts;
         let render = hub.is_some();
+        let events = notifier.as_ref().map(crate::agent::notify::SyncEvents::new);
+        let tick = watchdog.tick();
         let job = tokio::task::spawn_blocking(move || {
+            let _tick = tick;
             let options = Options {
                 give_up_after: Some(max_attempts),
                 cancel: &job_cancel,
                 allow_rewind: false,
                 retry: &[],
+                events: events.as_ref(),
             };
             let (result, metrics) =
                 sync::run_with_metrics(&job_settings, &mut connection, &options, render);
@@ -202,6 +220,13 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
             hub.set_metrics(text);
         }
         let status = match &result {
+            Ok(report) if report.held.host.is_some() => {
+                failures = 0;
+                format!(
+                    "suspended: commit {} planned, not applied",
+                    &report.commit[..12.min(report.commit.len())]
+                )
+            }
             Ok(report) => {
                 failures = 0;
                 format!(
@@ -254,6 +279,10 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if let Some(notifier) = &notifier {
+        notifier.flush(crate::agent::notify::ONCE_WAIT);
+        notifier.close();
+    }
     info!("daemon stopped");
     0
 }

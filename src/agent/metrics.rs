@@ -25,6 +25,13 @@ fn parse_time(text: &Option<String>) -> Option<f64> {
     Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64())
 }
 
+/// The figures kept beside the record in the state directory: suspensions in force
+/// (`vmsync suspend`) and `vmsync_notify_failures_total`.
+pub fn agent_extras(state_dir: &std::path::Path) -> String {
+    crate::agent::suspend::in_force(state_dir).metrics()
+        + &crate::agent::notify::metrics(crate::agent::notify::load_file(state_dir).failures_total)
+}
+
 /// Renders the metrics. `report` is the last sync's, when it got as far as applying.
 pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> String {
     let mut out = String::new();
@@ -83,6 +90,14 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         "vmsync_last_applied_commit_info",
         "The last applied commit, as a label.",
         &applied,
+    );
+    gauge(
+        "vmsync_last_success_timestamp_seconds",
+        "When the last sync that converged ended (the watchdog's figure: alert when it grows old).",
+        &[(
+            String::new(),
+            parse_time(&record.last_applied_at).unwrap_or(0.0),
+        )],
     );
     gauge(
         "vmsync_last_applied_timestamp_seconds",

@@ -10,4 +10,6 @@ pub struct Report {
     pub commit: String,
     pub plan: Plan,
     pub outcome: Outcome,
+    /// What suspensions held back (`vmsync suspend`).
+    pub held: crate::agent::suspend::Held,
 }

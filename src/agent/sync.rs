@@ -92,6 +92,8 @@ pub struct Options<'a> {
     pub allow_rewind: bool,
     /// VMs whose held back definition is tried again (`vmsync --once --retry VM`).
     pub retry: &'a [String],
+    /// This sync's events (`[[notify]]`), when the host has any.
+    pub events: Option<&'a crate::agent::notify::SyncEvents>,
 }
 
 /// Refuses an untrusted commit before anything else looks at it: the signature (when
@@ -189,11 +191,15 @@ pub fn run_with_metrics(
 ) -> (Result<Report, SyncError>, Option<String>) {
     let started = Instant::now();
     let result = run_locked(settings, conn, options);
+    let record = || store::load(&settings.state_dir).unwrap_or_default();
+    if let Some(events) = options.events {
+        events.finish(&result, &record());
+    }
     let text = ((render || settings.metrics_file.is_some())
         && !matches!(result, Err(SyncError::Locked(_))))
     .then(|| {
-        let record = store::load(&settings.state_dir).unwrap_or_default();
-        crate::agent::metrics::render(&record, result.as_ref().ok(), started.elapsed())
+        crate::agent::metrics::render(&record(), result.as_ref().ok(), started.elapsed())
+            + &crate::agent::metrics::agent_extras(&settings.state_dir)
     });
     if let (Some(path), Some(text)) = (&settings.metrics_file, &text)
         && let Err(e) = fsio::write_atomic(path, text.as_bytes())
@@ -263,6 +269,7 @@ fn run_locked(
             &disks,
             options.cancel,
             (calls_before, stages),
+            options.events,
         )
     })();
     if let Err(e) = &result
@@ -398,6 +405,7 @@ pub fn apply_commit(
         disks,
         cancel,
         (calls_before, stages),
+        None,
     )
 }
 
@@ -415,6 +423,7 @@ fn apply_observed(
     disks: &dyn DiskProvisioner,
     cancel: &AtomicBool,
     (calls_before, mut stages): (u64, Vec<(&'static str, Duration)>),
+    events: Option<&crate::agent::notify::SyncEvents>,
 ) -> Result<Report, SyncError> {
     let short = &commit[..commit.len().min(12)];
     check_references(commit, desired, observed)?;
@@ -423,13 +432,29 @@ fn apply_observed(
         policy: &settings.changes,
         record,
     };
-    let plan = plan::plan(desired, observed, commit, &ctx);
+    let mut plan = plan::plan(desired, observed, commit, &ctx);
     if let Some(message) = &plan.refused {
         // Nothing of the commit is applied; the caller records the refusal.
         return Err(SyncError::Refused {
             commit: commit.to_string(),
             message: message.clone(),
         });
+    }
+    let held = crate::agent::suspend::held_back(&settings.state_dir, &mut plan, short);
+    if held.host.is_some() {
+        // Nothing is applied nor recorded but the drift just seen (reported, not healed).
+        if crate::agent::suspend::note_drift(record, &plan) {
+            store::save(&settings.state_dir, record)?;
+        }
+        return Ok(Report {
+            commit: commit.to_string(),
+            plan,
+            outcome: crate::reconcile::outcome::Outcome::default(),
+            held,
+        });
+    }
+    if let Some(events) = events {
+        events.applying(commit, record.last_applied_commit.as_deref());
     }
     if plan.is_noop()
         && plan.vms.iter().all(|vm| vm.error.is_none())
@@ -454,7 +479,10 @@ fn apply_observed(
     if !found.is_empty() {
         stages.push(("health", started.elapsed()));
     }
-
+    if let Some(events) = events {
+        events.applied(&outcome);
+    }
+    let before = record.vms.clone();
     record_update::record_outcome(
         record,
         commit,
@@ -464,6 +492,7 @@ fn apply_observed(
     );
     record_update::record_resources(record, commit, &plan.resources, &outcome.resources);
     crate::apply::health_stage::record(record, &plan, &found);
+    crate::agent::suspend::restore_records(record, &before, &held);
     store::save(&settings.state_dir, record)?;
     if !outcome.all_ok() {
         let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count()
@@ -492,6 +521,7 @@ fn apply_observed(
         commit: commit.to_string(),
         plan,
         outcome,
+        held,
     })
 }
 

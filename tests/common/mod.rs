@@ -632,6 +632,7 @@ pub fn options(cancel: &AtomicBool) -> sync::Options<'_> {
         cancel,
         allow_rewind: false,
         retry: &[],
+        events: None,
     }
 }
 
