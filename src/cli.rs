@@ -15,7 +15,13 @@ use tracing::{error, info, warn};
 
 use crate::agent::report::Report;
 use crate::agent::sync::{self, SyncError};
+use crate::agent::{daemon, notify, render_cmd, status, suspend};
+use crate::apply::health_stage;
 use crate::config::{self, Overrides};
+use crate::desired::network_pool_entries;
+use crate::host::hypervisor;
+use crate::onboard::import;
+use crate::reconcile::{plan_types, render};
 use crate::record::store;
 
 mod generate;
@@ -336,8 +342,8 @@ fn once_status(result: &Result<(), SyncError>, stopped_by: usize) -> Option<u8> 
 
 /// `vmsync plan` (and `--once --dry-run`): the suspensions in force, then the plan; in
 /// JSON, the plan object with `suspended`.
-fn print_plan(settings: &config::Settings, plan: &crate::reconcile::plan_types::Plan, json: bool) {
-    let suspended = crate::agent::suspend::in_force(&settings.state_dir);
+fn print_plan(settings: &config::Settings, plan: &plan_types::Plan, json: bool) {
+    let suspended = suspend::in_force(&settings.state_dir);
     if json {
         let mut value = serde_json::to_value(plan.to_json()).expect("plan serializes");
         value["suspended"] = suspended.to_json();
@@ -347,7 +353,7 @@ fn print_plan(settings: &config::Settings, plan: &crate::reconcile::plan_types::
         );
     } else {
         print!("{}", suspended.render_text());
-        print!("{}", crate::reconcile::render::output(plan, false));
+        print!("{}", render::output(plan, false));
     }
 }
 
@@ -389,7 +395,7 @@ fn print_once(r: Report) {
             vm.name
         );
     }
-    print!("{}", crate::reconcile::render::render_extra(&r.outcome));
+    print!("{}", render::render_extra(&r.outcome));
 }
 
 /// Parses the arguments, runs the command and returns the exit status.
@@ -456,13 +462,9 @@ pub fn run() -> u8 {
                 }
             };
             let notifier = (!settings.notify.is_empty()).then(|| {
-                crate::agent::notify::Notifier::start(
-                    &settings.state_dir,
-                    &settings.host,
-                    &settings.notify,
-                )
+                notify::Notifier::start(&settings.state_dir, &settings.host, &settings.notify)
             });
-            let events = notifier.as_ref().map(crate::agent::notify::SyncEvents::new);
+            let events = notifier.as_ref().map(notify::SyncEvents::new);
             let result = sync::run(
                 &settings,
                 &mut sync::Connection::new(&settings.libvirt_uri),
@@ -476,40 +478,37 @@ pub fn run() -> u8 {
             )
             .map(print_once);
             if let Some(notifier) = &notifier {
-                notifier.flush(crate::agent::notify::ONCE_WAIT);
+                notifier.flush(notify::ONCE_WAIT);
             }
             if let Some(status) = once_status(&result, which.load(Ordering::SeqCst)) {
                 return status;
             }
             result
         }
-        (None, false) => return crate::agent::daemon::run(flags, settings),
+        (None, false) => return daemon::run(flags, settings),
         (Some(_), true) => Err(SyncError::Config(config::ConfigError(
             "--once cannot be combined with a command".into(),
         ))),
         (Some(Command::Plan { json }), false) => sync::plan_only(&settings).map(|mut plan| {
-            crate::apply::health_stage::warn_in_plan(&mut plan, &settings.state_dir);
+            health_stage::warn_in_plan(&mut plan, &settings.state_dir);
             print_plan(&settings, &plan, *json)
         }),
-        (Some(Command::Suspend { reason, until, vm }), false) => crate::agent::suspend::suspend(
-            &settings.state_dir,
-            vm.as_deref(),
-            reason,
-            until.as_deref(),
-        )
-        .map(|s| {
-            let what = vm
-                .as_ref()
-                .map(|v| format!("vm '{v}'"))
-                .unwrap_or_else(|| "host".into());
-            println!(
-                "{what} suspended {}: commits are fetched and planned, not applied",
-                s.describe()
-            );
-        })
-        .map_err(|e| SyncError::Config(config::ConfigError(e))),
+        (Some(Command::Suspend { reason, until, vm }), false) => {
+            suspend::suspend(&settings.state_dir, vm.as_deref(), reason, until.as_deref())
+                .map(|s| {
+                    let what = vm
+                        .as_ref()
+                        .map(|v| format!("vm '{v}'"))
+                        .unwrap_or_else(|| "host".into());
+                    println!(
+                        "{what} suspended {}: commits are fetched and planned, not applied",
+                        s.describe()
+                    );
+                })
+                .map_err(|e| SyncError::Config(config::ConfigError(e)))
+        }
         (Some(Command::Resume { vm }), false) => {
-            crate::agent::suspend::resume(&settings.state_dir, vm.as_deref())
+            suspend::resume(&settings.state_dir, vm.as_deref())
                 .map(|(lifted, left)| {
                     let what = vm
                         .as_ref()
@@ -532,29 +531,26 @@ pub fn run() -> u8 {
                     d.vms.len(),
                     d.directories.len()
                 );
-                print!(
-                    "{}",
-                    crate::desired::network_pool_entries::validate_summary(&d.resources)
-                );
+                print!("{}", network_pool_entries::validate_summary(&d.resources));
             })
         }
         (Some(Command::Render { args }), false) => {
-            crate::agent::render_cmd::render(&settings, args).map(|text| print!("{text}"))
+            render_cmd::render(&settings, args).map(|text| print!("{text}"))
         }
         (Some(Command::Import { dir, names, force }), false) => {
-            crate::onboard::import::import(&settings, dir, names, *force)
-                .map(|done| print!("{}", crate::onboard::import::render(dir, &done)))
+            import::import(&settings, dir, names, *force)
+                .map(|done| print!("{}", import::render(dir, &done)))
         }
         (Some(Command::Status { json }), false) => store::load(&settings.state_dir)
             .map(|record| {
-                let hv = crate::host::hypervisor::Libvirt::connect(&settings.libvirt_uri);
+                let hv = hypervisor::Libvirt::connect(&settings.libvirt_uri);
                 let hv_ref = hv
                     .as_ref()
-                    .map(|h| h as &dyn crate::host::hypervisor::Hypervisor)
+                    .map(|h| h as &dyn hypervisor::Hypervisor)
                     .map_err(Clone::clone);
-                let mut status = crate::agent::status::status(&record, hv_ref);
-                crate::agent::status::check_local_state(&mut status, &record, &settings.state_dir);
-                let suspended = crate::agent::suspend::in_force(&settings.state_dir);
+                let mut status = status::status(&record, hv_ref);
+                status::check_local_state(&mut status, &record, &settings.state_dir);
+                let suspended = suspend::in_force(&settings.state_dir);
                 if *json {
                     let mut value = serde_json::to_value(&status).expect("status serializes");
                     value["suspended"] = suspended.to_json();
@@ -563,7 +559,7 @@ pub fn run() -> u8 {
                         serde_json::to_string_pretty(&value).expect("status serializes")
                     );
                 } else {
-                    print!("{}", crate::agent::status::render_text(&status));
+                    print!("{}", status::render_text(&status));
                     print!("{}", suspended.render_text());
                 }
             })

@@ -9,6 +9,7 @@ use std::time::Duration;
 use strum::IntoEnumIterator;
 
 use crate::agent::report::Report;
+use crate::agent::{notify, suspend};
 use crate::reconcile::plan_types::ActionKind;
 use crate::record::{HealthResult, Record, SyncResult};
 
@@ -28,8 +29,8 @@ fn parse_time(text: &Option<String>) -> Option<f64> {
 /// The figures kept beside the record in the state directory: suspensions in force
 /// (`vmsync suspend`) and `vmsync_notify_failures_total`.
 pub fn agent_extras(state_dir: &std::path::Path) -> String {
-    crate::agent::suspend::in_force(state_dir).metrics()
-        + &crate::agent::notify::metrics(crate::agent::notify::load_file(state_dir).failures_total)
+    suspend::in_force(state_dir).metrics()
+        + &notify::metrics(notify::load_file(state_dir).failures_total)
 }
 
 /// Renders the metrics. `report` is the last sync's, when it got as far as applying.

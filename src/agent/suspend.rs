@@ -11,6 +11,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::reconcile::plan_types;
+use crate::record;
+use crate::util::{clock, fsio};
+
 /// The file in the state directory.
 pub const SUSPEND_FILE: &str = "suspend.json";
 
@@ -198,7 +202,7 @@ pub fn in_force(state_dir: &Path) -> Suspensions {
                 host: Some(Suspension {
                     by: "vmsync".into(),
                     reason: format!("{e}"),
-                    since: crate::util::clock::now_rfc3339(),
+                    since: clock::now_rfc3339(),
                     until: None,
                 }),
                 vms: BTreeMap::new(),
@@ -211,7 +215,7 @@ fn save(state_dir: &Path, s: &Suspensions) -> anyhow::Result<()> {
     std::fs::create_dir_all(state_dir)
         .map_err(|e| anyhow::anyhow!("failed to create '{}': {e}", state_dir.display()))?;
     let text = serde_json::to_string_pretty(s).expect("suspensions serialize");
-    crate::util::fsio::write_atomic(&path(state_dir), format!("{text}\n").as_bytes())
+    fsio::write_atomic(&path(state_dir), format!("{text}\n").as_bytes())
 }
 
 /// The invoking user: `SUDO_USER` (the person behind sudo), else `USER`, else `uid N`.
@@ -335,7 +339,7 @@ pub struct Held {
 }
 
 /// The planned actions of `plan`.
-pub fn changes(plan: &crate::reconcile::plan_types::Plan) -> usize {
+pub fn changes(plan: &plan_types::Plan) -> usize {
     let r = &plan.resources;
     plan.create_directories.len()
         + plan.vms.iter().map(|v| v.actions.len()).sum::<usize>()
@@ -352,7 +356,7 @@ pub fn changes(plan: &crate::reconcile::plan_types::Plan) -> usize {
 /// Holds back what `s` suspends: with the host suspended and something to do, the whole
 /// plan (the caller then applies nothing); else the actions of each suspended VM
 /// (its drift stays reported, not healed), its prune included.
-pub fn hold(plan: &mut crate::reconcile::plan_types::Plan, s: &Suspensions) -> Held {
+pub fn hold(plan: &mut plan_types::Plan, s: &Suspensions) -> Held {
     let mut held = Held::default();
     if let Some(host) = &s.host {
         let n = changes(plan);
@@ -388,11 +392,7 @@ pub fn hold(plan: &mut crate::reconcile::plan_types::Plan, s: &Suspensions) -> H
 
 /// The sync's step: holds back what the suspensions in force in `state_dir` suspend,
 /// with a log line for each.
-pub fn held_back(
-    state_dir: &Path,
-    plan: &mut crate::reconcile::plan_types::Plan,
-    commit: &str,
-) -> Held {
+pub fn held_back(state_dir: &Path, plan: &mut plan_types::Plan, commit: &str) -> Held {
     let held = hold(plan, &in_force(state_dir));
     if let Some(host) = &held.host {
         tracing::warn!(
@@ -411,10 +411,7 @@ pub fn held_back(
 /// With the host suspended: the drift the plan saw goes into the records of the VMs,
 /// networks and pools (nothing else changes), so that `vmsync status` and the metrics
 /// report it. Whether anything changed.
-pub fn note_drift(
-    record: &mut crate::record::Record,
-    plan: &crate::reconcile::plan_types::Plan,
-) -> bool {
+pub fn note_drift(record: &mut record::Record, plan: &plan_types::Plan) -> bool {
     let mut changed = false;
     for vm in &plan.vms {
         if let Some(entry) = record.vms.get_mut(&vm.name)
@@ -445,8 +442,8 @@ pub fn note_drift(
 /// before (they did not get the commit), keeping the drift just seen; a VM new in the
 /// commit gets no entry.
 pub fn restore_records(
-    record: &mut crate::record::Record,
-    before: &BTreeMap<String, crate::record::VmRecord>,
+    record: &mut record::Record,
+    before: &BTreeMap<String, record::VmRecord>,
     held: &Held,
 ) {
     for name in held.vms.keys() {
@@ -459,7 +456,7 @@ pub fn restore_records(
                     .unwrap_or_default();
                 record.vms.insert(
                     name.clone(),
-                    crate::record::VmRecord {
+                    record::VmRecord {
                         drift,
                         ..old.clone()
                     },

@@ -10,25 +10,28 @@ use tracing::{debug, error, info, warn};
 
 use crate::agent::report::Report;
 use crate::agent::stage_clock::StageClock;
-use crate::apply::vms;
+use crate::agent::{metrics, notify, suspend};
+use crate::apply::{health_stage, vms};
 use crate::config::{ConfigError, Settings};
 use crate::desired::desired_state::{Desired, Policy};
 use crate::desired::manifest::Problem;
 use crate::desired::schema_check::{SchemaChecker, SchemaError};
-use crate::desired::validate;
+use crate::desired::{resource_xml, schema_check, validate};
 pub use crate::error::SyncError;
 use crate::host::disk::DiskProvisioner;
 pub use crate::host::hypervisor::Connection;
 use crate::host::hypervisor::Hypervisor;
 use crate::host::schema_cache::CachedSchema;
-use crate::host::{observe_domains, schema_cache};
+use crate::host::{
+    disk, hypervisor, observe_domains, observe_networks_pools, schema_cache, schema_test_driver,
+};
 use crate::reconcile::outcome::Outcome;
 use crate::reconcile::plan_types::Plan;
-use crate::reconcile::{plan, record_update};
+use crate::reconcile::{diff, plan, record_update, render};
 use crate::record::{Record, store};
 use crate::repo::files::RepoFiles;
-use crate::repo::source;
 use crate::repo::trust::{self, Floor};
+use crate::repo::{files, probe, source};
 use crate::util::commit_id::short;
 use crate::util::{clock, fsio};
 
@@ -89,7 +92,7 @@ pub struct Options<'a> {
     /// VMs whose held back definition is tried again (`vmsync --once --retry VM`).
     pub retry: &'a [String],
     /// This sync's events (`[[notify]]`), when the host has any.
-    pub events: Option<&'a crate::agent::notify::SyncEvents>,
+    pub events: Option<&'a notify::SyncEvents>,
 }
 
 /// Refuses an untrusted commit before anything else looks at it: the signature (when
@@ -176,7 +179,7 @@ pub struct Env<'a> {
     pub disks: &'a dyn DiskProvisioner,
     pub cancel: &'a AtomicBool,
     /// This sync's events (`[[notify]]`), when the host has any.
-    pub events: Option<&'a crate::agent::notify::SyncEvents>,
+    pub events: Option<&'a notify::SyncEvents>,
 }
 
 /// What validation handed on: the desired state, the schema cache, and the XML whose
@@ -215,8 +218,8 @@ pub fn run_with_metrics(
     let text = ((render || settings.metrics_file.is_some())
         && !matches!(result, Err(SyncError::Locked(_))))
     .then(|| {
-        crate::agent::metrics::render(&record(), result.as_ref().ok(), started.elapsed())
-            + &crate::agent::metrics::agent_extras(&settings.state_dir)
+        metrics::render(&record(), result.as_ref().ok(), started.elapsed())
+            + &metrics::agent_extras(&settings.state_dir)
     });
     if let (Some(path), Some(text)) = (&settings.metrics_file, &text)
         && let Err(e) = fsio::write_atomic(path, text.as_bytes())
@@ -263,7 +266,7 @@ fn run_locked(
 /// The commit to sync: the change probe's answer, or a fetch.
 fn fetch(settings: &Settings) -> Result<source::FetchedCommit, SyncError> {
     let source = settings.source()?;
-    Ok(crate::repo::probe::fetch(
+    Ok(probe::fetch(
         &source,
         settings.probe().as_ref(),
         &settings.state_dir,
@@ -297,7 +300,7 @@ fn converge(
     let hv = conn.get()?;
     clock.lap("connect");
     clock.count_calls_from(hv.call_count());
-    let disks = crate::host::disk::QemuImg::default();
+    let disks = disk::QemuImg::default();
     let env = Env {
         settings,
         hv,
@@ -447,10 +450,10 @@ fn apply_observed(
 ) -> Result<Report, SyncError> {
     check_references(commit, desired, observed)?;
     let mut plan = plan_to_apply(env.settings, record, commit, desired, observed)?;
-    let held = crate::agent::suspend::held_back(&env.settings.state_dir, &mut plan, short(commit));
+    let held = suspend::held_back(&env.settings.state_dir, &mut plan, short(commit));
     if held.host.is_some() {
         // Nothing is applied nor recorded but the drift just seen (reported, not healed).
-        if crate::agent::suspend::note_drift(record, &plan) {
+        if suspend::note_drift(record, &plan) {
             store::save(&env.settings.state_dir, record)?;
         }
         return Ok(Report {
@@ -467,14 +470,14 @@ fn apply_observed(
     let mut outcome = vms::apply(&plan, env.hv, env.disks, env.cancel);
     clock.lap("apply");
     // Health checks of the VMs started with a new definition, and reverts.
-    let stage = crate::apply::health_stage::Stage {
+    let stage = health_stage::Stage {
         state_dir: &env.settings.state_dir,
         commit,
         shutdown_timeout: env.settings.changes.shutdown_timeout,
         hv: env.hv,
         cancel: env.cancel,
     };
-    let found = crate::apply::health_stage::run(&stage, &plan, desired, &mut outcome, record);
+    let found = health_stage::run(&stage, &plan, desired, &mut outcome, record);
     if found.is_empty() {
         clock.skip();
     } else {
@@ -492,7 +495,7 @@ fn apply_observed(
         &found,
         &clock::now_rfc3339(),
     );
-    crate::agent::suspend::restore_records(record, &before, &held);
+    suspend::restore_records(record, &before, &held);
     store::save(&env.settings.state_dir, record)?;
     let calls = clock.calls_since(env.hv.call_count());
     finish(
@@ -580,16 +583,11 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let fetched = source::fetch(&settings.source()?, &settings.state_dir)?;
     let commit = fetched.id();
     let desired = trusted_and_valid(settings, &record, &fetched, false)?;
-    let hv = crate::host::hypervisor::Libvirt::connect(&settings.libvirt_uri)?;
-    let observed = observe_commit(
-        &record,
-        &desired,
-        &hv,
-        &crate::host::disk::QemuImg::default(),
-    )?;
+    let hv = hypervisor::Libvirt::connect(&settings.libvirt_uri)?;
+    let observed = observe_commit(&record, &desired, &hv, &disk::QemuImg::default())?;
     check_floors(&fetched, &observed_floors(&observed), false)?;
     check_references(&commit, &desired, &observed)?;
-    let normalizer = crate::host::schema_test_driver::TestDriverSchema::new()?;
+    let normalizer = schema_test_driver::TestDriverSchema::new()?;
     Ok(plan_observed(
         settings,
         &record,
@@ -614,18 +612,15 @@ fn observe_commit(
         .map(|(name, vm)| (name.clone(), vm.definition_hash.clone()))
         .collect();
     let mut observed = observe_domains::observe(desired, &applied, hv, disks)?;
-    observed.resources = crate::host::observe_networks_pools::observe(
-        &desired.resources,
-        &recorded_resources(record),
-        hv,
-    )?;
+    observed.resources =
+        observe_networks_pools::observe(&desired.resources, &recorded_resources(record), hv)?;
     Ok(observed)
 }
 
 /// The networks and pools this agent's record says it applied.
 fn recorded_resources(
     record: &Record,
-) -> std::collections::BTreeSet<(crate::desired::resource_xml::ResourceKind, String)> {
+) -> std::collections::BTreeSet<(resource_xml::ResourceKind, String)> {
     use crate::desired::resource_xml::ResourceKind;
     let networks = record
         .networks
@@ -642,8 +637,7 @@ fn check_references(
     desired: &Desired,
     observed: &observe_domains::Observed,
 ) -> Result<(), SyncError> {
-    let problems =
-        crate::host::observe_networks_pools::missing(&desired.resources, &observed.resources);
+    let problems = observe_networks_pools::missing(&desired.resources, &observed.resources);
     if problems.is_empty() {
         return Ok(());
     }
@@ -660,21 +654,21 @@ fn plan_observed(
     commit: &str,
     desired: &Desired,
     observed: &observe_domains::Observed,
-    normalizer: &dyn crate::desired::schema_check::Normalizer,
+    normalizer: &dyn schema_check::Normalizer,
 ) -> Plan {
     let ctx = plan::Context {
         policy: &settings.changes,
         record,
     };
     let mut plan = plan::plan(desired, observed, commit, &ctx);
-    crate::reconcile::diff::annotate(&mut plan, normalizer);
-    crate::reconcile::render::annotate_resources(&mut plan.resources);
+    diff::annotate(&mut plan, normalizer);
+    render::annotate_resources(&mut plan.resources);
     plan
 }
 
 /// `vmsync validate DIR`: validates a checkout on disk for every host, offline.
 pub fn validate_dir(settings: &Settings, dir: &std::path::Path) -> Result<Desired, SyncError> {
-    let files = crate::repo::files::DirFiles::new(dir);
+    let files = files::DirFiles::new(dir);
     let policy = Policy {
         host: None,
         disk_roots: settings.disk_roots.clone(),

@@ -15,13 +15,14 @@ use crate::desired::desired_state::{Desired, DesiredVm};
 use crate::desired::domain_xml;
 use crate::host::health_probe::{self as check, Verdict};
 use crate::host::hypervisor::Hypervisor;
+use crate::reconcile::diff;
 use crate::reconcile::health_rules::{
     AfterFailure, Due, Found, PutBack, VmHealth, after_failure, due, revert_result,
 };
 use crate::reconcile::outcome::{Outcome, VmFailure, VmOutcome};
 use crate::reconcile::plan_types::{Plan, VmPlan};
-use crate::record::{HealthResult, Record, VmRecord, store};
-use crate::util::fsio;
+use crate::record::{HealthResult, Record, VmRecord, healthy_file, store};
+use crate::util::{commit_id, fsio, par};
 
 /// VMs checked at the same time (a check mostly waits).
 pub const THREADS: usize = 8;
@@ -62,7 +63,7 @@ pub fn run(
     if work.is_empty() {
         return Vec::new();
     }
-    let found: Vec<Found> = crate::util::par::map(work, THREADS, |(vm, p, o)| {
+    let found: Vec<Found> = par::map(work, THREADS, |(vm, p, o)| {
         one(stage, vm, p, o, record.vms.get(&vm.name))
     })
     .into_iter()
@@ -94,7 +95,7 @@ fn one(
 ) -> Option<Found> {
     let spec = vm.health.as_ref()?;
     let name = &vm.name;
-    let short = crate::util::commit_id::short(stage.commit);
+    let short = commit_id::short(stage.commit);
     let Some(how) = due(Some(spec), plan, outcome, old) else {
         let has_healthy = old.is_some_and(|r| r.healthy_fingerprint.is_some());
         if !has_healthy && outcome.error.is_none() && outcome.up && !outcome.pending_restart {
@@ -156,7 +157,7 @@ fn one(
         .filter(|(_, fp)| *fp != plan.fingerprint);
     let healthy_xml = match healthy
         .as_ref()
-        .map(|(_, fp)| crate::record::healthy_file::read(stage.state_dir, name, fp))
+        .map(|(_, fp)| healthy_file::read(stage.state_dir, name, fp))
     {
         Some(Err(damaged)) if spec.revert => {
             error!(vm = %name, commit = %short, "not reverted: {damaged}");
@@ -178,19 +179,19 @@ fn one(
     let (healthy_commit, healthy_fp) = healthy.expect("a healthy definition to revert to");
     let healthy_xml = healthy_xml.expect("read above");
     let timeout = vm.shutdown_timeout.unwrap_or(stage.shutdown_timeout);
-    info!(vm = %name, commit = %short, healthy_commit = %crate::util::commit_id::short(&healthy_commit), "putting the last healthy definition back");
+    info!(vm = %name, commit = %short, healthy_commit = %commit_id::short(&healthy_commit), "putting the last healthy definition back");
     let reverted = match check::revert(stage.hv, name, &healthy_xml, timeout, stage.cancel) {
         Ok(after) => {
-            let diff = crate::reconcile::diff::unified(
+            let diff = diff::unified(
                 &bad_xml,
                 &after,
                 &format!("{name} (unhealthy, commit {short})"),
                 &format!(
                     "{name} (put back, commit {})",
-                    crate::util::commit_id::short(&healthy_commit)
+                    commit_id::short(&healthy_commit)
                 ),
             );
-            crate::reconcile::diff::log(name, short, &diff);
+            diff::log(name, short, &diff);
             result.put_back = Some(PutBack {
                 commit: healthy_commit.clone(),
                 fingerprint: healthy_fp.clone(),
@@ -239,7 +240,7 @@ fn one(
 /// again when the VM runs that very definition (the same fingerprint); otherwise it is
 /// reported, and stays unused.
 fn repair_healthy(state_dir: &Path, name: &str, fingerprint: &str, hv: &dyn Hypervisor) {
-    let Err(damaged) = crate::record::healthy_file::read(state_dir, name, fingerprint) else {
+    let Err(damaged) = healthy_file::read(state_dir, name, fingerprint) else {
         return;
     };
     let running = hv
@@ -286,7 +287,7 @@ pub fn warn_in_plan(plan: &mut Plan, state_dir: &Path) {
         else {
             continue;
         };
-        if let Err(why) = crate::record::healthy_file::read(state_dir, &vm.name, fingerprint) {
+        if let Err(why) = healthy_file::read(state_dir, &vm.name, fingerprint) {
             vm.warnings.push(why);
         }
     }

@@ -16,12 +16,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::{debug, error, info, warn};
 
+use crate::apply::networks_pools;
 use crate::desired::domain_xml;
 use crate::host::disk::DiskProvisioner;
 use crate::host::hypervisor::Hypervisor;
 use crate::host::power::{StopError, graceful_stop};
+use crate::reconcile::diff;
 use crate::reconcile::outcome::{Outcome, PruneOutcome, VmFailure, VmOutcome};
 use crate::reconcile::plan_types::{Action, Plan, VmPlan};
+use crate::util::par;
 
 /// VMs converged at the same time.
 pub const THREADS: usize = 4;
@@ -54,13 +57,12 @@ pub fn apply(
         }
     }
     // Pools (defined, built, started), then volumes, then networks, before the domains.
-    outcome.resources =
-        crate::apply::networks_pools::apply_before_domains(&plan.resources, hv, short);
+    outcome.resources = networks_pools::apply_before_domains(&plan.resources, hv, short);
     // VMs are independent: their actions run on a few threads (libvirt serves
     // concurrent calls on one connection; disk creations are separate processes).
     // Within a VM, actions stay in order.
     let vms: Vec<&VmPlan> = plan.vms.iter().collect();
-    outcome.vms = crate::util::par::map(vms, THREADS, |vm| apply_vm(vm, hv, disks, cancel, short));
+    outcome.vms = par::map(vms, THREADS, |vm| apply_vm(vm, hv, disks, cancel, short));
     for p in plan
         .prune
         .iter()
@@ -105,12 +107,7 @@ pub fn apply(
     }
     // Networks and pools after the domains that used them.
     if !cancel.load(Ordering::SeqCst) {
-        crate::apply::networks_pools::apply_prune(
-            &plan.resources,
-            hv,
-            short,
-            &mut outcome.resources,
-        );
+        networks_pools::apply_prune(&plan.resources, hv, short, &mut outcome.resources);
     }
     outcome
 }
@@ -121,13 +118,9 @@ fn read_back(hv: &dyn Hypervisor, vm: &VmPlan, short: &str, result: &mut VmOutco
     match hv.xml(&vm.name, true) {
         Ok(after) => {
             result.definition_hash = domain_xml::definition_hash(&after);
-            let diff = crate::reconcile::diff::definition_diff(
-                &vm.name,
-                vm.current_xml.as_deref(),
-                &after,
-                &vm.source_xml,
-            );
-            crate::reconcile::diff::log(&vm.name, short, &diff);
+            let diff =
+                diff::definition_diff(&vm.name, vm.current_xml.as_deref(), &after, &vm.source_xml);
+            diff::log(&vm.name, short, &diff);
         }
         Err(e) => {
             warn!(vm = %vm.name, error = %e, "could not read the new definition back")

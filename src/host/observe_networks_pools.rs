@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::desired::desired_state::{DesiredResources, ExternalRef, Target};
+use crate::desired::manifest;
 use crate::desired::resource_xml::{self, ResourceKind, ResourceSummary};
 use crate::host::hypervisor::{HvError, Hypervisor, Listing};
 
@@ -150,10 +151,7 @@ pub fn observe(
 }
 
 /// The references of the commit that neither the commit nor the host has (exit 3).
-pub fn missing(
-    desired: &DesiredResources,
-    observed: &ObservedResources,
-) -> Vec<crate::desired::manifest::Problem> {
+pub fn missing(desired: &DesiredResources, observed: &ObservedResources) -> Vec<manifest::Problem> {
     let has = |e: &ExternalRef| match &e.target {
         Target::Network(n) => observed.names.contains(&(ResourceKind::Network, n.clone())),
         Target::Pool(p) => {

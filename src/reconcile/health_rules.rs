@@ -17,7 +17,6 @@
 //!   newer commit changes it or `--retry VM` asks for another try.
 
 use crate::desired::health_spec::HealthSpec;
-
 use crate::reconcile::outcome::{VmFailure, VmOutcome};
 use crate::reconcile::plan_types::{Action, VmPlan};
 use crate::record::{HealthResult, VmRecord};

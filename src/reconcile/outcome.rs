@@ -2,8 +2,10 @@
 //! Pure data, written by `apply` and read by the health rules, the record update, the
 //! rendering and the metrics.
 
+use crate::desired::manifest;
 use crate::desired::resource_xml::ResourceKind;
 use crate::host::power::SHUTDOWN_INTERRUPTED;
+use crate::reconcile::plan_types;
 use crate::reconcile::plan_types::ActionKind;
 use crate::record::VmRecord;
 
@@ -44,7 +46,7 @@ pub struct VmOutcome {
     pub name: String,
     pub fingerprint: String,
     pub autostart: bool,
-    pub state: crate::desired::manifest::PowerState,
+    pub state: manifest::PowerState,
     /// Descriptions of the actions done.
     pub done: Vec<String>,
     pub error: Option<VmFailure>,
@@ -60,7 +62,7 @@ pub struct VmOutcome {
     /// Running after the actions (was running and not stopped, or was started).
     pub up: bool,
     /// Kinds of the actions done (see `Action::kind`).
-    pub kinds: Vec<crate::reconcile::plan_types::ActionKind>,
+    pub kinds: Vec<plan_types::ActionKind>,
     /// The commit's definition was defined (or redefined) on the host.
     pub defined: bool,
     /// The autostart flag was set to `autostart` on the host.
@@ -118,7 +120,7 @@ impl VmOutcome {
         if self.power_unsettled {
             // `defined`: vmsync claims no power state, so whatever state the guest ends
             // in is no drift; the next plan starts or stops it as the commit says.
-            entry.state = Some(crate::desired::manifest::PowerState::Defined);
+            entry.state = Some(manifest::PowerState::Defined);
         }
         entry
     }

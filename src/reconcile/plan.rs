@@ -30,6 +30,7 @@ use crate::host::observe_domains::{Observed, SeenDomain};
 use crate::reconcile::drift::{self, Drift};
 use crate::reconcile::plan_types::{Action, Plan, PrunePlan, VmPlan};
 use crate::reconcile::policy::ChangePolicy;
+use crate::reconcile::{adopt, health_rules, plan_networks_pools, plan_types};
 use crate::record::Record;
 
 /// What the planner needs besides the desired and observed state.
@@ -56,8 +57,8 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
             let mut p = plan_vm(vm, observed, commit, ctx, &mut claimed);
             // A definition reverted by a health check is not tried again (see `health`).
             let rec = ctx.record.vms.get(&vm.name);
-            crate::reconcile::health_rules::hold_back(&mut p, rec);
-            p.health = rec.and_then(crate::reconcile::plan_types::HealthView::of);
+            health_rules::hold_back(&mut p, rec);
+            p.health = rec.and_then(plan_types::HealthView::of);
             if p.health.is_none() && vm.health.is_some() {
                 p.health = Some(Default::default());
             }
@@ -68,9 +69,7 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         })
         .collect();
     let prune = plan_prune(observed, ctx, &claimed);
-    let resources = crate::reconcile::plan_networks_pools::plan(
-        desired, observed, commit, ctx.record, ctx.policy,
-    );
+    let resources = plan_networks_pools::plan(desired, observed, commit, ctx.record, ctx.policy);
     // Networks and pools count towards the mass-prune guard.
     let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count() + resources.pruning();
     let foreign_tagged = observed
@@ -231,7 +230,7 @@ fn plan_vm(
             }
             Some(_) => {}
         }
-        if let Some(e) = crate::reconcile::adopt::uuid_conflict(vm, seen) {
+        if let Some(e) = adopt::uuid_conflict(vm, seen) {
             return fail(out, e);
         }
         out.current_hash = seen.definition_hash.clone();
@@ -321,7 +320,7 @@ fn plan_vm(
                     // only reported with self-heal off.
                     out.rendered_xml = Some(xml);
                 } else if adopting {
-                    let adopt = crate::reconcile::adopt::action(seen, tag.clone(), xml);
+                    let adopt = adopt::action(seen, tag.clone(), xml);
                     if matches!(
                         adopt,
                         Action::Adopt {

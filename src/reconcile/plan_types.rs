@@ -11,6 +11,7 @@ use crate::desired::disk_spec::DiskSpec;
 use crate::desired::domain_xml::Tag;
 use crate::desired::manifest::PowerState;
 use crate::desired::resource_xml::ResourceKind;
+use crate::desired::values;
 use crate::record::{HealthResult, VmRecord};
 use crate::util::commit_id::short;
 
@@ -119,7 +120,7 @@ impl Action {
                     "create {} disk '{}' ({})",
                     spec.format,
                     spec.path.display(),
-                    crate::desired::values::human_size(spec.size_bytes)
+                    values::human_size(spec.size_bytes)
                 )
             }
             Action::Rename { from } => format!("rename from '{from}'"),

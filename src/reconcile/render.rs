@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::desired::resource_xml::ResourceKind;
 use crate::reconcile::outcome::{Outcome, ResourceOutcome};
 use crate::reconcile::plan_types::{Action, ActionKind, Plan, ResPlan, ResourcePlan};
+use crate::reconcile::{diff, plan_types};
 
 /// Renders a plan for people (`vmsync plan`).
 pub fn render(plan: &Plan) -> String {
@@ -124,7 +125,7 @@ pub struct VmJson<'a> {
     pub error: Option<&'a str>,
     pub warnings: &'a [String],
     /// `[vm.health]`: last result, last healthy commit, held back commit.
-    pub health: Option<&'a crate::reconcile::plan_types::HealthView>,
+    pub health: Option<&'a plan_types::HealthView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -314,7 +315,7 @@ pub fn annotate_resources(plan: &mut ResourcePlan) {
             continue;
         }
         let before = p.current_xml.clone().unwrap_or_default();
-        let diff = crate::reconcile::diff::unified(&before, &p.source_xml, "host", "commit");
+        let diff = diff::unified(&before, &p.source_xml, "host", "commit");
         if !diff.trim().is_empty() {
             p.diff = Some(diff);
         }

@@ -13,6 +13,7 @@ use sha2::Sha256;
 use super::event::Event;
 use super::forge;
 use super::targets::{Kind, Target, origin};
+use crate::repo::https;
 
 /// The header of a signed webhook.
 pub const SIGNATURE_HEADER: &str = "X-Vmsync-Signature-256";
@@ -125,7 +126,7 @@ fn post(
             .max_redirects(0)
             .proxy(None)
             .user_agent(concat!("vmsync/", env!("CARGO_PKG_VERSION")))
-            .tls_config(crate::repo::https::tls_config())
+            .tls_config(https::tls_config())
             .build();
         ureq::Agent::new_with_config(config)
     });

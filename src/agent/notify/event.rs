@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::suspend::Suspension;
+use crate::util::clock;
 
 /// The schema version of [`Event`].
 pub const VERSION: u32 = 1;
@@ -147,7 +148,7 @@ impl Event {
             previous_commit: None,
             summary,
             error: None,
-            started_at: crate::util::clock::now_rfc3339(),
+            started_at: clock::now_rfc3339(),
             finished_at: None,
             vms: vec![],
             networks: vec![],

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
+use crate::util::{clock, fsio};
 pub use event::{Event, EventKind};
 pub use sync_events::SyncEvents;
 pub use targets::{RawNotify, Target};
@@ -83,7 +84,7 @@ fn save_file(state_dir: &Path, file: &NotifyFile) {
     let mut file = file.clone();
     file.version = 1;
     let text = serde_json::to_string_pretty(&file).expect("notify file serializes");
-    if let Err(e) = crate::util::fsio::write_atomic(&state_dir.join(NOTIFY_FILE), text.as_bytes()) {
+    if let Err(e) = fsio::write_atomic(&state_dir.join(NOTIFY_FILE), text.as_bytes()) {
         warn!(error = %e, "failed to write the notify file");
     }
 }
@@ -250,7 +251,7 @@ impl Notifier {
             let now = Instant::now();
             lane.queue.push_back(Job {
                 event: event.clone(),
-                queued_at: crate::util::clock::now_rfc3339(),
+                queued_at: clock::now_rfc3339(),
                 attempts: 0,
                 next_at: now,
                 give_up_at: now + RETRY_FOR,

@@ -9,9 +9,10 @@ use super::{Notifier, forge};
 use crate::agent::report::Report;
 use crate::agent::suspend::Held;
 use crate::agent::sync::SyncError;
+use crate::reconcile::outcome;
 use crate::reconcile::outcome::Outcome;
-use crate::record::HealthResult;
-use crate::record::Record;
+use crate::record::{HealthResult, Record};
+use crate::util::clock;
 
 /// What applying did: VMs, networks, pools.
 type Applied = (Vec<Item>, Vec<Item>, Vec<Item>);
@@ -34,7 +35,7 @@ impl SyncEvents {
     pub fn new(notifier: &Arc<Notifier>) -> SyncEvents {
         SyncEvents {
             notifier: notifier.clone(),
-            started_at: crate::util::clock::now_rfc3339(),
+            started_at: clock::now_rfc3339(),
             previous: Mutex::new(None),
             applied: Mutex::new(None),
         }
@@ -87,7 +88,7 @@ impl SyncEvents {
             }))
             .filter(|i| !i.actions.is_empty() || i.error.is_some())
             .collect();
-        let res = |list: &[crate::reconcile::outcome::ResOutcome]| -> Vec<Item> {
+        let res = |list: &[outcome::ResOutcome]| -> Vec<Item> {
             list.iter()
                 .filter(|r| !r.done.is_empty() || r.error.is_some())
                 .map(|r| Item {
@@ -136,7 +137,7 @@ impl SyncEvents {
         let told = Told {
             commit: event.commit.clone(),
             outcome: event.event,
-            at: crate::util::clock::now_rfc3339(),
+            at: clock::now_rfc3339(),
         };
         self.notifier.with_file(|f| f.last = Some(told));
         let mut event = event;
@@ -275,7 +276,7 @@ impl SyncEvents {
         };
         let mut event = self.event(kind, commit, summary);
         event.error = error;
-        event.finished_at = Some(crate::util::clock::now_rfc3339());
+        event.finished_at = Some(clock::now_rfc3339());
         event.vms = vms;
         event.networks = networks;
         event.pools = pools;
