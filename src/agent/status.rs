@@ -388,3 +388,80 @@ pub fn resource_status_text(networks: &[ResourceStatus], pools: &[ResourceStatus
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::FakeHost;
+
+    fn fixture() -> Record {
+        serde_json::from_str(include_str!("../../tests/fixtures/state-2375f90.json")).unwrap()
+    }
+
+    #[test]
+    fn status_without_libvirt_shows_the_record_and_why_libvirt_is_missing() {
+        let record = fixture();
+        let down = HvError::new("connect to libvirt", None, "qemu:///system", "no socket");
+        let s = status(&record, Err(down));
+        assert!(s.libvirt_error.as_deref().unwrap().contains("no socket"));
+        assert_eq!(s.vms.len(), 4);
+        assert!(
+            s.vms.iter().all(|vm| vm.defined.is_none()),
+            "unknown, not false"
+        );
+        let text = render_text(&s);
+        assert!(
+            text.contains("libvirt:             unreachable: "),
+            "{text}"
+        );
+        assert!(text.contains("last attempt:        9b8c7d6e5f4a"), "{text}");
+        assert!(text.contains("): failed\n"), "{text}");
+        assert!(
+            text.contains("error: failed to start domain 'db'"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "health: reverted; last healthy commit 3f2a9c41d0b7; held back: commit 9b8c7d6e5f4a"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("pool     images "), "{text}");
+        let web = text.lines().find(|l| l.starts_with("web ")).unwrap();
+        assert!(web.contains("9b8c7d6e5f4a"), "{web}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["last_result"], "failed");
+        assert_eq!(json["vms"][3]["name"], "worker");
+        assert_eq!(json["vms"][3]["health"]["result"], "healthy");
+    }
+
+    #[test]
+    fn status_with_libvirt_says_what_is_defined_and_running() {
+        let mut record = Record::default();
+        record.vms.insert(
+            "web".into(),
+            crate::record::VmRecord {
+                applied_commit: Some("c1".into()),
+                ok: true,
+                ..Default::default()
+            },
+        );
+        let host = FakeHost::default();
+        let xml = "<domain type='qemu'><name>web</name><memory>1024</memory><os><type>hvm</type></os></domain>";
+        host.define(xml).unwrap();
+        host.start("web").unwrap();
+        let s = status(&record, Ok(&host));
+        assert_eq!(s.libvirt_error, None);
+        let web = &s.vms[0];
+        assert_eq!(
+            (web.defined, web.active, web.autostart),
+            (Some(true), Some(true), Some(false))
+        );
+        let line = render_text(&s)
+            .lines()
+            .find(|l| l.starts_with("web "))
+            .unwrap()
+            .to_string();
+        assert!(line.contains("yes      yes     no"), "{line}");
+    }
+}

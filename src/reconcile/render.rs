@@ -395,3 +395,37 @@ pub fn resources_json(plan: &ResourcePlan) -> serde_json::Value {
         "prune": plan.prune.iter().map(one).collect::<Vec<_>>(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::outcome::PruneOutcome;
+
+    #[test]
+    fn outcome_lines_name_prunes_their_failures_and_the_disks_kept() {
+        let outcome = Outcome {
+            pruned: vec![
+                PruneOutcome {
+                    name: "old".into(),
+                    done: vec!["stop (shut down gracefully)".into(), "undefine".into()],
+                    kinds: vec![ActionKind::Stop, ActionKind::Undefine],
+                    error: None,
+                    orphaned_disks: vec![PathBuf::from("/images/old.qcow2")],
+                },
+                PruneOutcome {
+                    name: "stuck".into(),
+                    done: vec![],
+                    kinds: vec![],
+                    error: Some("failed to shut down".into()),
+                    orphaned_disks: vec![],
+                },
+            ],
+            ..Outcome::default()
+        };
+        assert_eq!(
+            render_extra(&outcome),
+            "  old: pruned: stop (shut down gracefully), undefine\n    orphaned disk (kept): /images/old.qcow2\n  stuck: prune failed: failed to shut down\n"
+        );
+        assert_eq!(render_extra(&Outcome::default()), "");
+    }
+}
