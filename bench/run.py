@@ -482,6 +482,10 @@ def templates_bench(n):
             out.append(f"- One VM changed minus the no-op just before it, {what}: plain {ci(p_one)}, "
                        f"templated {ci(t_one)}; templated minus plain {t_one[0] - p_one[0]:+.1f} ms "
                        "(target: at most +5 ms).")
+        out.append("- The same by stage (median of the differences, ms): " + "; ".join(
+            f"{kind}: " + ", ".join(
+                f"{k} {one(kind, lambda r, k=k: stages(r[3]).get(k, 0.0))[0]:+.1f}" for k in STAGES)
+            for kind in ("plain", "templated")) + ".")
         print("\n".join(out))
     finally:
         remove_domains(plain_prefix)

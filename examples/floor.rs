@@ -1,6 +1,6 @@
 //! The floor for a no-op sync, measured with a bare libvirt client: one
 //! `virConnectListAllDomains` plus one inactive-XML read per domain whose name starts
-//! with PREFIX. Used by `bench/run.sh`; prints the wall time in milliseconds.
+//! with PREFIX. Used by `bench/run.py`; prints the wall time in milliseconds.
 //!
 //! Usage: `floor URI PREFIX [ROUNDS [XML_FILE]]` (best of ROUNDS, default 5). With
 //! XML_FILE it also times one validated define of that XML (as vmsync defines: with

@@ -15,7 +15,13 @@ use tracing::{error, info, warn};
 
 use crate::agent::report::Report;
 use crate::agent::sync::{self, SyncError};
+use crate::agent::{daemon, notify, render_cmd, status, suspend};
+use crate::apply::health_stage;
 use crate::config::{self, Overrides};
+use crate::desired::network_pool_entries;
+use crate::host::hypervisor;
+use crate::onboard::import;
+use crate::reconcile::{plan_types, render};
 use crate::record::store;
 
 mod generate;
@@ -144,6 +150,25 @@ pub enum Command {
         /// Write into a directory that is not empty (files of the same name are replaced).
         #[arg(long)]
         force: bool,
+    },
+    /// Stop applying commits to this host (or one VM) until `vmsync resume` or --until:
+    /// still fetched and planned, drift reported, not healed. The daemon picks it up at
+    /// its next tick.
+    Suspend {
+        /// Why (shown in status, plan, metrics and the commit status).
+        #[arg(long)]
+        reason: String,
+        /// When it ends: a duration ("2h") or a time ("2026-12-06T18:00:00Z", "2026-12-06 18:00").
+        #[arg(long, value_name = "DURATION|TIME")]
+        until: Option<String>,
+        /// Only this VM [default: the whole host].
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
+    },
+    /// Lift `vmsync suspend` (of the host, or of --vm NAME).
+    Resume {
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
     },
     /// Validate a VM repository checkout offline (for the VM repo's own CI); exit 0 or 3.
     Validate {
@@ -315,8 +340,40 @@ fn once_status(result: &Result<(), SyncError>, stopped_by: usize) -> Option<u8> 
     }
 }
 
+/// `vmsync plan` (and `--once --dry-run`): the suspensions in force, then the plan; in
+/// JSON, the plan object with `suspended`.
+fn print_plan(settings: &config::Settings, plan: &plan_types::Plan, json: bool) {
+    let suspended = suspend::in_force(&settings.state_dir);
+    if json {
+        let mut value = serde_json::to_value(plan.to_json()).expect("plan serializes");
+        value["suspended"] = suspended.to_json();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("plan serializes")
+        );
+    } else {
+        print!("{}", suspended.render_text());
+        print!("{}", render::output(plan, false));
+    }
+}
+
 /// What `vmsync --once` prints on stdout after a converged sync.
 fn print_once(r: Report) {
+    if let Some(host) = &r.held.host {
+        println!(
+            "host suspended {}: commit {} planned, not applied ({} change(s) waiting)",
+            host.describe(),
+            r.commit,
+            r.held.changes
+        );
+        return;
+    }
+    for (vm, s) in &r.held.vms {
+        println!(
+            "  {vm}: suspended {}: its changes are planned, not applied",
+            s.describe()
+        );
+    }
     if r.outcome.changes() == 0 {
         println!(
             "nothing to do: commit {} is applied and every vm is converged",
@@ -338,7 +395,7 @@ fn print_once(r: Report) {
             vm.name
         );
     }
-    print!("{}", crate::reconcile::render::render_extra(&r.outcome));
+    print!("{}", render::render_extra(&r.outcome));
 }
 
 /// Parses the arguments, runs the command and returns the exit status.
@@ -393,8 +450,9 @@ pub fn run() -> u8 {
         _ if cli.json && !(cli.once && cli.dry_run) => Err(SyncError::Config(config::ConfigError(
             "--json goes with --once --dry-run (or use `vmsync plan --json`)".into(),
         ))),
-        (None, true) if cli.dry_run => sync::plan_only(&settings)
-            .map(|plan| print!("{}", crate::reconcile::render::output(&plan, cli.json))),
+        (None, true) if cli.dry_run => {
+            sync::plan_only(&settings).map(|plan| print_plan(&settings, &plan, cli.json))
+        }
         (None, true) => {
             let (stop, which) = match stop_on_signals() {
                 Ok(flags) => flags,
@@ -403,6 +461,10 @@ pub fn run() -> u8 {
                     return 1;
                 }
             };
+            let notifier = (!settings.notify.is_empty()).then(|| {
+                notify::Notifier::start(&settings.state_dir, &settings.host, &settings.notify)
+            });
+            let events = notifier.as_ref().map(notify::SyncEvents::new);
             let result = sync::run(
                 &settings,
                 &mut sync::Connection::new(&settings.libvirt_uri),
@@ -411,22 +473,55 @@ pub fn run() -> u8 {
                     cancel: &stop,
                     allow_rewind: cli.allow_rewind,
                     retry: &cli.retry,
+                    events: events.as_ref(),
                 },
             )
             .map(print_once);
+            if let Some(notifier) = &notifier {
+                notifier.flush(notify::ONCE_WAIT);
+            }
             if let Some(status) = once_status(&result, which.load(Ordering::SeqCst)) {
                 return status;
             }
             result
         }
-        (None, false) => return crate::agent::daemon::run(flags, settings),
+        (None, false) => return daemon::run(flags, settings),
         (Some(_), true) => Err(SyncError::Config(config::ConfigError(
             "--once cannot be combined with a command".into(),
         ))),
         (Some(Command::Plan { json }), false) => sync::plan_only(&settings).map(|mut plan| {
-            crate::apply::health_stage::warn_in_plan(&mut plan, &settings.state_dir);
-            print!("{}", crate::reconcile::render::output(&plan, *json))
+            health_stage::warn_in_plan(&mut plan, &settings.state_dir);
+            print_plan(&settings, &plan, *json)
         }),
+        (Some(Command::Suspend { reason, until, vm }), false) => {
+            suspend::suspend(&settings.state_dir, vm.as_deref(), reason, until.as_deref())
+                .map(|s| {
+                    let what = vm
+                        .as_ref()
+                        .map(|v| format!("vm '{v}'"))
+                        .unwrap_or_else(|| "host".into());
+                    println!(
+                        "{what} suspended {}: commits are fetched and planned, not applied",
+                        s.describe()
+                    );
+                })
+                .map_err(|e| SyncError::Config(config::ConfigError(e)))
+        }
+        (Some(Command::Resume { vm }), false) => {
+            suspend::resume(&settings.state_dir, vm.as_deref())
+                .map(|(lifted, left)| {
+                    let what = vm
+                        .as_ref()
+                        .map(|v| format!("vm '{v}'"))
+                        .unwrap_or_else(|| "host".into());
+                    match lifted {
+                        Some(s) => println!("{what} resumed (was suspended {})", s.describe()),
+                        None => println!("{what} was not suspended"),
+                    }
+                    print!("{}", left.render_text());
+                })
+                .map_err(|e| SyncError::Config(config::ConfigError(e)))
+        }
         (Some(Command::Validate { dir }), false) => {
             let dir = dir.clone().unwrap_or_else(|| PathBuf::from("."));
             sync::validate_dir(&settings, &dir).map(|d| {
@@ -436,35 +531,36 @@ pub fn run() -> u8 {
                     d.vms.len(),
                     d.directories.len()
                 );
-                print!(
-                    "{}",
-                    crate::desired::network_pool_entries::validate_summary(&d.resources)
-                );
+                print!("{}", network_pool_entries::validate_summary(&d.resources));
             })
         }
         (Some(Command::Render { args }), false) => {
-            crate::agent::render_cmd::render(&settings, args).map(|text| print!("{text}"))
+            render_cmd::render(&settings, args).map(|text| print!("{text}"))
         }
         (Some(Command::Import { dir, names, force }), false) => {
-            crate::onboard::import::import(&settings, dir, names, *force)
-                .map(|done| print!("{}", crate::onboard::import::render(dir, &done)))
+            import::import(&settings, dir, names, *force)
+                .map(|done| print!("{}", import::render(dir, &done)))
         }
         (Some(Command::Status { json }), false) => store::load(&settings.state_dir)
             .map(|record| {
-                let hv = crate::host::hypervisor::Libvirt::connect(&settings.libvirt_uri);
+                let hv = hypervisor::Libvirt::connect(&settings.libvirt_uri);
                 let hv_ref = hv
                     .as_ref()
-                    .map(|h| h as &dyn crate::host::hypervisor::Hypervisor)
+                    .map(|h| h as &dyn hypervisor::Hypervisor)
                     .map_err(Clone::clone);
-                let mut status = crate::agent::status::status(&record, hv_ref);
-                crate::agent::status::check_local_state(&mut status, &record, &settings.state_dir);
+                let mut status = status::status(&record, hv_ref);
+                status::check_local_state(&mut status, &record, &settings.state_dir);
+                let suspended = suspend::in_force(&settings.state_dir);
                 if *json {
+                    let mut value = serde_json::to_value(&status).expect("status serializes");
+                    value["suspended"] = suspended.to_json();
                     println!(
                         "{}",
-                        serde_json::to_string_pretty(&status).expect("status serializes")
+                        serde_json::to_string_pretty(&value).expect("status serializes")
                     );
                 } else {
-                    print!("{}", crate::agent::status::render_text(&status));
+                    print!("{}", status::render_text(&status));
+                    print!("{}", suspended.render_text());
                 }
             })
             .map_err(SyncError::Other),

@@ -5,14 +5,21 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::agent::notify::targets;
+use crate::agent::webhook;
+use crate::desired::{host_policy_settings, manifest, values};
 use crate::reconcile::policy::ChangePolicy;
 use crate::repo::source::SourceSettings;
+use crate::repo::{probe, trust};
 
 /// Where the config file is read from when `--config` is not given (it may be absent).
 pub const DEFAULT_CONFIG: &str = "/etc/vmsync/config.toml";
 
 /// The daemon's default schedule: every five minutes, at second 0.
 pub const DEFAULT_SCHEDULE: &str = "0 */5 * * * *";
+
+/// `[agent] tick_timeout`'s default.
+pub const DEFAULT_TICK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Parses a cron schedule with a seconds field (`sec min hour dom month dow [year]`).
 pub fn parse_schedule(text: &str) -> Result<cron::Schedule, ConfigError> {
@@ -43,6 +50,8 @@ struct RawConfig {
     trust: RawTrust,
     #[serde(default)]
     webhook: RawWebhook,
+    #[serde(default)]
+    notify: Vec<targets::RawNotify>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +94,7 @@ struct RawAgent {
     max_attempts: Option<u32>,
     backoff_max_seconds: Option<u64>,
     metrics_file: Option<PathBuf>,
+    tick_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,7 +175,7 @@ pub struct Settings {
     pub changes: ChangePolicy,
     /// `[policy] allow_*` and `allowed_paths`: what domain XML may ask of this host
     /// (see `host_policy`); default: nothing beyond disk images under `disk_roots`.
-    pub host_policy: crate::desired::host_policy_settings::HostPolicy,
+    pub host_policy: host_policy_settings::HostPolicy,
     /// `[trust] allowed_signers` / `--allowed-signers`: when set, only commits with a valid
     /// SSH signature by a key in this file (git's `gpg.ssh.allowedSignersFile` format) are
     /// applied; default none (signatures are not checked).
@@ -178,18 +188,22 @@ pub struct Settings {
     pub probe_max_skip: std::time::Duration,
     /// `[webhook] listen` and `secret_file`: the daemon's push webhook (with `/healthz` and
     /// `/metrics`); default none (no listener).
-    pub webhook: Option<crate::agent::webhook::WebhookSettings>,
+    pub webhook: Option<webhook::WebhookSettings>,
+    /// `[[notify]]`: where events go (docs/notifications.md); default none.
+    pub notify: Vec<targets::Target>,
+    /// `[agent] tick_timeout`: the daemon's watchdog stops pinging systemd when one sync
+    /// runs longer than this (a hung libvirt call or fetch), so that systemd restarts
+    /// it; default "1h".
+    pub tick_timeout: std::time::Duration,
 }
 
 impl Settings {
     /// The change probe's settings, when `probe_url` is set.
-    pub fn probe(&self) -> Option<crate::repo::probe::ProbeSettings> {
-        self.probe_url
-            .as_ref()
-            .map(|url| crate::repo::probe::ProbeSettings {
-                url: url.clone(),
-                max_skip: self.probe_max_skip,
-            })
+    pub fn probe(&self) -> Option<probe::ProbeSettings> {
+        self.probe_url.as_ref().map(|url| probe::ProbeSettings {
+            url: url.clone(),
+            max_skip: self.probe_max_skip,
+        })
     }
 
     /// Source settings for fetching; an error if no URL is configured.
@@ -223,9 +237,7 @@ fn read(path: &Path) -> Result<RawConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("failed to read config '{}': {e}", path.display())))?;
     toml::from_str(&text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| crate::desired::manifest::line_of(&text, s.start));
+        let line = e.span().map(|s| manifest::line_of(&text, s.start));
         let at = line.map(|l| format!(":{l}")).unwrap_or_default();
         ConfigError(format!(
             "invalid config '{}{at}': {}",
@@ -255,20 +267,20 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         flags.disk_roots.clone()
     };
     for root in &disk_roots {
-        crate::desired::values::absolute_path(&root.to_string_lossy())
+        values::absolute_path(&root.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.disk_roots entry: {e}")))?;
     }
     let allowed_paths = raw.policy.allowed_paths.unwrap_or_default();
     for path in &allowed_paths {
-        crate::desired::values::absolute_path(&path.to_string_lossy())
+        values::absolute_path(&path.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.allowed_paths entry: {e}")))?;
     }
     let health_commands = raw.policy.health_commands.unwrap_or_default();
     for path in &health_commands {
-        crate::desired::values::absolute_path(&path.to_string_lossy())
+        values::absolute_path(&path.to_string_lossy())
             .map_err(|e| ConfigError(format!("invalid policy.health_commands entry: {e}")))?;
     }
-    let host_policy = crate::desired::host_policy_settings::HostPolicy {
+    let host_policy = host_policy_settings::HostPolicy {
         allow_hostdev: raw.policy.allow_hostdev.unwrap_or(false),
         allow_direct_interfaces: raw.policy.allow_direct_interfaces.unwrap_or(false),
         allow_block_devices: raw.policy.allow_block_devices.unwrap_or(false),
@@ -283,7 +295,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
     if let Some(path) = &allowed_signers {
         // Checked now so a broken file is a config error at start (and on SIGHUP), and
         // read again at every sync so edits take effect without a restart.
-        crate::repo::trust::AllowedSigners::load(path).map_err(|e| ConfigError(e.to_string()))?;
+        trust::AllowedSigners::load(path).map_err(|e| ConfigError(e.to_string()))?;
     }
     let state_dir = flags
         .state_dir
@@ -297,7 +309,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         .or(raw.policy.shutdown_timeout.clone())
     {
         None => defaults.shutdown_timeout,
-        Some(text) => crate::desired::values::parse_timeout(&text)
+        Some(text) => values::parse_timeout(&text)
             .map_err(|e| ConfigError(format!("invalid policy.shutdown_timeout: {e}")))?,
     };
     let changes = ChangePolicy {
@@ -317,15 +329,27 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
     let url = flags.url.clone().or(raw.source.url);
     let probe_url = flags.probe_url.clone().or(raw.source.probe_url);
     if let Some(probe) = &probe_url {
-        crate::repo::probe::check_url(probe).map_err(ConfigError)?;
+        probe::check_url(probe).map_err(ConfigError)?;
     }
     let probe_max_skip = match raw.source.probe_max_skip {
-        None => crate::repo::probe::DEFAULT_MAX_SKIP,
+        None => probe::DEFAULT_MAX_SKIP,
         Some(text) => humantime::parse_duration(&text).map_err(|e| {
             ConfigError(format!(
                 "invalid [source] probe_max_skip '{text}': {e} (a duration: \"1h\", \"30m\")"
             ))
         })?,
+    };
+    let notify = targets::check(raw.notify).map_err(ConfigError)?;
+    let tick_timeout = match raw.agent.tick_timeout {
+        None => DEFAULT_TICK_TIMEOUT,
+        Some(text) => humantime::parse_duration(&text)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "invalid [agent] tick_timeout '{text}': a duration (\"1h\", \"30m\")"
+                ))
+            })?,
     };
     if url.as_deref() == Some("") {
         return Err(ConfigError("the source url is empty".into()));
@@ -365,12 +389,14 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         probe_url,
         probe_max_skip,
         webhook,
+        notify,
+        tick_timeout,
     })
 }
 
 /// `[webhook]`: off without `listen`; with it, `secret_file` is required (the daemon
 /// reads it).
-fn webhook(raw: RawWebhook) -> Result<Option<crate::agent::webhook::WebhookSettings>, ConfigError> {
+fn webhook(raw: RawWebhook) -> Result<Option<webhook::WebhookSettings>, ConfigError> {
     let Some(listen) = raw.listen else {
         if raw.secret_file.is_some() {
             return Err(ConfigError(
@@ -389,7 +415,7 @@ fn webhook(raw: RawWebhook) -> Result<Option<crate::agent::webhook::WebhookSetti
             "[webhook] listen is set but secret_file is not: the webhook needs a secret".into(),
         )
     })?;
-    Ok(Some(crate::agent::webhook::WebhookSettings {
+    Ok(Some(webhook::WebhookSettings {
         listen,
         secret_file,
     }))

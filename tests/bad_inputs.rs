@@ -31,23 +31,6 @@ fn problems(stderr: &str) -> Vec<String> {
         .collect()
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let name = entry.file_name();
-        if name == "expected" || name == HOST_ONLY {
-            continue;
-        }
-        let target = to.join(&name);
-        if entry.file_type().unwrap().is_dir() {
-            std::fs::create_dir_all(&target).unwrap();
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// An env on the test driver whose disk root is [`ROOT`].
 fn bad_env() -> Env {
     let mut env = Env::new();
@@ -133,7 +116,7 @@ fn corpus_of_bad_repositories() {
             .collect();
         assert!(!expected.is_empty(), "{name}: empty expected file");
         let env = bad_env();
-        copy_tree(&case, env.repo.path());
+        common::copy_tree_except(&case, env.repo.path(), &["expected", HOST_ONLY]);
         if case.join(HOST_ONLY).exists() {
             check_host_only(&name, &env, &expected);
         } else {

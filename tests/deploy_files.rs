@@ -562,9 +562,31 @@ fn agent_config_keys() -> std::collections::BTreeMap<String, std::collections::B
             })
             .collect()
     };
+    // `notify` is a list of tables (`[[notify]]`), its keys in RawNotify.
+    let notify: Vec<String> = {
+        let src = read("src/agent/notify/targets.rs");
+        let start = src.find("struct RawNotify {").expect("struct RawNotify");
+        let body = &src[start..];
+        body[body.find('{').unwrap() + 1..body.find("\n}").unwrap()]
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| l.split_once(':').unwrap().0.to_string())
+            .collect()
+    };
     fields("RawConfig")
         .into_iter()
-        .map(|(section, ty)| (section, fields(&ty).into_iter().map(|(k, _)| k).collect()))
+        .map(|(section, ty)| {
+            let keys = if section == "notify" {
+                notify
+                    .iter()
+                    .cloned()
+                    .collect::<std::collections::BTreeSet<String>>()
+            } else {
+                fields(&ty).into_iter().map(|(k, _)| k).collect()
+            };
+            (section, keys)
+        })
         .collect()
 }
 
@@ -573,14 +595,26 @@ fn nixos_settings_options_are_the_agent_config_keys_and_are_documented() {
     let keys = agent_config_keys();
     assert_eq!(
         keys.keys().collect::<Vec<_>>(),
-        ["agent", "libvirt", "policy", "source", "trust", "webhook"]
+        [
+            "agent", "libvirt", "notify", "policy", "source", "trust", "webhook"
+        ]
     );
-    let c = eval_ok(URL, "");
+    // One [[notify]] entry, so that its options show.
+    let c = eval_ok(
+        &format!(r#"{URL} settings.notify = [ {{ url = "https://hooks.example.org/x"; }} ];"#),
+        "",
+    );
     let settings = c["vmsync"]["settings"].as_object().unwrap();
     // Every option shows in the evaluated settings (unset ones as null).
     let declared: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = settings
         .iter()
-        .map(|(s, v)| (s.clone(), v.as_object().unwrap().keys().cloned().collect()))
+        .map(|(s, v)| {
+            let table = if s == "notify" { &v[0] } else { v };
+            (
+                s.clone(),
+                table.as_object().unwrap().keys().cloned().collect(),
+            )
+        })
         .collect();
     assert_eq!(
         declared, keys,
@@ -964,6 +998,82 @@ fn nixos_webhook_is_off_by_default_and_checked_when_set() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("invalid [webhook] listen 'localhost'"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn nixos_notify_entries_are_written_as_vmsync_reads_them_and_the_daemon_has_a_watchdog() {
+    let c = eval_ok(
+        &format!(
+            r#"{URL} mode = "daemon";
+               settings.agent.tick_timeout = "20m";
+               settings.notify = [
+                 {{ kind = "commit-status"; forge = "gitea"; api_url = "https://git.example.org/api/v1";
+                    repository = "infra/vms"; token_file = "/etc/vmsync/status-token"; }}
+                 {{ url = "https://hooks.example.org/vmsync"; secret_file = "/etc/vmsync/notify-secret";
+                    events = [ "failed" "recovered" ]; }}
+                 {{ kind = "command"; command = [ "/usr/local/bin/vmsync-mail" "--to" "ops" ]; }}
+               ];"#
+        ),
+        "",
+    );
+    assert_eq!(
+        c["configFile"]["toml"]["notify"],
+        serde_json::json!([
+            {"kind": "commit-status", "forge": "gitea", "api_url": "https://git.example.org/api/v1",
+             "repository": "infra/vms", "token_file": "/etc/vmsync/status-token"},
+            {"kind": "webhook", "url": "https://hooks.example.org/vmsync",
+             "secret_file": "/etc/vmsync/notify-secret", "events": ["failed", "recovered"]},
+            {"kind": "command", "command": ["/usr/local/bin/vmsync-mail", "--to", "ops"]},
+        ])
+    );
+    assert_eq!(c["configFile"]["toml"]["agent"]["tick_timeout"], "20m");
+    assert_eq!(c["warnings"], serde_json::json!([]));
+    let (out, _, _dir) = run_config_check(&c);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        c["systemd"]["services"]["vmsync-agent"]["serviceConfig"]["WatchdogSec"],
+        "60s"
+    );
+    assert_eq!(
+        single(
+            &read("deploy/systemd/vmsync-agent.service"),
+            "Service",
+            "WatchdogSec"
+        ),
+        "60s",
+        "the shipped unit and the module agree"
+    );
+    // A token in the store is warned about; an entry vmsync refuses fails the check.
+    let c = eval_ok(
+        &format!(
+            r#"{URL} settings.notify = [ {{ kind = "commit-status"; forge = "github";
+                 repository = "infra/vms"; token_file = "${{builtins.storeDir}}/0000-token"; }} ];"#
+        ),
+        "",
+    );
+    assert!(
+        strings(&c["warnings"])
+            .iter()
+            .any(|w| w.contains("0000-token is in the Nix store")),
+        "{}",
+        c["warnings"]
+    );
+    let c = eval_ok(
+        &format!(r#"{URL} settings.notify = [ {{ kind = "command"; command = [ "mail" ]; }} ];"#),
+        "",
+    );
+    let (out, _, _dir) = run_config_check(&c);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("[[notify]] entry 1")
+            && stderr.contains("absolute"),
         "{stderr}"
     );
 }

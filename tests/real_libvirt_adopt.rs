@@ -57,20 +57,6 @@ fn tree_hashes(dir: &Path) -> Vec<(PathBuf, String)> {
     out
 }
 
-/// Copies the files of `from` (the import's output) into `to` (the test's repository).
-fn copy_tree(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            std::fs::create_dir_all(&target).unwrap();
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// A UEFI + TPM guest's state files on the host.
 struct UefiState {
     uuid: String,
@@ -280,7 +266,7 @@ fn real_import_then_adopt_only_tags_and_changes_nothing_else() {
     assert!(uefi_file.contains("<tpm model='tpm-crb'>") && uefi_file.contains("secure='yes'"));
 
     // Committed as written: plan and sync only add the tag; no lifecycle event.
-    copy_tree(&out, env.repo.path());
+    common::copy_tree(&out, env.repo.path());
     let commit = env.repo.commit("import");
     let events = Events::start(&env);
     let tag_only = "adopt (tag only: the definition is the commit's)";
@@ -353,7 +339,7 @@ fn real_adopting_a_changed_uefi_definition_redefines_in_place_and_keeps_its_stat
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("repo");
     import(&env, &out, &[&uefi]).expect(0);
-    copy_tree(&out, env.repo.path());
+    common::copy_tree(&out, env.repo.path());
     let file = format!("vms/{uefi}.xml");
     let xml = std::fs::read_to_string(env.repo.path().join(&file)).unwrap();
     let one = "<vcpu placement='static'>1</vcpu>";

@@ -108,7 +108,9 @@ fn every_commented_key_in_deploy_config_is_a_real_setting() {
     let all: String = text
         .lines()
         .map(|line| match line.strip_prefix("# ") {
-            Some(rest) if key(rest) => {
+            // A commented `[[notify]]` example: its header too, so that its keys land
+            // in its own table.
+            Some(rest) if key(rest) || rest == "[[notify]]" => {
                 uncommented += 1;
                 format!("{rest}\n")
             }
@@ -137,11 +139,12 @@ fn every_commented_key_in_deploy_config_is_a_real_setting() {
     );
     let full = dir.path().join("config.toml");
     std::fs::write(&full, all).unwrap();
-    config::load(&Overrides {
+    let settings = config::load(&Overrides {
         config: Some(full),
         ..Default::default()
     })
     .unwrap();
+    assert_eq!(settings.notify.len(), 3, "the [[notify]] examples");
 }
 
 /// `name = value` with a lowercase snake_case name.

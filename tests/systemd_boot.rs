@@ -717,3 +717,45 @@ fn agent_reports_status_reloads_and_stops_during_a_guest_shutdown() {
         oneshot_stop_took.as_millis()
     );
 }
+
+#[test]
+fn agent_whose_sync_hangs_is_restarted_by_the_systemd_watchdog() {
+    let Some(tree) = tree() else { return };
+    // A git server that accepts connections and never answers: the container shares the
+    // host's network, and the kernel completes the handshake for the listener's backlog.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hung.local_addr().unwrap().port();
+    let m = Machine::boot(&tree, &machine_name("watchdog"), &vmsync_binds());
+    m.install_vmsync(&format!(
+        "[source]\nurl = \"http://127.0.0.1:{port}/vms.git\"\n[libvirt]\nuri = \"test:///default\"\n\
+         [agent]\nhost = \"hv1\"\ntick_timeout = \"3s\"\n"
+    ));
+    // The shipped unit's WatchdogSec=, shortened for the test.
+    m.write(
+        "/etc/systemd/system/vmsync-agent.service.d/watchdog.conf",
+        "[Service]\nWatchdogSec=2s\nRestartSec=1s\n",
+    );
+    m.ok("systemctl daemon-reload\nsystemctl start vmsync-agent.service");
+    assert_eq!(m.show("vmsync-agent.service", "WatchdogUSec"), "2s");
+    // The first sync hangs in the fetch; past tick_timeout the pings stop, systemd kills
+    // the daemon and starts it again.
+    wait_for(
+        "systemd to restart the hung daemon",
+        Duration::from_secs(60),
+        || {
+            let restarts: u32 = m.show("vmsync-agent.service", "NRestarts").parse().ok()?;
+            (restarts >= 1).then_some(())
+        },
+        || m.journal("vmsync-agent.service"),
+    );
+    let log = m.journal("vmsync-agent.service");
+    assert!(log.contains("systemd watchdog on"), "{log}");
+    assert!(
+        log.contains("longer than [agent] tick_timeout: no more watchdog pings"),
+        "{log}"
+    );
+    let systemd_log =
+        m.ok("journalctl --sync\njournalctl --no-pager -q -o cat -u vmsync-agent.service");
+    assert!(systemd_log.contains("Watchdog timeout"), "{systemd_log}");
+    drop(hung);
+}

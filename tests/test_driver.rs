@@ -420,15 +420,14 @@ fn stopping_before_an_action_leaves_no_half_done_vm_and_no_applied_record() {
     let (commit, desired) = common::validate_head(&settings).unwrap();
     let mut record = record::Record::default();
     let apply = |record: &mut record::Record, stop: bool| {
-        sync::apply_commit(
-            &settings,
-            record,
-            &commit,
-            &desired,
-            &hv,
-            &vmsync::host::disk::QemuImg::default(),
-            &AtomicBool::new(stop),
-        )
+        let env = sync::Env {
+            settings: &settings,
+            hv: &hv,
+            disks: &vmsync::host::disk::QemuImg::default(),
+            cancel: &AtomicBool::new(stop),
+            events: None,
+        };
+        sync::apply_commit(&env, record, &commit, &desired)
     };
     let err = apply(&mut record, true).unwrap_err();
     assert!(matches!(err, SyncError::ActionsFailed { .. }), "{err}");

@@ -17,20 +17,6 @@ use vmsync::record;
 
 const TAG_ONLY: &str = "adopt (tag only: the definition is the commit's)";
 
-/// Copies the files of `from` (the import's output) into `to` (the test's repository).
-fn copy_tree(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            std::fs::create_dir_all(&target).unwrap();
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// A 64M qcow2 image at `path`.
 fn image(path: &Path) {
     common::output_ok(
@@ -117,7 +103,7 @@ fn import_writes_a_valid_repo_and_adopting_it_only_adds_the_tag() {
     assert!(err.to_string().contains("is not empty"), "{err}");
 
     // Committed as written: plan and sync only add the tag (no redefine, no diff).
-    copy_tree(&out, env.repo.path());
+    common::copy_tree(&out, env.repo.path());
     let commit = env.repo.commit("import");
     let plan = sync::plan_only(&settings).unwrap();
     let vm = &plan.vms[0];
@@ -365,7 +351,7 @@ fn import_writes_networks_and_pools_that_validate_and_adopting_them_converges() 
     );
 
     // Committed as written: adopted, then nothing to do.
-    copy_tree(&out, env.repo.path());
+    common::copy_tree(&out, env.repo.path());
     env.repo.commit("import");
     let mut record = record::Record::default();
     let first = common::sync_head(&settings, &mut record, &hv).unwrap();

@@ -110,6 +110,11 @@ let
         /var/lib/prometheus/node-exporter/vmsync.prom; its directory is opened in the
         sandbox. null: no metrics.
       '';
+      tick_timeout = key (types.nullOr types.nonEmptyStr) null ''
+        Daemon mode: a sync running longer than this (a hung libvirt call or fetch) stops
+        the systemd watchdog's pings, and systemd restarts the daemon (option
+        `watchdogSec`); null: vmsync's default, "1h".
+      '';
     };
     policy = section "`[policy]`: what a commit may do on this host." {
       disk_roots = key (types.listOf absolutePath) [ "/var/lib/libvirt/images" ] ''
@@ -184,11 +189,71 @@ let
         the daemon reads it at start and on reload, the build never does.
       '';
     };
+    notify = mkOption {
+      description = ''
+        `[[notify]]`: where events go (see docs/notifications.md). Each entry: kind
+        (webhook, commit-status, command), url, secret_file, forge, api_url, repository,
+        token_file, target_url, command, events, timeout.
+      '';
+      default = [ ];
+      type = types.listOf (types.submodule { options = notifyOptions; });
+    };
   };
+
+  # One `[[notify]]` table; vmsync checks which keys go with which kind.
+  notifyOptions = {
+    kind = key (types.enum [
+      "webhook"
+      "commit-status"
+      "command"
+    ]) "webhook" "What the entry is: a signed JSON POST, a forge commit status, or a program.";
+    url = key (types.nullOr types.nonEmptyStr) null "webhook: the URL events are POSTed to.";
+    secret_file = key (types.nullOr absolutePath) null ''
+      webhook: file holding the HMAC-SHA256 key of the `X-Vmsync-Signature-256` header
+      (trailing newline not part of it); null: unsigned. Keep it out of the Nix store.
+    '';
+    forge = key (types.nullOr (
+      types.enum [
+        "github"
+        "gitea"
+        "forgejo"
+        "gitlab"
+      ]
+    )) null "commit-status: the forge's API.";
+    api_url = key (types.nullOr types.nonEmptyStr) null ''
+      commit-status: the API's base URL (GitHub: https://api.github.com, GitLab:
+      https://gitlab.com/api/v4 by default; Gitea/Forgejo: required, e.g.
+      https://git.example.org/api/v1).
+    '';
+    repository = key (types.nullOr types.nonEmptyStr) null ''
+      commit-status: "owner/name" (GitLab: the project path or id) of the VM repository.
+    '';
+    token_file = key (types.nullOr absolutePath) null ''
+      commit-status: file holding an API token allowed to set commit statuses. Keep it out
+      of the Nix store.
+    '';
+    target_url = key (types.nullOr types.nonEmptyStr) null "commit-status: a link the status carries (a dashboard).";
+    command = key (types.nullOr (types.listOf types.str)) null ''
+      command: program (absolute path) and arguments, run without a shell, the event JSON
+      on its stdin.
+    '';
+    events = key (types.nullOr (types.listOf types.nonEmptyStr)) null ''
+      Which events the entry gets (applying, applied, recovered, failed, reverted,
+      invalid, refused, untrusted, fetch-failed, suspended); null: all.
+    '';
+    timeout = key (types.nullOr types.nonEmptyStr) null "One request or run's time limit; null: \"10s\".";
+  };
+  notifyEntries = cfg.settings.notify;
+  secretsInStore = builtins.filter (f: f != null && lib.hasPrefix "${builtins.storeDir}/" f) (
+    map (n: n.secret_file) notifyEntries ++ map (n: n.token_file) notifyEntries
+  );
 
   # The file without the keys left at null (vmsync's own default applies).
   settingsFile = settingsFormat.generate "vmsync-config.toml" (
-    lib.filterAttrsRecursive (_: v: v != null) cfg.settings
+    lib.filterAttrsRecursive (_: v: v != null) (removeAttrs cfg.settings [ "notify" ])
+    // lib.optionalAttrs (notifyEntries != [ ]) {
+      notify = map (lib.filterAttrs (_: v: v != null)) notifyEntries;
+    }
   );
   # The package reads the file as the service will: `vmsync validate` loads the config
   # (unknown keys, cron schedule, disk roots, empty host, ...) before it checks an empty
@@ -308,12 +373,14 @@ in
         Contents of /etc/vmsync/config.toml (see deploy/config.toml in the vmsync
         repository), one option per key, in the sections `source` (url, branch,
         ssh_key, token_file, probe_url, probe_max_skip), `libvirt` (uri), `agent` (state_dir, host, schedule,
-        jitter_seconds, max_attempts, backoff_max_seconds, metrics_file), `policy`
+        jitter_seconds, max_attempts, backoff_max_seconds, metrics_file, tick_timeout), `policy`
         (disk_roots, self_heal, prune, max_prune, shutdown_timeout, allowed_paths,
         allow_hostdev, allow_block_devices, allow_direct_interfaces,
         allow_qemu_commandline, allow_unconfined, health_commands,
-        allow_link_local_hosts, allow_open_listeners), `trust` (allowed_signers) and
-        `webhook` (listen, secret_file; daemon mode, off by default).
+        allow_link_local_hosts, allow_open_listeners), `trust` (allowed_signers),
+        `webhook` (listen, secret_file; daemon mode, off by default) and `notify` (a list
+        of `[[notify]]` entries: kind, url, secret_file, forge, api_url, repository,
+        token_file, target_url, command, events, timeout).
         `source.url` is required. A value of the wrong type or an unknown key is an
         evaluation error, as vmsync itself refuses unknown keys. Every entry of
         `policy.disk_roots`, the state directory and the metrics file's directory are
@@ -384,6 +451,16 @@ in
       '';
     };
 
+    watchdogSec = lib.mkOption {
+      type = lib.types.nonEmptyStr;
+      default = "60s";
+      description = ''
+        Daemon mode: the unit's WatchdogSec=. The daemon pings every half of it, while it
+        is between syncs or in a sync younger than `settings.agent.tick_timeout`; without
+        pings systemd kills and restarts it.
+      '';
+    };
+
     interval = lib.mkOption {
       type = lib.types.str;
       default = "5min";
@@ -413,7 +490,11 @@ in
           }
         ];
         warnings =
-          lib.optional
+          map (
+            f:
+            "services.vmsync.settings.notify: ${f} is in the Nix store, which every local user can read: keep secrets and tokens in root-only files such as /etc/vmsync/notify-secret."
+          ) secretsInStore
+          ++ lib.optional
             (
               cfg.settings.webhook.secret_file != null
               && lib.hasPrefix "${builtins.storeDir}/" cfg.settings.webhook.secret_file
@@ -481,6 +562,8 @@ in
             Restart = "on-failure";
             RestartSec = "10s";
             RestartPreventExitStatus = [ 2 ];
+            # The daemon pings while its loop makes progress (settings.agent.tick_timeout).
+            WatchdogSec = cfg.watchdogSec;
           };
         };
       })

@@ -20,8 +20,10 @@ use tracing::{error, info, warn};
 
 use crate::agent::sync::{self, Connection, Options, SyncError};
 use crate::agent::webhook::{self, Hub, Secret};
+use crate::agent::{metrics, notify, watchdog};
 use crate::config::{self, ConfigError, Overrides, Settings};
 use crate::record::store;
+use crate::repo::probe;
 
 /// The per-host delay added to every tick: stable for a host, spread over the fleet.
 pub fn jitter(host: &str, max_seconds: u64) -> Duration {
@@ -109,7 +111,7 @@ async fn start_webhook(settings: &Settings) -> Result<Option<Arc<Hub>>, (u8, Str
     };
     let secret = webhook::read_secret(&config.secret_file).map_err(|e| (2, e))?;
     let record = store::load(&settings.state_dir).unwrap_or_default();
-    let metrics = crate::agent::metrics::render(&record, None, Duration::ZERO);
+    let metrics = metrics::render(&record, None, Duration::ZERO);
     let hub = Hub::new(secret, &settings.branch, metrics);
     let listener = webhook::bind(config.listen).await.map_err(|e| (1, e))?;
     let addr = listener.local_addr().map_err(|e| (1, e.to_string()))?;
@@ -139,6 +141,9 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
     };
     let mut conn = Some(Connection::new(&settings.libvirt_uri));
     let mut failures: u32 = 0;
+    let mut notifier =
+        notify::daemon_notifier(None, &settings.state_dir, &settings.host, &settings.notify);
+    let watchdog = watchdog::start(settings.tick_timeout);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!(schedule = %settings.schedule.source(), host = %settings.host, "daemon started");
     let mut due = Utc::now();
@@ -149,7 +154,7 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
             _ = tokio::time::sleep(wait) => if first { "start" } else { "schedule" },
             _ = pushed(&hub) => {
                 // A push notification knows better than a cached probe file.
-                crate::repo::probe::force_next_fetch();
+                probe::force_next_fetch();
                 "webhook"
             }
             _ = hup.recv() => {
@@ -157,6 +162,13 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
                     Ok((new, secret)) => {
                         info!("SIGHUP: reloaded the config; syncing now");
                         reload_webhook(hub.as_deref(), &settings, &new, secret);
+                        notifier = notify::daemon_notifier(
+                            notifier,
+                            &new.state_dir,
+                            &new.host,
+                            &new.notify,
+                        );
+                        watchdog.set_bound(new.tick_timeout);
                         settings = new;
                     }
                     Err(e) => error!(error = %e, "SIGHUP: keeping the old config; syncing now"),
@@ -177,12 +189,16 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
         let (job_settings, job_cancel) = (settings.clone(), cancel.clone());
         let max_attempts = settings.max_attempts;
         let render = hub.is_some();
+        let events = notifier.as_ref().map(notify::SyncEvents::new);
+        let tick = watchdog.tick();
         let job = tokio::task::spawn_blocking(move || {
+            let _tick = tick;
             let options = Options {
                 give_up_after: Some(max_attempts),
                 cancel: &job_cancel,
                 allow_rewind: false,
                 retry: &[],
+                events: events.as_ref(),
             };
             let (result, metrics) =
                 sync::run_with_metrics(&job_settings, &mut connection, &options, render);
@@ -202,6 +218,13 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
             hub.set_metrics(text);
         }
         let status = match &result {
+            Ok(report) if report.held.host.is_some() => {
+                failures = 0;
+                format!(
+                    "suspended: commit {} planned, not applied",
+                    &report.commit[..12.min(report.commit.len())]
+                )
+            }
             Ok(report) => {
                 failures = 0;
                 format!(
@@ -254,6 +277,10 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if let Some(notifier) = &notifier {
+        notifier.flush(notify::ONCE_WAIT);
+        notifier.close();
+    }
     info!("daemon stopped");
     0
 }

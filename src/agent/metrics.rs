@@ -9,6 +9,7 @@ use std::time::Duration;
 use strum::IntoEnumIterator;
 
 use crate::agent::report::Report;
+use crate::agent::{notify, suspend};
 use crate::reconcile::plan_types::ActionKind;
 use crate::record::{HealthResult, Record, SyncResult};
 
@@ -23,6 +24,13 @@ fn label(value: &str) -> String {
 fn parse_time(text: &Option<String>) -> Option<f64> {
     let t = humantime::parse_rfc3339(text.as_deref()?).ok()?;
     Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64())
+}
+
+/// The figures kept beside the record in the state directory: suspensions in force
+/// (`vmsync suspend`) and `vmsync_notify_failures_total`.
+pub fn agent_extras(state_dir: &std::path::Path) -> String {
+    suspend::in_force(state_dir).metrics()
+        + &notify::metrics(notify::load_file(state_dir).failures_total)
 }
 
 /// Renders the metrics. `report` is the last sync's, when it got as far as applying.
@@ -83,6 +91,14 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         "vmsync_last_applied_commit_info",
         "The last applied commit, as a label.",
         &applied,
+    );
+    gauge(
+        "vmsync_last_success_timestamp_seconds",
+        "When the last sync that converged ended (the watchdog's figure: alert when it grows old).",
+        &[(
+            String::new(),
+            parse_time(&record.last_applied_at).unwrap_or(0.0),
+        )],
     );
     gauge(
         "vmsync_last_applied_timestamp_seconds",
@@ -209,8 +225,11 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
             *kinds.entry(*kind).or_default() += 1.0;
         }
         for p in &r.outcome.pruned {
-            *kinds.entry(ActionKind::Undefine).or_default() +=
-                p.done.iter().filter(|d| d.starts_with("undefine")).count() as f64;
+            *kinds.entry(ActionKind::Undefine).or_default() += p
+                .kinds
+                .iter()
+                .filter(|k| **k == ActionKind::Undefine)
+                .count() as f64;
         }
         for kind in r.outcome.resources.kinds() {
             *kinds.entry(kind).or_default() += 1.0;

@@ -3,9 +3,13 @@
 
 pub mod daemon;
 pub mod metrics;
+pub mod notify;
 pub mod render_cmd;
 pub mod report;
+pub mod stage_clock;
 pub mod status;
+pub mod suspend;
 pub mod sync;
+pub mod watchdog;
 pub mod webhook;
 pub mod webhook_guard;

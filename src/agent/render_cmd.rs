@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::agent::sync;
 use crate::config::{ConfigError, Settings};
 use crate::desired::manifest::{self, MANIFEST_FILE};
 use crate::error::SyncError;
@@ -45,7 +46,7 @@ pub fn render(settings: &Settings, args: &[String]) -> Result<String, SyncError>
             }
         }
     }
-    let desired = crate::agent::sync::validate_dir(settings, &dir)?;
+    let desired = sync::validate_dir(settings, &dir)?;
     let mut out = String::new();
     for name in names {
         let vm = desired

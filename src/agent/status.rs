@@ -6,7 +6,8 @@ use crate::desired::domain_xml;
 use crate::desired::resource_xml::{self, ResourceKind};
 use crate::host::hypervisor::{HvError, Hypervisor};
 use crate::reconcile::plan_networks_pools::recorded;
-use crate::record::{Record, SyncResult};
+use crate::reconcile::{drift, plan_types};
+use crate::record::{Record, SyncResult, healthy_file};
 
 /// One managed VM in the status view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -23,7 +24,7 @@ pub struct VmStatus {
     pub last_error: Option<String>,
     /// The last health check's result, the last healthy commit and a held back commit
     /// (`null` for a VM never checked: no `[vm.health]`).
-    pub health: Option<crate::reconcile::plan_types::HealthView>,
+    pub health: Option<plan_types::HealthView>,
     /// Damaged local state of this VM (its last healthy definition), with what to do;
     /// left out when there is none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -61,7 +62,7 @@ pub fn check_local_state(status: &mut Status, record: &Record, state_dir: &std::
         else {
             continue;
         };
-        if let Err(why) = crate::record::healthy_file::read(state_dir, &vm.name, fingerprint) {
+        if let Err(why) = healthy_file::read(state_dir, &vm.name, fingerprint) {
             vm.state_problems.push(why);
         }
     }
@@ -70,16 +71,8 @@ pub fn check_local_state(status: &mut Status, record: &Record, state_dir: &std::
 /// Builds the status view; `hv` is `Err` when libvirt could not be reached.
 pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
     let hv_ok = hv.as_ref().ok().copied();
-    let networks = resource_status(
-        record,
-        hv_ok,
-        crate::desired::resource_xml::ResourceKind::Network,
-    );
-    let pools = resource_status(
-        record,
-        hv_ok,
-        crate::desired::resource_xml::ResourceKind::Pool,
-    );
+    let networks = resource_status(record, hv_ok, resource_xml::ResourceKind::Network);
+    let pools = resource_status(record, hv_ok, resource_xml::ResourceKind::Pool);
     let (listing, libvirt_error) = match hv.and_then(|hv| hv.list().map(|l| (hv, l))) {
         Ok((hv, listing)) => (Some((hv, listing)), None),
         Err(e) => (None, Some(e.to_string())),
@@ -97,7 +90,7 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
                 pending_restart: rec.pending_restart,
                 drift: Vec::new(),
                 last_error: rec.last_error.clone(),
-                health: crate::reconcile::plan_types::HealthView::of(rec),
+                health: plan_types::HealthView::of(rec),
                 state_problems: Vec::new(),
             };
             if let Some((hv, listing)) = &listing {
@@ -107,9 +100,9 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
                 vm.autostart = Some(seen.is_some_and(|d| d.autostart));
                 match seen {
                     None => {
-                        vm.drift = crate::reconcile::drift::detect(
+                        vm.drift = drift::detect(
                             rec,
-                            crate::reconcile::drift::Now {
+                            drift::Now {
                                 listing: None,
                                 tag_fingerprint: None,
                                 definition_hash: None,
@@ -122,9 +115,9 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
                     Some(d) => {
                         let xml = hv.xml(name, true).ok();
                         let tag = xml.as_deref().and_then(domain_xml::read_tag);
-                        vm.drift = crate::reconcile::drift::detect(
+                        vm.drift = drift::detect(
                             rec,
-                            crate::reconcile::drift::Now {
+                            drift::Now {
                                 listing: Some(d),
                                 tag_fingerprint: tag.as_ref().map(|t| t.fingerprint.as_str()),
                                 definition_hash: xml
@@ -394,4 +387,81 @@ pub fn resource_status_text(networks: &[ResourceStatus], pools: &[ResourceStatus
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::FakeHost;
+
+    fn fixture() -> Record {
+        serde_json::from_str(include_str!("../../tests/fixtures/state-2375f90.json")).unwrap()
+    }
+
+    #[test]
+    fn status_without_libvirt_shows_the_record_and_why_libvirt_is_missing() {
+        let record = fixture();
+        let down = HvError::new("connect to libvirt", None, "qemu:///system", "no socket");
+        let s = status(&record, Err(down));
+        assert!(s.libvirt_error.as_deref().unwrap().contains("no socket"));
+        assert_eq!(s.vms.len(), 4);
+        assert!(
+            s.vms.iter().all(|vm| vm.defined.is_none()),
+            "unknown, not false"
+        );
+        let text = render_text(&s);
+        assert!(
+            text.contains("libvirt:             unreachable: "),
+            "{text}"
+        );
+        assert!(text.contains("last attempt:        9b8c7d6e5f4a"), "{text}");
+        assert!(text.contains("): failed\n"), "{text}");
+        assert!(
+            text.contains("error: failed to start domain 'db'"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "health: reverted; last healthy commit 3f2a9c41d0b7; held back: commit 9b8c7d6e5f4a"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("pool     images "), "{text}");
+        let web = text.lines().find(|l| l.starts_with("web ")).unwrap();
+        assert!(web.contains("9b8c7d6e5f4a"), "{web}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["last_result"], "failed");
+        assert_eq!(json["vms"][3]["name"], "worker");
+        assert_eq!(json["vms"][3]["health"]["result"], "healthy");
+    }
+
+    #[test]
+    fn status_with_libvirt_says_what_is_defined_and_running() {
+        let mut record = Record::default();
+        record.vms.insert(
+            "web".into(),
+            crate::record::VmRecord {
+                applied_commit: Some("c1".into()),
+                ok: true,
+                ..Default::default()
+            },
+        );
+        let host = FakeHost::default();
+        let xml = "<domain type='qemu'><name>web</name><memory>1024</memory><os><type>hvm</type></os></domain>";
+        host.define(xml).unwrap();
+        host.start("web").unwrap();
+        let s = status(&record, Ok(&host));
+        assert_eq!(s.libvirt_error, None);
+        let web = &s.vms[0];
+        assert_eq!(
+            (web.defined, web.active, web.autostart),
+            (Some(true), Some(true), Some(false))
+        );
+        let line = render_text(&s)
+            .lines()
+            .find(|l| l.starts_with("web "))
+            .unwrap()
+            .to_string();
+        assert!(line.contains("yes      yes     no"), "{line}");
+    }
 }

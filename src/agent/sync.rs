@@ -1,30 +1,38 @@
 //! One sync, stage after stage: lock → fetch → check trust → validate → observe →
-//! plan → apply → record. Also the read-only `plan` and `validate` runs.
+//! plan → apply → health → record (`run`). Each stage is one call over one [`Env`]; the
+//! record is written only through `reconcile::record_update` and saved here. Also the
+//! read-only `plan` and `validate` runs.
 
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::{debug, error, info, warn};
 
 use crate::agent::report::Report;
-use crate::apply::vms;
+use crate::agent::stage_clock::StageClock;
+use crate::agent::{metrics, notify, suspend};
+use crate::apply::{health_stage, vms};
 use crate::config::{ConfigError, Settings};
 use crate::desired::desired_state::{Desired, Policy};
 use crate::desired::manifest::Problem;
 use crate::desired::schema_check::{SchemaChecker, SchemaError};
-use crate::desired::validate;
+use crate::desired::{resource_xml, schema_check, validate};
 pub use crate::error::SyncError;
 use crate::host::disk::DiskProvisioner;
 pub use crate::host::hypervisor::Connection;
 use crate::host::hypervisor::Hypervisor;
 use crate::host::schema_cache::CachedSchema;
-use crate::host::{observe_domains, schema_cache};
+use crate::host::{
+    disk, hypervisor, observe_domains, observe_networks_pools, schema_cache, schema_test_driver,
+};
+use crate::reconcile::outcome::Outcome;
 use crate::reconcile::plan_types::Plan;
-use crate::reconcile::{plan, record_update};
+use crate::reconcile::{diff, plan, record_update, render};
 use crate::record::{Record, store};
 use crate::repo::files::RepoFiles;
-use crate::repo::source;
 use crate::repo::trust::{self, Floor};
+use crate::repo::{files, probe, source};
+use crate::util::commit_id::short;
 use crate::util::{clock, fsio};
 
 /// Takes the state directory's lock: held by another vmsync is `Locked` (exit 75).
@@ -72,15 +80,6 @@ pub fn validate_commit(
     })
 }
 
-/// Stage durations as the `converged` line shows them: `fetch 0.5, observe 107.2` (ms).
-fn stages_ms(stages: &[(&'static str, Duration)]) -> String {
-    stages
-        .iter()
-        .map(|(stage, took)| format!("{stage} {:.1}", took.as_secs_f64() * 1000.0))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// How a sync runs.
 pub struct Options<'a> {
     /// Refuse a commit that already failed this many times in a row (the daemon).
@@ -92,6 +91,8 @@ pub struct Options<'a> {
     pub allow_rewind: bool,
     /// VMs whose held back definition is tried again (`vmsync --once --retry VM`).
     pub retry: &'a [String],
+    /// This sync's events (`[[notify]]`), when the host has any.
+    pub events: Option<&'a notify::SyncEvents>,
 }
 
 /// Refuses an untrusted commit before anything else looks at it: the signature (when
@@ -169,7 +170,28 @@ fn check_floors(
     }
 }
 
-/// One sync: lock, fetch, validate, observe, plan, apply, record, then the metrics file.
+/// What a sync works with besides the commit and the record: the agent's settings, the
+/// host's seams and the flag that asks it to stop (one value, as a kube-rs controller
+/// hands its `Context` to `reconcile`).
+pub struct Env<'a> {
+    pub settings: &'a Settings,
+    pub hv: &'a dyn Hypervisor,
+    pub disks: &'a dyn DiskProvisioner,
+    pub cancel: &'a AtomicBool,
+    /// This sync's events (`[[notify]]`), when the host has any.
+    pub events: Option<&'a notify::SyncEvents>,
+}
+
+/// What validation handed on: the desired state, the schema cache, and the XML whose
+/// libvirt check still runs (beside observation, see [`observe_and_check`]).
+struct Validated {
+    desired: Desired,
+    schema: CachedSchema,
+    unchecked: Vec<String>,
+}
+
+/// One sync: lock, fetch, validate, observe, plan, apply, health, record, then the
+/// metrics file.
 pub fn run(
     settings: &Settings,
     conn: &mut Connection,
@@ -189,11 +211,15 @@ pub fn run_with_metrics(
 ) -> (Result<Report, SyncError>, Option<String>) {
     let started = Instant::now();
     let result = run_locked(settings, conn, options);
+    let record = || store::load(&settings.state_dir).unwrap_or_default();
+    if let Some(events) = options.events {
+        events.finish(&result, &record());
+    }
     let text = ((render || settings.metrics_file.is_some())
         && !matches!(result, Err(SyncError::Locked(_))))
     .then(|| {
-        let record = store::load(&settings.state_dir).unwrap_or_default();
-        crate::agent::metrics::render(&record, result.as_ref().ok(), started.elapsed())
+        metrics::render(&record(), result.as_ref().ok(), started.elapsed())
+            + &metrics::agent_extras(&settings.state_dir)
     });
     if let (Some(path), Some(text)) = (&settings.metrics_file, &text)
         && let Err(e) = fsio::write_atomic(path, text.as_bytes())
@@ -203,6 +229,8 @@ pub fn run_with_metrics(
     (result, text)
 }
 
+/// Under the lock: fetch, refuse a commit given up on, converge; an attempt that ended
+/// before anything was applied is recorded as such.
 fn run_locked(
     settings: &Settings,
     conn: &mut Connection,
@@ -210,65 +238,23 @@ fn run_locked(
 ) -> Result<Report, SyncError> {
     let _lock = lock(settings)?;
     let mut record = store::load(&settings.state_dir)?;
-    let source = settings.source()?;
-    let fetch_started = Instant::now();
-    let fetched =
-        match crate::repo::probe::fetch(&source, settings.probe().as_ref(), &settings.state_dir) {
-            Ok(fetched) => fetched,
-            Err(e) => {
-                let e = SyncError::from(e);
-                save_failure(settings, &mut record, None, &e);
-                return Err(e);
-            }
-        };
-    let fetch_took = fetch_started.elapsed();
+    let mut clock = StageClock::start();
+    let fetched = match fetch(settings) {
+        Ok(fetched) => fetched,
+        Err(e) => {
+            save_failure(settings, &mut record, None, &e);
+            return Err(e);
+        }
+    };
+    clock.lap("fetch");
     let commit = fetched.id();
-    if let Some(max) = options.give_up_after
-        && record.gives_up_on(&commit, max)
-    {
-        return Err(SyncError::GaveUp {
-            commit,
-            attempts: record.failed_attempts,
-        });
-    }
-    let retried = crate::apply::health_stage::retry(&mut record, options.retry);
-    let result = (|| {
-        let validate_started = Instant::now();
-        check_commit(settings, &record, &fetched, options.allow_rewind)?;
-        let (desired, schema, unchecked) = validate_deferring(settings, &fetched, &commit)?;
-        let validate_took = validate_started.elapsed();
-        let connect_started = Instant::now();
-        let hv = conn.get()?;
-        let calls_before = hv.call_count();
-        let mut stages = vec![
-            ("fetch", fetch_took),
-            ("validate", validate_took),
-            ("connect", connect_started.elapsed()),
-        ];
-        let observe_started = Instant::now();
-        let disks = crate::host::disk::QemuImg::default();
-        let observed =
-            observe_and_check(&commit, &record, &desired, hv, &disks, &schema, &unchecked)?;
-        // The commits in the managed domains' tags: the ancestry floor that survives a
-        // lost state file.
-        check_floors(&fetched, &observed_floors(&observed), options.allow_rewind)?;
-        stages.push(("observe", observe_started.elapsed()));
-        apply_observed(
-            settings,
-            &mut record,
-            &commit,
-            &desired,
-            &observed,
-            hv,
-            &disks,
-            options.cancel,
-            (calls_before, stages),
-        )
-    })();
+    refuse_given_up(&record, &commit, options.give_up_after)?;
+    let retried = record_update::retry(&mut record, options.retry);
+    let result = converge(settings, conn, options, &mut record, &fetched, clock);
     if let Err(e) = &result
         && !matches!(e, SyncError::ActionsFailed { .. })
     {
-        crate::apply::health_stage::restore(&mut record, retried);
+        record_update::restore(&mut record, retried);
         save_failure(settings, &mut record, Some(&commit), e);
     }
     // Still under the lock, with the clone closed.
@@ -277,22 +263,78 @@ fn run_locked(
     result
 }
 
+/// The commit to sync: the change probe's answer, or a fetch.
+fn fetch(settings: &Settings) -> Result<source::FetchedCommit, SyncError> {
+    let source = settings.source()?;
+    Ok(probe::fetch(
+        &source,
+        settings.probe().as_ref(),
+        &settings.state_dir,
+    )?)
+}
+
+/// The daemon does not try a commit again that already failed `max` times in a row.
+fn refuse_given_up(record: &Record, commit: &str, max: Option<u32>) -> Result<(), SyncError> {
+    match max {
+        Some(max) if record.gives_up_on(commit, max) => Err(SyncError::GaveUp {
+            commit: commit.to_string(),
+            attempts: record.failed_attempts,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Trust → validate → connect → observe, then [`apply_observed`].
+fn converge(
+    settings: &Settings,
+    conn: &mut Connection,
+    options: &Options,
+    record: &mut Record,
+    fetched: &source::FetchedCommit,
+    mut clock: StageClock,
+) -> Result<Report, SyncError> {
+    let commit = fetched.id();
+    check_commit(settings, record, fetched, options.allow_rewind)?;
+    let validated = validate_deferring(settings, fetched, &commit)?;
+    clock.lap("validate");
+    let hv = conn.get()?;
+    clock.lap("connect");
+    clock.count_calls_from(hv.call_count());
+    let disks = disk::QemuImg::default();
+    let env = Env {
+        settings,
+        hv,
+        disks: &disks,
+        cancel: options.cancel,
+        events: options.events,
+    };
+    let observed = observe_and_check(&env, &commit, record, &validated)?;
+    // The commits in the managed domains' tags: the ancestry floor that survives a
+    // lost state file.
+    check_floors(fetched, &observed_floors(&observed), options.allow_rewind)?;
+    clock.lap("observe");
+    apply_observed(&env, record, &commit, &validated.desired, &observed, clock)
+}
+
 /// Validates the commit for this host with the schema cache, leaving libvirt's checks
-/// of the XML the cache has not seen to [`observe_and_check`]: the desired state, the
-/// cache, and that XML. An invalid commit is validated again with those checks, so that
-/// one run shows every mistake.
+/// of the XML the cache has not seen to [`observe_and_check`]. An invalid commit is
+/// validated again with those checks, so that one run shows every mistake.
 fn validate_deferring(
     settings: &Settings,
     fetched: &source::FetchedCommit,
     commit: &str,
-) -> Result<(Desired, CachedSchema, Vec<String>), SyncError> {
+) -> Result<Validated, SyncError> {
     let policy = policy(settings);
     let cache = || CachedSchema::load(Some(&settings.state_dir), &format!("{policy:?}"));
     let schema = cache().deferring();
     match validate_commit(fetched, commit, &policy, &schema) {
         Ok(desired) => {
             let unchecked = schema.take_deferred();
-            Ok((desired, schema, unchecked))
+            Ok(Validated {
+                desired,
+                schema,
+                unchecked,
+            })
         }
         Err(e) => Err(validate_commit(fetched, commit, &policy, &cache())
             .err()
@@ -300,23 +342,25 @@ fn validate_deferring(
     }
 }
 
-/// Observes the host while libvirt's schema checks of `unchecked` run: compiling the
-/// schema costs more than a define, and observing only reads. Their verdict is in before
-/// anything is planned; a rejection makes the commit invalid, else the cache learns the
-/// passes and is saved. (The checks stay on this thread and observing moves to another:
-/// with the checks on another thread, the compiled schema went to a malloc arena of its
-/// own and a daemon's peak RSS grew by 8 MiB.)
+/// Observes the host while libvirt's schema checks of the unchecked XML run: compiling
+/// the schema costs more than a define, and observing only reads. Their verdict is in
+/// before anything is planned; a rejection makes the commit invalid, else the cache
+/// learns the passes and is saved. (The checks stay on this thread and observing moves
+/// to another: with the checks on another thread, the compiled schema went to a malloc
+/// arena of its own and a daemon's peak RSS grew by 8 MiB.)
 fn observe_and_check(
+    env: &Env,
     commit: &str,
     record: &Record,
-    desired: &Desired,
-    hv: &dyn Hypervisor,
-    disks: &dyn DiskProvisioner,
-    schema: &CachedSchema,
-    unchecked: &[String],
+    validated: &Validated,
 ) -> Result<observe_domains::Observed, SyncError> {
+    let Validated {
+        desired,
+        schema,
+        unchecked,
+    } = validated;
     let (observed, verdicts) = std::thread::scope(|scope| {
-        let observing = scope.spawn(|| observe_commit(record, desired, hv, disks));
+        let observing = scope.spawn(|| observe_commit(record, desired, env.hv, env.disks));
         let verdicts = schema_cache::check_all(unchecked);
         let observed = observing.join().expect("observing does not panic");
         (observed, verdicts)
@@ -368,64 +412,120 @@ fn save_failure(settings: &Settings, record: &mut Record, commit: Option<&str>, 
     let Some(result) = e.result() else {
         return;
     };
-    record.record_failure(commit, result, &e.to_string(), &clock::now_rfc3339());
+    record_update::record_failure(
+        record,
+        commit,
+        result,
+        &e.to_string(),
+        &clock::now_rfc3339(),
+    );
     if let Err(e) = store::save(&settings.state_dir, record) {
         error!(error = %e, "failed to record the failed attempt");
     }
 }
 
-/// Observe → plan → apply → record, for a validated commit. Exposed for tests that
-/// bring their own hypervisor and provisioner.
+/// Observe → plan → apply → health → record, for a validated commit. Exposed for tests
+/// that bring their own hypervisor and provisioner.
 pub fn apply_commit(
-    settings: &Settings,
+    env: &Env,
     record: &mut Record,
     commit: &str,
     desired: &Desired,
-    hv: &dyn Hypervisor,
-    disks: &dyn DiskProvisioner,
-    cancel: &AtomicBool,
 ) -> Result<Report, SyncError> {
-    let (calls_before, started) = (hv.call_count(), Instant::now());
-    let observed = observe_commit(record, desired, hv, disks)?;
-    let stages = vec![("observe", started.elapsed())];
-    apply_observed(
-        settings,
-        record,
-        commit,
-        desired,
-        &observed,
-        hv,
-        disks,
-        cancel,
-        (calls_before, stages),
-    )
+    let mut clock = StageClock::start();
+    clock.count_calls_from(env.hv.call_count());
+    let observed = observe_commit(record, desired, env.hv, env.disks)?;
+    clock.lap("observe");
+    apply_observed(env, record, commit, desired, &observed, clock)
 }
 
-/// Plan → apply → record, for what was observed. `calls_before` and `stages`: the
-/// libvirt call count before observing and how long the stages before took, for the
-/// `converged` line.
-#[allow(clippy::too_many_arguments)]
+/// Plan → (suspensions) → apply → health → record, for what was observed.
 fn apply_observed(
-    settings: &Settings,
+    env: &Env,
     record: &mut Record,
     commit: &str,
     desired: &Desired,
     observed: &observe_domains::Observed,
-    hv: &dyn Hypervisor,
-    disks: &dyn DiskProvisioner,
-    cancel: &AtomicBool,
-    (calls_before, mut stages): (u64, Vec<(&'static str, Duration)>),
+    mut clock: StageClock,
 ) -> Result<Report, SyncError> {
-    let short = &commit[..commit.len().min(12)];
     check_references(commit, desired, observed)?;
-    let started = Instant::now();
+    let mut plan = plan_to_apply(env.settings, record, commit, desired, observed)?;
+    let held = suspend::held_back(&env.settings.state_dir, &mut plan, short(commit));
+    if held.host.is_some() {
+        // Nothing is applied nor recorded but the drift just seen (reported, not healed).
+        if suspend::note_drift(record, &plan) {
+            store::save(&env.settings.state_dir, record)?;
+        }
+        return Ok(Report {
+            commit: commit.to_string(),
+            plan,
+            outcome: Outcome::default(),
+            held,
+        });
+    }
+    if let Some(events) = env.events {
+        events.applying(commit, record.last_applied_commit.as_deref());
+    }
+    clock.lap("plan");
+    let mut outcome = vms::apply(&plan, env.hv, env.disks, env.cancel);
+    clock.lap("apply");
+    // Health checks of the VMs started with a new definition, and reverts.
+    let stage = health_stage::Stage {
+        state_dir: &env.settings.state_dir,
+        commit,
+        shutdown_timeout: env.settings.changes.shutdown_timeout,
+        hv: env.hv,
+        cancel: env.cancel,
+    };
+    let found = health_stage::run(&stage, &plan, desired, &mut outcome, record);
+    if found.is_empty() {
+        clock.skip();
+    } else {
+        clock.lap("health");
+    }
+    if let Some(events) = env.events {
+        events.applied(&outcome);
+    }
+    let before = record.vms.clone();
+    record_update::after_apply(
+        record,
+        commit,
+        &plan,
+        &outcome,
+        &found,
+        &clock::now_rfc3339(),
+    );
+    suspend::restore_records(record, &before, &held);
+    store::save(&env.settings.state_dir, record)?;
+    let calls = clock.calls_since(env.hv.call_count());
+    finish(
+        commit,
+        Report {
+            commit: commit.to_string(),
+            plan,
+            outcome,
+            held,
+        },
+        calls,
+        &clock,
+    )
+}
+
+/// The plan of a sync that applies it; a refused plan (too many prunes) is an error and
+/// nothing of the commit is applied (the caller records the refusal).
+fn plan_to_apply(
+    settings: &Settings,
+    record: &Record,
+    commit: &str,
+    desired: &Desired,
+    observed: &observe_domains::Observed,
+) -> Result<Plan, SyncError> {
     let ctx = plan::Context {
         policy: &settings.changes,
         record,
     };
     let plan = plan::plan(desired, observed, commit, &ctx);
     if let Some(message) = &plan.refused {
-        // Nothing of the commit is applied; the caller records the refusal.
         return Err(SyncError::Refused {
             commit: commit.to_string(),
             message: message.clone(),
@@ -436,35 +536,19 @@ fn apply_observed(
         && plan.resources.pools.iter().all(|p| p.error.is_none())
         && plan.resources.networks.iter().all(|p| p.error.is_none())
     {
-        info!(commit = %short, vms = plan.vms.len(), "nothing to do: every vm is converged");
+        info!(commit = %short(commit), vms = plan.vms.len(), "nothing to do: every vm is converged");
     }
-    stages.push(("plan", started.elapsed()));
-    let started = Instant::now();
-    let mut outcome = vms::apply(&plan, hv, disks, cancel);
-    stages.push(("apply", started.elapsed()));
-    // Health checks of the VMs started with a new definition, and reverts.
-    let started = Instant::now();
-    let health = crate::apply::health_stage::Stage {
-        state_dir: &settings.state_dir,
-        commit,
-        shutdown_timeout: settings.changes.shutdown_timeout,
-    };
-    let found =
-        crate::apply::health_stage::run(&health, &plan, desired, &mut outcome, record, hv, cancel);
-    if !found.is_empty() {
-        stages.push(("health", started.elapsed()));
-    }
+    Ok(plan)
+}
 
-    record_update::record_outcome(
-        record,
-        commit,
-        plan.prune.iter().map(|p| p.name.as_str()),
-        &outcome,
-        &clock::now_rfc3339(),
-    );
-    record_update::record_resources(record, commit, &plan.resources, &outcome.resources);
-    crate::apply::health_stage::record(record, &plan, &found);
-    store::save(&settings.state_dir, record)?;
+/// The report of an applied commit, or `ActionsFailed` when something failed.
+fn finish(
+    commit: &str,
+    report: Report,
+    libvirt_calls: u64,
+    clock: &StageClock,
+) -> Result<Report, SyncError> {
+    let outcome = &report.outcome;
     if !outcome.all_ok() {
         let failed = outcome.vms.iter().filter(|vm| vm.error.is_some()).count()
             + outcome.pruned.iter().filter(|p| p.error.is_some()).count();
@@ -481,18 +565,14 @@ fn apply_observed(
         });
     }
     info!(
-        commit = %short,
+        commit = %short(commit),
         vms = outcome.vms.len(),
         changes = outcome.changes(),
-        libvirt_calls = hv.call_count() - calls_before,
-        stages_ms = %stages_ms(&stages),
+        libvirt_calls,
+        stages_ms = %clock.summary(),
         "converged"
     );
-    Ok(Report {
-        commit: commit.to_string(),
-        plan,
-        outcome,
-    })
+    Ok(report)
 }
 
 /// `vmsync plan` and `vmsync --once --dry-run`: fetch, validate, observe and plan, with
@@ -503,17 +583,11 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let fetched = source::fetch(&settings.source()?, &settings.state_dir)?;
     let commit = fetched.id();
     let desired = trusted_and_valid(settings, &record, &fetched, false)?;
-    let hv = crate::host::hypervisor::Libvirt::connect(&settings.libvirt_uri)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let observed = observe_commit(
-        &record,
-        &desired,
-        &hv,
-        &crate::host::disk::QemuImg::default(),
-    )?;
+    let hv = hypervisor::Libvirt::connect(&settings.libvirt_uri)?;
+    let observed = observe_commit(&record, &desired, &hv, &disk::QemuImg::default())?;
     check_floors(&fetched, &observed_floors(&observed), false)?;
     check_references(&commit, &desired, &observed)?;
-    let normalizer = crate::host::schema_test_driver::TestDriverSchema::new()?;
+    let normalizer = schema_test_driver::TestDriverSchema::new()?;
     Ok(plan_observed(
         settings,
         &record,
@@ -521,21 +595,6 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
         &desired,
         &observed,
         &normalizer,
-    ))
-}
-
-/// Observe → plan → diffs, for a validated commit; changes nothing. Exposed for tests.
-pub fn plan_commit(
-    settings: &Settings,
-    record: &Record,
-    commit: &str,
-    desired: &Desired,
-    hv: &dyn Hypervisor,
-    normalizer: &dyn crate::desired::schema_check::Normalizer,
-) -> Result<Plan, SyncError> {
-    let observed = observe_commit(record, desired, hv, &crate::host::disk::QemuImg::default())?;
-    Ok(plan_observed(
-        settings, record, commit, desired, &observed, normalizer,
     ))
 }
 
@@ -552,21 +611,16 @@ fn observe_commit(
         .iter()
         .map(|(name, vm)| (name.clone(), vm.definition_hash.clone()))
         .collect();
-    let mut observed = observe_domains::observe(desired, &applied, hv, disks)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    observed.resources = crate::host::observe_networks_pools::observe(
-        &desired.resources,
-        &recorded_resources(record),
-        hv,
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut observed = observe_domains::observe(desired, &applied, hv, disks)?;
+    observed.resources =
+        observe_networks_pools::observe(&desired.resources, &recorded_resources(record), hv)?;
     Ok(observed)
 }
 
 /// The networks and pools this agent's record says it applied.
 fn recorded_resources(
     record: &Record,
-) -> std::collections::BTreeSet<(crate::desired::resource_xml::ResourceKind, String)> {
+) -> std::collections::BTreeSet<(resource_xml::ResourceKind, String)> {
     use crate::desired::resource_xml::ResourceKind;
     let networks = record
         .networks
@@ -583,8 +637,7 @@ fn check_references(
     desired: &Desired,
     observed: &observe_domains::Observed,
 ) -> Result<(), SyncError> {
-    let problems =
-        crate::host::observe_networks_pools::missing(&desired.resources, &observed.resources);
+    let problems = observe_networks_pools::missing(&desired.resources, &observed.resources);
     if problems.is_empty() {
         return Ok(());
     }
@@ -601,21 +654,21 @@ fn plan_observed(
     commit: &str,
     desired: &Desired,
     observed: &observe_domains::Observed,
-    normalizer: &dyn crate::desired::schema_check::Normalizer,
+    normalizer: &dyn schema_check::Normalizer,
 ) -> Plan {
     let ctx = plan::Context {
         policy: &settings.changes,
         record,
     };
     let mut plan = plan::plan(desired, observed, commit, &ctx);
-    crate::reconcile::diff::annotate(&mut plan, normalizer);
-    crate::reconcile::render::annotate_resources(&mut plan.resources);
+    diff::annotate(&mut plan, normalizer);
+    render::annotate_resources(&mut plan.resources);
     plan
 }
 
 /// `vmsync validate DIR`: validates a checkout on disk for every host, offline.
 pub fn validate_dir(settings: &Settings, dir: &std::path::Path) -> Result<Desired, SyncError> {
-    let files = crate::repo::files::DirFiles::new(dir);
+    let files = files::DirFiles::new(dir);
     let policy = Policy {
         host: None,
         disk_roots: settings.disk_roots.clone(),
@@ -623,4 +676,250 @@ pub fn validate_dir(settings: &Settings, dir: &std::path::Path) -> Result<Desire
         render_host: Some(settings.host.clone()),
     };
     validate_cached(&files, &dir.display().to_string(), &policy, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::desired::domain_xml;
+    use crate::desired::manifest::{OnChange, PowerState};
+    use crate::record::{HeldBack, SyncResult, VmRecord};
+    use crate::repo::source::test_git::git;
+    use crate::test_support::FakeHost;
+
+    /// A repository with `manifest` committed, a state directory, and the settings of a
+    /// sync of it (libvirt's test driver, which these branches never reach).
+    struct Repo {
+        repo: tempfile::TempDir,
+        state: tempfile::TempDir,
+    }
+
+    impl Repo {
+        fn new(manifest: &str) -> Repo {
+            let repo = tempfile::tempdir().unwrap();
+            git(repo.path(), &["init", "-q"]);
+            std::fs::write(repo.path().join("vmsync.toml"), manifest).unwrap();
+            git(repo.path(), &["add", "."]);
+            git(
+                repo.path(),
+                &[
+                    "-c",
+                    "user.name=t",
+                    "-c",
+                    "user.email=t@t",
+                    "commit",
+                    "-qm",
+                    "c",
+                ],
+            );
+            Repo {
+                repo,
+                state: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn settings(&self) -> Settings {
+            crate::config::load(&crate::config::Overrides {
+                config: Some("/dev/null".into()),
+                url: Some(self.repo.path().display().to_string()),
+                state_dir: Some(self.state.path().to_path_buf()),
+                connect: Some("test:///default".into()),
+                host: Some("h1".into()),
+                ..Default::default()
+            })
+            .unwrap()
+        }
+
+        fn head(&self) -> String {
+            git(self.repo.path(), &["rev-parse", "HEAD"])
+                .trim()
+                .to_string()
+        }
+
+        fn run(&self, give_up_after: Option<u32>, retry: &[String]) -> Result<Report, SyncError> {
+            let cancel = AtomicBool::new(false);
+            let options = Options {
+                give_up_after,
+                cancel: &cancel,
+                allow_rewind: false,
+                retry,
+                events: None,
+            };
+            run(
+                &self.settings(),
+                &mut Connection::new("test:///default"),
+                &options,
+            )
+        }
+
+        fn record(&self) -> Record {
+            store::load(self.state.path()).unwrap()
+        }
+
+        fn save(&self, record: &Record) {
+            store::save(self.state.path(), record).unwrap();
+        }
+    }
+
+    const INVALID: &str = "[[vm]]\nname = \"a\"\n";
+
+    #[test]
+    fn an_invalid_commit_is_recorded_and_counted_and_nothing_is_applied() {
+        let repo = Repo::new(INVALID);
+        let err = repo.run(None, &[]).unwrap_err();
+        assert!(matches!(err, SyncError::Invalid { .. }), "{err}");
+        let record = repo.record();
+        assert_eq!(record.last_result, Some(SyncResult::Invalid));
+        assert_eq!(record.last_attempted_commit, Some(repo.head()));
+        assert_eq!(record.last_applied_commit, None);
+        assert_eq!(record.failed_attempts, 1);
+        repo.run(None, &[]).unwrap_err();
+        assert_eq!(
+            repo.record().failed_attempts,
+            2,
+            "the same commit counts up"
+        );
+    }
+
+    #[test]
+    fn a_commit_that_does_not_descend_from_the_applied_one_is_untrusted() {
+        let repo = Repo::new("");
+        let applied = "1111111111111111111111111111111111111111";
+        repo.save(&Record {
+            last_applied_commit: Some(applied.into()),
+            ..Record::default()
+        });
+        let err = repo.run(None, &[]).unwrap_err();
+        assert!(matches!(err, SyncError::Untrusted(_)), "{err}");
+        let record = repo.record();
+        assert_eq!(record.last_result, Some(SyncResult::Untrusted));
+        assert_eq!(record.last_applied_commit.as_deref(), Some(applied));
+    }
+
+    #[test]
+    fn a_held_lock_is_refused_and_nothing_is_recorded() {
+        let repo = Repo::new(INVALID);
+        let _held = fsio::lock(repo.state.path()).unwrap();
+        let err = repo.run(None, &[]).unwrap_err();
+        assert!(matches!(err, SyncError::Locked(_)), "{err}");
+        assert_eq!(err.exit_code(), 75);
+        assert_eq!(repo.record(), Record::default());
+    }
+
+    #[test]
+    fn a_commit_given_up_on_is_not_tried_and_a_retry_is_put_back_when_it_fails() {
+        let repo = Repo::new(INVALID);
+        repo.run(None, &[]).unwrap_err();
+        repo.run(None, &[]).unwrap_err();
+        let err = repo.run(Some(2), &[]).unwrap_err();
+        assert!(
+            matches!(err, SyncError::GaveUp { attempts: 2, .. }),
+            "{err}"
+        );
+        assert_eq!(repo.record().failed_attempts, 2, "a give-up is no attempt");
+
+        // `--retry web` forgets web's hold-back for the sync; the commit is invalid, so
+        // nothing was tried and the hold-back is back.
+        let held = HeldBack {
+            commit: "c0".into(),
+            fingerprint: "fp".into(),
+            reason: "unhealthy".into(),
+        };
+        let mut record = repo.record();
+        record.vms.insert(
+            "web".into(),
+            VmRecord {
+                held_back: Some(held.clone()),
+                ..VmRecord::default()
+            },
+        );
+        repo.save(&record);
+        repo.run(None, &["web".to_string()]).unwrap_err();
+        assert_eq!(repo.record().vms["web"].held_back, Some(held));
+    }
+
+    fn desired_vm(name: &str) -> Desired {
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><memory>1024</memory><os><type>hvm</type></os></domain>"
+        );
+        let vm = crate::desired::desired_state::DesiredVm {
+            name: name.into(),
+            xml_file: format!("vms/{name}.xml"),
+            summary: domain_xml::summarize(&xml).unwrap(),
+            fingerprint: domain_xml::fingerprint(&xml),
+            xml,
+            autostart: true,
+            disks: Vec::new(),
+            on_change: OnChange::Defer,
+            state: PowerState::Running,
+            shutdown_timeout: None,
+            self_heal: None,
+            adopt: false,
+            health: None,
+        };
+        Desired {
+            vms: vec![vm],
+            ..Desired::default()
+        }
+    }
+
+    fn apply(state_dir: &Path, host: &FakeHost, record: &mut Record) -> Result<Report, SyncError> {
+        let settings = crate::config::load(&crate::config::Overrides {
+            config: Some("/dev/null".into()),
+            state_dir: Some(state_dir.to_path_buf()),
+            host: Some("h1".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let env = Env {
+            settings: &settings,
+            hv: host,
+            disks: host,
+            cancel: &AtomicBool::new(false),
+            events: None,
+        };
+        apply_commit(&env, record, "c1", &desired_vm("web"))
+    }
+
+    #[test]
+    fn a_vm_that_fails_is_recorded_with_its_error_and_the_commit_is_not_applied() {
+        let state = tempfile::tempdir().unwrap();
+        let host = FakeHost::refusing_to_start(&["web"]);
+        let mut record = Record::default();
+        let err = apply(state.path(), &host, &mut record).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SyncError::ActionsFailed {
+                    failed: 1,
+                    total: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            host.calls(),
+            ["define web", "autostart web true", "start web"]
+        );
+        assert_eq!(record.last_applied_commit, None);
+        assert_eq!(record.last_result, Some(SyncResult::Failed));
+        let web = &record.vms["web"];
+        assert!(!web.ok);
+        assert!(
+            web.last_error.as_deref().unwrap().contains("no disk"),
+            "{web:?}"
+        );
+        assert_eq!(store::load(state.path()).unwrap(), record, "saved");
+
+        // The host lets it start now: the commit converges and becomes the applied one.
+        let host = FakeHost::default();
+        let report = apply(state.path(), &host, &mut record).unwrap();
+        assert_eq!(report.commit, "c1");
+        assert_eq!(record.last_applied_commit.as_deref(), Some("c1"));
+        assert_eq!(record.failed_attempts, 0);
+    }
 }

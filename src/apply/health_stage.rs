@@ -15,31 +15,17 @@ use crate::desired::desired_state::{Desired, DesiredVm};
 use crate::desired::domain_xml;
 use crate::host::health_probe::{self as check, Verdict};
 use crate::host::hypervisor::Hypervisor;
+use crate::reconcile::diff;
 use crate::reconcile::health_rules::{
-    AfterFailure, Due, PutBack, VmHealth, after_failure, due, forget_stale_hold_back, record_check,
-    revert_result,
+    AfterFailure, Due, Found, PutBack, VmHealth, after_failure, due, revert_result,
 };
-use crate::reconcile::outcome::{Outcome, VmOutcome};
+use crate::reconcile::outcome::{Outcome, VmFailure, VmOutcome};
 use crate::reconcile::plan_types::{Plan, VmPlan};
-use crate::record::{HealthResult, HeldBack, Record, VmRecord, store};
-use crate::util::fsio;
+use crate::record::{HealthResult, Record, VmRecord, healthy_file, store};
+use crate::util::{commit_id, fsio, par};
 
 /// VMs checked at the same time (a check mostly waits).
 pub const THREADS: usize = 8;
-
-/// What the stage found for one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Found {
-    /// Checked (healthy, or not and what followed).
-    Checked(VmHealth),
-    /// Not started by this sync, but running its committed definition with no healthy
-    /// one recorded yet: taken as the last healthy one (commit, fingerprint).
-    Adopted {
-        name: String,
-        commit: String,
-        fingerprint: String,
-    },
-}
 
 /// The health stage's settings.
 pub struct Stage<'a> {
@@ -47,31 +33,9 @@ pub struct Stage<'a> {
     pub commit: &'a str,
     /// `policy.shutdown_timeout`, for a VM that does not set its own.
     pub shutdown_timeout: Duration,
-}
-
-/// `vmsync --once --retry VM`: forgets the hold-back of each named VM, so that this sync
-/// tries its definition again. Returns what it forgot, for [`restore`].
-pub fn retry(record: &mut Record, names: &[String]) -> Vec<(String, HeldBack)> {
-    let mut forgotten = Vec::new();
-    for name in names {
-        match record.vms.get_mut(name).and_then(|r| r.held_back.take()) {
-            Some(held) => {
-                info!(vm = %name, commit = %held.commit, "--retry: trying the held back definition again");
-                forgotten.push((name.clone(), held));
-            }
-            None => warn!(vm = %name, "--retry: this vm is not held back; nothing to retry"),
-        }
-    }
-    forgotten
-}
-
-/// Puts back the hold-backs [`retry`] forgot, when the sync ended before applying.
-pub fn restore(record: &mut Record, forgotten: Vec<(String, HeldBack)>) {
-    for (name, held) in forgotten {
-        if let Some(entry) = record.vms.get_mut(&name) {
-            entry.held_back = Some(held);
-        }
-    }
+    pub hv: &'a dyn Hypervisor,
+    /// Set to stop: a wait ends, no revert starts.
+    pub cancel: &'a AtomicBool,
 }
 
 /// Runs the checks due after `outcome` (see `reconcile::health_rules::due`) and the reverts
@@ -83,8 +47,6 @@ pub fn run(
     desired: &Desired,
     outcome: &mut Outcome,
     record: &Record,
-    hv: &dyn Hypervisor,
-    cancel: &AtomicBool,
 ) -> Vec<Found> {
     let wanted: HashMap<&str, &DesiredVm> =
         desired.vms.iter().map(|v| (v.name.as_str(), v)).collect();
@@ -101,8 +63,8 @@ pub fn run(
     if work.is_empty() {
         return Vec::new();
     }
-    let found: Vec<Found> = crate::util::par::map(work, THREADS, |(vm, p, o)| {
-        one(stage, vm, p, o, record.vms.get(&vm.name), hv, cancel)
+    let found: Vec<Found> = par::map(work, THREADS, |(vm, p, o)| {
+        one(stage, vm, p, o, record.vms.get(&vm.name))
     })
     .into_iter()
     .flatten()
@@ -112,7 +74,7 @@ pub fn run(
             && let Some(o) = outcome.vms.iter_mut().find(|o| o.name == c.name)
         {
             if let Some(e) = c.error() {
-                o.error = Some(e);
+                o.error = Some(VmFailure::Unhealthy(e));
             }
             if matches!(c.result, HealthResult::Healthy | HealthResult::Reverted) {
                 o.up = true;
@@ -120,34 +82,6 @@ pub fn run(
         }
     }
     found
-}
-
-/// Updates the record (after `record_outcome`) with what the stage found.
-pub fn record(record: &mut Record, plan: &Plan, found: &[Found]) {
-    for f in found {
-        match f {
-            Found::Checked(c) => {
-                if let Some(entry) = record.vms.get_mut(&c.name) {
-                    record_check(entry, c);
-                }
-            }
-            Found::Adopted {
-                name,
-                commit,
-                fingerprint,
-            } => {
-                if let Some(entry) = record.vms.get_mut(name) {
-                    entry.healthy_commit = Some(commit.clone());
-                    entry.healthy_fingerprint = Some(fingerprint.clone());
-                }
-            }
-        }
-    }
-    for vm in &plan.vms {
-        if let Some(entry) = record.vms.get_mut(&vm.name) {
-            forget_stale_hold_back(entry, &vm.fingerprint);
-        }
-    }
 }
 
 /// One VM: check if due, then keep, revert or report; or adopt a running definition
@@ -158,16 +92,14 @@ fn one(
     plan: &VmPlan,
     outcome: &VmOutcome,
     old: Option<&VmRecord>,
-    hv: &dyn Hypervisor,
-    cancel: &AtomicBool,
 ) -> Option<Found> {
     let spec = vm.health.as_ref()?;
     let name = &vm.name;
-    let short = crate::util::commit_id::short(stage.commit);
+    let short = commit_id::short(stage.commit);
     let Some(how) = due(Some(spec), plan, outcome, old) else {
         let has_healthy = old.is_some_and(|r| r.healthy_fingerprint.is_some());
         if !has_healthy && outcome.error.is_none() && outcome.up && !outcome.pending_restart {
-            let xml = hv.xml(name, true).ok()?;
+            let xml = stage.hv.xml(name, true).ok()?;
             let tag = domain_xml::read_tag(&xml)?;
             save_healthy(stage.state_dir, name, &xml)?;
             info!(vm = %name, commit = %tag.commit, "runs its committed definition: kept as the last healthy one");
@@ -180,11 +112,11 @@ fn one(
         if let Some(fp) = old.and_then(|r| r.healthy_fingerprint.as_deref())
             && outcome.up
         {
-            repair_healthy(stage.state_dir, name, fp, hv);
+            repair_healthy(stage.state_dir, name, fp, stage.hv);
         }
         return None;
     };
-    let bad_xml = hv.xml(name, true).unwrap_or_default();
+    let bad_xml = stage.hv.xml(name, true).unwrap_or_default();
     let uuid = domain_xml::summarize(&bad_xml)
         .ok()
         .and_then(|s| s.uuid)
@@ -193,7 +125,7 @@ fn one(
         Due::StartFailed(e) => {
             Verdict::Unhealthy(format!("libvirt refused to start the new definition: {e}"))
         }
-        Due::Started => check::check(hv, name, &uuid, spec, cancel),
+        Due::Started => check::check(stage.hv, name, &uuid, spec, stage.cancel),
     };
     let mut result = VmHealth {
         name: name.clone(),
@@ -225,7 +157,7 @@ fn one(
         .filter(|(_, fp)| *fp != plan.fingerprint);
     let healthy_xml = match healthy
         .as_ref()
-        .map(|(_, fp)| crate::record::healthy_file::read(stage.state_dir, name, fp))
+        .map(|(_, fp)| healthy_file::read(stage.state_dir, name, fp))
     {
         Some(Err(damaged)) if spec.revert => {
             error!(vm = %name, commit = %short, "not reverted: {damaged}");
@@ -247,25 +179,25 @@ fn one(
     let (healthy_commit, healthy_fp) = healthy.expect("a healthy definition to revert to");
     let healthy_xml = healthy_xml.expect("read above");
     let timeout = vm.shutdown_timeout.unwrap_or(stage.shutdown_timeout);
-    info!(vm = %name, commit = %short, healthy_commit = %crate::util::commit_id::short(&healthy_commit), "putting the last healthy definition back");
-    let reverted = match check::revert(hv, name, &healthy_xml, timeout, cancel) {
+    info!(vm = %name, commit = %short, healthy_commit = %commit_id::short(&healthy_commit), "putting the last healthy definition back");
+    let reverted = match check::revert(stage.hv, name, &healthy_xml, timeout, stage.cancel) {
         Ok(after) => {
-            let diff = crate::reconcile::diff::unified(
+            let diff = diff::unified(
                 &bad_xml,
                 &after,
                 &format!("{name} (unhealthy, commit {short})"),
                 &format!(
                     "{name} (put back, commit {})",
-                    crate::util::commit_id::short(&healthy_commit)
+                    commit_id::short(&healthy_commit)
                 ),
             );
-            crate::reconcile::diff::log(name, short, &diff);
+            diff::log(name, short, &diff);
             result.put_back = Some(PutBack {
                 commit: healthy_commit.clone(),
                 fingerprint: healthy_fp.clone(),
                 definition_hash: domain_xml::definition_hash(&after),
             });
-            match check::check(hv, name, &uuid, spec, cancel) {
+            match check::check(stage.hv, name, &uuid, spec, stage.cancel) {
                 Verdict::Healthy => Ok(true),
                 Verdict::Interrupted => Err("interrupted: vmsync is stopping".into()),
                 Verdict::Unhealthy(why) => {
@@ -279,7 +211,7 @@ fn one(
         }
         Err(e) => {
             // The healthy definition may be in place although the start failed.
-            if let Ok(now) = hv.xml(name, true)
+            if let Ok(now) = stage.hv.xml(name, true)
                 && domain_xml::read_tag(&now).is_some_and(|t| t.fingerprint == healthy_fp)
             {
                 result.put_back = Some(PutBack {
@@ -308,7 +240,7 @@ fn one(
 /// again when the VM runs that very definition (the same fingerprint); otherwise it is
 /// reported, and stays unused.
 fn repair_healthy(state_dir: &Path, name: &str, fingerprint: &str, hv: &dyn Hypervisor) {
-    let Err(damaged) = crate::record::healthy_file::read(state_dir, name, fingerprint) else {
+    let Err(damaged) = healthy_file::read(state_dir, name, fingerprint) else {
         return;
     };
     let running = hv
@@ -355,7 +287,7 @@ pub fn warn_in_plan(plan: &mut Plan, state_dir: &Path) {
         else {
             continue;
         };
-        if let Err(why) = crate::record::healthy_file::read(state_dir, &vm.name, fingerprint) {
+        if let Err(why) = healthy_file::read(state_dir, &vm.name, fingerprint) {
             vm.warnings.push(why);
         }
     }
@@ -364,6 +296,9 @@ pub fn warn_in_plan(plan: &mut Plan, state_dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reconcile::record_update::restore;
+    use crate::reconcile::record_update::retry;
+    use crate::record::HeldBack;
 
     #[test]
     fn retry_forgets_a_hold_back_and_restore_puts_it_back() {

@@ -16,12 +16,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::{debug, error, info, warn};
 
+use crate::apply::networks_pools;
 use crate::desired::domain_xml;
 use crate::host::disk::DiskProvisioner;
 use crate::host::hypervisor::Hypervisor;
-use crate::host::power::{SHUTDOWN_INTERRUPTED, graceful_stop};
-use crate::reconcile::outcome::{INTERRUPTED, Outcome, PruneOutcome, VmOutcome};
+use crate::host::power::{StopError, graceful_stop};
+use crate::reconcile::diff;
+use crate::reconcile::outcome::{Outcome, PruneOutcome, VmFailure, VmOutcome};
 use crate::reconcile::plan_types::{Action, Plan, VmPlan};
+use crate::util::par;
 
 /// VMs converged at the same time.
 pub const THREADS: usize = 4;
@@ -54,13 +57,12 @@ pub fn apply(
         }
     }
     // Pools (defined, built, started), then volumes, then networks, before the domains.
-    outcome.resources =
-        crate::apply::networks_pools::apply_before_domains(&plan.resources, hv, short);
+    outcome.resources = networks_pools::apply_before_domains(&plan.resources, hv, short);
     // VMs are independent: their actions run on a few threads (libvirt serves
     // concurrent calls on one connection; disk creations are separate processes).
     // Within a VM, actions stay in order.
     let vms: Vec<&VmPlan> = plan.vms.iter().collect();
-    outcome.vms = crate::util::par::map(vms, THREADS, |vm| apply_vm(vm, hv, disks, cancel, short));
+    outcome.vms = par::map(vms, THREADS, |vm| apply_vm(vm, hv, disks, cancel, short));
     for p in plan
         .prune
         .iter()
@@ -69,6 +71,7 @@ pub fn apply(
         let mut result = PruneOutcome {
             name: p.name.clone(),
             done: Vec::new(),
+            kinds: Vec::new(),
             error: None,
             orphaned_disks: Vec::new(),
         };
@@ -85,6 +88,7 @@ pub fn apply(
                 Ok(()) => {
                     info!(vm = %p.name, commit = %short, action = %what, "pruned");
                     result.done.push(what);
+                    result.kinds.push(action.kind());
                 }
                 Err(e) => {
                     error!(vm = %p.name, commit = %short, action = %what, error = %e, "prune failed");
@@ -103,12 +107,7 @@ pub fn apply(
     }
     // Networks and pools after the domains that used them.
     if !cancel.load(Ordering::SeqCst) {
-        crate::apply::networks_pools::apply_prune(
-            &plan.resources,
-            hv,
-            short,
-            &mut outcome.resources,
-        );
+        networks_pools::apply_prune(&plan.resources, hv, short, &mut outcome.resources);
     }
     outcome
 }
@@ -119,13 +118,9 @@ fn read_back(hv: &dyn Hypervisor, vm: &VmPlan, short: &str, result: &mut VmOutco
     match hv.xml(&vm.name, true) {
         Ok(after) => {
             result.definition_hash = domain_xml::definition_hash(&after);
-            let diff = crate::reconcile::diff::definition_diff(
-                &vm.name,
-                vm.current_xml.as_deref(),
-                &after,
-                &vm.source_xml,
-            );
-            crate::reconcile::diff::log(&vm.name, short, &diff);
+            let diff =
+                diff::definition_diff(&vm.name, vm.current_xml.as_deref(), &after, &vm.source_xml);
+            diff::log(&vm.name, short, &diff);
         }
         Err(e) => {
             warn!(vm = %vm.name, error = %e, "could not read the new definition back")
@@ -147,7 +142,7 @@ fn apply_vm(
         autostart: vm.autostart,
         state: vm.state,
         done: Vec::new(),
-        error: vm.error.clone(),
+        error: vm.error.clone().map(VmFailure::Planned),
         pending_restart: vm.pending_restart,
         drift: vm.drift.clone(),
         drift_reported_only: vm.drift_reported_only,
@@ -183,17 +178,22 @@ fn apply_vm(
     {
         if cancel.load(Ordering::SeqCst) {
             warn!(vm = %vm.name, commit = %short, "stopping before the next action");
-            result.error = Some(INTERRUPTED.to_string());
+            result.error = Some(VmFailure::Interrupted);
             break;
         }
         let mut what = action.describe();
+        let failed = |e: &dyn std::fmt::Display| VmFailure::Action(e.to_string());
+        let stopped = |e: StopError| match e {
+            StopError::Interrupted => VmFailure::ShutdownInterrupted,
+            other => VmFailure::Action(other.to_string()),
+        };
         let done = match action {
-            Action::CreateDisk(spec) => disks.create(spec).map_err(|e| e.to_string()),
-            Action::Rename { from } => hv.rename(from, &vm.name).map_err(|e| e.to_string()),
+            Action::CreateDisk(spec) => disks.create(spec).map_err(|e| failed(&e)),
+            Action::Rename { from } => hv.rename(from, &vm.name).map_err(|e| failed(&e)),
             Action::Define { xml, .. } | Action::Adopt { xml: Some(xml), .. } => hv
                 .define(xml)
                 .inspect(|()| crate::crash_point("after-define"))
-                .map_err(|e| e.to_string())
+                .map_err(|e| failed(&e))
                 .map(|()| read_back(hv, vm, short, &mut result)),
             Action::Adopt {
                 tag,
@@ -201,22 +201,22 @@ fn apply_vm(
                 live,
             } => hv
                 .set_tag(&vm.name, tag, *live)
-                .map_err(|e| e.to_string())
+                .map_err(|e| failed(&e))
                 .map(|()| read_back(hv, vm, short, &mut result)),
-            Action::SetAutostart(on) => hv.set_autostart(&vm.name, *on).map_err(|e| e.to_string()),
-            Action::Start => hv.start(&vm.name).map_err(|e| e.to_string()),
+            Action::SetAutostart(on) => hv.set_autostart(&vm.name, *on).map_err(|e| failed(&e)),
+            Action::Start => hv.start(&vm.name).map_err(|e| failed(&e)),
             Action::Restart { timeout } => graceful_stop(hv, &vm.name, *timeout, cancel)
-                .map_err(|e| e.to_string())
+                .map_err(stopped)
                 .and_then(|how| {
                     hv.start(&vm.name)
-                        .map_err(|e| format!("after the shutdown, {e}"))
+                        .map_err(|e| VmFailure::StartAfterStop(e.to_string()))
                         .map(|()| how)
                 })
                 .map(|how| what = format!("restart ({how}, started)")),
             Action::Stop { timeout } => graceful_stop(hv, &vm.name, *timeout, cancel)
                 .map(|how| what = format!("stop ({how})"))
-                .map_err(|e| e.to_string()),
-            Action::Undefine => Err("undefine is only planned for pruning".into()),
+                .map_err(stopped),
+            Action::Undefine => Err(failed(&"undefine is only planned for pruning")),
         };
         match done {
             Ok(()) => {
@@ -235,7 +235,7 @@ fn apply_vm(
                 if matches!(action, Action::Stop { .. } | Action::Restart { .. }) {
                     result.power_unsettled = true;
                 }
-                if e == SHUTDOWN_INTERRUPTED {
+                if e == VmFailure::ShutdownInterrupted {
                     // What a stop request asks for, not a failure.
                     warn!(vm = %vm.name, commit = %short, action = %what, "not done: {e}");
                 } else {
@@ -257,7 +257,9 @@ mod tests {
     use super::*;
     use crate::desired::manifest::PowerState;
     use crate::host::hypervisor::{HvError, Listing};
+    use crate::host::power::SHUTDOWN_INTERRUPTED;
     use crate::host::power::{StopError, Stopped};
+    use crate::reconcile::outcome::INTERRUPTED;
     use crate::record::VmRecord;
     use std::sync::Mutex;
     use std::time::Duration;
@@ -428,7 +430,7 @@ mod tests {
         );
         assert!(started.elapsed() < Duration::from_secs(2));
         assert_eq!(hv.calls(), ["define", "autostart false", "shutdown"]);
-        assert_eq!(outcome.error.as_deref(), Some(SHUTDOWN_INTERRUPTED));
+        assert_eq!(outcome.error, Some(VmFailure::ShutdownInterrupted));
         assert_eq!(outcome.done, ["redefine in place", "clear autostart"]);
         assert!(outcome.up, "still running: the stop was not done");
         assert!(outcome.defined && outcome.autostart_set && outcome.power_unsettled);

@@ -241,17 +241,15 @@ fn main_page(cmd: &clap::Command, page: &mut Vec<u8>) -> std::io::Result<()> {
     );
     section(&mut roff, "VERSION");
     roff.text([roman(super::LONG_VERSION.replace('\n', "; "))]);
+    let mut pages: Vec<String> = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .map(|s| format!("vmsync-{}(1)", s.get_name()))
+        .collect();
+    pages.extend(["vmsync.toml(5)", "virsh(1)", "systemd.timer(5)"].map(String::from));
     see_also(
         &mut roff,
-        &[
-            "vmsync-plan(1)",
-            "vmsync-status(1)",
-            "vmsync-import(1)",
-            "vmsync-validate(1)",
-            "vmsync.toml(5)",
-            "virsh(1)",
-            "systemd.timer(5)",
-        ],
+        &pages.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     roff.to_writer(page)
 }
@@ -359,8 +357,11 @@ mod tests {
             );
         }
         assert!(main.contains(".SH \"EXIT STATUS\""), "{main}");
-        for sub in ["plan", "status", "import", "validate"] {
-            assert!(main.contains(sub), "vmsync.1 lacks command {sub}");
+        for sub in command().get_subcommands().map(|s| s.get_name().to_owned()) {
+            assert!(
+                main.contains(&format!("\\fBvmsync\\-{sub}\\fR(1)")),
+                "vmsync.1 does not point at vmsync-{sub}(1)"
+            );
             let page = std::fs::read_to_string(dir.path().join(format!("vmsync-{sub}.1")))
                 .unwrap_or_else(|e| panic!("vmsync-{sub}.1: {e}"));
             assert!(page.contains(&format!(".TH vmsync-{sub} 1")), "{page}");

@@ -8,6 +8,7 @@ use crate::desired::disk_spec::DiskSpec;
 use crate::desired::domain_xml::DomainSummary;
 use crate::desired::manifest::{self, OnChange, Problem, VolumeSpec};
 use crate::desired::resource_xml::{ResourceKind, ResourceSummary};
+use crate::desired::{health_spec, host_policy_settings};
 
 /// What this host's policy allows and which VMs it applies.
 #[derive(Debug, Clone, Default)]
@@ -16,7 +17,7 @@ pub struct Policy {
     pub host: Option<String>,
     pub disk_roots: Vec<PathBuf>,
     /// What domain XML may ask of the host beyond disk images (see `host_policy`).
-    pub host_policy: crate::desired::host_policy_settings::HostPolicy,
+    pub host_policy: host_policy_settings::HostPolicy,
     /// The name templates see as `host` when `host` is `None` (`vmsync validate DIR`,
     /// `vmsync render`: the agent's host name); `None` too: using `host` is an error.
     pub render_host: Option<String>,
@@ -43,7 +44,7 @@ pub struct DesiredVm {
     /// Take over an existing domain of this name without vmsync's tag (`adopt`).
     pub adopt: bool,
     /// `[vm.health]`: checked after vmsync starts it with a new definition.
-    pub health: Option<crate::desired::health_spec::HealthSpec>,
+    pub health: Option<health_spec::HealthSpec>,
 }
 
 /// The validated desired state of this host.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::desired::path_rule;
 use crate::desired::values::parse_timeout;
 
 /// `settle` when the table does not say.
@@ -120,7 +121,7 @@ impl HealthSpec {
         if let Some(command) = &self.command {
             let words: Vec<String> = command
                 .iter()
-                .map(|w| format!("'{}'", crate::desired::path_rule::escape(w)))
+                .map(|w| format!("'{}'", path_rule::escape(w)))
                 .collect();
             parts.push(format!("command {} (no shell)", words.join(" ")));
         }

@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use roxmltree::Node;
 
+use crate::desired::domain_xml;
 use crate::desired::host_policy_settings::{HostPolicy, Violation};
 use crate::desired::path_rule::{self, escape};
 
@@ -522,7 +523,7 @@ fn check_resource(
     disk_roots: &[PathBuf],
     kind: fn(&mut Resource, Node),
 ) -> Vec<Violation> {
-    let Ok(doc) = crate::desired::domain_xml::parse_doc(xml) else {
+    let Ok(doc) = domain_xml::parse_doc(xml) else {
         return Vec::new();
     };
     let root = doc.root_element();

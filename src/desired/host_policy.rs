@@ -28,6 +28,7 @@ use roxmltree::Node;
 
 use crate::desired::host_access::{self, Use};
 use crate::desired::host_policy_settings::{HostPolicy, Violation};
+use crate::desired::path_rule;
 use crate::desired::path_rule::escape;
 
 const QEMU_BINARIES: &[&str] = &[
@@ -481,7 +482,7 @@ impl Checker<'_> {
             }
             if let Some(render) = node.attribute("rendernode")
                 && (!render.trim().starts_with("/dev/dri/render")
-                    || crate::desired::path_rule::absolute(render).is_err())
+                    || path_rule::absolute(render).is_err())
             {
                 let field = format!("devices/{name}/{}", node.tag_name().name());
                 let what = format!("host device '{}' as a render node", escape(render));
@@ -499,7 +500,7 @@ impl Checker<'_> {
                 "emulator" => {
                     let path = dev.text().unwrap_or("").trim();
                     if !QEMU_BINARIES.iter().any(|b| path.starts_with(b))
-                        || crate::desired::path_rule::absolute(path).is_err()
+                        || path_rule::absolute(path).is_err()
                     {
                         self.refuse(
                             dev,
@@ -683,7 +684,7 @@ pub fn check_with_claims(
     // A cgroup partition is a path in the host's cgroup tree.
     if let Some(partition) = element(root, "resource").and_then(|r| element(r, "partition")) {
         let text = partition.text().unwrap_or("").trim();
-        if let Err(message) = crate::desired::path_rule::absolute(text) {
+        if let Err(message) = path_rule::absolute(text) {
             checker.out.push(Violation {
                 line: Checker::line(partition),
                 field: "resource/partition".into(),

@@ -13,6 +13,7 @@ use toml::Spanned;
 
 use crate::desired::disk_spec::{DiskFormat, DiskSpec};
 use crate::desired::values::{absolute_path, parse_size, parse_timeout};
+use crate::desired::{health_spec, path_rule, resource_xml, template_render};
 
 /// The manifest's file name at the root of the VM repository.
 pub const MANIFEST_FILE: &str = "vmsync.toml";
@@ -30,13 +31,13 @@ pub struct Problem {
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Every part escaped: a name or path with a newline or ESC is shown, not obeyed.
-        let esc = crate::desired::path_rule::escape;
+        let esc = path_rule::escape;
         write!(f, "{}", esc(&self.file))?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
         }
         if let Some(vm) = &self.vm {
-            write!(f, ": vm '{}'", crate::desired::path_rule::shown(vm, 80))?;
+            write!(f, ": vm '{}'", path_rule::shown(vm, 80))?;
         }
         if let Some(field) = &self.field {
             write!(f, ": field '{}'", esc(field))?;
@@ -98,7 +99,7 @@ struct RawVm {
     state: Option<Spanned<PowerState>>,
     shutdown_timeout: Option<Spanned<String>>,
     self_heal: Option<bool>,
-    health: Option<crate::desired::health_spec::RawHealth>,
+    health: Option<health_spec::RawHealth>,
     #[serde(default)]
     adopt: bool,
     #[serde(default)]
@@ -209,7 +210,7 @@ fn volume_disk(
     let before = problems.len();
     for (value, key) in [(&pool, "pool"), (&volume, "volume")] {
         let what = if key == "pool" { "pool" } else { "volume" };
-        if let Err(message) = crate::desired::path_rule::check_name(what, value.get_ref()) {
+        if let Err(message) = path_rule::check_name(what, value.get_ref()) {
             problems.push(problem(value.span(), vm, &field(key), message));
         }
     }
@@ -305,7 +306,7 @@ fn host_list(
 /// Parses the `[[network]]` or `[[pool]]` tables.
 fn parse_resources(
     raw: Vec<RawResource>,
-    kind: crate::desired::resource_xml::ResourceKind,
+    kind: resource_xml::ResourceKind,
     text: &str,
     problems: &mut Vec<Problem>,
 ) -> Vec<ResourceEntry> {
@@ -318,12 +319,9 @@ fn parse_resources(
             line: Some(line_of(text, span.start)),
             vm: None,
             field: Some(format!("{kind}.{field}")),
-            message: format!(
-                "{kind} '{}': {message}",
-                crate::desired::path_rule::shown(&name, 80)
-            ),
+            message: format!("{kind} '{}': {message}", path_rule::shown(&name, 80)),
         };
-        if let Err(message) = crate::desired::path_rule::check_name(kind.as_str(), &name) {
+        if let Err(message) = path_rule::check_name(kind.as_str(), &name) {
             problems.push(at(r.name.span(), "name", message));
         }
         let mut report = |span, field: &str, message| problems.push(at(span, field, message));
@@ -360,7 +358,7 @@ pub enum XmlSource {
     /// parameters (`[params]` with `[vm.params]` over them).
     Template {
         path: String,
-        params: crate::desired::template_render::Params,
+        params: template_render::Params,
     },
 }
 
@@ -390,7 +388,7 @@ pub struct VmEntry {
     pub adopt: bool,
     /// `[vm.health]`: the check after vmsync starts it with a new definition, and
     /// whether to revert (default: no check).
-    pub health: Option<crate::desired::health_spec::HealthSpec>,
+    pub health: Option<health_spec::HealthSpec>,
     /// `[[vm.disk]]` entries with `pool` and `volume`: volumes made through libvirt's
     /// storage API when missing.
     pub volumes: Vec<VolumeSpec>,
@@ -412,7 +410,7 @@ pub struct VolumeSpec {
 /// One `[[network]]` or `[[pool]]` entry, with its values checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceEntry {
-    pub kind: crate::desired::resource_xml::ResourceKind,
+    pub kind: resource_xml::ResourceKind,
     pub name: String,
     /// Line of the entry's `name` key in `vmsync.toml`.
     pub line: usize,
@@ -607,7 +605,7 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
         }
     }
 
-    let defaults = crate::desired::template_render::params_from_toml(
+    let defaults = template_render::params_from_toml(
         raw.params.as_ref(),
         &Default::default(),
         "params",
@@ -619,13 +617,13 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
         let name = raw_vm.name.get_ref().clone();
         let line = lines.at(raw_vm.name.span().start);
         let vm = Some(name.as_str());
-        if let Err(message) = crate::desired::path_rule::check_name("vm", &name) {
+        if let Err(message) = path_rule::check_name("vm", &name) {
             problems.push(problem(raw_vm.name.span(), vm, "name", message));
         }
         let mut report =
             |span, field: &str, message| problems.push(problem(span, vm, field, message));
         let xml = match raw_vm.template {
-            Some(template) => crate::desired::template_render::template_source(
+            Some(template) => template_render::template_source(
                 template,
                 raw_vm.params.as_ref(),
                 [
@@ -692,7 +690,7 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
             },
         };
         let health = raw_vm.health.as_ref().and_then(|raw| {
-            crate::desired::health_spec::HealthSpec::parse(raw, |span, field, msg| {
+            health_spec::HealthSpec::parse(raw, |span, field, msg| {
                 problems.push(problem(span, vm, field, msg))
             })
         });
@@ -777,13 +775,13 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
     }
     let networks = parse_resources(
         raw.network,
-        crate::desired::resource_xml::ResourceKind::Network,
+        resource_xml::ResourceKind::Network,
         text,
         &mut problems,
     );
     let pools = parse_resources(
         raw.pool,
-        crate::desired::resource_xml::ResourceKind::Pool,
+        resource_xml::ResourceKind::Pool,
         text,
         &mut problems,
     );

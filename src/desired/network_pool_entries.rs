@@ -20,6 +20,7 @@ use crate::desired::domain_xml::fingerprint;
 use crate::desired::manifest::{MANIFEST_FILE, Manifest, Problem, ResourceEntry, XmlSource};
 use crate::desired::resource_xml::{self, ResourceKind};
 use crate::desired::schema_check::SchemaChecker;
+use crate::desired::{host_access, path_rule};
 use crate::repo::files::RepoFiles;
 
 fn below(path: &Path, roots: &[PathBuf]) -> bool {
@@ -273,10 +274,8 @@ fn validate_entry(
     }
     // Paths, devices, namespaces and addresses (`host_access`).
     let violations = match kind {
-        ResourceKind::Pool => crate::desired::host_access::check_pool(&xml, hp, &policy.disk_roots),
-        ResourceKind::Network => {
-            crate::desired::host_access::check_network(&xml, hp, &policy.disk_roots)
-        }
+        ResourceKind::Pool => host_access::check_pool(&xml, hp, &policy.disk_roots),
+        ResourceKind::Network => host_access::check_network(&xml, hp, &policy.disk_roots),
     };
     for v in violations {
         problems.push(entry_problem(
@@ -324,7 +323,7 @@ pub fn validate_summary(r: &DesiredResources) -> String {
             "{}: vm '{}': field '{}': {} is not in the commit; the host must have it (checked at sync)",
             e.file, e.vm, e.field, e.target
         );
-        out += &format!("  note: {}\n", crate::desired::path_rule::escape(&note));
+        out += &format!("  note: {}\n", path_rule::escape(&note));
     }
     out
 }

@@ -10,6 +10,7 @@
 use crate::desired::domain_xml::{
     self, NAMESPACE, Tag, XmlProblem, child, parse_doc as parse, text_of as text,
 };
+use crate::desired::path_rule;
 
 /// Networks or storage pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -127,7 +128,7 @@ pub fn summarize(kind: ResourceKind, xml: &str) -> Result<ResourceSummary, XmlPr
                     "uuid",
                     format!(
                         "'{}' is not a uuid (32 hex digits, dashes optional)",
-                        crate::desired::path_rule::shown(&raw, 80)
+                        path_rule::shown(&raw, 80)
                     ),
                 ));
             };

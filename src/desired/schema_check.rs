@@ -5,6 +5,7 @@
 
 use crate::desired::domain_xml::DomainSummary;
 use crate::desired::resource_xml::ResourceKind;
+use crate::desired::template_render;
 
 /// Why libvirt's check of a domain XML did not pass.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,7 +28,7 @@ pub trait SchemaChecker {
     /// Remembers that the file with `content_id` validated, with its summary.
     fn remember(&self, _content_id: &str, _summary: &DomainSummary) {}
     /// Where rendered templates are remembered across syncs (none by default).
-    fn render_cache(&self) -> Option<&dyn crate::desired::template_render::RenderCache> {
+    fn render_cache(&self) -> Option<&dyn template_render::RenderCache> {
         None
     }
     /// Checks a network or pool XML against libvirt's schema and parser (the host's

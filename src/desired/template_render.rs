@@ -907,9 +907,9 @@ mod validate_tests {
     use std::cell::{Cell, RefCell};
     use std::collections::BTreeMap;
 
+    use crate::desired::desired_state::Policy;
     use crate::desired::domain_xml::DomainSummary;
     use crate::desired::manifest::Problem;
-    use crate::desired::desired_state::Policy;
     use crate::desired::resource_xml::ResourceKind;
     use crate::desired::schema_check::{SchemaChecker, SchemaError};
     use crate::desired::validate::validate;

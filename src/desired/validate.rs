@@ -10,10 +10,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::desired::desired_state::{Desired, DesiredVm, Policy};
-use crate::desired::domain_xml;
 use crate::desired::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
 use crate::desired::schema_check::SchemaChecker;
-use crate::desired::template_render;
+use crate::desired::{domain_xml, host_access, host_policy, network_pool_entries, template_render};
 use crate::repo::files::RepoFiles;
 
 fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
@@ -244,9 +243,7 @@ pub fn validate(
         }
         // A cached file passed the host policy too: the cache is keyed by the policy.
         if !was_cached {
-            for v in
-                crate::desired::host_policy::check(&xml, &policy.host_policy, &policy.disk_roots)
-            {
+            for v in host_policy::check(&xml, &policy.host_policy, &policy.disk_roots) {
                 let (file, line, message) = place(v.line, v.message);
                 problems.push(at(&file, line, &v.field, message));
             }
@@ -260,10 +257,8 @@ pub fn validate(
         // A check command runs on the host: only a program the host's policy allows.
         let health = vm.health.clone().map(|mut spec| {
             if let Some(command) = spec.command.as_mut() {
-                match crate::desired::host_access::health_program(
-                    &command[0],
-                    &policy.host_policy.health_commands,
-                ) {
+                match host_access::health_program(&command[0], &policy.host_policy.health_commands)
+                {
                     Ok(program) => command[0] = program.to_string_lossy().into_owned(),
                     Err(message) => {
                         problems.push(at(MANIFEST_FILE, Some(vm.line), "health.command", message))
@@ -298,14 +293,8 @@ pub fn validate(
     }
 
     shared_name_clashes(&manifest, &vms, policy, &mut problems);
-    let resources = crate::desired::network_pool_entries::validate(
-        &manifest,
-        files,
-        policy,
-        schema,
-        &vms,
-        &mut problems,
-    );
+    let resources =
+        network_pool_entries::validate(&manifest, files, policy, schema, &vms, &mut problems);
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -333,11 +322,8 @@ fn shared_name_clashes(
         if others.is_empty() {
             continue;
         }
-        let (_, claims) = crate::desired::host_policy::check_with_claims(
-            &vm.xml,
-            &policy.host_policy,
-            &policy.disk_roots,
-        );
+        let (_, claims) =
+            host_policy::check_with_claims(&vm.xml, &policy.host_policy, &policy.disk_roots);
         for (claim, other) in clashes(&claims, &others) {
             problems.push(Problem {
                 file: vm.xml_file.clone(),

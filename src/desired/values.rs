@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::desired::path_rule;
+
 /// The default graceful-shutdown timeout of a VM.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -19,7 +21,7 @@ pub fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
 /// Checks that `raw` is a host path by the one path rule (`path_rule::absolute`:
 /// absolute, no `.`/`..`, no control characters, bounded length) and returns it.
 pub fn absolute_path(raw: &str) -> Result<PathBuf, String> {
-    crate::desired::path_rule::absolute(raw)
+    path_rule::absolute(raw)
 }
 
 /// Formats a byte count for messages: "20 GiB", "1.5 GiB (1610612736 bytes)", "1000 bytes".

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::desired::health_spec::HealthSpec;
+use crate::desired::path_rule;
 use crate::host::hypervisor::Hypervisor;
 use crate::host::power::graceful_stop;
 
@@ -130,7 +131,7 @@ fn run_command(
     deadline: Instant,
     cancel: &AtomicBool,
 ) -> Result<(), Verdict> {
-    let shown = crate::desired::path_rule::escape(&command.join(" "));
+    let shown = path_rule::escape(&command.join(" "));
     let output = tempfile::tempfile().map_err(|e| {
         Verdict::Unhealthy(format!("failed to make the output file of '{shown}': {e}"))
     })?;
@@ -215,7 +216,7 @@ fn bounded_output(bytes: &[u8], total: u64) -> (Vec<String>, u64) {
         shown += line.len();
         let line = line.trim_end_matches(['\n', '\r']);
         let cut: String = line.chars().take(OUTPUT_LINE_CHARS).collect();
-        let mut escaped = crate::desired::path_rule::escape(&cut);
+        let mut escaped = path_rule::escape(&cut);
         if cut.len() < line.len() {
             escaped.push('…');
         }

@@ -15,6 +15,7 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
+use crate::desired::domain_xml;
 use crate::desired::resource_xml::ResourceKind;
 
 /// A libvirt call that failed: the operation, the domain (when there is one), the
@@ -88,12 +89,7 @@ pub trait Hypervisor: Sync {
     /// Writes vmsync's tag into the domain's persistent definition (and its running one
     /// with `live`) without redefining it: libvirt's metadata API, which sends no
     /// lifecycle event (adopting a domain whose definition is the commit's already).
-    fn set_tag(
-        &self,
-        name: &str,
-        _tag: &crate::desired::domain_xml::Tag,
-        _live: bool,
-    ) -> Result<(), HvError> {
+    fn set_tag(&self, name: &str, _tag: &domain_xml::Tag, _live: bool) -> Result<(), HvError> {
         Err(HvError::new(
             "tag",
             Some(name),
@@ -360,9 +356,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn define(&self, xml: &str) -> Result<(), HvError> {
-        let name = crate::desired::domain_xml::summarize(xml)
-            .ok()
-            .map(|s| s.name);
+        let name = domain_xml::summarize(xml).ok().map(|s| s.name);
         self.call("define", name.as_deref(), || {
             self.conn.define_domain_xml_flags(xml, 0)
         })?;
@@ -417,12 +411,7 @@ impl Hypervisor for Libvirt {
         Ok(())
     }
 
-    fn set_tag(
-        &self,
-        name: &str,
-        tag: &crate::desired::domain_xml::Tag,
-        live: bool,
-    ) -> Result<(), HvError> {
+    fn set_tag(&self, name: &str, tag: &domain_xml::Tag, live: bool) -> Result<(), HvError> {
         use crate::onboard::definition::{TAG_PREFIX, tag_element};
         let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
         if live {
@@ -433,7 +422,7 @@ impl Hypervisor for Libvirt {
                 sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
                 Some(&tag_element(tag)),
                 Some(TAG_PREFIX),
-                Some(crate::desired::domain_xml::NAMESPACE),
+                Some(domain_xml::NAMESPACE),
                 flags,
             )
         })

@@ -11,6 +11,8 @@ use crate::desired::desired_state::Desired;
 use crate::desired::domain_xml::{self, DomainSummary, Tag};
 use crate::host::disk::{DiskProvisioner, ImageInfo};
 use crate::host::hypervisor::{HvError, Hypervisor, Listing};
+use crate::host::observe_networks_pools;
+use crate::util::par;
 
 /// A domain with the same name as a desired VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +39,7 @@ pub struct Observed {
     /// Per directory: whether it exists.
     pub directories: BTreeMap<PathBuf, bool>,
     /// Networks, pools and volumes (filled in by `host::observe_networks_pools::observe`).
-    pub resources: crate::host::observe_networks_pools::ObservedResources,
+    pub resources: observe_networks_pools::ObservedResources,
 }
 
 /// Parallel libvirt calls while observing.
@@ -77,7 +79,7 @@ pub fn observe(
         .collect();
     // One inactive-XML read per such domain (and the live XML of running ones), on a
     // few threads: libvirt serves concurrent calls on one connection.
-    let seen = crate::util::par::map(listed, THREADS, |(is_wanted, listing)| {
+    let seen = par::map(listed, THREADS, |(is_wanted, listing)| {
         let inactive_xml = hv.xml(&listing.name, true).ok();
         let (inactive, definition_hash) = inactive_xml
             .as_deref()
@@ -128,7 +130,7 @@ pub fn observe(
         .iter()
         .flat_map(|vm| vm.disks.iter().map(|d| &d.path))
         .collect();
-    let disks = crate::util::par::map(paths, THREADS, |path| {
+    let disks = par::map(paths, THREADS, |path| {
         (path.clone(), disks.inspect(path).map_err(|e| e.to_string()))
     })
     .into_iter()

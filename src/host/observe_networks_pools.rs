@@ -1,10 +1,10 @@
-//! Networks, storage pools and volumes on the host: libvirt's calls for them (the
-//! `Hypervisor` methods of `Libvirt` forward here), libvirt's schema and parser check of
-//! a network or pool XML, and the observation of the networks, pools and volumes a
-//! commit names.
+//! The observation of the networks, storage pools and volumes a commit (or the record)
+//! names. libvirt's calls for them are in `host::hypervisor::network_pool_calls`, their
+//! schema check in `host::schema_test_driver`.
 //!
-//! Observation costs, when the commit or the record names any network or pool: three
-//! list calls per kind (all, active, autostart: names and UUIDs are known locally), one
+//! Observation costs, when the commit or the record names any network or pool: four
+//! list calls per kind (all, active, autostart, persistent: names and UUIDs are known
+//! locally), one
 //! inactive-XML read per network or pool the commit or the record names (and the live
 //! XML of an active one, to tell a pending restart), and one volume listing per pool the
 //! commit's volumes use. Hand-made networks and pools the commit does not name are never
@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::desired::desired_state::{DesiredResources, ExternalRef, Target};
+use crate::desired::manifest;
 use crate::desired::resource_xml::{self, ResourceKind, ResourceSummary};
 use crate::host::hypervisor::{HvError, Hypervisor, Listing};
 
@@ -150,10 +151,7 @@ pub fn observe(
 }
 
 /// The references of the commit that neither the commit nor the host has (exit 3).
-pub fn missing(
-    desired: &DesiredResources,
-    observed: &ObservedResources,
-) -> Vec<crate::desired::manifest::Problem> {
+pub fn missing(desired: &DesiredResources, observed: &ObservedResources) -> Vec<manifest::Problem> {
     let has = |e: &ExternalRef| match &e.target {
         Target::Network(n) => observed.names.contains(&(ResourceKind::Network, n.clone())),
         Target::Pool(p) => {

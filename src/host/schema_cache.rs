@@ -27,6 +27,7 @@ use crate::desired::domain_xml::DomainSummary;
 use crate::desired::resource_xml::ResourceKind;
 use crate::desired::schema_check::{SchemaChecker, SchemaError};
 use crate::desired::template_render::{RenderCache, Rendered};
+use crate::host::schema_test_driver;
 use crate::host::schema_test_driver::TestDriverSchema;
 use crate::util::fsio;
 
@@ -196,7 +197,7 @@ impl SchemaChecker for CachedSchema {
     }
 
     fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
-        crate::host::schema_test_driver::check_xml(kind, xml)
+        schema_test_driver::check_xml(kind, xml)
     }
 
     fn known(&self, content_id: &str) -> Option<DomainSummary> {

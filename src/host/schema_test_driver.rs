@@ -11,6 +11,7 @@ use virt::sys;
 use crate::desired::resource_xml::ResourceKind;
 use crate::desired::schema_check::{Normalizer, SchemaChecker, SchemaError};
 use crate::host::hypervisor::HvError;
+use crate::host::schema_rng;
 
 fn err(e: virt::error::Error) -> SchemaError {
     SchemaError::Rejected(e.message().trim().into())
@@ -21,7 +22,7 @@ fn err(e: virt::error::Error) -> SchemaError {
 struct Checker {
     conn: Connect,
     _node: tempfile::NamedTempFile,
-    schemas: BTreeMap<ResourceKind, Result<crate::host::schema_rng::Schema, SchemaError>>,
+    schemas: BTreeMap<ResourceKind, Result<schema_rng::Schema, SchemaError>>,
 }
 
 thread_local! {
@@ -69,12 +70,12 @@ pub fn check_xml(kind: ResourceKind, xml: &str) -> Result<(), SchemaError> {
         let checker = cell.as_mut().expect("just made");
         let schema = checker.schemas.entry(kind).or_insert_with(|| {
             let file = schema_file(kind);
-            let path = crate::host::schema_rng::SCHEMA_DIRS
+            let path = schema_rng::SCHEMA_DIRS
                 .iter()
                 .map(|d| std::path::Path::new(d).join(file))
                 .find(|p| p.is_file())
                 .ok_or_else(|| SchemaError::Unavailable(format!("libvirt's {file} not found")))?;
-            crate::host::schema_rng::Schema::compile(&path)
+            schema_rng::Schema::compile(&path)
         });
         match schema {
             Ok(schema) => schema.validate(xml)?,
@@ -100,7 +101,7 @@ pub struct TestDriverSchema {
     _node_file: tempfile::NamedTempFile,
     /// libvirt's RNG schema compiled on the first check (`None` until then; `Some(Err)`
     /// without the schema file, and libvirt validates instead).
-    schema: std::cell::OnceCell<Result<crate::host::schema_rng::Schema, SchemaError>>,
+    schema: std::cell::OnceCell<Result<schema_rng::Schema, SchemaError>>,
 }
 
 impl TestDriverSchema {
@@ -135,10 +136,7 @@ impl SchemaChecker for TestDriverSchema {
     /// Without the schema file, libvirt validates (slower, same result).
     fn check(&self, xml: &str) -> Result<(), SchemaError> {
         let rejected = |e: virt::error::Error| SchemaError::Rejected(e.message().trim().into());
-        let flags = match self
-            .schema
-            .get_or_init(crate::host::schema_rng::domain_schema)
-        {
+        let flags = match self.schema.get_or_init(schema_rng::domain_schema) {
             Ok(schema) => {
                 schema.validate(xml)?;
                 0

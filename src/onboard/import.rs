@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::agent::sync::{self, SyncError};
 use crate::config::{ConfigError, Settings};
+use crate::desired::manifest;
 use crate::desired::manifest::MANIFEST_FILE;
 use crate::desired::resource_xml::ResourceKind;
 use crate::host::disk::{DiskProvisioner, ImageInfo, QemuImg};
@@ -297,7 +298,7 @@ fn resources(hv: &Libvirt, imported: &mut Imported) -> Result<Vec<Entry>, SyncEr
 
 /// The entry a validation problem is about: a VM's (`vm` set), or a network's or pool's
 /// (field `network.…`/`pool.…`, message `network 'NAME': …`).
-fn blamed_entry(p: &crate::desired::manifest::Problem) -> (&'static str, Option<String>) {
+fn blamed_entry(p: &manifest::Problem) -> (&'static str, Option<String>) {
     if let Some(vm) = &p.vm {
         return ("vm", Some(vm.clone()));
     }

@@ -17,10 +17,9 @@
 //!   newer commit changes it or `--retry VM` asks for another try.
 
 use crate::desired::health_spec::HealthSpec;
-use crate::host::power::SHUTDOWN_INTERRUPTED;
-use crate::reconcile::outcome::{INTERRUPTED, VmOutcome};
+use crate::reconcile::outcome::{VmFailure, VmOutcome};
 use crate::reconcile::plan_types::{Action, VmPlan};
-use crate::record::{HealthResult, HeldBack, VmRecord};
+use crate::record::{HealthResult, VmRecord};
 use crate::util::commit_id::short;
 
 /// How a VM came to be checked.
@@ -53,17 +52,16 @@ pub fn due(
     {
         return Some(Due::Started);
     }
-    let error = outcome.error.as_deref()?;
-    if error == INTERRUPTED || error == SHUTDOWN_INTERRUPTED {
-        return None;
-    }
     // The actions run in order and stop at the first failure: the failed one is the
     // next after those done.
-    match plan.actions.get(outcome.done.len()) {
-        Some(Action::Start) => Some(Due::StartFailed(error.to_string())),
-        Some(Action::Restart { .. }) => error
-            .strip_prefix("after the shutdown, ")
-            .map(|e| Due::StartFailed(e.to_string())),
+    match (
+        outcome.error.as_ref()?,
+        plan.actions.get(outcome.done.len()),
+    ) {
+        (VmFailure::Action(e), Some(Action::Start)) => Some(Due::StartFailed(e.clone())),
+        (VmFailure::StartAfterStop(e), Some(Action::Restart { .. })) => {
+            Some(Due::StartFailed(e.clone()))
+        }
         _ => None,
     }
 }
@@ -142,54 +140,6 @@ impl VmHealth {
     }
 }
 
-/// Updates a VM's record entry (already updated from the sync's outcome) with its check.
-pub fn record_check(entry: &mut VmRecord, check: &VmHealth) {
-    entry.health = Some(check.result);
-    match check.result {
-        HealthResult::Healthy => {
-            entry.healthy_commit = Some(check.commit.clone());
-            entry.healthy_fingerprint = Some(check.fingerprint.clone());
-            entry.held_back = None;
-        }
-        HealthResult::Unhealthy => {
-            entry.held_back = None;
-        }
-        HealthResult::Reverted | HealthResult::RevertFailed => {
-            entry.held_back = Some(HeldBack {
-                commit: check.commit.clone(),
-                fingerprint: check.fingerprint.clone(),
-                reason: check.reason.clone(),
-            });
-            if let Some(p) = &check.put_back {
-                // What the host has now: the last healthy definition, as applied then.
-                entry.applied_commit = Some(p.commit.clone());
-                entry.fingerprint = Some(p.fingerprint.clone());
-                if p.definition_hash.is_some() {
-                    entry.definition_hash = p.definition_hash.clone();
-                }
-                entry.pending_restart = false;
-            }
-        }
-    }
-    // Healthy: the outcome's own result stands.
-    if let Some(error) = check.error() {
-        entry.ok = false;
-        entry.last_error = Some(error);
-    }
-}
-
-/// A hold-back that no longer applies (the commit's definition of the VM changed) is
-/// dropped; `fingerprint`: the commit's definition now.
-pub fn forget_stale_hold_back(entry: &mut VmRecord, fingerprint: &str) {
-    if entry
-        .held_back
-        .as_ref()
-        .is_some_and(|h| h.fingerprint != fingerprint)
-    {
-        entry.held_back = None;
-    }
-}
-
 /// The planner's hold-back: a VM whose commit definition was reverted before (same
 /// fingerprint) gets no action, and an error that says why.
 pub fn hold_back(plan: &mut VmPlan, record: Option<&VmRecord>) {
@@ -209,6 +159,20 @@ pub fn hold_back(plan: &mut VmPlan, record: Option<&VmRecord>) {
     ));
 }
 
+/// What the stage found for one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Checked (healthy, or not and what followed).
+    Checked(VmHealth),
+    /// Not started by this sync, but running its committed definition with no healthy
+    /// one recorded yet: taken as the last healthy one (commit, fingerprint).
+    Adopted {
+        name: String,
+        commit: String,
+        fingerprint: String,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,6 +182,9 @@ mod tests {
     use crate::desired::manifest::PowerState;
     use crate::reconcile::plan_types::ActionKind;
     use crate::reconcile::plan_types::HealthView;
+    use crate::reconcile::record_update::forget_stale_hold_back;
+    use crate::reconcile::record_update::record_check;
+    use crate::record::HeldBack;
     use std::time::Duration;
 
     fn spec(revert: bool) -> HealthSpec {
@@ -252,14 +219,14 @@ mod tests {
         }
     }
 
-    fn outcome(done: &[Action], error: Option<&str>) -> VmOutcome {
+    fn outcome(done: &[Action], error: Option<VmFailure>) -> VmOutcome {
         VmOutcome {
             name: "web".into(),
             fingerprint: "new".into(),
             autostart: true,
             state: PowerState::Running,
             done: done.iter().map(Action::describe).collect(),
-            error: error.map(Into::into),
+            error,
             pending_restart: false,
             drift: vec![],
             drift_reported_only: false,
@@ -299,7 +266,7 @@ mod tests {
             Option<&HealthSpec>,
             Vec<Action>,
             usize,
-            Option<&str>,
+            Option<VmFailure>,
             Option<&VmRecord>,
             Option<Due>,
         )> = vec![
@@ -371,7 +338,9 @@ mod tests {
                 Some(&s),
                 vec![define.clone(), Action::Start],
                 1,
-                Some("failed to start domain 'web': no disk"),
+                Some(VmFailure::Action(
+                    "failed to start domain 'web': no disk".into(),
+                )),
                 Some(&old),
                 Some(Due::StartFailed(
                     "failed to start domain 'web': no disk".into(),
@@ -382,7 +351,7 @@ mod tests {
                 Some(&s),
                 vec![define.clone(), restart.clone()],
                 1,
-                Some("after the shutdown, no disk"),
+                Some(VmFailure::StartAfterStop("no disk".into())),
                 Some(&old),
                 Some(Due::StartFailed("no disk".into())),
             ),
@@ -391,7 +360,7 @@ mod tests {
                 Some(&s),
                 vec![define.clone(), restart.clone()],
                 1,
-                Some("failed to shut down"),
+                Some(VmFailure::Action("failed to shut down".into())),
                 Some(&old),
                 None,
             ),
@@ -400,7 +369,7 @@ mod tests {
                 Some(&s),
                 vec![define.clone(), Action::Start],
                 1,
-                Some(INTERRUPTED),
+                Some(VmFailure::Interrupted),
                 Some(&old),
                 None,
             ),
@@ -409,7 +378,7 @@ mod tests {
                 Some(&s),
                 vec![define.clone(), Action::Start],
                 0,
-                Some("failed to define"),
+                Some(VmFailure::Action("failed to define".into())),
                 Some(&old),
                 None,
             ),

@@ -2,9 +2,43 @@
 //! Pure data, written by `apply` and read by the health rules, the record update, the
 //! rendering and the metrics.
 
+use crate::desired::manifest;
 use crate::desired::resource_xml::ResourceKind;
+use crate::host::power::SHUTDOWN_INTERRUPTED;
+use crate::reconcile::plan_types;
 use crate::reconcile::plan_types::ActionKind;
 use crate::record::VmRecord;
+
+/// Why a VM did not converge. The text ([`Display`](std::fmt::Display)) is what the
+/// record, the log and the messages show; code branches on the variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmFailure {
+    /// vmsync stopped before the VM's next action.
+    Interrupted,
+    /// vmsync stopped while waiting for the guest to shut down (it was not destroyed).
+    ShutdownInterrupted,
+    /// A restart shut the domain down, then starting it failed (libvirt's message).
+    StartAfterStop(String),
+    /// An action failed (its message).
+    Action(String),
+    /// The planner could not plan the VM (its message).
+    Planned(String),
+    /// Its health check failed (what the check found and what followed).
+    Unhealthy(String),
+}
+
+impl std::fmt::Display for VmFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmFailure::Interrupted => f.write_str(INTERRUPTED),
+            VmFailure::ShutdownInterrupted => f.write_str(SHUTDOWN_INTERRUPTED),
+            VmFailure::StartAfterStop(e) => write!(f, "after the shutdown, {e}"),
+            VmFailure::Action(m) | VmFailure::Planned(m) | VmFailure::Unhealthy(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
 
 /// How one VM's actions went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,10 +46,10 @@ pub struct VmOutcome {
     pub name: String,
     pub fingerprint: String,
     pub autostart: bool,
-    pub state: crate::desired::manifest::PowerState,
+    pub state: manifest::PowerState,
     /// Descriptions of the actions done.
     pub done: Vec<String>,
-    pub error: Option<String>,
+    pub error: Option<VmFailure>,
     pub pending_restart: bool,
     /// Drift found before applying (healed unless `drift_reported_only`).
     pub drift: Vec<String>,
@@ -28,7 +62,7 @@ pub struct VmOutcome {
     /// Running after the actions (was running and not stopped, or was started).
     pub up: bool,
     /// Kinds of the actions done (see `Action::kind`).
-    pub kinds: Vec<crate::reconcile::plan_types::ActionKind>,
+    pub kinds: Vec<plan_types::ActionKind>,
     /// The commit's definition was defined (or redefined) on the host.
     pub defined: bool,
     /// The autostart flag was set to `autostart` on the host.
@@ -72,7 +106,7 @@ impl VmOutcome {
         }
         let mut entry = VmRecord {
             ok: false,
-            last_error: self.error.clone(),
+            last_error: self.error.as_ref().map(ToString::to_string),
             drift: self.drift.clone(),
             ..old
         };
@@ -86,7 +120,7 @@ impl VmOutcome {
         if self.power_unsettled {
             // `defined`: vmsync claims no power state, so whatever state the guest ends
             // in is no drift; the next plan starts or stops it as the commit says.
-            entry.state = Some(crate::desired::manifest::PowerState::Defined);
+            entry.state = Some(manifest::PowerState::Defined);
         }
         entry
     }
@@ -96,7 +130,10 @@ impl VmOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PruneOutcome {
     pub name: String,
+    /// Descriptions of the actions done.
     pub done: Vec<String>,
+    /// Kinds of the actions done (a stop, then the undefine).
+    pub kinds: Vec<ActionKind>,
     pub error: Option<String>,
     /// Its disks, kept: orphaned once it is undefined.
     pub orphaned_disks: Vec<std::path::PathBuf>,

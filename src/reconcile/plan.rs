@@ -30,6 +30,7 @@ use crate::host::observe_domains::{Observed, SeenDomain};
 use crate::reconcile::drift::{self, Drift};
 use crate::reconcile::plan_types::{Action, Plan, PrunePlan, VmPlan};
 use crate::reconcile::policy::ChangePolicy;
+use crate::reconcile::{adopt, health_rules, plan_networks_pools, plan_types};
 use crate::record::Record;
 
 /// What the planner needs besides the desired and observed state.
@@ -56,8 +57,8 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
             let mut p = plan_vm(vm, observed, commit, ctx, &mut claimed);
             // A definition reverted by a health check is not tried again (see `health`).
             let rec = ctx.record.vms.get(&vm.name);
-            crate::reconcile::health_rules::hold_back(&mut p, rec);
-            p.health = rec.and_then(crate::reconcile::plan_types::HealthView::of);
+            health_rules::hold_back(&mut p, rec);
+            p.health = rec.and_then(plan_types::HealthView::of);
             if p.health.is_none() && vm.health.is_some() {
                 p.health = Some(Default::default());
             }
@@ -68,9 +69,7 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         })
         .collect();
     let prune = plan_prune(observed, ctx, &claimed);
-    let resources = crate::reconcile::plan_networks_pools::plan(
-        desired, observed, commit, ctx.record, ctx.policy,
-    );
+    let resources = plan_networks_pools::plan(desired, observed, commit, ctx.record, ctx.policy);
     // Networks and pools count towards the mass-prune guard.
     let pruning = prune.iter().filter(|p| !p.actions.is_empty()).count() + resources.pruning();
     let foreign_tagged = observed
@@ -91,13 +90,21 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         && !ctx.policy.allow_mass_prune
         && (pruning == managed || pruning > ctx.policy.max_prune))
         .then(|| {
-            let why = if pruning == managed {
-                format!("every managed domain on this host ({managed})")
-            } else {
-                format!(
+            // Networks and pools count too: the message says so when they are in it.
+            let with_resources = resources.managed() > 0;
+            let why = match (pruning == managed, with_resources) {
+                (true, false) => format!("every managed domain on this host ({managed})"),
+                (true, true) => format!(
+                    "every managed domain, network and pool on this host ({managed})"
+                ),
+                (false, false) => format!(
                     "{pruning} domains, more than policy.max_prune = {}",
                     ctx.policy.max_prune
-                )
+                ),
+                (false, true) => format!(
+                    "{pruning} domains, networks and pools, more than policy.max_prune = {}",
+                    ctx.policy.max_prune
+                ),
             };
             format!(
                 "the commit would prune {why}; refused (check the manifest, or run `vmsync --once --allow-mass-prune`)"
@@ -223,7 +230,7 @@ fn plan_vm(
             }
             Some(_) => {}
         }
-        if let Some(e) = crate::reconcile::adopt::uuid_conflict(vm, seen) {
+        if let Some(e) = adopt::uuid_conflict(vm, seen) {
             return fail(out, e);
         }
         out.current_hash = seen.definition_hash.clone();
@@ -313,7 +320,7 @@ fn plan_vm(
                     // only reported with self-heal off.
                     out.rendered_xml = Some(xml);
                 } else if adopting {
-                    let adopt = crate::reconcile::adopt::action(seen, tag.clone(), xml);
+                    let adopt = adopt::action(seen, tag.clone(), xml);
                     if matches!(
                         adopt,
                         Action::Adopt {
@@ -1299,7 +1306,14 @@ mod tests {
         // One action of each kind, in plan order: every kind but the directories'.
         let kinds: Vec<_> = all.iter().map(Action::kind).collect();
         let every: Vec<_> = <ActionKind as strum::IntoEnumIterator>::iter()
-            .filter(|k| *k != ActionKind::CreateDirectory && !k.is_resource())
+            .filter(|k| {
+                // A network's, a pool's or a volume's kind is not an `Action`'s.
+                let name = k.as_str();
+                *k != ActionKind::CreateDirectory
+                    && !["network", "pool", "volume"]
+                        .iter()
+                        .any(|r| name.contains(r))
+            })
             .collect();
         assert_eq!(kinds, every);
         for kind in <ActionKind as strum::IntoEnumIterator>::iter() {

@@ -25,9 +25,12 @@ use crate::desired::desired_state::{Desired, DesiredResource, DesiredVolume};
 use crate::desired::domain_xml::Tag;
 use crate::desired::manifest::OnChange;
 use crate::desired::resource_xml::{self, ResourceKind};
+use crate::desired::{disk_spec, values};
 use crate::host::observe_domains::Observed;
+use crate::host::observe_networks_pools;
 use crate::host::observe_networks_pools::ObservedResources;
 use crate::reconcile::plan_types::{ResAction, ResPlan, ResourcePlan, VolumePlan};
+use crate::reconcile::policy;
 use crate::record::{Record, ResourceRecord};
 
 /// The record's entries of `kind`.
@@ -42,7 +45,7 @@ pub fn recorded(record: &Record, kind: ResourceKind) -> &BTreeMap<String, Resour
 /// the record holds.
 fn owned(
     kind: ResourceKind,
-    seen: &crate::host::observe_networks_pools::SeenResource,
+    seen: &observe_networks_pools::SeenResource,
     rec: Option<&ResourceRecord>,
 ) -> bool {
     match kind {
@@ -276,7 +279,7 @@ pub fn plan(
     observed: &Observed,
     commit: &str,
     record: &Record,
-    policy: &crate::reconcile::policy::ChangePolicy,
+    policy: &policy::ChangePolicy,
 ) -> ResourcePlan {
     let heal = policy.self_heal;
     let res = &desired.resources;
@@ -356,7 +359,7 @@ fn plan_volume(v: &DesiredVolume, pools: &[ResPlan], obs: &ObservedResources) ->
             s.format,
             s.name,
             s.pool,
-            crate::desired::values::human_size(s.size_bytes)
+            values::human_size(s.size_bytes)
         ),
     };
     let pool_plan = pools.iter().find(|p| p.name == s.pool);
@@ -381,8 +384,8 @@ fn plan_volume(v: &DesiredVolume, pools: &[ResPlan], obs: &ObservedResources) ->
                 (
                     b.to_str().unwrap_or_default(),
                     s.backing_format.map(|f| match f {
-                        crate::desired::disk_spec::DiskFormat::Qcow2 => "qcow2",
-                        crate::desired::disk_spec::DiskFormat::Raw => "raw",
+                        disk_spec::DiskFormat::Qcow2 => "qcow2",
+                        disk_spec::DiskFormat::Raw => "raw",
                     }),
                 )
             }),

@@ -11,6 +11,7 @@ use crate::desired::disk_spec::DiskSpec;
 use crate::desired::domain_xml::Tag;
 use crate::desired::manifest::PowerState;
 use crate::desired::resource_xml::ResourceKind;
+use crate::desired::values;
 use crate::record::{HealthResult, VmRecord};
 use crate::util::commit_id::short;
 
@@ -108,12 +109,6 @@ impl ActionKind {
     pub fn as_str(self) -> &'static str {
         self.into()
     }
-
-    /// Whether the kind is a network's, a pool's or a volume's (not an [`Action`]).
-    pub fn is_resource(self) -> bool {
-        let name = self.as_str();
-        name.contains("network") || name.contains("pool") || name.contains("volume")
-    }
 }
 
 impl Action {
@@ -125,7 +120,7 @@ impl Action {
                     "create {} disk '{}' ({})",
                     spec.format,
                     spec.path.display(),
-                    crate::desired::values::human_size(spec.size_bytes)
+                    values::human_size(spec.size_bytes)
                 )
             }
             Action::Rename { from } => format!("rename from '{from}'"),

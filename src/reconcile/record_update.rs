@@ -1,13 +1,35 @@
-//! Every write of an apply's result to the record: what applying a commit did to each
-//! VM, prune and directory (the health stage's results are written by the health rules).
+//! Every write to the record, in one place: an attempt that failed before anything was
+//! applied, what applying a commit did to each VM, prune, network and pool, what the
+//! health stage found, and `--retry`'s forgetting (and restoring) of hold-backs. Pure:
+//! the sync saves the record with `record::store`.
 
 use std::collections::BTreeMap;
 
+use tracing::{info, warn};
+
 use crate::desired::resource_xml::ResourceKind;
+use crate::reconcile::health_rules::{Found, VmHealth};
 use crate::reconcile::outcome::{Outcome, ResourceOutcome};
 use crate::reconcile::plan_networks_pools::recorded;
-use crate::reconcile::plan_types::ResourcePlan;
-use crate::record::{Record, ResourceRecord, SyncResult};
+use crate::reconcile::plan_types::{Plan, ResourcePlan};
+use crate::record::{HealthResult, HeldBack, Record, ResourceRecord, SyncResult, VmRecord};
+
+/// Records what applying `commit` did: the VMs and prunes ([`record_outcome`]), the
+/// networks and pools ([`record_resources`]), then what the health stage found
+/// ([`record_health`]).
+pub fn after_apply(
+    record: &mut Record,
+    commit: &str,
+    plan: &Plan,
+    outcome: &Outcome,
+    found: &[Found],
+    now: &str,
+) {
+    let left_in_place = plan.prune.iter().map(|p| p.name.as_str());
+    record_outcome(record, commit, left_in_place, outcome, now);
+    record_resources(record, commit, &plan.resources, &outcome.resources);
+    record_health(record, plan, found);
+}
 
 /// Records what applying `commit` did. `left_in_place`: managed domains the plan
 /// would prune; those not pruned (pruning off, or failed) keep their records: they
@@ -38,7 +60,7 @@ pub fn record_outcome<'a>(
     if outcome.all_ok() {
         record.failed_attempts = 0;
     } else {
-        record.count_failure(commit);
+        count_failure(record, commit);
     }
     for p in &outcome.pruned {
         for disk in &p.orphaned_disks {
@@ -152,6 +174,134 @@ pub fn record_resources(
     }
 }
 
+/// `vmsync --once --retry VM`: forgets the hold-back of each named VM, so that this sync
+/// tries its definition again. Returns what it forgot, for [`restore`].
+pub fn retry(record: &mut Record, names: &[String]) -> Vec<(String, HeldBack)> {
+    let mut forgotten = Vec::new();
+    for name in names {
+        match record.vms.get_mut(name).and_then(|r| r.held_back.take()) {
+            Some(held) => {
+                info!(vm = %name, commit = %held.commit, "--retry: trying the held back definition again");
+                forgotten.push((name.clone(), held));
+            }
+            None => warn!(vm = %name, "--retry: this vm is not held back; nothing to retry"),
+        }
+    }
+    forgotten
+}
+
+/// Puts back the hold-backs [`retry`] forgot, when the sync ended before applying.
+pub fn restore(record: &mut Record, forgotten: Vec<(String, HeldBack)>) {
+    for (name, held) in forgotten {
+        if let Some(entry) = record.vms.get_mut(&name) {
+            entry.held_back = Some(held);
+        }
+    }
+}
+
+/// Updates the record (after `record_outcome`) with what the stage found.
+pub fn record_health(record: &mut Record, plan: &Plan, found: &[Found]) {
+    for f in found {
+        match f {
+            Found::Checked(c) => {
+                if let Some(entry) = record.vms.get_mut(&c.name) {
+                    record_check(entry, c);
+                }
+            }
+            Found::Adopted {
+                name,
+                commit,
+                fingerprint,
+            } => {
+                if let Some(entry) = record.vms.get_mut(name) {
+                    entry.healthy_commit = Some(commit.clone());
+                    entry.healthy_fingerprint = Some(fingerprint.clone());
+                }
+            }
+        }
+    }
+    for vm in &plan.vms {
+        if let Some(entry) = record.vms.get_mut(&vm.name) {
+            forget_stale_hold_back(entry, &vm.fingerprint);
+        }
+    }
+}
+
+/// Updates a VM's record entry (already updated from the sync's outcome) with its check.
+pub fn record_check(entry: &mut VmRecord, check: &VmHealth) {
+    entry.health = Some(check.result);
+    match check.result {
+        HealthResult::Healthy => {
+            entry.healthy_commit = Some(check.commit.clone());
+            entry.healthy_fingerprint = Some(check.fingerprint.clone());
+            entry.held_back = None;
+        }
+        HealthResult::Unhealthy => {
+            entry.held_back = None;
+        }
+        HealthResult::Reverted | HealthResult::RevertFailed => {
+            entry.held_back = Some(HeldBack {
+                commit: check.commit.clone(),
+                fingerprint: check.fingerprint.clone(),
+                reason: check.reason.clone(),
+            });
+            if let Some(p) = &check.put_back {
+                // What the host has now: the last healthy definition, as applied then.
+                entry.applied_commit = Some(p.commit.clone());
+                entry.fingerprint = Some(p.fingerprint.clone());
+                if p.definition_hash.is_some() {
+                    entry.definition_hash = p.definition_hash.clone();
+                }
+                entry.pending_restart = false;
+            }
+        }
+    }
+    // Healthy: the outcome's own result stands.
+    if let Some(error) = check.error() {
+        entry.ok = false;
+        entry.last_error = Some(error);
+    }
+}
+
+/// A hold-back that no longer applies (the commit's definition of the VM changed) is
+/// dropped; `fingerprint`: the commit's definition now.
+pub fn forget_stale_hold_back(entry: &mut VmRecord, fingerprint: &str) {
+    if entry
+        .held_back
+        .as_ref()
+        .is_some_and(|h| h.fingerprint != fingerprint)
+    {
+        entry.held_back = None;
+    }
+}
+
+/// Records an attempt that ended before anything was applied (`commit` is `None`
+/// when nothing was fetched): the last applied commit and the VMs' records stay.
+pub fn record_failure(
+    record: &mut Record,
+    commit: Option<&str>,
+    result: SyncResult,
+    message: &str,
+    now: &str,
+) {
+    if let Some(commit) = commit {
+        count_failure(record, commit);
+        record.last_attempted_commit = Some(commit.to_string());
+    }
+    record.last_attempt_at = Some(now.to_string());
+    record.last_result = Some(result);
+    record.last_error = Some(message.to_string());
+}
+
+/// Notes an attempt of `commit` that did not converge.
+fn count_failure(record: &mut Record, commit: &str) {
+    if record.last_attempted_commit.as_deref() == Some(commit) {
+        record.failed_attempts = record.failed_attempts.saturating_add(1);
+    } else {
+        record.failed_attempts = 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,7 +314,7 @@ mod tests {
             autostart: true,
             state: crate::desired::manifest::PowerState::Running,
             done: vec!["define".into()],
-            error: error.map(Into::into),
+            error: error.map(|e| crate::reconcile::outcome::VmFailure::Action(e.into())),
             pending_restart: false,
             drift: vec![],
             drift_reported_only: false,
@@ -211,7 +361,7 @@ mod tests {
         ] {
             let mut record = applied("a", &["web"]);
             let before = record.vms.clone();
-            record.record_failure(commit, result, "why", "2026-11-27T12:00:00Z");
+            record_failure(&mut record, commit, result, "why", "2026-11-27T12:00:00Z");
             assert_eq!(
                 record.last_applied_commit.as_deref(),
                 Some("a"),
@@ -234,12 +384,12 @@ mod tests {
         let mut record = applied("a", &[]);
         for attempt in 1..=3 {
             assert!(!record.gives_up_on("b", 3), "attempt {attempt}");
-            record.record_failure(Some("b"), SyncResult::Invalid, "x", "t");
+            record_failure(&mut record, Some("b"), SyncResult::Invalid, "x", "t");
             assert_eq!(record.failed_attempts, attempt);
         }
         assert!(record.gives_up_on("b", 3));
         assert!(!record.gives_up_on("c", 3), "a newer commit is tried");
-        record.record_failure(Some("c"), SyncResult::Invalid, "x", "t");
+        record_failure(&mut record, Some("c"), SyncResult::Invalid, "x", "t");
         assert_eq!(
             record.failed_attempts, 1,
             "a new commit starts again at one"
@@ -257,6 +407,7 @@ mod tests {
             pruned: vec![crate::reconcile::outcome::PruneOutcome {
                 name: "gone".into(),
                 done: vec!["undefine".into()],
+                kinds: vec![crate::reconcile::plan_types::ActionKind::Undefine],
                 error: None,
                 orphaned_disks: vec![],
             }],

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::desired::resource_xml::ResourceKind;
 use crate::reconcile::outcome::{Outcome, ResourceOutcome};
 use crate::reconcile::plan_types::{Action, ActionKind, Plan, ResPlan, ResourcePlan};
+use crate::reconcile::{diff, plan_types};
 
 /// Renders a plan for people (`vmsync plan`).
 pub fn render(plan: &Plan) -> String {
@@ -124,7 +125,7 @@ pub struct VmJson<'a> {
     pub error: Option<&'a str>,
     pub warnings: &'a [String],
     /// `[vm.health]`: last result, last healthy commit, held back commit.
-    pub health: Option<&'a crate::reconcile::plan_types::HealthView>,
+    pub health: Option<&'a plan_types::HealthView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -314,7 +315,7 @@ pub fn annotate_resources(plan: &mut ResourcePlan) {
             continue;
         }
         let before = p.current_xml.clone().unwrap_or_default();
-        let diff = crate::reconcile::diff::unified(&before, &p.source_xml, "host", "commit");
+        let diff = diff::unified(&before, &p.source_xml, "host", "commit");
         if !diff.trim().is_empty() {
             p.diff = Some(diff);
         }
@@ -393,4 +394,38 @@ pub fn resources_json(plan: &ResourcePlan) -> serde_json::Value {
         "networks": plan.networks.iter().map(one).collect::<Vec<_>>(),
         "prune": plan.prune.iter().map(one).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::outcome::PruneOutcome;
+
+    #[test]
+    fn outcome_lines_name_prunes_their_failures_and_the_disks_kept() {
+        let outcome = Outcome {
+            pruned: vec![
+                PruneOutcome {
+                    name: "old".into(),
+                    done: vec!["stop (shut down gracefully)".into(), "undefine".into()],
+                    kinds: vec![ActionKind::Stop, ActionKind::Undefine],
+                    error: None,
+                    orphaned_disks: vec![PathBuf::from("/images/old.qcow2")],
+                },
+                PruneOutcome {
+                    name: "stuck".into(),
+                    done: vec![],
+                    kinds: vec![],
+                    error: Some("failed to shut down".into()),
+                    orphaned_disks: vec![],
+                },
+            ],
+            ..Outcome::default()
+        };
+        assert_eq!(
+            render_extra(&outcome),
+            "  old: pruned: stop (shut down gracefully), undefine\n    orphaned disk (kept): /images/old.qcow2\n  stuck: prune failed: failed to shut down\n"
+        );
+        assert_eq!(render_extra(&Outcome::default()), "");
+    }
 }

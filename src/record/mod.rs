@@ -107,39 +107,12 @@ impl SyncResult {
 }
 
 impl Record {
-    /// Notes an attempt of `commit` that did not converge.
-    pub fn count_failure(&mut self, commit: &str) {
-        if self.last_attempted_commit.as_deref() == Some(commit) {
-            self.failed_attempts = self.failed_attempts.saturating_add(1);
-        } else {
-            self.failed_attempts = 1;
-        }
-    }
-
     /// Whether `commit` already failed `max` times in a row (the daemon then waits for a
     /// newer commit instead of trying it again).
     pub fn gives_up_on(&self, commit: &str, max: u32) -> bool {
         self.last_attempted_commit.as_deref() == Some(commit)
             && self.last_result != Some(SyncResult::Converged)
             && self.failed_attempts >= max
-    }
-
-    /// Records an attempt that ended before anything was applied (`commit` is `None`
-    /// when nothing was fetched): the last applied commit and the VMs' records stay.
-    pub fn record_failure(
-        &mut self,
-        commit: Option<&str>,
-        result: SyncResult,
-        message: &str,
-        now: &str,
-    ) {
-        if let Some(commit) = commit {
-            self.count_failure(commit);
-            self.last_attempted_commit = Some(commit.to_string());
-        }
-        self.last_attempt_at = Some(now.to_string());
-        self.last_result = Some(result);
-        self.last_error = Some(message.to_string());
     }
 }
 

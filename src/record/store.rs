@@ -116,4 +116,28 @@ mod tests {
                 .contains("corrupt")
         );
     }
+
+    /// A state.json as vmsync 2375f90 (before the source was layered) wrote it, with
+    /// VMs (failed, pending restart, healthy, reverted and held back), an orphaned disk,
+    /// a network and a pool: it loads, and is written back byte for byte.
+    #[test]
+    fn a_record_of_2375f90_loads_and_is_written_back_unchanged() {
+        let fixture = include_str!("../../tests/fixtures/state-2375f90.json");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), fixture).unwrap();
+        let record = load(dir.path()).unwrap();
+        assert_eq!(record.vms.len(), 4);
+        assert_eq!(record.networks.len(), 1);
+        assert_eq!(record.pools.len(), 1);
+        assert_eq!(
+            record.vms["web"]
+                .held_back
+                .as_ref()
+                .map(|h| h.commit.as_str()),
+            Some("9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c")
+        );
+        save(dir.path(), &record).unwrap();
+        let written = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        assert_eq!(written, fixture);
+    }
 }

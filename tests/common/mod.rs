@@ -614,15 +614,14 @@ pub fn sync_head(
     hv: &dyn Hypervisor,
 ) -> Result<Report, SyncError> {
     let (commit, desired) = validate_head(settings)?;
-    sync::apply_commit(
+    let env = sync::Env {
         settings,
-        record,
-        &commit,
-        &desired,
         hv,
-        &vmsync::host::disk::QemuImg::default(),
-        &AtomicBool::new(false),
-    )
+        disks: &vmsync::host::disk::QemuImg::default(),
+        cancel: &AtomicBool::new(false),
+        events: None,
+    };
+    sync::apply_commit(&env, record, &commit, &desired)
 }
 
 /// Options of an in-process `sync::run`: not stopped, no rewind.
@@ -632,6 +631,7 @@ pub fn options(cancel: &AtomicBool) -> sync::Options<'_> {
         cancel,
         allow_rewind: false,
         retry: &[],
+        events: None,
     }
 }
 
@@ -919,4 +919,28 @@ pub fn slow_qemu_img(dir: &Path, seconds: u32) -> PathBuf {
         .success();
     assert!(ok);
     bin
+}
+
+/// Copies the files of `from` into `to` (an import's output, or a corpus case, into a
+/// test's repository).
+pub fn copy_tree(from: &Path, to: &Path) {
+    copy_tree_except(from, to, &[]);
+}
+
+/// [`copy_tree`], leaving out the entries named in `skip` (at any depth).
+pub fn copy_tree_except(from: &Path, to: &Path, skip: &[&str]) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if skip.iter().any(|s| name == *s) {
+            continue;
+        }
+        let target = to.join(&name);
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_tree_except(&entry.path(), &target, skip);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
