@@ -153,6 +153,8 @@ class GitServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # `git daemon` runs git-daemon as a child: its own process group, killed whole.
+            start_new_session=True,
         )
         for _ in range(100):
             try:
@@ -162,8 +164,11 @@ class GitServer:
                 time.sleep(0.05)
 
     def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait()
         self.proc = None
 
@@ -332,9 +337,8 @@ secret_file = "{work / 'secret'}"
             now = time.time()
             daemon_log.write(f"{now:.3f} {line}")
             if " INFO converged " in line:
-                events.append((now, "converged"))
-            elif "nothing to do: every vm is converged" in line:
-                events.append((now, "no-op"))
+                m = re.search(r" changes=(\d+)", line)
+                events.append((now, "converged" if m and int(m.group(1)) > 0 else "no-op"))
             elif "sync failed:" in line:
                 events.append((now, "failed"))
         daemon_log.flush()
