@@ -13,6 +13,7 @@ use crate::reconcile::outcome;
 use crate::reconcile::outcome::Outcome;
 use crate::record::{HealthResult, Record};
 use crate::util::clock;
+use crate::util::commit_id::short;
 
 /// What applying did: VMs, networks, pools.
 type Applied = (Vec<Item>, Vec<Item>, Vec<Item>);
@@ -24,10 +25,6 @@ pub struct SyncEvents {
     /// The last applied commit when the sync started applying.
     previous: Mutex<Option<Option<String>>>,
     applied: Mutex<Option<Applied>>,
-}
-
-fn short(commit: &str) -> &str {
-    &commit[..commit.len().min(12)]
 }
 
 impl SyncEvents {
