@@ -65,15 +65,19 @@ pub(crate) mod test_support {
 
     use crate::desired::disk_spec::DiskSpec;
     use crate::host::disk::{DiskError, DiskProvisioner, ImageInfo};
-    use crate::host::hypervisor::{HvError, Hypervisor, Listing};
+    use crate::host::hypervisor::{HvError, Hypervisor, Listing, RunState};
 
-    /// A host in memory: domains defined, started and stopped at once, and the starts
-    /// that libvirt refuses (`refuse_start`). Disks exist once created. Every call is
-    /// logged (`calls`).
+    /// A host in memory: domains defined, started and stopped at once, the starts that
+    /// libvirt refuses (`refuse_start`), and the definitions whose domain crashes once
+    /// started (`crashing`). Disks exist once created. Every call is logged (`calls`).
     #[derive(Default)]
     pub struct FakeHost {
         domains: Mutex<BTreeMap<String, (Listing, String)>>,
+        /// Domains (by name) that libvirt refuses to start.
         pub refuse_start: BTreeSet<String>,
+        /// Definitions (by the fingerprint in vmsync's tag) whose domain crashes once
+        /// started: `run_state` reports it "crashed".
+        pub crashing: BTreeSet<String>,
         calls: Mutex<Vec<String>>,
     }
 
@@ -147,6 +151,20 @@ pub(crate) mod test_support {
         }
         fn is_active(&self, name: &str) -> Result<bool, HvError> {
             self.with(name, |l| l.active)
+        }
+        fn run_state(&self, name: &str) -> Result<RunState, HvError> {
+            let active = self.is_active(name)?;
+            let xml = self.xml(name, true)?;
+            let crashed = crate::desired::domain_xml::read_tag(&xml)
+                .is_some_and(|tag| self.crashing.contains(&tag.fingerprint));
+            Ok(RunState {
+                state: match (active, crashed) {
+                    (false, _) => "shut off",
+                    (true, true) => "crashed",
+                    (true, false) => "running",
+                },
+                reason: String::new(),
+            })
         }
         fn shutdown(&self, name: &str) -> Result<(), HvError> {
             self.log(format!("shutdown {name}"));

@@ -686,7 +686,7 @@ mod tests {
     use super::*;
     use crate::desired::domain_xml;
     use crate::desired::manifest::{OnChange, PowerState};
-    use crate::record::{HeldBack, SyncResult, VmRecord};
+    use crate::record::{HealthResult, HeldBack, SyncResult, VmRecord};
     use crate::repo::source::test_git::git;
     use crate::test_support::FakeHost;
 
@@ -842,8 +842,17 @@ mod tests {
     }
 
     fn desired_vm(name: &str) -> Desired {
+        desired_vm_with(name, 1024, None)
+    }
+
+    /// One VM `name` with `memory` KiB, restarted on a change, with `health`.
+    fn desired_vm_with(
+        name: &str,
+        memory: u32,
+        health: Option<crate::desired::health_spec::HealthSpec>,
+    ) -> Desired {
         let xml = format!(
-            "<domain type='qemu'><name>{name}</name><memory>1024</memory><os><type>hvm</type></os></domain>"
+            "<domain type='qemu'><name>{name}</name><memory>{memory}</memory><os><type>hvm</type></os></domain>"
         );
         let vm = crate::desired::desired_state::DesiredVm {
             name: name.into(),
@@ -853,12 +862,12 @@ mod tests {
             xml,
             autostart: true,
             disks: Vec::new(),
-            on_change: OnChange::Defer,
+            on_change: OnChange::Restart,
             state: PowerState::Running,
             shutdown_timeout: None,
             self_heal: None,
             adopt: false,
-            health: None,
+            health,
         };
         Desired {
             vms: vec![vm],
@@ -867,6 +876,16 @@ mod tests {
     }
 
     fn apply(state_dir: &Path, host: &FakeHost, record: &mut Record) -> Result<Report, SyncError> {
+        apply_desired(state_dir, host, record, "c1", &desired_vm("web"))
+    }
+
+    fn apply_desired(
+        state_dir: &Path,
+        host: &FakeHost,
+        record: &mut Record,
+        commit: &str,
+        desired: &Desired,
+    ) -> Result<Report, SyncError> {
         let settings = crate::config::load(&crate::config::Overrides {
             config: Some("/dev/null".into()),
             state_dir: Some(state_dir.to_path_buf()),
@@ -881,7 +900,7 @@ mod tests {
             cancel: &AtomicBool::new(false),
             events: None,
         };
-        apply_commit(&env, record, "c1", &desired_vm("web"))
+        apply_commit(&env, record, commit, desired)
     }
 
     #[test]
@@ -921,5 +940,57 @@ mod tests {
         assert_eq!(report.commit, "c1");
         assert_eq!(record.last_applied_commit.as_deref(), Some("c1"));
         assert_eq!(record.failed_attempts, 0);
+    }
+
+    #[test]
+    fn a_new_definition_that_fails_its_health_check_is_reverted_and_held_back() {
+        let state = tempfile::tempdir().unwrap();
+        let health = crate::desired::health_spec::HealthSpec {
+            settle: std::time::Duration::ZERO,
+            command: None,
+            timeout: std::time::Duration::from_secs(5),
+            revert: true,
+            guest_agent: false,
+        };
+        let good = desired_vm_with("web", 1024, Some(health.clone()));
+        let bad = desired_vm_with("web", 2048, Some(health));
+        let c1 = "1".repeat(40);
+        let c2 = "2".repeat(40);
+        let mut host = FakeHost::default();
+        host.crashing.insert(bad.vms[0].fingerprint.clone());
+        let mut record = Record::default();
+
+        // c1 starts web, which stays up: its definition is the last healthy one.
+        apply_desired(state.path(), &host, &mut record, &c1, &good).unwrap();
+        assert_eq!(record.vms["web"].health, Some(HealthResult::Healthy));
+        assert_eq!(record.vms["web"].healthy_commit.as_deref(), Some(&*c1));
+        assert_eq!(record.last_applied_commit.as_deref(), Some(&*c1));
+
+        // c2 restarts web with a definition that crashes: c1's is put back in place.
+        let err = apply_desired(state.path(), &host, &mut record, &c2, &bad).unwrap_err();
+        assert!(
+            matches!(err, SyncError::ActionsFailed { failed: 1, .. }),
+            "{err}"
+        );
+        let web = &record.vms["web"];
+        assert_eq!(web.health, Some(HealthResult::Reverted));
+        let held = web.held_back.as_ref().expect("c2 is held back for web");
+        assert_eq!(held.commit, c2);
+        assert_eq!(held.fingerprint, bad.vms[0].fingerprint);
+        assert!(held.reason.contains("crashed"), "{held:?}");
+        assert_eq!(web.applied_commit.as_deref(), Some(&*c1), "{web:?}");
+        assert_eq!(web.fingerprint.as_ref(), Some(&good.vms[0].fingerprint));
+        assert_eq!(record.last_result, Some(SyncResult::Failed));
+        assert_eq!(record.last_applied_commit.as_deref(), Some(&*c1));
+        let now = domain_xml::read_tag(&host.xml("web", true).unwrap()).unwrap();
+        assert_eq!(
+            (now.commit, now.fingerprint),
+            (c1, good.vms[0].fingerprint.clone())
+        );
+        assert!(
+            host.is_active("web").unwrap(),
+            "the healthy definition runs"
+        );
+        assert_eq!(store::load(state.path()).unwrap(), record, "saved");
     }
 }
