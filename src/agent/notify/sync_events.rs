@@ -96,8 +96,9 @@ impl SyncEvents {
                 .collect()
         };
         let mut pools = res(&outcome.resources.pools);
-        for (vm, pool, volume, done) in &outcome.resources.volumes {
-            let (actions, error) = match done {
+        for v in &outcome.resources.volumes {
+            let (vm, pool, volume) = (&v.vm, &v.pool, &v.name);
+            let (actions, error) = match &v.result {
                 Ok(d) => (vec![format!("volume '{volume}' for vm '{vm}': {d}")], None),
                 Err(e) => (
                     vec![],
