@@ -32,6 +32,7 @@ use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::agent::webhook_guard;
+use crate::util::secret_file::{self, SecretFileError};
 
 /// The path push events are posted to.
 pub const PUSH_PATH: &str = "/hooks/push";
@@ -107,21 +108,16 @@ pub struct WebhookSettings {
 /// Reads the secret from `path`: trailing newlines (`\n`, `\r\n`) are not part of it, an
 /// empty secret is refused, and a file that group or others may read is warned about.
 pub fn read_secret(path: &Path) -> Result<Secret, String> {
-    let mut bytes = std::fs::read(path).map_err(|e| {
-        format!(
+    let bytes = secret_file::read(path).map_err(|e| match e {
+        SecretFileError::Unreadable(e) => format!(
             "failed to read [webhook] secret_file '{}': {e}",
             path.display()
-        )
-    })?;
-    while matches!(bytes.last(), Some(b'\n' | b'\r')) {
-        bytes.pop();
-    }
-    if bytes.is_empty() {
-        return Err(format!(
+        ),
+        SecretFileError::Empty => format!(
             "invalid [webhook] secret_file '{}': the secret is empty",
             path.display()
-        ));
-    }
+        ),
+    })?;
     if let Ok(meta) = std::fs::metadata(path) {
         use std::os::unix::fs::PermissionsExt;
         let mode = meta.permissions().mode() & 0o777;

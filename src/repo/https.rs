@@ -32,6 +32,7 @@ use tracing::{debug, warn};
 use ureq::ResponseExt as _;
 
 use crate::util::redact::redact;
+use crate::util::secret_file::{self, SecretFileError};
 
 const REFS: &str = "/info/refs?service=git-upload-pack";
 const ADVERTISEMENT: &str = "application/x-git-upload-pack-advertisement";
@@ -114,14 +115,20 @@ pub fn with_token_file<T>(
     (result, error)
 }
 
-/// The token in `file`, surrounding whitespace trimmed; an unreadable or empty file is
-/// an error naming it.
+/// The token in `file` ([`secret_file::read`]), surrounding whitespace trimmed too; an
+/// unreadable or empty file is an error naming it.
 pub fn read_token(file: &Path) -> Result<String, String> {
-    let token = std::fs::read_to_string(file)
-        .map_err(|e| format!("cannot read token file '{}': {e}", file.display()))?;
+    let unreadable =
+        |e: &dyn std::fmt::Display| format!("cannot read token file '{}': {e}", file.display());
+    let empty = || format!("token file '{}' is empty", file.display());
+    let bytes = secret_file::read(file).map_err(|e| match e {
+        SecretFileError::Unreadable(e) => unreadable(&e),
+        SecretFileError::Empty => empty(),
+    })?;
+    let token = String::from_utf8(bytes).map_err(|e| unreadable(&e))?;
     let token = token.trim();
     if token.is_empty() {
-        return Err(format!("token file '{}' is empty", file.display()));
+        return Err(empty());
     }
     Ok(token.to_string())
 }

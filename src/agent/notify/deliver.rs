@@ -14,6 +14,7 @@ use super::event::Event;
 use super::forge;
 use super::targets::{Kind, Target, origin};
 use crate::repo::https;
+use crate::util::secret_file::{self, SecretFileError};
 
 /// The header of a signed webhook.
 pub const SIGNATURE_HEADER: &str = "X-Vmsync-Signature-256";
@@ -50,15 +51,12 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
 
 /// A secret or token file's content, without its trailing newline.
 pub fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    let mut bytes = std::fs::read(path)
-        .map_err(|e| format!("failed to read {what} '{}': {e}", path.display()))?;
-    while matches!(bytes.last(), Some(b'\n' | b'\r')) {
-        bytes.pop();
-    }
-    if bytes.is_empty() {
-        return Err(format!("{what} '{}' is empty", path.display()));
-    }
-    Ok(bytes)
+    secret_file::read(path).map_err(|e| match e {
+        SecretFileError::Unreadable(e) => {
+            format!("failed to read {what} '{}': {e}", path.display())
+        }
+        SecretFileError::Empty => format!("{what} '{}' is empty", path.display()),
+    })
 }
 
 /// Sends `event` to `target`.
