@@ -191,9 +191,42 @@ fn plan_vm(
     let heal = vm.self_heal.unwrap_or(ctx.policy.self_heal);
     let timeout = vm.shutdown_timeout.unwrap_or(ctx.policy.shutdown_timeout);
 
-    // The domain by name, or a tagged domain of another name with the VM's UUID.
-    let mut seen: Option<&SeenDomain> = observed.domains.get(&vm.name);
-    let mut rename_from = None;
+    let (seen, rename_from) = find_domain(vm, observed, claimed);
+    if let Some(seen) = seen {
+        if let Err(e) = may_touch(vm, seen) {
+            return fail(out, e);
+        }
+        out.current_hash = seen.definition_hash.clone();
+    }
+    let drift = vm_drift(vm, ctx, seen, rename_from.is_some());
+    out.drift = drift.iter().map(ToString::to_string).collect();
+    out.drift_reported_only = !drift.is_empty() && !heal;
+    let mut planner = VmPlanner {
+        vm,
+        seen,
+        rename_from,
+        drift,
+        heal,
+        timeout,
+        out,
+    };
+    if planner.has(|d| matches!(d, Drift::Undefined)) && !heal {
+        return planner.out;
+    }
+    match planner.plan_actions(observed, commit) {
+        Ok(()) => planner.out,
+        Err(e) => fail(planner.out, e),
+    }
+}
+
+/// The domain by name, or a tagged domain of another name with the VM's UUID (then
+/// claimed, and the name it is renamed from).
+fn find_domain<'o>(
+    vm: &DesiredVm,
+    observed: &'o Observed,
+    claimed: &mut Vec<String>,
+) -> (Option<&'o SeenDomain>, Option<String>) {
+    let seen = observed.domains.get(&vm.name);
     if seen.is_none()
         && let Some(uuid) = &vm.summary.uuid
         && let Some(other) = observed
@@ -202,50 +235,54 @@ fn plan_vm(
             .find(|o| o.listing.uuid.eq_ignore_ascii_case(uuid))
     {
         claimed.push(other.listing.name.clone());
-        rename_from = Some(other.listing.name.clone());
-        seen = Some(other);
+        return (Some(other), Some(other.listing.name.clone()));
     }
-    if let Some(seen) = seen {
-        match &seen.inactive {
-            None => {
-                out.error = Some(format!(
-                    "could not read the definition of existing domain '{}'; not touching it",
-                    seen.listing.name
-                ));
-                return out;
-            }
-            Some(summary) if summary.tag.is_none() && !vm.adopt => {
-                out.error = Some(format!(
-                    "domain '{}' exists but was not defined by vmsync (no vmsync metadata); refusing to touch it (set adopt = true on its entry to take it over)",
-                    vm.name
-                ));
-                return out;
-            }
-            Some(_) if !seen.listing.persistent => {
-                out.error = Some(format!(
-                    "domain '{}' is transient; refusing to touch it",
-                    seen.listing.name
-                ));
-                return out;
-            }
-            Some(_) => {}
-        }
-        if let Some(e) = adopt::uuid_conflict(vm, seen) {
-            return fail(out, e);
-        }
-        out.current_hash = seen.definition_hash.clone();
-    }
-    // An untagged domain here is one `adopt = true` takes over (others failed above).
-    let adopting = seen
-        .and_then(|s| s.inactive.as_ref())
-        .is_some_and(|s| s.tag.is_none());
-    let summary = seen.and_then(|s| s.inactive.as_ref());
-    let current = summary.and_then(|s| s.tag.as_ref());
+    (seen, None)
+}
 
-    // Drift against the record of the last sync (not for a domain being renamed: its
-    // record is under its old name).
+/// Whether vmsync may touch the existing domain `seen`: its definition is readable, it
+/// is vmsync's (or adopted), persistent, and its UUID does not clash.
+fn may_touch(vm: &DesiredVm, seen: &SeenDomain) -> Result<(), String> {
+    match &seen.inactive {
+        None => {
+            return Err(format!(
+                "could not read the definition of existing domain '{}'; not touching it",
+                seen.listing.name
+            ));
+        }
+        Some(summary) if summary.tag.is_none() && !vm.adopt => {
+            return Err(format!(
+                "domain '{}' exists but was not defined by vmsync (no vmsync metadata); refusing to touch it (set adopt = true on its entry to take it over)",
+                vm.name
+            ));
+        }
+        Some(_) if !seen.listing.persistent => {
+            return Err(format!(
+                "domain '{}' is transient; refusing to touch it",
+                seen.listing.name
+            ));
+        }
+        Some(_) => {}
+    }
+    match adopt::uuid_conflict(vm, seen) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Drift against the record of the last sync (not for a domain being renamed: its
+/// record is under its old name), less what the commit changes anyway.
+fn vm_drift(
+    vm: &DesiredVm,
+    ctx: &Context,
+    seen: Option<&SeenDomain>,
+    renaming: bool,
+) -> Vec<Drift> {
+    let current = seen
+        .and_then(|s| s.inactive.as_ref())
+        .and_then(|s| s.tag.as_ref());
     let drift = match ctx.record.vms.get(&vm.name) {
-        Some(rec) if rename_from.is_none() => drift::detect(
+        Some(rec) if !renaming => drift::detect(
             rec,
             drift::Now {
                 listing: seen.map(|s| &s.listing),
@@ -255,139 +292,191 @@ fn plan_vm(
         ),
         _ => Vec::new(),
     };
-    let drift = drift::against_commit(drift, vm.autostart, vm.state);
-    out.drift = drift.iter().map(ToString::to_string).collect();
-    out.drift_reported_only = !drift.is_empty() && !heal;
-    let has = |pred: fn(&Drift) -> bool| drift.iter().any(pred);
-    if has(|d| matches!(d, Drift::Undefined)) && !heal {
-        return out;
+    drift::against_commit(drift, vm.autostart, vm.state)
+}
+
+/// What the steps of planning one VM share, once its domain is found and may be touched.
+struct VmPlanner<'a> {
+    vm: &'a DesiredVm,
+    /// The VM's domain, when one exists.
+    seen: Option<&'a SeenDomain>,
+    /// The domain's name when it has this VM's UUID under another name.
+    rename_from: Option<String>,
+    drift: Vec<Drift>,
+    /// Whether drift is healed.
+    heal: bool,
+    /// The graceful shutdown's limit.
+    timeout: std::time::Duration,
+    out: VmPlan,
+}
+
+impl VmPlanner<'_> {
+    /// Whether some drift is of this kind.
+    fn has(&self, pred: fn(&Drift) -> bool) -> bool {
+        self.drift.iter().any(pred)
     }
 
-    for disk in &vm.disks {
-        match observed.disks.get(&disk.path) {
-            Some(Ok(None)) => out.actions.push(Action::CreateDisk(disk.clone())),
-            Some(Ok(Some(info))) => match check_existing(disk, info) {
-                Ok(None) => {}
-                Ok(Some(warning)) => out.warnings.push(warning),
-                Err(e) => return fail(out, e.to_string()),
-            },
-            Some(Err(e)) => return fail(out, e.clone()),
-            None => {
-                let e = format!("disk '{}' was not observed", disk.path.display());
-                return fail(out, e);
+    /// The inactive definition's summary, when a domain exists.
+    fn summary(&self) -> Option<&domain_xml::DomainSummary> {
+        self.seen.and_then(|s| s.inactive.as_ref())
+    }
+
+    /// Plans the disks, the rename, the definition, the autostart flag and the power
+    /// state, in that order. `Err`: the VM fails.
+    fn plan_actions(&mut self, observed: &Observed, commit: &str) -> Result<(), String> {
+        self.plan_disks(observed)?;
+        let was_active = self.seen.is_some_and(|s| s.listing.active);
+        let active = self.plan_rename(was_active)?;
+        let adopted_live = self.plan_definition(commit)?;
+
+        let autostart_now = self.seen.is_some_and(|s| s.listing.autostart);
+        let autostart_drift = self.has(|d| matches!(d, Drift::Autostart { .. }));
+        if self.vm.autostart != autostart_now && (self.heal || !autostart_drift) {
+            self.out
+                .actions
+                .push(Action::SetAutostart(self.vm.autostart));
+        }
+        self.plan_power(active, was_active, adopted_live);
+        Ok(())
+    }
+
+    /// Missing disks are created; an existing one is checked, never changed.
+    fn plan_disks(&mut self, observed: &Observed) -> Result<(), String> {
+        for disk in &self.vm.disks {
+            match observed.disks.get(&disk.path) {
+                Some(Ok(None)) => self.out.actions.push(Action::CreateDisk(disk.clone())),
+                Some(Ok(Some(info))) => match check_existing(disk, info) {
+                    Ok(None) => {}
+                    Ok(Some(warning)) => self.out.warnings.push(warning),
+                    Err(e) => return Err(e.to_string()),
+                },
+                Some(Err(e)) => return Err(e.clone()),
+                None => {
+                    return Err(format!("disk '{}' was not observed", disk.path.display()));
+                }
             }
         }
+        Ok(())
     }
 
-    let mut active = seen.is_some_and(|s| s.listing.active);
-    let was_active = active;
-    let restart = vm.on_change == OnChange::Restart;
-    if let Some(from) = &rename_from {
+    /// A domain with this VM's UUID under another name is renamed (shut down first with
+    /// `on_change = "restart"`). Returns whether the domain is still active.
+    fn plan_rename(&mut self, active: bool) -> Result<bool, String> {
+        let Some(from) = &self.rename_from else {
+            return Ok(active);
+        };
+        let restart = self.vm.on_change == OnChange::Restart;
         if active && !restart {
-            return fail(
-                out,
-                format!(
-                    "domain '{from}' has this vm's uuid and is running; libvirt renames only shut-off domains: shut it down, or set on_change = \"restart\""
-                ),
-            );
+            return Err(format!(
+                "domain '{from}' has this vm's uuid and is running; libvirt renames only shut-off domains: shut it down, or set on_change = \"restart\""
+            ));
         }
         if active {
-            out.actions.push(Action::Stop { timeout });
-            active = false;
+            self.out.actions.push(Action::Stop {
+                timeout: self.timeout,
+            });
         }
-        out.actions.push(Action::Rename { from: from.clone() });
+        self.out.actions.push(Action::Rename { from: from.clone() });
+        Ok(false)
     }
 
-    let definition_drift = has(|d| matches!(d, Drift::Definition | Drift::Untagged));
-    let changed = current.is_none_or(|tag| tag.fingerprint != vm.fingerprint);
-    let mut adopted_live = false;
-    let redefine = changed || rename_from.is_some() || (definition_drift && heal);
-    if redefine || definition_drift {
+    /// Renders the definition when it changed or drifted, and defines or adopts it.
+    /// Returns whether an adoption tags the running definition too.
+    fn plan_definition(&mut self, commit: &str) -> Result<bool, String> {
+        let vm = self.vm;
+        let seen = self.seen;
+        // An untagged domain here is one `adopt = true` takes over (others failed before).
+        let adopting = self.summary().is_some_and(|s| s.tag.is_none());
+        let current = self.summary().and_then(|s| s.tag.as_ref());
+        let definition_drift = self.has(|d| matches!(d, Drift::Definition | Drift::Untagged));
+        let changed = current.is_none_or(|tag| tag.fingerprint != vm.fingerprint);
+        let redefine = changed || self.rename_from.is_some() || (definition_drift && self.heal);
+        if !(redefine || definition_drift) {
+            return Ok(false);
+        }
         let tag = Tag {
             commit: commit.to_string(),
             fingerprint: vm.fingerprint.clone(),
         };
-        let uuid = summary.and_then(|s| s.uuid.as_deref());
-        let macs = summary.map(|s| s.macs.clone()).unwrap_or_default();
-        match domain_xml::render(&vm.xml, uuid, &macs, &tag) {
-            Ok(xml) => {
-                // The diff's inputs, only for a definition that is rendered.
-                out.source_xml = vm.xml.clone();
-                out.current_xml = seen.and_then(|s| s.inactive_xml.clone());
-                // One copy: a planned define carries it (see `VmPlan::rendered`).
-                if adopting && definition_drift && !heal {
-                    // Applied before, then redefined by hand without the tag: drift,
-                    // only reported with self-heal off.
-                    out.rendered_xml = Some(xml);
-                } else if adopting {
-                    let adopt = adopt::action(seen, tag.clone(), xml);
-                    if matches!(
-                        adopt,
-                        Action::Adopt {
-                            xml: None,
-                            live: true,
-                            ..
-                        }
-                    ) {
-                        // The running definition gets the tag too: no pending restart.
-                        adopted_live = true;
-                    }
-                    out.actions.push(adopt);
-                } else if redefine {
-                    out.actions.push(Action::Define {
-                        xml,
-                        redefine: seen.is_some(),
-                    });
-                } else {
-                    out.rendered_xml = Some(xml);
+        let uuid = self.summary().and_then(|s| s.uuid.as_deref());
+        let macs = self.summary().map(|s| s.macs.clone()).unwrap_or_default();
+        let xml = domain_xml::render(&vm.xml, uuid, &macs, &tag)
+            .map_err(|e| format!("failed to render the domain xml: {}", e.message))?;
+        let out = &mut self.out;
+        // The diff's inputs, only for a definition that is rendered.
+        out.source_xml = vm.xml.clone();
+        out.current_xml = seen.and_then(|s| s.inactive_xml.clone());
+        let mut adopted_live = false;
+        // One copy: a planned define carries it (see `VmPlan::rendered`).
+        if adopting && definition_drift && !self.heal {
+            // Applied before, then redefined by hand without the tag: drift, only
+            // reported with self-heal off.
+            out.rendered_xml = Some(xml);
+        } else if adopting {
+            let adopt = adopt::action(seen, tag.clone(), xml);
+            if matches!(
+                adopt,
+                Action::Adopt {
+                    xml: None,
+                    live: true,
+                    ..
                 }
+            ) {
+                // The running definition gets the tag too: no pending restart.
+                adopted_live = true;
             }
-            Err(e) => {
-                return fail(
-                    out,
-                    format!("failed to render the domain xml: {}", e.message),
-                );
-            }
+            out.actions.push(adopt);
+        } else if redefine {
+            out.actions.push(Action::Define {
+                xml,
+                redefine: seen.is_some(),
+            });
+        } else {
+            out.rendered_xml = Some(xml);
         }
+        Ok(adopted_live)
     }
 
-    let autostart_now = seen.is_some_and(|s| s.listing.autostart);
-    let autostart_drift = has(|d| matches!(d, Drift::Autostart { .. }));
-    if vm.autostart != autostart_now && (heal || !autostart_drift) {
-        out.actions.push(Action::SetAutostart(vm.autostart));
+    /// Starts, stops or restarts the domain for its `state` and `on_change`, and notes a
+    /// pending restart.
+    fn plan_power(&mut self, mut active: bool, was_active: bool, adopted_live: bool) {
+        let vm = self.vm;
+        let timeout = self.timeout;
+        let heal = self.heal;
+        let restart = vm.on_change == OnChange::Restart;
+        self.out.active = active;
+        let power_drift = self.has(|d| matches!(d, Drift::Power { .. }));
+        // The running definition is older than the commit's.
+        let live_differs = active
+            && !adopted_live
+            && self
+                .seen
+                .and_then(|s| s.live_tag.as_ref())
+                .is_none_or(|tag| tag.fingerprint != vm.fingerprint);
+        let actions = &mut self.out.actions;
+        match vm.state {
+            // Drift in the power state is only reported when self-heal is off.
+            PowerState::Running if !active && (heal || !power_drift) => {
+                actions.push(Action::Start);
+            }
+            PowerState::Stopped if active && (heal || !power_drift) => {
+                actions.push(Action::Stop { timeout });
+                active = false;
+            }
+            PowerState::Running if !active => {}
+            PowerState::Stopped if active => {}
+            PowerState::Defined if !active && was_active && self.rename_from.is_some() => {
+                // Shut down only to be renamed: back up as it was.
+                actions.push(Action::Start);
+            }
+            PowerState::Running | PowerState::Defined if live_differs && restart => {
+                actions.push(Action::Restart { timeout });
+                active = false;
+            }
+            _ => {}
+        }
+        self.out.pending_restart = active && live_differs;
     }
-
-    out.active = active;
-    let power_drift = has(|d| matches!(d, Drift::Power { .. }));
-    // The running definition is older than the commit's.
-    let live_differs = active
-        && !adopted_live
-        && seen
-            .and_then(|s| s.live_tag.as_ref())
-            .is_none_or(|tag| tag.fingerprint != vm.fingerprint);
-    match vm.state {
-        // Drift in the power state is only reported when self-heal is off.
-        PowerState::Running if !active && (heal || !power_drift) => {
-            out.actions.push(Action::Start);
-        }
-        PowerState::Stopped if active && (heal || !power_drift) => {
-            out.actions.push(Action::Stop { timeout });
-            active = false;
-        }
-        PowerState::Running if !active => {}
-        PowerState::Stopped if active => {}
-        PowerState::Defined if !active && was_active && rename_from.is_some() => {
-            // Shut down only to be renamed: back up as it was.
-            out.actions.push(Action::Start);
-        }
-        PowerState::Running | PowerState::Defined if live_differs && restart => {
-            out.actions.push(Action::Restart { timeout });
-            active = false;
-        }
-        _ => {}
-    }
-    out.pending_restart = active && live_differs;
-    out
 }
 
 /// Marks the VM failed: nothing of it is done.
