@@ -35,22 +35,40 @@ pub fn agent_extras(state_dir: &std::path::Path) -> String {
 
 /// Renders the metrics. `report` is the last sync's, when it got as far as applying.
 pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> String {
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, samples: &[(String, f64)]| {
+    let mut out = Gauges(String::new());
+    sync_gauges(&mut out, record, duration);
+    vm_gauges(&mut out, record, report);
+    resource_gauges(&mut out, record);
+    health_gauges(&mut out, record);
+    action_gauges(&mut out, report);
+    out.0
+}
+
+/// The text written so far.
+struct Gauges(String);
+
+impl Gauges {
+    /// Writes one gauge: its help, its type and its samples (labels, value).
+    fn gauge(&mut self, name: &str, help: &str, samples: &[(String, f64)]) {
+        let out = &mut self.0;
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} gauge");
         for (labels, value) in samples {
             let _ = writeln!(out, "{name}{labels} {value}");
         }
-    };
+    }
+}
+
+/// The last sync's time, result, duration and commit.
+fn sync_gauges(out: &mut Gauges, record: &Record, duration: Duration) {
     let attempt = parse_time(&record.last_attempt_at).unwrap_or(0.0);
-    gauge(
+    out.gauge(
         "vmsync_last_sync_timestamp_seconds",
         "When the last sync attempt ended.",
         &[(String::new(), attempt)],
     );
     let converged = record.last_result == Some(SyncResult::Converged);
-    gauge(
+    out.gauge(
         "vmsync_last_sync_success",
         "1 if the last sync converged, 0 otherwise.",
         &[(String::new(), if converged { 1.0 } else { 0.0 })],
@@ -64,12 +82,12 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
             )
         })
         .collect();
-    gauge(
+    out.gauge(
         "vmsync_last_sync_result",
         "The last sync's result (1 for the current one).",
         &samples,
     );
-    gauge(
+    out.gauge(
         "vmsync_last_sync_duration_seconds",
         "How long the last sync took.",
         &[(
@@ -77,7 +95,7 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
             (duration.as_secs_f64() * 1000.0).round() / 1000.0,
         )],
     );
-    gauge(
+    out.gauge(
         "vmsync_failed_attempts",
         "Consecutive attempts of the last attempted commit that did not converge.",
         &[(String::new(), f64::from(record.failed_attempts))],
@@ -87,12 +105,12 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         .iter()
         .map(|c| (format!("{{commit=\"{}\"}}", label(c)), 1.0))
         .collect();
-    gauge(
+    out.gauge(
         "vmsync_last_applied_commit_info",
         "The last applied commit, as a label.",
         &applied,
     );
-    gauge(
+    out.gauge(
         "vmsync_last_success_timestamp_seconds",
         "When the last sync that converged ended (the watchdog's figure: alert when it grows old).",
         &[(
@@ -100,7 +118,7 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
             parse_time(&record.last_applied_at).unwrap_or(0.0),
         )],
     );
-    gauge(
+    out.gauge(
         "vmsync_last_applied_timestamp_seconds",
         "When the last applied commit converged.",
         &[(
@@ -108,7 +126,10 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
             parse_time(&record.last_applied_at).unwrap_or(0.0),
         )],
     );
+}
 
+/// A series per VM: up, pending restart, failed.
+fn vm_gauges(out: &mut Gauges, record: &Record, report: Option<&Report>) {
     let vm_label = |name: &str| format!("{{vm=\"{}\"}}", label(name));
     let up: Vec<_> = report
         .map(|r| {
@@ -119,7 +140,7 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
                 .collect()
         })
         .unwrap_or_default();
-    gauge(
+    out.gauge(
         "vmsync_vm_up",
         "1 if the managed domain is running after the last sync.",
         &up,
@@ -129,7 +150,7 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         .iter()
         .map(|(name, vm)| (vm_label(name), if vm.pending_restart { 1.0 } else { 0.0 }))
         .collect();
-    gauge(
+    out.gauge(
         "vmsync_vm_pending_restart",
         "1 if the domain runs an older definition.",
         &pending,
@@ -139,20 +160,22 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         .iter()
         .map(|(name, vm)| (vm_label(name), if vm.ok { 0.0 } else { 1.0 }))
         .collect();
-    gauge(
+    out.gauge(
         "vmsync_vm_failed",
         "1 if the last sync failed for this vm.",
         &failed,
     );
+}
 
-    // Networks and pools: failed and pending restart, per name (as for vms).
+/// Networks and pools: failed and pending restart, per name (as for vms).
+fn resource_gauges(out: &mut Gauges, record: &Record) {
     for (kind, recs) in [("network", &record.networks), ("pool", &record.pools)] {
         let lbl = |name: &str| format!("{{{kind}=\"{}\"}}", label(name));
         let failed: Vec<_> = recs
             .iter()
             .map(|(n, r)| (lbl(n), if r.ok { 0.0 } else { 1.0 }))
             .collect();
-        gauge(
+        out.gauge(
             &format!("vmsync_{kind}_failed"),
             &format!("1 if the last sync failed for this {kind}."),
             &failed,
@@ -161,13 +184,18 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
             .iter()
             .map(|(n, r)| (lbl(n), if r.pending_restart { 1.0 } else { 0.0 }))
             .collect();
-        gauge(
+        out.gauge(
             &format!("vmsync_{kind}_pending_restart"),
             &format!("1 if this {kind} is active on an older definition."),
             &pending,
         );
     }
-    // Health (`[vm.health]`): one series per result for each checked vm, the current 1.
+}
+
+/// Health (`[vm.health]`): one series per result for each checked vm, the current 1;
+/// held back; the last healthy commit.
+fn health_gauges(out: &mut Gauges, record: &Record) {
+    let vm_label = |name: &str| format!("{{vm=\"{}\"}}", label(name));
     let checked = || record.vms.iter().filter(|(_, vm)| vm.health.is_some());
     let health: Vec<_> = checked()
         .flat_map(|(name, vm)| {
@@ -179,7 +207,7 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
             })
         })
         .collect();
-    gauge(
+    out.gauge(
         "vmsync_vm_health",
         "The last health check's result of the vm (1 for the current one).",
         &health,
@@ -195,7 +223,7 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
             )
         })
         .collect();
-    gauge(
+    out.gauge(
         "vmsync_vm_held_back",
         "1 if a reverted definition of the vm is held back until a newer commit changes it.",
         &held,
@@ -211,12 +239,15 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
             ))
         })
         .collect();
-    gauge(
+    out.gauge(
         "vmsync_vm_last_healthy_commit_info",
         "The commit of the vm's last healthy definition, as a label.",
         &healthy,
     );
+}
 
+/// Actions done by the last sync, by kind (every kind, 0 when none).
+fn action_gauges(out: &mut Gauges, report: Option<&Report>) {
     let mut kinds: BTreeMap<ActionKind, f64> = ActionKind::iter().map(|k| (k, 0.0)).collect();
     if let Some(r) = report {
         *kinds.entry(ActionKind::CreateDirectory).or_default() +=
@@ -239,12 +270,11 @@ pub fn render(record: &Record, report: Option<&Report>, duration: Duration) -> S
         .iter()
         .map(|(k, v)| (format!("{{kind=\"{}\"}}", k.as_str()), *v))
         .collect();
-    gauge(
+    out.gauge(
         "vmsync_last_sync_actions",
         "Actions done by the last sync, by kind.",
         &samples,
     );
-    out
 }
 
 #[cfg(test)]
