@@ -102,47 +102,79 @@ fn plan_one(
         commit: commit.to_string(),
         fingerprint: r.fingerprint.clone(),
     };
-    let render = |uuid: Option<&str>| resource_xml::render(kind, &r.xml, uuid, &tag);
     let Some(seen) = seen else {
-        match render(None) {
-            Ok(xml) => out.actions.push(ResAction::Define {
-                xml,
-                redefine: false,
-            }),
-            Err(e) => {
-                return fail(
-                    out,
-                    format!("failed to render the {kind} xml: {}", e.message),
-                );
-            }
-        }
-        if kind == ResourceKind::Pool {
-            out.actions.push(ResAction::Build);
-        }
-        if r.autostart {
-            out.actions.push(ResAction::SetAutostart(true));
-            out.actions.push(ResAction::Start);
-        }
-        out.source_xml = r.xml.clone();
-        return out;
+        return plan_new(r, &tag, out);
     };
     out.active = seen.listing.active;
     out.current_hash = seen.definition_hash.clone();
     out.uuid = Some(seen.listing.uuid.clone());
+    let is_owned = match may_touch(r, seen, rec) {
+        Ok(is_owned) => is_owned,
+        Err(e) => return fail(out, e),
+    };
+    out.adopted = !is_owned;
+    let existing = Existing {
+        r,
+        seen,
+        rec,
+        tag,
+        is_owned,
+        heal,
+    };
+    match existing.plan(&mut out) {
+        Ok(true) => out.affected_vms = users(kind, &r.name, desired, observed),
+        Ok(false) => {}
+        Err(e) => return fail(out, e),
+    }
+    out
+}
+
+/// A network or pool not on the host: defined (a pool built), and started with
+/// autostart.
+fn plan_new(r: &DesiredResource, tag: &Tag, mut out: ResPlan) -> ResPlan {
+    let kind = r.kind;
+    match resource_xml::render(kind, &r.xml, None, tag) {
+        Ok(xml) => out.actions.push(ResAction::Define {
+            xml,
+            redefine: false,
+        }),
+        Err(e) => {
+            return fail(
+                out,
+                format!("failed to render the {kind} xml: {}", e.message),
+            );
+        }
+    }
+    if kind == ResourceKind::Pool {
+        out.actions.push(ResAction::Build);
+    }
+    if r.autostart {
+        out.actions.push(ResAction::SetAutostart(true));
+        out.actions.push(ResAction::Start);
+    }
+    out.source_xml = r.xml.clone();
+    out
+}
+
+/// Whether vmsync may touch the existing network or pool: its definition is readable,
+/// it is persistent, and it is vmsync's or adopted. `Ok`: whether vmsync owns it.
+fn may_touch(
+    r: &DesiredResource,
+    seen: &observe_networks_pools::SeenResource,
+    rec: Option<&ResourceRecord>,
+) -> Result<bool, String> {
+    let kind = r.kind;
     if seen.inactive.is_none() {
-        return fail(
-            out,
-            format!(
-                "could not read the definition of existing {kind} '{}'; not touching it",
-                r.name
-            ),
-        );
+        return Err(format!(
+            "could not read the definition of existing {kind} '{}'; not touching it",
+            r.name
+        ));
     }
     if !seen.listing.persistent {
-        return fail(
-            out,
-            format!("{kind} '{}' is transient; refusing to touch it", r.name),
-        );
+        return Err(format!(
+            "{kind} '{}' is transient; refusing to touch it",
+            r.name
+        ));
     }
     let is_owned = owned(kind, seen, rec);
     if !is_owned && !r.adopt {
@@ -150,120 +182,152 @@ fn plan_one(
             ResourceKind::Network => "no vmsync metadata",
             ResourceKind::Pool => "its uuid is not the one vmsync recorded",
         };
-        return fail(
-            out,
-            format!(
-                "exists but was not defined by vmsync ({how}); refusing to touch it (set adopt = true on the [[{kind}]] entry to take it over)"
-            ),
-        );
+        return Err(format!(
+            "exists but was not defined by vmsync ({how}); refusing to touch it (set adopt = true on the [[{kind}]] entry to take it over)"
+        ));
     }
-    out.adopted = !is_owned;
+    Ok(is_owned)
+}
 
-    // Drift against the record of the last sync.
-    let mut drift = Vec::new();
-    if let Some(rec) = rec.filter(|_| is_owned) {
-        if rec.definition_hash.is_some() && rec.definition_hash != seen.definition_hash {
-            drift.push("definition changed outside vmsync".to_string());
-        }
-        if rec.autostart != seen.listing.autostart {
-            drift.push(format!(
-                "autostart flag changed outside vmsync (now {})",
-                if seen.listing.autostart { "on" } else { "off" }
-            ));
-        }
-        if rec.autostart && !seen.listing.active {
-            drift.push("stopped outside vmsync".to_string());
-        }
-    }
-    out.drift_reported_only = !drift.is_empty() && !heal;
-    let definition_drift = drift.iter().any(|d| d.starts_with("definition"));
-    let autostart_drift = drift.iter().any(|d| d.starts_with("autostart"));
-    let active_drift = drift.iter().any(|d| d.starts_with("stopped"));
-    out.drift = drift;
+/// An existing network or pool vmsync may touch, and what planning it needs.
+struct Existing<'a> {
+    r: &'a DesiredResource,
+    seen: &'a observe_networks_pools::SeenResource,
+    rec: Option<&'a ResourceRecord>,
+    tag: Tag,
+    is_owned: bool,
+    heal: bool,
+}
 
-    let applied_fingerprint = match kind {
-        ResourceKind::Network => seen
+impl Existing<'_> {
+    /// Plans the definition, the autostart flag, starting and restarting. `Ok(true)`:
+    /// a restart is planned (the VMs using it are affected); `Err`: it fails.
+    fn plan(&self, out: &mut ResPlan) -> Result<bool, String> {
+        let (r, seen, heal) = (self.r, self.seen, self.heal);
+        let kind = r.kind;
+        let drift = self.drift();
+        out.drift_reported_only = !drift.is_empty() && !heal;
+        let definition_drift = drift.iter().any(|d| d.starts_with("definition"));
+        let autostart_drift = drift.iter().any(|d| d.starts_with("autostart"));
+        let active_drift = drift.iter().any(|d| d.starts_with("stopped"));
+        out.drift = drift;
+
+        let uuid = seen
             .inactive
             .as_ref()
-            .and_then(|s| s.tag.as_ref())
-            .map(|t| t.fingerprint.clone()),
-        ResourceKind::Pool => rec.and_then(|r| r.fingerprint.clone()),
-    };
-    let uuid = seen
-        .inactive
-        .as_ref()
-        .and_then(|s| s.uuid.clone())
-        .unwrap_or_else(|| seen.listing.uuid.clone());
-    // The commit's definition with the host's UUID, hashed as libvirt's is: equal to the
-    // host's when an adopted network or pool is what the commit says (`vmsync import`'s
-    // output), so adopting it changes nothing that runs.
-    // Both sides tagged alike, so an empty `<metadata>` left by the tag compares equal.
-    let tagged_hash = |xml: &str| {
-        resource_xml::render(kind, xml, Some(&uuid), &tag)
-            .ok()
-            .and_then(|xml| resource_xml::definition_hash(kind, &xml))
-    };
-    let commit_hash = tagged_hash(&r.xml);
-    let same_definition =
-        commit_hash.is_some() && commit_hash == seen.inactive_xml.as_deref().and_then(tagged_hash);
-    let changed = if is_owned {
-        applied_fingerprint.as_deref() != Some(r.fingerprint.as_str())
-    } else {
-        // A network carries vmsync's tag in its definition (libvirt 9.0 has no metadata
-        // call for networks), so adopting one is a redefine; a pool's ownership is the
-        // record, so an unchanged pool is adopted without touching it.
-        kind == ResourceKind::Network || !same_definition
-    };
-    let redefine = changed || (definition_drift && heal);
-    if redefine {
-        match render(Some(&uuid)) {
-            Ok(xml) => out.actions.push(ResAction::Define {
+            .and_then(|s| s.uuid.clone())
+            .unwrap_or_else(|| seen.listing.uuid.clone());
+        let same_definition = self.same_definition(&uuid);
+        let redefine = self.changed(same_definition) || (definition_drift && heal);
+        if redefine {
+            let xml = resource_xml::render(kind, &r.xml, Some(&uuid), &self.tag)
+                .map_err(|e| format!("failed to render the {kind} xml: {}", e.message))?;
+            out.actions.push(ResAction::Define {
                 xml,
                 redefine: true,
-            }),
-            Err(e) => {
-                return fail(
-                    out,
-                    format!("failed to render the {kind} xml: {}", e.message),
-                );
-            }
+            });
+            out.source_xml = r.xml.clone();
+            out.current_xml = seen.inactive_xml.clone();
         }
-        out.source_xml = r.xml.clone();
-        out.current_xml = seen.inactive_xml.clone();
-    }
-    if r.autostart != seen.listing.autostart && (heal || !autostart_drift) {
-        out.actions.push(ResAction::SetAutostart(r.autostart));
-    }
-    let mut active = seen.listing.active;
-    if r.autostart && !active && (heal || !active_drift) {
-        if kind == ResourceKind::Pool {
-            out.actions.push(ResAction::Build);
+        if r.autostart != seen.listing.autostart && (heal || !autostart_drift) {
+            out.actions.push(ResAction::SetAutostart(r.autostart));
         }
-        out.actions.push(ResAction::Start);
-        active = true;
-    }
-    // Running on an older definition.
-    let live_differs = seen.listing.active
-        && match kind {
-            ResourceKind::Network => {
-                match &seen.live_fingerprint {
-                    // Runs a definition vmsync applied: the commit's, or an older one.
-                    Some(live) => live != &r.fingerprint,
-                    // Runs an untagged definition (adopted now or before): pending when
-                    // this plan changes what it says, or it already differs from the
-                    // persistent one.
-                    None => (redefine && !same_definition) || !seen.live_is_persistent,
-                }
+        let mut active = seen.listing.active;
+        if r.autostart && !active && (heal || !active_drift) {
+            if kind == ResourceKind::Pool {
+                out.actions.push(ResAction::Build);
             }
-            ResourceKind::Pool => redefine || rec.is_some_and(|rec| rec.pending_restart),
-        };
-    if live_differs && active && r.on_change == OnChange::Restart {
-        out.actions.push(ResAction::Restart);
-        out.affected_vms = users(kind, &r.name, desired, observed);
-    } else {
+            out.actions.push(ResAction::Start);
+            active = true;
+        }
+        let live_differs = self.live_differs(redefine, same_definition);
+        if live_differs && active && r.on_change == OnChange::Restart {
+            out.actions.push(ResAction::Restart);
+            return Ok(true);
+        }
         out.pending_restart = live_differs && active;
+        Ok(false)
     }
-    out
+
+    /// Drift against the record of the last sync (only of an owned one).
+    fn drift(&self) -> Vec<String> {
+        let seen = self.seen;
+        let mut drift = Vec::new();
+        if let Some(rec) = self.rec.filter(|_| self.is_owned) {
+            if rec.definition_hash.is_some() && rec.definition_hash != seen.definition_hash {
+                drift.push("definition changed outside vmsync".to_string());
+            }
+            if rec.autostart != seen.listing.autostart {
+                drift.push(format!(
+                    "autostart flag changed outside vmsync (now {})",
+                    if seen.listing.autostart { "on" } else { "off" }
+                ));
+            }
+            if rec.autostart && !seen.listing.active {
+                drift.push("stopped outside vmsync".to_string());
+            }
+        }
+        drift
+    }
+
+    /// Whether the commit's definition with the host's UUID, hashed as libvirt's is,
+    /// equals the host's: so when an adopted network or pool is what the commit says
+    /// (`vmsync import`'s output), adopting it changes nothing that runs. Both sides
+    /// tagged alike, so an empty `<metadata>` left by the tag compares equal.
+    fn same_definition(&self, uuid: &str) -> bool {
+        let kind = self.r.kind;
+        let tagged_hash = |xml: &str| {
+            resource_xml::render(kind, xml, Some(uuid), &self.tag)
+                .ok()
+                .and_then(|xml| resource_xml::definition_hash(kind, &xml))
+        };
+        let commit_hash = tagged_hash(&self.r.xml);
+        commit_hash.is_some()
+            && commit_hash == self.seen.inactive_xml.as_deref().and_then(tagged_hash)
+    }
+
+    /// Whether the commit changes the definition vmsync applied (or, for one being
+    /// adopted, whether adopting it is a redefine).
+    fn changed(&self, same_definition: bool) -> bool {
+        let kind = self.r.kind;
+        if self.is_owned {
+            let applied_fingerprint = match kind {
+                ResourceKind::Network => self
+                    .seen
+                    .inactive
+                    .as_ref()
+                    .and_then(|s| s.tag.as_ref())
+                    .map(|t| t.fingerprint.clone()),
+                ResourceKind::Pool => self.rec.and_then(|r| r.fingerprint.clone()),
+            };
+            applied_fingerprint.as_deref() != Some(self.r.fingerprint.as_str())
+        } else {
+            // A network carries vmsync's tag in its definition (libvirt 9.0 has no
+            // metadata call for networks), so adopting one is a redefine; a pool's
+            // ownership is the record, so an unchanged pool is adopted without touching
+            // it.
+            kind == ResourceKind::Network || !same_definition
+        }
+    }
+
+    /// Whether it runs on an older definition (checked on the host's active state).
+    fn live_differs(&self, redefine: bool, same_definition: bool) -> bool {
+        let seen = self.seen;
+        seen.listing.active
+            && match self.r.kind {
+                ResourceKind::Network => {
+                    match &seen.live_fingerprint {
+                        // Runs a definition vmsync applied: the commit's, or an older one.
+                        Some(live) => live != &self.r.fingerprint,
+                        // Runs an untagged definition (adopted now or before): pending
+                        // when this plan changes what it says, or it already differs
+                        // from the persistent one.
+                        None => (redefine && !same_definition) || !seen.live_is_persistent,
+                    }
+                }
+                ResourceKind::Pool => redefine || self.rec.is_some_and(|rec| rec.pending_restart),
+            }
+    }
 }
 
 fn fail(mut out: ResPlan, error: String) -> ResPlan {
