@@ -11,6 +11,7 @@ use common::{Env, TEST_URI, sync_head};
 use vmsync::agent::sync::SyncError;
 use vmsync::desired::resource_xml::ResourceKind;
 use vmsync::host::hypervisor::{Hypervisor, Libvirt, Listing, ResOp};
+use vmsync::reconcile::outcome::VolumeDone;
 use vmsync::record::Record;
 
 fn resource(hv: &dyn Hypervisor, kind: ResourceKind, name: &str) -> Option<Listing> {
@@ -87,13 +88,10 @@ fn pools_volumes_networks_converge_before_the_domains_and_stay_converged() {
         ]
     );
     assert_eq!(res.networks[0].done, ["define", "set autostart", "start"]);
-    assert!(
-        res.volumes[0]
-            .3
-            .as_ref()
-            .unwrap()
-            .starts_with("create qcow2 volume")
-    );
+    assert!(matches!(
+        &res.volumes[0].result,
+        Ok(VolumeDone::Created(what)) if what.starts_with("create qcow2 volume")
+    ));
     let pool = resource(&hv, ResourceKind::Pool, "t2n1-pool").unwrap();
     assert!(pool.active && pool.autostart);
     assert_eq!(

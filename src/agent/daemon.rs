@@ -24,6 +24,7 @@ use crate::agent::{metrics, notify, watchdog};
 use crate::config::{self, ConfigError, Overrides, Settings};
 use crate::record::store;
 use crate::repo::probe;
+use crate::util::commit_id;
 
 /// The per-host delay added to every tick: stable for a host, spread over the fleet.
 pub fn jitter(host: &str, max_seconds: u64) -> Duration {
@@ -222,14 +223,14 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
                 failures = 0;
                 format!(
                     "suspended: commit {} planned, not applied",
-                    &report.commit[..12.min(report.commit.len())]
+                    commit_id::short(&report.commit)
                 )
             }
             Ok(report) => {
                 failures = 0;
                 format!(
                     "converged at {} ({} change(s))",
-                    &report.commit[..12.min(report.commit.len())],
+                    commit_id::short(&report.commit),
                     report.outcome.changes()
                 )
             }

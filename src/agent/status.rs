@@ -8,6 +8,7 @@ use crate::host::hypervisor::{HvError, Hypervisor};
 use crate::reconcile::plan_networks_pools::recorded;
 use crate::reconcile::{drift, plan_types};
 use crate::record::{Record, SyncResult, healthy_file};
+use crate::util::commit_id;
 
 /// One managed VM in the status view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -213,7 +214,7 @@ pub fn render_text(s: &Status) -> String {
         let applied = vm
             .applied_commit
             .as_deref()
-            .map(|c| &c[..c.len().min(12)])
+            .map(commit_id::short)
             .unwrap_or("-");
         let mut notes = vm.drift.clone();
         notes.extend(vm.last_error.iter().map(|e| format!("error: {e}")));
@@ -366,7 +367,7 @@ pub fn resource_status_text(networks: &[ResourceStatus], pools: &[ResourceStatus
         let applied = s
             .applied_commit
             .as_deref()
-            .map(|c| &c[..c.len().min(12)])
+            .map(commit_id::short)
             .unwrap_or("-");
         let mut notes = s.drift.clone();
         notes.extend(s.last_error.iter().map(|e| format!("error: {e}")));

@@ -5,7 +5,7 @@ use tracing::{error, info, warn};
 
 use crate::desired::resource_xml;
 use crate::host::hypervisor::{Hypervisor, ResOp};
-use crate::reconcile::outcome::{ResOutcome, ResourceOutcome};
+use crate::reconcile::outcome::{ResOutcome, ResourceOutcome, VolumeDone, VolumeOutcome};
 use crate::reconcile::plan_types::{ResAction, ResPlan, ResourcePlan};
 
 fn apply_one(p: &ResPlan, hv: &dyn Hypervisor, short: &str) -> ResOutcome {
@@ -105,14 +105,14 @@ pub fn apply_before_domains(
         let result = match (&v.error, pool_failed, &v.create) {
             (Some(e), _, _) => Err(e.clone()),
             (None, Some(e), _) => Err(format!("pool '{}' failed: {e}", v.pool)),
-            (None, None, None) => Ok("exists".to_string()),
+            (None, None, None) => Ok(VolumeDone::Exists),
             (None, None, Some(xml)) => hv
                 .create_volume(&v.pool, xml)
-                .map(|()| v.description.clone())
+                .map(|()| VolumeDone::Created(v.description.clone()))
                 .map_err(|e| e.to_string()),
         };
         match &result {
-            Ok(what) if what.starts_with("create") => {
+            Ok(VolumeDone::Created(what)) => {
                 info!(vm = %v.vm, pool = %v.pool, volume = %v.name, commit = %short, "{what}")
             }
             Ok(_) => {}
@@ -120,8 +120,12 @@ pub fn apply_before_domains(
                 error!(vm = %v.vm, pool = %v.pool, volume = %v.name, error = %e, "volume not converged")
             }
         }
-        out.volumes
-            .push((v.vm.clone(), v.pool.clone(), v.name.clone(), result));
+        out.volumes.push(VolumeOutcome {
+            vm: v.vm.clone(),
+            pool: v.pool.clone(),
+            name: v.name.clone(),
+            result,
+        });
     }
     out.networks = plan
         .networks

@@ -24,7 +24,7 @@ use crate::host::power::{StopError, graceful_stop};
 use crate::reconcile::diff;
 use crate::reconcile::outcome::{Outcome, PruneOutcome, VmFailure, VmOutcome};
 use crate::reconcile::plan_types::{Action, Plan, VmPlan};
-use crate::util::par;
+use crate::util::{commit_id, par};
 
 /// VMs converged at the same time.
 pub const THREADS: usize = 4;
@@ -38,7 +38,7 @@ pub fn apply(
     disks: &dyn DiskProvisioner,
     cancel: &AtomicBool,
 ) -> Outcome {
-    let short = &plan.commit[..plan.commit.len().min(12)];
+    let short = commit_id::short(&plan.commit);
     let mut outcome = Outcome::default();
     if let Some(why) = &plan.refused {
         error!(commit = %short, "{why}");

@@ -430,31 +430,37 @@ pub struct ResourceEntry {
 impl ResourceEntry {
     /// Whether the host named `host` applies this entry.
     pub fn targets(&self, host: &str) -> bool {
-        self.hosts
-            .as_ref()
-            .is_none_or(|hosts| hosts.iter().any(|h| h == host))
+        targets(self.hosts.as_deref(), host)
     }
 
     /// The file the XML is read from, for messages.
     pub fn xml_file(&self) -> &str {
-        match &self.xml {
-            XmlSource::File(path) | XmlSource::Template { path, .. } => path,
-            XmlSource::Inline(_) => MANIFEST_FILE,
-        }
+        self.xml.file()
     }
 }
 
 impl VmEntry {
     /// Whether the host named `host` applies this VM.
     pub fn targets(&self, host: &str) -> bool {
-        self.hosts
-            .as_ref()
-            .is_none_or(|hosts| hosts.iter().any(|h| h == host))
+        targets(self.hosts.as_deref(), host)
     }
 
     /// The file the domain XML is read from, for messages.
     pub fn xml_file(&self) -> &str {
-        match &self.xml {
+        self.xml.file()
+    }
+}
+
+/// Whether the host named `host` applies an entry with this `hosts` list (`None`: every
+/// host). The one rule behind [`VmEntry::targets`] and [`ResourceEntry::targets`].
+fn targets(hosts: Option<&[String]>, host: &str) -> bool {
+    hosts.is_none_or(|hosts| hosts.iter().any(|h| h == host))
+}
+
+impl XmlSource {
+    /// The file the XML is read from, for messages (`vmsync.toml` for inline XML).
+    pub fn file(&self) -> &str {
+        match self {
             XmlSource::File(path) | XmlSource::Template { path, .. } => path,
             XmlSource::Inline(_) => MANIFEST_FILE,
         }

@@ -200,9 +200,44 @@ pub struct ResOutcome {
 pub struct ResourceOutcome {
     pub pools: Vec<ResOutcome>,
     pub networks: Vec<ResOutcome>,
-    /// Volumes: (vm, pool, volume, what happened or the error).
-    pub volumes: Vec<(String, String, String, Result<String, String>)>,
+    pub volumes: Vec<VolumeOutcome>,
     pub pruned: Vec<ResOutcome>,
+}
+
+/// How one volume a VM names went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeOutcome {
+    pub vm: String,
+    pub pool: String,
+    /// The volume's name.
+    pub name: String,
+    /// What happened, or the error.
+    pub result: Result<VolumeDone, String>,
+}
+
+impl VolumeOutcome {
+    /// Whether the volume was created now.
+    pub fn created(&self) -> bool {
+        matches!(self.result, Ok(VolumeDone::Created(_)))
+    }
+}
+
+/// What happened to a volume that converged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeDone {
+    /// It was there already and was not touched.
+    Exists,
+    /// Created now; the plan's description (`create qcow2 volume 'a' in pool 'p' (1 GiB)`).
+    Created(String),
+}
+
+impl std::fmt::Display for VolumeDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VolumeDone::Exists => f.write_str("exists"),
+            VolumeDone::Created(what) => f.write_str(what),
+        }
+    }
 }
 
 impl ResourceOutcome {
@@ -221,8 +256,8 @@ impl ResourceOutcome {
         out.extend(
             self.volumes
                 .iter()
-                .filter(|(.., r)| r.is_err())
-                .map(|(_, pool, vol, _)| format!("volume '{vol}' of pool '{pool}'")),
+                .filter(|v| v.result.is_err())
+                .map(|v| format!("volume '{}' of pool '{}'", v.name, v.pool)),
         );
         out
     }
@@ -242,10 +277,13 @@ impl ResourceOutcome {
                 })
             })
             .collect();
-        out.extend(self.volumes.iter().filter_map(|(vm, pool, vol, r)| {
-            r.as_ref()
-                .err()
-                .map(|e| format!("vm '{vm}': volume '{vol}' of pool '{pool}': {e}"))
+        out.extend(self.volumes.iter().filter_map(|v| {
+            v.result.as_ref().err().map(|e| {
+                format!(
+                    "vm '{}': volume '{}' of pool '{}': {e}",
+                    v.vm, v.name, v.pool
+                )
+            })
         }));
         out.extend(self.pruned.iter().filter_map(|o| {
             o.error.as_ref().map(|e| {
@@ -265,11 +303,7 @@ impl ResourceOutcome {
             .chain(&self.pruned)
             .map(|o| o.done.len())
             .sum::<usize>()
-            + self
-                .volumes
-                .iter()
-                .filter(|v| matches!(v.3, Ok(ref s) if s.starts_with("create")))
-                .count()
+            + self.volumes.iter().filter(|v| v.created()).count()
     }
     /// Kinds of the actions done.
     pub fn kinds(&self) -> impl Iterator<Item = ActionKind> + '_ {
@@ -281,7 +315,7 @@ impl ResourceOutcome {
             .chain(
                 self.volumes
                     .iter()
-                    .filter(|v| matches!(v.3, Ok(ref s) if s.starts_with("create")))
+                    .filter(|v| v.created())
                     .map(|_| ActionKind::CreateVolume),
             )
     }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::desired::resource_xml::ResourceKind;
-use crate::reconcile::outcome::{Outcome, ResourceOutcome};
+use crate::reconcile::outcome::{Outcome, ResourceOutcome, VolumeDone};
 use crate::reconcile::plan_types::{Action, ActionKind, Plan, ResPlan, ResourcePlan};
 use crate::reconcile::{diff, plan_types};
 
@@ -343,10 +343,11 @@ pub fn resources_outcome(outcome: &ResourceOutcome) -> String {
             out += &format!("  {kind} {}: drift: {}\n", o.name, o.drift.join("; "));
         }
     }
-    for (vm, pool, volume, result) in &outcome.volumes {
-        match result {
-            Ok(what) if what.starts_with("create") => out += &format!("  {vm}: {what}\n"),
-            Ok(_) => {}
+    for v in &outcome.volumes {
+        let (vm, pool, volume) = (&v.vm, &v.pool, &v.name);
+        match &v.result {
+            Ok(VolumeDone::Created(what)) => out += &format!("  {vm}: {what}\n"),
+            Ok(VolumeDone::Exists) => {}
             Err(e) => out += &format!("  {vm}: volume '{volume}' of pool '{pool}' failed: {e}\n"),
         }
     }

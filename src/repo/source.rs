@@ -41,6 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::repo::files::{FileError, MAX_FILE_BYTES, RepoFiles, check_repo_path, decode};
 use crate::repo::https;
+use crate::util::commit_id;
 use crate::util::redact::redact;
 
 /// Name of the only remote of the local clone.
@@ -138,9 +139,7 @@ impl FetchedCommit {
 
     /// The first 12 hex digits of the commit id, for messages.
     pub fn short(&self) -> String {
-        let mut id = self.id();
-        id.truncate(12);
-        id
+        commit_id::short(&self.id()).to_string()
     }
 
     /// Opens the commit `id` (full id or an unambiguous prefix of at least 4 hex digits)

@@ -13,6 +13,7 @@ use crate::reconcile::outcome;
 use crate::reconcile::outcome::Outcome;
 use crate::record::{HealthResult, Record};
 use crate::util::clock;
+use crate::util::commit_id::short;
 
 /// What applying did: VMs, networks, pools.
 type Applied = (Vec<Item>, Vec<Item>, Vec<Item>);
@@ -24,10 +25,6 @@ pub struct SyncEvents {
     /// The last applied commit when the sync started applying.
     previous: Mutex<Option<Option<String>>>,
     applied: Mutex<Option<Applied>>,
-}
-
-fn short(commit: &str) -> &str {
-    &commit[..commit.len().min(12)]
 }
 
 impl SyncEvents {
@@ -99,8 +96,9 @@ impl SyncEvents {
                 .collect()
         };
         let mut pools = res(&outcome.resources.pools);
-        for (vm, pool, volume, done) in &outcome.resources.volumes {
-            let (actions, error) = match done {
+        for v in &outcome.resources.volumes {
+            let (vm, pool, volume) = (&v.vm, &v.pool, &v.name);
+            let (actions, error) = match &v.result {
                 Ok(d) => (vec![format!("volume '{volume}' for vm '{vm}': {d}")], None),
                 Err(e) => (
                     vec![],
