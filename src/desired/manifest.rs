@@ -558,227 +558,27 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
 
 /// Parses `vmsync.toml`. Returns every problem found, not just the first.
 pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
-    let raw: RawManifest = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| line_of(text, s.start));
-        let vm = line.and_then(|l| vm_name_around(text, l));
-        let message = e.message().trim().to_string();
-        let field = message
-            .strip_prefix("unknown field `")
-            .and_then(|rest| rest.split('`').next())
-            .map(str::to_string)
-            .or_else(|| line.and_then(|l| key_on_line(text, l)));
-        vec![Problem {
-            file: MANIFEST_FILE.into(),
-            line,
-            vm,
-            field,
-            message,
-        }]
-    })?;
-
-    let mut problems = Vec::new();
-    let problem =
-        |span: std::ops::Range<usize>, vm: Option<&str>, field: &str, message: String| Problem {
-            file: MANIFEST_FILE.into(),
-            line: Some(line_of(text, span.start)),
-            vm: vm.map(str::to_string),
-            field: Some(field.to_string()),
-            message,
-        };
-
-    if *raw.version.get_ref() != 1 {
-        problems.push(problem(
-            raw.version.span(),
-            None,
-            "version",
-            format!(
-                "unsupported manifest version {}; this vmsync reads version 1",
-                raw.version.get_ref()
-            ),
-        ));
-    }
-
-    let mut directories = Vec::new();
-    for (i, dir) in raw.directory.iter().enumerate() {
-        match absolute_path(dir.path.get_ref()) {
-            Ok(path) => directories.push(path),
-            Err(msg) => problems.push(problem(
-                dir.path.span(),
-                None,
-                &format!("directory[{i}].path"),
-                msg,
-            )),
-        }
-    }
-
+    let raw = raw_manifest(text)?;
+    let mut parse = Parse {
+        text,
+        lines: Lines::new(text),
+        problems: Vec::new(),
+    };
+    parse.check_version(&raw.version);
+    let directories = parse.directories(&raw.directory);
     let defaults = template_render::params_from_toml(
         raw.params.as_ref(),
         &Default::default(),
         "params",
-        &mut |span, field, message| problems.push(problem(span, None, field, message)),
+        &mut |span, field, message| parse.push(span, None, field, message),
     );
     let mut vms = Vec::new();
-    let mut lines = Lines::new(text);
     for raw_vm in raw.vm {
-        let name = raw_vm.name.get_ref().clone();
-        let line = lines.at(raw_vm.name.span().start);
-        let vm = Some(name.as_str());
-        if let Err(message) = path_rule::check_name("vm", &name) {
-            problems.push(problem(raw_vm.name.span(), vm, "name", message));
-        }
-        let mut report =
-            |span, field: &str, message| problems.push(problem(span, vm, field, message));
-        let xml = match raw_vm.template {
-            Some(template) => template_render::template_source(
-                template,
-                raw_vm.params.as_ref(),
-                [
-                    raw_vm.xml.map(|x| x.span()),
-                    raw_vm.xml_inline.map(|x| x.span()),
-                ],
-                &defaults,
-                &mut report,
-            )
-            .map(|(path, params)| XmlSource::Template { path, params }),
-            None => {
-                if let Some(params) = &raw_vm.params {
-                    report(
-                        params.span(),
-                        "params",
-                        "'params' are for a 'template'; this vm has none".into(),
-                    );
-                }
-                if raw_vm.xml.is_none() && raw_vm.xml_inline.is_none() {
-                    report(
-                        raw_vm.name.span(),
-                        "xml",
-                        "missing 'xml' (a file in the repository), 'xml_inline' or 'template'"
-                            .into(),
-                    );
-                    None
-                } else {
-                    xml_source(
-                        raw_vm.xml,
-                        raw_vm.xml_inline,
-                        raw_vm.name.span(),
-                        &mut report,
-                    )
-                }
-            }
-        };
-        let hosts = host_list(raw_vm.hosts, &mut report);
-        let state = match &raw_vm.state {
-            None if raw_vm.autostart => PowerState::Running,
-            None => PowerState::Defined,
-            Some(state) => {
-                if raw_vm.autostart && *state.get_ref() != PowerState::Running {
-                    problems.push(problem(
-                        state.span(),
-                        vm,
-                        "state",
-                        format!(
-                            "autostart = true starts the domain, so state must be \"running\", not \"{}\"",
-                            state.get_ref().as_str()
-                        ),
-                    ));
-                }
-                *state.get_ref()
-            }
-        };
-        let shutdown_timeout = match &raw_vm.shutdown_timeout {
-            None => None,
-            Some(t) => match parse_timeout(t.get_ref()) {
-                Ok(d) => Some(d),
-                Err(msg) => {
-                    problems.push(problem(t.span(), vm, "shutdown_timeout", msg));
-                    None
-                }
-            },
-        };
-        let health = raw_vm.health.as_ref().and_then(|raw| {
-            health_spec::HealthSpec::parse(raw, |span, field, msg| {
-                problems.push(problem(span, vm, field, msg))
-            })
-        });
-        let mut disks = Vec::new();
-        let mut volumes = Vec::new();
-        for (i, disk) in raw_vm.disk.into_iter().enumerate() {
-            let field = |f: &str| format!("disk[{i}].{f}");
-            let disk = match volume_disk(disk, &field, vm, &problem, &mut problems) {
-                Ok(Some(volume)) => {
-                    volumes.push(volume);
-                    continue;
-                }
-                Ok(None) => continue,
-                Err(disk) => disk,
-            };
-            let path = absolute_path(disk.path.get_ref())
-                .map_err(|msg| problems.push(problem(disk.path.span(), vm, &field("path"), msg)))
-                .ok();
-            let size = parse_size(disk.size.get_ref())
-                .map_err(|msg| problems.push(problem(disk.size.span(), vm, &field("size"), msg)))
-                .ok();
-            let backing = match &disk.backing {
-                None => Some(None),
-                Some(b) => absolute_path(b.get_ref())
-                    .map(Some)
-                    .map_err(|msg| problems.push(problem(b.span(), vm, &field("backing"), msg)))
-                    .ok(),
-            };
-            if disk.format == DiskFormat::Raw && disk.backing.is_some() {
-                problems.push(problem(
-                    disk.path.span(),
-                    vm,
-                    &field("backing"),
-                    "a raw image cannot have a backing file; use format = \"qcow2\"".into(),
-                ));
-            }
-            if disk.backing.is_none() && disk.backing_format.is_some() {
-                problems.push(problem(
-                    disk.path.span(),
-                    vm,
-                    &field("backing_format"),
-                    "'backing_format' needs 'backing'".into(),
-                ));
-            }
-            if let (Some(path), Some(size_bytes), Some(backing)) = (path, size, backing) {
-                let spec = DiskSpec {
-                    path,
-                    size_bytes,
-                    format: disk.format,
-                    backing,
-                    backing_format: disk.backing_format,
-                };
-                // Raw+backing and a lone backing_format were reported above.
-                let reported = (disk.format == DiskFormat::Raw && disk.backing.is_some())
-                    || (disk.backing.is_none() && disk.backing_format.is_some());
-                match spec.validate() {
-                    Ok(()) => disks.push(spec),
-                    Err(_) if reported => {}
-                    Err(e) => {
-                        problems.push(problem(disk.size.span(), vm, &field("size"), e.to_string()))
-                    }
-                }
-            }
-        }
-        if let Some(xml) = xml {
-            vms.push(VmEntry {
-                name,
-                line,
-                xml,
-                autostart: raw_vm.autostart,
-                hosts,
-                disks,
-                on_change: raw_vm.on_change.unwrap_or_default(),
-                state,
-                shutdown_timeout,
-                self_heal: raw_vm.self_heal,
-                adopt: raw_vm.adopt,
-                volumes,
-                health,
-            });
+        if let Some(vm) = parse.vm(raw_vm, &defaults) {
+            vms.push(vm);
         }
     }
+    let mut problems = parse.problems;
     let networks = parse_resources(
         raw.network,
         resource_xml::ResourceKind::Network,
@@ -801,6 +601,306 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
         })
     } else {
         Err(problems)
+    }
+}
+
+/// The manifest as TOML, or the one problem that stops reading it.
+fn raw_manifest(text: &str) -> Result<RawManifest, Vec<Problem>> {
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        let vm = line.and_then(|l| vm_name_around(text, l));
+        let message = e.message().trim().to_string();
+        let field = message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_string)
+            .or_else(|| line.and_then(|l| key_on_line(text, l)));
+        vec![Problem {
+            file: MANIFEST_FILE.into(),
+            line,
+            vm,
+            field,
+            message,
+        }]
+    })
+}
+
+/// A problem at `span` of the manifest `text`.
+fn problem_at(
+    text: &str,
+    span: std::ops::Range<usize>,
+    vm: Option<&str>,
+    field: &str,
+    message: String,
+) -> Problem {
+    Problem {
+        file: MANIFEST_FILE.into(),
+        line: Some(line_of(text, span.start)),
+        vm: vm.map(str::to_string),
+        field: Some(field.to_string()),
+        message,
+    }
+}
+
+/// What the steps of parsing one manifest share: its text, where the last line count
+/// stopped, and the problems found so far.
+struct Parse<'t> {
+    text: &'t str,
+    lines: Lines<'t>,
+    problems: Vec<Problem>,
+}
+
+impl Parse<'_> {
+    /// Records a problem at `span`.
+    fn push(
+        &mut self,
+        span: std::ops::Range<usize>,
+        vm: Option<&str>,
+        field: &str,
+        message: String,
+    ) {
+        self.problems
+            .push(problem_at(self.text, span, vm, field, message));
+    }
+
+    /// `version` is 1.
+    fn check_version(&mut self, version: &Spanned<i64>) {
+        if *version.get_ref() != 1 {
+            self.push(
+                version.span(),
+                None,
+                "version",
+                format!(
+                    "unsupported manifest version {}; this vmsync reads version 1",
+                    version.get_ref()
+                ),
+            );
+        }
+    }
+
+    /// The `[[directory]]` paths, each absolute.
+    fn directories(&mut self, raw: &[RawDirectory]) -> Vec<PathBuf> {
+        let mut directories = Vec::new();
+        for (i, dir) in raw.iter().enumerate() {
+            match absolute_path(dir.path.get_ref()) {
+                Ok(path) => directories.push(path),
+                Err(msg) => self.push(dir.path.span(), None, &format!("directory[{i}].path"), msg),
+            }
+        }
+        directories
+    }
+
+    /// One `[[vm]]` entry, or `None` when its XML source is unusable (the problems are
+    /// recorded either way).
+    fn vm(&mut self, mut raw_vm: RawVm, defaults: &template_render::Params) -> Option<VmEntry> {
+        let name = raw_vm.name.get_ref().clone();
+        let line = self.lines.at(raw_vm.name.span().start);
+        let vm = Some(name.as_str());
+        if let Err(message) = path_rule::check_name("vm", &name) {
+            self.push(raw_vm.name.span(), vm, "name", message);
+        }
+        let xml = self.vm_xml(&mut raw_vm, vm, defaults);
+        let hosts = host_list(raw_vm.hosts, &mut |span, field, message| {
+            self.push(span, vm, field, message)
+        });
+        let state = self.power_state(raw_vm.autostart, raw_vm.state.as_ref(), vm);
+        let shutdown_timeout = self.shutdown_timeout(raw_vm.shutdown_timeout.as_ref(), vm);
+        let health = raw_vm.health.as_ref().and_then(|raw| {
+            health_spec::HealthSpec::parse(raw, |span, field, msg| self.push(span, vm, field, msg))
+        });
+        let (disks, volumes) = self.disks(raw_vm.disk, vm);
+        Some(VmEntry {
+            name,
+            line,
+            xml: xml?,
+            autostart: raw_vm.autostart,
+            hosts,
+            disks,
+            on_change: raw_vm.on_change.unwrap_or_default(),
+            state,
+            shutdown_timeout,
+            self_heal: raw_vm.self_heal,
+            adopt: raw_vm.adopt,
+            volumes,
+            health,
+        })
+    }
+
+    /// Where the entry's XML comes from: a template with its parameters, or exactly one
+    /// of `xml` and `xml_inline`.
+    fn vm_xml(
+        &mut self,
+        raw_vm: &mut RawVm,
+        vm: Option<&str>,
+        defaults: &template_render::Params,
+    ) -> Option<XmlSource> {
+        let mut report = |span, field: &str, message| self.push(span, vm, field, message);
+        match raw_vm.template.take() {
+            Some(template) => template_render::template_source(
+                template,
+                raw_vm.params.as_ref(),
+                [
+                    raw_vm.xml.take().map(|x| x.span()),
+                    raw_vm.xml_inline.take().map(|x| x.span()),
+                ],
+                defaults,
+                &mut report,
+            )
+            .map(|(path, params)| XmlSource::Template { path, params }),
+            None => {
+                if let Some(params) = &raw_vm.params {
+                    report(
+                        params.span(),
+                        "params",
+                        "'params' are for a 'template'; this vm has none".into(),
+                    );
+                }
+                if raw_vm.xml.is_none() && raw_vm.xml_inline.is_none() {
+                    report(
+                        raw_vm.name.span(),
+                        "xml",
+                        "missing 'xml' (a file in the repository), 'xml_inline' or 'template'"
+                            .into(),
+                    );
+                    None
+                } else {
+                    xml_source(
+                        raw_vm.xml.take(),
+                        raw_vm.xml_inline.take(),
+                        raw_vm.name.span(),
+                        &mut report,
+                    )
+                }
+            }
+        }
+    }
+
+    /// `state`, by default "running" with autostart, else "defined"; autostart needs
+    /// "running".
+    fn power_state(
+        &mut self,
+        autostart: bool,
+        state: Option<&Spanned<PowerState>>,
+        vm: Option<&str>,
+    ) -> PowerState {
+        match state {
+            None if autostart => PowerState::Running,
+            None => PowerState::Defined,
+            Some(state) => {
+                if autostart && *state.get_ref() != PowerState::Running {
+                    self.push(
+                        state.span(),
+                        vm,
+                        "state",
+                        format!(
+                            "autostart = true starts the domain, so state must be \"running\", not \"{}\"",
+                            state.get_ref().as_str()
+                        ),
+                    );
+                }
+                *state.get_ref()
+            }
+        }
+    }
+
+    /// `shutdown_timeout`, when given and valid.
+    fn shutdown_timeout(
+        &mut self,
+        timeout: Option<&Spanned<String>>,
+        vm: Option<&str>,
+    ) -> Option<std::time::Duration> {
+        let t = timeout?;
+        match parse_timeout(t.get_ref()) {
+            Ok(d) => Some(d),
+            Err(msg) => {
+                self.push(t.span(), vm, "shutdown_timeout", msg);
+                None
+            }
+        }
+    }
+
+    /// The entry's `[[vm.disk]]`s: image files and pool volumes.
+    fn disks(&mut self, raw: Vec<RawDisk>, vm: Option<&str>) -> (Vec<DiskSpec>, Vec<VolumeSpec>) {
+        let mut disks = Vec::new();
+        let mut volumes = Vec::new();
+        let text = self.text;
+        let problem = |span, vm: Option<&str>, field: &str, message| {
+            problem_at(text, span, vm, field, message)
+        };
+        for (i, disk) in raw.into_iter().enumerate() {
+            let field = |f: &str| format!("disk[{i}].{f}");
+            let disk = match volume_disk(disk, &field, vm, &problem, &mut self.problems) {
+                Ok(Some(volume)) => {
+                    volumes.push(volume);
+                    continue;
+                }
+                Ok(None) => continue,
+                Err(disk) => disk,
+            };
+            if let Some(spec) = self.file_disk(&disk, &field, vm) {
+                disks.push(spec);
+            }
+        }
+        (disks, volumes)
+    }
+
+    /// A `[[vm.disk]]` with a `path`, when all its values are valid.
+    fn file_disk(
+        &mut self,
+        disk: &FileDisk,
+        field: &dyn Fn(&str) -> String,
+        vm: Option<&str>,
+    ) -> Option<DiskSpec> {
+        let path = absolute_path(disk.path.get_ref())
+            .map_err(|msg| self.push(disk.path.span(), vm, &field("path"), msg))
+            .ok();
+        let size = parse_size(disk.size.get_ref())
+            .map_err(|msg| self.push(disk.size.span(), vm, &field("size"), msg))
+            .ok();
+        let backing = match &disk.backing {
+            None => Some(None),
+            Some(b) => absolute_path(b.get_ref())
+                .map(Some)
+                .map_err(|msg| self.push(b.span(), vm, &field("backing"), msg))
+                .ok(),
+        };
+        if disk.format == DiskFormat::Raw && disk.backing.is_some() {
+            self.push(
+                disk.path.span(),
+                vm,
+                &field("backing"),
+                "a raw image cannot have a backing file; use format = \"qcow2\"".into(),
+            );
+        }
+        if disk.backing.is_none() && disk.backing_format.is_some() {
+            self.push(
+                disk.path.span(),
+                vm,
+                &field("backing_format"),
+                "'backing_format' needs 'backing'".into(),
+            );
+        }
+        let (Some(path), Some(size_bytes), Some(backing)) = (path, size, backing) else {
+            return None;
+        };
+        let spec = DiskSpec {
+            path,
+            size_bytes,
+            format: disk.format,
+            backing,
+            backing_format: disk.backing_format,
+        };
+        // Raw+backing and a lone backing_format were reported above.
+        let reported = (disk.format == DiskFormat::Raw && disk.backing.is_some())
+            || (disk.backing.is_none() && disk.backing_format.is_some());
+        match spec.validate() {
+            Ok(()) => Some(spec),
+            Err(_) if reported => None,
+            Err(e) => {
+                self.push(disk.size.span(), vm, &field("size"), e.to_string());
+                None
+            }
+        }
     }
 }
 

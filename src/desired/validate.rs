@@ -10,9 +10,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::desired::desired_state::{Desired, DesiredVm, Policy};
-use crate::desired::manifest::{self, MANIFEST_FILE, Problem, XmlSource};
+use crate::desired::domain_xml::DomainSummary;
+use crate::desired::manifest::{self, MANIFEST_FILE, Problem, VmEntry, XmlSource};
 use crate::desired::schema_check::SchemaChecker;
-use crate::desired::{domain_xml, host_access, host_policy, network_pool_entries, template_render};
+use crate::desired::{
+    domain_xml, health_spec, host_access, host_policy, network_pool_entries, template_render,
+};
 use crate::repo::files::RepoFiles;
 
 fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
@@ -37,260 +40,29 @@ pub fn validate(
         }]
     })?;
     let manifest = manifest::parse(&text)?;
-    let mut problems = Vec::new();
-    let roots_text = || {
-        policy
-            .disk_roots
-            .iter()
-            .map(|r| format!("'{}'", r.display()))
-            .collect::<Vec<_>>()
-            .join(", ")
+    let mut check = Validation {
+        files,
+        policy,
+        schema,
+        renderer: template_render::Renderer::new(files),
+        template_host: policy.host.as_deref().or(policy.render_host.as_deref()),
+        problems: Vec::new(),
+        uuids: BTreeMap::new(),
+        disk_paths: BTreeMap::new(),
+        vms: Vec::new(),
     };
-
-    for (i, dir) in manifest.directories.iter().enumerate() {
-        if !under_roots(dir, &policy.disk_roots) {
-            problems.push(Problem {
-                file: MANIFEST_FILE.into(),
-                line: None,
-                vm: None,
-                field: Some(format!("directory[{i}].path")),
-                message: format!(
-                    "'{}' is not below a disk root ({})",
-                    dir.display(),
-                    roots_text()
-                ),
-            });
-        }
-    }
-
-    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
-    for vm in &manifest.vms {
-        if let Some(first) = names.insert(&vm.name, vm.line) {
-            problems.push(Problem {
-                file: MANIFEST_FILE.into(),
-                line: Some(vm.line),
-                vm: Some(vm.name.clone()),
-                field: Some("name".into()),
-                message: format!("duplicate vm name (first used on line {first})"),
-            });
-        }
-    }
-
-    let mut uuids: BTreeMap<String, String> = BTreeMap::new();
-    let mut disk_paths: BTreeMap<PathBuf, String> = BTreeMap::new();
-    let mut vms = Vec::new();
-    let renderer = template_render::Renderer::new(files);
-    let template_host = policy.host.as_deref().or(policy.render_host.as_deref());
+    check.check_directories(&manifest);
+    check.check_unique_names(&manifest);
     for vm in manifest
         .vms
         .iter()
         .filter(|vm| policy.host.as_deref().is_none_or(|h| vm.targets(h)))
     {
-        let at = |file: &str, line: Option<usize>, field: &str, message: String| Problem {
-            file: file.to_string(),
-            line,
-            vm: Some(vm.name.clone()),
-            field: Some(field.to_string()),
-            message,
-        };
-        let before = problems.len();
-
-        for (i, disk) in vm.disks.iter().enumerate() {
-            if !under_roots(&disk.path, &policy.disk_roots) {
-                problems.push(at(
-                    MANIFEST_FILE,
-                    Some(vm.line),
-                    &format!("disk[{i}].path"),
-                    format!(
-                        "'{}' is not below a disk root ({})",
-                        disk.path.display(),
-                        roots_text()
-                    ),
-                ));
-            }
-            if let Some(backing) = &disk.backing
-                && !under_roots(backing, &policy.disk_roots)
-            {
-                problems.push(at(
-                    MANIFEST_FILE,
-                    Some(vm.line),
-                    &format!("disk[{i}].backing"),
-                    format!(
-                        "'{}' is not below a disk root ({})",
-                        backing.display(),
-                        roots_text()
-                    ),
-                ));
-            }
-            if let Some(other) = disk_paths.insert(disk.path.clone(), vm.name.clone()) {
-                problems.push(at(
-                    MANIFEST_FILE,
-                    Some(vm.line),
-                    &format!("disk[{i}].path"),
-                    format!("'{}' is also a disk of vm '{other}'", disk.path.display()),
-                ));
-            }
-        }
-
-        let vars = match &vm.xml {
-            XmlSource::Template { path, params } => Some((
-                path.as_str(),
-                template_render::Vars {
-                    vm: &vm.name,
-                    host: template_host,
-                    params,
-                },
-            )),
-            _ => None,
-        };
-        let mut fresh_render = None;
-        let (xml_file, xml) = match &vm.xml {
-            XmlSource::Inline(xml) => (MANIFEST_FILE.to_string(), xml.clone()),
-            XmlSource::Template { path, .. } => {
-                let vars = &vars.as_ref().expect("a template has vars").1;
-                match renderer.render_cached(schema.render_cache(), path, vars) {
-                    Ok(rendered) => {
-                        fresh_render = rendered.fresh;
-                        (path.clone(), rendered.xml)
-                    }
-                    Err(template_render::RenderError::Unreadable(e)) => {
-                        problems.push(at(MANIFEST_FILE, Some(vm.line), "template", e.to_string()));
-                        continue;
-                    }
-                    Err(template_render::RenderError::Failed(p)) => {
-                        problems.push(at(&p.file, p.line, "template", p.message));
-                        continue;
-                    }
-                }
-            }
-            XmlSource::File(path) => match files.read_text(path) {
-                Ok(xml) => (path.clone(), xml),
-                Err(e) => {
-                    problems.push(at(MANIFEST_FILE, Some(vm.line), "xml", e.to_string()));
-                    continue;
-                }
-            },
-        };
-        // Lines inside inline XML are not lines of vmsync.toml: report the entry's line.
-        let xml_line = |line: Option<usize>| {
-            if matches!(vm.xml, XmlSource::Inline(_)) {
-                Some(vm.line)
-            } else {
-                line
-            }
-        };
-        // A file validated before (same blob id, same policy) is not parsed or checked
-        // against libvirt's schema again.
-        let content_id = match &vm.xml {
-            XmlSource::File(path) => files.content_id(path),
-            XmlSource::Inline(_) => None,
-            // Rendered text validated before under this policy.
-            XmlSource::Template { .. } => {
-                Some(format!("rendered:{}", domain_xml::fingerprint(&xml)))
-            }
-        };
-        // A problem at a line of the XML: for a template, at the template line that
-        // wrote it (or the rendered line, when no template text did).
-        let place = |line: Option<usize>, message: String| match (&vars, line) {
-            (Some((template, vars)), Some(line)) => match renderer.locate(template, vars, line) {
-                Some((file, line)) => (file, Some(line), message),
-                None => (
-                    xml_file.clone(),
-                    None,
-                    format!("rendered line {line}: {message}"),
-                ),
-            },
-            _ => (xml_file.clone(), xml_line(line), message),
-        };
-        let cached = content_id.as_deref().and_then(|id| schema.known(id));
-        let was_cached = cached.is_some();
-        let summary = match cached
-            .map(Ok)
-            .unwrap_or_else(|| domain_xml::summarize(&xml))
-        {
-            Ok(summary) => summary,
-            Err(e) => {
-                let (file, line, message) = place(e.line, e.message);
-                problems.push(at(
-                    &file,
-                    line,
-                    e.field.as_deref().unwrap_or("xml"),
-                    message,
-                ));
-                continue;
-            }
-        };
-        if summary.name != vm.name {
-            problems.push(at(
-                &xml_file,
-                None,
-                "name",
-                format!(
-                    "the xml's <name> is '{}' but the manifest says '{}'",
-                    summary.name, vm.name
-                ),
-            ));
-        }
-        if let Some(uuid) = &summary.uuid
-            && let Some(other) = uuids.insert(uuid.clone(), vm.name.clone())
-        {
-            problems.push(at(
-                &xml_file,
-                None,
-                "uuid",
-                format!("uuid {uuid} is also used by vm '{other}'"),
-            ));
-        }
-        // A cached file passed the host policy too: the cache is keyed by the policy.
-        if !was_cached {
-            for v in host_policy::check(&xml, &policy.host_policy, &policy.disk_roots) {
-                let (file, line, message) = place(v.line, v.message);
-                problems.push(at(&file, line, &v.field, message));
-            }
-        }
-        if problems.len() == before
-            && !was_cached
-            && let Err(message) = schema.check(&xml)
-        {
-            problems.push(at(&xml_file, None, "xml", message.to_string()));
-        }
-        // A check command runs on the host: only a program the host's policy allows.
-        let health = vm.health.clone().map(|mut spec| {
-            if let Some(command) = spec.command.as_mut() {
-                match host_access::health_program(&command[0], &policy.host_policy.health_commands)
-                {
-                    Ok(program) => command[0] = program.to_string_lossy().into_owned(),
-                    Err(message) => {
-                        problems.push(at(MANIFEST_FILE, Some(vm.line), "health.command", message))
-                    }
-                }
-            }
-            spec
-        });
-        if problems.len() == before {
-            if let (Some(id), false) = (&content_id, was_cached) {
-                schema.remember(id, &summary);
-            }
-            if let (Some((key, rendered)), Some(cache)) = (&fresh_render, schema.render_cache()) {
-                cache.remember_rendered(key, rendered);
-            }
-            vms.push(DesiredVm {
-                name: vm.name.clone(),
-                fingerprint: domain_xml::fingerprint(&xml),
-                xml_file,
-                xml,
-                summary,
-                autostart: vm.autostart,
-                disks: vm.disks.clone(),
-                on_change: vm.on_change,
-                state: vm.state,
-                shutdown_timeout: vm.shutdown_timeout,
-                self_heal: vm.self_heal,
-                adopt: vm.adopt,
-                health,
-            });
-        }
+        check.check_vm(vm);
     }
+    let Validation {
+        mut problems, vms, ..
+    } = check;
 
     shared_name_clashes(&manifest, &vms, policy, &mut problems);
     let resources =
@@ -303,6 +75,415 @@ pub fn validate(
         vms,
         resources,
     })
+}
+
+/// What the checks of one commit share: the inputs, the problems found so far, the UUIDs
+/// and disk paths already claimed, and the VMs accepted.
+struct Validation<'a> {
+    files: &'a dyn RepoFiles,
+    policy: &'a Policy,
+    schema: &'a dyn SchemaChecker,
+    renderer: template_render::Renderer<'a>,
+    /// The host name templates see.
+    template_host: Option<&'a str>,
+    problems: Vec<Problem>,
+    /// UUID -> the VM that uses it.
+    uuids: BTreeMap<String, String>,
+    /// Disk path -> the VM that uses it.
+    disk_paths: BTreeMap<PathBuf, String>,
+    vms: Vec<DesiredVm>,
+}
+
+/// One VM's XML as read or rendered.
+struct VmXml<'v> {
+    /// The file the XML came from (the manifest for inline XML, the template for a
+    /// template).
+    file: String,
+    xml: String,
+    /// The template and its variables, for a template.
+    vars: Option<(&'v str, template_render::Vars<'v>)>,
+    /// A render that is new and may be remembered.
+    fresh_render: Option<(String, template_render::Rendered)>,
+}
+
+/// A problem of VM `vm` at `file`, `line`, `field`.
+fn vm_problem(
+    vm: &VmEntry,
+    file: &str,
+    line: Option<usize>,
+    field: &str,
+    message: String,
+) -> Problem {
+    Problem {
+        file: file.to_string(),
+        line,
+        vm: Some(vm.name.clone()),
+        field: Some(field.to_string()),
+        message,
+    }
+}
+
+impl<'a> Validation<'a> {
+    /// The disk roots as listed in messages.
+    fn roots_text(&self) -> String {
+        self.policy
+            .disk_roots
+            .iter()
+            .map(|r| format!("'{}'", r.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Every `[[directory]]` is below a disk root.
+    fn check_directories(&mut self, manifest: &manifest::Manifest) {
+        for (i, dir) in manifest.directories.iter().enumerate() {
+            if !under_roots(dir, &self.policy.disk_roots) {
+                let message = format!(
+                    "'{}' is not below a disk root ({})",
+                    dir.display(),
+                    self.roots_text()
+                );
+                self.problems.push(Problem {
+                    file: MANIFEST_FILE.into(),
+                    line: None,
+                    vm: None,
+                    field: Some(format!("directory[{i}].path")),
+                    message,
+                });
+            }
+        }
+    }
+
+    /// No two `[[vm]]` entries share a name.
+    fn check_unique_names(&mut self, manifest: &manifest::Manifest) {
+        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        for vm in &manifest.vms {
+            if let Some(first) = names.insert(&vm.name, vm.line) {
+                self.problems.push(Problem {
+                    file: MANIFEST_FILE.into(),
+                    line: Some(vm.line),
+                    vm: Some(vm.name.clone()),
+                    field: Some("name".into()),
+                    message: format!("duplicate vm name (first used on line {first})"),
+                });
+            }
+        }
+    }
+
+    /// Checks one VM this host applies and, when it has no problem, accepts it.
+    fn check_vm(&mut self, vm: &VmEntry) {
+        let before = self.problems.len();
+        self.check_disks(vm);
+        let Some(loaded) = self.load_xml(vm) else {
+            return;
+        };
+        // A file validated before (same blob id, same policy) is not parsed or checked
+        // against libvirt's schema again.
+        let content_id = match &vm.xml {
+            XmlSource::File(path) => self.files.content_id(path),
+            XmlSource::Inline(_) => None,
+            // Rendered text validated before under this policy.
+            XmlSource::Template { .. } => {
+                Some(format!("rendered:{}", domain_xml::fingerprint(&loaded.xml)))
+            }
+        };
+        let cached = content_id.as_deref().and_then(|id| self.schema.known(id));
+        let was_cached = cached.is_some();
+        let Some(summary) = self.summarize(vm, &loaded, cached) else {
+            return;
+        };
+        self.check_name_and_uuid(vm, &loaded, &summary);
+        // A cached file passed the host policy too: the cache is keyed by the policy.
+        if !was_cached {
+            self.check_host_policy(vm, &loaded);
+        }
+        if self.problems.len() == before
+            && !was_cached
+            && let Err(message) = self.schema.check(&loaded.xml)
+        {
+            self.problems.push(vm_problem(
+                vm,
+                &loaded.file,
+                None,
+                "xml",
+                message.to_string(),
+            ));
+        }
+        let health = self.allowed_health(vm);
+        if self.problems.len() == before {
+            if let (Some(id), false) = (&content_id, was_cached) {
+                self.schema.remember(id, &summary);
+            }
+            self.accept(vm, loaded, summary, health);
+        }
+    }
+
+    /// Disk and backing paths below a disk root, and no disk path shared with another VM.
+    fn check_disks(&mut self, vm: &VmEntry) {
+        for (i, disk) in vm.disks.iter().enumerate() {
+            if !under_roots(&disk.path, &self.policy.disk_roots) {
+                let message = format!(
+                    "'{}' is not below a disk root ({})",
+                    disk.path.display(),
+                    self.roots_text()
+                );
+                self.problems.push(vm_problem(
+                    vm,
+                    MANIFEST_FILE,
+                    Some(vm.line),
+                    &format!("disk[{i}].path"),
+                    message,
+                ));
+            }
+            if let Some(backing) = &disk.backing
+                && !under_roots(backing, &self.policy.disk_roots)
+            {
+                let message = format!(
+                    "'{}' is not below a disk root ({})",
+                    backing.display(),
+                    self.roots_text()
+                );
+                self.problems.push(vm_problem(
+                    vm,
+                    MANIFEST_FILE,
+                    Some(vm.line),
+                    &format!("disk[{i}].backing"),
+                    message,
+                ));
+            }
+            if let Some(other) = self.disk_paths.insert(disk.path.clone(), vm.name.clone()) {
+                self.problems.push(vm_problem(
+                    vm,
+                    MANIFEST_FILE,
+                    Some(vm.line),
+                    &format!("disk[{i}].path"),
+                    format!("'{}' is also a disk of vm '{other}'", disk.path.display()),
+                ));
+            }
+        }
+    }
+
+    /// Reads the VM's XML file, takes its inline XML or renders its template. `None`
+    /// (with a problem recorded) when that fails.
+    fn load_xml<'v>(&mut self, vm: &'v VmEntry) -> Option<VmXml<'v>>
+    where
+        'a: 'v,
+    {
+        let vars = match &vm.xml {
+            XmlSource::Template { path, params } => Some((
+                path.as_str(),
+                template_render::Vars {
+                    vm: &vm.name,
+                    host: self.template_host,
+                    params,
+                },
+            )),
+            _ => None,
+        };
+        let mut fresh_render = None;
+        let (file, xml) = match &vm.xml {
+            XmlSource::Inline(xml) => (MANIFEST_FILE.to_string(), xml.clone()),
+            XmlSource::Template { path, .. } => {
+                let vars = &vars.as_ref().expect("a template has vars").1;
+                match self
+                    .renderer
+                    .render_cached(self.schema.render_cache(), path, vars)
+                {
+                    Ok(rendered) => {
+                        fresh_render = rendered.fresh;
+                        (path.clone(), rendered.xml)
+                    }
+                    Err(template_render::RenderError::Unreadable(e)) => {
+                        self.problems.push(vm_problem(
+                            vm,
+                            MANIFEST_FILE,
+                            Some(vm.line),
+                            "template",
+                            e.to_string(),
+                        ));
+                        return None;
+                    }
+                    Err(template_render::RenderError::Failed(p)) => {
+                        self.problems
+                            .push(vm_problem(vm, &p.file, p.line, "template", p.message));
+                        return None;
+                    }
+                }
+            }
+            XmlSource::File(path) => match self.files.read_text(path) {
+                Ok(xml) => (path.clone(), xml),
+                Err(e) => {
+                    self.problems.push(vm_problem(
+                        vm,
+                        MANIFEST_FILE,
+                        Some(vm.line),
+                        "xml",
+                        e.to_string(),
+                    ));
+                    return None;
+                }
+            },
+        };
+        Some(VmXml {
+            file,
+            xml,
+            vars,
+            fresh_render,
+        })
+    }
+
+    /// Where a problem at `line` of the VM's XML is reported: for a template, at the
+    /// template line that wrote it (or the rendered line, when no template text did);
+    /// lines inside inline XML are not lines of vmsync.toml: the entry's line.
+    fn place(
+        &self,
+        vm: &VmEntry,
+        loaded: &VmXml,
+        line: Option<usize>,
+        message: String,
+    ) -> (String, Option<usize>, String) {
+        match (&loaded.vars, line) {
+            (Some((template, vars)), Some(line)) => {
+                match self.renderer.locate(template, vars, line) {
+                    Some((file, line)) => (file, Some(line), message),
+                    None => (
+                        loaded.file.clone(),
+                        None,
+                        format!("rendered line {line}: {message}"),
+                    ),
+                }
+            }
+            _ => {
+                let line = if matches!(vm.xml, XmlSource::Inline(_)) {
+                    Some(vm.line)
+                } else {
+                    line
+                };
+                (loaded.file.clone(), line, message)
+            }
+        }
+    }
+
+    /// The XML's summary, from the cache or parsed. `None` (with a problem recorded) when
+    /// the XML does not parse.
+    fn summarize(
+        &mut self,
+        vm: &VmEntry,
+        loaded: &VmXml,
+        cached: Option<DomainSummary>,
+    ) -> Option<DomainSummary> {
+        match cached
+            .map(Ok)
+            .unwrap_or_else(|| domain_xml::summarize(&loaded.xml))
+        {
+            Ok(summary) => Some(summary),
+            Err(e) => {
+                let (file, line, message) = self.place(vm, loaded, e.line, e.message);
+                self.problems.push(vm_problem(
+                    vm,
+                    &file,
+                    line,
+                    e.field.as_deref().unwrap_or("xml"),
+                    message,
+                ));
+                None
+            }
+        }
+    }
+
+    /// The XML's `<name>` is the manifest's, and its UUID is no other VM's.
+    fn check_name_and_uuid(&mut self, vm: &VmEntry, loaded: &VmXml, summary: &DomainSummary) {
+        if summary.name != vm.name {
+            self.problems.push(vm_problem(
+                vm,
+                &loaded.file,
+                None,
+                "name",
+                format!(
+                    "the xml's <name> is '{}' but the manifest says '{}'",
+                    summary.name, vm.name
+                ),
+            ));
+        }
+        if let Some(uuid) = &summary.uuid
+            && let Some(other) = self.uuids.insert(uuid.clone(), vm.name.clone())
+        {
+            self.problems.push(vm_problem(
+                vm,
+                &loaded.file,
+                None,
+                "uuid",
+                format!("uuid {uuid} is also used by vm '{other}'"),
+            ));
+        }
+    }
+
+    /// What the XML asks of the host is allowed by the host's policy.
+    fn check_host_policy(&mut self, vm: &VmEntry, loaded: &VmXml) {
+        for v in host_policy::check(
+            &loaded.xml,
+            &self.policy.host_policy,
+            &self.policy.disk_roots,
+        ) {
+            let (file, line, message) = self.place(vm, loaded, v.line, v.message);
+            self.problems
+                .push(vm_problem(vm, &file, line, &v.field, message));
+        }
+    }
+
+    /// The VM's health check, its command resolved to a program the host's policy allows
+    /// (a check command runs on the host).
+    fn allowed_health(&mut self, vm: &VmEntry) -> Option<health_spec::HealthSpec> {
+        vm.health.clone().map(|mut spec| {
+            if let Some(command) = spec.command.as_mut() {
+                match host_access::health_program(
+                    &command[0],
+                    &self.policy.host_policy.health_commands,
+                ) {
+                    Ok(program) => command[0] = program.to_string_lossy().into_owned(),
+                    Err(message) => self.problems.push(vm_problem(
+                        vm,
+                        MANIFEST_FILE,
+                        Some(vm.line),
+                        "health.command",
+                        message,
+                    )),
+                }
+            }
+            spec
+        })
+    }
+
+    /// Records a VM without problems: remembers a fresh render and adds it to the
+    /// desired state.
+    fn accept(
+        &mut self,
+        vm: &VmEntry,
+        loaded: VmXml,
+        summary: DomainSummary,
+        health: Option<health_spec::HealthSpec>,
+    ) {
+        if let (Some((key, rendered)), Some(cache)) =
+            (&loaded.fresh_render, self.schema.render_cache())
+        {
+            cache.remember_rendered(key, rendered);
+        }
+        self.vms.push(DesiredVm {
+            name: vm.name.clone(),
+            fingerprint: domain_xml::fingerprint(&loaded.xml),
+            xml_file: loaded.file,
+            xml: loaded.xml,
+            summary,
+            autostart: vm.autostart,
+            disks: vm.disks.clone(),
+            on_change: vm.on_change,
+            state: vm.state,
+            shutdown_timeout: vm.shutdown_timeout,
+            self_heal: vm.self_heal,
+            adopt: vm.adopt,
+            health,
+        });
+    }
 }
 
 /// A VM's own files in libvirt's shared directories are told by its name (`web.agent`,
