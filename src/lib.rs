@@ -9,7 +9,7 @@
 //! | 0 | [`util`] (`fsio`, `clock`, `commit_id`, `par`, `redact`, `secret_file`), [`repo::files`] | atomic file writes and the state directory's lock, the clock, the short commit id, a bounded parallel map, URL redaction, a secret read from its file; the `RepoFiles` port the desired state is read through | files |
 //! | 1 | [`desired`], [`onboard::definition`] | what a commit asks for: manifest, values, disk and health specs, domain/network/pool XML, host policy, whole-commit validation, and the ports validation is handed (`schema_check`) | none |
 //! | 2 | [`record`], [`repo`] (`source`, `https`, `probe`, `trust`) | what vmsync remembers (`record`, and `record::store` for `state.json`); the git fetch (and its `https://` transport), the change probe, the trust checks | state files, git |
-//! | 3 | [`host`] | the seams to the host: libvirt (`hypervisor`), disks (`disk`), libvirt's schema (`schema_*`), observation (`observe_*`), power (`power`), health probes (`health_probe`) | libvirt, qemu-img |
+//! | 3 | [`host`], `testing` | the seams to the host: libvirt (`hypervisor`), disks (`disk`), libvirt's schema (`schema_*`), observation (`observe_*`), power (`power`), health probes (`health_probe`); the fake host of the tests (`testing`, test builds only) | libvirt, qemu-img |
 //! | 4 | [`reconcile`] | the pure planner: plan types, plans for domains and for networks/pools, adopt, drift, diff, health rules, outcome types, every record update, rendering | none |
 //! | 5 | [`apply`] | carrying a plan out through the seams (`vms`, `networks_pools`) and the health stage after it (`health_stage`) | libvirt, disks, files |
 //! | 6 | [`agent`], [`config`], [`error`], [`cli`], [`onboard::import`] | one sync stage after stage, the daemon, the webhook, status and metrics; the configuration; the errors that decide the exit status; the command line; `vmsync import` | all |
@@ -26,7 +26,7 @@ pub mod desired;
 pub mod record;
 pub mod repo;
 
-// Layer 3.
+// Layer 3 (with `testing`, declared at the end).
 pub mod host;
 
 // Layer 4.
@@ -56,165 +56,7 @@ pub fn crash_point(name: &str) {
     let _ = name;
 }
 
-/// Helpers for unit tests.
-#[cfg(test)]
-pub(crate) mod test_support {
-    use std::collections::{BTreeMap, BTreeSet};
-    use std::path::Path;
-    use std::sync::Mutex;
-
-    use crate::desired::disk_spec::DiskSpec;
-    use crate::host::disk::{DiskError, DiskProvisioner, ImageInfo};
-    use crate::host::hypervisor::{HvError, Hypervisor, Listing, RunState};
-
-    /// A host in memory: domains defined, started and stopped at once, the starts that
-    /// libvirt refuses (`refuse_start`), and the definitions whose domain crashes once
-    /// started (`crashing`). Disks exist once created. Every call is logged (`calls`).
-    #[derive(Default)]
-    pub struct FakeHost {
-        domains: Mutex<BTreeMap<String, (Listing, String)>>,
-        /// Domains (by name) that libvirt refuses to start.
-        pub refuse_start: BTreeSet<String>,
-        /// Definitions (by the fingerprint in vmsync's tag) whose domain crashes once
-        /// started: `run_state` reports it "crashed".
-        pub crashing: BTreeSet<String>,
-        calls: Mutex<Vec<String>>,
-    }
-
-    impl FakeHost {
-        /// A host that refuses to start these domains.
-        pub fn refusing_to_start(names: &[&str]) -> Self {
-            Self {
-                refuse_start: names.iter().map(|n| n.to_string()).collect(),
-                ..Self::default()
-            }
-        }
-
-        fn log(&self, call: String) {
-            self.calls.lock().unwrap().push(call);
-        }
-
-        /// The calls so far: `define web`, `start web`, …
-        pub fn calls(&self) -> Vec<String> {
-            self.calls.lock().unwrap().clone()
-        }
-
-        fn with<T>(&self, name: &str, f: impl FnOnce(&mut Listing) -> T) -> Result<T, HvError> {
-            let mut domains = self.domains.lock().unwrap();
-            match domains.get_mut(name) {
-                Some((listing, _)) => Ok(f(listing)),
-                None => Err(HvError::new("look up", Some(name), "fake:///", "no domain")),
-            }
-        }
-    }
-
-    impl Hypervisor for FakeHost {
-        fn list(&self) -> Result<Vec<Listing>, HvError> {
-            let domains = self.domains.lock().unwrap();
-            Ok(domains.values().map(|(l, _)| l.clone()).collect())
-        }
-        fn xml(&self, name: &str, _inactive: bool) -> Result<String, HvError> {
-            let domains = self.domains.lock().unwrap();
-            let found = domains.get(name).map(|(_, xml)| xml.clone());
-            found.ok_or_else(|| HvError::new("read", Some(name), "fake:///", "no domain"))
-        }
-        fn define(&self, xml: &str) -> Result<(), HvError> {
-            let name = crate::desired::domain_xml::summarize(xml)
-                .map_err(|e| HvError::new("define", None, "fake:///", &format!("{e:?}")))?
-                .name;
-            self.log(format!("define {name}"));
-            let mut domains = self.domains.lock().unwrap();
-            let uuid = format!("00000000-0000-4000-8000-{:012}", domains.len());
-            let entry = domains.entry(name.clone()).or_insert_with(|| {
-                let listing = Listing {
-                    name,
-                    uuid,
-                    active: false,
-                    autostart: false,
-                    persistent: true,
-                };
-                (listing, String::new())
-            });
-            entry.1 = xml.to_string();
-            Ok(())
-        }
-        fn set_autostart(&self, name: &str, autostart: bool) -> Result<(), HvError> {
-            self.log(format!("autostart {name} {autostart}"));
-            self.with(name, |l| l.autostart = autostart)
-        }
-        fn start(&self, name: &str) -> Result<(), HvError> {
-            self.log(format!("start {name}"));
-            if self.refuse_start.contains(name) {
-                return Err(HvError::new("start", Some(name), "fake:///", "no disk"));
-            }
-            self.with(name, |l| l.active = true)
-        }
-        fn is_active(&self, name: &str) -> Result<bool, HvError> {
-            self.with(name, |l| l.active)
-        }
-        fn run_state(&self, name: &str) -> Result<RunState, HvError> {
-            let active = self.is_active(name)?;
-            let xml = self.xml(name, true)?;
-            let crashed = crate::desired::domain_xml::read_tag(&xml)
-                .is_some_and(|tag| self.crashing.contains(&tag.fingerprint));
-            Ok(RunState {
-                state: match (active, crashed) {
-                    (false, _) => "shut off",
-                    (true, true) => "crashed",
-                    (true, false) => "running",
-                },
-                reason: String::new(),
-            })
-        }
-        fn shutdown(&self, name: &str) -> Result<(), HvError> {
-            self.log(format!("shutdown {name}"));
-            self.with(name, |l| l.active = false)
-        }
-        fn destroy(&self, name: &str) -> Result<(), HvError> {
-            self.log(format!("destroy {name}"));
-            self.with(name, |l| l.active = false)
-        }
-        fn undefine_keep_state(&self, name: &str) -> Result<(), HvError> {
-            self.log(format!("undefine {name}"));
-            self.domains.lock().unwrap().remove(name);
-            Ok(())
-        }
-        fn rename(&self, name: &str, new_name: &str) -> Result<(), HvError> {
-            self.log(format!("rename {name} {new_name}"));
-            let mut domains = self.domains.lock().unwrap();
-            let (mut listing, xml) = domains.remove(name).expect("renamed domain exists");
-            listing.name = new_name.to_string();
-            domains.insert(new_name.to_string(), (listing, xml));
-            Ok(())
-        }
-    }
-
-    impl DiskProvisioner for FakeHost {
-        fn ensure_dir(&self, _path: &Path) -> Result<bool, DiskError> {
-            Ok(false)
-        }
-        fn inspect(&self, _path: &Path) -> Result<Option<ImageInfo>, DiskError> {
-            Ok(None)
-        }
-        fn create(&self, spec: &DiskSpec) -> Result<(), DiskError> {
-            self.log(format!("create {}", spec.path.display()));
-            Ok(())
-        }
-    }
-
-    /// Writes an executable shell script at `path`. The file is written by a child
-    /// process (`install`), not by the test process: a file this process holds open for
-    /// writing is inherited by any child another test thread forks at that moment, and
-    /// executing it then fails with "Text file busy" (ETXTBSY).
-    pub fn executable_script(path: &Path, body: &str) {
-        let source = path.with_extension("script-source");
-        std::fs::write(&source, format!("#!/bin/sh\n{body}\n")).unwrap();
-        let status = std::process::Command::new("install")
-            .args(["-m", "755"])
-            .arg(&source)
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(status.success(), "install {}", path.display());
-    }
-}
+/// The fake host shared by unit and integration tests (layer 3, beside the seams it
+/// fakes); compiled for `cargo test` only (the `test-support` feature).
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;

@@ -26,6 +26,7 @@ const LAYERS: &[(&str, usize)] = &[
     ("record", 2),
     ("repo", 2),
     ("host", 3),
+    ("testing", 3),
     ("reconcile", 4),
     ("apply", 5),
     ("agent", 6),

@@ -14,25 +14,21 @@ use std::path::PathBuf;
 use common::{Env, virsh_system_ok as virsh};
 
 /// UEFI (OVMF) under TCG, which runs everywhere (`type='qemu'`); no `<uuid>`, no `<mac>`.
-const TEMPLATE: &str = "<domain type='qemu'>
-  <name>{{ vm.name }}</name>
-  <memory unit='MiB'>{{ params.memory_mib }}</memory>
+fn template() -> String {
+    format!(
+        "<domain type='qemu'>
+  <name>{{{{ vm.name }}}}</name>
+  <memory unit='MiB'>{{{{ params.memory_mib }}}}</memory>
   <vcpu>1</vcpu>
   <os firmware='efi'>
     <type arch='x86_64' machine='q35'>hvm</type>
   </os>
   <features><acpi/><apic/></features>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{{ params.images }}/{{ vm.name }}.qcow2'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <interface type='user'><model type='virtio'/></interface>
-    <graphics type='vnc' listen='127.0.0.1'/>
-  </devices>
-</domain>
-";
+{}</domain>
+",
+        common::devices_xml("{{ params.images }}/{{ vm.name }}.qcow2", "")
+    )
+}
 
 fn manifest(env: &Env, names: &[String], memory: [u32; 3]) -> String {
     let mut m = format!(
@@ -76,7 +72,7 @@ fn real_template_change_redefines_its_vms_in_place() {
     };
     let names: Vec<String> = ["t1", "t2", "t3"].iter().map(|s| env.name(s)).collect();
     let repo = &env.repo;
-    repo.write("templates/uefi.xml", TEMPLATE);
+    repo.write("templates/uefi.xml", &template());
     repo.write("vmsync.toml", &manifest(&env, &names, [256, 256, 256]));
     repo.commit("three uefi vms from one template");
     let once = || env.run(&["--once"]);
@@ -98,7 +94,7 @@ fn real_template_change_redefines_its_vms_in_place() {
     // three in place, and they keep their identity and NVRAM.
     repo.write(
         "templates/uefi.xml",
-        &TEMPLATE.replace("  <vcpu>", "  <title>from a template</title>\n  <vcpu>"),
+        &template().replace("  <vcpu>", "  <title>from a template</title>\n  <vcpu>"),
     );
     let c2 = repo.commit("a title for every vm of the template");
     let plan = env.run(&["plan"]).expect(0);

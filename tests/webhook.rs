@@ -7,114 +7,14 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use common::{Env, Manifest};
 use hmac::{KeyInit, Mac};
 
 const SECRET: &str = "It's a Secret to Everybody";
-
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-    /// `http://127.0.0.1:PORT`
-    base: String,
-}
-
-impl Daemon {
-    /// Starts the daemon and waits for its "webhook listening" line.
-    fn start(config: &Path, log: PathBuf, path_env: Option<&str>) -> Self {
-        let mut cmd = common::vmsync_command();
-        cmd.args(["--config", &config.display().to_string()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        if let Some(path) = path_env {
-            cmd.env("PATH", path);
-        }
-        let child = cmd.spawn().unwrap();
-        let mut daemon = Daemon {
-            child,
-            log,
-            base: String::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let log = daemon.log();
-            if let Some(line) = log.lines().find(|l| l.contains("webhook listening")) {
-                let addr = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("listen="))
-                    .unwrap_or_else(|| panic!("no listen= in {line:?}"));
-                daemon.base = format!("http://{addr}");
-                return daemon;
-            }
-            assert!(daemon.alive(), "the daemon exited:\n{log}");
-            assert!(Instant::now() < deadline, "no listener:\n{log}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    }
-
-    /// The triggers of the syncs started so far ("start", "webhook", ...), in order.
-    fn syncs(&self) -> Vec<String> {
-        self.log()
-            .lines()
-            .filter(|l| l.contains("sync started"))
-            .map(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("trigger="))
-                    .unwrap_or("?")
-                    .trim_matches('"')
-                    .to_string()
-            })
-            .collect()
-    }
-
-    /// Syncs that ended (each logs its next tick).
-    fn finished(&self) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| l.contains("next sync"))
-            .count()
-    }
-
-    /// Waits until `n` syncs have ended.
-    fn wait_finished(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.finished() < n {
-            assert!(
-                Instant::now() < deadline,
-                "{n} syncs never ended:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The answer to one HTTP request.
 #[derive(Debug)]
@@ -265,7 +165,7 @@ fn signed_pushes_of_each_forge_sync_within_a_second() {
     let etc = tempfile::tempdir().unwrap();
     let c1 = env.commit(&Manifest::new().vm(env.vm("w-one")), "one vm");
     let config = webhook_config(&env, etc.path(), SECRET, "");
-    let daemon = Daemon::start(&config, etc.path().join("daemon.log"), None);
+    let daemon = Daemon::start_webhook(&config, etc.path().join("daemon.log"), None);
     daemon.wait_finished(1);
     assert_eq!(applied(&env).as_deref(), Some(c1.as_str()));
     assert_eq!(daemon.syncs(), ["start"]);
@@ -314,7 +214,7 @@ fn bad_requests_are_refused_and_start_nothing_and_the_daemon_keeps_serving() {
     let etc = tempfile::tempdir().unwrap();
     env.commit(&Manifest::new(), "empty");
     let config = webhook_config(&env, etc.path(), SECRET, "");
-    let mut daemon = Daemon::start(&config, etc.path().join("daemon.log"), None);
+    let mut daemon = Daemon::start_webhook(&config, etc.path().join("daemon.log"), None);
     daemon.wait_finished(1);
     let head = env.repo.head();
     let body = payload("main", &head);
@@ -476,7 +376,7 @@ fn a_burst_of_twenty_pushes_runs_at_most_two_syncs() {
     let bin = common::slow_qemu_img(etc.path(), 2);
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let config = webhook_config(&env, etc.path(), SECRET, "");
-    let daemon = Daemon::start(&config, etc.path().join("daemon.log"), Some(&path));
+    let daemon = Daemon::start_webhook(&config, etc.path().join("daemon.log"), Some(&path));
     daemon.wait_finished(1);
 
     // A commit whose sync creates a disk (2 s), then 20 pushes of it at once.
@@ -550,7 +450,7 @@ fn metrics_endpoint_parses_as_prometheus_text_and_matches_the_metrics_file() {
         SECRET,
         &format!("metrics_file = \"{}\"\n", file.display()),
     );
-    let daemon = Daemon::start(&config, etc.path().join("daemon.log"), None);
+    let daemon = Daemon::start_webhook(&config, etc.path().join("daemon.log"), None);
     daemon.wait_finished(1);
     assert_eq!(applied(&env).as_deref(), Some(c1.as_str()));
     // One refused request, to be counted.
@@ -656,7 +556,7 @@ fn webhook_config_errors_stop_the_daemon_at_start() {
     let secret = etc.path().join("webhook-secret");
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::write(&config, &text).unwrap();
-    let daemon = Daemon::start(&config, etc.path().join("daemon.log"), None);
+    let daemon = Daemon::start_webhook(&config, etc.path().join("daemon.log"), None);
     assert!(
         daemon.log().contains("readable by group or others"),
         "{}",
@@ -749,7 +649,7 @@ fn healthz_is_answered_under_slowloris_and_idle_connections() {
     let etc = tempfile::tempdir().unwrap();
     env.commit(&Manifest::new(), "empty");
     let config = webhook_config(&env, etc.path(), SECRET, "");
-    let mut daemon = Daemon::start(&config, etc.path().join("daemon.log"), None);
+    let mut daemon = Daemon::start_webhook(&config, etc.path().join("daemon.log"), None);
     daemon.wait_finished(1);
     let addr = daemon.base.trim_start_matches("http://").to_string();
 
@@ -813,7 +713,7 @@ fn a_replayed_delivery_starts_no_second_sync() {
     let etc = tempfile::tempdir().unwrap();
     env.commit(&Manifest::new(), "empty");
     let config = webhook_config(&env, etc.path(), SECRET, "");
-    let daemon = Daemon::start(&config, etc.path().join("daemon.log"), None);
+    let daemon = Daemon::start_webhook(&config, etc.path().join("daemon.log"), None);
     daemon.wait_finished(1);
     let head = env.repo.head();
     let body = payload("main", &head);

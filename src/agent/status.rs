@@ -395,7 +395,7 @@ pub fn resource_status_text(networks: &[EntryStatus], pools: &[EntryStatus]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::FakeHost;
+    use crate::testing::FakeHost;
 
     fn fixture() -> Record {
         serde_json::from_str(include_str!("../../tests/fixtures/state-2375f90.json")).unwrap()

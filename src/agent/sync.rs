@@ -688,7 +688,7 @@ mod tests {
     use crate::desired::manifest::{OnChange, PowerState};
     use crate::record::{HealthResult, HeldBack, SyncResult, VmRecord};
     use crate::repo::source::test_git::git;
-    use crate::test_support::FakeHost;
+    use crate::testing::FakeHost;
 
     /// A repository with `manifest` committed, a state directory, and the settings of a
     /// sync of it (libvirt's test driver, which these branches never reach).

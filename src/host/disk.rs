@@ -763,7 +763,7 @@ mod tests {
     /// qemu-img is asked to create (the second-to-last argument).
     fn fake_qemu_img(dir: &Path, body: &str) -> QemuImg {
         let script = dir.join("fake-qemu-img");
-        crate::test_support::executable_script(
+        crate::testing::executable_script(
             &script,
             &format!("for a; do tmp=$last; last=$a; done\n{body}"),
         );

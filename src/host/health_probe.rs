@@ -398,7 +398,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let seen = dir.path().join("env");
         let script = dir.path().join("check");
-        crate::test_support::executable_script(
+        crate::testing::executable_script(
             &script,
             &format!(
                 "#!/bin/sh\necho \"$VMSYNC_VM_NAME $VMSYNC_VM_UUID $VMSYNC_VM_ADDRESSES\" > {}\necho checking; exit \"$1\"\n",

@@ -155,43 +155,7 @@ mod tests {
     use crate::desired::desired_state::DesiredVm;
     use crate::desired::domain_xml::{definition_hash, fingerprint, render};
     use crate::desired::manifest::{OnChange, PowerState};
-
-    /// Domains by name with their inactive XML; only listing and reads are asked for.
-    struct Host(Vec<(Listing, String)>);
-
-    impl Hypervisor for Host {
-        fn list(&self) -> Result<Vec<Listing>, HvError> {
-            Ok(self.0.iter().map(|(l, _)| l.clone()).collect())
-        }
-        fn xml(&self, name: &str, _inactive: bool) -> Result<String, HvError> {
-            let found = self.0.iter().find(|(l, _)| l.name == name);
-            Ok(found.expect("only listed domains are read").1.clone())
-        }
-        fn define(&self, _: &str) -> Result<(), HvError> {
-            unreachable!("observation changes nothing")
-        }
-        fn set_autostart(&self, _: &str, _: bool) -> Result<(), HvError> {
-            unreachable!("observation changes nothing")
-        }
-        fn start(&self, _: &str) -> Result<(), HvError> {
-            unreachable!("observation changes nothing")
-        }
-        fn is_active(&self, _: &str) -> Result<bool, HvError> {
-            unreachable!("observation uses the listing")
-        }
-        fn shutdown(&self, _: &str) -> Result<(), HvError> {
-            unreachable!("observation changes nothing")
-        }
-        fn destroy(&self, _: &str) -> Result<(), HvError> {
-            unreachable!("observation changes nothing")
-        }
-        fn undefine_keep_state(&self, _: &str) -> Result<(), HvError> {
-            unreachable!("observation changes nothing")
-        }
-        fn rename(&self, _: &str, _: &str) -> Result<(), HvError> {
-            unreachable!("observation changes nothing")
-        }
-    }
+    use crate::testing::FakeHost;
 
     fn committed(name: &str, vcpus: u32) -> String {
         format!(
@@ -242,7 +206,7 @@ mod tests {
             defined("changed", 2),
             defined("drifted", 1),
         );
-        let host = Host(vec![same, changed, drifted]);
+        let host = FakeHost::with_domains(vec![same, changed, drifted]);
         let desired = Desired {
             directories: Vec::new(),
             vms: ["same", "changed", "drifted"].map(wanted).into(),
@@ -258,10 +222,18 @@ mod tests {
 
         // With a record whose baseline differs from the definition now (a `virsh edit`).
         let applied = BTreeMap::from([
-            ("same".to_string(), definition_hash(&host.0[0].1)),
+            (
+                "same".to_string(),
+                definition_hash(&host.xml("same", true).unwrap()),
+            ),
             ("drifted".to_string(), Some("an older baseline".to_string())),
         ]);
         let warm = observe(&desired, &applied, &host, &disks).unwrap();
         assert!(!kept(&warm, "same") && kept(&warm, "changed") && kept(&warm, "drifted"));
+        assert_eq!(
+            host.calls(),
+            Vec::<String>::new(),
+            "observation changes nothing"
+        );
     }
 }

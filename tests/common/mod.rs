@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::AtomicBool;
@@ -688,18 +690,26 @@ pub fn bios_xml(name: &str, domain_type: &str, disk: &Path, memory_mib: u32) -> 
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
+{devices}</domain>
+"#,
+        devices = devices_xml(&disk.display().to_string(), "")
+    )
+}
+
+/// The `<devices>` of the test guests: one qcow2 disk at `disk` (vda, virtio), one
+/// user-mode NIC without MAC, `extra` (whole lines), VNC on 127.0.0.1.
+pub fn devices_xml(disk: &str, extra: &str) -> String {
+    format!(
+        r#"  <devices>
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
     <interface type='user'><model type='virtio'/></interface>
-    <graphics type='vnc' listen='127.0.0.1'/>
+{extra}    <graphics type='vnc' listen='127.0.0.1'/>
   </devices>
-</domain>
-"#,
-        disk = disk.display()
+"#
     )
 }
 
@@ -715,19 +725,12 @@ pub fn uefi_tpm_xml(name: &str, disk: &Path) -> String {
     <loader secure='yes'/>
   </os>
   <features><acpi/><apic/><smm state='on'/></features>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <interface type='user'><model type='virtio'/></interface>
-    <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>
-    <graphics type='vnc' listen='127.0.0.1'/>
-  </devices>
-</domain>
+{devices}</domain>
 "#,
-        disk = disk.display()
+        devices = devices_xml(
+            &disk.display().to_string(),
+            "    <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>\n"
+        )
     )
 }
 

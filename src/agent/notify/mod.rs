@@ -456,7 +456,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (out, down) = (dir.path().join("got"), dir.path().join("down"));
         let script = dir.path().join("hook");
-        crate::test_support::executable_script(
+        crate::testing::executable_script(
             &script,
             &format!(
                 "test -e {} && exit 1\ncat >> {}",
@@ -493,7 +493,7 @@ mod tests {
     fn an_event_no_target_wants_is_not_queued_and_a_refusal_is_counted_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("hook");
-        crate::test_support::executable_script(&script, "exit 0");
+        crate::testing::executable_script(&script, "exit 0");
         let mut picky = command_target(&script);
         picky.events = vec![EventKind::Failed];
         let n = Notifier::start(dir.path(), "hv1", &[picky]);

@@ -1,0 +1,173 @@
+//! The fake host that unit tests (`cfg(test)`) and the integration tests in tests/ (the
+//! `test-support` feature, which the crate's dev-dependency on itself turns on) share: a
+//! [`FakeHost`] in memory behind the `Hypervisor` and `DiskProvisioner` seams, with
+//! scripted behaviours, and [`executable_script`]. Never in a release build.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Mutex;
+
+use crate::desired::disk_spec::DiskSpec;
+use crate::host::disk::{DiskError, DiskProvisioner, ImageInfo};
+use crate::host::hypervisor::{HvError, Hypervisor, Listing, RunState};
+
+/// A host in memory: domains defined, started and stopped at once, the starts that
+/// libvirt refuses (`refuse_start`), and the definitions whose domain crashes once
+/// started (`crashing`). Disks exist once created. Every call is logged (`calls`).
+#[derive(Default)]
+pub struct FakeHost {
+    domains: Mutex<BTreeMap<String, (Listing, String)>>,
+    /// Domains (by name) that libvirt refuses to start.
+    pub refuse_start: BTreeSet<String>,
+    /// Definitions (by the fingerprint in vmsync's tag) whose domain crashes once
+    /// started: `run_state` reports it "crashed".
+    pub crashing: BTreeSet<String>,
+    calls: Mutex<Vec<String>>,
+}
+
+impl FakeHost {
+    /// A host that refuses to start these domains.
+    pub fn refusing_to_start(names: &[&str]) -> Self {
+        Self {
+            refuse_start: names.iter().map(|n| n.to_string()).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// A host holding these domains (listing and inactive XML) already.
+    pub fn with_domains(domains: Vec<(Listing, String)>) -> Self {
+        let host = Self::default();
+        *host.domains.lock().unwrap() = domains
+            .into_iter()
+            .map(|(listing, xml)| (listing.name.clone(), (listing, xml)))
+            .collect();
+        host
+    }
+
+    fn log(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+
+    /// The calls so far: `define web`, `start web`, …
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn with<T>(&self, name: &str, f: impl FnOnce(&mut Listing) -> T) -> Result<T, HvError> {
+        let mut domains = self.domains.lock().unwrap();
+        match domains.get_mut(name) {
+            Some((listing, _)) => Ok(f(listing)),
+            None => Err(HvError::new("look up", Some(name), "fake:///", "no domain")),
+        }
+    }
+}
+
+impl Hypervisor for FakeHost {
+    fn list(&self) -> Result<Vec<Listing>, HvError> {
+        let domains = self.domains.lock().unwrap();
+        Ok(domains.values().map(|(l, _)| l.clone()).collect())
+    }
+    fn xml(&self, name: &str, _inactive: bool) -> Result<String, HvError> {
+        let domains = self.domains.lock().unwrap();
+        let found = domains.get(name).map(|(_, xml)| xml.clone());
+        found.ok_or_else(|| HvError::new("read", Some(name), "fake:///", "no domain"))
+    }
+    fn define(&self, xml: &str) -> Result<(), HvError> {
+        let name = crate::desired::domain_xml::summarize(xml)
+            .map_err(|e| HvError::new("define", None, "fake:///", &format!("{e:?}")))?
+            .name;
+        self.log(format!("define {name}"));
+        let mut domains = self.domains.lock().unwrap();
+        let uuid = format!("00000000-0000-4000-8000-{:012}", domains.len());
+        let entry = domains.entry(name.clone()).or_insert_with(|| {
+            let listing = Listing {
+                name,
+                uuid,
+                active: false,
+                autostart: false,
+                persistent: true,
+            };
+            (listing, String::new())
+        });
+        entry.1 = xml.to_string();
+        Ok(())
+    }
+    fn set_autostart(&self, name: &str, autostart: bool) -> Result<(), HvError> {
+        self.log(format!("autostart {name} {autostart}"));
+        self.with(name, |l| l.autostart = autostart)
+    }
+    fn start(&self, name: &str) -> Result<(), HvError> {
+        self.log(format!("start {name}"));
+        if self.refuse_start.contains(name) {
+            return Err(HvError::new("start", Some(name), "fake:///", "no disk"));
+        }
+        self.with(name, |l| l.active = true)
+    }
+    fn is_active(&self, name: &str) -> Result<bool, HvError> {
+        self.with(name, |l| l.active)
+    }
+    fn run_state(&self, name: &str) -> Result<RunState, HvError> {
+        let active = self.is_active(name)?;
+        let xml = self.xml(name, true)?;
+        let crashed = crate::desired::domain_xml::read_tag(&xml)
+            .is_some_and(|tag| self.crashing.contains(&tag.fingerprint));
+        Ok(RunState {
+            state: match (active, crashed) {
+                (false, _) => "shut off",
+                (true, true) => "crashed",
+                (true, false) => "running",
+            },
+            reason: String::new(),
+        })
+    }
+    fn shutdown(&self, name: &str) -> Result<(), HvError> {
+        self.log(format!("shutdown {name}"));
+        self.with(name, |l| l.active = false)
+    }
+    fn destroy(&self, name: &str) -> Result<(), HvError> {
+        self.log(format!("destroy {name}"));
+        self.with(name, |l| l.active = false)
+    }
+    fn undefine_keep_state(&self, name: &str) -> Result<(), HvError> {
+        self.log(format!("undefine {name}"));
+        self.domains.lock().unwrap().remove(name);
+        Ok(())
+    }
+    fn rename(&self, name: &str, new_name: &str) -> Result<(), HvError> {
+        self.log(format!("rename {name} {new_name}"));
+        let mut domains = self.domains.lock().unwrap();
+        let (mut listing, xml) = domains.remove(name).expect("renamed domain exists");
+        listing.name = new_name.to_string();
+        domains.insert(new_name.to_string(), (listing, xml));
+        Ok(())
+    }
+}
+
+impl DiskProvisioner for FakeHost {
+    fn ensure_dir(&self, _path: &Path) -> Result<bool, DiskError> {
+        Ok(false)
+    }
+    fn inspect(&self, _path: &Path) -> Result<Option<ImageInfo>, DiskError> {
+        Ok(None)
+    }
+    fn create(&self, spec: &DiskSpec) -> Result<(), DiskError> {
+        self.log(format!("create {}", spec.path.display()));
+        Ok(())
+    }
+}
+
+/// Writes an executable shell script at `path`. The file is written by a child
+/// process (`install`), not by the test process: a file this process holds open for
+/// writing is inherited by any child another test thread forks at that moment, and
+/// executing it then fails with "Text file busy" (ETXTBSY).
+pub fn executable_script(path: &Path, body: &str) {
+    let source = path.with_extension("script-source");
+    std::fs::write(&source, format!("#!/bin/sh\n{body}\n")).unwrap();
+    let status = std::process::Command::new("install")
+        .args(["-m", "755"])
+        .arg(&source)
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "install {}", path.display());
+}
