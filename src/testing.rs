@@ -22,6 +22,16 @@ pub struct FakeHost {
     /// Definitions (by the fingerprint in vmsync's tag) whose domain crashes once
     /// started: `run_state` reports it "crashed".
     pub crashing: BTreeSet<String>,
+    /// A script of states instead: the i-th `run_state` of any domain answers
+    /// `run_states[i]`, the last one after that.
+    pub run_states: Vec<RunState>,
+    polls: Mutex<usize>,
+    /// The guest agent answers from this ping on (1 = the first; 0 = never asked
+    /// about, it answers every ping).
+    pub agent_from: usize,
+    pings: Mutex<usize>,
+    /// The guests' IP addresses (`addresses`), for every domain.
+    pub addresses: Vec<String>,
     calls: Mutex<Vec<String>>,
 }
 
@@ -42,6 +52,21 @@ impl FakeHost {
             .map(|(listing, xml)| (listing.name.clone(), (listing, xml)))
             .collect();
         host
+    }
+
+    /// A domain whose states follow `run_states` (see [`FakeHost::run_states`]) and
+    /// whose guest agent answers from the `agent_from`-th ping on.
+    pub fn scripted(run_states: Vec<RunState>, agent_from: usize) -> Self {
+        Self {
+            run_states,
+            agent_from,
+            ..Self::default()
+        }
+    }
+
+    /// The guest agent pings so far.
+    pub fn pings(&self) -> usize {
+        *self.pings.lock().unwrap()
     }
 
     fn log(&self, call: String) {
@@ -107,6 +132,12 @@ impl Hypervisor for FakeHost {
         self.with(name, |l| l.active)
     }
     fn run_state(&self, name: &str) -> Result<RunState, HvError> {
+        if let Some(last) = self.run_states.last() {
+            let mut polls = self.polls.lock().unwrap();
+            let state = self.run_states.get(*polls).unwrap_or(last).clone();
+            *polls += 1;
+            return Ok(state);
+        }
         let active = self.is_active(name)?;
         let xml = self.xml(name, true)?;
         let crashed = crate::desired::domain_xml::read_tag(&xml)
@@ -119,6 +150,22 @@ impl Hypervisor for FakeHost {
             },
             reason: String::new(),
         })
+    }
+    fn addresses(&self, _name: &str) -> Vec<String> {
+        self.addresses.clone()
+    }
+    fn agent_ping(&self, name: &str, _timeout: std::time::Duration) -> Result<(), HvError> {
+        let mut pings = self.pings.lock().unwrap();
+        *pings += 1;
+        if *pings >= self.agent_from {
+            return Ok(());
+        }
+        Err(HvError::new(
+            "ping the guest agent of",
+            Some(name),
+            "fake:///",
+            "Guest agent is not responding",
+        ))
     }
     fn shutdown(&self, name: &str) -> Result<(), HvError> {
         self.log(format!("shutdown {name}"));

@@ -247,17 +247,8 @@ pub fn revert(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::hypervisor::{HvError, Listing, RunState};
-    use std::sync::Mutex;
-
-    /// A domain whose state follows a script: `states[i]` at the i-th poll (the last one
-    /// after), and a guest agent that answers from the `agent_from`-th ping on.
-    struct Scripted {
-        states: Vec<RunState>,
-        polls: Mutex<usize>,
-        pings: Mutex<usize>,
-        agent_from: usize,
-    }
+    use crate::host::hypervisor::RunState;
+    use crate::testing::FakeHost;
 
     fn state(state: &'static str, reason: &str) -> RunState {
         RunState {
@@ -266,69 +257,12 @@ mod tests {
         }
     }
 
-    fn scripted(states: Vec<RunState>, agent_from: usize) -> Scripted {
-        Scripted {
-            states,
-            polls: Mutex::new(0),
-            pings: Mutex::new(0),
-            agent_from,
-        }
-    }
-
-    impl Hypervisor for Scripted {
-        fn list(&self) -> Result<Vec<Listing>, HvError> {
-            unimplemented!()
-        }
-        fn xml(&self, _: &str, _: bool) -> Result<String, HvError> {
-            unimplemented!()
-        }
-        fn define(&self, _: &str) -> Result<(), HvError> {
-            unimplemented!()
-        }
-        fn set_autostart(&self, _: &str, _: bool) -> Result<(), HvError> {
-            unimplemented!()
-        }
-        fn start(&self, _: &str) -> Result<(), HvError> {
-            unimplemented!()
-        }
-        fn is_active(&self, _: &str) -> Result<bool, HvError> {
-            unimplemented!()
-        }
-        fn shutdown(&self, _: &str) -> Result<(), HvError> {
-            unimplemented!()
-        }
-        fn destroy(&self, _: &str) -> Result<(), HvError> {
-            unimplemented!()
-        }
-        fn undefine_keep_state(&self, _: &str) -> Result<(), HvError> {
-            unimplemented!()
-        }
-        fn rename(&self, _: &str, _: &str) -> Result<(), HvError> {
-            unimplemented!()
-        }
-        fn run_state(&self, _: &str) -> Result<RunState, HvError> {
-            let mut polls = self.polls.lock().unwrap();
-            let s = self.states[(*polls).min(self.states.len() - 1)].clone();
-            *polls += 1;
-            Ok(s)
-        }
-        fn addresses(&self, _: &str) -> Vec<String> {
-            vec!["192.0.2.7".into(), "2001:db8::7".into()]
-        }
-        fn agent_ping(&self, name: &str, _: Duration) -> Result<(), HvError> {
-            let mut pings = self.pings.lock().unwrap();
-            *pings += 1;
-            if *pings >= self.agent_from {
-                Ok(())
-            } else {
-                Err(HvError::new(
-                    "ping the guest agent of",
-                    Some(name),
-                    "stub:///",
-                    "Guest agent is not responding",
-                ))
-            }
-        }
+    /// A domain whose state follows `states` (the i-th poll, the last one after), whose
+    /// guest agent answers from the `agent_from`-th ping on, with two addresses.
+    fn scripted(states: Vec<RunState>, agent_from: usize) -> FakeHost {
+        let mut hv = FakeHost::scripted(states, agent_from);
+        hv.addresses = vec!["192.0.2.7".into(), "2001:db8::7".into()];
+        hv
     }
 
     #[test]
@@ -450,7 +384,7 @@ mod tests {
         s.guest_agent = true;
         let hv = scripted(vec![state("running", "booted")], 2);
         assert_eq!(check(&hv, "web", "u", &s, &GO), Verdict::Healthy);
-        assert_eq!(*hv.pings.lock().unwrap(), 2);
+        assert_eq!(hv.pings(), 2);
         let mut s = spec(0, 1500, None);
         s.guest_agent = true;
         let hv = scripted(vec![state("running", "booted")], usize::MAX);
