@@ -556,3 +556,32 @@ fn a_health_command_runs_only_when_the_host_allows_it_and_plan_shows_it() {
         program.display()
     ));
 }
+
+/// The fake host of the unit tests, from here (`vmsync::testing`, the `test-support`
+/// feature): a commit validated against libvirt's schema, applied on a host that refuses
+/// one start; the other VM converges, the commit is not the applied one.
+#[test]
+fn a_start_the_host_refuses_fails_that_vm_only_on_the_shared_fake_host() {
+    let env = env_with(&["t2-ok", "t2-refused"]);
+    let settings = env.settings();
+    let host = vmsync::testing::FakeHost::refusing_to_start(&["t2-refused"]);
+    let mut record = record::Record::default();
+    let err = common::sync_head(&settings, &mut record, &host).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SyncError::ActionsFailed {
+                failed: 1,
+                total: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(host.calls().contains(&"start t2-ok".to_string()));
+    assert!(host.is_active("t2-ok").unwrap());
+    assert!(!host.is_active("t2-refused").unwrap());
+    assert!(record.vms["t2-ok"].ok);
+    assert!(!record.vms["t2-refused"].ok);
+    assert_eq!(record.last_applied_commit, None);
+}
