@@ -13,16 +13,9 @@ use crate::util::commit_id;
 /// One managed VM in the status view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmStatus {
-    pub name: String,
-    /// `None` when libvirt could not be asked.
-    pub defined: Option<bool>,
-    pub active: Option<bool>,
-    pub autostart: Option<bool>,
-    pub applied_commit: Option<String>,
-    pub pending_restart: bool,
-    /// What differs between the host and the last applied definition (empty: none).
-    pub drift: Vec<String>,
-    pub last_error: Option<String>,
+    /// What a VM shares with a network or pool (its JSON keys sit beside the others).
+    #[serde(flatten)]
+    pub entry: EntryStatus,
     /// The last health check's result, the last healthy commit and a held back commit
     /// (`null` for a VM never checked: no `[vm.health]`).
     pub health: Option<plan_types::HealthView>,
@@ -47,9 +40,9 @@ pub struct Status {
     /// Disks of pruned domains (never deleted by vmsync), path → former domain.
     pub orphaned_disks: std::collections::BTreeMap<String, String>,
     /// Networks vmsync manages.
-    pub networks: Vec<ResourceStatus>,
+    pub networks: Vec<EntryStatus>,
     /// Storage pools vmsync manages.
-    pub pools: Vec<ResourceStatus>,
+    pub pools: Vec<EntryStatus>,
 }
 
 /// Adds to `status` what is wrong with the local state of each VM: a last healthy
@@ -58,12 +51,12 @@ pub fn check_local_state(status: &mut Status, record: &Record, state_dir: &std::
     for vm in &mut status.vms {
         let Some(fingerprint) = record
             .vms
-            .get(&vm.name)
+            .get(&vm.entry.name)
             .and_then(|r| r.healthy_fingerprint.as_deref())
         else {
             continue;
         };
-        if let Err(why) = healthy_file::read(state_dir, &vm.name, fingerprint) {
+        if let Err(why) = healthy_file::read(state_dir, &vm.entry.name, fingerprint) {
             vm.state_problems.push(why);
         }
     }
@@ -83,25 +76,27 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
         .iter()
         .map(|(name, rec)| {
             let mut vm = VmStatus {
-                name: name.clone(),
-                defined: None,
-                active: None,
-                autostart: None,
-                applied_commit: rec.applied_commit.clone(),
-                pending_restart: rec.pending_restart,
-                drift: Vec::new(),
-                last_error: rec.last_error.clone(),
+                entry: EntryStatus {
+                    name: name.clone(),
+                    defined: None,
+                    active: None,
+                    autostart: None,
+                    applied_commit: rec.applied_commit.clone(),
+                    pending_restart: rec.pending_restart,
+                    drift: Vec::new(),
+                    last_error: rec.last_error.clone(),
+                },
                 health: plan_types::HealthView::of(rec),
                 state_problems: Vec::new(),
             };
             if let Some((hv, listing)) = &listing {
                 let seen = listing.iter().find(|d| &d.name == name);
-                vm.defined = Some(seen.is_some());
-                vm.active = Some(seen.is_some_and(|d| d.active));
-                vm.autostart = Some(seen.is_some_and(|d| d.autostart));
+                vm.entry.defined = Some(seen.is_some());
+                vm.entry.active = Some(seen.is_some_and(|d| d.active));
+                vm.entry.autostart = Some(seen.is_some_and(|d| d.autostart));
                 match seen {
                     None => {
-                        vm.drift = drift::detect(
+                        vm.entry.drift = drift::detect(
                             rec,
                             drift::Now {
                                 listing: None,
@@ -116,7 +111,7 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
                     Some(d) => {
                         let xml = hv.xml(name, true).ok();
                         let tag = xml.as_deref().and_then(domain_xml::read_tag);
-                        vm.drift = drift::detect(
+                        vm.entry.drift = drift::detect(
                             rec,
                             drift::Now {
                                 listing: Some(d),
@@ -135,11 +130,11 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
                                 .xml(name, false)
                                 .ok()
                                 .and_then(|xml| domain_xml::read_tag(&xml));
-                            vm.pending_restart = live
+                            vm.entry.pending_restart = live
                                 .zip(rec.fingerprint.as_ref())
                                 .is_none_or(|(t, fp)| &t.fingerprint != fp);
                         } else {
-                            vm.pending_restart = false;
+                            vm.entry.pending_restart = false;
                         }
                     }
                 }
@@ -212,21 +207,26 @@ pub fn render_text(s: &Status) -> String {
     );
     for vm in &s.vms {
         let applied = vm
+            .entry
             .applied_commit
             .as_deref()
             .map(commit_id::short)
             .unwrap_or("-");
-        let mut notes = vm.drift.clone();
-        notes.extend(vm.last_error.iter().map(|e| format!("error: {e}")));
+        let mut notes = vm.entry.drift.clone();
+        notes.extend(vm.entry.last_error.iter().map(|e| format!("error: {e}")));
         notes.extend(vm.state_problems.iter().cloned());
         out += &format!(
             "{:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
-            vm.name,
-            yes_no(vm.defined),
-            yes_no(vm.active),
-            yes_no(vm.autostart),
+            vm.entry.name,
+            yes_no(vm.entry.defined),
+            yes_no(vm.entry.active),
+            yes_no(vm.entry.autostart),
             applied,
-            if vm.pending_restart { "yes" } else { "no" },
+            if vm.entry.pending_restart {
+                "yes"
+            } else {
+                "no"
+            },
             if notes.is_empty() {
                 "-".to_string()
             } else {
@@ -244,9 +244,10 @@ pub fn render_text(s: &Status) -> String {
     out
 }
 
-/// One managed network or pool in `vmsync status`.
+/// One managed network or pool in `vmsync status`, and the part a VM's status shares
+/// with them ([`VmStatus::entry`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ResourceStatus {
+pub struct EntryStatus {
     pub name: String,
     /// `None` when libvirt could not be asked.
     pub defined: Option<bool>,
@@ -254,6 +255,7 @@ pub struct ResourceStatus {
     pub autostart: Option<bool>,
     pub applied_commit: Option<String>,
     pub pending_restart: bool,
+    /// What differs between the host and the last applied definition (empty: none).
     pub drift: Vec<String>,
     pub last_error: Option<String>,
 }
@@ -264,7 +266,7 @@ pub fn resource_status(
     record: &Record,
     hv: Option<&dyn Hypervisor>,
     kind: ResourceKind,
-) -> Vec<ResourceStatus> {
+) -> Vec<EntryStatus> {
     let recs = recorded(record, kind);
     let listing = match (hv, recs.is_empty()) {
         (Some(hv), false) => hv.list_resources(kind).ok(),
@@ -272,7 +274,7 @@ pub fn resource_status(
     };
     recs.iter()
         .map(|(name, rec)| {
-            let mut s = ResourceStatus {
+            let mut s = EntryStatus {
                 name: name.clone(),
                 defined: None,
                 active: None,
@@ -339,7 +341,7 @@ pub fn resource_status(
 }
 
 /// The networks and pools rows of `vmsync status`.
-pub fn resource_status_text(networks: &[ResourceStatus], pools: &[ResourceStatus]) -> String {
+pub fn resource_status_text(networks: &[EntryStatus], pools: &[EntryStatus]) -> String {
     if networks.is_empty() && pools.is_empty() {
         return String::new();
     }
@@ -407,7 +409,7 @@ mod tests {
         assert!(s.libvirt_error.as_deref().unwrap().contains("no socket"));
         assert_eq!(s.vms.len(), 4);
         assert!(
-            s.vms.iter().all(|vm| vm.defined.is_none()),
+            s.vms.iter().all(|vm| vm.entry.defined.is_none()),
             "unknown, not false"
         );
         let text = render_text(&s);
@@ -453,7 +455,7 @@ mod tests {
         host.start("web").unwrap();
         let s = status(&record, Ok(&host));
         assert_eq!(s.libvirt_error, None);
-        let web = &s.vms[0];
+        let web = &s.vms[0].entry;
         assert_eq!(
             (web.defined, web.active, web.autostart),
             (Some(true), Some(true), Some(false))
