@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
         &["/var/lib/libvirt/images".into()],
     );
     let roots = [std::path::PathBuf::from("/var/lib/libvirt/images")];
-    let policy = vmsync::desired::host_policy::HostPolicy::default();
+    let policy = vmsync::desired::host_policy_settings::HostPolicy::default();
     let _ = vmsync::desired::host_access::check_pool(xml, &policy, &roots);
     let _ = vmsync::desired::host_access::check_network(xml, &policy, &roots);
     if let Err(e) = vmsync::desired::path_rule::absolute(xml) {
