@@ -32,6 +32,11 @@ pub struct FakeHost {
     pings: Mutex<usize>,
     /// The guests' IP addresses (`addresses`), for every domain.
     pub addresses: Vec<String>,
+    /// Guests (by name) that ignore ACPI shutdown requests, as one without an OS does:
+    /// only `destroy` stops them.
+    pub ignore_shutdown: BTreeSet<String>,
+    /// Domains (by name) whose XML cannot be read.
+    pub unreadable_xml: BTreeSet<String>,
     calls: Mutex<Vec<String>>,
 }
 
@@ -64,6 +69,22 @@ impl FakeHost {
         }
     }
 
+    /// A running guest `name` that ignores ACPI shutdown requests and whose XML cannot
+    /// be read back; no call logged yet.
+    pub fn stubborn_guest(name: &str) -> Self {
+        let listing = Listing {
+            name: name.to_string(),
+            uuid: "00000000-0000-4000-8000-000000000000".into(),
+            active: true,
+            autostart: true,
+            persistent: true,
+        };
+        let mut host = Self::with_domains(vec![(listing, String::new())]);
+        host.ignore_shutdown.insert(name.to_string());
+        host.unreadable_xml.insert(name.to_string());
+        host
+    }
+
     /// The guest agent pings so far.
     pub fn pings(&self) -> usize {
         *self.pings.lock().unwrap()
@@ -93,6 +114,14 @@ impl Hypervisor for FakeHost {
         Ok(domains.values().map(|(l, _)| l.clone()).collect())
     }
     fn xml(&self, name: &str, _inactive: bool) -> Result<String, HvError> {
+        if self.unreadable_xml.contains(name) {
+            return Err(HvError::new(
+                "read the XML of",
+                Some(name),
+                "fake:///",
+                "unreadable",
+            ));
+        }
         let domains = self.domains.lock().unwrap();
         let found = domains.get(name).map(|(_, xml)| xml.clone());
         found.ok_or_else(|| HvError::new("read", Some(name), "fake:///", "no domain"))
@@ -169,7 +198,8 @@ impl Hypervisor for FakeHost {
     }
     fn shutdown(&self, name: &str) -> Result<(), HvError> {
         self.log(format!("shutdown {name}"));
-        self.with(name, |l| l.active = false)
+        let ignored = self.ignore_shutdown.contains(name);
+        self.with(name, |l| l.active &= ignored)
     }
     fn destroy(&self, name: &str) -> Result<(), HvError> {
         self.log(format!("destroy {name}"));

@@ -256,68 +256,19 @@ fn apply_vm(
 mod tests {
     use super::*;
     use crate::desired::manifest::PowerState;
-    use crate::host::hypervisor::{HvError, Listing};
+    use crate::host::hypervisor::Listing;
     use crate::host::power::SHUTDOWN_INTERRUPTED;
     use crate::host::power::{StopError, Stopped};
     use crate::reconcile::outcome::INTERRUPTED;
     use crate::record::VmRecord;
-    use std::sync::Mutex;
+    use crate::testing::FakeHost;
     use std::time::Duration;
     use std::time::Instant;
 
-    /// A running guest that ignores ACPI shutdown requests (as a guest without an OS
-    /// does); records the calls that change it.
-    #[derive(Default)]
-    struct StubbornGuest {
-        calls: Mutex<Vec<String>>,
-    }
-
-    impl StubbornGuest {
-        fn calls(&self) -> Vec<String> {
-            self.calls.lock().unwrap().clone()
-        }
-        fn note(&self, call: String) -> Result<(), HvError> {
-            self.calls.lock().unwrap().push(call);
-            Ok(())
-        }
-    }
-
-    impl Hypervisor for StubbornGuest {
-        fn list(&self) -> Result<Vec<Listing>, HvError> {
-            unimplemented!("not used by apply")
-        }
-        fn xml(&self, _: &str, _: bool) -> Result<String, HvError> {
-            Err(HvError::new(
-                "read the XML of",
-                None,
-                "stub:///",
-                "no xml in this stub",
-            ))
-        }
-        fn define(&self, _: &str) -> Result<(), HvError> {
-            self.note("define".into())
-        }
-        fn set_autostart(&self, _: &str, on: bool) -> Result<(), HvError> {
-            self.note(format!("autostart {on}"))
-        }
-        fn start(&self, _: &str) -> Result<(), HvError> {
-            self.note("start".into())
-        }
-        fn is_active(&self, _: &str) -> Result<bool, HvError> {
-            Ok(true)
-        }
-        fn shutdown(&self, _: &str) -> Result<(), HvError> {
-            self.note("shutdown".into())
-        }
-        fn destroy(&self, _: &str) -> Result<(), HvError> {
-            self.note("destroy".into())
-        }
-        fn undefine_keep_state(&self, _: &str) -> Result<(), HvError> {
-            self.note("undefine".into())
-        }
-        fn rename(&self, _: &str, _: &str) -> Result<(), HvError> {
-            self.note("rename".into())
-        }
+    /// A running guest "web" that ignores ACPI shutdown requests (as a guest without an
+    /// OS does) and whose XML cannot be read back.
+    fn stubborn_guest() -> FakeHost {
+        FakeHost::stubborn_guest("web")
     }
 
     /// Sets `cancel` after `after`, from another thread (as the signal handler does).
@@ -331,7 +282,7 @@ mod tests {
     #[test]
     fn a_stop_request_ends_the_wait_for_a_guest_shutdown() {
         static CANCEL: AtomicBool = AtomicBool::new(false);
-        let hv = StubbornGuest::default();
+        let hv = stubborn_guest();
         cancel_after(&CANCEL, Duration::from_millis(300));
         let started = Instant::now();
         let result = graceful_stop(&hv, "web", Duration::from_secs(120), &CANCEL);
@@ -343,10 +294,10 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        assert_eq!(hv.calls(), ["shutdown"], "asked, never destroyed");
+        assert_eq!(hv.calls(), ["shutdown web"], "asked, never destroyed");
 
         // Without a stop request the timeout still ends in a destroy.
-        let hv = StubbornGuest::default();
+        let hv = stubborn_guest();
         let result = graceful_stop(
             &hv,
             "web",
@@ -361,7 +312,7 @@ mod tests {
             }
         );
         assert!(stopped.to_string().ends_with("destroyed"), "{stopped}");
-        assert_eq!(hv.calls(), ["shutdown", "destroy"]);
+        assert_eq!(hv.calls(), ["shutdown web", "destroy web"]);
     }
 
     fn vm_plan(actions: Vec<Action>) -> VmPlan {
@@ -408,10 +359,10 @@ mod tests {
     #[test]
     fn an_interrupted_stop_is_not_done_and_the_record_keeps_what_was_done() {
         static CANCEL: AtomicBool = AtomicBool::new(false);
-        let hv = StubbornGuest::default();
+        let hv = stubborn_guest();
         let plan = vm_plan(vec![
             Action::Define {
-                xml: "<domain/>".into(),
+                xml: "<domain><name>web</name></domain>".into(),
                 redefine: true,
             },
             Action::SetAutostart(false),
@@ -429,7 +380,10 @@ mod tests {
             "c-new",
         );
         assert!(started.elapsed() < Duration::from_secs(2));
-        assert_eq!(hv.calls(), ["define", "autostart false", "shutdown"]);
+        assert_eq!(
+            hv.calls(),
+            ["define web", "autostart web false", "shutdown web"]
+        );
         assert_eq!(outcome.error, Some(VmFailure::ShutdownInterrupted));
         assert_eq!(outcome.done, ["redefine in place", "clear autostart"]);
         assert!(outcome.up, "still running: the stop was not done");
@@ -477,7 +431,7 @@ mod tests {
 
     #[test]
     fn a_converged_vm_records_the_commit_and_an_untouched_one_keeps_its_entry() {
-        let hv = StubbornGuest::default();
+        let hv = stubborn_guest();
         let plan = vm_plan(vec![Action::SetAutostart(false)]);
         let outcome = apply_vm(
             &plan,
