@@ -58,65 +58,11 @@ pub fn observe(
         .iter()
         .map(|vm| (vm.name.as_str(), vm.fingerprint.as_str()))
         .collect();
-    let uuids: std::collections::BTreeSet<String> = desired
-        .vms
-        .iter()
-        .filter_map(|vm| vm.summary.uuid.as_ref().map(|u| u.to_ascii_lowercase()))
-        .collect();
-    // Read only what can matter: the desired domains, the ones this agent applied before
-    // (prune candidates) and tagged domains with a desired VM's UUID (renames). Other
-    // domains are never read.
-    let listed: Vec<(bool, Listing)> = hv
-        .list()?
-        .into_iter()
-        .filter_map(|l| {
-            let is_wanted = wanted.contains_key(l.name.as_str());
-            let relevant = is_wanted
-                || applied.contains_key(&l.name)
-                || uuids.contains(&l.uuid.to_ascii_lowercase());
-            relevant.then_some((is_wanted, l))
-        })
-        .collect();
+    let listed = relevant_domains(desired, applied, hv, &wanted)?;
     // One inactive-XML read per such domain (and the live XML of running ones), on a
     // few threads: libvirt serves concurrent calls on one connection.
     let seen = par::map(listed, THREADS, |(is_wanted, listing)| {
-        let inactive_xml = hv.xml(&listing.name, true).ok();
-        let (inactive, definition_hash) = inactive_xml
-            .as_deref()
-            .map(domain_xml::summarize_and_hash)
-            .unwrap_or_default();
-        if !is_wanted && inactive.as_ref().is_none_or(|s| s.tag.is_none()) {
-            // Not vmsync's: never touched, not even listed.
-            return None;
-        }
-        let live_tag = if listing.active {
-            hv.xml(&listing.name, false)
-                .ok()
-                .and_then(|xml| domain_xml::read_tag(&xml))
-        } else {
-            None
-        };
-        // Keep the XML text only where it is used: the diff of a definition the plan
-        // renders (the tag's fingerprint differs, or the definition drifted from the
-        // recorded baseline) and the disks of a prune candidate. A thousand converged
-        // domains would otherwise hold megabytes for nothing.
-        let fingerprint_matches = inactive
-            .as_ref()
-            .and_then(|s| s.tag.as_ref())
-            .map(|t| t.fingerprint.as_str())
-            == wanted.get(listing.name.as_str()).copied();
-        let drifted = matches!(applied.get(&listing.name), Some(Some(base)) if Some(base) != definition_hash.as_ref());
-        let converged = is_wanted && fingerprint_matches && !drifted;
-        Some((
-            is_wanted,
-            SeenDomain {
-                definition_hash,
-                listing,
-                inactive,
-                live_tag,
-                inactive_xml: if converged { None } else { inactive_xml },
-            },
-        ))
+        read_domain(hv, &wanted, applied, is_wanted, listing)
     });
     let mut domains = BTreeMap::new();
     let mut others = BTreeMap::new();
@@ -147,6 +93,82 @@ pub fn observe(
         directories,
         resources: Default::default(),
     })
+}
+
+/// The listed domains that can matter, each with whether it is desired: the desired
+/// domains, the ones this agent applied before (prune candidates) and domains with a
+/// desired VM's UUID (renames). Other domains are never read.
+fn relevant_domains(
+    desired: &Desired,
+    applied: &BTreeMap<String, Option<String>>,
+    hv: &dyn Hypervisor,
+    wanted: &BTreeMap<&str, &str>,
+) -> Result<Vec<(bool, Listing)>, HvError> {
+    let uuids: std::collections::BTreeSet<String> = desired
+        .vms
+        .iter()
+        .filter_map(|vm| vm.summary.uuid.as_ref().map(|u| u.to_ascii_lowercase()))
+        .collect();
+    Ok(hv
+        .list()?
+        .into_iter()
+        .filter_map(|l| {
+            let is_wanted = wanted.contains_key(l.name.as_str());
+            let relevant = is_wanted
+                || applied.contains_key(&l.name)
+                || uuids.contains(&l.uuid.to_ascii_lowercase());
+            relevant.then_some((is_wanted, l))
+        })
+        .collect())
+}
+
+/// Reads one listed domain: its inactive definition (summary, hash, and the text where
+/// it is used) and the tag of its running definition. `None`: not vmsync's and not
+/// desired.
+fn read_domain(
+    hv: &dyn Hypervisor,
+    wanted: &BTreeMap<&str, &str>,
+    applied: &BTreeMap<String, Option<String>>,
+    is_wanted: bool,
+    listing: Listing,
+) -> Option<(bool, SeenDomain)> {
+    let inactive_xml = hv.xml(&listing.name, true).ok();
+    let (inactive, definition_hash) = inactive_xml
+        .as_deref()
+        .map(domain_xml::summarize_and_hash)
+        .unwrap_or_default();
+    if !is_wanted && inactive.as_ref().is_none_or(|s| s.tag.is_none()) {
+        // Not vmsync's: never touched, not even listed.
+        return None;
+    }
+    let live_tag = if listing.active {
+        hv.xml(&listing.name, false)
+            .ok()
+            .and_then(|xml| domain_xml::read_tag(&xml))
+    } else {
+        None
+    };
+    // Keep the XML text only where it is used: the diff of a definition the plan
+    // renders (the tag's fingerprint differs, or the definition drifted from the
+    // recorded baseline) and the disks of a prune candidate. A thousand converged
+    // domains would otherwise hold megabytes for nothing.
+    let fingerprint_matches = inactive
+        .as_ref()
+        .and_then(|s| s.tag.as_ref())
+        .map(|t| t.fingerprint.as_str())
+        == wanted.get(listing.name.as_str()).copied();
+    let drifted = matches!(applied.get(&listing.name), Some(Some(base)) if Some(base) != definition_hash.as_ref());
+    let converged = is_wanted && fingerprint_matches && !drifted;
+    Some((
+        is_wanted,
+        SeenDomain {
+            definition_hash,
+            listing,
+            inactive,
+            live_tag,
+            inactive_xml: if converged { None } else { inactive_xml },
+        },
+    ))
 }
 
 #[cfg(test)]
