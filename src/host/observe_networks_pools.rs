@@ -82,42 +82,7 @@ pub fn observe(
             if !wanted.contains(&key) {
                 continue;
             }
-            let inactive_xml = hv.resource_xml(kind, &listing.name, true).ok();
-            let inactive = inactive_xml
-                .as_deref()
-                .and_then(|x| resource_xml::summarize(kind, x).ok());
-            let definition_hash = inactive_xml
-                .as_deref()
-                .and_then(|x| resource_xml::definition_hash(kind, x));
-            let live = if listing.active && kind == ResourceKind::Network {
-                hv.resource_xml(kind, &listing.name, false).ok()
-            } else {
-                None
-            };
-            let live_fingerprint = live
-                .as_deref()
-                .and_then(|x| resource_xml::summarize(kind, x).ok())
-                .and_then(|s| s.tag)
-                .map(|t| t.fingerprint);
-            let live_hash = live
-                .as_deref()
-                .and_then(|x| resource_xml::live_hash(kind, x));
-            let live_is_persistent = live_hash.is_some()
-                && live_hash
-                    == inactive_xml
-                        .as_deref()
-                        .and_then(|x| resource_xml::live_hash(kind, x));
-            out.seen.insert(
-                key,
-                SeenResource {
-                    listing,
-                    inactive,
-                    inactive_xml,
-                    definition_hash,
-                    live_fingerprint,
-                    live_is_persistent,
-                },
-            );
+            out.seen.insert(key, read_resource(hv, kind, listing));
         }
     }
     // One volume listing per pool a volume of the commit (or a domain) is in, when the
@@ -148,6 +113,45 @@ pub fn observe(
         out.volumes.insert(pool.to_string(), volumes);
     }
     Ok(out)
+}
+
+/// Reads one listed network or pool: its inactive definition (summary, text, hash) and,
+/// for a running network, its live definition's tag and whether that is the persistent
+/// one.
+fn read_resource(hv: &dyn Hypervisor, kind: ResourceKind, listing: Listing) -> SeenResource {
+    let inactive_xml = hv.resource_xml(kind, &listing.name, true).ok();
+    let inactive = inactive_xml
+        .as_deref()
+        .and_then(|x| resource_xml::summarize(kind, x).ok());
+    let definition_hash = inactive_xml
+        .as_deref()
+        .and_then(|x| resource_xml::definition_hash(kind, x));
+    let live = if listing.active && kind == ResourceKind::Network {
+        hv.resource_xml(kind, &listing.name, false).ok()
+    } else {
+        None
+    };
+    let live_fingerprint = live
+        .as_deref()
+        .and_then(|x| resource_xml::summarize(kind, x).ok())
+        .and_then(|s| s.tag)
+        .map(|t| t.fingerprint);
+    let live_hash = live
+        .as_deref()
+        .and_then(|x| resource_xml::live_hash(kind, x));
+    let live_is_persistent = live_hash.is_some()
+        && live_hash
+            == inactive_xml
+                .as_deref()
+                .and_then(|x| resource_xml::live_hash(kind, x));
+    SeenResource {
+        listing,
+        inactive,
+        inactive_xml,
+        definition_hash,
+        live_fingerprint,
+        live_is_persistent,
+    }
 }
 
 /// The references of the commit that neither the commit nor the host has (exit 3).
