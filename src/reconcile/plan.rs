@@ -1429,7 +1429,14 @@ mod tests {
     fn seeds_are_written_when_missing_or_changed_and_restart_as_their_on_change_says() {
         use SeedOnChange::{Never, NextBoot, Restart};
         // (on_change, seed applied before, seed on disk, planned kinds, pending restart)
-        let cases: &[(SeedOnChange, &str, Option<&str>, &[ActionKind], bool)] = &[
+        type Case<'a> = (
+            SeedOnChange,
+            &'a str,
+            Option<&'a str>,
+            &'a [ActionKind],
+            bool,
+        );
+        let cases: &[Case] = &[
             // Unchanged: the file is left alone, nothing to do.
             (NextBoot, "pw-a", Some("pw-a"), &[], false),
             // A lost seed file is written again, nothing else.
