@@ -14,7 +14,7 @@ use crate::desired::domain_xml::DomainSummary;
 use crate::desired::manifest::{self, MANIFEST_FILE, Problem, VmEntry, XmlSource};
 use crate::desired::schema_check::SchemaChecker;
 use crate::desired::{
-    domain_xml, health_spec, host_access, host_policy, network_pool_entries, seed_spec,
+    domain_xml, health_spec, host_access, host_policy, network_pool_entries, path_rule, seed_spec,
     template_render,
 };
 use crate::repo::files::RepoFiles;
@@ -133,12 +133,7 @@ fn vm_problem(
 impl<'a> Validation<'a> {
     /// The disk roots as listed in messages.
     fn roots_text(&self) -> String {
-        self.policy
-            .disk_roots
-            .iter()
-            .map(|r| format!("'{}'", r.display()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        path_rule::roots_text(&self.policy.disk_roots)
     }
 
     /// Every `[[directory]]` is below a disk root.
