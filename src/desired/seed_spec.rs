@@ -310,35 +310,12 @@ pub fn build(
 mod tests {
     use super::*;
     use crate::desired::secret_port::Secrets;
-    use crate::repo::files::FileError;
-    use std::collections::BTreeMap;
-
-    struct Files(BTreeMap<String, Vec<u8>>);
-
-    impl RepoFiles for Files {
-        fn read_text(&self, path: &str) -> Result<String, FileError> {
-            crate::repo::files::decode(path, self.read_bytes(path)?)
-        }
-        fn read_bytes(&self, path: &str) -> Result<Vec<u8>, FileError> {
-            self.0
-                .get(path)
-                .cloned()
-                .ok_or_else(|| FileError::NotFound(path.into()))
-        }
-        fn revision(&self) -> String {
-            "test".into()
-        }
-    }
+    use crate::repo::files::MemoryFiles;
 
     const XML: &str = "<domain type='kvm'>\n  <name>web</name>\n  <devices>\n    <disk type='file' device='disk'><source file='/x'/><target dev='sda' bus='sata'/></disk>\n  </devices>\n</domain>\n";
 
-    fn build_with(files: &[(&str, &[u8])], spec: &CloudInitSpec) -> Result<SeedSpec, SeedProblem> {
-        let files = Files(
-            files
-                .iter()
-                .map(|(p, b)| (p.to_string(), b.to_vec()))
-                .collect(),
-        );
+    fn build_with(files: &[(&str, &str)], spec: &CloudInitSpec) -> Result<SeedSpec, SeedProblem> {
+        let files = MemoryFiles::new(files.iter().copied());
         let renderer = Renderer::for_text(&files, Secrets::default());
         let params = Default::default();
         let inputs = SeedInputs {
@@ -365,9 +342,9 @@ mod tests {
 
     #[test]
     fn instance_id_changes_exactly_with_the_content() {
-        let a = build_with(&[("u", b"#cloud-config\n")], &spec("u")).unwrap();
-        let again = build_with(&[("u", b"#cloud-config\n")], &spec("u")).unwrap();
-        let b = build_with(&[("u", b"#cloud-config\nx: 1\n")], &spec("u")).unwrap();
+        let a = build_with(&[("u", "#cloud-config\n")], &spec("u")).unwrap();
+        let again = build_with(&[("u", "#cloud-config\n")], &spec("u")).unwrap();
+        let b = build_with(&[("u", "#cloud-config\nx: 1\n")], &spec("u")).unwrap();
         assert_eq!(a.instance_id, again.instance_id);
         assert_eq!(a.image(), again.image());
         assert_ne!(a.instance_id, b.instance_id);
@@ -390,8 +367,8 @@ mod tests {
         s.meta_data = Some("m".into());
         let seed = build_with(
             &[
-                ("u.yaml.j2", b"hostname: {{ vm.name }} <&> {{ host }}\n"),
-                ("m", b"instance-id: mine\n"),
+                ("u.yaml.j2", "hostname: {{ vm.name }} <&> {{ host }}\n"),
+                ("m", "instance-id: mine\n"),
             ],
             &s,
         )
@@ -406,13 +383,13 @@ mod tests {
         let p = build_with(&[], &spec("missing.yaml")).unwrap_err();
         assert_eq!(p.field, "cloud_init.user_data");
         assert!(p.message.contains("missing.yaml"), "{}", p.message);
-        let p = build_with(&[("u.j2", b"{{ nope }}")], &spec("u.j2")).unwrap_err();
+        let p = build_with(&[("u.j2", "{{ nope }}")], &spec("u.j2")).unwrap_err();
         assert_eq!((p.file.as_str(), p.line), ("u.j2", Some(1)));
     }
 
     #[test]
     fn device_goes_into_devices_and_fingerprint_parts_split() {
-        let seed = build_with(&[("u", b"x")], &spec("u")).unwrap();
+        let seed = build_with(&[("u", "x")], &spec("u")).unwrap();
         let xml = with_device(XML, &seed).unwrap();
         let doc = roxmltree::Document::parse(&xml).unwrap();
         let cdrom = doc
