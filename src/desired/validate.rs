@@ -14,7 +14,8 @@ use crate::desired::domain_xml::DomainSummary;
 use crate::desired::manifest::{self, MANIFEST_FILE, Problem, VmEntry, XmlSource};
 use crate::desired::schema_check::SchemaChecker;
 use crate::desired::{
-    domain_xml, health_spec, host_access, host_policy, network_pool_entries, template_render,
+    domain_xml, health_spec, host_access, host_policy, network_pool_entries, path_rule,
+    template_render,
 };
 use crate::repo::files::RepoFiles;
 
@@ -126,12 +127,7 @@ fn vm_problem(
 impl<'a> Validation<'a> {
     /// The disk roots as listed in messages.
     fn roots_text(&self) -> String {
-        self.policy
-            .disk_roots
-            .iter()
-            .map(|r| format!("'{}'", r.display()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        path_rule::roots_text(&self.policy.disk_roots)
     }
 
     /// Every `[[directory]]` is below a disk root.
