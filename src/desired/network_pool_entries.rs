@@ -400,21 +400,7 @@ pub fn validate_summary(r: &DesiredResources) -> String {
 mod tests {
     use super::*;
     use crate::desired::schema_check::SchemaError;
-    use crate::repo::files::FileError;
-
-    struct Files(BTreeMap<String, String>);
-
-    impl RepoFiles for Files {
-        fn read_text(&self, path: &str) -> Result<String, FileError> {
-            self.0
-                .get(path)
-                .cloned()
-                .ok_or_else(|| FileError::NotFound(path.into()))
-        }
-        fn revision(&self) -> String {
-            "test".into()
-        }
-    }
+    use crate::repo::files::MemoryFiles;
 
     /// Accepts every domain; networks and pools go through libvirt's real check.
     struct Schema;
@@ -470,7 +456,7 @@ xml = "a.xml"
             disk_roots: vec!["/srv/images".into()],
             ..Default::default()
         };
-        crate::desired::validate::validate(&Files(map), &policy, &Schema)
+        crate::desired::validate::validate(&MemoryFiles::new(map), &policy, &Schema)
     }
 
     const GOOD: &[(&str, &str)] = &[("a.xml", VM), ("lab.xml", NET), ("pool.xml", POOL)];
