@@ -162,3 +162,30 @@ fn validate_checks_a_secrets_format_without_the_key() {
         run.stderr
     );
 }
+
+/// libvirt's schema check of a VM with a seed runs on the committed XML (beside
+/// observation); its rejection still names the VM, and nothing is written.
+#[test]
+fn a_schema_error_in_a_seeded_vm_is_reported_and_no_seed_is_written() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = HostKey::ssh(keys.path());
+    let mut env = Env::new();
+    let seed_dir = env.images.join("seeds");
+    seeds::configure(&mut env, &seed_dir, &key.path, "");
+    env.repo.write("cloud-init/web.yaml", "#cloud-config\n");
+    let vm = env
+        .vm("web")
+        .schema_bad()
+        .key(&seeds::cloud_init("cloud-init/web.yaml", ""));
+    env.commit(&Manifest::new().vm(vm), "schema error");
+    let run = env.run(&["--once"]).expect(3);
+    assert!(
+        run.stderr.contains("vm 'web': field 'xml'") && run.stderr.contains("vcpux"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !seed_dir.exists(),
+        "a seed was written for an invalid commit"
+    );
+}
