@@ -86,7 +86,7 @@ fn the_seed_is_a_nocloud_iso_with_the_secret_and_nothing_else_shows_it() {
         plan.stdout
     );
     assert!(
-        !plan.stdout.contains("write cloud-init seed"),
+        !plan.stdout.contains("cloud-init seed '"),
         "{}",
         plan.stdout
     );
@@ -135,7 +135,10 @@ fn an_unchanged_seed_is_not_written_again_and_a_changed_one_is() {
     env.repo.commit("user-data changed");
     let plan = env.run(&["plan"]).expect(0);
     assert!(
-        plan.stdout.contains("write cloud-init seed") && plan.stdout.contains("secret, not shown"),
+        plan.stdout.contains("rebuild cloud-init seed '")
+            && plan
+                .stdout
+                .contains(": content changed (secret, not shown)"),
         "{}",
         plan.stdout
     );
