@@ -103,6 +103,10 @@ pub struct Cli {
     /// `policy.max_prune` of them.
     #[arg(long)]
     pub allow_mass_prune: bool,
+    /// With --once or plan: restarts, stops and prunes do not wait for a maintenance
+    /// window ([[window]] in the VM repository); for emergencies.
+    #[arg(long, global = true)]
+    pub ignore_windows: bool,
     /// Put drifted domains back to the commit ([policy] self_heal) [default: true].
     #[arg(long, global = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub self_heal: Option<bool>,
@@ -423,6 +427,7 @@ pub fn run() -> u8 {
         max_prune: cli.max_prune,
         shutdown_timeout: cli.shutdown_timeout.clone(),
         allow_mass_prune: cli.allow_mass_prune,
+        ignore_windows: cli.ignore_windows,
         allowed_signers: cli.allowed_signers.clone(),
         probe_url: cli.probe_url.clone(),
     };
@@ -430,6 +435,13 @@ pub fn run() -> u8 {
     if !cli.retry.is_empty() && !syncing_once {
         return report(&SyncError::Config(config::ConfigError(
             "--retry is only accepted with --once".into(),
+        )));
+    }
+    if cli.ignore_windows
+        && !(cli.once && cli.command.is_none() || matches!(cli.command, Some(Command::Plan { .. })))
+    {
+        return report(&SyncError::Config(config::ConfigError(
+            "--ignore-windows goes with --once or plan".into(),
         )));
     }
     if cli.allow_rewind && !(cli.once && cli.command.is_none()) {

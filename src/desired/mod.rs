@@ -15,6 +15,8 @@ pub mod network_pool_entries;
 pub mod path_rule;
 pub mod resource_xml;
 pub mod schema_check;
+pub mod start_order;
 pub mod template_render;
 pub mod validate;
 pub mod values;
+pub mod window_spec;
