@@ -471,7 +471,8 @@ fn overrides(cli: &Cli) -> Overrides {
     }
 }
 
-/// `--retry` and `--allow-rewind` belong to `--once`; checked before the config loads.
+/// `--retry` and `--allow-rewind` belong to `--once`, `--ignore-windows` to `--once` or
+/// `plan`; checked before the config loads.
 fn check_once_only_flags(cli: &Cli) -> Result<(), SyncError> {
     let syncing_once = cli.once && cli.command.is_none() && !cli.dry_run;
     if !cli.retry.is_empty() && !syncing_once {
@@ -480,9 +481,7 @@ fn check_once_only_flags(cli: &Cli) -> Result<(), SyncError> {
     if cli.ignore_windows
         && !(cli.once && cli.command.is_none() || matches!(cli.command, Some(Command::Plan { .. })))
     {
-        return report(&SyncError::Config(config::ConfigError(
-            "--ignore-windows goes with --once or plan".into(),
-        )));
+        return Err(config_error("--ignore-windows goes with --once or plan"));
     }
     if cli.allow_rewind && !(cli.once && cli.command.is_none()) {
         return Err(config_error("--allow-rewind is only accepted with --once"));
