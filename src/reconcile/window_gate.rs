@@ -20,6 +20,14 @@ pub fn waiting_text(next: Option<DateTime<Utc>>) -> String {
     }
 }
 
+/// The window start in a [`waiting_text`].
+pub fn start_of(waiting: &str) -> Option<DateTime<Utc>> {
+    let at = waiting.strip_prefix("window ")?;
+    DateTime::parse_from_rfc3339(at)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
 /// Holds back the interrupting actions of `plan` that no window open at `now` allows on
 /// `host`. Returns how many VMs (and prunes) wait.
 pub fn gate(plan: &mut Plan, windows: &[Window], host: &str, now: DateTime<Utc>) -> usize {
@@ -161,6 +169,10 @@ mod tests {
             Some("waiting for window 2026-12-07T02:00:00Z")
         );
         assert_eq!(p.next_window, Some(at("2026-12-07T02:00:00Z")));
+        assert_eq!(
+            p.vms[0].order.waiting.as_deref().and_then(start_of),
+            p.next_window
+        );
     }
 
     #[test]
