@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod metrics;
 pub mod notify;
 pub mod render_cmd;
+pub mod shutdown;
 pub mod report;
 pub mod stage_clock;
 pub mod status;

@@ -96,11 +96,19 @@ impl Graph {
         waves
     }
 
-    /// The shutdown order: the start order reversed (dependents first).
+    /// The shutdown order: wave 0 holds the VMs nothing depends on (independent ones
+    /// too, at once), wave n the VMs whose dependents are all in earlier waves.
     pub fn shutdown_waves(&self) -> Vec<Vec<String>> {
-        let mut waves = self.waves();
-        waves.reverse();
-        waves
+        let mut reversed: BTreeMap<String, Vec<String>> =
+            self.deps.keys().map(|n| (n.clone(), Vec::new())).collect();
+        for (name, deps) in &self.deps {
+            for d in deps {
+                if let Some(r) = reversed.get_mut(d) {
+                    r.push(name.clone());
+                }
+            }
+        }
+        Graph { deps: reversed }.waves()
     }
 
     /// A cycle, as the path `a -> b -> … -> a`, if the graph has one (the first found,
@@ -238,7 +246,14 @@ mod tests {
                 vec!["app".into(), "web".into()],
             ]
         );
-        assert_eq!(g.shutdown_waves()[0], vec!["app".to_string(), "web".into()]);
+        assert_eq!(
+            g.shutdown_waves(),
+            vec![
+                vec!["app".to_string(), "other".into(), "web".into()],
+                vec!["db".into()],
+                vec!["router".into()],
+            ]
+        );
         assert!(g.in_graph("router") && g.in_graph("app"));
         assert!(!g.in_graph("other"));
         assert_eq!(g.dependents("db"), ["app", "web"]);
