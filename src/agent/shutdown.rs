@@ -43,11 +43,7 @@ pub struct Stopped {
 /// The shutdown order of the VMs in `record` that are in `running` (managed, tagged
 /// and running now): waves, dependents before their dependencies; `default_timeout`
 /// for a VM without its own. Pure.
-pub fn waves(
-    record: &Record,
-    running: &[String],
-    default_timeout: Duration,
-) -> Vec<Vec<ToStop>> {
+pub fn waves(record: &Record, running: &[String], default_timeout: Duration) -> Vec<Vec<ToStop>> {
     let graph = Graph::new(
         record
             .vms
@@ -144,7 +140,10 @@ mod tests {
             .map(|w| w.iter().map(|v| v.name.as_str()).collect())
             .collect();
         // web is not running: left out; other (independent) goes with the first wave.
-        assert_eq!(names, vec![vec!["app", "other"], vec!["db"], vec!["router"]]);
+        assert_eq!(
+            names,
+            vec![vec!["app", "other"], vec!["db"], vec!["router"]]
+        );
         assert_eq!(waves[1][0].timeout, Duration::from_secs(30));
         assert_eq!(waves[0][0].timeout, Duration::from_secs(120));
     }

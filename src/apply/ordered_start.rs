@@ -92,8 +92,7 @@ pub fn apply_in_order(
     threads: usize,
     apply_one: &(dyn Fn(&VmPlan) -> VmOutcome + Sync),
 ) -> Vec<VmOutcome> {
-    let by_name: BTreeMap<&str, &VmPlan> =
-        plan.vms.iter().map(|v| (v.name.as_str(), v)).collect();
+    let by_name: BTreeMap<&str, &VmPlan> = plan.vms.iter().map(|v| (v.name.as_str(), v)).collect();
     let graph = Graph::new(
         plan.vms
             .iter()
@@ -101,7 +100,10 @@ pub fn apply_in_order(
     );
     let mut done: BTreeMap<String, VmOutcome> = BTreeMap::new();
     for wave in graph.waves() {
-        let vms: Vec<&VmPlan> = wave.iter().filter_map(|n| by_name.get(n.as_str()).copied()).collect();
+        let vms: Vec<&VmPlan> = wave
+            .iter()
+            .filter_map(|n| by_name.get(n.as_str()).copied())
+            .collect();
         let up = dependencies_up(&vms, &by_name, hv, cancel, threads);
         let outcomes = par::map(vms, threads, |vm| match blocked_by(vm, &up) {
             Some(why) => held_before_start(vm, why, apply_one),
@@ -277,14 +279,21 @@ mod tests {
         });
         let order = order.into_inner().unwrap();
         let pos = |n: &str| order.iter().position(|x| x == n).unwrap();
-        assert!(pos("router") < pos("db") && pos("db") < pos("app"), "{order:?}");
+        assert!(
+            pos("router") < pos("db") && pos("db") < pos("app"),
+            "{order:?}"
+        );
         let names: Vec<&str> = outcomes.iter().map(|o| o.name.as_str()).collect();
         assert_eq!(names, ["app", "db", "router", "other"], "plan order");
         assert_eq!(
             outcomes[0].error,
             Some(VmFailure::Waiting("waiting for db: not running".into()))
         );
-        assert_eq!(outcomes[0].done, ["define"], "the definition, not the start");
+        assert_eq!(
+            outcomes[0].done,
+            ["define"],
+            "the definition, not the start"
+        );
         assert!(outcomes[1..].iter().all(|o| o.error.is_none()));
     }
 }

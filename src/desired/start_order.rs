@@ -90,7 +90,12 @@ impl Graph {
                 waves.push(rest);
                 break;
             }
-            placed.extend(self.deps.keys().filter(|n| wave.contains(n)).map(String::as_str));
+            placed.extend(
+                self.deps
+                    .keys()
+                    .filter(|n| wave.contains(n))
+                    .map(String::as_str),
+            );
             waves.push(wave);
         }
         waves
@@ -188,7 +193,10 @@ pub fn check(vms: &[VmEntry], host: Option<&str>, problems: &mut Vec<Problem>) {
             }
         }
     }
-    let graph = Graph::new(here.iter().map(|v| (v.name.as_str(), v.depends_on.as_slice())));
+    let graph = Graph::new(
+        here.iter()
+            .map(|v| (v.name.as_str(), v.depends_on.as_slice())),
+    );
     if let Some(cycle) = graph.cycle().filter(|c| c.len() > 2) {
         let first = by_name.get(cycle[0].as_str());
         problems.push(Problem {

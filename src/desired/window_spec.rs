@@ -184,7 +184,11 @@ pub fn parse_all(
             .ok();
         let duration = match parse_timeout(w.duration.get_ref()) {
             Ok(d) if d.is_zero() => {
-                push(w.duration.span(), "duration", "must be longer than 0s".into());
+                push(
+                    w.duration.span(),
+                    "duration",
+                    "must be longer than 0s".into(),
+                );
                 None
             }
             Ok(d) if d > MAX_DURATION => {
@@ -266,15 +270,16 @@ mod tests {
     }
 
     fn at(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     #[test]
     fn a_window_is_open_from_its_start_for_its_duration_in_its_time_zone() {
-        let w = window(
-            "schedule = \"0 0 2 * * Sun\"\nduration = \"2h\"\ntimezone = \"Europe/Berlin\"",
-        )
-        .unwrap();
+        let w =
+            window("schedule = \"0 0 2 * * Sun\"\nduration = \"2h\"\ntimezone = \"Europe/Berlin\"")
+                .unwrap();
         // Sunday 2026-12-06, 02:00 in Berlin is 01:00 UTC.
         assert!(!w[0].open_at(at("2026-12-06T00:59:59Z")));
         assert!(w[0].open_at(at("2026-12-06T01:00:00Z")));
@@ -288,8 +293,14 @@ mod tests {
             allowed(&w, "hv1", "web", at("2026-12-06T05:00:00Z")),
             Err(Some(at("2026-12-13T01:00:00Z")))
         );
-        assert_eq!(allowed(&w, "hv1", "web", at("2026-12-06T01:30:00Z")), Ok(()));
-        assert_eq!(allowed(&[], "hv1", "web", at("2026-12-06T05:00:00Z")), Ok(()));
+        assert_eq!(
+            allowed(&w, "hv1", "web", at("2026-12-06T01:30:00Z")),
+            Ok(())
+        );
+        assert_eq!(
+            allowed(&[], "hv1", "web", at("2026-12-06T05:00:00Z")),
+            Ok(())
+        );
     }
 
     #[test]
@@ -302,7 +313,10 @@ mod tests {
         assert!(!w[0].applies("hv2", "web-1"));
         assert!(!w[0].applies("hv1", "db") && !w[0].applies("hv1", "app"));
         // A VM no window applies to is always allowed.
-        assert_eq!(allowed(&w, "hv1", "app", at("2026-12-06T05:00:00Z")), Ok(()));
+        assert_eq!(
+            allowed(&w, "hv1", "app", at("2026-12-06T05:00:00Z")),
+            Ok(())
+        );
         assert!(name_matches("*", "") && name_matches("a*b*c", "axxbyyc"));
         assert!(!name_matches("a*b", "ac"));
     }
@@ -329,7 +343,9 @@ mod tests {
             ["window[0].timezone"]
         );
         assert_eq!(
-            fields(window("schedule = \"0 0 2 * * *\"\nduration = \"1h\"\nvms = []")),
+            fields(window(
+                "schedule = \"0 0 2 * * *\"\nduration = \"1h\"\nvms = []"
+            )),
             ["window[0].vms"]
         );
     }

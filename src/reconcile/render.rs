@@ -39,7 +39,10 @@ pub fn render(plan: &Plan) -> String {
         }
         out += "\n";
         if !vm.order.after.is_empty() && vm.actions.iter().any(Action::starts_guest) {
-            out += &format!("    starts after: {} (each up)\n", vm.order.after.join(", "));
+            out += &format!(
+                "    starts after: {} (each up)\n",
+                vm.order.after.join(", ")
+            );
         }
         for d in &vm.drift {
             let how = if vm.drift_reported_only {

@@ -91,7 +91,9 @@ mod tests {
     }
 
     fn at(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     fn vm(name: &str, actions: Vec<Action>) -> VmPlan {
@@ -150,17 +152,38 @@ mod tests {
     #[test]
     fn outside_a_window_interrupting_actions_wait_and_the_rest_is_applied() {
         let mut p = plan();
-        assert_eq!(gate(&mut p, &windows(), "hv1", at("2026-12-06T05:00:00Z")), 3);
-        let kinds = |i: usize| p.vms[i].actions.iter().map(|a| a.kind().as_str()).collect::<Vec<_>>();
-        assert_eq!(kinds(0), ["redefine"], "the definition for the next boot at once");
+        assert_eq!(
+            gate(&mut p, &windows(), "hv1", at("2026-12-06T05:00:00Z")),
+            3
+        );
+        let kinds = |i: usize| {
+            p.vms[i]
+                .actions
+                .iter()
+                .map(|a| a.kind().as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            kinds(0),
+            ["redefine"],
+            "the definition for the next boot at once"
+        );
         assert!(p.vms[0].pending_restart);
         assert_eq!(
             p.vms[0].order.waiting.as_deref(),
             Some("window 2026-12-07T02:00:00Z")
         );
         assert_eq!(kinds(1), ["redefine"]);
-        assert_eq!(p.vms[1].state, PowerState::Defined, "no power claim while it waits");
-        assert_eq!(kinds(2), ["redefine", "start"], "a start interrupts nothing");
+        assert_eq!(
+            p.vms[1].state,
+            PowerState::Defined,
+            "no power claim while it waits"
+        );
+        assert_eq!(
+            kinds(2),
+            ["redefine", "start"],
+            "a start interrupts nothing"
+        );
         assert_eq!(p.vms[2].order.waiting, None);
         assert_eq!(kinds(3), ["redefine", "restart"]);
         assert!(p.prune[0].actions.is_empty());
@@ -178,7 +201,10 @@ mod tests {
     #[test]
     fn inside_a_window_or_without_windows_nothing_waits() {
         let mut p = plan();
-        assert_eq!(gate(&mut p, &windows(), "hv1", at("2026-12-06T02:30:00Z")), 0);
+        assert_eq!(
+            gate(&mut p, &windows(), "hv1", at("2026-12-06T02:30:00Z")),
+            0
+        );
         assert_eq!(p, plan());
         let mut p = plan();
         assert_eq!(gate(&mut p, &[], "hv1", at("2026-12-06T05:00:00Z")), 0);
