@@ -211,12 +211,22 @@ fn shutdown_service_runs_vmsync_shutdown_before_libvirtd_stops() {
     // Units stop in the reverse order of After=: before libvirtd and libvirt-guests,
     // after the sync units (Before=).
     let after = values(&unit, "Unit", "After").join(" ");
-    for dep in ["libvirtd.service", "virtqemud.service", "libvirt-guests.service"] {
-        assert!(after.split(' ').any(|u| u == dep), "After= lacks {dep}: {after}");
+    for dep in [
+        "libvirtd.service",
+        "virtqemud.service",
+        "libvirt-guests.service",
+    ] {
+        assert!(
+            after.split(' ').any(|u| u == dep),
+            "After= lacks {dep}: {after}"
+        );
     }
     let before = values(&unit, "Unit", "Before").join(" ");
     for dep in ["vmsync.service", "vmsync-agent.service"] {
-        assert!(before.split(' ').any(|u| u == dep), "Before= lacks {dep}: {before}");
+        assert!(
+            before.split(' ').any(|u| u == dep),
+            "Before= lacks {dep}: {before}"
+        );
     }
     assert_eq!(single(&unit, "Install", "WantedBy"), "multi-user.target");
 }
@@ -727,6 +737,17 @@ fn nixos_module_timer_mode_evaluates_to_oneshot_and_timer() {
     assert_eq!(svc["environment"]["HOME"], "/var/lib/vmsync");
     let timer = &c["systemd"]["timers"]["vmsync"];
     assert_eq!(timer["timerConfig"]["OnUnitActiveSec"], "7min");
+    assert_eq!(timer["timerConfig"]["OnBootSec"], "1s");
+    // orderedShutdown (default on): `vmsync shutdown` when the unit stops, before libvirtd.
+    let down = &c["systemd"]["services"]["vmsync-shutdown"];
+    assert_eq!(
+        down["serviceConfig"]["ExecStop"],
+        format!("{pkg}/bin/vmsync shutdown")
+    );
+    assert_eq!(down["serviceConfig"]["RemainAfterExit"], true);
+    assert!(strings(&down["after"]).contains(&"libvirtd.service".to_string()));
+    assert!(strings(&down["before"]).contains(&"vmsync.service".to_string()));
+    assert_eq!(strings(&down["wantedBy"]), ["multi-user.target"]);
     assert_eq!(strings(&timer["wantedBy"]), ["timers.target"]);
     assert!(c["systemd"]["services"].get("vmsync-agent").is_none());
     let rules = strings(&c["systemd"]["tmpfiles"]["rules"]);
@@ -876,7 +897,10 @@ fn nixos_rendered_units_pass_systemd_analyze_verify() {
     let bin = env!("CARGO_BIN_EXE_vmsync");
     let mut paths = Vec::new();
     for (mode, units) in [
-        ("timer", &["vmsync.service", "vmsync.timer"][..]),
+        (
+            "timer",
+            &["vmsync.service", "vmsync.timer", "vmsync-shutdown.service"][..],
+        ),
         ("daemon", &["vmsync-agent.service"][..]),
     ] {
         let c = eval_ok(&format!(r#"{URL} mode = "{mode}";"#), "");
