@@ -20,8 +20,12 @@ use crate::util::commit_id::short;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     CreateDisk(DiskSpec),
-    /// Write the VM's cloud-init seed image (missing, or its content changed).
-    WriteSeed(Box<SeedSpec>),
+    /// Write the VM's cloud-init seed image: a missing one, or (`replaces`) one whose
+    /// content changed, rebuilt in place.
+    WriteSeed {
+        seed: Box<SeedSpec>,
+        replaces: bool,
+    },
     /// Rename the (shut-off) domain `from` to the VM's name.
     Rename {
         from: String,
@@ -128,14 +132,16 @@ impl Action {
                     values::human_size(spec.size_bytes)
                 )
             }
-            Action::WriteSeed(seed) => format!(
-                "write cloud-init seed '{}' (instance-id {}{})",
+            Action::WriteSeed { seed, replaces } => format!(
+                "{} cloud-init seed '{}' (instance-id {}){}",
+                if *replaces { "rebuild" } else { "write" },
                 seed.path.display(),
                 seed.instance_id,
-                if seed.has_secret {
-                    "; content changed (secret, not shown)"
-                } else {
-                    ""
+                match (replaces, seed.has_secret) {
+                    (true, true) => ": content changed (secret, not shown)",
+                    (true, false) => ": content changed",
+                    (false, true) => ": holds a secret, not shown",
+                    (false, false) => "",
                 }
             ),
             Action::Rename { from } => format!("rename from '{from}'"),
@@ -174,7 +180,7 @@ impl Action {
             | Action::Start
             | Action::Undefine
             | Action::Adopt { .. }
-            | Action::WriteSeed(_) => false,
+            | Action::WriteSeed { .. } => false,
         }
     }
 
@@ -187,7 +193,7 @@ impl Action {
     pub fn kind(&self) -> ActionKind {
         match self {
             Action::CreateDisk(_) => ActionKind::CreateDisk,
-            Action::WriteSeed(_) => ActionKind::WriteSeed,
+            Action::WriteSeed { .. } => ActionKind::WriteSeed,
             Action::Rename { .. } => ActionKind::Rename,
             Action::Define {
                 redefine: false, ..
