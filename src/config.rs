@@ -114,6 +114,9 @@ struct RawPolicy {
     health_commands: Option<Vec<PathBuf>>,
     allow_link_local_hosts: Option<bool>,
     allow_open_listeners: Option<bool>,
+    image_dir: Option<PathBuf>,
+    image_urls: Option<Vec<String>>,
+    image_timeout: Option<String>,
 }
 
 /// Values given on the command line; each overrides the config file's key.
@@ -259,6 +262,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
             "the host name is empty; set [agent] host or pass --host".into(),
         ));
     }
+    let images = image_policy(&raw.policy)?;
     let disk_roots = if flags.disk_roots.is_empty() {
         raw.policy
             .disk_roots
@@ -290,6 +294,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         health_commands,
         allow_link_local_hosts: raw.policy.allow_link_local_hosts.unwrap_or(false),
         allow_open_listeners: raw.policy.allow_open_listeners.unwrap_or(false),
+        images,
     };
     let allowed_signers = flags.allowed_signers.clone().or(raw.trust.allowed_signers);
     if let Some(path) = &allowed_signers {
@@ -419,6 +424,37 @@ fn webhook(raw: RawWebhook) -> Result<Option<webhook::WebhookSettings>, ConfigEr
         listen,
         secret_file,
     }))
+}
+
+/// `[policy] image_dir` (absolute), `image_urls` (each `http://` or `https://`) and
+/// `image_timeout`, with their defaults.
+fn image_policy(raw: &RawPolicy) -> Result<host_policy_settings::ImagePolicy, ConfigError> {
+    let mut images = host_policy_settings::ImagePolicy::default();
+    if let Some(dir) = &raw.image_dir {
+        images.dir = values::absolute_path(&dir.to_string_lossy())
+            .map_err(|e| ConfigError(format!("invalid policy.image_dir: {e}")))?;
+    }
+    if let Some(urls) = &raw.image_urls {
+        for url in urls {
+            let lower = url.to_ascii_lowercase();
+            if !lower.starts_with("https://") && !lower.starts_with("http://") {
+                return Err(ConfigError(format!(
+                    "invalid policy.image_urls entry '{url}': it must start with https:// or http://"
+                )));
+            }
+        }
+        images.urls = urls.clone();
+    }
+    if let Some(text) = &raw.image_timeout {
+        images.timeout = values::parse_timeout(text)
+            .map_err(|e| ConfigError(format!("invalid policy.image_timeout: {e}")))?;
+        if images.timeout.is_zero() {
+            return Err(ConfigError(
+                "invalid policy.image_timeout: it must be more than 0".into(),
+            ));
+        }
+    }
+    Ok(images)
 }
 
 #[cfg(test)]

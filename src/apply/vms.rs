@@ -188,6 +188,7 @@ fn apply_vm(
             other => VmFailure::Action(other.to_string()),
         };
         let done = match action {
+            Action::DownloadImage(image) => disks.fetch_image(image).map_err(|e| failed(&e)),
             Action::CreateDisk(spec) => disks.create(spec).map_err(|e| failed(&e)),
             Action::Rename { from } => hv.rename(from, &vm.name).map_err(|e| failed(&e)),
             Action::Define { xml, .. } | Action::Adopt { xml: Some(xml), .. } => hv

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::desired::disk_spec::DiskSpec;
+use crate::desired::disk_spec::{DiskImage, DiskSpec};
 use crate::desired::domain_xml::Tag;
 use crate::desired::manifest::PowerState;
 use crate::desired::resource_xml::ResourceKind;
@@ -18,6 +18,9 @@ use crate::util::commit_id::short;
 /// One step of converging a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Download a base image into the image directory (before the disk made from it;
+    /// once per sync however many VMs need it).
+    DownloadImage(DiskImage),
     CreateDisk(DiskSpec),
     /// Rename the (shut-off) domain `from` to the VM's name.
     Rename {
@@ -86,6 +89,7 @@ pub enum ActionKind {
     ClearNetworkAutostart,
     StartNetwork,
     RestartNetwork,
+    DownloadImage,
     CreateDisk,
     Rename,
     /// An existing domain taken over (`adopt = true`), tag only or redefined in place.
@@ -115,9 +119,18 @@ impl Action {
     /// Short description for logs and plans.
     pub fn describe(&self) -> String {
         match self {
+            Action::DownloadImage(image) => format!(
+                "download image '{}' from {}",
+                image.image.name, image.image.url
+            ),
             Action::CreateDisk(spec) => {
+                let base = match &spec.image {
+                    Some(i) if i.copy => format!(", a copy of image '{}'", i.image.name),
+                    Some(i) => format!(", an overlay on image '{}'", i.image.name),
+                    None => String::new(),
+                };
                 format!(
-                    "create {} disk '{}' ({})",
+                    "create {} disk '{}' ({}{base})",
                     spec.format,
                     spec.path.display(),
                     values::human_size(spec.size_bytes)
@@ -150,6 +163,7 @@ impl Action {
     /// The action's kind for machines (`vmsync plan --json`, metrics).
     pub fn kind(&self) -> ActionKind {
         match self {
+            Action::DownloadImage(_) => ActionKind::DownloadImage,
             Action::CreateDisk(_) => ActionKind::CreateDisk,
             Action::Rename { .. } => ActionKind::Rename,
             Action::Define {
