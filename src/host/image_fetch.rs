@@ -61,7 +61,7 @@ pub fn download(d: &Download, out: &mut File) -> Result<Received, String> {
     let (body, length) = open(d).map_err(fail)?;
     info!(image = %image.name, url = %image.url, bytes = ?length, "downloading image");
     let started = Instant::now();
-    let received = pipe(body, image.compression, out, length, image).map_err(fail)?;
+    let received = pipe(body, out, length, d).map_err(fail)?;
     let secs = started.elapsed().as_secs_f64().max(1e-6);
     info!(
         image = %image.name,
@@ -162,6 +162,7 @@ fn read_and_hash(
     mut body: impl Read,
     tx: mpsc::SyncSender<Chunk>,
     back: mpsc::Receiver<Vec<u8>>,
+    timeout: Duration,
 ) -> (String, u64) {
     let mut hasher = Sha256::new();
     let mut served = 0u64;
@@ -188,7 +189,7 @@ fn read_and_hash(
         let end = filled == 0;
         let go_on = match result {
             Err(e) => {
-                let _ = tx.send(Err(describe_io(&e)));
+                let _ = tx.send(Err(describe_io(&e, timeout)));
                 false
             }
             Ok(()) if end => false,
@@ -200,13 +201,24 @@ fn read_and_hash(
     }
 }
 
-/// A read error as a message (a timeout says so).
-fn describe_io(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
-            format!("the server sent nothing within the timeout ({e})")
-        }
-        _ => format!("the download was cut: {e}"),
+/// A read error as a message (a timeout says so, with the limit).
+fn describe_io(e: &io::Error, timeout: Duration) -> String {
+    let ureq_timeout = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+        .is_some_and(|u| matches!(u, ureq::Error::Timeout(_)));
+    if ureq_timeout
+        || matches!(
+            e.kind(),
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+        )
+    {
+        format!(
+            "the server sent nothing within the timeout of {} ([policy] image_timeout)",
+            humantime::format_duration(timeout)
+        )
+    } else {
+        format!("the download was cut: {e}")
     }
 }
 
@@ -255,22 +267,22 @@ fn write_out(
 /// The two threads of one download.
 fn pipe(
     body: ureq::BodyReader<'static>,
-    compression: Compression,
     out: &mut File,
     length: Option<u64>,
-    image: &ImageSpec,
+    d: &Download,
 ) -> Result<Received, String> {
+    let (image, timeout) = (d.image, d.policy.timeout);
     let (tx, rx) = mpsc::sync_channel::<Chunk>(IN_FLIGHT);
     let (back_tx, back_rx) = mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT + 2);
     std::thread::scope(|s| {
-        let reader = s.spawn(move || read_and_hash(body, tx, back_rx));
+        let reader = s.spawn(move || read_and_hash(body, tx, back_rx, timeout));
         let chunks = Chunks {
             rx,
             back: back_tx,
             current: Vec::new(),
             pos: 0,
         };
-        let written = write_out(chunks, compression, out, length, image);
+        let written = write_out(chunks, image.compression, out, length, image);
         let (sha256, served) = reader.join().map_err(|_| "the reader thread panicked")?;
         let written = written.map_err(|e| match e.get_ref() {
             Some(inner) if e.kind() == io::ErrorKind::Other => inner.to_string(),
