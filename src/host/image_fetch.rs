@@ -67,7 +67,7 @@ pub fn download(d: &Download, out: &mut File) -> Result<Received, String> {
         image = %image.name,
         served = received.served,
         written = received.written,
-        seconds = format!("{secs:.1}"),
+        seconds = format!("{secs:.3}"),
         mib_per_s = format!("{:.1}", received.served as f64 / secs / (1 << 20) as f64),
         "image downloaded"
     );
