@@ -61,6 +61,9 @@ BUILD_PKGS+=(nix-bin systemd systemd-container debootstrap openssl python3 strac
 # dpkg-shlibdeps (dpkg-dev) computes its library dependencies; cargo-deb itself is
 # installed by scripts/package.sh with cargo when missing.
 BUILD_PKGS+=(dpkg-dev)
+# isoinfo reads back the cloud-init seeds vmsync writes (tests/seeds.rs); blkid
+# (util-linux) reads their label.
+BUILD_PKGS+=(genisoimage util-linux)
 RUNTIME_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf
   openssh-server openssh-client

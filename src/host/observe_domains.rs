@@ -11,7 +11,7 @@ use crate::desired::desired_state::Desired;
 use crate::desired::domain_xml::{self, DomainSummary, Tag};
 use crate::host::disk::{DiskProvisioner, ImageInfo};
 use crate::host::hypervisor::{HvError, Hypervisor, Listing};
-use crate::host::observe_networks_pools;
+use crate::host::{observe_networks_pools, seed_file};
 use crate::util::par;
 
 /// A domain with the same name as a desired VM.
@@ -40,6 +40,9 @@ pub struct Observed {
     pub directories: BTreeMap<PathBuf, bool>,
     /// Per base image a missing disk is made from: whether it is in the image directory.
     pub images: BTreeMap<PathBuf, bool>,
+    /// Per cloud-init seed path: the hash of the seed there (`None`: no file, or not a
+    /// seed vmsync wrote).
+    pub seeds: BTreeMap<PathBuf, Option<String>>,
     /// Networks, pools and volumes (filled in by `host::observe_networks_pools::observe`).
     pub resources: observe_networks_pools::ObservedResources,
 }
@@ -90,12 +93,19 @@ pub fn observe(
         .map(|d| (d.clone(), d.is_dir()))
         .collect();
     let images = missing_disk_images(desired, &disks, disks_seam);
+    let seeds = desired
+        .vms
+        .iter()
+        .filter_map(|vm| vm.seed.as_ref())
+        .map(|seed| (seed.path.clone(), seed_file::observed_hash(&seed.path)))
+        .collect();
     Ok(Observed {
         domains,
         others,
         disks,
         directories,
         images,
+        seeds,
         resources: Default::default(),
     })
 }
@@ -223,6 +233,7 @@ mod tests {
             self_heal: None,
             adopt: false,
             health: None,
+            seed: None,
         }
     }
 
