@@ -381,15 +381,16 @@ impl VmPlanner<'_> {
         let Some(seed) = &self.vm.seed else {
             return;
         };
-        let write = match observed.seeds.get(&seed.path).cloned().flatten() {
-            None => true,
-            Some(hash) if hash == seed.hash => false,
-            Some(_) => seed.on_change != SeedOnChange::Never,
+        let (write, replaces) = match observed.seeds.get(&seed.path).cloned().flatten() {
+            None => (true, false),
+            Some(hash) if hash == seed.hash => (false, false),
+            Some(_) => (seed.on_change != SeedOnChange::Never, true),
         };
         if write {
-            self.out
-                .actions
-                .push(Action::WriteSeed(Box::new(seed.clone())));
+            self.out.actions.push(Action::WriteSeed {
+                seed: Box::new(seed.clone()),
+                replaces,
+            });
         }
     }
 
@@ -1513,8 +1514,9 @@ mod tests {
             let got: Vec<_> = p.vms[0].actions.iter().map(Action::kind).collect();
             assert_eq!(&got, kinds, "case {i}");
             assert_eq!(p.vms[0].pending_restart, *pending, "case {i}");
-            if let Some(Action::WriteSeed(seed)) = p.vms[0].actions.first() {
+            if let Some(Action::WriteSeed { seed, replaces }) = p.vms[0].actions.first() {
                 let shown = p.vms[0].actions[0].describe();
+                assert_eq!(*replaces, on_disk.is_some(), "case {i}");
                 assert!(shown.contains("secret, not shown"), "{shown}");
                 assert!(!shown.contains(&String::from_utf8_lossy(&seed.user_data).to_string()));
             }
@@ -1534,7 +1536,10 @@ mod tests {
         let all = [
             Action::DownloadImage(crate::desired::disk_spec::DiskImage::new(image, false)),
             Action::CreateDisk(disk("/srv/images/x.qcow2")),
-            Action::WriteSeed(Box::new(seed_of("a", SeedOnChange::NextBoot))),
+            Action::WriteSeed {
+                seed: Box::new(seed_of("a", SeedOnChange::NextBoot)),
+                replaces: false,
+            },
             Action::Rename { from: "a".into() },
             Action::Adopt {
                 tag: Tag {

@@ -23,8 +23,12 @@ pub enum Action {
     /// once per sync however many VMs need it).
     DownloadImage(DiskImage),
     CreateDisk(DiskSpec),
-    /// Write the VM's cloud-init seed image (missing, or its content changed).
-    WriteSeed(Box<SeedSpec>),
+    /// Write the VM's cloud-init seed image: a missing one, or (`replaces`) one whose
+    /// content changed, rebuilt in place.
+    WriteSeed {
+        seed: Box<SeedSpec>,
+        replaces: bool,
+    },
     /// Rename the (shut-off) domain `from` to the VM's name.
     Rename {
         from: String,
@@ -141,14 +145,16 @@ impl Action {
                     values::human_size(spec.size_bytes)
                 )
             }
-            Action::WriteSeed(seed) => format!(
-                "write cloud-init seed '{}' (instance-id {}{})",
+            Action::WriteSeed { seed, replaces } => format!(
+                "{} cloud-init seed '{}' (instance-id {}){}",
+                if *replaces { "rebuild" } else { "write" },
                 seed.path.display(),
                 seed.instance_id,
-                if seed.has_secret {
-                    "; content changed (secret, not shown)"
-                } else {
-                    ""
+                match (replaces, seed.has_secret) {
+                    (true, true) => ": content changed (secret, not shown)",
+                    (true, false) => ": content changed",
+                    (false, true) => ": holds a secret, not shown",
+                    (false, false) => "",
                 }
             ),
             Action::Rename { from } => format!("rename from '{from}'"),
@@ -180,7 +186,7 @@ impl Action {
         match self {
             Action::DownloadImage(_) => ActionKind::DownloadImage,
             Action::CreateDisk(_) => ActionKind::CreateDisk,
-            Action::WriteSeed(_) => ActionKind::WriteSeed,
+            Action::WriteSeed { .. } => ActionKind::WriteSeed,
             Action::Rename { .. } => ActionKind::Rename,
             Action::Define {
                 redefine: false, ..
