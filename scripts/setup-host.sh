@@ -61,6 +61,10 @@ BUILD_PKGS+=(nix-bin systemd systemd-container debootstrap openssl python3 strac
 # dpkg-shlibdeps (dpkg-dev) computes its library dependencies; cargo-deb itself is
 # installed by scripts/package.sh with cargo when missing.
 BUILD_PKGS+=(dpkg-dev)
+# The real-guest tier (tests/guest/build-image.sh): debootstrap (above) builds a Debian
+# 12 guest, mkfs.ext4 -d (e2fsprogs) makes its disk without a loop device, qemu-img
+# (below) compresses it; genisoimage makes the tests' hand-made cloud-init seeds.
+BUILD_PKGS+=(e2fsprogs genisoimage)
 RUNTIME_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf
   openssh-server openssh-client

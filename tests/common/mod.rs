@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod guest;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
