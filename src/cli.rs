@@ -408,7 +408,45 @@ pub fn run() -> u8 {
     }
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let flags = Overrides {
+    let flags = overrides(&cli);
+    if let Err(e) = check_once_only_flags(&cli) {
+        return report(&e);
+    }
+    let settings = match config::load(&flags) {
+        Ok(s) => s,
+        Err(e) => return report(&e.into()),
+    };
+    if let Err(e) = check_mode_flags(&cli) {
+        return report(&e);
+    }
+    match (&cli.command, cli.once) {
+        (None, true) if cli.dry_run => exit_status(
+            sync::plan_only(&settings).map(|plan| print_plan(&settings, &plan, cli.json)),
+        ),
+        (None, true) => sync_once(&cli, &settings),
+        (None, false) => daemon::run(flags, settings),
+        (Some(_), true) => exit_status(Err(config_error(
+            "--once cannot be combined with a command",
+        ))),
+        (Some(command), false) => exit_status(run_command(command, &settings)),
+    }
+}
+
+/// The exit status of a finished command: 0, or the one its error maps to.
+fn exit_status(result: Result<(), SyncError>) -> u8 {
+    match result {
+        Ok(()) => 0,
+        Err(e) => report(&e),
+    }
+}
+
+fn config_error(message: &str) -> SyncError {
+    SyncError::Config(config::ConfigError(message.into()))
+}
+
+/// The flags that override the config file.
+fn overrides(cli: &Cli) -> Overrides {
+    Overrides {
         config: cli.config.clone(),
         url: cli.url.clone(),
         branch: cli.branch.clone(),
@@ -425,106 +463,84 @@ pub fn run() -> u8 {
         allow_mass_prune: cli.allow_mass_prune,
         allowed_signers: cli.allowed_signers.clone(),
         probe_url: cli.probe_url.clone(),
-    };
+    }
+}
+
+/// `--retry` and `--allow-rewind` belong to `--once`; checked before the config loads.
+fn check_once_only_flags(cli: &Cli) -> Result<(), SyncError> {
     let syncing_once = cli.once && cli.command.is_none() && !cli.dry_run;
     if !cli.retry.is_empty() && !syncing_once {
-        return report(&SyncError::Config(config::ConfigError(
-            "--retry is only accepted with --once".into(),
-        )));
+        return Err(config_error("--retry is only accepted with --once"));
     }
     if cli.allow_rewind && !(cli.once && cli.command.is_none()) {
-        return report(&SyncError::Config(config::ConfigError(
-            "--allow-rewind is only accepted with --once".into(),
-        )));
+        return Err(config_error("--allow-rewind is only accepted with --once"));
     }
-    let settings = match config::load(&flags) {
-        Ok(s) => s,
-        Err(e) => return report(&e.into()),
+    Ok(())
+}
+
+/// `--dry-run`, `--allow-mass-prune` and `--json` belong to a mode; checked after the
+/// config loads.
+fn check_mode_flags(cli: &Cli) -> Result<(), SyncError> {
+    if (cli.dry_run || cli.allow_mass_prune) && !(cli.once && cli.command.is_none()) {
+        return Err(config_error(
+            "--dry-run and --allow-mass-prune go with --once",
+        ));
+    }
+    if cli.json && !(cli.once && cli.dry_run) {
+        return Err(config_error(
+            "--json goes with --once --dry-run (or use `vmsync plan --json`)",
+        ));
+    }
+    Ok(())
+}
+
+/// `vmsync --once`: one sync that stops like the daemon on a signal, its events flushed.
+fn sync_once(cli: &Cli, settings: &config::Settings) -> u8 {
+    let (stop, which) = match stop_on_signals() {
+        Ok(flags) => flags,
+        Err(e) => {
+            error!("failed to install signal handlers: {e}");
+            return 1;
+        }
     };
-    let result = match (&cli.command, cli.once) {
-        _ if (cli.dry_run || cli.allow_mass_prune) && !(cli.once && cli.command.is_none()) => {
-            Err(SyncError::Config(config::ConfigError(
-                "--dry-run and --allow-mass-prune go with --once".into(),
-            )))
-        }
-        _ if cli.json && !(cli.once && cli.dry_run) => Err(SyncError::Config(config::ConfigError(
-            "--json goes with --once --dry-run (or use `vmsync plan --json`)".into(),
-        ))),
-        (None, true) if cli.dry_run => {
-            sync::plan_only(&settings).map(|plan| print_plan(&settings, &plan, cli.json))
-        }
-        (None, true) => {
-            let (stop, which) = match stop_on_signals() {
-                Ok(flags) => flags,
-                Err(e) => {
-                    error!("failed to install signal handlers: {e}");
-                    return 1;
-                }
-            };
-            let notifier = (!settings.notify.is_empty()).then(|| {
-                notify::Notifier::start(&settings.state_dir, &settings.host, &settings.notify)
-            });
-            let events = notifier.as_ref().map(notify::SyncEvents::new);
-            let result = sync::run(
-                &settings,
-                &mut sync::Connection::new(&settings.libvirt_uri),
-                &sync::Options {
-                    give_up_after: None,
-                    cancel: &stop,
-                    allow_rewind: cli.allow_rewind,
-                    retry: &cli.retry,
-                    events: events.as_ref(),
-                },
-            )
-            .map(print_once);
-            if let Some(notifier) = &notifier {
-                notifier.flush(notify::ONCE_WAIT);
-            }
-            if let Some(status) = once_status(&result, which.load(Ordering::SeqCst)) {
-                return status;
-            }
-            result
-        }
-        (None, false) => return daemon::run(flags, settings),
-        (Some(_), true) => Err(SyncError::Config(config::ConfigError(
-            "--once cannot be combined with a command".into(),
-        ))),
-        (Some(Command::Plan { json }), false) => sync::plan_only(&settings).map(|mut plan| {
+    let notifier = (!settings.notify.is_empty())
+        .then(|| notify::Notifier::start(&settings.state_dir, &settings.host, &settings.notify));
+    let events = notifier.as_ref().map(notify::SyncEvents::new);
+    let result = sync::run(
+        settings,
+        &mut sync::Connection::new(&settings.libvirt_uri),
+        &sync::Options {
+            give_up_after: None,
+            cancel: &stop,
+            allow_rewind: cli.allow_rewind,
+            retry: &cli.retry,
+            events: events.as_ref(),
+        },
+    )
+    .map(print_once);
+    if let Some(notifier) = &notifier {
+        notifier.flush(notify::ONCE_WAIT);
+    }
+    if let Some(status) = once_status(&result, which.load(Ordering::SeqCst)) {
+        return status;
+    }
+    exit_status(result)
+}
+
+/// A subcommand (plan, status, suspend, resume, validate, render, import).
+fn run_command(command: &Command, settings: &config::Settings) -> Result<(), SyncError> {
+    match command {
+        Command::Plan { json } => sync::plan_only(settings).map(|mut plan| {
             health_stage::warn_in_plan(&mut plan, &settings.state_dir);
-            print_plan(&settings, &plan, *json)
+            print_plan(settings, &plan, *json)
         }),
-        (Some(Command::Suspend { reason, until, vm }), false) => {
-            suspend::suspend(&settings.state_dir, vm.as_deref(), reason, until.as_deref())
-                .map(|s| {
-                    let what = vm
-                        .as_ref()
-                        .map(|v| format!("vm '{v}'"))
-                        .unwrap_or_else(|| "host".into());
-                    println!(
-                        "{what} suspended {}: commits are fetched and planned, not applied",
-                        s.describe()
-                    );
-                })
-                .map_err(|e| SyncError::Config(config::ConfigError(e)))
+        Command::Suspend { reason, until, vm } => {
+            suspend_cmd(settings, vm.as_deref(), reason, until.as_deref())
         }
-        (Some(Command::Resume { vm }), false) => {
-            suspend::resume(&settings.state_dir, vm.as_deref())
-                .map(|(lifted, left)| {
-                    let what = vm
-                        .as_ref()
-                        .map(|v| format!("vm '{v}'"))
-                        .unwrap_or_else(|| "host".into());
-                    match lifted {
-                        Some(s) => println!("{what} resumed (was suspended {})", s.describe()),
-                        None => println!("{what} was not suspended"),
-                    }
-                    print!("{}", left.render_text());
-                })
-                .map_err(|e| SyncError::Config(config::ConfigError(e)))
-        }
-        (Some(Command::Validate { dir }), false) => {
+        Command::Resume { vm } => resume_cmd(settings, vm.as_deref()),
+        Command::Validate { dir } => {
             let dir = dir.clone().unwrap_or_else(|| PathBuf::from("."));
-            sync::validate_dir(&settings, &dir).map(|d| {
+            sync::validate_dir(settings, &dir).map(|d| {
                 println!(
                     "{}: valid ({} vm(s), {} directory(ies))",
                     dir.display(),
@@ -534,41 +550,74 @@ pub fn run() -> u8 {
                 print!("{}", network_pool_entries::validate_summary(&d.resources));
             })
         }
-        (Some(Command::Render { args }), false) => {
-            render_cmd::render(&settings, args).map(|text| print!("{text}"))
-        }
-        (Some(Command::Import { dir, names, force }), false) => {
-            import::import(&settings, dir, names, *force)
-                .map(|done| print!("{}", import::render(dir, &done)))
-        }
-        (Some(Command::Status { json }), false) => store::load(&settings.state_dir)
-            .map(|record| {
-                let hv = hypervisor::Libvirt::connect(&settings.libvirt_uri);
-                let hv_ref = hv
-                    .as_ref()
-                    .map(|h| h as &dyn hypervisor::Hypervisor)
-                    .map_err(Clone::clone);
-                let mut status = status::status(&record, hv_ref);
-                status::check_local_state(&mut status, &record, &settings.state_dir);
-                let suspended = suspend::in_force(&settings.state_dir);
-                if *json {
-                    let mut value = serde_json::to_value(&status).expect("status serializes");
-                    value["suspended"] = suspended.to_json();
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&value).expect("status serializes")
-                    );
-                } else {
-                    print!("{}", status::render_text(&status));
-                    print!("{}", suspended.render_text());
-                }
-            })
-            .map_err(SyncError::Other),
-    };
-    match result {
-        Ok(()) => 0,
-        Err(e) => report(&e),
+        Command::Render { args } => render_cmd::render(settings, args).map(|text| print!("{text}")),
+        Command::Import { dir, names, force } => import::import(settings, dir, names, *force)
+            .map(|done| print!("{}", import::render(dir, &done))),
+        Command::Status { json } => print_status(settings, *json),
     }
+}
+
+/// "vm 'web'" or "host": what a suspend or resume is about.
+fn suspend_target(vm: Option<&str>) -> String {
+    vm.map(|v| format!("vm '{v}'"))
+        .unwrap_or_else(|| "host".into())
+}
+
+/// `vmsync suspend`.
+fn suspend_cmd(
+    settings: &config::Settings,
+    vm: Option<&str>,
+    reason: &str,
+    until: Option<&str>,
+) -> Result<(), SyncError> {
+    suspend::suspend(&settings.state_dir, vm, reason, until)
+        .map(|s| {
+            println!(
+                "{} suspended {}: commits are fetched and planned, not applied",
+                suspend_target(vm),
+                s.describe()
+            );
+        })
+        .map_err(|e| SyncError::Config(config::ConfigError(e)))
+}
+
+/// `vmsync resume`.
+fn resume_cmd(settings: &config::Settings, vm: Option<&str>) -> Result<(), SyncError> {
+    suspend::resume(&settings.state_dir, vm)
+        .map(|(lifted, left)| {
+            let what = suspend_target(vm);
+            match lifted {
+                Some(s) => println!("{what} resumed (was suspended {})", s.describe()),
+                None => println!("{what} was not suspended"),
+            }
+            print!("{}", left.render_text());
+        })
+        .map_err(|e| SyncError::Config(config::ConfigError(e)))
+}
+
+/// `vmsync status`: the record beside what libvirt says, then the suspensions in force.
+fn print_status(settings: &config::Settings, json: bool) -> Result<(), SyncError> {
+    let record = store::load(&settings.state_dir).map_err(SyncError::Other)?;
+    let hv = hypervisor::Libvirt::connect(&settings.libvirt_uri);
+    let hv_ref = hv
+        .as_ref()
+        .map(|h| h as &dyn hypervisor::Hypervisor)
+        .map_err(Clone::clone);
+    let mut status = status::status(&record, hv_ref);
+    status::check_local_state(&mut status, &record, &settings.state_dir);
+    let suspended = suspend::in_force(&settings.state_dir);
+    if json {
+        let mut value = serde_json::to_value(&status).expect("status serializes");
+        value["suspended"] = suspended.to_json();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("status serializes")
+        );
+    } else {
+        print!("{}", status::render_text(&status));
+        print!("{}", suspended.render_text());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

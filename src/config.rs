@@ -248,112 +248,26 @@ fn read(path: &Path) -> Result<RawConfig, ConfigError> {
 }
 
 fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
-    let host = match flags.host.clone().or(raw.agent.host) {
-        Some(host) => host,
-        None => gethostname::gethostname().into_string().map_err(|_| {
-            ConfigError("the hostname is not valid UTF-8; set [agent] host or pass --host".into())
-        })?,
-    };
-    if host.is_empty() {
-        return Err(ConfigError(
-            "the host name is empty; set [agent] host or pass --host".into(),
-        ));
-    }
-    let disk_roots = if flags.disk_roots.is_empty() {
-        raw.policy
-            .disk_roots
-            .unwrap_or_else(|| vec![PathBuf::from("/var/lib/libvirt/images")])
-    } else {
-        flags.disk_roots.clone()
-    };
-    for root in &disk_roots {
-        values::absolute_path(&root.to_string_lossy())
-            .map_err(|e| ConfigError(format!("invalid policy.disk_roots entry: {e}")))?;
-    }
-    let allowed_paths = raw.policy.allowed_paths.unwrap_or_default();
-    for path in &allowed_paths {
-        values::absolute_path(&path.to_string_lossy())
-            .map_err(|e| ConfigError(format!("invalid policy.allowed_paths entry: {e}")))?;
-    }
-    let health_commands = raw.policy.health_commands.unwrap_or_default();
-    for path in &health_commands {
-        values::absolute_path(&path.to_string_lossy())
-            .map_err(|e| ConfigError(format!("invalid policy.health_commands entry: {e}")))?;
-    }
-    let host_policy = host_policy_settings::HostPolicy {
-        allow_hostdev: raw.policy.allow_hostdev.unwrap_or(false),
-        allow_direct_interfaces: raw.policy.allow_direct_interfaces.unwrap_or(false),
-        allow_block_devices: raw.policy.allow_block_devices.unwrap_or(false),
-        allow_qemu_commandline: raw.policy.allow_qemu_commandline.unwrap_or(false),
-        allow_unconfined: raw.policy.allow_unconfined.unwrap_or(false),
-        allowed_paths,
-        health_commands,
-        allow_link_local_hosts: raw.policy.allow_link_local_hosts.unwrap_or(false),
-        allow_open_listeners: raw.policy.allow_open_listeners.unwrap_or(false),
-    };
-    let allowed_signers = flags.allowed_signers.clone().or(raw.trust.allowed_signers);
-    if let Some(path) = &allowed_signers {
-        // Checked now so a broken file is a config error at start (and on SIGHUP), and
-        // read again at every sync so edits take effect without a restart.
-        trust::AllowedSigners::load(path).map_err(|e| ConfigError(e.to_string()))?;
-    }
+    let host = host_name(flags, raw.agent.host.clone())?;
+    let disk_roots = disk_roots(flags, raw.policy.disk_roots.clone())?;
+    let host_policy = host_policy(&raw.policy)?;
+    let allowed_signers = allowed_signers(flags, raw.trust)?;
     let state_dir = flags
         .state_dir
         .clone()
-        .or(raw.agent.state_dir)
+        .or(raw.agent.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from("/var/lib/vmsync"));
-    let defaults = ChangePolicy::default();
-    let shutdown_timeout = match flags
-        .shutdown_timeout
-        .clone()
-        .or(raw.policy.shutdown_timeout.clone())
-    {
-        None => defaults.shutdown_timeout,
-        Some(text) => values::parse_timeout(&text)
-            .map_err(|e| ConfigError(format!("invalid policy.shutdown_timeout: {e}")))?,
-    };
-    let changes = ChangePolicy {
-        self_heal: flags
-            .self_heal
-            .or(raw.policy.self_heal)
-            .unwrap_or(defaults.self_heal),
-        prune: flags.prune.or(raw.policy.prune).unwrap_or(defaults.prune),
-        max_prune: flags
-            .max_prune
-            .or(raw.policy.max_prune)
-            .unwrap_or(defaults.max_prune),
-        shutdown_timeout,
-        allow_mass_prune: flags.allow_mass_prune,
-    };
+    let changes = change_policy(flags, &raw.policy)?;
     let webhook = webhook(raw.webhook)?;
-    let url = flags.url.clone().or(raw.source.url);
-    let probe_url = flags.probe_url.clone().or(raw.source.probe_url);
-    if let Some(probe) = &probe_url {
-        probe::check_url(probe).map_err(ConfigError)?;
-    }
-    let probe_max_skip = match raw.source.probe_max_skip {
-        None => probe::DEFAULT_MAX_SKIP,
-        Some(text) => humantime::parse_duration(&text).map_err(|e| {
-            ConfigError(format!(
-                "invalid [source] probe_max_skip '{text}': {e} (a duration: \"1h\", \"30m\")"
-            ))
-        })?,
-    };
+    let url = flags.url.clone().or(raw.source.url.clone());
+    let (probe_url, probe_max_skip) = probe_settings(flags, &raw.source)?;
     let notify = targets::check(raw.notify).map_err(ConfigError)?;
-    let tick_timeout = match raw.agent.tick_timeout {
-        None => DEFAULT_TICK_TIMEOUT,
-        Some(text) => humantime::parse_duration(&text)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                ConfigError(format!(
-                    "invalid [agent] tick_timeout '{text}': a duration (\"1h\", \"30m\")"
-                ))
-            })?,
-    };
+    let tick_timeout = tick_timeout(raw.agent.tick_timeout.as_deref())?;
     if url.as_deref() == Some("") {
         return Err(ConfigError("the source url is empty".into()));
     }
+    let schedule = parse_schedule(raw.agent.schedule.as_deref().unwrap_or(DEFAULT_SCHEDULE))?;
+    let max_attempts = max_attempts(raw.agent.max_attempts)?;
     Ok(Settings {
         url,
         branch: flags
@@ -370,16 +284,9 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
             .unwrap_or_else(|| "qemu:///system".into()),
         state_dir,
         host,
-        schedule: parse_schedule(raw.agent.schedule.as_deref().unwrap_or(DEFAULT_SCHEDULE))?,
+        schedule,
         jitter_seconds: raw.agent.jitter_seconds.unwrap_or(30),
-        max_attempts: match raw.agent.max_attempts {
-            Some(0) => {
-                return Err(ConfigError(
-                    "invalid [agent] max_attempts 0: must be at least 1".into(),
-                ));
-            }
-            other => other.unwrap_or(5),
-        },
+        max_attempts,
         backoff_max_seconds: raw.agent.backoff_max_seconds.unwrap_or(3600),
         metrics_file: raw.agent.metrics_file,
         disk_roots,
@@ -392,6 +299,148 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         notify,
         tick_timeout,
     })
+}
+
+/// `--host`, `[agent] host`, else the hostname; never empty.
+fn host_name(flags: &Overrides, configured: Option<String>) -> Result<String, ConfigError> {
+    let host = match flags.host.clone().or(configured) {
+        Some(host) => host,
+        None => gethostname::gethostname().into_string().map_err(|_| {
+            ConfigError("the hostname is not valid UTF-8; set [agent] host or pass --host".into())
+        })?,
+    };
+    if host.is_empty() {
+        return Err(ConfigError(
+            "the host name is empty; set [agent] host or pass --host".into(),
+        ));
+    }
+    Ok(host)
+}
+
+/// Each entry of a `[policy]` path list must be absolute.
+fn absolute_paths(paths: &[PathBuf], key: &str) -> Result<(), ConfigError> {
+    for path in paths {
+        values::absolute_path(&path.to_string_lossy())
+            .map_err(|e| ConfigError(format!("invalid policy.{key} entry: {e}")))?;
+    }
+    Ok(())
+}
+
+/// `--disk-root` (any) replaces `[policy] disk_roots`.
+fn disk_roots(
+    flags: &Overrides,
+    configured: Option<Vec<PathBuf>>,
+) -> Result<Vec<PathBuf>, ConfigError> {
+    let disk_roots = if flags.disk_roots.is_empty() {
+        configured.unwrap_or_else(|| vec![PathBuf::from("/var/lib/libvirt/images")])
+    } else {
+        flags.disk_roots.clone()
+    };
+    absolute_paths(&disk_roots, "disk_roots")?;
+    Ok(disk_roots)
+}
+
+/// `[policy] allow_*`, `allowed_paths` and `health_commands`: what domain XML may ask of
+/// this host.
+fn host_policy(raw: &RawPolicy) -> Result<host_policy_settings::HostPolicy, ConfigError> {
+    let allowed_paths = raw.allowed_paths.clone().unwrap_or_default();
+    absolute_paths(&allowed_paths, "allowed_paths")?;
+    let health_commands = raw.health_commands.clone().unwrap_or_default();
+    absolute_paths(&health_commands, "health_commands")?;
+    Ok(host_policy_settings::HostPolicy {
+        allow_hostdev: raw.allow_hostdev.unwrap_or(false),
+        allow_direct_interfaces: raw.allow_direct_interfaces.unwrap_or(false),
+        allow_block_devices: raw.allow_block_devices.unwrap_or(false),
+        allow_qemu_commandline: raw.allow_qemu_commandline.unwrap_or(false),
+        allow_unconfined: raw.allow_unconfined.unwrap_or(false),
+        allowed_paths,
+        health_commands,
+        allow_link_local_hosts: raw.allow_link_local_hosts.unwrap_or(false),
+        allow_open_listeners: raw.allow_open_listeners.unwrap_or(false),
+    })
+}
+
+/// `--allowed-signers` or `[trust] allowed_signers`, its file checked now.
+fn allowed_signers(flags: &Overrides, raw: RawTrust) -> Result<Option<PathBuf>, ConfigError> {
+    let allowed_signers = flags.allowed_signers.clone().or(raw.allowed_signers);
+    if let Some(path) = &allowed_signers {
+        // Checked now so a broken file is a config error at start (and on SIGHUP), and
+        // read again at every sync so edits take effect without a restart.
+        trust::AllowedSigners::load(path).map_err(|e| ConfigError(e.to_string()))?;
+    }
+    Ok(allowed_signers)
+}
+
+/// `[policy]` change handling: self-heal, pruning and its guards, shutdown timeout.
+fn change_policy(flags: &Overrides, raw: &RawPolicy) -> Result<ChangePolicy, ConfigError> {
+    let defaults = ChangePolicy::default();
+    let shutdown_timeout = match flags
+        .shutdown_timeout
+        .clone()
+        .or(raw.shutdown_timeout.clone())
+    {
+        None => defaults.shutdown_timeout,
+        Some(text) => values::parse_timeout(&text)
+            .map_err(|e| ConfigError(format!("invalid policy.shutdown_timeout: {e}")))?,
+    };
+    Ok(ChangePolicy {
+        self_heal: flags
+            .self_heal
+            .or(raw.self_heal)
+            .unwrap_or(defaults.self_heal),
+        prune: flags.prune.or(raw.prune).unwrap_or(defaults.prune),
+        max_prune: flags
+            .max_prune
+            .or(raw.max_prune)
+            .unwrap_or(defaults.max_prune),
+        shutdown_timeout,
+        allow_mass_prune: flags.allow_mass_prune,
+    })
+}
+
+/// `--probe-url` or `[source] probe_url` (checked), and `[source] probe_max_skip`.
+fn probe_settings(
+    flags: &Overrides,
+    raw: &RawSource,
+) -> Result<(Option<String>, std::time::Duration), ConfigError> {
+    let probe_url = flags.probe_url.clone().or(raw.probe_url.clone());
+    if let Some(probe) = &probe_url {
+        probe::check_url(probe).map_err(ConfigError)?;
+    }
+    let probe_max_skip = match &raw.probe_max_skip {
+        None => probe::DEFAULT_MAX_SKIP,
+        Some(text) => humantime::parse_duration(text).map_err(|e| {
+            ConfigError(format!(
+                "invalid [source] probe_max_skip '{text}': {e} (a duration: \"1h\", \"30m\")"
+            ))
+        })?,
+    };
+    Ok((probe_url, probe_max_skip))
+}
+
+/// `[agent] tick_timeout`: a non-zero duration.
+fn tick_timeout(text: Option<&str>) -> Result<std::time::Duration, ConfigError> {
+    match text {
+        None => Ok(DEFAULT_TICK_TIMEOUT),
+        Some(text) => humantime::parse_duration(text)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "invalid [agent] tick_timeout '{text}': a duration (\"1h\", \"30m\")"
+                ))
+            }),
+    }
+}
+
+/// `[agent] max_attempts`: at least 1; default 5.
+fn max_attempts(configured: Option<u32>) -> Result<u32, ConfigError> {
+    match configured {
+        Some(0) => Err(ConfigError(
+            "invalid [agent] max_attempts 0: must be at least 1".into(),
+        )),
+        other => Ok(other.unwrap_or(5)),
+    }
 }
 
 /// `[webhook]`: off without `listen`; with it, `secret_file` is required (the daemon

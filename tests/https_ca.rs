@@ -111,22 +111,6 @@ fn an_https_fetch_checks_the_certificate_against_the_ca_bundle() {
 /// A bare repository `vms.git` under `root` whose `main` holds a manifest without VMs;
 /// returns the commit id.
 fn bare_repo(root: &Path) -> String {
-    let git = |dir: &Path, args: &[&str]| {
-        let out = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@t.invalid"])
-            .args([
-                "-c",
-                "commit.gpgsign=false",
-                "-c",
-                "init.defaultBranch=main",
-            ])
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run git");
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
     let work = root.join("work");
     std::fs::create_dir_all(&work).unwrap();
     std::fs::write(work.join("vmsync.toml"), "version = 1\n").unwrap();
@@ -135,6 +119,33 @@ fn bare_repo(root: &Path) -> String {
     git(&work, &["commit", "-q", "-m", "empty manifest"]);
     git(root, &["clone", "-q", "--bare", "work", "vms.git"]);
     git(&work, &["rev-parse", "HEAD"])
+}
+
+/// A second commit on `main` of [`bare_repo`]'s repository; its id.
+fn push_commit(root: &Path) -> String {
+    let work = root.join("work");
+    std::fs::write(work.join("README.md"), "more\n").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "second"]);
+    git(&work, &["push", "-q", "../vms.git", "HEAD:main"]);
+    git(&work, &["rev-parse", "HEAD"])
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@t.invalid"])
+        .args([
+            "-c",
+            "commit.gpgsign=false",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run git");
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// Smart HTTP over TLS: `git http-backend` behind a small python3 server, which asks
@@ -296,6 +307,17 @@ fn a_smart_https_fetch_answers_the_token_challenge() {
     // lookup of SSL_CERT_FILE, however many connections follow.
     assert!((1..=2).contains(&opened), "bundle opened {opened} times");
     eprintln!("https fetch: the CA bundle was opened {opened} time(s)");
+
+    // Nothing new: the advertisement names the commit the clone holds, no pack asked.
+    let (code, stderr, _) = traced_once(&server.url(), &tmp.path().join("s1"), bundle, &args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("received_objects=0"), "{stderr}");
+    // A new commit: only what the clone lacks comes (the commit, its tree, one blob).
+    let second = push_commit(tmp.path());
+    let (code, stderr, _) = traced_once(&server.url(), &tmp.path().join("s1"), bundle, &args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains(&second[..12]), "{stderr}");
+    assert!(stderr.contains("received_objects=3 "), "{stderr}");
 
     let w = token_arg(&wrong);
     let args: Vec<&str> = w.iter().map(String::as_str).collect();

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
+use crate::agent::report::Report;
 use crate::agent::sync::{self, Connection, Options, SyncError};
 use crate::agent::webhook::{self, Hub, Secret};
 use crate::agent::{metrics, notify, watchdog};
@@ -121,17 +122,10 @@ async fn start_webhook(settings: &Settings) -> Result<Option<Arc<Hub>>, (u8, Str
     Ok(Some(hub))
 }
 
-async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
-    let (mut hup, mut term, mut int) = match (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(h), Ok(t), Ok(i)) => (h, t, i),
-        _ => {
-            error!("failed to install signal handlers");
-            return 1;
-        }
+async fn run_async(flags: Overrides, settings: Settings) -> u8 {
+    let Some(mut signals) = Signals::install() else {
+        error!("failed to install signal handlers");
+        return 1;
     };
     let hub = match start_webhook(&settings).await {
         Ok(hub) => hub,
@@ -140,58 +134,152 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
             return status;
         }
     };
-    let mut conn = Some(Connection::new(&settings.libvirt_uri));
-    let mut failures: u32 = 0;
-    let mut notifier =
-        notify::daemon_notifier(None, &settings.state_dir, &settings.host, &settings.notify);
-    let watchdog = watchdog::start(settings.tick_timeout);
+    let mut daemon = Daemon::new(flags, settings, hub);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    info!(schedule = %settings.schedule.source(), host = %settings.host, "daemon started");
+    info!(schedule = %daemon.settings.schedule.source(), host = %daemon.settings.host, "daemon started");
     let mut due = Utc::now();
     let mut first = true;
     loop {
-        let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-        let trigger = tokio::select! {
-            _ = tokio::time::sleep(wait) => if first { "start" } else { "schedule" },
-            _ = pushed(&hub) => {
-                // A push notification knows better than a cached probe file.
-                probe::force_next_fetch();
-                "webhook"
-            }
-            _ = hup.recv() => {
-                match load_with_secret(&flags) {
-                    Ok((new, secret)) => {
-                        info!("SIGHUP: reloaded the config; syncing now");
-                        reload_webhook(hub.as_deref(), &settings, &new, secret);
-                        notifier = notify::daemon_notifier(
-                            notifier,
-                            &new.state_dir,
-                            &new.host,
-                            &new.notify,
-                        );
-                        watchdog.set_bound(new.tick_timeout);
-                        settings = new;
-                    }
-                    Err(e) => error!(error = %e, "SIGHUP: keeping the old config; syncing now"),
-                }
-                "sighup"
-            }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+        let Some(trigger) = daemon.wait(&mut signals, due, first).await else {
+            break;
         };
         first = false;
         info!(trigger, "sync started");
+        let (result, stopping) = daemon.sync(&mut signals).await;
+        notify(&daemon.status_after(&result, stopping));
+        if stopping {
+            break;
+        }
+        due = daemon.next_due();
+    }
+    daemon.stop();
+    0
+}
 
+/// The signals the daemon answers: SIGHUP reloads, SIGTERM and SIGINT stop.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Option<Self> {
+        match (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(hup), Ok(term), Ok(int)) => Some(Self { hup, term, int }),
+            _ => None,
+        }
+    }
+}
+
+/// What woke the daemon between syncs.
+enum Wake {
+    Timer,
+    Push,
+    Hangup,
+    Stop,
+}
+
+/// What the daemon carries from one sync to the next.
+struct Daemon {
+    flags: Overrides,
+    settings: Settings,
+    hub: Option<Arc<Hub>>,
+    /// Kept across syncs; lent to the sync thread while one runs.
+    conn: Option<Connection>,
+    /// Consecutive failed syncs (the backoff).
+    failures: u32,
+    notifier: Option<Arc<notify::Notifier>>,
+    watchdog: watchdog::Watchdog,
+}
+
+impl Daemon {
+    fn new(flags: Overrides, settings: Settings, hub: Option<Arc<Hub>>) -> Self {
+        let conn = Some(Connection::new(&settings.libvirt_uri));
+        let notifier =
+            notify::daemon_notifier(None, &settings.state_dir, &settings.host, &settings.notify);
+        let watchdog = watchdog::start(settings.tick_timeout);
+        Self {
+            flags,
+            settings,
+            hub,
+            conn,
+            failures: 0,
+            notifier,
+            watchdog,
+        }
+    }
+
+    /// Waits until `due`, a push or SIGHUP (which reloads the config first); returns what
+    /// triggered the sync, or `None` on SIGTERM/SIGINT.
+    async fn wait(
+        &mut self,
+        signals: &mut Signals,
+        due: DateTime<Utc>,
+        first: bool,
+    ) -> Option<&'static str> {
+        let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let wake = tokio::select! {
+            _ = tokio::time::sleep(wait) => Wake::Timer,
+            _ = pushed(&self.hub) => Wake::Push,
+            _ = signals.hup.recv() => Wake::Hangup,
+            _ = signals.term.recv() => Wake::Stop,
+            _ = signals.int.recv() => Wake::Stop,
+        };
+        match wake {
+            Wake::Timer if first => Some("start"),
+            Wake::Timer => Some("schedule"),
+            Wake::Push => {
+                // A push notification knows better than a cached probe file.
+                probe::force_next_fetch();
+                Some("webhook")
+            }
+            Wake::Hangup => {
+                self.reload();
+                Some("sighup")
+            }
+            Wake::Stop => None,
+        }
+    }
+
+    /// SIGHUP: the new config, its webhook secret and notify targets, or the old ones
+    /// when it does not load.
+    fn reload(&mut self) {
+        match load_with_secret(&self.flags) {
+            Ok((new, secret)) => {
+                info!("SIGHUP: reloaded the config; syncing now");
+                reload_webhook(self.hub.as_deref(), &self.settings, &new, secret);
+                self.notifier = notify::daemon_notifier(
+                    self.notifier.take(),
+                    &new.state_dir,
+                    &new.host,
+                    &new.notify,
+                );
+                self.watchdog.set_bound(new.tick_timeout);
+                self.settings = new;
+            }
+            Err(e) => error!(error = %e, "SIGHUP: keeping the old config; syncing now"),
+        }
+    }
+
+    /// One sync on a blocking thread; SIGTERM/SIGINT meanwhile let the action in flight
+    /// finish. Returns its result and whether the daemon is stopping.
+    async fn sync(&mut self, signals: &mut Signals) -> (Result<Report, SyncError>, bool) {
         let cancel = Arc::new(AtomicBool::new(false));
-        let mut connection = conn
+        let mut connection = self
+            .conn
             .take()
             .expect("connection is returned after every sync");
-        connection.set_uri(&settings.libvirt_uri);
-        let (job_settings, job_cancel) = (settings.clone(), cancel.clone());
-        let max_attempts = settings.max_attempts;
-        let render = hub.is_some();
-        let events = notifier.as_ref().map(notify::SyncEvents::new);
-        let tick = watchdog.tick();
+        connection.set_uri(&self.settings.libvirt_uri);
+        let (job_settings, job_cancel) = (self.settings.clone(), cancel.clone());
+        let max_attempts = self.settings.max_attempts;
+        let render = self.hub.is_some();
+        let events = self.notifier.as_ref().map(notify::SyncEvents::new);
+        let tick = self.watchdog.tick();
         let job = tokio::task::spawn_blocking(move || {
             let _tick = tick;
             let options = Options {
@@ -210,24 +298,30 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
         let (connection, result, metrics) = loop {
             tokio::select! {
                 done = &mut job => break done.expect("the sync thread does not panic"),
-                _ = term.recv() => { stopping = true; cancel.store(true, Ordering::SeqCst); info!("stopping after the action in flight"); }
-                _ = int.recv() => { stopping = true; cancel.store(true, Ordering::SeqCst); info!("stopping after the action in flight"); }
+                _ = signals.term.recv() => { stopping = true; cancel.store(true, Ordering::SeqCst); info!("stopping after the action in flight"); }
+                _ = signals.int.recv() => { stopping = true; cancel.store(true, Ordering::SeqCst); info!("stopping after the action in flight"); }
             }
         };
-        conn = Some(connection);
-        if let (Some(hub), Some(text)) = (&hub, metrics) {
+        self.conn = Some(connection);
+        if let (Some(hub), Some(text)) = (&self.hub, metrics) {
             hub.set_metrics(text);
         }
-        let status = match &result {
+        (result, stopping)
+    }
+
+    /// Logs a sync's result, counts a failure (or clears the count) and returns the
+    /// status line for systemd.
+    fn status_after(&mut self, result: &Result<Report, SyncError>, stopping: bool) -> String {
+        match result {
             Ok(report) if report.held.host.is_some() => {
-                failures = 0;
+                self.failures = 0;
                 format!(
                     "suspended: commit {} planned, not applied",
                     commit_id::short(&report.commit)
                 )
             }
             Ok(report) => {
-                failures = 0;
+                self.failures = 0;
                 format!(
                     "converged at {} ({} change(s))",
                     commit_id::short(&report.commit),
@@ -249,41 +343,45 @@ async fn run_async(flags: Overrides, mut settings: Settings) -> u8 {
                 format!("stopped before the sync finished: {e}")
             }
             Err(e) => {
-                failures = failures.saturating_add(1);
-                error!(failures, "sync failed: {e}");
+                self.failures = self.failures.saturating_add(1);
+                error!(failures = self.failures, "sync failed: {e}");
                 format!("failed: {e}")
             }
-        };
-        notify(&status);
-        if stopping {
-            break;
         }
+    }
+
+    /// When the next sync is due: the schedule, the backoff and the host's jitter.
+    fn next_due(&self) -> DateTime<Utc> {
+        let settings = &self.settings;
         let now = Utc::now();
         let jitter = jitter(&settings.host, settings.jitter_seconds);
         match next_attempt(
             &settings.schedule,
             now,
             jitter,
-            failures,
+            self.failures,
             Duration::from_secs(settings.backoff_max_seconds),
         ) {
             Some(next) => {
                 info!(next = %next.to_rfc3339(), "next sync");
-                due = next;
+                next
             }
             None => {
                 warn!("the schedule has no future tick; waiting for SIGHUP or SIGTERM");
-                due = now + chrono::Duration::days(365 * 100);
+                now + chrono::Duration::days(365 * 100)
             }
         }
     }
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    if let Some(notifier) = &notifier {
-        notifier.flush(notify::ONCE_WAIT);
-        notifier.close();
+
+    /// Tells systemd, sends the events still queued, and says goodbye.
+    fn stop(&self) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        if let Some(notifier) = &self.notifier {
+            notifier.flush(notify::ONCE_WAIT);
+            notifier.close();
+        }
+        info!("daemon stopped");
     }
-    info!("daemon stopped");
-    0
 }
 
 /// A reloaded config's secret and branch take effect for the next request; a new

@@ -76,24 +76,18 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
         .iter()
         .map(|(name, rec)| {
             let mut vm = VmStatus {
-                entry: EntryStatus {
-                    name: name.clone(),
-                    defined: None,
-                    active: None,
-                    autostart: None,
-                    applied_commit: rec.applied_commit.clone(),
-                    pending_restart: rec.pending_restart,
-                    drift: Vec::new(),
-                    last_error: rec.last_error.clone(),
-                },
+                entry: EntryStatus::recorded(
+                    name,
+                    &rec.applied_commit,
+                    rec.pending_restart,
+                    &rec.last_error,
+                ),
                 health: plan_types::HealthView::of(rec),
                 state_problems: Vec::new(),
             };
             if let Some((hv, listing)) = &listing {
                 let seen = listing.iter().find(|d| &d.name == name);
-                vm.entry.defined = Some(seen.is_some());
-                vm.entry.active = Some(seen.is_some_and(|d| d.active));
-                vm.entry.autostart = Some(seen.is_some_and(|d| d.autostart));
+                vm.entry.seen(seen.map(|d| (d.active, d.autostart)));
                 match seen {
                     None => {
                         vm.entry.drift = drift::detect(
@@ -260,6 +254,34 @@ pub struct EntryStatus {
     pub last_error: Option<String>,
 }
 
+impl EntryStatus {
+    /// What the record says of a VM, network or pool, before libvirt is asked.
+    fn recorded(
+        name: &str,
+        applied_commit: &Option<String>,
+        pending_restart: bool,
+        last_error: &Option<String>,
+    ) -> Self {
+        EntryStatus {
+            name: name.to_string(),
+            defined: None,
+            active: None,
+            autostart: None,
+            applied_commit: applied_commit.clone(),
+            pending_restart,
+            drift: Vec::new(),
+            last_error: last_error.clone(),
+        }
+    }
+
+    /// What libvirt's listing says: `(active, autostart)` when it is defined.
+    fn seen(&mut self, seen: Option<(bool, bool)>) {
+        self.defined = Some(seen.is_some());
+        self.active = Some(seen.is_some_and(|(active, _)| active));
+        self.autostart = Some(seen.is_some_and(|(_, autostart)| autostart));
+    }
+}
+
 /// The record's networks and pools joined with what libvirt says now: one listing per
 /// kind and one XML read per defined one (the drift baseline, and a network's live tag).
 pub fn resource_status(
@@ -274,23 +296,17 @@ pub fn resource_status(
     };
     recs.iter()
         .map(|(name, rec)| {
-            let mut s = EntryStatus {
-                name: name.clone(),
-                defined: None,
-                active: None,
-                autostart: None,
-                applied_commit: rec.applied_commit.clone(),
-                pending_restart: rec.pending_restart,
-                drift: Vec::new(),
-                last_error: rec.last_error.clone(),
-            };
+            let mut s = EntryStatus::recorded(
+                name,
+                &rec.applied_commit,
+                rec.pending_restart,
+                &rec.last_error,
+            );
             let (Some(hv), Some(listing)) = (hv, &listing) else {
                 return s;
             };
             let seen = listing.iter().find(|l| &l.name == name);
-            s.defined = Some(seen.is_some());
-            s.active = Some(seen.is_some_and(|l| l.active));
-            s.autostart = Some(seen.is_some_and(|l| l.autostart));
+            s.seen(seen.map(|l| (l.active, l.autostart)));
             match seen {
                 None => s.drift.push("undefined outside vmsync".into()),
                 Some(l) => {

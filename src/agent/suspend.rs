@@ -12,7 +12,6 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::reconcile::plan_types;
-use crate::record;
 use crate::util::{clock, fsio};
 
 /// The file in the state directory.
@@ -406,67 +405,6 @@ pub fn held_back(state_dir: &Path, plan: &mut plan_types::Plan, commit: &str) ->
         tracing::warn!(vm = %vm, commit, "vm suspended {}: its changes are planned, not applied", s.describe());
     }
     held
-}
-
-/// With the host suspended: the drift the plan saw goes into the records of the VMs,
-/// networks and pools (nothing else changes), so that `vmsync status` and the metrics
-/// report it. Whether anything changed.
-pub fn note_drift(record: &mut record::Record, plan: &plan_types::Plan) -> bool {
-    let mut changed = false;
-    for vm in &plan.vms {
-        if let Some(entry) = record.vms.get_mut(&vm.name)
-            && entry.drift != vm.drift
-        {
-            entry.drift = vm.drift.clone();
-            changed = true;
-        }
-    }
-    let resources = [
-        (&mut record.networks, &plan.resources.networks),
-        (&mut record.pools, &plan.resources.pools),
-    ];
-    for (records, plans) in resources {
-        for p in plans {
-            if let Some(entry) = records.get_mut(&p.name)
-                && entry.drift != p.drift
-            {
-                entry.drift = p.drift.clone();
-                changed = true;
-            }
-        }
-    }
-    changed
-}
-
-/// After recording a sync that held VMs back: their entries go back to what they were
-/// before (they did not get the commit), keeping the drift just seen; a VM new in the
-/// commit gets no entry.
-pub fn restore_records(
-    record: &mut record::Record,
-    before: &BTreeMap<String, record::VmRecord>,
-    held: &Held,
-) {
-    for name in held.vms.keys() {
-        match before.get(name) {
-            Some(old) => {
-                let drift = record
-                    .vms
-                    .get(name)
-                    .map(|n| n.drift.clone())
-                    .unwrap_or_default();
-                record.vms.insert(
-                    name.clone(),
-                    record::VmRecord {
-                        drift,
-                        ..old.clone()
-                    },
-                );
-            }
-            None => {
-                record.vms.remove(name);
-            }
-        }
-    }
 }
 
 /// How long until the next suspension in force ends (for a log line).

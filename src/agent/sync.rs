@@ -453,7 +453,7 @@ fn apply_observed(
     let held = suspend::held_back(&env.settings.state_dir, &mut plan, short(commit));
     if held.host.is_some() {
         // Nothing is applied nor recorded but the drift just seen (reported, not healed).
-        if suspend::note_drift(record, &plan) {
+        if record_update::note_drift(record, &plan) {
             store::save(&env.settings.state_dir, record)?;
         }
         return Ok(Report {
@@ -495,7 +495,7 @@ fn apply_observed(
         &found,
         &clock::now_rfc3339(),
     );
-    suspend::restore_records(record, &before, &held);
+    record_update::restore_held(record, &before, held.vms.keys());
     store::save(&env.settings.state_dir, record)?;
     let calls = clock.calls_since(env.hv.call_count());
     finish(

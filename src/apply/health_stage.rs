@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::desired::desired_state::{Desired, DesiredVm};
 use crate::desired::domain_xml;
+use crate::desired::health_spec::HealthSpec;
 use crate::host::health_probe::{self as check, Verdict};
 use crate::host::hypervisor::Hypervisor;
 use crate::reconcile::diff;
@@ -97,24 +98,7 @@ fn one(
     let name = &vm.name;
     let short = commit_id::short(stage.commit);
     let Some(how) = due(Some(spec), plan, outcome, old) else {
-        let has_healthy = old.is_some_and(|r| r.healthy_fingerprint.is_some());
-        if !has_healthy && outcome.error.is_none() && outcome.up && !outcome.pending_restart {
-            let xml = stage.hv.xml(name, true).ok()?;
-            let tag = domain_xml::read_tag(&xml)?;
-            save_healthy(stage.state_dir, name, &xml)?;
-            info!(vm = %name, commit = %tag.commit, "runs its committed definition: kept as the last healthy one");
-            return Some(Found::Adopted {
-                name: name.clone(),
-                commit: tag.commit,
-                fingerprint: tag.fingerprint,
-            });
-        }
-        if let Some(fp) = old.and_then(|r| r.healthy_fingerprint.as_deref())
-            && outcome.up
-        {
-            repair_healthy(stage.state_dir, name, fp, stage.hv);
-        }
-        return None;
+        return not_due(stage, name, outcome, old);
     };
     let bad_xml = stage.hv.xml(name, true).unwrap_or_default();
     let uuid = domain_xml::summarize(&bad_xml)
@@ -127,7 +111,7 @@ fn one(
         }
         Due::Started => check::check(stage.hv, name, &uuid, spec, stage.cancel),
     };
-    let mut result = VmHealth {
+    let result = VmHealth {
         name: name.clone(),
         result: HealthResult::Healthy,
         reason: String::new(),
@@ -151,89 +135,152 @@ fn one(
         Verdict::Unhealthy(reason) => reason,
     };
     error!(vm = %name, commit = %short, reason = %reason, "health check failed");
-    result.reason = reason;
-    let healthy = old
-        .and_then(|r| r.healthy_commit.clone().zip(r.healthy_fingerprint.clone()))
-        .filter(|(_, fp)| *fp != plan.fingerprint);
-    let healthy_xml = match healthy
-        .as_ref()
-        .map(|(_, fp)| healthy_file::read(stage.state_dir, name, fp))
-    {
-        Some(Err(damaged)) if spec.revert => {
-            error!(vm = %name, commit = %short, "not reverted: {damaged}");
-            result.result = HealthResult::Unhealthy;
-            result.reason = format!("{}; not reverted: {damaged}", result.reason);
-            return Some(Found::Checked(result));
-        }
-        read => read.and_then(Result::ok),
+    let failed = Failed {
+        stage,
+        vm,
+        spec,
+        short,
+        bad_xml,
+        uuid,
+        result: VmHealth { reason, ..result },
     };
-    match after_failure(spec, healthy_xml.is_some()) {
-        AfterFailure::Keep(why) => {
-            warn!(vm = %name, commit = %short, "not reverted: {why}");
-            result.result = HealthResult::Unhealthy;
-            result.reason = format!("{}; not reverted: {why}", result.reason);
-            return Some(Found::Checked(result));
-        }
-        AfterFailure::Revert => {}
+    Some(Found::Checked(failed.keep_or_revert(plan, old)))
+}
+
+/// A VM with a health spec and no check due: a running committed definition becomes the
+/// first healthy one; a damaged healthy file is repaired.
+fn not_due(
+    stage: &Stage,
+    name: &str,
+    outcome: &VmOutcome,
+    old: Option<&VmRecord>,
+) -> Option<Found> {
+    let has_healthy = old.is_some_and(|r| r.healthy_fingerprint.is_some());
+    if !has_healthy && outcome.error.is_none() && outcome.up && !outcome.pending_restart {
+        let xml = stage.hv.xml(name, true).ok()?;
+        let tag = domain_xml::read_tag(&xml)?;
+        save_healthy(stage.state_dir, name, &xml)?;
+        info!(vm = %name, commit = %tag.commit, "runs its committed definition: kept as the last healthy one");
+        return Some(Found::Adopted {
+            name: name.to_string(),
+            commit: tag.commit,
+            fingerprint: tag.fingerprint,
+        });
     }
-    let (healthy_commit, healthy_fp) = healthy.expect("a healthy definition to revert to");
-    let healthy_xml = healthy_xml.expect("read above");
-    let timeout = vm.shutdown_timeout.unwrap_or(stage.shutdown_timeout);
-    info!(vm = %name, commit = %short, healthy_commit = %commit_id::short(&healthy_commit), "putting the last healthy definition back");
-    let reverted = match check::revert(stage.hv, name, &healthy_xml, timeout, stage.cancel) {
-        Ok(after) => {
-            let diff = diff::unified(
-                &bad_xml,
-                &after,
-                &format!("{name} (unhealthy, commit {short})"),
-                &format!(
-                    "{name} (put back, commit {})",
-                    commit_id::short(&healthy_commit)
-                ),
-            );
-            diff::log(name, short, &diff);
-            result.put_back = Some(PutBack {
-                commit: healthy_commit.clone(),
-                fingerprint: healthy_fp.clone(),
-                definition_hash: domain_xml::definition_hash(&after),
-            });
-            match check::check(stage.hv, name, &uuid, spec, stage.cancel) {
-                Verdict::Healthy => Ok(true),
-                Verdict::Interrupted => Err("interrupted: vmsync is stopping".into()),
-                Verdict::Unhealthy(why) => {
-                    result.reason = format!(
-                        "{}; the last healthy definition failed its check too: {why}",
-                        result.reason
-                    );
-                    Ok(false)
+    if let Some(fp) = old.and_then(|r| r.healthy_fingerprint.as_deref())
+        && outcome.up
+    {
+        repair_healthy(stage.state_dir, name, fp, stage.hv);
+    }
+    None
+}
+
+/// A VM that failed its health check: what deciding and carrying out the revert needs.
+struct Failed<'a> {
+    stage: &'a Stage<'a>,
+    vm: &'a DesiredVm,
+    spec: &'a HealthSpec,
+    short: &'a str,
+    /// The definition that failed, as libvirt has it.
+    bad_xml: String,
+    uuid: String,
+    /// The result so far: unhealthy, with the check's reason.
+    result: VmHealth,
+}
+
+impl Failed<'_> {
+    /// Keeps the failed definition (no revert wanted, nothing to go back to, or a damaged
+    /// healthy file) or puts the last healthy one back.
+    fn keep_or_revert(mut self, plan: &VmPlan, old: Option<&VmRecord>) -> VmHealth {
+        let (name, short) = (&self.vm.name, self.short);
+        let healthy = old
+            .and_then(|r| r.healthy_commit.clone().zip(r.healthy_fingerprint.clone()))
+            .filter(|(_, fp)| *fp != plan.fingerprint);
+        let healthy_xml = match healthy
+            .as_ref()
+            .map(|(_, fp)| healthy_file::read(self.stage.state_dir, name, fp))
+        {
+            Some(Err(damaged)) if self.spec.revert => {
+                error!(vm = %name, commit = %short, "not reverted: {damaged}");
+                self.result.result = HealthResult::Unhealthy;
+                self.result.reason = format!("{}; not reverted: {damaged}", self.result.reason);
+                return self.result;
+            }
+            read => read.and_then(Result::ok),
+        };
+        match after_failure(self.spec, healthy_xml.is_some()) {
+            AfterFailure::Keep(why) => {
+                warn!(vm = %name, commit = %short, "not reverted: {why}");
+                self.result.result = HealthResult::Unhealthy;
+                self.result.reason = format!("{}; not reverted: {why}", self.result.reason);
+                self.result
+            }
+            AfterFailure::Revert => {
+                let (commit, fingerprint) = healthy.expect("a healthy definition to revert to");
+                let xml = healthy_xml.expect("read above");
+                self.revert(&commit, &fingerprint, &xml)
+            }
+        }
+    }
+
+    /// Puts the last healthy definition back (commit, fingerprint, XML) and checks it.
+    fn revert(mut self, healthy_commit: &str, healthy_fp: &str, healthy_xml: &str) -> VmHealth {
+        let (stage, spec, short) = (self.stage, self.spec, self.short);
+        let name = &self.vm.name;
+        let timeout = self.vm.shutdown_timeout.unwrap_or(stage.shutdown_timeout);
+        info!(vm = %name, commit = %short, healthy_commit = %commit_id::short(healthy_commit), "putting the last healthy definition back");
+        let put_back = |xml: &str| PutBack {
+            commit: healthy_commit.to_string(),
+            fingerprint: healthy_fp.to_string(),
+            definition_hash: domain_xml::definition_hash(xml),
+        };
+        let reverted = match check::revert(stage.hv, name, healthy_xml, timeout, stage.cancel) {
+            Ok(after) => {
+                let diff = diff::unified(
+                    &self.bad_xml,
+                    &after,
+                    &format!("{name} (unhealthy, commit {short})"),
+                    &format!(
+                        "{name} (put back, commit {})",
+                        commit_id::short(healthy_commit)
+                    ),
+                );
+                diff::log(name, short, &diff);
+                self.result.put_back = Some(put_back(&after));
+                match check::check(stage.hv, name, &self.uuid, spec, stage.cancel) {
+                    Verdict::Healthy => Ok(true),
+                    Verdict::Interrupted => Err("interrupted: vmsync is stopping".into()),
+                    Verdict::Unhealthy(why) => {
+                        self.result.reason = format!(
+                            "{}; the last healthy definition failed its check too: {why}",
+                            self.result.reason
+                        );
+                        Ok(false)
+                    }
                 }
             }
-        }
-        Err(e) => {
-            // The healthy definition may be in place although the start failed.
-            if let Ok(now) = stage.hv.xml(name, true)
-                && domain_xml::read_tag(&now).is_some_and(|t| t.fingerprint == healthy_fp)
-            {
-                result.put_back = Some(PutBack {
-                    commit: healthy_commit.clone(),
-                    fingerprint: healthy_fp.clone(),
-                    definition_hash: domain_xml::definition_hash(&now),
-                });
+            Err(e) => {
+                // The healthy definition may be in place although the start failed.
+                if let Ok(now) = stage.hv.xml(name, true)
+                    && domain_xml::read_tag(&now).is_some_and(|t| t.fingerprint == healthy_fp)
+                {
+                    self.result.put_back = Some(put_back(&now));
+                }
+                self.result.reason = format!("{}; the revert failed: {e}", self.result.reason);
+                Err(e)
             }
-            result.reason = format!("{}; the revert failed: {e}", result.reason);
-            Err(e)
+        };
+        self.result.result = revert_result(&reverted);
+        match self.result.result {
+            HealthResult::Reverted => {
+                warn!(vm = %name, commit = %short, healthy_commit = %healthy_commit, "reverted: the last healthy definition runs again; this commit is held back for this vm")
+            }
+            _ => {
+                error!(vm = %name, commit = %short, reason = %self.result.reason, "revert failed")
+            }
         }
-    };
-    result.result = revert_result(&reverted);
-    match result.result {
-        HealthResult::Reverted => {
-            warn!(vm = %name, commit = %short, healthy_commit = %healthy_commit, "reverted: the last healthy definition runs again; this commit is held back for this vm")
-        }
-        _ => {
-            error!(vm = %name, commit = %short, reason = %result.reason, "revert failed")
-        }
+        self.result
     }
-    Some(Found::Checked(result))
 }
 
 /// A damaged last healthy definition (see [`crate::record::healthy_file`]) is written

@@ -136,39 +136,15 @@ fn apply_vm(
     cancel: &AtomicBool,
     short: &str,
 ) -> VmOutcome {
-    let mut result = VmOutcome {
-        name: vm.name.clone(),
-        fingerprint: vm.fingerprint.clone(),
-        autostart: vm.autostart,
-        state: vm.state,
-        done: Vec::new(),
-        error: vm.error.clone().map(VmFailure::Planned),
-        pending_restart: vm.pending_restart,
-        drift: vm.drift.clone(),
-        drift_reported_only: vm.drift_reported_only,
-        definition_hash: None,
-        previous_hash: vm.current_hash.clone(),
-        up: vm.active,
-        kinds: Vec::new(),
-        defined: false,
-        autostart_set: false,
-        power_unsettled: false,
+    let run = VmRun {
+        vm,
+        hv,
+        disks,
+        cancel,
+        short,
     };
-    for warning in &vm.warnings {
-        warn!(vm = %vm.name, "{warning}");
-    }
-    for d in &vm.drift {
-        if vm.drift_reported_only {
-            warn!(vm = %vm.name, drift = %d, "drift (self_heal is off: reported only)");
-        } else {
-            warn!(vm = %vm.name, drift = %d, "drift: putting it back to the commit");
-        }
-    }
-    if let Some(e) = &vm.error {
-        error!(vm = %vm.name, commit = %short, error = %e, "vm not converged");
-    } else if vm.actions.is_empty() {
-        debug!(vm = %vm.name, commit = %short, pending_restart = vm.pending_restart, "unchanged");
-    }
+    let mut result = planned_outcome(vm);
+    log_plan(vm, short);
     for action in vm
         .error
         .is_none()
@@ -182,54 +158,10 @@ fn apply_vm(
             break;
         }
         let mut what = action.describe();
-        let failed = |e: &dyn std::fmt::Display| VmFailure::Action(e.to_string());
-        let stopped = |e: StopError| match e {
-            StopError::Interrupted => VmFailure::ShutdownInterrupted,
-            other => VmFailure::Action(other.to_string()),
-        };
-        let done = match action {
-            Action::CreateDisk(spec) => disks.create(spec).map_err(|e| failed(&e)),
-            Action::Rename { from } => hv.rename(from, &vm.name).map_err(|e| failed(&e)),
-            Action::Define { xml, .. } | Action::Adopt { xml: Some(xml), .. } => hv
-                .define(xml)
-                .inspect(|()| crate::crash_point("after-define"))
-                .map_err(|e| failed(&e))
-                .map(|()| read_back(hv, vm, short, &mut result)),
-            Action::Adopt {
-                tag,
-                xml: None,
-                live,
-            } => hv
-                .set_tag(&vm.name, tag, *live)
-                .map_err(|e| failed(&e))
-                .map(|()| read_back(hv, vm, short, &mut result)),
-            Action::SetAutostart(on) => hv.set_autostart(&vm.name, *on).map_err(|e| failed(&e)),
-            Action::Start => hv.start(&vm.name).map_err(|e| failed(&e)),
-            Action::Restart { timeout } => graceful_stop(hv, &vm.name, *timeout, cancel)
-                .map_err(stopped)
-                .and_then(|how| {
-                    hv.start(&vm.name)
-                        .map_err(|e| VmFailure::StartAfterStop(e.to_string()))
-                        .map(|()| how)
-                })
-                .map(|how| what = format!("restart ({how}, started)")),
-            Action::Stop { timeout } => graceful_stop(hv, &vm.name, *timeout, cancel)
-                .map(|how| what = format!("stop ({how})"))
-                .map_err(stopped),
-            Action::Undefine => Err(failed(&"undefine is only planned for pruning")),
-        };
-        match done {
+        match run.action(action, &mut what, &mut result) {
             Ok(()) => {
                 info!(vm = %vm.name, commit = %short, action = %what, "done");
-                result.done.push(what);
-                result.kinds.push(action.kind());
-                match action {
-                    Action::Start | Action::Restart { .. } => result.up = true,
-                    Action::Stop { .. } => result.up = false,
-                    Action::Define { .. } | Action::Adopt { .. } => result.defined = true,
-                    Action::SetAutostart(_) => result.autostart_set = true,
-                    _ => {}
-                }
+                record_done(&mut result, action, what);
             }
             Err(e) => {
                 if matches!(action, Action::Stop { .. } | Action::Restart { .. }) {
@@ -250,6 +182,123 @@ fn apply_vm(
         warn!(vm = %vm.name, commit = %short, "running with an older definition: pending restart");
     }
     result
+}
+
+/// A VM's outcome before any action ran: what the plan says of it.
+fn planned_outcome(vm: &VmPlan) -> VmOutcome {
+    VmOutcome {
+        name: vm.name.clone(),
+        fingerprint: vm.fingerprint.clone(),
+        autostart: vm.autostart,
+        state: vm.state,
+        done: Vec::new(),
+        error: vm.error.clone().map(VmFailure::Planned),
+        pending_restart: vm.pending_restart,
+        drift: vm.drift.clone(),
+        drift_reported_only: vm.drift_reported_only,
+        definition_hash: None,
+        previous_hash: vm.current_hash.clone(),
+        up: vm.active,
+        kinds: Vec::new(),
+        defined: false,
+        autostart_set: false,
+        power_unsettled: false,
+    }
+}
+
+/// Logs what the plan says of a VM before its actions run: warnings, drift, its error.
+fn log_plan(vm: &VmPlan, short: &str) {
+    for warning in &vm.warnings {
+        warn!(vm = %vm.name, "{warning}");
+    }
+    for d in &vm.drift {
+        if vm.drift_reported_only {
+            warn!(vm = %vm.name, drift = %d, "drift (self_heal is off: reported only)");
+        } else {
+            warn!(vm = %vm.name, drift = %d, "drift: putting it back to the commit");
+        }
+    }
+    if let Some(e) = &vm.error {
+        error!(vm = %vm.name, commit = %short, error = %e, "vm not converged");
+    } else if vm.actions.is_empty() {
+        debug!(vm = %vm.name, commit = %short, pending_restart = vm.pending_restart, "unchanged");
+    }
+}
+
+/// Notes a done action in the VM's outcome: what it did and what the host now has.
+fn record_done(result: &mut VmOutcome, action: &Action, what: String) {
+    result.done.push(what);
+    result.kinds.push(action.kind());
+    match action {
+        Action::Start | Action::Restart { .. } => result.up = true,
+        Action::Stop { .. } => result.up = false,
+        Action::Define { .. } | Action::Adopt { .. } => result.defined = true,
+        Action::SetAutostart(_) => result.autostart_set = true,
+        _ => {}
+    }
+}
+
+/// What one VM's actions run against.
+struct VmRun<'a> {
+    vm: &'a VmPlan,
+    hv: &'a dyn Hypervisor,
+    disks: &'a dyn DiskProvisioner,
+    cancel: &'a AtomicBool,
+    short: &'a str,
+}
+
+impl VmRun<'_> {
+    /// Carries out one action; a stop or restart says in `what` how the VM stopped.
+    fn action(
+        &self,
+        action: &Action,
+        what: &mut String,
+        result: &mut VmOutcome,
+    ) -> Result<(), VmFailure> {
+        let VmRun {
+            vm,
+            hv,
+            disks,
+            cancel,
+            short,
+        } = *self;
+        let failed = |e: &dyn std::fmt::Display| VmFailure::Action(e.to_string());
+        let stopped = |e: StopError| match e {
+            StopError::Interrupted => VmFailure::ShutdownInterrupted,
+            other => VmFailure::Action(other.to_string()),
+        };
+        match action {
+            Action::CreateDisk(spec) => disks.create(spec).map_err(|e| failed(&e)),
+            Action::Rename { from } => hv.rename(from, &vm.name).map_err(|e| failed(&e)),
+            Action::Define { xml, .. } | Action::Adopt { xml: Some(xml), .. } => hv
+                .define(xml)
+                .inspect(|()| crate::crash_point("after-define"))
+                .map_err(|e| failed(&e))
+                .map(|()| read_back(hv, vm, short, result)),
+            Action::Adopt {
+                tag,
+                xml: None,
+                live,
+            } => hv
+                .set_tag(&vm.name, tag, *live)
+                .map_err(|e| failed(&e))
+                .map(|()| read_back(hv, vm, short, result)),
+            Action::SetAutostart(on) => hv.set_autostart(&vm.name, *on).map_err(|e| failed(&e)),
+            Action::Start => hv.start(&vm.name).map_err(|e| failed(&e)),
+            Action::Restart { timeout } => graceful_stop(hv, &vm.name, *timeout, cancel)
+                .map_err(stopped)
+                .and_then(|how| {
+                    hv.start(&vm.name)
+                        .map_err(|e| VmFailure::StartAfterStop(e.to_string()))
+                        .map(|()| how)
+                })
+                .map(|how| *what = format!("restart ({how}, started)")),
+            Action::Stop { timeout } => graceful_stop(hv, &vm.name, *timeout, cancel)
+                .map(|how| *what = format!("stop ({how})"))
+                .map_err(stopped),
+            Action::Undefine => Err(failed(&"undefine is only planned for pruning")),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -497,19 +497,7 @@ impl Checker<'_> {
             let name = dev.tag_name().name();
             let kind = dev.attribute("type");
             match name {
-                "emulator" => {
-                    let path = dev.text().unwrap_or("").trim();
-                    if !QEMU_BINARIES.iter().any(|b| path.starts_with(b))
-                        || path_rule::absolute(path).is_err()
-                    {
-                        self.refuse(
-                            dev,
-                            "devices/emulator",
-                            &format!("emulator '{}' (not a QEMU binary under /usr)", escape(path)),
-                            "allow_qemu_commandline",
-                        );
-                    }
-                }
+                "emulator" => self.emulator(dev),
                 "hostdev" => self.refuse(
                     dev,
                     "devices/hostdev",
@@ -520,71 +508,13 @@ impl Checker<'_> {
                 "disk" => self.disk(dev),
                 "filesystem" => self.filesystem(dev),
                 "graphics" => self.graphics(dev),
-                "smartcard" => match dev.attribute("mode") {
-                    Some("host") => self.refuse(
-                        dev,
-                        "devices/smartcard",
-                        "the host's smartcard reader",
-                        "allow_hostdev",
-                    ),
-                    Some("host-certificates") => {
-                        if let Some(db) = element(dev, "database") {
-                            let text = db.text().unwrap_or("").trim();
-                            self.path(db, "devices/smartcard/database", text, Use::Plain);
-                        }
-                    }
-                    _ => self.chardev(dev, "devices/smartcard", kind),
-                },
+                "smartcard" => self.smartcard(dev, kind),
                 "redirdev" => self.chardev(dev, "devices/redirdev", kind),
                 "input" if matches!(kind, Some("passthrough" | "evdev")) => {
                     self.refuse(dev, "devices/input", "a host input device", "allow_hostdev")
                 }
-                "tpm" => {
-                    if let Some(backend) = element(dev, "backend") {
-                        match backend.attribute("type") {
-                            Some("passthrough") => {
-                                self.refuse(dev, "devices/tpm", "the host's TPM", "allow_hostdev")
-                            }
-                            _ => {
-                                if let Some(path) =
-                                    element(backend, "source").and_then(|s| s.attribute("path"))
-                                {
-                                    self.path(
-                                        backend,
-                                        "devices/tpm/backend/source",
-                                        path,
-                                        Use::Plain,
-                                    );
-                                }
-                            }
-                        }
-                    }
-                }
-                "rng" => {
-                    if let Some(backend) = element(dev, "backend") {
-                        match backend.attribute("model") {
-                            Some("random") => {
-                                let path = backend.text().unwrap_or("").trim();
-                                if !path.is_empty() && !RANDOM_DEVICES.contains(&path) {
-                                    self.refuse(
-                                        backend,
-                                        "devices/rng/backend",
-                                        &format!(
-                                            "host device '{}' as a random source",
-                                            escape(path)
-                                        ),
-                                        "allow_hostdev",
-                                    );
-                                }
-                            }
-                            Some("egd") => {
-                                let kind = backend.attribute("type");
-                                self.chardev(backend, "devices/rng/backend", kind);
-                            }
-                            _ => {}
-                        }
-                    }
-                }
+                "tpm" => self.tpm(dev),
+                "rng" => self.rng(dev),
                 "shmem" => {
                     if let Some(path) = element(dev, "server").and_then(|s| s.attribute("path")) {
                         self.path(dev, "devices/shmem/server", path, Use::Chardev);
@@ -596,21 +526,99 @@ impl Checker<'_> {
                         self.path(path, "devices/memory/source/path", text, Use::Plain);
                     }
                 }
-                "audio" => {
-                    if let Some(path) = dev.attribute("path") {
-                        self.path(dev, "devices/audio", path, Use::Plain);
-                    }
-                    if matches!(kind, Some("oss" | "alsa"))
-                        && elements(dev).any(|io| io.attribute("dev").is_some())
-                    {
-                        self.refuse(dev, "devices/audio", "a host sound device", "allow_hostdev");
-                    }
-                }
+                "audio" => self.audio(dev, kind),
                 "serial" | "parallel" | "console" | "channel" => {
                     self.chardev(dev, &format!("devices/{name}"), kind)
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// `<emulator>`: a QEMU binary under /usr.
+    fn emulator(&mut self, dev: Node) {
+        let path = dev.text().unwrap_or("").trim();
+        if !QEMU_BINARIES.iter().any(|b| path.starts_with(b)) || path_rule::absolute(path).is_err()
+        {
+            self.refuse(
+                dev,
+                "devices/emulator",
+                &format!("emulator '{}' (not a QEMU binary under /usr)", escape(path)),
+                "allow_qemu_commandline",
+            );
+        }
+    }
+
+    /// `<smartcard>`: the host's reader, a certificate database, or a character device.
+    fn smartcard(&mut self, dev: Node, kind: Option<&str>) {
+        match dev.attribute("mode") {
+            Some("host") => self.refuse(
+                dev,
+                "devices/smartcard",
+                "the host's smartcard reader",
+                "allow_hostdev",
+            ),
+            Some("host-certificates") => {
+                if let Some(db) = element(dev, "database") {
+                    let text = db.text().unwrap_or("").trim();
+                    self.path(db, "devices/smartcard/database", text, Use::Plain);
+                }
+            }
+            _ => self.chardev(dev, "devices/smartcard", kind),
+        }
+    }
+
+    /// `<tpm>`: the host's TPM passed through, or an emulated one's source path.
+    fn tpm(&mut self, dev: Node) {
+        let Some(backend) = element(dev, "backend") else {
+            return;
+        };
+        match backend.attribute("type") {
+            Some("passthrough") => {
+                self.refuse(dev, "devices/tpm", "the host's TPM", "allow_hostdev")
+            }
+            _ => {
+                if let Some(path) = element(backend, "source").and_then(|s| s.attribute("path")) {
+                    self.path(backend, "devices/tpm/backend/source", path, Use::Plain);
+                }
+            }
+        }
+    }
+
+    /// `<rng>`: a host random device, or an egd character device.
+    fn rng(&mut self, dev: Node) {
+        let Some(backend) = element(dev, "backend") else {
+            return;
+        };
+        match backend.attribute("model") {
+            Some("random") => {
+                let path = backend.text().unwrap_or("").trim();
+                if !path.is_empty() && !RANDOM_DEVICES.contains(&path) {
+                    self.refuse(
+                        backend,
+                        "devices/rng/backend",
+                        &format!("host device '{}' as a random source", escape(path)),
+                        "allow_hostdev",
+                    );
+                }
+            }
+            Some("egd") => {
+                let kind = backend.attribute("type");
+                self.chardev(backend, "devices/rng/backend", kind);
+            }
+            _ => {}
+        }
+    }
+
+    /// `<audio>`: a path, or a host sound device.
+    fn audio(&mut self, dev: Node, kind: Option<&str>) {
+        if let Some(path) = dev.attribute("path") {
+            self.path(dev, "devices/audio", path, Use::Plain);
+        }
+        if matches!(kind, Some("oss" | "alsa"))
+            && elements(dev).any(|io| io.attribute("dev").is_some())
+        {
+            self.refuse(dev, "devices/audio", "a host sound device", "allow_hostdev");
         }
     }
 }

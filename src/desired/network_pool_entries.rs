@@ -11,7 +11,6 @@
 //! checked once the host is observed (exit 3 otherwise).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 
 use crate::desired::desired_state::{
     DesiredResource, DesiredResources, DesiredVm, DesiredVolume, ExternalRef, Policy, Target,
@@ -20,12 +19,8 @@ use crate::desired::domain_xml::fingerprint;
 use crate::desired::manifest::{MANIFEST_FILE, Manifest, Problem, ResourceEntry, XmlSource};
 use crate::desired::resource_xml::{self, ResourceKind};
 use crate::desired::schema_check::SchemaChecker;
-use crate::desired::{host_access, path_rule};
+use crate::desired::{host_access, host_policy_settings, path_rule};
 use crate::repo::files::RepoFiles;
-
-fn below(path: &Path, roots: &[PathBuf]) -> bool {
-    roots.iter().any(|r| path.starts_with(r) && path != r)
-}
 
 /// Validates the networks, pools and pool volumes of `manifest` for `policy.host`;
 /// `vms`: the commit's valid domains for this host. Problems are added to `problems`.
@@ -37,54 +32,72 @@ pub fn validate(
     vms: &[DesiredVm],
     problems: &mut Vec<Problem>,
 ) -> DesiredResources {
-    let targeted = |e: &&ResourceEntry| policy.host.as_deref().is_none_or(|h| e.targets(h));
+    let check = EntryCheck {
+        files,
+        policy,
+        schema,
+    };
     let mut out = DesiredResources::default();
     for (kind, entries) in [
         (ResourceKind::Pool, &manifest.pools),
         (ResourceKind::Network, &manifest.networks),
     ] {
-        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
-        for e in entries {
-            if let Some(first) = names.insert(&e.name, e.line) {
-                problems.push(entry_problem(
-                    e,
-                    MANIFEST_FILE,
-                    Some(e.line),
-                    "name",
-                    format!("duplicate {kind} name (first used on line {first})"),
-                ));
-            }
-        }
-        let mut uuids: BTreeMap<String, String> = BTreeMap::new();
-        for e in entries.iter().filter(targeted) {
-            if let Some(r) = validate_entry(e, files, policy, schema, problems)
-                && r.summary.uuid.as_ref().is_none_or(|u| {
-                    match uuids.insert(u.clone(), e.name.clone()) {
-                        None => true,
-                        Some(other) => {
-                            problems.push(entry_problem(
-                                e,
-                                &r.xml_file,
-                                None,
-                                "uuid",
-                                format!("uuid {u} is also used by {kind} '{other}'"),
-                            ));
-                            false
-                        }
-                    }
-                })
-            {
-                match kind {
-                    ResourceKind::Network => out.networks.push(r),
-                    ResourceKind::Pool => out.pools.push(r),
-                }
-            }
+        duplicate_names(kind, entries, problems);
+        let valid = check.targeted(kind, entries, problems);
+        match kind {
+            ResourceKind::Network => out.networks = valid,
+            ResourceKind::Pool => out.pools = valid,
         }
     }
-
     let networks: BTreeSet<&str> = out.networks.iter().map(|n| n.name.as_str()).collect();
     let pools: BTreeSet<&str> = out.pools.iter().map(|p| p.name.as_str()).collect();
-    let mut volumes: BTreeMap<(String, String), String> = BTreeMap::new();
+    let volumes = pool_volumes(manifest, vms, policy, &pools, problems);
+    let refs = domain_refs(vms, &networks, &volumes.taken);
+    out.volumes = volumes.volumes;
+    out.external = volumes.external;
+    out.external.extend(refs);
+    out
+}
+
+/// A name used twice among the entries of one kind.
+fn duplicate_names(kind: ResourceKind, entries: &[ResourceEntry], problems: &mut Vec<Problem>) {
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in entries {
+        if let Some(first) = names.insert(&e.name, e.line) {
+            problems.push(entry_problem(
+                e,
+                MANIFEST_FILE,
+                Some(e.line),
+                "name",
+                format!("duplicate {kind} name (first used on line {first})"),
+            ));
+        }
+    }
+}
+
+/// The pool volumes of the commit's domains for this host.
+struct PoolVolumes {
+    volumes: Vec<DesiredVolume>,
+    /// Pools they are in that the commit does not make.
+    external: Vec<ExternalRef>,
+    /// (pool, volume) → the vm whose disk it is.
+    taken: BTreeMap<(String, String), String>,
+}
+
+/// Each `[[vm.disk]]` in a pool, of the domains in `vms`: one domain per volume, backing
+/// below the disk roots, its pool made by the commit (`pools`) or external.
+fn pool_volumes(
+    manifest: &Manifest,
+    vms: &[DesiredVm],
+    policy: &Policy,
+    pools: &BTreeSet<&str>,
+    problems: &mut Vec<Problem>,
+) -> PoolVolumes {
+    let mut out = PoolVolumes {
+        volumes: Vec::new(),
+        external: Vec::new(),
+        taken: BTreeMap::new(),
+    };
     let wanted: BTreeSet<&str> = vms.iter().map(|vm| vm.name.as_str()).collect();
     for entry in manifest
         .vms
@@ -100,8 +113,9 @@ pub fn validate(
                 field: Some(field),
                 message,
             };
-            if let Some(other) =
-                volumes.insert((v.pool.clone(), v.name.clone()), entry.name.clone())
+            if let Some(other) = out
+                .taken
+                .insert((v.pool.clone(), v.name.clone()), entry.name.clone())
             {
                 problems.push(at(
                     field("volume"),
@@ -112,14 +126,14 @@ pub fn validate(
                 ));
             }
             if let Some(b) = &v.backing
-                && !below(b, &policy.disk_roots)
+                && !path_rule::strictly_below(b, &policy.disk_roots)
             {
                 problems.push(at(
                     field("backing"),
                     format!(
                         "'{}' is not below a disk root ({})",
                         b.display(),
-                        roots_text(&policy.disk_roots)
+                        path_rule::roots_text(&policy.disk_roots)
                     ),
                 ));
             }
@@ -137,11 +151,21 @@ pub fn validate(
             });
         }
     }
+    out
+}
+
+/// The networks and pool volumes the domains' XML names that the commit does not make.
+fn domain_refs(
+    vms: &[DesiredVm],
+    networks: &BTreeSet<&str>,
+    volumes: &BTreeMap<(String, String), String>,
+) -> Vec<ExternalRef> {
+    let mut external = Vec::new();
     for vm in vms {
         let refs = resource_xml::domain_refs(&vm.xml);
         for n in refs.networks {
             if !networks.contains(n.as_str()) {
-                out.external.push(ExternalRef {
+                external.push(ExternalRef {
                     vm: vm.name.clone(),
                     file: vm.xml_file.clone(),
                     field: "devices/interface/source".into(),
@@ -151,7 +175,7 @@ pub fn validate(
         }
         for (pool, volume) in refs.volumes {
             if !volumes.contains_key(&(pool.clone(), volume.clone())) {
-                out.external.push(ExternalRef {
+                external.push(ExternalRef {
                     vm: vm.name.clone(),
                     file: vm.xml_file.clone(),
                     field: "devices/disk/source".into(),
@@ -160,15 +184,7 @@ pub fn validate(
             }
         }
     }
-    out
-}
-
-fn roots_text(roots: &[PathBuf]) -> String {
-    roots
-        .iter()
-        .map(|r| format!("'{}'", r.display()))
-        .collect::<Vec<_>>()
-        .join(", ")
+    external
 }
 
 fn entry_problem(
@@ -187,64 +203,159 @@ fn entry_problem(
     }
 }
 
-fn validate_entry(
-    e: &ResourceEntry,
-    files: &dyn RepoFiles,
-    policy: &Policy,
-    schema: &dyn SchemaChecker,
-    problems: &mut Vec<Problem>,
-) -> Option<DesiredResource> {
-    let kind = e.kind;
-    let (xml_file, xml) = match &e.xml {
-        XmlSource::Inline(xml) => (MANIFEST_FILE.to_string(), xml.clone()),
-        XmlSource::File(path) => match files.read_text(path) {
-            Ok(xml) => (path.clone(), xml),
-            Err(err) => {
+/// What a `[[network]]` or `[[pool]]` entry is checked with.
+struct EntryCheck<'a> {
+    files: &'a dyn RepoFiles,
+    policy: &'a Policy,
+    schema: &'a dyn SchemaChecker,
+}
+
+impl EntryCheck<'_> {
+    /// The valid entries of one kind that target this host, each UUID used once.
+    fn targeted(
+        &self,
+        kind: ResourceKind,
+        entries: &[ResourceEntry],
+        problems: &mut Vec<Problem>,
+    ) -> Vec<DesiredResource> {
+        let host = self.policy.host.as_deref();
+        let mut valid = Vec::new();
+        let mut uuids: BTreeMap<String, String> = BTreeMap::new();
+        for e in entries.iter().filter(|e| host.is_none_or(|h| e.targets(h))) {
+            let Some(r) = self.entry(e, problems) else {
+                continue;
+            };
+            if let Some(u) = &r.summary.uuid
+                && let Some(other) = uuids.insert(u.clone(), e.name.clone())
+            {
                 problems.push(entry_problem(
                     e,
-                    MANIFEST_FILE,
-                    Some(e.line),
-                    "xml",
-                    err.to_string(),
+                    &r.xml_file,
+                    None,
+                    "uuid",
+                    format!("uuid {u} is also used by {kind} '{other}'"),
+                ));
+                continue;
+            }
+            valid.push(r);
+        }
+        valid
+    }
+
+    /// One entry: its XML (readable, well-formed, named as the entry), what it asks of
+    /// the host, and libvirt's schema; `None` when a problem was found.
+    fn entry(&self, e: &ResourceEntry, problems: &mut Vec<Problem>) -> Option<DesiredResource> {
+        let (kind, policy) = (e.kind, self.policy);
+        let (xml_file, xml) = self.entry_xml(e, problems)?;
+        let inline = matches!(e.xml, XmlSource::Inline(_));
+        let line = |l: Option<usize>| if inline { Some(e.line) } else { l };
+        let summary = match resource_xml::summarize(kind, &xml) {
+            Ok(s) => s,
+            Err(p) => {
+                problems.push(entry_problem(
+                    e,
+                    &xml_file,
+                    line(p.line),
+                    p.field.as_deref().unwrap_or("xml"),
+                    p.message,
                 ));
                 return None;
             }
-        },
-        // `template` is a key of [[vm]] only: a network or pool never has one.
-        XmlSource::Template { .. } => return None,
-    };
-    let inline = matches!(e.xml, XmlSource::Inline(_));
-    let line = |l: Option<usize>| if inline { Some(e.line) } else { l };
-    let summary = match resource_xml::summarize(kind, &xml) {
-        Ok(s) => s,
-        Err(p) => {
+        };
+        let before = problems.len();
+        if summary.name != e.name {
             problems.push(entry_problem(
                 e,
                 &xml_file,
-                line(p.line),
-                p.field.as_deref().unwrap_or("xml"),
-                p.message,
+                None,
+                "name",
+                format!(
+                    "the xml's <name> is '{}' but the manifest says '{}'",
+                    summary.name, e.name
+                ),
             ));
-            return None;
         }
-    };
-    let before = problems.len();
-    if summary.name != e.name {
-        problems.push(entry_problem(
-            e,
-            &xml_file,
-            None,
-            "name",
-            format!(
-                "the xml's <name> is '{}' but the manifest says '{}'",
-                summary.name, e.name
-            ),
-        ));
+        let hp = &policy.host_policy;
+        if kind == ResourceKind::Network
+            && let Some((what, flag)) = refused_forward(summary.forward_mode.as_deref(), hp)
+        {
+            problems.push(entry_problem(
+                e,
+                &xml_file,
+                None,
+                "forward",
+                format!(
+                    "{what} is refused by this host's policy (set [policy] {flag} = true to allow it)"
+                ),
+            ));
+        }
+        // Paths, devices, namespaces and addresses (`host_access`).
+        let violations = match kind {
+            ResourceKind::Pool => host_access::check_pool(&xml, hp, &policy.disk_roots),
+            ResourceKind::Network => host_access::check_network(&xml, hp, &policy.disk_roots),
+        };
+        for v in violations {
+            problems.push(entry_problem(
+                e,
+                &xml_file,
+                line(v.line),
+                &v.field,
+                v.message,
+            ));
+        }
+        if problems.len() == before
+            && let Err(err) = self.schema.check_resource(kind, &xml)
+        {
+            problems.push(entry_problem(e, &xml_file, None, "xml", err.to_string()));
+        }
+        (problems.len() == before).then(|| DesiredResource {
+            kind,
+            name: e.name.clone(),
+            xml_file,
+            fingerprint: fingerprint(&xml),
+            xml,
+            summary,
+            autostart: e.autostart,
+            adopt: e.adopt,
+            on_change: e.on_change,
+        })
     }
-    // What a domain's interface may not do without the host policy, a network may not
-    // do for it either: host NICs passed through, or macvtap on them.
-    let hp = &policy.host_policy;
-    let refused = match summary.forward_mode.as_deref() {
+
+    /// The entry's XML and the file it is in (the manifest when inline).
+    fn entry_xml(
+        &self,
+        e: &ResourceEntry,
+        problems: &mut Vec<Problem>,
+    ) -> Option<(String, String)> {
+        match &e.xml {
+            XmlSource::Inline(xml) => Some((MANIFEST_FILE.to_string(), xml.clone())),
+            XmlSource::File(path) => match self.files.read_text(path) {
+                Ok(xml) => Some((path.clone(), xml)),
+                Err(err) => {
+                    problems.push(entry_problem(
+                        e,
+                        MANIFEST_FILE,
+                        Some(e.line),
+                        "xml",
+                        err.to_string(),
+                    ));
+                    None
+                }
+            },
+            // `template` is a key of [[vm]] only: a network or pool never has one.
+            XmlSource::Template { .. } => None,
+        }
+    }
+}
+
+/// What a domain's interface may not do without the host policy, a network may not do
+/// for it either: host NICs passed through, or macvtap on them. The refusal and the
+/// `[policy]` flag that allows it.
+fn refused_forward(
+    mode: Option<&str>,
+    hp: &host_policy_settings::HostPolicy,
+) -> Option<(&'static str, &'static str)> {
+    match mode {
         Some("hostdev") if !hp.allow_hostdev => Some((
             "host network devices passed through (<forward mode='hostdev'>)",
             "allow_hostdev",
@@ -258,50 +369,7 @@ fn validate_entry(
             "allow_direct_interfaces",
         )),
         _ => None,
-    };
-    if kind == ResourceKind::Network
-        && let Some((what, flag)) = refused
-    {
-        problems.push(entry_problem(
-            e,
-            &xml_file,
-            None,
-            "forward",
-            format!(
-                "{what} is refused by this host's policy (set [policy] {flag} = true to allow it)"
-            ),
-        ));
     }
-    // Paths, devices, namespaces and addresses (`host_access`).
-    let violations = match kind {
-        ResourceKind::Pool => host_access::check_pool(&xml, hp, &policy.disk_roots),
-        ResourceKind::Network => host_access::check_network(&xml, hp, &policy.disk_roots),
-    };
-    for v in violations {
-        problems.push(entry_problem(
-            e,
-            &xml_file,
-            line(v.line),
-            &v.field,
-            v.message,
-        ));
-    }
-    if problems.len() == before
-        && let Err(err) = schema.check_resource(kind, &xml)
-    {
-        problems.push(entry_problem(e, &xml_file, None, "xml", err.to_string()));
-    }
-    (problems.len() == before).then(|| DesiredResource {
-        kind,
-        name: e.name.clone(),
-        xml_file,
-        fingerprint: fingerprint(&xml),
-        xml,
-        summary,
-        autostart: e.autostart,
-        adopt: e.adopt,
-        on_change: e.on_change,
-    })
 }
 
 /// Lines for `vmsync validate DIR` about networks, pools and volumes: how many, and
@@ -332,21 +400,7 @@ pub fn validate_summary(r: &DesiredResources) -> String {
 mod tests {
     use super::*;
     use crate::desired::schema_check::SchemaError;
-    use crate::repo::files::FileError;
-
-    struct Files(BTreeMap<String, String>);
-
-    impl RepoFiles for Files {
-        fn read_text(&self, path: &str) -> Result<String, FileError> {
-            self.0
-                .get(path)
-                .cloned()
-                .ok_or_else(|| FileError::NotFound(path.into()))
-        }
-        fn revision(&self) -> String {
-            "test".into()
-        }
-    }
+    use crate::repo::files::MemoryFiles;
 
     /// Accepts every domain; networks and pools go through libvirt's real check.
     struct Schema;
@@ -402,7 +456,7 @@ xml = "a.xml"
             disk_roots: vec!["/srv/images".into()],
             ..Default::default()
         };
-        crate::desired::validate::validate(&Files(map), &policy, &Schema)
+        crate::desired::validate::validate(&MemoryFiles::new(map), &policy, &Schema)
     }
 
     const GOOD: &[(&str, &str)] = &[("a.xml", VM), ("lab.xml", NET), ("pool.xml", POOL)];

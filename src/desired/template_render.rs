@@ -533,43 +533,8 @@ pub fn template_source(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repo::files::MemoryFiles;
     use std::cell::RefCell;
-
-    /// An in-memory commit whose content ids are the text's hash.
-    #[derive(Default)]
-    struct Files(BTreeMap<String, String>);
-
-    impl Files {
-        fn with(files: &[(&str, &str)]) -> Self {
-            Files(
-                files
-                    .iter()
-                    .map(|(p, t)| (p.to_string(), t.to_string()))
-                    .collect(),
-            )
-        }
-    }
-
-    impl RepoFiles for Files {
-        fn read_text(&self, path: &str) -> Result<String, FileError> {
-            check_repo_path(path)?;
-            if path.starts_with("link") {
-                return Err(FileError::NotAFile(path.into()));
-            }
-            self.0
-                .get(path)
-                .cloned()
-                .ok_or_else(|| FileError::NotFound(path.into()))
-        }
-        fn revision(&self) -> String {
-            "test".into()
-        }
-        fn content_id(&self, path: &str) -> Option<String> {
-            self.0
-                .get(path)
-                .map(|t| hex::encode(Sha256::digest(t.as_bytes())))
-        }
-    }
 
     fn params(toml_text: &str) -> Params {
         let table: toml::Table = toml::from_str(toml_text).unwrap();
@@ -579,7 +544,7 @@ mod tests {
         }
     }
 
-    fn render(files: &Files, params_toml: &str) -> Result<String, RenderError> {
+    fn render(files: &MemoryFiles, params_toml: &str) -> Result<String, RenderError> {
         let p = params(params_toml);
         Renderer::new(files).render(
             "t.xml",
@@ -600,7 +565,7 @@ mod tests {
 
     #[test]
     fn renders_the_variables_escaped() {
-        let files = Files::with(&[(
+        let files = MemoryFiles::new([(
             "t.xml",
             "<domain>\n  <name>{{ vm.name }}</name>\n{% if host == 'hv1' %}\n  <memory unit='MiB'>{{ params.memory_mib * 2 }}</memory>\n{% endif %}\n  <title>{{ params.title }}</title>\n  <description>{{ params.raw | safe }}</description>\n</domain>\n",
         )]);
@@ -617,7 +582,7 @@ mod tests {
 
     #[test]
     fn macros_includes_and_imports_read_the_commit() {
-        let files = Files::with(&[
+        let files = MemoryFiles::new([
             (
                 "t.xml",
                 "{% import 'lib/disks.j2' as d %}<domain>{% include 'lib/head.xml' %}{{ d.disk('vda') }}</domain>",
@@ -637,26 +602,26 @@ mod tests {
     #[test]
     fn errors_name_the_file_and_line() {
         let p = failed(render(
-            &Files::with(&[("t.xml", "<domain>\n{% if %}\n</domain>")]),
+            &MemoryFiles::new([("t.xml", "<domain>\n{% if %}\n</domain>")]),
             "",
         ));
         assert_eq!((p.file.as_str(), p.line), ("t.xml", Some(2)));
         assert!(p.message.starts_with("syntax error"), "{p:?}");
 
         let p = failed(render(
-            &Files::with(&[("t.xml", "<domain>\n\n{{ params.memory }}\n</domain>")]),
+            &MemoryFiles::new([("t.xml", "<domain>\n\n{{ params.memory }}\n</domain>")]),
             "",
         ));
         assert_eq!((p.file.as_str(), p.line), ("t.xml", Some(3)));
         assert!(p.message.contains("undefined"), "{p:?}");
 
         // Strict: even a top-level name that is not defined.
-        let p = failed(render(&Files::with(&[("t.xml", "{{ bridge }}")]), ""));
+        let p = failed(render(&MemoryFiles::new([("t.xml", "{{ bridge }}")]), ""));
         assert!(p.message.contains("undefined"), "{p:?}");
 
         // In an included file: that file and its line.
         let p = failed(render(
-            &Files::with(&[
+            &MemoryFiles::new([
                 ("t.xml", "<domain>{% include 'inc.xml' %}</domain>"),
                 ("inc.xml", "\n\n{{ nope }}"),
             ]),
@@ -673,7 +638,7 @@ mod tests {
             ("link.xml", "not a regular file"),
             ("missing.xml", "no such file in the commit"),
         ] {
-            let files = Files::with(&[(
+            let files = MemoryFiles::new([(
                 "t.xml",
                 &format!("<domain>\n{{% include '{include}' %}}</domain>"),
             )]);
@@ -682,9 +647,9 @@ mod tests {
             assert!(p.message.contains(wanted), "{include}: {p:?}");
         }
         // `ignore missing` skips a missing file, but not a refused one.
-        let files = Files::with(&[("t.xml", "<a>{% include 'nope.xml' ignore missing %}</a>")]);
+        let files = MemoryFiles::new([("t.xml", "<a>{% include 'nope.xml' ignore missing %}</a>")]);
         assert_eq!(render(&files, "").unwrap(), "<a></a>");
-        let files = Files::with(&[("t.xml", "{% include '/etc/hostname' ignore missing %}")]);
+        let files = MemoryFiles::new([("t.xml", "{% include '/etc/hostname' ignore missing %}")]);
         assert!(
             failed(render(&files, ""))
                 .message
@@ -694,7 +659,7 @@ mod tests {
 
     #[test]
     fn the_template_itself_unreadable_is_a_manifest_problem() {
-        let files = Files::default();
+        let files = MemoryFiles::default();
         assert_eq!(
             render(&files, ""),
             Err(RenderError::Unreadable(FileError::NotFound("t.xml".into())))
@@ -704,7 +669,7 @@ mod tests {
     #[test]
     fn runaway_renders_are_stopped() {
         let p = failed(render(
-            &Files::with(&[(
+            &MemoryFiles::new([(
                 "t.xml",
                 "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
             )]),
@@ -714,7 +679,7 @@ mod tests {
         assert_eq!(p.line, Some(1));
 
         let p = failed(render(
-            &Files::with(&[(
+            &MemoryFiles::new([(
                 "t.xml",
                 "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
             )]),
@@ -723,7 +688,7 @@ mod tests {
         assert!(p.message.contains("recursion"), "{p:?}");
 
         let p = failed(render(
-            &Files::with(&[("t.xml", "{{ 'x' * 2000000 }}")]),
+            &MemoryFiles::new([("t.xml", "{{ 'x' * 2000000 }}")]),
             "",
         ));
         assert!(
@@ -731,7 +696,7 @@ mod tests {
             "{p:?}"
         );
         let p = failed(render(
-            &Files::with(&[(
+            &MemoryFiles::new([(
                 "t.xml",
                 "{% for i in range(30) %}{{ params.kb }}{% endfor %}",
             )]),
@@ -744,14 +709,14 @@ mod tests {
         );
 
         let p = failed(render(
-            &Files::with(&[("t.xml", "{% include 't.xml' %}")]),
+            &MemoryFiles::new([("t.xml", "{% include 't.xml' %}")]),
             "",
         ));
         assert!(p.message.contains("recursion"), "{p:?}");
 
         // Files loaded for one VM are bounded (here: names made up in a loop).
         let p = failed(render(
-            &Files::with(&[(
+            &MemoryFiles::new([(
                 "t.xml",
                 "{% for i in range(1000) %}{% include 'x' ~ i ~ '.xml' ignore missing %}{% endfor %}",
             )]),
@@ -762,7 +727,7 @@ mod tests {
 
     #[test]
     fn params_of_the_wrong_type_are_errors_at_their_line() {
-        let files = Files::with(&[(
+        let files = MemoryFiles::new([(
             "t.xml",
             "<domain>\n<memory>{{ params.memory_mib * 1024 }}</memory>\n</domain>",
         )]);
@@ -771,13 +736,13 @@ mod tests {
         assert_eq!(p.line, Some(2));
         assert!(p.message.starts_with("invalid operation"), "{p:?}");
 
-        let files = Files::with(&[("t.xml", "<domain>\n{{ params.bridges }}</domain>")]);
+        let files = MemoryFiles::new([("t.xml", "<domain>\n{{ params.bridges }}</domain>")]);
         let p = failed(render(&files, "bridges = ['br0', 'br1']"));
         assert_eq!(p.line, Some(2));
         assert!(p.message.contains("an array cannot be written"), "{p:?}");
         let p = failed(render(&files, "bridges = { a = 1 }"));
         assert!(p.message.contains("a table cannot be written"), "{p:?}");
-        let files = Files::with(&[(
+        let files = MemoryFiles::new([(
             "t.xml",
             "{% for b in params.bridges %}<b>{{ b }}</b>{% endfor %}",
         )]);
@@ -791,7 +756,7 @@ mod tests {
 
     #[test]
     fn rendered_lines_map_back_to_template_lines() {
-        let files = Files::with(&[
+        let files = MemoryFiles::new([
             (
                 "t.xml",
                 "<domain>\n{% if true %}\n  <name>{{ vm.name }}</name>\n{% endif %}\n  <memory>1</memory>\n{% include 'inc.xml' %}\n</domain>\n",
@@ -817,7 +782,7 @@ mod tests {
 
     #[test]
     fn host_is_undefined_without_one() {
-        let files = Files::with(&[("t.xml", "{{ host }}")]);
+        let files = MemoryFiles::new([("t.xml", "{{ host }}")]);
         let p = Params::new();
         let r = Renderer::new(&files);
         let vars = Vars {
@@ -846,7 +811,7 @@ mod tests {
     #[test]
     fn a_render_is_remembered_until_a_file_or_param_changes() {
         let cache = Memory::default();
-        let run = |files: &Files, params_toml: &str, vm: &str| {
+        let run = |files: &MemoryFiles, params_toml: &str, vm: &str| {
             let p = params(params_toml);
             let vars = Vars {
                 vm,
@@ -861,7 +826,7 @@ mod tests {
             }
             (r.xml, r.fresh.is_some())
         };
-        let files = Files::with(&[
+        let files = MemoryFiles::new([
             ("t.xml", "{{ vm.name }} {{ params.m }} {% include 'inc' %}"),
             ("inc", "one"),
         ]);
@@ -870,29 +835,20 @@ mod tests {
         assert_eq!(run(&files, "m = 2", "a"), ("a 2 one".into(), true));
         assert_eq!(run(&files, "m = 1", "b"), ("b 1 one".into(), true));
         // An included file changed: rendered again.
-        let changed = Files::with(&[
+        let changed = MemoryFiles::new([
             ("t.xml", "{{ vm.name }} {{ params.m }} {% include 'inc' %}"),
             ("inc", "two"),
         ]);
         assert_eq!(run(&changed, "m = 1", "a"), ("a 1 two".into(), true));
         assert_eq!(run(&changed, "m = 1", "a"), ("a 1 two".into(), false));
         // Without content ids (a checkout on disk) nothing is remembered.
-        struct NoIds(Files);
-        impl RepoFiles for NoIds {
-            fn read_text(&self, path: &str) -> Result<String, FileError> {
-                self.0.read_text(path)
-            }
-            fn revision(&self) -> String {
-                "dir".into()
-            }
-        }
         let p = params("m = 1");
         let vars = Vars {
             vm: "a",
             host: Some("hv1"),
             params: &p,
         };
-        let r = Renderer::new(&NoIds(changed))
+        let r = Renderer::new(&changed.without_content_ids())
             .render_cached(Some(&cache), "t.xml", &vars)
             .unwrap();
         assert!(r.fresh.is_none());
@@ -904,7 +860,7 @@ mod tests {
 /// problems at the template's lines.
 #[cfg(test)]
 mod validate_tests {
-    use std::cell::{Cell, RefCell};
+    use std::cell::RefCell;
     use std::collections::BTreeMap;
 
     use crate::desired::desired_state::Policy;
@@ -913,29 +869,9 @@ mod validate_tests {
     use crate::desired::resource_xml::ResourceKind;
     use crate::desired::schema_check::{SchemaChecker, SchemaError};
     use crate::desired::validate::validate;
-    use crate::repo::files::{FileError, RepoFiles};
+    use crate::repo::files::MemoryFiles;
 
     use super::{RenderCache, Rendered};
-
-    /// An in-memory commit (content ids: the text's length and text) counting reads.
-    struct Files(BTreeMap<String, String>, Cell<usize>);
-
-    impl RepoFiles for Files {
-        fn read_text(&self, path: &str) -> Result<String, FileError> {
-            crate::repo::files::check_repo_path(path)?;
-            self.1.set(self.1.get() + 1);
-            self.0
-                .get(path)
-                .cloned()
-                .ok_or_else(|| FileError::NotFound(path.into()))
-        }
-        fn revision(&self) -> String {
-            "test".into()
-        }
-        fn content_id(&self, path: &str) -> Option<String> {
-            self.0.get(path).map(|t| format!("{}:{t}", t.len()))
-        }
-    }
 
     /// Rejects "<bogus"; remembers summaries and renders.
     #[derive(Default)]
@@ -994,16 +930,12 @@ template = "t/server.xml"
 
     const TEMPLATE: &str = "<domain type='kvm'>\n  <name>{{ vm.name }}</name>\n  <memory unit='MiB'>{{ params.memory_mib }}</memory>\n  <devices>\n{% include 't/extra.xml' %}\n  </devices>\n</domain>\n";
 
-    fn files(manifest: &str, template: &str, extra: &str) -> Files {
-        let map = [
+    fn files(manifest: &str, template: &str, extra: &str) -> MemoryFiles {
+        MemoryFiles::new([
             ("vmsync.toml", manifest),
             ("t/server.xml", template),
             ("t/extra.xml", extra),
-        ]
-        .iter()
-        .map(|(p, t)| (p.to_string(), t.to_string()))
-        .collect();
-        Files(map, Cell::new(0))
+        ])
     }
 
     fn policy() -> Policy {
@@ -1014,7 +946,7 @@ template = "t/server.xml"
         }
     }
 
-    fn problems(files: &Files) -> Vec<String> {
+    fn problems(files: &MemoryFiles) -> Vec<String> {
         validate(files, &policy(), &Schema::default())
             .unwrap_err()
             .iter()
@@ -1157,15 +1089,15 @@ template = "t/server.xml"
         let f = files(MANIFEST, TEMPLATE, "");
         let first = validate(&f, &policy(), &schema).unwrap();
         assert_eq!(schema.renders.borrow().len(), 2);
-        let reads = f.1.get();
+        let reads = f.reads();
         let again = validate(&f, &policy(), &schema).unwrap();
         assert_eq!(first, again);
-        assert_eq!(f.1.get() - reads, 1, "only the manifest was read again");
+        assert_eq!(f.reads() - reads, 1, "only the manifest was read again");
         // One VM's params changed: that VM alone is rendered (the template read once).
         let changed = files(&MANIFEST.replace("1024", "2048"), TEMPLATE, "");
         let d = validate(&changed, &policy(), &schema).unwrap();
         assert!(d.vms[0].xml.contains(">2048</memory>"));
-        assert_eq!(changed.1.get(), 3, "manifest, template, include");
+        assert_eq!(changed.reads(), 3, "manifest, template, include");
         assert_eq!(schema.renders.borrow().len(), 3);
         // An included file changed: every VM that uses it is rendered again.
         let changed = files(MANIFEST, TEMPLATE, "<!-- new -->\n");

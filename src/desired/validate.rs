@@ -14,7 +14,8 @@ use crate::desired::domain_xml::DomainSummary;
 use crate::desired::manifest::{self, MANIFEST_FILE, Problem, VmEntry, XmlSource};
 use crate::desired::schema_check::SchemaChecker;
 use crate::desired::{
-    domain_xml, health_spec, host_access, host_policy, network_pool_entries, template_render,
+    domain_xml, health_spec, host_access, host_policy, network_pool_entries, path_rule,
+    template_render,
 };
 use crate::repo::files::RepoFiles;
 
@@ -126,12 +127,7 @@ fn vm_problem(
 impl<'a> Validation<'a> {
     /// The disk roots as listed in messages.
     fn roots_text(&self) -> String {
-        self.policy
-            .disk_roots
-            .iter()
-            .map(|r| format!("'{}'", r.display()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        path_rule::roots_text(&self.policy.disk_roots)
     }
 
     /// Every `[[directory]]` is below a disk root.
@@ -525,23 +521,7 @@ fn shared_name_clashes(
 mod tests {
     use super::*;
     use crate::desired::schema_check::SchemaError;
-    use crate::repo::files::FileError;
-
-    /// An in-memory repository.
-    struct Files(BTreeMap<String, String>);
-
-    impl RepoFiles for Files {
-        fn read_text(&self, path: &str) -> Result<String, FileError> {
-            crate::repo::files::check_repo_path(path)?;
-            self.0
-                .get(path)
-                .cloned()
-                .ok_or_else(|| FileError::NotFound(path.into()))
-        }
-        fn revision(&self) -> String {
-            "test".into()
-        }
-    }
+    use crate::repo::files::MemoryFiles;
 
     /// Rejects XML containing "<bogus", as libvirt's schema would.
     struct Schema;
@@ -571,13 +551,13 @@ mod tests {
         format!("<domain type='kvm'><name>{name}</name>{extra}<memory>1</memory></domain>")
     }
 
-    fn repo(manifest: &str, xmls: &[(&str, String)]) -> Files {
+    fn repo(manifest: &str, xmls: &[(&str, String)]) -> MemoryFiles {
         let mut map: BTreeMap<String, String> = xmls
             .iter()
             .map(|(p, x)| (p.to_string(), x.clone()))
             .collect();
         map.insert(MANIFEST_FILE.into(), manifest.into());
-        Files(map)
+        MemoryFiles::new(map)
     }
 
     const MANIFEST: &str = r#"version = 1
@@ -749,27 +729,8 @@ mod cache_tests {
     use super::*;
     use crate::desired::domain_xml::DomainSummary;
     use crate::desired::schema_check::SchemaError;
-    use crate::repo::files::FileError;
+    use crate::repo::files::MemoryFiles;
     use std::cell::{Cell, RefCell};
-
-    /// One file whose content id is its text's length (stands in for a git blob id).
-    struct OneFile(String);
-
-    impl RepoFiles for OneFile {
-        fn read_text(&self, path: &str) -> Result<String, FileError> {
-            match path {
-                MANIFEST_FILE => Ok("version = 1\n[[vm]]\nname = \"a\"\nxml = \"a.xml\"\n".into()),
-                "a.xml" => Ok(self.0.clone()),
-                _ => Err(FileError::NotFound(path.into())),
-            }
-        }
-        fn revision(&self) -> String {
-            "test".into()
-        }
-        fn content_id(&self, _path: &str) -> Option<String> {
-            Some(self.0.len().to_string())
-        }
-    }
 
     /// Remembers summaries by content id and counts schema checks.
     #[derive(Default)]
@@ -811,9 +772,16 @@ mod cache_tests {
             },
             ..Default::default()
         };
-        let hostdev = OneFile(
-            "<domain type='kvm'><name>a</name><memory>1</memory><devices><hostdev mode='subsystem' type='pci'/></devices></domain>".into(),
-        );
+        let hostdev = MemoryFiles::new([
+            (
+                MANIFEST_FILE,
+                "version = 1\n[[vm]]\nname = \"a\"\nxml = \"a.xml\"\n",
+            ),
+            (
+                "a.xml",
+                "<domain type='kvm'><name>a</name><memory>1</memory><devices><hostdev mode='subsystem' type='pci'/></devices></domain>",
+            ),
+        ]);
         // Not cached: the host policy refuses it.
         assert!(validate(&hostdev, &strict, &Remembering::default()).is_err());
         // Passed once under the permissive policy: remembered, then neither parsed,

@@ -99,6 +99,27 @@ pub fn import(
     let mut chosen: Vec<Listing> = listed.into_iter().filter(|l| wanted(&l.name)).collect();
     chosen.sort_by(|a, b| a.name.cmp(&b.name));
 
+    let mut entries = domain_entries(&hv, chosen, &mut imported)?;
+    entries.extend(resources);
+    write_definitions(dir, &entries)?;
+    comment_out_refused(settings, dir, &mut entries)?;
+    summarize(&entries, &mut imported);
+    output::write_file(dir, "README.md", &readme(settings, &imported))?;
+    info!(
+        dir = %dir.display(),
+        vms = imported.entries.len(),
+        commented = imported.commented.len(),
+        "imported"
+    );
+    Ok(imported)
+}
+
+/// An entry per persistent domain of `chosen`; transient ones are skipped.
+fn domain_entries(
+    hv: &Libvirt,
+    chosen: Vec<Listing>,
+    imported: &mut Imported,
+) -> Result<Vec<Entry>, SyncError> {
     let disks = QemuImg::default();
     let mut entries = Vec::new();
     for listing in chosen {
@@ -108,54 +129,68 @@ pub fn import(
             imported.skipped.push((listing.name, why));
             continue;
         }
-        let xml = hv.xml(&listing.name, true)?;
-        let xml = definition::clean(&xml).map_err(|e| {
-            SyncError::Other(anyhow::anyhow!(
-                "failed to read the definition of domain '{}': {}",
-                listing.name,
-                e.message
-            ))
-        })?;
-        let (xml, env_names) = output::redact_qemu_env(&xml);
-        if !env_names.is_empty() {
-            warn!(vm = %listing.name, variables = %env_names.join(", "), "the values of <qemu:env> were not imported");
-            imported.notes.push(format!(
-                "'{}': the values of <qemu:env> {} were not imported (they often hold secrets): the XML has '{}' instead; put the values back (or drop them) before applying",
-                listing.name,
-                env_names.join(", "),
-                output::ENV_PLACEHOLDER
-            ));
-        }
-        let disks = file_disks(&xml)
-            .into_iter()
-            .map(|path| {
-                let info = match disks.inspect(&path) {
-                    Ok(Some(info)) => Ok(info),
-                    Ok(None) => Err("the image does not exist on this host".to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                Disk { path, info }
-            })
-            .collect();
-        if listing.autostart && !listing.active {
-            imported.notes.push(format!(
-                "'{}' has autostart set but is shut off: the first sync starts it (as the host would at its next boot); set autostart = false to leave it off",
-                listing.name
-            ));
-        }
-        entries.push(Entry {
-            table: "vm",
-            file: format!("vms/{}.xml", file_name(&listing.name)),
-            name: listing.name,
-            xml,
-            autostart: listing.autostart,
-            disks,
-            refused: Vec::new(),
-        });
+        entries.push(domain_entry(hv, &disks, listing, imported)?);
     }
+    Ok(entries)
+}
 
-    entries.extend(resources);
-    // Nothing is written through a link: refused before the first file is written.
+/// One domain's entry: its cleaned definition (the values of `<qemu:env>` redacted) and
+/// its file-backed disks as `qemu-img info` sees them.
+fn domain_entry(
+    hv: &Libvirt,
+    disks: &QemuImg,
+    listing: Listing,
+    imported: &mut Imported,
+) -> Result<Entry, SyncError> {
+    let xml = hv.xml(&listing.name, true)?;
+    let xml = definition::clean(&xml).map_err(|e| {
+        SyncError::Other(anyhow::anyhow!(
+            "failed to read the definition of domain '{}': {}",
+            listing.name,
+            e.message
+        ))
+    })?;
+    let (xml, env_names) = output::redact_qemu_env(&xml);
+    if !env_names.is_empty() {
+        warn!(vm = %listing.name, variables = %env_names.join(", "), "the values of <qemu:env> were not imported");
+        imported.notes.push(format!(
+            "'{}': the values of <qemu:env> {} were not imported (they often hold secrets): the XML has '{}' instead; put the values back (or drop them) before applying",
+            listing.name,
+            env_names.join(", "),
+            output::ENV_PLACEHOLDER
+        ));
+    }
+    let disks = file_disks(&xml)
+        .into_iter()
+        .map(|path| {
+            let info = match disks.inspect(&path) {
+                Ok(Some(info)) => Ok(info),
+                Ok(None) => Err("the image does not exist on this host".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            Disk { path, info }
+        })
+        .collect();
+    if listing.autostart && !listing.active {
+        imported.notes.push(format!(
+            "'{}' has autostart set but is shut off: the first sync starts it (as the host would at its next boot); set autostart = false to leave it off",
+            listing.name
+        ));
+    }
+    Ok(Entry {
+        table: "vm",
+        file: format!("vms/{}.xml", file_name(&listing.name)),
+        name: listing.name,
+        xml,
+        autostart: listing.autostart,
+        disks,
+        refused: Vec::new(),
+    })
+}
+
+/// Writes each entry's XML file; nothing is written through a link: every target
+/// (with the manifest and README.md) is checked before the first file is written.
+fn write_definitions(dir: &Path, entries: &[Entry]) -> Result<(), SyncError> {
     for rel in entries
         .iter()
         .map(|e| e.file.as_str())
@@ -163,14 +198,23 @@ pub fn import(
     {
         output::check_target(dir, rel)?;
     }
-    for e in &entries {
+    for e in entries {
         output::write_file(dir, &e.file, &e.xml)?;
     }
-    // Validate as `vmsync validate DIR` would; comment out what the policy refuses and
-    // validate again (a refused entry can hide another's problem, e.g. a shared disk).
+    Ok(())
+}
+
+/// Writes the manifest and validates as `vmsync validate DIR` would; comments out what
+/// the policy refuses and validates again (a refused entry can hide another's problem,
+/// e.g. a shared disk).
+fn comment_out_refused(
+    settings: &Settings,
+    dir: &Path,
+    entries: &mut [Entry],
+) -> Result<(), SyncError> {
     let header = header(settings);
     for _ in 0..=entries.len() {
-        output::write_file(dir, MANIFEST_FILE, &manifest(&header, &entries))?;
+        output::write_file(dir, MANIFEST_FILE, &manifest(&header, entries))?;
         match sync::validate_dir(settings, dir) {
             Ok(_) => break,
             Err(SyncError::Invalid { problems, .. }) => {
@@ -200,7 +244,13 @@ pub fn import(
             Err(e) => return Err(e),
         }
     }
-    for e in &entries {
+    Ok(())
+}
+
+/// Sorts the written entries into active and commented out, and notes the disks that
+/// are not listed.
+fn summarize(entries: &[Entry], imported: &mut Imported) {
+    for e in entries {
         let label = match e.table {
             "vm" => e.name.clone(),
             table => format!("{table} {}", e.name),
@@ -221,14 +271,6 @@ pub fn import(
             }
         }
     }
-    output::write_file(dir, "README.md", &readme(settings, &imported))?;
-    info!(
-        dir = %dir.display(),
-        vms = imported.entries.len(),
-        commented = imported.commented.len(),
-        "imported"
-    );
-    Ok(imported)
 }
 
 /// What `vmsync import` prints.

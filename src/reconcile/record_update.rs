@@ -1,7 +1,8 @@
 //! Every write to the record, in one place: an attempt that failed before anything was
 //! applied, what applying a commit did to each VM, prune, network and pool, what the
-//! health stage found, and `--retry`'s forgetting (and restoring) of hold-backs. Pure:
-//! the sync saves the record with `record::store`.
+//! health stage found, `--retry`'s forgetting (and restoring) of hold-backs, and under
+//! `vmsync suspend` the drift seen and the entries of the VMs held back. Pure: the sync
+//! saves the record with `record::store`.
 
 use std::collections::BTreeMap;
 
@@ -195,6 +196,67 @@ pub fn restore(record: &mut Record, forgotten: Vec<(String, HeldBack)>) {
     for (name, held) in forgotten {
         if let Some(entry) = record.vms.get_mut(&name) {
             entry.held_back = Some(held);
+        }
+    }
+}
+
+/// With the host suspended: the drift the plan saw goes into the records of the VMs,
+/// networks and pools (nothing else changes), so that `vmsync status` and the metrics
+/// report it. Whether anything changed.
+pub fn note_drift(record: &mut Record, plan: &Plan) -> bool {
+    let mut changed = false;
+    for vm in &plan.vms {
+        if let Some(entry) = record.vms.get_mut(&vm.name)
+            && entry.drift != vm.drift
+        {
+            entry.drift = vm.drift.clone();
+            changed = true;
+        }
+    }
+    let resources = [
+        (&mut record.networks, &plan.resources.networks),
+        (&mut record.pools, &plan.resources.pools),
+    ];
+    for (records, plans) in resources {
+        for p in plans {
+            if let Some(entry) = records.get_mut(&p.name)
+                && entry.drift != p.drift
+            {
+                entry.drift = p.drift.clone();
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
+/// After recording a sync that held the VMs `held` back (suspended): their entries go
+/// back to what they were `before` (they did not get the commit), keeping the drift just
+/// seen; a VM new in the commit gets no entry.
+pub fn restore_held<'a>(
+    record: &mut Record,
+    before: &BTreeMap<String, VmRecord>,
+    held: impl IntoIterator<Item = &'a String>,
+) {
+    for name in held {
+        match before.get(name) {
+            Some(old) => {
+                let drift = record
+                    .vms
+                    .get(name)
+                    .map(|n| n.drift.clone())
+                    .unwrap_or_default();
+                record.vms.insert(
+                    name.clone(),
+                    VmRecord {
+                        drift,
+                        ..old.clone()
+                    },
+                );
+            }
+            None => {
+                record.vms.remove(name);
+            }
         }
     }
 }
@@ -458,5 +520,82 @@ mod tests {
         record_outcome(&mut record, "b", [], &outcome, "now");
         assert_eq!(record.last_result, Some(SyncResult::Failed));
         assert_eq!(record.last_applied_commit.as_deref(), Some("a"));
+    }
+
+    /// A plan of "b" in which vm "web" and network "lan" show `drift`.
+    fn drifted_plan(drift: &[&str]) -> Plan {
+        let drift: Vec<String> = drift.iter().map(|d| d.to_string()).collect();
+        let vm = crate::reconcile::plan_types::VmPlan {
+            name: "web".into(),
+            fingerprint: "fp-web".into(),
+            autostart: true,
+            state: crate::desired::manifest::PowerState::Running,
+            actions: vec![],
+            error: None,
+            warnings: vec![],
+            pending_restart: false,
+            active: true,
+            drift: drift.clone(),
+            drift_reported_only: true,
+            source_xml: String::new(),
+            rendered_xml: None,
+            current_xml: None,
+            current_hash: None,
+            diff: None,
+            health: None,
+        };
+        Plan {
+            commit: "b".into(),
+            create_directories: vec![],
+            vms: vec![vm],
+            prune: vec![],
+            refused: None,
+            foreign_tagged: 0,
+            resources: crate::reconcile::plan_types::ResourcePlan {
+                networks: vec![crate::reconcile::plan_types::ResPlan {
+                    name: "lan".into(),
+                    drift,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        }
+    }
+
+    /// A suspended host: only the drift goes into the record, and only when it changed.
+    #[test]
+    fn drift_seen_while_suspended_is_noted_and_nothing_else() {
+        let mut record = applied("a", &["web"]);
+        record
+            .networks
+            .insert("lan".into(), ResourceRecord::default());
+        let plan = drifted_plan(&["autostart changed"]);
+        assert!(note_drift(&mut record, &plan));
+        assert_eq!(record.vms["web"].drift, ["autostart changed"]);
+        assert_eq!(record.networks["lan"].drift, ["autostart changed"]);
+        assert_eq!(record.last_applied_commit.as_deref(), Some("a"));
+        assert_eq!(record.vms["web"].applied_commit.as_deref(), Some("a"));
+        assert!(!note_drift(&mut record, &plan), "the same drift again");
+        assert!(note_drift(&mut record, &drifted_plan(&[])), "drift gone");
+        assert!(record.vms["web"].drift.is_empty());
+    }
+
+    /// VMs held back by a suspension get their entry from before the sync (with the
+    /// drift just seen); a held VM new in the commit gets none; others keep the new one.
+    #[test]
+    fn held_vms_get_their_old_entry_back_with_the_new_drift() {
+        let mut record = applied("a", &["web", "db"]);
+        let before = record.vms.clone();
+        for vm in record.vms.values_mut() {
+            vm.applied_commit = Some("b".into());
+            vm.drift = vec!["memory changed".into()];
+        }
+        record.vms.insert("new".into(), VmRecord::default());
+        let held = ["web".to_string(), "new".to_string()];
+        restore_held(&mut record, &before, &held);
+        assert_eq!(record.vms["web"].applied_commit.as_deref(), Some("a"));
+        assert_eq!(record.vms["web"].drift, ["memory changed"]);
+        assert!(!record.vms.contains_key("new"));
+        assert_eq!(record.vms["db"].applied_commit.as_deref(), Some("b"));
     }
 }

@@ -127,6 +127,72 @@ impl RepoFiles for DirFiles {
     }
 }
 
+/// An in-memory repository revision for tests (`test-support`): paths are checked as a
+/// commit's are ([`check_repo_path`]), a path starting with `link` stands for a symlink
+/// (refused), reads are counted, and a file's content id is its text's SHA-256 unless
+/// turned off (a checkout on disk has none).
+#[cfg(any(test, feature = "test-support"))]
+#[derive(Debug, Default)]
+pub struct MemoryFiles {
+    files: std::collections::BTreeMap<String, String>,
+    reads: std::cell::Cell<usize>,
+    no_content_ids: bool,
+}
+
+#[cfg(any(test, feature = "test-support"))]
+impl MemoryFiles {
+    /// The files `(path, text)`.
+    pub fn new<P: Into<String>, T: Into<String>>(files: impl IntoIterator<Item = (P, T)>) -> Self {
+        Self {
+            files: files
+                .into_iter()
+                .map(|(p, t)| (p.into(), t.into()))
+                .collect(),
+            ..Self::default()
+        }
+    }
+
+    /// The same files without content ids, as a checkout on disk.
+    pub fn without_content_ids(mut self) -> Self {
+        self.no_content_ids = true;
+        self
+    }
+
+    /// How many times a file was read.
+    pub fn reads(&self) -> usize {
+        self.reads.get()
+    }
+}
+
+#[cfg(any(test, feature = "test-support"))]
+impl RepoFiles for MemoryFiles {
+    fn read_text(&self, path: &str) -> Result<String, FileError> {
+        check_repo_path(path)?;
+        if path.starts_with("link") {
+            return Err(FileError::NotAFile(path.into()));
+        }
+        self.reads.set(self.reads.get() + 1);
+        self.files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| FileError::NotFound(path.into()))
+    }
+
+    fn revision(&self) -> String {
+        "test".into()
+    }
+
+    fn content_id(&self, path: &str) -> Option<String> {
+        use sha2::Digest;
+        if self.no_content_ids {
+            return None;
+        }
+        self.files
+            .get(path)
+            .map(|t| hex::encode(sha2::Sha256::digest(t.as_bytes())))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

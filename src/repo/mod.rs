@@ -6,6 +6,7 @@
 
 pub mod files;
 pub mod https;
+pub mod pkt_line;
 pub mod probe;
 pub mod source;
 pub mod trust;

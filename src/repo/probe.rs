@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::repo::https;
+use crate::repo::pkt_line::{self, Packet};
 use crate::repo::source::{self, FetchError, FetchedCommit, SourceSettings};
 use crate::util::fsio;
 use crate::util::redact::redact;
@@ -213,27 +214,15 @@ fn looks_like_pkt_lines(text: &str) -> bool {
 
 /// The payloads of the pkt-lines in `text` (flush packets skipped).
 fn pkt_lines(text: &str) -> Result<Vec<&str>, String> {
-    let mut lines = Vec::new();
-    let mut rest = text;
-    while !rest.is_empty() {
-        let len = rest
-            .get(..4)
-            .and_then(|h| usize::from_str_radix(h, 16).ok())
-            .ok_or_else(|| "malformed pkt-line length".to_string())?;
-        if len == 0 {
-            rest = &rest[4..];
-            continue;
-        }
-        if len < 4 || len > rest.len() {
-            return Err(format!("malformed pkt-line length {len}"));
-        }
-        let line = rest
-            .get(4..len)
-            .ok_or_else(|| "malformed pkt-line".to_string())?;
-        lines.push(line);
-        rest = &rest[len..];
-    }
-    Ok(lines)
+    let packets = pkt_line::split(text.as_bytes())?;
+    packets
+        .into_iter()
+        .filter_map(|packet| match packet {
+            Packet::Data(line) => Some(line),
+            Packet::Flush => None,
+        })
+        .map(|line| std::str::from_utf8(line).map_err(|_| "malformed pkt-line".to_string()))
+        .collect()
 }
 
 /// Asks the probe, conditionally on the validators in `record` (updated from a 200).

@@ -8,9 +8,12 @@
 //! (git objects), never from a working copy, so uncommitted changes in a local remote
 //! are invisible and the revision that was validated is the one that gets applied.
 //!
-//! Transports: `ssh://`, `https://`, `http://`, `file://` and plain local paths
-//! (relative paths are made absolute before being stored as the remote URL; a plain path
-//! and `file://` both use libgit2's local transport).
+//! Transports: `ssh://`, `https://`, `http://`, `git://`, `file://` and plain local
+//! paths (relative paths are made absolute before being stored as the remote URL; a
+//! plain path and `file://` both use libgit2's local transport). `https://` is fetched
+//! by vmsync's own smart-HTTP client ([`super::https`], which keeps TLS out of
+//! processes that do not need it) and the tracking ref set here; every other URL by
+//! libgit2 with the refspec below.
 //!
 //! Credentials: for SSH, the configured private key ([`SourceSettings::ssh_key`], no
 //! passphrase) or else the ssh-agent; for HTTP(S), the token in
@@ -18,8 +21,7 @@
 //! `x-access-token`. A refused credential, or a key or token file that cannot be read,
 //! is a [`FetchError::Credentials`] naming the file. libgit2 may ask again after a
 //! refusal (HTTP does, every time), so the callback gives up after [`MAX_AUTH_ATTEMPTS`]
-//! offers; `https://` goes through vmsync's own transport ([`super::https`], which
-//! keeps TLS out of processes that do not need it), which offers the token once.
+//! offers; the `https://` client offers the token once.
 //! Passwords embedded in a URL are masked in logs and errors.
 //!
 //! SSH host keys are checked by libgit2 itself, against `$HOME/.ssh/known_hosts`; this
@@ -295,69 +297,21 @@ fn fetch_once(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedComm
         message: e.message().to_string(),
     };
 
-    https::register();
     let repo = open_or_init(&state_dir.join("repo"))?;
-    let mut remote = match repo.find_remote(REMOTE) {
-        Ok(remote) if remote.url_bytes() == url.as_bytes() => remote,
-        Ok(remote) => {
-            let old = redact(&String::from_utf8_lossy(remote.url_bytes()));
-            drop(remote);
-            info!(old = %old, new = %shown, "remote url changed, updating local clone");
-            repo.remote_set_url(REMOTE, &url)
-                .map_err(|e| fetch_error(&e))?;
-            repo.find_remote(REMOTE).map_err(|e| fetch_error(&e))?
-        }
-        Err(e) if e.code() == git2::ErrorCode::NotFound => {
-            debug!(url = %shown, "adding remote to local clone");
-            repo.remote(REMOTE, &url).map_err(|e| fetch_error(&e))?
-        }
-        Err(e) => return Err(fetch_error(&e)),
-    };
-
+    let remote = origin(&repo, &url, &shown).map_err(|e| fetch_error(&e))?;
     let tracking = format!("refs/remotes/{REMOTE}/{branch}");
-    let refspec = format!("+refs/heads/{branch}:{tracking}");
-    let auth = Auth::new(settings, &shown);
-    let mut callbacks = RemoteCallbacks::new();
-    callbacks.credentials(|_url, username, allowed| auth.credential(username, allowed));
-    let mut options = FetchOptions::new();
-    options
-        .remote_callbacks(callbacks)
-        .download_tags(AutotagOption::None)
-        // Nothing reads FETCH_HEAD: the tracking ref says what was fetched.
-        .update_fetchhead(false);
     debug!(url = %shown, branch = %branch, "fetching");
-    let (fetched, refused) = https::with_token_file(settings.token_file.as_deref(), || {
-        remote.fetch(&[refspec.as_str()], Some(&mut options), None)
-    });
-    if let Err(e) = fetched {
-        drop(options);
-        let error = auth
-            .take_error()
-            .or_else(|| {
-                refused.map(|message| FetchError::Credentials {
-                    url: shown.clone(),
-                    message,
-                })
-            })
-            .or_else(|| auth.refused(&e))
-            .unwrap_or_else(|| fetch_error(&e));
-        return Err(error);
-    }
-    drop(options);
-    // What the fetch transferred: nothing when the branch did not move.
-    let received_objects = remote.stats().received_objects();
-    let received_bytes = remote.stats().received_bytes();
+    let transfer = if url.starts_with("https://") {
+        drop(remote);
+        fetch_https(&repo, settings, (&url, &shown), &tracking)?
+    } else {
+        fetch_libgit2(remote, settings, &shown, &tracking)?
+    };
+    let (received_objects, received_bytes) = (transfer.received_objects, transfer.received_bytes);
 
     // The advertisement says whether the branch still exists on the remote; without
     // this, a branch deleted upstream would leave a stale tracking ref behind.
-    let wanted = format!("refs/heads/{branch}");
-    let advertised = remote
-        .list()
-        .map_err(|e| fetch_error(&e))?
-        .iter()
-        .find(|head| head.name() == wanted)
-        .map(|head| head.oid());
-    let Some(advertised) = advertised else {
+    let Some(advertised) = transfer.advertised else {
         if let Ok(mut stale) = repo.find_reference(&tracking)
             && let Err(e) = stale.delete()
         {
@@ -368,7 +322,6 @@ fn fetch_once(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedComm
             branch: branch.to_string(),
         });
     };
-    drop(remote);
 
     let (commit, tree) = repo
         .find_reference(&tracking)
@@ -398,6 +351,105 @@ fn fetch_once(settings: &SourceSettings, state_dir: &Path) -> Result<FetchedComm
         "fetched"
     );
     Ok(fetched)
+}
+
+/// The clone's remote `origin`, created or pointed at `url` if it is not already.
+fn origin<'r>(
+    repo: &'r Repository,
+    url: &str,
+    shown: &str,
+) -> Result<git2::Remote<'r>, git2::Error> {
+    match repo.find_remote(REMOTE) {
+        Ok(remote) if remote.url_bytes() == url.as_bytes() => Ok(remote),
+        Ok(remote) => {
+            let old = redact(&String::from_utf8_lossy(remote.url_bytes()));
+            drop(remote);
+            info!(old = %old, new = %shown, "remote url changed, updating local clone");
+            repo.remote_set_url(REMOTE, url)?;
+            repo.find_remote(REMOTE)
+        }
+        Err(e) if e.code() == git2::ErrorCode::NotFound => {
+            debug!(url = %shown, "adding remote to local clone");
+            repo.remote(REMOTE, url)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Fetches `(url, shown)` (the URL and its redacted form) over vmsync's own
+/// smart-HTTP client ([`https::fetch`]) and points `tracking` at the advertised tip.
+fn fetch_https(
+    repo: &Repository,
+    settings: &SourceSettings,
+    (url, shown): (&str, &str),
+    tracking: &str,
+) -> Result<https::Transfer, FetchError> {
+    let branch = settings.branch.as_str();
+    let fetch_error = |message: String| FetchError::Fetch {
+        url: shown.to_string(),
+        branch: branch.to_string(),
+        message,
+    };
+    let transfer =
+        https::fetch(repo, url, branch, settings.token_file.as_deref()).map_err(|e| match e {
+            https::HttpsError::Credentials(message) => FetchError::Credentials {
+                url: shown.to_string(),
+                message,
+            },
+            https::HttpsError::Fetch(message) => fetch_error(message),
+        })?;
+    if let Some(tip) = transfer.advertised {
+        repo.reference(tracking, tip, true, "fetch: https")
+            .map_err(|e| fetch_error(e.message().to_string()))?;
+    }
+    Ok(transfer)
+}
+
+/// Fetches over libgit2's transports (local, `file://`, `ssh://`, `git://`, `http://`)
+/// with the refspec `+refs/heads/<branch>:<tracking>`.
+fn fetch_libgit2(
+    mut remote: git2::Remote<'_>,
+    settings: &SourceSettings,
+    shown: &str,
+    tracking: &str,
+) -> Result<https::Transfer, FetchError> {
+    let branch = settings.branch.as_str();
+    let fetch_error = |e: &git2::Error| FetchError::Fetch {
+        url: shown.to_string(),
+        branch: branch.to_string(),
+        message: e.message().to_string(),
+    };
+    let refspec = format!("+refs/heads/{branch}:{tracking}");
+    let auth = Auth::new(settings, shown);
+    let mut callbacks = RemoteCallbacks::new();
+    callbacks.credentials(|_url, username, allowed| auth.credential(username, allowed));
+    let mut options = FetchOptions::new();
+    options
+        .remote_callbacks(callbacks)
+        .download_tags(AutotagOption::None)
+        // Nothing reads FETCH_HEAD: the tracking ref says what was fetched.
+        .update_fetchhead(false);
+    let fetched = remote.fetch(&[refspec.as_str()], Some(&mut options), None);
+    drop(options);
+    if let Err(e) = fetched {
+        return Err(auth
+            .take_error()
+            .or_else(|| auth.refused(&e))
+            .unwrap_or_else(|| fetch_error(&e)));
+    }
+    let wanted = format!("refs/heads/{branch}");
+    let advertised = remote
+        .list()
+        .map_err(|e| fetch_error(&e))?
+        .iter()
+        .find(|head| head.name() == wanted)
+        .map(|head| head.oid());
+    Ok(https::Transfer {
+        advertised,
+        // What the fetch transferred: nothing when the branch did not move.
+        received_objects: remote.stats().received_objects(),
+        received_bytes: remote.stats().received_bytes(),
+    })
 }
 
 /// Packs in the local clone beyond which [`tidy`] writes them into one. libgit2 writes

@@ -154,38 +154,9 @@ impl SyncEvents {
         result: &Result<Report, SyncError>,
         record: &Record,
     ) -> Option<Event> {
-        let attempted = record.last_attempted_commit.as_deref();
-        let (commit, held): (Option<&str>, Option<&Held>) = match result {
-            Ok(report) => (Some(report.commit.as_str()), Some(&report.held)),
-            Err(SyncError::Locked(_) | SyncError::GaveUp { .. }) => return None,
-            Err(SyncError::Fetch(_)) => (None, None),
-            Err(SyncError::Invalid { commit, .. })
-            | Err(SyncError::Refused { commit, .. })
-            | Err(SyncError::ActionsFailed { commit, .. }) => (Some(commit.as_str()), None),
-            Err(_) => (attempted, None),
-        };
-        let held_back: Vec<HeldBack> = record
-            .vms
-            .iter()
-            .filter_map(|(name, vm)| {
-                vm.held_back.as_ref().map(|h| HeldBack {
-                    vm: name.clone(),
-                    commit: h.commit.clone(),
-                    reason: h.reason.clone(),
-                })
-            })
-            .collect();
-        let reverted: Vec<String> = record
-            .vms
-            .iter()
-            .filter(|(_, vm)| {
-                matches!(
-                    vm.health,
-                    Some(HealthResult::Reverted | HealthResult::RevertFailed)
-                ) && vm.held_back.as_ref().map(|h| h.commit.as_str()) == commit
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
+        let commit = outcome_commit(result, record)?;
+        let held_back = held_back(record);
+        let reverted = reverted(record, commit);
         let (vms, networks, pools) = self
             .applied
             .lock()
@@ -198,78 +169,14 @@ impl SyncEvents {
             .chain(&pools)
             .find(|i| i.error.is_some() && !reverted.contains(&i.name))
             .map(|i| format!("'{}': {}", i.name, i.error.as_deref().unwrap_or("")));
-        let mut suspended = None;
-        let (kind, summary, error) = match result {
+        let (kind, summary, error, suspended) = match result {
             Ok(report) => {
-                let held = held.expect("ok has held");
-                if held.host.is_some() || !held.vms.is_empty() {
-                    suspended = Some(Suspended {
-                        host: held.host.clone(),
-                        vms: held.vms.clone(),
-                    });
-                    let who = match (&held.host, held.vms.iter().next()) {
-                        (Some(s), _) => format!("host suspended {}", s.describe()),
-                        (None, Some((vm, s))) => format!("vm '{vm}' suspended {}", s.describe()),
-                        (None, None) => unreachable!(),
-                    };
-                    (
-                        EventKind::Suspended,
-                        format!("{who}; {} change(s) waiting", held.changes),
-                        None,
-                    )
-                } else if !reverted.is_empty() {
-                    (EventKind::Reverted, reverted_summary(&reverted), None)
-                } else {
-                    let n = report.outcome.changes();
-                    let summary = if n == 0 {
-                        format!("applied {}: nothing to change", short(&report.commit))
-                    } else {
-                        format!("applied {}: {n} change(s)", short(&report.commit))
-                    };
-                    (EventKind::Applied, summary, None)
-                }
+                let (kind, summary, suspended) = success(report, &reverted);
+                (kind, summary, None, suspended)
             }
             Err(e) => {
-                let text = e.to_string();
-                let first_line = text.lines().next().unwrap_or("").to_string();
-                match e {
-                    SyncError::Fetch(_) => (
-                        EventKind::FetchFailed,
-                        format!("fetch failed: {first_line}"),
-                        Some(text),
-                    ),
-                    SyncError::Invalid { problems, .. } => (
-                        EventKind::Invalid,
-                        format!(
-                            "invalid commit, nothing applied: {}",
-                            problems.first().map(|p| p.to_string()).unwrap_or_default()
-                        ),
-                        Some(text),
-                    ),
-                    SyncError::Refused { message, .. } => (
-                        EventKind::Refused,
-                        format!("refused, nothing applied: {message}"),
-                        Some(text),
-                    ),
-                    SyncError::Untrusted(t) => (
-                        EventKind::Untrusted,
-                        format!("untrusted commit, nothing applied: {t}"),
-                        Some(text),
-                    ),
-                    SyncError::ActionsFailed { .. }
-                        if first_error.is_none() && !reverted.is_empty() =>
-                    {
-                        (EventKind::Reverted, reverted_summary(&reverted), Some(text))
-                    }
-                    _ => (
-                        EventKind::Failed,
-                        match &first_error {
-                            Some(item) => format!("failed: {item}"),
-                            None => format!("failed: {first_line}"),
-                        },
-                        Some(text),
-                    ),
-                }
+                let (kind, summary) = failure(e, first_error.as_deref(), &reverted);
+                (kind, summary, Some(e.to_string()), None)
             }
         };
         let mut event = self.event(kind, commit, summary);
@@ -282,6 +189,122 @@ impl SyncEvents {
         event.held_back = held_back;
         event.suspended = suspended;
         Some(event)
+    }
+}
+
+/// The commit an outcome is about (`Some(None)`: none known); `None` when the sync did
+/// not get to an outcome (lock held, gave up).
+fn outcome_commit<'a>(
+    result: &'a Result<Report, SyncError>,
+    record: &'a Record,
+) -> Option<Option<&'a str>> {
+    match result {
+        Ok(report) => Some(Some(report.commit.as_str())),
+        Err(SyncError::Locked(_) | SyncError::GaveUp { .. }) => None,
+        Err(SyncError::Fetch(_)) => Some(None),
+        Err(SyncError::Invalid { commit, .. })
+        | Err(SyncError::Refused { commit, .. })
+        | Err(SyncError::ActionsFailed { commit, .. }) => Some(Some(commit.as_str())),
+        Err(_) => Some(record.last_attempted_commit.as_deref()),
+    }
+}
+
+/// The VMs the record holds back at a commit, with why.
+fn held_back(record: &Record) -> Vec<HeldBack> {
+    record
+        .vms
+        .iter()
+        .filter_map(|(name, vm)| {
+            vm.held_back.as_ref().map(|h| HeldBack {
+                vm: name.clone(),
+                commit: h.commit.clone(),
+                reason: h.reason.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The VMs this commit's health stage reverted (or tried to).
+fn reverted(record: &Record, commit: Option<&str>) -> Vec<String> {
+    record
+        .vms
+        .iter()
+        .filter(|(_, vm)| {
+            matches!(
+                vm.health,
+                Some(HealthResult::Reverted | HealthResult::RevertFailed)
+            ) && vm.held_back.as_ref().map(|h| h.commit.as_str()) == commit
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// A converged sync: suspended (held), reverted, or applied.
+fn success(report: &Report, reverted: &[String]) -> (EventKind, String, Option<Suspended>) {
+    let held: &Held = &report.held;
+    if held.host.is_some() || !held.vms.is_empty() {
+        let who = match (&held.host, held.vms.iter().next()) {
+            (Some(s), _) => format!("host suspended {}", s.describe()),
+            (None, Some((vm, s))) => format!("vm '{vm}' suspended {}", s.describe()),
+            (None, None) => unreachable!(),
+        };
+        let suspended = Suspended {
+            host: held.host.clone(),
+            vms: held.vms.clone(),
+        };
+        return (
+            EventKind::Suspended,
+            format!("{who}; {} change(s) waiting", held.changes),
+            Some(suspended),
+        );
+    }
+    if !reverted.is_empty() {
+        return (EventKind::Reverted, reverted_summary(reverted), None);
+    }
+    let n = report.outcome.changes();
+    let summary = if n == 0 {
+        format!("applied {}: nothing to change", short(&report.commit))
+    } else {
+        format!("applied {}: {n} change(s)", short(&report.commit))
+    };
+    (EventKind::Applied, summary, None)
+}
+
+/// A failed sync's kind and summary; `first_error`: the first item that failed (not
+/// reverted).
+fn failure(e: &SyncError, first_error: Option<&str>, reverted: &[String]) -> (EventKind, String) {
+    let text = e.to_string();
+    let first_line = text.lines().next().unwrap_or("").to_string();
+    match e {
+        SyncError::Fetch(_) => (
+            EventKind::FetchFailed,
+            format!("fetch failed: {first_line}"),
+        ),
+        SyncError::Invalid { problems, .. } => (
+            EventKind::Invalid,
+            format!(
+                "invalid commit, nothing applied: {}",
+                problems.first().map(|p| p.to_string()).unwrap_or_default()
+            ),
+        ),
+        SyncError::Refused { message, .. } => (
+            EventKind::Refused,
+            format!("refused, nothing applied: {message}"),
+        ),
+        SyncError::Untrusted(t) => (
+            EventKind::Untrusted,
+            format!("untrusted commit, nothing applied: {t}"),
+        ),
+        SyncError::ActionsFailed { .. } if first_error.is_none() && !reverted.is_empty() => {
+            (EventKind::Reverted, reverted_summary(reverted))
+        }
+        _ => (
+            EventKind::Failed,
+            match first_error {
+                Some(item) => format!("failed: {item}"),
+                None => format!("failed: {first_line}"),
+            },
+        ),
     }
 }
 

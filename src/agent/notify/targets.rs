@@ -134,144 +134,192 @@ pub fn check(raw: Vec<RawNotify>) -> Result<Vec<Target>, String> {
 
 fn check_one(raw: RawNotify, n: usize) -> Result<Target, String> {
     let kind_name = raw.kind.clone().unwrap_or_default();
-    let entry = format!("[[notify]] entry {n} (kind = \"{kind_name}\")");
-    let missing = |key: &str| format!("invalid {entry}: `{key}` is required");
-    let unused = |keys: &[(&str, bool)]| -> Result<(), String> {
-        match keys.iter().find(|(_, set)| *set) {
-            Some((key, _)) => Err(format!(
-                "invalid {entry}: `{key}` does not go with this kind"
-            )),
-            None => Ok(()),
-        }
-    };
+    let entry = Entry(format!("[[notify]] entry {n} (kind = \"{kind_name}\")"));
     let kind = match kind_name.as_str() {
-        "webhook" => {
-            unused(&[
-                ("forge", raw.forge.is_some()),
-                ("api_url", raw.api_url.is_some()),
-                ("repository", raw.repository.is_some()),
-                ("token_file", raw.token_file.is_some()),
-                ("target_url", raw.target_url.is_some()),
-                ("command", raw.command.is_some()),
-            ])?;
-            let url = raw.url.ok_or_else(|| missing("url"))?;
-            check_http_url(&url, "url", &entry)?;
-            Kind::Webhook {
-                url,
-                secret_file: raw.secret_file,
-            }
-        }
-        "commit-status" => {
-            unused(&[
-                ("url", raw.url.is_some()),
-                ("secret_file", raw.secret_file.is_some()),
-                ("command", raw.command.is_some()),
-            ])?;
-            let forge = match raw.forge.as_deref() {
-                Some("github") => Forge::GitHub,
-                Some("gitea") | Some("forgejo") => Forge::Gitea,
-                Some("gitlab") => Forge::GitLab,
-                Some(other) => {
-                    return Err(format!(
-                        "invalid {entry}: forge '{other}': one of \"github\", \"gitea\" (also Forgejo), \"gitlab\""
-                    ));
-                }
-                None => return Err(missing("forge")),
-            };
-            let api_url = match (raw.api_url, forge) {
-                (Some(url), _) => url,
-                (None, Forge::GitHub) => "https://api.github.com".into(),
-                (None, Forge::GitLab) => "https://gitlab.com/api/v4".into(),
-                (None, Forge::Gitea) => return Err(missing("api_url")),
-            };
-            check_http_url(&api_url, "api_url", &entry)?;
-            let repository = raw.repository.ok_or_else(|| missing("repository"))?;
-            let parts: Vec<&str> = repository.split('/').collect();
-            let ok = match forge {
-                // GitLab: a numeric project id, or a path with groups and subgroups.
-                Forge::GitLab => parts.iter().all(|p| !p.is_empty()),
-                _ => parts.len() == 2 && parts.iter().all(|p| !p.is_empty()),
-            };
-            if !ok {
-                return Err(format!(
-                    "invalid {entry}: repository '{repository}': {}",
-                    match forge {
-                        Forge::GitLab => "a project id or path like \"group/project\"",
-                        _ => "\"owner/name\"",
-                    }
-                ));
-            }
-            if let Some(t) = &raw.target_url {
-                check_http_url(t, "target_url", &entry)?;
-            }
-            Kind::CommitStatus {
-                forge,
-                api_url: api_url.trim_end_matches('/').to_string(),
-                repository,
-                token_file: raw.token_file.ok_or_else(|| missing("token_file"))?,
-                target_url: raw.target_url,
-            }
-        }
-        "command" => {
-            unused(&[
-                ("url", raw.url.is_some()),
-                ("secret_file", raw.secret_file.is_some()),
-                ("forge", raw.forge.is_some()),
-                ("api_url", raw.api_url.is_some()),
-                ("repository", raw.repository.is_some()),
-                ("token_file", raw.token_file.is_some()),
-                ("target_url", raw.target_url.is_some()),
-            ])?;
-            let argv = raw.command.ok_or_else(|| missing("command"))?;
-            match argv.first() {
-                Some(program) if program.starts_with('/') => {}
-                _ => {
-                    return Err(format!(
-                        "invalid {entry}: command must start with an absolute program path (it runs without a shell)"
-                    ));
-                }
-            }
-            Kind::Command { argv }
-        }
-        "" => return Err(missing("kind")),
+        "webhook" => webhook_kind(&raw, &entry)?,
+        "commit-status" => commit_status_kind(&raw, &entry)?,
+        "command" => command_kind(&raw, &entry)?,
+        "" => return Err(entry.missing("kind")),
         other => {
             return Err(format!(
                 "invalid [[notify]] entry {n}: kind '{other}': one of \"webhook\", \"commit-status\", \"command\""
             ));
         }
     };
-    let events = match raw.events {
-        None => EventKind::all(),
-        Some(names) => names
-            .iter()
-            .map(|name| {
-                EventKind::parse(name).ok_or_else(|| {
-                    format!(
-                        "invalid {entry}: events: unknown event '{name}' (one of {})",
-                        EventKind::all()
-                            .iter()
-                            .map(|k| format!("\"{}\"", k.as_str()))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    let timeout = match raw.timeout {
-        None => DEFAULT_TIMEOUT,
-        Some(text) => humantime::parse_duration(&text)
-            .ok()
-            .filter(|d| !d.is_zero() && *d <= Duration::from_secs(300))
-            .ok_or_else(|| {
-                format!("invalid {entry}: timeout '{text}': a duration from 1s to 5m")
-            })?,
-    };
     Ok(Target {
         kind,
-        events,
-        timeout,
+        events: events(raw.events.as_deref(), &entry)?,
+        timeout: timeout(raw.timeout.as_deref(), &entry)?,
     })
+}
+
+/// How errors name a `[[notify]]` entry: its number and kind.
+struct Entry(String);
+
+impl Entry {
+    fn missing(&self, key: &str) -> String {
+        format!("invalid {}: `{key}` is required", self.0)
+    }
+
+    /// An error for the first key set that the kind does not take.
+    fn unused(&self, keys: &[(&str, bool)]) -> Result<(), String> {
+        match keys.iter().find(|(_, set)| *set) {
+            Some((key, _)) => Err(format!(
+                "invalid {}: `{key}` does not go with this kind",
+                self.0
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `kind = "webhook"`: `url`, optionally `secret_file`.
+fn webhook_kind(raw: &RawNotify, entry: &Entry) -> Result<Kind, String> {
+    entry.unused(&[
+        ("forge", raw.forge.is_some()),
+        ("api_url", raw.api_url.is_some()),
+        ("repository", raw.repository.is_some()),
+        ("token_file", raw.token_file.is_some()),
+        ("target_url", raw.target_url.is_some()),
+        ("command", raw.command.is_some()),
+    ])?;
+    let url = raw.url.clone().ok_or_else(|| entry.missing("url"))?;
+    check_http_url(&url, "url", &entry.0)?;
+    Ok(Kind::Webhook {
+        url,
+        secret_file: raw.secret_file.clone(),
+    })
+}
+
+/// `kind = "commit-status"`: `forge`, `api_url` (a default for GitHub and GitLab),
+/// `repository`, `token_file`, optionally `target_url`.
+fn commit_status_kind(raw: &RawNotify, entry: &Entry) -> Result<Kind, String> {
+    entry.unused(&[
+        ("url", raw.url.is_some()),
+        ("secret_file", raw.secret_file.is_some()),
+        ("command", raw.command.is_some()),
+    ])?;
+    let forge = match raw.forge.as_deref() {
+        Some("github") => Forge::GitHub,
+        Some("gitea") | Some("forgejo") => Forge::Gitea,
+        Some("gitlab") => Forge::GitLab,
+        Some(other) => {
+            return Err(format!(
+                "invalid {}: forge '{other}': one of \"github\", \"gitea\" (also Forgejo), \"gitlab\"",
+                entry.0
+            ));
+        }
+        None => return Err(entry.missing("forge")),
+    };
+    let api_url = match (raw.api_url.clone(), forge) {
+        (Some(url), _) => url,
+        (None, Forge::GitHub) => "https://api.github.com".into(),
+        (None, Forge::GitLab) => "https://gitlab.com/api/v4".into(),
+        (None, Forge::Gitea) => return Err(entry.missing("api_url")),
+    };
+    check_http_url(&api_url, "api_url", &entry.0)?;
+    let repository = raw
+        .repository
+        .clone()
+        .ok_or_else(|| entry.missing("repository"))?;
+    check_repository(&repository, forge, entry)?;
+    if let Some(t) = &raw.target_url {
+        check_http_url(t, "target_url", &entry.0)?;
+    }
+    Ok(Kind::CommitStatus {
+        forge,
+        api_url: api_url.trim_end_matches('/').to_string(),
+        repository,
+        token_file: raw
+            .token_file
+            .clone()
+            .ok_or_else(|| entry.missing("token_file"))?,
+        target_url: raw.target_url.clone(),
+    })
+}
+
+/// A forge's repository: "owner/name"; on GitLab a project id or a path with groups.
+fn check_repository(repository: &str, forge: Forge, entry: &Entry) -> Result<(), String> {
+    let parts: Vec<&str> = repository.split('/').collect();
+    let ok = match forge {
+        // GitLab: a numeric project id, or a path with groups and subgroups.
+        Forge::GitLab => parts.iter().all(|p| !p.is_empty()),
+        _ => parts.len() == 2 && parts.iter().all(|p| !p.is_empty()),
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(format!(
+        "invalid {}: repository '{repository}': {}",
+        entry.0,
+        match forge {
+            Forge::GitLab => "a project id or path like \"group/project\"",
+            _ => "\"owner/name\"",
+        }
+    ))
+}
+
+/// `kind = "command"`: `command`, an absolute program path and its arguments.
+fn command_kind(raw: &RawNotify, entry: &Entry) -> Result<Kind, String> {
+    entry.unused(&[
+        ("url", raw.url.is_some()),
+        ("secret_file", raw.secret_file.is_some()),
+        ("forge", raw.forge.is_some()),
+        ("api_url", raw.api_url.is_some()),
+        ("repository", raw.repository.is_some()),
+        ("token_file", raw.token_file.is_some()),
+        ("target_url", raw.target_url.is_some()),
+    ])?;
+    let argv = raw
+        .command
+        .clone()
+        .ok_or_else(|| entry.missing("command"))?;
+    match argv.first() {
+        Some(program) if program.starts_with('/') => Ok(Kind::Command { argv }),
+        _ => Err(format!(
+            "invalid {}: command must start with an absolute program path (it runs without a shell)",
+            entry.0
+        )),
+    }
+}
+
+/// `events`: known event names; default all.
+fn events(names: Option<&[String]>, entry: &Entry) -> Result<Vec<EventKind>, String> {
+    let Some(names) = names else {
+        return Ok(EventKind::all());
+    };
+    names
+        .iter()
+        .map(|name| {
+            EventKind::parse(name).ok_or_else(|| {
+                format!(
+                    "invalid {}: events: unknown event '{name}' (one of {})",
+                    entry.0,
+                    EventKind::all()
+                        .iter()
+                        .map(|k| format!("\"{}\"", k.as_str()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+/// `timeout`: from 1s to 5m; default [`DEFAULT_TIMEOUT`].
+fn timeout(text: Option<&str>, entry: &Entry) -> Result<Duration, String> {
+    let Some(text) = text else {
+        return Ok(DEFAULT_TIMEOUT);
+    };
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|d| !d.is_zero() && *d <= Duration::from_secs(300))
+        .ok_or_else(|| {
+            format!(
+                "invalid {}: timeout '{text}': a duration from 1s to 5m",
+                entry.0
+            )
+        })
 }
 
 #[cfg(test)]
