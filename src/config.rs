@@ -7,7 +7,8 @@ use serde::Deserialize;
 
 use crate::agent::notify::targets;
 use crate::agent::webhook;
-use crate::desired::{host_policy_settings, manifest, values};
+use crate::desired::{host_policy_settings, manifest, seed_spec, values};
+use crate::host::secret_identity;
 use crate::reconcile::policy::ChangePolicy;
 use crate::repo::source::SourceSettings;
 use crate::repo::{probe, trust};
@@ -52,6 +53,14 @@ struct RawConfig {
     webhook: RawWebhook,
     #[serde(default)]
     notify: Vec<targets::RawNotify>,
+    #[serde(default)]
+    secrets: RawSecrets,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecrets {
+    identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -114,6 +123,7 @@ struct RawPolicy {
     health_commands: Option<Vec<PathBuf>>,
     allow_link_local_hosts: Option<bool>,
     allow_open_listeners: Option<bool>,
+    seed_dir: Option<PathBuf>,
 }
 
 /// Values given on the command line; each overrides the config file's key.
@@ -191,6 +201,12 @@ pub struct Settings {
     pub webhook: Option<webhook::WebhookSettings>,
     /// `[[notify]]`: where events go (docs/notifications.md); default none.
     pub notify: Vec<targets::Target>,
+    /// `[policy] seed_dir`: where vmsync writes the VMs' cloud-init seed images (one file
+    /// per VM, `<vm>-cidata.iso`); default "/var/lib/libvirt/images/vmsync-seeds".
+    pub seed_dir: PathBuf,
+    /// `[secrets] identity`: the key that decrypts the repository's `.age` files (an SSH
+    /// private key or an age identity file); default "/etc/ssh/ssh_host_ed25519_key".
+    pub secrets_identity: PathBuf,
     /// `[agent] tick_timeout`: the daemon's watchdog stops pinging systemd when one sync
     /// runs longer than this (a hung libvirt call or fetch), so that systemd restarts
     /// it; default "1h".
@@ -297,8 +313,27 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
         probe_max_skip,
         webhook,
         notify,
+        seed_dir: absolute_or(
+            raw.policy.seed_dir,
+            "policy.seed_dir",
+            seed_spec::DEFAULT_SEED_DIR,
+        )?,
+        secrets_identity: absolute_or(
+            raw.secrets.identity,
+            "secrets.identity",
+            secret_identity::DEFAULT_IDENTITY,
+        )?,
         tick_timeout,
     })
+}
+
+/// A path setting: absolute and normalized, or `default`.
+fn absolute_or(value: Option<PathBuf>, key: &str, default: &str) -> Result<PathBuf, ConfigError> {
+    match value {
+        None => Ok(PathBuf::from(default)),
+        Some(path) => values::absolute_path(&path.to_string_lossy())
+            .map_err(|e| ConfigError(format!("invalid {key}: {e}"))),
+    }
 }
 
 /// `--host`, `[agent] host`, else the hostname; never empty.

@@ -31,10 +31,14 @@ fn problems(stderr: &str) -> Vec<String> {
         .collect()
 }
 
-/// An env on the test driver whose disk root is [`ROOT`].
+/// An env on the test driver whose disk root is [`ROOT`], and whose cloud-init seeds
+/// would go below it too.
 fn bad_env() -> Env {
     let mut env = Env::new();
     env.images = ROOT.into();
+    let config = env.state.path().join("agent.toml");
+    std::fs::write(&config, format!("[policy]\nseed_dir = \"{ROOT}/seeds\"\n")).unwrap();
+    env.config_file = Some(config);
     env
 }
 
@@ -129,6 +133,55 @@ const MANIFEST: &str = "version = 1\n\n[[vm]]\nname = \"a\"\nxml = \"vms/a.xml\"
 
 fn small_xml() -> String {
     "<domain type='kvm'>\n  <name>a</name>\n  <memory unit='MiB'>128</memory>\n  <os><type arch='x86_64' machine='pc'>hvm</type></os>\n</domain>\n".into()
+}
+
+/// A secret this host cannot decrypt: `vmsync validate DIR` checks its format only and
+/// passes; a sync names the file and the identity tried (exit 3), and nothing is made.
+#[test]
+fn a_secret_for_another_host_fails_on_this_host_only() {
+    use age::secrecy::ExposeSecret;
+    let env = bad_env();
+    let ours = age::x25519::Identity::generate();
+    let theirs = age::x25519::Identity::generate();
+    let identity = env.state.path().join("host.key");
+    std::fs::write(&identity, format!("{}\n", ours.to_string().expose_secret())).unwrap();
+    let config = env.config_file.clone().unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text += &format!("[secrets]\nidentity = \"{}\"\n", identity.display());
+    std::fs::write(&config, text).unwrap();
+    let repo = &env.repo;
+    repo.write(
+        "vmsync.toml",
+        &format!("{MANIFEST}\n  [vm.cloud_init]\n  user_data = \"ci/user.yaml.j2\"\n"),
+    );
+    repo.write("vms/a.xml", &small_xml());
+    repo.write(
+        "ci/user.yaml.j2",
+        "password: {{ secret(\"secrets/pw.age\") }}\n",
+    );
+    let secret = age::encrypt(&theirs.to_public(), b"hunter2").unwrap();
+    std::fs::create_dir_all(repo.path().join("secrets")).unwrap();
+    std::fs::write(repo.path().join("secrets/pw.age"), secret).unwrap();
+
+    let dir = repo.path().display().to_string();
+    let run = vmsync(&["validate", &dir, "--disk-root", ROOT]);
+    assert_eq!(
+        run.code, 0,
+        "validate checks the format only\n{}",
+        run.stderr
+    );
+    repo.commit("a secret for another host");
+    let run = env.run(&["--once"]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(
+        problems(&run.stderr),
+        [format!(
+            "ci/user.yaml.j2:1: vm 'a': field 'cloud_init.user_data': invalid operation: cannot decrypt 'secrets/pw.age' with identity '{}': it is not encrypted to this host's key",
+            identity.display()
+        )]
+    );
+    assert_eq!(env.record().last_result, Some(SyncResult::Invalid));
+    assert!(!Path::new(ROOT).exists(), "the host was touched");
 }
 
 #[test]

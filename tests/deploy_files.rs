@@ -596,7 +596,7 @@ fn nixos_settings_options_are_the_agent_config_keys_and_are_documented() {
     assert_eq!(
         keys.keys().collect::<Vec<_>>(),
         [
-            "agent", "libvirt", "notify", "policy", "source", "trust", "webhook"
+            "agent", "libvirt", "notify", "policy", "secrets", "source", "trust", "webhook"
         ]
     );
     // One [[notify]] entry, so that its options show.

@@ -165,6 +165,18 @@ let
         or SPICE consoles, TCP/UDP character devices in bind mode, server/mcast/udp
         interfaces, passt port forwards.
       '';
+      seed_dir = key (types.nullOr absolutePath) null ''
+        Where vmsync writes the VMs' cloud-init seed images (`[vm.cloud_init]`); it is
+        opened in the sandbox. null: vmsync's default,
+        /var/lib/libvirt/images/vmsync-seeds.
+      '';
+    };
+    secrets = section "`[secrets]`: decrypting the repository's `.age` files." {
+      identity = key (types.nullOr absolutePath) null ''
+        The private key that decrypts secrets: an SSH ed25519 or RSA key without a
+        passphrase, or an age identity file. null: vmsync's default,
+        /etc/ssh/ssh_host_ed25519_key (the host key, as agenix uses it).
+      '';
     };
     trust = section "`[trust]`: which commits are applied." {
       allowed_signers = key (types.nullOr absolutePath) null ''
@@ -288,6 +300,7 @@ let
     if lib.hasPrefix "/var/lib/" stateDir then lib.removePrefix "/var/lib/" stateDir else null;
   inherit (cfg.settings.policy) disk_roots;
   metricsFile = cfg.settings.agent.metrics_file;
+  seedDir = cfg.settings.policy.seed_dir;
 
   # The same sandbox as deploy/systemd/vmsync.service; the reasons for each
   # line are given there.
@@ -310,7 +323,8 @@ let
       ReadWritePaths =
         map (p: "-${p}") disk_roots
         ++ lib.optional (stateDirectory == null) "-${stateDir}"
-        ++ lib.optional (metricsFile != null) "-${dirOf metricsFile}";
+        ++ lib.optional (metricsFile != null) "-${dirOf metricsFile}"
+        ++ lib.optional (seedDir != null) "-${seedDir}";
       ProtectHome = true;
       PrivateTmp = true;
       PrivateDevices = true;
@@ -377,7 +391,8 @@ in
         (disk_roots, self_heal, prune, max_prune, shutdown_timeout, allowed_paths,
         allow_hostdev, allow_block_devices, allow_direct_interfaces,
         allow_qemu_commandline, allow_unconfined, health_commands,
-        allow_link_local_hosts, allow_open_listeners), `trust` (allowed_signers),
+        allow_link_local_hosts, allow_open_listeners, seed_dir), `secrets` (identity),
+        `trust` (allowed_signers),
         `webhook` (listen, secret_file; daemon mode, off by default) and `notify` (a list
         of `[[notify]]` entries: kind, url, secret_file, forge, api_url, repository,
         token_file, target_url, command, events, timeout).

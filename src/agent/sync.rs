@@ -3,6 +3,7 @@
 //! record is written only through `reconcile::record_update` and saved here. Also the
 //! read-only `plan` and `validate` runs.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -16,12 +17,14 @@ use crate::config::{ConfigError, Settings};
 use crate::desired::desired_state::{Desired, Policy};
 use crate::desired::manifest::Problem;
 use crate::desired::schema_check::{SchemaChecker, SchemaError};
-use crate::desired::{resource_xml, schema_check, validate};
+use crate::desired::secret_port::Secrets;
+use crate::desired::{resource_xml, schema_check, seed_spec, validate};
 pub use crate::error::SyncError;
 use crate::host::disk::DiskProvisioner;
 pub use crate::host::hypervisor::Connection;
 use crate::host::hypervisor::Hypervisor;
 use crate::host::schema_cache::CachedSchema;
+use crate::host::secret_identity::AgeIdentity;
 use crate::host::{
     disk, hypervisor, observe_domains, observe_networks_pools, schema_cache, schema_test_driver,
 };
@@ -43,12 +46,18 @@ fn lock(settings: &Settings) -> Result<fsio::Lock, SyncError> {
     })
 }
 
-fn policy(settings: &Settings) -> Policy {
+/// What validation on this host checks against: its name, paths, policy, seed directory
+/// and identity.
+pub fn policy(settings: &Settings) -> Policy {
     Policy {
         host: Some(settings.host.clone()),
         disk_roots: settings.disk_roots.clone(),
         host_policy: settings.host_policy.clone(),
         render_host: None,
+        seed_dir: Some(settings.seed_dir.clone()),
+        secrets: Secrets::with(Arc::new(AgeIdentity::new(
+            settings.secrets_identity.clone(),
+        ))),
     }
 }
 
@@ -394,7 +403,13 @@ fn rejections(
             desired
                 .vms
                 .iter()
-                .filter(move |vm| &vm.xml == xml)
+                // A VM with a seed defines its XML with the seed's CD-ROM added.
+                .filter(move |vm| {
+                    &vm.xml == xml
+                        || vm.seed.as_ref().is_some_and(|seed| {
+                            seed_spec::with_device(xml, seed).is_ok_and(|x| x == vm.xml)
+                        })
+                })
                 .map(move |vm| Problem {
                     file: vm.xml_file.clone(),
                     line: None,
@@ -674,6 +689,9 @@ pub fn validate_dir(settings: &Settings, dir: &std::path::Path) -> Result<Desire
         disk_roots: settings.disk_roots.clone(),
         host_policy: settings.host_policy.clone(),
         render_host: Some(settings.host.clone()),
+        seed_dir: Some(settings.seed_dir.clone()),
+        // Offline: the age format is checked, nothing is decrypted.
+        secrets: Secrets::default(),
     };
     validate_cached(&files, &dir.display().to_string(), &policy, None)
 }
@@ -868,6 +886,7 @@ mod tests {
             self_heal: None,
             adopt: false,
             health,
+            seed: None,
         };
         Desired {
             vms: vec![vm],

@@ -21,6 +21,7 @@ use crate::desired::domain_xml;
 use crate::host::disk::DiskProvisioner;
 use crate::host::hypervisor::Hypervisor;
 use crate::host::power::{StopError, graceful_stop};
+use crate::host::seed_file;
 use crate::reconcile::diff;
 use crate::reconcile::outcome::{Outcome, PruneOutcome, VmFailure, VmOutcome};
 use crate::reconcile::plan_types::{Action, Plan, VmPlan};
@@ -269,6 +270,7 @@ impl VmRun<'_> {
         };
         match action {
             Action::CreateDisk(spec) => disks.create(spec).map_err(|e| failed(&e)),
+            Action::WriteSeed(seed) => seed_file::write(seed).map_err(|e| failed(&e)),
             Action::Rename { from } => hv.rename(from, &vm.name).map_err(|e| failed(&e)),
             Action::Define { xml, .. } | Action::Adopt { xml: Some(xml), .. } => hv
                 .define(xml)

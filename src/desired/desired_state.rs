@@ -21,6 +21,12 @@ pub struct Policy {
     /// The name templates see as `host` when `host` is `None` (`vmsync validate DIR`,
     /// `vmsync render`: the agent's host name); `None` too: using `host` is an error.
     pub render_host: Option<String>,
+    /// `[policy] seed_dir`: where cloud-init seeds are written (`None`: the default,
+    /// `seed_spec::DEFAULT_SEED_DIR`).
+    pub seed_dir: Option<PathBuf>,
+    /// How secrets are opened: decrypted with the host's identity, or (offline
+    /// validation) only their format checked.
+    pub secrets: crate::desired::secret_port::Secrets,
 }
 
 /// One VM as this host should have it.
@@ -45,6 +51,8 @@ pub struct DesiredVm {
     pub adopt: bool,
     /// `[vm.health]`: checked after vmsync starts it with a new definition.
     pub health: Option<health_spec::HealthSpec>,
+    /// `[vm.cloud_init]`: the seed built for it (its CD-ROM is in `xml` already).
+    pub seed: Option<crate::desired::seed_spec::SeedSpec>,
 }
 
 /// The validated desired state of this host.

@@ -13,7 +13,7 @@ use toml::Spanned;
 
 use crate::desired::disk_spec::{DiskFormat, DiskSpec};
 use crate::desired::values::{absolute_path, parse_size, parse_timeout};
-use crate::desired::{health_spec, path_rule, resource_xml, template_render};
+use crate::desired::{cloud_init_spec, health_spec, path_rule, resource_xml, template_render};
 
 /// The manifest's file name at the root of the VM repository.
 pub const MANIFEST_FILE: &str = "vmsync.toml";
@@ -100,6 +100,7 @@ struct RawVm {
     shutdown_timeout: Option<Spanned<String>>,
     self_heal: Option<bool>,
     health: Option<health_spec::RawHealth>,
+    cloud_init: Option<Spanned<cloud_init_spec::RawCloudInit>>,
     #[serde(default)]
     adopt: bool,
     #[serde(default)]
@@ -392,6 +393,8 @@ pub struct VmEntry {
     /// `[[vm.disk]]` entries with `pool` and `volume`: volumes made through libvirt's
     /// storage API when missing.
     pub volumes: Vec<VolumeSpec>,
+    /// `[vm.cloud_init]`: the NoCloud seed vmsync builds and attaches (default: none).
+    pub cloud_init: Option<cloud_init_spec::CloudInitSpec>,
 }
 
 /// A pool volume a VM's disk names (`[[vm.disk]]` with `pool` and `volume`). Created
@@ -708,8 +711,14 @@ impl Parse<'_> {
         let health = raw_vm.health.as_ref().and_then(|raw| {
             health_spec::HealthSpec::parse(raw, |span, field, msg| self.push(span, vm, field, msg))
         });
+        let cloud_init = raw_vm.cloud_init.as_ref().and_then(|raw| {
+            cloud_init_spec::CloudInitSpec::parse(raw.get_ref(), raw.span(), |span, field, msg| {
+                self.push(span, vm, field, msg)
+            })
+        });
         let (disks, volumes) = self.disks(raw_vm.disk, vm);
         Some(VmEntry {
+            cloud_init,
             name,
             line,
             xml: xml?,

@@ -1,8 +1,10 @@
-//! Layer 1, what a commit asks for: the manifest and its values, disk and health specs,
-//! the domain, network and pool XML, the host policy, and the validation of the whole
-//! commit into a `Desired`. Pure: no I/O except through the `RepoFiles` and
-//! `SchemaChecker` ports it is handed.
+//! Layer 1, what a commit asks for: the manifest and its values, disk, health and
+//! cloud-init specs, the domain, network and pool XML, the host policy, the cloud-init
+//! seeds and the secrets they use, and the validation of the whole commit into a
+//! `Desired`. Pure: no I/O except through the `RepoFiles`, `SchemaChecker` and
+//! `SecretOpener` ports it is handed.
 
+pub mod cloud_init_spec;
 pub mod desired_state;
 pub mod disk_spec;
 pub mod domain_xml;
@@ -15,6 +17,9 @@ pub mod network_pool_entries;
 pub mod path_rule;
 pub mod resource_xml;
 pub mod schema_check;
+pub mod secret_port;
+pub mod seed_spec;
 pub mod template_render;
+pub mod template_secrets;
 pub mod validate;
 pub mod values;

@@ -28,6 +28,8 @@ use minijinja::{AutoEscape, Environment, Error, ErrorKind, OutputSpanKind, Undef
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::desired::secret_port::Secrets;
+use crate::desired::template_secrets;
 use crate::repo::files::{FileError, MAX_FILE_BYTES, RepoFiles, check_repo_path};
 
 /// The work one render may do, in minijinja's fuel units (about one per instruction;
@@ -116,6 +118,8 @@ pub struct Renderer<'a> {
     files: &'a dyn RepoFiles,
     env: Environment<'static>,
     loaded: Arc<Mutex<BTreeMap<String, Loaded>>>,
+    /// A text renderer's secrets (`secret()`), and how they are opened.
+    secrets: Option<(template_secrets::Table, Secrets)>,
 }
 
 /// Bumped when the meaning of a render changes (the environment's settings), so that
@@ -190,6 +194,7 @@ impl<'a> Renderer<'a> {
         env.set_formatter(format_value);
         env.add_filter("escape", escape_filter);
         env.add_filter("e", escape_filter);
+        template_secrets::add_refusal(&mut env);
         // `debug()` dumps the render's state (Rust debug text): nothing for a domain XML.
         env.remove_global("debug");
         // Templates come only from the files of this commit, read by `load` below: the
@@ -209,7 +214,38 @@ impl<'a> Renderer<'a> {
                 }
             }
         });
-        Self { files, env, loaded }
+        Self {
+            files,
+            env,
+            loaded,
+            secrets: None,
+        }
+    }
+
+    /// A renderer of text files (cloud-init's user-data, meta-data, network-config):
+    /// nothing is escaped, and `secret("….age")` gives a secret's text, opened with
+    /// `secrets`.
+    pub fn for_text(files: &'a dyn RepoFiles, secrets: Secrets) -> Self {
+        let mut renderer = Self::new(files);
+        renderer.env.set_auto_escape_callback(|_| AutoEscape::None);
+        let table = template_secrets::Table::default();
+        template_secrets::add_function(&mut renderer.env, &table);
+        renderer.secrets = Some((table, secrets));
+        renderer
+    }
+
+    /// Renders the text file `template` for one VM ([`Renderer::for_text`]); also says
+    /// whether the text holds a secret.
+    pub fn render_text(&self, template: &str, vars: &Vars) -> Result<(String, bool), RenderError> {
+        if let Some((table, _)) = &self.secrets {
+            template_secrets::start(table);
+        }
+        let text = self.render(template, vars)?;
+        let used = self
+            .secrets
+            .as_ref()
+            .is_some_and(|(table, _)| template_secrets::used(table));
+        Ok((text, used))
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Loaded>> {
@@ -234,7 +270,10 @@ impl<'a> Renderer<'a> {
             };
             self.table().insert(name.clone(), loaded);
         }
-        requested.len()
+        let secrets = self.secrets.as_ref().map_or(0, |(table, secrets)| {
+            template_secrets::load(table, self.files, secrets)
+        });
+        requested.len() + secrets
     }
 
     fn context(vars: &Vars) -> Value {

@@ -14,7 +14,7 @@ use crate::desired::domain_xml::DomainSummary;
 use crate::desired::manifest::{self, MANIFEST_FILE, Problem, VmEntry, XmlSource};
 use crate::desired::schema_check::SchemaChecker;
 use crate::desired::{
-    domain_xml, health_spec, host_access, host_policy, network_pool_entries, path_rule,
+    domain_xml, health_spec, host_access, host_policy, network_pool_entries, path_rule, seed_spec,
     template_render,
 };
 use crate::repo::files::RepoFiles;
@@ -46,6 +46,8 @@ pub fn validate(
         policy,
         schema,
         renderer: template_render::Renderer::new(files),
+        text_renderer: template_render::Renderer::for_text(files, policy.secrets.clone()),
+        no_params: template_render::Params::new(),
         template_host: policy.host.as_deref().or(policy.render_host.as_deref()),
         problems: Vec::new(),
         uuids: BTreeMap::new(),
@@ -85,6 +87,10 @@ struct Validation<'a> {
     policy: &'a Policy,
     schema: &'a dyn SchemaChecker,
     renderer: template_render::Renderer<'a>,
+    /// Renders cloud-init templates (no escaping, `secret()`).
+    text_renderer: template_render::Renderer<'a>,
+    /// What a cloud-init template of a VM without `template` sees as `params`.
+    no_params: template_render::Params,
     /// The host name templates see.
     template_host: Option<&'a str>,
     problems: Vec<Problem>,
@@ -206,11 +212,46 @@ impl<'a> Validation<'a> {
             ));
         }
         let health = self.allowed_health(vm);
+        let seed = if self.problems.len() == before {
+            self.seed(vm, &loaded.xml)
+        } else {
+            None
+        };
         if self.problems.len() == before {
             if let (Some(id), false) = (&content_id, was_cached) {
                 self.schema.remember(id, &summary);
             }
-            self.accept(vm, loaded, summary, health);
+            self.accept(vm, loaded, summary, (health, seed));
+        }
+    }
+
+    /// The VM's cloud-init seed, built from its files (`None`: it has none, or a problem
+    /// was recorded).
+    fn seed(&mut self, vm: &VmEntry, xml: &str) -> Option<seed_spec::SeedSpec> {
+        let spec = vm.cloud_init.as_ref()?;
+        let params = match &vm.xml {
+            XmlSource::Template { params, .. } => params,
+            _ => &self.no_params,
+        };
+        let default_dir = PathBuf::from(seed_spec::DEFAULT_SEED_DIR);
+        let inputs = seed_spec::SeedInputs {
+            files: self.files,
+            renderer: &self.text_renderer,
+            vars: template_render::Vars {
+                vm: &vm.name,
+                host: self.template_host,
+                params,
+            },
+            seed_dir: self.policy.seed_dir.as_deref().unwrap_or(&default_dir),
+        };
+        match seed_spec::build(&inputs, spec, xml) {
+            Ok(seed) => Some(seed),
+            Err(p) => {
+                let line = p.line.or((p.file == MANIFEST_FILE).then_some(vm.line));
+                self.problems
+                    .push(vm_problem(vm, &p.file, line, &p.field, p.message));
+                None
+            }
         }
     }
 
@@ -457,18 +498,33 @@ impl<'a> Validation<'a> {
         vm: &VmEntry,
         loaded: VmXml,
         summary: DomainSummary,
-        health: Option<health_spec::HealthSpec>,
+        (health, seed): (Option<health_spec::HealthSpec>, Option<seed_spec::SeedSpec>),
     ) {
         if let (Some((key, rendered)), Some(cache)) =
             (&loaded.fresh_render, self.schema.render_cache())
         {
             cache.remember_rendered(key, rendered);
         }
+        // The seed's CD-ROM is part of the definition vmsync defines, and the seed's hash
+        // part of its fingerprint.
+        let (xml, fingerprint) = match &seed {
+            Some(seed) => {
+                let xml =
+                    seed_spec::with_device(&loaded.xml, seed).expect("the xml parsed in summarize");
+                let fingerprint = domain_xml::fingerprint(&xml) + &seed.fingerprint_part();
+                (xml, fingerprint)
+            }
+            None => {
+                let fingerprint = domain_xml::fingerprint(&loaded.xml);
+                (loaded.xml, fingerprint)
+            }
+        };
         self.vms.push(DesiredVm {
             name: vm.name.clone(),
-            fingerprint: domain_xml::fingerprint(&loaded.xml),
+            fingerprint,
             xml_file: loaded.file,
-            xml: loaded.xml,
+            xml,
+            seed,
             summary,
             autostart: vm.autostart,
             disks: vm.disks.clone(),

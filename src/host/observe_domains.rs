@@ -11,7 +11,7 @@ use crate::desired::desired_state::Desired;
 use crate::desired::domain_xml::{self, DomainSummary, Tag};
 use crate::host::disk::{DiskProvisioner, ImageInfo};
 use crate::host::hypervisor::{HvError, Hypervisor, Listing};
-use crate::host::observe_networks_pools;
+use crate::host::{observe_networks_pools, seed_file};
 use crate::util::par;
 
 /// A domain with the same name as a desired VM.
@@ -38,6 +38,9 @@ pub struct Observed {
     pub disks: BTreeMap<PathBuf, Result<Option<ImageInfo>, String>>,
     /// Per directory: whether it exists.
     pub directories: BTreeMap<PathBuf, bool>,
+    /// Per cloud-init seed path: the hash of the seed there (`None`: no file, or not a
+    /// seed vmsync wrote).
+    pub seeds: BTreeMap<PathBuf, Option<String>>,
     /// Networks, pools and volumes (filled in by `host::observe_networks_pools::observe`).
     pub resources: observe_networks_pools::ObservedResources,
 }
@@ -86,11 +89,18 @@ pub fn observe(
         .iter()
         .map(|d| (d.clone(), d.is_dir()))
         .collect();
+    let seeds = desired
+        .vms
+        .iter()
+        .filter_map(|vm| vm.seed.as_ref())
+        .map(|seed| (seed.path.clone(), seed_file::observed_hash(&seed.path)))
+        .collect();
     Ok(Observed {
         domains,
         others,
         disks,
         directories,
+        seeds,
         resources: Default::default(),
     })
 }
@@ -201,6 +211,7 @@ mod tests {
             self_heal: None,
             adopt: false,
             health: None,
+            seed: None,
         }
     }
 

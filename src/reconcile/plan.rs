@@ -22,9 +22,11 @@
 //!   `policy.prune`; pruning every managed domain or more than `policy.max_prune` is
 //!   refused without `--allow-mass-prune`. Untagged domains are never touched.
 
+use crate::desired::cloud_init_spec::SeedOnChange;
 use crate::desired::desired_state::{Desired, DesiredVm};
 use crate::desired::domain_xml::{self, Tag};
 use crate::desired::manifest::{OnChange, PowerState};
+use crate::desired::seed_spec;
 use crate::host::disk::check_existing;
 use crate::host::observe_domains::{Observed, SeenDomain};
 use crate::reconcile::drift::{self, Drift};
@@ -325,6 +327,7 @@ impl VmPlanner<'_> {
     /// state, in that order. `Err`: the VM fails.
     fn plan_actions(&mut self, observed: &Observed, commit: &str) -> Result<(), String> {
         self.plan_disks(observed)?;
+        self.plan_seed(observed);
         let was_active = self.seen.is_some_and(|s| s.listing.active);
         let active = self.plan_rename(was_active)?;
         let adopted_live = self.plan_definition(commit)?;
@@ -357,6 +360,42 @@ impl VmPlanner<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The cloud-init seed is written when it is missing, or when its content changed
+    /// (not with `on_change = "never"`: the first seed is kept). An unchanged seed is
+    /// left alone, file and all.
+    fn plan_seed(&mut self, observed: &Observed) {
+        let Some(seed) = &self.vm.seed else {
+            return;
+        };
+        let write = match observed.seeds.get(&seed.path).cloned().flatten() {
+            None => true,
+            Some(hash) if hash == seed.hash => false,
+            Some(_) => seed.on_change != SeedOnChange::Never,
+        };
+        if write {
+            self.out
+                .actions
+                .push(Action::WriteSeed(Box::new(seed.clone())));
+        }
+    }
+
+    /// Whether a running domain whose definition differs is restarted: for a change of
+    /// the definition by the VM's `on_change`, for a changed seed by the seed's.
+    fn restarts(&self) -> bool {
+        let vm = self.vm;
+        let Some(live) = self.seen.and_then(|s| s.live_tag.as_ref()) else {
+            return vm.on_change == OnChange::Restart;
+        };
+        let (live_def, live_seed) = seed_spec::split_fingerprint(&live.fingerprint);
+        let (def, seed) = seed_spec::split_fingerprint(&vm.fingerprint);
+        (live_def != def && vm.on_change == OnChange::Restart)
+            || (live_seed != seed
+                && vm
+                    .seed
+                    .as_ref()
+                    .is_some_and(|s| s.on_change == SeedOnChange::Restart))
     }
 
     /// A domain with this VM's UUID under another name is renamed (shut down first with
@@ -443,7 +482,7 @@ impl VmPlanner<'_> {
         let vm = self.vm;
         let timeout = self.timeout;
         let heal = self.heal;
-        let restart = vm.on_change == OnChange::Restart;
+        let restart = self.restarts();
         self.out.active = active;
         let power_drift = self.has(|d| matches!(d, Drift::Power { .. }));
         // The running definition is older than the commit's.
@@ -529,7 +568,32 @@ mod tests {
             self_heal: None,
             adopt: false,
             health: None,
+            seed: None,
         }
+    }
+
+    /// A seed whose content is `content`.
+    fn seed_of(content: &str, on_change: SeedOnChange) -> seed_spec::SeedSpec {
+        let hash = format!("{:0<64}", hex::encode(content));
+        seed_spec::SeedSpec {
+            path: "/seeds/web-cidata.iso".into(),
+            target: "sda".into(),
+            user_data: content.as_bytes().to_vec(),
+            meta_data: Vec::new(),
+            network_config: None,
+            instance_id: format!("iid-{}", &hash[..16]),
+            hash,
+            on_change,
+            has_secret: true,
+        }
+    }
+
+    /// `vm` with a seed of `content`.
+    fn seeded(mut vm: DesiredVm, content: &str, on_change: SeedOnChange) -> DesiredVm {
+        let seed = seed_of(content, on_change);
+        vm.fingerprint = fingerprint(&vm.xml) + &seed.fingerprint_part();
+        vm.seed = Some(seed);
+        vm
     }
 
     /// A desired VM whose XML gives `uuid`.
@@ -674,6 +738,7 @@ mod tests {
                 })
                 .collect(),
             directories: Default::default(),
+            seeds: Default::default(),
             resources: Default::default(),
         }
     }
@@ -1361,9 +1426,92 @@ mod tests {
     }
 
     #[test]
+    fn seeds_are_written_when_missing_or_changed_and_restart_as_their_on_change_says() {
+        use SeedOnChange::{Never, NextBoot, Restart};
+        // (on_change, seed applied before, seed on disk, planned kinds, pending restart)
+        type Case<'a> = (
+            SeedOnChange,
+            &'a str,
+            Option<&'a str>,
+            &'a [ActionKind],
+            bool,
+        );
+        let cases: &[Case] = &[
+            // Unchanged: the file is left alone, nothing to do.
+            (NextBoot, "pw-a", Some("pw-a"), &[], false),
+            // A lost seed file is written again, nothing else.
+            (NextBoot, "pw-a", None, &[ActionKind::WriteSeed], false),
+            // Changed: rebuilt in place and redefined (same XML, new tag), never recreated.
+            (
+                NextBoot,
+                "pw-a",
+                Some("pw-a"),
+                &[ActionKind::WriteSeed, ActionKind::Redefine],
+                true,
+            ),
+            (
+                Restart,
+                "pw-a",
+                Some("pw-a"),
+                &[
+                    ActionKind::WriteSeed,
+                    ActionKind::Redefine,
+                    ActionKind::Restart,
+                ],
+                false,
+            ),
+            // "never": the first seed is kept.
+            (Never, "pw-a", Some("pw-a"), &[], false),
+        ];
+        for (i, (on_change, before, on_disk, kinds, pending)) in cases.iter().enumerate() {
+            // Case 3 on: the commit's seed is "b".
+            let now = if i >= 2 { "pw-b" } else { *before };
+            let vm = seeded(desired_vm("web", 1024, true, vec![]), now, *on_change);
+            let applied_vm = seeded(desired_vm("web", 1024, true, vec![]), before, *on_change);
+            let mut d = seen("web", 1024, true, true, true);
+            let tag = Tag {
+                commit: "old".into(),
+                fingerprint: applied_vm.fingerprint.clone(),
+            };
+            d.inactive.as_mut().unwrap().tag = Some(tag.clone());
+            d.live_tag = Some(tag);
+            let mut o = observed(vec![d], vec![], vec![]);
+            if let Some(content) = on_disk {
+                let disk_seed = seed_of(content, *on_change);
+                o.seeds.insert(disk_seed.path.clone(), Some(disk_seed.hash));
+            }
+            let mut record = Record::default();
+            record.vms.insert("web".into(), applied(&applied_vm));
+            let policy = ChangePolicy::default();
+            let ctx = Context {
+                policy: &policy,
+                record: &record,
+            };
+            let p = plan(
+                &Desired {
+                    vms: vec![vm],
+                    ..Default::default()
+                },
+                &o,
+                "new",
+                &ctx,
+            );
+            let got: Vec<_> = p.vms[0].actions.iter().map(Action::kind).collect();
+            assert_eq!(&got, kinds, "case {i}");
+            assert_eq!(p.vms[0].pending_restart, *pending, "case {i}");
+            if let Some(Action::WriteSeed(seed)) = p.vms[0].actions.first() {
+                let shown = p.vms[0].actions[0].describe();
+                assert!(shown.contains("secret, not shown"), "{shown}");
+                assert!(!shown.contains(&String::from_utf8_lossy(&seed.user_data).to_string()));
+            }
+        }
+    }
+
+    #[test]
     fn every_action_kind_has_one_name_for_json_and_metrics() {
         let all = [
             Action::CreateDisk(disk("/srv/images/x.qcow2")),
+            Action::WriteSeed(Box::new(seed_of("a", SeedOnChange::NextBoot))),
             Action::Rename { from: "a".into() },
             Action::Adopt {
                 tag: Tag {
@@ -1414,7 +1562,7 @@ mod tests {
         }
         assert_eq!(ActionKind::ClearAutostart.as_str(), "clear_autostart");
         assert_eq!(
-            all[8].describe(),
+            all[9].describe(),
             "restart (graceful shutdown, destroy after 2m)"
         );
     }

@@ -11,6 +11,7 @@ use crate::desired::disk_spec::DiskSpec;
 use crate::desired::domain_xml::Tag;
 use crate::desired::manifest::PowerState;
 use crate::desired::resource_xml::ResourceKind;
+use crate::desired::seed_spec::SeedSpec;
 use crate::desired::values;
 use crate::record::{HealthResult, VmRecord};
 use crate::util::commit_id::short;
@@ -19,6 +20,8 @@ use crate::util::commit_id::short;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     CreateDisk(DiskSpec),
+    /// Write the VM's cloud-init seed image (missing, or its content changed).
+    WriteSeed(Box<SeedSpec>),
     /// Rename the (shut-off) domain `from` to the VM's name.
     Rename {
         from: String,
@@ -87,6 +90,8 @@ pub enum ActionKind {
     StartNetwork,
     RestartNetwork,
     CreateDisk,
+    /// A cloud-init seed image written (new, or rebuilt in place).
+    WriteSeed,
     Rename,
     /// An existing domain taken over (`adopt = true`), tag only or redefined in place.
     Adopt,
@@ -123,6 +128,16 @@ impl Action {
                     values::human_size(spec.size_bytes)
                 )
             }
+            Action::WriteSeed(seed) => format!(
+                "write cloud-init seed '{}' (instance-id {}{})",
+                seed.path.display(),
+                seed.instance_id,
+                if seed.has_secret {
+                    "; content changed (secret, not shown)"
+                } else {
+                    ""
+                }
+            ),
             Action::Rename { from } => format!("rename from '{from}'"),
             Action::Define {
                 redefine: false, ..
@@ -151,6 +166,7 @@ impl Action {
     pub fn kind(&self) -> ActionKind {
         match self {
             Action::CreateDisk(_) => ActionKind::CreateDisk,
+            Action::WriteSeed(_) => ActionKind::WriteSeed,
             Action::Rename { .. } => ActionKind::Rename,
             Action::Define {
                 redefine: false, ..

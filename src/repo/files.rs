@@ -29,6 +29,11 @@ pub enum FileError {
 pub trait RepoFiles {
     /// Reads the file at `path` (relative, '/'-separated) as UTF-8 text.
     fn read_text(&self, path: &str) -> Result<String, FileError>;
+    /// Reads the file at `path` as bytes (a secret, a cloud-init file), with the same
+    /// checks but UTF-8.
+    fn read_bytes(&self, path: &str) -> Result<Vec<u8>, FileError> {
+        self.read_text(path).map(String::into_bytes)
+    }
     /// A short label for messages: the commit id, or the directory.
     fn revision(&self) -> String;
     /// An id that changes whenever the file's content changes (a git blob id), if the
@@ -86,6 +91,10 @@ impl DirFiles {
 
 impl RepoFiles for DirFiles {
     fn read_text(&self, path: &str) -> Result<String, FileError> {
+        decode(path, self.read_bytes(path)?)
+    }
+
+    fn read_bytes(&self, path: &str) -> Result<Vec<u8>, FileError> {
         let parts = check_repo_path(path)?;
         let mut full = self.root.clone();
         for part in &parts {
@@ -115,11 +124,10 @@ impl RepoFiles for DirFiles {
                 limit: MAX_FILE_BYTES,
             });
         }
-        let bytes = std::fs::read(&full).map_err(|e| FileError::Io {
+        std::fs::read(&full).map_err(|e| FileError::Io {
             path: path.to_string(),
             message: e.to_string(),
-        })?;
-        decode(path, bytes)
+        })
     }
 
     fn revision(&self) -> String {

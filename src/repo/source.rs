@@ -250,6 +250,10 @@ impl RepoFiles for FetchedCommit {
     }
 
     fn read_text(&self, path: &str) -> Result<String, FileError> {
+        decode(path, self.read_bytes(path)?)
+    }
+
+    fn read_bytes(&self, path: &str) -> Result<Vec<u8>, FileError> {
         let oid = self.blob_id(path)?;
         // Check the size from the object header before loading the content.
         let odb = self.repo.odb().map_err(|e| git_file_error(path, &e))?;
@@ -265,7 +269,7 @@ impl RepoFiles for FetchedCommit {
             .repo
             .find_blob(oid)
             .map_err(|e| git_file_error(path, &e))?;
-        decode(path, blob.content().to_vec())
+        Ok(blob.content().to_vec())
     }
 
     fn revision(&self) -> String {

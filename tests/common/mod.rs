@@ -11,6 +11,7 @@
 
 pub mod daemon;
 pub mod guest;
+pub mod seeds;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -19,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use vmsync::agent::report::Report;
 use vmsync::agent::sync::{self, SyncError};
 use vmsync::config::Settings;
-use vmsync::desired::desired_state::{Desired, Policy};
+use vmsync::desired::desired_state::Desired;
 use vmsync::host::hypervisor::{Hypervisor, Listing};
 use vmsync::host::schema_test_driver::TestDriverSchema;
 use vmsync::record;
@@ -594,12 +595,7 @@ pub fn validate_head(settings: &Settings) -> Result<(String, Desired), SyncError
     let fetched =
         vmsync::repo::source::fetch(&settings.source().unwrap(), &settings.state_dir).unwrap();
     let commit = fetched.id();
-    let policy = Policy {
-        host: Some(settings.host.clone()),
-        disk_roots: settings.disk_roots.clone(),
-        host_policy: settings.host_policy.clone(),
-        render_host: None,
-    };
+    let policy = sync::policy(settings);
     let desired = sync::validate_commit(
         &fetched,
         &commit,

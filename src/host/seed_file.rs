@@ -1,0 +1,46 @@
+//! Cloud-init seed images on the host: written atomically (temporary file, fsync,
+//! rename) with mode 0600 into `[policy] seed_dir` (created with mode 0711: QEMU may pass
+//! through it but not list it), and read back just far enough to tell which seed a file
+//! holds. libvirt's DAC driver hands a read-only CD-ROM's image to the QEMU user when the
+//! domain starts (and does not hand it back at shutdown), so only root and QEMU read it.
+
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+
+use crate::desired::seed_spec::{self, SeedSpec};
+use crate::util::{fsio, iso9660};
+
+/// Writes `seed`'s image to its path, creating the seed directory when missing.
+pub fn write(seed: &SeedSpec) -> anyhow::Result<()> {
+    if let Some(dir) = seed.path.parent()
+        && !dir.is_dir()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(dir)
+            .map_err(|e| {
+                anyhow::anyhow!("failed to create seed directory '{}': {e}", dir.display())
+            })?;
+        // The mode the umask may have narrowed.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| anyhow::anyhow!("failed to set the mode of '{}': {e}", dir.display()))?;
+    }
+    fsio::write_atomic_with(&seed.path, |file| {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        std::io::Write::write_all(file, &seed.image())
+    })
+}
+
+/// The hash of the vmsync seed at `path`; `None` when there is no file, or it is not a
+/// seed vmsync wrote.
+pub fn observed_hash(path: &Path) -> Option<String> {
+    let mut head = vec![0u8; iso9660::HEAD_BYTES];
+    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    let (label, app) = iso9660::read_label_and_app(&head)?;
+    if label != seed_spec::LABEL {
+        return None;
+    }
+    seed_spec::hash_of_app_id(&app)
+}
