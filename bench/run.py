@@ -56,6 +56,15 @@ repository and state directory. Interleaved, TEMPLATE_RUNS times: a no-op sync o
 each, and a commit that changes one VM (plain: its XML file; templated: its params).
 Prints the medians, the templated/plain ratio of the no-op and the one-VM change minus
 the no-op of each (targets: no-op at most 1.2x, one VM at most the plain one + 5 ms).
+
+       sudo bench/run.py --seeds N
+measures what cloud-init seeds cost, in one run: N domains without seeds
+(vmsyncbench-<N>-<i>) and N other domains of the same XML, each with a `[vm.cloud_init]`
+whose user-data is a template that reads a secret (vmsyncbench-c<N>-<i>), each in its
+own repository and state directory, defined and not started. Interleaved, SEED_RUNS
+times: a no-op sync of each (target: seeded at most 1.1x; no seed is written again,
+checked by the images' mtimes). Then the build of one seed (render, decrypt, ISO,
+atomic write) by examples/seed_build.rs, SEED_BUILDS times (target: under 50 ms).
 """
 
 import json
@@ -91,6 +100,8 @@ def sh(cmd, **kw):
 
 
 TEMPLATE_RUNS = 25
+SEED_RUNS = 15
+SEED_BUILDS = 200
 
 
 def domain_xml(name, memory=128):
@@ -206,8 +217,8 @@ def floor_process(prefix):
     return min(timed([str(FLOOR), URI, prefix, "1"])[0] for _ in range(5))
 
 
-def vmsync_once(url, state, binary=None):
-    return timed([str(binary or VMSYNC), "--config", "/dev/null", "--once", "--url", str(url), "--state-dir",
+def vmsync_once(url, state, binary=None, config="/dev/null"):
+    return timed([str(binary or VMSYNC), "--config", str(config), "--once", "--url", str(url), "--state-dir",
                   str(state), "--connect", URI, "--host", "bench"],
                  env={**os.environ, "NO_COLOR": "1"})
 
@@ -493,8 +504,92 @@ def templates_bench(n):
         shutil.rmtree(base, ignore_errors=True)
 
 
+def make_seeded_repo(base, n, prefix, tool, pubkey):
+    """N VMs named PREFIX<i>, each with a seed whose user-data template reads a secret."""
+    repo = base / f"repo-seeds-{n}"
+    for d in ("vms", "cloud-init", "secrets"):
+        (repo / d).mkdir(parents=True)
+    (repo / "cloud-init" / "user.yaml.j2").write_text(
+        "#cloud-config\nhostname: {{ vm.name }}\nusers:\n  - name: ops\n"
+        "    ssh_authorized_keys: [ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBench ops]\n"
+        "chpasswd:\n  list: |\n    ops:{{ secret(\"secrets/ops.age\") }}\n")
+    secret = subprocess.run([str(tool), "encrypt", str(pubkey)], input=b"bench-password\n",
+                            check=True, capture_output=True).stdout
+    (repo / "secrets" / "ops.age").write_bytes(secret)
+    lines = ["version = 1\n"]
+    for i in range(n):
+        name = f"{prefix}{i}"
+        (repo / "vms" / f"{name}.xml").write_text(domain_xml(name))
+        lines.append(f'[[vm]]\nname = "{name}"\nxml = "vms/{name}.xml"\n'
+                     '  [vm.cloud_init]\n  user_data = "cloud-init/user.yaml.j2"\n')
+    (repo / "vmsync.toml").write_text("\n".join(lines))
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "bench seeds")
+    return repo
+
+
+def seeds_bench(n):
+    """A no-op sync of N VMs against the same of N VMs with seeds; one seed's build."""
+    sh(["cargo", "build", "--release", "--bin", "vmsync", "--example", "seed_build"], cwd=ROOT)
+    tool = TARGET / "release/examples/seed_build"
+    base = Path(tempfile.mkdtemp(prefix="vmsync-bench-seeds-"))
+    plain_prefix, seeded_prefix = f"vmsyncbench-{n}-", f"vmsyncbench-c{n}-"
+    remove_domains(plain_prefix)
+    remove_domains(seeded_prefix)
+    try:
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / "host_key")])
+        plain = make_repo(base, n)
+        seeded = make_seeded_repo(base, n, seeded_prefix, tool, base / "host_key.pub")
+        seed_dir = base / "seeds"
+        config = base / "agent.toml"
+        config.write_text(f'[policy]\nseed_dir = "{seed_dir}"\n[secrets]\nidentity = "{base / "host_key"}"\n')
+        p_state, s_state = base / "state-plain", base / "state-seeds"
+        vmsync_once(plain, p_state)
+        vmsync_once(seeded, s_state, config=config)
+        images = sorted(seed_dir.glob("*.iso"))
+        assert len(images) == n, f"{len(images)} seeds for {n} VMs"
+        mtimes = {p: p.stat().st_mtime_ns for p in images}
+        runs = {"no-op without seeds": [], "no-op with seeds": []}
+        for _ in range(SEED_RUNS):
+            runs["no-op without seeds"].append(vmsync_once(plain, p_state))
+            runs["no-op with seeds"].append(vmsync_once(seeded, s_state, config=config))
+        for label, rs in runs.items():
+            assert all("nothing to do" in r[3] for r in rs), f"{label}: not every run shows nothing to do"
+        assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items()), "a no-op sync wrote a seed"
+        med = statistics.median
+        wall = {k: med(r[0] for r in v) * 1000 for k, v in runs.items()}
+        cost = {k: med(r[4] for r in v) * 1000 for k, v in runs.items()}
+        stage = lambda rs, s: med(stages(r[3]).get(s, 0.0) for r in rs)
+        build = sh([str(tool), "time", str(seeded), "cloud-init/user.yaml.j2", str(base / "host_key"),
+                    str(base / "seed-build"), str(SEED_BUILDS)]).split()
+        out = [f"Seeds, N = {n}, {SEED_RUNS} interleaved runs of each ({machine()}):", "",
+               "| run | wall (median) | CPU cost (median) | validate stage (median) | observe stage (median) | peak RSS MiB (median) |",
+               "|---|---:|---:|---:|---:|---:|"]
+        for label, rs in runs.items():
+            out.append(f"| {label} | {wall[label]:.1f} ms | {cost[label]:.1f} ms | "
+                       f"{stage(rs, 'validate'):.1f} ms | {stage(rs, 'observe'):.1f} ms | "
+                       f"{med(r[2] for r in rs):.1f} |")
+        w, c = runs["no-op with seeds"], runs["no-op without seeds"]
+        out += ["",
+                f"- No-op: with seeds / without = {wall['no-op with seeds'] / wall['no-op without seeds']:.3f} (wall), "
+                f"{cost['no-op with seeds'] / cost['no-op without seeds']:.3f} (CPU cost); target at most 1.1. "
+                f"Validate stage {stage(w, 'validate'):.1f} vs {stage(c, 'validate'):.1f} ms. "
+                "No seed image was written again (mtimes unchanged).",
+                f"- One seed built (template rendered, secret decrypted with an SSH ed25519 key, ISO, "
+                f"atomic write with fsync): median {float(build[0]):.2f} ms, best {float(build[1]):.2f} ms "
+                f"over {SEED_BUILDS} builds; image {int(build[2])} bytes; target under 50 ms."]
+        print("\n".join(out))
+    finally:
+        remove_domains(plain_prefix)
+        remove_domains(seeded_prefix)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def main():
     global VMSYNC, FLOOR, OLD
+    if sys.argv[1:2] == ["--seeds"]:
+        return seeds_bench(int(sys.argv[2]))
     if sys.argv[1:2] == ["--templates"]:
         return templates_bench(int(sys.argv[2]))
     if sys.argv[1:2] == ["--resources"]:

@@ -86,7 +86,7 @@ fn the_seed_is_a_nocloud_iso_with_the_secret_and_nothing_else_shows_it() {
         plan.stdout
     );
     assert!(
-        !plan.stdout.contains("write cloud-init seed"),
+        !plan.stdout.contains("cloud-init seed '"),
         "{}",
         plan.stdout
     );
@@ -135,7 +135,10 @@ fn an_unchanged_seed_is_not_written_again_and_a_changed_one_is() {
     env.repo.commit("user-data changed");
     let plan = env.run(&["plan"]).expect(0);
     assert!(
-        plan.stdout.contains("write cloud-init seed") && plan.stdout.contains("secret, not shown"),
+        plan.stdout.contains("rebuild cloud-init seed '")
+            && plan
+                .stdout
+                .contains(": content changed (secret, not shown)"),
         "{}",
         plan.stdout
     );
@@ -160,5 +163,32 @@ fn validate_checks_a_secrets_format_without_the_key() {
             .contains("'secrets/root.age' is not a valid age file"),
         "{}",
         run.stderr
+    );
+}
+
+/// libvirt's schema check of a VM with a seed runs on the committed XML (beside
+/// observation); its rejection still names the VM, and nothing is written.
+#[test]
+fn a_schema_error_in_a_seeded_vm_is_reported_and_no_seed_is_written() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = HostKey::ssh(keys.path());
+    let mut env = Env::new();
+    let seed_dir = env.images.join("seeds");
+    seeds::configure(&mut env, &seed_dir, &key.path, "");
+    env.repo.write("cloud-init/web.yaml", "#cloud-config\n");
+    let vm = env
+        .vm("web")
+        .schema_bad()
+        .key(&seeds::cloud_init("cloud-init/web.yaml", ""));
+    env.commit(&Manifest::new().vm(vm), "schema error");
+    let run = env.run(&["--once"]).expect(3);
+    assert!(
+        run.stderr.contains("vm 'web': field 'xml'") && run.stderr.contains("vcpux"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !seed_dir.exists(),
+        "a seed was written for an invalid commit"
     );
 }

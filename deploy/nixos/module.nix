@@ -165,6 +165,16 @@ let
         or SPICE consoles, TCP/UDP character devices in bind mode, server/mcast/udp
         interfaces, passt port forwards.
       '';
+      image_urls = key (types.listOf types.nonEmptyStr) [ "https://" ] ''
+        URL prefixes `[[image]]` entries may be downloaded from (redirects too); an
+        entry ending in the host (`http://127.0.0.1`) allows that host on any port.
+      '';
+      image_dir = key absolutePath "/var/lib/libvirt/images/vmsync-images" ''
+        Where downloaded base images are kept, one read-only file per sha256.
+      '';
+      image_timeout = key types.nonEmptyStr "60s" ''
+        A base image download that receives nothing for this long fails.
+      '';
       seed_dir = key (types.nullOr absolutePath) null ''
         Where vmsync writes the VMs' cloud-init seed images (`[vm.cloud_init]`); it is
         opened in the sandbox. null: vmsync's default,
@@ -391,8 +401,8 @@ in
         (disk_roots, self_heal, prune, max_prune, shutdown_timeout, allowed_paths,
         allow_hostdev, allow_block_devices, allow_direct_interfaces,
         allow_qemu_commandline, allow_unconfined, health_commands,
-        allow_link_local_hosts, allow_open_listeners, seed_dir), `secrets` (identity),
-        `trust` (allowed_signers),
+        allow_link_local_hosts, allow_open_listeners, image_urls, image_dir,
+        image_timeout, seed_dir), `secrets` (identity), `trust` (allowed_signers),
         `webhook` (listen, secret_file; daemon mode, off by default) and `notify` (a list
         of `[[notify]]` entries: kind, url, secret_file, forge, api_url, repository,
         token_file, target_url, command, events, timeout).

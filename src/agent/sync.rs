@@ -23,6 +23,7 @@ pub use crate::error::SyncError;
 use crate::host::disk::DiskProvisioner;
 pub use crate::host::hypervisor::Connection;
 use crate::host::hypervisor::Hypervisor;
+use crate::host::image_store::ImageStore;
 use crate::host::schema_cache::CachedSchema;
 use crate::host::secret_identity::AgeIdentity;
 use crate::host::{
@@ -44,6 +45,16 @@ fn lock(settings: &Settings) -> Result<fsio::Lock, SyncError> {
         fsio::LockError::Held(held) => SyncError::Locked(held),
         io => SyncError::Other(io.into()),
     })
+}
+
+/// The disk seam of one sync: `qemu-img`, and the image directory with this host's
+/// `[policy] image_*` settings (its downloads are shared for this sync only).
+fn disk_provisioner(settings: &Settings) -> disk::QemuImg {
+    let policy = &settings.host_policy;
+    disk::QemuImg {
+        images: ImageStore::new(policy.images.clone(), policy.allow_link_local_hosts),
+        ..Default::default()
+    }
 }
 
 /// What validation on this host checks against: its name, paths, policy, seed directory
@@ -309,7 +320,7 @@ fn converge(
     let hv = conn.get()?;
     clock.lap("connect");
     clock.count_calls_from(hv.call_count());
-    let disks = disk::QemuImg::default();
+    let disks = disk_provisioner(settings);
     let env = Env {
         settings,
         hv,
@@ -599,7 +610,7 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let commit = fetched.id();
     let desired = trusted_and_valid(settings, &record, &fetched, false)?;
     let hv = hypervisor::Libvirt::connect(&settings.libvirt_uri)?;
-    let observed = observe_commit(&record, &desired, &hv, &disk::QemuImg::default())?;
+    let observed = observe_commit(&record, &desired, &hv, &disk_provisioner(settings))?;
     check_floors(&fetched, &observed_floors(&observed), false)?;
     check_references(&commit, &desired, &observed)?;
     let normalizer = schema_test_driver::TestDriverSchema::new()?;

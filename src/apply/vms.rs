@@ -269,8 +269,9 @@ impl VmRun<'_> {
             other => VmFailure::Action(other.to_string()),
         };
         match action {
+            Action::DownloadImage(image) => disks.fetch_image(image).map_err(|e| failed(&e)),
             Action::CreateDisk(spec) => disks.create(spec).map_err(|e| failed(&e)),
-            Action::WriteSeed(seed) => seed_file::write(seed).map_err(|e| failed(&e)),
+            Action::WriteSeed { seed, .. } => seed_file::write(seed).map_err(|e| failed(&e)),
             Action::Rename { from } => hv.rename(from, &vm.name).map_err(|e| failed(&e)),
             Action::Define { xml, .. } | Action::Adopt { xml: Some(xml), .. } => hv
                 .define(xml)

@@ -12,6 +12,7 @@ pub mod health_spec;
 pub mod host_access;
 pub mod host_policy;
 pub mod host_policy_settings;
+pub mod image_spec;
 pub mod manifest;
 pub mod network_pool_entries;
 pub mod path_rule;

@@ -355,8 +355,8 @@ mod tests {
         assert_eq!(a.path, PathBuf::from("/seeds/web-cidata.iso"));
         // sda is the VM's own disk.
         assert_eq!(a.target, "sdb");
-        let head = &a.image()[..iso9660::HEAD_BYTES];
-        let (label, app) = iso9660::read_label_and_app(head).unwrap();
+        let pvd = &a.image()[iso9660::PVD_OFFSET as usize..];
+        let (label, app) = iso9660::read_label_and_app(pvd).unwrap();
         assert_eq!(label, "cidata");
         assert_eq!(hash_of_app_id(&app), Some(a.hash.clone()));
     }

@@ -4,8 +4,7 @@
 //! holds. libvirt's DAC driver hands a read-only CD-ROM's image to the QEMU user when the
 //! domain starts (and does not hand it back at shutdown), so only root and QEMU read it.
 
-use std::io::Read;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, PermissionsExt};
 use std::path::Path;
 
 use crate::desired::seed_spec::{self, SeedSpec};
@@ -34,11 +33,14 @@ pub fn write(seed: &SeedSpec) -> anyhow::Result<()> {
 }
 
 /// The hash of the vmsync seed at `path`; `None` when there is no file, or it is not a
-/// seed vmsync wrote.
+/// seed vmsync wrote. Reads one sector (the primary volume descriptor).
 pub fn observed_hash(path: &Path) -> Option<String> {
-    let mut head = vec![0u8; iso9660::HEAD_BYTES];
-    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
-    let (label, app) = iso9660::read_label_and_app(&head)?;
+    let mut pvd = vec![0u8; iso9660::SECTOR];
+    std::fs::File::open(path)
+        .ok()?
+        .read_exact_at(&mut pvd, iso9660::PVD_OFFSET)
+        .ok()?;
+    let (label, app) = iso9660::read_label_and_app(&pvd)?;
     if label != seed_spec::LABEL {
         return None;
     }

@@ -4,8 +4,9 @@
 //! Rules (docs/design.md, docs/repository-format.md):
 //! - a domain with a desired VM's name but without vmsync's tag belongs to someone else:
 //!   the VM fails with a conflict and nothing of it is touched;
-//! - missing disks are created; an existing disk of another format fails the VM; an
-//!   existing disk is never changed;
+//! - missing disks are created (a base image they are made from downloaded first when
+//!   it is not on the host); an existing disk of another format fails the VM; an
+//!   existing disk is never changed (nor rebased when its image entry changes);
 //! - a domain is (re)defined if it is missing, its tag's fingerprint differs from the
 //!   commit's, or its definition drifted and self-heal is on; the XML keeps the existing
 //!   domain's UUID and MACs where the source gives none;
@@ -347,7 +348,18 @@ impl VmPlanner<'_> {
     fn plan_disks(&mut self, observed: &Observed) -> Result<(), String> {
         for disk in &self.vm.disks {
             match observed.disks.get(&disk.path) {
-                Some(Ok(None)) => self.out.actions.push(Action::CreateDisk(disk.clone())),
+                Some(Ok(None)) => {
+                    if let Some(image) = &disk.image
+                        && !observed.images.get(&image.file).copied().unwrap_or(false)
+                        && !self
+                            .out
+                            .actions
+                            .contains(&Action::DownloadImage(image.clone()))
+                    {
+                        self.out.actions.push(Action::DownloadImage(image.clone()));
+                    }
+                    self.out.actions.push(Action::CreateDisk(disk.clone()));
+                }
                 Some(Ok(Some(info))) => match check_existing(disk, info) {
                     Ok(None) => {}
                     Ok(Some(warning)) => self.out.warnings.push(warning),
@@ -369,15 +381,16 @@ impl VmPlanner<'_> {
         let Some(seed) = &self.vm.seed else {
             return;
         };
-        let write = match observed.seeds.get(&seed.path).cloned().flatten() {
-            None => true,
-            Some(hash) if hash == seed.hash => false,
-            Some(_) => seed.on_change != SeedOnChange::Never,
+        let (write, replaces) = match observed.seeds.get(&seed.path).cloned().flatten() {
+            None => (true, false),
+            Some(hash) if hash == seed.hash => (false, false),
+            Some(_) => (seed.on_change != SeedOnChange::Never, true),
         };
         if write {
-            self.out
-                .actions
-                .push(Action::WriteSeed(Box::new(seed.clone())));
+            self.out.actions.push(Action::WriteSeed {
+                seed: Box::new(seed.clone()),
+                replaces,
+            });
         }
     }
 
@@ -624,6 +637,7 @@ mod tests {
             format: DiskFormat::Qcow2,
             backing: None,
             backing_format: None,
+            image: None,
         }
     }
 
@@ -738,6 +752,7 @@ mod tests {
                 })
                 .collect(),
             directories: Default::default(),
+            images: Default::default(),
             seeds: Default::default(),
             resources: Default::default(),
         }
@@ -1499,8 +1514,9 @@ mod tests {
             let got: Vec<_> = p.vms[0].actions.iter().map(Action::kind).collect();
             assert_eq!(&got, kinds, "case {i}");
             assert_eq!(p.vms[0].pending_restart, *pending, "case {i}");
-            if let Some(Action::WriteSeed(seed)) = p.vms[0].actions.first() {
+            if let Some(Action::WriteSeed { seed, replaces }) = p.vms[0].actions.first() {
                 let shown = p.vms[0].actions[0].describe();
+                assert_eq!(*replaces, on_disk.is_some(), "case {i}");
                 assert!(shown.contains("secret, not shown"), "{shown}");
                 assert!(!shown.contains(&String::from_utf8_lossy(&seed.user_data).to_string()));
             }
@@ -1509,9 +1525,21 @@ mod tests {
 
     #[test]
     fn every_action_kind_has_one_name_for_json_and_metrics() {
+        let image = crate::desired::disk_spec::ImageSpec {
+            name: "debian".into(),
+            line: 1,
+            url: "https://example.org/debian.qcow2".into(),
+            sha256: "0".repeat(64),
+            format: DiskFormat::Qcow2,
+            compression: crate::desired::disk_spec::Compression::None,
+        };
         let all = [
+            Action::DownloadImage(crate::desired::disk_spec::DiskImage::new(image, false)),
             Action::CreateDisk(disk("/srv/images/x.qcow2")),
-            Action::WriteSeed(Box::new(seed_of("a", SeedOnChange::NextBoot))),
+            Action::WriteSeed {
+                seed: Box::new(seed_of("a", SeedOnChange::NextBoot)),
+                replaces: false,
+            },
             Action::Rename { from: "a".into() },
             Action::Adopt {
                 tag: Tag {
@@ -1562,7 +1590,10 @@ mod tests {
         }
         assert_eq!(ActionKind::ClearAutostart.as_str(), "clear_autostart");
         assert_eq!(
-            all[9].describe(),
+            all.iter()
+                .find(|a| matches!(a, Action::Restart { .. }))
+                .map(Action::describe)
+                .unwrap(),
             "restart (graceful shutdown, destroy after 2m)"
         );
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::desired::disk_spec::DiskSpec;
+use crate::desired::disk_spec::{DiskImage, DiskSpec};
 use crate::desired::domain_xml::Tag;
 use crate::desired::manifest::PowerState;
 use crate::desired::resource_xml::ResourceKind;
@@ -19,9 +19,16 @@ use crate::util::commit_id::short;
 /// One step of converging a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Download a base image into the image directory (before the disk made from it;
+    /// once per sync however many VMs need it).
+    DownloadImage(DiskImage),
     CreateDisk(DiskSpec),
-    /// Write the VM's cloud-init seed image (missing, or its content changed).
-    WriteSeed(Box<SeedSpec>),
+    /// Write the VM's cloud-init seed image: a missing one, or (`replaces`) one whose
+    /// content changed, rebuilt in place.
+    WriteSeed {
+        seed: Box<SeedSpec>,
+        replaces: bool,
+    },
     /// Rename the (shut-off) domain `from` to the VM's name.
     Rename {
         from: String,
@@ -89,6 +96,7 @@ pub enum ActionKind {
     ClearNetworkAutostart,
     StartNetwork,
     RestartNetwork,
+    DownloadImage,
     CreateDisk,
     /// A cloud-init seed image written (new, or rebuilt in place).
     WriteSeed,
@@ -120,22 +128,33 @@ impl Action {
     /// Short description for logs and plans.
     pub fn describe(&self) -> String {
         match self {
+            Action::DownloadImage(image) => format!(
+                "download image '{}' from {}",
+                image.image.name, image.image.url
+            ),
             Action::CreateDisk(spec) => {
+                let base = match &spec.image {
+                    Some(i) if i.copy => format!(", a copy of image '{}'", i.image.name),
+                    Some(i) => format!(", an overlay on image '{}'", i.image.name),
+                    None => String::new(),
+                };
                 format!(
-                    "create {} disk '{}' ({})",
+                    "create {} disk '{}' ({}{base})",
                     spec.format,
                     spec.path.display(),
                     values::human_size(spec.size_bytes)
                 )
             }
-            Action::WriteSeed(seed) => format!(
-                "write cloud-init seed '{}' (instance-id {}{})",
+            Action::WriteSeed { seed, replaces } => format!(
+                "{} cloud-init seed '{}' (instance-id {}){}",
+                if *replaces { "rebuild" } else { "write" },
                 seed.path.display(),
                 seed.instance_id,
-                if seed.has_secret {
-                    "; content changed (secret, not shown)"
-                } else {
-                    ""
+                match (replaces, seed.has_secret) {
+                    (true, true) => ": content changed (secret, not shown)",
+                    (true, false) => ": content changed",
+                    (false, true) => ": holds a secret, not shown",
+                    (false, false) => "",
                 }
             ),
             Action::Rename { from } => format!("rename from '{from}'"),
@@ -165,8 +184,9 @@ impl Action {
     /// The action's kind for machines (`vmsync plan --json`, metrics).
     pub fn kind(&self) -> ActionKind {
         match self {
+            Action::DownloadImage(_) => ActionKind::DownloadImage,
             Action::CreateDisk(_) => ActionKind::CreateDisk,
-            Action::WriteSeed(_) => ActionKind::WriteSeed,
+            Action::WriteSeed { .. } => ActionKind::WriteSeed,
             Action::Rename { .. } => ActionKind::Rename,
             Action::Define {
                 redefine: false, ..

@@ -144,7 +144,7 @@ fn action_json(a: &Action) -> ActionJson {
         }
         Action::Rename { from } => (None, Some(from.clone()), None),
         Action::CreateDisk(spec) => (None, None, Some(spec.path.clone())),
-        Action::WriteSeed(seed) => (None, None, Some(seed.path.clone())),
+        Action::WriteSeed { seed, .. } => (None, None, Some(seed.path.clone())),
         _ => (None, None, None),
     };
     ActionJson {

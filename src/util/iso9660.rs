@@ -6,8 +6,8 @@
 //! Layout (2048-byte sectors): 0–15 system area; 16 primary volume descriptor; 17 Joliet
 //! supplementary descriptor; 18 terminator; 19–22 the path tables (primary L and M,
 //! Joliet L and M); 23 the primary root directory; 24 the Joliet root directory; then
-//! each file from a sector of its own. [`read_label_and_app`] reads back what
-//! [`build`] wrote (and what `genisoimage` writes) for observation and tests.
+//! each file from a sector of its own. [`read_label_and_app`] reads back the labels
+//! [`build`] wrote (or `genisoimage` writes) from the primary descriptor alone.
 
 /// One sector.
 pub const SECTOR: usize = 2048;
@@ -218,11 +218,11 @@ pub fn build(files: &[IsoFile], labels: &IsoLabels) -> Vec<u8> {
     out
 }
 
-/// The volume label and application identifier of an image whose first
-/// `PVD_SECTOR + 1` sectors are `head` (trailing spaces trimmed); `None` when `head` is
-/// not an ISO 9660 primary volume descriptor.
-pub fn read_label_and_app(head: &[u8]) -> Option<(String, String)> {
-    let d = head.get(PVD_SECTOR * SECTOR..(PVD_SECTOR + 1) * SECTOR)?;
+/// The volume label and application identifier (trailing spaces trimmed) in `pvd`, the
+/// sector at [`PVD_OFFSET`] of an image; `None` when it is not an ISO 9660 primary
+/// volume descriptor.
+pub fn read_label_and_app(pvd: &[u8]) -> Option<(String, String)> {
+    let d = pvd.get(..SECTOR)?;
     if d[0] != 1 || &d[1..6] != b"CD001" {
         return None;
     }
@@ -234,8 +234,8 @@ pub fn read_label_and_app(head: &[u8]) -> Option<(String, String)> {
     Some((text(40..72), text(574..702)))
 }
 
-/// How many bytes [`read_label_and_app`] needs.
-pub const HEAD_BYTES: usize = (PVD_SECTOR + 1) * SECTOR;
+/// Where the primary volume descriptor [`read_label_and_app`] reads starts.
+pub const PVD_OFFSET: u64 = (PVD_SECTOR * SECTOR) as u64;
 
 #[cfg(test)]
 mod tests {
@@ -311,7 +311,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            read_label_and_app(&image[..HEAD_BYTES]),
+            read_label_and_app(&image[PVD_OFFSET as usize..]),
             Some(("cidata".to_string(), "VMSYNC SEED ABC".to_string()))
         );
         // The volume space size is the image's.
@@ -365,7 +365,7 @@ mod tests {
 
     #[test]
     fn not_an_iso_reads_as_none() {
-        assert_eq!(read_label_and_app(&[0u8; HEAD_BYTES]), None);
+        assert_eq!(read_label_and_app(&[0u8; SECTOR]), None);
         assert_eq!(read_label_and_app(b"short"), None);
     }
 
