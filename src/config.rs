@@ -123,6 +123,9 @@ struct RawPolicy {
     health_commands: Option<Vec<PathBuf>>,
     allow_link_local_hosts: Option<bool>,
     allow_open_listeners: Option<bool>,
+    image_dir: Option<PathBuf>,
+    image_urls: Option<Vec<String>>,
+    image_timeout: Option<String>,
     seed_dir: Option<PathBuf>,
 }
 
@@ -144,6 +147,8 @@ pub struct Overrides {
     pub shutdown_timeout: Option<String>,
     /// `--allow-mass-prune` (flag only, with `--once`).
     pub allow_mass_prune: bool,
+    /// `--ignore-windows` (flag only, with `--once` or `plan`).
+    pub ignore_windows: bool,
     pub allowed_signers: Option<PathBuf>,
     /// `--probe-url`.
     pub probe_url: Option<String>,
@@ -152,6 +157,9 @@ pub struct Overrides {
 /// The checked settings every command runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// `--ignore-windows` (flag only): restarts, stops and prunes do not wait for a
+    /// maintenance window (`[[window]]` in the VM repository).
+    pub ignore_windows: bool,
     /// `[source] url` / `--url`: the VM repository; no default (required to sync).
     pub url: Option<String>,
     /// `[source] branch` / `--branch`; default "main".
@@ -285,6 +293,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
     let schedule = parse_schedule(raw.agent.schedule.as_deref().unwrap_or(DEFAULT_SCHEDULE))?;
     let max_attempts = max_attempts(raw.agent.max_attempts)?;
     Ok(Settings {
+        ignore_windows: flags.ignore_windows,
         url,
         branch: flags
             .branch
@@ -392,7 +401,39 @@ fn host_policy(raw: &RawPolicy) -> Result<host_policy_settings::HostPolicy, Conf
         health_commands,
         allow_link_local_hosts: raw.allow_link_local_hosts.unwrap_or(false),
         allow_open_listeners: raw.allow_open_listeners.unwrap_or(false),
+        images: image_policy(raw)?,
     })
+}
+
+/// `[policy] image_dir` (absolute), `image_urls` (each `http://` or `https://`) and
+/// `image_timeout`, with their defaults.
+fn image_policy(raw: &RawPolicy) -> Result<host_policy_settings::ImagePolicy, ConfigError> {
+    let mut images = host_policy_settings::ImagePolicy::default();
+    if let Some(dir) = &raw.image_dir {
+        images.dir = values::absolute_path(&dir.to_string_lossy())
+            .map_err(|e| ConfigError(format!("invalid policy.image_dir: {e}")))?;
+    }
+    if let Some(urls) = &raw.image_urls {
+        for url in urls {
+            let lower = url.to_ascii_lowercase();
+            if !lower.starts_with("https://") && !lower.starts_with("http://") {
+                return Err(ConfigError(format!(
+                    "invalid policy.image_urls entry '{url}': it must start with https:// or http://"
+                )));
+            }
+        }
+        images.urls = urls.clone();
+    }
+    if let Some(text) = &raw.image_timeout {
+        images.timeout = values::parse_timeout(text)
+            .map_err(|e| ConfigError(format!("invalid policy.image_timeout: {e}")))?;
+        if images.timeout.is_zero() {
+            return Err(ConfigError(
+                "invalid policy.image_timeout: it must be more than 0".into(),
+            ));
+        }
+    }
+    Ok(images)
 }
 
 /// `--allowed-signers` or `[trust] allowed_signers`, its file checked now.

@@ -248,3 +248,86 @@ pub fn executable_script(path: &Path, body: &str) {
         .unwrap();
     assert!(status.success(), "install {}", path.display());
 }
+
+/// What [`http_server`] answers on one path.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// `200` with this body (and its `Content-Length`).
+    Body(Vec<u8>),
+    /// `200` announcing the whole body, but the connection closes after `after` bytes.
+    Cut { body: Vec<u8>, after: usize },
+    /// `200` announcing the whole body; `after` bytes are sent, then nothing (the
+    /// connection is held open for a minute).
+    Stall { body: Vec<u8>, after: usize },
+    /// `302` to this location.
+    Redirect(String),
+}
+
+/// A tiny HTTP/1.1 server on `127.0.0.1` (a thread per connection, `Connection: close`)
+/// for the image download tests. Paths not in `routes` get `404`.
+pub struct HttpServer {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The paths requested, in order.
+    pub hits: std::sync::Arc<Mutex<Vec<String>>>,
+}
+
+/// Starts an [`HttpServer`] serving `routes` (path → reply); it runs until the process ends.
+pub fn http_server(routes: Vec<(&str, Reply)>) -> HttpServer {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let routes: std::sync::Arc<BTreeMap<String, Reply>> = std::sync::Arc::new(
+        routes
+            .into_iter()
+            .map(|(p, r)| (p.to_string(), r))
+            .collect(),
+    );
+    let hits = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let seen = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (routes, seen) = (routes.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+                        break;
+                    }
+                }
+                seen.lock().unwrap().push(path.clone());
+                let mut out = stream;
+                let head = |len: usize| {
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+                };
+                let _ = match routes.get(&path) {
+                    Some(Reply::Body(body)) => out
+                        .write_all(head(body.len()).as_bytes())
+                        .and_then(|_| out.write_all(body)),
+                    Some(Reply::Cut { body, after }) => out
+                        .write_all(head(body.len()).as_bytes())
+                        .and_then(|_| out.write_all(&body[..*after])),
+                    Some(Reply::Stall { body, after }) => {
+                        let sent = out
+                            .write_all(head(body.len()).as_bytes())
+                            .and_then(|_| out.write_all(&body[..*after]));
+                        std::thread::sleep(std::time::Duration::from_secs(60));
+                        sent
+                    }
+                    Some(Reply::Redirect(to)) => out.write_all(
+                        format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                            .as_bytes(),
+                    ),
+                    None => out.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    ),
+                };
+            });
+        }
+    });
+    HttpServer { base, hits }
+}

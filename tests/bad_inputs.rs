@@ -343,3 +343,152 @@ fn render_of_an_invalid_checkout_prints_nothing_and_exits_3() {
     let expected = std::fs::read_to_string(case.join("expected")).unwrap();
     assert_eq!(problems(&run.stderr), expected.lines().collect::<Vec<_>>());
 }
+
+/// A small qcow2 made by qemu-img in `dir`, `mib` MiB large (each size its own bytes).
+fn small_qcow2(dir: &Path, mib: u32) -> Vec<u8> {
+    let path = dir.join("base.qcow2");
+    let ok = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&path)
+        .arg(format!("{mib}M"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "qemu-img create");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    bytes
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Images that go wrong while they download (a byte changed, a server that stalls, a
+/// download cut short) fail only the VMs made from them, with the URL and the hashes
+/// named; nothing is left at the image's final path nor as a temporary file, and those
+/// VMs' disks and domains are not made. The other VMs are applied (exit 1).
+#[test]
+fn broken_image_downloads_fail_only_their_vms_and_leave_nothing() {
+    use vmsync::testing::{Reply, http_server};
+    let mut env = Env::new();
+    let [good, tampered_src, stall, cut] = [8, 9, 10, 11].map(|m| small_qcow2(&env.images, m));
+    let mut tampered = tampered_src.clone();
+    tampered[tampered_src.len() / 2] ^= 0x01;
+    let server = http_server(vec![
+        ("/good.qcow2", Reply::Body(good.clone())),
+        ("/tampered.qcow2", Reply::Body(tampered.clone())),
+        (
+            "/stall.qcow2",
+            Reply::Stall {
+                body: stall.clone(),
+                after: 4096,
+            },
+        ),
+        (
+            "/cut.qcow2",
+            Reply::Cut {
+                body: cut.clone(),
+                after: 4096,
+            },
+        ),
+    ]);
+    let image_dir = env.images.join("base-images");
+    let config = env.state.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[policy]\nimage_urls = [\"{}\"]\nimage_dir = \"{}\"\nimage_timeout = \"2s\"\n",
+            server.base,
+            image_dir.display()
+        ),
+    )
+    .unwrap();
+    env.config_file = Some(config);
+    let mut manifest = String::from("version = 1\n");
+    for (name, bytes) in [
+        ("good", &good),
+        ("tampered", &tampered_src),
+        ("stall", &stall),
+        ("cut", &cut),
+    ] {
+        manifest += &format!(
+            "\n[[image]]\nname = \"{name}\"\nurl = \"{}/{name}.qcow2\"\nsha256 = \"{}\"\n",
+            server.base,
+            sha256_hex(bytes)
+        );
+    }
+    let vms = [
+        ("ok", Some("good")),
+        ("plain", None),
+        ("t", Some("tampered")),
+        ("s", Some("stall")),
+        ("c", Some("cut")),
+    ];
+    for (vm, image) in vms {
+        manifest += &format!(
+            "\n[[vm]]\nname = \"{vm}\"\nxml = \"vms/{vm}.xml\"\n  [[vm.disk]]\n  path = \"{}/{vm}.qcow2\"\n  size = \"16M\"\n",
+            env.images.display()
+        );
+        if let Some(image) = image {
+            manifest += &format!("  image = \"{image}\"\n");
+        }
+        let xml = small_xml().replace("<name>a</name>", &format!("<name>{vm}</name>"));
+        env.repo.write(&format!("vms/{vm}.xml"), &xml);
+    }
+    env.repo.write("vmsync.toml", &manifest);
+    env.repo.commit("images");
+    let run = env.run(&["--once"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let good_file = image_dir.join(format!("{}.qcow2", sha256_hex(&good)));
+    let mut left: Vec<String> = std::fs::read_dir(&image_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let only = vec![
+        good_file
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned(),
+    ];
+    assert_eq!(left, only, "only the good image, no temporary file");
+    assert_eq!(std::fs::read(&good_file).unwrap(), good);
+    let record = env.record();
+    for vm in ["ok", "plain"] {
+        assert!(record.vms[vm].ok, "{vm}: {:?}", record.vms[vm]);
+        assert!(env.images.join(format!("{vm}.qcow2")).exists(), "{vm}");
+    }
+    let expected = sha256_hex(&tampered_src);
+    let received = sha256_hex(&tampered);
+    for (vm, what) in [
+        ("t", format!("expected {expected}, received {received}")),
+        ("s", "within the timeout".to_string()),
+        ("c", "cut".to_string()),
+    ] {
+        let error = record.vms[vm].last_error.clone().unwrap_or_default();
+        assert!(!record.vms[vm].ok, "{vm}");
+        assert!(error.contains(&what), "{vm}: {error}");
+        assert!(
+            error.contains(&format!("{}/", server.base)),
+            "{vm}: names the URL: {error}"
+        );
+        assert!(run.stderr.contains(&what), "{vm}: {}", run.stderr);
+        assert!(
+            !env.images.join(format!("{vm}.qcow2")).exists(),
+            "{vm}: no disk"
+        );
+        assert_eq!(record.vms[vm].applied_commit, None, "{vm}: not defined");
+    }
+    // The overlay's backing file is the image in the image directory.
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(env.images.join("ok.qcow2"))
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["backing-filename"], good_file.display().to_string());
+    assert_eq!(info["virtual-size"], 16 << 20);
+}

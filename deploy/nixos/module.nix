@@ -165,6 +165,16 @@ let
         or SPICE consoles, TCP/UDP character devices in bind mode, server/mcast/udp
         interfaces, passt port forwards.
       '';
+      image_urls = key (types.listOf types.nonEmptyStr) [ "https://" ] ''
+        URL prefixes `[[image]]` entries may be downloaded from (redirects too); an
+        entry ending in the host (`http://127.0.0.1`) allows that host on any port.
+      '';
+      image_dir = key absolutePath "/var/lib/libvirt/images/vmsync-images" ''
+        Where downloaded base images are kept, one read-only file per sha256.
+      '';
+      image_timeout = key types.nonEmptyStr "60s" ''
+        A base image download that receives nothing for this long fails.
+      '';
       seed_dir = key (types.nullOr absolutePath) null ''
         Where vmsync writes the VMs' cloud-init seed images (`[vm.cloud_init]`); it is
         opened in the sandbox. null: vmsync's default,
@@ -391,8 +401,8 @@ in
         (disk_roots, self_heal, prune, max_prune, shutdown_timeout, allowed_paths,
         allow_hostdev, allow_block_devices, allow_direct_interfaces,
         allow_qemu_commandline, allow_unconfined, health_commands,
-        allow_link_local_hosts, allow_open_listeners, seed_dir), `secrets` (identity),
-        `trust` (allowed_signers),
+        allow_link_local_hosts, allow_open_listeners, image_urls, image_dir,
+        image_timeout, seed_dir), `secrets` (identity), `trust` (allowed_signers),
         `webhook` (listen, secret_file; daemon mode, off by default) and `notify` (a list
         of `[[notify]]` entries: kind, url, secret_file, forge, api_url, repository,
         token_file, target_url, command, events, timeout).
@@ -485,6 +495,28 @@ in
         (OnUnitActiveSec=, systemd.time(7) syntax).
       '';
     };
+
+    orderedShutdown = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = ''
+        At host shutdown, before libvirtd stops, `vmsync shutdown` stops the VMs vmsync
+        manages in reverse dependency order (`depends_on` in the VM repository), each
+        gracefully within its `shutdown_timeout` (unit vmsync-shutdown.service, both
+        modes). It replaces libvirt-guests for these VMs: with every VM managed by
+        vmsync, also set `virtualisation.libvirtd.onShutdown = "shutdown"` or turn
+        libvirt-guests off, so that it does not suspend them first.
+      '';
+    };
+
+    shutdownTimeoutSec = lib.mkOption {
+      type = lib.types.nonEmptyStr;
+      default = "30min";
+      description = ''
+        vmsync-shutdown.service's TimeoutStopSec=: the longest chain of shutdown timeouts
+        (one per wave of the dependency graph, 120s per VM by default) must fit in it.
+      '';
+    };
   };
 
   config = lib.mkIf cfg.enable (
@@ -540,6 +572,37 @@ in
         ];
       }
 
+      (lib.mkIf cfg.orderedShutdown {
+        # Starting it does nothing; its stop (at shutdown) runs `vmsync shutdown`. It is
+        # stopped before libvirtd and libvirt-guests (After=) and after the sync units.
+        systemd.services.vmsync-shutdown = {
+          description = "vmsync: shut managed VMs down in reverse dependency order at host shutdown";
+          wantedBy = [ "multi-user.target" ];
+          after = [
+            "libvirtd.service"
+            "libvirt-guests.service"
+            "network-online.target"
+          ];
+          before = [
+            "vmsync.service"
+            "vmsync-agent.service"
+          ];
+          requires = [ "libvirtd.service" ];
+          environment.HOME = stateDir;
+          serviceConfig = {
+            Type = "oneshot";
+            RemainAfterExit = true;
+            ExecStart = "${pkgs.coreutils}/bin/true";
+            ExecStop = "${lib.getExe' cfg.package "vmsync"} shutdown";
+            TimeoutStopSec = cfg.shutdownTimeoutSec;
+            NoNewPrivileges = true;
+            ProtectSystem = "strict";
+            ProtectHome = true;
+            PrivateTmp = true;
+          };
+        };
+      })
+
       (lib.mkIf (cfg.mode == "timer") {
         systemd.services.vmsync = commonService // {
           description = "vmsync: sync libvirt domains with the VM git repository (one run)";
@@ -556,7 +619,9 @@ in
           description = "vmsync: sync libvirt domains with the VM git repository every ${cfg.interval}";
           wantedBy = [ "timers.target" ];
           timerConfig = {
-            OnBootSec = "1min";
+            # At boot, as soon as libvirtd and the network are up (the service's After=):
+            # the first sync starts the VMs of a dependency graph in order.
+            OnBootSec = "1s";
             OnUnitActiveSec = cfg.interval;
             RandomizedDelaySec = "30s";
             Unit = "vmsync.service";

@@ -23,6 +23,7 @@ pub use crate::error::SyncError;
 use crate::host::disk::DiskProvisioner;
 pub use crate::host::hypervisor::Connection;
 use crate::host::hypervisor::Hypervisor;
+use crate::host::image_store::ImageStore;
 use crate::host::schema_cache::CachedSchema;
 use crate::host::secret_identity::AgeIdentity;
 use crate::host::{
@@ -30,7 +31,7 @@ use crate::host::{
 };
 use crate::reconcile::outcome::Outcome;
 use crate::reconcile::plan_types::Plan;
-use crate::reconcile::{diff, plan, record_update, render};
+use crate::reconcile::{diff, plan, record_update, render, window_gate};
 use crate::record::{Record, store};
 use crate::repo::files::RepoFiles;
 use crate::repo::trust::{self, Floor};
@@ -44,6 +45,16 @@ fn lock(settings: &Settings) -> Result<fsio::Lock, SyncError> {
         fsio::LockError::Held(held) => SyncError::Locked(held),
         io => SyncError::Other(io.into()),
     })
+}
+
+/// The disk seam of one sync: `qemu-img`, and the image directory with this host's
+/// `[policy] image_*` settings (its downloads are shared for this sync only).
+fn disk_provisioner(settings: &Settings) -> disk::QemuImg {
+    let policy = &settings.host_policy;
+    disk::QemuImg {
+        images: ImageStore::new(policy.images.clone(), policy.allow_link_local_hosts),
+        ..Default::default()
+    }
 }
 
 /// What validation on this host checks against: its name, paths, policy, seed directory
@@ -309,7 +320,7 @@ fn converge(
     let hv = conn.get()?;
     clock.lap("connect");
     clock.count_calls_from(hv.call_count());
-    let disks = disk::QemuImg::default();
+    let disks = disk_provisioner(settings);
     let env = Env {
         settings,
         hv,
@@ -539,7 +550,8 @@ fn plan_to_apply(
         policy: &settings.changes,
         record,
     };
-    let plan = plan::plan(desired, observed, commit, &ctx);
+    let mut plan = plan::plan(desired, observed, commit, &ctx);
+    hold_for_windows(settings, desired, &mut plan);
     if let Some(message) = &plan.refused {
         return Err(SyncError::Refused {
             commit: commit.to_string(),
@@ -554,6 +566,24 @@ fn plan_to_apply(
         info!(commit = %short(commit), vms = plan.vms.len(), "nothing to do: every vm is converged");
     }
     Ok(plan)
+}
+
+/// Outside the maintenance windows, the restarts, stops and prunes of `plan` wait
+/// (`reconcile::window_gate`), unless `--ignore-windows`.
+fn hold_for_windows(settings: &Settings, desired: &Desired, plan: &mut Plan) {
+    if settings.ignore_windows {
+        if !desired.windows.is_empty() {
+            warn!("--ignore-windows: restarts, stops and prunes do not wait for a window");
+        }
+        return;
+    }
+    let now = chrono::Utc::now();
+    if window_gate::gate(plan, &desired.windows, &settings.host, now) > 0 {
+        for vm in plan.vms.iter().filter(|v| v.order.waiting.is_some()) {
+            let what = vm.order.waiting.as_deref().unwrap_or_default();
+            info!(vm = %vm.name, "restart or stop waiting for {what}");
+        }
+    }
 }
 
 /// The report of an applied commit, or `ActionsFailed` when something failed.
@@ -599,7 +629,7 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let commit = fetched.id();
     let desired = trusted_and_valid(settings, &record, &fetched, false)?;
     let hv = hypervisor::Libvirt::connect(&settings.libvirt_uri)?;
-    let observed = observe_commit(&record, &desired, &hv, &disk::QemuImg::default())?;
+    let observed = observe_commit(&record, &desired, &hv, &disk_provisioner(settings))?;
     check_floors(&fetched, &observed_floors(&observed), false)?;
     check_references(&commit, &desired, &observed)?;
     let normalizer = schema_test_driver::TestDriverSchema::new()?;
@@ -676,6 +706,7 @@ fn plan_observed(
         record,
     };
     let mut plan = plan::plan(desired, observed, commit, &ctx);
+    hold_for_windows(settings, desired, &mut plan);
     diff::annotate(&mut plan, normalizer);
     render::annotate_resources(&mut plan.resources);
     plan
@@ -886,6 +917,7 @@ mod tests {
             self_heal: None,
             adopt: false,
             health,
+            order: Default::default(),
             seed: None,
         };
         Desired {

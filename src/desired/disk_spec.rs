@@ -1,8 +1,9 @@
-//! A disk as the manifest asks for it (`[[vm.disk]]`): path, size, format, backing file,
+//! A disk as the manifest asks for it (`[[vm.disk]]`): path, size, format, backing file
+//! or base image (`[[image]]`, the entry itself here, its parsing in `image_spec`),
 //! checked without touching the filesystem. `host::disk` creates and inspects the images.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 /// A disk spec that cannot be created as written (say why, naming the disk).
@@ -69,6 +70,8 @@ pub struct DiskSpec {
     /// Format of the backing file; if `None` and `backing` is set, it is probed with
     /// `qemu-img info`.
     pub backing_format: Option<DiskFormat>,
+    /// `image`: the disk is made from a base image (an overlay, or a full copy), once.
+    pub image: Option<DiskImage>,
 }
 
 impl DiskSpec {
@@ -110,6 +113,17 @@ impl DiskSpec {
         {
             return Err(invalid("the backing file path is empty".into()));
         }
+        if let Some(image) = &self.image {
+            if self.backing.is_some() {
+                return Err(invalid("set either 'image' or 'backing', not both".into()));
+            }
+            if !image.copy && self.format != DiskFormat::Qcow2 {
+                return Err(invalid(format!(
+                    "an overlay on image '{}' is a qcow2 disk, not {}; set format = \"qcow2\" or copy = true",
+                    image.image.name, self.format
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -121,5 +135,63 @@ impl DiskSpec {
             Some(dir) if backing.is_relative() => dir.join(backing),
             _ => backing.clone(),
         })
+    }
+}
+
+/// How the served bytes are compressed, told by the URL's path (`.gz`, `.xz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Xz,
+}
+
+/// One `[[image]]` entry, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    pub name: String,
+    /// Line of the entry's `name` in `vmsync.toml`.
+    pub line: usize,
+    /// `http://` or `https://`, no credentials.
+    pub url: String,
+    /// The sha256 of the bytes the URL serves (before decompression), 64 lowercase hex
+    /// digits: what a `SHA256SUMS` file next to the image says.
+    pub sha256: String,
+    /// The image's format after decompression: `format`, else `raw` for a URL path
+    /// ending in `.raw` (before `.gz`/`.xz`), else `qcow2`.
+    pub format: DiskFormat,
+    pub compression: Compression,
+}
+
+impl ImageSpec {
+    /// The image's file name in the image directory: `<sha256>.<format>`.
+    pub fn file_name(&self) -> String {
+        format!("{}.{}", self.sha256, self.format)
+    }
+}
+
+/// A disk's image: the entry it names, whether the disk is a full copy (`copy = true`)
+/// rather than a qcow2 overlay, and where the image is on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskImage {
+    pub image: ImageSpec,
+    pub copy: bool,
+    /// `image_dir/<sha256>.<format>` once validation placed it (the bare file name
+    /// before).
+    pub file: PathBuf,
+}
+
+impl DiskImage {
+    pub fn new(image: ImageSpec, copy: bool) -> Self {
+        let file = PathBuf::from(image.file_name());
+        Self { image, copy, file }
+    }
+
+    /// The same image placed in `dir`.
+    pub fn placed(&self, dir: &Path) -> Self {
+        Self {
+            file: dir.join(self.image.file_name()),
+            ..self.clone()
+        }
     }
 }

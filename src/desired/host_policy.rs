@@ -1139,6 +1139,7 @@ mod tests {
             allow_link_local_hosts: true,
             allow_open_listeners: true,
             health_commands: vec![],
+            images: Default::default(),
         };
         let body = "<qemu:commandline/><seclabel type='none'/><os><kernel>/boot/vmlinuz</kernel></os><devices><hostdev/><interface type='direct'/><disk type='block'><source dev='/dev/sda'/></disk><serial type='file'><source path='/etc/cron.d/x'/></serial></devices>";
         assert_eq!(run(body, &all), vec![]);

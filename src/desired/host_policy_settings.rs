@@ -3,6 +3,7 @@
 //! checks are in `host_policy` (domains) and `host_access` (paths, networks, pools).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// What domain XML may ask of this host (`[policy]`); everything off by default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,6 +31,9 @@ pub struct HostPolicy {
     /// without a password (VNC/SPICE, TCP/UDP character devices, server/mcast/udp
     /// interfaces, passt port forwards); default false.
     pub allow_open_listeners: bool,
+    /// `[policy] image_dir`, `image_urls`, `image_timeout`: where `[[image]]` entries
+    /// may be downloaded from and where they are kept.
+    pub images: ImagePolicy,
 }
 
 /// One thing the XML asks that the policy refuses.
@@ -39,4 +43,35 @@ pub struct Violation {
     /// Where in the domain, e.g. `devices/hostdev`.
     pub field: String,
     pub message: String,
+}
+
+/// `[policy] image_dir`'s default.
+pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/libvirt/images/vmsync-images";
+
+/// `[policy] image_timeout`'s default: a download fails when the server sends nothing
+/// for this long (connecting included).
+pub const DEFAULT_IMAGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the host's operator allows `[[image]]` entries (`[policy] image_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImagePolicy {
+    /// `[policy] image_dir`: where downloaded images are kept, one file per sha256;
+    /// default [`DEFAULT_IMAGE_DIR`].
+    pub dir: PathBuf,
+    /// `[policy] image_urls`: URL prefixes images may be downloaded from; default
+    /// `["https://"]`.
+    pub urls: Vec<String>,
+    /// `[policy] image_timeout`: a download that receives nothing for this long fails;
+    /// default [`DEFAULT_IMAGE_TIMEOUT`].
+    pub timeout: Duration,
+}
+
+impl Default for ImagePolicy {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(DEFAULT_IMAGE_DIR),
+            urls: vec!["https://".into()],
+            timeout: DEFAULT_IMAGE_TIMEOUT,
+        }
+    }
 }

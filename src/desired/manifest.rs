@@ -13,7 +13,9 @@ use toml::Spanned;
 
 use crate::desired::disk_spec::{DiskFormat, DiskSpec};
 use crate::desired::values::{absolute_path, parse_size, parse_timeout};
-use crate::desired::{cloud_init_spec, health_spec, path_rule, resource_xml, template_render};
+use crate::desired::{
+    cloud_init_spec, health_spec, image_spec, path_rule, resource_xml, template_render, window_spec,
+};
 
 /// The manifest's file name at the root of the VM repository.
 pub const MANIFEST_FILE: &str = "vmsync.toml";
@@ -58,6 +60,12 @@ struct RawManifest {
     network: Vec<RawResource>,
     #[serde(default)]
     pool: Vec<RawResource>,
+    /// `[[window]]`: when running guests may be interrupted.
+    #[serde(default)]
+    window: Vec<window_spec::RawWindow>,
+    /// `[[image]]`: base images disks are made from.
+    #[serde(default)]
+    image: Vec<image_spec::RawImage>,
     /// Defaults for every VM's template parameters.
     params: Option<Spanned<toml::Table>>,
 }
@@ -105,6 +113,8 @@ struct RawVm {
     adopt: bool,
     #[serde(default)]
     disk: Vec<RawDisk>,
+    /// VMs started before this one (`depends_on`).
+    depends_on: Option<Spanned<Vec<String>>>,
 }
 
 /// What to do with a running domain whose definition changes (`on_change`).
@@ -152,6 +162,10 @@ struct RawDisk {
     format: DiskFormat,
     backing: Option<Spanned<String>>,
     backing_format: Option<DiskFormat>,
+    /// The name of an `[[image]]` the disk is made from (files only).
+    image: Option<Spanned<String>>,
+    /// With `image`: a full copy instead of a qcow2 overlay.
+    copy: Option<Spanned<bool>>,
 }
 
 /// A `[[vm.disk]]` with a `path` (an image file vmsync creates with `qemu-img`).
@@ -161,6 +175,8 @@ struct FileDisk {
     format: DiskFormat,
     backing: Option<Spanned<String>>,
     backing_format: Option<DiskFormat>,
+    image: Option<Spanned<String>>,
+    copy: Option<Spanned<bool>>,
 }
 
 type ProblemAt<'a> = dyn Fn(std::ops::Range<usize>, Option<&str>, &str, String) -> Problem + 'a;
@@ -182,6 +198,8 @@ fn volume_disk(
                 format: disk.format,
                 backing: disk.backing,
                 backing_format: disk.backing_format,
+                image: disk.image,
+                copy: disk.copy,
             }));
         }
         (None, Some(pool), Some(volume)) => (pool, volume),
@@ -209,6 +227,19 @@ fn volume_disk(
         }
     };
     let before = problems.len();
+    if let Some(image) = disk
+        .image
+        .as_ref()
+        .map(|i| i.span())
+        .or(disk.copy.map(|c| c.span()))
+    {
+        problems.push(problem(
+            image,
+            vm,
+            &field("image"),
+            "'image' and 'copy' are for a disk with a 'path', not a pool volume".into(),
+        ));
+    }
     for (value, key) in [(&pool, "pool"), (&volume, "volume")] {
         let what = if key == "pool" { "pool" } else { "volume" };
         if let Err(message) = path_rule::check_name(what, value.get_ref()) {
@@ -393,6 +424,10 @@ pub struct VmEntry {
     /// `[[vm.disk]]` entries with `pool` and `volume`: volumes made through libvirt's
     /// storage API when missing.
     pub volumes: Vec<VolumeSpec>,
+    /// `depends_on`: the VMs that must be up before this one starts (default none).
+    pub depends_on: Vec<String>,
+    /// Line of the entry's `depends_on` key, when it has one.
+    pub depends_on_line: Option<usize>,
     /// `[vm.cloud_init]`: the NoCloud seed vmsync builds and attaches (default: none).
     pub cloud_init: Option<cloud_init_spec::CloudInitSpec>,
 }
@@ -479,6 +514,10 @@ pub struct Manifest {
     pub networks: Vec<ResourceEntry>,
     /// `[[pool]]` entries.
     pub pools: Vec<ResourceEntry>,
+    /// `[[window]]` entries: when running guests may be interrupted (none: always).
+    pub windows: Vec<window_spec::Window>,
+    /// `[[image]]` entries.
+    pub images: Vec<crate::desired::disk_spec::ImageSpec>,
 }
 
 /// Line numbers of positions in one text, counted on from the previous position when
@@ -566,9 +605,12 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
         text,
         lines: Lines::new(text),
         problems: Vec::new(),
+        images: Vec::new(),
+        image_names: Default::default(),
     };
     parse.check_version(&raw.version);
     let directories = parse.directories(&raw.directory);
+    parse.images = parse.images(raw.image);
     let defaults = template_render::params_from_toml(
         raw.params.as_ref(),
         &Default::default(),
@@ -581,7 +623,7 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
             vms.push(vm);
         }
     }
-    let mut problems = parse.problems;
+    let (mut problems, images) = (parse.problems, parse.images);
     let networks = parse_resources(
         raw.network,
         resource_xml::ResourceKind::Network,
@@ -595,12 +637,19 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
         &mut problems,
     );
 
+    let windows = window_spec::parse_all(
+        raw.window,
+        &|pos| line_of(text, pos),
+        &mut |span, field, message| problems.push(problem_at(text, span, None, &field, message)),
+    );
     if problems.is_empty() {
         Ok(Manifest {
             directories,
             vms,
             networks,
             pools,
+            windows,
+            images,
         })
     } else {
         Err(problems)
@@ -651,6 +700,10 @@ struct Parse<'t> {
     text: &'t str,
     lines: Lines<'t>,
     problems: Vec<Problem>,
+    /// The `[[image]]` entries, parsed before the VMs that name them.
+    images: Vec<crate::desired::disk_spec::ImageSpec>,
+    /// Every `[[image]]` name, valid entry or not.
+    image_names: std::collections::BTreeSet<String>,
 }
 
 impl Parse<'_> {
@@ -679,6 +732,69 @@ impl Parse<'_> {
                 ),
             );
         }
+    }
+
+    /// The `[[image]]` entries.
+    fn images(
+        &mut self,
+        raw: Vec<image_spec::RawImage>,
+    ) -> Vec<crate::desired::disk_spec::ImageSpec> {
+        let text = self.text;
+        let mut problems = Vec::new();
+        self.image_names = raw.iter().map(|r| r.name().to_string()).collect();
+        let images = image_spec::parse(
+            raw,
+            &mut |span, field, message| problems.push(problem_at(text, span, None, field, message)),
+            &mut |pos| self.lines.at(pos),
+        );
+        self.lines = Lines::new(text);
+        self.problems.extend(problems);
+        images
+    }
+
+    /// A disk's `image` and `copy`: the entry it names (`Err` after a problem).
+    fn disk_image(
+        &mut self,
+        disk: &FileDisk,
+        field: &dyn Fn(&str) -> String,
+        vm: Option<&str>,
+    ) -> Result<Option<crate::desired::disk_spec::DiskImage>, ()> {
+        let copy = disk.copy.as_ref().is_some_and(|c| *c.get_ref());
+        let Some(name) = &disk.image else {
+            if let Some(c) = &disk.copy {
+                self.push(c.span(), vm, &field("copy"), "'copy' needs 'image'".into());
+                return Err(());
+            }
+            return Ok(None);
+        };
+        let Some(image) = self.images.iter().find(|i| &i.name == name.get_ref()) else {
+            if self.image_names.contains(name.get_ref()) {
+                return Err(()); // The entry itself has a problem, reported there.
+            }
+            let message = format!(
+                "no [[image]] is named '{}'",
+                path_rule::shown(name.get_ref(), 80)
+            );
+            self.push(name.span(), vm, &field("image"), message);
+            return Err(());
+        };
+        if disk.backing.is_some() {
+            let message = "set either 'image' or 'backing', not both".into();
+            self.push(name.span(), vm, &field("backing"), message);
+            return Err(());
+        }
+        if !copy && disk.format != DiskFormat::Qcow2 {
+            let message = format!(
+                "an overlay on image '{}' is a qcow2 disk, not {}; set format = \"qcow2\" or copy = true",
+                image.name, disk.format
+            );
+            self.push(name.span(), vm, &field("format"), message);
+            return Err(());
+        }
+        Ok(Some(crate::desired::disk_spec::DiskImage::new(
+            image.clone(),
+            copy,
+        )))
     }
 
     /// The `[[directory]]` paths, each absolute.
@@ -732,6 +848,14 @@ impl Parse<'_> {
             adopt: raw_vm.adopt,
             volumes,
             health,
+            depends_on_line: raw_vm
+                .depends_on
+                .as_ref()
+                .map(|d| line_of(self.text, d.span().start)),
+            depends_on: raw_vm
+                .depends_on
+                .map(Spanned::into_inner)
+                .unwrap_or_default(),
         })
     }
 
@@ -889,7 +1013,9 @@ impl Parse<'_> {
                 "'backing_format' needs 'backing'".into(),
             );
         }
-        let (Some(path), Some(size_bytes), Some(backing)) = (path, size, backing) else {
+        let image = self.disk_image(disk, field, vm);
+        let (Some(path), Some(size_bytes), Some(backing), Ok(image)) = (path, size, backing, image)
+        else {
             return None;
         };
         let spec = DiskSpec {
@@ -898,6 +1024,7 @@ impl Parse<'_> {
             format: disk.format,
             backing,
             backing_format: disk.backing_format,
+            image,
         };
         // Raw+backing and a lone backing_format were reported above.
         let reported = (disk.format == DiskFormat::Raw && disk.backing.is_some())

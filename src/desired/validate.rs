@@ -14,8 +14,8 @@ use crate::desired::domain_xml::DomainSummary;
 use crate::desired::manifest::{self, MANIFEST_FILE, Problem, VmEntry, XmlSource};
 use crate::desired::schema_check::SchemaChecker;
 use crate::desired::{
-    domain_xml, health_spec, host_access, host_policy, network_pool_entries, path_rule, seed_spec,
-    template_render,
+    domain_xml, health_spec, host_access, host_policy, image_spec, network_pool_entries, path_rule,
+    seed_spec, start_order, template_render,
 };
 use crate::repo::files::RepoFiles;
 
@@ -68,6 +68,7 @@ pub fn validate(
     } = check;
 
     shared_name_clashes(&manifest, &vms, policy, &mut problems);
+    start_order::check(&manifest.vms, policy.host.as_deref(), &mut problems);
     let resources =
         network_pool_entries::validate(&manifest, files, policy, schema, &vms, &mut problems);
     if !problems.is_empty() {
@@ -75,8 +76,9 @@ pub fn validate(
     }
     Ok(Desired {
         directories: manifest.directories,
-        vms,
+        vms: mark_graph(vms),
         resources,
+        windows: manifest.windows,
     })
 }
 
@@ -298,6 +300,9 @@ impl<'a> Validation<'a> {
                     message,
                 ));
             }
+            if let Some(image) = &disk.image {
+                self.check_image(vm, &image.image);
+            }
             if let Some(other) = self.disk_paths.insert(disk.path.clone(), vm.name.clone()) {
                 self.problems.push(vm_problem(
                     vm,
@@ -503,6 +508,24 @@ impl<'a> Validation<'a> {
 
     /// Records a VM without problems: remembers a fresh render and adds it to the
     /// desired state.
+    /// An image a disk of `vm` is made from may be downloaded on this host (its URL
+    /// under `[policy] image_urls`, no link-local host).
+    fn check_image(&mut self, vm: &VmEntry, image: &crate::desired::disk_spec::ImageSpec) {
+        let policy = &self.policy.host_policy;
+        if let Err(message) =
+            image_spec::check_allowed(&image.url, &policy.images, policy.allow_link_local_hosts)
+        {
+            let message = format!("image '{}': {message}", image.name);
+            self.problems.push(vm_problem(
+                vm,
+                MANIFEST_FILE,
+                Some(image.line),
+                "image.url",
+                message,
+            ));
+        }
+    }
+
     fn accept(
         &mut self,
         vm: &VmEntry,
@@ -538,15 +561,35 @@ impl<'a> Validation<'a> {
             seed,
             summary,
             autostart: vm.autostart,
-            disks: vm.disks.clone(),
+            disks: vm
+                .disks
+                .iter()
+                .map(|d| image_spec::placed(d, &self.policy.host_policy.images.dir))
+                .collect(),
             on_change: vm.on_change,
             state: vm.state,
             shutdown_timeout: vm.shutdown_timeout,
             self_heal: vm.self_heal,
             adopt: vm.adopt,
             health,
+            order: start_order::VmOrder {
+                depends_on: vm.depends_on.clone(),
+                in_graph: false,
+            },
         });
     }
+}
+
+/// Marks the VMs that are in the dependency graph of `vms` (see [`VmOrder::in_graph`]).
+fn mark_graph(mut vms: Vec<DesiredVm>) -> Vec<DesiredVm> {
+    let graph = start_order::Graph::new(
+        vms.iter()
+            .map(|v| (v.name.as_str(), v.order.depends_on.as_slice())),
+    );
+    for vm in &mut vms {
+        vm.order.in_graph = graph.in_graph(&vm.name);
+    }
+    vms
 }
 
 /// A VM's own files in libvirt's shared directories are told by its name (`web.agent`,
@@ -788,6 +831,92 @@ hosts = ["hv2"]
         };
         let p = single(validate(&files, &all, &Schema));
         assert_eq!(p.vm.as_deref(), Some("b"));
+    }
+
+    const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    /// A manifest with an image at `url` and a disk of vm `a` from `image` (`disk_extra`
+    /// added to the disk table).
+    fn image_manifest(url: &str, image: &str, disk_extra: &str) -> String {
+        format!(
+            "version = 1\n[[image]]\nname = \"debian\"\nurl = \"{url}\"\nsha256 = \"{SHA}\"\n\
+             [[vm]]\nname = \"a\"\nxml = \"vms/a.xml\"\n  [[vm.disk]]\n  path = \"/srv/images/a.qcow2\"\n  \
+             size = \"1G\"\n  image = \"{image}\"\n{disk_extra}"
+        )
+    }
+
+    #[test]
+    fn image_disks_are_placed_in_the_image_dir_and_checked_against_the_policy() {
+        let xmls = [("vms/a.xml", xml("a", ""))];
+        let ok = image_manifest("https://example.org/d.qcow2", "debian", "");
+        let d = run(&ok, &xmls).unwrap();
+        let image = d.vms[0].disks[0].image.as_ref().unwrap();
+        assert!(!image.copy);
+        assert_eq!(
+            image.file,
+            PathBuf::from(format!("/var/lib/libvirt/images/vmsync-images/{SHA}.qcow2"))
+        );
+        let copy = image_manifest("https://example.org/d.raw.xz", "debian", "  copy = true\n");
+        let d = run(&copy, &xmls).unwrap();
+        let image = d.vms[0].disks[0].image.as_ref().unwrap();
+        assert!(image.copy);
+        assert!(image.file.to_string_lossy().ends_with(".raw"));
+
+        // The policy: https:// only by default; the problem names the image's line.
+        let http = image_manifest("http://127.0.0.1:8000/d.qcow2", "debian", "");
+        let p = single(run(&http, &xmls));
+        assert_eq!(p.vm.as_deref(), Some("a"));
+        assert_eq!(p.field.as_deref(), Some("image.url"));
+        assert_eq!(p.line, Some(3));
+        assert!(p.message.contains("[policy] image_urls"), "{}", p.message);
+        let mut local = policy();
+        local.host_policy.images.urls = vec!["http://127.0.0.1".into()];
+        validate(&repo(&http, &xmls), &local, &Schema).unwrap();
+        let meta = image_manifest("https://169.254.169.254/d.qcow2", "debian", "");
+        let p = single(run(&meta, &xmls));
+        assert!(
+            p.message.contains("allow_link_local_hosts"),
+            "{}",
+            p.message
+        );
+    }
+
+    #[test]
+    fn bad_image_references_name_vm_and_field() {
+        let xmls = [("vms/a.xml", xml("a", ""))];
+        let url = "https://example.org/d.qcow2";
+        let cases = [
+            ("nope", "", "disk[0].image", "no [[image]] is named 'nope'"),
+            (
+                "debian",
+                "  format = \"raw\"\n",
+                "disk[0].format",
+                "copy = true",
+            ),
+            (
+                "debian",
+                "  backing = \"/srv/images/b.qcow2\"\n",
+                "disk[0].backing",
+                "not both",
+            ),
+        ];
+        for (image, extra, field, message) in cases {
+            let p = single(run(&image_manifest(url, image, extra), &xmls));
+            assert_eq!(p.vm.as_deref(), Some("a"));
+            assert_eq!(p.field.as_deref(), Some(field), "{p}");
+            assert!(p.message.contains(message), "{p}");
+        }
+        let copy_alone = "version = 1\n[[vm]]\nname = \"a\"\nxml = \"vms/a.xml\"\n[[vm.disk]]\npath = \"/srv/images/a.qcow2\"\nsize = \"1G\"\ncopy = true\n";
+        let p = single(run(copy_alone, &xmls));
+        assert_eq!(p.field.as_deref(), Some("disk[0].copy"));
+        let bad_sha = image_manifest(url, "debian", "").replace(SHA, "abc");
+        let p = single(run(&bad_sha, &xmls));
+        assert_eq!(p.field.as_deref(), Some("image[0].sha256"), "{p}");
+        assert!(p.message.starts_with("image 'debian': "), "{p}");
+        let unknown_key =
+            image_manifest(url, "debian", "").replace("sha256 =", "sha = \"x\"\nsha256 =");
+        let p = single(run(&unknown_key, &xmls));
+        assert!(p.message.contains("unknown field `sha`"), "{p}");
     }
 }
 

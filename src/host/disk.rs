@@ -23,8 +23,9 @@ use std::{fs, io};
 
 use tracing::{debug, info, warn};
 
-use crate::desired::disk_spec::{DiskFormat, DiskSpec, InvalidDiskSpec};
+use crate::desired::disk_spec::{DiskFormat, DiskImage, DiskSpec, InvalidDiskSpec};
 use crate::desired::values::human_size;
+use crate::host::image_store::ImageStore;
 
 /// Suffix of the temporary file a disk is created under: `.<filename>.vmsync-tmp`.
 const TMP_SUFFIX: &str = ".vmsync-tmp";
@@ -93,6 +94,10 @@ pub enum DiskError {
         path: PathBuf,
         message: String,
     },
+    /// A base image could not be downloaded or checked; the message names the image,
+    /// its URL and, for a mismatch, the expected and received sha256.
+    #[error("{message}")]
+    Image { message: String },
 }
 
 impl From<InvalidDiskSpec> for DiskError {
@@ -126,6 +131,20 @@ pub trait DiskProvisioner: Sync {
     /// Creates the image. Fails with DiskError::Exists (touching nothing) if anything is
     /// already at spec.path.
     fn create(&self, spec: &DiskSpec) -> Result<(), DiskError>;
+    /// Whether a base image is in the image directory (a file there is complete and
+    /// matched its sha256: it is only renamed into place after that).
+    fn has_image(&self, file: &Path) -> bool {
+        fs::symlink_metadata(file).is_ok()
+    }
+    /// Downloads a base image into the image directory unless it is there.
+    fn fetch_image(&self, image: &DiskImage) -> Result<(), DiskError> {
+        Err(DiskError::Image {
+            message: format!(
+                "image '{}': this disk provisioner cannot download images",
+                image.image.name
+            ),
+        })
+    }
 }
 
 /// The real provisioner: runs the `qemu-img` binary.
@@ -151,12 +170,15 @@ pub trait DiskProvisioner: Sync {
 pub struct QemuImg {
     /// The `qemu-img` executable; a bare name is looked up on `PATH`.
     pub binary: PathBuf,
+    /// Base images: where they are kept and may come from, and this sync's downloads.
+    pub images: ImageStore,
 }
 
 impl Default for QemuImg {
     fn default() -> Self {
         Self {
             binary: PathBuf::from("qemu-img"),
+            images: ImageStore::default(),
         }
     }
 }
@@ -329,7 +351,7 @@ impl DiskProvisioner for QemuImg {
         if exists_no_follow(path, "create disk")? {
             return Err(DiskError::Exists { path: path.clone() });
         }
-        let backing = self.backing_args(spec)?;
+        let base = self.base(spec)?;
         if let Some(dir) = path.parent() {
             self.ensure_dir(dir)?;
         }
@@ -339,25 +361,8 @@ impl DiskProvisioner for QemuImg {
                 .map_err(|err| DiskError::io("remove stale temporary disk image", &tmp, &err))?;
             warn!(disk = %path.display(), tmp = %tmp.display(), "removed stale temporary disk image from an interrupted create");
         }
-
-        let mut args: Vec<OsString> = ["create", "-q", "-f", spec.format.as_str()]
-            .map(OsString::from)
-            .into();
-        if spec.format == DiskFormat::Qcow2 {
-            args.extend(["-o", "preallocation=off"].map(OsString::from));
-        }
-        if let Some((backing, backing_format)) = &backing {
-            args.extend([
-                "-b".into(),
-                backing.into(),
-                "-F".into(),
-                backing_format.as_str().into(),
-            ]);
-        }
-        args.extend([tmp.clone().into(), spec.size_bytes.to_string().into()]);
-
         let made = self
-            .run("create disk", path, &args)
+            .make(spec, &base, &tmp)
             .and_then(|_| fsync(&tmp, "sync new disk image"));
         if let Err(err) = made {
             discard_tmp(&tmp);
@@ -385,18 +390,166 @@ impl DiskProvisioner for QemuImg {
         if let Some(dir) = path.parent() {
             fsync(dir, "sync directory")?;
         }
-        match &backing {
-            Some((backing, backing_format)) => info!(
-                disk = %path.display(),
-                format = %spec.format,
-                size = spec.size_bytes,
-                backing = %backing.display(),
-                backing_format = %backing_format,
-                "created disk"
-            ),
-            None => {
-                info!(disk = %path.display(), format = %spec.format, size = spec.size_bytes, "created disk")
+        info!(
+            disk = %path.display(),
+            format = %spec.format,
+            size = base.size(spec),
+            base = %base,
+            "created disk"
+        );
+        Ok(())
+    }
+
+    fn fetch_image(&self, image: &DiskImage) -> Result<(), DiskError> {
+        let verify = |tmp: &Path| self.verify_image(image, tmp);
+        self.images
+            .fetch(image, &verify)
+            .map_err(|message| DiskError::Image { message })
+    }
+}
+
+/// What a new disk is made on.
+enum Base {
+    /// An empty disk.
+    Empty,
+    /// A qcow2 overlay on `[[vm.disk]] backing`.
+    Backing(PathBuf, DiskFormat),
+    /// An overlay on, or a full copy of, a base image of `virtual_size` bytes.
+    Image { image: DiskImage, virtual_size: u64 },
+}
+
+impl Base {
+    /// The new disk's size: the manifest's, or the image's when that is larger (a disk
+    /// made from an image is grown to `size`, never shrunk below the image).
+    fn size(&self, spec: &DiskSpec) -> u64 {
+        match self {
+            Base::Image { virtual_size, .. } => spec.size_bytes.max(*virtual_size),
+            _ => spec.size_bytes,
+        }
+    }
+}
+
+impl std::fmt::Display for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Base::Empty => f.write_str("empty"),
+            Base::Backing(b, fmt) => write!(f, "overlay on '{}' ({fmt})", b.display()),
+            Base::Image { image, .. } => {
+                let how = if image.copy { "copy of" } else { "overlay on" };
+                write!(
+                    f,
+                    "{how} image '{}' ({})",
+                    image.image.name,
+                    image.file.display()
+                )
             }
+        }
+    }
+}
+
+impl QemuImg {
+    /// What `spec` is made on: its image (which must be in the image directory), its
+    /// backing file, or nothing.
+    fn base(&self, spec: &DiskSpec) -> Result<Base, DiskError> {
+        if let Some(image) = &spec.image {
+            if !self.has_image(&image.file) {
+                return Err(DiskError::Image {
+                    message: format!(
+                        "image '{}' is not in the image directory ('{}' is missing)",
+                        image.image.name,
+                        image.file.display()
+                    ),
+                });
+            }
+            let info = self.info("inspect base image", &image.file)?;
+            return Ok(Base::Image {
+                image: image.clone(),
+                virtual_size: info.virtual_size,
+            });
+        }
+        Ok(match self.backing_args(spec)? {
+            Some((backing, format)) => Base::Backing(backing, format),
+            None => Base::Empty,
+        })
+    }
+
+    /// Makes the new disk at `tmp`: `qemu-img create` (with `-b` for an overlay), or
+    /// `qemu-img convert` of the image and a `resize` up to the size.
+    fn make(&self, spec: &DiskSpec, base: &Base, tmp: &Path) -> Result<(), DiskError> {
+        let path = &spec.path;
+        let qcow2_opts = || -> Vec<OsString> {
+            match spec.format {
+                DiskFormat::Qcow2 => ["-o", "preallocation=off"].map(OsString::from).into(),
+                DiskFormat::Raw => Vec::new(),
+            }
+        };
+        let size = base.size(spec);
+        let backing = match base {
+            Base::Image { image, .. } if image.copy => {
+                let mut args: Vec<OsString> = ["convert", "-q", "-f", image.image.format.as_str()]
+                    .map(OsString::from)
+                    .into();
+                args.extend(["-O".into(), spec.format.as_str().into()]);
+                args.extend(qcow2_opts());
+                args.extend([image.file.clone().into(), tmp.into()]);
+                self.run("copy base image into disk", path, &args)?;
+                if self.info("inspect new disk", tmp)?.virtual_size < size {
+                    let resize = ["resize", "-q", "-f", spec.format.as_str()].map(OsString::from);
+                    let mut args: Vec<OsString> = resize.into();
+                    args.extend([tmp.into(), size.to_string().into()]);
+                    self.run("grow disk", path, &args)?;
+                }
+                return Ok(());
+            }
+            Base::Image { image, .. } => Some((image.file.clone(), image.image.format)),
+            Base::Backing(b, fmt) => Some((b.clone(), *fmt)),
+            Base::Empty => None,
+        };
+        let mut args: Vec<OsString> = ["create", "-q", "-f", spec.format.as_str()]
+            .map(OsString::from)
+            .into();
+        args.extend(qcow2_opts());
+        if let Some((backing, backing_format)) = backing {
+            args.extend([
+                "-b".into(),
+                backing.into(),
+                "-F".into(),
+                backing_format.as_str().into(),
+            ]);
+        }
+        args.extend([tmp.into(), size.to_string().into()]);
+        self.run("create disk", path, &args).map(|_| ())
+    }
+
+    /// A downloaded image is what its entry says: `qemu-img info` probes the declared
+    /// format, and a qcow2 names no backing file and no external data file (either would
+    /// make QEMU open a host file the repository chose).
+    fn verify_image(&self, image: &DiskImage, tmp: &Path) -> Result<(), String> {
+        let stdout = self
+            .run(
+                "inspect downloaded image",
+                tmp,
+                &["info".into(), "--output=json".into(), tmp.into()],
+            )
+            .map_err(|e| e.to_string())?;
+        let info: serde_json::Value = serde_json::from_str(&stdout)
+            .map_err(|e| format!("unexpected output of qemu-img info: {e}"))?;
+        let format = info["format"].as_str().unwrap_or("unknown");
+        let declared = image.image.format.as_str();
+        if format != declared {
+            return Err(format!(
+                "the image is {format}, but its entry says {declared} (set format = \"{format}\" if that is right); nothing was kept"
+            ));
+        }
+        if let Some(backing) = info.get("backing-filename").and_then(|b| b.as_str()) {
+            return Err(format!(
+                "the image names a backing file ('{backing}'); a base image must stand alone; nothing was kept"
+            ));
+        }
+        if let Some(data) = info.pointer("/format-specific/data/data-file") {
+            return Err(format!(
+                "the image names an external data file ({data}); a base image must stand alone; nothing was kept"
+            ));
         }
         Ok(())
     }
@@ -414,18 +567,36 @@ pub fn check_existing(spec: &DiskSpec, info: &ImageInfo) -> Result<Option<String
         });
     }
     let mut warnings = Vec::new();
-    if info.virtual_size != spec.size_bytes {
+    // A disk made from a larger image is as large as the image.
+    if info.virtual_size != spec.size_bytes
+        && (spec.image.is_none() || info.virtual_size < spec.size_bytes)
+    {
         warnings.push(format!(
             "existing image is {}, manifest says {}; left as is",
             human_size(info.virtual_size),
             human_size(spec.size_bytes)
         ));
     }
-    let wanted_backing = spec
-        .backing
-        .as_ref()
-        .map(|b| b.to_string_lossy().into_owned());
-    if wanted_backing != info.backing_filename {
+    let wanted_backing = match &spec.image {
+        Some(image) if !image.copy => Some(image.file.to_string_lossy().into_owned()),
+        Some(_) => None,
+        None => spec
+            .backing
+            .as_ref()
+            .map(|b| b.to_string_lossy().into_owned()),
+    };
+    if let Some(image) = spec.image.as_ref().filter(|i| !i.copy)
+        && wanted_backing != info.backing_filename
+    {
+        warnings.push(format!(
+            "made on {}; image '{}' is now '{}': a disk made from an image is never rebased or recreated; left as is",
+            info.backing_filename
+                .as_deref()
+                .map_or("no backing file".to_string(), |b| format!("'{b}'")),
+            image.image.name,
+            image.file.display()
+        ));
+    } else if wanted_backing != info.backing_filename {
         let describe = |b: &Option<String>| match b {
             Some(b) => format!("backing file '{b}'"),
             None => "no backing file".to_string(),
@@ -460,6 +631,7 @@ mod tests {
             format,
             backing: None,
             backing_format: None,
+            image: None,
         }
     }
 
@@ -767,7 +939,10 @@ mod tests {
             &script,
             &format!("for a; do tmp=$last; last=$a; done\n{body}"),
         );
-        QemuImg { binary: script }
+        QemuImg {
+            binary: script,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -819,6 +994,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let qemu = QemuImg {
             binary: "/nonexistent/qemu-img".into(),
+            ..Default::default()
         };
         let path = dir.path().join("web.qcow2");
         let err = qemu
@@ -849,9 +1025,12 @@ mod tests {
         fs::write(&fake, b"").unwrap();
         fs::set_permissions(&fake, fs::Permissions::from_mode(0o644)).unwrap();
         let path = dir.path().join("web.qcow2");
-        let err = QemuImg { binary: fake }
-            .create(&spec(&path, MIB, DiskFormat::Qcow2))
-            .unwrap_err();
+        let err = QemuImg {
+            binary: fake,
+            ..Default::default()
+        }
+        .create(&spec(&path, MIB, DiskFormat::Qcow2))
+        .unwrap_err();
         assert!(matches!(err, DiskError::QemuImg { .. }), "{err:?}");
         assert_eq!(names(dir.path()), ["qemu-img"]);
     }

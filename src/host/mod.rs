@@ -6,6 +6,8 @@
 pub mod disk;
 pub mod health_probe;
 pub mod hypervisor;
+pub mod image_fetch;
+pub mod image_store;
 pub mod observe_domains;
 pub mod observe_networks_pools;
 pub mod power;

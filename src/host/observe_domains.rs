@@ -38,6 +38,8 @@ pub struct Observed {
     pub disks: BTreeMap<PathBuf, Result<Option<ImageInfo>, String>>,
     /// Per directory: whether it exists.
     pub directories: BTreeMap<PathBuf, bool>,
+    /// Per base image a missing disk is made from: whether it is in the image directory.
+    pub images: BTreeMap<PathBuf, bool>,
     /// Per cloud-init seed path: the hash of the seed there (`None`: no file, or not a
     /// seed vmsync wrote).
     pub seeds: BTreeMap<PathBuf, Option<String>>,
@@ -98,6 +100,7 @@ pub fn observe(
         .iter()
         .flat_map(|vm| vm.disks.iter().map(|d| &d.path))
         .collect();
+    let disks_seam = disks;
     let disks = par::map(paths, THREADS, |path| {
         (path.clone(), disks.inspect(path).map_err(|e| e.to_string()))
     })
@@ -108,14 +111,33 @@ pub fn observe(
         .iter()
         .map(|d| (d.clone(), d.is_dir()))
         .collect();
+    let images = missing_disk_images(desired, &disks, disks_seam);
     Ok(Observed {
         domains,
         others,
         disks,
         directories,
+        images,
         seeds,
         resources: Default::default(),
     })
+}
+
+/// Whether each base image of a disk that is missing is in the image directory (a
+/// disk that exists needs no image: a no-op sync looks at none).
+fn missing_disk_images(
+    desired: &Desired,
+    observed: &BTreeMap<PathBuf, Result<Option<ImageInfo>, String>>,
+    disks: &dyn DiskProvisioner,
+) -> BTreeMap<PathBuf, bool> {
+    desired
+        .vms
+        .iter()
+        .flat_map(|vm| &vm.disks)
+        .filter(|d| matches!(observed.get(&d.path), Some(Ok(None))))
+        .filter_map(|d| d.image.as_ref())
+        .map(|i| (i.file.clone(), disks.has_image(&i.file)))
+        .collect()
 }
 
 /// The listed domains that can matter, each with whether it is desired: the desired
@@ -224,6 +246,7 @@ mod tests {
             self_heal: None,
             adopt: false,
             health: None,
+            order: Default::default(),
             seed: None,
         }
     }
@@ -257,6 +280,7 @@ mod tests {
             directories: Vec::new(),
             vms: ["same", "changed", "drifted"].map(wanted).into(),
             resources: Default::default(),
+            windows: Vec::new(),
         };
         let disks = crate::host::disk::QemuImg::default();
 

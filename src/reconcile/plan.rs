@@ -4,8 +4,9 @@
 //! Rules (docs/design.md, docs/repository-format.md):
 //! - a domain with a desired VM's name but without vmsync's tag belongs to someone else:
 //!   the VM fails with a conflict and nothing of it is touched;
-//! - missing disks are created; an existing disk of another format fails the VM; an
-//!   existing disk is never changed;
+//! - missing disks are created (a base image they are made from downloaded first when
+//!   it is not on the host); an existing disk of another format fails the VM; an
+//!   existing disk is never changed (nor rebased when its image entry changes);
 //! - a domain is (re)defined if it is missing, its tag's fingerprint differs from the
 //!   commit's, or its definition drifted and self-heal is on; the XML keeps the existing
 //!   domain's UUID and MACs where the source gives none;
@@ -67,6 +68,9 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
             if let (Some(view), Some(spec)) = (p.health.as_mut(), vm.health.as_ref()) {
                 view.check = Some(spec.describe());
             }
+            p.order.after = vm.order.depends_on.clone();
+            p.order.up_check = vm.health.clone();
+            p.order.shutdown_timeout = vm.shutdown_timeout;
             p
         })
         .collect();
@@ -120,6 +124,7 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         refused,
         foreign_tagged,
         resources,
+        next_window: None,
     }
 }
 
@@ -174,7 +179,7 @@ fn plan_vm(
     let mut out = VmPlan {
         name: vm.name.clone(),
         fingerprint: vm.fingerprint.clone(),
-        autostart: vm.autostart,
+        autostart: vm.libvirt_autostart(),
         state: vm.state,
         actions: Vec::new(),
         error: None,
@@ -189,6 +194,7 @@ fn plan_vm(
         current_hash: None,
         diff: None,
         health: None,
+        order: Default::default(),
     };
     let heal = vm.self_heal.unwrap_or(ctx.policy.self_heal);
     let timeout = vm.shutdown_timeout.unwrap_or(ctx.policy.shutdown_timeout);
@@ -294,7 +300,7 @@ fn vm_drift(
         ),
         _ => Vec::new(),
     };
-    drift::against_commit(drift, vm.autostart, vm.state)
+    drift::against_commit(drift, vm.libvirt_autostart(), vm.state)
 }
 
 /// What the steps of planning one VM share, once its domain is found and may be touched.
@@ -334,10 +340,9 @@ impl VmPlanner<'_> {
 
         let autostart_now = self.seen.is_some_and(|s| s.listing.autostart);
         let autostart_drift = self.has(|d| matches!(d, Drift::Autostart { .. }));
-        if self.vm.autostart != autostart_now && (self.heal || !autostart_drift) {
-            self.out
-                .actions
-                .push(Action::SetAutostart(self.vm.autostart));
+        let autostart = self.vm.libvirt_autostart();
+        if autostart != autostart_now && (self.heal || !autostart_drift) {
+            self.out.actions.push(Action::SetAutostart(autostart));
         }
         self.plan_power(active, was_active, adopted_live);
         Ok(())
@@ -347,7 +352,18 @@ impl VmPlanner<'_> {
     fn plan_disks(&mut self, observed: &Observed) -> Result<(), String> {
         for disk in &self.vm.disks {
             match observed.disks.get(&disk.path) {
-                Some(Ok(None)) => self.out.actions.push(Action::CreateDisk(disk.clone())),
+                Some(Ok(None)) => {
+                    if let Some(image) = &disk.image
+                        && !observed.images.get(&image.file).copied().unwrap_or(false)
+                        && !self
+                            .out
+                            .actions
+                            .contains(&Action::DownloadImage(image.clone()))
+                    {
+                        self.out.actions.push(Action::DownloadImage(image.clone()));
+                    }
+                    self.out.actions.push(Action::CreateDisk(disk.clone()));
+                }
                 Some(Ok(Some(info))) => match check_existing(disk, info) {
                     Ok(None) => {}
                     Ok(Some(warning)) => self.out.warnings.push(warning),
@@ -493,10 +509,13 @@ impl VmPlanner<'_> {
                 .seen
                 .and_then(|s| s.live_tag.as_ref())
                 .is_none_or(|tag| tag.fingerprint != vm.fingerprint);
+        // vmsync is the autostart of a VM in a dependency graph: found shut off (after a
+        // boot), it is started even with self-heal off.
+        let ordered_autostart = vm.autostart && vm.order.in_graph;
         let actions = &mut self.out.actions;
         match vm.state {
             // Drift in the power state is only reported when self-heal is off.
-            PowerState::Running if !active && (heal || !power_drift) => {
+            PowerState::Running if !active && (heal || !power_drift || ordered_autostart) => {
                 actions.push(Action::Start);
             }
             PowerState::Stopped if active && (heal || !power_drift) => {
@@ -569,6 +588,7 @@ mod tests {
             self_heal: None,
             adopt: false,
             health: None,
+            order: Default::default(),
             seed: None,
         }
     }
@@ -625,6 +645,7 @@ mod tests {
             format: DiskFormat::Qcow2,
             backing: None,
             backing_format: None,
+            image: None,
         }
     }
 
@@ -739,6 +760,7 @@ mod tests {
                 })
                 .collect(),
             directories: Default::default(),
+            images: Default::default(),
             seeds: Default::default(),
             resources: Default::default(),
         }
@@ -1096,6 +1118,7 @@ mod tests {
                 directories: vec![],
                 vms: vec![case.want],
                 resources: Default::default(),
+                windows: Vec::new(),
             };
             let mut record = Record::default();
             if let Some(rec) = case.record {
@@ -1168,6 +1191,7 @@ mod tests {
             directories: vec![],
             vms: vec![desired_vm("web", 1024, false, vec![])],
             resources: Default::default(),
+            windows: Vec::new(),
         };
         let gone = |name: &str, active| seen_with(name, OTHER_UUID, 512, active, false, true);
         let obs = observed(
@@ -1284,6 +1308,7 @@ mod tests {
                 OTHER_UUID,
             )],
             resources: Default::default(),
+            windows: Vec::new(),
         };
         let obs = observed(vec![], vec![gone("old-a", false)], vec![]);
         let p = plan_with(&renamed, &obs, &prune_ctx(true, 5, false));
@@ -1297,6 +1322,7 @@ mod tests {
             directories: vec![],
             vms: vec![desired_vm("web", 2048, false, vec![])],
             resources: Default::default(),
+            windows: Vec::new(),
         };
         let p = plan_with(
             &desired,
@@ -1332,6 +1358,7 @@ mod tests {
                 directories: vec![],
                 vms: vec![restart(desired_vm("web", memory, true, vec![]))],
                 resources: Default::default(),
+                windows: Vec::new(),
             };
             plan(
                 &desired,
@@ -1393,6 +1420,7 @@ mod tests {
             directories: vec![],
             vms: vec![vm],
             resources: Default::default(),
+            windows: Vec::new(),
         };
         let obs = observed(vec![], vec![], vec![]);
         let p = plan_with(&desired, &obs, &ChangePolicy::default());
@@ -1409,6 +1437,7 @@ mod tests {
             directories: vec!["/srv/images/ISOs".into()],
             vms: vec![desired_vm("web", 1024, false, vec![])],
             resources: Default::default(),
+            windows: Vec::new(),
         };
         let mut obs = observed(vec![seen("web", 1024, false, false, true)], vec![], vec![]);
         let p = plan_with(&desired, &obs, &ChangePolicy::default());
@@ -1511,7 +1540,16 @@ mod tests {
 
     #[test]
     fn every_action_kind_has_one_name_for_json_and_metrics() {
+        let image = crate::desired::disk_spec::ImageSpec {
+            name: "debian".into(),
+            line: 1,
+            url: "https://example.org/debian.qcow2".into(),
+            sha256: "0".repeat(64),
+            format: DiskFormat::Qcow2,
+            compression: crate::desired::disk_spec::Compression::None,
+        };
         let all = [
+            Action::DownloadImage(crate::desired::disk_spec::DiskImage::new(image, false)),
             Action::CreateDisk(disk("/srv/images/x.qcow2")),
             Action::WriteSeed {
                 seed: Box::new(seed_of("a", SeedOnChange::NextBoot)),
@@ -1567,7 +1605,10 @@ mod tests {
         }
         assert_eq!(ActionKind::ClearAutostart.as_str(), "clear_autostart");
         assert_eq!(
-            all[9].describe(),
+            all.iter()
+                .find(|a| matches!(a, Action::Restart { .. }))
+                .map(Action::describe)
+                .unwrap(),
             "restart (graceful shutdown, destroy after 2m)"
         );
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::desired::disk_spec::DiskSpec;
+use crate::desired::disk_spec::{DiskImage, DiskSpec};
 use crate::desired::domain_xml::Tag;
 use crate::desired::manifest::PowerState;
 use crate::desired::resource_xml::ResourceKind;
@@ -19,6 +19,9 @@ use crate::util::commit_id::short;
 /// One step of converging a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Download a base image into the image directory (before the disk made from it;
+    /// once per sync however many VMs need it).
+    DownloadImage(DiskImage),
     CreateDisk(DiskSpec),
     /// Write the VM's cloud-init seed image: a missing one, or (`replaces`) one whose
     /// content changed, rebuilt in place.
@@ -93,6 +96,7 @@ pub enum ActionKind {
     ClearNetworkAutostart,
     StartNetwork,
     RestartNetwork,
+    DownloadImage,
     CreateDisk,
     /// A cloud-init seed image written (new, or rebuilt in place).
     WriteSeed,
@@ -124,9 +128,18 @@ impl Action {
     /// Short description for logs and plans.
     pub fn describe(&self) -> String {
         match self {
+            Action::DownloadImage(image) => format!(
+                "download image '{}' from {}",
+                image.image.name, image.image.url
+            ),
             Action::CreateDisk(spec) => {
+                let base = match &spec.image {
+                    Some(i) if i.copy => format!(", a copy of image '{}'", i.image.name),
+                    Some(i) => format!(", an overlay on image '{}'", i.image.name),
+                    None => String::new(),
+                };
                 format!(
-                    "create {} disk '{}' ({})",
+                    "create {} disk '{}' ({}{base})",
                     spec.format,
                     spec.path.display(),
                     values::human_size(spec.size_bytes)
@@ -168,9 +181,32 @@ impl Action {
         }
     }
 
+    /// Whether it interrupts a running guest (a restart, a stop): such an action waits
+    /// for a maintenance window (`[[window]]`).
+    pub fn interrupts_guest(&self) -> bool {
+        match self {
+            Action::Restart { .. } | Action::Stop { .. } => true,
+            Action::CreateDisk(_)
+            | Action::Rename { .. }
+            | Action::Define { .. }
+            | Action::SetAutostart(_)
+            | Action::Start
+            | Action::Undefine
+            | Action::Adopt { .. }
+            | Action::WriteSeed { .. }
+            | Action::DownloadImage(_) => false,
+        }
+    }
+
+    /// Whether it starts the guest (after its dependencies are up).
+    pub fn starts_guest(&self) -> bool {
+        matches!(self, Action::Start | Action::Restart { .. })
+    }
+
     /// The action's kind for machines (`vmsync plan --json`, metrics).
     pub fn kind(&self) -> ActionKind {
         match self {
+            Action::DownloadImage(_) => ActionKind::DownloadImage,
             Action::CreateDisk(_) => ActionKind::CreateDisk,
             Action::WriteSeed { .. } => ActionKind::WriteSeed,
             Action::Rename { .. } => ActionKind::Rename,
@@ -223,6 +259,22 @@ pub struct VmPlan {
     pub diff: Option<String>,
     /// Health, last healthy commit and hold-back (`[vm.health]`, see `health`).
     pub health: Option<crate::reconcile::plan_types::HealthView>,
+    /// Its dependencies, how others tell it is up, and what its actions wait for.
+    pub order: OrderView,
+}
+
+/// A VM's place in the start order and what it waits for (`depends_on`, `[[window]]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrderView {
+    /// `depends_on`: it starts only when each of these is up.
+    pub after: Vec<String>,
+    /// How the VMs that depend on it tell it is up: its `[vm.health]` check passes
+    /// (`None`: it is running).
+    pub up_check: Option<crate::desired::health_spec::HealthSpec>,
+    /// Why its actions that interrupt the running guest wait ("window <next start>").
+    pub waiting: Option<String>,
+    /// Its own `shutdown_timeout` (`None`: the agent's), kept for `vmsync shutdown`.
+    pub shutdown_timeout: Option<Duration>,
 }
 
 impl VmPlan {
@@ -267,6 +319,9 @@ pub struct Plan {
     pub foreign_tagged: usize,
     /// Networks, pools and volumes (applied before the domains; pruned after them).
     pub resources: crate::reconcile::plan_types::ResourcePlan,
+    /// The next start of a maintenance window that an action of this plan waits for:
+    /// the daemon syncs then.
+    pub next_window: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Plan {
