@@ -57,13 +57,14 @@ each, and a commit that changes one VM (plain: its XML file; templated: its para
 Prints the medians, the templated/plain ratio of the no-op and the one-VM change minus
 the no-op of each (targets: no-op at most 1.2x, one VM at most the plain one + 5 ms).
 
-       sudo bench/run.py --seeds N
+       sudo bench/run.py --seeds N [--compare OLD_VMSYNC]
 measures what cloud-init seeds cost, in one run: N domains without seeds
 (vmsyncbench-<N>-<i>) and N other domains of the same XML, each with a `[vm.cloud_init]`
 whose user-data is a template that reads a secret (vmsyncbench-c<N>-<i>), each in its
 own repository and state directory, defined and not started. Interleaved, SEED_RUNS
 times: a no-op sync of each (target: seeded at most 1.1x; no seed is written again,
-checked by the images' mtimes). Then the build of one seed (render, decrypt, ISO,
+checked by the images' mtimes); with --compare, OLD_VMSYNC's no-op of the seeded
+repository too, on a state directory of its own, in the same rounds. Then the build of one seed (render, decrypt, ISO,
 atomic write) by examples/seed_build.rs, SEED_BUILDS times (target: under 50 ms).
 """
 
@@ -551,9 +552,15 @@ def seeds_bench(n):
         assert len(images) == n, f"{len(images)} seeds for {n} VMs"
         mtimes = {p: p.stat().st_mtime_ns for p in images}
         runs = {"no-op without seeds": [], "no-op with seeds": []}
+        if OLD:
+            o_state = base / "state-seeds-old"
+            vmsync_once(seeded, o_state, binary=OLD, config=config)
+            runs["no-op with seeds, OLD"] = []
         for _ in range(SEED_RUNS):
             runs["no-op without seeds"].append(vmsync_once(plain, p_state))
             runs["no-op with seeds"].append(vmsync_once(seeded, s_state, config=config))
+            if OLD:
+                runs["no-op with seeds, OLD"].append(vmsync_once(seeded, o_state, binary=OLD, config=config))
         for label, rs in runs.items():
             assert all("nothing to do" in r[3] for r in rs), f"{label}: not every run shows nothing to do"
         assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items()), "a no-op sync wrote a seed"
@@ -575,7 +582,13 @@ def seeds_bench(n):
                 f"- No-op: with seeds / without = {wall['no-op with seeds'] / wall['no-op without seeds']:.3f} (wall), "
                 f"{cost['no-op with seeds'] / cost['no-op without seeds']:.3f} (CPU cost); target at most 1.1. "
                 f"Validate stage {stage(w, 'validate'):.1f} vs {stage(c, 'validate'):.1f} ms. "
-                "No seed image was written again (mtimes unchanged).",
+                "No seed image was written again (mtimes unchanged)."]
+        if OLD:
+            old = "no-op with seeds, OLD"
+            out.append(f"- OLD ({OLD}): with seeds / without = {wall[old] / wall['no-op without seeds']:.3f} (wall), "
+                       f"{cost[old] / cost['no-op without seeds']:.3f} (CPU cost); validate stage "
+                       f"{stage(runs[old], 'validate'):.1f} ms.")
+        out += [
                 f"- One seed built (template rendered, secret decrypted with an SSH ed25519 key, ISO, "
                 f"atomic write with fsync): median {float(build[0]):.2f} ms, best {float(build[1]):.2f} ms "
                 f"over {SEED_BUILDS} builds; image {int(build[2])} bytes; target under 50 ms."]
@@ -589,6 +602,8 @@ def seeds_bench(n):
 def main():
     global VMSYNC, FLOOR, OLD
     if sys.argv[1:2] == ["--seeds"]:
+        if sys.argv[3:4] == ["--compare"]:
+            OLD = Path(sys.argv[4]).resolve()
         return seeds_bench(int(sys.argv[2]))
     if sys.argv[1:2] == ["--templates"]:
         return templates_bench(int(sys.argv[2]))
