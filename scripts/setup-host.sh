@@ -61,9 +61,13 @@ BUILD_PKGS+=(nix-bin systemd systemd-container debootstrap openssl python3 strac
 # dpkg-shlibdeps (dpkg-dev) computes its library dependencies; cargo-deb itself is
 # installed by scripts/package.sh with cargo when missing.
 BUILD_PKGS+=(dpkg-dev)
-# isoinfo reads back the cloud-init seeds vmsync writes (tests/seeds.rs); blkid
-# (util-linux) reads their label.
+# isoinfo (genisoimage) reads back the cloud-init seeds vmsync writes (tests/seeds.rs)
+# and makes the real-guest tier's hand-made seeds; blkid (util-linux) reads their label.
 BUILD_PKGS+=(genisoimage util-linux)
+# The real-guest tier (tests/guest/build-image.sh): debootstrap (above) builds a Debian
+# 12 guest, mkfs.ext4 -d (e2fsprogs) makes its disk without a loop device, qemu-img
+# (below) compresses it.
+BUILD_PKGS+=(e2fsprogs)
 RUNTIME_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils swtpm swtpm-tools ovmf
   openssh-server openssh-client

@@ -58,6 +58,11 @@ step "scripts/fuzz.sh" scripts/fuzz.sh
 # The Debian package, built and installed in a fresh Debian 12 root without Rust.
 step "scripts/package-check.sh" scripts/package-check.sh
 
+# The real guest's image (tests/guest/build-image.sh, cached under
+# /var/cache/vmsync-tests/guest by its recipe's hash): built once here, before the
+# tests that boot it, so its time shows as a step of its own.
+step "tests/guest/build-image.sh" bash -c 'tests/guest/build-image.sh >/dev/null'
+
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 start=$SECONDS
