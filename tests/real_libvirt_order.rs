@@ -18,93 +18,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::events::Events;
 use common::{Env, Manifest, Vm};
-
-/// libvirt's lifecycle events, as `virsh event` prints them, collected on a thread.
-struct Events {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-/// One lifecycle event: when, which domain, what ("Started Booted").
-#[derive(Debug, Clone)]
-struct Event {
-    at: DateTime<Utc>,
-    domain: String,
-    what: String,
-}
-
-impl Events {
-    fn start() -> Self {
-        let mut child = Command::new("virsh")
-            .args([
-                "-c",
-                "qemu:///system",
-                "event",
-                "--all",
-                "--loop",
-                "--timestamp",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        // virsh registers its callbacks before it reads events; give it a moment.
-        std::thread::sleep(Duration::from_millis(500));
-        Events { child, lines }
-    }
-
-    /// The lifecycle events of domains starting with `prefix`, in order.
-    fn of(&self, prefix: &str) -> Vec<Event> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| {
-                let (at, rest) = l.split_once(": event 'lifecycle' for domain '")?;
-                let (domain, what) = rest.split_once("': ")?;
-                if !domain.starts_with(prefix) {
-                    return None;
-                }
-                let at = DateTime::parse_from_str(at, "%Y-%m-%d %H:%M:%S%.3f%z").ok()?;
-                Some(Event {
-                    at: at.with_timezone(&Utc),
-                    domain: domain.to_string(),
-                    what: what.to_string(),
-                })
-            })
-            .collect()
-    }
-
-    /// The first event of `domain` whose text starts with `what`, after `since`.
-    fn first(&self, prefix: &str, domain: &str, what: &str, since: DateTime<Utc>) -> Option<Event> {
-        self.of(prefix)
-            .into_iter()
-            .find(|e| e.domain == domain && e.what.starts_with(what) && e.at >= since)
-    }
-}
-
-impl Drop for Events {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Waits (up to `limit`) for `check`.
 fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
