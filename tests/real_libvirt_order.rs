@@ -90,15 +90,23 @@ fn order(
     what: &str,
     since: DateTime<Utc>,
 ) -> Vec<(String, DateTime<Utc>)> {
+    // Read from a pipe, an event may come a moment after the run that caused it.
+    wait_for(
+        &format!("the '{what}' events"),
+        Duration::from_secs(10),
+        || {
+            shorts.iter().all(|s| {
+                events
+                    .first(&env.prefix, &env.name(s), what, since)
+                    .is_some()
+            })
+        },
+    );
     let mut seen: Vec<(String, DateTime<Utc>)> = shorts
         .iter()
         .map(|s| {
-            let e = events
-                .first(&env.prefix, &env.name(s), what, since)
-                .unwrap_or_else(|| {
-                    panic!("no '{what}' event for {s}: {:#?}", events.of(&env.prefix))
-                });
-            (s.to_string(), e.at)
+            let e = events.first(&env.prefix, &env.name(s), what, since);
+            (s.to_string(), e.expect("waited for").at)
         })
         .collect();
     seen.sort_by_key(|(_, at)| *at);
@@ -300,13 +308,16 @@ fn real_restart_waits_for_the_window_and_a_definition_is_applied_at_once() {
     );
     assert_eq!(st["pending_restart"], true, "{st}");
 
-    // At the window's start the daemon wakes and restarts web.
+    // At the window's start the daemon wakes and restarts web (seen in libvirt's events;
+    // read from a pipe, they may come a moment after the state).
+    let mut restarted = None;
     wait_for("the restart in the window", Duration::from_secs(60), || {
-        env.domstate("web") == "running" && env.domid("web") != id
+        restarted = events.first(&env.prefix, &env.name("web"), "Started", opens);
+        restarted.is_some()
     });
-    let restarted = events
-        .first(&env.prefix, &env.name("web"), "Started", opens)
-        .unwrap_or_else(|| panic!("no start event: {:#?}", events.of(&env.prefix)));
+    let restarted = restarted.unwrap();
+    assert_eq!(env.domstate("web"), "running");
+    assert_ne!(env.domid("web"), id);
     let delay = restarted.at - opens;
     eprintln!(
         "window opened {opens}, web started again {} ({} ms later; 1 s of it the shutdown timeout)",
