@@ -152,19 +152,25 @@ fn free_target(doc: &roxmltree::Document) -> Option<String> {
         .find(|t| !used.contains(t))
 }
 
-/// The device target the seed gets in `xml`.
-pub fn target_for(xml: &str) -> Result<String, XmlProblem> {
+/// `xml` with the seed's CD-ROM as the last device, its target the first `sd?` the
+/// VM's own disks leave free (set in `seed`): parsed once.
+pub fn attach(xml: &str, seed: &mut SeedSpec) -> Result<String, XmlProblem> {
     let doc = domain_xml::parse_doc(xml)?;
-    free_target(&doc).ok_or_else(|| XmlProblem {
+    seed.target = free_target(&doc).ok_or_else(|| XmlProblem {
         line: None,
         field: Some("cloud_init".into()),
         message: "no free sd? target for the cloud-init CD-ROM (sda…sdz are all used)".into(),
-    })
+    })?;
+    Ok(insert_device(xml, &doc, seed))
 }
 
-/// `xml` with the seed's CD-ROM as the last device.
+/// `xml` with the seed's CD-ROM (at its target already chosen) as the last device.
 pub fn with_device(xml: &str, seed: &SeedSpec) -> Result<String, XmlProblem> {
     let doc = domain_xml::parse_doc(xml)?;
+    Ok(insert_device(xml, &doc, seed))
+}
+
+fn insert_device(xml: &str, doc: &roxmltree::Document, seed: &SeedSpec) -> String {
     let root = doc.root_element();
     let device = seed.device_xml();
     let mut out = xml.to_string();
@@ -187,7 +193,7 @@ pub fn with_device(xml: &str, seed: &SeedSpec) -> Result<String, XmlProblem> {
             out.insert_str(close, &format!("  <devices>\n    {device}\n  </devices>\n"));
         }
     }
-    Ok(out)
+    out
 }
 
 /// What building a VM's seed needs.
@@ -242,12 +248,9 @@ fn sets_instance_id(meta: &[u8]) -> bool {
         .any(|l| l.starts_with("instance-id:") || l.starts_with("\"instance-id\":"))
 }
 
-/// Builds the seed of `vm` (whose XML is `xml`) from its `[vm.cloud_init]`.
-pub fn build(
-    inputs: &SeedInputs,
-    spec: &CloudInitSpec,
-    xml: &str,
-) -> Result<SeedSpec, SeedProblem> {
+/// Builds the seed of `vm` from its `[vm.cloud_init]` (its target is chosen by
+/// [`attach`]).
+pub fn build(inputs: &SeedInputs, spec: &CloudInitSpec) -> Result<SeedSpec, SeedProblem> {
     let vm = inputs.vars.vm;
     let (user_data, s1) = content(inputs, "user_data", &spec.user_data)?;
     let meta = match &spec.meta_data {
@@ -287,15 +290,9 @@ pub fn build(
             out
         }
     };
-    let target = target_for(xml).map_err(|e| SeedProblem {
-        field: "cloud_init".into(),
-        file: crate::desired::manifest::MANIFEST_FILE.into(),
-        line: None,
-        message: e.message,
-    })?;
     Ok(SeedSpec {
         path: seed_path(inputs.seed_dir, vm),
-        target,
+        target: String::new(),
         user_data,
         meta_data,
         network_config: net.map(|n| n.0),
@@ -328,7 +325,9 @@ mod tests {
             },
             seed_dir: Path::new("/seeds"),
         };
-        build(&inputs, spec, XML)
+        let mut seed = build(&inputs, spec)?;
+        attach(XML, &mut seed).unwrap();
+        Ok(seed)
     }
 
     fn spec(user_data: &str) -> CloudInitSpec {
