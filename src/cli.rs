@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::agent::report::Report;
 use crate::agent::sync::{self, SyncError};
-use crate::agent::{daemon, notify, render_cmd, status, suspend};
+use crate::agent::{daemon, notify, render_cmd, shutdown, status, suspend};
 use crate::apply::health_stage;
 use crate::config::{self, Overrides};
 use crate::desired::network_pool_entries;
@@ -103,6 +103,10 @@ pub struct Cli {
     /// `policy.max_prune` of them.
     #[arg(long)]
     pub allow_mass_prune: bool,
+    /// With --once or plan: restarts, stops and prunes do not wait for a maintenance
+    /// window ([[window]] in the VM repository); for emergencies.
+    #[arg(long, global = true)]
+    pub ignore_windows: bool,
     /// Put drifted domains back to the commit ([policy] self_heal) [default: true].
     #[arg(long, global = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub self_heal: Option<bool>,
@@ -170,6 +174,11 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         vm: Option<String>,
     },
+    /// Shut the managed running VMs down in reverse dependency order (dependents first,
+    /// independent ones in parallel), each gracefully within its shutdown_timeout and
+    /// destroyed after it; for host shutdown (vmsync-shutdown.service). Exit 0 when all
+    /// are off, 1 when one could not be stopped or libvirt is unreachable.
+    Shutdown,
     /// Validate a VM repository checkout offline (for the VM repo's own CI); exit 0 or 3.
     Validate {
         /// The checkout [default: .].
@@ -461,16 +470,23 @@ fn overrides(cli: &Cli) -> Overrides {
         max_prune: cli.max_prune,
         shutdown_timeout: cli.shutdown_timeout.clone(),
         allow_mass_prune: cli.allow_mass_prune,
+        ignore_windows: cli.ignore_windows,
         allowed_signers: cli.allowed_signers.clone(),
         probe_url: cli.probe_url.clone(),
     }
 }
 
-/// `--retry` and `--allow-rewind` belong to `--once`; checked before the config loads.
+/// `--retry` and `--allow-rewind` belong to `--once`, `--ignore-windows` to `--once` or
+/// `plan`; checked before the config loads.
 fn check_once_only_flags(cli: &Cli) -> Result<(), SyncError> {
     let syncing_once = cli.once && cli.command.is_none() && !cli.dry_run;
     if !cli.retry.is_empty() && !syncing_once {
         return Err(config_error("--retry is only accepted with --once"));
+    }
+    if cli.ignore_windows
+        && !(cli.once && cli.command.is_none() || matches!(cli.command, Some(Command::Plan { .. })))
+    {
+        return Err(config_error("--ignore-windows goes with --once or plan"));
     }
     if cli.allow_rewind && !(cli.once && cli.command.is_none()) {
         return Err(config_error("--allow-rewind is only accepted with --once"));
@@ -554,7 +570,38 @@ fn run_command(command: &Command, settings: &config::Settings) -> Result<(), Syn
         Command::Import { dir, names, force } => import::import(settings, dir, names, *force)
             .map(|done| print!("{}", import::render(dir, &done))),
         Command::Status { json } => print_status(settings, *json),
+        Command::Shutdown => shutdown_cmd(settings),
     }
+}
+
+/// `vmsync shutdown`: one line per VM on stdout; exit 1 when one is not off.
+fn shutdown_cmd(settings: &config::Settings) -> Result<(), SyncError> {
+    let record = store::load(&settings.state_dir).map_err(SyncError::Other)?;
+    let hv = hypervisor::Libvirt::connect(&settings.libvirt_uri)?;
+    let running = shutdown::running_managed(&hv, &record)
+        .map_err(|e| SyncError::Other(anyhow::anyhow!("failed to list the domains: {e}")))?;
+    let waves = shutdown::waves(&record, &running, settings.changes.shutdown_timeout);
+    let done = shutdown::run(&hv, &waves, &AtomicBool::new(false));
+    let mut failed = 0;
+    for vm in &done {
+        match &vm.result {
+            Ok(how) => println!("{}: {how}", vm.name),
+            Err(e) => {
+                failed += 1;
+                println!("{}: not stopped: {e}", vm.name);
+            }
+        }
+    }
+    if done.is_empty() {
+        println!("no managed vm is running");
+    }
+    if failed > 0 {
+        return Err(SyncError::Other(anyhow::anyhow!(
+            "{failed} of {} vm(s) could not be shut down",
+            done.len()
+        )));
+    }
+    Ok(())
 }
 
 /// "vm 'web'" or "host": what a suspend or resume is about.

@@ -147,6 +147,8 @@ pub struct Overrides {
     pub shutdown_timeout: Option<String>,
     /// `--allow-mass-prune` (flag only, with `--once`).
     pub allow_mass_prune: bool,
+    /// `--ignore-windows` (flag only, with `--once` or `plan`).
+    pub ignore_windows: bool,
     pub allowed_signers: Option<PathBuf>,
     /// `--probe-url`.
     pub probe_url: Option<String>,
@@ -155,6 +157,9 @@ pub struct Overrides {
 /// The checked settings every command runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// `--ignore-windows` (flag only): restarts, stops and prunes do not wait for a
+    /// maintenance window (`[[window]]` in the VM repository).
+    pub ignore_windows: bool,
     /// `[source] url` / `--url`: the VM repository; no default (required to sync).
     pub url: Option<String>,
     /// `[source] branch` / `--branch`; default "main".
@@ -288,6 +293,7 @@ fn merge(raw: RawConfig, flags: &Overrides) -> Result<Settings, ConfigError> {
     let schedule = parse_schedule(raw.agent.schedule.as_deref().unwrap_or(DEFAULT_SCHEDULE))?;
     let max_attempts = max_attempts(raw.agent.max_attempts)?;
     Ok(Settings {
+        ignore_windows: flags.ignore_windows,
         url,
         branch: flags
             .branch

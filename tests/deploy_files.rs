@@ -10,7 +10,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const UNITS: [&str; 3] = ["vmsync.service", "vmsync.timer", "vmsync-agent.service"];
+const UNITS: [&str; 4] = [
+    "vmsync.service",
+    "vmsync.timer",
+    "vmsync-agent.service",
+    "vmsync-shutdown.service",
+];
 /// Every Nix file shipped, and those the tests below evaluate it with.
 const NIX_FILES: [&str; 8] = [
     "flake.nix",
@@ -90,9 +95,11 @@ fn systemd_units_pass_systemd_analyze_verify() {
     let mut paths: Vec<PathBuf> = Vec::new();
     for name in UNITS {
         let text = read(&format!("deploy/systemd/{name}"));
-        let rewritten = text.replace("ExecStart=/usr/bin/vmsync", &format!("ExecStart={bin}"));
+        let rewritten = text
+            .replace("ExecStart=/usr/bin/vmsync", &format!("ExecStart={bin}"))
+            .replace("ExecStop=/usr/bin/vmsync", &format!("ExecStop={bin}"));
         if name.ends_with(".service") {
-            assert_ne!(rewritten, text, "{name}: no ExecStart=/usr/bin/vmsync");
+            assert_ne!(rewritten, text, "{name}: no Exec*=/usr/bin/vmsync");
         }
         let path = dir.path().join(name);
         std::fs::write(&path, rewritten).unwrap();
@@ -192,9 +199,43 @@ fn both_services_stop_after_the_action_in_flight() {
 }
 
 #[test]
+fn shutdown_service_runs_vmsync_shutdown_before_libvirtd_stops() {
+    let unit = read("deploy/systemd/vmsync-shutdown.service");
+    assert_eq!(single(&unit, "Service", "Type"), "oneshot");
+    assert_eq!(single(&unit, "Service", "RemainAfterExit"), "yes");
+    assert_eq!(single(&unit, "Service", "ExecStart"), "/bin/true");
+    assert_eq!(
+        single(&unit, "Service", "ExecStop"),
+        "/usr/bin/vmsync shutdown"
+    );
+    // Units stop in the reverse order of After=: before libvirtd and libvirt-guests,
+    // after the sync units (Before=).
+    let after = values(&unit, "Unit", "After").join(" ");
+    for dep in [
+        "libvirtd.service",
+        "virtqemud.service",
+        "libvirt-guests.service",
+    ] {
+        assert!(
+            after.split(' ').any(|u| u == dep),
+            "After= lacks {dep}: {after}"
+        );
+    }
+    let before = values(&unit, "Unit", "Before").join(" ");
+    for dep in ["vmsync.service", "vmsync-agent.service"] {
+        assert!(
+            before.split(' ').any(|u| u == dep),
+            "Before= lacks {dep}: {before}"
+        );
+    }
+    assert_eq!(single(&unit, "Install", "WantedBy"), "multi-user.target");
+}
+
+#[test]
 fn timer_schedules_the_oneshot_service() {
     let unit = read("deploy/systemd/vmsync.timer");
-    assert_eq!(single(&unit, "Timer", "OnBootSec"), "1min");
+    // At boot, as soon as vmsync.service's After= (libvirt, network) allow.
+    assert_eq!(single(&unit, "Timer", "OnBootSec"), "1s");
     assert_eq!(single(&unit, "Timer", "OnUnitActiveSec"), "5min");
     assert_eq!(single(&unit, "Timer", "RandomizedDelaySec"), "30s");
     assert_eq!(single(&unit, "Timer", "Unit"), "vmsync.service");
@@ -696,6 +737,17 @@ fn nixos_module_timer_mode_evaluates_to_oneshot_and_timer() {
     assert_eq!(svc["environment"]["HOME"], "/var/lib/vmsync");
     let timer = &c["systemd"]["timers"]["vmsync"];
     assert_eq!(timer["timerConfig"]["OnUnitActiveSec"], "7min");
+    assert_eq!(timer["timerConfig"]["OnBootSec"], "1s");
+    // orderedShutdown (default on): `vmsync shutdown` when the unit stops, before libvirtd.
+    let down = &c["systemd"]["services"]["vmsync-shutdown"];
+    assert_eq!(
+        down["serviceConfig"]["ExecStop"],
+        format!("{pkg}/bin/vmsync shutdown")
+    );
+    assert_eq!(down["serviceConfig"]["RemainAfterExit"], true);
+    assert!(strings(&down["after"]).contains(&"libvirtd.service".to_string()));
+    assert!(strings(&down["before"]).contains(&"vmsync.service".to_string()));
+    assert_eq!(strings(&down["wantedBy"]), ["multi-user.target"]);
     assert_eq!(strings(&timer["wantedBy"]), ["timers.target"]);
     assert!(c["systemd"]["services"].get("vmsync-agent").is_none());
     let rules = strings(&c["systemd"]["tmpfiles"]["rules"]);
@@ -845,7 +897,10 @@ fn nixos_rendered_units_pass_systemd_analyze_verify() {
     let bin = env!("CARGO_BIN_EXE_vmsync");
     let mut paths = Vec::new();
     for (mode, units) in [
-        ("timer", &["vmsync.service", "vmsync.timer"][..]),
+        (
+            "timer",
+            &["vmsync.service", "vmsync.timer", "vmsync-shutdown.service"][..],
+        ),
         ("daemon", &["vmsync-agent.service"][..]),
     ] {
         let c = eval_ok(&format!(r#"{URL} mode = "{mode}";"#), "");

@@ -23,6 +23,7 @@ use crate::agent::sync::{self, Connection, Options, SyncError};
 use crate::agent::webhook::{self, Hub, Secret};
 use crate::agent::{metrics, notify, watchdog};
 use crate::config::{self, ConfigError, Overrides, Settings};
+use crate::reconcile::window_gate;
 use crate::record::store;
 use crate::repo::probe;
 use crate::util::commit_id;
@@ -350,8 +351,30 @@ impl Daemon {
         }
     }
 
-    /// When the next sync is due: the schedule, the backoff and the host's jitter.
+    /// When the next sync is due: the schedule, the backoff and the host's jitter; or
+    /// the start of a maintenance window a restart, stop or prune waits for, if sooner.
     fn next_due(&self) -> DateTime<Utc> {
+        let scheduled = self.next_scheduled();
+        let record = store::load(&self.settings.state_dir).unwrap_or_default();
+        let window = record
+            .vms
+            .values()
+            .filter_map(|vm| vm.waiting_for.as_deref().and_then(window_gate::start_of))
+            .filter(|start| *start < scheduled)
+            .min();
+        match window {
+            Some(start) => {
+                // Just after the start: the window is open then.
+                let due = start + chrono::Duration::milliseconds(100);
+                info!(next = %due.to_rfc3339(), "next sync at the start of a maintenance window");
+                due
+            }
+            None => scheduled,
+        }
+    }
+
+    /// The next tick of the schedule, after the backoff, with the host's jitter.
+    fn next_scheduled(&self) -> DateTime<Utc> {
         let settings = &self.settings;
         let now = Utc::now();
         let jitter = jitter(&settings.host, settings.jitter_seconds);

@@ -155,6 +155,22 @@ fn vm_gauges(out: &mut Gauges, record: &Record, report: Option<&Report>) {
         "1 if the domain runs an older definition.",
         &pending,
     );
+    let waiting: Vec<_> = record
+        .vms
+        .iter()
+        .map(|(name, vm)| {
+            let start = vm
+                .waiting_for
+                .as_deref()
+                .and_then(crate::reconcile::window_gate::start_of);
+            (vm_label(name), start.map_or(0.0, |t| t.timestamp() as f64))
+        })
+        .collect();
+    out.gauge(
+        "vmsync_vm_waiting_for_window_timestamp_seconds",
+        "When the maintenance window opens that the vm's restart, stop or prune waits for (unix time); 0 when nothing waits.",
+        &waiting,
+    );
     let failed: Vec<_> = record
         .vms
         .iter()

@@ -6,6 +6,7 @@ pub mod metrics;
 pub mod notify;
 pub mod render_cmd;
 pub mod report;
+pub mod shutdown;
 pub mod stage_clock;
 pub mod status;
 pub mod suspend;

@@ -23,6 +23,9 @@ pub struct VmStatus {
     /// left out when there is none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub state_problems: Vec<String>,
+    /// What its restart, stop or prune waits for at the last sync: "window <start>"
+    /// (the next start of a maintenance window, UTC); `null` when nothing waits.
+    pub waiting_for: Option<String>,
 }
 
 /// The whole status view (`vmsync status --json` prints it).
@@ -84,6 +87,7 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
                 ),
                 health: plan_types::HealthView::of(rec),
                 state_problems: Vec::new(),
+                waiting_for: rec.waiting_for.clone(),
             };
             if let Some((hv, listing)) = &listing {
                 let seen = listing.iter().find(|d| &d.name == name);
@@ -209,6 +213,7 @@ pub fn render_text(s: &Status) -> String {
         let mut notes = vm.entry.drift.clone();
         notes.extend(vm.entry.last_error.iter().map(|e| format!("error: {e}")));
         notes.extend(vm.state_problems.iter().cloned());
+        notes.extend(vm.waiting_for.iter().map(|w| format!("waiting for {w}")));
         out += &format!(
             "{:<24} {:<8} {:<7} {:<10} {:<13} {:<16} {}\n",
             vm.entry.name,

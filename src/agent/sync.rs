@@ -31,7 +31,7 @@ use crate::host::{
 };
 use crate::reconcile::outcome::Outcome;
 use crate::reconcile::plan_types::Plan;
-use crate::reconcile::{diff, plan, record_update, render};
+use crate::reconcile::{diff, plan, record_update, render, window_gate};
 use crate::record::{Record, store};
 use crate::repo::files::RepoFiles;
 use crate::repo::trust::{self, Floor};
@@ -550,7 +550,8 @@ fn plan_to_apply(
         policy: &settings.changes,
         record,
     };
-    let plan = plan::plan(desired, observed, commit, &ctx);
+    let mut plan = plan::plan(desired, observed, commit, &ctx);
+    hold_for_windows(settings, desired, &mut plan);
     if let Some(message) = &plan.refused {
         return Err(SyncError::Refused {
             commit: commit.to_string(),
@@ -565,6 +566,24 @@ fn plan_to_apply(
         info!(commit = %short(commit), vms = plan.vms.len(), "nothing to do: every vm is converged");
     }
     Ok(plan)
+}
+
+/// Outside the maintenance windows, the restarts, stops and prunes of `plan` wait
+/// (`reconcile::window_gate`), unless `--ignore-windows`.
+fn hold_for_windows(settings: &Settings, desired: &Desired, plan: &mut Plan) {
+    if settings.ignore_windows {
+        if !desired.windows.is_empty() {
+            warn!("--ignore-windows: restarts, stops and prunes do not wait for a window");
+        }
+        return;
+    }
+    let now = chrono::Utc::now();
+    if window_gate::gate(plan, &desired.windows, &settings.host, now) > 0 {
+        for vm in plan.vms.iter().filter(|v| v.order.waiting.is_some()) {
+            let what = vm.order.waiting.as_deref().unwrap_or_default();
+            info!(vm = %vm.name, "restart or stop waiting for {what}");
+        }
+    }
 }
 
 /// The report of an applied commit, or `ActionsFailed` when something failed.
@@ -687,6 +706,7 @@ fn plan_observed(
         record,
     };
     let mut plan = plan::plan(desired, observed, commit, &ctx);
+    hold_for_windows(settings, desired, &mut plan);
     diff::annotate(&mut plan, normalizer);
     render::annotate_resources(&mut plan.resources);
     plan
@@ -897,6 +917,7 @@ mod tests {
             self_heal: None,
             adopt: false,
             health,
+            order: Default::default(),
             seed: None,
         };
         Desired {

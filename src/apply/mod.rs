@@ -3,4 +3,5 @@
 
 pub mod health_stage;
 pub mod networks_pools;
+pub mod ordered_start;
 pub mod vms;

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::{debug, error, info, warn};
 
-use crate::apply::networks_pools;
+use crate::apply::{networks_pools, ordered_start};
 use crate::desired::domain_xml;
 use crate::host::disk::DiskProvisioner;
 use crate::host::hypervisor::Hypervisor;
@@ -25,7 +25,7 @@ use crate::host::seed_file;
 use crate::reconcile::diff;
 use crate::reconcile::outcome::{Outcome, PruneOutcome, VmFailure, VmOutcome};
 use crate::reconcile::plan_types::{Action, Plan, VmPlan};
-use crate::util::{commit_id, par};
+use crate::util::commit_id;
 
 /// VMs converged at the same time.
 pub const THREADS: usize = 4;
@@ -62,8 +62,10 @@ pub fn apply(
     // VMs are independent: their actions run on a few threads (libvirt serves
     // concurrent calls on one connection; disk creations are separate processes).
     // Within a VM, actions stay in order.
-    let vms: Vec<&VmPlan> = plan.vms.iter().collect();
-    outcome.vms = par::map(vms, THREADS, |vm| apply_vm(vm, hv, disks, cancel, short));
+    // VMs with `depends_on` wait for their dependencies (see `ordered_start`).
+    outcome.vms = ordered_start::apply_in_order(plan, hv, cancel, THREADS, &|vm| {
+        apply_vm(vm, hv, disks, cancel, short)
+    });
     for p in plan
         .prune
         .iter()
@@ -386,6 +388,7 @@ mod tests {
             current_hash: Some("hash-old".into()),
             diff: None,
             health: None,
+            order: Default::default(),
         }
     }
 

@@ -8,7 +8,7 @@ use crate::desired::disk_spec::DiskSpec;
 use crate::desired::domain_xml::DomainSummary;
 use crate::desired::manifest::{self, OnChange, Problem, VolumeSpec};
 use crate::desired::resource_xml::{ResourceKind, ResourceSummary};
-use crate::desired::{health_spec, host_policy_settings};
+use crate::desired::{health_spec, host_policy_settings, start_order, window_spec};
 
 /// What this host's policy allows and which VMs it applies.
 #[derive(Debug, Clone, Default)]
@@ -51,8 +51,18 @@ pub struct DesiredVm {
     pub adopt: bool,
     /// `[vm.health]`: checked after vmsync starts it with a new definition.
     pub health: Option<health_spec::HealthSpec>,
+    /// `depends_on`, and whether the VM is in a dependency graph at all.
+    pub order: start_order::VmOrder,
     /// `[vm.cloud_init]`: the seed built for it (its CD-ROM is in `xml` already).
     pub seed: Option<crate::desired::seed_spec::SeedSpec>,
+}
+
+impl DesiredVm {
+    /// libvirt's autostart flag for it: `autostart`, except for a VM in a dependency
+    /// graph, which vmsync starts itself, in order (at boot too).
+    pub fn libvirt_autostart(&self) -> bool {
+        self.autostart && !self.order.in_graph
+    }
 }
 
 /// The validated desired state of this host.
@@ -62,6 +72,8 @@ pub struct Desired {
     pub vms: Vec<DesiredVm>,
     /// Networks, pools and pool volumes (see `resources`).
     pub resources: crate::desired::desired_state::DesiredResources,
+    /// `[[window]]`: when running guests may be interrupted (none: always).
+    pub windows: Vec<window_spec::Window>,
 }
 
 /// A network or pool as this host should have it.

@@ -14,7 +14,7 @@ use toml::Spanned;
 use crate::desired::disk_spec::{DiskFormat, DiskSpec};
 use crate::desired::values::{absolute_path, parse_size, parse_timeout};
 use crate::desired::{
-    cloud_init_spec, health_spec, image_spec, path_rule, resource_xml, template_render,
+    cloud_init_spec, health_spec, image_spec, path_rule, resource_xml, template_render, window_spec,
 };
 
 /// The manifest's file name at the root of the VM repository.
@@ -60,6 +60,9 @@ struct RawManifest {
     network: Vec<RawResource>,
     #[serde(default)]
     pool: Vec<RawResource>,
+    /// `[[window]]`: when running guests may be interrupted.
+    #[serde(default)]
+    window: Vec<window_spec::RawWindow>,
     /// `[[image]]`: base images disks are made from.
     #[serde(default)]
     image: Vec<image_spec::RawImage>,
@@ -110,6 +113,8 @@ struct RawVm {
     adopt: bool,
     #[serde(default)]
     disk: Vec<RawDisk>,
+    /// VMs started before this one (`depends_on`).
+    depends_on: Option<Spanned<Vec<String>>>,
 }
 
 /// What to do with a running domain whose definition changes (`on_change`).
@@ -419,6 +424,10 @@ pub struct VmEntry {
     /// `[[vm.disk]]` entries with `pool` and `volume`: volumes made through libvirt's
     /// storage API when missing.
     pub volumes: Vec<VolumeSpec>,
+    /// `depends_on`: the VMs that must be up before this one starts (default none).
+    pub depends_on: Vec<String>,
+    /// Line of the entry's `depends_on` key, when it has one.
+    pub depends_on_line: Option<usize>,
     /// `[vm.cloud_init]`: the NoCloud seed vmsync builds and attaches (default: none).
     pub cloud_init: Option<cloud_init_spec::CloudInitSpec>,
 }
@@ -505,6 +514,8 @@ pub struct Manifest {
     pub networks: Vec<ResourceEntry>,
     /// `[[pool]]` entries.
     pub pools: Vec<ResourceEntry>,
+    /// `[[window]]` entries: when running guests may be interrupted (none: always).
+    pub windows: Vec<window_spec::Window>,
     /// `[[image]]` entries.
     pub images: Vec<crate::desired::disk_spec::ImageSpec>,
 }
@@ -626,12 +637,18 @@ pub fn parse(text: &str) -> Result<Manifest, Vec<Problem>> {
         &mut problems,
     );
 
+    let windows = window_spec::parse_all(
+        raw.window,
+        &|pos| line_of(text, pos),
+        &mut |span, field, message| problems.push(problem_at(text, span, None, &field, message)),
+    );
     if problems.is_empty() {
         Ok(Manifest {
             directories,
             vms,
             networks,
             pools,
+            windows,
             images,
         })
     } else {
@@ -831,6 +848,14 @@ impl Parse<'_> {
             adopt: raw_vm.adopt,
             volumes,
             health,
+            depends_on_line: raw_vm
+                .depends_on
+                .as_ref()
+                .map(|d| line_of(self.text, d.span().start)),
+            depends_on: raw_vm
+                .depends_on
+                .map(Spanned::into_inner)
+                .unwrap_or_default(),
         })
     }
 

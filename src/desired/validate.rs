@@ -15,7 +15,7 @@ use crate::desired::manifest::{self, MANIFEST_FILE, Problem, VmEntry, XmlSource}
 use crate::desired::schema_check::SchemaChecker;
 use crate::desired::{
     domain_xml, health_spec, host_access, host_policy, image_spec, network_pool_entries, path_rule,
-    seed_spec, template_render,
+    seed_spec, start_order, template_render,
 };
 use crate::repo::files::RepoFiles;
 
@@ -68,6 +68,7 @@ pub fn validate(
     } = check;
 
     shared_name_clashes(&manifest, &vms, policy, &mut problems);
+    start_order::check(&manifest.vms, policy.host.as_deref(), &mut problems);
     let resources =
         network_pool_entries::validate(&manifest, files, policy, schema, &vms, &mut problems);
     if !problems.is_empty() {
@@ -75,8 +76,9 @@ pub fn validate(
     }
     Ok(Desired {
         directories: manifest.directories,
-        vms,
+        vms: mark_graph(vms),
         resources,
+        windows: manifest.windows,
     })
 }
 
@@ -559,8 +561,24 @@ impl<'a> Validation<'a> {
             self_heal: vm.self_heal,
             adopt: vm.adopt,
             health,
+            order: start_order::VmOrder {
+                depends_on: vm.depends_on.clone(),
+                in_graph: false,
+            },
         });
     }
+}
+
+/// Marks the VMs that are in the dependency graph of `vms` (see [`VmOrder::in_graph`]).
+fn mark_graph(mut vms: Vec<DesiredVm>) -> Vec<DesiredVm> {
+    let graph = start_order::Graph::new(
+        vms.iter()
+            .map(|v| (v.name.as_str(), v.order.depends_on.as_slice())),
+    );
+    for vm in &mut vms {
+        vm.order.in_graph = graph.in_graph(&vm.name);
+    }
+    vms
 }
 
 /// A VM's own files in libvirt's shared directories are told by its name (`web.agent`,

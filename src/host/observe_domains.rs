@@ -233,6 +233,7 @@ mod tests {
             self_heal: None,
             adopt: false,
             health: None,
+            order: Default::default(),
             seed: None,
         }
     }
@@ -266,6 +267,7 @@ mod tests {
             directories: Vec::new(),
             vms: ["same", "changed", "drifted"].map(wanted).into(),
             resources: Default::default(),
+            windows: Vec::new(),
         };
         let disks = crate::host::disk::QemuImg::default();
 

@@ -216,6 +216,7 @@ mod tests {
             current_hash: None,
             diff: None,
             health: None,
+            order: Default::default(),
         }
     }
 

@@ -15,3 +15,4 @@ pub mod plan_types;
 pub mod policy;
 pub mod record_update;
 pub mod render;
+pub mod window_gate;

@@ -25,6 +25,8 @@ pub enum VmFailure {
     Planned(String),
     /// Its health check failed (what the check found and what followed).
     Unhealthy(String),
+    /// Not started: a dependency was not up ("waiting for db: not healthy after 5m").
+    Waiting(String),
 }
 
 impl std::fmt::Display for VmFailure {
@@ -33,9 +35,10 @@ impl std::fmt::Display for VmFailure {
             VmFailure::Interrupted => f.write_str(INTERRUPTED),
             VmFailure::ShutdownInterrupted => f.write_str(SHUTDOWN_INTERRUPTED),
             VmFailure::StartAfterStop(e) => write!(f, "after the shutdown, {e}"),
-            VmFailure::Action(m) | VmFailure::Planned(m) | VmFailure::Unhealthy(m) => {
-                f.write_str(m)
-            }
+            VmFailure::Action(m)
+            | VmFailure::Planned(m)
+            | VmFailure::Unhealthy(m)
+            | VmFailure::Waiting(m) => f.write_str(m),
         }
     }
 }

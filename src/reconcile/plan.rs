@@ -68,6 +68,9 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
             if let (Some(view), Some(spec)) = (p.health.as_mut(), vm.health.as_ref()) {
                 view.check = Some(spec.describe());
             }
+            p.order.after = vm.order.depends_on.clone();
+            p.order.up_check = vm.health.clone();
+            p.order.shutdown_timeout = vm.shutdown_timeout;
             p
         })
         .collect();
@@ -121,6 +124,7 @@ pub fn plan(desired: &Desired, observed: &Observed, commit: &str, ctx: &Context)
         refused,
         foreign_tagged,
         resources,
+        next_window: None,
     }
 }
 
@@ -175,7 +179,7 @@ fn plan_vm(
     let mut out = VmPlan {
         name: vm.name.clone(),
         fingerprint: vm.fingerprint.clone(),
-        autostart: vm.autostart,
+        autostart: vm.libvirt_autostart(),
         state: vm.state,
         actions: Vec::new(),
         error: None,
@@ -190,6 +194,7 @@ fn plan_vm(
         current_hash: None,
         diff: None,
         health: None,
+        order: Default::default(),
     };
     let heal = vm.self_heal.unwrap_or(ctx.policy.self_heal);
     let timeout = vm.shutdown_timeout.unwrap_or(ctx.policy.shutdown_timeout);
@@ -295,7 +300,7 @@ fn vm_drift(
         ),
         _ => Vec::new(),
     };
-    drift::against_commit(drift, vm.autostart, vm.state)
+    drift::against_commit(drift, vm.libvirt_autostart(), vm.state)
 }
 
 /// What the steps of planning one VM share, once its domain is found and may be touched.
@@ -335,10 +340,9 @@ impl VmPlanner<'_> {
 
         let autostart_now = self.seen.is_some_and(|s| s.listing.autostart);
         let autostart_drift = self.has(|d| matches!(d, Drift::Autostart { .. }));
-        if self.vm.autostart != autostart_now && (self.heal || !autostart_drift) {
-            self.out
-                .actions
-                .push(Action::SetAutostart(self.vm.autostart));
+        let autostart = self.vm.libvirt_autostart();
+        if autostart != autostart_now && (self.heal || !autostart_drift) {
+            self.out.actions.push(Action::SetAutostart(autostart));
         }
         self.plan_power(active, was_active, adopted_live);
         Ok(())
@@ -505,10 +509,13 @@ impl VmPlanner<'_> {
                 .seen
                 .and_then(|s| s.live_tag.as_ref())
                 .is_none_or(|tag| tag.fingerprint != vm.fingerprint);
+        // vmsync is the autostart of a VM in a dependency graph: found shut off (after a
+        // boot), it is started even with self-heal off.
+        let ordered_autostart = vm.autostart && vm.order.in_graph;
         let actions = &mut self.out.actions;
         match vm.state {
             // Drift in the power state is only reported when self-heal is off.
-            PowerState::Running if !active && (heal || !power_drift) => {
+            PowerState::Running if !active && (heal || !power_drift || ordered_autostart) => {
                 actions.push(Action::Start);
             }
             PowerState::Stopped if active && (heal || !power_drift) => {
@@ -581,6 +588,7 @@ mod tests {
             self_heal: None,
             adopt: false,
             health: None,
+            order: Default::default(),
             seed: None,
         }
     }
@@ -1110,6 +1118,7 @@ mod tests {
                 directories: vec![],
                 vms: vec![case.want],
                 resources: Default::default(),
+                windows: Vec::new(),
             };
             let mut record = Record::default();
             if let Some(rec) = case.record {
@@ -1182,6 +1191,7 @@ mod tests {
             directories: vec![],
             vms: vec![desired_vm("web", 1024, false, vec![])],
             resources: Default::default(),
+            windows: Vec::new(),
         };
         let gone = |name: &str, active| seen_with(name, OTHER_UUID, 512, active, false, true);
         let obs = observed(
@@ -1298,6 +1308,7 @@ mod tests {
                 OTHER_UUID,
             )],
             resources: Default::default(),
+            windows: Vec::new(),
         };
         let obs = observed(vec![], vec![gone("old-a", false)], vec![]);
         let p = plan_with(&renamed, &obs, &prune_ctx(true, 5, false));
@@ -1311,6 +1322,7 @@ mod tests {
             directories: vec![],
             vms: vec![desired_vm("web", 2048, false, vec![])],
             resources: Default::default(),
+            windows: Vec::new(),
         };
         let p = plan_with(
             &desired,
@@ -1346,6 +1358,7 @@ mod tests {
                 directories: vec![],
                 vms: vec![restart(desired_vm("web", memory, true, vec![]))],
                 resources: Default::default(),
+                windows: Vec::new(),
             };
             plan(
                 &desired,
@@ -1407,6 +1420,7 @@ mod tests {
             directories: vec![],
             vms: vec![vm],
             resources: Default::default(),
+            windows: Vec::new(),
         };
         let obs = observed(vec![], vec![], vec![]);
         let p = plan_with(&desired, &obs, &ChangePolicy::default());
@@ -1423,6 +1437,7 @@ mod tests {
             directories: vec!["/srv/images/ISOs".into()],
             vms: vec![desired_vm("web", 1024, false, vec![])],
             resources: Default::default(),
+            windows: Vec::new(),
         };
         let mut obs = observed(vec![seen("web", 1024, false, false, true)], vec![], vec![]);
         let p = plan_with(&desired, &obs, &ChangePolicy::default());

@@ -181,6 +181,28 @@ impl Action {
         }
     }
 
+    /// Whether it interrupts a running guest (a restart, a stop): such an action waits
+    /// for a maintenance window (`[[window]]`).
+    pub fn interrupts_guest(&self) -> bool {
+        match self {
+            Action::Restart { .. } | Action::Stop { .. } => true,
+            Action::CreateDisk(_)
+            | Action::Rename { .. }
+            | Action::Define { .. }
+            | Action::SetAutostart(_)
+            | Action::Start
+            | Action::Undefine
+            | Action::Adopt { .. }
+            | Action::WriteSeed { .. }
+            | Action::DownloadImage(_) => false,
+        }
+    }
+
+    /// Whether it starts the guest (after its dependencies are up).
+    pub fn starts_guest(&self) -> bool {
+        matches!(self, Action::Start | Action::Restart { .. })
+    }
+
     /// The action's kind for machines (`vmsync plan --json`, metrics).
     pub fn kind(&self) -> ActionKind {
         match self {
@@ -237,6 +259,22 @@ pub struct VmPlan {
     pub diff: Option<String>,
     /// Health, last healthy commit and hold-back (`[vm.health]`, see `health`).
     pub health: Option<crate::reconcile::plan_types::HealthView>,
+    /// Its dependencies, how others tell it is up, and what its actions wait for.
+    pub order: OrderView,
+}
+
+/// A VM's place in the start order and what it waits for (`depends_on`, `[[window]]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrderView {
+    /// `depends_on`: it starts only when each of these is up.
+    pub after: Vec<String>,
+    /// How the VMs that depend on it tell it is up: its `[vm.health]` check passes
+    /// (`None`: it is running).
+    pub up_check: Option<crate::desired::health_spec::HealthSpec>,
+    /// Why its actions that interrupt the running guest wait ("window <next start>").
+    pub waiting: Option<String>,
+    /// Its own `shutdown_timeout` (`None`: the agent's), kept for `vmsync shutdown`.
+    pub shutdown_timeout: Option<Duration>,
 }
 
 impl VmPlan {
@@ -281,6 +319,9 @@ pub struct Plan {
     pub foreign_tagged: usize,
     /// Networks, pools and volumes (applied before the domains; pruned after them).
     pub resources: crate::reconcile::plan_types::ResourcePlan,
+    /// The next start of a maintenance window that an action of this plan waits for:
+    /// the daemon syncs then.
+    pub next_window: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Plan {

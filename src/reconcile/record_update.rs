@@ -30,6 +30,28 @@ pub fn after_apply(
     record_outcome(record, commit, left_in_place, outcome, now);
     record_resources(record, commit, &plan.resources, &outcome.resources);
     record_health(record, plan, found);
+    record_order(record, plan);
+}
+
+/// What each VM waits for, and its dependencies and shutdown timeout for `vmsync
+/// shutdown`; a prune that waits for a window says so in the record it keeps.
+fn record_order(record: &mut Record, plan: &Plan) {
+    for vm in &plan.vms {
+        if let Some(entry) = record.vms.get_mut(&vm.name) {
+            entry.waiting_for = vm.order.waiting.clone();
+            entry.depends_on = vm.order.after.clone();
+            entry.shutdown_timeout_seconds = vm.order.shutdown_timeout.map(|t| t.as_secs());
+        }
+    }
+    for p in &plan.prune {
+        if let Some(entry) = record.vms.get_mut(&p.name) {
+            entry.waiting_for = p
+                .skipped
+                .as_deref()
+                .and_then(|s| s.strip_prefix("waiting for "))
+                .map(str::to_string);
+        }
+    }
 }
 
 /// Records what applying `commit` did. `left_in_place`: managed domains the plan
@@ -543,6 +565,7 @@ mod tests {
             current_hash: None,
             diff: None,
             health: None,
+            order: Default::default(),
         };
         Plan {
             commit: "b".into(),
@@ -559,6 +582,7 @@ mod tests {
                 }],
                 ..Default::default()
             },
+            next_window: None,
         }
     }
 

@@ -34,7 +34,16 @@ pub fn render(plan: &Plan) -> String {
         if vm.pending_restart {
             out += " (pending restart)";
         }
+        if let Some(w) = &vm.order.waiting {
+            out += &format!(" (restart/stop waiting for {w})");
+        }
         out += "\n";
+        if !vm.order.after.is_empty() && vm.actions.iter().any(Action::starts_guest) {
+            out += &format!(
+                "    starts after: {} (each up)\n",
+                vm.order.after.join(", ")
+            );
+        }
         for d in &vm.drift {
             let how = if vm.drift_reported_only {
                 "reported only, self_heal is off"
@@ -126,6 +135,10 @@ pub struct VmJson<'a> {
     pub warnings: &'a [String],
     /// `[vm.health]`: last result, last healthy commit, held back commit.
     pub health: Option<&'a plan_types::HealthView>,
+    /// `depends_on`: a start waits until each of these is up.
+    pub depends_on: &'a [String],
+    /// What its restart or stop waits for ("window <start>"); `null`: nothing.
+    pub waiting_for: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -174,6 +187,8 @@ impl Plan {
                     error: vm.error.as_deref(),
                     warnings: &vm.warnings,
                     health: vm.health.as_ref(),
+                    depends_on: &vm.order.after,
+                    waiting_for: vm.order.waiting.as_deref(),
                 })
                 .collect(),
             prune: self

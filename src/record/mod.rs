@@ -69,6 +69,15 @@ pub struct VmRecord {
     /// A reverted definition, not tried again until the commit's definition changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_back: Option<HeldBack>,
+    /// What its actions wait for at the last sync ("window 2026-12-06T02:00:00Z").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
+    /// `depends_on` at the last sync: `vmsync shutdown` stops it before these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// Its own `shutdown_timeout` in seconds at the last sync (none: the agent's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout_seconds: Option<u64>,
 }
 
 /// The record in `state.json`.
