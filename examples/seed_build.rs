@@ -75,7 +75,8 @@ fn time(args: &[String]) {
             },
             seed_dir: Path::new(seed_dir),
         };
-        let seed = seed_spec::build(&inputs, &spec, XML).expect("the seed builds");
+        let mut seed = seed_spec::build(&inputs, &spec).expect("the seed builds");
+        seed_spec::attach(XML, &mut seed).expect("the CD-ROM is attached");
         seed_file::write(&seed).expect("the seed is written");
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         size = std::fs::metadata(&seed.path).expect("the image").len();

@@ -115,7 +115,7 @@ impl SeedSpec {
     /// The `<disk>` element that attaches the seed: a SCSI CD-ROM. Not SATA: Debian's
     /// cloud kernel (linux-image-cloud-amd64, that of its genericcloud images) has no
     /// AHCI driver, so its guests never see a SATA CD-ROM; every cloud kernel has
-    /// virtio-scsi (see [`with_device`]).
+    /// virtio-scsi (see [`insert_device`]).
     pub fn device_xml(&self) -> String {
         let mut path = String::new();
         for c in self.path.to_string_lossy().chars() {
@@ -155,24 +155,32 @@ fn free_target(doc: &roxmltree::Document) -> Option<String> {
         .find(|t| !used.contains(t))
 }
 
-/// The device target the seed gets in `xml`.
-pub fn target_for(xml: &str) -> Result<String, XmlProblem> {
+/// `xml` with the seed's CD-ROM as the last device, its target the first `sd?` the
+/// VM's own disks leave free (set in `seed`): parsed once.
+pub fn attach(xml: &str, seed: &mut SeedSpec) -> Result<String, XmlProblem> {
     let doc = domain_xml::parse_doc(xml)?;
-    free_target(&doc).ok_or_else(|| XmlProblem {
+    seed.target = free_target(&doc).ok_or_else(|| XmlProblem {
         line: None,
         field: Some("cloud_init".into()),
         message: "no free sd? target for the cloud-init CD-ROM (sda…sdz are all used)".into(),
-    })
+    })?;
+    Ok(insert_device(xml, &doc, seed))
 }
 
 /// A SCSI controller for the seed's CD-ROM when the domain has none (libvirt's default
 /// model on x86, lsilogic, is missing from cloud kernels as AHCI is).
 const SCSI_CONTROLLER: &str = "<controller type='scsi' model='virtio-scsi'/>";
 
-/// `xml` with the seed's CD-ROM as the last device, after a virtio-scsi controller when
-/// the domain has no SCSI controller of its own.
+/// `xml` with the seed's CD-ROM (at its target already chosen) as the last device, after
+/// a virtio-scsi controller when the domain has no SCSI controller of its own.
 pub fn with_device(xml: &str, seed: &SeedSpec) -> Result<String, XmlProblem> {
     let doc = domain_xml::parse_doc(xml)?;
+    Ok(insert_device(xml, &doc, seed))
+}
+
+/// [`attach`] and [`with_device`]: the CD-ROM, after a virtio-scsi controller when the
+/// domain has none.
+fn insert_device(xml: &str, doc: &roxmltree::Document, seed: &SeedSpec) -> String {
     let root = doc.root_element();
     let has_scsi = doc
         .descendants()
@@ -202,7 +210,7 @@ pub fn with_device(xml: &str, seed: &SeedSpec) -> Result<String, XmlProblem> {
             out.insert_str(close, &format!("  <devices>\n    {device}\n  </devices>\n"));
         }
     }
-    Ok(out)
+    out
 }
 
 /// What building a VM's seed needs.
@@ -257,12 +265,9 @@ fn sets_instance_id(meta: &[u8]) -> bool {
         .any(|l| l.starts_with("instance-id:") || l.starts_with("\"instance-id\":"))
 }
 
-/// Builds the seed of `vm` (whose XML is `xml`) from its `[vm.cloud_init]`.
-pub fn build(
-    inputs: &SeedInputs,
-    spec: &CloudInitSpec,
-    xml: &str,
-) -> Result<SeedSpec, SeedProblem> {
+/// Builds the seed of `vm` from its `[vm.cloud_init]` (its target is chosen by
+/// [`attach`]).
+pub fn build(inputs: &SeedInputs, spec: &CloudInitSpec) -> Result<SeedSpec, SeedProblem> {
     let vm = inputs.vars.vm;
     let (user_data, s1) = content(inputs, "user_data", &spec.user_data)?;
     let meta = match &spec.meta_data {
@@ -302,15 +307,9 @@ pub fn build(
             out
         }
     };
-    let target = target_for(xml).map_err(|e| SeedProblem {
-        field: "cloud_init".into(),
-        file: crate::desired::manifest::MANIFEST_FILE.into(),
-        line: None,
-        message: e.message,
-    })?;
     Ok(SeedSpec {
         path: seed_path(inputs.seed_dir, vm),
-        target,
+        target: String::new(),
         user_data,
         meta_data,
         network_config: net.map(|n| n.0),
@@ -343,7 +342,9 @@ mod tests {
             },
             seed_dir: Path::new("/seeds"),
         };
-        build(&inputs, spec, XML)
+        let mut seed = build(&inputs, spec)?;
+        attach(XML, &mut seed).unwrap();
+        Ok(seed)
     }
 
     fn spec(user_data: &str) -> CloudInitSpec {

@@ -214,7 +214,7 @@ impl<'a> Validation<'a> {
             ));
         }
         let health = self.allowed_health(vm);
-        let seed = if self.problems.len() == before {
+        let seeded = if self.problems.len() == before {
             self.seed(vm, &loaded.xml)
         } else {
             None
@@ -223,13 +223,13 @@ impl<'a> Validation<'a> {
             if let (Some(id), false) = (&content_id, was_cached) {
                 self.schema.remember(id, &summary);
             }
-            self.accept(vm, loaded, summary, (health, seed));
+            self.accept(vm, loaded, summary, (health, seeded));
         }
     }
 
-    /// The VM's cloud-init seed, built from its files (`None`: it has none, or a problem
-    /// was recorded).
-    fn seed(&mut self, vm: &VmEntry, xml: &str) -> Option<seed_spec::SeedSpec> {
+    /// The VM's cloud-init seed, built from its files, and the XML with its CD-ROM
+    /// (`None`: it has none, or a problem was recorded).
+    fn seed(&mut self, vm: &VmEntry, xml: &str) -> Option<(seed_spec::SeedSpec, String)> {
         let spec = vm.cloud_init.as_ref()?;
         let params = match &vm.xml {
             XmlSource::Template { params, .. } => params,
@@ -246,8 +246,18 @@ impl<'a> Validation<'a> {
             },
             seed_dir: self.policy.seed_dir.as_deref().unwrap_or(&default_dir),
         };
-        match seed_spec::build(&inputs, spec, xml) {
-            Ok(seed) => Some(seed),
+        let built = seed_spec::build(&inputs, spec).and_then(|mut seed| {
+            seed_spec::attach(xml, &mut seed)
+                .map(|xml| (seed, xml))
+                .map_err(|e| seed_spec::SeedProblem {
+                    field: "cloud_init".into(),
+                    file: MANIFEST_FILE.into(),
+                    line: None,
+                    message: e.message,
+                })
+        });
+        match built {
+            Ok(seeded) => Some(seeded),
             Err(p) => {
                 let line = p.line.or((p.file == MANIFEST_FILE).then_some(vm.line));
                 self.problems
@@ -521,7 +531,10 @@ impl<'a> Validation<'a> {
         vm: &VmEntry,
         loaded: VmXml,
         summary: DomainSummary,
-        (health, seed): (Option<health_spec::HealthSpec>, Option<seed_spec::SeedSpec>),
+        (health, seeded): (
+            Option<health_spec::HealthSpec>,
+            Option<(seed_spec::SeedSpec, String)>,
+        ),
     ) {
         if let (Some((key, rendered)), Some(cache)) =
             (&loaded.fresh_render, self.schema.render_cache())
@@ -530,16 +543,14 @@ impl<'a> Validation<'a> {
         }
         // The seed's CD-ROM is part of the definition vmsync defines, and the seed's hash
         // part of its fingerprint.
-        let (xml, fingerprint) = match &seed {
-            Some(seed) => {
-                let xml =
-                    seed_spec::with_device(&loaded.xml, seed).expect("the xml parsed in summarize");
+        let (xml, fingerprint, seed) = match seeded {
+            Some((seed, xml)) => {
                 let fingerprint = domain_xml::fingerprint(&xml) + &seed.fingerprint_part();
-                (xml, fingerprint)
+                (xml, fingerprint, Some(seed))
             }
             None => {
                 let fingerprint = domain_xml::fingerprint(&loaded.xml);
-                (loaded.xml, fingerprint)
+                (loaded.xml, fingerprint, None)
             }
         };
         self.vms.push(DesiredVm {

@@ -65,9 +65,28 @@ pub fn observe(
         .collect();
     let listed = relevant_domains(desired, applied, hv, &wanted)?;
     // One inactive-XML read per such domain (and the live XML of running ones), on a
-    // few threads: libvirt serves concurrent calls on one connection.
-    let seen = par::map(listed, THREADS, |(is_wanted, listing)| {
-        read_domain(hv, &wanted, applied, is_wanted, listing)
+    // few threads: libvirt serves concurrent calls on one connection. The cloud-init
+    // seeds (one sector each) are read meanwhile, on a thread of their own.
+    let seed_paths: Vec<&PathBuf> = desired
+        .vms
+        .iter()
+        .filter_map(|vm| vm.seed.as_ref().map(|s| &s.path))
+        .collect();
+    let read_seeds = || {
+        seed_paths
+            .iter()
+            .map(|p| ((*p).clone(), seed_file::observed_hash(p)))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (seen, seeds) = std::thread::scope(|scope| {
+        let seeds = (!seed_paths.is_empty()).then(|| scope.spawn(read_seeds));
+        let seen = par::map(listed, THREADS, |(is_wanted, listing)| {
+            read_domain(hv, &wanted, applied, is_wanted, listing)
+        });
+        let seeds = seeds
+            .map(|h| h.join().expect("reading seeds does not panic"))
+            .unwrap_or_default();
+        (seen, seeds)
     });
     let mut domains = BTreeMap::new();
     let mut others = BTreeMap::new();
@@ -93,12 +112,6 @@ pub fn observe(
         .map(|d| (d.clone(), d.is_dir()))
         .collect();
     let images = missing_disk_images(desired, &disks, disks_seam);
-    let seeds = desired
-        .vms
-        .iter()
-        .filter_map(|vm| vm.seed.as_ref())
-        .map(|seed| (seed.path.clone(), seed_file::observed_hash(&seed.path)))
-        .collect();
     Ok(Observed {
         domains,
         others,
