@@ -10,6 +10,15 @@
 //! agent masked (`systemd.mask=qemu-guest-agent.service` on the kernel command line) is
 //! unhealthy although the guest is up (sshd answers, the agent does not).
 //!
+//! End to end: a local HTTP server serves the guest image as an `[[image]]`; vmsync
+//! brings the VM up from a commit (an overlay on the downloaded image, a NoCloud seed it
+//! builds), and the real cloud-init in the guest sets the hostname, creates a user with
+//! an SSH key and writes a file whose content is an `.age` secret of the repository
+//! (decrypted on the host with its SSH key); the test reads them back through the guest
+//! agent. A changed user-data and secret with `on_change = "restart"`: the guest is
+//! restarted, cloud-init applies the new instance, and the disk (inode, backing file),
+//! UUID and MACs stay. The plaintext never shows in vmsync's output or state.
+//!
 //! Each boot's time is printed. Without a reachable `qemu:///system` or the image these
 //! tests skip with a message, unless `VMSYNC_REQUIRE_LIBVIRTD` is set: then they fail.
 
@@ -19,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::guest::{self, GuestXml, Image, TestNetwork};
-use common::{Env, Manifest, Vm, virsh_system_ok as virsh_ok};
+use common::{Env, Manifest, Vm, seeds, virsh_system_ok as virsh_ok};
 
 /// One guest of a test: its boot files, overlay disk and seed in the test's images
 /// directory, and the network it is on.
@@ -238,4 +247,183 @@ fn real_guest_agent_and_a_check_over_a_libvirt_network() {
         std::thread::sleep(Duration::from_secs(1));
     }
     assert!(!guest::ping(&g.name), "the agent is masked in this boot");
+}
+
+/// The user-data template of the end-to-end test: hostname `host`, a user `tester` with
+/// the SSH key `key`, and `/etc/vmsync-secret` holding the repository's `.age` secret
+/// (decrypted on the host by `secret()`).
+fn user_data(host: &str, key: &str) -> String {
+    format!(
+        "#cloud-config\nhostname: {host}\nusers:\n  - name: tester\n    shell: /bin/bash\n    \
+         ssh_authorized_keys:\n      - {key}\nwrite_files:\n  - path: /etc/vmsync-secret\n    \
+         permissions: '0600'\n    content: |\n      {{{{ secret(\"secrets/motd.age\") }}}}\n"
+    )
+}
+
+/// Waits until cloud-init has finished in the guest `name` (`cloud-init status`);
+/// prints its warnings and errors when it reports any (the test then checks what it
+/// applied).
+fn cloud_init_done(name: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let run = guest::exec(name, &["cloud-init", "status"]);
+        if run.stdout.contains("status: done") {
+            return;
+        }
+        if run.stdout.contains("status: error") {
+            let long = guest::exec(name, &["cloud-init", "status", "--long"]);
+            let log = guest::exec(
+                name,
+                &[
+                    "grep",
+                    "-E",
+                    "WARNING|ERROR|Traceback",
+                    "/var/log/cloud-init.log",
+                ],
+            );
+            eprintln!("{name}: cloud-init: {}\n{}", long.stdout, log.stdout);
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cloud-init never finished: {run:?}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// What cloud-init made of the seed in the guest `name`: its hostname, the secret
+/// file, tester's authorized keys and the instance id.
+fn applied(name: &str) -> [String; 4] {
+    let read = |path: &str| {
+        let bytes = guest::read_file(name, path).unwrap_or_else(|| panic!("{name}: {path}"));
+        String::from_utf8(bytes).unwrap().trim().to_string()
+    };
+    [
+        guest::exec_ok(name, &["hostname"]).trim().to_string(),
+        read("/etc/vmsync-secret"),
+        read("/home/tester/.ssh/authorized_keys"),
+        read("/var/lib/cloud/data/instance-id"),
+    ]
+}
+
+/// The disk's inode and backing file, the domain's UUID and its MACs: what must stay.
+fn identity(env: &Env, disk: &Path) -> (u64, serde_json::Value, String, String) {
+    use std::os::unix::fs::MetadataExt;
+    let name = env.name("g");
+    (
+        std::fs::metadata(disk).unwrap().ino(),
+        common::qemu_img_info(disk)["backing-filename"].clone(),
+        virsh_ok(&["domuuid", &name]),
+        virsh_ok(&["domiflist", &name]),
+    )
+}
+
+#[test]
+fn real_guest_comes_up_from_a_commit_and_takes_a_changed_seed_on_restart() {
+    let Some(mut env) = Env::system("ge2e") else {
+        return;
+    };
+    let Some(image) = guest::image() else {
+        return;
+    };
+    let (kernel, initrd) = guest::boot_files(image, &env.images);
+    // The image, served over HTTP; the host's SSH key decrypts the secrets.
+    let sha = common::sha256_file(&image.disk);
+    let server = vmsync::testing::http_server(vec![(
+        "/debian-12.qcow2",
+        vmsync::testing::Reply::Body(std::fs::read(&image.disk).unwrap()),
+    )]);
+    let host_key = seeds::HostKey::ssh(env.state.path());
+    let policy = format!(
+        "image_urls = [\"http://127.0.0.1\"]\nimage_dir = \"{}\"",
+        env.images.join("base").display()
+    );
+    let seed_dir = env.images.join("seeds");
+    seeds::configure(&mut env, &seed_dir, &host_key.path, &policy);
+    let user = common::SigningKey::new("ed25519");
+    let (name, disk) = (env.name("g"), env.disk("g"));
+    let xml = GuestXml {
+        name: &name,
+        domain_type: image.domain_type,
+        disk: &disk,
+        kernel: &kernel,
+        initrd: &initrd,
+        cmdline: &image.cmdline,
+        seed: None,
+        network: None,
+        memory_mib: 512,
+    }
+    .xml();
+    env.repo.write(
+        "vmsync.toml",
+        &format!(
+            "version = 1\n\n[[image]]\nname = \"debian-12\"\nurl = \"{}/debian-12.qcow2\"\nsha256 = \"{sha}\"\n\n\
+             [[vm]]\nname = \"{name}\"\nxml = \"vms/g.xml\"\nautostart = true\nshutdown_timeout = \"2m\"\n\n  \
+             [[vm.disk]]\n  path = \"{}\"\n  size = \"4G\"\n  image = \"debian-12\"\n\n  \
+             [vm.cloud_init]\n  user_data = \"cloud-init/user-data.yaml.j2\"\n  on_change = \"restart\"\n",
+            server.base,
+            disk.display()
+        ),
+    );
+    env.repo.write("vms/g.xml", &xml);
+    let commit_seed = |host: &str, secret: &str, message: &str| {
+        env.repo.write(
+            "cloud-init/user-data.yaml.j2",
+            &user_data(host, &user.public),
+        );
+        std::fs::create_dir_all(env.repo.path().join("secrets")).unwrap();
+        std::fs::write(
+            env.repo.path().join("secrets/motd.age"),
+            host_key.encrypt(secret.as_bytes()),
+        )
+        .unwrap();
+        env.repo.commit(message)
+    };
+    commit_seed(
+        "guest-one",
+        "the first secret",
+        "a guest from an image and a seed",
+    );
+
+    let (run, _) = timed_run(&env, image, "first boot from the image and the seed");
+    let run = run.expect(0);
+    run.stderr_has("downloading image");
+    run.stderr_has("image in place");
+    assert!(!run.stderr.contains("the first secret") && !run.stdout.contains("the first secret"));
+    let started = Instant::now();
+    guest::wait_for_agent(&name, started, image.boot_limit(), &disk);
+    cloud_init_done(&name, image.boot_limit());
+    let [host, secret, keys, first_iid] = applied(&name);
+    assert_eq!(host, "guest-one");
+    assert_eq!(secret, "the first secret");
+    assert!(keys.contains(&user.public), "{keys}");
+    assert!(first_iid.starts_with("iid-"), "{first_iid}");
+    let before = identity(&env, &disk);
+    assert!(
+        before.1.as_str().is_some_and(|b| b.contains("/base/")),
+        "{before:?}"
+    );
+    let state = env.state_json().unwrap();
+    assert!(!state.contains("the first secret"));
+
+    // A new hostname and secret in git: the seed is rebuilt, the guest restarted, and
+    // cloud-init applies the new instance; disk, UUID and MACs stay.
+    commit_seed("guest-two", "the second secret", "new hostname and secret");
+    let (run, _) = timed_run(&env, image, "restart with the changed seed");
+    let run = run.expect(0);
+    run.stderr_has("shut down gracefully");
+    assert!(!run.stderr.contains("the second secret"));
+    guest::wait_for_agent(&name, Instant::now(), image.boot_limit(), &disk);
+    cloud_init_done(&name, image.boot_limit());
+    let [host, secret, keys, iid] = applied(&name);
+    assert_eq!(host, "guest-two");
+    assert_eq!(secret, "the second secret");
+    assert!(keys.contains(&user.public), "{keys}");
+    assert_ne!(iid, first_iid);
+    assert_eq!(
+        identity(&env, &disk),
+        before,
+        "disk inode and backing, UUID, MACs"
+    );
 }

@@ -55,7 +55,14 @@ fn real_seed_is_attached_read_only_and_follows_on_change() {
     );
     assert_eq!(
         child("target").and_then(|t| t.attribute("bus")),
-        Some("sata")
+        Some("scsi")
+    );
+    // On a virtio-scsi controller (the domain has no SCSI controller of its own).
+    assert!(
+        doc.descendants().any(|n| n.has_tag_name("controller")
+            && n.attribute("type") == Some("scsi")
+            && n.attribute("model") == Some("virtio-scsi")),
+        "{xml}"
     );
     assert_eq!(env.domstate("web"), "running");
     let uuid = virsh_ok(&["domuuid", &env.name("web")]);

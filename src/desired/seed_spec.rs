@@ -112,7 +112,10 @@ impl SeedSpec {
         }
     }
 
-    /// The `<disk>` element that attaches the seed.
+    /// The `<disk>` element that attaches the seed: a SCSI CD-ROM. Not SATA: Debian's
+    /// cloud kernel (linux-image-cloud-amd64, that of its genericcloud images) has no
+    /// AHCI driver, so its guests never see a SATA CD-ROM; every cloud kernel has
+    /// virtio-scsi (see [`insert_device`]).
     pub fn device_xml(&self) -> String {
         let mut path = String::new();
         for c in self.path.to_string_lossy().chars() {
@@ -126,7 +129,7 @@ impl SeedSpec {
             }
         }
         format!(
-            "<disk type='file' device='cdrom'>\n      <driver name='qemu' type='raw'/>\n      <source file='{path}'/>\n      <target dev='{}' bus='sata'/>\n      <readonly/>\n    </disk>",
+            "<disk type='file' device='cdrom'>\n      <driver name='qemu' type='raw'/>\n      <source file='{path}'/>\n      <target dev='{}' bus='scsi'/>\n      <readonly/>\n    </disk>",
             self.target
         )
     }
@@ -164,15 +167,29 @@ pub fn attach(xml: &str, seed: &mut SeedSpec) -> Result<String, XmlProblem> {
     Ok(insert_device(xml, &doc, seed))
 }
 
-/// `xml` with the seed's CD-ROM (at its target already chosen) as the last device.
+/// A SCSI controller for the seed's CD-ROM when the domain has none (libvirt's default
+/// model on x86, lsilogic, is missing from cloud kernels as AHCI is).
+const SCSI_CONTROLLER: &str = "<controller type='scsi' model='virtio-scsi'/>";
+
+/// `xml` with the seed's CD-ROM (at its target already chosen) as the last device, after
+/// a virtio-scsi controller when the domain has no SCSI controller of its own.
 pub fn with_device(xml: &str, seed: &SeedSpec) -> Result<String, XmlProblem> {
     let doc = domain_xml::parse_doc(xml)?;
     Ok(insert_device(xml, &doc, seed))
 }
 
+/// [`attach`] and [`with_device`]: the CD-ROM, after a virtio-scsi controller when the
+/// domain has none.
 fn insert_device(xml: &str, doc: &roxmltree::Document, seed: &SeedSpec) -> String {
     let root = doc.root_element();
-    let device = seed.device_xml();
+    let has_scsi = doc
+        .descendants()
+        .any(|n| n.has_tag_name("controller") && n.attribute("type") == Some("scsi"));
+    let device = if has_scsi {
+        seed.device_xml()
+    } else {
+        format!("{SCSI_CONTROLLER}\n    {}", seed.device_xml())
+    };
     let mut out = xml.to_string();
     match domain_xml::child(root, "devices") {
         Some(devices) => {
@@ -396,6 +413,18 @@ mod tests {
             .find(|n| n.attribute("device") == Some("cdrom"))
             .unwrap();
         assert!(cdrom.children().any(|c| c.has_tag_name("readonly")));
+        let bus = cdrom
+            .children()
+            .find(|c| c.has_tag_name("target"))
+            .and_then(|t| t.attribute("bus"));
+        assert_eq!(bus, Some("scsi"));
+        assert_eq!(xml.matches(SCSI_CONTROLLER).count(), 1, "{xml}");
+        // A domain with a SCSI controller of its own gets no second one.
+        let own = XML.replace(
+            "  </devices>",
+            "    <controller type='scsi' index='0' model='virtio-scsi'/>\n  </devices>",
+        );
+        assert!(!with_device(&own, &seed).unwrap().contains(SCSI_CONTROLLER));
         let bare = with_device("<domain><name>web</name><devices/></domain>", &seed).unwrap();
         assert!(
             bare.contains("<source file='/seeds/web-cidata.iso'/>"),
