@@ -52,6 +52,19 @@ impl Graph {
             || self.deps.values().any(|d| d.iter().any(|x| x == name))
     }
 
+    /// Every VM for which [`Graph::in_graph`] holds, in one pass over the graph (asking
+    /// `in_graph` of each VM looks at the whole graph each time: quadratic in the VMs).
+    pub fn members(&self) -> BTreeSet<&str> {
+        let mut members = BTreeSet::new();
+        for (name, deps) in &self.deps {
+            if !deps.is_empty() {
+                members.insert(name.as_str());
+                members.extend(deps.iter().map(String::as_str));
+            }
+        }
+        members
+    }
+
     /// What `name` depends on.
     pub fn of(&self, name: &str) -> &[String] {
         self.deps.get(name).map(Vec::as_slice).unwrap_or(&[])
@@ -264,6 +277,10 @@ mod tests {
         );
         assert!(g.in_graph("router") && g.in_graph("app"));
         assert!(!g.in_graph("other"));
+        let members = g.members();
+        for name in g.deps.keys() {
+            assert_eq!(members.contains(name.as_str()), g.in_graph(name), "{name}");
+        }
         assert_eq!(g.dependents("db"), ["app", "web"]);
         assert_eq!(g.cycle(), None);
     }

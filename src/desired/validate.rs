@@ -586,8 +586,9 @@ fn mark_graph(mut vms: Vec<DesiredVm>) -> Vec<DesiredVm> {
         vms.iter()
             .map(|v| (v.name.as_str(), v.order.depends_on.as_slice())),
     );
+    let members = graph.members();
     for vm in &mut vms {
-        vm.order.in_graph = graph.in_graph(&vm.name);
+        vm.order.in_graph = members.contains(vm.name.as_str());
     }
     vms
 }
