@@ -587,7 +587,10 @@ def seeds_bench(n):
             old = "no-op with seeds, OLD"
             out.append(f"- OLD ({OLD}): with seeds / without = {wall[old] / wall['no-op without seeds']:.3f} (wall), "
                        f"{cost[old] / cost['no-op without seeds']:.3f} (CPU cost); validate stage "
-                       f"{stage(runs[old], 'validate'):.1f} ms.")
+                       f"{stage(runs[old], 'validate'):.1f} ms. This build / OLD, seeded no-op, median of the "
+                       f"per-round ratios: {med(a[0] / b[0] for a, b in zip(w, runs[old])):.3f} (wall), "
+                       f"{med(a[4] / b[4] for a, b in zip(w, runs[old])):.3f} (CPU cost), "
+                       f"{med(stages(a[3]).get('validate', 0.0) / stages(b[3]).get('validate', 1.0) for a, b in zip(w, runs[old])):.3f} (validate stage).")
         out += [
                 f"- One seed built (template rendered, secret decrypted with an SSH ed25519 key, ISO, "
                 f"atomic write with fsync): median {float(build[0]):.2f} ms, best {float(build[1]):.2f} ms "
