@@ -16,6 +16,10 @@
 //!   shutdown (the guest boots no OS, so it never honours ACPI) ends at once, the unit
 //!   not failed, the VM recorded as not stopped, no drift afterwards. The same stop of
 //!   `vmsync.service` exits 143, counted as success.
+//! - `vmsync-agent.service` with `vmsync-shutdown.service` and a dependency graph
+//!   (router <- db <- app): started as at boot, the agent's first sync starts the graph
+//!   in order (libvirt's autostart flags off); stopping the shutdown unit (as at host
+//!   shutdown) runs `vmsync shutdown`: app, db, router, in libvirt's event stream.
 //!
 //! Needs root, `systemd-nspawn` (package systemd-container), `nsenter` (util-linux), and
 //! `debootstrap` plus deb.debian.org the first time (about 2 minutes, 320 MB in
@@ -323,7 +327,8 @@ impl Machine {
         self.write("/etc/vmsync/config.toml", config);
         self.ok("cd /mnt/vmsync/checkout\n\
              install -m 0644 deploy/systemd/vmsync.service deploy/systemd/vmsync.timer \\\n\
-                 deploy/systemd/vmsync-agent.service /etc/systemd/system/\n\
+                 deploy/systemd/vmsync-agent.service deploy/systemd/vmsync-shutdown.service \\\n\
+                 /etc/systemd/system/\n\
              systemctl daemon-reload");
     }
 }
@@ -375,6 +380,125 @@ fn vm(name: &str, disk: &str, extra: &str) -> String {
     format!(
         "[[vm]]\nname = \"{name}\"\nxml = \"{name}.xml\"\n{extra}\n  [[vm.disk]]\n  path = \"{disk}\"\n  size = \"64M\"\n"
     )
+}
+
+/// The host's libvirt socket(s), bound into a container at the same path.
+fn libvirt_socket_binds() -> Vec<Bind> {
+    let sockets: Vec<&str> = ["/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock"]
+        .into_iter()
+        .filter(|s| Path::new(s).exists())
+        .collect();
+    assert!(
+        !sockets.is_empty(),
+        "qemu:///system answers, but through no socket in /run/libvirt"
+    );
+    sockets
+        .into_iter()
+        .map(|s| (PathBuf::from(s), s.to_string(), false))
+        .collect()
+}
+
+/// Boot and shutdown of a dependency graph (router <- db <- app) under the shipped
+/// units: enabled `vmsync-agent.service` and `vmsync-shutdown.service`, started together
+/// as at boot (the host's libvirtd is up: the agent's first sync) start the graph in order, libvirt's autostart flags off; stopping
+/// `vmsync-shutdown.service` (as at host shutdown) stops app, db, router, in that order.
+#[test]
+fn units_start_a_dependency_graph_in_order_and_stop_it_in_reverse() {
+    let Some(tree) = tree() else { return };
+    if !common::libvirtd_available() {
+        return;
+    }
+    let (prefix, images, _cleanup) = common::scratch("sdorder");
+    let kind = if Path::new("/dev/kvm").exists() {
+        "kvm"
+    } else {
+        "qemu"
+    };
+    let names: Vec<String> = ["router", "db", "app"]
+        .iter()
+        .map(|s| format!("{prefix}-{s}"))
+        .collect();
+    let repo = Repo::new();
+    let mut manifest = "version = 1\n".to_string();
+    for (i, name) in names.iter().enumerate() {
+        let disk = images.join(format!("{name}.qcow2"));
+        let deps = match i {
+            0 => String::new(),
+            _ => format!("depends_on = [\"{}\"]\n", names[i - 1]),
+        };
+        manifest += &vm(
+            name,
+            &disk.display().to_string(),
+            &format!("autostart = true\nshutdown_timeout = \"2s\"\n{deps}"),
+        );
+        repo.write(&format!("{name}.xml"), &bios_xml(name, kind, &disk, 128));
+    }
+    repo.write("vmsync.toml", &manifest);
+    repo.commit("a graph");
+    let mut binds = vmsync_binds();
+    binds.push((repo.path().to_path_buf(), "/srv/vm-repo".into(), true));
+    let images_inside = images.display().to_string();
+    binds.push((images.clone(), images_inside.clone(), false));
+    binds.extend(libvirt_socket_binds());
+    let m = Machine::boot(&tree, &machine_name("order"), &binds);
+    m.install_vmsync(&format!(
+        "[source]\nurl = \"/srv/vm-repo\"\n[libvirt]\nuri = \"qemu:///system\"\n\
+         [agent]\nhost = \"hv1\"\nschedule = \"0 0 0 1 1 *\"\njitter_seconds = 0\n\
+         [policy]\ndisk_roots = [\"{images_inside}\"]\n"
+    ));
+    let events = common::events::Events::start();
+    let since = chrono::Utc::now();
+    // Enabled and started together, as at boot (the shutdown unit first: Before=).
+    m.ok(
+        "systemctl enable vmsync-agent.service vmsync-shutdown.service\n\
+          systemctl start vmsync-agent.service vmsync-shutdown.service",
+    );
+    let started = wait_for(
+        "the graph started",
+        Duration::from_secs(90),
+        || events.order(&names, "Started", since),
+        || {
+            format!(
+                "{}\n{}\nevents: {:#?}",
+                m.ok("systemctl status --no-pager vmsync-agent.service || true"),
+                m.ok("journalctl --no-pager -b | grep -i vmsync | tail -40 || true"),
+                events.of("")
+            )
+        },
+    );
+    eprintln!("start order under the units: {started:?}");
+    assert_eq!(started, names, "router, db, app");
+    assert_eq!(m.show("vmsync-shutdown.service", "ActiveState"), "active");
+    for name in &names {
+        let info = common::virsh_system_ok(&["dominfo", name]);
+        assert!(
+            info.lines()
+                .any(|l| l.starts_with("Autostart:") && l.ends_with("disable")),
+            "{name}: libvirt's autostart stays off\n{info}"
+        );
+    }
+
+    // Host shutdown: the agent stops first (Before=), then `vmsync shutdown` runs as the
+    // shutdown unit's stop.
+    let since = chrono::Utc::now();
+    m.ok("systemctl stop vmsync-agent.service vmsync-shutdown.service");
+    let stopped = wait_for(
+        "the graph stopped",
+        Duration::from_secs(60),
+        || events.order(&names, "Stopped", since),
+        || m.journal("vmsync-shutdown.service"),
+    );
+    let mut reversed = names.clone();
+    reversed.reverse();
+    eprintln!("shutdown order under the units: {stopped:?}");
+    assert_eq!(stopped, reversed, "app, db, router");
+    let log = m.journal("vmsync-shutdown.service");
+    assert!(log.contains("still running after 2s, destroyed"), "{log}");
+    assert_eq!(
+        m.show("vmsync-shutdown.service", "Result"),
+        "success",
+        "{log}"
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod events;
 pub mod guest;
 pub mod seeds;
 
