@@ -792,9 +792,16 @@ fn nixos_module_daemon_mode_evaluates_to_notify_service() {
     assert_eq!(sc["Type"], "notify");
     assert_eq!(sc["ExecStart"], format!("{pkg}/bin/vmsync"));
     assert_eq!(sc["Restart"], "on-failure");
+    // The base image directory (default below /var/lib/libvirt/images) is opened too:
+    // no disk root covers it here.
     assert_eq!(
         strings(&sc["ReadWritePaths"]),
-        ["-/a", "-/b", "-/var/lib/node-exporter"]
+        [
+            "-/a",
+            "-/b",
+            "-/var/lib/node-exporter",
+            "-/var/lib/libvirt/images/vmsync-images"
+        ]
     );
     assert_same_sandbox_as_units(sc);
     assert_eq!(strings(&svc["wantedBy"]), ["multi-user.target"]);

@@ -170,7 +170,8 @@ let
         entry ending in the host (`http://127.0.0.1`) allows that host on any port.
       '';
       image_dir = key absolutePath "/var/lib/libvirt/images/vmsync-images" ''
-        Where downloaded base images are kept, one read-only file per sha256.
+        Where downloaded base images are kept, one read-only file per sha256; opened
+        in the sandbox when it is not below a disk root.
       '';
       image_timeout = key types.nonEmptyStr "60s" ''
         A base image download that receives nothing for this long fails.
@@ -311,6 +312,7 @@ let
   inherit (cfg.settings.policy) disk_roots;
   metricsFile = cfg.settings.agent.metrics_file;
   seedDir = cfg.settings.policy.seed_dir;
+  imageDir = cfg.settings.policy.image_dir;
 
   # The same sandbox as deploy/systemd/vmsync.service; the reasons for each
   # line are given there.
@@ -334,7 +336,9 @@ let
         map (p: "-${p}") disk_roots
         ++ lib.optional (stateDirectory == null) "-${stateDir}"
         ++ lib.optional (metricsFile != null) "-${dirOf metricsFile}"
-        ++ lib.optional (seedDir != null) "-${seedDir}";
+        ++ lib.optional (seedDir != null) "-${seedDir}"
+        # The base image directory, when it is not below a disk root already.
+        ++ lib.optional (!lib.any (r: lib.hasPrefix "${r}/" "${imageDir}/") disk_roots) "-${imageDir}";
       ProtectHome = true;
       PrivateTmp = true;
       PrivateDevices = true;

@@ -125,8 +125,9 @@ fn open(d: &Download) -> Result<(ureq::BodyReader<'static>, Option<u64>), String
     Err(format!("more than {MAX_REDIRECTS} redirects"))
 }
 
-/// A chunk from the reader thread, or why it stopped.
-type Chunk = Result<Vec<u8>, String>;
+/// A chunk from the reader thread (a buffer of [`CHUNK`] bytes and how many of them
+/// hold data), or why it stopped.
+type Chunk = Result<(Vec<u8>, usize), String>;
 
 /// The reader's chunks as a `Read` for the writer thread (and its decompressor).
 struct Chunks {
@@ -134,23 +135,27 @@ struct Chunks {
     /// Emptied buffers go back to the reader.
     back: mpsc::SyncSender<Vec<u8>>,
     current: Vec<u8>,
+    /// Bytes of `current` that hold data.
+    len: usize,
     pos: usize,
 }
 
 impl Read for Chunks {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.current.len() {
+        while self.pos == self.len {
             match self.rx.recv() {
-                Ok(Ok(chunk)) => {
+                Ok(Ok((chunk, len))) => {
                     let done = std::mem::replace(&mut self.current, chunk);
-                    let _ = self.back.try_send(done);
-                    self.pos = 0;
+                    if !done.is_empty() {
+                        let _ = self.back.try_send(done);
+                    }
+                    (self.len, self.pos) = (len, 0);
                 }
                 Ok(Err(e)) => return Err(io::Error::other(e)),
                 Err(_) => return Ok(0),
             }
         }
-        let n = buf.len().min(self.current.len() - self.pos);
+        let n = buf.len().min(self.len - self.pos);
         buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
@@ -167,8 +172,8 @@ fn read_and_hash(
     let mut hasher = Sha256::new();
     let mut served = 0u64;
     loop {
-        let mut buf = back.try_recv().unwrap_or_default();
-        buf.resize(CHUNK, 0);
+        // A buffer back from the writer, else a new one (zeroed by the allocator).
+        let mut buf = back.try_recv().unwrap_or_else(|_| vec![0; CHUNK]);
         let mut filled = 0;
         let result = loop {
             match body.read(&mut buf[filled..]) {
@@ -183,8 +188,7 @@ fn read_and_hash(
                 Err(e) => break Err(e),
             }
         };
-        buf.truncate(filled);
-        hasher.update(&buf);
+        hasher.update(&buf[..filled]);
         served += filled as u64;
         let end = filled == 0;
         let go_on = match result {
@@ -193,7 +197,7 @@ fn read_and_hash(
                 false
             }
             Ok(()) if end => false,
-            Ok(()) => tx.send(Ok(buf)).is_ok(),
+            Ok(()) => tx.send(Ok((buf, filled))).is_ok(),
         };
         if !go_on {
             return (hex::encode(hasher.finalize()), served);
@@ -280,6 +284,7 @@ fn pipe(
             rx,
             back: back_tx,
             current: Vec::new(),
+            len: 0,
             pos: 0,
         };
         let written = write_out(chunks, image.compression, out, length, image);
