@@ -16,7 +16,7 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use common::{Env, Manifest, bios_xml, sha256_file, uefi_tpm_xml, virsh_system_ok as virsh_ok};
+use common::{Env, Manifest, Vm, bios_xml, sha256_file, uefi_tpm_xml, virsh_system_ok as virsh_ok};
 
 /// A BIOS guest of these tests: its short name, manifest keys and memory.
 struct Guest<'a> {
@@ -199,6 +199,46 @@ fn real_drift_is_reported_then_healed() {
     assert_eq!(env.vm_status("vm")["drift"], serde_json::json!([]));
     let run = env.run(&["--once"]).expect(0);
     run.stdout_has("nothing to do");
+}
+
+/// Starting a q35 domain makes libvirt move the `virtio-serial` controller it added for a
+/// guest-agent channel behind the PCIe controllers in the inactive XML: the same
+/// definition in another order, which the next sync must not take for drift (and
+/// redefine in place).
+#[test]
+fn real_q35_start_reordering_controllers_is_no_drift() {
+    let Some(env) = Env::system("q35order") else {
+        return;
+    };
+    let name = env.name("vm");
+    let xml = format!(
+        "<domain type='qemu'>\n  <name>{name}</name>\n  <memory unit='MiB'>64</memory>\n  \
+         <os><type machine='q35'>hvm</type></os>\n  <devices><channel type='unix'>\
+         <target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices>\n\
+         </domain>\n"
+    );
+    let vm = Vm::new(&name).key("autostart = true").xml(&xml);
+    env.commit(&Manifest::new().vm(vm), "q35 with a guest-agent channel");
+    env.run(&["--once"]).expect(0);
+    assert_eq!(env.domstate("vm"), "running");
+    let run = env.run(&["--once"]).expect(0);
+    run.stdout_lacks("drift").stdout_lacks("redefine");
+    run.stdout_has("nothing to do");
+    assert_eq!(env.vm_status("vm")["drift"], serde_json::json!([]));
+
+    // A real change to a controller is still drift.
+    let edited = env.inactive("vm").replace(
+        "<controller type='virtio-serial' index='0'>",
+        "<controller type='virtio-serial' index='0' ports='4'>",
+    );
+    assert!(edited.contains("ports='4'"), "{edited}");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &edited).unwrap();
+    virsh_ok(&["define", &file.path().display().to_string()]);
+    assert_eq!(
+        env.vm_status("vm")["drift"],
+        serde_json::json!(["definition changed outside vmsync"])
+    );
 }
 
 #[test]

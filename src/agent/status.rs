@@ -116,7 +116,12 @@ pub fn status(record: &Record, hv: Result<&dyn Hypervisor, HvError>) -> Status {
                                 tag_fingerprint: tag.as_ref().map(|t| t.fingerprint.as_str()),
                                 definition_hash: xml
                                     .as_deref()
-                                    .and_then(domain_xml::definition_hash)
+                                    .and_then(|x| {
+                                        domain_xml::definition_hash_against(
+                                            x,
+                                            rec.definition_hash.as_deref(),
+                                        )
+                                    })
                                     .as_deref(),
                             },
                         )

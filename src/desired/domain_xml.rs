@@ -309,15 +309,19 @@ const GENERATED_DEVICES: &[&str] = &[
 /// Machine type aliases libvirt expands on define (`pc` → `pc-i440fx-7.2`).
 const MACHINE_ALIASES: &[(&str, &str)] = &[("pc", "pc-i440fx-"), ("q35", "pc-q35-")];
 
-/// libvirt's inactive XML pretty-printed, with vmsync's tag removed: what the drift
-/// baseline is taken of. `None` if it does not parse.
+/// libvirt's inactive XML pretty-printed, with vmsync's tag removed and the controllers
+/// in a fixed order ([`Projection::Canonical`]): what the drift baseline is taken of.
+/// `None` if it does not parse.
 pub fn canonical(libvirt_xml: &str) -> Option<String> {
-    Some(canonical_doc(&parse_doc(libvirt_xml).ok()?))
+    Some(canonical_doc(
+        &parse_doc(libvirt_xml).ok()?,
+        Projection::Canonical,
+    ))
 }
 
-fn canonical_doc(doc: &roxmltree::Document) -> String {
+fn canonical_doc(doc: &roxmltree::Document, projection: Projection) -> String {
     let mut out = String::with_capacity(doc.input_text().len());
-    write_node(doc.root_element(), None, 0, Projection::Off, &mut out);
+    write_node(doc.root_element(), None, 0, projection, &mut out);
     out
 }
 
@@ -329,16 +333,47 @@ pub fn definition_hash(libvirt_xml: &str) -> Option<String> {
 
 fn hash_doc(doc: &roxmltree::Document) -> String {
     let mut hasher = Sha256::new();
-    hasher.update(b"vmsync-definition-v1\0");
-    hasher.update(canonical_doc(doc).as_bytes());
+    hasher.update(b"vmsync-definition-v2\0");
+    hasher.update(canonical_doc(doc, Projection::Canonical).as_bytes());
     hex::encode(hasher.finalize())
 }
 
+/// The hash vmsync 0.1 recorded as the drift baseline: of the XML in libvirt's order
+/// (which libvirt changes for controllers when a domain starts).
+fn legacy_hash_doc(doc: &roxmltree::Document) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"vmsync-definition-v1\0");
+    hasher.update(canonical_doc(doc, Projection::Off).as_bytes());
+    hex::encode(hasher.finalize())
+}
+
+/// [`definition_hash`] to compare with the recorded `baseline`: a baseline recorded by an
+/// older vmsync ([`legacy_hash_doc`]) is returned as is when the definition still hashes
+/// to it (unchanged), so an upgrade reports no drift; the next define records the new one.
+fn hash_against(doc: &roxmltree::Document, baseline: Option<&str>) -> String {
+    let hash = hash_doc(doc);
+    match baseline {
+        Some(base) if base != hash && legacy_hash_doc(doc) == base => base.to_string(),
+        _ => hash,
+    }
+}
+
+/// [`definition_hash`] of libvirt's XML as compared with the recorded `baseline`
+/// (see [`summarize_and_hash`]).
+pub fn definition_hash_against(libvirt_xml: &str, baseline: Option<&str>) -> Option<String> {
+    Some(hash_against(&parse_doc(libvirt_xml).ok()?, baseline))
+}
+
 /// [`summarize`] and [`definition_hash`] of a definition libvirt returned, parsed once
-/// (observing a host reads every managed domain's XML on every sync).
-pub fn summarize_and_hash(libvirt_xml: &str) -> (Option<DomainSummary>, Option<String>) {
+/// (observing a host reads every managed domain's XML on every sync). The hash is the
+/// one to compare with the recorded `baseline`: a baseline of an older vmsync that the
+/// unchanged definition still hashes to is returned as is.
+pub fn summarize_and_hash(
+    libvirt_xml: &str,
+    baseline: Option<&str>,
+) -> (Option<DomainSummary>, Option<String>) {
     match parse_doc(libvirt_xml) {
-        Ok(doc) => (summarize_doc(&doc).ok(), Some(hash_doc(&doc))),
+        Ok(doc) => (summarize_doc(&doc).ok(), Some(hash_against(&doc, baseline))),
         Err(_) => (None, None),
     }
 }
@@ -353,7 +388,7 @@ pub fn normalize_for_diff(libvirt_xml: &str, source: &str) -> String {
         return libvirt_xml.to_string();
     };
     let Ok(src) = parse_doc(source) else {
-        return canonical(libvirt_xml).unwrap_or_else(|| libvirt_xml.to_string());
+        return canonical_doc(&doc, Projection::Off);
     };
     let mut out = String::new();
     write_node(
@@ -388,6 +423,13 @@ pub fn disk_sources(xml: &str) -> Vec<std::path::PathBuf> {
 enum Projection {
     /// Print everything except vmsync's tag and aliases.
     Off,
+    /// As `Off`, with the controllers of `<devices>` sorted by type and index (the
+    /// definition hash): libvirt identifies a controller by type and index, its place
+    /// among the devices means nothing, and libvirt moves controllers when a domain
+    /// starts (a q35 domain's `virtio-serial` goes behind the PCIe root ports). Other
+    /// devices keep libvirt's order: disks without `<boot order>` boot in theirs, and
+    /// interfaces and disks get their PCI slots and guest names in theirs.
+    Canonical,
     /// The `<domain>` element.
     Root,
     /// A direct child of `<domain>` (its source counterpart known).
@@ -449,7 +491,7 @@ fn shown_children<'a, 'i, 's, 't>(
             continue;
         }
         match projection {
-            Projection::Off => out.push((c, None, Projection::Off)),
+            Projection::Off | Projection::Canonical => out.push((c, None, projection)),
             Projection::Root => {
                 if c.tag_name().namespace().is_some() {
                     continue;
@@ -490,7 +532,30 @@ fn shown_children<'a, 'i, 's, 't>(
             }
         }
     }
+    if projection == Projection::Canonical && name == "devices" {
+        sort_controllers(&mut out);
+    }
     out
+}
+
+/// Puts the controllers among `devices` in (type, numeric index) order, in the places
+/// the controllers had; every other device stays where it is.
+fn sort_controllers<S: Copy>(devices: &mut [(roxmltree::Node, S, Projection)]) {
+    let places: Vec<usize> = (0..devices.len())
+        .filter(|&i| devices[i].0.tag_name().name() == "controller")
+        .collect();
+    let mut controllers: Vec<_> = places.iter().map(|&i| devices[i]).collect();
+    controllers.sort_by_cached_key(|(n, ..)| {
+        let index = n.attribute("index").unwrap_or("0");
+        (
+            n.attribute("type").unwrap_or("").to_string(),
+            index.parse::<u64>().unwrap_or(u64::MAX),
+            index.to_string(),
+        )
+    });
+    for (place, device) in places.into_iter().zip(controllers) {
+        devices[place] = device;
+    }
 }
 
 /// Appends `name` with the prefix `node` has in scope for `ns` (none for the default).
@@ -674,10 +739,16 @@ mod tests {
     fn definition_hash_is_stable_across_versions() {
         // state.json keeps these hashes as drift baselines: a printer that changed its
         // output would report every managed domain as drifted after an upgrade. (The
-        // value is the one the printer of vmsync 0.1 gives.)
+        // value is the one the printer of vmsync 0.1 gives, then the one with the
+        // controllers sorted.)
+        let doc = parse_doc(CORNERS).unwrap();
+        assert_eq!(
+            legacy_hash_doc(&doc),
+            "2323d42ee0693d37c02a9765ea84ecd9823bf7d2ec5037047ac7c50d6cffaeed"
+        );
         assert_eq!(
             definition_hash(CORNERS).as_deref(),
-            Some("2323d42ee0693d37c02a9765ea84ecd9823bf7d2ec5037047ac7c50d6cffaeed")
+            Some("2281a112aed066490a90f21e0c1d83ae032ea3d4f5496da85860416349d94437")
         );
         let text = canonical(CORNERS).unwrap();
         assert!(
@@ -694,6 +765,93 @@ mod tests {
         );
     }
 
+    /// A q35 domain as libvirt returns it after define: `devices` with the controllers
+    /// in the order `order` gives (indexes into `CONTROLLERS`), then `tail`.
+    fn q35(order: &[usize], tail: &str) -> String {
+        const CONTROLLERS: [&str; 4] = [
+            "<controller type='usb' index='0' model='qemu-xhci'/>",
+            "<controller type='pci' index='0' model='pcie-root'/>",
+            "<controller type='virtio-serial' index='0'><address type='pci' bus='0x02'/></controller>",
+            "<controller type='pci' index='10' model='pcie-root-port'><target chassis='10'/></controller>",
+        ];
+        let controllers: String = order.iter().map(|&i| CONTROLLERS[i]).collect();
+        format!(
+            "<domain type='qemu'><name>q</name><os><type machine='pc-q35-7.2'>hvm</type></os>\
+             <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{controllers}{tail}</devices></domain>"
+        )
+    }
+
+    #[test]
+    fn controller_order_is_no_change_but_their_content_and_other_devices_order_are() {
+        let disks = "<disk device='disk'><target dev='vda'/></disk><disk device='disk'><target dev='vdb'/></disk>";
+        let defined = q35(&[0, 1, 2, 3], disks);
+        // After a start libvirt moves virtio-serial behind the root ports.
+        let started = q35(&[0, 1, 3, 2], disks);
+        assert_ne!(defined, started);
+        assert_eq!(definition_hash(&defined), definition_hash(&started));
+        assert_eq!(
+            definition_hash(&defined),
+            definition_hash(&q35(&[3, 2, 1, 0], disks))
+        );
+        // Index 10 sorts after index 0 of the same type (numerically, not as text).
+        let text = canonical(&started).unwrap();
+        let at = |s: &str| text.find(s).unwrap();
+        assert!(at("pcie-root'") < at("pcie-root-port'"), "{text}");
+        assert!(
+            at("<emulator>") < at("<controller") && at("</controller>") < at("<disk"),
+            "{text}"
+        );
+        // No false negatives: a changed, missing or added controller is a change...
+        for other in [
+            defined.replace("qemu-xhci", "nec-xhci"),
+            defined.replace("bus='0x02'", "bus='0x03'"),
+            q35(&[0, 1, 3], disks),
+            defined.replace(
+                "</devices>",
+                "<controller type='scsi' index='0'/></devices>",
+            ),
+        ] {
+            assert_ne!(
+                definition_hash(&defined),
+                definition_hash(&other),
+                "{other}"
+            );
+        }
+        // ...and so is the order of disks (their boot order, their slots).
+        let swapped = q35(
+            &[0, 1, 2, 3],
+            "<disk device='disk'><target dev='vdb'/></disk><disk device='disk'><target dev='vda'/></disk>",
+        );
+        assert_ne!(definition_hash(&defined), definition_hash(&swapped));
+    }
+
+    #[test]
+    fn a_baseline_of_the_old_hash_matches_only_the_same_definition() {
+        let defined = q35(&[0, 1, 2, 3], "");
+        let legacy = legacy_hash_doc(&parse_doc(&defined).unwrap());
+        let current = definition_hash(&defined).unwrap();
+        assert_ne!(legacy, current);
+        // Recorded by an older vmsync, definition unchanged: the baseline itself.
+        assert_eq!(
+            summarize_and_hash(&defined, Some(&legacy)).1,
+            Some(legacy.clone())
+        );
+        assert_eq!(
+            definition_hash_against(&defined, Some(&legacy)),
+            Some(legacy.clone())
+        );
+        // Changed since: the current hash, which differs from the baseline.
+        let changed = defined.replace("qemu-xhci", "nec-xhci");
+        let now = definition_hash_against(&changed, Some(&legacy)).unwrap();
+        assert!(now != legacy && Some(now) == definition_hash(&changed));
+        // A current baseline, or none: the current hash.
+        assert_eq!(
+            definition_hash_against(&defined, Some(&current)),
+            Some(current.clone())
+        );
+        assert_eq!(summarize_and_hash(&defined, None).1, Some(current));
+    }
+
     #[test]
     fn summarize_and_hash_parse_once_to_the_same_answers() {
         for xml in [
@@ -703,7 +861,7 @@ mod tests {
             "<vm/>",
             "<domain",
         ] {
-            let (summary, hash) = summarize_and_hash(xml);
+            let (summary, hash) = summarize_and_hash(xml, None);
             assert_eq!(summary, summarize(xml).ok(), "{xml}");
             assert_eq!(hash, definition_hash(xml), "{xml}");
         }

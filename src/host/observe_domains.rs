@@ -178,9 +178,10 @@ fn read_domain(
     listing: Listing,
 ) -> Option<(bool, SeenDomain)> {
     let inactive_xml = hv.xml(&listing.name, true).ok();
+    let baseline = applied.get(&listing.name).and_then(|b| b.as_deref());
     let (inactive, definition_hash) = inactive_xml
         .as_deref()
-        .map(domain_xml::summarize_and_hash)
+        .map(|xml| domain_xml::summarize_and_hash(xml, baseline))
         .unwrap_or_default();
     if !is_wanted && inactive.as_ref().is_none_or(|s| s.tag.is_none()) {
         // Not vmsync's: never touched, not even listed.
