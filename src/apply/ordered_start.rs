@@ -189,27 +189,12 @@ mod tests {
 
     fn vm(name: &str, after: &[&str], actions: Vec<Action>) -> VmPlan {
         VmPlan {
-            name: name.into(),
-            fingerprint: "fp".into(),
-            autostart: true,
-            state: PowerState::Running,
             actions,
-            error: None,
-            warnings: Vec::new(),
-            pending_restart: false,
-            active: false,
-            drift: Vec::new(),
-            drift_reported_only: false,
-            source_xml: String::new(),
-            rendered_xml: None,
-            current_xml: None,
-            current_hash: None,
-            diff: None,
-            health: None,
             order: crate::reconcile::plan_types::OrderView {
                 after: after.iter().map(|s| s.to_string()).collect(),
                 ..Default::default()
             },
+            ..VmPlan::new(name, "fp", true, PowerState::Running)
         }
     }
 

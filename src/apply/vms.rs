@@ -371,24 +371,10 @@ mod tests {
 
     fn vm_plan(actions: Vec<Action>) -> VmPlan {
         VmPlan {
-            name: "web".into(),
-            fingerprint: "fp-new".into(),
-            autostart: false,
-            state: PowerState::Stopped,
             actions,
-            error: None,
-            warnings: Vec::new(),
-            pending_restart: false,
             active: true,
-            drift: Vec::new(),
-            drift_reported_only: false,
-            source_xml: String::new(),
-            rendered_xml: None,
-            current_xml: None,
             current_hash: Some("hash-old".into()),
-            diff: None,
-            health: None,
-            order: Default::default(),
+            ..VmPlan::new("web", "fp-new", false, PowerState::Stopped)
         }
     }
 

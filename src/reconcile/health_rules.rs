@@ -199,24 +199,8 @@ mod tests {
 
     fn vm_plan(fingerprint: &str, actions: Vec<Action>) -> VmPlan {
         VmPlan {
-            name: "web".into(),
-            fingerprint: fingerprint.into(),
-            autostart: true,
-            state: PowerState::Running,
             actions,
-            error: None,
-            warnings: vec![],
-            pending_restart: false,
-            active: false,
-            drift: vec![],
-            drift_reported_only: false,
-            source_xml: String::new(),
-            rendered_xml: None,
-            current_xml: None,
-            current_hash: None,
-            diff: None,
-            health: None,
-            order: Default::default(),
+            ..VmPlan::new("web", fingerprint, true, PowerState::Running)
         }
     }
 

@@ -176,26 +176,7 @@ fn plan_vm(
     ctx: &Context,
     claimed: &mut Vec<String>,
 ) -> VmPlan {
-    let mut out = VmPlan {
-        name: vm.name.clone(),
-        fingerprint: vm.fingerprint.clone(),
-        autostart: vm.libvirt_autostart(),
-        state: vm.state,
-        actions: Vec::new(),
-        error: None,
-        warnings: Vec::new(),
-        pending_restart: false,
-        active: false,
-        drift: Vec::new(),
-        drift_reported_only: false,
-        source_xml: String::new(),
-        rendered_xml: None,
-        current_xml: None,
-        current_hash: None,
-        diff: None,
-        health: None,
-        order: Default::default(),
-    };
+    let mut out = VmPlan::new(&vm.name, &vm.fingerprint, vm.libvirt_autostart(), vm.state);
     let heal = vm.self_heal.unwrap_or(ctx.policy.self_heal);
     let timeout = vm.shutdown_timeout.unwrap_or(ctx.policy.shutdown_timeout);
 

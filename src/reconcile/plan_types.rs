@@ -278,6 +278,31 @@ pub struct OrderView {
 }
 
 impl VmPlan {
+    /// A plan for `name` with nothing to do yet: no action, error, note, drift, XML or
+    /// health; the planner and the tests fill in the rest.
+    pub fn new(name: &str, fingerprint: &str, autostart: bool, state: PowerState) -> VmPlan {
+        VmPlan {
+            name: name.to_string(),
+            fingerprint: fingerprint.to_string(),
+            autostart,
+            state,
+            actions: Vec::new(),
+            error: None,
+            warnings: Vec::new(),
+            pending_restart: false,
+            active: false,
+            drift: Vec::new(),
+            drift_reported_only: false,
+            source_xml: String::new(),
+            rendered_xml: None,
+            current_xml: None,
+            current_hash: None,
+            diff: None,
+            health: None,
+            order: OrderView::default(),
+        }
+    }
+
     /// The XML vmsync defines, or would define when drift is only reported.
     pub fn rendered(&self) -> Option<&str> {
         self.actions

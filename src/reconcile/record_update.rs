@@ -548,24 +548,15 @@ mod tests {
     fn drifted_plan(drift: &[&str]) -> Plan {
         let drift: Vec<String> = drift.iter().map(|d| d.to_string()).collect();
         let vm = crate::reconcile::plan_types::VmPlan {
-            name: "web".into(),
-            fingerprint: "fp-web".into(),
-            autostart: true,
-            state: crate::desired::manifest::PowerState::Running,
-            actions: vec![],
-            error: None,
-            warnings: vec![],
-            pending_restart: false,
             active: true,
             drift: drift.clone(),
             drift_reported_only: true,
-            source_xml: String::new(),
-            rendered_xml: None,
-            current_xml: None,
-            current_hash: None,
-            diff: None,
-            health: None,
-            order: Default::default(),
+            ..crate::reconcile::plan_types::VmPlan::new(
+                "web",
+                "fp-web",
+                true,
+                crate::desired::manifest::PowerState::Running,
+            )
         };
         Plan {
             commit: "b".into(),

@@ -98,24 +98,9 @@ mod tests {
 
     fn vm(name: &str, actions: Vec<Action>) -> VmPlan {
         VmPlan {
-            name: name.into(),
-            fingerprint: "fp".into(),
-            autostart: true,
-            state: PowerState::Running,
             actions,
-            error: None,
-            warnings: Vec::new(),
-            pending_restart: false,
             active: true,
-            drift: Vec::new(),
-            drift_reported_only: false,
-            source_xml: String::new(),
-            rendered_xml: None,
-            current_xml: None,
-            current_hash: None,
-            diff: None,
-            health: None,
-            order: Default::default(),
+            ..VmPlan::new(name, "fp", true, PowerState::Running)
         }
     }
 
