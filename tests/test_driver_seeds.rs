@@ -192,3 +192,47 @@ fn a_schema_error_in_a_seeded_vm_is_reported_and_no_seed_is_written() {
         "a seed was written for an invalid commit"
     );
 }
+
+#[test]
+fn an_unchanged_seed_is_taken_from_the_cache_and_a_lost_one_is_built_again() {
+    let (env, seed_dir, keys) = seeded_env();
+    env.run(&["--once"]).expect(0);
+    let image = seed_dir.join("web-cidata.iso");
+    let written = std::fs::read(&image).unwrap();
+    let debug_once = || {
+        let out = env
+            .command(&["--once"])
+            .env("VMSYNC_LOG", "debug")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        stderr
+    };
+    // The second sync takes the seed's hash from the cache: nothing rendered, decrypted
+    // or written.
+    let second = debug_once();
+    assert!(second.contains("seeds_from_cache=1"), "{second}");
+    assert!(!second.contains("building them"), "{second}");
+    let cache = std::fs::read_to_string(env.state.path().join("schema-cache.json")).unwrap();
+    assert!(cache.contains("\"seed:"), "{cache}");
+    assert!(
+        !cache.contains(SECRET) && !cache.contains("chpasswd"),
+        "{cache}"
+    );
+
+    // A seed deleted by hand is built again from the commit: the same bytes.
+    std::fs::remove_file(&image).unwrap();
+    let third = debug_once();
+    assert!(third.contains("building them"), "{third}");
+    assert_eq!(std::fs::read(&image).unwrap(), written);
+
+    // A replaced host key is a new identity: the secret is decrypted again, and one the
+    // new key cannot open fails validation (exit 3) though the seed was remembered.
+    let other = tempfile::tempdir().unwrap();
+    let stranger = HostKey::ssh(other.path());
+    std::fs::copy(&stranger.path, keys.path().join("host_ed25519_key")).unwrap();
+    let run = env.run(&["--once"]).expect(3);
+    assert!(run.stderr.contains("secrets/root.age"), "{}", run.stderr);
+    assert_eq!(std::fs::read(&image).unwrap(), written);
+}

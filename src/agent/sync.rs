@@ -316,6 +316,13 @@ fn converge(
     let commit = fetched.id();
     check_commit(settings, record, fetched, options.allow_rewind)?;
     let validated = validate_deferring(settings, fetched, &commit)?;
+    let seeds_from_cache = validated
+        .desired
+        .vms
+        .iter()
+        .filter(|vm| vm.seed.as_ref().is_some_and(|s| s.content.is_none()))
+        .count();
+    debug!(seeds_from_cache, "validated");
     clock.lap("validate");
     let hv = conn.get()?;
     clock.lap("connect");
@@ -332,8 +339,45 @@ fn converge(
     // The commits in the managed domains' tags: the ancestry floor that survives a
     // lost state file.
     check_floors(fetched, &observed_floors(&observed), options.allow_rewind)?;
+    let rebuilt = build_seeds_to_write(settings, fetched, &commit, &validated.desired, &observed)?;
     clock.lap("observe");
-    apply_observed(&env, record, &commit, &validated.desired, &observed, clock)
+    let desired = rebuilt.as_ref().unwrap_or(&validated.desired);
+    apply_observed(&env, record, &commit, desired, &observed, clock)
+}
+
+/// A seed validation took from the seed cache has no content (`desired::seed_cache`).
+/// When the host needs such a seed written (its image missing, or changed and not
+/// `on_change = "never"`), the commit is validated again building every seed; `None`
+/// when no seed to write lacks its content.
+fn build_seeds_to_write(
+    settings: &Settings,
+    fetched: &source::FetchedCommit,
+    commit: &str,
+    desired: &Desired,
+    observed: &observe_domains::Observed,
+) -> Result<Option<Desired>, SyncError> {
+    let unbuilt = desired
+        .vms
+        .iter()
+        .filter_map(|vm| vm.seed.as_ref())
+        .filter(|seed| {
+            let on_host = observed.seeds.get(&seed.path).cloned().flatten();
+            seed.content.is_none() && seed.must_write(on_host.as_deref())
+        })
+        .count();
+    if unbuilt == 0 {
+        return Ok(None);
+    }
+    debug!(
+        seeds = unbuilt,
+        "seeds to write came from the seed cache; building them"
+    );
+    let policy = policy(settings);
+    let schema =
+        CachedSchema::load(Some(&settings.state_dir), &format!("{policy:?}")).building_seeds();
+    let rebuilt = validate_commit(fetched, commit, &policy, &schema)?;
+    schema.save();
+    Ok(Some(rebuilt))
 }
 
 /// Validates the commit for this host with the schema cache, leaving libvirt's checks

@@ -19,6 +19,7 @@ pub mod path_rule;
 pub mod resource_xml;
 pub mod schema_check;
 pub mod secret_port;
+pub mod seed_cache;
 pub mod seed_spec;
 pub mod start_order;
 pub mod template_render;

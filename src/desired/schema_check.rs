@@ -31,6 +31,10 @@ pub trait SchemaChecker {
     fn render_cache(&self) -> Option<&dyn template_render::RenderCache> {
         None
     }
+    /// Where cloud-init seeds are remembered across syncs (none by default).
+    fn seed_cache(&self) -> Option<&dyn crate::desired::seed_cache::SeedCache> {
+        None
+    }
     /// Checks a network or pool XML against libvirt's schema and parser (the host's
     /// checkers do it in a private test-driver connection).
     fn check_resource(&self, kind: ResourceKind, xml: &str) -> Result<(), SchemaError>;

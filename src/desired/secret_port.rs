@@ -29,6 +29,11 @@ pub trait SecretOpener: Send + Sync {
     fn open(&self, file: &str, ciphertext: &[u8]) -> Result<Plaintext, String>;
     /// The identity used, for messages and the validation cache's key.
     fn identity(&self) -> String;
+    /// What changes when the identity is replaced (the seed cache's key: a seed that
+    /// read a secret is decrypted again under a new host key).
+    fn version(&self) -> String {
+        self.identity()
+    }
 }
 
 /// How validation treats secrets: decrypt with an opener, or check the format only.
@@ -56,6 +61,14 @@ impl Secrets {
     /// Decrypting with `opener`.
     pub fn with(opener: Arc<dyn SecretOpener>) -> Self {
         Self(Some(opener))
+    }
+
+    /// The identity and its version (see [`SecretOpener::version`]); `None` when only
+    /// the format is checked.
+    pub fn version(&self) -> Option<String> {
+        self.0
+            .as_ref()
+            .map(|o| format!("{}\0{}", o.identity(), o.version()))
     }
 
     /// Whether secrets are decrypted (else only their format is checked).

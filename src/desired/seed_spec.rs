@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::desired::cloud_init_spec::{CloudInitSpec, SeedOnChange};
@@ -28,6 +29,20 @@ pub const LABEL: &str = "cidata";
 /// The application identifier of a seed image starts with this, then the seed hash.
 const APP_PREFIX: &str = "VMSYNC SEED ";
 
+/// The files of a seed. `Debug` shows no content.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SeedContent {
+    pub user_data: Vec<u8>,
+    pub meta_data: Vec<u8>,
+    pub network_config: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SeedContent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SeedContent(<not shown>)")
+    }
+}
+
 /// One VM's seed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SeedSpec {
@@ -35,9 +50,9 @@ pub struct SeedSpec {
     pub path: PathBuf,
     /// The CD-ROM's target device (`sda`, …: the first the VM's own disks leave free).
     pub target: String,
-    pub user_data: Vec<u8>,
-    pub meta_data: Vec<u8>,
-    pub network_config: Option<Vec<u8>>,
+    /// The files; `None` when validation took the seed's hash from the seed cache
+    /// (`desired::seed_cache`) instead of building it: enough to plan, not to write.
+    pub content: Option<SeedContent>,
     /// sha256 (hex) of the content: equal hashes, equal images.
     pub hash: String,
     /// `iid-` and the hash's first 16 digits (unless the repository's meta-data sets one).
@@ -56,6 +71,7 @@ impl std::fmt::Debug for SeedSpec {
             .field("instance_id", &self.instance_id)
             .field("on_change", &self.on_change)
             .field("has_secret", &self.has_secret)
+            .field("built", &self.content.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -63,6 +79,11 @@ impl std::fmt::Debug for SeedSpec {
 /// The seed image's path for VM `vm` in `dir`.
 pub fn seed_path(dir: &Path, vm: &str) -> PathBuf {
     dir.join(format!("{vm}-{LABEL}.iso"))
+}
+
+/// The instance-id of the seed with hash `hash`: `iid-` and its first 16 digits.
+pub fn instance_id(hash: &str) -> String {
+    format!("iid-{}", &hash[..16.min(hash.len())])
 }
 
 /// The seed hash an image's application identifier names (see [`SeedSpec::image`]).
@@ -74,32 +95,45 @@ pub fn hash_of_app_id(app: &str) -> Option<String> {
 
 impl SeedSpec {
     /// The ISO 9660 image: label `cidata`, the files, and the hash in the application
-    /// identifier (what observation reads back to tell an unchanged seed).
-    pub fn image(&self) -> Vec<u8> {
+    /// identifier (what observation reads back to tell an unchanged seed). `None` when
+    /// the content was not built (a seed taken from the seed cache).
+    pub fn image(&self) -> Option<Vec<u8>> {
+        let content = self.content.as_ref()?;
         let mut files = vec![
             iso9660::IsoFile {
                 name: "user-data",
-                data: &self.user_data,
+                data: &content.user_data,
             },
             iso9660::IsoFile {
                 name: "meta-data",
-                data: &self.meta_data,
+                data: &content.meta_data,
             },
         ];
-        if let Some(net) = &self.network_config {
+        if let Some(net) = &content.network_config {
             files.push(iso9660::IsoFile {
                 name: "network-config",
                 data: net,
             });
         }
         let app = format!("{APP_PREFIX}{}", self.hash.to_ascii_uppercase());
-        iso9660::build(
+        Some(iso9660::build(
             &files,
             &iso9660::IsoLabels {
                 volume: LABEL,
                 application: &app,
             },
-        )
+        ))
+    }
+
+    /// Whether the image must be written, given the hash of the seed on the host
+    /// (`None`: no file, or not a seed vmsync wrote): when it is missing, or when its
+    /// content changed (not with `on_change = "never"`: the first seed is kept).
+    pub fn must_write(&self, on_host: Option<&str>) -> bool {
+        match on_host {
+            None => true,
+            Some(hash) if hash == self.hash => false,
+            Some(_) => self.on_change != SeedOnChange::Never,
+        }
     }
 
     /// The part of the VM's fingerprint that stands for the seed: a changed seed is a
@@ -155,16 +189,101 @@ fn free_target(doc: &roxmltree::Document) -> Option<String> {
         .find(|t| !used.contains(t))
 }
 
-/// `xml` with the seed's CD-ROM as the last device, its target the first `sd?` the
-/// VM's own disks leave free (set in `seed`): parsed once.
-pub fn attach(xml: &str, seed: &mut SeedSpec) -> Result<String, XmlProblem> {
+/// Where a seed's CD-ROM goes in one domain XML: the first `sd?` target its own disks
+/// leave free, and the edit that adds the device as the last of `<devices>` (after a
+/// virtio-scsi controller when the domain has no SCSI controller). Found by one parse,
+/// then applied by [`place`] with string edits only; remembered by the seed cache, keyed
+/// by the XML's content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    pub target: String,
+    /// The byte range of `xml` replaced (empty: an insertion at `at`).
+    pub at: usize,
+    pub remove: usize,
+    /// Text before and after the device.
+    pub before: String,
+    pub after: String,
+    /// Whether a virtio-scsi controller comes first.
+    pub controller: bool,
+}
+
+/// Where the seed's CD-ROM goes in `xml` (parsed once).
+pub fn slot(xml: &str) -> Result<Slot, XmlProblem> {
     let doc = domain_xml::parse_doc(xml)?;
-    seed.target = free_target(&doc).ok_or_else(|| XmlProblem {
+    let target = free_target(&doc).ok_or_else(|| XmlProblem {
         line: None,
         field: Some("cloud_init".into()),
         message: "no free sd? target for the cloud-init CD-ROM (sda…sdz are all used)".into(),
     })?;
-    Ok(insert_device(xml, &doc, seed))
+    let root = doc.root_element();
+    let controller = !doc
+        .descendants()
+        .any(|n| n.has_tag_name("controller") && n.attribute("type") == Some("scsi"));
+    let (at, remove, before, after) = match domain_xml::child(root, "devices") {
+        Some(devices) => {
+            let range = devices.range();
+            let text = &xml[range.clone()];
+            if text.ends_with("/>") && devices.first_child().is_none() {
+                let open = text[..text.len() - 2].trim_end();
+                (
+                    range.start,
+                    range.len(),
+                    format!("{open}>\n    "),
+                    "\n  </devices>".to_string(),
+                )
+            } else {
+                let close = range.start + text.rfind("</").expect("a closed element");
+                (close, 0, "  ".to_string(), "\n  ".to_string())
+            }
+        }
+        None => {
+            let range = root.range();
+            let text = &xml[range.clone()];
+            let close = range.start + text.rfind("</").unwrap_or(text.len());
+            (
+                close,
+                0,
+                "  <devices>\n    ".to_string(),
+                "\n  </devices>\n".to_string(),
+            )
+        }
+    };
+    Ok(Slot {
+        target,
+        at,
+        remove,
+        before,
+        after,
+        controller,
+    })
+}
+
+/// `xml` with the seed's CD-ROM (at `seed.target`) where `slot` says; `None` when the
+/// slot does not fit `xml` (it was found in another text).
+pub fn place(xml: &str, slot: &Slot, seed: &SeedSpec) -> Option<String> {
+    let end = slot.at.checked_add(slot.remove)?;
+    let (head, tail) = (xml.get(..slot.at)?, xml.get(end..)?);
+    let device = seed.device_xml();
+    let mut out = String::with_capacity(xml.len() + 400);
+    out.push_str(head);
+    out.push_str(&slot.before);
+    if slot.controller {
+        out.push_str(SCSI_CONTROLLER);
+        out.push_str("\n    ");
+    }
+    out.push_str(&device);
+    out.push_str(&slot.after);
+    out.push_str(tail);
+    Some(out)
+}
+
+/// `xml` with the seed's CD-ROM as the last device, its target the first `sd?` the
+/// VM's own disks leave free (set in `seed`), and where it went.
+pub fn attach(xml: &str, seed: &mut SeedSpec) -> Result<(String, Slot), XmlProblem> {
+    let slot = slot(xml)?;
+    seed.target = slot.target.clone();
+    let placed = place(xml, &slot, seed).expect("a slot fits the text it was found in");
+    Ok((placed, slot))
 }
 
 /// A SCSI controller for the seed's CD-ROM when the domain has none (libvirt's default
@@ -174,43 +293,8 @@ const SCSI_CONTROLLER: &str = "<controller type='scsi' model='virtio-scsi'/>";
 /// `xml` with the seed's CD-ROM (at its target already chosen) as the last device, after
 /// a virtio-scsi controller when the domain has no SCSI controller of its own.
 pub fn with_device(xml: &str, seed: &SeedSpec) -> Result<String, XmlProblem> {
-    let doc = domain_xml::parse_doc(xml)?;
-    Ok(insert_device(xml, &doc, seed))
-}
-
-/// [`attach`] and [`with_device`]: the CD-ROM, after a virtio-scsi controller when the
-/// domain has none.
-fn insert_device(xml: &str, doc: &roxmltree::Document, seed: &SeedSpec) -> String {
-    let root = doc.root_element();
-    let has_scsi = doc
-        .descendants()
-        .any(|n| n.has_tag_name("controller") && n.attribute("type") == Some("scsi"));
-    let device = if has_scsi {
-        seed.device_xml()
-    } else {
-        format!("{SCSI_CONTROLLER}\n    {}", seed.device_xml())
-    };
-    let mut out = xml.to_string();
-    match domain_xml::child(root, "devices") {
-        Some(devices) => {
-            let range = devices.range();
-            let text = &xml[range.clone()];
-            if text.ends_with("/>") && devices.first_child().is_none() {
-                let open = text[..text.len() - 2].trim_end();
-                out.replace_range(range, &format!("{open}>\n    {device}\n  </devices>"));
-            } else {
-                let close = range.start + text.rfind("</").expect("a closed element");
-                out.insert_str(close, &format!("  {device}\n  "));
-            }
-        }
-        None => {
-            let range = root.range();
-            let text = &xml[range.clone()];
-            let close = range.start + text.rfind("</").unwrap_or(text.len());
-            out.insert_str(close, &format!("  <devices>\n    {device}\n  </devices>\n"));
-        }
-    }
-    out
+    let slot = slot(xml)?;
+    Ok(place(xml, &slot, seed).expect("a slot fits the text it was found in"))
 }
 
 /// What building a VM's seed needs.
@@ -296,7 +380,7 @@ pub fn build(inputs: &SeedInputs, spec: &CloudInitSpec) -> Result<SeedSpec, Seed
         }
     }
     let hash = hex::encode(hasher.finalize());
-    let instance_id = format!("iid-{}", &hash[..16]);
+    let instance_id = instance_id(&hash);
     let has_secret = s1 || meta.as_ref().is_some_and(|m| m.1) || net.as_ref().is_some_and(|n| n.1);
     let meta_data = match meta {
         None => format!("instance-id: {instance_id}\nlocal-hostname: {vm}\n").into_bytes(),
@@ -310,9 +394,11 @@ pub fn build(inputs: &SeedInputs, spec: &CloudInitSpec) -> Result<SeedSpec, Seed
     Ok(SeedSpec {
         path: seed_path(inputs.seed_dir, vm),
         target: String::new(),
-        user_data,
-        meta_data,
-        network_config: net.map(|n| n.0),
+        content: Some(SeedContent {
+            user_data,
+            meta_data,
+            network_config: net.map(|n| n.0),
+        }),
         hash,
         instance_id,
         on_change: spec.on_change,
@@ -343,7 +429,8 @@ mod tests {
             seed_dir: Path::new("/seeds"),
         };
         let mut seed = build(&inputs, spec)?;
-        attach(XML, &mut seed).unwrap();
+        let (placed, slot) = attach(XML, &mut seed).unwrap();
+        assert_eq!(place(XML, &slot, &seed).unwrap(), placed);
         Ok(seed)
     }
 
@@ -363,15 +450,17 @@ mod tests {
         let b = build_with(&[("u", "#cloud-config\nx: 1\n")], &spec("u")).unwrap();
         assert_eq!(a.instance_id, again.instance_id);
         assert_eq!(a.image(), again.image());
+        assert!(a.image().is_some());
         assert_ne!(a.instance_id, b.instance_id);
         assert_eq!(
-            String::from_utf8(a.meta_data.clone()).unwrap(),
+            String::from_utf8(a.content.as_ref().unwrap().meta_data.clone()).unwrap(),
             format!("instance-id: {}\nlocal-hostname: web\n", a.instance_id)
         );
         assert_eq!(a.path, PathBuf::from("/seeds/web-cidata.iso"));
         // sda is the VM's own disk.
         assert_eq!(a.target, "sdb");
-        let pvd = &a.image()[iso9660::PVD_OFFSET as usize..];
+        let image = a.image().unwrap();
+        let pvd = &image[iso9660::PVD_OFFSET as usize..];
         let (label, app) = iso9660::read_label_and_app(pvd).unwrap();
         assert_eq!(label, "cidata");
         assert_eq!(hash_of_app_id(&app), Some(a.hash.clone()));
@@ -389,8 +478,9 @@ mod tests {
             &s,
         )
         .unwrap();
-        assert_eq!(seed.user_data, b"hostname: web <&> hv1\n");
-        assert_eq!(seed.meta_data, b"instance-id: mine\n");
+        let content = seed.content.unwrap();
+        assert_eq!(content.user_data, b"hostname: web <&> hv1\n");
+        assert_eq!(content.meta_data, b"instance-id: mine\n");
         assert!(!seed.has_secret);
     }
 

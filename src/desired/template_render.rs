@@ -396,21 +396,37 @@ impl<'a> Renderer<'a> {
         }
         let xml = self.render(template, vars)?;
         let fresh = key.map(|key| {
-            let deps = self
-                .table()
-                .iter()
-                .filter(|(_, l)| matches!(l, Loaded::Source(_) | Loaded::Missing))
-                .map(|(path, _)| (path.clone(), self.files.content_id(path)))
-                .collect();
             (
                 key,
                 Rendered {
                     xml: xml.clone(),
-                    deps,
+                    deps: self.deps(),
                 },
             )
         });
         Ok(RenderedVm { xml, fresh })
+    }
+
+    /// What this renderer's renders so far depend on: the content id of every file it
+    /// loaded or found missing, and of every secret it read. A render is the same again
+    /// while each of these files has the same content id.
+    pub fn deps(&self) -> Vec<(String, Option<String>)> {
+        let mut paths: Vec<String> = self
+            .table()
+            .iter()
+            .filter(|(_, l)| matches!(l, Loaded::Source(_) | Loaded::Missing))
+            .map(|(path, _)| path.clone())
+            .collect();
+        if let Some((table, _)) = &self.secrets {
+            paths.extend(template_secrets::paths(table));
+        }
+        paths
+            .into_iter()
+            .map(|path| {
+                let id = self.files.content_id(&path);
+                (path, id)
+            })
+            .collect()
     }
 
     /// The template file and line that wrote line `line` (1-based) of the VM's rendered

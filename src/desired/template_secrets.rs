@@ -100,6 +100,11 @@ pub fn load(table: &Table, files: &dyn RepoFiles, secrets: &Secrets) -> usize {
     requested.len()
 }
 
+/// Every secret the renders of this table asked for.
+pub fn paths(table: &Table) -> Vec<String> {
+    lock(table).state.keys().cloned().collect()
+}
+
 /// Starts a render: no secret used yet.
 pub fn start(table: &Table) {
     lock(table).used = false;

@@ -15,7 +15,7 @@ use crate::desired::manifest::{self, MANIFEST_FILE, Problem, VmEntry, XmlSource}
 use crate::desired::schema_check::SchemaChecker;
 use crate::desired::{
     domain_xml, health_spec, host_access, host_policy, image_spec, network_pool_entries, path_rule,
-    seed_spec, start_order, template_render,
+    seed_cache, seed_spec, start_order, template_render,
 };
 use crate::repo::files::RepoFiles;
 
@@ -49,6 +49,7 @@ pub fn validate(
         text_renderer: template_render::Renderer::for_text(files, policy.secrets.clone()),
         no_params: template_render::Params::new(),
         template_host: policy.host.as_deref().or(policy.render_host.as_deref()),
+        identity: std::cell::OnceCell::new(),
         problems: Vec::new(),
         uuids: BTreeMap::new(),
         disk_paths: BTreeMap::new(),
@@ -95,6 +96,8 @@ struct Validation<'a> {
     no_params: template_render::Params,
     /// The host name templates see.
     template_host: Option<&'a str>,
+    /// `Secrets::version`, read once (the seed cache's key).
+    identity: std::cell::OnceCell<Option<String>>,
     problems: Vec<Problem>,
     /// UUID -> the VM that uses it.
     uuids: BTreeMap<String, String>,
@@ -215,7 +218,7 @@ impl<'a> Validation<'a> {
         }
         let health = self.allowed_health(vm);
         let seeded = if self.problems.len() == before {
-            self.seed(vm, &loaded.xml)
+            self.seed(vm, &loaded.xml, content_id.as_deref())
         } else {
             None
         };
@@ -229,7 +232,12 @@ impl<'a> Validation<'a> {
 
     /// The VM's cloud-init seed, built from its files, and the XML with its CD-ROM
     /// (`None`: it has none, or a problem was recorded).
-    fn seed(&mut self, vm: &VmEntry, xml: &str) -> Option<(seed_spec::SeedSpec, String)> {
+    fn seed(
+        &mut self,
+        vm: &VmEntry,
+        xml: &str,
+        xml_id: Option<&str>,
+    ) -> Option<(seed_spec::SeedSpec, String)> {
         let spec = vm.cloud_init.as_ref()?;
         let params = match &vm.xml {
             XmlSource::Template { params, .. } => params,
@@ -246,17 +254,16 @@ impl<'a> Validation<'a> {
             },
             seed_dir: self.policy.seed_dir.as_deref().unwrap_or(&default_dir),
         };
-        let built = seed_spec::build(&inputs, spec).and_then(|mut seed| {
-            seed_spec::attach(xml, &mut seed)
-                .map(|xml| (seed, xml))
-                .map_err(|e| seed_spec::SeedProblem {
-                    field: "cloud_init".into(),
-                    file: MANIFEST_FILE.into(),
-                    line: None,
-                    message: e.message,
-                })
+        let identity = self
+            .identity
+            .get_or_init(|| self.policy.secrets.version())
+            .as_deref();
+        let cached = self.schema.seed_cache().map(|cache| seed_cache::CacheUse {
+            cache,
+            xml_id,
+            identity,
         });
-        match built {
+        match seed_cache::seed(&inputs, spec, xml, cached.as_ref()) {
             Ok(seeded) => Some(seeded),
             Err(p) => {
                 let line = p.line.or((p.file == MANIFEST_FILE).then_some(vm.line));

@@ -2,10 +2,11 @@
 //! on every sync (libvirt's RNG validation costs milliseconds per domain; a no-op sync
 //! of hundreds of domains would spend most of its time there).
 //!
-//! Three maps: schema passes keyed by the sha256 of the XML text, summaries of whole
+//! Four maps: schema passes keyed by the sha256 of the XML text, summaries of whole
 //! files that validated, keyed by their git blob id (so an unchanged file is not even
-//! parsed), and rendered templates (`template_render::RenderCache`, so an unchanged
-//! templated VM is not rendered again). The cache is tied to the libvirt library version (a new libvirt may bring a
+//! parsed), rendered templates (`template_render::RenderCache`, so an unchanged
+//! templated VM is not rendered again), and cloud-init seeds' hashes
+//! (`seed_cache::SeedCache`, so an unchanged seed is not built again; no content). The cache is tied to the libvirt library version (a new libvirt may bring a
 //! new schema) and to a context string (the validation policy: a file that passed under
 //! one policy is checked again under another), and kept in
 //! `<state_dir>/schema-cache.json`. Only successes are cached, so a rejected XML is always
@@ -26,6 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::desired::domain_xml::DomainSummary;
 use crate::desired::resource_xml::ResourceKind;
 use crate::desired::schema_check::{SchemaChecker, SchemaError};
+use crate::desired::seed_cache::{SeedCache, SeedDigest};
 use crate::desired::template_render::{RenderCache, Rendered};
 use crate::host::schema_test_driver;
 use crate::host::schema_test_driver::TestDriverSchema;
@@ -44,6 +46,9 @@ struct CacheFile {
     /// Rendered templates (see `template_render::RenderCache`).
     #[serde(default)]
     renders: BTreeMap<String, Rendered>,
+    /// Cloud-init seeds' hashes, never their content (see `seed_cache`).
+    #[serde(default)]
+    seeds: BTreeMap<String, SeedDigest>,
 }
 
 /// A [`SchemaChecker`] that remembers what passed.
@@ -54,11 +59,15 @@ pub struct CachedSchema {
     valid: RefCell<BTreeSet<String>>,
     files: RefCell<BTreeMap<String, DomainSummary>>,
     renders: RefCell<BTreeMap<String, Rendered>>,
+    seeds: RefCell<BTreeMap<String, SeedDigest>>,
+    /// Whether validation may take seeds from `seeds` (see [`CachedSchema::building_seeds`]).
+    seeds_usable: bool,
     added: RefCell<usize>,
     /// Keys of `valid` and `files` that this validation looked up or added.
     used_valid: RefCell<BTreeSet<String>>,
     used_files: RefCell<BTreeSet<String>>,
     used_renders: RefCell<BTreeSet<String>>,
+    used_seeds: RefCell<BTreeSet<String>>,
     inner: RefCell<Option<TestDriverSchema>>,
     /// With [`CachedSchema::deferring`]: the XML whose check was put off.
     deferred: Option<RefCell<Vec<String>>>,
@@ -98,10 +107,13 @@ impl CachedSchema {
             valid: RefCell::new(file.valid),
             files: RefCell::new(file.files),
             renders: RefCell::new(file.renders),
+            seeds: RefCell::new(file.seeds),
+            seeds_usable: true,
             added: RefCell::new(0),
             used_valid: RefCell::default(),
             used_files: RefCell::default(),
             used_renders: RefCell::default(),
+            used_seeds: RefCell::default(),
             inner: RefCell::new(None),
             deferred: None,
         }
@@ -113,6 +125,13 @@ impl CachedSchema {
     /// is saved only if the caller saves, which it must not do when a check failed.
     pub fn deferring(mut self) -> Self {
         self.deferred = Some(RefCell::default());
+        self
+    }
+
+    /// A cache that takes no seed from its file: validation builds the content of every
+    /// seed (and remembers their hashes again), for a sync that must write one.
+    pub fn building_seeds(mut self) -> Self {
+        self.seeds_usable = false;
         self
     }
 
@@ -155,6 +174,14 @@ impl CachedSchema {
                     .iter()
                     .filter(|(key, _)| used.contains(*key))
                     .map(|(key, r)| (key.clone(), r.clone()))
+                    .collect()
+            },
+            seeds: {
+                let (seeds, used) = (self.seeds.borrow(), self.used_seeds.borrow());
+                seeds
+                    .iter()
+                    .filter(|(key, _)| used.contains(*key))
+                    .map(|(key, d)| (key.clone(), d.clone()))
                     .collect()
             },
         };
@@ -215,6 +242,29 @@ impl SchemaChecker for CachedSchema {
 
     fn render_cache(&self) -> Option<&dyn RenderCache> {
         Some(self)
+    }
+
+    fn seed_cache(&self) -> Option<&dyn SeedCache> {
+        Some(self)
+    }
+}
+
+/// Seeds are remembered like renders: saved when this validation used them.
+impl SeedCache for CachedSchema {
+    fn seed(&self, key: &str) -> Option<SeedDigest> {
+        self.used_seeds.borrow_mut().insert(key.to_string());
+        if !self.seeds_usable {
+            return None;
+        }
+        self.seeds.borrow().get(key).cloned()
+    }
+
+    fn remember_seed(&self, key: &str, digest: &SeedDigest) {
+        self.used_seeds.borrow_mut().insert(key.to_string());
+        self.seeds
+            .borrow_mut()
+            .insert(key.to_string(), digest.clone());
+        *self.added.borrow_mut() += 1;
     }
 }
 

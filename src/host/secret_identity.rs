@@ -98,6 +98,26 @@ impl SecretOpener for AgeIdentity {
     fn identity(&self) -> String {
         self.path.display().to_string()
     }
+
+    /// The identity file's device, inode, size, modification and change times: a key
+    /// replaced, rewritten or moved into place gives another version (without reading
+    /// the key).
+    fn version(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.path) {
+            Ok(m) => format!(
+                "{}:{}:{}:{}.{}:{}.{}",
+                m.dev(),
+                m.ino(),
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec()
+            ),
+            Err(e) => format!("unreadable: {}", e.kind()),
+        }
+    }
 }
 
 #[cfg(test)]

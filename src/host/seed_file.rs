@@ -10,8 +10,16 @@ use std::path::Path;
 use crate::desired::seed_spec::{self, SeedSpec};
 use crate::util::{fsio, iso9660};
 
-/// Writes `seed`'s image to its path, creating the seed directory when missing.
+/// Writes `seed`'s image to its path, creating the seed directory when missing. A seed
+/// whose content was not built (taken from the seed cache) is refused before anything
+/// is touched: the sync builds the content of every seed it writes.
 pub fn write(seed: &SeedSpec) -> anyhow::Result<()> {
+    let image = seed.image().ok_or_else(|| {
+        anyhow::anyhow!(
+            "the content of seed '{}' was not built (a seed taken from the seed cache cannot be written)",
+            seed.path.display()
+        )
+    })?;
     if let Some(dir) = seed.path.parent()
         && !dir.is_dir()
     {
@@ -28,7 +36,7 @@ pub fn write(seed: &SeedSpec) -> anyhow::Result<()> {
     }
     fsio::write_atomic_with(&seed.path, |file| {
         file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        std::io::Write::write_all(file, &seed.image())
+        std::io::Write::write_all(file, &image)
     })
 }
 
@@ -45,4 +53,35 @@ pub fn observed_hash(path: &Path) -> Option<String> {
         return None;
     }
     seed_spec::hash_of_app_id(&app)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::cloud_init_spec::SeedOnChange;
+    use crate::desired::seed_spec::SeedContent;
+
+    #[test]
+    fn a_seed_without_content_is_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seed = SeedSpec {
+            path: dir.path().join("seeds/web-cidata.iso"),
+            target: "sda".into(),
+            content: None,
+            hash: "ab".repeat(32),
+            instance_id: seed_spec::instance_id(&"ab".repeat(32)),
+            on_change: SeedOnChange::NextBoot,
+            has_secret: false,
+        };
+        let err = write(&seed).unwrap_err().to_string();
+        assert!(err.contains("was not built"), "{err}");
+        assert!(!dir.path().join("seeds").exists());
+        seed.content = Some(SeedContent {
+            user_data: b"#cloud-config\n".to_vec(),
+            meta_data: b"instance-id: x\n".to_vec(),
+            network_config: None,
+        });
+        write(&seed).unwrap();
+        assert_eq!(observed_hash(&seed.path), Some(seed.hash.clone()));
+    }
 }

@@ -366,15 +366,11 @@ impl VmPlanner<'_> {
         let Some(seed) = &self.vm.seed else {
             return;
         };
-        let (write, replaces) = match observed.seeds.get(&seed.path).cloned().flatten() {
-            None => (true, false),
-            Some(hash) if hash == seed.hash => (false, false),
-            Some(_) => (seed.on_change != SeedOnChange::Never, true),
-        };
-        if write {
+        let on_host = observed.seeds.get(&seed.path).cloned().flatten();
+        if seed.must_write(on_host.as_deref()) {
             self.out.actions.push(Action::WriteSeed {
                 seed: Box::new(seed.clone()),
-                replaces,
+                replaces: on_host.is_some(),
             });
         }
     }
@@ -580,9 +576,11 @@ mod tests {
         seed_spec::SeedSpec {
             path: "/seeds/web-cidata.iso".into(),
             target: "sda".into(),
-            user_data: content.as_bytes().to_vec(),
-            meta_data: Vec::new(),
-            network_config: None,
+            content: Some(seed_spec::SeedContent {
+                user_data: content.as_bytes().to_vec(),
+                meta_data: Vec::new(),
+                network_config: None,
+            }),
             instance_id: format!("iid-{}", &hash[..16]),
             hash,
             on_change,
@@ -1514,7 +1512,8 @@ mod tests {
                 let shown = p.vms[0].actions[0].describe();
                 assert_eq!(*replaces, on_disk.is_some(), "case {i}");
                 assert!(shown.contains("secret, not shown"), "{shown}");
-                assert!(!shown.contains(&String::from_utf8_lossy(&seed.user_data).to_string()));
+                let user_data = &seed.content.as_ref().unwrap().user_data;
+                assert!(!shown.contains(&String::from_utf8_lossy(user_data).to_string()));
             }
         }
     }
