@@ -61,8 +61,9 @@ the no-op of each (targets: no-op at most 1.2x, one VM at most the plain one + 5
 measures what cloud-init seeds cost, in one run: N domains without seeds
 (vmsyncbench-<N>-<i>) and N other domains of the same XML, each with a `[vm.cloud_init]`
 whose user-data is a template that reads a secret (vmsyncbench-c<N>-<i>), each in its
-own repository and state directory, defined and not started. Interleaved, SEED_RUNS
-times: a no-op sync of each (target: seeded at most 1.1x; no seed is written again,
+own repository and state directory, defined and not started. SEED_RUNS rounds, each a
+no-op sync of each in a shuffled order (target: seeded at most 1.1x, as medians and as
+the median of the per-round ratios with its bootstrap interval; no seed is written again,
 checked by the images' mtimes); with --compare, OLD_VMSYNC's no-op of the seeded
 repository too, on a state directory of its own, in the same rounds. Then the build of one seed (render, decrypt, ISO,
 atomic write) by examples/seed_build.rs, SEED_BUILDS times (target: under 50 ms).
@@ -101,7 +102,7 @@ def sh(cmd, **kw):
 
 
 TEMPLATE_RUNS = 25
-SEED_RUNS = 15
+SEED_RUNS = 41
 SEED_BUILDS = 200
 
 
@@ -206,6 +207,15 @@ def paired(ones, noops, key):
     rng = random.Random(6)
     meds = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(2000))
     return statistics.median(diffs), meds[50], meds[1949]
+
+
+def ratio(tops, bottoms, key):
+    """Median of key(top) / key(bottom) over paired runs of one round, with a 95%
+    bootstrap interval of that median (fixed seed)."""
+    ratios = [key(a) / key(b) for a, b in zip(tops, bottoms)]
+    rng = random.Random(6)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    return statistics.median(ratios), meds[50], meds[1949]
 
 
 def received(stderr):
@@ -556,11 +566,17 @@ def seeds_bench(n):
             o_state = base / "state-seeds-old"
             vmsync_once(seeded, o_state, binary=OLD, config=config)
             runs["no-op with seeds, OLD"] = []
+        order = random.Random(24)
+        syncs = {"no-op without seeds": lambda: vmsync_once(plain, p_state),
+                 "no-op with seeds": lambda: vmsync_once(seeded, s_state, config=config)}
+        if OLD:
+            syncs["no-op with seeds, OLD"] = lambda: vmsync_once(seeded, o_state, binary=OLD, config=config)
         for _ in range(SEED_RUNS):
-            runs["no-op without seeds"].append(vmsync_once(plain, p_state))
-            runs["no-op with seeds"].append(vmsync_once(seeded, s_state, config=config))
-            if OLD:
-                runs["no-op with seeds, OLD"].append(vmsync_once(seeded, o_state, binary=OLD, config=config))
+            # Each round in its own order: no run always follows the same other run.
+            labels = list(syncs)
+            order.shuffle(labels)
+            for label in labels:
+                runs[label].append(syncs[label]())
         for label, rs in runs.items():
             assert all("nothing to do" in r[3] for r in rs), f"{label}: not every run shows nothing to do"
         assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items()), "a no-op sync wrote a seed"
@@ -570,7 +586,7 @@ def seeds_bench(n):
         stage = lambda rs, s: med(stages(r[3]).get(s, 0.0) for r in rs)
         build = sh([str(tool), "time", str(seeded), "cloud-init/user.yaml.j2", str(base / "host_key"),
                     str(base / "seed-build"), str(SEED_BUILDS)]).split()
-        out = [f"Seeds, N = {n}, {SEED_RUNS} interleaved runs of each ({machine()}):", "",
+        out = [f"Seeds, N = {n}, {SEED_RUNS} rounds, each a no-op of each kind in a shuffled order ({machine()}):", "",
                "| run | wall (median) | CPU cost (median) | validate stage (median) | observe stage (median) | peak RSS MiB (median) |",
                "|---|---:|---:|---:|---:|---:|"]
         for label, rs in runs.items():
@@ -578,7 +594,11 @@ def seeds_bench(n):
                        f"{stage(rs, 'validate'):.1f} ms | {stage(rs, 'observe'):.1f} ms | "
                        f"{med(r[2] for r in rs):.1f} |")
         w, c = runs["no-op with seeds"], runs["no-op without seeds"]
+        rw, rc = ratio(w, c, lambda r: r[0]), ratio(w, c, lambda r: r[4])
         out += ["",
+                f"- Per round, with seeds / without (median and 95% bootstrap interval): "
+                f"wall {rw[0]:.3f} [{rw[1]:.3f}, {rw[2]:.3f}], CPU cost {rc[0]:.3f} [{rc[1]:.3f}, {rc[2]:.3f}]; "
+                "target at most 1.1.",
                 f"- No-op: with seeds / without = {wall['no-op with seeds'] / wall['no-op without seeds']:.3f} (wall), "
                 f"{cost['no-op with seeds'] / cost['no-op without seeds']:.3f} (CPU cost); target at most 1.1. "
                 f"Validate stage {stage(w, 'validate'):.1f} vs {stage(c, 'validate'):.1f} ms. "

@@ -360,10 +360,7 @@ fn build_seeds_to_write(
         .vms
         .iter()
         .filter_map(|vm| vm.seed.as_ref())
-        .filter(|seed| {
-            let on_host = observed.seeds.get(&seed.path).cloned().flatten();
-            seed.content.is_none() && seed.must_write(on_host.as_deref())
-        })
+        .filter(|seed| seed.content.is_none() && seed.must_write(observed.seed_on_host(seed)))
         .count();
     if unbuilt == 0 {
         return Ok(None);

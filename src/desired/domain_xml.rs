@@ -29,6 +29,43 @@ pub struct DomainSummary {
     /// MAC address of each `<interface>`, in document order (`None` where not given).
     pub macs: Vec<Option<String>>,
     pub tag: Option<Tag>,
+    /// The networks and storage volumes its devices name.
+    pub refs: DomainRefs,
+}
+
+/// The libvirt resources a domain's devices name (checked against the commit's networks
+/// and pools; kept in the summary so that an unchanged file is not parsed for them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DomainRefs {
+    /// `<interface type='network'><source network=…/>`.
+    pub networks: Vec<String>,
+    /// `<disk type='volume'><source pool=… volume=…/>`.
+    pub volumes: Vec<(String, String)>,
+}
+
+/// The networks and volumes the devices of the domain `root` name.
+fn refs_of(root: roxmltree::Node) -> DomainRefs {
+    let mut refs = DomainRefs::default();
+    let Some(devices) = child(root, "devices") else {
+        return refs;
+    };
+    for dev in devices.children().filter(|c| c.is_element()) {
+        let source = child(dev, "source");
+        match (dev.tag_name().name(), dev.attribute("type"), source) {
+            ("interface", Some("network"), Some(s)) => {
+                if let Some(n) = s.attribute("network") {
+                    refs.networks.push(n.to_string());
+                }
+            }
+            ("disk", Some("volume"), Some(s)) => {
+                if let (Some(p), Some(v)) = (s.attribute("pool"), s.attribute("volume")) {
+                    refs.volumes.push((p.to_string(), v.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+    refs
 }
 
 /// A problem in a domain XML, with its line.
@@ -148,6 +185,7 @@ fn summarize_doc(doc: &roxmltree::Document) -> Result<DomainSummary, XmlProblem>
         uuid,
         macs,
         tag,
+        refs: refs_of(root),
     })
 }
 

@@ -162,7 +162,7 @@ fn domain_refs(
 ) -> Vec<ExternalRef> {
     let mut external = Vec::new();
     for vm in vms {
-        let refs = resource_xml::domain_refs(&vm.xml);
+        let refs = vm.summary.refs.clone();
         for n in refs.networks {
             if !networks.contains(n.as_str()) {
                 external.push(ExternalRef {

@@ -263,45 +263,6 @@ pub fn live_hash(kind: ResourceKind, xml: &str) -> Option<String> {
     }
     definition_hash(kind, &text)
 }
-
-/// A domain's references to networks and pool volumes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DomainRefs {
-    /// `<interface type='network'><source network=…/>`.
-    pub networks: Vec<String>,
-    /// `<disk type='volume'><source pool=… volume=…/>`.
-    pub volumes: Vec<(String, String)>,
-}
-
-/// The networks and pool volumes a domain XML names (empty when it does not parse: the
-/// domain's own checks report that).
-pub fn domain_refs(xml: &str) -> DomainRefs {
-    let Ok(doc) = parse(xml) else {
-        return DomainRefs::default();
-    };
-    let mut refs = DomainRefs::default();
-    let Some(devices) = child(doc.root_element(), "devices") else {
-        return refs;
-    };
-    for dev in devices.children().filter(|c| c.is_element()) {
-        let source = child(dev, "source");
-        match (dev.tag_name().name(), dev.attribute("type"), source) {
-            ("interface", Some("network"), Some(s)) => {
-                if let Some(n) = s.attribute("network") {
-                    refs.networks.push(n.to_string());
-                }
-            }
-            ("disk", Some("volume"), Some(s)) => {
-                if let (Some(p), Some(v)) = (s.attribute("pool"), s.attribute("volume")) {
-                    refs.volumes.push((p.to_string(), v.to_string()));
-                }
-            }
-            _ => {}
-        }
-    }
-    refs
-}
-
 /// The XML of a volume vmsync creates through libvirt's storage API.
 pub fn volume_xml(
     name: &str,
@@ -438,7 +399,7 @@ mod tests {
     #[test]
     fn finds_network_and_volume_references() {
         let xml = "<domain><name>a</name><devices><interface type='network'><source network='lab'/></interface><interface type='bridge'><source bridge='br0'/></interface><disk type='volume' device='disk'><source pool='vmpool' volume='a.qcow2'/></disk><disk type='file'><source file='/x'/></disk></devices></domain>";
-        let r = domain_refs(xml);
+        let r = domain_xml::summarize(xml).unwrap().refs;
         assert_eq!(r.networks, vec!["lab".to_string()]);
         assert_eq!(
             r.volumes,

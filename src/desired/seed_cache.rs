@@ -14,6 +14,9 @@
 //! is enough to plan and to tell an unchanged seed on the host. A sync that must write
 //! such a seed validates the commit again without the cache (`agent::sync`).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -21,6 +24,7 @@ use crate::desired::cloud_init_spec::CloudInitSpec;
 use crate::desired::domain_xml;
 use crate::desired::manifest::MANIFEST_FILE;
 use crate::desired::seed_spec::{self, SeedInputs, SeedProblem, SeedSpec, Slot};
+use crate::repo::files::RepoFiles;
 
 /// Bumped when what a seed is made of changes, so entries of another vmsync are not used.
 const SEED_CACHE_FORMAT: &str = "vmsync-seed-cache-1";
@@ -50,6 +54,21 @@ pub struct CacheUse<'a> {
     pub xml_id: Option<&'a str>,
     /// `Secrets::version`: the identity and its version (`None`: format only).
     pub identity: Option<&'a str>,
+    /// Content ids looked up so far in this validation (many VMs share their
+    /// cloud-init files and secrets).
+    pub ids: &'a RefCell<HashMap<String, Option<String>>>,
+}
+
+impl CacheUse<'_> {
+    /// The content id of `path` in `files`, looked up once per validation.
+    fn id(&self, files: &dyn RepoFiles, path: &str) -> Option<String> {
+        if let Some(id) = self.ids.borrow().get(path) {
+            return id.clone();
+        }
+        let id = files.content_id(path);
+        self.ids.borrow_mut().insert(path.to_string(), id.clone());
+        id
+    }
 }
 
 /// The VM's cloud-init files as named in `[vm.cloud_init]`.
@@ -89,7 +108,7 @@ fn key(inputs: &SeedInputs, spec: &CloudInitSpec, xml: &str, with: &CacheUse) ->
         part(name.as_bytes());
         if let Some(path) = path {
             part(path.as_bytes());
-            part(inputs.files.content_id(path)?.as_bytes());
+            part(with.id(inputs.files, path)?.as_bytes());
         }
     }
     Some(format!("seed:{}", hex::encode(hash.finalize())))
@@ -116,13 +135,13 @@ pub fn seed(
     xml: &str,
     cached: Option<&CacheUse>,
 ) -> Result<(SeedSpec, String), SeedProblem> {
-    let key = cached.and_then(|with| Some((with.cache, key(inputs, spec, xml, with)?)));
-    if let Some((cache, key)) = &key
-        && let Some(digest) = cache.seed(key)
+    let key = cached.and_then(|with| Some((with, key(inputs, spec, xml, with)?)));
+    if let Some((with, key)) = &key
+        && let Some(digest) = with.cache.seed(key)
         && digest
             .deps
             .iter()
-            .all(|(path, id)| inputs.files.content_id(path) == *id)
+            .all(|(path, id)| with.id(inputs.files, path) == *id)
     {
         let slot = digest.slot.clone();
         let seed = from_digest(inputs, spec, digest);
@@ -137,7 +156,7 @@ pub fn seed(
         line: None,
         message: e.message,
     })?;
-    if let Some((cache, key)) = key {
+    if let Some((with, key)) = key {
         let own: Vec<&str> = spec_files(spec).collect();
         let deps = inputs
             .renderer
@@ -145,7 +164,7 @@ pub fn seed(
             .into_iter()
             .filter(|(path, _)| !own.contains(&path.as_str()))
             .collect();
-        cache.remember_seed(
+        with.cache.remember_seed(
             &key,
             &SeedDigest {
                 hash: seed.hash.clone(),
@@ -160,7 +179,6 @@ pub fn seed(
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
     use std::collections::BTreeMap;
     use std::path::Path;
     use std::sync::{Arc, Mutex};
@@ -271,10 +289,12 @@ mod tests {
                 network_config: None,
                 on_change: SeedOnChange::NextBoot,
             };
+            let ids = RefCell::default();
             let with = CacheUse {
                 cache,
                 xml_id: None,
                 identity: Some(self.identity),
+                ids: &ids,
             };
             seed(&inputs, &spec, &self.xml, Some(&with))
         }

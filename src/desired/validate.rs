@@ -50,6 +50,7 @@ pub fn validate(
         no_params: template_render::Params::new(),
         template_host: policy.host.as_deref().or(policy.render_host.as_deref()),
         identity: std::cell::OnceCell::new(),
+        content_ids: Default::default(),
         problems: Vec::new(),
         uuids: BTreeMap::new(),
         disk_paths: BTreeMap::new(),
@@ -98,6 +99,8 @@ struct Validation<'a> {
     template_host: Option<&'a str>,
     /// `Secrets::version`, read once (the seed cache's key).
     identity: std::cell::OnceCell<Option<String>>,
+    /// Content ids of the cloud-init files and secrets, looked up once.
+    content_ids: std::cell::RefCell<std::collections::HashMap<String, Option<String>>>,
     problems: Vec<Problem>,
     /// UUID -> the VM that uses it.
     uuids: BTreeMap<String, String>,
@@ -262,6 +265,7 @@ impl<'a> Validation<'a> {
             cache,
             xml_id,
             identity,
+            ids: &self.content_ids,
         });
         match seed_cache::seed(&inputs, spec, xml, cached.as_ref()) {
             Ok(seeded) => Some(seeded),

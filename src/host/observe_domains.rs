@@ -41,10 +41,19 @@ pub struct Observed {
     /// Per base image a missing disk is made from: whether it is in the image directory.
     pub images: BTreeMap<PathBuf, bool>,
     /// Per cloud-init seed path: the hash of the seed there (`None`: no file, or not a
-    /// seed vmsync wrote).
-    pub seeds: BTreeMap<PathBuf, Option<String>>,
+    /// seed vmsync wrote). Hashed: a `Path` compares component by component, and a
+    /// no-op sync looks up every seed twice.
+    pub seeds: std::collections::HashMap<PathBuf, Option<String>>,
     /// Networks, pools and volumes (filled in by `host::observe_networks_pools::observe`).
     pub resources: observe_networks_pools::ObservedResources,
+}
+
+impl Observed {
+    /// The hash of the seed at `seed`'s path on the host (`None`: no file, or not a
+    /// seed vmsync wrote).
+    pub fn seed_on_host(&self, seed: &crate::desired::seed_spec::SeedSpec) -> Option<&str> {
+        self.seeds.get(&seed.path).and_then(|h| h.as_deref())
+    }
 }
 
 /// Parallel libvirt calls while observing.
@@ -76,7 +85,7 @@ pub fn observe(
         seed_paths
             .iter()
             .map(|p| ((*p).clone(), seed_file::observed_hash(p)))
-            .collect::<BTreeMap<_, _>>()
+            .collect::<std::collections::HashMap<_, _>>()
     };
     let (seen, seeds) = std::thread::scope(|scope| {
         let seeds = (!seed_paths.is_empty()).then(|| scope.spawn(read_seeds));

@@ -35,8 +35,15 @@ use crate::util::fsio;
 
 pub const CACHE_FILE: &str = "schema-cache.json";
 
+/// What the entries mean: bumped when a summary or a seed entry changes shape, so a
+/// cache written by another vmsync starts empty. 2: summaries hold the domain's
+/// network and volume references.
+const CACHE_FORMAT: u32 = 2;
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct CacheFile {
+    #[serde(default)]
+    format: u32,
     libvirt_version: u32,
     #[serde(default)]
     context: String,
@@ -98,7 +105,9 @@ impl CachedSchema {
                     })
                     .ok()
             })
-            .filter(|c| c.libvirt_version == version && c.context == context)
+            .filter(|c| {
+                c.format == CACHE_FORMAT && c.libvirt_version == version && c.context == context
+            })
             .unwrap_or_default();
         Self {
             path,
@@ -160,6 +169,7 @@ impl CachedSchema {
         let (valid, files) = (self.valid.borrow(), self.files.borrow());
         let (used_valid, used_files) = (self.used_valid.borrow(), self.used_files.borrow());
         let file = CacheFile {
+            format: CACHE_FORMAT,
             libvirt_version: self.version,
             context: self.context.clone(),
             valid: valid.intersection(&used_valid).cloned().collect(),
@@ -392,6 +402,29 @@ mod tests {
             let again = CachedSchema::load(Some(dir.path()), "policy");
             again.check(GOOD).unwrap();
             assert_eq!(again.misses(), 1, "checked again");
+        }
+    }
+
+    #[test]
+    fn a_cache_of_another_format_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = CacheFile {
+            format: CACHE_FORMAT - 1,
+            libvirt_version: virt::connect::Connect::version().unwrap_or(0),
+            context: "policy".into(),
+            valid: [key(GOOD)].into(),
+            ..Default::default()
+        };
+        for (format, misses) in [(CACHE_FORMAT - 1, 1), (CACHE_FORMAT, 0)] {
+            file.format = format;
+            std::fs::write(
+                dir.path().join(CACHE_FILE),
+                serde_json::to_vec(&file).unwrap(),
+            )
+            .unwrap();
+            let cache = CachedSchema::load(Some(dir.path()), "policy");
+            cache.check(GOOD).unwrap();
+            assert_eq!(cache.misses(), misses, "format {format}");
         }
     }
 

@@ -366,8 +366,8 @@ impl VmPlanner<'_> {
         let Some(seed) = &self.vm.seed else {
             return;
         };
-        let on_host = observed.seeds.get(&seed.path).cloned().flatten();
-        if seed.must_write(on_host.as_deref()) {
+        let on_host = observed.seed_on_host(seed);
+        if seed.must_write(on_host) {
             self.out.actions.push(Action::WriteSeed {
                 seed: Box::new(seed.clone()),
                 replaces: on_host.is_some(),

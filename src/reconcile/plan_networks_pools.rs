@@ -68,7 +68,7 @@ fn users(kind: ResourceKind, name: &str, desired: &Desired, observed: &Observed)
                 .is_some_and(|d| d.listing.active)
         })
         .filter(|vm| {
-            let refs = resource_xml::domain_refs(&vm.xml);
+            let refs = &vm.summary.refs;
             match kind {
                 ResourceKind::Network => refs.networks.iter().any(|n| n == name),
                 ResourceKind::Pool => refs.volumes.iter().any(|(p, _)| p == name),
