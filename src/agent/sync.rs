@@ -26,6 +26,7 @@ use crate::host::hypervisor::Hypervisor;
 use crate::host::image_store::ImageStore;
 use crate::host::schema_cache::CachedSchema;
 use crate::host::secret_identity::AgeIdentity;
+use crate::host::seed_file::SeenSeeds;
 use crate::host::{
     disk, hypervisor, observe_domains, observe_networks_pools, schema_cache, schema_test_driver,
 };
@@ -420,8 +421,10 @@ fn observe_and_check(
         schema,
         unchecked,
     } = validated;
+    let seen_seeds = schema.seen_seeds();
     let (observed, verdicts) = std::thread::scope(|scope| {
-        let observing = scope.spawn(|| observe_commit(record, desired, env.hv, env.disks));
+        let seen = &*seen_seeds;
+        let observing = scope.spawn(|| observe_commit(record, desired, env.hv, env.disks, seen));
         let verdicts = schema_cache::check_all(unchecked);
         let observed = observing.join().expect("observing does not panic");
         (observed, verdicts)
@@ -436,6 +439,11 @@ fn observe_and_check(
     }
     for xml in unchecked {
         schema.passed(xml);
+    }
+    drop(seen_seeds);
+    let mut observed = observed;
+    if let Ok(observed) = &mut observed {
+        schema.saw_seeds(std::mem::take(&mut observed.seed_files));
     }
     schema.save();
     observed
@@ -501,7 +509,7 @@ pub fn apply_commit(
 ) -> Result<Report, SyncError> {
     let mut clock = StageClock::start();
     clock.count_calls_from(env.hv.call_count());
-    let observed = observe_commit(record, desired, env.hv, env.disks)?;
+    let observed = observe_commit(record, desired, env.hv, env.disks, &Default::default())?;
     clock.lap("observe");
     apply_observed(env, record, commit, desired, &observed, clock)
 }
@@ -670,7 +678,13 @@ pub fn plan_only(settings: &Settings) -> Result<Plan, SyncError> {
     let commit = fetched.id();
     let desired = trusted_and_valid(settings, &record, &fetched, false)?;
     let hv = hypervisor::Libvirt::connect(&settings.libvirt_uri)?;
-    let observed = observe_commit(&record, &desired, &hv, &disk_provisioner(settings))?;
+    let observed = observe_commit(
+        &record,
+        &desired,
+        &hv,
+        &disk_provisioner(settings),
+        &Default::default(),
+    )?;
     check_floors(&fetched, &observed_floors(&observed), false)?;
     check_references(&commit, &desired, &observed)?;
     let normalizer = schema_test_driver::TestDriverSchema::new()?;
@@ -691,13 +705,14 @@ fn observe_commit(
     desired: &Desired,
     hv: &dyn Hypervisor,
     disks: &dyn DiskProvisioner,
+    seen_seeds: &SeenSeeds,
 ) -> Result<observe_domains::Observed, SyncError> {
     let applied = record
         .vms
         .iter()
         .map(|(name, vm)| (name.clone(), vm.definition_hash.clone()))
         .collect();
-    let mut observed = observe_domains::observe(desired, &applied, hv, disks)?;
+    let mut observed = observe_domains::observe(desired, &applied, hv, disks, seen_seeds)?;
     observed.resources =
         observe_networks_pools::observe(&desired.resources, &recorded_resources(record), hv)?;
     Ok(observed)

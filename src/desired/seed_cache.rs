@@ -35,6 +35,8 @@ pub struct SeedDigest {
     pub hash: String,
     pub has_secret: bool,
     pub slot: Slot,
+    /// `domain_xml::fingerprint` of the domain XML with the seed's CD-ROM.
+    pub fingerprint: String,
     /// Content id of each file (besides the VM's own cloud-init files, which are in the
     /// key) the renders had loaded, found missing or read as a secret.
     pub deps: Vec<(String, Option<String>)>,
@@ -127,6 +129,16 @@ fn from_digest(inputs: &SeedInputs, spec: &CloudInitSpec, digest: SeedDigest) ->
     }
 }
 
+/// A VM's seed and the domain XML vmsync defines for it.
+#[derive(Debug)]
+pub struct Seeded {
+    pub seed: SeedSpec,
+    /// The domain XML with the seed's CD-ROM.
+    pub xml: String,
+    /// `domain_xml::fingerprint` of `xml`.
+    pub fingerprint: String,
+}
+
 /// The VM's seed and its domain XML with the seed's CD-ROM: from the cache when its entry
 /// still holds, else built, placed, and remembered.
 pub fn seed(
@@ -134,7 +146,7 @@ pub fn seed(
     spec: &CloudInitSpec,
     xml: &str,
     cached: Option<&CacheUse>,
-) -> Result<(SeedSpec, String), SeedProblem> {
+) -> Result<Seeded, SeedProblem> {
     let key = cached.and_then(|with| Some((with, key(inputs, spec, xml, with)?)));
     if let Some((with, key)) = &key
         && let Some(digest) = with.cache.seed(key)
@@ -144,9 +156,14 @@ pub fn seed(
             .all(|(path, id)| with.id(inputs.files, path) == *id)
     {
         let slot = digest.slot.clone();
+        let fingerprint = digest.fingerprint.clone();
         let seed = from_digest(inputs, spec, digest);
         if let Some(placed) = seed_spec::place(xml, &slot, &seed) {
-            return Ok((seed, placed));
+            return Ok(Seeded {
+                seed,
+                xml: placed,
+                fingerprint,
+            });
         }
     }
     let mut seed = seed_spec::build(inputs, spec)?;
@@ -156,6 +173,7 @@ pub fn seed(
         line: None,
         message: e.message,
     })?;
+    let fingerprint = domain_xml::fingerprint(&placed);
     if let Some((with, key)) = key {
         let own: Vec<&str> = spec_files(spec).collect();
         let deps = inputs
@@ -170,11 +188,16 @@ pub fn seed(
                 hash: seed.hash.clone(),
                 has_secret: seed.has_secret,
                 slot,
+                fingerprint: fingerprint.clone(),
                 deps,
             },
         );
     }
-    Ok((seed, placed))
+    Ok(Seeded {
+        seed,
+        xml: placed,
+        fingerprint,
+    })
 }
 
 #[cfg(test)]
@@ -296,7 +319,10 @@ mod tests {
                 identity: Some(self.identity),
                 ids: &ids,
             };
-            seed(&inputs, &spec, &self.xml, Some(&with))
+            seed(&inputs, &spec, &self.xml, Some(&with)).map(|s| {
+                assert_eq!(s.fingerprint, domain_xml::fingerprint(&s.xml));
+                (s.seed, s.xml)
+            })
         }
     }
 

@@ -240,7 +240,7 @@ impl<'a> Validation<'a> {
         vm: &VmEntry,
         xml: &str,
         xml_id: Option<&str>,
-    ) -> Option<(seed_spec::SeedSpec, String)> {
+    ) -> Option<seed_cache::Seeded> {
         let spec = vm.cloud_init.as_ref()?;
         let params = match &vm.xml {
             XmlSource::Template { params, .. } => params,
@@ -542,10 +542,7 @@ impl<'a> Validation<'a> {
         vm: &VmEntry,
         loaded: VmXml,
         summary: DomainSummary,
-        (health, seeded): (
-            Option<health_spec::HealthSpec>,
-            Option<(seed_spec::SeedSpec, String)>,
-        ),
+        (health, seeded): (Option<health_spec::HealthSpec>, Option<seed_cache::Seeded>),
     ) {
         if let (Some((key, rendered)), Some(cache)) =
             (&loaded.fresh_render, self.schema.render_cache())
@@ -555,9 +552,9 @@ impl<'a> Validation<'a> {
         // The seed's CD-ROM is part of the definition vmsync defines, and the seed's hash
         // part of its fingerprint.
         let (xml, fingerprint, seed) = match seeded {
-            Some((seed, xml)) => {
-                let fingerprint = domain_xml::fingerprint(&xml) + &seed.fingerprint_part();
-                (xml, fingerprint, Some(seed))
+            Some(seeded) => {
+                let fingerprint = seeded.fingerprint + &seeded.seed.fingerprint_part();
+                (seeded.xml, fingerprint, Some(seeded.seed))
             }
             None => {
                 let fingerprint = domain_xml::fingerprint(&loaded.xml);

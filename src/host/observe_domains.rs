@@ -44,6 +44,9 @@ pub struct Observed {
     /// seed vmsync wrote). Hashed: a `Path` compares component by component, and a
     /// no-op sync looks up every seed twice.
     pub seeds: std::collections::HashMap<PathBuf, Option<String>>,
+    /// What to remember of the seed images for the next sync (see
+    /// `seed_file::observed_hash_since`).
+    pub seed_files: seed_file::SeenSeeds,
     /// Networks, pools and volumes (filled in by `host::observe_networks_pools::observe`).
     pub resources: observe_networks_pools::ObservedResources,
 }
@@ -65,6 +68,7 @@ pub fn observe(
     applied: &BTreeMap<String, Option<String>>,
     hv: &dyn Hypervisor,
     disks: &dyn DiskProvisioner,
+    seen_seeds: &seed_file::SeenSeeds,
 ) -> Result<Observed, HvError> {
     // Desired VMs by name, with the fingerprint they should carry.
     let wanted: BTreeMap<&str, &str> = desired
@@ -75,17 +79,25 @@ pub fn observe(
     let listed = relevant_domains(desired, applied, hv, &wanted)?;
     // One inactive-XML read per such domain (and the live XML of running ones), on a
     // few threads: libvirt serves concurrent calls on one connection. The cloud-init
-    // seeds (one sector each) are read meanwhile, on a thread of their own.
+    // seeds are looked at meanwhile, on a thread of their own: a seed image unchanged
+    // since the last sync (same inode, size and times) is not read again.
     let seed_paths: Vec<&PathBuf> = desired
         .vms
         .iter()
         .filter_map(|vm| vm.seed.as_ref().map(|s| &s.path))
         .collect();
     let read_seeds = || {
-        seed_paths
-            .iter()
-            .map(|p| ((*p).clone(), seed_file::observed_hash(p)))
-            .collect::<std::collections::HashMap<_, _>>()
+        let now = std::time::SystemTime::now();
+        let mut hashes = std::collections::HashMap::with_capacity(seed_paths.len());
+        let mut files = seed_file::SeenSeeds::with_capacity(seed_paths.len());
+        for path in &seed_paths {
+            let (hash, seen) = seed_file::observed_hash_since(path, seen_seeds.get(*path), now);
+            hashes.insert((*path).clone(), hash);
+            if let Some(seen) = seen {
+                files.insert((*path).clone(), seen);
+            }
+        }
+        (hashes, files)
     };
     let (seen, seeds) = std::thread::scope(|scope| {
         let seeds = (!seed_paths.is_empty()).then(|| scope.spawn(read_seeds));
@@ -121,6 +133,7 @@ pub fn observe(
         .map(|d| (d.clone(), d.is_dir()))
         .collect();
     let images = missing_disk_images(desired, &disks, disks_seam);
+    let (seeds, seed_files) = seeds;
     Ok(Observed {
         domains,
         others,
@@ -128,6 +141,7 @@ pub fn observe(
         directories,
         images,
         seeds,
+        seed_files,
         resources: Default::default(),
     })
 }
@@ -295,7 +309,14 @@ mod tests {
         let disks = crate::host::disk::QemuImg::default();
 
         // A cold state (no record): only the domain whose tag differs needs its XML.
-        let cold = observe(&desired, &BTreeMap::new(), &host, &disks).unwrap();
+        let cold = observe(
+            &desired,
+            &BTreeMap::new(),
+            &host,
+            &disks,
+            &Default::default(),
+        )
+        .unwrap();
         let kept = |o: &Observed, name: &str| o.domains[name].inactive_xml.is_some();
         assert!(!kept(&cold, "same") && kept(&cold, "changed") && !kept(&cold, "drifted"));
         assert!(cold.domains.values().all(|d| d.definition_hash.is_some()));
@@ -308,7 +329,7 @@ mod tests {
             ),
             ("drifted".to_string(), Some("an older baseline".to_string())),
         ]);
-        let warm = observe(&desired, &applied, &host, &disks).unwrap();
+        let warm = observe(&desired, &applied, &host, &disks, &Default::default()).unwrap();
         assert!(!kept(&warm, "same") && kept(&warm, "changed") && kept(&warm, "drifted"));
         assert_eq!(
             host.calls(),

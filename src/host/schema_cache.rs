@@ -6,7 +6,9 @@
 //! files that validated, keyed by their git blob id (so an unchanged file is not even
 //! parsed), rendered templates (`template_render::RenderCache`, so an unchanged
 //! templated VM is not rendered again), and cloud-init seeds' hashes
-//! (`seed_cache::SeedCache`, so an unchanged seed is not built again; no content). The cache is tied to the libvirt library version (a new libvirt may bring a
+//! (`seed_cache::SeedCache`, so an unchanged seed is not built again; no content), and
+//! beside them the seed images as seen at the last sync (so an unchanged image is not
+//! read again). The cache is tied to the libvirt library version (a new libvirt may bring a
 //! new schema) and to a context string (the validation policy: a file that passed under
 //! one policy is checked again under another), and kept in
 //! `<state_dir>/schema-cache.json`. Only successes are cached, so a rejected XML is always
@@ -31,6 +33,7 @@ use crate::desired::seed_cache::{SeedCache, SeedDigest};
 use crate::desired::template_render::{RenderCache, Rendered};
 use crate::host::schema_test_driver;
 use crate::host::schema_test_driver::TestDriverSchema;
+use crate::host::seed_file::SeenSeeds;
 use crate::util::fsio;
 
 pub const CACHE_FILE: &str = "schema-cache.json";
@@ -56,6 +59,9 @@ struct CacheFile {
     /// Cloud-init seeds' hashes, never their content (see `seed_cache`).
     #[serde(default)]
     seeds: BTreeMap<String, SeedDigest>,
+    /// The seed images as seen at the last sync (see `seed_file::observed_hash_since`).
+    #[serde(default)]
+    seed_files: SeenSeeds,
 }
 
 /// A [`SchemaChecker`] that remembers what passed.
@@ -67,6 +73,7 @@ pub struct CachedSchema {
     files: RefCell<BTreeMap<String, DomainSummary>>,
     renders: RefCell<BTreeMap<String, Rendered>>,
     seeds: RefCell<BTreeMap<String, SeedDigest>>,
+    seed_files: RefCell<SeenSeeds>,
     /// Whether validation may take seeds from `seeds` (see [`CachedSchema::building_seeds`]).
     seeds_usable: bool,
     added: RefCell<usize>,
@@ -117,6 +124,7 @@ impl CachedSchema {
             files: RefCell::new(file.files),
             renders: RefCell::new(file.renders),
             seeds: RefCell::new(file.seeds),
+            seed_files: RefCell::new(file.seed_files),
             seeds_usable: true,
             added: RefCell::new(0),
             used_valid: RefCell::default(),
@@ -142,6 +150,20 @@ impl CachedSchema {
     pub fn building_seeds(mut self) -> Self {
         self.seeds_usable = false;
         self
+    }
+
+    /// The seed images as seen at the last sync.
+    pub fn seen_seeds(&self) -> std::cell::Ref<'_, SeenSeeds> {
+        self.seed_files.borrow()
+    }
+
+    /// Remembers the seed images as seen by this sync (saved with the cache when they
+    /// changed).
+    pub fn saw_seeds(&self, seen: SeenSeeds) {
+        if *self.seed_files.borrow() != seen {
+            *self.seed_files.borrow_mut() = seen;
+            *self.added.borrow_mut() += 1;
+        }
     }
 
     /// The XML whose check was put off, in the order asked.
@@ -186,6 +208,7 @@ impl CachedSchema {
                     .map(|(key, r)| (key.clone(), r.clone()))
                     .collect()
             },
+            seed_files: self.seed_files.borrow().clone(),
             seeds: {
                 let (seeds, used) = (self.seeds.borrow(), self.used_seeds.borrow());
                 seeds

@@ -741,6 +741,7 @@ mod tests {
             directories: Default::default(),
             images: Default::default(),
             seeds: Default::default(),
+            seed_files: Default::default(),
             resources: Default::default(),
         }
     }
