@@ -102,7 +102,7 @@ def sh(cmd, **kw):
 
 
 TEMPLATE_RUNS = 25
-SEED_RUNS = 41
+SEED_RUNS = int(os.environ.get("SEED_RUNS", "41"))
 SEED_BUILDS = 200
 
 

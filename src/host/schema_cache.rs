@@ -11,7 +11,7 @@
 //! read again). The cache is tied to the libvirt library version (a new libvirt may bring a
 //! new schema) and to a context string (the validation policy: a file that passed under
 //! one policy is checked again under another), and kept in
-//! `<state_dir>/schema-cache.json`. Only successes are cached, so a rejected XML is always
+//! `<state_dir>/schema-cache.bin` (binary: it is read on every sync). Only successes are cached, so a rejected XML is always
 //! checked again. The test-driver connection is opened only on a miss.
 //!
 //! A save that learned something rewrites the file whole, atomically, with only the
@@ -36,32 +36,56 @@ use crate::host::schema_test_driver::TestDriverSchema;
 use crate::host::seed_file::SeenSeeds;
 use crate::util::fsio;
 
-pub const CACHE_FILE: &str = "schema-cache.json";
+pub const CACHE_FILE: &str = "schema-cache.bin";
 
-/// What the entries mean: bumped when a summary or a seed entry changes shape, so a
-/// cache written by another vmsync starts empty. 2: summaries hold the domain's
-/// network and volume references.
-const CACHE_FORMAT: u32 = 2;
+/// The JSON cache of vmsync before 0.5, removed when the binary one is first saved.
+const OLD_CACHE_FILE: &str = "schema-cache.json";
+
+/// The cache file starts with this line, then the format as 4 bytes (little-endian),
+/// then the entries in `postcard`'s encoding: read on every sync, where JSON cost a
+/// 500-VM no-op with cloud-init seeds 3 ms (see docs/performance.md).
+const MAGIC: &[u8] = b"vmsync schema cache\n";
+
+/// What the entries mean: bumped when any of them changes shape, so that a cache of
+/// another vmsync starts empty (postcard, unlike JSON, cannot skip what it does not
+/// know).
+const CACHE_FORMAT: u32 = 1;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct CacheFile {
-    #[serde(default)]
-    format: u32,
     libvirt_version: u32,
-    #[serde(default)]
     context: String,
     valid: BTreeSet<String>,
-    #[serde(default)]
     files: BTreeMap<String, DomainSummary>,
     /// Rendered templates (see `template_render::RenderCache`).
-    #[serde(default)]
     renders: BTreeMap<String, Rendered>,
     /// Cloud-init seeds' hashes, never their content (see `seed_cache`).
-    #[serde(default)]
     seeds: BTreeMap<String, SeedDigest>,
     /// The seed images as seen at the last sync (see `seed_file::observed_hash_since`).
-    #[serde(default)]
     seed_files: SeenSeeds,
+}
+
+impl CacheFile {
+    /// The file's bytes: [`MAGIC`], the format, the entries.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend(CACHE_FORMAT.to_le_bytes());
+        postcard::to_extend(self, out).expect("cache entries serialize")
+    }
+
+    /// The entries of a cache file: `Ok(None)` for a file of another format (or not a
+    /// cache at all), `Err` for a damaged one.
+    fn decode(bytes: &[u8]) -> Result<Option<Self>, postcard::Error> {
+        let Some(rest) = bytes.strip_prefix(MAGIC) else {
+            return Ok(None);
+        };
+        match rest.split_first_chunk::<4>() {
+            Some((format, entries)) if u32::from_le_bytes(*format) == CACHE_FORMAT => {
+                postcard::from_bytes(entries).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
 }
 
 /// A [`SchemaChecker`] that remembers what passed.
@@ -93,8 +117,8 @@ fn key(xml: &str) -> String {
 
 impl CachedSchema {
     /// Loads the cache from `state_dir` (`None`: no cache file, e.g. `vmsync validate`).
-    /// A missing, unreadable, torn, other-version or other-context cache starts empty.
-    /// (A cache written by vmsync 0.1's append-log keeps only its first line's entries.)
+    /// A missing, unreadable, torn, other-format, other-version or other-context cache
+    /// starts empty.
     pub fn load(state_dir: Option<&Path>, context: &str) -> Self {
         let version = virt::connect::Connect::version().unwrap_or(0);
         let path = state_dir.map(|d| d.join(CACHE_FILE));
@@ -102,19 +126,15 @@ impl CachedSchema {
             .as_ref()
             .and_then(|p| std::fs::read(p).ok().map(|bytes| (p, bytes)))
             .and_then(|(p, bytes)| {
-                let first = serde_json::Deserializer::from_slice(&bytes)
-                    .into_iter::<CacheFile>()
-                    .next()?;
                 // Damaged: said, and rebuilt (a cache: what it held is checked again).
-                first
+                CacheFile::decode(&bytes)
                     .map_err(|e| {
                         tracing::warn!(path = %p.display(), error = %e, "the schema cache is damaged; starting it again (a cache: nothing to do)");
                     })
                     .ok()
+                    .flatten()
             })
-            .filter(|c| {
-                c.format == CACHE_FORMAT && c.libvirt_version == version && c.context == context
-            })
+            .filter(|c| c.libvirt_version == version && c.context == context)
             .unwrap_or_default();
         Self {
             path,
@@ -191,7 +211,6 @@ impl CachedSchema {
         let (valid, files) = (self.valid.borrow(), self.files.borrow());
         let (used_valid, used_files) = (self.used_valid.borrow(), self.used_files.borrow());
         let file = CacheFile {
-            format: CACHE_FORMAT,
             libvirt_version: self.version,
             context: self.context.clone(),
             valid: valid.intersection(&used_valid).cloned().collect(),
@@ -218,13 +237,13 @@ impl CachedSchema {
                     .collect()
             },
         };
-        let result = fsio::write_cache_with(path, |out| {
-            let mut out = std::io::BufWriter::new(out);
-            serde_json::to_writer(&mut out, &file)?;
-            std::io::Write::flush(&mut out)
-        });
+        let bytes = file.encode();
+        let result = fsio::write_cache_with(path, |out| std::io::Write::write_all(out, &bytes));
         if let Err(e) = result {
             tracing::warn!(path = %path.display(), error = %e, "failed to save the schema cache");
+        }
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_file(dir.join(OLD_CACHE_FILE));
         }
     }
 
@@ -398,8 +417,9 @@ mod tests {
         second.save();
 
         let third = CachedSchema::load(Some(dir.path()), "policy");
-        let saved: CacheFile =
-            serde_json::from_slice(&std::fs::read(dir.path().join(CACHE_FILE)).unwrap()).unwrap();
+        let saved = CacheFile::decode(&std::fs::read(dir.path().join(CACHE_FILE)).unwrap())
+            .unwrap()
+            .unwrap();
         assert_eq!(
             saved.files.keys().collect::<Vec<_>>(),
             ["blob:kept", "blob:new"]
@@ -429,26 +449,33 @@ mod tests {
     }
 
     #[test]
-    fn a_cache_of_another_format_starts_empty() {
+    fn a_cache_of_another_format_starts_empty_and_the_json_one_is_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut file = CacheFile {
-            format: CACHE_FORMAT - 1,
+        let file = CacheFile {
             libvirt_version: virt::connect::Connect::version().unwrap_or(0),
             context: "policy".into(),
             valid: [key(GOOD)].into(),
             ..Default::default()
         };
-        for (format, misses) in [(CACHE_FORMAT - 1, 1), (CACHE_FORMAT, 0)] {
-            file.format = format;
-            std::fs::write(
-                dir.path().join(CACHE_FILE),
-                serde_json::to_vec(&file).unwrap(),
-            )
-            .unwrap();
+        let current = file.encode();
+        let mut other = current.clone();
+        other[MAGIC.len()] ^= 0xff;
+        for (bytes, misses) in [(other, 1), (current, 0)] {
+            std::fs::write(dir.path().join(CACHE_FILE), &bytes).unwrap();
             let cache = CachedSchema::load(Some(dir.path()), "policy");
             cache.check(GOOD).unwrap();
-            assert_eq!(cache.misses(), misses, "format {format}");
+            assert_eq!(cache.misses(), misses);
         }
+        // The JSON cache of an older vmsync goes at the first save.
+        let old = dir.path().join(OLD_CACHE_FILE);
+        std::fs::write(&old, "{}").unwrap();
+        let cache = CachedSchema::load(Some(dir.path()), "policy");
+        cache.remember(
+            "blob:1",
+            &crate::desired::domain_xml::summarize(GOOD).unwrap(),
+        );
+        cache.save();
+        assert!(!old.exists());
     }
 
     #[test]
@@ -459,11 +486,7 @@ mod tests {
             valid: [key(GOOD)].into(),
             ..Default::default()
         };
-        std::fs::write(
-            dir.path().join(CACHE_FILE),
-            serde_json::to_vec(&stale).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join(CACHE_FILE), stale.encode()).unwrap();
         let cache = CachedSchema::load(Some(dir.path()), "policy");
         cache.check(GOOD).unwrap();
         assert_eq!(cache.misses(), 1);

@@ -285,6 +285,12 @@ impl Run {
         contains("stderr", &self.stderr, text, true);
         self
     }
+
+    #[track_caller]
+    pub fn stderr_lacks(&self, text: &str) -> &Self {
+        contains("stderr", &self.stderr, text, false);
+        self
+    }
 }
 
 /// Asserts that `output` (stdout or stderr, by `name`) holds `text`, or not.
