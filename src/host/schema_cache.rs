@@ -38,7 +38,7 @@ use crate::util::fsio;
 
 pub const CACHE_FILE: &str = "schema-cache.bin";
 
-/// The JSON cache of vmsync before 0.5, removed when the binary one is first saved.
+/// The JSON cache an older vmsync wrote, removed when the binary one is first saved.
 const OLD_CACHE_FILE: &str = "schema-cache.json";
 
 /// The cache file starts with this line, then the format as 4 bytes (little-endian),
