@@ -651,17 +651,7 @@ fn agent_reports_status_reloads_and_stops_during_a_guest_shutdown() {
     let images_inside = images.display().to_string();
     binds.push((images.clone(), images_inside.clone(), false));
     // The monolithic daemon's socket or the modular one's, whichever this host has.
-    let sockets: Vec<&str> = ["/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock"]
-        .into_iter()
-        .filter(|s| Path::new(s).exists())
-        .collect();
-    assert!(
-        !sockets.is_empty(),
-        "qemu:///system answers, but through no socket in /run/libvirt"
-    );
-    for socket in sockets {
-        binds.push((socket.into(), socket.into(), false));
-    }
+    binds.extend(libvirt_socket_binds());
     let m = Machine::boot(&tree, &machine_name("agent"), &binds);
     m.install_vmsync(&format!(
         "[source]\nurl = \"/srv/vm-repo\"\n[libvirt]\nuri = \"qemu:///system\"\n\

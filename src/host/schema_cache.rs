@@ -94,21 +94,55 @@ pub struct CachedSchema {
     version: u32,
     context: String,
     valid: RefCell<BTreeSet<String>>,
-    files: RefCell<BTreeMap<String, DomainSummary>>,
-    renders: RefCell<BTreeMap<String, Rendered>>,
-    seeds: RefCell<BTreeMap<String, SeedDigest>>,
+    files: Entries<DomainSummary>,
+    renders: Entries<Rendered>,
+    seeds: Entries<SeedDigest>,
     seed_files: RefCell<SeenSeeds>,
     /// Whether validation may take seeds from `seeds` (see [`CachedSchema::building_seeds`]).
     seeds_usable: bool,
     added: RefCell<usize>,
-    /// Keys of `valid` and `files` that this validation looked up or added.
+    /// Keys of `valid` that this validation looked up or added.
     used_valid: RefCell<BTreeSet<String>>,
-    used_files: RefCell<BTreeSet<String>>,
-    used_renders: RefCell<BTreeSet<String>>,
-    used_seeds: RefCell<BTreeSet<String>>,
     inner: RefCell<Option<TestDriverSchema>>,
     /// With [`CachedSchema::deferring`]: the XML whose check was put off.
     deferred: Option<RefCell<Vec<String>>>,
+}
+
+/// One map of the cache, and the keys this validation looked up or added: a save keeps
+/// only those.
+struct Entries<T> {
+    map: RefCell<BTreeMap<String, T>>,
+    used: RefCell<BTreeSet<String>>,
+}
+
+impl<T: Clone> Entries<T> {
+    fn new(map: BTreeMap<String, T>) -> Self {
+        Self {
+            map: RefCell::new(map),
+            used: RefCell::default(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<T> {
+        self.used.borrow_mut().insert(key.to_string());
+        self.map.borrow().get(key).cloned()
+    }
+
+    fn insert(&self, key: &str, value: &T) {
+        self.used.borrow_mut().insert(key.to_string());
+        self.map.borrow_mut().insert(key.to_string(), value.clone());
+    }
+
+    /// The entries this validation used.
+    fn kept(&self) -> BTreeMap<String, T> {
+        let used = self.used.borrow();
+        self.map
+            .borrow()
+            .iter()
+            .filter(|(key, _)| used.contains(*key))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect()
+    }
 }
 
 fn key(xml: &str) -> String {
@@ -141,16 +175,13 @@ impl CachedSchema {
             version,
             context: context.to_string(),
             valid: RefCell::new(file.valid),
-            files: RefCell::new(file.files),
-            renders: RefCell::new(file.renders),
-            seeds: RefCell::new(file.seeds),
+            files: Entries::new(file.files),
+            renders: Entries::new(file.renders),
+            seeds: Entries::new(file.seeds),
             seed_files: RefCell::new(file.seed_files),
             seeds_usable: true,
             added: RefCell::new(0),
             used_valid: RefCell::default(),
-            used_files: RefCell::default(),
-            used_renders: RefCell::default(),
-            used_seeds: RefCell::default(),
             inner: RefCell::new(None),
             deferred: None,
         }
@@ -208,34 +239,15 @@ impl CachedSchema {
         if *self.added.borrow() == 0 {
             return;
         }
-        let (valid, files) = (self.valid.borrow(), self.files.borrow());
-        let (used_valid, used_files) = (self.used_valid.borrow(), self.used_files.borrow());
+        let (valid, used_valid) = (self.valid.borrow(), self.used_valid.borrow());
         let file = CacheFile {
             libvirt_version: self.version,
             context: self.context.clone(),
             valid: valid.intersection(&used_valid).cloned().collect(),
-            files: files
-                .iter()
-                .filter(|(id, _)| used_files.contains(*id))
-                .map(|(id, summary)| (id.clone(), summary.clone()))
-                .collect(),
-            renders: {
-                let (renders, used) = (self.renders.borrow(), self.used_renders.borrow());
-                renders
-                    .iter()
-                    .filter(|(key, _)| used.contains(*key))
-                    .map(|(key, r)| (key.clone(), r.clone()))
-                    .collect()
-            },
+            files: self.files.kept(),
+            renders: self.renders.kept(),
+            seeds: self.seeds.kept(),
             seed_files: self.seed_files.borrow().clone(),
-            seeds: {
-                let (seeds, used) = (self.seeds.borrow(), self.used_seeds.borrow());
-                seeds
-                    .iter()
-                    .filter(|(key, _)| used.contains(*key))
-                    .map(|(key, d)| (key.clone(), d.clone()))
-                    .collect()
-            },
         };
         let bytes = file.encode();
         let result = fsio::write_cache_with(path, |out| std::io::Write::write_all(out, &bytes));
@@ -280,15 +292,11 @@ impl SchemaChecker for CachedSchema {
     }
 
     fn known(&self, content_id: &str) -> Option<DomainSummary> {
-        self.used_files.borrow_mut().insert(content_id.to_string());
-        self.files.borrow().get(content_id).cloned()
+        self.files.get(content_id)
     }
 
     fn remember(&self, content_id: &str, summary: &DomainSummary) {
-        self.used_files.borrow_mut().insert(content_id.to_string());
-        self.files
-            .borrow_mut()
-            .insert(content_id.to_string(), summary.clone());
+        self.files.insert(content_id, summary);
         *self.added.borrow_mut() += 1;
     }
 
@@ -304,18 +312,11 @@ impl SchemaChecker for CachedSchema {
 /// Seeds are remembered like renders: saved when this validation used them.
 impl SeedCache for CachedSchema {
     fn seed(&self, key: &str) -> Option<SeedDigest> {
-        self.used_seeds.borrow_mut().insert(key.to_string());
-        if !self.seeds_usable {
-            return None;
-        }
-        self.seeds.borrow().get(key).cloned()
+        self.seeds.get(key).filter(|_| self.seeds_usable)
     }
 
     fn remember_seed(&self, key: &str, digest: &SeedDigest) {
-        self.used_seeds.borrow_mut().insert(key.to_string());
-        self.seeds
-            .borrow_mut()
-            .insert(key.to_string(), digest.clone());
+        self.seeds.insert(key, digest);
         *self.added.borrow_mut() += 1;
     }
 }
@@ -324,15 +325,11 @@ impl SeedCache for CachedSchema {
 /// used them, dropped otherwise.
 impl RenderCache for CachedSchema {
     fn rendered(&self, key: &str) -> Option<Rendered> {
-        self.used_renders.borrow_mut().insert(key.to_string());
-        self.renders.borrow().get(key).cloned()
+        self.renders.get(key)
     }
 
     fn remember_rendered(&self, key: &str, rendered: &Rendered) {
-        self.used_renders.borrow_mut().insert(key.to_string());
-        self.renders
-            .borrow_mut()
-            .insert(key.to_string(), rendered.clone());
+        self.renders.insert(key, rendered);
         *self.added.borrow_mut() += 1;
     }
 }

@@ -63,10 +63,11 @@ pub fn cloud_init(user_data: &str, more: &str) -> String {
     format!("\n  [vm.cloud_init]\n  user_data = \"{user_data}\"\n{more}")
 }
 
-/// `isoinfo -J -x /NAME -i IMAGE`: a file of the seed as Linux shows it (Joliet).
-pub fn seed_file(image: &Path, name: &str) -> String {
+/// `isoinfo ARGS -i IMAGE`, which must succeed: its output.
+fn isoinfo(args: &[&str], image: &Path) -> String {
     let out = Command::new("isoinfo")
-        .args(["-J", "-x", &format!("/{name}"), "-i"])
+        .args(args)
+        .arg("-i")
         .arg(image)
         .output()
         .expect("isoinfo runs (package genisoimage)");
@@ -76,36 +77,21 @@ pub fn seed_file(image: &Path, name: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// `isoinfo -J -x /NAME -i IMAGE`: a file of the seed as Linux shows it (Joliet).
+pub fn seed_file(image: &Path, name: &str) -> String {
+    isoinfo(&["-J", "-x", &format!("/{name}")], image)
 }
 
 /// `isoinfo -d -i IMAGE`: the volume descriptor as text.
 pub fn seed_descriptor(image: &Path) -> String {
-    let out = Command::new("isoinfo")
-        .args(["-d", "-i"])
-        .arg(image)
-        .output()
-        .expect("isoinfo runs (package genisoimage)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    isoinfo(&["-d"], image)
 }
 
 /// `isoinfo -J -l -i IMAGE`: the Joliet listing.
 pub fn seed_listing(image: &Path) -> String {
-    let out = Command::new("isoinfo")
-        .args(["-J", "-l", "-i"])
-        .arg(image)
-        .output()
-        .expect("isoinfo runs (package genisoimage)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    isoinfo(&["-J", "-l"], image)
 }
 
 /// `blkid -p -s LABEL -o value IMAGE`: the label cloud-init finds the seed by.
